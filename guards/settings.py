@@ -1,0 +1,65 @@
+"""Typed settings for the safety rules; `proxy.config` composes these from config.toml."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Mode = Literal["shadow", "canary", "guarded", "general"]
+MODES: tuple[str, ...] = ("shadow", "canary", "guarded", "general")
+MODE_TRAFFIC: dict[str, float] = {"shadow": 0.0, "canary": 0.05, "guarded": 0.25, "general": 1.0}
+
+
+class ConstraintsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    max_delta_temperature: float = 0.2
+    max_delta_max_tokens: int = 500
+    max_tokens: int = 4096
+    max_latency_ms: float = 500.0
+    require_caws: bool = True
+    min_temperature: float = 0.0
+    max_temperature: float = 2.0
+
+
+class BaselineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Stand-in for values the client did not send (global default or per task type)."""
+
+    temperature: float = 0.7
+    max_tokens: int = 1024
+
+
+class CawsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    budget_limit: int = 1_000_000
+    window_s: int = 86_400
+    waiver_threshold: float = 0.8
+    warning_threshold: float = 0.9
+    on_exhausted: Literal["baseline", "reject"] = "baseline"
+    confidence_threshold: float = 0.7
+    per_task_limits: dict[str, int] = {}
+    # Budget calls on the request path give up after this long and fail safe
+    # (verdict.guard_ok = False -> baseline under require_caws). Must be > 0.
+    store_timeout_s: float = 0.1
+    # How long one instance reuses its copy of the waiver list before re-reading the
+    # store (create/revoke through the same guard refresh it at once). >= 0.
+    waiver_cache_s: float = 5.0
+
+
+class SloSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    latency_p99_ms: float = 500.0
+    quality_min: float = 0.7
+    error_rate_max: float = 0.01
+    window_s: float = 300.0
+    min_samples: int = 50
+    cooldown_s: float = 600.0
+    # Memory cap per traffic class and metric inside one window; past it the oldest
+    # samples are dropped first (the window then covers less than window_s). >= min_samples.
+    max_samples: int = 100_000
+
+
+class RolloutSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    shadow_duration_hours: float = 24.0
+    canary_duration_hours: float = 48.0
+    guarded_duration_hours: float = 72.0
+    auto_promote: bool = True
+    min_samples_for_promotion: int = 200

@@ -1,0 +1,84 @@
+"""Records that cross room boundaries (proxy -> guards -> policies and back).
+
+They are plain msgspec structs so that they can be queued, logged, sent to
+Redis or PostgreSQL and compared in tests without any adapter code.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Arm(msgspec.Struct, frozen=True):
+    """A concrete candidate pair of sampling parameters."""
+
+    temperature: float
+    max_tokens: int
+
+
+class Params(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Parameters as they appear on the wire: a field is None when it is not sent."""
+
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+    def render(self) -> str:
+        """The `x-thermostat-params` header value, e.g. `temperature=0.5; max_tokens=700`."""
+        parts = []
+        if self.temperature is not None:
+            parts.append(f"temperature={self.temperature:g}")
+        if self.max_tokens is not None:
+            parts.append(f"max_tokens={self.max_tokens}")
+        return "; ".join(parts)
+
+
+class RequestContext(msgspec.Struct, frozen=True):
+    """What the decision may depend on, extracted once from the request body."""
+
+    task_type: str
+    model: str
+    endpoint: str  # "chat" or "completions"
+    prompt_tokens_est: int
+    message_count: int
+    has_tools: bool
+    json_mode: bool
+    stream: bool
+    client_temperature: float | None
+    client_max_tokens: int | None
+    upstream: str = ""
+
+
+class Decision(msgspec.Struct):
+    """One decision, registered before forwarding and logged counterfactually."""
+
+    request_id: str
+    context: RequestContext
+    context_fingerprint: int
+    sent: Params  # what actually left Thermostat
+    baseline: Params  # the client's own values, else the configured baseline
+    propensity: float  # behaviour propensity of `sent` (1.0 for deterministic modes)
+    policy: str  # "baseline", "thompson_gaussian", "linucb", "uniform"
+    policy_version: str
+    mode: str  # "off", "shadow", "optimized", "holdout", "rollback"
+    created_at: float  # unix seconds
+    policy_choice: Params | None = None  # what the policy chose (differs from `sent` in shadow)
+    policy_propensity: float | None = None  # propensity the policy gave its own choice
+    arm_index: int | None = None
+    guard_notes: tuple[str, ...] = ()
+    budget_reserved: int = 0  # tokens reserved by the budget guard, settled on outcome
+
+
+class Outcome(msgspec.Struct):
+    """What happened to one request; `quality`/`reward` may be filled in later."""
+
+    request_id: str
+    status: int
+    latency_s: float
+    ttft_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    error_class: str | None = None
+    quality: float | None = None
+    reward: float | None = None
+    feedback: bool = False  # True once explicit (delayed) feedback replaced the automatic score

@@ -1,0 +1,84 @@
+"""Typed settings for the decision math; `proxy.config` composes these from config.toml."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ArmGridSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Candidate grid around the baseline: `temperature_steps` x `max_tokens_steps` deltas."""
+
+    temperature_steps: int = 5
+    max_tokens_steps: int = 5
+
+
+class ThompsonSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Gaussian Thompson sampling per (context bucket, absolute arm); see policies/thompson.py.
+
+    prior_mean / prior_precision: prior on each arm's mean reward, precision in
+    pseudo-observations.  prior_alpha / prior_beta: Gamma prior on the reward noise
+    precision (prior noise variance guess = prior_beta / prior_alpha).
+    exploration_factor: the posterior spread is multiplied by (1 + exploration_factor).
+    propensity_draws: joint posterior draws per Monte Carlo table (standard error of
+    a propensity <= 0.5 / sqrt(draws); 4096 gives <= 0.0078).  seed: seeds that table.
+    """
+
+    prior_mean: float = 0.0
+    prior_precision: float = 1.0
+    exploration_factor: float = 0.1
+    propensity_draws: int = 4096
+    seed: int = 0
+    prior_alpha: float = 1.0
+    prior_beta: float = 0.05
+    cache_size: int = 4096
+
+
+class LinUCBSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Disjoint LinUCB, one ridge model per (model, absolute arm); see policies/linucb.py.
+
+    exploration_factor is the softmax temperature (in reward units) over the UCB
+    scores (0 = argmax, ties split); min_propensity is the floor every allowed arm gets.
+    """
+
+    alpha: float = 0.1
+    feature_dimension: int = 10
+    regularization: float = 0.01
+    exploration_factor: float = 0.1
+    min_propensity: float = 0.01
+
+
+class RewardSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """reward = w_quality*quality - w_latency*latency/baseline_latency - w_tokens*tokens/baseline_tokens.
+
+    max_ratio caps each ratio so one timeout cannot dominate a posterior.
+    """
+
+    w_quality: float = 1.0
+    w_latency: float = 0.1
+    w_tokens: float = 0.01
+    max_ratio: float = 10.0
+
+
+class QualitySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Automatic quality signal weights (documented in README)."""
+
+    truncated_penalty: float = 0.4
+    refusal_score: float = 0.2
+    empty_score: float = 0.0
+    invalid_json_score: float = 0.1
+    refusal_phrases: tuple[str, ...] = (
+        "i'm sorry, but i can",
+        "i am sorry, but i can",
+        "i'm sorry, i can",
+        "i can't help with",
+        "i cannot help with",
+        "i can't assist with",
+        "i cannot assist with",
+        "i'm unable to",
+        "i am unable to",
+        "i won't be able to",
+        "as an ai language model",
+        "i can't comply",
+        "i cannot comply",
+    )
+    refusal_window_chars: int = 200

@@ -1,0 +1,162 @@
+"""`thermostat` command line: serve, demo, simulate, check-config, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import msgspec
+
+from proxy.config import Config, ConfigError, UpstreamSettings, load_config, mask_secrets
+
+log = logging.getLogger("thermostat")
+
+DEFAULT_CONFIG = "config.toml"
+
+
+def _load(path: str | None) -> Config:
+    if path is None and Path(DEFAULT_CONFIG).exists():
+        path = DEFAULT_CONFIG
+    return load_config(path)
+
+
+def _serve(config: Config, host: str, port: int, workers: int = 1) -> None:
+    import uvicorn
+
+    from proxy.app import create_app
+
+    if not config.upstreams:
+        raise ConfigError("no [[upstreams]] configured (add one to config.toml, or run `thermostat demo`)")
+    app = create_app(config)
+    server_config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(config.server.shutdown_grace_s),
+        timeout_keep_alive=30,
+    )
+    server = uvicorn.Server(server_config)
+    print(f"thermostat listening on http://{host}:{port}  (point your client's base_url at http://{host}:{port}/v1)", flush=True)
+    server.run()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    _serve(config, host, port)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Thermostat in front of the bundled simulator, so it answers with no API key."""
+    import threading
+
+    from proxy.simulator_server import run as run_simulator
+
+    config = _load(args.config)
+    sim_port = args.simulator_port
+    thread = threading.Thread(
+        target=run_simulator, kwargs={"host": "127.0.0.1", "port": sim_port, "seed": 0, "time_scale": args.time_scale}, daemon=True
+    )
+    thread.start()
+    demo_upstream = UpstreamSettings(name="simulator", base_url=f"http://127.0.0.1:{sim_port}/v1", models=("*",))
+    optimization = msgspec.structs.replace(config.optimization, mode=args.mode, traffic_percentage=None)
+    config = msgspec.structs.replace(config, upstreams=(demo_upstream,), optimization=optimization)
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    print(
+        "demo: simulated LLM upstream on 127.0.0.1:%d; try:\n"
+        "  curl -s http://%s:%d/v1/chat/completions -H 'content-type: application/json' -H 'x-task-type: code' \\\n"
+        "       -d '{\"model\":\"sim-1\",\"messages\":[{\"role\":\"user\",\"content\":\"write a sort function\"}]}'\n"
+        "  open http://%s:%d/dashboard" % (sim_port, host, port, host, port),
+        flush=True,
+    )
+    _serve(config, host, port)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from proxy.simulator_server import run as run_simulator
+
+    print(f"simulated OpenAI-compatible upstream on http://{args.host}:{args.port}/v1", flush=True)
+    run_simulator(host=args.host, port=args.port, seed=args.seed, time_scale=args.time_scale)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    doc = msgspec.to_builtins(config)
+    print(msgspec.json.format(msgspec.json.encode(mask_secrets(doc)), indent=2).decode())
+    print("config OK", file=sys.stderr)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if not config.storage.database_url:
+        print("no database_url configured: the embedded SQLite decision log creates its own schema; nothing to migrate")
+        return 0
+    from proxy.store.migrations import migrate
+
+    applied = asyncio.run(migrate(config.storage.database_url))
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thermostat", description="Self-tuning reverse proxy for OpenAI-compatible LLM APIs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", help="path to config.toml (default: ./config.toml if present)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="run the proxy in front of the bundled simulated LLM")
+    demo.add_argument("--config")
+    demo.add_argument("--host")
+    demo.add_argument("--port", type=int)
+    demo.add_argument("--simulator-port", type=int, default=8090)
+    demo.add_argument("--mode", default="general", choices=["shadow", "canary", "guarded", "general"])
+    demo.add_argument("--time-scale", type=float, default=0.05, help="simulated latency multiplier")
+    demo.set_defaults(func=cmd_demo)
+
+    sim = sub.add_parser("simulate", help="run the simulated OpenAI-compatible upstream")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8090)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--time-scale", type=float, default=1.0)
+    sim.set_defaults(func=cmd_simulate)
+
+    check = sub.add_parser("check-config", help="validate the config and print it with secrets masked")
+    check.add_argument("--config")
+    check.set_defaults(func=cmd_check_config)
+
+    migrate = sub.add_parser("migrate", help="apply pending PostgreSQL migrations")
+    migrate.add_argument("--config")
+    migrate.set_defaults(func=cmd_migrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"thermostat: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""Configuration: `config.toml` + environment overrides, validated once at start-up.
+
+Everything downstream receives these frozen structs; nothing re-reads the file or
+the environment on the request path. Errors are raised as `ConfigError` with one
+line that names the key and what it accepts, because an operator reading a crash
+loop's last log line should know what to fix.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from guards.settings import (
+    MODE_TRAFFIC,
+    BaselineSettings,
+    CawsSettings,
+    ConstraintsSettings,
+    RolloutSettings,
+    SloSettings,
+)
+from policies.settings import (
+    ArmGridSettings,
+    LinUCBSettings,
+    QualitySettings,
+    RewardSettings,
+    ThompsonSettings,
+)
+
+PolicyName = Literal["thompson_gaussian", "linucb", "baseline", "uniform"]
+ModeName = Literal["shadow", "canary", "guarded", "general"]
+
+
+class ConfigError(Exception):
+    """A configuration problem, described in one line."""
+
+
+class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 10 * 1024 * 1024
+    data_dir: str = "./.thermostat"
+    shutdown_grace_s: float = 20.0
+    store_prompts: bool = False
+
+
+class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Capabilities of the models matching `pattern` (a glob) on one upstream."""
+
+    pattern: str
+    fixed_temperature: float | None = None
+    min_temperature: float = 0.0
+    max_temperature: float = 2.0
+    max_tokens_limit: int | None = None
+
+
+class UpstreamSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    base_url: str
+    models: tuple[str, ...] = ("*",)
+    api_key_env: str | None = None
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    max_connections: int = 512
+    retries: int = 2
+    models_config: tuple[ModelSettings, ...] = ()
+
+
+class StorageSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    database_url: str = ""
+    redis_url: str = ""
+    queue_size: int = 10_000
+    batch_size: int = 500
+    flush_interval_s: float = 0.5
+    retention_days: int = 90
+    sync_interval_s: float = 1.0
+
+
+class OptimizationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    mode: ModeName = "shadow"
+    traffic_percentage: float | None = None
+    policy: PolicyName = "thompson_gaussian"
+    seed: int | None = None
+
+    @property
+    def traffic_fraction(self) -> float:
+        """Share of traffic optimised: the explicit percentage, else the mode's default."""
+        if self.traffic_percentage is not None:
+            return self.traffic_percentage
+        return MODE_TRAFFIC[self.mode]
+
+
+class AdminSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    token_env: str = "THERMOSTAT_ADMIN_TOKEN"
+
+
+class AlertSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    webhook_urls: tuple[str, ...] = ()
+
+
+class PolicySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    grid: ArmGridSettings = ArmGridSettings()
+    thompson: ThompsonSettings = ThompsonSettings()
+    linucb: LinUCBSettings = LinUCBSettings()
+    reward: RewardSettings = RewardSettings()
+    quality: QualitySettings = QualitySettings()
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    upstreams: tuple[UpstreamSettings, ...] = ()
+    server: ServerSettings = ServerSettings()
+    storage: StorageSettings = StorageSettings()
+    optimization: OptimizationSettings = OptimizationSettings()
+    constraints: ConstraintsSettings = ConstraintsSettings()
+    baseline: dict[str, BaselineSettings] = {}
+    caws: CawsSettings = CawsSettings()
+    slo: SloSettings = SloSettings()
+    rollout: RolloutSettings = RolloutSettings()
+    policy: PolicySettings = PolicySettings()
+    admin: AdminSettings = AdminSettings()
+    alerts: AlertSettings = AlertSettings()
+
+    def baseline_for(self, task_type: str) -> BaselineSettings:
+        """Per-task baseline, else `[baseline.default]`, else the built-in default."""
+        return self.baseline.get(task_type) or self.baseline.get("default") or BaselineSettings()
+
+
+# Environment variable -> (path in the config document, kind). Names follow the deployment guide.
+ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
+    "LLM_OPTIMIZATION_ENABLED": (("optimization", "enabled"), "bool"),
+    "LLM_OPTIMIZATION_MODE": (("optimization", "mode"), "str"),
+    "LLM_OPTIMIZATION_TRAFFIC_PERCENTAGE": (("optimization", "traffic_percentage"), "float"),
+    "DATABASE_URL": (("storage", "database_url"), "str"),
+    "REDIS_URL": (("storage", "redis_url"), "str"),
+    "CAWS_ENABLED": (("caws", "enabled"), "bool"),
+    "CAWS_BUDGET_LIMIT": (("caws", "budget_limit"), "int"),
+    "CAWS_WAIVER_THRESHOLD": (("caws", "waiver_threshold"), "float"),
+    "BANDIT_POLICY": (("optimization", "policy"), "str"),
+    "EXPLORATION_FACTOR": (("policy", "*", "exploration_factor"), "float"),
+    "CONFIDENCE_THRESHOLD": (("caws", "confidence_threshold"), "float"),
+    "SLO_LATENCY_P99_MS": (("slo", "latency_p99_ms"), "float"),
+    "SLO_QUALITY_MIN": (("slo", "quality_min"), "float"),
+    "SLO_ERROR_RATE_MAX": (("slo", "error_rate_max"), "float"),
+    "ROLLOUT_SHADOW_DURATION_HOURS": (("rollout", "shadow_duration_hours"), "float"),
+    "ROLLOUT_CANARY_DURATION_HOURS": (("rollout", "canary_duration_hours"), "float"),
+    "ROLLOUT_GUARDED_DURATION_HOURS": (("rollout", "guarded_duration_hours"), "float"),
+}
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (allowed: true/false/1/0/yes/no)")
+
+
+def _parse_env_value(name: str, raw: str, kind: str) -> Any:
+    if kind == "bool":
+        return parse_bool(name, raw)
+    if kind in ("int", "float"):
+        try:
+            number = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number") from None
+        if kind == "int":
+            if not number.is_integer():
+                raise ConfigError(f"{name}={raw!r} is not a whole number")
+            return int(number)
+        return number
+    return raw
+
+
+def _set_path(doc: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = doc
+    for key in path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[path[-1]] = value
+
+
+def apply_env_overrides(doc: dict[str, Any], environ: typing.Mapping[str, str]) -> dict[str, Any]:
+    """Environment wins over the file (the deployment guide sets everything by env)."""
+    for name, (path, kind) in ENV_OVERRIDES.items():
+        raw = environ.get(name)
+        if raw is None or raw == "" and kind != "str":
+            continue
+        value = _parse_env_value(name, raw, kind)
+        if path[1] == "*":  # one knob shared by every policy
+            for section in ("thompson", "linucb"):
+                _set_path(doc, (path[0], section, path[2]), value)
+        else:
+            _set_path(doc, path, value)
+    return doc
+
+
+def _struct_type(tp: Any) -> Any:
+    """The struct class inside `tp` (unwrapping Optional, tuple[...] and dict[str, ...])."""
+    origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        return _struct_type(typing.get_args(tp)[0])
+    if origin is dict:
+        return _struct_type(typing.get_args(tp)[1])
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            found = _struct_type(arg)
+            if found is not None:
+                return found
+        return None
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return tp
+    return None
+
+
+def _check_unknown_keys(value: Any, struct: type[msgspec.Struct], where: str) -> None:
+    """Name a typo'd key and list the allowed ones (msgspec says only 'unknown field')."""
+    if not isinstance(value, dict):
+        return
+    hints = typing.get_type_hints(struct)
+    fields = struct.__struct_fields__
+    for key, child in value.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"unknown key '{path}' (allowed: {', '.join(fields)})")
+        tp = hints[key]
+        sub = _struct_type(tp)
+        if sub is None:
+            continue
+        origin = typing.get_origin(tp)
+        if origin is dict and isinstance(child, dict):
+            for name, item in child.items():
+                _check_unknown_keys(item, sub, f"{path}.{name}")
+        elif origin in (tuple, list) and isinstance(child, list):
+            for index, item in enumerate(child):
+                _check_unknown_keys(item, sub, f"{path}[{index}]")
+        else:
+            _check_unknown_keys(child, sub, path)
+
+
+def _allowed_values(path: str) -> str:
+    """For a failing `$.a.b` path, the allowed values when the field is a Literal."""
+    parts = [p for p in path.replace("$.", "").split(".") if p]
+    struct: Any = Config
+    tp: Any = None
+    for part in parts:
+        name = part.split("[")[0]
+        if struct is None or name not in getattr(struct, "__struct_fields__", ()):
+            return ""
+        tp = typing.get_type_hints(struct)[name]
+        struct = _struct_type(tp)
+    literal_args = [a for a in _flatten_union(tp) if typing.get_origin(a) is Literal]
+    if literal_args:
+        values = [v for lit in literal_args for v in typing.get_args(lit)]
+        return " (allowed: " + ", ".join(str(v) for v in values) + ")"
+    return ""
+
+
+def _flatten_union(tp: Any) -> list[Any]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return list(typing.get_args(tp))
+    return [tp]
+
+
+def _validate_ranges(cfg: Config) -> None:
+    def bad(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"invalid value for '{key}': {msg}")
+
+    tp = cfg.optimization.traffic_percentage
+    if tp is not None and not 0.0 <= tp <= 1.0:
+        raise bad("optimization.traffic_percentage", f"{tp} (allowed: a fraction in [0, 1])")
+    for key, value in (
+        ("caws.waiver_threshold", cfg.caws.waiver_threshold),
+        ("caws.warning_threshold", cfg.caws.warning_threshold),
+        ("caws.confidence_threshold", cfg.caws.confidence_threshold),
+        ("slo.quality_min", cfg.slo.quality_min),
+        ("slo.error_rate_max", cfg.slo.error_rate_max),
+    ):
+        if not 0.0 <= value <= 1.0:
+            raise bad(key, f"{value} (allowed: a fraction in [0, 1])")
+    for key, number in (
+        ("caws.budget_limit", cfg.caws.budget_limit),
+        ("caws.window_s", cfg.caws.window_s),
+        ("constraints.max_tokens", cfg.constraints.max_tokens),
+        ("server.max_body_bytes", cfg.server.max_body_bytes),
+        ("storage.queue_size", cfg.storage.queue_size),
+        ("storage.batch_size", cfg.storage.batch_size),
+        ("slo.latency_p99_ms", cfg.slo.latency_p99_ms),
+    ):
+        if number <= 0:
+            raise bad(key, f"{number} (allowed: a positive number)")
+    if cfg.constraints.max_delta_temperature < 0 or cfg.constraints.max_delta_max_tokens < 0:
+        raise bad("constraints.max_delta_*", "deltas must be >= 0")
+    if not 0 < cfg.server.port < 65536:
+        raise bad("server.port", f"{cfg.server.port} (allowed: 1-65535)")
+    names = [u.name for u in cfg.upstreams]
+    if len(set(names)) != len(names):
+        raise bad("upstreams.name", "upstream names must be unique")
+    for up in cfg.upstreams:
+        if not up.base_url.startswith(("http://", "https://")):
+            raise bad(f"upstreams[{up.name}].base_url", f"{up.base_url!r} (allowed: an http:// or https:// URL)")
+        if up.timeout_s <= 0 or up.connect_timeout_s <= 0:
+            raise bad(f"upstreams[{up.name}].timeout_s", "timeouts must be > 0")
+
+
+def build_config(doc: dict[str, Any], environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed TOML document (plus env overrides) into a `Config`."""
+    doc = apply_env_overrides(dict(doc), os.environ if environ is None else environ)
+    _check_unknown_keys(doc, Config, "")
+    try:
+        cfg = msgspec.convert(doc, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        path = message.rsplit(" - at `", 1)[-1].rstrip("`") if " - at `" in message else ""
+        key = path.replace("$.", "") if path else "config"
+        raise ConfigError(f"invalid value for '{key}': {message.split(' - at ')[0]}{_allowed_values(path)}") from None
+    _validate_ranges(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Read `path` (TOML) or start from defaults when None, then apply env overrides."""
+    doc: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return build_config(doc, environ)
+
+
+def mask_secrets(value: Any, key: str = "") -> Any:
+    """Masked copy for `check-config`: URLs lose their password, secret-looking keys their value."""
+    if isinstance(value, dict):
+        return {k: mask_secrets(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(v, key) for v in value]
+    if isinstance(value, str) and value:
+        lowered = key.lower()
+        if any(word in lowered for word in ("password", "secret", "api_key")) and not lowered.endswith("_env"):
+            return "***"
+        if key.endswith("_url") and "@" in value and "://" in value:
+            scheme, rest = value.split("://", 1)
+            creds, host = rest.rsplit("@", 1)
+            user = creds.split(":", 1)[0]
+            return f"{scheme}://{user}:***@{host}" if ":" in creds else value
+    return value
+
+
+def find_model_settings(upstream: UpstreamSettings, model: str) -> ModelSettings | None:
+    for ms in upstream.models_config:
+        if fnmatch.fnmatchcase(model, ms.pattern):
+            return ms
+    return None

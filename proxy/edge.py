@@ -1,0 +1,432 @@
+"""The HTTP edge for `/v1/*`: a plain ASGI handler, because it is the hot path.
+
+Litestar serves everything else (health, metrics, the control API); `/v1/*` is
+handled here directly so a request costs one body parse, two field patches, one
+re-encode and a relay, with no framework layers in between. The body is parsed
+once with msgspec into a dict (so unknown fields survive untouched); if the decision
+changes nothing, the client's original bytes are forwarded as they came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import httpx
+import msgspec
+
+from policies.records import Decision, Outcome, Params
+from proxy.errors import ProxyError, bad_request, error_body
+from proxy.records import LogEntry
+from proxy.sse import ResponseSummary, StreamRelay, summarize_body
+from proxy.upstream import Upstream, classify, forward_headers, response_headers
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("thermostat.edge")
+
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+DECIDED_PATHS = frozenset({"/chat/completions", "/completions"})
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class ClientGone(Exception):
+    """The client closed the connection while we were relaying."""
+
+
+async def read_body(receive: Receive, headers: list[tuple[bytes, bytes]], max_bytes: int) -> bytes:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                raise bad_request("invalid Content-Length header", "invalid_content_length") from None
+            if declared > max_bytes:
+                raise ProxyError(413, f"request body of {declared} bytes exceeds the limit of {max_bytes} bytes", "request_too_large")
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > max_bytes:
+                raise ProxyError(413, f"request body exceeds the limit of {max_bytes} bytes", "request_too_large")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_completion_body(doc: Any) -> tuple[str, str | None]:
+    """Checks what Thermostat relies on; returns (model, max-tokens field name used)."""
+    if not isinstance(doc, dict):
+        raise bad_request("request body must be a JSON object", "invalid_body")
+    model = doc.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise bad_request("'model' is required and must be a non-empty string", "invalid_model", "model")
+    temperature = doc.get("temperature")
+    if temperature is not None:
+        if not _number(temperature):
+            raise bad_request("'temperature' must be a number", "invalid_type", "temperature")
+        if not 0.0 <= float(temperature) <= 2.0:
+            raise bad_request(f"'temperature' must be between 0 and 2, got {temperature}", "invalid_value", "temperature")
+    field = None
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = doc.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad_request(f"'{name}' must be an integer", "invalid_type", name)
+        if value < 1:
+            raise bad_request(f"'{name}' must be at least 1, got {value}", "invalid_value", name)
+        field = field or name
+    stream = doc.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request("'stream' must be a boolean", "invalid_type", "stream")
+    return model, field
+
+
+def clean_temperature(value: float) -> float:
+    """At most 3 decimals, never a float32 artefact like 0.8999999761581421."""
+    return round(float(value), 3)
+
+
+def patch_body(doc: dict[str, Any], sent: Params, tokens_field: str | None) -> bool:
+    """Write the decision into the body under the client's field names; True if anything changed."""
+    changed = False
+    if sent.temperature is not None:
+        value = clean_temperature(sent.temperature)
+        current = doc.get("temperature")
+        if not (_number(current) and current == value):
+            doc["temperature"] = value
+            changed = True
+    if sent.max_tokens is not None:
+        field = tokens_field or "max_tokens"
+        value_i = int(sent.max_tokens)
+        if doc.get(field) != value_i:
+            doc[field] = value_i
+            changed = True
+    return changed
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class ProxyEdge:
+    """ASGI app: `/v1/*` handled here, everything else handed to `fallback` (Litestar)."""
+
+    def __init__(self, runtime: Any, fallback: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.rt = runtime
+        self.fallback = fallback
+        self.max_body = runtime.config.server.max_body_bytes
+        self.metrics = runtime.metrics
+        self.inflight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            self.inflight += 1
+            try:
+                await self._handle(scope, receive, send)
+            finally:
+                self.inflight -= 1
+            return
+        await self.fallback(scope, receive, send)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
+        request_id = str(uuid.uuid4())
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        v1_path = scope["path"][3:]
+        try:
+            body = await read_body(receive, headers, self.max_body)
+            if scope["method"] == "POST" and v1_path in DECIDED_PATHS:
+                await self._completion(scope, receive, send, body, request_id, t0, v1_path)
+            else:
+                await self._passthrough(scope, send, body, request_id, t0, v1_path)
+        except ProxyError as exc:
+            self.metrics.client_errors.labels(exc.code).inc()
+            await self._send_error(send, exc.status, exc.body(), request_id)
+        except ClientGone:
+            return
+
+    async def _send_error(self, send: Send, status: int, body: bytes, request_id: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        hdrs = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.encode())]
+        if extra:
+            hdrs.extend(extra)
+        await send({"type": "http.response.start", "status": status, "headers": hdrs})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    # ---- decided path -------------------------------------------------------------
+
+    async def _completion(self, scope: Scope, receive: Receive, send: Send, body: bytes, request_id: str, t0: float, v1_path: str) -> None:
+        rt = self.rt
+        try:
+            doc = _decode(body)
+        except msgspec.DecodeError as exc:
+            raise bad_request(f"request body is not valid JSON: {exc}", "invalid_json") from None
+        model, tokens_field = validate_completion_body(doc)
+        upstream = rt.pool.route(model)
+        if upstream is None:
+            raise ProxyError(404, f"no upstream is configured for model '{model}'", "model_not_found")
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        task_type = (_header(headers, b"x-task-type") or "default").strip()[:64] or "default"
+        endpoint = "chat" if v1_path == "/chat/completions" else "completions"
+        ctx = rt.build_context(doc, task_type=task_type, endpoint=endpoint, upstream=upstream.name)
+        user = doc.get("user")
+        key = _header(headers, b"x-thermostat-key") or (user if isinstance(user, str) and user else request_id)
+        decision: Decision = await rt.decider.decide(ctx, request_id=request_id, assignment_key=key)
+        rt.registry.register(decision)
+
+        changed = patch_body(doc, decision.sent, tokens_field)
+        stream = doc.get("stream") is True
+        strip_usage = False
+        if stream:
+            opts = doc.get("stream_options")
+            if not (isinstance(opts, dict) and opts.get("include_usage") is True):
+                doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+                strip_usage = changed = True
+        out_body = _encode(doc) if changed else body
+        prompt = None
+        if rt.config.server.store_prompts:
+            prompt = body.decode("utf-8", "replace")
+
+        our_headers = [
+            (b"x-request-id", request_id.encode()),
+            (b"x-thermostat-params", decision.sent.render().encode()),
+            (b"x-thermostat-mode", decision.mode.encode()),
+        ]
+        request = upstream.client.build_request(
+            "POST", upstream.url_for(v1_path, scope.get("query_string", b"")), headers=forward_headers(headers, upstream), content=out_body
+        )
+        t_forward = time.perf_counter()
+        summary = ResponseSummary()
+        status = 0
+        error_class: str | None = None
+        ttft: float | None = None
+        overhead = t_forward - t0
+        try:
+            try:
+                response = await upstream.send(request)
+            except httpx.HTTPError as exc:
+                error_class = classify(exc)
+                status = 504 if error_class == "timeout" else 502
+                self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
+                msg = f"upstream '{upstream.name}' {'timed out' if status == 504 else 'is unreachable'}: {type(exc).__name__}"
+                code = "upstream_timeout" if status == 504 else "upstream_unreachable"
+                await self._send_error(send, status, error_body(msg, "upstream_error", code), request_id, our_headers[1:])
+                return
+            status = response.status_code
+            t_headers = time.perf_counter()
+            if stream and status == 200:
+                ttft, error_class, overhead = await self._relay_stream(
+                    receive, send, response, our_headers, strip_usage, summary, t0, t_headers, overhead, upstream
+                )
+            else:
+                try:
+                    raw = await response.aread()
+                except httpx.HTTPError as exc:
+                    error_class = classify(exc)
+                    status = 504 if error_class == "timeout" else 502
+                    self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
+                    await self._send_error(
+                        send, status, error_body(f"upstream '{upstream.name}' failed mid-response: {type(exc).__name__}", "upstream_error",
+                                                 "upstream_timeout" if status == 504 else "upstream_error"), request_id, our_headers[1:]
+                    )
+                    return
+                finally:
+                    await response.aclose()
+                t_body = time.perf_counter()
+                hdrs = response_headers(response.headers)
+                hdrs.append((b"content-length", str(len(raw)).encode()))
+                hdrs.extend(our_headers)
+                overhead += time.perf_counter() - t_body
+                hdrs.append((b"x-thermostat-overhead-ms", f"{overhead * 1000:.3f}".encode()))
+                await send({"type": "http.response.start", "status": status, "headers": hdrs})
+                await send({"type": "http.response.body", "body": raw, "more_body": False})
+                if status == 200:
+                    summary = summarize_body(raw)
+                else:
+                    summary.error = True
+                    error_class = error_class or f"http_{status}"
+        finally:
+            await self._finish(decision, summary, status, error_class, t0, ttft, overhead, prompt, ctx)
+
+    async def _relay_stream(
+        self,
+        receive: Receive,
+        send: Send,
+        response: httpx.Response,
+        our_headers: list[tuple[bytes, bytes]],
+        strip_usage: bool,
+        summary_out: ResponseSummary,
+        t0: float,
+        t_headers: float,
+        overhead: float,
+        upstream: Upstream,
+    ) -> tuple[float | None, str | None, float]:
+        relay = StreamRelay(strip_usage)
+        relay.summary = summary_out
+        hdrs = response_headers(response.headers)
+        hdrs.extend(our_headers)
+        overhead += time.perf_counter() - t_headers
+        hdrs.append((b"x-thermostat-overhead-ms", f"{overhead * 1000:.3f}".encode()))
+        await send({"type": "http.response.start", "status": response.status_code, "headers": hdrs})
+        ttft: float | None = None
+        error_class: str | None = None
+
+        async def pump() -> None:
+            nonlocal ttft
+            async for chunk in response.aiter_raw():
+                out = relay.feed(chunk)
+                if out:
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+            rest = relay.flush()
+            if rest:
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        pump_task = asyncio.ensure_future(pump())
+        watch_task = asyncio.ensure_future(watch())
+        try:
+            done, _ = await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+            if watch_task in done:
+                pump_task.cancel()
+                error_class = "client_disconnected"
+                try:
+                    await pump_task
+                except (asyncio.CancelledError, Exception):
+                    pass
+                return ttft, error_class, overhead
+            watch_task.cancel()
+            exc = pump_task.exception()
+            if exc is not None:
+                error_class = classify(exc) if isinstance(exc, httpx.HTTPError) else "protocol"
+                self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
+                summary_out.error = True
+                payload = error_body(f"upstream '{upstream.name}' failed mid-stream: {type(exc).__name__}", "upstream_error", "upstream_stream_error")
+                await send({"type": "http.response.body", "body": b"data: " + payload + b"\n\n", "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return ttft, error_class, overhead
+        finally:
+            for task in (pump_task, watch_task):
+                if not task.done():
+                    task.cancel()
+            await response.aclose()
+
+    async def _finish(
+        self,
+        decision: Decision,
+        summary: ResponseSummary,
+        status: int,
+        error_class: str | None,
+        t0: float,
+        ttft: float | None,
+        overhead: float,
+        prompt: str | None,
+        ctx: Any,
+    ) -> None:
+        """Build the outcome, let the decider learn, queue the log entry. Never raises."""
+        rt = self.rt
+        try:
+            latency = time.perf_counter() - t0
+            outcome = Outcome(
+                request_id=decision.request_id,
+                status=status,
+                latency_s=latency,
+                ttft_s=ttft,
+                prompt_tokens=summary.prompt_tokens,
+                completion_tokens=summary.completion_tokens,
+                finish_reason=summary.finish_reason,
+                error_class=error_class,
+            )
+            outcome.quality = rt.auto_quality(outcome, summary, ctx)
+            await rt.decider.observe(decision, outcome)
+            rt.registry.complete(decision, outcome)
+            rt.recorder.submit(LogEntry(decision=decision, outcome=outcome, context_features=rt.context_features(ctx), prompt=prompt))
+            m = self.metrics
+            task = m.task_label(decision.context.task_type)
+            status_label = str(status) if status else "error"
+            m.requests.labels(m.model_label(decision.context.model), task, decision.mode, rt.arm_label(decision), status_label).inc()
+            m.request_duration.labels(task, decision.mode).observe(latency)
+            if ttft is not None:
+                m.ttft.labels(task, decision.mode).observe(ttft)
+            m.overhead.observe(overhead)
+            if summary.prompt_tokens is not None:
+                m.tokens.labels(task, "prompt").inc(summary.prompt_tokens)
+            if summary.completion_tokens is not None:
+                m.tokens.labels(task, "completion").inc(summary.completion_tokens)
+        except Exception:
+            log.exception("recording the outcome of %s failed", decision.request_id)
+
+    # ---- untouched passthrough ------------------------------------------------------
+
+    async def _passthrough(self, scope: Scope, send: Send, body: bytes, request_id: str, t0: float, v1_path: str) -> None:
+        rt = self.rt
+        model = None
+        if body and len(body) < 1_000_000 and body[:1] == b"{":
+            try:
+                parsed = _decode(body)
+                if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
+                    model = parsed["model"]
+            except msgspec.DecodeError:
+                pass
+        upstream = rt.pool.route(model)
+        if upstream is None:
+            raise ProxyError(404, "no upstream is configured" + (f" for model '{model}'" if model else ""), "model_not_found")
+        request = upstream.client.build_request(
+            scope["method"],
+            upstream.url_for(v1_path, scope.get("query_string", b"")),
+            headers=forward_headers(scope["headers"], upstream),
+            content=body or None,
+        )
+        overhead = time.perf_counter() - t0
+        try:
+            response = await upstream.send(request)
+        except httpx.HTTPError as exc:
+            error_class = classify(exc)
+            status = 504 if error_class == "timeout" else 502
+            self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
+            code = "upstream_timeout" if status == 504 else "upstream_unreachable"
+            await self._send_error(send, status, error_body(f"upstream '{upstream.name}' failed: {type(exc).__name__}", "upstream_error", code), request_id)
+            return
+        try:
+            hdrs = response_headers(response.headers)
+            hdrs.append((b"x-request-id", request_id.encode()))
+            hdrs.append((b"x-thermostat-overhead-ms", f"{overhead * 1000:.3f}".encode()))
+            await send({"type": "http.response.start", "status": response.status_code, "headers": hdrs})
+            try:
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except httpx.HTTPError as exc:
+                self.metrics.upstream_errors.labels(upstream.name, classify(exc)).inc()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()

@@ -1,0 +1,174 @@
+"""Outcome recording off the hot path: a bounded queue drained in batches.
+
+`submit` never blocks and never awaits: when the queue is full the entry is
+dropped and counted (a metric and a rate-limited log line), because slowing client
+traffic down to protect the log would be the wrong trade. A background task writes
+batches of `batch_size` or whatever arrived within `flush_interval_s`; a failing
+write is retried with backoff while new entries keep queueing. `stop()` drains
+everything that is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from policies.records import Decision, Outcome
+from proxy.records import Entry
+from proxy.store.base import Sink
+
+log = logging.getLogger("thermostat.recorder")
+
+
+class Recorder:
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        queue_size: int = 10_000,
+        batch_size: int = 500,
+        flush_interval_s: float = 0.5,
+        on_drop: Callable[[], None] | None = None,
+        on_written: Callable[[int], None] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.queue: asyncio.Queue[Entry] = asyncio.Queue(maxsize=queue_size)
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.dropped = 0
+        self.written = 0
+        self.write_failures = 0
+        self._on_drop = on_drop
+        self._on_written = on_written
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._last_drop_log = 0.0
+        self._holding = 0  # entries taken off the queue by the writer task, not yet written
+        self.ready = False
+
+    async def start(self) -> None:
+        await self.sink.open()
+        self._task = asyncio.create_task(self._run(), name="thermostat-recorder")
+        self.ready = True
+
+    def submit(self, entry: Entry) -> bool:
+        try:
+            self.queue.put_nowait(entry)
+            return True
+        except asyncio.QueueFull:
+            self.dropped += 1
+            if self._on_drop is not None:
+                self._on_drop()
+            now = time.monotonic()
+            if now - self._last_drop_log > 10:
+                self._last_drop_log = now
+                log.warning("outcome queue full (%d): dropped %d entries so far", self.queue.maxsize, self.dropped)
+            return False
+
+    async def _next_batch(self) -> list[Entry]:
+        first = await self.queue.get()
+        batch = [first]
+        deadline = time.monotonic() + self.flush_interval_s
+        while len(batch) < self.batch_size:
+            try:
+                batch.append(self.queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _write(self, batch: list[Entry]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self.sink.write(batch)
+                self.written += len(batch)
+                if self._on_written is not None:
+                    self._on_written(len(batch))
+                return
+            except Exception:
+                self.write_failures += 1
+                log.exception("writing %d entries to %s failed; retrying in %.1fs", len(batch), self.sink.name, delay)
+                if self._stopping and delay > 2:
+                    log.error("giving up on %d entries at shutdown", len(batch))
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            self._holding = len(batch)
+            try:
+                await self._write(batch)
+            finally:
+                self._holding = 0
+
+    @property
+    def pending(self) -> int:
+        return self.queue.qsize() + self._holding
+
+    async def flush(self) -> None:
+        """Write everything queued now and wait for the writer's current batch."""
+        while self._holding and self._task is not None and not self._task.done():
+            await asyncio.sleep(0.005)
+        while not self.queue.empty():
+            batch: list[Entry] = []
+            while len(batch) < self.batch_size and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            await self._write(batch)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.ready = False
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self.flush()
+        await self.sink.close()
+
+
+class DecisionRegistry:
+    """Recent decisions by request id, so delayed feedback finds its decision.
+
+    Bounded (oldest evicted first) and time-limited; the shared-state store extends
+    the reach across replicas and restarts.
+    """
+
+    def __init__(self, max_entries: int = 100_000, ttl_s: float = 86_400.0) -> None:
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._items: OrderedDict[str, tuple[Decision, Outcome | None]] = OrderedDict()
+
+    def register(self, decision: Decision) -> None:
+        self._items[decision.request_id] = (decision, None)
+        if len(self._items) > self.max_entries:
+            self._items.popitem(last=False)
+
+    def complete(self, decision: Decision, outcome: Outcome) -> None:
+        if decision.request_id in self._items:
+            self._items[decision.request_id] = (decision, outcome)
+
+    def get(self, request_id: str, now: float) -> tuple[Decision, Outcome | None] | None:
+        item = self._items.get(request_id)
+        if item is None:
+            return None
+        if now - item[0].created_at > self.ttl_s:
+            return None
+        return item
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,188 @@
+"""Reading what the upstream answered, without changing what the client sees.
+
+Streaming responses are split into SSE events so each complete event is relayed at
+once (no buffering beyond one event) while usage, finish_reason and the generated
+text are collected for the outcome record. When Thermostat itself asked for
+`stream_options.include_usage`, the extra usage chunk and the `"usage":null` fields
+the upstream adds to every chunk are removed, so the client sees the stream it
+would have seen.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class _Function(msgspec.Struct):
+    arguments: str | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    index: int = 0
+    function: _Function | None = None
+
+
+class _Message(msgspec.Struct):
+    content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[_ToolCall] | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    message: _Message | None = None
+    delta: _Message | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Body(msgspec.Struct):
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+    error: dict[str, object] | None = None
+
+
+_decode_body = msgspec.json.Decoder(_Body).decode
+
+
+class ResponseSummary:
+    """What the outcome record and the quality signal need from one response."""
+
+    __slots__ = ("prompt_tokens", "completion_tokens", "finish_reason", "content_parts", "tool_args", "refusal", "error")
+
+    def __init__(self) -> None:
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.finish_reason: str | None = None
+        self.content_parts: list[str] = []
+        self.tool_args: dict[int, list[str]] = {}
+        self.refusal: bool = False
+        self.error: bool = False
+
+    @property
+    def content(self) -> str:
+        return "".join(self.content_parts)
+
+    @property
+    def tool_arguments(self) -> list[str]:
+        return ["".join(parts) for _, parts in sorted(self.tool_args.items())]
+
+    def absorb(self, body: _Body, streaming: bool) -> None:
+        if body.error is not None:
+            self.error = True
+        if body.usage is not None:
+            self.prompt_tokens = body.usage.prompt_tokens
+            self.completion_tokens = body.usage.completion_tokens
+        for choice in body.choices or ():
+            if choice.index != 0:
+                continue  # n > 1: the first choice stands for the response
+            if choice.finish_reason is not None:
+                self.finish_reason = choice.finish_reason
+            msg = choice.delta if streaming else choice.message
+            if choice.text is not None:
+                self.content_parts.append(choice.text)
+            if msg is None:
+                continue
+            if msg.content:
+                self.content_parts.append(msg.content)
+            if msg.refusal:
+                self.refusal = True
+            for call in msg.tool_calls or ():
+                if call.function is not None and call.function.arguments:
+                    self.tool_args.setdefault(call.index, []).append(call.function.arguments)
+
+
+def summarize_body(raw: bytes) -> ResponseSummary:
+    """Summary of a non-streaming JSON response; an unparseable body yields an empty summary."""
+    summary = ResponseSummary()
+    try:
+        summary.absorb(_decode_body(raw), streaming=False)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass
+    return summary
+
+
+_USAGE_NULLS = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
+
+
+class StreamRelay:
+    """Incremental SSE splitter: feed upstream bytes, get back bytes to send now."""
+
+    __slots__ = ("summary", "strip_usage", "_buffer", "saw_done", "events")
+
+    def __init__(self, strip_usage: bool) -> None:
+        self.summary = ResponseSummary()
+        self.strip_usage = strip_usage
+        self._buffer = b""
+        self.saw_done = False
+        self.events = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._buffer + chunk if self._buffer else chunk
+        out: list[bytes] = []
+        start = 0
+        while True:
+            end, sep_len = _find_event_end(data, start)
+            if end < 0:
+                break
+            event = data[start : end + sep_len]
+            start = end + sep_len
+            kept = self._on_event(event)
+            if kept:
+                out.append(kept)
+        self._buffer = data[start:]
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        """Whatever is left when the upstream closes (an unterminated last event)."""
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+    def _on_event(self, event: bytes) -> bytes | None:
+        self.events += 1
+        payload = _event_data(event)
+        if payload is None:
+            return event
+        if payload == b"[DONE]":
+            self.saw_done = True
+            return event
+        try:
+            body = _decode_body(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return event
+        self.summary.absorb(body, streaming=True)
+        if not self.strip_usage:
+            return event
+        if body.usage is not None and not body.choices:
+            return None  # the usage chunk Thermostat asked for; the client did not
+        for pattern in _USAGE_NULLS:
+            if pattern in event:
+                return event.replace(pattern, b"", 1)
+        return event
+
+
+def _find_event_end(data: bytes, start: int) -> tuple[int, int]:
+    lf = data.find(b"\n\n", start)
+    crlf = data.find(b"\r\n\r\n", start)
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return crlf, 4
+    if lf >= 0:
+        return lf, 2
+    return -1, 0
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The joined `data:` lines of one event, or None if it has none (a comment, a ping)."""
+    parts: list[bytes] = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
+    if not parts:
+        return None
+    return b"\n".join(parts)

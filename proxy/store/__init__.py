@@ -1,0 +1,1 @@
+"""Storage sinks for the decision log: SQLite (embedded default) and PostgreSQL."""

@@ -1,0 +1,173 @@
+"""A real HTTP server standing in for an OpenAI-compatible upstream, for tests.
+
+Deterministic (ids and timestamps derive from the request), records every request
+it receives, and misbehaves on demand through the model name:
+`error-<status>` answers that status with an OpenAI error body, `slow-<ms>` waits,
+`cut-stream` drops the connection mid-stream, `hang` never answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    raw: bytes
+
+
+@dataclass
+class FakeUpstream:
+    host: str = "127.0.0.1"
+    port: int = 0
+    received: list[Received] = field(default_factory=list)
+    delay_s: float = 0.0
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> "FakeUpstream":
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", self._handle)
+            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+            loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, self.host, self.port)
+            loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            ready.set()
+            loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._runner is not None:
+            fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+            try:
+                fut.result(10)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def last(self) -> Received:
+        return self.received[-1]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        self.received.append(Received(request.method, request.path, dict(request.headers), body, raw))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        path = request.path
+        if path == "/v1/models":
+            return web.json_response({"object": "list", "data": [{"id": "echo-1", "object": "model", "created": 0, "owned_by": "test"}]},
+                                     headers={"x-request-id": "req_upstream_models"})
+        if path == "/v1/embeddings":
+            return web.json_response({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+                                      "model": body.get("model") if isinstance(body, dict) else None,
+                                      "usage": {"prompt_tokens": 2, "total_tokens": 2}})
+        if path not in ("/v1/chat/completions", "/v1/completions") or not isinstance(body, dict):
+            return web.json_response({"error": {"message": "not found", "type": "invalid_request_error", "code": None}}, status=404)
+        model = str(body.get("model", ""))
+        if model.startswith("error-"):
+            status = int(model.split("-", 1)[1])
+            return web.json_response(
+                {"error": {"message": f"upstream says {status}", "type": "server_error" if status >= 500 else "invalid_request_error",
+                           "code": f"code_{status}", "param": None}},
+                status=status, headers={"x-request-id": "req_upstream_error", "x-upstream-extra": "kept"},
+            )
+        if model.startswith("slow-"):
+            await asyncio.sleep(int(model.split("-", 1)[1]) / 1000)
+        if model == "hang":
+            await asyncio.sleep(3600)
+        return await (self._stream(request, body) if body.get("stream") else self._complete(body, path))
+
+    @staticmethod
+    def _text(body: dict[str, Any]) -> str:
+        if "messages" in body:
+            last = body["messages"][-1]["content"] if body["messages"] else ""
+            return f"echo: {last}"
+        return f"echo: {body.get('prompt', '')}"
+
+    @staticmethod
+    def _id(body: dict[str, Any]) -> str:
+        return "chatcmpl-" + hashlib.sha256(json.dumps(body.get("messages", body.get("prompt")), sort_keys=True).encode()).hexdigest()[:24]
+
+    def _usage(self, body: dict[str, Any], text: str) -> dict[str, int]:
+        prompt = len(json.dumps(body.get("messages", body.get("prompt", "")))) // 4 + 1
+        completion = len(text.split())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def _complete(self, body: dict[str, Any], path: str) -> web.Response:
+        text = self._text(body)
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        words = text.split()
+        finish = "stop"
+        if isinstance(limit, int) and limit < len(words):
+            words, finish = words[:limit], "length"
+        text = " ".join(words)
+        if path == "/v1/completions":
+            payload: dict[str, Any] = {"id": "cmpl-" + self._id(body)[9:], "object": "text_completion", "created": 1700000000, "model": body["model"],
+                       "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "usage": self._usage(body, text)}
+        else:
+            payload = {"id": self._id(body), "object": "chat.completion", "created": 1700000000, "model": body["model"],
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}, "finish_reason": finish, "logprobs": None}],
+                       "usage": self._usage(body, text), "system_fingerprint": "fp_test"}
+        return web.json_response(payload, headers={"x-request-id": "req_upstream_123", "openai-processing-ms": "1"})
+
+    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "x-request-id": "req_upstream_stream"})
+        await resp.prepare(request)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        text = self._text(body)
+        words = text.split()
+        cid = self._id(body)
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+            payload: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": 1700000000, "model": body["model"],
+                                       "system_fingerprint": "fp_test", "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            if include_usage:
+                payload["usage"] = None
+            return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+        await resp.write(chunk({"role": "assistant", "content": ""}, None))
+        for i, word in enumerate(words):
+            await resp.write(chunk({"content": (" " if i else "") + word}, None))
+            if body["model"] == "cut-stream" and i == 1:
+                request.transport.close()  # type: ignore[union-attr]
+                return resp
+            if body["model"].startswith("drip"):
+                await asyncio.sleep(0.05)
+        await resp.write(chunk({}, "stop"))
+        if include_usage:
+            usage = {"id": cid, "object": "chat.completion.chunk", "created": 1700000000, "model": body["model"],
+                     "system_fingerprint": "fp_test", "choices": [], "usage": self._usage(body, text)}
+            await resp.write(b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp

@@ -1,0 +1,74 @@
+"""Run the real Thermostat app on a loopback port in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from proxy.app import create_app
+from proxy.config import Config
+from proxy.runtime import Runtime
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningThermostat:
+    server: uvicorn.Server
+    thread: threading.Thread
+    port: int
+    runtime: Runtime
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.base}/v1"
+
+    def call(self, coro: Any, timeout: float = 10) -> Any:
+        """Run a coroutine on the server's own event loop (to inspect or flush state)."""
+        loop = self.runtime._loop  # type: ignore[attr-defined]
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    def flush(self, settle_s: float = 0.05) -> None:
+        """Wait for responses' bookkeeping (it runs just after the last byte), then write."""
+        time.sleep(settle_s)
+        self.call(self.runtime.recorder.flush())
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def start_thermostat(config: Config, runtime: Runtime | None = None) -> RunningThermostat:
+    rt = runtime or Runtime(config)
+    app = create_app(config, rt)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, loop="asyncio", http="httptools", lifespan="on", log_level="warning"))
+
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        rt._loop = loop  # type: ignore[attr-defined]
+        loop.run_until_complete(server.serve())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.time() + 15
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("thermostat did not start")
+        time.sleep(0.01)
+    return RunningThermostat(server, thread, port, rt)

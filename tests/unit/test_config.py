@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import pytest
+
+from policies.records import Params
+from proxy.config import ConfigError, build_config, load_config, mask_secrets
+from proxy.edge import patch_body
+
+
+def test_defaults_match_deployment_guide() -> None:
+    cfg = build_config({}, environ={})
+    assert cfg.optimization.mode == "shadow" and cfg.optimization.traffic_fraction == 0.0
+    assert cfg.constraints.max_delta_temperature == 0.2 and cfg.constraints.max_delta_max_tokens == 500
+    assert cfg.caws.budget_limit == 1_000_000 and cfg.caws.waiver_threshold == 0.8
+    assert (cfg.slo.latency_p99_ms, cfg.slo.quality_min, cfg.slo.error_rate_max) == (500, 0.7, 0.01)
+    assert (cfg.rollout.shadow_duration_hours, cfg.rollout.canary_duration_hours, cfg.rollout.guarded_duration_hours) == (24, 48, 72)
+
+
+def test_env_overrides_win_over_file() -> None:
+    doc = {"optimization": {"mode": "shadow", "enabled": True}, "slo": {"latency_p99_ms": 900}, "storage": {"redis_url": "redis://file"}}
+    env = {
+        "LLM_OPTIMIZATION_MODE": "canary",
+        "LLM_OPTIMIZATION_ENABLED": "no",
+        "LLM_OPTIMIZATION_TRAFFIC_PERCENTAGE": "0.05",
+        "SLO_LATENCY_P99_MS": "250",
+        "REDIS_URL": "redis://env:6379",
+        "BANDIT_POLICY": "linucb",
+        "EXPLORATION_FACTOR": "0.3",
+        "CAWS_BUDGET_LIMIT": "5000",
+        "CONFIDENCE_THRESHOLD": "0.9",
+        "ROLLOUT_CANARY_DURATION_HOURS": "1.5",
+    }
+    cfg = build_config(doc, environ=env)
+    assert cfg.optimization.mode == "canary" and cfg.optimization.enabled is False
+    assert cfg.optimization.traffic_fraction == 0.05
+    assert cfg.slo.latency_p99_ms == 250
+    assert cfg.storage.redis_url == "redis://env:6379"
+    assert cfg.optimization.policy == "linucb"
+    assert cfg.policy.thompson.exploration_factor == 0.3 and cfg.policy.linucb.exploration_factor == 0.3
+    assert cfg.caws.budget_limit == 5000 and cfg.caws.confidence_threshold == 0.9
+    assert cfg.rollout.canary_duration_hours == 1.5
+
+
+@pytest.mark.parametrize("raw,expected", [("true", True), ("1", True), ("YES", True), ("false", False), ("0", False), ("no", False)])
+def test_booleans(raw: str, expected: bool) -> None:
+    assert build_config({}, environ={"CAWS_ENABLED": raw}).caws.enabled is expected
+
+
+@pytest.mark.parametrize(
+    "doc,env,fragment",
+    [
+        ({}, {"LLM_OPTIMIZATION_MODE": "turbo"}, "'optimization.mode'"),
+        ({}, {"LLM_OPTIMIZATION_MODE": "turbo"}, "allowed: shadow, canary, guarded, general"),
+        ({}, {"LLM_OPTIMIZATION_TRAFFIC_PERCENTAGE": "1.5"}, "allowed: a fraction in [0, 1]"),
+        ({}, {"SLO_LATENCY_P99_MS": "fast"}, "SLO_LATENCY_P99_MS='fast' is not a number"),
+        ({}, {"CAWS_ENABLED": "maybe"}, "allowed: true/false/1/0/yes/no"),
+        ({}, {"BANDIT_POLICY": "greedy"}, "thompson_gaussian, linucb"),
+        ({"slo": {"latency_p99": 3}}, {}, "unknown key 'slo.latency_p99'"),
+        ({"upstreams": [{"name": "a", "base_url": "http://x/v1", "timout_s": 1}]}, {}, "unknown key 'upstreams[0].timout_s'"),
+        ({"baseline": {"code": {"temp": 1}}}, {}, "unknown key 'baseline.code.temp'"),
+        ({"upstreams": [{"name": "a", "base_url": "ftp://x"}]}, {}, "http:// or https://"),
+        ({"caws": {"budget_limit": "lots"}}, {}, "'caws.budget_limit'"),
+    ],
+)
+def test_invalid_config_one_clear_line(doc: dict, env: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(doc, environ=env)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_shipped_config_is_valid() -> None:
+    cfg = load_config("config.toml", environ={})
+    assert cfg.upstreams[0].base_url == "https://api.openai.com/v1"
+
+
+def test_mask_secrets() -> None:
+    masked = mask_secrets({"storage": {"database_url": "postgresql://u:pw@h/db", "redis_url": "redis://h"}, "x": {"api_key": "sk-1", "api_key_env": "K"}})
+    assert masked["storage"]["database_url"] == "postgresql://u:***@h/db"
+    assert masked["x"] == {"api_key": "***", "api_key_env": "K"}
+
+
+def test_patch_body_clean_values_and_field_names() -> None:
+    doc = {"model": "m", "max_completion_tokens": 100, "temperature": 1}
+    assert patch_body(doc, Params(temperature=0.8999999761581421, max_tokens=700), "max_completion_tokens")
+    assert doc == {"model": "m", "max_completion_tokens": 700, "temperature": 0.9}
+    doc2 = {"model": "m", "temperature": 1}
+    assert not patch_body(doc2, Params(temperature=1.0), None)  # 1 == 1.0: client's bytes kept
+    doc3 = {"model": "m"}
+    assert patch_body(doc3, Params(temperature=0.5, max_tokens=64), None)
+    assert doc3 == {"model": "m", "temperature": 0.5, "max_tokens": 64}
