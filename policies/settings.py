@@ -21,6 +21,9 @@ class ThompsonSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     exploration_factor: the posterior spread is multiplied by (1 + exploration_factor).
     propensity_draws: joint posterior draws per Monte Carlo table (standard error of
     a propensity <= 0.5 / sqrt(draws); 4096 gives <= 0.0078).  seed: seeds that table.
+    refresh_every: a bucket's win-probability table is rebuilt after this many updates
+    (1 = after every update; 8 keeps a decision near 15 µs, see bench/policy_speed.py).
+    cache_size: how many (bucket, arm set) tables are kept.
     """
 
     prior_mean: float = 0.0
@@ -31,6 +34,7 @@ class ThompsonSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prior_alpha: float = 1.0
     prior_beta: float = 0.05
     cache_size: int = 4096
+    refresh_every: int = 8
 
 
 class LinUCBSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -38,13 +42,17 @@ class LinUCBSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     exploration_factor is the softmax temperature (in reward units) over the UCB
     scores (0 = argmax, ties split); min_propensity is the floor every allowed arm gets.
+    Defaults tuned on the simulator (bench/learning): a floor of 0.01 with 25 arms forces
+    25 % uniform traffic and caps LinUCB near 88 % of the optimum; 0.002 forces 5 % and
+    bounds importance weights by 500.  A softmax temperature of 0.1 spreads traffic over
+    arms 0.1 reward apart (≈ 89 %); 0.02 keeps ≥ 95 %.
     """
 
     alpha: float = 0.1
     feature_dimension: int = 10
     regularization: float = 0.01
-    exploration_factor: float = 0.1
-    min_propensity: float = 0.01
+    exploration_factor: float = 0.02
+    min_propensity: float = 0.002
 
 
 class RewardSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -303,6 +303,12 @@ def _validate_ranges(cfg: Config) -> None:
     ):
         if number <= 0:
             raise bad(key, f"{number} (allowed: a positive number)")
+    if cfg.caws.store_timeout_s <= 0:
+        raise bad("caws.store_timeout_s", f"{cfg.caws.store_timeout_s} (allowed: > 0)")
+    if cfg.caws.waiver_cache_s < 0:
+        raise bad("caws.waiver_cache_s", f"{cfg.caws.waiver_cache_s} (allowed: >= 0)")
+    if cfg.slo.max_samples < cfg.slo.min_samples or cfg.slo.check_interval_s < 0:
+        raise bad("slo.max_samples", "must be >= slo.min_samples, and slo.check_interval_s >= 0")
     if cfg.constraints.max_delta_temperature < 0 or cfg.constraints.max_delta_max_tokens < 0:
         raise bad("constraints.max_delta_*", "deltas must be >= 0")
     if not 0 < cfg.server.port < 65536:

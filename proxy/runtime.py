@@ -1,18 +1,29 @@
 """Wiring: everything one Thermostat process holds, built from a validated Config.
 
-The edge and the control API read from this object; nothing here runs on import.
+The edge and the control API read from this object; nothing here runs on import,
+and nothing here does I/O until `start()`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from pathlib import Path
-from typing import Any
 
+import numpy as np
+
+from guards.budget import BudgetGuard
+from guards.rollout import RolloutController, RolloutEvent, load_state, save_state
+from guards.slo import SloMonitor
+from guards.state import InProcessStore, StateStore
+from guards.trust_region import ModelLimits
+from policies.base import make_policy
+from policies.context import build_context, context_features
+from policies.quality import auto_quality
 from policies.records import Decision, Outcome, RequestContext
 from proxy.config import Config
-from proxy.decider import Decider, PassthroughDecider
+from proxy.decider import BanditDecider, Decider
 from proxy.metrics import Metrics
 from proxy.recorder import DecisionRegistry, Recorder
 from proxy.sse import ResponseSummary
@@ -22,33 +33,15 @@ from proxy.upstream import UpstreamPool
 log = logging.getLogger("thermostat")
 
 
-def _basic_context(doc: dict[str, Any], *, task_type: str, endpoint: str, upstream: str = "") -> RequestContext:
-    temperature = doc.get("temperature")
-    max_tokens = doc.get("max_completion_tokens") or doc.get("max_tokens")
-    messages = doc.get("messages")
-    return RequestContext(
-        task_type=task_type,
-        model=str(doc.get("model")),
-        endpoint=endpoint,
-        prompt_tokens_est=0,
-        message_count=len(messages) if isinstance(messages, list) else 0,
-        has_tools=bool(doc.get("tools")),
-        json_mode=False,
-        stream=doc.get("stream") is True,
-        client_temperature=float(temperature) if temperature is not None else None,
-        client_max_tokens=int(max_tokens) if max_tokens is not None else None,
-        upstream=upstream,
-    )
-
-
 class Runtime:
-    def __init__(self, config: Config, *, decider: Decider | None = None, transport: str = "aiohttp") -> None:
+    def __init__(self, config: Config, *, decider: Decider | None = None, transport: str = "aiohttp", store: StateStore | None = None) -> None:
         self.config = config
         self.started_at = time.time()
         self.metrics = Metrics()
         self.pool = UpstreamPool.from_settings(config.upstreams, transport)
         self.registry = DecisionRegistry()
-        self.decider: Decider = decider or PassthroughDecider()
+        self.state_store: StateStore = store or InProcessStore()
+        self.events: deque[RolloutEvent] = deque(maxlen=500)
         data_dir = Path(config.server.data_dir)
         self.sink = SqliteSink(data_dir / "decisions.sqlite3")
         st = config.storage
@@ -61,11 +54,53 @@ class Runtime:
             on_written=self.metrics.written.inc,
         )
         self.metrics.queue_depth.set_function(self.recorder.queue.qsize)
-        self.build_context = _basic_context
+        self.build_context = build_context
+        self._limits: dict[tuple[str, str], ModelLimits] = {}
+
+        self.policy = make_policy(config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb)
+        self.slo = SloMonitor(config.slo)
+        self.rollout = self._make_rollout(None)
+        self.budget = BudgetGuard(config.caws, self.state_store, require_caws=config.constraints.require_caws)
+        self.bandit: BanditDecider = BanditDecider(
+            policy=self.policy,
+            budget=self.budget,
+            rollout=self.rollout,
+            slo=self.slo,
+            constraints=config.constraints,
+            grid=config.policy.grid,
+            reward_settings=config.policy.reward,
+            baseline_for=config.baseline_for,
+            limits_for=self.limits_for,
+            rng=np.random.default_rng(config.optimization.seed),
+            require_caws=config.constraints.require_caws,
+            tick_interval_s=config.slo.check_interval_s,
+            on_events=self.on_rollout_events,
+        )
+        self.decider: Decider = decider or self.bandit
+
+    def _make_rollout(self, state: object) -> RolloutController:
+        opt = self.config.optimization
+        return RolloutController.create(
+            self.config.rollout,
+            self.config.slo,
+            self.slo,
+            now=time.time(),
+            phase=opt.mode,
+            enabled=opt.enabled,
+            traffic_percentage=opt.traffic_percentage,
+            state=state,  # type: ignore[arg-type]
+        )
 
     async def start(self) -> None:
+        stored = await load_state(self.state_store)
+        if stored is not None:
+            self.rollout = self._make_rollout(stored)
+            self.bandit.rollout = self.rollout
         await self.recorder.start()
-        log.info("thermostat started: %d upstream(s), decision log %s", len(self.pool.upstreams), self.sink.name)
+        log.info(
+            "thermostat started: %d upstream(s), policy %s, phase %s, decision log %s",
+            len(self.pool.upstreams), self.policy.name, self.rollout.state.phase, self.sink.name,
+        )
 
     async def stop(self) -> None:
         await self.recorder.stop()
@@ -75,11 +110,53 @@ class Runtime:
     def ready(self) -> bool:
         return self.recorder.ready and bool(self.pool.upstreams)
 
+    def limits_for(self, upstream: str, model: str) -> ModelLimits:
+        key = (upstream, model)
+        found = self._limits.get(key)
+        if found is None:
+            up = next((u for u in self.pool.upstreams if u.name == upstream), None)
+            ms = up.model_settings(model) if up is not None else None
+            found = (
+                ModelLimits(
+                    min_temperature=ms.min_temperature,
+                    max_temperature=ms.max_temperature,
+                    fixed_temperature=ms.fixed_temperature,
+                    max_tokens=ms.max_tokens_limit,
+                )
+                if ms is not None
+                else ModelLimits()
+            )
+            if len(self._limits) < 4096:
+                self._limits[key] = found
+        return found
+
+    def on_rollout_events(self, events: list[RolloutEvent]) -> None:
+        for event in events:
+            self.events.append(event)
+            log.warning("rollout %s: %s -> %s (%s)", event.kind, event.from_, event.to, event.reason)
+        # Persisted so other replicas and restarts see the same phase and rollback.
+        import asyncio
+
+        asyncio.get_running_loop().create_task(save_state(self.state_store, self.rollout.state))
+
     def auto_quality(self, outcome: Outcome, summary: ResponseSummary, ctx: RequestContext) -> float | None:
-        return None
+        return auto_quality(
+            status=outcome.status if outcome.error_class is None else 599,
+            content=summary.content,
+            finish_reason=summary.finish_reason,
+            json_mode=ctx.json_mode,
+            tool_arguments=summary.tool_arguments,
+            settings=self.config.policy.quality,
+        )
 
     def context_features(self, ctx: RequestContext) -> dict[str, object]:
-        return {}
+        return context_features(ctx)
 
     def arm_label(self, decision: Decision) -> str:
-        return "baseline" if decision.arm_index is None else str(decision.arm_index)
+        """Bounded label: the sent parameters as deltas from the baseline."""
+        sent, base = decision.sent, decision.baseline
+        if sent.temperature is None and sent.max_tokens is None:
+            return "client"
+        dt = (sent.temperature or 0.0) - (base.temperature or 0.0) if sent.temperature is not None else 0.0
+        dm = (sent.max_tokens or 0) - (base.max_tokens or 0) if sent.max_tokens is not None else 0
+        return f"t{dt:+.2f}/m{dm:+d}"

@@ -1,0 +1,425 @@
+"""CAWS token budget: reserve before forwarding, settle after, never overshoot.
+
+The budget (``caws.budget_limit`` tokens per UTC-aligned window of
+``caws.window_s``, optionally also per task type via ``caws.per_task_limits``)
+counts *all* traffic through Thermostat: optimised, shadow and baseline. Fill
+levels are measured on ``used + reserved`` so requests in flight count at once.
+
+Per request (one store round trip; the choice happens inside the atomic step)::
+
+    verdict = await guard.decide(allowed=arms, chosen=i, baseline=base, task_type=ctx.task_type,
+                                 prompt_tokens=ctx.prompt_tokens_est, confidence=p, now=now)
+    if verdict.action == "reject": -> HTTP 429, code "budget_exceeded"
+    else: send verdict.arm; later
+        await guard.settle(verdict.reservation, prompt + completion tokens, now)   # on a response
+        await guard.release(verdict.reservation, now)                             # on failure/cancel
+
+Rules, in order (``E`` = effective limit = limit + Σ active waivers' extra tokens):
+
+1. Reservation = ``prompt_tokens`` (the caller's conservative estimate; an
+   underestimate shows up as real usage at settle time and is not capped) +
+   the arm's ``max_tokens``.
+2. Candidates, first that fits every key wins: the policy's chosen arm; else the
+   cheapest allowed arm (fewest ``max_tokens``; ties: nearest temperature to the
+   choice); else the baseline. ``chosen=None`` (non-optimised traffic) tries only
+   the baseline.
+3. Waiver zone: when ``used + reserved >= waiver_threshold * E`` on any key, an
+   arm whose ``max_tokens`` exceeds the baseline's is allowed only if an active
+   waiver covers the task type (or ``*``) **and** ``confidence >=
+   confidence_threshold``. ``confidence`` is the propensity the policy gave its own
+   choice (`Decision.policy_propensity`): for Thompson sampling the posterior
+   probability that the arm is best, 1.0 for deterministic policies; None counts
+   as below the threshold. It is used only inside the waiver zone, because
+   exploration needs low-propensity choices and refusing them everywhere would
+   starve the policy of data on larger arms. Fallback arms carry no confidence,
+   so a costlier fallback is never taken inside the zone.
+4. Exhausted (not even the baseline fits): ``on_exhausted="baseline"`` sends the
+   baseline anyway (the budget limits what Thermostat adds, never the client's
+   own traffic), reserving it and counting an overrun (``verdict.overrun``);
+   ``"reject"`` returns ``action="reject"``.
+5. ``verdict.warning`` is set when a key's fill after this reservation is
+   ``>= warning_threshold`` (0.9): the caller raises the metric and the event.
+6. If the store fails or times out (``store_timeout_s``), or CAWS is disabled,
+   ``guard_ok``/``enforced`` say so and the arm is the baseline when
+   ``require_caws`` (else the policy's choice, unbudgeted).
+
+Waivers: `create_waiver`, `list_waivers`, `revoke_waiver` (see `guards.waivers`);
+`status(now)` returns a `BudgetStatus` for the control API and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import msgspec
+
+from guards.settings import CawsSettings
+from guards.state import BudgetKey, Candidate, Counters, ReserveResult, StateStore
+from guards.waivers import Waiver, WaiverBook, extra_tokens, waiver_for
+from policies.records import Arm
+
+_SLACK = 1e-9
+
+Reason = Literal[
+    "chosen",  # the policy's choice was reserved
+    "cheaper_fit",  # the choice was refused; the cheapest allowed arm was reserved
+    "baseline",  # non-optimised request (chosen=None): baseline reserved
+    "baseline_fallback",  # the choice was refused; nothing cheaper fit; baseline reserved
+    "exhausted_baseline",  # nothing fit; baseline sent anyway (overrun counted)
+    "exhausted_reject",  # nothing fit; on_exhausted="reject"
+    "guard_unavailable",  # the store failed or timed out
+    "disabled",  # caws.enabled = false
+]
+
+Refusal = Literal["does_not_fit", "waiver_required", "confidence_low"]
+
+
+class Reservation(msgspec.Struct, frozen=True):
+    """Tokens held for one request; hand it back to `settle` or `release` exactly once."""
+
+    keys: tuple[str, ...]
+    tokens: int
+    window_start: int
+    task_type: str
+
+
+class BudgetVerdict(msgspec.Struct, frozen=True):
+    """What the budget allows for one request."""
+
+    action: Literal["send", "reject"]
+    arm: Arm  # what to send (on reject: the baseline, for the log)
+    reason: Reason
+    reservation: Reservation | None = None
+    refused: Refusal | None = None  # why the policy's choice was not sent, if it was not
+    guard_ok: bool = True  # False: the store failed; apply require_caws
+    enforced: bool = True  # False: no budget accounting happened for this request
+    fill: float = 0.0  # max over keys of (used + reserved) / effective limit, after reserving
+    warning: bool = False
+    exhausted: bool = False
+    overrun: bool = False  # sent past the limit under on_exhausted="baseline"
+    waiver_zone: bool = False
+    waiver_id: str | None = None  # the waiver that let a costlier choice through
+    effective_limit: int = 0  # of the global key
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Short tags for `Decision.guard_notes`."""
+        out = [f"budget:{self.reason}"]
+        if self.refused:
+            out.append(f"budget_refused:{self.refused}")
+        if self.waiver_zone:
+            out.append("budget:waiver_zone")
+        if self.waiver_id:
+            out.append(f"waiver:{self.waiver_id}")
+        if self.warning:
+            out.append("budget:warning")
+        if self.overrun:
+            out.append("budget:overrun")
+        return tuple(out)
+
+
+class BudgetLine(msgspec.Struct, frozen=True):
+    limit: int
+    effective_limit: int
+    used: int
+    reserved: int
+    overruns: int
+    fill: float
+
+
+class BudgetStatus(msgspec.Struct, frozen=True):
+    """Budget of the current window, for the control API and metrics."""
+
+    window_start: int
+    resets_at: int
+    limit: int
+    effective_limit: int
+    used: int
+    reserved: int
+    overruns: int
+    fill: float
+    warning: bool
+    exhausted: bool
+    active_waivers: list[Waiver]
+    tasks: dict[str, BudgetLine]
+
+
+def _ceil_fraction(fraction: float, limit: int) -> int:
+    """Smallest integer fill that counts as `>= fraction * limit` (no float surprises)."""
+    return max(0, math.ceil(fraction * limit - _SLACK))
+
+
+class BudgetGuard:
+    """The CAWS budget over a `StateStore`; see the module docstring for the rules."""
+
+    def __init__(self, settings: CawsSettings, store: StateStore, *, require_caws: bool = True) -> None:
+        self.settings = settings
+        self.store = store
+        self.require_caws = require_caws
+        self.waivers = WaiverBook(store)
+        self._waiver_cache: tuple[Waiver, ...] = ()
+        self._waiver_cache_at: float | None = None
+
+    # ---- windows and keys -------------------------------------------------------
+
+    def window_start(self, now: float) -> int:
+        """Start of the UTC-aligned window containing `now` (epoch multiples of window_s)."""
+        return int(math.floor(now / self.settings.window_s) * self.settings.window_s)
+
+    def _expires_at(self, window_start: int) -> float:
+        # Two windows: late responses still settle into the window they reserved in.
+        return float(window_start + 2 * self.settings.window_s)
+
+    @staticmethod
+    def _global_key(window_start: int) -> str:
+        return f"caws:{window_start}:all"
+
+    @staticmethod
+    def _task_key(window_start: int, task_type: str) -> str:
+        return f"caws:{window_start}:task:{task_type}"
+
+    def _budget_keys(self, window_start: int, task_type: str, waivers: Sequence[Waiver], now: float) -> list[BudgetKey]:
+        s = self.settings
+        limit = s.budget_limit + extra_tokens(waivers, now)
+        keys = [BudgetKey(self._global_key(window_start), limit, _ceil_fraction(s.waiver_threshold, limit))]
+        task_limit = s.per_task_limits.get(task_type)
+        if task_limit is not None:
+            eff = task_limit + extra_tokens(waivers, now, task_type)
+            keys.append(BudgetKey(self._task_key(window_start, task_type), eff, _ceil_fraction(s.waiver_threshold, eff)))
+        return keys
+
+    # ---- waivers ----------------------------------------------------------------
+
+    async def _cached_waivers(self, now: float) -> tuple[Waiver, ...]:
+        at = self._waiver_cache_at
+        if at is None or now < at or now - at >= self.settings.waiver_cache_s:
+            self._waiver_cache = tuple(await self.waivers.list())
+            self._waiver_cache_at = now
+        return self._waiver_cache
+
+    async def create_waiver(
+        self, *, task_type: str, extra_tokens: int, reason: str, approver: str, expires_at: float, now: float
+    ) -> Waiver:
+        waiver = await self.waivers.create(
+            task_type=task_type,
+            extra_tokens=extra_tokens,
+            reason=reason,
+            approver=approver,
+            expires_at=expires_at,
+            now=now,
+        )
+        self._waiver_cache_at = None
+        return waiver
+
+    async def revoke_waiver(self, waiver_id: str, *, now: float, by: str) -> Waiver | None:
+        waiver = await self.waivers.revoke(waiver_id, now=now, by=by)
+        self._waiver_cache_at = None
+        return waiver
+
+    async def list_waivers(self) -> list[Waiver]:
+        return await self.waivers.list()
+
+    # ---- the decision -----------------------------------------------------------
+
+    def _unguarded(self, chosen_arm: Arm | None, baseline: Arm, reason: Reason, guard_ok: bool) -> BudgetVerdict:
+        arm = baseline if (self.require_caws or chosen_arm is None) else chosen_arm
+        return BudgetVerdict(
+            action="send",
+            arm=arm,
+            reason=reason,
+            guard_ok=guard_ok,
+            enforced=False,
+            refused=None,
+        )
+
+    async def decide(
+        self,
+        *,
+        allowed: Sequence[Arm],
+        chosen: int | None,
+        baseline: Arm,
+        task_type: str,
+        prompt_tokens: int,
+        confidence: float | None,
+        now: float,
+    ) -> BudgetVerdict:
+        """Reserve tokens for this request and say which arm may be sent (see module docstring).
+
+        `allowed` comes from `trust_region.allowed_arms`; `chosen` indexes it (None for
+        requests that are not optimised). The returned arm is always `allowed[chosen]`,
+        another member of `allowed`, or `baseline`.
+        """
+        s = self.settings
+        chosen_arm = allowed[chosen] if chosen is not None else None
+        if not s.enabled:
+            return self._unguarded(chosen_arm, baseline, "disabled", guard_ok=True)
+        prompt = max(0, int(prompt_tokens))
+        window = self.window_start(now)
+        try:
+            async with asyncio.timeout(s.store_timeout_s):
+                waivers = await self._cached_waivers(now)
+                keys = self._budget_keys(window, task_type, waivers, now)
+                waiver = waiver_for(waivers, now, task_type)
+                confident = confidence is not None and confidence >= s.confidence_threshold
+                arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident)
+                result = await self.store.budget_reserve(keys, cands, now=now, expires_at=self._expires_at(window))
+        except Exception:  # noqa: BLE001 - any store failure is a fail-safe, never a crashed request
+            return self._unguarded(chosen_arm, baseline, "guard_unavailable", guard_ok=False)
+        return self._verdict(result, keys, arms, cands, chosen_arm, baseline, task_type, window, waiver, confident)
+
+    def _candidates(
+        self, chosen_arm: Arm | None, allowed: Sequence[Arm], baseline: Arm, prompt: int, costly_ok: bool
+    ) -> tuple[list[Arm], list[Candidate]]:
+        force_baseline = self.settings.on_exhausted == "baseline"
+        arms: list[Arm] = []
+        cands: list[Candidate] = []
+        if chosen_arm is not None:
+            arms.append(chosen_arm)
+            costly = chosen_arm.max_tokens > baseline.max_tokens
+            cands.append(Candidate(prompt + chosen_arm.max_tokens, gated=costly and not costly_ok))
+            cheapest = min(
+                allowed,
+                key=lambda a: (a.max_tokens, abs(a.temperature - chosen_arm.temperature)),
+            )
+            if cheapest != chosen_arm and cheapest != baseline:
+                arms.append(cheapest)
+                cands.append(Candidate(prompt + cheapest.max_tokens, gated=cheapest.max_tokens > baseline.max_tokens))
+        arms.append(baseline)
+        cands.append(Candidate(prompt + baseline.max_tokens, force=force_baseline))
+        return arms, cands
+
+    def _verdict(
+        self,
+        result: ReserveResult,
+        keys: Sequence[BudgetKey],
+        arms: Sequence[Arm],
+        cands: Sequence[Candidate],
+        chosen_arm: Arm | None,
+        baseline: Arm,
+        task_type: str,
+        window: int,
+        waiver: Waiver | None,
+        confident: bool,
+    ) -> BudgetVerdict:
+        s = self.settings
+        zone = any(c.total >= k.gate for c, k in zip(result.before, keys))
+        fill = max(c.total / k.limit if k.limit > 0 else math.inf for c, k in zip(result.after, keys))
+        warning = any(c.total >= _ceil_fraction(s.warning_threshold, k.limit) for c, k in zip(result.after, keys))
+        full = any(c.total >= k.limit for c, k in zip(result.after, keys))
+        refused: Refusal | None = None
+        if chosen_arm is not None and result.index != 0:
+            if cands[0].gated and zone:
+                refused = "waiver_required" if waiver is None else "confidence_low"
+            else:
+                refused = "does_not_fit"
+        common: dict[str, Any] = {
+            "fill": fill,
+            "warning": warning,
+            "waiver_zone": zone,
+            "effective_limit": keys[0].limit,
+            "refused": refused,
+        }
+        if result.index is None:
+            return BudgetVerdict(action="reject", arm=baseline, reason="exhausted_reject", exhausted=True, **common)
+        arm = arms[result.index]
+        reservation = Reservation(
+            keys=tuple(k.key for k in keys), tokens=cands[result.index].tokens, window_start=window, task_type=task_type
+        )
+        if result.overrun:
+            reason: Reason = "exhausted_baseline"
+        elif chosen_arm is None:
+            reason = "baseline"
+        elif result.index == 0:
+            reason = "chosen"
+        elif result.index == len(arms) - 1:
+            reason = "baseline_fallback"
+        else:
+            reason = "cheaper_fit"
+        used_waiver = (
+            waiver.id
+            if waiver is not None and reason == "chosen" and chosen_arm is not None and chosen_arm.max_tokens > baseline.max_tokens and zone
+            else None
+        )
+        return BudgetVerdict(
+            action="send",
+            arm=arm,
+            reason=reason,
+            reservation=reservation,
+            exhausted=full or result.overrun,
+            overrun=result.overrun,
+            waiver_id=used_waiver,
+            **common,
+        )
+
+    # ---- after the response -----------------------------------------------------
+
+    async def settle(self, reservation: Reservation | None, actual_tokens: int, now: float) -> bool:
+        """Turn the reservation into real usage (prompt + completion tokens); False if the store failed."""
+        if reservation is None:
+            return True
+        try:
+            async with asyncio.timeout(self.settings.store_timeout_s):
+                await self.store.budget_settle(
+                    reservation.keys,
+                    reservation.tokens,
+                    max(0, int(actual_tokens)),
+                    now=now,
+                    expires_at=self._expires_at(reservation.window_start),
+                )
+        except Exception:  # noqa: BLE001 - the outcome path must not crash; caller counts False
+            return False
+        return True
+
+    async def release(self, reservation: Reservation | None, now: float) -> bool:
+        """Give back a reservation of a request that failed or was cancelled."""
+        if reservation is None:
+            return True
+        try:
+            async with asyncio.timeout(self.settings.store_timeout_s):
+                await self.store.budget_release(reservation.keys, reservation.tokens, now=now)
+        except Exception:  # noqa: BLE001 - the outcome path must not crash; caller counts False
+            return False
+        return True
+
+    # ---- reporting --------------------------------------------------------------
+
+    async def status(self, now: float) -> BudgetStatus:
+        """Counters of the current window (reads the store; raises if it is unreachable)."""
+        s = self.settings
+        window = self.window_start(now)
+        waivers = await self.waivers.list()
+        active = [w for w in waivers if w.is_active(now)]
+        tasks = sorted(s.per_task_limits)
+        names = [self._global_key(window)] + [self._task_key(window, t) for t in tasks]
+        counters = await self.store.budget_read(names, now=now)
+        effective = s.budget_limit + extra_tokens(active, now)
+        total: Counters = counters[0]
+        lines: dict[str, BudgetLine] = {}
+        for task, c in zip(tasks, counters[1:]):
+            eff = s.per_task_limits[task] + extra_tokens(active, now, task)
+            lines[task] = BudgetLine(
+                limit=s.per_task_limits[task],
+                effective_limit=eff,
+                used=c.used,
+                reserved=c.reserved,
+                overruns=c.overruns,
+                fill=c.total / eff if eff > 0 else math.inf,
+            )
+        fill = total.total / effective if effective > 0 else math.inf
+        return BudgetStatus(
+            window_start=window,
+            resets_at=window + s.window_s,
+            limit=s.budget_limit,
+            effective_limit=effective,
+            used=total.used,
+            reserved=total.reserved,
+            overruns=total.overruns,
+            fill=fill,
+            warning=total.total >= _ceil_fraction(s.warning_threshold, effective),
+            exhausted=total.total >= effective,
+            active_waivers=active,
+            tasks=lines,
+        )

@@ -1,0 +1,249 @@
+"""State behind the guards: a small store protocol and its in-process implementation.
+
+Why a protocol: several proxy instances must share one token budget, one waiver
+list and one rollout state, so the guards never hold shared state themselves. They
+call a `StateStore`, which offers exactly the operations that need atomicity or
+sharing and nothing else. `InProcessStore` (here) serves one process; the
+shared-state issue adds a Redis implementation with the same semantics (one Lua
+script per budget call, so one round trip per request).
+
+Budget counters
+    A budget key (e.g. ``caws:1767225600:all``) holds three integers: ``used``
+    (settled tokens), ``reserved`` (tokens held by requests in flight) and
+    ``overruns`` (requests let through although they did not fit). Keys embed the
+    UTC-aligned window start, so a new window starts from zero without a reset job;
+    every budget write carries ``expires_at`` (unix seconds) after which the key may
+    be dropped (Redis: ``PEXPIRE`` of ``expires_at - now``; here: lazy pruning).
+
+    `budget_reserve` is the heart: given the keys (each with its limit and its
+    waiver "gate") and candidate reservations in order of preference, it atomically
+    reserves the first candidate that fits every key and reports the counters
+    before and after. Doing the choice inside the atomic step is what keeps 1,000
+    concurrent requests from overshooting: no caller ever acts on a stale read.
+
+    A candidate fits a key when ``used + reserved + tokens <= limit``. A *gated*
+    candidate (one that would raise expected spend without a waiver) is refused on a
+    key whose ``used + reserved >= gate``. A *forced* candidate is accepted even if
+    it does not fit (the client's own parameters under ``on_exhausted="baseline"``);
+    each key it overshoots gets ``overruns += 1``.
+
+Blobs, maps, counters
+    `get`/`set` hold small JSON documents (rollout state); `map_*` hold records
+    that are added and removed one at a time by several writers (waivers; Redis
+    hash); `incr` hands out ids (``WV-NNNN``). These never expire.
+
+Nothing here reads a clock: the time-dependent calls take ``now``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import msgspec
+
+
+class BudgetKey(msgspec.Struct, frozen=True):
+    """One budget counter to check: `limit` is the effective limit (waivers included)."""
+
+    key: str
+    limit: int
+    gate: int  # used + reserved at or above which gated candidates are refused
+
+
+class Candidate(msgspec.Struct, frozen=True):
+    """One possible reservation, tried in order."""
+
+    tokens: int
+    gated: bool = False  # refused once any key's fill reaches its gate
+    force: bool = False  # accepted even if it does not fit (counted as an overrun)
+
+
+class Counters(msgspec.Struct, frozen=True):
+    used: int = 0
+    reserved: int = 0
+    overruns: int = 0
+
+    @property
+    def total(self) -> int:
+        """What fill levels are measured on: settled plus in flight."""
+        return self.used + self.reserved
+
+
+class ReserveResult(msgspec.Struct, frozen=True):
+    """Outcome of `budget_reserve`: `index` of the accepted candidate, or None."""
+
+    index: int | None
+    before: tuple[Counters, ...]  # one per key, in the order given
+    after: tuple[Counters, ...]
+    overrun: bool = False  # the accepted candidate was forced past a limit
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached; guards turn this into a fail-safe verdict."""
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """What the guards need from shared state. All methods are atomic per call."""
+
+    async def budget_reserve(
+        self,
+        keys: Sequence[BudgetKey],
+        candidates: Sequence[Candidate],
+        *,
+        now: float,
+        expires_at: float,
+    ) -> ReserveResult:
+        """Reserve the first candidate that passes on every key (see module docstring)."""
+        ...
+
+    async def budget_settle(self, keys: Sequence[str], reserved: int, actual: int, *, now: float, expires_at: float) -> None:
+        """Move a reservation to used: ``reserved -= reserved``, ``used += actual``."""
+        ...
+
+    async def budget_release(self, keys: Sequence[str], reserved: int, *, now: float) -> None:
+        """Drop a reservation of a request that failed or was cancelled."""
+        ...
+
+    async def budget_read(self, keys: Sequence[str], *, now: float) -> tuple[Counters, ...]:
+        """Current counters (zeros for unknown or expired keys)."""
+        ...
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes) -> None: ...
+
+    async def incr(self, key: str, amount: int = 1) -> int:
+        """Add `amount` and return the new value (starting from 0)."""
+        ...
+
+    async def map_put(self, key: str, field: str, value: bytes) -> None: ...
+
+    async def map_get_all(self, key: str) -> dict[str, bytes]: ...
+
+    async def map_delete(self, key: str, field: str) -> bool: ...
+
+
+class _Budget:
+    __slots__ = ("expires_at", "overruns", "reserved", "used")
+
+    def __init__(self) -> None:
+        self.used = 0
+        self.reserved = 0
+        self.overruns = 0
+        self.expires_at = 0.0
+
+    def snapshot(self) -> Counters:
+        return Counters(self.used, self.reserved, self.overruns)
+
+
+class InProcessStore:
+    """`StateStore` for a single process: dicts behind one `asyncio.Lock`.
+
+    The lock makes every call atomic with respect to other coroutines (the
+    operations never await while holding it, so it is never held across I/O).
+    Expired budget keys are dropped lazily, at most once per `prune_every_s`
+    of injected time, so memory stays bounded by the number of live windows.
+    """
+
+    def __init__(self, prune_every_s: float = 60.0) -> None:
+        self._lock = asyncio.Lock()
+        self._budgets: dict[str, _Budget] = {}
+        self._blobs: dict[str, bytes] = {}
+        self._counters: dict[str, int] = {}
+        self._maps: dict[str, dict[str, bytes]] = {}
+        self._prune_every_s = prune_every_s
+        self._next_prune = float("-inf")
+
+    def _prune(self, now: float) -> None:
+        if now < self._next_prune:
+            return
+        self._next_prune = now + self._prune_every_s
+        for key in [k for k, b in self._budgets.items() if b.expires_at <= now]:
+            del self._budgets[key]
+
+    def _live(self, key: str, now: float) -> _Budget | None:
+        budget = self._budgets.get(key)
+        if budget is None or budget.expires_at <= now:
+            return None
+        return budget
+
+    def _budget(self, key: str, now: float, expires_at: float) -> _Budget:
+        budget = self._live(key, now)
+        if budget is None:
+            budget = _Budget()
+            self._budgets[key] = budget
+        budget.expires_at = max(budget.expires_at, expires_at)
+        return budget
+
+    async def budget_reserve(
+        self,
+        keys: Sequence[BudgetKey],
+        candidates: Sequence[Candidate],
+        *,
+        now: float,
+        expires_at: float,
+    ) -> ReserveResult:
+        async with self._lock:
+            self._prune(now)
+            budgets = [self._budget(k.key, now, expires_at) for k in keys]
+            before = tuple(b.snapshot() for b in budgets)
+            gated_refused = any(b.used + b.reserved >= k.gate for b, k in zip(budgets, keys))
+            for index, cand in enumerate(candidates):
+                if cand.gated and gated_refused:
+                    continue
+                over = [b.used + b.reserved + cand.tokens > k.limit for b, k in zip(budgets, keys)]
+                if any(over) and not cand.force:
+                    continue
+                for budget, is_over in zip(budgets, over):
+                    budget.reserved += cand.tokens
+                    if is_over:
+                        budget.overruns += 1
+                after = tuple(b.snapshot() for b in budgets)
+                return ReserveResult(index=index, before=before, after=after, overrun=any(over))
+            return ReserveResult(index=None, before=before, after=before)
+
+    async def budget_settle(self, keys: Sequence[str], reserved: int, actual: int, *, now: float, expires_at: float) -> None:
+        async with self._lock:
+            for key in keys:
+                budget = self._budget(key, now, expires_at)
+                budget.reserved = max(0, budget.reserved - reserved)
+                budget.used += actual
+
+    async def budget_release(self, keys: Sequence[str], reserved: int, *, now: float) -> None:
+        async with self._lock:
+            for key in keys:
+                budget = self._live(key, now)
+                if budget is not None:
+                    budget.reserved = max(0, budget.reserved - reserved)
+
+    async def budget_read(self, keys: Sequence[str], *, now: float) -> tuple[Counters, ...]:
+        async with self._lock:
+            out = []
+            for key in keys:
+                budget = self._live(key, now)
+                out.append(budget.snapshot() if budget is not None else Counters())
+            return tuple(out)
+
+    async def get(self, key: str) -> bytes | None:
+        return self._blobs.get(key)
+
+    async def set(self, key: str, value: bytes) -> None:
+        self._blobs[key] = value
+
+    async def incr(self, key: str, amount: int = 1) -> int:
+        async with self._lock:
+            value = self._counters.get(key, 0) + amount
+            self._counters[key] = value
+            return value
+
+    async def map_put(self, key: str, field: str, value: bytes) -> None:
+        self._maps.setdefault(key, {})[field] = value
+
+    async def map_get_all(self, key: str) -> dict[str, bytes]:
+        return dict(self._maps.get(key, {}))
+
+    async def map_delete(self, key: str, field: str) -> bool:
+        return self._maps.get(key, {}).pop(field, None) is not None

@@ -1,0 +1,292 @@
+"""Request context: what a decision may depend on, extracted once from the request body.
+
+Pure functions only (no I/O, no clock).  Four views of one request:
+
+* `build_context(body, ...)` -> `RequestContext` (the record that crosses rooms).
+* `context_bucket(ctx)` -> the *discrete* key the tabular policies (Thompson) use.
+  It is deliberately coarse so that each bucket sees enough traffic to learn:
+  ``task_type | model | endpoint | prompt-length bin | json | tools``.
+* `context_fingerprint(ctx)` -> a stable signed 64-bit integer of the bucket
+  (blake2b, not Python's salted `hash()`), so the same bucket has the same id in
+  every process and fits a PostgreSQL BIGINT.
+* `feature_vector(ctx, dim)` -> the fixed, normalised numeric vector LinUCB uses,
+  and `context_features(ctx)` -> the same information as a JSON-able dict for logs.
+
+Token estimate (`estimate_prompt_tokens`): deliberately conservative, because the
+budget guard reserves tokens with it before the upstream reports real usage.
+English BPE tokenisers average ~4 characters per token; we divide characters by 3
+(rounding up), add 4 tokens of framing per chat message (role, separators), 3 for
+the reply priming, and count tool/function definitions and tool-call arguments as
+JSON text.  Token-id prompts on /v1/completions are counted exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from policies.records import RequestContext
+
+CHARS_PER_TOKEN = 3
+"""Divisor for characters -> tokens; 3 over-estimates typical English (≈4 chars/token)."""
+PER_MESSAGE_OVERHEAD = 4
+"""Framing tokens per chat message (role marker, separators)."""
+REPLY_PRIMING = 3
+"""Tokens the chat template adds to prime the assistant reply."""
+IMAGE_PART_TOKENS = 85
+"""Flat charge for an image content part (the low-detail price); we never fetch images."""
+
+PROMPT_BIN_EDGES: tuple[int, ...] = (1024, 4096, 16384)
+"""Prompt-length bins for the bucket: <1k, <4k, <16k, >=16k estimated tokens (factor 4 apart)."""
+
+KNOWN_TASK_TYPES: tuple[str, ...] = (
+    "code",
+    "creative",
+    "summarise",
+    "chat",
+    "extraction",
+    "classification",
+    "qa",
+    "translation",
+)
+"""Task types with a pinned one-hot slot in `feature_vector` (in this order, as far as slots go)."""
+_TASK_ALIASES: dict[str, str] = {"summarize": "summarise", "summary": "summarise", "coding": "code"}
+DEFAULT_TASK_TYPES: frozenset[str] = frozenset({"", "default"})
+"""Task types represented by the all-zero task block (the bias term carries them)."""
+
+NUMERIC_FEATURES: tuple[str, ...] = (
+    "bias",
+    "log_prompt_tokens",
+    "log_message_count",
+    "has_tools",
+    "json_mode",
+    "stream",
+    "client_temperature",
+)
+"""Layout of `feature_vector`: these 7 first, then `dim - 7` task-type one-hot slots."""
+MIN_FEATURE_DIMENSION = len(NUMERIC_FEATURES) + 1
+LOG_PROMPT_CAP = 131_072  # prompt tokens that map to 1.0 on the log scale
+LOG_MESSAGES_CAP = 64  # messages that map to 1.0 on the log scale
+TEMPERATURE_SCALE = 2.0  # OpenAI temperatures live in [0, 2]
+
+
+def _text_chars(value: Any) -> tuple[int, int]:
+    """(characters of text, number of image parts) in a message `content` of any valid shape."""
+    if value is None:
+        return 0, 0
+    if isinstance(value, str):
+        return len(value), 0
+    if isinstance(value, list):
+        chars = 0
+        images = 0
+        for part in value:
+            if isinstance(part, str):
+                chars += len(part)
+            elif isinstance(part, Mapping):
+                kind = part.get("type")
+                if kind in ("image_url", "input_image", "image"):
+                    images += 1
+                elif isinstance(part.get("text"), str):
+                    chars += len(part["text"])
+                else:
+                    chars += len(_json_text(part))
+        return chars, images
+    return len(_json_text(value)), 0
+
+
+def _json_text(value: Any) -> str:
+    """Compact JSON of an arbitrary decoded value (never raises: falls back to repr)."""
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _chars_to_tokens(chars: int) -> int:
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
+    """Conservative prompt-token estimate of a chat or completions body (see module doc)."""
+    tokens = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        tokens += REPLY_PRIMING
+        for message in messages:
+            tokens += PER_MESSAGE_OVERHEAD
+            if not isinstance(message, Mapping):
+                tokens += _chars_to_tokens(len(_json_text(message)))
+                continue
+            chars, images = _text_chars(message.get("content"))
+            name = message.get("name")
+            if isinstance(name, str):
+                chars += len(name)
+            tool_calls = message.get("tool_calls")
+            if tool_calls:
+                chars += len(_json_text(tool_calls))
+            function_call = message.get("function_call")
+            if function_call:
+                chars += len(_json_text(function_call))
+            tokens += _chars_to_tokens(chars) + images * IMAGE_PART_TOKENS
+    prompt = body.get("prompt")
+    if prompt is not None:
+        tokens += _prompt_tokens(prompt)
+    for key in ("tools", "functions"):
+        defs = body.get(key)
+        if defs:
+            tokens += _chars_to_tokens(len(_json_text(defs)))
+    return int(tokens)
+
+
+def _prompt_tokens(prompt: Any) -> int:
+    """Tokens of a /v1/completions `prompt`: string, list of strings, token ids or lists of ids."""
+    if isinstance(prompt, str):
+        return _chars_to_tokens(len(prompt))
+    if isinstance(prompt, list):
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return len(prompt)
+        return sum(_prompt_tokens(p) for p in prompt)
+    return _chars_to_tokens(len(_json_text(prompt)))
+
+
+def _number(value: Any) -> float | None:
+    """A finite JSON number as float, else None (bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    as_float = float(value)
+    return as_float if math.isfinite(as_float) else None
+
+
+def build_context(
+    body: Mapping[str, Any], *, task_type: str, endpoint: str, upstream: str = ""
+) -> RequestContext:
+    """Extract the `RequestContext` of a decoded request body.
+
+    Never raises on odd-but-valid bodies: every field falls back to a neutral value.
+    `max_completion_tokens` (the newer OpenAI name) wins over `max_tokens` when both
+    are present, because that is what the upstream honours.
+    """
+    if not isinstance(body, Mapping):
+        body = {}
+    model = body.get("model")
+    messages = body.get("messages")
+    tools = body.get("tools") or body.get("functions")
+    response_format = body.get("response_format")
+    json_mode = isinstance(response_format, Mapping) and response_format.get("type") in (
+        "json_object",
+        "json_schema",
+    )
+    max_tokens = _number(body.get("max_completion_tokens"))
+    if max_tokens is None:
+        max_tokens = _number(body.get("max_tokens"))
+    temperature = _number(body.get("temperature"))
+    return RequestContext(
+        task_type=(task_type or "default").strip().lower() or "default",
+        model=model if isinstance(model, str) else "",
+        endpoint=endpoint,
+        prompt_tokens_est=estimate_prompt_tokens(body),
+        message_count=len(messages) if isinstance(messages, list) else (1 if "prompt" in body else 0),
+        has_tools=bool(tools),
+        json_mode=bool(json_mode),
+        stream=bool(body.get("stream") is True),
+        client_temperature=temperature,
+        client_max_tokens=int(max_tokens) if max_tokens is not None else None,
+        upstream=upstream,
+    )
+
+
+def prompt_bin(prompt_tokens: int) -> int:
+    """Index of the prompt-length bin (0 .. len(PROMPT_BIN_EDGES))."""
+    for index, edge in enumerate(PROMPT_BIN_EDGES):
+        if prompt_tokens < edge:
+            return index
+    return len(PROMPT_BIN_EDGES)
+
+
+def context_bucket(ctx: RequestContext) -> str:
+    """Discrete key of the context: task|model|endpoint|p<bin>|json|tools.
+
+    Stream and the client's own parameters are left out on purpose: they do not
+    change which (temperature, max_tokens) is best, and every extra dimension
+    splits the data a tabular posterior learns from.
+    """
+    return (
+        f"{ctx.task_type}|{ctx.model}|{ctx.endpoint}|p{prompt_bin(ctx.prompt_tokens_est)}"
+        f"|j{int(ctx.json_mode)}|t{int(ctx.has_tools)}"
+    )
+
+
+def stable_hash64(text: str) -> int:
+    """Signed 64-bit blake2b digest of `text`: identical in every process, fits a BIGINT."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def context_fingerprint(ctx: RequestContext) -> int:
+    """Stable signed 64-bit id of the discrete part of the context (its bucket)."""
+    return stable_hash64(context_bucket(ctx))
+
+
+def task_slot(task_type: str, slots: int) -> int | None:
+    """One-hot slot of a task type among `slots`, or None for the default task.
+
+    Known task types take their pinned slot while it exists; other names are
+    hashed (stably) into the available slots, so unknown names may share a slot
+    with another task: raise `feature_dimension` to separate them.
+    """
+    name = _TASK_ALIASES.get(task_type, task_type)
+    if name in DEFAULT_TASK_TYPES or slots <= 0:
+        return None
+    if name in KNOWN_TASK_TYPES:
+        pinned = KNOWN_TASK_TYPES.index(name)
+        if pinned < slots:
+            return pinned
+    return stable_hash64("task:" + name) % slots
+
+
+def _log_scaled(value: float, cap: float) -> float:
+    return min(1.0, math.log1p(max(0.0, value)) / math.log1p(cap))
+
+
+def feature_vector(ctx: RequestContext, dim: int) -> np.ndarray:
+    """Fixed, normalised feature vector of length `dim` (>= 8) for LinUCB.
+
+    Layout (every entry in [0, 1]):
+      0 bias (1.0)
+      1 log1p(prompt tokens) / log1p(131072)
+      2 log1p(message count) / log1p(64)
+      3 has tools (0/1)
+      4 json response format (0/1)
+      5 stream (0/1)
+      6 client temperature / 2 (0 when the client sent none)
+      7.. task-type one-hot over `dim - 7` slots (`task_slot`); the default task is all zeros.
+    """
+    if dim < MIN_FEATURE_DIMENSION:
+        raise ValueError(f"feature_dimension must be >= {MIN_FEATURE_DIMENSION}, got {dim}")
+    x = np.zeros(dim, dtype=np.float64)
+    x[0] = 1.0
+    x[1] = _log_scaled(ctx.prompt_tokens_est, LOG_PROMPT_CAP)
+    x[2] = _log_scaled(ctx.message_count, LOG_MESSAGES_CAP)
+    x[3] = float(ctx.has_tools)
+    x[4] = float(ctx.json_mode)
+    x[5] = float(ctx.stream)
+    if ctx.client_temperature is not None:
+        x[6] = min(1.0, max(0.0, ctx.client_temperature / TEMPERATURE_SCALE))
+    slot = task_slot(ctx.task_type, dim - len(NUMERIC_FEATURES))
+    if slot is not None:
+        x[len(NUMERIC_FEATURES) + slot] = 1.0
+    return x
+
+
+def context_features(ctx: RequestContext) -> dict[str, Any]:
+    """JSON-able dict of the context for the `context_features` log column."""
+    features = msgspec.to_builtins(ctx)
+    features["prompt_bin"] = prompt_bin(ctx.prompt_tokens_est)
+    features["bucket"] = context_bucket(ctx)
+    return features

@@ -1,0 +1,80 @@
+"""Automatic quality signal: a score in [0, 1] for every response, no human in the loop.
+
+Rules, first match wins for the base score:
+
+1. Upstream error (status outside 200–299, including 0 for a transport failure) -> 0.0.
+2. Tool-call arguments were returned and at least one does not parse as a JSON
+   object -> `invalid_json_score` (0.1).
+3. No content and no tool call (None, empty or whitespace) -> `empty_score` (0.0).
+4. `response_format` asked for JSON (json_mode) and the content does not parse as
+   JSON -> `invalid_json_score` (0.1).  Strict: a ```json fence is invalid, because a
+   client that asked for JSON will feed the content straight to a parser.
+5. `finish_reason == "content_filter"`, or the first `refusal_window_chars` (200)
+   characters contain a refusal phrase (`refusal_phrases`, case-insensitive, curly
+   apostrophes normalised) -> `refusal_score` (0.2).  Only the opening is checked,
+   so a long answer that quotes a refusal is not punished.
+6. Otherwise 1.0.
+
+Then, if `finish_reason == "length"` (the answer was cut by max_tokens) the base score
+is multiplied by (1 − `truncated_penalty`) (0.6 by default).  This is the main signal
+that a max_tokens arm is too small.
+
+Explicit feedback posted later (`record-outcome`) replaces this score; it is only the
+default so that every request still teaches the policy something.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from policies.settings import QualitySettings
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _parses_as_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, TypeError):
+        return False
+
+
+def is_refusal(content: str, settings: QualitySettings) -> bool:
+    """Whether the opening of `content` contains one of the configured refusal phrases."""
+    opening = content[: settings.refusal_window_chars].lower().replace("\u2019", "'")
+    return any(phrase in opening for phrase in settings.refusal_phrases)
+
+
+def auto_quality(
+    *,
+    status: int,
+    content: str | None,
+    finish_reason: str | None,
+    json_mode: bool,
+    tool_arguments: Sequence[str] = (),
+    settings: QualitySettings,
+) -> float:
+    """Quality score in [0, 1] by the rules in the module docstring."""
+    if not 200 <= status < 300:
+        return 0.0
+    text = content or ""
+    if tool_arguments and not all(_parses_as_object(args) for args in tool_arguments):
+        score = settings.invalid_json_score
+    elif not text.strip() and not tool_arguments:
+        score = settings.empty_score
+    elif json_mode and text.strip() and not _parses(text):
+        score = settings.invalid_json_score
+    elif finish_reason == "content_filter" or is_refusal(text, settings):
+        score = settings.refusal_score
+    else:
+        score = 1.0
+    if finish_reason == "length":
+        score *= 1.0 - settings.truncated_penalty
+    return min(1.0, max(0.0, score))

@@ -1,0 +1,114 @@
+"""Reward of one outcome, and the running per-task baseline that normalises it.
+
+    reward = w_quality · quality
+           − w_latency · min(latency / baseline_latency, max_ratio)
+           − w_tokens  · min(tokens  / baseline_tokens,  max_ratio)
+
+Latency and tokens are divided by what the *baseline* parameters typically cost for the
+same task type, so the penalty is unit-free and comparable across tasks (a 10 s code
+answer is normal, a 10 s classification is not).  The ratios are capped at `max_ratio`
+so one timeout cannot swamp a posterior.  The normalisers are floored (1 ms, 1 token)
+so a zero never divides.
+
+`BaselineCosts` keeps those normalisers: per task type the additive triple
+[n, Σlatency_s, Σtokens] of outcomes **served with the baseline arm** (off, holdout,
+shadow traffic: the parameters the client would have got anyway).  Until a task has
+`min_samples` such outcomes it falls back to all tasks pooled, then to the defaults.
+It is additive, so replicas can share it through the same export/load cycle as the
+policies (`export_delta` / `load_totals`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+from policies.settings import RewardSettings
+
+MIN_LATENCY_S = 1e-3
+MIN_TOKENS = 1.0
+POOLED = "*"
+"""Key of the all-tasks pool in `BaselineCosts`."""
+
+
+def compute_reward(
+    *,
+    quality: float,
+    latency_s: float,
+    tokens: int,
+    baseline_latency_s: float,
+    baseline_tokens: float,
+    settings: RewardSettings,
+) -> float:
+    """Reward of one outcome (formula in the module docstring)."""
+    latency_ratio = max(0.0, latency_s) / max(baseline_latency_s, MIN_LATENCY_S)
+    token_ratio = max(0, tokens) / max(baseline_tokens, MIN_TOKENS)
+    return (
+        settings.w_quality * min(1.0, max(0.0, quality))
+        - settings.w_latency * min(latency_ratio, settings.max_ratio)
+        - settings.w_tokens * min(token_ratio, settings.max_ratio)
+    )
+
+
+class BaselineCosts(msgspec.Struct):
+    """Running mean latency and tokens of baseline-served outcomes, per task type."""
+
+    default_latency_s: float = 1.0
+    default_tokens: float = 256.0
+    min_samples: int = 20
+    totals: dict[str, list[float]] = {}  # task -> [n, Σlatency_s, Σtokens]; "*" = all tasks
+    pending: dict[str, list[float]] = {}
+
+    def observe(self, task_type: str, latency_s: float, tokens: int) -> None:
+        """Record one baseline-served outcome (ignored if latency is not finite)."""
+        if not math.isfinite(latency_s) or latency_s < 0:
+            return
+        for store in (self.totals, self.pending):
+            for key in (task_type, POOLED):
+                stats = store.setdefault(key, [0.0, 0.0, 0.0])
+                stats[0] += 1.0
+                stats[1] += latency_s
+                stats[2] += float(max(0, tokens))
+
+    def _stats(self, task_type: str) -> list[float] | None:
+        for key in (task_type, POOLED):
+            stats = self.totals.get(key)
+            if stats is not None and stats[0] >= self.min_samples:
+                return stats
+        return None
+
+    def latency_s(self, task_type: str) -> float:
+        """Mean baseline latency of the task (fallbacks in the module docstring)."""
+        stats = self._stats(task_type)
+        return stats[1] / stats[0] if stats else self.default_latency_s
+
+    def tokens(self, task_type: str) -> float:
+        """Mean baseline completion tokens of the task (fallbacks in the module docstring)."""
+        stats = self._stats(task_type)
+        return stats[2] / stats[0] if stats else self.default_tokens
+
+    def export_delta(self) -> dict[str, list[float]]:
+        """Increments since the last export; resets them."""
+        delta, self.pending = self.pending, {}
+        return delta
+
+    def load_totals(self, totals: dict[str, list[float]]) -> None:
+        """Adopt merged totals, keeping unexported increments on top."""
+        merged = {key: [float(v) for v in values] for key, values in totals.items()}
+        for key, values in self.pending.items():
+            into = merged.setdefault(key, [0.0, 0.0, 0.0])
+            for i in range(3):
+                into[i] += values[i]
+        self.totals = merged
+
+    def reward(self, *, task_type: str, quality: float, latency_s: float, tokens: int, settings: RewardSettings) -> float:
+        """`compute_reward` with this task's normalisers."""
+        return compute_reward(
+            quality=quality,
+            latency_s=latency_s,
+            tokens=tokens,
+            baseline_latency_s=self.latency_s(task_type),
+            baseline_tokens=self.tokens(task_type),
+            settings=settings,
+        )
