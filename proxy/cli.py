@@ -1,4 +1,4 @@
-"""`thermostat` command line: serve, demo, simulate, check-config, migrate."""
+"""`thermostat` command line: serve, demo, simulate, check-config, migrate, prune."""
 
 from __future__ import annotations
 
@@ -23,8 +23,21 @@ def _load(path: str | None) -> Config:
     return load_config(path)
 
 
-def _serve(config: Config, host: str, port: int, workers: int = 1) -> None:
+def _serve(config: Config, host: str, port: int) -> None:
     import uvicorn
+
+    class Server(uvicorn.Server):
+        """SIGTERM/SIGINT: stop accepting, finish in-flight requests, flush, exit 0.
+
+        uvicorn re-raises the captured signal after a graceful shutdown (exit -15);
+        a completed graceful shutdown is a success, so it is not re-raised here. A
+        second signal forces the exit.
+        """
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if self.should_exit:
+                self.force_exit = True
+            self.should_exit = True
 
     from proxy.app import create_app
 
@@ -43,7 +56,7 @@ def _serve(config: Config, host: str, port: int, workers: int = 1) -> None:
         timeout_graceful_shutdown=int(config.server.shutdown_grace_s),
         timeout_keep_alive=30,
     )
-    server = uvicorn.Server(server_config)
+    server = Server(server_config)
     print(f"thermostat listening on http://{host}:{port}  (point your client's base_url at http://{host}:{port}/v1)", flush=True)
     server.run()
 
@@ -112,6 +125,44 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _prune(config: Config, older_than_s: float, batch_size: int) -> tuple[str, int, int]:
+    if config.storage.database_url:
+        from proxy.store.postgres import PostgresLogStore
+
+        store: object = PostgresLogStore(config.storage.database_url, min_size=1, max_size=1)
+        where = "PostgreSQL"
+    else:
+        from proxy.store.sqlite import SqliteSink
+
+        store = SqliteSink(Path(config.server.data_dir) / "decisions.sqlite3")
+        where = str(Path(config.server.data_dir) / "decisions.sqlite3")
+    await store.open()  # type: ignore[attr-defined]
+    try:
+        deleted = await store.prune(older_than_s, batch_size=batch_size)  # type: ignore[attr-defined]
+        return where, deleted, store.last_prune_batches  # type: ignore[attr-defined]
+    finally:
+        await store.close()  # type: ignore[attr-defined]
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Delete logged decisions (and feedback) older than --older-than (default: storage.retention_days)."""
+    from proxy.store import parse_duration
+
+    config = _load(args.config)
+    if args.older_than is not None:
+        try:
+            older_than_s = parse_duration(args.older_than)
+        except ValueError as exc:
+            raise ConfigError(f"--older-than: {exc}") from None
+    else:
+        older_than_s = config.storage.retention_days * 86400.0
+    if args.batch_size <= 0:
+        raise ConfigError("--batch-size must be a positive number")
+    where, deleted, batches = asyncio.run(_prune(config, older_than_s, args.batch_size))
+    print(f"pruned {deleted} decision(s) older than {older_than_s / 86400:g} day(s) from {where} in {batches} batch(es)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thermostat", description="Self-tuning reverse proxy for OpenAI-compatible LLM APIs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply pending PostgreSQL migrations")
     migrate.add_argument("--config")
     migrate.set_defaults(func=cmd_migrate)
+
+    prune = sub.add_parser("prune", help="delete old decision logs in bounded batches")
+    prune.add_argument("--older-than", help="age such as 90d, 12h, 30m (default: storage.retention_days)")
+    prune.add_argument("--batch-size", type=int, default=5000, help="rows deleted per transaction")
+    prune.add_argument("--config")
+    prune.set_defaults(func=cmd_prune)
     return parser
 
 

@@ -46,7 +46,8 @@ class Recorder:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_drop_log = 0.0
-        self._holding = 0  # entries taken off the queue by the writer task, not yet written
+        self._batch: list[Entry] = []  # taken off the queue by the writer task, not yet written
+        self._writing = False
         self.ready = False
 
     async def start(self) -> None:
@@ -69,8 +70,13 @@ class Recorder:
             return False
 
     async def _next_batch(self) -> list[Entry]:
-        first = await self.queue.get()
-        batch = [first]
+        """Collect up to batch_size entries or what arrives within flush_interval_s.
+
+        Entries taken off the queue live in `self._batch` until written, so a
+        cancellation at shutdown cannot lose them.
+        """
+        batch = self._batch
+        batch.append(await self.queue.get())
         deadline = time.monotonic() + self.flush_interval_s
         while len(batch) < self.batch_size:
             try:
@@ -108,20 +114,24 @@ class Recorder:
     async def _run(self) -> None:
         while True:
             batch = await self._next_batch()
-            self._holding = len(batch)
+            self._writing = True
             try:
                 await self._write(batch)
+                self._batch = []
             finally:
-                self._holding = 0
+                self._writing = False
 
     @property
     def pending(self) -> int:
-        return self.queue.qsize() + self._holding
+        return self.queue.qsize() + len(self._batch)
 
     async def flush(self) -> None:
-        """Write everything queued now and wait for the writer's current batch."""
-        while self._holding and self._task is not None and not self._task.done():
+        """Write everything queued now, including the batch the writer is assembling."""
+        while self._writing and self._task is not None and not self._task.done():
             await asyncio.sleep(0.005)
+        if self._batch and not self._writing:
+            batch, self._batch = self._batch, []
+            await self._write(batch)
         while not self.queue.empty():
             batch: list[Entry] = []
             while len(batch) < self.batch_size and not self.queue.empty():

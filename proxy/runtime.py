@@ -6,6 +6,7 @@ and nothing here does I/O until `start()`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -56,6 +57,7 @@ class Runtime:
         self.metrics.queue_depth.set_function(self.recorder.queue.qsize)
         self.build_context = build_context
         self._limits: dict[tuple[str, str], ModelLimits] = {}
+        self._ticker: asyncio.Task[None] | None = None
 
         self.policy = make_policy(config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb)
         self.slo = SloMonitor(config.slo)
@@ -97,12 +99,24 @@ class Runtime:
             self.rollout = self._make_rollout(stored)
             self.bandit.rollout = self.rollout
         await self.recorder.start()
+        self._ticker = asyncio.create_task(self._tick_forever(), name="thermostat-rollout-tick")
         log.info(
             "thermostat started: %d upstream(s), policy %s, phase %s, decision log %s",
             len(self.pool.upstreams), self.policy.name, self.rollout.state.phase, self.sink.name,
         )
 
+    async def _tick_forever(self) -> None:
+        """SLO cooldowns and promotions happen on time even when no traffic arrives."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.bandit.maybe_tick(time.time(), force=True)
+            except Exception:
+                log.exception("rollout tick failed")
+
     async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
         await self.recorder.stop()
         await self.pool.aclose()
 
@@ -135,8 +149,6 @@ class Runtime:
             self.events.append(event)
             log.warning("rollout %s: %s -> %s (%s)", event.kind, event.from_, event.to, event.reason)
         # Persisted so other replicas and restarts see the same phase and rollback.
-        import asyncio
-
         asyncio.get_running_loop().create_task(save_state(self.state_store, self.rollout.state))
 
     def auto_quality(self, outcome: Outcome, summary: ResponseSummary, ctx: RequestContext) -> float | None:

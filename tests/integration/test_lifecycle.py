@@ -1,0 +1,83 @@
+"""The real `thermostat serve` process: start, serve, SIGTERM, nothing recorded is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.servers import free_port
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"thermostat exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        try:
+            if httpx.get(url, timeout=0.5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("thermostat did not become ready")
+
+
+def test_sigterm_finishes_inflight_and_flushes_log(upstream: FakeUpstream, tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""
+[server]
+data_dir = "{tmp_path / 'data'}"
+[[upstreams]]
+name = "fake"
+base_url = "{upstream.url}"
+[storage]
+flush_interval_s = 30
+[optimization]
+mode = "general"
+"""
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_ready(f"{base}/health/readiness", proc)
+        ids = []
+        for _ in range(20):
+            r = httpx.post(f"{base}/v1/chat/completions", json={"model": "echo-1", "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200
+            ids.append(r.headers["x-request-id"])
+        # a slow request in flight when SIGTERM arrives still completes
+        with httpx.Client(timeout=10) as client:
+            import threading
+
+            result: dict[str, int] = {}
+
+            def slow() -> None:
+                result["status"] = client.post(f"{base}/v1/chat/completions", json={"model": "slow-500", "messages": [{"role": "user", "content": "x"}]}).status_code
+
+            t = threading.Thread(target=slow)
+            t.start()
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            t.join(10)
+        assert result.get("status") == 200
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # flush_interval_s = 30: the rows can only be there because shutdown flushed them
+    db = sqlite3.connect(tmp_path / "data" / "decisions.sqlite3")
+    got = {row[0] for row in db.execute("SELECT request_id FROM logged_decisions")}
+    assert set(ids) <= got and len(got) == 21
