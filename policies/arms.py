@@ -56,7 +56,7 @@ def candidate_arms(
         if temperature < 0:
             continue
         for dm in _axis(float(max_delta_max_tokens), grid.max_tokens_steps):
-            max_tokens = int(round(base_m + dm))
+            max_tokens = round(base_m + dm)
             if max_tokens < 1:
                 continue
             candidate = Arm(temperature=temperature, max_tokens=max_tokens)

@@ -45,9 +45,7 @@ class Policy(Protocol):
         """Identifier of the current state; changes whenever the statistics change."""
         ...
 
-    def choose(
-        self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator
-    ) -> Choice:
+    def choose(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator) -> Choice:
         """Pick one of `arms` (len >= 1, already filtered by the guards)."""
         ...
 

@@ -80,9 +80,7 @@ class BaselinePolicy(_Stateless):
         probs[baseline_index(baseline, arms)] = 1.0
         return probs
 
-    def choose(
-        self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator
-    ) -> Choice:
+    def choose(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator) -> Choice:
         """Deterministic: the generator is not used."""
         probs = self.propensities(ctx, baseline, arms)
         index = baseline_index(baseline, arms)
@@ -100,9 +98,7 @@ class UniformPolicy(_Stateless):
             raise ValueError("choose needs at least one arm")
         return np.full(len(arms), 1.0 / len(arms))
 
-    def choose(
-        self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator
-    ) -> Choice:
+    def choose(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator) -> Choice:
         """One integer draw from `rng`."""
         k = len(arms)
         if k == 0:

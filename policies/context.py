@@ -42,8 +42,8 @@ REPLY_PRIMING = 3
 IMAGE_PART_TOKENS = 85
 """Flat charge for an image content part (the low-detail price); we never fetch images."""
 
-PROMPT_BIN_EDGES: tuple[int, ...] = (1024, 4096, 16384)
-"""Prompt-length bins for the bucket: <1k, <4k, <16k, >=16k estimated tokens (factor 4 apart)."""
+PROMPT_BIN_EDGES: tuple[int, ...] = (2048, 8192, 32768)
+"""Prompt-length bins for the bucket: <2k, <8k, <32k, >=32k estimated tokens (factor 4 apart)."""
 
 KNOWN_TASK_TYPES: tuple[str, ...] = (
     "code",
@@ -163,9 +163,7 @@ def _number(value: Any) -> float | None:
     return as_float if math.isfinite(as_float) else None
 
 
-def build_context(
-    body: Mapping[str, Any], *, task_type: str, endpoint: str, upstream: str = ""
-) -> RequestContext:
+def build_context(body: Mapping[str, Any], *, task_type: str, endpoint: str, upstream: str = "") -> RequestContext:
     """Extract the `RequestContext` of a decoded request body.
 
     Never raises on odd-but-valid bodies: every field falls back to a neutral value.
@@ -216,10 +214,7 @@ def context_bucket(ctx: RequestContext) -> str:
     change which (temperature, max_tokens) is best, and every extra dimension
     splits the data a tabular posterior learns from.
     """
-    return (
-        f"{ctx.task_type}|{ctx.model}|{ctx.endpoint}|p{prompt_bin(ctx.prompt_tokens_est)}"
-        f"|j{int(ctx.json_mode)}|t{int(ctx.has_tools)}"
-    )
+    return f"{ctx.task_type}|{ctx.model}|{ctx.endpoint}|p{prompt_bin(ctx.prompt_tokens_est)}|j{int(ctx.json_mode)}|t{int(ctx.has_tools)}"
 
 
 def stable_hash64(text: str) -> int:

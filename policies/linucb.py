@@ -221,9 +221,7 @@ class LinUCBPolicy:
             weights = (ucb >= ucb.max() - 1e-12).astype(np.float64)
         return apply_floor(weights / weights.sum(), self.settings.min_propensity)
 
-    def choose(
-        self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator
-    ) -> Choice:
+    def choose(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator) -> Choice:
         """Sample from `propensities` with one uniform from `rng`."""
         probs = self.propensities(ctx, baseline, arms)
         index = sample_index(probs, rng)

@@ -30,9 +30,9 @@ Choosing and propensity.  For a (bucket, arm set) we draw `propensity_draws` joi
 posterior samples at once (one vectorised matrix op on a fixed, seeded float32 bank of
 standard normals), record which arm wins in each row, and cache that table.  The table
 is recomputed once the bucket has had `refresh_every` updates since it was built (or
-totals were loaded): the posterior is *published* in small batches, which is what keeps
-a decision at ~15 µs instead of ~250 µs, at the price of acting on statistics at most
-`refresh_every − 1` rewards old.  `choose` then picks a uniformly random row with the caller's
+totals were loaded): the posterior is *published* in small batches, which keeps the
+typical decision at ~2 µs instead of ~400 µs for a rebuild (bench/results/policy_speed.md),
+at the price of acting on statistics at most `refresh_every − 1` rewards old.  `choose` then picks a uniformly random row with the caller's
 Generator and plays its winner: that *is* a Thompson draw from the posterior, and the
 propensity of every arm is exactly its share of rows, i.e. the posterior probability
 that it is the best arm, with Monte Carlo standard error ≤ 0.5/sqrt(draws) (0.0078 for
@@ -126,9 +126,7 @@ class ThompsonGaussianPolicy:
         mean, sd, noise = self._posterior(n, total, total_sq, pooled[0] - n, pooled[1] - total)
         return Posterior(n=n, mean=mean, sd=sd, noise_sd=noise)
 
-    def _posterior(
-        self, n: float, total: float, total_sq: float, n_others: float, total_others: float
-    ) -> tuple[float, float, float]:
+    def _posterior(self, n: float, total: float, total_sq: float, n_others: float, total_others: float) -> tuple[float, float, float]:
         """(posterior mean, sampling sd of the mean, noise sd estimate) from the statistics."""
         s = self.settings
         k0 = s.prior_precision
@@ -189,9 +187,7 @@ class ThompsonGaussianPolicy:
         return {key: list(values) for key, values in self._stats.items()}
 
     # ------------------------------------------------------------- deciding
-    def choose(
-        self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator
-    ) -> Choice:
+    def choose(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator) -> Choice:
         """Thompson draw: play the winner of one uniformly chosen joint posterior draw."""
         table = self._table(ctx, arms)
         row = int(rng.random() * table.winners.shape[0])
@@ -218,11 +214,7 @@ class ThompsonGaussianPolicy:
         bucket_version = self._bucket_versions.get(bucket, 0)
         cache_key = (bucket, tuple(arms))
         table = self._tables.get(cache_key)
-        if (
-            table is not None
-            and table.epoch == self._epoch
-            and bucket_version - table.bucket_version < self.settings.refresh_every
-        ):
+        if table is not None and table.epoch == self._epoch and bucket_version - table.bucket_version < self.settings.refresh_every:
             return table
         table = self._compute(bucket, arms, self._epoch, bucket_version)
         if len(self._tables) >= self.settings.cache_size:
@@ -250,9 +242,7 @@ class ThompsonGaussianPolicy:
             if width == 1:
                 winners = np.full(draws, contenders[0], dtype=np.intp)
             else:
-                samples = means[contenders].astype(np.float32) + sds[contenders].astype(
-                    np.float32
-                ) * self._bank[:, :width]
+                samples = means[contenders].astype(np.float32) + sds[contenders].astype(np.float32) * self._bank[:, :width]
                 winners = contenders[np.argmax(samples, axis=1)]
         probs = np.bincount(winners, minlength=k) / draws
         return _Table(epoch=epoch, bucket_version=bucket_version, winners=winners, probs=probs, probs_tuple=tuple(probs.tolist()))

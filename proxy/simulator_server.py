@@ -1,0 +1,392 @@
+"""OpenAI-compatible HTTP server around `policies.simulator`: a stand-in LLM with a known truth.
+
+Endpoints:
+  POST /v1/chat/completions, POST /v1/completions   (non-streaming and SSE streaming)
+  GET  /v1/models
+  GET  /sim/truth?temperature=0.7&max_tokens=512     ground truth around that baseline
+  GET/POST /sim/faults  {"error_rate": 0.1, "error_status": 500, "extra_latency_s": 0.2}
+
+The task type comes from the `x-task-type` header, else from keywords in the system
+prompt (code / creative / summarise), else "default".  The natural answer length is a
+deterministic function of the prompt text and the seed, so the same prompt always wants
+the same length.  Responses sleep for the simulated latency times `time_scale`
+(0 = instant; streaming spreads it: TTFT before the first chunk, the rest across chunks).
+
+Every response carries the truth in headers so a demo can post explicit feedback:
+`x-sim-task-type`, `x-sim-quality` (observed), `x-sim-true-quality`, `x-sim-natural-tokens`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import time
+from statistics import NormalDist
+from typing import Any
+
+import msgspec
+import numpy as np
+from aiohttp import web
+
+from policies.arms import candidate_arms
+from policies.context import estimate_prompt_tokens
+from policies.records import Arm
+from policies.settings import ArmGridSettings
+from policies.simulator import SimOutcome, SimulatorTruth
+
+DEFAULT_MODELS: tuple[str, ...] = ("sim-1", "sim-1-mini")
+DEFAULT_MAX_TOKENS = 4096
+STREAM_CHUNKS = 8
+WORDS = (
+    "the", "model", "returns", "a", "plausible", "answer", "with", "enough", "detail", "to",
+    "be", "useful", "and", "each", "word", "counts", "as", "one", "token", "here",
+)  # fmt: skip
+_KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("code", ("code", "program", "python", "function", "developer", "bug")),
+    ("summarise", ("summar", "tl;dr", "condense")),
+    ("creative", ("story", "poem", "creative", "fiction", "lyrics")),
+)
+_STD_NORMAL = NormalDist()
+
+
+class Faults(msgspec.Struct):
+    """Fault injection, settable at start and through POST /sim/faults."""
+
+    error_rate: float = 0.0
+    error_status: int = 500
+    extra_latency_s: float = 0.0
+
+
+class SimulatorHandle:
+    """A running simulator: `.port`, `.url` (ending in /v1), `await close()`."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, faults: Faults, truth: SimulatorTruth) -> None:
+        self._runner = runner
+        self.host = host
+        self.port = port
+        self.faults = faults
+        self.truth = truth
+
+    @property
+    def url(self) -> str:
+        """Base URL for OpenAI clients."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    async def close(self) -> None:
+        """Stop serving."""
+        await self._runner.cleanup()
+
+
+def _text_of(body: dict[str, Any]) -> tuple[str, str]:
+    """(system prompt, all prompt text) of a chat or completions body."""
+    system_parts: list[str] = []
+    parts: list[str] = []
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            content = message.get("content")
+            text = content if isinstance(content, str) else json.dumps(content, default=str)
+            parts.append(text)
+            if message.get("role") in ("system", "developer"):
+                system_parts.append(text)
+    prompt = body.get("prompt")
+    if prompt is not None:
+        parts.append(prompt if isinstance(prompt, str) else json.dumps(prompt))
+    return "\n".join(system_parts), "\n".join(parts)
+
+
+def infer_task_type(header: str | None, system_prompt: str, truth: SimulatorTruth) -> str:
+    """Task type from the header, else system-prompt keywords, else "default"."""
+    if header:
+        return header.strip().lower()
+    lowered = system_prompt.lower()
+    for task, words in _KEYWORDS:
+        if task in truth.tasks and any(word in lowered for word in words):
+            return task
+    return "default"
+
+
+def _prompt_score(text: str, seed: int) -> float:
+    """Deterministic standard-normal score of a prompt (drives its natural length)."""
+    digest = hashlib.blake2b(f"{seed}:{text}".encode(), digest_size=8).digest()
+    u = (int.from_bytes(digest, "big") + 0.5) / 2**64
+    return _STD_NORMAL.inv_cdf(u)
+
+
+def _number(value: Any, default: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    return float(value)
+
+
+def _words(n: int) -> list[str]:
+    return [WORDS[i % len(WORDS)] for i in range(n)]
+
+
+def _content(outcome: SimOutcome, natural: int, json_mode: bool) -> str:
+    """Answer text with exactly `completion_tokens` words; JSON mode is valid JSON unless cut."""
+    if not json_mode:
+        return " ".join(_words(outcome.completion_tokens))
+    full = json.dumps({"answer": " ".join(_words(natural))})
+    if outcome.finish_reason != "length":
+        return full
+    return full[: max(1, len(full) * outcome.completion_tokens // natural)]
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
+    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": None}}, status=status)
+
+
+class _Simulator:
+    """Request handlers and their state (seeded RNG, faults, truth)."""
+
+    def __init__(self, *, seed: int, time_scale: float, truth: SimulatorTruth, faults: Faults) -> None:
+        self.seed = seed
+        self.time_scale = time_scale
+        self.truth = truth
+        self.faults = faults
+        self.rng = np.random.default_rng(seed)
+
+    async def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+
+    async def models(self, request: web.Request) -> web.Response:
+        created = int(time.time())
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": m, "object": "model", "created": created, "owned_by": "thermostat-sim"} for m in DEFAULT_MODELS],
+            }
+        )
+
+    async def truth_view(self, request: web.Request) -> web.Response:
+        try:
+            baseline = Arm(
+                temperature=float(request.query.get("temperature", 0.7)),
+                max_tokens=int(request.query.get("max_tokens", 512)),
+            )
+            delta_t = float(request.query.get("max_delta_temperature", 0.2))
+            delta_m = int(request.query.get("max_delta_max_tokens", 500))
+        except ValueError:
+            return _error(400, "temperature, max_tokens and the deltas must be numbers")
+        arms = candidate_arms(baseline, max_delta_temperature=delta_t, max_delta_max_tokens=delta_m, grid=ArmGridSettings())
+        return web.json_response(self.truth.describe(baseline, arms))
+
+    async def faults_view(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            try:
+                update = await request.json()
+                if not isinstance(update, dict):
+                    raise TypeError("expected a JSON object")
+                merged = {**msgspec.to_builtins(self.faults), **update}
+                new = msgspec.convert(merged, Faults)
+            except (ValueError, TypeError, msgspec.ValidationError) as exc:
+                return _error(400, f"bad faults: {exc}")
+            if not 0 <= new.error_rate <= 1 or new.extra_latency_s < 0 or not 400 <= new.error_status <= 599:
+                return _error(400, "error_rate in [0,1], extra_latency_s >= 0, error_status in 400..599")
+            self.faults.error_rate = new.error_rate
+            self.faults.error_status = new.error_status
+            self.faults.extra_latency_s = new.extra_latency_s
+        return web.json_response(msgspec.to_builtins(self.faults))
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, chat=False)
+
+    async def _complete(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "request body is not valid JSON")
+        if not isinstance(body, dict):
+            return _error(400, "request body must be a JSON object")
+        if chat and not isinstance(body.get("messages"), list):
+            return _error(400, "'messages' is required")
+        if not chat and body.get("prompt") is None:
+            return _error(400, "'prompt' is required")
+        requested = body.get("model")
+        model: str = requested if isinstance(requested, str) else DEFAULT_MODELS[0]
+        faults = self.faults
+        await self._sleep(faults.extra_latency_s)
+        if faults.error_rate > 0 and self.rng.random() < faults.error_rate:
+            return _error(faults.error_status, "simulated upstream failure", "server_error")
+
+        system_prompt, text = _text_of(body)
+        task = infer_task_type(request.headers.get("x-task-type"), system_prompt, self.truth)
+        temperature = _number(body.get("temperature"), 1.0)
+        max_tokens = int(_number(body.get("max_completion_tokens"), _number(body.get("max_tokens"), DEFAULT_MAX_TOKENS)))
+        if max_tokens < 1 or not 0 <= temperature <= 2:
+            return _error(400, "max_tokens must be >= 1 and temperature in [0, 2]")
+        prompt_tokens = estimate_prompt_tokens(body)
+        natural = self.truth.natural_length(task, _prompt_score(text, self.seed))
+        quality_z, latency_z = self.rng.standard_normal(2)
+        outcome = self.truth.respond(
+            task,
+            Arm(temperature=temperature, max_tokens=max_tokens),
+            natural_tokens=natural,
+            prompt_tokens=prompt_tokens,
+            quality_z=float(quality_z),
+            latency_z=float(latency_z),
+        )
+        response_format = body.get("response_format")
+        json_mode = isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
+        content = _content(outcome, natural, json_mode)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": outcome.completion_tokens,
+            "total_tokens": prompt_tokens + outcome.completion_tokens,
+        }
+        headers = {
+            "x-sim-task-type": task,
+            "x-sim-quality": f"{outcome.quality:.6f}",
+            "x-sim-true-quality": f"{outcome.true_quality:.6f}",
+            "x-sim-natural-tokens": str(natural),
+        }
+        ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_urlsafe(18).replace("-", "a").replace("_", "b")
+        created = int(time.time())
+        if body.get("stream") is True:
+            stream_options = body.get("stream_options")
+            include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+            return await self._stream(
+                request, chat=chat, ident=ident, created=created, model=model, content=content,
+                outcome=outcome, usage=usage if include_usage else None, headers=headers,
+            )  # fmt: skip
+        await self._sleep(outcome.latency_s * self.time_scale)
+        if chat:
+            payload = {
+                "id": ident,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content, "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": outcome.finish_reason,
+                    }
+                ],
+                "usage": usage,
+                "system_fingerprint": "fp_thermostat_sim",
+            }
+        else:
+            payload = {
+                "id": ident,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "text": content, "logprobs": None, "finish_reason": outcome.finish_reason}],
+                "usage": usage,
+            }
+        return web.json_response(payload, headers=headers)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        *,
+        chat: bool,
+        ident: str,
+        created: int,
+        model: str,
+        content: str,
+        outcome: SimOutcome,
+        usage: dict[str, int] | None,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
+        await response.prepare(request)
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta_text: str | None, finish: str | None, *, role: bool = False) -> bytes:
+            if chat:
+                delta: dict[str, Any] = {}
+                if role:
+                    delta["role"] = "assistant"
+                if delta_text is not None:
+                    delta["content"] = delta_text
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
+            event = {"id": ident, "object": kind, "created": created, "model": model, "choices": [choice]}
+            if usage is not None:
+                event["usage"] = None
+            return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+        await self._sleep(outcome.ttft_s * self.time_scale)
+        pieces = _split(content, STREAM_CHUNKS)
+        await response.write(chunk("" if chat else None, None, role=True) if chat else chunk(pieces[0] if pieces else "", None))
+        rest = pieces if chat else pieces[1:]
+        per_piece = max(0.0, outcome.latency_s - outcome.ttft_s) * self.time_scale / max(1, len(rest))
+        for piece in rest:
+            await self._sleep(per_piece)
+            await response.write(chunk(piece, None))
+        await response.write(chunk(None if chat else "", outcome.finish_reason))
+        if usage is not None:
+            final = {"id": ident, "object": kind, "created": created, "model": model, "choices": [], "usage": usage}
+            await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+SIMULATOR_KEY: web.AppKey[_Simulator] = web.AppKey("simulator", _Simulator)
+
+
+def _split(text: str, parts: int) -> list[str]:
+    """`text` in up to `parts` contiguous pieces (concatenation gives back `text`)."""
+    if not text:
+        return []
+    size = max(1, -(-len(text) // parts))
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def create_app(
+    *, seed: int = 0, time_scale: float = 1.0, truth: SimulatorTruth | None = None, faults: Faults | None = None
+) -> web.Application:
+    """The aiohttp application (for embedding; `start_simulator` runs it)."""
+    sim = _Simulator(seed=seed, time_scale=time_scale, truth=truth or SimulatorTruth(), faults=faults or Faults())
+    app = web.Application(client_max_size=32 * 1024 * 1024)
+    app.router.add_post("/v1/chat/completions", sim.chat)
+    app.router.add_post("/v1/completions", sim.completions)
+    app.router.add_get("/v1/models", sim.models)
+    app.router.add_get("/sim/truth", sim.truth_view)
+    app.router.add_get("/sim/faults", sim.faults_view)
+    app.router.add_post("/sim/faults", sim.faults_view)
+    app[SIMULATOR_KEY] = sim
+    return app
+
+
+async def start_simulator(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    seed: int = 0,
+    time_scale: float = 1.0,
+    truth: SimulatorTruth | None = None,
+    error_rate: float = 0.0,
+    error_status: int = 500,
+    extra_latency_s: float = 0.0,
+) -> SimulatorHandle:
+    """Start the simulator on `host:port` (0 = any free port) in the running event loop."""
+    faults = Faults(error_rate=error_rate, error_status=error_status, extra_latency_s=extra_latency_s)
+    app = create_app(seed=seed, time_scale=time_scale, truth=truth, faults=faults)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server  # aiohttp exposes the bound port only through the server sockets
+    sockets = getattr(server, "sockets", None) or []
+    bound = sockets[0].getsockname()[1] if sockets else port
+    return SimulatorHandle(runner, host, int(bound), faults, app[SIMULATOR_KEY].truth)
+
+
+def run(host: str = "127.0.0.1", port: int = 8000, seed: int = 0, time_scale: float = 1.0) -> None:
+    """Serve until interrupted (`thermostat simulate --port P`)."""
+    web.run_app(create_app(seed=seed, time_scale=time_scale), host=host, port=port, access_log=None)

@@ -1,0 +1,82 @@
+"""baseline/uniform policies, make_policy, and the reward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from policies.arms import candidate_arms
+from policies.base import POLICY_NAMES, Policy, make_policy
+from policies.records import Arm, RequestContext
+from policies.reward import BaselineCosts, compute_reward
+from policies.settings import ArmGridSettings, RewardSettings
+
+CTX = RequestContext("qa", "m", "chat", 10, 1, False, False, False, None, None)
+BASE = Arm(0.7, 512)
+ARMS = candidate_arms(BASE, max_delta_temperature=0.2, max_delta_max_tokens=500, grid=ArmGridSettings())
+
+
+def test_make_policy_builds_every_name() -> None:
+    for name in POLICY_NAMES:
+        policy = make_policy(name)
+        assert isinstance(policy, Policy)
+        assert policy.name == name
+        probs = policy.propensities(CTX, BASE, ARMS)
+        assert probs.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        make_policy("greedy")
+
+
+def test_baseline_policy() -> None:
+    policy = make_policy("baseline")
+    shuffled = ARMS[5:] + ARMS[:5]
+    choice = policy.choose(CTX, BASE, shuffled, np.random.default_rng(0))
+    assert shuffled[choice.index] == BASE and choice.propensity == 1.0
+    # baseline filtered out by the guards: closest allowed arm
+    choice = policy.choose(CTX, BASE, [Arm(0.5, 512), Arm(0.7, 612), Arm(0.9, 12)], np.random.default_rng(0))
+    assert choice.index == 1
+    policy.update(CTX, BASE, BASE, 1.0)
+    assert policy.snapshot() == {} and policy.export_delta() == {}
+    assert policy.version == "baseline-0"
+
+
+def test_uniform_policy_frequencies() -> None:
+    policy = make_policy("uniform")
+    rng = np.random.default_rng(1)
+    counts = np.bincount([policy.choose(CTX, BASE, ARMS, rng).index for _ in range(25_000)], minlength=25)
+    assert np.all(np.abs(counts / 25_000 - 0.04) < 4 * np.sqrt(0.04 * 0.96 / 25_000))
+    assert policy.choose(CTX, BASE, ARMS, rng).propensity == pytest.approx(0.04)
+
+
+def test_reward_by_hand() -> None:
+    settings = RewardSettings()
+    # 1.0·0.8 − 0.1·(3/2) − 0.01·(300/200) = 0.8 − 0.15 − 0.015
+    assert compute_reward(
+        quality=0.8, latency_s=3.0, tokens=300, baseline_latency_s=2.0, baseline_tokens=200, settings=settings
+    ) == pytest.approx(0.635)
+    # ratios are capped at max_ratio (10) and normalisers floored
+    assert compute_reward(
+        quality=1.0, latency_s=1000.0, tokens=0, baseline_latency_s=0.0, baseline_tokens=0, settings=settings
+    ) == pytest.approx(1.0 - 0.1 * 10)
+
+
+def test_baseline_costs_running_means_and_merge() -> None:
+    costs = BaselineCosts(min_samples=2)
+    assert costs.latency_s("code") == 1.0 and costs.tokens("code") == 256.0  # defaults
+    costs.observe("code", 2.0, 100)
+    assert costs.latency_s("code") == 1.0  # below min_samples
+    costs.observe("code", 4.0, 300)
+    assert costs.latency_s("code") == 3.0 and costs.tokens("code") == 200.0
+    assert costs.latency_s("qa") == 3.0  # falls back to the pool of all tasks
+    other = BaselineCosts(min_samples=2)
+    other.observe("code", 6.0, 500)
+    merged: dict[str, list[float]] = {}
+    for part in (costs.export_delta(), other.export_delta()):
+        for key, values in part.items():
+            into = merged.setdefault(key, [0.0, 0.0, 0.0])
+            for i in range(3):
+                into[i] += values[i]
+    costs.load_totals(merged)
+    assert costs.latency_s("code") == pytest.approx(4.0)
+    r = costs.reward(task_type="code", quality=1.0, latency_s=4.0, tokens=300, settings=RewardSettings())
+    assert r == pytest.approx(1.0 - 0.1 - 0.01)
