@@ -73,14 +73,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Thermostat in front of the bundled simulator, so it answers with no API key."""
     import threading
 
-    from proxy.simulator_server import run as run_simulator
+    from proxy.simulator_server import start_simulator
 
     config = _load(args.config)
     sim_port = args.simulator_port
-    thread = threading.Thread(
-        target=run_simulator, kwargs={"host": "127.0.0.1", "port": sim_port, "seed": 0, "time_scale": args.time_scale}, daemon=True
-    )
-    thread.start()
+    started = threading.Event()
+
+    def simulator_thread() -> None:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(start_simulator("127.0.0.1", sim_port, seed=0, time_scale=args.time_scale))
+        started.set()
+        loop.run_forever()
+
+    threading.Thread(target=simulator_thread, name="simulator", daemon=True).start()
+    if not started.wait(10):
+        raise ConfigError(f"the demo simulator could not start on 127.0.0.1:{sim_port}")
     demo_upstream = UpstreamSettings(name="simulator", base_url=f"http://127.0.0.1:{sim_port}/v1", models=("*",))
     optimization = msgspec.structs.replace(config.optimization, mode=args.mode, traffic_percentage=None)
     config = msgspec.structs.replace(config, upstreams=(demo_upstream,), optimization=optimization)
@@ -207,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per upstream call is noise
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
