@@ -57,6 +57,10 @@ class Policy(Protocol):
         """Probability that `choose` picks each of `arms` right now (sums to 1)."""
         ...
 
+    def correct(self, ctx: RequestContext, baseline: Arm, arm: Arm, old_reward: float, new_reward: float) -> None:
+        """Replace a reward already folded in by `update` (delayed feedback), without counting twice."""
+        ...
+
     def export_delta(self) -> dict[str, list[float]]:
         """Additive increments since the last export (then forgets them)."""
         ...

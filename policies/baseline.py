@@ -57,6 +57,9 @@ class _Stateless:
     def update(self, ctx: RequestContext, baseline: Arm, arm: Arm, reward: float) -> None:
         """Nothing to learn."""
 
+    def correct(self, ctx: RequestContext, baseline: Arm, arm: Arm, old_reward: float, new_reward: float) -> None:
+        return None
+
     def export_delta(self) -> dict[str, list[float]]:
         """No statistics."""
         return {}

@@ -142,6 +142,23 @@ class LinUCBPolicy:
             pending[1].__iadd__(rx)
         self._revision += 1
 
+    def correct(self, ctx: RequestContext, baseline: Arm, arm: Arm, old_reward: float, new_reward: float) -> None:
+        """Replace one reward already folded in (delayed feedback): A stays, b moves by (new − old)·x."""
+        if not (math.isfinite(old_reward) and math.isfinite(new_reward)):
+            raise ValueError("rewards must be finite")
+        x = self._x(ctx)
+        key = self._key(ctx, arm)
+        row = self._row(key)
+        rx = (new_reward - old_reward) * x
+        self._b[row] += rx
+        self._theta[row] = self._a_inv[row] @ self._b[row]
+        pending = self._pending.get(key)
+        if pending is None:
+            self._pending[key] = (np.zeros((self._d, self._d)), rx.copy())
+        else:
+            pending[1].__iadd__(rx)
+        self._revision += 1
+
     def _stat_prefix(self, key: tuple[str, float, int]) -> str:
         model, temperature, max_tokens = key
         return f"d{self._d}|{model}|T{temperature:g}|M{max_tokens}"

@@ -156,6 +156,21 @@ class ThompsonGaussianPolicy:
         self._bucket_versions[bucket] = self._bucket_versions.get(bucket, 0) + 1
         self._revision += 1
 
+    def correct(self, ctx: RequestContext, baseline: Arm, arm: Arm, old_reward: float, new_reward: float) -> None:
+        """Replace one reward already folded in (delayed feedback): n stays, Σr and Σr² move."""
+        if not (math.isfinite(old_reward) and math.isfinite(new_reward)):
+            raise ValueError("rewards must be finite")
+        bucket = context_bucket(ctx)
+        key = stat_key(bucket, arm)
+        d1 = new_reward - old_reward
+        d2 = new_reward * new_reward - old_reward * old_reward
+        for store, store_key in ((self._stats, key), (self._pending, key), (self._pooled, bucket)):
+            stats = store.setdefault(store_key, [0.0, 0.0, 0.0])
+            stats[1] += d1
+            stats[2] += d2
+        self._bucket_versions[bucket] = self._bucket_versions.get(bucket, 0) + 1
+        self._revision += 1
+
     def export_delta(self) -> dict[str, list[float]]:
         """Increments [n, Σr, Σr²] per key since the last export; resets them."""
         delta, self._pending = self._pending, {}
