@@ -81,6 +81,21 @@ class StorageSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     flush_interval_s: float = 0.5
     retention_days: int = 90
     sync_interval_s: float = 1.0
+    # Redis shared state (used when redis_url is set): every key starts with the prefix
+    # (several deployments can share one Redis), commands give up after redis_timeout_s,
+    # decisions stay findable by request id for decision_ttl_s, and policy statistics live
+    # under a "family" that an operator bumps to start a fresh shared posterior.
+    redis_key_prefix: str = "thermostat:"
+    redis_timeout_s: float = 1.0
+    decision_ttl_s: float = 86_400.0
+    policy_family: str = "1"
+    # PostgreSQL writer: pool size, per-batch write timeout before a batch is spooled instead,
+    # fsync of every spooled batch (turn off only on disposable disks), and how long shutdown
+    # keeps replaying the spool before leaving the rest for the next start.
+    pool_max_size: int = 4
+    write_timeout_s: float = 5.0
+    spool_fsync: bool = True
+    shutdown_flush_s: float = 5.0
 
 
 class OptimizationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

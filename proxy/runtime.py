@@ -17,7 +17,7 @@ import numpy as np
 from guards.budget import BudgetGuard
 from guards.rollout import RolloutController, RolloutEvent, load_state, save_state
 from guards.slo import SloMonitor
-from guards.state import InProcessStore, StateStore
+from guards.state import InProcessStore, StateStore, StoreUnavailable
 from guards.trust_region import ModelLimits
 from policies.base import make_policy
 from policies.context import build_context, context_features
@@ -27,11 +27,19 @@ from proxy.config import Config
 from proxy.decider import BanditDecider, Decider
 from proxy.metrics import Metrics
 from proxy.recorder import DecisionRegistry, Recorder
+from proxy.shared import SharedState
 from proxy.sse import ResponseSummary
+from proxy.store.redis_state import RedisStore
 from proxy.store.sqlite import SqliteSink
 from proxy.upstream import UpstreamPool
 
 log = logging.getLogger("thermostat")
+
+
+def _log_save_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # The shared-state layer replays failed blob writes once the store is back.
+        log.warning("saving the rollout state failed: %s", task.exception())
 
 
 class Runtime:
@@ -41,7 +49,10 @@ class Runtime:
         self.metrics = Metrics()
         self.pool = UpstreamPool.from_settings(config.upstreams, transport)
         self.registry = DecisionRegistry()
-        self.state_store: StateStore = store or InProcessStore()
+        redis = config.storage
+        self.state_store: StateStore = store or (
+            RedisStore(redis.redis_url, prefix=redis.redis_key_prefix, timeout_s=redis.redis_timeout_s) if redis.redis_url else InProcessStore()
+        )
         self.events: deque[RolloutEvent] = deque(maxlen=500)
         data_dir = Path(config.server.data_dir)
         self.sink = SqliteSink(data_dir / "decisions.sqlite3")
@@ -79,6 +90,10 @@ class Runtime:
             on_events=self.on_rollout_events,
         )
         self.decider: Decider = decider or self.bandit
+        # Several replicas: posterior, rollout state and decisions shared through Redis (proxy/shared.py).
+        self.shared: SharedState | None = SharedState(self, self.state_store) if isinstance(self.state_store, RedisStore) else None
+        if self.shared is not None:
+            self.registry = self.shared.registry  # also writes decisions to Redis for feedback posted elsewhere
 
     def _make_rollout(self, state: object) -> RolloutController:
         opt = self.config.optimization
@@ -94,10 +109,18 @@ class Runtime:
         )
 
     async def start(self) -> None:
-        stored = await load_state(self.state_store)
+        try:
+            stored = await load_state(self.state_store)
+        except StoreUnavailable:
+            # Redis down at start-up: serve with the configured phase; SharedState
+            # adopts the shared state as soon as Redis answers.
+            log.warning("state store unreachable at start-up; starting from the configured rollout phase")
+            stored = None
         if stored is not None:
             self.rollout = self._make_rollout(stored)
             self.bandit.rollout = self.rollout
+        if self.shared is not None:
+            await self.shared.start()
         await self.recorder.start()
         self._ticker = asyncio.create_task(self._tick_forever(), name="thermostat-rollout-tick")
         log.info(
@@ -117,6 +140,8 @@ class Runtime:
     async def stop(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
+        if self.shared is not None:
+            await self.shared.stop()
         await self.recorder.stop()
         await self.pool.aclose()
 
@@ -149,7 +174,8 @@ class Runtime:
             self.events.append(event)
             log.warning("rollout %s: %s -> %s (%s)", event.kind, event.from_, event.to, event.reason)
         # Persisted so other replicas and restarts see the same phase and rollback.
-        asyncio.get_running_loop().create_task(save_state(self.state_store, self.rollout.state))
+        task = asyncio.get_running_loop().create_task(save_state(self.state_store, self.rollout.state))
+        task.add_done_callback(_log_save_failure)
 
     def auto_quality(self, outcome: Outcome, summary: ResponseSummary, ctx: RequestContext) -> float | None:
         return auto_quality(

@@ -1,0 +1,510 @@
+"""Shared state between Thermostat replicas through Redis: posterior, rollout, decisions.
+
+`SharedState` is a set of background tasks next to one `Runtime`; nothing here runs on
+the request path except `SharedDecisionRegistry.register/complete`, which only put the
+record on a bounded in-memory queue.
+
+Policy statistics (every `storage.sync_interval_s`, default 1 s)
+    The policy's and the baseline costs' `export_delta()` increments are pushed and the
+    merged totals read back in ONE Lua script (atomic, one round trip):
+    ``HINCRBYFLOAT <prefix>policy:<name>:<family> "<stat key>#<component>" <increment>``
+    (and the same on ``<prefix>costs:<family>``), then HGETALL of both. The totals go
+    to `load_totals`, which keeps increments made meanwhile on top. So every replica
+    converges to the same posterior, and a replica that (re)starts begins from the
+    merged state, not from the prior (`start()` syncs once before serving).
+
+    Exactly once: a pushed batch carries a per-replica sequence number, and the script
+    skips a batch whose number it has already applied (``<prefix>sync-seq:<replica>``).
+    A push whose reply is lost (timeout, killed connection) is retried with the same
+    number until it is acknowledged, while new increments wait in the next batch; so
+    nothing is lost and nothing counted twice.
+
+    `storage.policy_family` names the posterior: bump it to start a fresh shared one
+    (e.g. after changing the arm grid or the LinUCB features).
+
+Rollout state (phase, rollback, traffic)
+    Stored as the ``rollout:state`` blob (`guards.rollout.save_state`; the runtime saves
+    it after every transition). `RedisStore.set` publishes every blob write on
+    ``<prefix>changes``; the listener here reloads the blob and swaps it into
+    ``rt.rollout.state``, so a rollback posted to one replica holds on every replica
+    within milliseconds. The periodic sync also reads the blob, which covers messages
+    missed while the pub/sub connection was being re-established.
+
+Decisions (delayed feedback may reach any replica)
+    Every decision (msgpack of ``(Decision, None)``) and, once it completes, its outcome
+    (``(Decision, Outcome)``) is written to ``<prefix>decision:<request id>`` with a TTL
+    of `storage.decision_ttl_s`, by a writer task that batches what is queued into one
+    pipeline. `find_decision(request_id)` looks in the local registry first, then in
+    Redis.
+
+Redis unreachable
+    Logged once (and once more when it is back); each replica carries on with its local
+    state: the policy keeps learning locally, increments accumulate, decisions queue up
+    (bounded; the oldest are dropped past `max_pending_decisions`). Retries back off
+    from 0.25 s to 5 s. When Redis answers again, the pending increments are pushed,
+    rollout blobs whose write failed are written, and the merged state is loaded back.
+    Nothing here raises into the request path; the budget guard applies `require_caws`
+    on its own when its store calls fail.
+
+Observability: `status()` (for the control API / metrics), and a heartbeat per replica
+(``<prefix>replica:<id>``, JSON, expires after a few sync intervals) with the digest of
+its posterior, its rollout phase and rollback flag, so an operator (or a test) can see
+that all replicas agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from guards.rollout import STATE_KEY, RolloutState
+from policies.records import Decision, Outcome
+from proxy.recorder import DecisionRegistry
+from proxy.store.redis_state import RedisStore
+
+if TYPE_CHECKING:
+    from proxy.runtime import Runtime
+
+log = logging.getLogger("thermostat.shared")
+
+_DecisionRecord = tuple[Decision, Outcome | None]
+_encode = msgspec.msgpack.Encoder().encode
+_decode_record = msgspec.msgpack.Decoder(tuple[Decision, Outcome | None]).decode
+
+# KEYS: seq key, policy hash, costs hash, rollout blob.
+# ARGV: seq (0 = nothing to push), seq ttl ms, n policy pairs, policy (field, incr)..., costs (field, incr)...
+# Returns {HGETALL policy, HGETALL costs, rollout blob or nil, 1 if applied}.
+_PUSH_AND_READ = """
+local seq = tonumber(ARGV[1])
+local applied = 0
+if seq > 0 then
+  local done = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if seq > done then
+    local np = tonumber(ARGV[3])
+    local i = 4
+    for _ = 1, np do
+      redis.call('HINCRBYFLOAT', KEYS[2], ARGV[i], ARGV[i + 1])
+      i = i + 2
+    end
+    while i <= #ARGV do
+      redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1])
+      i = i + 2
+    end
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    applied = 1
+  end
+end
+return {redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]), redis.call('GET', KEYS[4]) or false, applied}
+"""
+
+Stats = dict[str, list[float]]
+
+
+def add_into(into: Stats, delta: Mapping[str, list[float]]) -> Stats:
+    """`into += delta`, component-wise per key."""
+    for key, values in delta.items():
+        cur = into.get(key)
+        if cur is None:
+            into[key] = [float(v) for v in values]
+        else:
+            if len(cur) < len(values):
+                cur.extend([0.0] * (len(values) - len(cur)))
+            for i, v in enumerate(values):
+                cur[i] += float(v)
+    return into
+
+
+def to_fields(stats: Mapping[str, list[float]]) -> list[str]:
+    """Flat ``field, increment, ...`` arguments; field = ``<stat key>#<component index>``."""
+    out: list[str] = []
+    for key, values in stats.items():
+        if not all(math.isfinite(v) for v in values):
+            log.warning("not sharing non-finite statistics for %r", key)
+            continue
+        for i, v in enumerate(values):
+            out += [f"{key}#{i}", repr(float(v))]
+    return out
+
+
+def from_hash(raw: Any) -> Stats:
+    """HGETALL reply (flat list from Lua, or a dict) -> {stat key: [components]}."""
+    if isinstance(raw, dict):
+        items = list(raw.items())
+    else:
+        items = list(zip(raw[0::2], raw[1::2]))
+    parts: dict[str, dict[int, float]] = {}
+    for field, value in items:
+        name = field.decode() if isinstance(field, bytes) else str(field)
+        key, _, index = name.rpartition("#")
+        parts.setdefault(key, {})[int(index)] = float(value)
+    out: Stats = {}
+    for key, comps in parts.items():
+        values = [0.0] * (max(comps) + 1)
+        for i, v in comps.items():
+            values[i] = v
+        out[key] = values
+    return out
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def digest(stats: Mapping[str, list[float]]) -> str:
+    """Order-independent digest of statistics (equal digests = identical posteriors)."""
+    payload = json.dumps(sorted((k, [repr(float(v)) for v in vs]) for k, vs in stats.items()))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class SharedDecisionRegistry(DecisionRegistry):
+    """`DecisionRegistry` that also queues every decision (and its outcome) for Redis."""
+
+    def __init__(self, shared: SharedState, *, max_entries: int = 100_000, ttl_s: float = 86_400.0) -> None:
+        super().__init__(max_entries=max_entries, ttl_s=ttl_s)
+        self._shared = shared
+
+    def register(self, decision: Decision) -> None:
+        super().register(decision)
+        self._shared.put_decision(decision, None)
+
+    def complete(self, decision: Decision, outcome: Outcome) -> None:
+        super().complete(decision, outcome)
+        self._shared.put_decision(decision, outcome)
+
+
+class SharedState:
+    """Background sync of one runtime with Redis (see the module docstring)."""
+
+    def __init__(self, rt: Runtime, store: RedisStore, *, max_pending_decisions: int = 50_000) -> None:
+        st = rt.config.storage
+        self.rt = rt
+        self.store = store
+        self.redis = store.redis
+        self.interval_s = max(0.05, st.sync_interval_s)
+        self.timeout_s = st.redis_timeout_s
+        self.decision_ttl_ms = max(1, int(st.decision_ttl_s * 1000))
+        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        p = store.prefix
+        self.policy_key = f"{p}policy:{rt.policy.name}:{st.policy_family}"
+        self.costs_key = f"{p}costs:{st.policy_family}"
+        self.seq_key = f"{p}sync-seq:{self.replica_id}"
+        self.heartbeat_key = f"{p}replica:{self.replica_id}"
+        self.decision_prefix = f"{p}decision:"
+        old = rt.registry
+        self.registry = SharedDecisionRegistry(self, max_entries=old.max_entries, ttl_s=old.ttl_s)
+        self._push = self.redis.register_script(_PUSH_AND_READ)
+        # increments exported from the policy/costs but not yet acknowledged by Redis
+        self._fresh: tuple[Stats, Stats] = ({}, {})
+        self._inflight: tuple[int, Stats, Stats] | None = None
+        self._seq = 0
+        self._decisions: asyncio.Queue[_DecisionRecord] | None = None
+        self._max_pending_decisions = max_pending_decisions
+        self._remote_rollout: bytes | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.connected = False
+        self._down_logged = False
+        self.last_sync_at: float | None = None
+        self.syncs = 0
+        self.sync_failures = 0
+        self.decisions_written = 0
+        self.decisions_dropped = 0
+        self.rollout_reloads = 0
+
+    # ---- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """First sync (so the replica starts from the merged posterior), then the background tasks."""
+        self._decisions = asyncio.Queue(self._max_pending_decisions)
+        try:
+            await self._publish_startup_rollout()
+            await self.sync_once()
+        except Exception as exc:  # noqa: BLE001 - start with local state; the loop keeps trying
+            self._went_down(exc)
+        self._tasks = [
+            asyncio.create_task(self._sync_forever(), name="thermostat-shared-sync"),
+            asyncio.create_task(self._listen_forever(), name="thermostat-shared-listen"),
+            asyncio.create_task(self._write_decisions_forever(), name="thermostat-shared-decisions"),
+        ]
+
+    async def stop(self, *, flush_s: float = 2.0) -> None:
+        """Stop the tasks, then push what is pending (bounded by `flush_s`) and close."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001, S110 - stopping: its outcome no longer matters
+                pass
+        self._tasks = []
+        try:
+            async with asyncio.timeout(flush_s):
+                await self._flush_decisions()
+                await self.sync_once()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("shared state: final sync with redis failed (%s); pending increments dropped", exc)
+        try:
+            await self.redis.delete(self.heartbeat_key)
+            await self.store.aclose()
+        except Exception as exc:  # noqa: BLE001
+            log.debug("closing the redis client: %s", exc)
+
+    def _went_down(self, exc: BaseException) -> None:
+        self.connected = False
+        self.sync_failures += 1
+        if not self._down_logged:
+            self._down_logged = True
+            log.warning("redis unreachable (%s: %s): keeping local state and retrying", type(exc).__name__, exc)
+
+    def _came_back(self) -> None:
+        if self._down_logged:
+            log.warning("redis reachable again: pending increments pushed, state resynced")
+        self._down_logged = False
+        self.connected = True
+
+    # ---- policy statistics + rollout poll ---------------------------------------
+
+    async def sync_once(self) -> None:
+        """One push-and-read round trip; raises on Redis errors (the loop handles them)."""
+        rt = self.rt
+        if self.store.unsaved:
+            await self.store.replay_unsaved()
+        add_into(self._fresh[0], rt.policy.export_delta())
+        add_into(self._fresh[1], rt.bandit.costs.export_delta())
+        if self._inflight is None and (self._fresh[0] or self._fresh[1]):
+            self._seq += 1
+            self._inflight = (self._seq, *self._fresh)
+            self._fresh = ({}, {})
+        if self._inflight is not None:
+            seq, pol, costs = self._inflight
+            pol_fields, cost_fields = to_fields(pol), to_fields(costs)
+        else:
+            seq, pol_fields, cost_fields = 0, [], []
+        args: list[Any] = [seq, 86_400_000, len(pol_fields) // 2, *pol_fields, *cost_fields]
+        async with asyncio.timeout(self.timeout_s * 2):
+            pol_raw, costs_raw, rollout_raw, _applied = await self._push(
+                keys=[self.seq_key, self.policy_key, self.costs_key, self.store.k(STATE_KEY)], args=args
+            )
+        if seq:
+            self._inflight = None
+        rt.policy.load_totals(from_hash(pol_raw))
+        rt.bandit.costs.load_totals(from_hash(costs_raw))
+        self._came_back()
+        self.last_sync_at = time.time()
+        self.syncs += 1
+        if rollout_raw is not None:
+            self._adopt_rollout(_as_bytes(rollout_raw))
+        await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        rt = self.rt
+        state = rt.rollout.state
+        body = {
+            "replica": self.replica_id,
+            "policy": rt.policy.name,
+            "digest": digest(rt.policy.snapshot()),
+            "costs_digest": digest(rt.bandit.costs.totals),
+            "phase": state.phase,
+            "rolled_back": bool(state.rollback.active),
+            "synced_at": self.last_sync_at,
+        }
+        ttl_ms = int(max(3.0, 5 * self.interval_s) * 1000)
+        await self.redis.set(self.heartbeat_key, json.dumps(body), px=ttl_ms)
+
+    async def _sync_forever(self) -> None:
+        backoff = 0.0
+        while True:
+            await asyncio.sleep(self.interval_s if backoff == 0.0 else backoff)
+            try:
+                await self.sync_once()
+                backoff = 0.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - never let the loop die
+                self._went_down(exc)
+                backoff = min(5.0, max(0.25, backoff * 2))
+
+    def pending(self) -> int:
+        """Statistic keys exported locally but not yet acknowledged by Redis."""
+        inflight = 0 if self._inflight is None else len(self._inflight[1]) + len(self._inflight[2])
+        return inflight + len(self._fresh[0]) + len(self._fresh[1])
+
+    # ---- rollout ----------------------------------------------------------------
+
+    async def _publish_startup_rollout(self) -> None:
+        """At start the runtime has loaded the stored state and applied the configuration
+        to it (a changed phase or `enabled`); if that changed anything, this replica's
+        state is the newest and is stored (and announced) for the others."""
+        async with asyncio.timeout(self.timeout_s * 2):
+            raw = await self.redis.get(self.store.k(STATE_KEY))
+            local = msgspec.json.encode(self.rt.rollout.state)
+            if raw is None or _as_bytes(raw) != local:
+                await self.store.set(STATE_KEY, local)
+        self._remote_rollout = local
+
+    def _adopt_rollout(self, raw: bytes) -> None:
+        """Swap a rollout state written by another replica into `rt.rollout.state`."""
+        if raw == self._remote_rollout:
+            return
+        self._remote_rollout = raw
+        if raw == self.store.last_written.get(STATE_KEY):
+            return  # our own write
+        rollout = self.rt.rollout
+        if raw == msgspec.json.encode(rollout.state):
+            return
+        try:
+            state = msgspec.json.decode(raw, type=RolloutState)
+        except msgspec.DecodeError:
+            log.exception("ignoring an undecodable rollout state in redis")
+            return
+        rollout.state = state
+        self.rollout_reloads += 1
+        log.warning(
+            "rollout state taken from another replica: phase %s%s",
+            state.phase,
+            f", rolled back ({state.rollback.trigger}: {state.rollback.reason})" if state.rollback.active else "",
+        )
+
+    async def refresh_rollout(self) -> None:
+        async with asyncio.timeout(self.timeout_s):
+            raw = await self.redis.get(self.store.k(STATE_KEY))
+        if raw is not None:
+            self._adopt_rollout(_as_bytes(raw))
+
+    async def _listen_forever(self) -> None:
+        backoff = 0.25
+        channel = self.store.changes_channel
+        state_key = STATE_KEY.encode()
+        me = self.store.instance_id.encode()
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(channel)
+                await self.refresh_rollout()  # whatever was published while we were not listening
+                backoff = 0.25
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    sender, _, key = bytes(msg["data"]).partition(b"\n")
+                    if sender != me and key == state_key:
+                        await self.refresh_rollout()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reconnect with backoff
+                log.debug("shared state listener reconnecting after %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+            finally:
+                try:
+                    await asyncio.shield(pubsub.aclose())
+                except BaseException as exc:  # noqa: BLE001 - a dead connection may not close cleanly
+                    log.debug("closing the pub/sub connection: %s", exc)
+
+    # ---- decisions --------------------------------------------------------------
+
+    def put_decision(self, decision: Decision, outcome: Outcome | None) -> None:
+        """Queue a decision (and its outcome, if complete) for Redis. Never blocks, never raises."""
+        q = self._decisions
+        if q is None or self._stopping:
+            return
+        try:
+            q.put_nowait((decision, outcome))
+        except asyncio.QueueFull:
+            try:  # keep the newest: feedback usually concerns recent requests
+                q.get_nowait()
+                q.put_nowait((decision, outcome))
+            except (asyncio.QueueEmpty, asyncio.QueueFull):
+                pass
+            self.decisions_dropped += 1
+
+    def _take_batch(self, first: _DecisionRecord | None, limit: int = 1000) -> dict[str, _DecisionRecord]:
+        q = self._decisions
+        batch: dict[str, _DecisionRecord] = {}
+        if first is not None:
+            batch[first[0].request_id] = first
+        while q is not None and not q.empty() and len(batch) < limit:
+            item = q.get_nowait()
+            batch[item[0].request_id] = item  # a completion replaces the bare decision
+        return batch
+
+    async def _write_batch(self, batch: dict[str, _DecisionRecord]) -> None:
+        async with asyncio.timeout(self.timeout_s * 2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for request_id, record in batch.items():
+                    pipe.set(self.decision_prefix + request_id, _encode(record), px=self.decision_ttl_ms)
+                await pipe.execute()
+        self.decisions_written += len(batch)
+
+    async def _write_decisions_forever(self) -> None:
+        assert self._decisions is not None
+        backoff = 0.0
+        while True:
+            first = await self._decisions.get()
+            batch = self._take_batch(first)
+            while True:
+                try:
+                    await self._write_batch(batch)
+                    backoff = 0.0
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - keep the batch, retry with backoff
+                    self._went_down(exc)
+                    backoff = min(5.0, max(0.25, backoff * 2))
+                    await asyncio.sleep(backoff)
+                    batch.update(self._take_batch(None, limit=1000))  # newer records replace older ones
+
+    async def _flush_decisions(self) -> None:
+        while self._decisions is not None and not self._decisions.empty():
+            await self._write_batch(self._take_batch(None))
+
+    async def find_decision(self, request_id: str) -> tuple[Decision, Outcome | None] | None:
+        """The decision (and outcome, if known) of `request_id`, made by any replica; None if unknown.
+
+        Looks in this replica's registry, then in Redis. Never raises: Redis errors count as unknown.
+        """
+        local = self.rt.registry.get(request_id, time.time())
+        if local is not None:
+            return local
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                raw = await self.redis.get(self.decision_prefix + request_id)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("looking up decision %s in redis failed: %s", request_id, exc)
+            return None
+        if raw is None:
+            return None
+        try:
+            return _decode_record(_as_bytes(raw))
+        except msgspec.DecodeError:
+            log.exception("undecodable decision record for %s", request_id)
+            return None
+
+    # ---- status -----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "replica": self.replica_id,
+            "connected": self.connected,
+            "last_sync_at": self.last_sync_at,
+            "syncs": self.syncs,
+            "sync_failures": self.sync_failures,
+            "pending_stat_keys": self.pending(),
+            "pending_decisions": self._decisions.qsize() if self._decisions is not None else 0,
+            "decisions_written": self.decisions_written,
+            "decisions_dropped": self.decisions_dropped,
+            "rollout_reloads": self.rollout_reloads,
+        }

@@ -1,0 +1,161 @@
+"""RedisStore against the in-process store's contract (same scenarios as tests/unit/test_guards_state.py).
+
+Every scenario runs against both implementations, so the Redis version is held to
+exactly the semantics the guards were written for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+
+from guards.state import BudgetKey, Candidate, Counters, InProcessStore, StateStore, StoreUnavailable
+from proxy.store.redis_state import RedisStore
+from tests.shared.conftest import REDIS_URL
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
+    if request.param == "memory":
+        yield InProcessStore(prune_every_s=0.0)
+        return
+    prefix = request.getfixturevalue("redis_prefix")
+    s = RedisStore(REDIS_URL, prefix=prefix, timeout_s=2.0)
+    yield s
+    await s.aclose()
+
+
+async def test_is_a_state_store(redis_store: RedisStore) -> None:
+    assert isinstance(redis_store, StateStore)
+
+
+async def test_reserve_first_candidate_that_fits_every_key(store: StateStore) -> None:
+    keys = [BudgetKey("all", 1000, 800), BudgetKey("task", 100, 80)]
+    r = await store.budget_reserve(keys, [Candidate(150), Candidate(60), Candidate(10)], now=0, expires_at=10)
+    assert r.index == 1 and not r.overrun
+    assert r.before == (Counters(), Counters()) and r.after == (Counters(0, 60), Counters(0, 60))
+    r = await store.budget_reserve(keys, [Candidate(60), Candidate(40)], now=0, expires_at=10)
+    assert r.index == 1  # 60 + 40 = 100: exactly the limit fits
+    r = await store.budget_reserve(keys, [Candidate(1)], now=0, expires_at=10)
+    assert r.index is None and r.after == r.before
+    assert r.before == (Counters(0, 100), Counters(0, 100))
+
+
+async def test_gate_refuses_gated_candidates_from_the_gate_on(store: StateStore) -> None:
+    keys = [BudgetKey("k", 100, 80)]
+    await store.budget_reserve(keys, [Candidate(79)], now=0, expires_at=10)
+    assert (await store.budget_reserve(keys, [Candidate(1, gated=True)], now=0, expires_at=10)).index == 0
+    assert (await store.budget_reserve(keys, [Candidate(1, gated=True), Candidate(2)], now=0, expires_at=10)).index == 1
+
+
+async def test_forced_candidate_counts_overruns_per_key(store: StateStore) -> None:
+    keys = [BudgetKey("a", 100, 80), BudgetKey("b", 1000, 800)]
+    r = await store.budget_reserve(keys, [Candidate(150, force=True)], now=0, expires_at=10)
+    assert r.index == 0 and r.overrun
+    assert r.after == (Counters(0, 150, 1), Counters(0, 150, 0))
+    assert await store.budget_read(["a", "b"], now=1) == r.after
+
+
+async def test_settle_release_and_expiry(store: StateStore) -> None:
+    keys = [BudgetKey("w1", 1000, 800)]
+    await store.budget_reserve(keys, [Candidate(300)], now=0, expires_at=10)
+    await store.budget_settle(["w1"], 300, 250, now=1, expires_at=10)
+    await store.budget_reserve(keys, [Candidate(100)], now=2, expires_at=10)
+    await store.budget_release(["w1"], 100, now=3)
+    assert await store.budget_read(["w1", "nope"], now=4) == (Counters(250, 0, 0), Counters())
+    assert await store.budget_read(["w1"], now=10) == (Counters(),)  # expired (on the caller's clock)
+    # a write after expiry starts the key from zero
+    r = await store.budget_reserve(keys, [Candidate(5)], now=11, expires_at=20)
+    assert r.before == (Counters(),) and r.after == (Counters(0, 5),)
+    await store.budget_release(["w1"], 5, now=12)
+    await store.budget_release(["never"], 5, now=12)  # unknown key: nothing happens
+    assert await store.budget_read(["w1", "never"], now=12) == (Counters(), Counters())
+
+
+async def test_settle_never_drives_reserved_negative_and_keeps_later_expiry(store: StateStore) -> None:
+    keys = [BudgetKey("s", 1000, 800)]
+    await store.budget_reserve(keys, [Candidate(10)], now=0, expires_at=100)
+    await store.budget_settle(["s"], 50, 7, now=1, expires_at=10)  # earlier expiry must not shorten the key
+    assert await store.budget_read(["s"], now=50) == (Counters(7, 0, 0),)
+
+
+async def test_blobs_counters_maps(store: StateStore) -> None:
+    assert await store.get("x") is None
+    await store.set("x", b"1")
+    assert await store.get("x") == b"1"
+    assert [await store.incr("seq") for _ in range(3)] == [1, 2, 3]
+    assert await store.incr("seq", 5) == 8
+    await store.map_put("m", "a", b"A")
+    await store.map_put("m", "b", b"B")
+    assert await store.map_get_all("m") == {"a": b"A", "b": b"B"}
+    assert await store.map_delete("m", "a") and not await store.map_delete("m", "a")
+    assert await store.map_get_all("m") == {"b": b"B"}
+    assert await store.map_get_all("none") == {}
+
+
+async def test_redis_keys_carry_a_ttl_and_expire(redis_store: RedisStore, sync_redis: redis.Redis) -> None:
+    now = time.time()
+    await redis_store.budget_reserve([BudgetKey("short", 100, 80)], [Candidate(1)], now=now, expires_at=now + 0.4)
+    key = redis_store.k("short")
+    ttl = sync_redis.pttl(key)
+    assert 0 < ttl <= 400
+    # a later expiry extends; an earlier one does not shorten
+    await redis_store.budget_settle(["short"], 1, 1, now=now, expires_at=now + 0.6)
+    assert 400 < sync_redis.pttl(key) <= 600
+    await redis_store.budget_settle(["short"], 0, 1, now=now, expires_at=now + 0.1)
+    assert sync_redis.pttl(key) > 400
+    await asyncio.sleep(0.75)
+    assert sync_redis.exists(key) == 0  # Redis itself dropped the window key
+    await redis_store.set("blob", b"v")
+    assert sync_redis.pttl(redis_store.k("blob")) == -1  # blobs never expire
+
+
+async def test_thousand_concurrent_reservations_never_exceed_the_limit(redis_prefix: str) -> None:
+    """1,000 concurrent requests, each worth 100 tokens, against a budget of 100 requests, over 3 clients."""
+    stores = [RedisStore(REDIS_URL, prefix=redis_prefix, timeout_s=5.0, max_connections=32) for _ in range(3)]
+    limit = 100 * 100
+    keys = [BudgetKey("caws:0:all", limit, 8000)]
+    now = time.time()
+
+    async def one(i: int) -> int | None:
+        s = stores[i % 3]
+        r = await s.budget_reserve(keys, [Candidate(100)], now=now, expires_at=now + 60)
+        if r.index is None:
+            return None
+        assert r.after[0].total <= limit
+        await s.budget_settle(["caws:0:all"], 100, 100, now=now, expires_at=now + 60)
+        return r.index
+
+    try:
+        results = await asyncio.gather(*(one(i) for i in range(1000)))
+        accepted = sum(1 for r in results if r is not None)
+        assert accepted == 100
+        assert await stores[0].budget_read(["caws:0:all"], now=now) == (Counters(used=limit, reserved=0, overruns=0),)
+    finally:
+        for s in stores:
+            await s.aclose()
+
+
+async def test_script_cache_survives_script_flush(redis_store: RedisStore, sync_redis: redis.Redis) -> None:
+    keys = [BudgetKey("f", 10, 8)]
+    await redis_store.budget_reserve(keys, [Candidate(1)], now=0, expires_at=10)
+    sync_redis.script_flush()
+    r = await redis_store.budget_reserve(keys, [Candidate(1)], now=0, expires_at=10)
+    assert r.after == (Counters(0, 2),)
+
+
+async def test_unreachable_redis_raises_store_unavailable_and_remembers_blob_writes(redis_prefix: str) -> None:
+    s = RedisStore("redis://127.0.0.1:1/0", prefix=redis_prefix, timeout_s=0.2)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await s.budget_reserve([BudgetKey("k", 10, 8)], [Candidate(1)], now=0, expires_at=10)
+        with pytest.raises(StoreUnavailable):
+            await s.set("rollout:state", b"{}")
+        assert s.unsaved == {"rollout:state": b"{}"}
+        assert not await s.ping()
+    finally:
+        await s.aclose()
