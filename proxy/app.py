@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, MediaType, Response, get
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from proxy.alerts import AlertManager
 from proxy.config import Config
+from proxy.control import EXCEPTION_HANDLERS, build_control
 from proxy.edge import ProxyEdge
+from proxy.metrics import exposition, install_live_metrics, refresh_live
 from proxy.runtime import Runtime
+
+DASHBOARD_HTML = Path(__file__).with_name("dashboard.html")
 
 
 def build_litestar(rt: Runtime) -> Litestar:
+    control, control_state = build_control(rt)
+    live = install_live_metrics(rt)
+    alerts = AlertManager(rt, rt.config.alerts.webhook_urls)
+    rt.control = control_state  # type: ignore[attr-defined]  # feedback book, auth counters (see proxy.feedback)
+    rt.alerts = alerts  # type: ignore[attr-defined]
+    dashboard_page = DASHBOARD_HTML.read_bytes()
+
     @get("/health", media_type=MediaType.JSON, include_in_schema=True, sync_to_thread=False)
     def health() -> dict[str, Any]:
-        return {"status": "ok", "uptime_s": round(__import__("time").time() - rt.started_at, 3)}
+        return {"status": "ok", "uptime_s": round(time.time() - rt.started_at, 3)}
 
     @get("/health/liveness", media_type=MediaType.JSON, sync_to_thread=False)
     def liveness() -> dict[str, Any]:
@@ -30,14 +46,32 @@ def build_litestar(rt: Runtime) -> Litestar:
         ok = all(checks.values())
         return Response({"status": "ok" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503)
 
-    @get("/metrics", sync_to_thread=False)
-    def metrics() -> Response[bytes]:
-        return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    @get("/metrics")
+    async def metrics() -> Response[bytes]:
+        await refresh_live(live)
+        return Response(exposition(rt), media_type=CONTENT_TYPE_LATEST)
+
+    @get("/dashboard", media_type=MediaType.HTML, include_in_schema=False, sync_to_thread=False)
+    def dashboard() -> Response[bytes]:
+        # The page itself holds no data; it reads /api/optimization/dashboard with the
+        # token the operator types in (kept in sessionStorage), or as a loopback client.
+        return Response(dashboard_page, media_type=MediaType.HTML, headers={"cache-control": "no-store"})
+
+    def warn_open() -> None:
+        control_state.auth.warn_if_open()
 
     return Litestar(
-        route_handlers=[health, liveness, readiness, metrics],
-        on_startup=[rt.start],
-        on_shutdown=[rt.stop],
+        route_handlers=[health, liveness, readiness, metrics, dashboard, control],
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=OpenAPIConfig(
+            title="Thermostat control API",
+            version="0.1.0",
+            path="/schema",
+            components=Components(security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}),
+            security=[{"bearer": []}],
+        ),
+        on_startup=[rt.start, warn_open, alerts.start],
+        on_shutdown=[alerts.stop, rt.stop],
     )
 
 

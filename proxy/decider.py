@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from guards.budget import BudgetGuard, Reservation
-from guards.rollout import RolloutController, RolloutEvent, assign
+from guards.rollout import OpeEvidence, RolloutController, RolloutEvent, assign
 from guards.settings import BaselineSettings, ConstraintsSettings
 from guards.slo import SloMonitor
 from guards.trust_region import ModelLimits, allowed_arms, enforce
@@ -134,6 +134,7 @@ class BanditDecider:
         self._last_tick = 0.0
         self._arm_cache: dict[tuple[float, int, str, str], list[Arm]] = {}
         self.budget_warning = False
+        self.ope_evidence: OpeEvidence | None = None  # refreshed off the hot path by the runtime
 
     @property
     def policy_name(self) -> str:
@@ -283,7 +284,7 @@ class BanditDecider:
         if not force and now - self._last_tick < self.tick_interval_s:
             return []
         self._last_tick = now
-        events = self.rollout.tick(now)
+        events = self.rollout.tick(now, self.ope_evidence)
         if events and self.on_events is not None:
             self.on_events(events)
         return events

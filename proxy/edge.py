@@ -21,6 +21,8 @@ import msgspec
 
 from policies.records import Decision, Outcome, Params
 from proxy.errors import ProxyError, bad_request, error_body
+from proxy.feedback import apply_pending_feedback
+from proxy.metrics import observe_decision
 from proxy.records import LogEntry
 from proxy.sse import ResponseSummary, StreamRelay, summarize_body
 from proxy.upstream import Upstream, classify, forward_headers, response_headers
@@ -370,6 +372,9 @@ class ProxyEdge:
             outcome.quality = rt.auto_quality(outcome, summary, ctx)
             await rt.decider.observe(decision, outcome)
             rt.registry.complete(decision, outcome)
+            if rt.control is not None:
+                apply_pending_feedback(rt, rt.control.feedback, decision, outcome)
+            observe_decision(self.metrics, decision, outcome, rt.arm_label(decision))
             rt.recorder.submit(LogEntry(decision=decision, outcome=outcome, context_features=rt.context_features(ctx), prompt=prompt))
             m = self.metrics
             task = m.task_label(decision.context.task_type)

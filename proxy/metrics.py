@@ -58,3 +58,196 @@ class Metrics:
         self.client_errors = Counter(
             "thermostat_rejected_requests", "Requests Thermostat answered itself with an error", ["code"], registry=r
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Control-plane metrics: decision counters the edge feeds, and gauges read from live state at
+# scrape time (a custom collector plus an async refresh of the budget before each scrape).
+# ---------------------------------------------------------------------------------------------
+
+import math as _math
+import os as _os
+import time as _time
+from collections.abc import Iterator as _Iterator
+from typing import Any as _Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+REWARD_BUCKETS = (-1.0, -0.5, -0.25, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+QUALITY_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+PHASES = ("shadow", "canary", "guarded", "general")
+ROLLBACK_TRIGGERS = ("slo", "manual", "disabled")
+_GUARDS = frozenset({"budget", "budget_refused", "waiver", "require_caws", "trust_region", "rollout"})
+
+
+def add_decision_metrics(m: Metrics) -> None:
+    """Counters/histograms observed per finished request (idempotent per Metrics instance)."""
+    if getattr(m, "reward", None) is not None:
+        return
+    r = m.registry
+    m.guard_reason_label = BoundedLabel(100)
+    m.reward = Histogram("thermostat_reward", "Reward of finished requests", ["task_type", "mode"], buckets=REWARD_BUCKETS, registry=r)
+    m.quality = Histogram("thermostat_quality", "Quality score of finished requests (automatic or feedback)", ["task_type", "mode"],
+                          buckets=QUALITY_BUCKETS, registry=r)
+    m.decisions = Counter("thermostat_decisions", "Decisions by task type, mode and arm (sent parameters as deltas from baseline)",
+                          ["task_type", "mode", "arm"], registry=r)
+    m.guard_interventions = Counter("thermostat_guard_interventions", "Guard interventions by guard and reason", ["guard", "reason"], registry=r)
+    m.feedback = Counter("thermostat_feedback", "Explicit feedback recorded through the control API", ["result"], registry=r)
+
+
+def guard_interventions(mode: str, guard_notes: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
+    """(guard, reason) pairs of one decision, with bounded values.
+
+    Notes like ``budget:cheaper_fit`` / ``budget_refused:waiver_required`` map to
+    (budget, cheaper_fit) / (budget_refused, waiver_required); ``waiver:WV-0001`` to
+    (waiver, used) (ids would be unbounded); ``budget:chosen`` / ``budget:baseline``
+    are not interventions. Modes rollback/off count as (rollout, rollback|disabled),
+    guard_fallback as (trust_region, arm_swapped).
+    """
+    out: list[tuple[str, str]] = []
+    for note in guard_notes:
+        guard, _, reason = note.partition(":")
+        if guard not in _GUARDS:
+            guard, reason = "other", "other"
+        if guard == "waiver":
+            reason = "used"
+        if guard == "budget" and reason in ("chosen", "baseline"):
+            continue
+        out.append((guard, reason or "unspecified"))
+    if mode == "rollback":
+        out.append(("rollout", "rollback"))
+    elif mode == "off":
+        out.append(("rollout", "disabled"))
+    elif mode == "guard_fallback":
+        out.append(("trust_region", "arm_swapped"))
+    return out
+
+
+def observe_decision(m: Metrics, decision: _Any, outcome: _Any, arm: str) -> None:
+    """Call from the edge once per finished request (after `decider.observe`)."""
+    add_decision_metrics(m)
+    task = m.task_label(decision.context.task_type)
+    m.decisions.labels(task, decision.mode, arm).inc()
+    for guard, reason in guard_interventions(decision.mode, decision.guard_notes):
+        m.guard_interventions.labels(guard, m.guard_reason_label(reason)).inc()
+    if outcome.reward is not None and _math.isfinite(outcome.reward):
+        m.reward.labels(task, decision.mode).observe(outcome.reward)
+    if outcome.quality is not None and _math.isfinite(outcome.quality):
+        m.quality.labels(task, decision.mode).observe(outcome.quality)
+
+
+class LiveCollector(Collector):
+    """Gauges computed from the runtime at scrape time: SLOs, rollout, rollbacks, budget, spool."""
+
+    def __init__(self, rt: _Any) -> None:
+        self.rt = rt
+        self.budget: _Any = None  # last BudgetStatus, refreshed by `refresh_live` before each scrape
+        self.budget_ok = False
+        self._seen_rollbacks: set[tuple[float, str, str]] = set()
+        self.rollbacks: dict[str, int] = {t: 0 for t in ROLLBACK_TRIGGERS}
+
+    def _sync_rollbacks(self) -> None:
+        for e in self.rt.rollout.state.events:
+            if e.kind not in ("rollback", "disable"):
+                continue
+            key = (e.at, e.kind, e.reason)
+            if key in self._seen_rollbacks:
+                continue
+            self._seen_rollbacks.add(key)
+            trigger = "disabled" if e.kind == "disable" else ("manual" if e.actor else "slo")
+            self.rollbacks[trigger] += 1
+
+    def collect(self) -> _Iterator[_Any]:
+        rt = self.rt
+        now = _time.time()
+        report = rt.slo.report(now)
+        value = GaugeMetricFamily("thermostat_slo_value", "Current SLO value (latency ms, mean quality, error rate)", labels=["slo", "traffic"])
+        threshold = GaugeMetricFamily("thermostat_slo_threshold", "Configured SLO threshold", labels=["slo"])
+        compliant = GaugeMetricFamily("thermostat_slo_compliant", "1 when the traffic class meets every judged SLO", labels=["traffic"])
+        samples = GaugeMetricFamily("thermostat_slo_samples", "Samples in the SLO window", labels=["slo", "traffic"])
+        for traffic in (report.optimized, report.baseline):
+            compliant.add_metric([traffic.traffic], 1.0 if traffic.compliant else 0.0)
+            for c in traffic.checks:
+                if c.value is not None and _math.isfinite(c.value):
+                    value.add_metric([c.name, traffic.traffic], c.value)
+                samples.add_metric([c.name, traffic.traffic], c.samples)
+        for c in report.optimized.checks:
+            threshold.add_metric([c.name], c.threshold)
+        yield from (value, threshold, compliant, samples)
+
+        eff = rt.rollout.effective(now)
+        phase = GaugeMetricFamily("thermostat_rollout_phase", "1 for the current rollout phase", labels=["phase"])
+        for p in PHASES:
+            phase.add_metric([p], 1.0 if rt.rollout.state.phase == p else 0.0)
+        yield phase
+        yield GaugeMetricFamily("thermostat_rollout_traffic_fraction", "Share of traffic optimised now", value=eff.fraction if eff.optimizing_allowed else 0.0)
+        active = GaugeMetricFamily("thermostat_rollback_active", "1 while rolled back, by trigger", labels=["trigger"])
+        rb = rt.rollout.state.rollback
+        for t in ROLLBACK_TRIGGERS:
+            active.add_metric([t], 1.0 if (eff.rollback is not None and rb.trigger == t) else 0.0)
+        yield active
+        self._sync_rollbacks()
+        rollbacks = CounterMetricFamily("thermostat_rollbacks", "Rollbacks seen by this process, by trigger", labels=["trigger"])
+        for t in ROLLBACK_TRIGGERS:
+            rollbacks.add_metric([t], self.rollbacks[t])
+        yield rollbacks
+
+        b = self.budget
+        yield GaugeMetricFamily("thermostat_budget_up", "1 when the budget store answered the last scrape", value=1.0 if self.budget_ok else 0.0)
+        if b is not None:
+            yield GaugeMetricFamily("thermostat_budget_used_tokens", "Tokens used in the current budget window", value=b.used)
+            yield GaugeMetricFamily("thermostat_budget_reserved_tokens", "Tokens reserved by requests in flight", value=b.reserved)
+            yield GaugeMetricFamily("thermostat_budget_limit_tokens", "Configured token budget per window", value=b.limit)
+            yield GaugeMetricFamily("thermostat_budget_effective_limit_tokens", "Budget plus active waivers", value=b.effective_limit)
+            yield GaugeMetricFamily("thermostat_budget_overruns", "Requests sent past the limit this window", value=b.overruns)
+            yield GaugeMetricFamily("thermostat_budget_active_waivers", "Active CAWS waivers", value=len(b.active_waivers))
+            yield GaugeMetricFamily("thermostat_budget_resets_at_seconds", "Unix time the budget window resets", value=b.resets_at)
+
+        st = rt.sink.status() if hasattr(rt.sink, "status") else None
+        if st is not None:
+            yield GaugeMetricFamily("thermostat_spool_entries", "Entries waiting in the local spool for the database", value=st.spool_entries)
+            yield GaugeMetricFamily("thermostat_spool_batches", "Batches waiting in the local spool", value=st.spool_batches)
+            yield GaugeMetricFamily("thermostat_store_connected", "1 when the decision log is connected", value=1.0 if st.connected else 0.0)
+        yield GaugeMetricFamily("thermostat_writer_queue_capacity", "Capacity of the writer queue", value=rt.recorder.queue.maxsize)
+
+
+def install_live_metrics(rt: _Any) -> LiveCollector:
+    """Register the live collector and the decision metrics on the runtime's registry (once)."""
+    m = rt.metrics
+    add_decision_metrics(m)
+    existing = getattr(m, "live", None)
+    if existing is not None:
+        return existing
+    live = LiveCollector(rt)
+    m.registry.register(live)
+    m.live = live
+    return live
+
+
+async def refresh_live(live: LiveCollector, timeout_s: float = 0.5) -> None:
+    """Read the budget (an async store call) right before a scrape."""
+    import asyncio
+
+    try:
+        live.budget = await asyncio.wait_for(live.rt.budget.status(_time.time()), timeout_s)
+        live.budget_ok = True
+    except Exception:
+        live.budget_ok = False
+
+
+def exposition(rt: _Any) -> bytes:
+    """`/metrics` body: this registry, or every worker's when PROMETHEUS_MULTIPROC_DIR is set."""
+    from prometheus_client import generate_latest
+
+    if _os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import CollectorRegistry as _Registry
+        from prometheus_client import multiprocess
+
+        registry = _Registry()
+        multiprocess.MultiProcessCollector(registry)
+        live = getattr(rt.metrics, "live", None)
+        if live is not None:
+            registry.register(live)  # live gauges are process-local reads of shared state
+        return generate_latest(registry)
+    return generate_latest(rt.metrics.registry)

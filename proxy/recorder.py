@@ -17,8 +17,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from policies.records import Decision, Outcome
-from proxy.records import Entry
 from proxy.store.base import Sink
+from proxy.store.base import StoreRecord as Entry
 
 log = logging.getLogger("thermostat.recorder")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 
@@ -24,13 +24,14 @@ from policies.context import build_context, context_features
 from policies.quality import auto_quality
 from policies.records import Decision, Outcome, RequestContext
 from proxy.config import Config
+from proxy.control_data import compute_ope_evidence
 from proxy.decider import BanditDecider, Decider
 from proxy.metrics import Metrics
 from proxy.recorder import DecisionRegistry, Recorder
 from proxy.shared import SharedState
 from proxy.sse import ResponseSummary
+from proxy.store import EventRecord, make_log_store
 from proxy.store.redis_state import RedisStore
-from proxy.store.sqlite import SqliteSink
 from proxy.upstream import UpstreamPool
 
 log = logging.getLogger("thermostat")
@@ -54,8 +55,8 @@ class Runtime:
             RedisStore(redis.redis_url, prefix=redis.redis_key_prefix, timeout_s=redis.redis_timeout_s) if redis.redis_url else InProcessStore()
         )
         self.events: deque[RolloutEvent] = deque(maxlen=500)
-        data_dir = Path(config.server.data_dir)
-        self.sink = SqliteSink(data_dir / "decisions.sqlite3")
+        # SQLite under data_dir when no database_url, else PostgreSQL behind a local spool.
+        self.sink = make_log_store(config)
         st = config.storage
         self.recorder = Recorder(
             self.sink,
@@ -69,6 +70,9 @@ class Runtime:
         self.build_context = build_context
         self._limits: dict[tuple[str, str], ModelLimits] = {}
         self._ticker: asyncio.Task[None] | None = None
+        self.ope_interval_s = 60.0
+        self.control: Any = None  # set by the control API (proxy/control.py) when it is mounted
+        self.alerts: Any = None
 
         self.policy = make_policy(config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb)
         self.slo = SloMonitor(config.slo)
@@ -129,11 +133,23 @@ class Runtime:
         )
 
     async def _tick_forever(self) -> None:
-        """SLO cooldowns and promotions happen on time even when no traffic arrives."""
+        """SLO cooldowns and promotions happen on time even when no traffic arrives.
+
+        The OPE evidence promotion needs (improvement lower bound over baseline on the
+        exploration data) is recomputed from the decision log every `ope_interval_s`.
+        """
+        last_ope = 0.0
         while True:
             await asyncio.sleep(1.0)
+            now = time.time()
+            if now - last_ope >= self.ope_interval_s:
+                last_ope = now
+                try:
+                    self.bandit.ope_evidence = await compute_ope_evidence(self)
+                except Exception as exc:  # the store may be down; promotion just waits
+                    log.warning("OPE evidence for promotion not computed: %s", exc)
             try:
-                self.bandit.maybe_tick(time.time(), force=True)
+                self.bandit.maybe_tick(now, force=True)
             except Exception:
                 log.exception("rollout tick failed")
 
@@ -172,6 +188,12 @@ class Runtime:
     def on_rollout_events(self, events: list[RolloutEvent]) -> None:
         for event in events:
             self.events.append(event)
+            self.recorder.submit(
+                EventRecord(
+                    at=event.at, kind=event.kind, from_phase=event.from_, to_phase=event.to,
+                    reason=event.reason, evidence=event.evidence, actor=event.actor,
+                )
+            )
             log.warning("rollout %s: %s -> %s (%s)", event.kind, event.from_, event.to, event.reason)
         # Persisted so other replicas and restarts see the same phase and rollback.
         task = asyncio.get_running_loop().create_task(save_state(self.state_store, self.rollout.state))

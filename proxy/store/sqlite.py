@@ -1,23 +1,35 @@
 """Embedded decision log: SQLite under the data dir, so Thermostat works with no database.
 
-Same records as the PostgreSQL log (one row per request, feedback in its own table
-joined by request id). sqlite3 blocks, so every call runs in a worker thread, one
-at a time, never on the event loop.
+Same records and the same `LogStore` semantics as the PostgreSQL log (one row per
+request, feedback in its own table joined by request id, audit log, rollout
+events). sqlite3 blocks, so every call runs in a worker thread, one at a time,
+never on the event loop. Timestamps are REAL unix seconds, JSON columns are text.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from proxy.records import Entry, FeedbackEntry, LogEntry
+from proxy.records import LogEntry
+from proxy.store.base import (
+    AuditRecord,
+    DecisionRow,
+    EventRecord,
+    StoreRecord,
+    StoreStatus,
+    decode_json,
+    log_propensity,
+    split_records,
+    to_decision_row,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS logged_decisions (
@@ -52,6 +64,7 @@ CREATE TABLE IF NOT EXISTS logged_decisions (
 );
 CREATE INDEX IF NOT EXISTS logged_decisions_ts ON logged_decisions (timestamp);
 CREATE INDEX IF NOT EXISTS logged_decisions_task_ts ON logged_decisions (task_type, timestamp);
+CREATE INDEX IF NOT EXISTS logged_decisions_mode_ts ON logged_decisions (mode, timestamp);
 CREATE TABLE IF NOT EXISTS decision_feedback (
     request_id TEXT PRIMARY KEY,
     quality REAL NOT NULL,
@@ -59,6 +72,28 @@ CREATE TABLE IF NOT EXISTS decision_feedback (
     payload TEXT NOT NULL,
     received_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS decision_feedback_received ON decision_feedback (received_at);
+CREATE TABLE IF NOT EXISTS audit_log (
+    id TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    before TEXT,
+    after TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);
+CREATE TABLE IF NOT EXISTS rollout_events (
+    id TEXT PRIMARY KEY,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    from_phase TEXT,
+    to_phase TEXT,
+    reason TEXT NOT NULL,
+    actor TEXT,
+    evidence TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rollout_events_time ON rollout_events (time);
 """
 
 _enc = msgspec.json.Encoder()
@@ -66,12 +101,6 @@ _enc = msgspec.json.Encoder()
 
 def _json(value: Any) -> str:
     return _enc.encode(value).decode()
-
-
-def _log(p: float | None) -> float | None:
-    if p is None:
-        return None
-    return math.log(p) if p > 0 else float("-inf")
 
 
 def decision_row(entry: LogEntry) -> tuple[Any, ...]:
@@ -87,8 +116,8 @@ def decision_row(entry: LogEntry) -> tuple[Any, ...]:
         _json(d.sent),
         _json(d.baseline),
         _json(d.policy_choice) if d.policy_choice is not None else None,
-        _log(d.propensity),
-        _log(d.policy_propensity),
+        log_propensity(d.propensity),
+        log_propensity(d.policy_propensity),
         d.arm_index,
         d.policy,
         d.policy_version,
@@ -109,22 +138,50 @@ def decision_row(entry: LogEntry) -> tuple[Any, ...]:
     )
 
 
-_INSERT_DECISION = (
-    "INSERT OR IGNORE INTO logged_decisions VALUES (" + ",".join("?" * 28) + ")"
-)
+_INSERT_DECISION = "INSERT OR IGNORE INTO logged_decisions VALUES (" + ",".join("?" * 28) + ")"
 _UPSERT_FEEDBACK = (
     "INSERT INTO decision_feedback VALUES (?,?,?,?,?) ON CONFLICT(request_id) DO UPDATE SET "
     "quality=excluded.quality, reward=excluded.reward, payload=excluded.payload, received_at=excluded.received_at"
 )
+_INSERT_AUDIT = "INSERT OR IGNORE INTO audit_log VALUES (?,?,?,?,?,?,?)"
+_INSERT_EVENT = "INSERT OR IGNORE INTO rollout_events VALUES (?,?,?,?,?,?,?,?)"
+
+_SELECT_DECISIONS = """
+SELECT d.*, f.quality AS feedback_quality, f.reward AS feedback_reward
+FROM logged_decisions d LEFT JOIN decision_feedback f ON f.request_id = d.request_id
+"""
+
+
+def _where(since: float | None, until: float | None, task_type: str | None, mode: str | None) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if since is not None:
+        clauses.append("d.timestamp >= ?")
+        params.append(since)
+    if until is not None:
+        clauses.append("d.timestamp < ?")
+        params.append(until)
+    if task_type is not None:
+        clauses.append("d.task_type = ?")
+        params.append(task_type)
+    if mode is not None:
+        clauses.append("d.mode = ?")
+        params.append(mode)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
 class SqliteSink:
+    """The embedded `LogStore` (the name is kept from the first version)."""
+
     name = "sqlite"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._rows_written = 0
+        self._last_error: str | None = None
+        self.last_prune_batches = 0
 
     async def open(self) -> None:
         await asyncio.to_thread(self._open)
@@ -137,15 +194,22 @@ class SqliteSink:
         conn.executescript(SCHEMA)
         self._conn = conn
 
-    async def write(self, entries: Sequence[Entry]) -> None:
+    # --- writes ------------------------------------------------------------------------
+
+    async def write(self, entries: Sequence[StoreRecord]) -> None:
         await asyncio.to_thread(self._write, list(entries))
 
-    def _write(self, entries: list[Entry]) -> None:
-        decisions = [decision_row(e) for e in entries if isinstance(e, LogEntry)]
-        feedback = [
-            (e.request_id, e.quality, e.reward, _json(e.payload), e.received_at)
-            for e in entries
-            if isinstance(e, FeedbackEntry)
+    def _write(self, entries: list[StoreRecord]) -> None:
+        log_entries, fb, audits, events = split_records(entries)
+        decisions = [decision_row(e) for e in log_entries]
+        feedback = [(e.request_id, e.quality, e.reward, _json(e.payload), e.received_at) for e in fb]
+        audit_rows = [
+            (a.id, a.at, a.actor, a.action, a.target,
+             None if a.before is None else _json(a.before), None if a.after is None else _json(a.after))
+            for a in audits
+        ]
+        event_rows = [
+            (e.id, e.at, e.kind, e.from_phase, e.to_phase, e.reason, e.actor, _json(e.evidence)) for e in events
         ]
         with self._lock:
             conn = self._require()
@@ -155,13 +219,27 @@ class SqliteSink:
                     conn.executemany(_INSERT_DECISION, decisions)
                 if feedback:
                     conn.executemany(_UPSERT_FEEDBACK, feedback)
+                if audit_rows:
+                    conn.executemany(_INSERT_AUDIT, audit_rows)
+                if event_rows:
+                    conn.executemany(_INSERT_EVENT, event_rows)
                 conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 conn.execute("ROLLBACK")
+                self._last_error = f"{type(exc).__name__}: {exc}"
                 raise
+            self._rows_written += len(entries)
+
+    async def append_audit(self, record: AuditRecord) -> None:
+        await self.write([record])
+
+    async def append_event(self, record: EventRecord) -> None:
+        await self.write([record])
+
+    # --- reads -------------------------------------------------------------------------
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Read helper for the control API and OPE (rows as dicts)."""
+        """Raw read helper (rows as dicts); prefer the typed reads below."""
         return await asyncio.to_thread(self._query, sql, tuple(params))
 
     def _query(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
@@ -169,6 +247,92 @@ class SqliteSink:
             cur = self._require().execute(sql, params)
             cols = [c[0] for c in cur.description or ()]
             return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    async def fetch_decisions(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        task_type: str | None = None,
+        mode: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[DecisionRow]:
+        where, params = _where(since, until, task_type, mode)
+        sql = _SELECT_DECISIONS + where + " ORDER BY d.timestamp DESC, d.request_id DESC LIMIT ? OFFSET ?"
+        rows = await self.query(sql, [*params, int(limit), int(offset)])
+        return [to_decision_row(r) for r in rows]
+
+    async def get_decision(self, request_id: str) -> DecisionRow | None:
+        rows = await self.query(_SELECT_DECISIONS + " WHERE d.request_id = ?", [request_id])
+        return to_decision_row(rows[0]) if rows else None
+
+    async def count_decisions(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        task_type: str | None = None,
+        mode: str | None = None,
+    ) -> int:
+        where, params = _where(since, until, task_type, mode)
+        rows = await self.query("SELECT COUNT(*) AS n FROM logged_decisions d" + where, params)
+        return int(rows[0]["n"])
+
+    async def fetch_audit(self, limit: int = 100, offset: int = 0) -> list[AuditRecord]:
+        rows = await self.query(
+            "SELECT id, at, actor, action, target, before, after FROM audit_log ORDER BY at DESC, id DESC LIMIT ? OFFSET ?",
+            [int(limit), int(offset)],
+        )
+        out = []
+        for r in rows:
+            r["before"] = decode_json(r["before"]) if r["before"] is not None else None
+            r["after"] = decode_json(r["after"]) if r["after"] is not None else None
+            out.append(msgspec.convert(r, AuditRecord))
+        return out
+
+    async def fetch_events(self, limit: int = 100, since: float | None = None) -> list[EventRecord]:
+        where, params = ("", []) if since is None else (" WHERE time >= ?", [since])
+        rows = await self.query(
+            "SELECT id, time AS at, kind, from_phase, to_phase, reason, actor, evidence FROM rollout_events"
+            + where + " ORDER BY time DESC, id DESC LIMIT ?",
+            [*params, int(limit)],
+        )
+        for r in rows:
+            r["evidence"] = decode_json(r["evidence"])
+        return [msgspec.convert(r, EventRecord) for r in rows]
+
+    # --- maintenance -------------------------------------------------------------------
+
+    async def prune(self, older_than_s: float, batch_size: int = 5000) -> int:
+        """Delete decisions and feedback older than `older_than_s`, `batch_size` rows per transaction."""
+        cutoff = time.time() - older_than_s
+        total = 0
+        batches = 0
+        for table, column, key in (
+            ("logged_decisions", "timestamp", "request_id"),
+            ("decision_feedback", "received_at", "request_id"),
+        ):
+            sql = f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} WHERE {column} < ? LIMIT ?)"
+            while True:
+                n = await asyncio.to_thread(self._execute_count, sql, (cutoff, int(batch_size)))
+                if n:
+                    batches += 1
+                total += n if table == "logged_decisions" else 0
+                if n < batch_size:
+                    break
+                await asyncio.sleep(0)  # let other work run between batches
+        self.last_prune_batches = batches
+        return total
+
+    def _execute_count(self, sql: str, params: tuple[Any, ...]) -> int:
+        with self._lock:
+            cur = self._require().execute(sql, params)
+            return cur.rowcount
+
+    def status(self) -> StoreStatus:
+        return StoreStatus(kind="sqlite", connected=self._conn is not None, last_error=self._last_error,
+                           rows_written=self._rows_written)
 
     def _require(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -183,3 +347,6 @@ class SqliteSink:
                     self._conn = None
 
         await asyncio.to_thread(_close)
+
+
+SqliteLogStore = SqliteSink

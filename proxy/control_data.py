@@ -1,0 +1,435 @@
+"""Numbers the control API reports, computed from the decision log and the live guards.
+
+Everything here reads `DecisionRow`s (the log store's `fetch_decisions`) or the
+runtime's live objects; nothing is cached, nothing is invented: a statistic without
+data is `None`.
+
+Conventions (pinned by tests/control):
+- traffic class: rows with mode ``optimized`` or ``guard_fallback`` are "optimized",
+  every other mode (off, shadow, holdout, rollback) was served the baseline/client
+  parameters and is "baseline".
+- reward / quality: the effective value (explicit feedback wins over the automatic score).
+- mean intervals: mean ± 1.96·s/√n (s the sample standard deviation, n ≥ 2); a
+  difference of means uses the Welch standard error √(s₁²/n₁ + s₂²/n₂).
+- latency quantiles: `numpy.quantile` (linear) over the rows' `latency_s`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from guards.rollout import OpeEvidence, higher
+from policies import ope
+from policies.arms import arm_key
+from policies.context import context_bucket
+from policies.records import Arm, Params
+from proxy.control_schemas import (
+    ArmPosterior,
+    ArmStats,
+    ConvergencePoint,
+    ConvergenceReport,
+    EstimateOut,
+    ImprovementOut,
+    Interval,
+    LatencyPoint,
+    MetricsReport,
+    OpeEvidenceOut,
+    OpeOut,
+    ParameterEvolution,
+    ParamPoint,
+    PerformanceReport,
+    PolicyEstimates,
+    RewardPoint,
+    TaskConvergence,
+    TaskEvolution,
+    TaskPerformance,
+)
+from proxy.feedback import context_from_features
+from proxy.store.base import DecisionRow
+
+Z95 = 1.959963984540054
+OPTIMIZED_MODES = frozenset({"optimized", "guard_fallback"})
+OPE_METHOD = (
+    "logged rows with mode 'optimized' (behaviour propensity = the logged propensity); for each row the "
+    "RequestContext is rebuilt from context_features, the allowed arms from today's trust region "
+    "(BanditDecider.allowed_for), and the target probability of the logged arm is the current policy's "
+    "Policy.propensities(ctx, baseline, allowed) at that arm (0 if the arm is no longer allowed); the baseline "
+    "policy's probability is 1 when the logged arm is the baseline arm, else 0. DR uses a tabular reward model "
+    "(shrunk mean reward per context bucket and arm) fitted on the same rows."
+)
+
+
+def traffic_of(mode: str) -> str:
+    return "optimized" if mode in OPTIMIZED_MODES else "baseline"
+
+
+def finite(x: float | None) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def mean_interval(values: Sequence[float]) -> Interval:
+    n = len(values)
+    if n == 0:
+        return Interval(mean=None, ci_low=None, ci_high=None, n=0)
+    arr = np.asarray(values, dtype=np.float64)
+    mean = float(arr.mean())
+    if n < 2:
+        return Interval(mean=mean, ci_low=None, ci_high=None, n=n)
+    half = Z95 * float(arr.std(ddof=1)) / math.sqrt(n)
+    return Interval(mean=mean, ci_low=mean - half, ci_high=mean + half, n=n)
+
+
+def diff_interval(a: Sequence[float], b: Sequence[float]) -> Interval | None:
+    """Mean(a) − mean(b) with a Welch interval; None without data on either side."""
+    if not a or not b:
+        return None
+    xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    diff = float(xa.mean() - xb.mean())
+    if len(a) < 2 or len(b) < 2:
+        return Interval(mean=diff, ci_low=None, ci_high=None, n=len(a) + len(b))
+    se = math.sqrt(float(xa.var(ddof=1)) / len(a) + float(xb.var(ddof=1)) / len(b))
+    return Interval(mean=diff, ci_low=diff - Z95 * se, ci_high=diff + Z95 * se, n=len(a) + len(b))
+
+
+def quantile(values: Sequence[float], q: float) -> float | None:
+    return float(np.quantile(np.asarray(values, dtype=np.float64), q)) if values else None
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(np.asarray(values, dtype=np.float64))) if values else None
+
+
+def arm_label(p: Params) -> str:
+    return p.render() or "client"
+
+
+async def load_rows(
+    rt: Any,
+    *,
+    since: float,
+    until: float,
+    max_rows: int,
+    task_type: str | None = None,
+    mode: str | None = None,
+) -> tuple[list[DecisionRow], bool]:
+    """Newest `max_rows` decisions in [since, until); True when the window held more."""
+    rows = await rt.sink.fetch_decisions(since=since, until=until, task_type=task_type, mode=mode, limit=max_rows + 1)
+    truncated = len(rows) > max_rows
+    return rows[:max_rows], truncated
+
+
+def _arm_stats(task: str, label: str, params: Params | None, traffic: str, rows: list[DecisionRow], base_rewards: list[float] | None) -> ArmStats:
+    rewards = [r.effective_reward for r in rows if r.effective_reward is not None and math.isfinite(r.effective_reward)]
+    quality = [r.effective_quality for r in rows if r.effective_quality is not None]
+    latency = [r.latency_s for r in rows if r.status and math.isfinite(r.latency_s)]
+    prompt = [r.prompt_tokens for r in rows if r.prompt_tokens is not None]
+    completion = [r.completion_tokens for r in rows if r.completion_tokens is not None]
+    return ArmStats(
+        task_type=task,
+        arm=label,
+        temperature=params.temperature if params is not None else None,
+        max_tokens=params.max_tokens if params is not None else None,
+        traffic=traffic,
+        requests=len(rows),
+        errors=sum(1 for r in rows if not (200 <= r.status < 300) or r.error_class is not None),
+        reward=mean_interval(rewards),
+        quality_mean=_mean(quality),
+        latency_p50_s=quantile(latency, 0.5),
+        latency_p95_s=quantile(latency, 0.95),
+        latency_p99_s=quantile(latency, 0.99),
+        prompt_tokens_mean=_mean(prompt),
+        completion_tokens_mean=_mean(completion),
+        improvement_over_baseline=diff_interval(rewards, base_rewards) if base_rewards is not None else None,
+    )
+
+
+def _baseline_rewards(rows: Iterable[DecisionRow]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if traffic_of(r.mode) == "baseline" and r.effective_reward is not None and math.isfinite(r.effective_reward):
+            out[r.task_type].append(r.effective_reward)
+    return out
+
+
+def metrics_report(rows: list[DecisionRow], since: float, until: float, truncated: bool) -> MetricsReport:
+    """Per task type, arm (sent parameters) and traffic class."""
+    base = _baseline_rewards(rows)
+    groups: dict[tuple[str, str, str], list[DecisionRow]] = defaultdict(list)
+    params: dict[tuple[str, str, str], Params] = {}
+    for r in rows:
+        key = (r.task_type, arm_label(r.chosen_params), traffic_of(r.mode))
+        groups[key].append(r)
+        params[key] = r.chosen_params
+    arms = [
+        _arm_stats(task, label, params[(task, label, traffic)], traffic, group, base.get(task, []))
+        for (task, label, traffic), group in sorted(groups.items())
+    ]
+    return MetricsReport(since=since, until=until, rows=len(rows), truncated=truncated, arms=arms)
+
+
+def performance_report(rows: list[DecisionRow], since: float, until: float, truncated: bool) -> PerformanceReport:
+    """Per task type: optimised vs baseline-served traffic and the difference of mean rewards."""
+    by_task: dict[str, dict[str, list[DecisionRow]]] = defaultdict(lambda: {"optimized": [], "baseline": []})
+    for r in rows:
+        by_task[r.task_type][traffic_of(r.mode)].append(r)
+    tasks = []
+    for task in sorted(by_task):
+        groups = by_task[task]
+        base_rewards = [r.effective_reward for r in groups["baseline"] if r.effective_reward is not None and math.isfinite(r.effective_reward)]
+        opt = _arm_stats(task, "*", None, "optimized", groups["optimized"], base_rewards) if groups["optimized"] else None
+        bas = _arm_stats(task, "*", None, "baseline", groups["baseline"], None) if groups["baseline"] else None
+        opt_rewards = [r.effective_reward for r in groups["optimized"] if r.effective_reward is not None and math.isfinite(r.effective_reward)]
+        tasks.append(TaskPerformance(task_type=task, optimized=opt, baseline=bas, improvement=diff_interval(opt_rewards, base_rewards)))
+    return PerformanceReport(since=since, until=until, rows=len(rows), truncated=truncated, tasks=tasks)
+
+
+# ----------------------------------------------------------------------------- time series
+
+
+def bin_edges(since: float, until: float, bins: int) -> tuple[float, int]:
+    bins = max(1, bins)
+    width = max((until - since) / bins, 1e-9)
+    return width, bins
+
+
+def _bin(t: float, since: float, width: float, bins: int) -> int:
+    return min(bins - 1, max(0, int((t - since) / width)))
+
+
+def reward_series(rows: list[DecisionRow], since: float, until: float, bins: int) -> list[RewardPoint]:
+    width, bins = bin_edges(since, until, bins)
+    opt: list[list[float]] = [[] for _ in range(bins)]
+    bas: list[list[float]] = [[] for _ in range(bins)]
+    for r in rows:
+        if r.effective_reward is None or not math.isfinite(r.effective_reward):
+            continue
+        (opt if traffic_of(r.mode) == "optimized" else bas)[_bin(r.timestamp, since, width, bins)].append(r.effective_reward)
+    return [
+        RewardPoint(t=since + i * width, optimized=_mean(opt[i]), baseline=_mean(bas[i]), optimized_n=len(opt[i]), baseline_n=len(bas[i]))
+        for i in range(bins)
+    ]
+
+
+def latency_series(rows: list[DecisionRow], since: float, until: float, bins: int) -> list[LatencyPoint]:
+    width, bins = bin_edges(since, until, bins)
+    opt: list[list[float]] = [[] for _ in range(bins)]
+    bas: list[list[float]] = [[] for _ in range(bins)]
+    for r in rows:
+        if not r.status or not math.isfinite(r.latency_s):
+            continue
+        (opt if traffic_of(r.mode) == "optimized" else bas)[_bin(r.timestamp, since, width, bins)].append(r.latency_s * 1000.0)
+    return [
+        LatencyPoint(t=since + i * width, optimized_p99_ms=quantile(opt[i], 0.99), baseline_p99_ms=quantile(bas[i], 0.99),
+                     optimized_n=len(opt[i]), baseline_n=len(bas[i]))
+        for i in range(bins)
+    ]
+
+
+def parameter_evolution(rows: list[DecisionRow], since: float, until: float, bins: int) -> ParameterEvolution:
+    width, bins = bin_edges(since, until, bins)
+    per_task: dict[str, list[list[DecisionRow]]] = defaultdict(lambda: [[] for _ in range(bins)])
+    for r in rows:
+        per_task[r.task_type][_bin(r.timestamp, since, width, bins)].append(r)
+    tasks = []
+    for task in sorted(per_task):
+        series = []
+        for i, group in enumerate(per_task[task]):
+            if not group:
+                continue
+            pol = [r.policy_params for r in group if r.policy_params is not None]
+            series.append(
+                ParamPoint(
+                    t=since + i * width,
+                    decisions=len(group),
+                    policy_temperature=_mean([p.temperature for p in pol if p.temperature is not None]),
+                    policy_max_tokens=_mean([p.max_tokens for p in pol if p.max_tokens is not None]),
+                    sent_temperature=_mean([r.chosen_params.temperature for r in group if r.chosen_params.temperature is not None]),
+                    sent_max_tokens=_mean([r.chosen_params.max_tokens for r in group if r.chosen_params.max_tokens is not None]),
+                )
+            )
+        tasks.append(TaskEvolution(task_type=task, series=series))
+    return ParameterEvolution(since=since, until=until, bin_s=width, tasks=tasks)
+
+
+def _arm_of(params: Params, base: Params) -> Arm:
+    t = params.temperature if params.temperature is not None else base.temperature
+    m = params.max_tokens if params.max_tokens is not None else base.max_tokens
+    return Arm(temperature=float(t or 0.0), max_tokens=int(m or 1))
+
+
+def convergence(rt: Any, rows: list[DecisionRow], since: float, until: float, bins: int) -> ConvergenceReport:
+    """Per task type: the policy's confidence in its own choices over time, and its current arm distribution."""
+    width, bins = bin_edges(since, until, bins)
+    per_task: dict[str, list[list[DecisionRow]]] = defaultdict(lambda: [[] for _ in range(bins)])
+    latest: dict[str, DecisionRow] = {}
+    for r in rows:  # newest first
+        if r.policy_log_propensity is None or r.policy_params is None:
+            continue
+        per_task[r.task_type][_bin(r.timestamp, since, width, bins)].append(r)
+        latest.setdefault(r.task_type, r)
+    tasks = []
+    for task in sorted(per_task):
+        series = []
+        for i, group in enumerate(per_task[task]):
+            if not group:
+                continue
+            probs = [math.exp(r.policy_log_propensity) for r in group if r.policy_log_propensity is not None]
+            series.append(
+                ConvergencePoint(
+                    t=since + i * width,
+                    decisions=len(group),
+                    mean_choice_probability=float(np.mean(probs)),
+                    distinct_arms=len({arm_label(r.policy_params) for r in group if r.policy_params is not None}),
+                )
+            )
+        bucket, best, entropy, current = None, None, None, []
+        ctx = context_from_features(latest[task].context_features)
+        if ctx is not None:
+            base, allowed, _ = rt.bandit.allowed_for(ctx)
+            p = np.asarray(rt.policy.propensities(ctx, base, allowed), dtype=np.float64)
+            bucket = context_bucket(ctx)
+            best = float(p.max())
+            nz = p[p > 0]
+            entropy = float(-(nz * np.log(nz)).sum())
+            posterior = getattr(rt.policy, "posterior", None)
+            for arm, prob in zip(allowed, p.tolist()):
+                post = posterior(ctx, arm) if callable(posterior) else None
+                current.append(
+                    ArmPosterior(
+                        temperature=arm.temperature, max_tokens=arm.max_tokens, probability=prob,
+                        posterior_mean=finite(post.mean) if post is not None else None,
+                        posterior_sd=finite(post.sd) if post is not None else None,
+                        n=post.n if post is not None else None,
+                    )
+                )
+        tasks.append(TaskConvergence(task_type=task, bucket=bucket, best_arm_probability=best, entropy=entropy, current=current, series=series))
+    return ConvergenceReport(policy=rt.policy.name, policy_version=rt.policy.version, since=since, until=until, bin_s=width, tasks=tasks)
+
+
+# ----------------------------------------------------------------------------- OPE
+
+
+class OpeArrays:
+    """Per logged optimized row: reward, behaviour/target/baseline propensities and DR terms."""
+
+    def __init__(self, rt: Any, rows: list[DecisionRow]) -> None:
+        self.skipped = 0
+        kept: list[tuple[DecisionRow, Any, Arm, list[Arm], np.ndarray, Arm]] = []
+        for r in rows:
+            reward = r.effective_reward
+            if r.mode != "optimized" or reward is None or not math.isfinite(reward) or not math.isfinite(r.log_propensity):
+                self.skipped += 1
+                continue
+            ctx = context_from_features(r.context_features)
+            if ctx is None:
+                self.skipped += 1
+                continue
+            base, allowed, _ = rt.bandit.allowed_for(ctx)
+            probs = np.asarray(rt.policy.propensities(ctx, base, allowed), dtype=np.float64)
+            kept.append((r, ctx, _arm_of(r.chosen_params, r.baseline_params), allowed, probs, base))
+        n = len(kept)
+        self.n = n
+        self.rewards = np.array([k[0].effective_reward for k in kept], dtype=np.float64)
+        self.behaviour = np.array([math.exp(k[0].log_propensity) for k in kept], dtype=np.float64)
+        self.target = np.zeros(n)
+        self.baseline = np.zeros(n)
+        keys = []
+        for i, (r, ctx, arm, allowed, probs, base) in enumerate(kept):
+            key = arm_key(arm)
+            idx = next((j for j, a in enumerate(allowed) if arm_key(a) == key), None)
+            self.target[i] = probs[idx] if idx is not None else 0.0
+            self.baseline[i] = 1.0 if key == arm_key(base) else 0.0
+            keys.append(f"{context_bucket(ctx)}|{key[0]:g}|{key[1]}")
+        model = ope.TabularRewardModel(keys, self.rewards) if n else None
+        self.q_logged = np.array([model.predict(k) for k in keys]) if model else np.zeros(0)
+        self.v_target = np.zeros(n)
+        self.v_baseline = np.zeros(n)
+        for i, (r, ctx, arm, allowed, probs, base) in enumerate(kept):
+            assert model is not None
+            bucket = context_bucket(ctx)
+            qs = np.array([model.predict(f"{bucket}|{arm_key(a)[0]:g}|{arm_key(a)[1]}") for a in allowed])
+            self.v_target[i] = float(probs @ qs)
+            bk = arm_key(base)
+            self.v_baseline[i] = model.predict(f"{bucket}|{bk[0]:g}|{bk[1]}")
+
+
+def _est(e: ope.Estimate | None) -> EstimateOut | None:
+    if e is None:
+        return None
+    return EstimateOut(
+        estimator=e.estimator, value=e.value, ci_low=e.ci_low, ci_high=e.ci_high, eb_low=finite(e.eb_low),
+        eb_high=finite(e.eb_high), std_error=finite(e.std_error), n=e.n, ess=e.ess,
+    )
+
+
+def _policy_estimates(name: str, report: ope.OpeReport) -> PolicyEstimates:
+    ips, snips = _est(report.ips), _est(report.snips)
+    assert ips is not None and snips is not None
+    return PolicyEstimates(policy=name, ips=ips, snips=snips, dr=_est(report.dr), ess=report.ess, max_weight=report.max_weight)
+
+
+def ope_report(rt: Any, rows: list[DecisionRow], since: float, until: float, *, seed: int = 0, n_bootstrap: int = 500) -> tuple[OpeOut, OpeArrays]:
+    arrays = OpeArrays(rt, rows)
+    if arrays.n < 2:
+        return OpeOut(
+            since=since, until=until, rows=arrays.n, skipped=arrays.skipped, method=OPE_METHOD,
+            logged_mean_reward=_mean(arrays.rewards.tolist()), target=None, baseline=None, improvement=[],
+            reason=f"{arrays.n} optimized row(s) with a reward in the window; at least 2 are needed",
+        ), arrays
+    a = arrays
+    target = ope.evaluate(
+        rewards=a.rewards, behaviour_propensity=a.behaviour, target_propensity=a.target, rng=np.random.default_rng(seed),
+        reward_hat_logged=a.q_logged, target_value_hat=a.v_target, n_bootstrap=n_bootstrap,
+    )
+    baseline = ope.evaluate(
+        rewards=a.rewards, behaviour_propensity=a.behaviour, target_propensity=a.baseline, rng=np.random.default_rng(seed),
+        reward_hat_logged=a.q_logged, target_value_hat=a.v_baseline, n_bootstrap=n_bootstrap,
+    )
+    improvements = []
+    for estimator in ("ips", "snips", "dr"):
+        imp = ope.improvement_lower_bound(
+            rewards=a.rewards, behaviour_propensity=a.behaviour, target_propensity=a.target, baseline_propensity=a.baseline,
+            rng=np.random.default_rng(seed), estimator=estimator, reward_hat_logged=a.q_logged,  # type: ignore[arg-type]
+            target_value_hat=a.v_target, baseline_value_hat=a.v_baseline, n_bootstrap=n_bootstrap,
+        )
+        improvements.append(
+            ImprovementOut(estimator=estimator, target=imp.target, baseline=imp.baseline, difference=imp.difference,
+                           lower=finite(imp.lower), upper=finite(imp.upper), n=imp.n)
+        )
+    return OpeOut(
+        since=since, until=until, rows=a.n, skipped=a.skipped, method=OPE_METHOD, logged_mean_reward=float(a.rewards.mean()),
+        target=_policy_estimates(rt.policy.name, target), baseline=_policy_estimates("baseline", baseline), improvement=improvements,
+    ), arrays
+
+
+def ope_evidence(report: OpeOut, estimator: str = "snips") -> tuple[OpeEvidence | None, OpeEvidenceOut]:
+    """The rollout guard's promotion evidence (SNIPS improvement lower bound) from an OPE report."""
+    imp = next((i for i in report.improvement if i.estimator == estimator), None)
+    if imp is None:
+        return None, OpeEvidenceOut(estimator=estimator, improvement_lower_bound=None, difference=None, samples=report.rows, reason=report.reason)
+    lower = imp.lower if imp.lower is not None else -math.inf
+    return (
+        OpeEvidence(improvement_lower_bound=lower, samples=imp.n, estimator=estimator),
+        OpeEvidenceOut(estimator=estimator, improvement_lower_bound=imp.lower, difference=imp.difference, samples=imp.n),
+    )
+
+
+async def compute_ope_evidence(rt: Any, window_s: float = 7 * 86400.0, max_rows: int = 5000) -> OpeEvidence | None:
+    """For the lead: evidence to pass to `rollout.tick(now, ope)` (run it off the hot path, e.g. every minute)."""
+    now = time.time()
+    rows, _ = await load_rows(rt, since=now - window_s, until=now + 1, max_rows=max_rows, mode="optimized")
+    report, _ = ope_report(rt, rows, now - window_s, now, n_bootstrap=200)
+    return ope_evidence(report)[0]
+
+
+def next_phase(phase: str) -> str | None:
+    return higher(phase)  # type: ignore[arg-type]

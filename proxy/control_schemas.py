@@ -1,0 +1,611 @@
+"""Request and response bodies of the control API (`/api/optimization/*`), as msgspec structs.
+
+Litestar decodes request bodies into these (a malformed body is a 400 in the OpenAI
+error shape, see `proxy.control`) and documents them in its OpenAPI schema. Numeric
+request fields carry bounds (`msgspec.Meta`) so that nonsense never reaches the
+decision path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from guards.waivers import Waiver
+
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0)]
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+ShortText = Annotated[str, msgspec.Meta(max_length=2000)]
+TaskType = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ApiErrorBody(msgspec.Struct):
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+
+
+class ApiError(msgspec.Struct):
+    """Every error of the control API, in the OpenAI shape."""
+
+    error: ApiErrorBody
+
+
+# --------------------------------------------------------------------------- status / health
+
+
+class HealthCheck(msgspec.Struct):
+    name: str  # upstreams, database, state_store, writer_queue
+    ok: bool
+    detail: str = ""
+
+
+class Readiness(msgspec.Struct):
+    ready: bool
+    checks: list[HealthCheck]
+
+
+class RollbackStatus(msgspec.Struct):
+    active: bool
+    trigger: Literal["slo", "manual", "disabled"] | None
+    reason: str | None
+    since: float | None
+    resumes_at: float | None
+    resume_phase: str | None = None
+
+
+class OptimizationStatus(msgspec.Struct):
+    enabled: bool
+    mode: str  # configured mode
+    phase: str  # current rollout phase
+    effective_phase: str
+    traffic_percentage: float  # share of traffic optimised now (0..1)
+    phase_traffic_percentage: float  # share the phase optimises when not rolled back
+    policy: str
+    policy_version: str
+    rollback: RollbackStatus
+    uptime_s: float
+    decisions_in_registry: int
+
+
+# --------------------------------------------------------------------------- performance
+
+
+class Interval(msgspec.Struct):
+    mean: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+
+
+class ArmStats(msgspec.Struct):
+    task_type: str
+    arm: str  # "temperature=0.7; max_tokens=600" (sent; "client" when nothing was sent)
+    temperature: float | None
+    max_tokens: int | None
+    traffic: str  # "optimized" or "baseline"
+    requests: int
+    errors: int
+    reward: Interval
+    quality_mean: float | None
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    latency_p99_s: float | None
+    prompt_tokens_mean: float | None
+    completion_tokens_mean: float | None
+    improvement_over_baseline: Interval | None  # mean reward minus the task's baseline-served mean
+
+
+class TaskPerformance(msgspec.Struct):
+    task_type: str
+    optimized: ArmStats | None
+    baseline: ArmStats | None
+    improvement: Interval | None  # optimized minus baseline mean reward (Welch interval)
+
+
+class MetricsReport(msgspec.Struct):
+    since: float
+    until: float
+    rows: int  # decisions read from the log for this report
+    truncated: bool  # True when `max_rows` newest rows did not cover the whole window
+    arms: list[ArmStats]
+
+
+class PerformanceReport(msgspec.Struct):
+    since: float
+    until: float
+    rows: int
+    truncated: bool
+    tasks: list[TaskPerformance]
+
+
+# --------------------------------------------------------------------------- SLO / rollout
+
+
+class SloEntry(msgspec.Struct):
+    name: str
+    traffic: str  # "optimized" or "baseline"
+    threshold: float
+    value: float | None
+    compliant: bool
+    samples: int
+    judged: bool
+
+
+class SloStatus(msgspec.Struct):
+    compliant: bool
+    window_s: float
+    min_samples: int
+    breached: list[str]
+    slos: list[SloEntry]
+
+
+class OpeEvidenceOut(msgspec.Struct):
+    estimator: str
+    improvement_lower_bound: float | None
+    difference: float | None
+    samples: int
+    reason: str = ""  # why there is no bound yet
+
+
+class PromotionCriterion(msgspec.Struct):
+    name: str
+    required: str
+    current: str
+    met: bool
+
+
+class RolloutEventOut(msgspec.Struct):
+    at: float
+    kind: str
+    from_phase: str
+    to_phase: str
+    reason: str
+    actor: str | None
+    evidence: dict[str, Any] = {}
+
+
+class RolloutStatus(msgspec.Struct):
+    phase: str
+    phase_started_at: float
+    time_in_phase_s: float
+    next_phase: str | None
+    traffic_percentage: float
+    auto_promote: bool
+    promotion_ready: bool
+    blockers: list[str]
+    criteria: list[PromotionCriterion]
+    ope: OpeEvidenceOut
+    rollback: RollbackStatus
+    events: list[RolloutEventOut]
+
+
+# --------------------------------------------------------------------------- convergence / evolution
+
+
+class ArmPosterior(msgspec.Struct):
+    temperature: float
+    max_tokens: int
+    probability: float  # current probability the policy plays the arm (P(best) for Thompson)
+    posterior_mean: float | None = None
+    posterior_sd: float | None = None
+    n: float | None = None
+
+
+class ConvergencePoint(msgspec.Struct):
+    t: float  # bin start
+    decisions: int
+    mean_choice_probability: float  # mean propensity the policy gave its own choice
+    distinct_arms: int
+
+
+class TaskConvergence(msgspec.Struct):
+    task_type: str
+    bucket: str | None  # the context bucket of the latest decision (what `current` is about)
+    best_arm_probability: float | None
+    entropy: float | None
+    current: list[ArmPosterior]
+    series: list[ConvergencePoint]
+
+
+class ConvergenceReport(msgspec.Struct):
+    policy: str
+    policy_version: str
+    since: float
+    until: float
+    bin_s: float
+    tasks: list[TaskConvergence]
+
+
+class ParamPoint(msgspec.Struct):
+    t: float
+    decisions: int
+    policy_temperature: float | None  # mean of what the policy chose
+    policy_max_tokens: float | None
+    sent_temperature: float | None  # mean of what was sent
+    sent_max_tokens: float | None
+
+
+class TaskEvolution(msgspec.Struct):
+    task_type: str
+    series: list[ParamPoint]
+
+
+class ParameterEvolution(msgspec.Struct):
+    since: float
+    until: float
+    bin_s: float
+    tasks: list[TaskEvolution]
+
+
+# --------------------------------------------------------------------------- budget
+
+
+class BudgetLineOut(msgspec.Struct):
+    task_type: str
+    limit: int
+    effective_limit: int
+    used: int
+    reserved: int
+    overruns: int
+    fill: float | None
+
+
+class CawsStatus(msgspec.Struct):
+    enabled: bool
+    window_s: int
+    window_start: float
+    resets_at: float
+    budget_limit: int
+    effective_limit: int
+    used: int
+    reserved: int
+    overruns: int
+    fill: float | None
+    warning: bool
+    exhausted: bool
+    waiver_threshold: float
+    warning_threshold: float
+    active_waivers: list[Waiver]
+    tasks: list[BudgetLineOut]
+
+
+class WaiverIn(msgspec.Struct, forbid_unknown_fields=True):
+    task_type: TaskType
+    extra_tokens: Annotated[int, msgspec.Meta(ge=1, le=10**12)]
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+    approver: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    expires_at: float | None = None  # unix seconds; or
+    duration_s: Annotated[float, msgspec.Meta(gt=0.0, le=366 * 86400.0)] | None = None
+
+
+class WaiverOut(msgspec.Struct):
+    id: str
+    task_type: str
+    extra_tokens: int
+    reason: str
+    approver: str
+    created_at: float
+    expires_at: float
+    revoked_at: float | None
+    revoked_by: str | None
+    status: str
+
+
+class WaiverList(msgspec.Struct):
+    waivers: list[WaiverOut]
+
+
+# --------------------------------------------------------------------------- control actions
+
+
+class RollbackIn(msgspec.Struct, forbid_unknown_fields=True):
+    reason: Annotated[str, msgspec.Meta(max_length=500)] = ""
+
+
+class ActionResult(msgspec.Struct):
+    changed: bool
+    message: str
+    rollback: RollbackStatus
+    phase: str
+    event: RolloutEventOut | None = None
+
+
+class BaselineParam(msgspec.Struct):
+    task_type: str  # "default" for `[baseline.default]` / the built-in default
+    temperature: float
+    max_tokens: int
+    source: str  # "config" or "built-in"
+
+
+class BaselineParameters(msgspec.Struct):
+    note: str
+    parameters: list[BaselineParam]
+    constraints: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- recommend / shadow
+
+
+class ContextIn(msgspec.Struct, forbid_unknown_fields=False):
+    """Request-body fields the decision depends on (unknown fields are ignored)."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] = "gpt-4o-mini"
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | list[str] | None = None
+    prompt_tokens: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] | None = None  # instead of messages/prompt
+    temperature: Temperature | None = None
+    max_tokens: MaxTokens | None = None
+    endpoint: Literal["chat", "completions"] = "chat"
+    json_mode: bool = False
+    has_tools: bool = False
+    stream: bool = False
+    user: Annotated[str, msgspec.Meta(max_length=200)] | None = None  # assignment key for the rollout
+
+
+class RecommendIn(msgspec.Struct, forbid_unknown_fields=True):
+    task_type: TaskType = "default"
+    context: ContextIn = msgspec.field(default_factory=ContextIn)
+
+
+class ParamsOut(msgspec.Struct):
+    temperature: float | None
+    max_tokens: int | None
+
+
+class GuardVerdict(msgspec.Struct):
+    guard: str  # trust_region, rollout, budget, slo
+    ok: bool
+    verdict: str
+    detail: dict[str, Any] = {}
+
+
+class ArmProbability(msgspec.Struct):
+    temperature: float
+    max_tokens: int
+    probability: float
+
+
+class Recommendation(msgspec.Struct):
+    task_type: str
+    bucket: str
+    policy: str
+    policy_version: str
+    recommended: ParamsOut  # the policy's choice now
+    propensity: float
+    would_send: ParamsOut  # what a request with this context would get now
+    would_mode: str  # optimized / shadow / holdout / rollback / off
+    baseline: ParamsOut
+    arms: list[ArmProbability]
+    guards: list[GuardVerdict]
+
+
+class ShadowTestIn(msgspec.Struct, forbid_unknown_fields=True):
+    task_type: TaskType = "default"
+    context: ContextIn = msgspec.field(default_factory=ContextIn)
+
+
+class ShadowTestResult(msgspec.Struct):
+    request_id: str
+    task_type: str
+    mode: str  # the mode the decision path chose for this synthetic request
+    policy: str
+    policy_version: str
+    policy_choice: ParamsOut | None
+    policy_propensity: float | None
+    sent: ParamsOut  # what would have been sent
+    baseline: ParamsOut
+    guard_notes: list[str]
+    body: dict[str, Any]  # the request body as it would have left Thermostat
+    logged: bool  # always False: synthetic requests never enter the decision log
+
+
+# --------------------------------------------------------------------------- feedback
+
+
+class OutcomeIn(msgspec.Struct, forbid_unknown_fields=False):
+    quality: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+    comment: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+    source: Annotated[str, msgspec.Meta(max_length=100)] | None = None
+
+
+class RecordOutcomeIn(msgspec.Struct, forbid_unknown_fields=True):
+    request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    outcome: OutcomeIn
+    overwrite: bool = False
+
+
+class RecordOutcomeResult(msgspec.Struct):
+    request_id: str
+    found_in: str  # "registry" or "log"
+    quality: float
+    previous_quality: float | None
+    automatic_quality: float | None
+    reward: float | None  # recomputed with the given quality (None while the request is still in flight)
+    previous_reward: float | None
+    policy_updated: bool
+    policy_update: str  # what happened to the policy statistics, and why
+    overwritten: bool
+
+
+# --------------------------------------------------------------------------- OPE
+
+
+class EstimateOut(msgspec.Struct):
+    estimator: str
+    value: float
+    ci_low: float
+    ci_high: float
+    eb_low: float | None
+    eb_high: float | None
+    std_error: float | None
+    n: int
+    ess: float
+
+
+class PolicyEstimates(msgspec.Struct):
+    policy: str
+    ips: EstimateOut
+    snips: EstimateOut
+    dr: EstimateOut | None
+    ess: float
+    max_weight: float
+
+
+class ImprovementOut(msgspec.Struct):
+    estimator: str
+    target: float
+    baseline: float
+    difference: float
+    lower: float | None
+    upper: float | None
+    n: int
+
+
+class OpeOut(msgspec.Struct):
+    since: float
+    until: float
+    rows: int  # optimized rows used
+    skipped: int  # rows without a reward or a usable propensity
+    method: str  # how target probabilities for logged rows were obtained
+    logged_mean_reward: float | None
+    target: PolicyEstimates | None
+    baseline: PolicyEstimates | None
+    improvement: list[ImprovementOut]
+    reason: str = ""  # why there are no estimates
+
+
+# --------------------------------------------------------------------------- logs / audit / status
+
+
+class DecisionOut(msgspec.Struct):
+    request_id: str
+    timestamp: float
+    task_type: str
+    model: str
+    upstream: str
+    mode: str
+    policy: str
+    policy_version: str
+    sent: ParamsOut
+    baseline: ParamsOut
+    policy_choice: ParamsOut | None
+    propensity: float
+    policy_propensity: float | None
+    guard_notes: list[str]
+    status: int
+    error_class: str | None
+    latency_s: float
+    ttft_s: float | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None
+    quality: float | None  # effective (feedback wins over the automatic score)
+    reward: float | None
+    automatic_quality: float | None
+    feedback_quality: float | None
+
+
+class DecisionPage(msgspec.Struct):
+    total: int
+    limit: int
+    offset: int
+    items: list[DecisionOut]
+
+
+class AuditOut(msgspec.Struct):
+    id: str
+    at: float
+    actor: str
+    action: str
+    target: str
+    before: Any = None
+    after: Any = None
+
+
+class AuditPage(msgspec.Struct):
+    limit: int
+    offset: int
+    items: list[AuditOut]
+
+
+class DbStatus(msgspec.Struct):
+    kind: str
+    connected: bool
+    last_error: str | None
+    rows_written: int
+    spool_batches: int
+    spool_entries: int
+    dead_letter_batches: int
+    decisions_total: int | None
+    decisions_last_hour: int | None
+    writer_queue_depth: int
+    writer_queue_capacity: int
+    writer_dropped: int
+    writer_written: int
+    writer_failures: int
+    state_store: str
+
+
+class SecurityStatus(msgspec.Struct):
+    auth_required: bool
+    token_env: str
+    token_configured: bool
+    token_id: str | None  # short id of the configured token (never the token)
+    loopback_only: bool
+    auth_failures: dict[str, int]  # since start: missing / malformed / wrong / not_loopback
+    audit_entries: int | None
+    prompts_stored: bool
+    upstream_keys_from_env: int  # upstreams whose API key comes from an env var
+
+
+class ComplianceCheck(msgspec.Struct):
+    name: str
+    ok: bool
+    detail: str
+
+
+class ComplianceStatus(msgspec.Struct):
+    compliant: bool
+    checks: list[ComplianceCheck]
+
+
+# --------------------------------------------------------------------------- dashboard
+
+
+class RewardPoint(msgspec.Struct):
+    t: float
+    optimized: float | None
+    baseline: float | None
+    optimized_n: int
+    baseline_n: int
+
+
+class LatencyPoint(msgspec.Struct):
+    t: float
+    optimized_p99_ms: float | None
+    baseline_p99_ms: float | None
+    optimized_n: int
+    baseline_n: int
+
+
+class Dashboard(msgspec.Struct):
+    generated_at: float
+    status: OptimizationStatus
+    slo: SloStatus
+    slo_latency_p99_ms: float
+    reward_series: list[RewardPoint]
+    latency_series: list[LatencyPoint]
+    parameters: ParameterEvolution
+    budget: CawsStatus | None
+    budget_error: str | None
+    events: list[RolloutEventOut]
+    performance: list[TaskPerformance]
+    bin_s: float

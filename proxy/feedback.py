@@ -1,0 +1,218 @@
+"""Delayed feedback (`POST /api/optimization/record-outcome`).
+
+The decision is found by request id: first in the in-process `DecisionRegistry`
+(registered before forwarding, so an id is known from the moment its response
+starts), else in the log store (`get_decision`). Explicit feedback replaces the
+automatic quality score; recording it twice is a conflict unless `overwrite` (the
+automatic score never counts as recorded feedback).
+
+Reward: recomputed with the given quality and the outcome's own latency and tokens,
+through the same `BaselineCosts` normalisers the decider uses.
+
+Policy: the automatic reward was already folded into the policy statistics when the
+response finished. Replacing it needs `policy.correct(ctx, baseline, arm, old, new)`
+(an additive statistic can swap one reward for another without changing n). When the
+policy has no such method the statistics are left untouched (adding the corrected
+reward on top would count the request twice) and the response says so; when no
+automatic reward was ever applied (no quality score, or the request is still in
+flight) the corrected reward is applied with `update`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+import msgspec
+
+from policies.records import Arm, Decision, Outcome, Params, RequestContext
+from proxy.control_schemas import RecordOutcomeIn, RecordOutcomeResult
+from proxy.records import FeedbackEntry
+
+
+class FeedbackConflict(Exception):
+    pass
+
+
+class DecisionNotFound(Exception):
+    pass
+
+
+class _Pending(msgspec.Struct):
+    quality: float
+    overwrite: bool
+
+
+class FeedbackBook:
+    """Explicit feedback recorded by this process (bounded), and feedback for requests in flight."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self.recorded: OrderedDict[str, tuple[float, float | None]] = OrderedDict()  # id -> (quality, reward)
+        self.pending: OrderedDict[str, _Pending] = OrderedDict()
+
+    def remember(self, request_id: str, quality: float, reward: float | None) -> None:
+        self.recorded[request_id] = (quality, reward)
+        self.recorded.move_to_end(request_id)
+        while len(self.recorded) > self.max_entries:
+            self.recorded.popitem(last=False)
+
+
+def _arm(params: Params, base: Params) -> Arm:
+    t = params.temperature if params.temperature is not None else base.temperature
+    m = params.max_tokens if params.max_tokens is not None else base.max_tokens
+    return Arm(temperature=float(t or 0.0), max_tokens=int(m or 1))
+
+
+def _base_arm(base: Params) -> Arm:
+    return Arm(temperature=float(base.temperature or 0.0), max_tokens=int(base.max_tokens or 1))
+
+
+def context_from_features(features: dict[str, Any]) -> RequestContext | None:
+    """Rebuild the `RequestContext` from a log row's `context_features` (None if it cannot)."""
+    fields = set(RequestContext.__struct_fields__)
+    try:
+        return msgspec.convert({k: v for k, v in features.items() if k in fields}, RequestContext)
+    except (msgspec.ValidationError, TypeError):
+        return None
+
+
+def _learns(status: int, error_class: str | None) -> bool:
+    """Outcomes the decider folds into the policy (see BanditDecider.observe)."""
+    return 200 <= status < 300 and error_class is None
+
+
+def _reward(rt: Any, task_type: str, quality: float, latency_s: float, completion_tokens: int | None) -> float:
+    bandit = rt.bandit
+    return bandit.costs.reward(
+        task_type=task_type,
+        quality=quality,
+        latency_s=latency_s,
+        tokens=completion_tokens or 0,
+        settings=bandit.reward_settings,
+    )
+
+
+def _apply(rt: Any, ctx: RequestContext, base: Arm, arm: Arm, old: float | None, new: float) -> tuple[bool, str]:
+    """Fold the corrected reward into the policy without double counting."""
+    if rt.decider is not rt.bandit:
+        return False, "the active decider does not learn (passthrough)"
+    policy = rt.policy
+    if old is None:
+        policy.update(ctx, base, arm, new)
+        return True, "no automatic reward had been applied: corrected reward added with update()"
+    correct = getattr(policy, "correct", None)
+    if callable(correct):
+        correct(ctx, base, arm, old, new)
+        return True, f"automatic reward {old:.6g} replaced by {new:.6g} with correct()"
+    return False, (
+        f"policy '{policy.name}' has no correct(ctx, baseline, arm, old_reward, new_reward); "
+        "its statistics keep the automatic reward (adding the new one would count the request twice)"
+    )
+
+
+async def record_outcome(rt: Any, book: FeedbackBook, body: RecordOutcomeIn, actor: str, now: float | None = None) -> RecordOutcomeResult:
+    now = time.time() if now is None else now
+    rid = body.request_id
+    quality = float(body.outcome.quality)
+    payload: dict[str, Any] = {**msgspec.to_builtins(body.outcome), "actor": actor, "overwrite": body.overwrite}
+
+    item = rt.registry.get(rid, now)
+    if item is None and getattr(rt, "shared", None) is not None:
+        item = await rt.shared.find_decision(rid)  # served by another replica
+    if item is not None:
+        decision, outcome = item
+        already = (outcome is not None and outcome.feedback) or rid in book.recorded or rid in book.pending
+        if already and not body.overwrite:
+            raise FeedbackConflict(rid)
+        previous_quality = book.recorded[rid][0] if rid in book.recorded else (book.pending[rid].quality if rid in book.pending else None)
+        if outcome is None:
+            # Still streaming: the reward needs the outcome's latency and tokens.
+            book.pending[rid] = _Pending(quality=quality, overwrite=body.overwrite)
+            while len(book.pending) > book.max_entries:
+                book.pending.popitem(last=False)
+            rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=None, payload=payload, received_at=now))
+            book.remember(rid, quality, None)
+            return RecordOutcomeResult(
+                request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality,
+                automatic_quality=None, reward=None, previous_reward=None, policy_updated=False,
+                policy_update="request still in flight: the reward is computed when its outcome is known",
+                overwritten=already,
+            )
+        return await _with_outcome(rt, book, decision, outcome, quality, payload, already, previous_quality, now)
+
+    getter = getattr(rt.sink, "get_decision", None)
+    row = await getter(rid) if getter is not None else None
+    if row is None:
+        raise DecisionNotFound(rid)
+    already = row.feedback_quality is not None or rid in book.recorded
+    if already and not body.overwrite:
+        raise FeedbackConflict(rid)
+    previous_quality = book.recorded[rid][0] if rid in book.recorded else row.feedback_quality
+    if rid in book.recorded:
+        old_reward = book.recorded[rid][1]
+    elif row.feedback_quality is not None:
+        old_reward = row.feedback_reward
+    else:
+        old_reward = row.reward
+    new_reward = _reward(rt, row.task_type, quality, row.latency_s, row.completion_tokens)
+    ctx = context_from_features(row.context_features)
+    if not _learns(row.status, row.error_class):
+        updated, note = False, "failed requests do not update the policy"
+    elif ctx is None:
+        updated, note = False, "the logged context could not be rebuilt"
+    else:
+        updated, note = _apply(rt, ctx, _base_arm(row.baseline_params), _arm(row.chosen_params, row.baseline_params), old_reward, new_reward)
+    rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
+    book.remember(rid, quality, new_reward)
+    return RecordOutcomeResult(
+        request_id=rid, found_in="log", quality=quality, previous_quality=previous_quality, automatic_quality=row.quality,
+        reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,
+    )
+
+
+async def _with_outcome(
+    rt: Any, book: FeedbackBook, decision: Decision, outcome: Outcome, quality: float, payload: dict[str, Any],
+    already: bool, previous_quality: float | None, now: float,
+) -> RecordOutcomeResult:
+    rid = decision.request_id
+    automatic = outcome.quality if not outcome.feedback else None
+    old_reward = outcome.reward
+    if already and previous_quality is None:
+        previous_quality = outcome.quality
+    new_reward = rt.bandit.reward_for(decision, outcome, quality)
+    if not _learns(outcome.status, outcome.error_class):
+        updated, note = False, "failed requests do not update the policy"
+    else:
+        updated, note = _apply(
+            rt, decision.context, _base_arm(decision.baseline), _arm(decision.sent, decision.baseline), old_reward, new_reward
+        )
+    # A copy: the queued LogEntry shares the original Outcome and must keep the automatic score.
+    rt.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward, feedback=True))
+    rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
+    book.remember(rid, quality, new_reward)
+    return RecordOutcomeResult(
+        request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality, automatic_quality=automatic,
+        reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,
+    )
+
+
+def apply_pending_feedback(rt: Any, book: FeedbackBook, decision: Decision, outcome: Outcome) -> None:
+    """For the edge, right after `decider.observe`: feedback that arrived while the response streamed.
+
+    Swaps the automatic reward just applied for the one computed with the explicit quality.
+    """
+    pending = book.pending.pop(decision.request_id, None)
+    if pending is None:
+        return
+    new_reward = rt.bandit.reward_for(decision, outcome, pending.quality)
+    if _learns(outcome.status, outcome.error_class):
+        _apply(rt, decision.context, _base_arm(decision.baseline), _arm(decision.sent, decision.baseline), outcome.reward, new_reward)
+    rt.recorder.submit(
+        FeedbackEntry(request_id=decision.request_id, quality=pending.quality, reward=new_reward,
+                      payload={"deferred": True}, received_at=time.time())
+    )
+    book.remember(decision.request_id, pending.quality, new_reward)
+    outcome_copy = msgspec.structs.replace(outcome, quality=pending.quality, reward=new_reward, feedback=True)
+    rt.registry.complete(decision, outcome_copy)

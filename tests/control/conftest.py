@@ -1,0 +1,65 @@
+"""A Thermostat with an admin token and a small scenario driven through the proxy."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import make_config
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.servers import RunningThermostat, start_thermostat
+
+TOKEN_ENV = "THERMOSTAT_TEST_CONTROL_TOKEN"
+TOKEN = "test-admin-token-0123456789"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+API = "/api/optimization"
+
+
+def drive(t: RunningThermostat, n: int, task_type: str, **body: object) -> list[str]:
+    ids = []
+    with httpx.Client(timeout=10) as client:
+        for i in range(n):
+            payload = {"model": "echo-1", "messages": [{"role": "user", "content": f"question {i} about {task_type}"}], **body}
+            r = client.post(f"{t.url}/chat/completions", json=payload, headers={"x-task-type": task_type})
+            assert r.status_code == 200, r.text
+            ids.append(r.headers["x-request-id"])
+    return ids
+
+
+@pytest.fixture(scope="module")
+def ctl(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningThermostat]:
+    os.environ[TOKEN_ENV] = TOKEN
+    cfg = make_config(
+        upstream.url,
+        tmp_path_factory.mktemp("control"),
+        optimization={"mode": "general", "seed": 7},
+        admin={"token_env": TOKEN_ENV},
+        slo={"min_samples": 5, "check_interval_s": 0},
+    )
+    running = start_thermostat(cfg)
+    running.ids = {  # type: ignore[attr-defined]
+        "code": drive(running, 40, "code", temperature=0.7, max_tokens=300),
+        "chat": drive(running, 20, "chat"),
+    }
+    running.flush()
+    yield running
+    running.stop()
+    os.environ.pop(TOKEN_ENV, None)
+
+
+def api(t: RunningThermostat, method: str, path: str, **kw: object) -> httpx.Response:
+    headers = kw.pop("headers", AUTH)
+    return httpx.request(method, f"{t.base}{API}{path}", headers=headers, timeout=30, **kw)  # type: ignore[arg-type]
+
+
+def assert_error_shape(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str) and "code" in err
+    return err

@@ -1,0 +1,64 @@
+"""The dashboard page in headless Chromium: loads, reads /api/optimization/dashboard, draws charts with data."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import IN_CI, make_config
+from tests.control.conftest import drive
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.servers import start_thermostat
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1280,900", "--virtual-time-budget=8000"]
+
+
+def _chromium() -> str:
+    if CHROMIUM is None:
+        if IN_CI:
+            pytest.fail("chromium is required under CI (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    return CHROMIUM
+
+
+def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path) -> None:
+    chromium = _chromium()
+    # No admin token configured: the control API answers loopback clients (Chromium runs on loopback).
+    os.environ.pop("THERMOSTAT_DASHBOARD_TEST_TOKEN", None)
+    cfg = make_config(upstream.url, tmp_path / "data", optimization={"mode": "general", "seed": 11},
+                      admin={"token_env": "THERMOSTAT_DASHBOARD_TEST_TOKEN"}, slo={"min_samples": 5})
+    t = start_thermostat(cfg)
+    try:
+        drive(t, 30, "code", temperature=0.7, max_tokens=300)
+        drive(t, 15, "summarise")
+        t.flush()
+        page = httpx.get(f"{t.base}/dashboard")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "<script src" not in page.text and "http://" not in page.text.replace("http://www.w3.org/2000/svg", "")  # self-contained
+        profile = tmp_path / "profile"
+        dom = subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", f"{t.base}/dashboard"],
+                             capture_output=True, text=True, timeout=90)
+        html = dom.stdout
+        assert 'data-loaded="1"' in html, dom.stderr[-2000:]
+        points = {m.group(1): int(m.group(2)) for m in re.finditer(r'<svg id="(chart-[a-z-]+)"[^>]*data-points="(\d+)"', html)}
+        assert points.keys() >= {"chart-reward", "chart-latency", "chart-temperature", "chart-max-tokens", "chart-budget"}, points
+        assert all(v > 0 for v in points.values()), points
+        assert html.count('class="series"') >= 4  # reward + latency + two task types' parameter lines
+        assert "phase general" in html and "optimising 100.0 %" in html
+        out_dir = ROOT / "bench" / "results"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shot = out_dir / "dashboard.png"
+        subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", f"{t.base}/dashboard"],
+                       capture_output=True, text=True, timeout=90)
+        assert shot.exists() and shot.stat().st_size > 10_000
+    finally:
+        t.stop()

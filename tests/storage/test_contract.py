@@ -1,0 +1,185 @@
+"""One read/write contract, run against both LogStore implementations (SQLite and PostgreSQL+spool)."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import pytest
+
+from policies.records import Params
+from proxy.config import build_config
+from proxy.store import AuditRecord, EventRecord, LogStore, make_log_store
+from proxy.store.spool import SpoolingStore
+from proxy.store.sqlite import SqliteSink
+from tests.storage.factory import feedback, log_entry
+
+DAY = 86400.0
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LogStore]:
+    storage: dict = {}
+    if request.param == "postgres":
+        dsn = request.getfixturevalue("pg_dsn")
+        storage["database_url"] = dsn
+        conn = await asyncpg.connect(dsn)
+        try:  # a clean slate per test (the database is shared by the module)
+            await conn.execute("DO $$ BEGIN IF to_regclass('logged_decisions') IS NOT NULL THEN "
+                               "TRUNCATE logged_decisions, decision_feedback, audit_log, rollout_events; END IF; END $$")
+        finally:
+            await conn.close()
+    cfg = build_config({"server": {"data_dir": str(tmp_path)}, "storage": storage}, environ={})
+    s = make_log_store(cfg)
+    assert isinstance(s, SpoolingStore if request.param == "postgres" else SqliteSink)
+    assert isinstance(s, LogStore)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_round_trip_every_field(store: LogStore) -> None:
+    entry = log_entry()
+    rid = entry.decision.request_id
+    await store.write([entry])
+    row = await store.get_decision(rid)
+    assert row is not None
+    d, o = entry.decision, entry.outcome
+    assert row.request_id == rid
+    assert row.timestamp == pytest.approx(d.created_at, abs=1e-5)
+    assert (row.task_type, row.model_name, row.upstream) == ("code", "gpt-x", "openai")
+    assert row.context_fingerprint == d.context_fingerprint
+    assert row.context_features == {"len_bucket": 2, "tools": True}
+    assert row.chosen_params == Params(temperature=0.3, max_tokens=600)
+    assert row.baseline_params == Params(temperature=0.7, max_tokens=800)
+    assert row.policy_params == Params(temperature=0.2, max_tokens=500)
+    assert row.log_propensity == pytest.approx(math.log(0.25))
+    assert row.propensity == pytest.approx(0.25)
+    assert row.policy_log_propensity == pytest.approx(math.log(0.5))
+    assert (row.arm_index, row.policy, row.policy_version, row.mode) == (7, "thompson_gaussian", "ts-v3", "optimized")
+    assert row.guard_notes == ("trust_region:clipped", "budget:ok")
+    assert (row.status, row.error_class, row.latency_s, row.ttft_s) == (200, None, 1.25, 0.125)
+    assert (row.prompt_tokens, row.completion_tokens, row.finish_reason) == (42, 300, "stop")
+    assert (row.quality, row.reward) == (0.8, 0.65)
+    assert msgspec.convert(row.outcome, type(o)) == o
+    assert row.prompt == "write a sort function"
+    assert row.feedback_quality is None and row.feedback_reward is None
+    assert row.effective_quality == 0.8
+
+    await store.write([feedback(rid, quality=0.3, reward=None)])
+    row = await store.get_decision(rid)
+    assert row is not None and (row.feedback_quality, row.feedback_reward) == (0.3, None)
+    assert row.effective_quality == 0.3 and row.effective_reward == 0.65
+    assert await store.get_decision(str(uuid.uuid4())) is None
+
+
+async def test_optional_fields_null(store: LogStore) -> None:
+    entry = log_entry(prompt=None)
+    entry.decision.policy_choice = None
+    entry.decision.policy_propensity = None
+    entry.decision.arm_index = None
+    entry.decision.guard_notes = ()
+    entry.decision.propensity = 0.0
+    entry.outcome.ttft_s = None
+    entry.outcome.quality = None
+    entry.outcome.status = 502
+    entry.outcome.error_class = "upstream_error"
+    await store.write([entry])
+    row = await store.get_decision(entry.decision.request_id)
+    assert row is not None
+    assert row.policy_params is None and row.policy_log_propensity is None and row.arm_index is None
+    assert row.guard_notes == () and row.prompt is None and row.ttft_s is None and row.quality is None
+    assert row.log_propensity == float("-inf") and row.propensity == 0.0
+    assert (row.status, row.error_class) == (502, "upstream_error")
+
+
+async def test_idempotent_writes(store: LogStore) -> None:
+    batch = [log_entry() for _ in range(20)]
+    rid = batch[0].decision.request_id
+    await store.write(batch)
+    await store.write(batch)  # a replayed batch
+    await store.write(batch[:5] + [log_entry(rid)])  # overlapping batch, same request id again
+    assert await store.count_decisions() == 20
+    # feedback: upsert, last one wins, also within one batch
+    await store.write([feedback(rid, quality=0.1), feedback(rid, quality=0.2)])
+    await store.write([feedback(rid, quality=0.4, reward=0.5)])
+    row = await store.get_decision(rid)
+    assert row is not None and (row.feedback_quality, row.feedback_reward) == (0.4, 0.5)
+    assert await store.count_decisions() == 20
+
+
+async def test_fetch_filters_order_and_paging(store: LogStore) -> None:
+    now = time.time()
+    entries = [
+        log_entry(created_at=now - 100 + i, task_type="code" if i % 2 else "chat", mode="shadow" if i % 3 else "optimized")
+        for i in range(30)
+    ]
+    await store.write(entries)
+    rows = await store.fetch_decisions(limit=100)
+    assert [r.request_id for r in rows] == [e.decision.request_id for e in reversed(entries)]  # newest first
+    page2 = await store.fetch_decisions(limit=10, offset=10)
+    assert [r.request_id for r in page2] == [e.decision.request_id for e in reversed(entries)][10:20]
+    code = await store.fetch_decisions(task_type="code")
+    assert len(code) == 15 and all(r.task_type == "code" for r in code)
+    assert await store.count_decisions(task_type="code") == 15
+    expected_shadow_code = sum(1 for i in range(30) if i % 2 and i % 3)
+    assert await store.count_decisions(task_type="code", mode="shadow") == expected_shadow_code
+    window = await store.fetch_decisions(since=now - 90, until=now - 80)
+    assert [r.request_id for r in window] == [e.decision.request_id for e in reversed(entries[10:20])]
+    assert await store.count_decisions(since=now - 90, until=now - 80) == 10
+    assert await store.count_decisions() == 30
+
+
+async def test_audit_and_events(store: LogStore) -> None:
+    now = time.time()
+    a1 = AuditRecord(at=now - 2, actor="alice", action="set_phase", target="rollout", before={"phase": "shadow"},
+                     after={"phase": "canary"})
+    a2 = AuditRecord(at=now - 1, actor="bob", action="waiver.create", target="WV-0001", after={"extra_tokens": 5000})
+    await store.append_audit(a1)
+    await store.append_audit(a2)
+    await store.write([a1])  # replayed: no duplicate
+    got = await store.fetch_audit(limit=10)
+    assert [g.id for g in got] == [a2.id, a1.id]
+    assert got[1].before == {"phase": "shadow"} and got[1].after == {"phase": "canary"} and got[0].before is None
+    assert got[1].at == pytest.approx(a1.at, abs=1e-5) and got[1].actor == "alice"
+    assert [g.id for g in await store.fetch_audit(limit=1, offset=1)] == [a1.id]
+
+    e1 = EventRecord(at=now - 10, kind="rollback", from_phase="canary", to_phase="rollback", reason="p99 breach",
+                     evidence={"p99_ms": 4100.0, "n": 250}, actor="slo")
+    e2 = EventRecord(at=now - 5, kind="resume", from_phase="rollback", to_phase="shadow")
+    await store.append_event(e1)
+    await store.append_event(e2)
+    await store.write([e2])
+    events = await store.fetch_events(limit=10)
+    assert [e.id for e in events] == [e2.id, e1.id]
+    assert events[1].evidence == {"p99_ms": 4100.0, "n": 250} and events[1].reason == "p99 breach"
+    assert events[1].actor == "slo" and events[0].actor is None
+    assert [e.id for e in await store.fetch_events(since=now - 6)] == [e2.id]
+
+
+async def test_prune_deletes_only_old_rows_in_batches(store: LogStore) -> None:
+    now = time.time()
+    old = [log_entry(created_at=now - 100 * DAY - i) for i in range(23)]
+    new = [log_entry(created_at=now - 10 * DAY - i) for i in range(5)]
+    await store.write(old + new)
+    await store.write([feedback(e.decision.request_id, received_at=now - 100 * DAY) for e in old[:3]])
+    await store.write([feedback(new[0].decision.request_id, received_at=now - DAY)])
+    deleted = await store.prune(90 * DAY, batch_size=5)
+    assert deleted == 23
+    assert store.last_prune_batches >= 5  # 23 decisions in batches of 5 (plus the old feedback)
+    assert await store.count_decisions() == 5
+    assert {r.request_id for r in await store.fetch_decisions()} == {e.decision.request_id for e in new}
+    row = await store.get_decision(new[0].decision.request_id)
+    assert row is not None and row.feedback_quality == 0.9  # recent feedback kept
+    assert await store.prune(90 * DAY, batch_size=5) == 0
+
+
+async def test_status(store: LogStore) -> None:
+    await store.write([log_entry()])
+    st = store.status()
+    assert st.connected and st.rows_written >= 1 and st.spool_batches == 0 and st.last_error is None
