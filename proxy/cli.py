@@ -94,10 +94,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port or config.server.port
     print(
-        "demo: simulated LLM upstream on 127.0.0.1:%d; try:\n"
-        "  curl -s http://%s:%d/v1/chat/completions -H 'content-type: application/json' -H 'x-task-type: code' \\\n"
+        f"demo: simulated LLM upstream on 127.0.0.1:{sim_port}; try:\n"
+        f"  curl -s http://{host}:{port}/v1/chat/completions -H 'content-type: application/json' -H 'x-task-type: code' \\\n"
         "       -d '{\"model\":\"sim-1\",\"messages\":[{\"role\":\"user\",\"content\":\"write a sort function\"}]}'\n"
-        "  open http://%s:%d/dashboard" % (sim_port, host, port, host, port),
+        f"  open http://{host}:{port}/dashboard",
         flush=True,
     )
     _serve(config, host, port)

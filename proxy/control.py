@@ -77,9 +77,11 @@ from proxy.control_schemas import (
     WaiverList,
     WaiverOut,
 )
-from proxy.errors import ProxyError
+from proxy.errors import ErrorEnvelope, ProxyError
 from proxy.feedback import DecisionNotFound, FeedbackBook, FeedbackConflict, record_outcome
 from proxy.store.base import AuditRecord, DecisionRow
+
+_ERR = ResponseSpec(data_container=ErrorEnvelope, description="Error in the OpenAI shape")
 
 log = logging.getLogger("thermostat.control")
 
@@ -352,7 +354,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
     # ---- read-only ------------------------------------------------------------------
 
     @get("/health", opt={"public": True}, summary="Readiness (no auth): upstreams, database, state store, writer queue",
-         responses={503: None})  # type: ignore[arg-type]
+         responses={503: _ERR})
     async def health() -> Response[Readiness]:
         checks = [HealthCheck(name="upstreams", ok=bool(rt.pool.upstreams), detail=f"{len(rt.pool.upstreams)} configured")]
         st = rt.sink.status() if hasattr(rt.sink, "status") else None
@@ -407,7 +409,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
             criteria.append(PromotionCriterion(name="minimum_duration", required=f">= {hours * 3600:g} s", current=f"{in_phase:.1f} s", met=in_phase >= hours * 3600))
         breach_in_phase = st.last_breach_at is not None and st.last_breach_at >= st.phase_started_at
         criteria.append(PromotionCriterion(name="no_slo_breach_in_phase", required="no breach since the phase started",
-                                           current="breach at %.3f" % st.last_breach_at if breach_in_phase else "none", met=not breach_in_phase))
+                                           current=f"breach at {st.last_breach_at:.3f}" if breach_in_phase else "none", met=not breach_in_phase))
         criteria.append(PromotionCriterion(name="not_rolled_back", required="no active rollback", current=str(st.rollback.trigger or "none"), met=not st.rollback.active))
         if st.phase != "shadow":
             lb = evidence_out.improvement_lower_bound
@@ -657,7 +659,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
     # ---- mutations -------------------------------------------------------------------
 
     @post("/record-outcome", status_code=200, summary="Delayed feedback: replace the automatic quality of a request",
-          responses={404: None, 409: None, 422: None})  # type: ignore[arg-type]
+          responses={404: _ERR, 409: _ERR, 422: _ERR})
     async def record_outcome_(request: Request, data: RecordOutcomeIn) -> RecordOutcomeResult:
         actor = actor_of(request)
         try:
@@ -691,7 +693,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
         reason = (data.reason if data else "") or "manual rollback"
         return await _transition(request, "rollback", lambda now: rt.rollout.rollback(now, reason=reason, actor=actor))
 
-    @post("/resume", status_code=200, summary="Resume after a manual (same phase) or SLO (one phase lower) rollback", responses={409: None})  # type: ignore[arg-type]
+    @post("/resume", status_code=200, summary="Resume after a manual (same phase) or SLO (one phase lower) rollback", responses={409: _ERR})
     async def resume(request: Request, data: RollbackIn | None = None) -> ActionResult:
         actor = actor_of(request)
         reason = (data.reason if data else "") or "manual resume"
@@ -720,7 +722,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
         await write_audit(rt, actor_of(request), "create_waiver", waiver.id, None, waiver)
         return waiver_out(waiver, now)
 
-    @delete("/waivers/{waiver_id:str}", status_code=200, summary="Revoke a waiver", responses={404: None})  # type: ignore[arg-type]
+    @delete("/waivers/{waiver_id:str}", status_code=200, summary="Revoke a waiver", responses={404: _ERR})
     async def revoke_waiver(request: Request, waiver_id: str) -> WaiverOut:
         now = time.time()
         actor = actor_of(request)

@@ -343,7 +343,7 @@ class OpeArrays:
         self.target = np.zeros(n)
         self.baseline = np.zeros(n)
         keys = []
-        for i, (r, ctx, arm, allowed, probs, base) in enumerate(kept):
+        for i, (_r, ctx, arm, allowed, probs, base) in enumerate(kept):
             key = arm_key(arm)
             idx = next((j for j, a in enumerate(allowed) if arm_key(a) == key), None)
             self.target[i] = probs[idx] if idx is not None else 0.0
@@ -353,7 +353,7 @@ class OpeArrays:
         self.q_logged = np.array([model.predict(k) for k in keys]) if model else np.zeros(0)
         self.v_target = np.zeros(n)
         self.v_baseline = np.zeros(n)
-        for i, (r, ctx, arm, allowed, probs, base) in enumerate(kept):
+        for i, (_r, ctx, _arm, allowed, probs, base) in enumerate(kept):
             assert model is not None
             bucket = context_bucket(ctx)
             qs = np.array([model.predict(f"{bucket}|{arm_key(a)[0]:g}|{arm_key(a)[1]}") for a in allowed])

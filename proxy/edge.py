@@ -138,7 +138,7 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
 class ProxyEdge:
     """ASGI app: `/v1/*` handled here, everything else handed to `fallback` (Litestar)."""
 
-    def __init__(self, runtime: Any, fallback: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+    def __init__(self, runtime: Any, fallback: Callable[..., Awaitable[None]]) -> None:
         self.rt = runtime
         self.fallback = fallback
         self.max_body = runtime.config.server.max_body_bytes

@@ -6,9 +6,24 @@ values collapse to "other", so a client cannot blow up cardinality.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import asyncio
+import math
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 MAX_LABEL_VALUES = 50
+
+REWARD_BUCKETS = (-1.0, -0.5, -0.25, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+QUALITY_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+PHASES = ("shadow", "canary", "guarded", "general")
+ROLLBACK_TRIGGERS = ("slo", "manual", "disabled")
+_GUARDS = frozenset({"budget", "budget_refused", "waiver", "require_caws", "trust_region", "rollout"})
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -55,6 +70,17 @@ class Metrics:
         self.queue_depth = Gauge("thermostat_writer_queue_depth", "Entries waiting for the decision-log writer", registry=r)
         self.queue_dropped = Counter("thermostat_writer_dropped", "Entries dropped because the writer queue was full", registry=r)
         self.written = Counter("thermostat_writer_written", "Entries written to the decision log", registry=r)
+        self.guard_reason_label = BoundedLabel(100)
+        self.reward = Histogram("thermostat_reward", "Reward of finished requests", ["task_type", "mode"], buckets=REWARD_BUCKETS, registry=r)
+        self.quality = Histogram(
+            "thermostat_quality", "Quality score of finished requests (automatic or feedback)", ["task_type", "mode"], buckets=QUALITY_BUCKETS, registry=r
+        )
+        self.decisions = Counter(
+            "thermostat_decisions", "Decisions by task type, mode and arm (sent parameters as deltas from baseline)", ["task_type", "mode", "arm"], registry=r
+        )
+        self.guard_interventions = Counter("thermostat_guard_interventions", "Guard interventions by guard and reason", ["guard", "reason"], registry=r)
+        self.feedback = Counter("thermostat_feedback", "Explicit feedback recorded through the control API", ["result"], registry=r)
+        self.live: LiveCollector | None = None
         self.client_errors = Counter(
             "thermostat_rejected_requests", "Requests Thermostat answered itself with an error", ["code"], registry=r
         )
@@ -64,37 +90,6 @@ class Metrics:
 # Control-plane metrics: decision counters the edge feeds, and gauges read from live state at
 # scrape time (a custom collector plus an async refresh of the budget before each scrape).
 # ---------------------------------------------------------------------------------------------
-
-import math as _math
-import os as _os
-import time as _time
-from collections.abc import Iterator as _Iterator
-from typing import Any as _Any
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
-REWARD_BUCKETS = (-1.0, -0.5, -0.25, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-QUALITY_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-PHASES = ("shadow", "canary", "guarded", "general")
-ROLLBACK_TRIGGERS = ("slo", "manual", "disabled")
-_GUARDS = frozenset({"budget", "budget_refused", "waiver", "require_caws", "trust_region", "rollout"})
-
-
-def add_decision_metrics(m: Metrics) -> None:
-    """Counters/histograms observed per finished request (idempotent per Metrics instance)."""
-    if getattr(m, "reward", None) is not None:
-        return
-    r = m.registry
-    m.guard_reason_label = BoundedLabel(100)
-    m.reward = Histogram("thermostat_reward", "Reward of finished requests", ["task_type", "mode"], buckets=REWARD_BUCKETS, registry=r)
-    m.quality = Histogram("thermostat_quality", "Quality score of finished requests (automatic or feedback)", ["task_type", "mode"],
-                          buckets=QUALITY_BUCKETS, registry=r)
-    m.decisions = Counter("thermostat_decisions", "Decisions by task type, mode and arm (sent parameters as deltas from baseline)",
-                          ["task_type", "mode", "arm"], registry=r)
-    m.guard_interventions = Counter("thermostat_guard_interventions", "Guard interventions by guard and reason", ["guard", "reason"], registry=r)
-    m.feedback = Counter("thermostat_feedback", "Explicit feedback recorded through the control API", ["result"], registry=r)
-
 
 def guard_interventions(mode: str, guard_notes: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
     """(guard, reason) pairs of one decision, with bounded values.
@@ -124,25 +119,24 @@ def guard_interventions(mode: str, guard_notes: tuple[str, ...] | list[str]) -> 
     return out
 
 
-def observe_decision(m: Metrics, decision: _Any, outcome: _Any, arm: str) -> None:
+def observe_decision(m: Metrics, decision: Any, outcome: Any, arm: str) -> None:
     """Call from the edge once per finished request (after `decider.observe`)."""
-    add_decision_metrics(m)
     task = m.task_label(decision.context.task_type)
     m.decisions.labels(task, decision.mode, arm).inc()
     for guard, reason in guard_interventions(decision.mode, decision.guard_notes):
         m.guard_interventions.labels(guard, m.guard_reason_label(reason)).inc()
-    if outcome.reward is not None and _math.isfinite(outcome.reward):
+    if outcome.reward is not None and math.isfinite(outcome.reward):
         m.reward.labels(task, decision.mode).observe(outcome.reward)
-    if outcome.quality is not None and _math.isfinite(outcome.quality):
+    if outcome.quality is not None and math.isfinite(outcome.quality):
         m.quality.labels(task, decision.mode).observe(outcome.quality)
 
 
 class LiveCollector(Collector):
     """Gauges computed from the runtime at scrape time: SLOs, rollout, rollbacks, budget, spool."""
 
-    def __init__(self, rt: _Any) -> None:
+    def __init__(self, rt: Any) -> None:
         self.rt = rt
-        self.budget: _Any = None  # last BudgetStatus, refreshed by `refresh_live` before each scrape
+        self.budget: Any = None  # last BudgetStatus, refreshed by `refresh_live` before each scrape
         self.budget_ok = False
         self._seen_rollbacks: set[tuple[float, str, str]] = set()
         self.rollbacks: dict[str, int] = {t: 0 for t in ROLLBACK_TRIGGERS}
@@ -158,9 +152,9 @@ class LiveCollector(Collector):
             trigger = "disabled" if e.kind == "disable" else ("manual" if e.actor else "slo")
             self.rollbacks[trigger] += 1
 
-    def collect(self) -> _Iterator[_Any]:
+    def collect(self) -> Iterator[Any]:
         rt = self.rt
-        now = _time.time()
+        now = time.time()
         report = rt.slo.report(now)
         value = GaugeMetricFamily("thermostat_slo_value", "Current SLO value (latency ms, mean quality, error rate)", labels=["slo", "traffic"])
         threshold = GaugeMetricFamily("thermostat_slo_threshold", "Configured SLO threshold", labels=["slo"])
@@ -169,7 +163,7 @@ class LiveCollector(Collector):
         for traffic in (report.optimized, report.baseline):
             compliant.add_metric([traffic.traffic], 1.0 if traffic.compliant else 0.0)
             for c in traffic.checks:
-                if c.value is not None and _math.isfinite(c.value):
+                if c.value is not None and math.isfinite(c.value):
                     value.add_metric([c.name, traffic.traffic], c.value)
                 samples.add_metric([c.name, traffic.traffic], c.samples)
         for c in report.optimized.checks:
@@ -212,13 +206,11 @@ class LiveCollector(Collector):
         yield GaugeMetricFamily("thermostat_writer_queue_capacity", "Capacity of the writer queue", value=rt.recorder.queue.maxsize)
 
 
-def install_live_metrics(rt: _Any) -> LiveCollector:
+def install_live_metrics(rt: Any) -> LiveCollector:
     """Register the live collector and the decision metrics on the runtime's registry (once)."""
     m = rt.metrics
-    add_decision_metrics(m)
-    existing = getattr(m, "live", None)
-    if existing is not None:
-        return existing
+    if m.live is not None:
+        return m.live
     live = LiveCollector(rt)
     m.registry.register(live)
     m.live = live
@@ -227,26 +219,22 @@ def install_live_metrics(rt: _Any) -> LiveCollector:
 
 async def refresh_live(live: LiveCollector, timeout_s: float = 0.5) -> None:
     """Read the budget (an async store call) right before a scrape."""
-    import asyncio
-
     try:
-        live.budget = await asyncio.wait_for(live.rt.budget.status(_time.time()), timeout_s)
+        live.budget = await asyncio.wait_for(live.rt.budget.status(time.time()), timeout_s)
         live.budget_ok = True
     except Exception:
         live.budget_ok = False
 
 
-def exposition(rt: _Any) -> bytes:
+def exposition(rt: Any) -> bytes:
     """`/metrics` body: this registry, or every worker's when PROMETHEUS_MULTIPROC_DIR is set."""
-    from prometheus_client import generate_latest
-
-    if _os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import CollectorRegistry as _Registry
         from prometheus_client import multiprocess
 
         registry = _Registry()
         multiprocess.MultiProcessCollector(registry)
-        live = getattr(rt.metrics, "live", None)
+        live = rt.metrics.live
         if live is not None:
             registry.register(live)  # live gauges are process-local reads of shared state
         return generate_latest(registry)

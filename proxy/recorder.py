@@ -130,8 +130,8 @@ class Recorder:
         while self._writing and self._task is not None and not self._task.done():
             await asyncio.sleep(0.005)
         if self._batch and not self._writing:
-            batch, self._batch = self._batch, []
-            await self._write(batch)
+            held, self._batch = self._batch, []
+            await self._write(held)
         while not self.queue.empty():
             batch: list[Entry] = []
             while len(batch) < self.batch_size and not self.queue.empty():

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 from collections import deque
+from typing import Any
 
 import numpy as np
 

@@ -33,7 +33,7 @@ def exposed_names(text: str) -> set[str]:
             for suffix in SUFFIXES.get(kind, ("",)):
                 names.add(base + suffix)
         elif line and not line.startswith("#"):
-            names.add(re.split(r"[{ ]", line, 1)[0])
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
     return names
 
 

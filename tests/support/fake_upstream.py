@@ -41,7 +41,7 @@ class FakeUpstream:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
 
-    def start(self) -> "FakeUpstream":
+    def start(self) -> FakeUpstream:
         ready = threading.Event()
 
         def run() -> None:
