@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import httpx
+import aiohttp
 import msgspec
 
 from policies.records import Decision, Outcome, Params
@@ -25,7 +25,7 @@ from proxy.feedback import apply_pending_feedback
 from proxy.metrics import observe_decision
 from proxy.records import LogEntry
 from proxy.sse import ResponseSummary, StreamRelay, summarize_body
-from proxy.upstream import Upstream, classify, forward_headers, response_headers
+from proxy.upstream import UPSTREAM_ERRORS, Upstream, classify, forward_headers, response_headers
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -218,9 +218,8 @@ class ProxyEdge:
             (b"x-thermostat-params", decision.sent.render().encode()),
             (b"x-thermostat-mode", decision.mode.encode()),
         ]
-        request = upstream.client.build_request(
-            "POST", upstream.url_for(v1_path, scope.get("query_string", b"")), headers=forward_headers(headers, upstream), content=out_body
-        )
+        url = upstream.url_for(v1_path, scope.get("query_string", b""))
+        fwd_headers = forward_headers(headers, upstream)
         t_forward = time.perf_counter()
         summary = ResponseSummary()
         status = 0
@@ -229,8 +228,8 @@ class ProxyEdge:
         overhead = t_forward - t0
         try:
             try:
-                response = await upstream.send(request)
-            except httpx.HTTPError as exc:
+                response = await upstream.send("POST", url, fwd_headers, out_body)
+            except UPSTREAM_ERRORS as exc:
                 error_class = classify(exc)
                 status = 504 if error_class == "timeout" else 502
                 self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
@@ -238,7 +237,7 @@ class ProxyEdge:
                 code = "upstream_timeout" if status == 504 else "upstream_unreachable"
                 await self._send_error(send, status, error_body(msg, "upstream_error", code), request_id, our_headers[1:])
                 return
-            status = response.status_code
+            status = response.status
             t_headers = time.perf_counter()
             if stream and status == 200:
                 ttft, error_class, overhead = await self._relay_stream(
@@ -246,8 +245,8 @@ class ProxyEdge:
                 )
             else:
                 try:
-                    raw = await response.aread()
-                except httpx.HTTPError as exc:
+                    raw = await response.read()
+                except UPSTREAM_ERRORS as exc:
                     error_class = classify(exc)
                     status = 504 if error_class == "timeout" else 502
                     self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
@@ -257,9 +256,9 @@ class ProxyEdge:
                     )
                     return
                 finally:
-                    await response.aclose()
+                    response.release()
                 t_body = time.perf_counter()
-                hdrs = response_headers(response.headers)
+                hdrs = response_headers(response.raw_headers)
                 hdrs.append((b"content-length", str(len(raw)).encode()))
                 hdrs.extend(our_headers)
                 overhead += time.perf_counter() - t_body
@@ -278,7 +277,7 @@ class ProxyEdge:
         self,
         receive: Receive,
         send: Send,
-        response: httpx.Response,
+        response: aiohttp.ClientResponse,
         our_headers: list[tuple[bytes, bytes]],
         strip_usage: bool,
         summary_out: ResponseSummary,
@@ -289,17 +288,17 @@ class ProxyEdge:
     ) -> tuple[float | None, str | None, float]:
         relay = StreamRelay(strip_usage)
         relay.summary = summary_out
-        hdrs = response_headers(response.headers)
+        hdrs = response_headers(response.raw_headers)
         hdrs.extend(our_headers)
         overhead += time.perf_counter() - t_headers
         hdrs.append((b"x-thermostat-overhead-ms", f"{overhead * 1000:.3f}".encode()))
-        await send({"type": "http.response.start", "status": response.status_code, "headers": hdrs})
+        await send({"type": "http.response.start", "status": response.status, "headers": hdrs})
         ttft: float | None = None
         error_class: str | None = None
 
         async def pump() -> None:
             nonlocal ttft
-            async for chunk in response.aiter_raw():
+            async for chunk in response.content.iter_any():
                 out = relay.feed(chunk)
                 if out:
                     if ttft is None:
@@ -315,6 +314,7 @@ class ProxyEdge:
                 if message["type"] == "http.disconnect":
                     return
 
+        clean = False
         pump_task = asyncio.ensure_future(pump())
         watch_task = asyncio.ensure_future(watch())
         try:
@@ -328,9 +328,10 @@ class ProxyEdge:
                     pass
                 return ttft, error_class, overhead
             watch_task.cancel()
+            clean = pump_task.exception() is None
             exc = pump_task.exception()
             if exc is not None:
-                error_class = classify(exc) if isinstance(exc, httpx.HTTPError) else "protocol"
+                error_class = classify(exc)
                 self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
                 summary_out.error = True
                 payload = error_body(f"upstream '{upstream.name}' failed mid-stream: {type(exc).__name__}", "upstream_error", "upstream_stream_error")
@@ -341,7 +342,10 @@ class ProxyEdge:
             for task in (pump_task, watch_task):
                 if not task.done():
                     task.cancel()
-            await response.aclose()
+            if clean:
+                response.release()  # the connection goes back to the pool
+            else:
+                response.close()  # a stream cut short: close it so the upstream stops generating
 
     async def _finish(
         self,
@@ -406,32 +410,33 @@ class ProxyEdge:
         upstream = rt.pool.route(model)
         if upstream is None:
             raise ProxyError(404, "no upstream is configured" + (f" for model '{model}'" if model else ""), "model_not_found")
-        request = upstream.client.build_request(
-            scope["method"],
-            upstream.url_for(v1_path, scope.get("query_string", b"")),
-            headers=forward_headers(scope["headers"], upstream),
-            content=body or None,
-        )
+        url = upstream.url_for(v1_path, scope.get("query_string", b""))
+        fwd_headers = forward_headers(scope["headers"], upstream)
         overhead = time.perf_counter() - t0
         try:
-            response = await upstream.send(request)
-        except httpx.HTTPError as exc:
+            response = await upstream.send(scope["method"], url, fwd_headers, body or None)
+        except UPSTREAM_ERRORS as exc:
             error_class = classify(exc)
             status = 504 if error_class == "timeout" else 502
             self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
             code = "upstream_timeout" if status == 504 else "upstream_unreachable"
             await self._send_error(send, status, error_body(f"upstream '{upstream.name}' failed: {type(exc).__name__}", "upstream_error", code), request_id)
             return
+        complete = False
         try:
-            hdrs = response_headers(response.headers)
+            hdrs = response_headers(response.raw_headers)
             hdrs.append((b"x-request-id", request_id.encode()))
             hdrs.append((b"x-thermostat-overhead-ms", f"{overhead * 1000:.3f}".encode()))
-            await send({"type": "http.response.start", "status": response.status_code, "headers": hdrs})
+            await send({"type": "http.response.start", "status": response.status, "headers": hdrs})
             try:
-                async for chunk in response.aiter_raw():
+                async for chunk in response.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except httpx.HTTPError as exc:
+                complete = True
+            except UPSTREAM_ERRORS as exc:
                 self.metrics.upstream_errors.labels(upstream.name, classify(exc)).inc()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            await response.aclose()
+            if complete:
+                response.release()
+            else:
+                response.close()

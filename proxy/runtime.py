@@ -44,11 +44,11 @@ def _log_save_failure(task: asyncio.Task[None]) -> None:
 
 
 class Runtime:
-    def __init__(self, config: Config, *, decider: Decider | None = None, transport: str = "aiohttp", store: StateStore | None = None) -> None:
+    def __init__(self, config: Config, *, decider: Decider | None = None, store: StateStore | None = None) -> None:
         self.config = config
         self.started_at = time.time()
         self.metrics = Metrics()
-        self.pool = UpstreamPool.from_settings(config.upstreams, transport)
+        self.pool = UpstreamPool.from_settings(config.upstreams)
         self.registry = DecisionRegistry()
         redis = config.storage
         self.state_store: StateStore = store or (

@@ -1,12 +1,16 @@
-"""Upstreams: routing by model, one pooled client each, and safe retries.
+"""Upstreams: routing by model, one pooled aiohttp session each, and safe retries.
 
-One `httpx.AsyncClient` per upstream, on the aiohttp transport by default: measured
-here, httpx's own pool collapses under concurrency (about 700 req/s at 50 concurrent
-against about 2,400 with `httpx-aiohttp`). `transport = "httpx"` selects the plain one.
+Measured here (bench/README.md): httpx's own pool collapses under concurrency, and
+even on the aiohttp transport (`httpx-aiohttp`) the httpx layer (URL parsing, header
+models, cookie extraction) was the largest share of Thermostat's CPU per request. The
+edge therefore talks to aiohttp directly: one `ClientSession` per upstream with a
+keep-alive pool, raw header lists relayed without decoding, bodies never decompressed
+(`accept-encoding: identity` is asked; a body that comes compressed anyway is relayed
+as it came).
 
 Retries happen only when the connection could not be made (no byte reached the
-upstream), bounded and with jittered backoff: a POST that may have reached the
-model is never sent twice.
+upstream), bounded and with jittered backoff: a POST that may have reached the model
+is never sent twice. The first attempt runs without any retry machinery.
 """
 
 from __future__ import annotations
@@ -14,44 +18,50 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable
 from typing import Literal
 
 import aiohttp
-import httpx
+from multidict import CIMultiDict
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from proxy.config import ModelSettings, UpstreamSettings, find_model_settings
 
 ErrorClass = Literal["timeout", "connect", "protocol"]
 
+# aiohttp would otherwise add its own User-Agent, Accept and Content-Type to requests
+# whose client did not send them: a proxy forwards what it got.
+_SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Content-Type", "Accept-Encoding"})
+
 
 class Upstream:
-    """One configured upstream with its pooled client."""
+    """One configured upstream with its pooled session (created on first use, inside the loop)."""
 
-    def __init__(self, settings: UpstreamSettings, transport: str = "aiohttp") -> None:
+    def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
         self.name = settings.name
-        self.base_url = settings.base_url.rstrip("/")
         # `/v1/chat/completions` -> `<base_url>/chat/completions`: base_url ends with /v1 as the SDK writes it.
+        self.base_url = settings.base_url.rstrip("/")
         self._patterns = tuple(p for p in settings.models if p != "*")
         self.is_default = "*" in settings.models
         api_key = os.environ.get(settings.api_key_env, "") if settings.api_key_env else ""
         self.authorization = f"Bearer {api_key}" if api_key else None
-        self.timeout = httpx.Timeout(
-            connect=settings.connect_timeout_s,
-            read=settings.timeout_s,
-            write=settings.timeout_s,
-            pool=settings.connect_timeout_s,
-        )
-        limits = httpx.Limits(max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections)
-        if transport == "aiohttp":
-            from httpx_aiohttp import AiohttpTransport
-
-            self.client = httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=self.timeout)
-        else:
-            self.client = httpx.AsyncClient(limits=limits, timeout=self.timeout)
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.timeout_s)
+        self._session: aiohttp.ClientSession | None = None
         self._model_cache: dict[str, ModelSettings | None] = {}
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.settings.max_connections, keepalive_timeout=30, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self.timeout,
+                auto_decompress=False,
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
 
     def matches(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self._patterns)
@@ -70,21 +80,30 @@ class Upstream:
         url = self.base_url + v1_path
         return url + "?" + query.decode("latin-1") if query else url
 
-    async def send(self, request: httpx.Request) -> httpx.Response:
-        """Send with streaming response; retry only failures to connect."""
+    async def _request(self, method: str, url: str, headers: CIMultiDict[str], body: bytes | None) -> aiohttp.ClientResponse:
+        return await self.session.request(method, url, headers=headers, data=body, allow_redirects=False)
+
+    async def send(self, method: str, url: str, headers: CIMultiDict[str], body: bytes | None) -> aiohttp.ClientResponse:
+        """Send; the response body is not read yet. Retries only failures to connect."""
+        try:
+            return await self._request(method, url, headers, body)
+        except Exception as exc:
+            if self.settings.retries <= 0 or not is_connect_failure(exc):
+                raise
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.settings.retries + 1),
+            stop=stop_after_attempt(self.settings.retries),
             wait=wait_random_exponential(multiplier=0.05, max=1.0),
             retry=retry_if_exception(is_connect_failure),
             reraise=True,
         )
         async for attempt in retrying:
             with attempt:
-                return await self.client.send(request, stream=True)
+                return await self._request(method, url, headers, body)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 class UpstreamPool:
@@ -96,8 +115,8 @@ class UpstreamPool:
         self._route_cache: dict[str, Upstream | None] = {}
 
     @classmethod
-    def from_settings(cls, settings: tuple[UpstreamSettings, ...], transport: str = "aiohttp") -> UpstreamPool:
-        return cls([Upstream(s, transport) for s in settings])
+    def from_settings(cls, settings: tuple[UpstreamSettings, ...]) -> UpstreamPool:
+        return cls([Upstream(s) for s in settings])
 
     def route(self, model: str | None) -> Upstream | None:
         if model is None:
@@ -114,36 +133,21 @@ class UpstreamPool:
         await asyncio.gather(*(u.aclose() for u in self.upstreams), return_exceptions=True)
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    out = [exc]
-    while out[-1].__cause__ is not None and len(out) < 10:
-        out.append(out[-1].__cause__)  # type: ignore[arg-type]
-    return out
-
-
 def is_connect_failure(exc: BaseException) -> bool:
     """True only when no connection was made, so nothing reached the upstream."""
-    chain = _chain(exc)
-    if any(isinstance(e, aiohttp.ClientSSLError) for e in chain):
-        return False
-    if any(isinstance(e, aiohttp.ClientConnectorError) for e in chain):
-        return True
-    if any(isinstance(e, aiohttp.ClientError) for e in chain):
-        return False  # httpx-aiohttp maps other aiohttp errors onto httpx connect errors
-    return isinstance(exc, httpx.ConnectError)
+    return isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(exc, aiohttp.ClientSSLError)
 
 
 def classify(exc: BaseException) -> ErrorClass:
-    """timeout -> 504, connect -> 502, protocol (upstream broke the exchange) -> 502."""
+    """timeout -> 504; connect (nothing reached the upstream) and protocol (it broke the exchange) -> 502."""
     if is_connect_failure(exc):
         return "connect"
-    chain = _chain(exc)
-    if any(isinstance(e, (asyncio.TimeoutError, TimeoutError, aiohttp.ServerTimeoutError)) for e in chain):
-        return "timeout"
-    if isinstance(exc, httpx.TimeoutException) and not any(isinstance(e, aiohttp.ClientError) for e in chain):
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, aiohttp.ServerTimeoutError)):
         return "timeout"
     return "protocol"
 
+
+UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError, OSError)
 
 HOP_BY_HOP = frozenset(
     {
@@ -163,36 +167,37 @@ HOP_BY_HOP = frozenset(
 )
 
 
-def forward_headers(raw: list[tuple[bytes, bytes]], upstream: Upstream) -> list[tuple[bytes, bytes]]:
+def forward_headers(raw: Iterable[tuple[bytes, bytes]], upstream: Upstream) -> CIMultiDict[str]:
     """Client headers minus hop-by-hop and Thermostat's own `x-thermostat-*`/`x-task-type`.
 
     `accept-encoding: identity` is asked so the response can be read for usage while
     being relayed byte for byte.
     """
-    out: list[tuple[bytes, bytes]] = []
+    out: CIMultiDict[str] = CIMultiDict()
+    replace_auth = upstream.authorization is not None
     for name, value in raw:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname.startswith(b"x-thermostat-") or lname == b"x-task-type":
             continue
-        if lname == b"authorization" and upstream.authorization is not None:
+        if replace_auth and lname == b"authorization":
             continue
-        out.append((lname, value))
+        out.add(lname.decode("latin-1"), value.decode("latin-1"))
     if upstream.authorization is not None:
-        out.append((b"authorization", upstream.authorization.encode("latin-1")))
-    out.append((b"accept-encoding", b"identity"))
+        out["authorization"] = upstream.authorization
+    out["accept-encoding"] = "identity"
     return out
 
 
-_RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "x-request-id", "server", "date"})
+_RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"server", b"date"})
 
 
-def response_headers(headers: Mapping[str, str] | httpx.Headers) -> list[tuple[bytes, bytes]]:
+def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Upstream response headers to relay; the upstream's request id moves aside."""
     out: list[tuple[bytes, bytes]] = []
-    for name, value in headers.multi_items() if isinstance(headers, httpx.Headers) else headers.items():
+    for name, value in raw:
         lname = name.lower()
-        if lname == "x-request-id":
-            out.append((b"x-upstream-request-id", value.encode("latin-1")))
+        if lname == b"x-request-id":
+            out.append((b"x-upstream-request-id", value))
         elif lname not in _RESPONSE_DROP:
-            out.append((lname.encode("latin-1"), value.encode("latin-1")))
+            out.append((lname, value))
     return out
