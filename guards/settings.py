@@ -54,7 +54,7 @@ class SloSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cooldown_s: float = 600.0
     # Memory cap per traffic class and metric inside one window; past it the oldest
     # samples are dropped first (the window then covers less than window_s). >= min_samples.
-    max_samples: int = 100_000
+    max_samples: int = 20_000
     # How often (at most) outcomes trigger an SLO evaluation on the request path's
     # bookkeeping; a background tick runs as well. 0 = after every outcome.
     check_interval_s: float = 0.25

@@ -172,7 +172,7 @@ class DecisionRegistry:
     the decision log, and the shared-state store extends the reach across replicas.
     """
 
-    def __init__(self, max_entries: int = 100_000, ttl_s: float = 86_400.0) -> None:
+    def __init__(self, max_entries: int = 20_000, ttl_s: float = 86_400.0) -> None:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
         self._items: OrderedDict[str, bytes] = OrderedDict()
