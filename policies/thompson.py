@@ -260,4 +260,6 @@ class ThompsonGaussianPolicy:
                 samples = means[contenders].astype(np.float32) + sds[contenders].astype(np.float32) * self._bank[:, :width]
                 winners = contenders[np.argmax(samples, axis=1)]
         probs = np.bincount(winners, minlength=k) / draws
+        # int16: an arm index needs 2 bytes, so 4,096 cached tables stay ~32 MB, not 128.
+        winners = winners.astype(np.int16)
         return _Table(epoch=epoch, bucket_version=bucket_version, winners=winners, probs=probs, probs_tuple=tuple(probs.tolist()))

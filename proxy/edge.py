@@ -378,20 +378,21 @@ class ProxyEdge:
             rt.registry.complete(decision, outcome)
             if rt.control is not None:
                 apply_pending_feedback(rt, rt.control.feedback, decision, outcome)
-            observe_decision(self.metrics, decision, outcome, rt.arm_label(decision))
+            arm = rt.arm_label(decision)
+            observe_decision(self.metrics, decision, outcome, arm)
             rt.recorder.submit(LogEntry(decision=decision, outcome=outcome, context_features=rt.context_features(ctx), prompt=prompt))
             m = self.metrics
             task = m.task_label(decision.context.task_type)
             status_label = str(status) if status else "error"
-            m.requests.labels(m.model_label(decision.context.model), task, decision.mode, rt.arm_label(decision), status_label).inc()
-            m.request_duration.labels(task, decision.mode).observe(latency)
+            m.child(m.requests, m.model_label(decision.context.model), task, decision.mode, arm, status_label).inc()
+            m.child(m.request_duration, task, decision.mode).observe(latency)
             if ttft is not None:
-                m.ttft.labels(task, decision.mode).observe(ttft)
+                m.child(m.ttft, task, decision.mode).observe(ttft)
             m.overhead.observe(overhead)
             if summary.prompt_tokens is not None:
-                m.tokens.labels(task, "prompt").inc(summary.prompt_tokens)
+                m.child(m.tokens, task, "prompt").inc(summary.prompt_tokens)
             if summary.completion_tokens is not None:
-                m.tokens.labels(task, "completion").inc(summary.completion_tokens)
+                m.child(m.tokens, task, "completion").inc(summary.completion_tokens)
         except Exception:
             log.exception("recording the outcome of %s failed", decision.request_id)
 

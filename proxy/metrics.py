@@ -46,6 +46,14 @@ class BoundedLabel:
 
 
 class Metrics:
+    def child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, cached: label values are bounded, and labels() costs µs per call."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -81,6 +89,7 @@ class Metrics:
         self.guard_interventions = Counter("thermostat_guard_interventions", "Guard interventions by guard and reason", ["guard", "reason"], registry=r)
         self.feedback = Counter("thermostat_feedback", "Explicit feedback recorded through the control API", ["result"], registry=r)
         self.live: LiveCollector | None = None
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.client_errors = Counter(
             "thermostat_rejected_requests", "Requests Thermostat answered itself with an error", ["code"], registry=r
         )
@@ -122,13 +131,13 @@ def guard_interventions(mode: str, guard_notes: tuple[str, ...] | list[str]) -> 
 def observe_decision(m: Metrics, decision: Any, outcome: Any, arm: str) -> None:
     """Call from the edge once per finished request (after `decider.observe`)."""
     task = m.task_label(decision.context.task_type)
-    m.decisions.labels(task, decision.mode, arm).inc()
+    m.child(m.decisions, task, decision.mode, arm).inc()
     for guard, reason in guard_interventions(decision.mode, decision.guard_notes):
-        m.guard_interventions.labels(guard, m.guard_reason_label(reason)).inc()
+        m.child(m.guard_interventions, guard, m.guard_reason_label(reason)).inc()
     if outcome.reward is not None and math.isfinite(outcome.reward):
-        m.reward.labels(task, decision.mode).observe(outcome.reward)
+        m.child(m.reward, task, decision.mode).observe(outcome.reward)
     if outcome.quality is not None and math.isfinite(outcome.quality):
-        m.quality.labels(task, decision.mode).observe(outcome.quality)
+        m.child(m.quality, task, decision.mode).observe(outcome.quality)
 
 
 class LiveCollector(Collector):
