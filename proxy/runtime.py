@@ -71,6 +71,7 @@ class Runtime:
         self._limits: dict[tuple[str, str], ModelLimits] = {}
         self._ticker: asyncio.Task[None] | None = None
         self.ope_interval_s = 60.0
+        self.prune_interval_s = 3600.0
         self.control: Any = None  # set by the control API (proxy/control.py) when it is mounted
         self.alerts: Any = None
 
@@ -139,9 +140,13 @@ class Runtime:
         exploration data) is recomputed from the decision log every `ope_interval_s`.
         """
         last_ope = 0.0
+        last_prune = time.time()  # first prune an interval after start, not during start-up
         while True:
             await asyncio.sleep(1.0)
             now = time.time()
+            if now - last_prune >= self.prune_interval_s:
+                last_prune = now
+                await self.prune_expired()
             if now - last_ope >= self.ope_interval_s:
                 last_ope = now
                 try:
@@ -152,6 +157,20 @@ class Runtime:
                 self.bandit.maybe_tick(now, force=True)
             except Exception:
                 log.exception("rollout tick failed")
+
+    async def prune_expired(self) -> int:
+        """Delete decisions older than `storage.retention_days` (0 keeps everything)."""
+        days = self.config.storage.retention_days
+        if days <= 0:
+            return 0
+        try:
+            deleted = await self.sink.prune(days * 86_400.0)
+        except Exception as exc:  # the store may be down; the next interval tries again
+            log.warning("pruning the decision log failed: %s", exc)
+            return 0
+        if deleted:
+            log.info("pruned %d decision(s) older than %d day(s)", deleted, days)
+        return deleted
 
     async def stop(self) -> None:
         if self._ticker is not None:

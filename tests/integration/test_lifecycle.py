@@ -81,3 +81,21 @@ mode = "general"
     db = sqlite3.connect(tmp_path / "data" / "decisions.sqlite3")
     got = {row[0] for row in db.execute("SELECT request_id FROM logged_decisions")}
     assert set(ids) <= got and len(got) == 21
+
+
+def test_retention_prunes_old_decisions(upstream: FakeUpstream, tmp_path: Path) -> None:
+    from tests.conftest import make_config
+    from tests.support.servers import start_thermostat
+
+    cfg = make_config(upstream.url, tmp_path, storage={"flush_interval_s": 0.05, "retention_days": 30})
+    running = start_thermostat(cfg)
+    try:
+        for _ in range(3):
+            httpx.post(f"{running.url}/chat/completions", json={"model": "echo-1", "messages": [{"role": "user", "content": "x"}]})
+        running.flush()
+        sink = running.runtime.sink
+        running.call(sink.query("UPDATE logged_decisions SET timestamp = timestamp - 31 * 86400 WHERE rowid IN (SELECT rowid FROM logged_decisions LIMIT 2)"))
+        assert running.call(running.runtime.prune_expired()) == 2
+        assert running.call(sink.count_decisions()) == 1
+    finally:
+        running.stop()
