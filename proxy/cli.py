@@ -24,7 +24,7 @@ def _load(path: str | None) -> Config:
     return load_config(path)
 
 
-def _serve(config: Config, host: str, port: int) -> None:
+def _serve(config: Config, host: str, port: int, workers: int = 1) -> None:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -44,6 +44,26 @@ def _serve(config: Config, host: str, port: int) -> None:
 
     if not config.upstreams:
         raise ConfigError("no [[upstreams]] configured (add one to config.toml, or run `thermostat demo`)")
+    if workers > 1:
+        from proxy import workers as worker_mode
+
+        worker_mode.prepare(config, workers)
+        print(f"thermostat listening on http://{host}:{port} with {workers} worker processes", flush=True)
+        uvicorn.run(
+            "proxy.workers:app_from_env",
+            factory=True,
+            workers=workers,
+            host=host,
+            port=port,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=int(config.server.shutdown_grace_s),
+            timeout_keep_alive=30,
+        )
+        return
     app = create_app(config)
     server_config = uvicorn.Config(
         app,
@@ -70,7 +90,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     host = args.host or config.server.host
     port = args.port or config.server.port
-    _serve(config, host, port)
+    if args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    _serve(config, host, port, args.workers)
     return 0
 
 
@@ -183,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="path to config.toml (default: ./config.toml if present)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (more than 1 needs storage.redis_url)")
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run the proxy in front of the bundled simulated LLM")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -75,7 +75,6 @@ class Metrics:
         self.upstream_errors = Counter(
             "thermostat_upstream_errors", "Upstream failures by class", ["upstream", "error_class"], registry=r
         )
-        self.queue_depth = Gauge("thermostat_writer_queue_depth", "Entries waiting for the decision-log writer", registry=r)
         self.queue_dropped = Counter("thermostat_writer_dropped", "Entries dropped because the writer queue was full", registry=r)
         self.written = Counter("thermostat_writer_written", "Entries written to the decision log", registry=r)
         self.guard_reason_label = BoundedLabel(100)
@@ -213,6 +212,8 @@ class LiveCollector(Collector):
             yield GaugeMetricFamily("thermostat_spool_batches", "Batches waiting in the local spool", value=st.spool_batches)
             yield GaugeMetricFamily("thermostat_store_connected", "1 when the decision log is connected", value=1.0 if st.connected else 0.0)
         yield GaugeMetricFamily("thermostat_writer_queue_capacity", "Capacity of the writer queue", value=rt.recorder.queue.maxsize)
+        # Read at scrape time (not a set_function gauge: those do not survive multiprocess mode).
+        yield GaugeMetricFamily("thermostat_writer_queue_depth", "Entries waiting for the decision-log writer", value=rt.recorder.queue.qsize())
 
 
 def install_live_metrics(rt: Any) -> LiveCollector:

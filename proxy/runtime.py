@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,7 +45,9 @@ def _log_save_failure(task: asyncio.Task[None]) -> None:
 
 
 class Runtime:
-    def __init__(self, config: Config, *, decider: Decider | None = None, store: StateStore | None = None) -> None:
+    def __init__(
+        self, config: Config, *, decider: Decider | None = None, store: StateStore | None = None, spool_dir: Path | None = None
+    ) -> None:
         self.config = config
         self.started_at = time.time()
         self.metrics = Metrics()
@@ -56,7 +59,7 @@ class Runtime:
         )
         self.events: deque[RolloutEvent] = deque(maxlen=500)
         # SQLite under data_dir when no database_url, else PostgreSQL behind a local spool.
-        self.sink = make_log_store(config)
+        self.sink = make_log_store(config, spool_dir)
         st = config.storage
         self.recorder = Recorder(
             self.sink,
@@ -66,7 +69,6 @@ class Runtime:
             on_drop=self.metrics.queue_dropped.inc,
             on_written=self.metrics.written.inc,
         )
-        self.metrics.queue_depth.set_function(self.recorder.queue.qsize)
         self.build_context = build_context
         self._limits: dict[tuple[str, str], ModelLimits] = {}
         self._ticker: asyncio.Task[None] | None = None

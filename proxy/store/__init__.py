@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-def make_log_store(config: Config) -> LogStore:
+def make_log_store(config: Config, spool_dir: Path | None = None) -> LogStore:
     """SQLite under `server.data_dir` when `storage.database_url` is empty, else PostgreSQL wrapped in the spool.
 
     Nothing connects here: `await store.open()` does (the recorder's `start()` calls it).
@@ -51,7 +51,7 @@ def make_log_store(config: Config) -> LogStore:
     inner = PostgresLogStore(st.database_url, max_size=st.pool_max_size, command_timeout_s=max(st.write_timeout_s * 2, 10.0))
     return SpoolingStore(
         inner,
-        data_dir / "spool" / "decisions.spool",
+        (spool_dir or data_dir / "spool") / "decisions.spool",
         write_timeout_s=st.write_timeout_s,
         shutdown_flush_s=st.shutdown_flush_s,
         fsync=st.spool_fsync,

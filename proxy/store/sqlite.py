@@ -191,6 +191,7 @@ class SqliteSink:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=10000")  # several worker processes may share the file
         conn.executescript(SCHEMA)
         self._conn = conn
 
@@ -201,7 +202,10 @@ class SqliteSink:
 
     def _write(self, entries: list[StoreRecord]) -> None:
         log_entries, fb, audits, events = split_records(entries)
-        decisions = [decision_row(e) for e in log_entries]
+        decisions: list[tuple[Any, ...]] = []
+        for start in range(0, len(log_entries), 64):
+            decisions.extend(decision_row(e) for e in log_entries[start : start + 64])
+            time.sleep(0)  # hand the GIL back to the event loop between chunks: no multi-ms stall per batch
         feedback = [(e.request_id, e.quality, e.reward, _json(e.payload), e.received_at) for e in fb]
         audit_rows = [
             (a.id, a.at, a.actor, a.action, a.target,
