@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -39,6 +40,16 @@ _encode = msgspec.json.Encoder().encode
 
 DECIDED_PATHS = frozenset({"/chat/completions", "/completions"})
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def new_request_id() -> str:
+    """A UUIDv7: time-ordered, so the decision log's unique index on request_id grows at
+    its end instead of at random pages (random v4 ids slowed SQLite inserts several-fold
+    once the table outgrew the page cache; PostgreSQL's B-tree benefits the same way)."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 62 & 0xFFF) << 64 | 0b10 << 62 | (rand & (1 << 62) - 1)
+    return str(uuid.UUID(int=value))
 
 
 class ClientGone(Exception):
@@ -157,7 +168,7 @@ class ProxyEdge:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
-        request_id = str(uuid.uuid4())
+        request_id = new_request_id()
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         v1_path = scope["path"][3:]
         try:
