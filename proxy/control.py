@@ -77,6 +77,7 @@ from proxy.control_schemas import (
     WaiverList,
     WaiverOut,
 )
+from proxy.decider import unoptimised_mode
 from proxy.errors import ErrorEnvelope, ProxyError
 from proxy.feedback import DecisionNotFound, FeedbackBook, FeedbackConflict, record_outcome
 from proxy.store.base import AuditRecord, DecisionRow
@@ -619,12 +620,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
             mode = "guard_fallback"  # the budget would swap the arm (cheapest fitting arm or the baseline)
         else:
             would = ParamsOut(temperature=ctx.client_temperature, max_tokens=ctx.client_max_tokens)
-            if eff.rollback is not None:
-                mode = "off" if eff.rollback.trigger == "disabled" else "rollback"
-            elif eff.phase == "shadow" or eff.fraction == 0.0:
-                mode = "shadow"
-            else:
-                mode = "holdout"
+            mode = unoptimised_mode(eff)
         return Recommendation(
             task_type=ctx.task_type, bucket=context_bucket(ctx), policy=rt.policy.name, policy_version=rt.policy.version,
             recommended=ParamsOut(temperature=arm.temperature, max_tokens=arm.max_tokens), propensity=choice.propensity,

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from guards.budget import BudgetGuard, Reservation
-from guards.rollout import OpeEvidence, RolloutController, RolloutEvent, assign
+from guards.rollout import Effective, OpeEvidence, RolloutController, RolloutEvent, assign
 from guards.settings import BaselineSettings, ConstraintsSettings
 from guards.slo import SloMonitor
 from guards.trust_region import ModelLimits, allowed_arms, enforce
@@ -80,6 +80,15 @@ def baseline_arm(ctx: RequestContext, stand_in: BaselineSettings, limits: ModelL
     if limits.max_tokens is not None and ctx.client_max_tokens is None:
         max_tokens = min(max_tokens, limits.max_tokens)
     return Arm(temperature=round(float(temperature), 3), max_tokens=int(max_tokens))
+
+
+def unoptimised_mode(eff: Effective) -> str:
+    """Why a request is not optimised: disabled, rolled back, shadow phase, or outside the rollout share."""
+    if eff.rollback is not None:
+        return "off" if eff.rollback.trigger == "disabled" else "rollback"
+    if eff.phase == "shadow" or eff.fraction == 0.0:
+        return "shadow"
+    return "holdout"
 
 
 def is_upstream_failure(outcome: Outcome) -> bool:
@@ -207,12 +216,7 @@ class BanditDecider:
         else:
             sent = client
             propensity = 1.0
-            if eff.rollback is not None:
-                mode = "off" if eff.rollback.trigger == "disabled" else "rollback"
-            elif eff.phase == "shadow" or eff.fraction == 0.0:
-                mode = "shadow"
-            else:
-                mode = "holdout"
+            mode = unoptimised_mode(eff)
 
         return Decision(
             request_id=request_id,

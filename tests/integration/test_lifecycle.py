@@ -13,21 +13,7 @@ from pathlib import Path
 import httpx
 
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.servers import free_port
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"thermostat exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-        try:
-            if httpx.get(url, timeout=0.5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("thermostat did not become ready")
+from tests.support.servers import free_port, wait_ready
 
 
 def test_sigterm_finishes_inflight_and_flushes_log(upstream: FakeUpstream, tmp_path: Path) -> None:
@@ -52,7 +38,7 @@ mode = "general"
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_ready(f"{base}/health/readiness", proc)
+        wait_ready(f"{base}/health/readiness", proc)
         ids = []
         for _ in range(20):
             r = httpx.post(f"{base}/v1/chat/completions", json={"model": "echo-1", "messages": [{"role": "user", "content": "hi"}]})

@@ -7,13 +7,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.servers import free_port
+from tests.support.servers import free_port, wait_ready
 
 
 def _sum(metrics: str, name: str) -> float:
@@ -45,13 +44,7 @@ mode = "general"
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 40
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{base}/health/readiness", timeout=0.5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_ready(f"{base}/health/readiness", proc)
         n = 60
         for i in range(n):
             # a fresh connection each time so both workers get traffic

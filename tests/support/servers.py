@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import uvicorn
 
 from proxy.app import create_app
@@ -72,3 +74,18 @@ def start_thermostat(config: Config, runtime: Runtime | None = None) -> RunningT
             raise RuntimeError("thermostat did not start")
         time.sleep(0.01)
     return RunningThermostat(server, thread, port, rt)
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 40) -> None:
+    """Poll a readiness URL of a server started as a subprocess; fail with its stderr if it died."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        try:
+            if httpx.get(url, timeout=0.5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not become ready")
