@@ -23,7 +23,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 
 from guards.rollout import RolloutEvent, assign
 from guards.trust_region import enforce
@@ -378,13 +378,13 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
         return status_of(rt, time.time())
 
     @get("/metrics", summary="Per task type, arm and traffic class: counts, reward CI, latency quantiles, tokens, quality")
-    async def metrics_(window_s: WindowS = 3600.0, max_rows: MaxRows = 20_000, task_type: str | None = None) -> MetricsReport:
+    async def metrics_(window_s: WindowS = 3600.0, max_rows: MaxRows = 20_000, task_type: FromQuery[str | None] = None) -> MetricsReport:
         _, since, until = window(window_s)
         rows, truncated = await cdata.load_rows(rt, since=since, until=until, max_rows=max_rows, task_type=task_type)
         return cdata.metrics_report(rows, since, until, truncated)
 
     @get("/performance", summary="Per task type: optimised vs baseline traffic and the improvement of mean reward")
-    async def performance(window_s: WindowS = 3600.0, max_rows: MaxRows = 20_000, task_type: str | None = None) -> PerformanceReport:
+    async def performance(window_s: WindowS = 3600.0, max_rows: MaxRows = 20_000, task_type: FromQuery[str | None] = None) -> PerformanceReport:
         _, since, until = window(window_s)
         rows, truncated = await cdata.load_rows(rt, since=since, until=until, max_rows=max_rows, task_type=task_type)
         return cdata.performance_report(rows, since, until, truncated)
@@ -500,8 +500,8 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
                                                                     before=a.before, after=a.after) for a in items])
 
     @get("/logs", summary="Recent logged decisions, newest first, paginated and filterable")
-    async def logs(limit: Limit = 50, offset: Offset = 0, task_type: str | None = None, mode: str | None = None,
-                   since: float | None = None, until: float | None = None) -> DecisionPage:
+    async def logs(limit: Limit = 50, offset: Offset = 0, task_type: FromQuery[str | None] = None, mode: FromQuery[str | None] = None,
+                   since: FromQuery[float | None] = None, until: FromQuery[float | None] = None) -> DecisionPage:
         for name, value in (("since", since), ("until", until)):
             if value is not None and not math.isfinite(value):
                 raise ControlError(400, f"'{name}' must be a finite number of unix seconds", "invalid_value", param=name)
@@ -572,7 +572,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
     # ---- decisions without traffic ------------------------------------------------------
 
     @post("/recommend", status_code=200, summary="The decision the policy would make now for a context (no upstream call, no budget reserved)")
-    async def recommend(data: RecommendIn) -> Recommendation:
+    async def recommend(data: JSONBody[RecommendIn]) -> Recommendation:
         now = time.time()
         ctx, _ = context_of(rt, data.task_type, data.context)
         bandit = rt.bandit
@@ -630,7 +630,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
         )
 
     @post("/test-shadow", status_code=200, summary="Run one synthetic request through the decision path; nothing is sent or logged")
-    async def test_shadow(request: Request, data: ShadowTestIn | None = None) -> ShadowTestResult:
+    async def test_shadow(request: Request, data: JSONBody[ShadowTestIn | None] = None) -> ShadowTestResult:
         from proxy.edge import patch_body
 
         body_in = data or ShadowTestIn()
@@ -656,7 +656,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
 
     @post("/record-outcome", status_code=200, summary="Delayed feedback: replace the automatic quality of a request",
           responses={404: _ERR, 409: _ERR, 422: _ERR})
-    async def record_outcome_(request: Request, data: RecordOutcomeIn) -> RecordOutcomeResult:
+    async def record_outcome_(request: Request, data: JSONBody[RecordOutcomeIn]) -> RecordOutcomeResult:
         actor = actor_of(request)
         try:
             result = await record_outcome(rt, state.feedback, data, actor)
@@ -684,13 +684,13 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
                             rollback=after, phase=rt.rollout.state.phase, event=event_out(event) if event is not None else None)
 
     @post("/rollback", status_code=200, summary="Manual rollback: every request gets baseline parameters until resumed")
-    async def rollback(request: Request, data: RollbackIn | None = None) -> ActionResult:
+    async def rollback(request: Request, data: JSONBody[RollbackIn | None] = None) -> ActionResult:
         actor = actor_of(request)
         reason = (data.reason if data else "") or "manual rollback"
         return await _transition(request, "rollback", lambda now: rt.rollout.rollback(now, reason=reason, actor=actor))
 
     @post("/resume", status_code=200, summary="Resume after a manual (same phase) or SLO (one phase lower) rollback", responses={409: _ERR})
-    async def resume(request: Request, data: RollbackIn | None = None) -> ActionResult:
+    async def resume(request: Request, data: JSONBody[RollbackIn | None] = None) -> ActionResult:
         actor = actor_of(request)
         reason = (data.reason if data else "") or "manual resume"
 
@@ -703,7 +703,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
         return await _transition(request, "resume", go)
 
     @post("/waivers", status_code=201, summary="Create a CAWS waiver (extra tokens for a task type until it expires)")
-    async def create_waiver(request: Request, data: WaiverIn) -> WaiverOut:
+    async def create_waiver(request: Request, data: JSONBody[WaiverIn]) -> WaiverOut:
         now = time.time()
         if (data.expires_at is None) == (data.duration_s is None):
             raise ControlError(422, "give exactly one of 'expires_at' (unix seconds) or 'duration_s'", "invalid_value", param="expires_at")
@@ -719,7 +719,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
         return waiver_out(waiver, now)
 
     @delete("/waivers/{waiver_id:str}", status_code=200, summary="Revoke a waiver", responses={404: _ERR})
-    async def revoke_waiver(request: Request, waiver_id: str) -> WaiverOut:
+    async def revoke_waiver(request: Request, waiver_id: FromPath[str]) -> WaiverOut:
         now = time.time()
         actor = actor_of(request)
         before = next((w for w in await rt.budget.list_waivers() if w.id == waiver_id), None)
