@@ -105,9 +105,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"the demo simulator could not start on 127.0.0.1:{sim_port}")
     demo_upstream = UpstreamSettings(name="simulator", base_url=f"http://127.0.0.1:{sim_port}/v1", models=("*",))
     optimization = msgspec.structs.replace(config.optimization, mode=args.mode, traffic_percentage=None)
-    config = msgspec.structs.replace(config, upstreams=(demo_upstream,), optimization=optimization)
+    # A demo budget that its own simulated traffic does not exhaust within the day.
+    caws = msgspec.structs.replace(config.caws, budget_limit=max(config.caws.budget_limit, 200_000_000))
+    config = msgspec.structs.replace(config, upstreams=(demo_upstream,), optimization=optimization, caws=caws)
     host = args.host or config.server.host
     port = args.port or config.server.port
+    if args.traffic > 0:
+        _start_demo_traffic(f"http://{host}:{port}", args.traffic, config)
     print(
         f"demo: simulated LLM upstream on 127.0.0.1:{sim_port}; try:\n"
         f"  curl -s http://{host}:{port}/v1/chat/completions -H 'content-type: application/json' -H 'x-task-type: code' \\\n"
@@ -117,6 +121,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     _serve(config, host, port)
     return 0
+
+
+def _start_demo_traffic(base_url: str, rate: float, config: Config) -> None:
+    """Simulated clients with feedback in a thread of their own, once the server answers."""
+    import os
+    import threading
+    import time
+
+    import httpx
+
+    from proxy import demo_traffic
+
+    token = os.environ.get(config.admin.token_env) or None
+
+    def run() -> None:
+        for _ in range(100):
+            try:
+                httpx.get(base_url + "/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        asyncio.run(demo_traffic.run(base_url, rate, admin_token=token))
+
+    threading.Thread(target=run, name="demo-traffic", daemon=True).start()
+    print(f"demo: {rate:g} simulated requests/s (code, creative, summarise) with feedback; --traffic 0 turns them off", flush=True)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -202,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int)
     demo.add_argument("--simulator-port", type=int, default=8090)
     demo.add_argument("--mode", default="general", choices=["shadow", "canary", "guarded", "general"])
-    demo.add_argument("--time-scale", type=float, default=0.05, help="simulated latency multiplier")
+    demo.add_argument("--time-scale", type=float, default=0.02, help="simulated latency multiplier")
+    demo.add_argument("--traffic", type=float, default=5.0, help="simulated client requests per second (0: none)")
     demo.set_defaults(func=cmd_demo)
 
     sim = sub.add_parser("simulate", help="run the simulated OpenAI-compatible upstream")
