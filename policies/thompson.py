@@ -110,6 +110,10 @@ class ThompsonGaussianPolicy:
         self._revision = 0
         self._tables: dict[tuple[str, tuple[Arm, ...]], _Table] = {}
         self._spread = 1.0 + s.exploration_factor
+        # Deferred mode (the proxy turns it on): `choose` never rebuilds a table it already has;
+        # the caller runs `refresh_stale` from a background task instead.
+        self.deferred_refresh = False
+        self._stale: dict[tuple[str, tuple[Arm, ...]], None] = {}
         self._bank = self._make_bank(32)
 
     # ----------------------------------------------------------------- state
@@ -195,7 +199,8 @@ class ThompsonGaussianPolicy:
                 into[i] += values[i]
         self._epoch += 1
         self._revision += 1
-        self._tables.clear()
+        if not self.deferred_refresh:
+            self._tables.clear()  # deferred: the epoch bump marks them stale instead
 
     def snapshot(self) -> dict[str, list[float]]:
         """Copy of all statistics [n, Σr, Σr²] per key."""
@@ -213,6 +218,19 @@ class ThompsonGaussianPolicy:
         """Posterior probability that each arm is the best (what `choose` plays)."""
         return self._table(ctx, arms).probs.copy()
 
+    def refresh_stale(self, limit: int = 64) -> int:
+        """Rebuild up to `limit` tables that `choose` found stale in deferred mode; returns how many."""
+        done = 0
+        while self._stale and done < limit:
+            key = next(iter(self._stale))
+            del self._stale[key]
+            if key not in self._tables:
+                continue
+            bucket, arms = key
+            self._tables[key] = self._compute(bucket, arms, self._epoch, self._bucket_versions.get(bucket, 0))
+            done += 1
+        return done
+
     def _make_bank(self, width: int) -> np.ndarray:
         """Fixed standard-normal draws (draws x width), seeded by (seed, width).
 
@@ -229,8 +247,14 @@ class ThompsonGaussianPolicy:
         bucket_version = self._bucket_versions.get(bucket, 0)
         cache_key = (bucket, tuple(arms))
         table = self._tables.get(cache_key)
-        if table is not None and table.epoch == self._epoch and bucket_version - table.bucket_version < self.settings.refresh_every:
-            return table
+        if table is not None:
+            if table.epoch == self._epoch and bucket_version - table.bucket_version < self.settings.refresh_every:
+                return table
+            if self.deferred_refresh:
+                # Play the previous table (its propensities are exact for what it plays) and let
+                # `refresh_stale` rebuild it off the request path.
+                self._stale[cache_key] = None
+                return table
         table = self._compute(bucket, arms, self._epoch, bucket_version)
         if len(self._tables) >= self.settings.cache_size:
             self._tables.pop(next(iter(self._tables)))

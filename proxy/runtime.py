@@ -72,6 +72,7 @@ class Runtime:
         self.build_context = build_context
         self._limits: dict[tuple[str, str], ModelLimits] = {}
         self._ticker: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
         self.ope_interval_s = 60.0
         self.prune_interval_s = 3600.0
         self.control: Any = None  # set by the control API (proxy/control.py) when it is mounted
@@ -130,6 +131,10 @@ class Runtime:
             await self.shared.start()
         await self.recorder.start()
         self._ticker = asyncio.create_task(self._tick_forever(), name="thermostat-rollout-tick")
+        refresh = getattr(self.policy, "refresh_stale", None)
+        if refresh is not None:
+            self.policy.deferred_refresh = True  # type: ignore[attr-defined]
+            self._refresher = asyncio.create_task(self._refresh_forever(refresh), name="thermostat-policy-refresh")
         log.info(
             "thermostat started: %d upstream(s), policy %s, phase %s, decision log %s",
             len(self.pool.upstreams), self.policy.name, self.rollout.state.phase, self.sink.name,
@@ -160,6 +165,19 @@ class Runtime:
             except Exception:
                 log.exception("rollout tick failed")
 
+    async def _refresh_forever(self, refresh: Any) -> None:
+        """Posterior tables are rebuilt here, at most every 50 ms, not inside a request.
+
+        Measured (bench/README.md): rebuilding on the request path cost ~0.33 ms every
+        8th decision of a bucket, 10 % of the CPU at 2,500 req/s and the p90.
+        """
+        while True:
+            await asyncio.sleep(0.05)
+            try:
+                refresh()
+            except Exception:
+                log.exception("refreshing the policy's tables failed")
+
     async def prune_expired(self) -> int:
         """Delete decisions older than `storage.retention_days` (0 keeps everything)."""
         days = self.config.storage.retention_days
@@ -175,8 +193,9 @@ class Runtime:
         return deleted
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
+        for task in (self._ticker, self._refresher):
+            if task is not None:
+                task.cancel()
         if self.shared is not None:
             await self.shared.stop()
         await self.recorder.stop()

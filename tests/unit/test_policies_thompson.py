@@ -136,3 +136,19 @@ def test_bad_inputs() -> None:
         policy.choose(CTX, BASE, [], np.random.default_rng(0))
     with pytest.raises(ValueError):
         policy.load_totals({"x|T0.5|M10": [1.0, 2.0]})
+
+
+def test_deferred_refresh_plays_the_previous_table_until_refreshed() -> None:
+    policy = make_policy("thompson_gaussian")
+    policy.deferred_refresh = True  # type: ignore[attr-defined]
+    ctx = RequestContext("code", "m", "chat", 100, 1, False, False, False, 0.7, 500)
+    base = Arm(0.7, 500)
+    arms = [base, Arm(0.5, 500), Arm(0.9, 500)]
+    before = policy.propensities(ctx, base, arms)
+    for _ in range(50):
+        policy.update(ctx, base, arms[2], 1.0)
+        policy.update(ctx, base, arms[0], 0.0)
+    assert np.array_equal(policy.propensities(ctx, base, arms), before)  # stale table still played
+    assert policy.refresh_stale() == 1  # type: ignore[attr-defined]
+    after = policy.propensities(ctx, base, arms)
+    assert after[2] > 0.9 and abs(after.sum() - 1.0) < 1e-9
