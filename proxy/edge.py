@@ -154,15 +154,10 @@ class ProxyEdge:
         self.fallback = fallback
         self.max_body = runtime.config.server.max_body_bytes
         self.metrics = runtime.metrics
-        self.inflight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            self.inflight += 1
-            try:
-                await self._handle(scope, receive, send)
-            finally:
-                self.inflight -= 1
+            await self._handle(scope, receive, send)
             return
         await self.fallback(scope, receive, send)
 
