@@ -211,8 +211,9 @@ class ProxyEdge:
         strip_usage = False
         if stream:
             opts = doc.get("stream_options")
-            if not (isinstance(opts, dict) and opts.get("include_usage") is True):
-                doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+            # An invalid `stream_options` is left for the upstream to reject as it would have.
+            if (opts is None or isinstance(opts, dict)) and not (opts and opts.get("include_usage") is True):
+                doc["stream_options"] = {**(opts or {}), "include_usage": True}
                 strip_usage = changed = True
         out_body = _encode(doc) if changed else body
         prompt = None

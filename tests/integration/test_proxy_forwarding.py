@@ -255,3 +255,9 @@ def test_bad_config_refused_with_clear_message(tmp_path) -> None:
     path.write_text("[servr]\nport = 1\n")
     proc = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", "--config", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown key 'servr'" in proc.stderr
+
+
+def test_invalid_stream_options_left_for_the_upstream(thermostat: RunningThermostat, upstream: FakeUpstream) -> None:
+    raw = b'{"model":"echo-1","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":"bad"}'
+    httpx.post(f"{thermostat.url}/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert upstream.last().raw == raw  # not "repaired" into a valid request
