@@ -22,6 +22,12 @@ class Params(msgspec.Struct, frozen=True, omit_defaults=True):
     temperature: float | None = None
     max_tokens: int | None = None
 
+    def arm(self, fallback: Params | None = None) -> Arm:
+        """The concrete arm these parameters serve; `fallback` (the baseline) fills fields not sent."""
+        t = self.temperature if self.temperature is not None or fallback is None else fallback.temperature
+        m = self.max_tokens if self.max_tokens is not None or fallback is None else fallback.max_tokens
+        return Arm(temperature=float(t or 0.0), max_tokens=int(m or 1))
+
     def render(self) -> str:
         """The `x-thermostat-params` header value, e.g. `temperature=0.5; max_tokens=700`."""
         parts = []

@@ -96,16 +96,6 @@ Limit = Annotated[int, Parameter(ge=1, le=1000)]
 Offset = Annotated[int, Parameter(ge=0, le=10_000_000)]
 
 
-class ControlError(Exception):
-    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error", param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.type = type_
-        self.param = param
-
-
 def error_response(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> Response[ApiError]:
     return Response(ApiError(ApiErrorBody(message=message, type=type_, code=code, param=param)), status_code=status)
 
@@ -123,10 +113,6 @@ _TYPE_BY_STATUS = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
-
-
-def _control_error(_: Request, exc: ControlError) -> Response[ApiError]:
-    return error_response(exc.status, exc.message, exc.type, exc.code, exc.param)
 
 
 def _auth_error(_: Request, exc: AuthError) -> Response[ApiError]:
@@ -177,7 +163,6 @@ _ERROR_TEXT = {
 }
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {
-    ControlError: _control_error,
     AuthError: _auth_error,
     ValidationException: _validation_error,
     ProxyError: _proxy_error,
@@ -322,11 +307,11 @@ def context_of(rt: Any, task_type: str, c: ContextIn) -> tuple[Any, dict[str, An
     body = body_from_context(c)
     upstream = rt.pool.route(c.model)
     if upstream is None:
-        raise ControlError(404, f"no upstream is configured for model '{c.model}'", "model_not_found", "not_found_error", "context.model")
+        raise ProxyError(404, f"no upstream is configured for model '{c.model}'", "model_not_found", "not_found_error", "context.model")
     try:
         ctx = rt.build_context(body, task_type=task_type, endpoint=c.endpoint, upstream=upstream.name)
     except Exception as exc:  # build_context is total for valid bodies; anything else is the caller's input
-        raise ControlError(422, f"the context cannot be evaluated: {exc}", "invalid_context") from None
+        raise ProxyError(422, f"the context cannot be evaluated: {exc}", "invalid_context") from None
     if c.prompt_tokens is not None:
         ctx = msgspec.structs.replace(ctx, prompt_tokens_est=int(c.prompt_tokens))
     return ctx, body
@@ -476,7 +461,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
         try:
             return await caws_status(rt, time.time())
         except Exception as exc:
-            raise ControlError(503, f"the budget store is unavailable: {type(exc).__name__}", "budget_store_unavailable", "service_unavailable") from None
+            raise ProxyError(503, f"the budget store is unavailable: {type(exc).__name__}", "budget_store_unavailable", "service_unavailable") from None
 
     @get("/waivers", summary="All CAWS waivers (any status), newest first")
     async def list_waivers() -> WaiverList:
@@ -494,7 +479,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
     async def audit_logs(limit: Limit = 100, offset: Offset = 0) -> AuditPage:
         fetch = getattr(rt.sink, "fetch_audit", None)
         if fetch is None:
-            raise ControlError(503, "the log store has no audit table", "audit_unavailable", "service_unavailable")
+            raise ProxyError(503, "the log store has no audit table", "audit_unavailable", "service_unavailable")
         items = await fetch(limit=limit, offset=offset)
         return AuditPage(limit=limit, offset=offset, items=[AuditOut(id=a.id, at=a.at, actor=a.actor, action=a.action, target=a.target,
                                                                     before=a.before, after=a.after) for a in items])
@@ -504,7 +489,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
                    since: FromQuery[float | None] = None, until: FromQuery[float | None] = None) -> DecisionPage:
         for name, value in (("since", since), ("until", until)):
             if value is not None and not math.isfinite(value):
-                raise ControlError(400, f"'{name}' must be a finite number of unix seconds", "invalid_value", param=name)
+                raise ProxyError(400, f"'{name}' must be a finite number of unix seconds", "invalid_value", param=name)
         rows = await rt.sink.fetch_decisions(since=since, until=until, task_type=task_type, mode=mode, limit=limit, offset=offset)
         total = await rt.sink.count_decisions(since=since, until=until, task_type=task_type, mode=mode)
         return DecisionPage(total=total, limit=limit, offset=offset, items=[decision_out(r) for r in rows])
@@ -661,9 +646,9 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
         try:
             result = await record_outcome(rt, state.feedback, data, actor)
         except DecisionNotFound:
-            raise ControlError(404, f"no decision is known for request id '{data.request_id}'", "request_not_found", "not_found_error", "request_id") from None
+            raise ProxyError(404, f"no decision is known for request id '{data.request_id}'", "request_not_found", "not_found_error", "request_id") from None
         except FeedbackConflict:
-            raise ControlError(409, f"feedback for '{data.request_id}' was already recorded; send overwrite=true to replace it",
+            raise ProxyError(409, f"feedback for '{data.request_id}' was already recorded; send overwrite=true to replace it",
                                "feedback_exists", "conflict_error", "overwrite") from None
         await write_audit(rt, actor, "record_outcome", data.request_id,
                           {"quality": result.previous_quality, "reward": result.previous_reward},
@@ -698,7 +683,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
             try:
                 return rt.rollout.resume(now, reason=reason, actor=actor)
             except ValueError as exc:
-                raise ControlError(409, str(exc), "optimization_disabled", "conflict_error") from None
+                raise ProxyError(409, str(exc), "optimization_disabled", "conflict_error") from None
 
         return await _transition(request, "resume", go)
 
@@ -706,15 +691,15 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
     async def create_waiver(request: Request, data: JSONBody[WaiverIn]) -> WaiverOut:
         now = time.time()
         if (data.expires_at is None) == (data.duration_s is None):
-            raise ControlError(422, "give exactly one of 'expires_at' (unix seconds) or 'duration_s'", "invalid_value", param="expires_at")
+            raise ProxyError(422, "give exactly one of 'expires_at' (unix seconds) or 'duration_s'", "invalid_value", param="expires_at")
         expires = data.expires_at if data.expires_at is not None else now + float(data.duration_s or 0)
         if not math.isfinite(expires) or expires <= now:
-            raise ControlError(422, "'expires_at' must be in the future", "invalid_value", param="expires_at")
+            raise ProxyError(422, "'expires_at' must be in the future", "invalid_value", param="expires_at")
         try:
             waiver = await rt.budget.create_waiver(task_type=data.task_type, extra_tokens=data.extra_tokens, reason=data.reason,
                                                    approver=data.approver, expires_at=expires, now=now)
         except ValueError as exc:
-            raise ControlError(422, str(exc), "invalid_value") from None
+            raise ProxyError(422, str(exc), "invalid_value") from None
         await write_audit(rt, actor_of(request), "create_waiver", waiver.id, None, waiver)
         return waiver_out(waiver, now)
 
@@ -724,10 +709,10 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
         actor = actor_of(request)
         before = next((w for w in await rt.budget.list_waivers() if w.id == waiver_id), None)
         if before is None:
-            raise ControlError(404, f"no waiver '{waiver_id}'", "waiver_not_found", "not_found_error", "waiver_id")
+            raise ProxyError(404, f"no waiver '{waiver_id}'", "waiver_not_found", "not_found_error", "waiver_id")
         revoked = await rt.budget.revoke_waiver(waiver_id, now=now, by=actor)
         if revoked is None:
-            raise ControlError(404, f"no waiver '{waiver_id}'", "waiver_not_found", "not_found_error", "waiver_id")
+            raise ProxyError(404, f"no waiver '{waiver_id}'", "waiver_not_found", "not_found_error", "waiver_id")
         await write_audit(rt, actor, "revoke_waiver", waiver_id, before, revoked)
         return waiver_out(revoked, now)
 

@@ -234,11 +234,17 @@ def latency_series(rows: list[DecisionRow], since: float, until: float, bins: in
     ]
 
 
-def parameter_evolution(rows: list[DecisionRow], since: float, until: float, bins: int) -> ParameterEvolution:
-    width, bins = bin_edges(since, until, bins)
+def bins_per_task(rows: Iterable[DecisionRow], since: float, width: float, bins: int) -> dict[str, list[list[DecisionRow]]]:
+    """Rows grouped by task type, then by time bin."""
     per_task: dict[str, list[list[DecisionRow]]] = defaultdict(lambda: [[] for _ in range(bins)])
     for r in rows:
         per_task[r.task_type][_bin(r.timestamp, since, width, bins)].append(r)
+    return per_task
+
+
+def parameter_evolution(rows: list[DecisionRow], since: float, until: float, bins: int) -> ParameterEvolution:
+    width, bins = bin_edges(since, until, bins)
+    per_task = bins_per_task(rows, since, width, bins)
     tasks = []
     for task in sorted(per_task):
         series = []
@@ -260,21 +266,13 @@ def parameter_evolution(rows: list[DecisionRow], since: float, until: float, bin
     return ParameterEvolution(since=since, until=until, bin_s=width, tasks=tasks)
 
 
-def _arm_of(params: Params, base: Params) -> Arm:
-    t = params.temperature if params.temperature is not None else base.temperature
-    m = params.max_tokens if params.max_tokens is not None else base.max_tokens
-    return Arm(temperature=float(t or 0.0), max_tokens=int(m or 1))
-
-
 def convergence(rt: Any, rows: list[DecisionRow], since: float, until: float, bins: int) -> ConvergenceReport:
     """Per task type: the policy's confidence in its own choices over time, and its current arm distribution."""
     width, bins = bin_edges(since, until, bins)
-    per_task: dict[str, list[list[DecisionRow]]] = defaultdict(lambda: [[] for _ in range(bins)])
+    judged = [r for r in rows if r.policy_log_propensity is not None and r.policy_params is not None]
+    per_task = bins_per_task(judged, since, width, bins)
     latest: dict[str, DecisionRow] = {}
-    for r in rows:  # newest first
-        if r.policy_log_propensity is None or r.policy_params is None:
-            continue
-        per_task[r.task_type][_bin(r.timestamp, since, width, bins)].append(r)
+    for r in judged:  # newest first
         latest.setdefault(r.task_type, r)
     tasks = []
     for task in sorted(per_task):
@@ -335,7 +333,7 @@ class OpeArrays:
                 continue
             base, allowed, _ = rt.bandit.allowed_for(ctx)
             probs = np.asarray(rt.policy.propensities(ctx, base, allowed), dtype=np.float64)
-            kept.append((r, ctx, _arm_of(r.chosen_params, r.baseline_params), allowed, probs, base))
+            kept.append((r, ctx, r.chosen_params.arm(r.baseline_params), allowed, probs, base))
         n = len(kept)
         self.n = n
         self.rewards = np.array([k[0].effective_reward for k in kept], dtype=np.float64)

@@ -236,13 +236,6 @@ class BanditDecider:
             budget_reserved=verdict.reservation.tokens if verdict.reservation is not None else 0,
         )
 
-    def sent_arm(self, decision: Decision) -> Arm:
-        """The arm actually served (baseline values stand in for fields not sent)."""
-        base = decision.baseline
-        t = decision.sent.temperature if decision.sent.temperature is not None else base.temperature
-        m = decision.sent.max_tokens if decision.sent.max_tokens is not None else base.max_tokens
-        return Arm(temperature=float(t or 0.0), max_tokens=int(m or 1))
-
     def reward_for(self, decision: Decision, outcome: Outcome, quality: float) -> float:
         tokens = (outcome.completion_tokens or 0)
         return self.costs.reward(
@@ -278,8 +271,8 @@ class BanditDecider:
             base = decision.baseline
             self.policy.update(
                 decision.context,
-                Arm(temperature=float(base.temperature or 0.0), max_tokens=int(base.max_tokens or 1)),
-                self.sent_arm(decision),
+                base.arm(),
+                decision.sent.arm(base),
                 outcome.reward,
             )
         self.maybe_tick(now)

@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from policies.records import Arm, Decision, Outcome, Params, RequestContext
+from policies.records import Arm, Decision, Outcome, RequestContext
 from proxy.control_schemas import RecordOutcomeIn, RecordOutcomeResult
 from proxy.records import FeedbackEntry
 
@@ -57,16 +57,6 @@ class FeedbackBook:
         self.recorded.move_to_end(request_id)
         while len(self.recorded) > self.max_entries:
             self.recorded.popitem(last=False)
-
-
-def _arm(params: Params, base: Params) -> Arm:
-    t = params.temperature if params.temperature is not None else base.temperature
-    m = params.max_tokens if params.max_tokens is not None else base.max_tokens
-    return Arm(temperature=float(t or 0.0), max_tokens=int(m or 1))
-
-
-def _base_arm(base: Params) -> Arm:
-    return Arm(temperature=float(base.temperature or 0.0), max_tokens=int(base.max_tokens or 1))
 
 
 def context_from_features(features: dict[str, Any]) -> RequestContext | None:
@@ -163,7 +153,7 @@ async def record_outcome(rt: Any, book: FeedbackBook, body: RecordOutcomeIn, act
     elif ctx is None:
         updated, note = False, "the logged context could not be rebuilt"
     else:
-        updated, note = _apply(rt, ctx, _base_arm(row.baseline_params), _arm(row.chosen_params, row.baseline_params), old_reward, new_reward)
+        updated, note = _apply(rt, ctx, row.baseline_params.arm(), row.chosen_params.arm(row.baseline_params), old_reward, new_reward)
     rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
     return RecordOutcomeResult(
@@ -186,7 +176,7 @@ async def _with_outcome(
         updated, note = False, "failed requests do not update the policy"
     else:
         updated, note = _apply(
-            rt, decision.context, _base_arm(decision.baseline), _arm(decision.sent, decision.baseline), old_reward, new_reward
+            rt, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), old_reward, new_reward
         )
     # A copy: the queued LogEntry shares the original Outcome and must keep the automatic score.
     rt.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward, feedback=True))
@@ -208,7 +198,7 @@ def apply_pending_feedback(rt: Any, book: FeedbackBook, decision: Decision, outc
         return
     new_reward = rt.bandit.reward_for(decision, outcome, pending.quality)
     if _learns(outcome.status, outcome.error_class):
-        _apply(rt, decision.context, _base_arm(decision.baseline), _arm(decision.sent, decision.baseline), outcome.reward, new_reward)
+        _apply(rt, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward)
     rt.recorder.submit(
         FeedbackEntry(request_id=decision.request_id, quality=pending.quality, reward=new_reward,
                       payload={"deferred": True}, received_at=time.time())
