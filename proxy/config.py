@@ -61,6 +61,25 @@ class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_tokens_limit: int | None = None
 
 
+# The paths (after `/v1`) a client of a model API needs. Everything else (files,
+# fine-tuning, organisation and admin endpoints) is refused unless an operator lists it,
+# so the key from `api_key_env` cannot be spent on them by whoever reaches the proxy.
+DEFAULT_FORWARD_PATHS: tuple[str, ...] = (
+    "/chat/completions",
+    "/completions",
+    "/responses",
+    "/responses/*",
+    "/embeddings",
+    "/models",
+    "/models/*",
+    "/moderations",
+    "/audio/*",
+    "/images/*",
+    "/messages",
+    "/messages/*",
+)
+
+
 class UpstreamSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     base_url: str
@@ -71,6 +90,9 @@ class UpstreamSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_connections: int = 512
     retries: int = 2
     models_config: tuple[ModelSettings, ...] = ()
+    forward_paths: tuple[str, ...] = DEFAULT_FORWARD_PATHS
+    # With api_key_env set, the client's own credential headers are dropped unless this is true.
+    forward_client_credentials: bool = False
 
 
 class StorageSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -336,6 +358,9 @@ def _validate_ranges(cfg: Config) -> None:
             raise bad(f"upstreams[{up.name}].base_url", f"{up.base_url!r} (allowed: an http:// or https:// URL)")
         if up.timeout_s <= 0 or up.connect_timeout_s <= 0:
             raise bad(f"upstreams[{up.name}].timeout_s", "timeouts must be > 0")
+        for glob in up.forward_paths:
+            if not glob.startswith("/") or ".." in glob:
+                raise bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: globs over the path after /v1, starting with '/', e.g. '/chat/completions')")
 
 
 def build_config(doc: dict[str, Any], environ: typing.Mapping[str, str] | None = None) -> Config:

@@ -24,6 +24,7 @@ from policies.records import Decision, Outcome, Params
 from proxy.errors import ProxyError, bad_request, error_body
 from proxy.feedback import apply_pending_feedback
 from proxy.metrics import observe_decision
+from proxy.paths import confine_v1_path
 from proxy.records import LogEntry
 from proxy.sse import ResponseSummary, StreamRelay, summarize_body
 from proxy.upstream import UPSTREAM_ERRORS, Upstream, classify, forward_headers, response_headers
@@ -165,8 +166,8 @@ class ProxyEdge:
         t0 = time.perf_counter()
         request_id = new_request_id()
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        v1_path = scope["path"][3:]
         try:
+            v1_path = confine_v1_path(scope.get("raw_path"), scope["path"])
             body = await read_body(receive, headers, self.max_body)
             if scope["method"] == "POST" and v1_path in DECIDED_PATHS:
                 await self._completion(scope, receive, send, body, request_id, t0, v1_path)
@@ -197,6 +198,8 @@ class ProxyEdge:
         upstream = rt.pool.route(model)
         if upstream is None:
             raise ProxyError(404, f"no upstream is configured for model '{model}'", "model_not_found")
+        if not upstream.paths.allows(v1_path):
+            raise upstream.paths.refusal(v1_path)
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         task_type = (_header(headers, b"x-task-type") or "default").strip()[:64] or "default"
         endpoint = "chat" if v1_path == "/chat/completions" else "completions"
@@ -418,6 +421,8 @@ class ProxyEdge:
         upstream = rt.pool.route(model)
         if upstream is None:
             raise ProxyError(404, "no upstream is configured" + (f" for model '{model}'" if model else ""), "model_not_found")
+        if not upstream.paths.allows(v1_path):
+            raise upstream.paths.refusal(v1_path)
         url = upstream.url_for(v1_path, scope.get("query_string", b""))
         fwd_headers = forward_headers(scope["headers"], upstream)
         overhead = time.perf_counter() - t0

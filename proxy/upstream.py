@@ -26,6 +26,8 @@ from multidict import CIMultiDict
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from proxy.config import ModelSettings, UpstreamSettings, find_model_settings
+from proxy.errors import bad_request
+from proxy.paths import PathFilter, url_within_base
 
 ErrorClass = Literal["timeout", "connect", "protocol"]
 
@@ -43,6 +45,7 @@ class Upstream:
         # `/v1/chat/completions` -> `<base_url>/chat/completions`: base_url ends with /v1 as the SDK writes it.
         self.base_url = settings.base_url.rstrip("/")
         self._patterns = tuple(p for p in settings.models if p != "*")
+        self.paths = PathFilter(settings.forward_paths)
         self.is_default = "*" in settings.models
         api_key = os.environ.get(settings.api_key_env, "") if settings.api_key_env else ""
         self.authorization = f"Bearer {api_key}" if api_key else None
@@ -76,7 +79,9 @@ class Upstream:
             return found
 
     def url_for(self, v1_path: str, query: bytes) -> str:
-        """`v1_path` is the client's path without the leading `/v1`."""
+        """`v1_path` is the client's path without the leading `/v1`, already confined by the edge."""
+        if not url_within_base(self.base_url, v1_path):
+            raise bad_request("the request path leaves the upstream's API", "invalid_path")
         url = self.base_url + v1_path
         return url + "?" + query.decode("latin-1") if query else url
 
@@ -167,19 +172,29 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# Client credentials that would travel next to the operator's key: an upstream may honour
+# `api-key` (Azure) or `x-api-key` over Authorization, and organisation/project headers
+# would bill the operator's key to whatever the client names.
+CLIENT_CREDENTIAL_HEADERS = frozenset({b"authorization", b"api-key", b"x-api-key", b"openai-organization", b"openai-project"})
+
+
 def forward_headers(raw: Iterable[tuple[bytes, bytes]], upstream: Upstream) -> CIMultiDict[str]:
     """Client headers minus hop-by-hop and Thermostat's own `x-thermostat-*`/`x-task-type`.
 
     `accept-encoding: identity` is asked so the response can be read for usage while
-    being relayed byte for byte.
+    being relayed byte for byte. When the operator's key replaces Authorization, the
+    client's other credential headers go too, unless `forward_client_credentials`.
     """
     out: CIMultiDict[str] = CIMultiDict()
     replace_auth = upstream.authorization is not None
+    drop_credentials = replace_auth and not upstream.settings.forward_client_credentials
     for name, value in raw:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname.startswith(b"x-thermostat-") or lname == b"x-task-type":
             continue
         if replace_auth and lname == b"authorization":
+            continue
+        if drop_credentials and lname in CLIENT_CREDENTIAL_HEADERS:
             continue
         out.add(lname.decode("latin-1"), value.decode("latin-1"))
     if upstream.authorization is not None:
