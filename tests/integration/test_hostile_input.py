@@ -139,8 +139,8 @@ def test_slow_clients_are_answered_408_and_closed(hostile: RunningThermostat) ->
     partial_bodies = [_connect(hostile) for _ in range(3)]
     for s in partial_headers:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-ty")
-    for s in partial_bodies:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n" + HEAD)
+    for path, s in zip((b"/v1/chat/completions", b"/v1/completions", b"/api/optimization/recommend"), partial_bodies, strict=True):
+        s.sendall(b"POST " + path + b" HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n" + HEAD)
     try:
         for s in silent + partial_headers:
             status, err = _status_and_error(_read_until_closed(s))
