@@ -13,6 +13,7 @@ bodies with an ASCII `\\u00XX` escape) are timed on variants of the same body.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -88,7 +89,8 @@ def main() -> None:
         "# Cost of the hostile-input checks per decided request",
         "",
         f"`bench/json_guard_cost.py`, {len(TYPICAL)}-byte chat body, {ITERATIONS} calls x {ROUNDS} rounds (median of round means),",
-        f"Python {platform.python_version()}, msgspec {msgspec.__version__}, {platform.machine()}.",
+        f"Python {platform.python_version()}, msgspec {msgspec.__version__}, {platform.machine()}, load average {os.getloadavg()[0]:.1f}",
+        "(a shared machine: compare rows of one run, not runs).",
         "",
         "| what | µs per request |",
         "|---|---|",
