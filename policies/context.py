@@ -155,6 +155,18 @@ def _prompt_tokens(prompt: Any) -> int:
     return _chars_to_tokens(len(_json_text(prompt)))
 
 
+def _token_cap(body: Mapping[str, Any]) -> int | None:
+    """The client's token cap as sent; through float, 2**63 - 1 would become 2**63."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if type(value) is int:
+            return value
+        as_float = _number(value)
+        if as_float is not None:
+            return int(as_float)
+    return None
+
+
 def _number(value: Any) -> float | None:
     """A finite JSON number as float, else None (bools are not numbers here)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -180,9 +192,6 @@ def build_context(body: Mapping[str, Any], *, task_type: str, endpoint: str, ups
         "json_object",
         "json_schema",
     )
-    max_tokens = _number(body.get("max_completion_tokens"))
-    if max_tokens is None:
-        max_tokens = _number(body.get("max_tokens"))
     temperature = _number(body.get("temperature"))
     return RequestContext(
         task_type=(task_type or "default").strip().lower() or "default",
@@ -194,7 +203,7 @@ def build_context(body: Mapping[str, Any], *, task_type: str, endpoint: str, ups
         json_mode=bool(json_mode),
         stream=bool(body.get("stream") is True),
         client_temperature=temperature,
-        client_max_tokens=int(max_tokens) if max_tokens is not None else None,
+        client_max_tokens=_token_cap(body),
         upstream=upstream,
     )
 

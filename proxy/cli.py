@@ -42,6 +42,7 @@ def _serve(config: Config, host: str, port: int, workers: int = 1) -> None:
             self.should_exit = True
 
     from proxy.app import create_app
+    from proxy.serving import ServingConfig
 
     if not config.upstreams:
         raise ConfigError("no [[upstreams]] configured (add one to config.toml, or run `thermostat demo`)")
@@ -50,7 +51,6 @@ def _serve(config: Config, host: str, port: int, workers: int = 1) -> None:
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
         lifespan="on",
         log_level="warning",
         access_log=False,
@@ -62,9 +62,13 @@ def _serve(config: Config, host: str, port: int, workers: int = 1) -> None:
 
         worker_mode.prepare(config, workers)
         print(f"thermostat listening on http://{host}:{port} with {workers} worker processes", flush=True)
-        uvicorn.run("proxy.workers:app_from_env", factory=True, workers=workers, **common)
+        # uvicorn.run() without its Config: ServingConfig carries the connection limits.
+        from uvicorn.supervisors import Multiprocess
+
+        multi_config = ServingConfig("proxy.workers:app_from_env", server=config.server, factory=True, workers=workers, **common)
+        Multiprocess(multi_config, sockets=[multi_config.bind_socket()]).run()
         return
-    server_config = uvicorn.Config(create_app(config), **common)
+    server_config = ServingConfig(create_app(config), server=config.server, **common)
     server = Server(server_config)
     # Everything allocated at start-up lives for the whole run: keep it out of the
     # collector's generations so full collections stay short under load.

@@ -49,6 +49,12 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     data_dir: str = "./.thermostat"
     shutdown_grace_s: float = 20.0
     store_prompts: bool = False
+    # Slow or idle clients: a connection must finish its request headers within
+    # header_timeout_s and its body within body_timeout_s (else 408 and closed);
+    # beyond max_connections open connections, requests get 503.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 2048
 
 
 class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -93,6 +99,9 @@ class UpstreamSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     forward_paths: tuple[str, ...] = DEFAULT_FORWARD_PATHS
     # With api_key_env set, the client's own credential headers are dropped unless this is true.
     forward_client_credentials: bool = False
+    # Non-streaming bodies (and single SSE events) are buffered up to this size to read
+    # usage; a larger one is relayed as it arrives, without a summary, and counted.
+    max_response_bytes: int = 32 * 1024 * 1024
 
 
 class StorageSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -334,6 +343,9 @@ def _validate_ranges(cfg: Config) -> None:
         ("caws.window_s", cfg.caws.window_s),
         ("constraints.max_tokens", cfg.constraints.max_tokens),
         ("server.max_body_bytes", cfg.server.max_body_bytes),
+        ("server.header_timeout_s", cfg.server.header_timeout_s),
+        ("server.body_timeout_s", cfg.server.body_timeout_s),
+        ("server.max_connections", cfg.server.max_connections),
         ("storage.queue_size", cfg.storage.queue_size),
         ("storage.batch_size", cfg.storage.batch_size),
         ("slo.latency_p99_ms", cfg.slo.latency_p99_ms),
@@ -361,6 +373,8 @@ def _validate_ranges(cfg: Config) -> None:
         for glob in up.forward_paths:
             if not glob.startswith("/") or ".." in glob:
                 raise bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: globs over the path after /v1, starting with '/', e.g. '/chat/completions')")
+        if up.max_response_bytes <= 0:
+            raise bad(f"upstreams[{up.name}].max_response_bytes", f"{up.max_response_bytes} (allowed: a positive number)")
 
 
 def build_config(doc: dict[str, Any], environ: typing.Mapping[str, str] | None = None) -> Config:

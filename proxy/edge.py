@@ -4,7 +4,9 @@ Litestar serves everything else (health, metrics, the control API); `/v1/*` is
 handled here directly so a request costs one body parse, two field patches, one
 re-encode and a relay, with no framework layers in between. The body is parsed
 once with msgspec into a dict (so unknown fields survive untouched); if the decision
-changes nothing, the client's original bytes are forwarded as they came.
+changes nothing, the client's original bytes are forwarded as they came, which is
+safe only because bodies whose bytes could mean something other than the parsed dict
+(repeated top-level fields) are refused (proxy/json_guard.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import msgspec
 from policies.records import Decision, Outcome, Params
 from proxy.errors import ProxyError, bad_request, error_body
 from proxy.feedback import apply_pending_feedback
+from proxy.json_guard import INT64_MAX, MAX_JSON_DEPTH, duplicate_watched_key, first_out_of_range_int, too_deep
 from proxy.metrics import observe_decision
 from proxy.paths import confine_v1_path
 from proxy.records import LogEntry
@@ -84,8 +87,51 @@ async def read_body(receive: Receive, headers: list[tuple[bytes, bytes]], max_by
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+async def read_capped(response: aiohttp.ClientResponse, cap: int) -> tuple[list[bytes], bool]:
+    """Buffer an upstream body up to `cap` bytes; (chunks, True) if it all fit, else the
+    chunks read so far and False, with the rest still unread on the connection."""
+    if response.content_length is not None and response.content_length > cap:
+        return [], False
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > cap:
+            return chunks, False
+    return chunks, True
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_completion_body(body: bytes) -> dict[str, Any]:
+    """Decode a decided body, refusing what msgspec accepts but Thermostat cannot forward faithfully."""
+    try:
+        doc = _decode(body)
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}", "invalid_json") from None
+    except RecursionError:  # msgspec's own limit, near 1,000 levels
+        doc = None
+    if doc is None or too_deep(body, doc):
+        raise bad_request(f"request body nests deeper than {MAX_JSON_DEPTH} levels", "json_too_deep")
+    if not isinstance(doc, dict):
+        raise bad_request("request body must be a JSON object", "invalid_body")
+    key = first_out_of_range_int(doc)
+    if key is not None:
+        raise bad_request(f"'{key}' must fit a signed 64-bit integer", "invalid_value", key)
+    key = duplicate_watched_key(body, doc)
+    if key is not None:
+        raise bad_request(f"'{key}' appears more than once in the request body", "duplicate_key", key)
+    return doc
+
+
+def check_token_limit(value: int, field: str, limit: int | None) -> None:
+    """The client's own cap must fit the model's limit (or int64 when the model has none)."""
+    bound = INT64_MAX if limit is None else limit
+    if value > bound:
+        raise bad_request(f"'{field}' must be at most {bound}, got {value}", "invalid_value", field)
 
 
 def validate_completion_body(doc: Any) -> tuple[str, str | None]:
@@ -169,13 +215,15 @@ class ProxyEdge:
         try:
             v1_path = confine_v1_path(scope.get("raw_path"), scope["path"])
             body = await read_body(receive, headers, self.max_body)
-            if scope["method"] == "POST" and v1_path in DECIDED_PATHS:
+            if v1_path in DECIDED_PATHS and scope["method"] == "POST":
                 await self._completion(scope, receive, send, body, request_id, t0, v1_path)
+            elif v1_path in DECIDED_PATHS and scope["method"] != "OPTIONS":
+                raise ProxyError(405, f"method {scope['method']} is not allowed on /v1{v1_path} (allowed: POST)", "method_not_allowed")
             else:
                 await self._passthrough(scope, send, body, request_id, t0, v1_path)
         except ProxyError as exc:
             self.metrics.client_errors.labels(exc.code).inc()
-            await self._send_error(send, exc.status, exc.body(), request_id)
+            await self._send_error(send, exc.status, exc.body(), request_id, [(b"allow", b"POST")] if exc.status == 405 else None)
         except ClientGone:
             return
 
@@ -190,16 +238,18 @@ class ProxyEdge:
 
     async def _completion(self, scope: Scope, receive: Receive, send: Send, body: bytes, request_id: str, t0: float, v1_path: str) -> None:
         rt = self.rt
-        try:
-            doc = _decode(body)
-        except msgspec.DecodeError as exc:
-            raise bad_request(f"request body is not valid JSON: {exc}", "invalid_json") from None
+        doc = parse_completion_body(body)
         model, tokens_field = validate_completion_body(doc)
         upstream = rt.pool.route(model)
         if upstream is None:
             raise ProxyError(404, f"no upstream is configured for model '{model}'", "model_not_found")
         if not upstream.paths.allows(v1_path):
             raise upstream.paths.refusal(v1_path)
+        if tokens_field is not None:
+            limits = upstream.model_settings(model)
+            for name in ("max_completion_tokens", "max_tokens"):
+                if doc.get(name) is not None:
+                    check_token_limit(doc[name], name, limits.max_tokens_limit if limits is not None else None)
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         task_type = (_header(headers, b"x-task-type") or "default").strip()[:64] or "default"
         endpoint = "chat" if v1_path == "/chat/completions" else "completions"
@@ -254,9 +304,11 @@ class ProxyEdge:
                     receive, send, response, our_headers, strip_usage, summary, t0, t_headers, overhead, upstream
                 )
             else:
+                cap = upstream.settings.max_response_bytes
                 try:
-                    raw = await response.read()
+                    chunks, complete = await read_capped(response, cap)
                 except UPSTREAM_ERRORS as exc:
+                    response.release()
                     error_class = classify(exc)
                     status = 504 if error_class == "timeout" else 502
                     self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
@@ -265,8 +317,15 @@ class ProxyEdge:
                                                  "upstream_timeout" if status == 504 else "upstream_error"), request_id, our_headers[1:]
                     )
                     return
-                finally:
-                    response.release()
+                if not complete:
+                    self.metrics.unsummarised.labels(upstream.name).inc()
+                    error_class = await self._relay_oversized(send, response, chunks, our_headers, overhead, upstream)
+                    if status != 200:
+                        summary.error = True
+                        error_class = error_class or f"http_{status}"
+                    return
+                response.release()
+                raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 t_body = time.perf_counter()
                 hdrs = response_headers(response.raw_headers)
                 hdrs.append((b"content-length", str(len(raw)).encode()))
@@ -283,6 +342,38 @@ class ProxyEdge:
         finally:
             await self._finish(decision, summary, status, error_class, t0, ttft, overhead, prompt, ctx)
 
+    async def _relay_oversized(
+        self,
+        send: Send,
+        response: aiohttp.ClientResponse,
+        head: list[bytes],
+        our_headers: list[tuple[bytes, bytes]],
+        overhead: float,
+        upstream: Upstream,
+    ) -> str | None:
+        """Relay a body above `max_response_bytes` as it arrives, unread: memory stays bounded,
+        and the outcome simply has no usage. Returns the error class if the upstream broke off."""
+        hdrs = response_headers(response.raw_headers)
+        hdrs.extend(our_headers)
+        hdrs.append((b"x-thermostat-overhead-ms", f"{overhead * 1000:.3f}".encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": hdrs})
+        error_class: str | None = None
+        try:
+            for chunk in head:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            head.clear()
+            async for chunk in response.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UPSTREAM_ERRORS as exc:
+            error_class = classify(exc)
+            self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
+        if error_class is None:
+            response.release()
+        else:
+            response.close()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return error_class
+
     async def _relay_stream(
         self,
         receive: Receive,
@@ -296,7 +387,7 @@ class ProxyEdge:
         overhead: float,
         upstream: Upstream,
     ) -> tuple[float | None, str | None, float]:
-        relay = StreamRelay(strip_usage)
+        relay = StreamRelay(strip_usage, upstream.settings.max_response_bytes)
         relay.summary = summary_out
         hdrs = response_headers(response.raw_headers)
         hdrs.extend(our_headers)
@@ -338,6 +429,8 @@ class ProxyEdge:
                     pass
                 return ttft, error_class, overhead
             watch_task.cancel()
+            if relay.unsummarised:
+                self.metrics.unsummarised.labels(upstream.name).inc()
             clean = pump_task.exception() is None
             exc = pump_task.exception()
             if exc is not None:
@@ -416,8 +509,8 @@ class ProxyEdge:
                 parsed = _decode(body)
                 if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
                     model = parsed["model"]
-            except msgspec.DecodeError:
-                pass
+            except (msgspec.DecodeError, RecursionError):
+                pass  # not Thermostat's to judge: the upstream answers it
         upstream = rt.pool.route(model)
         if upstream is None:
             raise ProxyError(404, "no upstream is configured" + (f" for model '{model}'" if model else ""), "model_not_found")

@@ -92,6 +92,12 @@ class Metrics:
         self.client_errors = Counter(
             "thermostat_rejected_requests", "Requests Thermostat answered itself with an error", ["code"], registry=r
         )
+        self.unsummarised = Counter(
+            "thermostat_unsummarised_responses",
+            "Upstream responses relayed without reading usage, because they outgrew upstreams.max_response_bytes",
+            ["upstream"],
+            registry=r,
+        )
 
 
 # ---------------------------------------------------------------------------------------------

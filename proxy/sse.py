@@ -113,16 +113,22 @@ _USAGE_NULLS = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage
 class StreamRelay:
     """Incremental SSE splitter: feed upstream bytes, get back bytes to send now."""
 
-    __slots__ = ("summary", "strip_usage", "_buffer", "saw_done", "events")
+    __slots__ = ("summary", "strip_usage", "_buffer", "saw_done", "events", "max_event_bytes", "unsummarised")
 
-    def __init__(self, strip_usage: bool) -> None:
+    def __init__(self, strip_usage: bool, max_event_bytes: int | None = None) -> None:
         self.summary = ResponseSummary()
         self.strip_usage = strip_usage
         self._buffer = b""
         self.saw_done = False
         self.events = 0
+        # An event that never ends would otherwise be buffered without bound: past this
+        # size the rest of the stream is relayed as it comes, no longer read.
+        self.max_event_bytes = max_event_bytes
+        self.unsummarised = False
 
     def feed(self, chunk: bytes) -> bytes:
+        if self.unsummarised:
+            return chunk
         data = self._buffer + chunk if self._buffer else chunk
         out: list[bytes] = []
         start = 0
@@ -136,6 +142,10 @@ class StreamRelay:
             if kept:
                 out.append(kept)
         self._buffer = data[start:]
+        if self.max_event_bytes is not None and len(self._buffer) > self.max_event_bytes:
+            self.unsummarised = True
+            out.append(self._buffer)
+            self._buffer = b""
         return b"".join(out)
 
     def flush(self) -> bytes:

@@ -3,7 +3,8 @@
 Deterministic (ids and timestamps derive from the request), records every request
 it receives, and misbehaves on demand through the model name:
 `error-<status>` answers that status with an OpenAI error body, `slow-<ms>` waits,
-`cut-stream` drops the connection mid-stream, `hang` never answers.
+`cut-stream` drops the connection mid-stream, `hang` never answers, `big-<bytes>`
+answers with about that many bytes of content.
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ class FakeUpstream:
 
     @staticmethod
     def _text(body: dict[str, Any]) -> str:
+        model = str(body.get("model", ""))
+        if model.startswith("big-"):  # about that many bytes of content
+            return "echo: " + "padding " * (int(model.split("-", 1)[1]) // 8)
         if "messages" in body:
             last = body["messages"][-1]["content"] if body["messages"] else ""
             return f"echo: {last}"

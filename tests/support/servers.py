@@ -16,6 +16,7 @@ import uvicorn
 from proxy.app import create_app
 from proxy.config import Config
 from proxy.runtime import Runtime
+from proxy.serving import ServingConfig
 
 
 def free_port() -> int:
@@ -58,7 +59,7 @@ def start_thermostat(config: Config, runtime: Runtime | None = None) -> RunningT
     rt = runtime or Runtime(config)
     app = create_app(config, rt)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, loop="asyncio", http="httptools", lifespan="on", log_level="warning"))
+    server = uvicorn.Server(ServingConfig(app, server=config.server, host="127.0.0.1", port=port, loop="asyncio", lifespan="on", log_level="warning"))
 
     def run() -> None:
         loop = asyncio.new_event_loop()

@@ -60,6 +60,10 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({"baseline": {"code": {"temp": 1}}}, {}, "unknown key 'baseline.code.temp'"),
         ({"upstreams": [{"name": "a", "base_url": "ftp://x"}]}, {}, "http:// or https://"),
         ({"caws": {"budget_limit": "lots"}}, {}, "'caws.budget_limit'"),
+        ({"server": {"header_timeout_s": 0}}, {}, "'server.header_timeout_s': 0.0 (allowed: a positive number)"),
+        ({"server": {"body_timeout_s": -1}}, {}, "'server.body_timeout_s'"),
+        ({"server": {"max_connections": 0}}, {}, "'server.max_connections'"),
+        ({"upstreams": [{"name": "a", "base_url": "http://x/v1", "max_response_bytes": 0}]}, {}, "'upstreams[a].max_response_bytes'"),
     ],
 )
 def test_invalid_config_one_clear_line(doc: dict, env: dict, fragment: str) -> None:

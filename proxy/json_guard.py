@@ -1,0 +1,135 @@
+"""Bounds on client JSON that msgspec does not enforce: depth, integer size, duplicate keys.
+
+Each check has a fast path that costs a few byte scans on a typical body and falls
+back to an exact check only when the fast path cannot rule the problem out, because
+they run on every decided request before anything is forwarded.
+
+- Depth: msgspec raises `RecursionError` somewhere near 1,000 levels (deeper input
+  used to surface as a 500); the edge bounds it far lower, at `MAX_JSON_DEPTH`.
+- Integers: msgspec decodes integers of any size into Python ints, which later fail in
+  msgpack (the decision registry) or lose precision through float. Top-level integers
+  must fit a signed 64-bit integer.
+- Duplicate keys: msgspec keeps the last value, an upstream may keep the first. When the
+  decision changes nothing the client's own bytes are forwarded, so a repeated top-level
+  field that Thermostat reads would let the upstream see a value that was never
+  validated (`{"temperature":5,"temperature":0.5}`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import msgspec
+
+MAX_JSON_DEPTH = 64
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+# Top-level fields Thermostat reads or writes in a decided body.
+WATCHED_KEYS: tuple[str, ...] = (
+    "model",
+    "messages",
+    "prompt",
+    "temperature",
+    "max_tokens",
+    "max_completion_tokens",
+    "stream",
+    "stream_options",
+    "user",
+    "tools",
+    "functions",
+    "response_format",
+)
+_QUOTED = {key: b'"' + key.encode() + b'"' for key in WATCHED_KEYS}
+
+# A `\u00XX` escape of a printable ASCII character: the only way to spell a watched key
+# without its plain bytes (`"temp\u0065rature"`). JSON encoders rarely write these
+# (Go's escapes `<`, `>`, `&`), so their presence only sends the body to the exact check.
+_ASCII_ESCAPE = re.compile(rb"\\u00[2-7][0-9a-fA-F]")
+
+
+def too_deep(body: bytes, doc: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True if `doc` nests more than `limit` arrays/objects.
+
+    Fast path: fewer opening brackets in the raw bytes than the limit (brackets inside
+    strings only over-count) means the depth cannot exceed it. Otherwise walk the
+    decoded document with an explicit stack.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
+def first_out_of_range_int(doc: dict[str, Any]) -> str | None:
+    """The first top-level field holding an integer outside int64, if any."""
+    for key, value in doc.items():
+        if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
+            return key
+    return None
+
+
+def duplicate_watched_key(body: bytes, doc: dict[str, Any]) -> str | None:
+    """The first watched top-level key that occurs more than once in `body`, if any.
+
+    Three steps, each only when the previous one cannot decide:
+    1. Compact JSON (what the official SDKs send): if the top-level pairs msgspec kept
+       account for every byte of the body, nothing was dropped, so nothing repeated.
+    2. Every watched key present appears once as a quoted token in the raw bytes and
+       nothing spells a key through escapes: no watched key repeats.
+    3. The exact check parses the keys' order with the standard library (the body is
+       already known to be valid JSON of bounded depth).
+    """
+    if _accounts_for_every_byte(body):
+        return None
+    suspicious = _ASCII_ESCAPE.search(body) is not None
+    if not suspicious:
+        for key in WATCHED_KEYS:
+            if key in doc and body.count(_QUOTED[key]) > 1:
+                suspicious = True
+                break
+    if not suspicious:
+        return None
+    # Numbers are irrelevant here; skipping their conversion also avoids int()'s digit limit.
+    pairs = json.loads(body, object_pairs_hook=_keys_only, parse_int=_zero, parse_float=_zero)
+    seen: set[str] = set()
+    for key in pairs:
+        if key in seen and key in _QUOTED:
+            return str(key)
+        seen.add(key)
+    return None
+
+
+_top_level = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+
+
+def _accounts_for_every_byte(body: bytes) -> bool:
+    """`{` + pairs `"key":value` joined by `,` + `}` with no byte left over.
+
+    A repeated key would leave its dropped pair's bytes unaccounted for; so does
+    whitespace or an escaped key, which only sends the body to the next step.
+    """
+    pairs = _top_level(body)
+    used = 1  # `{` and `}`, minus the comma the last pair does not have
+    for key, raw in pairs.items():
+        used += len(key.encode()) + 4 + len(raw)  # quotes, colon, comma
+    return used == len(body)
+
+
+def _zero(_: str) -> int:
+    return 0
+
+
+def _keys_only(pairs: list[tuple[str, Any]]) -> list[str]:
+    """`object_pairs_hook` for the exact check: the outermost object's keys, in order."""
+    return [key for key, _ in pairs]

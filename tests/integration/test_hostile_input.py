@@ -1,0 +1,212 @@
+"""Hostile input gets a 4xx in the OpenAI shape, never a 500, and cannot pin sockets or memory."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import make_config
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.servers import RunningThermostat, start_thermostat
+
+MESSAGES = [{"role": "user", "content": "hello there"}]
+HEAD = b'{"model":"echo-1","messages":[{"role":"user","content":"hi"}]'
+
+
+@pytest.fixture(scope="module")
+def hostile(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningThermostat]:
+    up = {
+        "name": "fake", "base_url": upstream.url, "models": ["*"], "timeout_s": 2.0, "connect_timeout_s": 1.0,
+        "max_response_bytes": 4096, "models_config": [{"pattern": "capped-*", "max_tokens_limit": 1000}],
+    }
+    cfg = make_config(
+        upstream.url, tmp_path_factory.mktemp("hostile"), upstreams=[up], optimization={"enabled": False},
+        server={"data_dir": str(tmp_path_factory.mktemp("hostile-data")), "max_body_bytes": 200_000,
+                "header_timeout_s": 0.5, "body_timeout_s": 0.5, "max_connections": 64},
+    )
+    running = start_thermostat(cfg)
+    yield running
+    running.stop()
+
+
+def post(t: RunningThermostat, raw: bytes, path: str = "/chat/completions") -> httpx.Response:
+    return httpx.post(f"{t.url}{path}", content=raw, headers={"content-type": "application/json", "authorization": "Bearer sk-x"}, timeout=10)
+
+
+def error_of(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "code", "param"} and isinstance(err["message"], str)
+    return err
+
+
+BAD = [
+    # (body, code, param)
+    (HEAD + b',"max_tokens":' + str(10**30).encode() + b"}", "invalid_value", "max_tokens"),
+    (HEAD + b',"max_completion_tokens":9223372036854775808}', "invalid_value", "max_completion_tokens"),
+    (HEAD + b',"seed":-9223372036854775809}', "invalid_value", "seed"),
+    (b"[" * 100_000, "json_too_deep", None),  # msgspec's own RecursionError
+    (HEAD + b',"metadata":' + b"[" * 65 + b"]" * 65 + b"}", "json_too_deep", None),  # 66 levels: over the bound of 64
+    (HEAD + b',"temperature":5,"temperature":0.5}', "duplicate_key", "temperature"),
+    (HEAD + b',"temperature":0.5,"temp\\u0065rature":5}', "duplicate_key", "temperature"),
+    (b'{"model":"echo-1","model":"other","messages":[]}', "duplicate_key", "model"),
+    (b'{"model":"capped-1","messages":[],"max_tokens":1001}', "invalid_value", "max_tokens"),
+]
+
+
+@pytest.mark.parametrize(("raw", "code", "param"), BAD, ids=[f"{c}-{i}" for i, (_, c, _) in enumerate(BAD)])
+def test_hostile_body_is_a_400(hostile: RunningThermostat, upstream: FakeUpstream, raw: bytes, code: str, param: str | None) -> None:
+    before = len(upstream.received)
+    err = error_of(post(hostile, raw), 400)
+    assert (err["code"], err["param"], err["type"]) == (code, param, "invalid_request_error")
+    assert len(upstream.received) == before  # nothing was forwarded
+
+
+def test_largest_int64_reaches_the_upstream_unchanged(hostile: RunningThermostat, upstream: FakeUpstream) -> None:
+    r = post(hostile, HEAD + b',"max_tokens":9223372036854775807}')
+    assert r.status_code == 200, r.text
+    assert upstream.last().body["max_tokens"] == 2**63 - 1
+
+
+def test_model_limit_itself_is_accepted(hostile: RunningThermostat, upstream: FakeUpstream) -> None:
+    assert post(hostile, b'{"model":"capped-1","messages":[],"max_tokens":1000}').status_code == 200
+
+
+def test_repeated_names_below_the_top_level_are_not_duplicates(hostile: RunningThermostat, upstream: FakeUpstream) -> None:
+    """A tool schema may well have a `temperature` property in two tools; that is not a repeated field."""
+    tool = lambda name: {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {"temperature": {"type": "number"}}}}}  # noqa: E731
+    body = {"model": "echo-1", "messages": [{"role": "user", "content": '"temperature" twice: "temperature"'}], "tools": [tool("a"), tool("b")], "temperature": 0.4}
+    raw = json.dumps(body).encode()
+    r = post(hostile, raw)
+    assert r.status_code == 200, r.text
+    assert upstream.last().raw == raw  # nothing decided changes it: forwarded byte for byte
+
+
+def test_405_on_a_decided_path_is_openai_shaped_with_allow(hostile: RunningThermostat) -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        r = httpx.request(method, f"{hostile.url}/chat/completions", timeout=10)
+        err = error_of(r, 405)
+        assert err["code"] == "method_not_allowed"
+        assert r.headers["allow"] == "POST"
+
+
+def test_response_above_the_cap_is_relayed_whole_and_counted(hostile: RunningThermostat, upstream: FakeUpstream) -> None:
+    counter = hostile.runtime.metrics.unsummarised.labels("fake")
+    before = counter._value.get()
+    body = {"model": "big-20000", "messages": MESSAGES}
+    direct = httpx.post(f"{upstream.url}/chat/completions", json=body, timeout=10)
+    proxied = httpx.post(f"{hostile.url}/chat/completions", json=body, timeout=10)
+    assert proxied.status_code == 200
+    assert len(proxied.content) > 4096
+    assert proxied.json() == direct.json()
+    assert counter._value.get() == before + 1
+    small = httpx.post(f"{hostile.url}/chat/completions", json={"model": "echo-1", "messages": MESSAGES}, timeout=10)
+    assert small.status_code == 200 and "content-length" in small.headers
+    assert counter._value.get() == before + 1  # below the cap: summarised as before
+
+
+# ---- slow clients ------------------------------------------------------------------------
+
+
+def _connect(t: RunningThermostat) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", t.port), timeout=10)
+    return s
+
+
+def _read_until_closed(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (the socket timeout bounds the wait)."""
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _status_and_error(data: bytes) -> tuple[int, dict]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)["error"]
+
+
+def test_slow_clients_are_answered_408_and_closed(hostile: RunningThermostat) -> None:
+    silent = [_connect(hostile) for _ in range(3)]
+    partial_headers = [_connect(hostile) for _ in range(3)]
+    partial_bodies = [_connect(hostile) for _ in range(3)]
+    for s in partial_headers:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-ty")
+    for path, s in zip((b"/v1/chat/completions", b"/v1/completions", b"/api/optimization/recommend"), partial_bodies, strict=True):
+        s.sendall(b"POST " + path + b" HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n" + HEAD)
+    try:
+        for s in silent + partial_headers:
+            status, err = _status_and_error(_read_until_closed(s))
+            assert (status, err["code"]) == (408, "request_timeout")
+            assert "headers" in err["message"]
+        for s in partial_bodies:
+            status, err = _status_and_error(_read_until_closed(s))
+            assert (status, err["code"]) == (408, "request_timeout")
+            assert "body" in err["message"]
+    finally:
+        for s in silent + partial_headers + partial_bodies:
+            s.close()
+    # The server is healthy afterwards, and the stalled requests reached nothing.
+    assert httpx.post(f"{hostile.url}/chat/completions", json={"model": "echo-1", "messages": MESSAGES}, timeout=10).status_code == 200
+
+
+def test_kept_alive_connection_gets_a_header_deadline_per_request(hostile: RunningThermostat) -> None:
+    s = _connect(hostile)
+    try:
+        s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /health HTTP/1.1\r\nhost")  # the next request stalls mid-headers
+        status, err = _status_and_error(_read_until_closed(s))
+        assert (status, err["code"]) == (408, "request_timeout")
+    finally:
+        s.close()
+
+
+def test_endless_headers_get_431(hostile: RunningThermostat) -> None:
+    s = _connect(hostile)
+    try:
+        s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+        for i in range(100):  # 100 KiB of headers, never finished
+            try:
+                s.sendall(b"x-pad-%d: " % i + b"a" * 1024 + b"\r\n")
+            except OSError:
+                break  # the server already closed the connection
+        status, err = _status_and_error(_read_until_closed(s))
+        assert (status, err["code"]) == (431, "headers_too_large")
+    finally:
+        s.close()
+
+
+def test_connections_beyond_the_limit_get_503(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> None:
+    cfg = make_config(
+        upstream.url, tmp_path_factory.mktemp("limit"), optimization={"enabled": False},
+        server={"data_dir": str(tmp_path_factory.mktemp("limit-data")), "header_timeout_s": 30.0, "max_connections": 4},
+    )
+    t = start_thermostat(cfg)
+    held = [_connect(t) for _ in range(4)]
+    try:
+        with httpx.Client(timeout=10) as client:
+            r = client.post(f"{t.url}/chat/completions", json={"model": "echo-1", "messages": MESSAGES})
+            err = error_of(r, 503)
+            assert err["code"] == "server_busy" and r.headers["retry-after"] == "1"
+        for s in held:
+            s.close()
+        held.clear()
+        ok = None
+        for _ in range(50):  # the server notices the closed sockets on its next loop turns
+            ok = httpx.post(f"{t.url}/chat/completions", json={"model": "echo-1", "messages": MESSAGES}, timeout=10)
+            if ok.status_code == 200:
+                break
+        assert ok is not None and ok.status_code == 200
+    finally:
+        for s in held:
+            s.close()
+        t.stop()

@@ -1,0 +1,68 @@
+"""The JSON bounds: depth, int64 and repeated top-level fields, on both their fast and exact paths."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+
+from proxy.json_guard import MAX_JSON_DEPTH, duplicate_watched_key, first_out_of_range_int, too_deep
+from proxy.sse import StreamRelay
+
+
+def nested(levels: int) -> bytes:
+    return b'{"a":' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}"
+
+
+def test_depth_bound_is_exact() -> None:
+    ok, over = nested(MAX_JSON_DEPTH), nested(MAX_JSON_DEPTH + 1)
+    assert not too_deep(ok, msgspec.json.decode(ok))
+    assert too_deep(over, msgspec.json.decode(over))
+
+
+def test_brackets_inside_strings_do_not_count_as_depth() -> None:
+    raw = json.dumps({"messages": [{"content": "[" * 500}]}).encode()
+    assert not too_deep(raw, msgspec.json.decode(raw))  # exact walk: 3 levels
+
+
+def test_wide_documents_are_not_deep() -> None:
+    raw = json.dumps({"messages": [{"role": "user", "content": [{"type": "text"}]} for _ in range(200)]}).encode()
+    assert not too_deep(raw, msgspec.json.decode(raw))
+
+
+@pytest.mark.parametrize(("value", "bad"), [(2**63 - 1, False), (2**63, True), (-(2**63), False), (-(2**63) - 1, True), (1e300, False), (True, False)])
+def test_int64_bound(value: object, bad: bool) -> None:
+    assert first_out_of_range_int({"model": "m", "seed": value}) == ("seed" if bad else None)
+
+
+def check(raw: bytes) -> str | None:
+    return duplicate_watched_key(raw, msgspec.json.decode(raw))
+
+
+def test_duplicates_of_watched_top_level_keys() -> None:
+    assert check(b'{"temperature":5,"temperature":0.5}') == "temperature"
+    assert check(b'{"max_tokens":5, "model":"a", "max_tokens" :7}') == "max_tokens"
+    assert check(b'{"temperature":5,"temp\\u0065rature":0.5}') == "temperature"  # spelt with an escape
+    assert check(b'{"stream":true,"\\u0073tream":false}') == "stream"
+
+
+def test_no_false_duplicates() -> None:
+    assert check(b'{"temperature":0.5,"messages":[{"content":"\\"temperature\\""}]}') is None
+    assert check(b'{"temperature":0.5,"tools":[{"p":{"temperature":1}},{"p":{"temperature":2}}]}') is None  # nested: not a field
+    assert check(b'{"model":"m","metadata":{"model":"x","model":"y"}}') is None
+    assert check(b'{"model":"m","x":1,"x":2}') is None  # not a field Thermostat reads
+    assert check(json.dumps({"model": "m", "temperature": 1, "messages": [{"content": "temperature"}]}).encode()) is None  # spaces: step 2
+    assert check(b'{"model":"\\u00e9\\u003c","n":123456789012345678901234567890}') is None  # exact path, huge int
+
+
+def test_stream_relay_stops_buffering_an_endless_event() -> None:
+    relay = StreamRelay(strip_usage=False, max_event_bytes=100)
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    assert relay.feed(first) == first
+    endless = b"data: " + b"x" * 150
+    assert relay.feed(endless) == endless  # over the bound: relayed, not held
+    assert relay.unsummarised
+    tail = b'yyy\n\ndata: {"usage":{"prompt_tokens":1,"completion_tokens":2},"choices":[]}\n\n'
+    assert relay.feed(tail) == tail  # passed through unread from now on
+    assert relay.summary.content == "hi" and relay.summary.completion_tokens is None
