@@ -172,6 +172,8 @@ class Journal:
 
     def close(self, *, clean: bool) -> None:
         """Stop the fsync thread; `clean` (everything written) deletes every segment. Blocking."""
+        if self._lock_fd < 0:
+            return  # never opened (or already closed): the folder may belong to another process
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -257,9 +259,12 @@ class Journal:
 
 
 def delete(paths: Sequence[Path]) -> None:
-    """Unlink released segments (blocking; callers run it in a thread)."""
+    """Unlink released segments (blocking; callers run it in a thread). A failure only leaves a replay to do."""
     for path in paths:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not delete journal segment %s: %s", path, exc)
 
 
 def _segment_number(path: Path) -> int:

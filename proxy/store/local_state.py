@@ -172,6 +172,8 @@ class LocalState:
                 log.exception("snapshotting the local state to %s failed", self.db_path)
 
     async def stop(self) -> None:
+        if self.store.on_change is None:
+            return  # never started: an empty snapshot must not overwrite the saved state
         if self._task is not None:
             self._task.cancel()
             try:

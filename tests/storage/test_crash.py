@@ -121,7 +121,7 @@ def test_kill_9_sqlite_loses_no_answered_request(upstream: FakeUpstream, tmp_pat
     config = write_config(tmp_path / "config.toml", upstream)
     proc, base = serve(config)
     answered = load_then_kill(proc, base)
-    assert journal_segments(tmp_path / "data")  # the crash left a journal behind
+    left = journal_segments(tmp_path / "data")
 
     proc, base = serve(config)  # ready only after the replay
     try:
@@ -129,6 +129,7 @@ def test_kill_9_sqlite_loses_no_answered_request(upstream: FakeUpstream, tmp_pat
         logged = [row[0] for row in db.execute("SELECT request_id FROM logged_decisions")]
         db.close()
         check_exactly_once(answered, logged)
+        assert left  # the crash had left a journal behind
         assert len(journal_segments(tmp_path / "data")) == 1  # replayed segments deleted; only this run's
     finally:
         stop(proc)
@@ -165,6 +166,7 @@ def test_kill_9_embedded_state_resumes(upstream: FakeUpstream, tmp_path: Path, m
     config = write_config(tmp_path / "config.toml", upstream)
     text = config.read_text().replace("[optimization]", "[caws]\nbudget_limit = 100000000\nwindow_s = 86400\n\n[optimization]")
     text = text.replace('database_url = ""', 'database_url = ""\nstate_snapshot_interval_s = 0.2')
+    text += "\n[policy.thompson]\nrefresh_every = 1\n"  # propensity tables follow every update (rebuilt off the request path)
     config.write_text(text)
     auth = {"authorization": f"Bearer {TOKEN}"}
 
@@ -174,6 +176,9 @@ def test_kill_9_embedded_state_resumes(upstream: FakeUpstream, tmp_path: Path, m
         return r.json()  # type: ignore[no-any-return]
 
     def probs(http: httpx.Client) -> list[float]:
+        """Propensities from the current posterior: the first call may play a stale table and queue its rebuild."""
+        api(http, "POST", "/recommend", json=CONTEXT)
+        time.sleep(0.3)
         return [a["probability"] for a in api(http, "POST", "/recommend", json=CONTEXT)["arms"]]
 
     proc, base = serve(config)

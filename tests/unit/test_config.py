@@ -60,6 +60,8 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({"baseline": {"code": {"temp": 1}}}, {}, "unknown key 'baseline.code.temp'"),
         ({"upstreams": [{"name": "a", "base_url": "ftp://x"}]}, {}, "http:// or https://"),
         ({"caws": {"budget_limit": "lots"}}, {}, "'caws.budget_limit'"),
+        ({"storage": {"journal_fsync_interval_s": 0}}, {}, "'storage.journal_fsync_interval_s': 0.0 (allowed: > 0)"),
+        ({"storage": {"state_snapshot_interval_s": -1}}, {}, "'storage.state_snapshot_interval_s': -1.0 (allowed: > 0)"),
     ],
 )
 def test_invalid_config_one_clear_line(doc: dict, env: dict, fragment: str) -> None:
