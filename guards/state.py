@@ -33,13 +33,21 @@ Blobs, maps, counters
     hash); `incr` hands out ids (``WV-NNNN``). These never expire.
 
 Nothing here reads a clock: the time-dependent calls take ``now``.
+
+Persistence of the in-process store
+    Without Redis this store is the only copy of the budget, waivers and rollout
+    state, so a restart must not forget them. The store itself does no I/O: after
+    every change it hands a `StateChange` (the new value of what changed, never a
+    delta, so replaying one twice is harmless) to an injected `on_change`, and
+    `dump()`/`restore()` give and take the whole state. `proxy/store/local_state.py`
+    journals the changes and snapshots the dump under `data_dir`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol, runtime_checkable
 
 import msgspec
 
@@ -126,6 +134,26 @@ class StateStore(Protocol):
     async def map_delete(self, key: str, field: str) -> bool: ...
 
 
+class StateChange(msgspec.Struct, frozen=True, array_like=True):
+    """The new value of one thing in an `InProcessStore` (budget counters, blob, counter, map field)."""
+
+    kind: Literal["budget", "blob", "counter", "map_put", "map_del"]
+    key: str
+    field: str = ""
+    value: bytes = b""
+    counters: tuple[int, int, int] = (0, 0, 0)  # budget: used, reserved, overruns; counter: (value, 0, 0)
+    expires_at: float = 0.0
+
+
+class StateDump(msgspec.Struct, frozen=True):
+    """Everything an `InProcessStore` holds (budgets as ``(used, reserved, overruns, expires_at)``)."""
+
+    budgets: dict[str, tuple[int, int, int, float]] = {}
+    blobs: dict[str, bytes] = {}
+    counters: dict[str, int] = {}
+    maps: dict[str, dict[str, bytes]] = {}
+
+
 class _Budget:
     __slots__ = ("expires_at", "overruns", "reserved", "used")
 
@@ -148,7 +176,9 @@ class InProcessStore:
     of injected time, so memory stays bounded by the number of live windows.
     """
 
-    def __init__(self, prune_every_s: float = 60.0) -> None:
+    def __init__(self, prune_every_s: float = 60.0, on_change: Callable[[StateChange], None] | None = None) -> None:
+        self.on_change = on_change
+        self.version = 0  # bumped on every change (a snapshot is due when it moved)
         self._lock = asyncio.Lock()
         self._budgets: dict[str, _Budget] = {}
         self._blobs: dict[str, bytes] = {}
@@ -156,6 +186,52 @@ class InProcessStore:
         self._maps: dict[str, dict[str, bytes]] = {}
         self._prune_every_s = prune_every_s
         self._next_prune = float("-inf")
+
+    def _changed_budgets(self, keys: Sequence[str]) -> None:
+        self.version += 1
+        if self.on_change is None:
+            return
+        for key in keys:
+            b = self._budgets.get(key)
+            if b is not None:
+                self.on_change(StateChange("budget", key, counters=(b.used, b.reserved, b.overruns), expires_at=b.expires_at))
+
+    def _changed(self, change: StateChange) -> None:
+        self.version += 1
+        if self.on_change is not None:
+            self.on_change(change)
+
+    def apply(self, change: StateChange) -> None:
+        """Replay one journaled change (sets the value; idempotent)."""
+        if change.kind == "budget":
+            b = self._budgets.setdefault(change.key, _Budget())
+            b.used, b.reserved, b.overruns = change.counters
+            b.expires_at = change.expires_at
+        elif change.kind == "blob":
+            self._blobs[change.key] = change.value
+        elif change.kind == "counter":
+            self._counters[change.key] = change.counters[0]
+        elif change.kind == "map_put":
+            self._maps.setdefault(change.key, {})[change.field] = change.value
+        else:
+            self._maps.get(change.key, {}).pop(change.field, None)
+
+    def dump(self) -> StateDump:
+        return StateDump(
+            budgets={k: (b.used, b.reserved, b.overruns, b.expires_at) for k, b in self._budgets.items()},
+            blobs=dict(self._blobs),
+            counters=dict(self._counters),
+            maps={k: dict(v) for k, v in self._maps.items()},
+        )
+
+    def restore(self, dump: StateDump) -> None:
+        self._budgets = {}
+        for key, (used, reserved, overruns, expires_at) in dump.budgets.items():
+            b = self._budgets[key] = _Budget()
+            b.used, b.reserved, b.overruns, b.expires_at = used, reserved, overruns, expires_at
+        self._blobs = dict(dump.blobs)
+        self._counters = dict(dump.counters)
+        self._maps = {k: dict(v) for k, v in dump.maps.items()}
 
     def _prune(self, now: float) -> None:
         if now < self._next_prune:
@@ -201,6 +277,7 @@ class InProcessStore:
                     budget.reserved += cand.tokens
                     if is_over:
                         budget.overruns += 1
+                self._changed_budgets([k.key for k in keys])
                 after = tuple(b.snapshot() for b in budgets)
                 return ReserveResult(index=index, before=before, after=after, overrun=any(over))
             return ReserveResult(index=None, before=before, after=before)
@@ -211,6 +288,7 @@ class InProcessStore:
                 budget = self._budget(key, now, expires_at)
                 budget.reserved = max(0, budget.reserved - reserved)
                 budget.used += actual
+            self._changed_budgets(keys)
 
     async def budget_release(self, keys: Sequence[str], reserved: int, *, now: float) -> None:
         async with self._lock:
@@ -218,6 +296,7 @@ class InProcessStore:
                 budget = self._live(key, now)
                 if budget is not None:
                     budget.reserved = max(0, budget.reserved - reserved)
+            self._changed_budgets(keys)
 
     async def budget_read(self, keys: Sequence[str], *, now: float) -> tuple[Counters, ...]:
         async with self._lock:
@@ -232,18 +311,24 @@ class InProcessStore:
 
     async def set(self, key: str, value: bytes) -> None:
         self._blobs[key] = value
+        self._changed(StateChange("blob", key, value=value))
 
     async def incr(self, key: str, amount: int = 1) -> int:
         async with self._lock:
             value = self._counters.get(key, 0) + amount
             self._counters[key] = value
+            self._changed(StateChange("counter", key, counters=(value, 0, 0)))
             return value
 
     async def map_put(self, key: str, field: str, value: bytes) -> None:
         self._maps.setdefault(key, {})[field] = value
+        self._changed(StateChange("map_put", key, field, value))
 
     async def map_get_all(self, key: str) -> dict[str, bytes]:
         return dict(self._maps.get(key, {}))
 
     async def map_delete(self, key: str, field: str) -> bool:
-        return self._maps.get(key, {}).pop(field, None) is not None
+        found = self._maps.get(key, {}).pop(field, None) is not None
+        if found:
+            self._changed(StateChange("map_del", key, field))
+        return found

@@ -127,6 +127,15 @@ class StorageSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     write_timeout_s: float = 5.0
     spool_fsync: bool = True
     shutdown_flush_s: float = 5.0
+    # Crash journal (proxy/store/journal.py): decisions and outcomes appended to a local file
+    # before the in-memory queue, replayed at the next start after a crash; fsynced in the
+    # background every journal_fsync_interval_s (power loss), never on the request path.
+    journal: bool = True
+    journal_fsync_interval_s: float = 0.2
+    # Without redis_url: budget, waivers, rollout state and posterior kept under data_dir/state
+    # (change journal + a SQLite snapshot every state_snapshot_interval_s), so a restart resumes.
+    state_persist: bool = True
+    state_snapshot_interval_s: float = 1.0
 
 
 class OptimizationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -352,6 +361,12 @@ def _validate_ranges(cfg: Config) -> None:
     ):
         if number <= 0:
             raise bad(key, f"{number} (allowed: a positive number)")
+    for key, seconds in (
+        ("storage.journal_fsync_interval_s", cfg.storage.journal_fsync_interval_s),
+        ("storage.state_snapshot_interval_s", cfg.storage.state_snapshot_interval_s),
+    ):
+        if seconds <= 0:
+            raise bad(key, f"{seconds} (allowed: > 0)")
     if cfg.caws.store_timeout_s <= 0:
         raise bad("caws.store_timeout_s", f"{cfg.caws.store_timeout_s} (allowed: > 0)")
     if cfg.caws.waiver_cache_s < 0:

@@ -258,6 +258,7 @@ class ProxyEdge:
         key = _header(headers, b"x-thermostat-key") or (user if isinstance(user, str) and user else request_id)
         decision: Decision = await rt.decider.decide(ctx, request_id=request_id, assignment_key=key)
         rt.registry.register(decision)
+        rt.recorder.note_decision(decision)  # journaled before forwarding: a crash cannot lose an answered request
 
         changed = patch_body(doc, decision.sent, tokens_field)
         stream = doc.get("stream") is True

@@ -6,6 +6,11 @@ traffic down to protect the log would be the wrong trade. A background task writ
 batches of `batch_size` or whatever arrived within `flush_interval_s`; a failing
 write is retried with backoff while new entries keep queueing. `stop()` drains
 everything that is queued.
+
+With a `Journal` (proxy/store/journal.py), each entry is appended to it before it is
+queued, and `note_decision` journals a decision before its request is forwarded, so
+a killed process loses nothing it answered: `start()` replays what the previous run
+left before the writer starts.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import msgspec
 from policies.records import Decision, Outcome
 from proxy.store.base import Sink
 from proxy.store.base import StoreRecord as Entry
+from proxy.store.journal import Journal, PendingDecision, delete, replay_records
 
 log = logging.getLogger("thermostat.recorder")
 
@@ -35,8 +41,13 @@ class Recorder:
         flush_interval_s: float = 0.5,
         on_drop: Callable[[], None] | None = None,
         on_written: Callable[[int], None] | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.sink = sink
+        self.journal = journal
+        self.replayed = 0  # records a previous run left in the journal, written at start
+        self._queued = 0  # entries put on the queue since start (the journal's sealing mark)
+        self._done = 0  # of those, written (the queue is FIFO, so always a prefix)
         self.queue: asyncio.Queue[Entry] = asyncio.Queue(maxsize=queue_size)
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
@@ -50,16 +61,42 @@ class Recorder:
         self._last_drop_log = 0.0
         self._batch: list[Entry] = []  # taken off the queue by the writer task, not yet written
         self._writing = False
+        self._gave_up = False
         self.ready = False
 
     async def start(self) -> None:
         await self.sink.open()
+        if self.journal is not None:
+            await self._replay_journal(self.journal)
         self._task = asyncio.create_task(self._run(), name="thermostat-recorder")
         self.ready = True
+
+    async def _replay_journal(self, journal: Journal) -> None:
+        """Write what a killed predecessor left in the journal (idempotent on request id), then delete it."""
+        records = replay_records(await asyncio.to_thread(journal.open))
+        try:
+            for i in range(0, len(records), self.batch_size):
+                await self.sink.write(records[i : i + self.batch_size])
+        except Exception:
+            # Kept for the next start; serving must not wait for the log store.
+            log.exception("replaying %d journaled record(s) into %s failed; kept for the next start", len(records), self.sink.name)
+            return
+        self.replayed = len(records)
+        if records:
+            log.warning("replayed %d journaled record(s) into %s", len(records), self.sink.name)
+        await asyncio.to_thread(journal.replayed)
+
+    def note_decision(self, decision: Decision) -> None:
+        """Journal a decision before its request is forwarded (the outcome follows through `submit`)."""
+        if self.journal is not None:
+            self.journal.append(PendingDecision(decision))
 
     def submit(self, entry: Entry) -> bool:
         try:
             self.queue.put_nowait(entry)
+            if self.journal is not None:
+                self.journal.append(entry)
+                self._queued += 1
             return True
         except asyncio.QueueFull:
             self.dropped += 1
@@ -101,6 +138,8 @@ class Recorder:
             try:
                 await self.sink.write(batch)
                 self.written += len(batch)
+                if self.journal is not None:
+                    await self._written_through(self.journal, len(batch))
                 if self._on_written is not None:
                     self._on_written(len(batch))
                 return
@@ -108,10 +147,18 @@ class Recorder:
                 self.write_failures += 1
                 log.exception("writing %d entries to %s failed; retrying in %.1fs", len(batch), self.sink.name, delay)
                 if self._stopping and delay > 2:
-                    log.error("giving up on %d entries at shutdown", len(batch))
+                    log.error("giving up on %d entries at shutdown%s", len(batch), " (kept in the journal)" if self.journal else "")
+                    self._gave_up = True
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _written_through(self, journal: Journal, n: int) -> None:
+        self._done += n
+        journal.maybe_seal(self._queued)
+        done = journal.release(self._done)
+        if done:
+            await asyncio.to_thread(delete, done)
 
     async def _run(self) -> None:
         while True:
@@ -151,6 +198,9 @@ class Recorder:
                 pass
         await self.flush()
         await self.sink.close()
+        if self.journal is not None:
+            # Everything written: nothing to replay. Otherwise the journal keeps it for the next start.
+            await asyncio.to_thread(self.journal.close, clean=not self._gave_up)
 
 
 class _Registered(msgspec.Struct, array_like=True):

@@ -32,6 +32,8 @@ from proxy.recorder import DecisionRegistry, Recorder
 from proxy.shared import SharedState
 from proxy.sse import ResponseSummary
 from proxy.store import EventRecord, make_log_store
+from proxy.store.journal import Journal
+from proxy.store.local_state import LocalState
 from proxy.store.redis_state import RedisStore
 from proxy.upstream import UpstreamPool
 
@@ -61,6 +63,8 @@ class Runtime:
         # SQLite under data_dir when no database_url, else PostgreSQL behind a local spool.
         self.sink = make_log_store(config, spool_dir)
         st = config.storage
+        # Per process like the spool (serve --workers N gives each worker its own spool_dir).
+        journal = Journal(spool_dir or Path(config.server.data_dir) / "spool", fsync_interval_s=st.journal_fsync_interval_s) if st.journal else None
         self.recorder = Recorder(
             self.sink,
             queue_size=st.queue_size,
@@ -68,6 +72,7 @@ class Runtime:
             flush_interval_s=st.flush_interval_s,
             on_drop=self.metrics.queue_dropped.inc,
             on_written=self.metrics.written.inc,
+            journal=journal,
         )
         self.build_context = build_context
         self._limits: dict[tuple[str, str], ModelLimits] = {}
@@ -102,6 +107,19 @@ class Runtime:
         self.shared: SharedState | None = SharedState(self, self.state_store) if isinstance(self.state_store, RedisStore) else None
         if self.shared is not None:
             self.registry = self.shared.registry  # also writes decisions to Redis for feedback posted elsewhere
+        # Embedded default (no Redis): budget, waivers, rollout state and posterior persisted under data_dir.
+        self.local_state: LocalState | None = None
+        if isinstance(self.state_store, InProcessStore) and st.state_persist:
+            self.local_state = LocalState(
+                Path(config.server.data_dir) / "state",
+                self.state_store,
+                stats={
+                    f"policy:{self.policy.name}:{st.policy_family}": (self.policy.snapshot, self.policy.load_totals),
+                    f"costs:{st.policy_family}": (lambda: self.bandit.costs.totals, self.bandit.costs.load_totals),
+                },
+                interval_s=st.state_snapshot_interval_s,
+                fsync_interval_s=st.journal_fsync_interval_s,
+            )
 
     def _make_rollout(self, state: object) -> RolloutController:
         opt = self.config.optimization
@@ -117,6 +135,8 @@ class Runtime:
         )
 
     async def start(self) -> None:
+        if self.local_state is not None:
+            await self.local_state.start()
         try:
             stored = await load_state(self.state_store)
         except StoreUnavailable:
@@ -199,6 +219,8 @@ class Runtime:
         if self.shared is not None:
             await self.shared.stop()
         await self.recorder.stop()
+        if self.local_state is not None:
+            await self.local_state.stop()
         await self.pool.aclose()
 
     @property

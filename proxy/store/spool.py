@@ -35,8 +35,9 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 
@@ -54,6 +55,27 @@ log = logging.getLogger("thermostat.store.spool")
 
 _HEADER = struct.Struct(">II")  # payload length, crc32(payload)
 _MAX_FRAME = 256 * 1024 * 1024
+
+
+def frame(payload: bytes) -> bytes:
+    """One frame: ``[u32 length][u32 crc32][payload]``."""
+    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def read_frames(fh: BinaryIO, start: int, end: int) -> Iterator[tuple[int, int, bytes]]:
+    """(offset, frame size, payload) of each intact frame from `start`; stops at the first torn or corrupt one."""
+    pos = start
+    fh.seek(pos)
+    while pos < end:
+        header = fh.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return
+        length, crc = _HEADER.unpack(header)
+        payload = fh.read(length) if length <= _MAX_FRAME else b""
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            return
+        yield pos, _HEADER.size + length, payload
+        pos += _HEADER.size + length
 
 
 class Spool:
@@ -92,23 +114,14 @@ class Spool:
                 offset = 0
             self._frames.clear()
             self._entries = 0
-            pos = offset
-            fh.seek(pos)
-            while pos < size:
-                header = fh.read(_HEADER.size)
-                if len(header) < _HEADER.size:
-                    break
-                length, crc = _HEADER.unpack(header)
-                payload = fh.read(length) if length <= _MAX_FRAME else b""
-                if len(payload) < length or zlib.crc32(payload) != crc:
-                    break
+            for start, frame_size, payload in read_frames(fh, offset, size):
                 try:
                     n = len(self._decoder.decode(payload))
                 except msgspec.DecodeError:
                     break
-                self._frames.append((pos, _HEADER.size + length, n))
+                self._frames.append((start, frame_size, n))
                 self._entries += n
-                pos += _HEADER.size + length
+            pos = self._frames[-1][0] + self._frames[-1][1] if self._frames else offset
             if pos < size:
                 fh.seek(pos)
                 tail = fh.read()
@@ -150,22 +163,22 @@ class Spool:
 
     def append(self, records: Sequence[StoreRecord]) -> None:
         payload = self._encoder.encode(list(records))
-        frame = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+        frame_bytes = frame(payload)
         with self._lock:
             fh = self._require()
             fh.seek(0, os.SEEK_END)
             start = fh.tell()
             try:
-                fh.write(frame)
+                fh.write(frame_bytes)
                 fh.flush()
                 if self.fsync:
                     os.fsync(fh.fileno())
             except BaseException:
                 fh.truncate(start)  # never leave a half frame behind an acknowledged one
                 raise
-            self._frames.append((start, len(frame), len(records)))
+            self._frames.append((start, len(frame_bytes), len(records)))
             self._entries += len(records)
-            self._size = start + len(frame)
+            self._size = start + len(frame_bytes)
 
     def peek(self) -> list[StoreRecord] | None:
         """The oldest pending batch (not removed), or None."""
@@ -205,12 +218,11 @@ class Spool:
                 start, size, _ = self._frames[0]
                 fh = self._require()
                 fh.seek(start)
-                frame = fh.read(size)
+                raw = fh.read(size)
             else:
-                payload = self._encoder.encode(list(records))
-                frame = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+                raw = frame(self._encoder.encode(list(records)))
             with open(self.rejected_path, "ab") as side:
-                side.write(frame)
+                side.write(raw)
                 side.flush()
                 os.fsync(side.fileno())
             self.rejected_batches += 1

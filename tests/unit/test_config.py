@@ -64,6 +64,8 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({"server": {"body_timeout_s": -1}}, {}, "'server.body_timeout_s'"),
         ({"server": {"max_connections": 0}}, {}, "'server.max_connections'"),
         ({"upstreams": [{"name": "a", "base_url": "http://x/v1", "max_response_bytes": 0}]}, {}, "'upstreams[a].max_response_bytes'"),
+        ({"storage": {"journal_fsync_interval_s": 0}}, {}, "'storage.journal_fsync_interval_s': 0.0 (allowed: > 0)"),
+        ({"storage": {"state_snapshot_interval_s": -1}}, {}, "'storage.state_snapshot_interval_s': -1.0 (allowed: > 0)"),
     ],
 )
 def test_invalid_config_one_clear_line(doc: dict, env: dict, fragment: str) -> None:
