@@ -75,7 +75,8 @@ class Runtime:
         # Everything keyed by a client-controlled value is capped: past the cap a new task type
         # or model shares the bucket "other" (policy keys, costs, baselines, metrics, logs).
         self.task_types = BoundedLabel(srv.max_task_types, on_fold=lambda value: self._folded("task_type", value))
-        for name in config.baseline:  # configured task types keep their own baseline whatever arrives first
+        for name in (*config.baseline, *config.caws.per_task_limits):
+            # configured task types keep their own baseline and budget whatever arrives first
             self.task_types.seen.add(name.strip().lower())
         self._models: dict[str, BoundedLabel] = {}
         self._fold_warned: set[str] = set()

@@ -9,11 +9,12 @@ Policy statistics (every `storage.sync_interval_s`, default 1 s)
     merged totals read back in ONE Lua script (atomic, one round trip):
     ``HINCRBYFLOAT <prefix>policy:<name>:<family> "<stat key>#<component>" <increment>``
     (and the same on ``<prefix>costs:<family>``), then read back the fields changed since
-    this replica's last read: every applied batch INCRs ``<prefix>state-version:<family>``
+    this replica's last read: every applied batch bumps ``v`` in ``<prefix>state-version:<family>``
     and ZADDs each field it touched into ``<hash>:changes`` with that version as score,
     so the read is a ZRANGEBYSCORE over the versions not seen yet plus one HGET per
     changed field. The totals go to `load_changed` (all of them to `load_totals` on the
-    first sync, after an outage, or when the version went backwards), which keeps
+    first sync, after an outage, or when the version hash was recreated: its random
+    ``epoch`` then differs from the one this replica saw), which keeps
     increments made meanwhile on top. So every replica converges to the same posterior,
     a replica that (re)starts begins from the merged state, not from the prior (`start()`
     syncs once before serving), and an idle replica's sync costs O(1), whatever the size
@@ -89,23 +90,25 @@ _DecisionRecord = tuple[Decision, Outcome | None]
 _encode = msgspec.msgpack.Encoder().encode
 _decode_record = msgspec.msgpack.Decoder(tuple[Decision, Outcome | None]).decode
 
-# KEYS: seq key, policy hash, costs hash, rollout blob, policy change index, costs change index, version.
-# ARGV: seq (0 = nothing to push), seq ttl ms, state ttl ms, since (-1 = read all), n policy pairs,
-#       policy (field, incr)..., costs (field, incr)...
+# KEYS: seq key, policy hash, costs hash, rollout blob, policy change index, costs change index, version hash.
+# ARGV: seq (0 = nothing to push), seq ttl ms, state ttl ms, since (-1 = read all), epoch seen ('' = none),
+#       epoch for a new version hash, n policy pairs, policy (field, incr)..., costs (field, incr)...
 # An applied batch bumps the version and records it as the score of every field it touched
 # (ZADD into the change index), so a reader asks for the fields changed after the version it
-# has seen: the read costs what changed, not the size of the state. A `since` above the
-# version (the keys expired or Redis lost them) reads everything.
-# Returns {policy (field, total)..., costs (field, total)..., rollout blob or false, applied, version, 1 if full}.
+# has seen: the read costs what changed, not the size of the state. The version hash also
+# holds a random epoch, set when it is created: if the keys expired or Redis lost them, the
+# epoch differs from the one the reader saw, and it reads everything.
+# Returns {policy (field, total)..., costs (field, total)..., rollout blob or false, applied, version, 1 if full, epoch}.
 _PUSH_AND_READ = """
+redis.call('HSETNX', KEYS[7], 'epoch', ARGV[6])
 local seq = tonumber(ARGV[1])
 local applied = 0
 if seq > 0 then
   local done = tonumber(redis.call('GET', KEYS[1]) or '0')
   if seq > done then
-    local ver = redis.call('INCR', KEYS[7])
-    local np = tonumber(ARGV[5])
-    local i = 6
+    local ver = redis.call('HINCRBY', KEYS[7], 'v', 1)
+    local np = tonumber(ARGV[7])
+    local i = 8
     for _ = 1, np do
       redis.call('HINCRBYFLOAT', KEYS[2], ARGV[i], ARGV[i + 1])
       redis.call('ZADD', KEYS[5], ver, ARGV[i])
@@ -120,13 +123,14 @@ if seq > 0 then
     applied = 1
   end
 end
-local ver = tonumber(redis.call('GET', KEYS[7]) or '0')
+local ver = tonumber(redis.call('HGET', KEYS[7], 'v') or '0')
+local epoch = redis.call('HGET', KEYS[7], 'epoch')
 for _, k in ipairs({KEYS[2], KEYS[3], KEYS[5], KEYS[6], KEYS[7]}) do
   redis.call('PEXPIRE', k, ARGV[3])
 end
 local since = tonumber(ARGV[4])
 local full = 0
-if since < 0 or since > ver then full = 1 end
+if since < 0 or since > ver or epoch ~= ARGV[5] then full = 1 end
 local function read(hash, index)
   if full == 1 then return redis.call('HGETALL', hash) end
   local out = {}
@@ -137,7 +141,7 @@ local function read(hash, index)
   end
   return out
 end
-return {read(KEYS[2], KEYS[5]), read(KEYS[3], KEYS[6]), redis.call('GET', KEYS[4]) or false, applied, ver, full}
+return {read(KEYS[2], KEYS[5]), read(KEYS[3], KEYS[6]), redis.call('GET', KEYS[4]) or false, applied, ver, full, epoch}
 """
 _DECODE_IN_THREAD = 2_000
 """Replies with more items than this are decoded in a thread (a full read after start or an outage)."""
@@ -238,6 +242,7 @@ class SharedState:
         self.version_key = f"{p}state-version:{st.policy_family}"  # one per family: the costs hash is shared by policies
         self.state_ttl_ms = max(1, int(st.state_ttl_s * 1000))
         self._since = -1  # version of the last read; -1 = read everything next time
+        self._epoch = ""  # epoch of the version hash that `_since` counts in
         self.changed_keys_read = 0
         self._costs_changed = True
         self._digest_cache: tuple[str, str, str] | None = None
@@ -340,10 +345,12 @@ class SharedState:
             pol_fields, cost_fields = to_fields(pol), to_fields(costs)
         else:
             seq, pol_fields, cost_fields = 0, [], []
-        args: list[Any] = [seq, 86_400_000, self.state_ttl_ms, self._since, len(pol_fields) // 2, *pol_fields, *cost_fields]
+        args: list[Any] = [
+            seq, 86_400_000, self.state_ttl_ms, self._since, self._epoch, uuid.uuid4().hex, len(pol_fields) // 2, *pol_fields, *cost_fields,
+        ]
         keys = [self.seq_key, self.policy_key, self.costs_key, self.store.k(STATE_KEY), *self.change_keys, self.version_key]
         async with asyncio.timeout(self.timeout_s * 2):
-            pol_raw, costs_raw, rollout_raw, _applied, version, full = await self._push(keys=keys, args=args)
+            pol_raw, costs_raw, rollout_raw, _applied, version, full, epoch = await self._push(keys=keys, args=args)
         if seq:
             self._inflight = None
         if len(pol_raw) + len(costs_raw) > _DECODE_IN_THREAD:
@@ -357,6 +364,7 @@ class SharedState:
             rt.policy.load_changed(pol_totals)
             rt.bandit.costs.load_changed(cost_totals)
         self._since = int(version)
+        self._epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
         self.changed_keys_read = len(pol_totals) + len(cost_totals)
         if full or delta_costs or cost_totals:
             self._costs_changed = True
