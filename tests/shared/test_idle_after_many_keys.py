@@ -117,6 +117,7 @@ async def _distinct_tasks(url: str, n: int, concurrency: int = 32) -> list[int]:
     return statuses
 
 
+@pytest.mark.timeout(400)  # 10,000 requests through a shared 2-core machine take 1-2 minutes
 def test_idle_cpu_and_loop_lag_stay_flat_after_10k_task_types(server: tuple[str, int], sync_redis: redis.Redis, redis_prefix: str) -> None:
     base, pid = server
     time.sleep(1.5)  # past start-up
@@ -130,7 +131,8 @@ def test_idle_cpu_and_loop_lag_stay_flat_after_10k_task_types(server: tuple[str,
     # Generous bounds for a loaded 2-core machine: measured ~1 % before and after (was ~30 % after).
     assert cpu_after < 0.05, (cpu_before, cpu_after)
     assert samples_after >= IDLE_WINDOW_S / 0.25 * 0.6, samples_after  # the lag watcher itself ran
-    assert late_after <= 1, (late_before, late_after, samples_after)
+    # a descheduled process on a busy machine can miss a wake-up now and then; O(state) work each second cannot hide
+    assert late_after <= max(2, samples_after // 10), (late_before, late_after, samples_after)
 
     # State in Redis is bounded by the caps and expires.
     policy_keys = [k for k in sync_redis.scan_iter(match=f"{redis_prefix}policy:*") if not k.endswith(b":changes")]

@@ -77,7 +77,7 @@ async def test_sync_reads_only_changed_keys(upstream: FakeUpstream, tmp_path: Pa
         # stopped reading: the new epoch makes a read everything, not just the recent changes
         since_a = sa.status()["state_version"]
         sync_redis.delete(sa.policy_key, sa.costs_key, *sa.change_keys, sa.version_key)
-        for i in range(since_a + 1):
+        for _ in range(since_a + 1):
             b.policy.update(_ctx("task-1"), BASE, BASE, 0.0)
             await sb.sync_once()
         assert sb.status()["state_version"] > since_a
