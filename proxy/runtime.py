@@ -80,6 +80,7 @@ class Runtime:
             self.task_types.seen.add(name.strip().lower())
         self._models: dict[str, BoundedLabel] = {}
         self._fold_warned: set[str] = set()
+        self._folded_buckets_seen = 0
         self._limits: dict[tuple[str, str], ModelLimits] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
@@ -172,10 +173,21 @@ class Runtime:
                     self.bandit.ope_evidence = await compute_ope_evidence(self)
                 except Exception as exc:  # the store may be down; promotion just waits
                     log.warning("OPE evidence for promotion not computed: %s", exc)
+            self._count_folded_buckets()
             try:
                 self.bandit.maybe_tick(now, force=True)
             except Exception:
                 log.exception("rollout tick failed")
+
+    def _count_folded_buckets(self) -> None:
+        """The policy (pure, no metrics) counts rewards and choices it pooled in "other"; exported here."""
+        folded = int(getattr(self.policy, "folded_buckets", 0))
+        if folded > self._folded_buckets_seen:
+            self.metrics.child(self.metrics.folded_keys, "bucket").inc(folded - self._folded_buckets_seen)
+            self._folded_buckets_seen = folded
+            if "bucket" not in self._fold_warned:
+                self._fold_warned.add("bucket")
+                log.warning("more context buckets than policy.thompson.max_buckets; new ones are learned together as 'other'")
 
     async def _refresh_forever(self, refresh: Any) -> None:
         """Posterior tables are rebuilt here, at most every 50 ms, not inside a request.
@@ -186,7 +198,12 @@ class Runtime:
         while True:
             await asyncio.sleep(0.05)
             try:
-                refresh()
+                # Two tables (~0.4 ms each) per slice, then a yield: many stale buckets at once
+                # (after a sync) never hold the loop for more than about a millisecond.
+                for _ in range(32):
+                    if refresh(limit=2) < 2:
+                        break
+                    await asyncio.sleep(0)
             except Exception:
                 log.exception("refreshing the policy's tables failed")
 

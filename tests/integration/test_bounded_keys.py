@@ -78,3 +78,24 @@ def test_task_types_and_models_past_the_cap_fold_into_other(capped: RunningTherm
     body = httpx.get(f"{capped.base}/metrics", timeout=5).text
     assert "thermostat_folded_keys_total{kind=\"task_type\"} 3.0" in body, [x for x in body.splitlines() if "folded" in x]
     assert "thermostat_event_loop_lag_seconds_bucket" in body
+
+
+def test_policy_buckets_past_max_buckets_are_counted(upstream: FakeUpstream, tmp_path: Path) -> None:
+    cfg = make_config(
+        upstream.url, tmp_path,
+        optimization={"mode": "general", "policy": "thompson_gaussian", "seed": 1}, policy={"thompson": {"max_buckets": 1}},
+    )
+    t = start_thermostat(cfg)
+    try:
+        for task in ("a", "b", "c"):
+            assert _post(t, task=task).status_code == 200
+        t.flush()
+        assert {key.split("|")[0] for key in t.runtime.policy.snapshot()} == {"a", "other"}
+        deadline = time.monotonic() + 5  # exported by the 1 s ticker
+        pattern = 'thermostat_folded_keys_total{kind="bucket"}'
+        while pattern not in httpx.get(f"{t.base}/metrics", timeout=5).text:
+            assert time.monotonic() < deadline, "bucket folds not exported"
+            time.sleep(0.1)
+        assert t.runtime._folded_buckets_seen >= 2  # b and c (choice and update each)
+    finally:
+        t.stop()

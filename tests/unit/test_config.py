@@ -60,6 +60,10 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({"baseline": {"code": {"temp": 1}}}, {}, "unknown key 'baseline.code.temp'"),
         ({"upstreams": [{"name": "a", "base_url": "ftp://x"}]}, {}, "http:// or https://"),
         ({"caws": {"budget_limit": "lots"}}, {}, "'caws.budget_limit'"),
+        ({"server": {"max_task_types": 0}}, {}, "invalid value for 'server.max_task_types': 0 (allowed: a positive number)"),
+        ({"server": {"max_model_bytes": -1}}, {}, "'server.max_model_bytes'"),
+        ({"storage": {"state_ttl_s": 0}}, {}, "'storage.state_ttl_s'"),
+        ({"policy": {"thompson": {"max_buckets": 0}}}, {}, "'policy.thompson.max_buckets'"),
     ],
 )
 def test_invalid_config_one_clear_line(doc: dict, env: dict, fragment: str) -> None:
