@@ -36,8 +36,8 @@ RESULTS = ROOT / "bench" / "results" / "idle-after-many-keys.md"
 HEADER = """# Idle cost after many distinct task types
 
 `bench/idle_after_many_keys.py`: one `thermostat serve` process (general mode, Thompson, Redis sync
-every 1 s), idle CPU measured over {window:g} s before and 3 s after N requests that each carry their own
-`x-task-type`. CPU is the server's own (utime + stime from /proc), as a share of one core. Loop lag:
+every 1 s): idle CPU over a {window:g} s window before, and again from 3 s after, N requests that each carry
+their own `x-task-type`. CPU is the server's own (utime + stime from /proc), as a share of one core. Loop lag:
 samples of `thermostat_event_loop_lag_seconds` later than 100 ms / all samples in the idle window.
 The machine is a shared 2-core VM (load average in the row), so the burst duration is only indicative.
 
