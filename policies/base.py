@@ -69,6 +69,14 @@ class Policy(Protocol):
         """Replace local statistics by merged totals, re-applying unexported increments."""
         ...
 
+    def load_changed(self, totals: dict[str, list[float]]) -> None:
+        """Like `load_totals` for the keys given only; every other key stays as it is.
+
+        Replica sync reads just the keys changed since its last read, so its cost follows
+        what changed, not the size of the state.
+        """
+        ...
+
     def snapshot(self) -> dict[str, list[float]]:
         """All statistics (totals including unexported increments)."""
         ...

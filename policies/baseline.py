@@ -67,6 +67,9 @@ class _Stateless:
     def load_totals(self, totals: dict[str, list[float]]) -> None:
         """No statistics."""
 
+    def load_changed(self, totals: dict[str, list[float]]) -> None:
+        """No statistics."""
+
     def snapshot(self) -> dict[str, list[float]]:
         """No statistics."""
         return {}

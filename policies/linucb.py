@@ -182,38 +182,56 @@ class LinUCBPolicy:
             out[prefix + "|b"] = self._b[row].tolist()
         return out
 
-    def load_totals(self, totals: dict[str, list[float]]) -> None:
-        """Adopt merged totals (G, b per arm), re-applying unexported local increments."""
+    def _parse(self, totals: dict[str, list[float]]) -> dict[tuple[str, float, int], dict[str, np.ndarray]]:
+        """Exported statistics by arm key; those of another feature dimension are not ours to read."""
         d = self._d
         parsed: dict[tuple[str, float, int], dict[str, np.ndarray]] = {}
         for name, values in totals.items():
             head, _, part = name.rpartition("|")
             dim, _, rest = head.partition("|")
             if dim != f"d{d}":
-                continue  # statistics of another feature dimension: not ours to read
+                continue
             model, t_part, m_part = rest.rsplit("|", 2)
             key = (model, round(float(t_part[1:]), 3) + 0.0, int(m_part[1:]))
             expected = d * d if part == "G" else d
             if part not in ("G", "b") or len(values) != expected:
                 raise ValueError(f"bad LinUCB statistic {name!r} ({len(values)} values)")
             parsed.setdefault(key, {})[part] = np.asarray(values, dtype=np.float64)
+        return parsed
+
+    def _set_row(self, key: tuple[str, float, int], stats: dict[str, np.ndarray]) -> None:
+        """Merged totals (plus unexported increments) into the arm's row; A⁻¹ and θ recomputed."""
+        d = self._d
+        row = self._row(key)
+        pending = self._pending.get(key)
+        if "G" in stats:
+            self._gram[row] = stats["G"].reshape(d, d) + (pending[0] if pending is not None else 0.0)
+        if "b" in stats:
+            self._b[row] = stats["b"] + (pending[1] if pending is not None else 0.0)
+        a = self._gram[row] + self.settings.regularization * np.eye(d)
+        self._a_inv[row] = np.linalg.inv(a)
+        self._theta[row] = np.linalg.solve(a, self._b[row])
+
+    def load_totals(self, totals: dict[str, list[float]]) -> None:
+        """Adopt merged totals (G, b per arm), re-applying unexported local increments."""
+        parsed = self._parse(totals)
         pending = self._pending
         self._reset()
         self._pending = pending
+        d = self._d
         for key in parsed.keys() | pending.keys():
-            row = self._row(key)
             stats = parsed.get(key, {})
-            if "G" in stats:
-                self._gram[row] = stats["G"].reshape(d, d)
-            if "b" in stats:
-                self._b[row] = stats["b"]
-            if key in pending:
-                self._gram[row] += pending[key][0]
-                self._b[row] += pending[key][1]
-            a = self._gram[row] + self.settings.regularization * np.eye(d)
-            self._a_inv[row] = np.linalg.inv(a)
-            self._theta[row] = np.linalg.solve(a, self._b[row])
+            # An arm with only local increments starts from zero totals.
+            self._set_row(key, {"G": stats.get("G", np.zeros(d * d)), "b": stats.get("b", np.zeros(d))})
         self._revision += 1
+
+    def load_changed(self, totals: dict[str, list[float]]) -> None:
+        """Adopt merged totals of these arms only (one inverse per arm changed)."""
+        parsed = self._parse(totals)
+        for key, stats in parsed.items():
+            self._set_row(key, stats)
+        if parsed:
+            self._revision += 1
 
     # ------------------------------------------------------------- deciding
     def scores(self, ctx: RequestContext, arms: Sequence[Arm]) -> tuple[np.ndarray, np.ndarray]:

@@ -102,6 +102,14 @@ class BaselineCosts(msgspec.Struct):
                 into[i] += values[i]
         self.totals = merged
 
+    def load_changed(self, totals: dict[str, list[float]]) -> None:
+        """`load_totals` for the given task types only; the others stay as they are."""
+        for key, values in totals.items():
+            merged = [float(v) for v in values]
+            for i, v in enumerate(self.pending.get(key, ())):
+                merged[i] += v
+            self.totals[key] = merged
+
     def reward(self, *, task_type: str, quality: float, latency_s: float, tokens: int, settings: RewardSettings) -> float:
         """`compute_reward` with this task's normalisers."""
         return compute_reward(

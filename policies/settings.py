@@ -24,6 +24,8 @@ class ThompsonSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     refresh_every: a bucket's win-probability table is rebuilt after this many updates
     (1 = after every update, ~400 µs per decision; 8 gives a ~2 µs median, see bench/policy_speed.py).
     cache_size: how many (bucket, arm set) tables are kept.
+    max_buckets: distinct context buckets learned separately; rewards of newer buckets
+    are pooled in the bucket "other" (a bucket key embeds client-chosen values).
     """
 
     prior_mean: float = 0.0
@@ -35,6 +37,7 @@ class ThompsonSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prior_beta: float = 0.02
     cache_size: int = 4096
     refresh_every: int = 8
+    max_buckets: int = 2048
 
 
 class LinUCBSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -58,6 +58,8 @@ from policies.settings import ThompsonSettings
 PRUNE_SDS = 4.5
 """Arms whose mean + PRUNE_SDS·sd is below the best arm's mean − PRUNE_SDS·sd cannot win."""
 STAT_FIELDS = 3  # n, Σr, Σr²
+OTHER_BUCKET = "other"
+"""Where rewards of buckets past `max_buckets` go (a bucket embeds client-chosen values)."""
 
 
 class Posterior(msgspec.Struct, frozen=True):
@@ -115,6 +117,7 @@ class ThompsonGaussianPolicy:
         self.deferred_refresh = False
         self._stale: dict[tuple[str, tuple[Arm, ...]], None] = {}
         self._bank = self._make_bank(32)
+        self.folded_buckets = 0  # decisions and updates counted in OTHER_BUCKET (past max_buckets)
 
     # ----------------------------------------------------------------- state
     @property
@@ -124,7 +127,7 @@ class ThompsonGaussianPolicy:
 
     def posterior(self, ctx: RequestContext, arm: Arm) -> Posterior:
         """Posterior of one arm in the context's bucket (closed form in the module doc)."""
-        bucket = context_bucket(ctx)
+        bucket = self._bucket(ctx)
         n, total, total_sq = self._stats.get(stat_key(bucket, arm), (0.0, 0.0, 0.0))
         pooled = self._pooled.get(bucket, (0.0, 0.0, 0.0))
         mean, sd, noise = self._posterior(n, total, total_sq, pooled[0] - n, pooled[1] - total)
@@ -147,7 +150,7 @@ class ThompsonGaussianPolicy:
         """Add one reward to (bucket, arm); raises ValueError on a non-finite reward."""
         if not math.isfinite(reward):
             raise ValueError(f"reward must be finite, got {reward!r}")
-        bucket = context_bucket(ctx)
+        bucket = self._bucket(ctx)
         key = stat_key(bucket, arm)
         for store, store_key in ((self._stats, key), (self._pending, key), (self._pooled, bucket)):
             stats = store.get(store_key)
@@ -164,7 +167,7 @@ class ThompsonGaussianPolicy:
         """Replace one reward already folded in (delayed feedback): n stays, Σr and Σr² move."""
         if not (math.isfinite(old_reward) and math.isfinite(new_reward)):
             raise ValueError("rewards must be finite")
-        bucket = context_bucket(ctx)
+        bucket = self._bucket(ctx)
         key = stat_key(bucket, arm)
         d1 = new_reward - old_reward
         d2 = new_reward * new_reward - old_reward * old_reward
@@ -201,6 +204,36 @@ class ThompsonGaussianPolicy:
         self._revision += 1
         if not self.deferred_refresh:
             self._tables.clear()  # deferred: the epoch bump marks them stale instead
+
+    def load_changed(self, totals: dict[str, list[float]]) -> None:
+        """Adopt merged totals of these keys only; their buckets' tables become stale."""
+        touched: set[str] = set()
+        for key, values in totals.items():
+            if len(values) != STAT_FIELDS:
+                raise ValueError(f"statistics for {key!r} must have {STAT_FIELDS} values")
+            new = [float(v) for v in values]
+            for i, v in enumerate(self._pending.get(key, ())):
+                new[i] += v
+            old = self._stats.get(key, (0.0, 0.0, 0.0))
+            bucket = bucket_of(key)
+            pooled = self._pooled.setdefault(bucket, [0.0, 0.0, 0.0])
+            for i in range(STAT_FIELDS):
+                pooled[i] += new[i] - old[i]
+            self._stats[key] = new
+            touched.add(bucket)
+        for bucket in touched:
+            # As many versions as a rebuild needs: the bucket's tables are stale, no other table is.
+            self._bucket_versions[bucket] = self._bucket_versions.get(bucket, 0) + self.settings.refresh_every
+        if touched:
+            self._revision += 1
+
+    def _bucket(self, ctx: RequestContext) -> str:
+        """The context's bucket, or `OTHER_BUCKET` once `max_buckets` buckets have statistics."""
+        bucket = context_bucket(ctx)
+        if bucket in self._pooled or len(self._pooled) < self.settings.max_buckets:
+            return bucket
+        self.folded_buckets += 1
+        return OTHER_BUCKET
 
     def snapshot(self) -> dict[str, list[float]]:
         """Copy of all statistics [n, Σr, Σr²] per key."""
@@ -243,7 +276,7 @@ class ThompsonGaussianPolicy:
     def _table(self, ctx: RequestContext, arms: Sequence[Arm]) -> _Table:
         if not arms:
             raise ValueError("choose needs at least one arm")
-        bucket = context_bucket(ctx)
+        bucket = self._bucket(ctx)
         bucket_version = self._bucket_versions.get(bucket, 0)
         cache_key = (bucket, tuple(arms))
         table = self._tables.get(cache_key)

@@ -55,6 +55,13 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_connections: int = 2048
+    # Client-controlled keys are bounded (see proxy/runtime.py `KeyFolder`): distinct task
+    # types and models per upstream past these caps share the bucket "other"; a longer
+    # x-task-type header or model name gets a 400.
+    max_task_types: int = 256
+    max_models_per_upstream: int = 256
+    max_task_type_bytes: int = 128
+    max_model_bytes: int = 256
 
 
 class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -120,6 +127,9 @@ class StorageSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     redis_timeout_s: float = 1.0
     decision_ttl_s: float = 86_400.0
     policy_family: str = "1"
+    # Shared policy/cost statistics, their change index and version expire after this long
+    # without any replica syncing (each sync pushes the expiry back).
+    state_ttl_s: float = 30 * 86_400.0
     # PostgreSQL writer: pool size, per-batch write timeout before a batch is spooled instead,
     # fsync of every spooled batch (turn off only on disposable disks), and how long shutdown
     # keeps replaying the spool before leaving the rest for the next start.
@@ -358,6 +368,12 @@ def _validate_ranges(cfg: Config) -> None:
         ("storage.queue_size", cfg.storage.queue_size),
         ("storage.batch_size", cfg.storage.batch_size),
         ("slo.latency_p99_ms", cfg.slo.latency_p99_ms),
+        ("server.max_task_types", cfg.server.max_task_types),
+        ("server.max_models_per_upstream", cfg.server.max_models_per_upstream),
+        ("server.max_task_type_bytes", cfg.server.max_task_type_bytes),
+        ("server.max_model_bytes", cfg.server.max_model_bytes),
+        ("storage.state_ttl_s", cfg.storage.state_ttl_s),
+        ("policy.thompson.max_buckets", cfg.policy.thompson.max_buckets),
     ):
         if number <= 0:
             raise bad(key, f"{number} (allowed: a positive number)")

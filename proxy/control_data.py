@@ -16,6 +16,7 @@ Conventions (pinned by tests/control):
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import defaultdict
@@ -316,24 +317,49 @@ def convergence(rt: Any, rows: list[DecisionRow], since: float, until: float, bi
 # ----------------------------------------------------------------------------- OPE
 
 
+_Scored = tuple[DecisionRow, Any, Arm, list[Arm], np.ndarray, Arm]
+
+
+def score_rows(rt: Any, rows: Sequence[DecisionRow]) -> tuple[list[_Scored], int]:
+    """Rows usable for OPE with the current policy's propensities, and how many were skipped.
+
+    Asks the live policy, so it runs on the event loop (`score_rows_async` in slices).
+    """
+    skipped = 0
+    kept: list[_Scored] = []
+    for r in rows:
+        reward = r.effective_reward
+        if r.mode != "optimized" or reward is None or not math.isfinite(reward) or not math.isfinite(r.log_propensity):
+            skipped += 1
+            continue
+        ctx = context_from_features(r.context_features)
+        if ctx is None:
+            skipped += 1
+            continue
+        base, allowed, _ = rt.bandit.allowed_for(ctx)
+        probs = np.asarray(rt.policy.propensities(ctx, base, allowed), dtype=np.float64)
+        kept.append((r, ctx, r.chosen_params.arm(r.baseline_params), allowed, probs, base))
+    return kept, skipped
+
+
+async def score_rows_async(rt: Any, rows: list[DecisionRow], slice_rows: int = 128) -> tuple[list[_Scored], int]:
+    """`score_rows` in slices with a yield between them, so requests are served meanwhile."""
+    kept: list[_Scored] = []
+    skipped = 0
+    for start in range(0, len(rows), slice_rows):
+        part, n = score_rows(rt, rows[start : start + slice_rows])
+        kept += part
+        skipped += n
+        await asyncio.sleep(0)
+    return kept, skipped
+
+
 class OpeArrays:
     """Per logged optimized row: reward, behaviour/target/baseline propensities and DR terms."""
 
-    def __init__(self, rt: Any, rows: list[DecisionRow]) -> None:
-        self.skipped = 0
-        kept: list[tuple[DecisionRow, Any, Arm, list[Arm], np.ndarray, Arm]] = []
-        for r in rows:
-            reward = r.effective_reward
-            if r.mode != "optimized" or reward is None or not math.isfinite(reward) or not math.isfinite(r.log_propensity):
-                self.skipped += 1
-                continue
-            ctx = context_from_features(r.context_features)
-            if ctx is None:
-                self.skipped += 1
-                continue
-            base, allowed, _ = rt.bandit.allowed_for(ctx)
-            probs = np.asarray(rt.policy.propensities(ctx, base, allowed), dtype=np.float64)
-            kept.append((r, ctx, r.chosen_params.arm(r.baseline_params), allowed, probs, base))
+    def __init__(self, rt: Any, rows: list[DecisionRow], scored: tuple[list[_Scored], int] | None = None) -> None:
+        """`scored` (from `score_rows`) skips querying the policy, so the rest may run in a thread."""
+        kept, self.skipped = scored if scored is not None else score_rows(rt, rows)
         n = len(kept)
         self.n = n
         self.rewards = np.array([k[0].effective_reward for k in kept], dtype=np.float64)
@@ -375,8 +401,11 @@ def _policy_estimates(name: str, report: ope.OpeReport) -> PolicyEstimates:
     return PolicyEstimates(policy=name, ips=ips, snips=snips, dr=_est(report.dr), ess=report.ess, max_weight=report.max_weight)
 
 
-def ope_report(rt: Any, rows: list[DecisionRow], since: float, until: float, *, seed: int = 0, n_bootstrap: int = 500) -> tuple[OpeOut, OpeArrays]:
-    arrays = OpeArrays(rt, rows)
+def ope_report(
+    rt: Any, rows: list[DecisionRow], since: float, until: float, *, seed: int = 0, n_bootstrap: int = 500,
+    scored: tuple[list[_Scored], int] | None = None,
+) -> tuple[OpeOut, OpeArrays]:
+    arrays = OpeArrays(rt, rows, scored)
     if arrays.n < 2:
         return OpeOut(
             since=since, until=until, rows=arrays.n, skipped=arrays.skipped, method=OPE_METHOD,
@@ -422,11 +451,16 @@ def ope_evidence(report: OpeOut, estimator: str = "snips") -> tuple[OpeEvidence 
 
 
 async def compute_ope_evidence(rt: Any, window_s: float = 7 * 86400.0, max_rows: int = 5000) -> OpeEvidence | None:
-    """For the lead: evidence to pass to `rollout.tick(now, ope)` (run it off the hot path, e.g. every minute)."""
+    """Evidence to pass to `rollout.tick(now, ope)`.
+
+    The estimates and their bootstrap intervals take tens of milliseconds over a full
+    window, so they run in a thread; only the policy's propensities per row are read on
+    the loop (the policy is not thread-safe), in slices with yields between them.
+    """
     now = time.time()
     rows, _ = await load_rows(rt, since=now - window_s, until=now + 1, max_rows=max_rows, mode="optimized")
-    report, _ = ope_report(rt, rows, now - window_s, now, n_bootstrap=200)
-    return ope_evidence(report)[0]
+    scored = await score_rows_async(rt, rows)
+    return await asyncio.to_thread(lambda: ope_evidence(ope_report(rt, rows, now - window_s, now, n_bootstrap=200, scored=scored)[0])[0])
 
 
 def next_phase(phase: str) -> str | None:

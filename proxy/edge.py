@@ -240,6 +240,9 @@ class ProxyEdge:
         rt = self.rt
         doc = parse_completion_body(body)
         model, tokens_field = validate_completion_body(doc)
+        srv = rt.config.server
+        if len(model.encode("utf-8", "surrogatepass")) > srv.max_model_bytes:
+            raise bad_request(f"'model' must be at most {srv.max_model_bytes} bytes", "invalid_model", "model")
         upstream = rt.pool.route(model)
         if upstream is None:
             raise ProxyError(404, f"no upstream is configured for model '{model}'", "model_not_found")
@@ -251,7 +254,9 @@ class ProxyEdge:
                 if doc.get(name) is not None:
                     check_token_limit(doc[name], name, limits.max_tokens_limit if limits is not None else None)
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        task_type = (_header(headers, b"x-task-type") or "default").strip()[:64] or "default"
+        task_type = (_header(headers, b"x-task-type") or "default").strip() or "default"
+        if len(task_type) > srv.max_task_type_bytes:  # latin-1 decoded: one character per byte
+            raise bad_request(f"the x-task-type header must be at most {srv.max_task_type_bytes} bytes", "invalid_task_type")
         endpoint = "chat" if v1_path == "/chat/completions" else "completions"
         ctx = rt.build_context(doc, task_type=task_type, endpoint=endpoint, upstream=upstream.name)
         user = doc.get("user")

@@ -10,7 +10,7 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -26,15 +26,21 @@ ROLLBACK_TRIGGERS = ("slo", "manual", "disabled")
 _GUARDS = frozenset({"budget", "budget_refused", "waiver", "require_caws", "trust_region", "rollout"})
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
 class BoundedLabel:
-    """Maps raw values to at most `limit` label values, the rest to 'other'."""
+    """Maps raw values to at most `limit` label values, the rest to 'other'.
 
-    def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
+    `on_fold(value)` is called for every value folded into 'other' (the runtime counts
+    and warns through it when the same admission bounds its state, not only labels).
+    """
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES, on_fold: Callable[[str], None] | None = None) -> None:
         self.limit = limit
         self.seen: set[str] = set()
+        self.on_fold = on_fold
 
     def __call__(self, value: str) -> str:
         if value in self.seen:
@@ -42,6 +48,8 @@ class BoundedLabel:
         if len(self.seen) < self.limit:
             self.seen.add(value)
             return value
+        if self.on_fold is not None:
+            self.on_fold(value)
         return "other"
 
 
@@ -96,6 +104,18 @@ class Metrics:
             "thermostat_unsummarised_responses",
             "Upstream responses relayed without reading usage, because they outgrew upstreams.max_response_bytes",
             ["upstream"],
+            registry=r,
+        )
+        self.folded_keys = Counter(
+            "thermostat_folded_keys",
+            "Requests whose client-controlled key (task type, model, policy bucket) was past its cap and counted as 'other'",
+            ["kind"],
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "thermostat_event_loop_lag_seconds",
+            "How late the event loop ran a timer that should have fired at once (sampled every 0.25 s)",
+            buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
 
@@ -255,3 +275,16 @@ def exposition(rt: Any) -> bytes:
             registry.register(live)  # live gauges are process-local reads of shared state
         return generate_latest(registry)
     return generate_latest(rt.metrics.registry)
+
+
+async def watch_loop_lag(histogram: Any, interval_s: float = 0.25) -> None:
+    """Observe how late a `interval_s` sleep wakes up: the time callbacks wait for the loop.
+
+    Any synchronous work longer than a few milliseconds shows up here; it is the signal
+    that periodic work scales with state instead of running off the loop.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(interval_s)
+        histogram.observe(max(0.0, loop.time() - start - interval_s))

@@ -13,6 +13,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from guards.budget import BudgetGuard
@@ -27,7 +28,7 @@ from policies.records import Decision, Outcome, RequestContext
 from proxy.config import Config
 from proxy.control_data import compute_ope_evidence
 from proxy.decider import BanditDecider, Decider
-from proxy.metrics import Metrics
+from proxy.metrics import BoundedLabel, Metrics, watch_loop_lag
 from proxy.recorder import DecisionRegistry, Recorder
 from proxy.shared import SharedState
 from proxy.sse import ResponseSummary
@@ -74,10 +75,21 @@ class Runtime:
             on_written=self.metrics.written.inc,
             journal=journal,
         )
-        self.build_context = build_context
+        self.build_context = self._bounded_context
+        srv = config.server
+        # Everything keyed by a client-controlled value is capped: past the cap a new task type
+        # or model shares the bucket "other" (policy keys, costs, baselines, metrics, logs).
+        self.task_types = BoundedLabel(srv.max_task_types, on_fold=lambda value: self._folded("task_type", value))
+        for name in (*config.baseline, *config.caws.per_task_limits):
+            # configured task types keep their own baseline and budget whatever arrives first
+            self.task_types.seen.add(name.strip().lower())
+        self._models: dict[str, BoundedLabel] = {}
+        self._fold_warned: set[str] = set()
+        self._folded_buckets_seen = 0
         self._limits: dict[tuple[str, str], ModelLimits] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self._lag_watch: asyncio.Task[None] | None = None
         self.ope_interval_s = 60.0
         self.prune_interval_s = 3600.0
         self.control: Any = None  # set by the control API (proxy/control.py) when it is mounted
@@ -150,6 +162,7 @@ class Runtime:
         if self.shared is not None:
             await self.shared.start()
         await self.recorder.start()
+        self._lag_watch = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag), name="thermostat-loop-lag")
         self._ticker = asyncio.create_task(self._tick_forever(), name="thermostat-rollout-tick")
         refresh = getattr(self.policy, "refresh_stale", None)
         if refresh is not None:
@@ -180,10 +193,21 @@ class Runtime:
                     self.bandit.ope_evidence = await compute_ope_evidence(self)
                 except Exception as exc:  # the store may be down; promotion just waits
                     log.warning("OPE evidence for promotion not computed: %s", exc)
+            self._count_folded_buckets()
             try:
                 self.bandit.maybe_tick(now, force=True)
             except Exception:
                 log.exception("rollout tick failed")
+
+    def _count_folded_buckets(self) -> None:
+        """The policy (pure, no metrics) counts rewards and choices it pooled in "other"; exported here."""
+        folded = int(getattr(self.policy, "folded_buckets", 0))
+        if folded > self._folded_buckets_seen:
+            self.metrics.child(self.metrics.folded_keys, "bucket").inc(folded - self._folded_buckets_seen)
+            self._folded_buckets_seen = folded
+            if "bucket" not in self._fold_warned:
+                self._fold_warned.add("bucket")
+                log.warning("more context buckets than policy.thompson.max_buckets; new ones are learned together as 'other'")
 
     async def _refresh_forever(self, refresh: Any) -> None:
         """Posterior tables are rebuilt here, at most every 50 ms, not inside a request.
@@ -194,7 +218,12 @@ class Runtime:
         while True:
             await asyncio.sleep(0.05)
             try:
-                refresh()
+                # Two tables (~0.4 ms each) per slice, then a yield: many stale buckets at once
+                # (after a sync) never hold the loop for more than about a millisecond.
+                for _ in range(32):
+                    if refresh(limit=2) < 2:
+                        break
+                    await asyncio.sleep(0)
             except Exception:
                 log.exception("refreshing the policy's tables failed")
 
@@ -213,7 +242,7 @@ class Runtime:
         return deleted
 
     async def stop(self) -> None:
-        for task in (self._ticker, self._refresher):
+        for task in (self._ticker, self._refresher, self._lag_watch):
             if task is not None:
                 task.cancel()
         if self.shared is not None:
@@ -226,6 +255,38 @@ class Runtime:
     @property
     def ready(self) -> bool:
         return self.recorder.ready and bool(self.pool.upstreams)
+
+    def _bounded_context(self, body: Any, *, task_type: str, endpoint: str, upstream: str = "") -> RequestContext:
+        """`build_context` with the task type and model folded past their caps (one set lookup each)."""
+        ctx = build_context(body, task_type=task_type, endpoint=endpoint, upstream=upstream)
+        task = self.task_types(ctx.task_type)
+        models = self._models.get(upstream)
+        if models is None:
+            models = self._models[upstream] = BoundedLabel(
+                self.config.server.max_models_per_upstream, on_fold=lambda value: self._folded("model", f"{upstream}/{value}")
+            )
+        model = models(ctx.model)
+        if model != ctx.model and model == "other":
+            model = self._model_group(upstream, ctx.model)
+        if task is ctx.task_type and model is ctx.model:
+            return ctx
+        return msgspec.structs.replace(ctx, task_type=task, model=model)
+
+    def _model_group(self, upstream: str, model: str) -> str:
+        """The shared name of a model past the cap: "other", or "other:<pattern>" when the model
+        has `models_config` settings, so that folded models keep their limits (a fixed temperature)."""
+        up = next((u for u in self.pool.upstreams if u.name == upstream), None)
+        ms = up.model_settings(model) if up is not None else None
+        group = "other" if ms is None else f"other:{ms.pattern}"
+        if (upstream, group) not in self._limits:
+            self._limits[(upstream, group)] = self.limits_for(upstream, model)
+        return group
+
+    def _folded(self, kind: str, value: str) -> None:
+        self.metrics.child(self.metrics.folded_keys, kind).inc()
+        if kind not in self._fold_warned:
+            self._fold_warned.add(kind)
+            log.warning("more distinct %s values than the configured cap; %r and later new ones count as 'other'", kind, value[:80])
 
     def limits_for(self, upstream: str, model: str) -> ModelLimits:
         key = (upstream, model)

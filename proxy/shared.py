@@ -8,10 +8,18 @@ Policy statistics (every `storage.sync_interval_s`, default 1 s)
     The policy's and the baseline costs' `export_delta()` increments are pushed and the
     merged totals read back in ONE Lua script (atomic, one round trip):
     ``HINCRBYFLOAT <prefix>policy:<name>:<family> "<stat key>#<component>" <increment>``
-    (and the same on ``<prefix>costs:<family>``), then HGETALL of both. The totals go
-    to `load_totals`, which keeps increments made meanwhile on top. So every replica
-    converges to the same posterior, and a replica that (re)starts begins from the
-    merged state, not from the prior (`start()` syncs once before serving).
+    (and the same on ``<prefix>costs:<family>``), then read back the fields changed since
+    this replica's last read: every applied batch bumps ``v`` in ``<prefix>state-version:<family>``
+    and ZADDs each field it touched into ``<hash>:changes`` with that version as score,
+    so the read is a ZRANGEBYSCORE over the versions not seen yet plus one HGET per
+    changed field. The totals go to `load_changed` (all of them to `load_totals` on the
+    first sync, after an outage, or when the version hash was recreated: its random
+    ``epoch`` then differs from the one this replica saw), which keeps
+    increments made meanwhile on top. So every replica converges to the same posterior,
+    a replica that (re)starts begins from the merged state, not from the prior (`start()`
+    syncs once before serving), and an idle replica's sync costs O(1), whatever the size
+    of the state. Every sync pushes the expiry of these keys `storage.state_ttl_s` ahead:
+    a family no replica has synced for that long is dropped by Redis.
 
     Exactly once: a pushed batch carries a per-replica sequence number, and the script
     skips a batch whose number it has already applied (``<prefix>sync-seq:<replica>``).
@@ -82,31 +90,61 @@ _DecisionRecord = tuple[Decision, Outcome | None]
 _encode = msgspec.msgpack.Encoder().encode
 _decode_record = msgspec.msgpack.Decoder(tuple[Decision, Outcome | None]).decode
 
-# KEYS: seq key, policy hash, costs hash, rollout blob.
-# ARGV: seq (0 = nothing to push), seq ttl ms, n policy pairs, policy (field, incr)..., costs (field, incr)...
-# Returns {HGETALL policy, HGETALL costs, rollout blob or nil, 1 if applied}.
+# KEYS: seq key, policy hash, costs hash, rollout blob, policy change index, costs change index, version hash.
+# ARGV: seq (0 = nothing to push), seq ttl ms, state ttl ms, since (-1 = read all), epoch seen ('' = none),
+#       epoch for a new version hash, n policy pairs, policy (field, incr)..., costs (field, incr)...
+# An applied batch bumps the version and records it as the score of every field it touched
+# (ZADD into the change index), so a reader asks for the fields changed after the version it
+# has seen: the read costs what changed, not the size of the state. The version hash also
+# holds a random epoch, set when it is created: if the keys expired or Redis lost them, the
+# epoch differs from the one the reader saw, and it reads everything.
+# Returns {policy (field, total)..., costs (field, total)..., rollout blob or false, applied, version, 1 if full, epoch}.
 _PUSH_AND_READ = """
+redis.call('HSETNX', KEYS[7], 'epoch', ARGV[6])
 local seq = tonumber(ARGV[1])
 local applied = 0
 if seq > 0 then
   local done = tonumber(redis.call('GET', KEYS[1]) or '0')
   if seq > done then
-    local np = tonumber(ARGV[3])
-    local i = 4
+    local ver = redis.call('HINCRBY', KEYS[7], 'v', 1)
+    local np = tonumber(ARGV[7])
+    local i = 8
     for _ = 1, np do
       redis.call('HINCRBYFLOAT', KEYS[2], ARGV[i], ARGV[i + 1])
+      redis.call('ZADD', KEYS[5], ver, ARGV[i])
       i = i + 2
     end
     while i <= #ARGV do
       redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1])
+      redis.call('ZADD', KEYS[6], ver, ARGV[i])
       i = i + 2
     end
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
     applied = 1
   end
 end
-return {redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]), redis.call('GET', KEYS[4]) or false, applied}
+local ver = tonumber(redis.call('HGET', KEYS[7], 'v') or '0')
+local epoch = redis.call('HGET', KEYS[7], 'epoch')
+for _, k in ipairs({KEYS[2], KEYS[3], KEYS[5], KEYS[6], KEYS[7]}) do
+  redis.call('PEXPIRE', k, ARGV[3])
+end
+local since = tonumber(ARGV[4])
+local full = 0
+if since < 0 or since > ver or epoch ~= ARGV[5] then full = 1 end
+local function read(hash, index)
+  if full == 1 then return redis.call('HGETALL', hash) end
+  local out = {}
+  if since == ver then return out end
+  for _, f in ipairs(redis.call('ZRANGEBYSCORE', index, '(' .. since, '+inf')) do
+    local v = redis.call('HGET', hash, f)
+    if v then out[#out + 1] = f; out[#out + 1] = v end
+  end
+  return out
+end
+return {read(KEYS[2], KEYS[5]), read(KEYS[3], KEYS[6]), redis.call('GET', KEYS[4]) or false, applied, ver, full, epoch}
 """
+_DECODE_IN_THREAD = 2_000
+"""Replies with more items than this are decoded in a thread (a full read after start or an outage)."""
 
 Stats = dict[str, list[float]]
 
@@ -199,6 +237,15 @@ class SharedState:
         self.policy_key = f"{p}policy:{rt.policy.name}:{st.policy_family}"
         self.costs_key = f"{p}costs:{st.policy_family}"
         self.seq_key = f"{p}sync-seq:{self.replica_id}"
+        # change index (zset: field -> version of its last change) per hash, and the version counter
+        self.change_keys = (f"{self.policy_key}:changes", f"{self.costs_key}:changes")
+        self.version_key = f"{p}state-version:{st.policy_family}"  # one per family: the costs hash is shared by policies
+        self.state_ttl_ms = max(1, int(st.state_ttl_s * 1000))
+        self._since = -1  # version of the last read; -1 = read everything next time
+        self._epoch = ""  # epoch of the version hash that `_since` counts in
+        self.changed_keys_read = 0
+        self._costs_changed = True
+        self._digest_cache: tuple[str, str, str] | None = None
         self.heartbeat_key = f"{p}replica:{self.replica_id}"
         self.decision_prefix = f"{p}decision:"
         old = rt.registry
@@ -263,6 +310,7 @@ class SharedState:
 
     def _went_down(self, exc: BaseException) -> None:
         self.connected = False
+        self._since = -1  # Redis may have lost or expired state meanwhile: read all of it again
         self.sync_failures += 1
         if not self._down_logged:
             self._down_logged = True
@@ -277,12 +325,17 @@ class SharedState:
     # ---- policy statistics + rollout poll ---------------------------------------
 
     async def sync_once(self) -> None:
-        """One push-and-read round trip; raises on Redis errors (the loop handles them)."""
+        """One push-and-read round trip; raises on Redis errors (the loop handles them).
+
+        Reads only the fields changed since the version seen last (all of them on the first
+        sync and after an outage), so an idle replica with a large state does O(1) work.
+        """
         rt = self.rt
         if self.store.unsaved:
             await self.store.replay_unsaved()
-        add_into(self._fresh[0], rt.policy.export_delta())
-        add_into(self._fresh[1], rt.bandit.costs.export_delta())
+        delta_pol, delta_costs = rt.policy.export_delta(), rt.bandit.costs.export_delta()
+        add_into(self._fresh[0], delta_pol)
+        add_into(self._fresh[1], delta_costs)
         if self._inflight is None and (self._fresh[0] or self._fresh[1]):
             self._seq += 1
             self._inflight = (self._seq, *self._fresh)
@@ -292,15 +345,29 @@ class SharedState:
             pol_fields, cost_fields = to_fields(pol), to_fields(costs)
         else:
             seq, pol_fields, cost_fields = 0, [], []
-        args: list[Any] = [seq, 86_400_000, len(pol_fields) // 2, *pol_fields, *cost_fields]
+        args: list[Any] = [
+            seq, 86_400_000, self.state_ttl_ms, self._since, self._epoch, uuid.uuid4().hex, len(pol_fields) // 2, *pol_fields, *cost_fields,
+        ]
+        keys = [self.seq_key, self.policy_key, self.costs_key, self.store.k(STATE_KEY), *self.change_keys, self.version_key]
         async with asyncio.timeout(self.timeout_s * 2):
-            pol_raw, costs_raw, rollout_raw, _applied = await self._push(
-                keys=[self.seq_key, self.policy_key, self.costs_key, self.store.k(STATE_KEY)], args=args
-            )
+            pol_raw, costs_raw, rollout_raw, _applied, version, full, epoch = await self._push(keys=keys, args=args)
         if seq:
             self._inflight = None
-        rt.policy.load_totals(from_hash(pol_raw))
-        rt.bandit.costs.load_totals(from_hash(costs_raw))
+        if len(pol_raw) + len(costs_raw) > _DECODE_IN_THREAD:
+            pol_totals, cost_totals = await asyncio.to_thread(lambda: (from_hash(pol_raw), from_hash(costs_raw)))
+        else:
+            pol_totals, cost_totals = from_hash(pol_raw), from_hash(costs_raw)
+        if full:
+            rt.policy.load_totals(pol_totals)
+            rt.bandit.costs.load_totals(cost_totals)
+        else:
+            rt.policy.load_changed(pol_totals)
+            rt.bandit.costs.load_changed(cost_totals)
+        self._since = int(version)
+        self._epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        self.changed_keys_read = len(pol_totals) + len(cost_totals)
+        if full or delta_costs or cost_totals:
+            self._costs_changed = True
         self._came_back()
         self.last_sync_at = time.time()
         self.syncs += 1
@@ -308,14 +375,30 @@ class SharedState:
             self._adopt_rollout(_as_bytes(rollout_raw))
         await self._heartbeat()
 
+    async def _digests(self) -> tuple[str, str]:
+        """Digests of the posterior and the costs, recomputed only when they changed.
+
+        The snapshot is taken on the loop (the policy is not thread-safe); the hashing,
+        which grows with the state, runs in a thread.
+        """
+        rt = self.rt
+        version = rt.policy.version
+        if self._digest_cache is None or self._digest_cache[0] != version or self._costs_changed:
+            snap, costs = rt.policy.snapshot(), {k: list(v) for k, v in rt.bandit.costs.totals.items()}
+            self._costs_changed = False
+            pair = await asyncio.to_thread(lambda: (digest(snap), digest(costs)))
+            self._digest_cache = (version, *pair)
+        return self._digest_cache[1], self._digest_cache[2]
+
     async def _heartbeat(self) -> None:
         rt = self.rt
         state = rt.rollout.state
+        policy_digest, costs_digest = await self._digests()
         body = {
             "replica": self.replica_id,
             "policy": rt.policy.name,
-            "digest": digest(rt.policy.snapshot()),
-            "costs_digest": digest(rt.bandit.costs.totals),
+            "digest": policy_digest,
+            "costs_digest": costs_digest,
             "phase": state.phase,
             "rolled_back": bool(state.rollback.active),
             "synced_at": self.last_sync_at,
@@ -507,4 +590,6 @@ class SharedState:
             "decisions_written": self.decisions_written,
             "decisions_dropped": self.decisions_dropped,
             "rollout_reloads": self.rollout_reloads,
+            "state_version": self._since,
+            "changed_keys_read": self.changed_keys_read,
         }

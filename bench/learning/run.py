@@ -85,6 +85,9 @@ class VowpalWabbitPolicy:
     def load_totals(self, totals: dict[str, list[float]]) -> None:
         return None
 
+    def load_changed(self, totals: dict[str, list[float]]) -> None:
+        return None
+
     def snapshot(self) -> dict[str, list[float]]:
         return {}
 

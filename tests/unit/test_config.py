@@ -66,6 +66,10 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({"upstreams": [{"name": "a", "base_url": "http://x/v1", "max_response_bytes": 0}]}, {}, "'upstreams[a].max_response_bytes'"),
         ({"storage": {"journal_fsync_interval_s": 0}}, {}, "'storage.journal_fsync_interval_s': 0.0 (allowed: > 0)"),
         ({"storage": {"state_snapshot_interval_s": -1}}, {}, "'storage.state_snapshot_interval_s': -1.0 (allowed: > 0)"),
+        ({"server": {"max_task_types": 0}}, {}, "invalid value for 'server.max_task_types': 0 (allowed: a positive number)"),
+        ({"server": {"max_model_bytes": -1}}, {}, "'server.max_model_bytes'"),
+        ({"storage": {"state_ttl_s": 0}}, {}, "'storage.state_ttl_s'"),
+        ({"policy": {"thompson": {"max_buckets": 0}}}, {}, "'policy.thompson.max_buckets'"),
     ],
 )
 def test_invalid_config_one_clear_line(doc: dict, env: dict, fragment: str) -> None:

@@ -80,3 +80,12 @@ def test_baseline_costs_running_means_and_merge() -> None:
     assert costs.latency_s("code") == pytest.approx(4.0)
     r = costs.reward(task_type="code", quality=1.0, latency_s=4.0, tokens=300, settings=RewardSettings())
     assert r == pytest.approx(1.0 - 0.1 - 0.01)
+
+
+def test_costs_load_changed_keeps_other_tasks_and_local_increments() -> None:
+    costs = BaselineCosts()
+    costs.load_totals({"code": [2.0, 3.0, 40.0], "chat": [1.0, 1.0, 10.0]})
+    costs.observe("code", 0.5, 7)
+    costs.load_changed({"code": [3.0, 4.0, 50.0]})  # another replica added one observation
+    assert costs.totals["chat"] == [1.0, 1.0, 10.0]
+    assert costs.totals["code"] == [4.0, 4.5, 57.0]

@@ -138,3 +138,23 @@ def test_rejects_bad_input() -> None:
         LinUCBPolicy(LinUCBSettings(feature_dimension=4))
     with pytest.raises(ValueError):
         policy.load_totals({"d10|m|T0.7|M12|G": [1.0]})
+
+
+def test_load_changed_matches_a_full_load() -> None:
+    rng = np.random.default_rng(6)
+    remote, local, full = LinUCBPolicy(), LinUCBPolicy(), LinUCBPolicy()
+    for _ in range(100):
+        remote.update(_ctx(rng), BASE, ARMS[int(rng.integers(6))], float(rng.random()))
+    local.load_totals(remote.snapshot())
+    before = remote.snapshot()
+    remote.update(_ctx(rng), BASE, ARMS[2], 0.8)
+    ctx = _ctx(rng)
+    local.update(ctx, BASE, ARMS[2], 0.3)  # unexported: kept on top of the new totals
+    full.update(ctx, BASE, ARMS[2], 0.3)
+    after = remote.snapshot()
+    local.load_changed({k: v for k, v in after.items() if before.get(k) != v})
+    full.load_totals(after)
+    for key, values in full.snapshot().items():
+        np.testing.assert_allclose(local.snapshot()[key], values, atol=1e-9)
+    probe = _ctx(rng)
+    np.testing.assert_allclose(local.propensities(probe, BASE, ARMS), full.propensities(probe, BASE, ARMS), atol=1e-9)

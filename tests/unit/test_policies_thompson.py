@@ -152,3 +152,40 @@ def test_deferred_refresh_plays_the_previous_table_until_refreshed() -> None:
     assert policy.refresh_stale() == 1  # type: ignore[attr-defined]
     after = policy.propensities(ctx, base, arms)
     assert after[2] > 0.9 and abs(after.sum() - 1.0) < 1e-9
+
+
+def test_load_changed_matches_a_full_load_and_marks_only_changed_buckets_stale() -> None:
+    rng = np.random.default_rng(5)
+    remote = ThompsonGaussianPolicy()  # stands for the merged totals in Redis
+    for _ in range(200):
+        remote.update(CTX if rng.random() < 0.5 else OTHER, BASE, ARMS[int(rng.integers(25))], float(rng.random()))
+    local = ThompsonGaussianPolicy()
+    local.load_totals(remote.snapshot())
+    local.propensities(CTX, BASE, ARMS)
+    other_table = local._table(OTHER, ARMS)
+    # another replica adds rewards to CTX's bucket only; this replica has one unexported update there too
+    remote.update(CTX, BASE, ARMS[3], 0.9)
+    remote.update(CTX, BASE, ARMS[4], 0.1)
+    local.update(CTX, BASE, ARMS[0], 0.5)
+    changed = {k: v for k, v in remote.snapshot().items() if k.startswith("code|")}
+    local.load_changed(changed)
+    full = ThompsonGaussianPolicy()
+    full.update(CTX, BASE, ARMS[0], 0.5)
+    full.load_totals(remote.snapshot())
+    assert local.snapshot().keys() == full.snapshot().keys()
+    for key, values in full.snapshot().items():
+        np.testing.assert_allclose(local.snapshot()[key], values)
+    np.testing.assert_allclose(local.propensities(CTX, BASE, ARMS), full.propensities(CTX, BASE, ARMS))
+    assert local._table(OTHER, ARMS) is other_table  # untouched bucket: its table is still current
+
+
+def test_buckets_past_max_buckets_pool_into_other() -> None:
+    policy = ThompsonGaussianPolicy(ThompsonSettings(max_buckets=2))
+    contexts = [RequestContext(f"task-{i}", "m", "chat", 100, 2, False, False, False, 0.7, 512) for i in range(5)]
+    for ctx in contexts:
+        policy.update(ctx, BASE, ARMS[0], 1.0)
+    buckets = {key.rsplit("|", 2)[0] for key in policy.snapshot()}
+    assert buckets == {"task-0|m|chat|p0|j0|t0", "task-1|m|chat|p0|j0|t0", "other"}
+    assert policy.posterior(contexts[4], ARMS[0]).n == 3  # tasks 2, 3 and 4 share "other"
+    assert policy.posterior(contexts[0], ARMS[0]).n == 1
+    assert policy.folded_buckets == 4
