@@ -10,12 +10,17 @@ Every policy is pure decision math over additive sufficient statistics:
   through a store that can only add numbers (Redis HINCRBYFLOAT): each replica exports
   the increments it made since its last export, the store adds them up, and every
   replica loads the merged totals back while keeping its not-yet-exported increments.
+* `correct` swaps a reward already folded in for a better one (delayed feedback), but
+  only into statistics that hold it: the logged decision's `statistics_version` must
+  match the policy's and the key must have n >= 1 (see `Correction`).
+* `decay_factor` / `decay_statistics` discount the statistics for non-stationarity.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import msgspec
 import numpy as np
@@ -24,6 +29,40 @@ from policies.records import Arm, RequestContext
 from policies.settings import LinUCBSettings, ThompsonSettings
 
 POLICY_NAMES: tuple[str, ...] = ("thompson_gaussian", "linucb", "baseline", "uniform")
+
+Correction = Literal["corrected", "updated", "skipped"]
+"""What `correct` did.
+
+corrected: the old reward was swapped for the new one (n unchanged).
+updated:   the key had n < 1 in statistics of the logged lineage, so the old reward is
+           not in them (a fresh replica, or it was discounted away): the new reward was
+           added once with `update`.  Correcting instead would leave n = 0 with Σr != 0.
+skipped:   the decision was logged under other statistics (another policy, another
+           `lineage`, e.g. a `policy_family` bump or a restart without shared state):
+           nothing was changed, because these statistics never saw the old reward and
+           the operator chose to start them afresh.
+"""
+
+
+def format_version(name: str, lineage: str, revision: int) -> str:
+    """`<name>-<revision>`, or `<name>.<lineage>-<revision>` when a lineage is set.
+
+    The part before the last "-" is the statistics version: decisions logged under
+    the same one were folded into the same statistics (see `statistics_version`).
+    """
+    if "-" in name:
+        raise ValueError(f"policy name {name!r} must not contain '-'")
+    return f"{name}.{lineage}-{revision}" if lineage else f"{name}-{revision}"
+
+
+def statistics_version(version: str) -> str:
+    """The statistics part of a policy version: `thompson_gaussian.f2-1234` -> `thompson_gaussian.f2`.
+
+    The revision after the last "-" counts updates and changes all the time; what must
+    match for a correction is the lineage: same policy, same family, same process state.
+    """
+    head, sep, _ = version.rpartition("-")
+    return head if sep else version
 
 
 class Choice(msgspec.Struct, frozen=True):
@@ -57,8 +96,13 @@ class Policy(Protocol):
         """Probability that `choose` picks each of `arms` right now (sums to 1)."""
         ...
 
-    def correct(self, ctx: RequestContext, baseline: Arm, arm: Arm, old_reward: float, new_reward: float) -> None:
-        """Replace a reward already folded in by `update` (delayed feedback), without counting twice."""
+    def correct(
+        self, ctx: RequestContext, baseline: Arm, arm: Arm, old_reward: float, new_reward: float, *, logged_version: str
+    ) -> Correction:
+        """Replace a reward already folded in by `update` (delayed feedback), without counting twice.
+
+        `logged_version` is the `version` the decision was logged with (see `Correction`).
+        """
         ...
 
     def export_delta(self) -> dict[str, list[float]]:
@@ -104,6 +148,35 @@ def apply_floor(probs: np.ndarray, floor: float) -> np.ndarray:
     if k * floor >= 1.0:
         return np.full(k, 1.0 / k)
     return floor + (1.0 - k * floor) * probs
+
+
+def decay_factor(half_life_s: float, epoch_s: float) -> float:
+    """γ per epoch for a half-life: 0.5 ** (epoch_s / half_life_s); 1.0 (no decay) when half_life_s is inf.
+
+    Why a per-epoch γ on the statistics rather than on each reward's age: multiplying
+    n, Σr, Σr² (or LinUCB's G and b) by γ is linear, so every replica can decay its
+    totals and its unexported increments by the same γ^k and the merged sum is still
+    the decayed sum (γ^k·(a + b) = γ^k·a + γ^k·b); a reward folded in k epochs ago then
+    weighs γ^k.  Means are ratios of decayed sums, so decay widens a posterior (smaller
+    n) without moving its centre.
+    """
+    if not half_life_s > 0 or not epoch_s >= 0:
+        raise ValueError(f"half_life_s must be > 0 and epoch_s >= 0, got {half_life_s!r}, {epoch_s!r}")
+    if math.isinf(half_life_s):
+        return 1.0
+    return 0.5 ** (epoch_s / half_life_s)
+
+
+def decay_statistics(stats: dict[str, list[float]], gamma: float, epochs: int) -> dict[str, list[float]]:
+    """Every additive statistic multiplied by γ^epochs (a new dict; `stats` is not touched).
+
+    Applies to a snapshot, an exported delta or merged totals alike (all are sums).
+    A correction of a reward folded in k epochs ago must be scaled by γ^k as well.
+    """
+    if not 0.0 < gamma <= 1.0 or epochs < 0:
+        raise ValueError(f"gamma must be in (0, 1] and epochs >= 0, got {gamma!r}, {epochs!r}")
+    factor = gamma**epochs
+    return {key: [v * factor for v in values] for key, values in stats.items()}
 
 
 def make_policy(

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from policies.arms import arm_key
-from policies.base import Choice
+from policies.base import Choice, Correction
 from policies.records import Arm, RequestContext
 
 TEMPERATURE_UNIT = 0.1
@@ -57,8 +57,11 @@ class _Stateless:
     def update(self, ctx: RequestContext, baseline: Arm, arm: Arm, reward: float) -> None:
         """Nothing to learn."""
 
-    def correct(self, ctx: RequestContext, baseline: Arm, arm: Arm, old_reward: float, new_reward: float) -> None:
-        return None
+    def correct(
+        self, ctx: RequestContext, baseline: Arm, arm: Arm, old_reward: float, new_reward: float, *, logged_version: str
+    ) -> Correction:
+        """Nothing to correct."""
+        return "skipped"
 
     def export_delta(self) -> dict[str, list[float]]:
         """No statistics."""

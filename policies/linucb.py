@@ -27,6 +27,11 @@ propensity is exact, not an estimate.
 Shared state.  The additive statistics are G = Σ x xᵀ (without λI) and b per arm,
 exported under `d<d>|<model>|T<t>|M<m>|G` (d·d values, row-major) and `...|b` (d values).
 `load_totals` rebuilds A⁻¹ = (λI + G)⁻¹ with one solve per arm.
+
+Corrections.  Feature 0 is the constant 1, so G[0, 0] is the arm's count n; `correct`
+swaps a reward only when n >= 1 and the decision was logged under the same statistics
+version (`policies.base.Correction`), otherwise b would move with A still at the prior
+and θ = b/λ would jump by (new − old)/λ per feature.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from policies.arms import arm_key
-from policies.base import Choice, apply_floor, sample_index
+from policies.base import Choice, Correction, apply_floor, format_version, sample_index, statistics_version
 from policies.context import feature_vector
 from policies.records import Arm, RequestContext
 from policies.settings import LinUCBSettings
@@ -63,6 +68,7 @@ class LinUCBPolicy:
         feature_vector(_PROBE, self._d)  # validates the dimension early
         self._revision = 0
         self._features: dict[RequestContext, np.ndarray] = {}
+        self.lineage = ""  # set by the proxy; part of `version` (policies.base.Correction)
         self._reset()
 
     def _reset(self) -> None:
@@ -80,8 +86,8 @@ class LinUCBPolicy:
     # ----------------------------------------------------------------- state
     @property
     def version(self) -> str:
-        """`linucb-<revision>`; the revision counts updates and loads."""
-        return f"{self.name}-{self._revision}"
+        """`linucb[.<lineage>]-<revision>`; the revision counts updates and loads."""
+        return format_version(self.name, self.lineage, self._revision)
 
     def _x(self, ctx: RequestContext) -> np.ndarray:
         x = self._features.get(ctx)
@@ -142,13 +148,21 @@ class LinUCBPolicy:
             pending[1].__iadd__(rx)
         self._revision += 1
 
-    def correct(self, ctx: RequestContext, baseline: Arm, arm: Arm, old_reward: float, new_reward: float) -> None:
+    def correct(
+        self, ctx: RequestContext, baseline: Arm, arm: Arm, old_reward: float, new_reward: float, *, logged_version: str
+    ) -> Correction:
         """Replace one reward already folded in (delayed feedback): A stays, b moves by (new − old)·x."""
         if not (math.isfinite(old_reward) and math.isfinite(new_reward)):
             raise ValueError("rewards must be finite")
-        x = self._x(ctx)
+        if statistics_version(logged_version) != statistics_version(self.version):
+            return "skipped"
         key = self._key(ctx, arm)
-        row = self._row(key)
+        known = self._rows.get(key)
+        if known is None or self._gram[known][0, 0] < 1.0:
+            self.update(ctx, baseline, arm, new_reward)
+            return "updated"
+        x = self._x(ctx)
+        row = known
         rx = (new_reward - old_reward) * x
         self._b[row] += rx
         self._theta[row] = self._a_inv[row] @ self._b[row]
@@ -158,6 +172,7 @@ class LinUCBPolicy:
         else:
             pending[1].__iadd__(rx)
         self._revision += 1
+        return "corrected"
 
     def _stat_prefix(self, key: tuple[str, float, int]) -> str:
         model, temperature, max_tokens = key

@@ -12,14 +12,30 @@ Estimators, with w_i = π_i / μ_i:
   DM     mean(v̂)                      as good as the reward model
   DR     mean(v̂ + w·(r − q̂))          unbiased if either μ or q̂ is right
 
-Every estimate carries two 95 % intervals: a percentile bootstrap (seeded Generator,
+Every estimate carries two intervals: a percentile bootstrap (seeded Generator,
 vectorised resampling) and an empirical-Bernstein bound (Maurer & Pontil 2009, Thm 4)
 on the per-sample terms, |mean − E| ≤ sqrt(2·V·ln(4/δ)/n) + 7·R·ln(4/δ)/(3(n−1)),
-where V is the sample variance and R the range of the terms.  R is taken from the
-sample (max − min) because the true range of w·r is rarely known; with a propensity
-floor it is bounded by max(π/μ)·(reward range).  SNIPS uses its delta-method
-linearisation V̂ + w·(r − V̂)/mean(w) as per-sample terms.  The effective sample size
-(Σw)²/Σw² says how many on-policy samples the reweighted log is worth.
+where V is the sample variance and R the range the terms *can* take.  R must be known
+in advance for the bound to hold: the sample range (max − min) misses exactly the rare
+large weights that make IPS risky, and then the interval is far too short.  With the
+behaviour policy's propensity floor (`min_propensity`) and the reward range, every
+weight is ≤ W = 1/floor and R follows (`term_range`); without them the EB interval is
+(−inf, inf) (no claim).  SNIPS uses its delta-method linearisation
+V̂ + w·(r − V̂)/mean(w) as per-sample terms (its R plugs in the sample mean(w)).
+With a known reward range every interval is also clipped to it (a policy's value lies inside).
+The effective sample size (Σw)²/Σw² says how many on-policy samples the reweighted log is worth.
+
+DM's intervals only resample the reward model's predictions: they say nothing about
+the model's bias, so they are not confidence intervals and `claims_coverage` is False.
+Cross-fit the model for DR (`cross_fit_tabular`): a model fit on the rows it scores
+soaks up their noise, so w·(r − q̂) shrinks and the intervals come out short where keys
+are sparse (with 20 well-filled keys the bench sees no difference: bench/results/ope_coverage.md).
+
+Support.  An estimate of a target that puts probability on arms the logging policy
+never played (μ = 0), or played below the floor, is not identified by the log.
+`support` measures that target mass from the full per-row distributions, and
+`evaluate` refuses (raises `UnsupportedTarget`) when it exceeds `max_unsupported_mass`
+instead of printing a number.
 
 `improvement_lower_bound` compares a target with the baseline policy on the same log
 (paired resampling, so shared noise cancels); the rollout guard promotes only when its
@@ -53,6 +69,29 @@ class Estimate(msgspec.Struct, frozen=True):
     std_error: float
     n: int
     ess: float
+    eb_range: float = math.nan  # the range R used by the empirical-Bernstein bound (nan: no claim)
+    claims_coverage: bool = True  # False for DM: its intervals ignore the model's bias
+
+
+class Support(msgspec.Struct, frozen=True):
+    """Target probability mass without logging support, averaged over the logged rows."""
+
+    unsupported_mass: float  # on arms the behaviour policy gave probability 0
+    below_floor_mass: float  # on arms with 0 < μ < floor
+    rows: int  # rows with any such mass
+    floor: float
+
+
+class UnsupportedTarget(ValueError):
+    """The log does not support the target: no estimate is given."""
+
+    def __init__(self, support: Support, limit: float) -> None:
+        self.support = support
+        super().__init__(
+            f"target puts {support.unsupported_mass:.4g} of its probability on arms never logged and "
+            f"{support.below_floor_mass:.4g} on arms logged below the floor {support.floor:g} "
+            f"({support.rows} rows); at most {limit:g} is allowed"
+        )
 
 
 class OpeReport(msgspec.Struct, frozen=True):
@@ -65,6 +104,7 @@ class OpeReport(msgspec.Struct, frozen=True):
     snips: Estimate
     dm: Estimate | None = None
     dr: Estimate | None = None
+    support: Support | None = None
 
 
 class Improvement(msgspec.Struct, frozen=True):
@@ -74,7 +114,7 @@ class Improvement(msgspec.Struct, frozen=True):
     target: float
     baseline: float
     difference: float
-    lower: float  # min(bootstrap_lower, bernstein_lower): promote only if >= 0
+    lower: float  # min(bootstrap_lower, bernstein_lower) (bootstrap alone without a known range): promote only if >= 0
     upper: float
     bootstrap_lower: float
     bernstein_lower: float
@@ -103,18 +143,62 @@ def expected_under(probs: np.ndarray, reward_hat: np.ndarray) -> np.ndarray:
     return np.einsum("ik,ik->i", np.asarray(probs, dtype=np.float64), np.asarray(reward_hat, dtype=np.float64))
 
 
-def empirical_bernstein(terms: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    """Two-sided empirical-Bernstein interval for the mean of `terms` (module docstring)."""
+def empirical_bernstein(terms: np.ndarray, term_range: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided empirical-Bernstein interval for the mean of `terms`, which lie in an interval of length `term_range`.
+
+    (−inf, inf) when the range is unknown (nan or inf) or n < 2: no sample-based
+    substitute is valid (module docstring).
+    """
     z = np.asarray(terms, dtype=np.float64)
     n = z.shape[0]
     mean = float(np.mean(z))
-    if n < 2:
+    if n < 2 or not math.isfinite(term_range):
         return -math.inf, math.inf
     log_term = math.log(4.0 / (1.0 - confidence))
     variance = float(np.var(z, ddof=1))
-    spread = float(np.max(z) - np.min(z))
-    radius = math.sqrt(2.0 * variance * log_term / n) + 7.0 * spread * log_term / (3.0 * (n - 1))
+    radius = math.sqrt(2.0 * variance * log_term / n) + 7.0 * term_range * log_term / (3.0 * (n - 1))
     return mean - radius, mean + radius
+
+
+def term_range(estimator: str, max_weight: float, reward_range: tuple[float, float], mean_weight: float = 1.0) -> float:
+    """Length of the interval the per-sample terms of `estimator` can take (module docstring).
+
+    With w in [0, W] and rewards (and reward-model predictions) in [lo, hi]:
+      ips    w·r                      W·(max(hi, 0) − min(lo, 0))
+      dm     v̂                        hi − lo
+      dr     v̂ + w·(r − q̂)            (hi − lo)·(1 + 2W)
+      snips  V + (w/m̄)·(r − V)        (hi − lo)·(1 + 2W/m̄), m̄ = sample mean weight (plug-in)
+    """
+    lo, hi = reward_range
+    if not hi >= lo or not max_weight > 0:
+        raise ValueError(f"need reward_range lo <= hi and max_weight > 0, got {reward_range!r}, {max_weight!r}")
+    span = hi - lo
+    if estimator == "ips":
+        return max_weight * (max(hi, 0.0) - min(lo, 0.0))
+    if estimator == "dm":
+        return span
+    if estimator == "dr":
+        return span * (1.0 + 2.0 * max_weight)
+    if estimator == "snips":
+        return span * (1.0 + 2.0 * max_weight / mean_weight) if mean_weight > 0 else math.inf
+    raise ValueError(f"unknown estimator {estimator!r}")
+
+
+def support(behaviour_probs: np.ndarray, target_probs: np.ndarray, floor: float = 0.0) -> Support:
+    """Target mass on arms with behaviour probability 0, and on arms below `floor`, per row averaged.
+
+    Both arrays are (n, K) over the same arms per row (pad with 0 in both).
+    """
+    mu = np.asarray(behaviour_probs, dtype=np.float64)
+    pi = np.asarray(target_probs, dtype=np.float64)
+    if mu.shape != pi.shape or mu.ndim != 2 or mu.shape[0] == 0:
+        raise ValueError("behaviour_probs and target_probs must be (n, K) arrays of the same shape, n >= 1")
+    never = pi * (mu <= 0.0)
+    low = pi * ((mu > 0.0) & (mu < floor * (1.0 - 1e-9)))
+    rows = int(np.count_nonzero(((never + low) > 0).any(axis=1)))
+    return Support(
+        unsupported_mass=float(never.sum(axis=1).mean()), below_floor_mass=float(low.sum(axis=1).mean()), rows=rows, floor=floor
+    )
 
 
 def _bootstrap(
@@ -159,9 +243,14 @@ def _estimate(
     replicates: np.ndarray,
     confidence: float,
     ess: float,
+    eb_range: float,
+    value_range: tuple[float, float] | None,
 ) -> Estimate:
     low, high = _percentiles(replicates, confidence)
-    eb_low, eb_high = empirical_bernstein(terms, confidence)
+    eb_low, eb_high = empirical_bernstein(terms, eb_range, confidence)
+    if value_range is not None:  # a policy's value lies in the reward range: clipping loses no coverage
+        low, high = max(low, value_range[0]), min(high, value_range[1])
+        eb_low, eb_high = max(eb_low, value_range[0]), min(eb_high, value_range[1])
     n = terms.shape[0]
     std_error = float(np.std(terms, ddof=1) / math.sqrt(n)) if n > 1 else math.inf
     return Estimate(
@@ -174,7 +263,24 @@ def _estimate(
         std_error=std_error,
         n=n,
         ess=ess,
+        eb_range=eb_range,
+        claims_coverage=name != "dm",
     )
+
+
+def _known_max_weight(
+    behaviour: np.ndarray, weights: np.ndarray, min_propensity: float | None, reward_range: tuple[float, float] | None
+) -> float:
+    """W = 1/floor when floor and reward range are known (nan otherwise); refuses logged rows below the floor."""
+    if min_propensity is None or reward_range is None:
+        return math.nan
+    if not 0.0 < min_propensity <= 1.0:
+        raise ValueError(f"min_propensity must be in (0, 1], got {min_propensity!r}")
+    below = (behaviour < min_propensity * (1.0 - 1e-9)) & (weights > 0)
+    if np.any(below):
+        mass = float(np.mean(np.where(below, weights, 0.0)))  # IPS estimate of the target mass there
+        raise UnsupportedTarget(Support(0.0, mass, int(np.count_nonzero(below)), min_propensity), 0.0)
+    return 1.0 / min_propensity
 
 
 def _snips_terms(w: np.ndarray, r: np.ndarray) -> tuple[float, np.ndarray]:
@@ -195,22 +301,53 @@ def evaluate(
     target_value_hat: np.ndarray | None = None,
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
+    min_propensity: float | None = None,
+    reward_range: tuple[float, float] | None = None,
+    behaviour_probs: np.ndarray | None = None,
+    target_probs: np.ndarray | None = None,
+    max_unsupported_mass: float = 0.0,
 ) -> OpeReport:
-    """IPS, SNIPS and (when the reward model's arrays are given) DM and DR for one target."""
+    """IPS, SNIPS and (when the reward model's arrays are given) DM and DR for one target.
+
+    `min_propensity` (the logging policy's floor) and `reward_range` make the
+    empirical-Bernstein intervals valid (module docstring); a logged row below the
+    floor with target weight > 0 raises `UnsupportedTarget`.  With `behaviour_probs`
+    and `target_probs` ((n, K), every allowed arm per row) the support is measured and
+    reported, and a target with more than `max_unsupported_mass` outside it raises
+    `UnsupportedTarget` instead of returning an estimate.
+    """
     r = np.asarray(rewards, dtype=np.float64)
     if r.shape[0] == 0:
         raise ValueError("cannot evaluate an empty log")
-    w = importance_weights(target_propensity, behaviour_propensity)
+    covered = None
+    if behaviour_probs is not None and target_probs is not None:
+        covered = support(behaviour_probs, target_probs, min_propensity or 0.0)
+        if covered.unsupported_mass + covered.below_floor_mass > max_unsupported_mass:
+            raise UnsupportedTarget(covered, max_unsupported_mass)
+    mu = np.asarray(behaviour_propensity, dtype=np.float64)
+    w = importance_weights(target_propensity, mu)
+    big_w = _known_max_weight(mu, w, min_propensity, reward_range)
+    bounds = reward_range or (0.0, 0.0)
+
+    def known(estimator: str, mean_weight: float = 1.0) -> float:
+        return math.nan if math.isnan(big_w) else term_range(estimator, big_w, bounds, mean_weight)
+
     ess = effective_sample_size(w)
     wr = w * r
-    ips = _estimate("ips", float(np.mean(wr)), wr, _bootstrap([wr], "mean", rng, n_bootstrap), confidence, ess)
+    ips = _estimate("ips", float(np.mean(wr)), wr, _bootstrap([wr], "mean", rng, n_bootstrap), confidence, ess, known("ips"), reward_range)
     snips_value, snips_terms = _snips_terms(w, r)
-    snips = _estimate("snips", snips_value, snips_terms, _bootstrap([wr, w], "ratio", rng, n_bootstrap), confidence, ess)
+    snips = _estimate(
+        "snips", snips_value, snips_terms, _bootstrap([wr, w], "ratio", rng, n_bootstrap), confidence, ess,
+        known("snips", float(np.mean(w))), reward_range,
+    )
     dm = dr = None
     if reward_hat_logged is not None and target_value_hat is not None:
         q_hat = np.asarray(reward_hat_logged, dtype=np.float64)
         v_hat = np.asarray(target_value_hat, dtype=np.float64)
-        dm = _estimate("dm", float(np.mean(v_hat)), v_hat, _bootstrap([v_hat], "mean", rng, n_bootstrap), confidence, ess)
+        dm = _estimate(
+            "dm", float(np.mean(v_hat)), v_hat, _bootstrap([v_hat], "mean", rng, n_bootstrap), confidence, ess,
+            math.nan if reward_range is None else term_range("dm", 1.0, bounds), reward_range,
+        )
         dr_terms = v_hat + w * (r - q_hat)
         dr = _estimate(
             "dr",
@@ -219,8 +356,12 @@ def evaluate(
             _bootstrap([dr_terms], "mean", rng, n_bootstrap),
             confidence,
             ess,
+            known("dr"),
+            reward_range,
         )
-    return OpeReport(n=int(r.shape[0]), ess=ess, max_weight=float(np.max(w)), ips=ips, snips=snips, dm=dm, dr=dr)
+    return OpeReport(
+        n=int(r.shape[0]), ess=ess, max_weight=float(np.max(w)), ips=ips, snips=snips, dm=dm, dr=dr, support=covered
+    )
 
 
 def improvement_lower_bound(
@@ -236,6 +377,8 @@ def improvement_lower_bound(
     baseline_value_hat: np.ndarray | None = None,
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
+    min_propensity: float | None = None,
+    reward_range: tuple[float, float] | None = None,
 ) -> Improvement:
     """Value(target) − value(baseline) on the same log, with a conservative lower bound.
 
@@ -243,12 +386,16 @@ def improvement_lower_bound(
     (1 where the logged arm is the baseline arm, else 0).  Intervals are two-sided at
     `confidence`; `lower` is the smaller of the paired-bootstrap and empirical-Bernstein
     lower ends, so promoting when `lower >= 0` errs on the side of not promoting.
+    The Bernstein end needs `min_propensity` and `reward_range`; without them it is
+    −inf and `lower` is the bootstrap's alone (a range guessed from the sample is no bound).
     """
     r = np.asarray(rewards, dtype=np.float64)
     if r.shape[0] == 0:
         raise ValueError("cannot evaluate an empty log")
-    wt = importance_weights(target_propensity, behaviour_propensity)
-    wb = importance_weights(baseline_propensity, behaviour_propensity)
+    mu = np.asarray(behaviour_propensity, dtype=np.float64)
+    wt = importance_weights(target_propensity, mu)
+    wb = importance_weights(baseline_propensity, mu)
+    big_w = max(_known_max_weight(mu, wt, min_propensity, reward_range), _known_max_weight(mu, wb, min_propensity, reward_range))
     if estimator == "snips":
         target, t_terms = _snips_terms(wt, r)
         base, b_terms = _snips_terms(wb, r)
@@ -271,14 +418,19 @@ def improvement_lower_bound(
     else:
         raise ValueError(f"unknown estimator {estimator!r}")
     boot_low, boot_high = _percentiles(replicates, confidence)
-    eb_low, eb_high = empirical_bernstein(terms, confidence)
+    if math.isnan(big_w) or reward_range is None:
+        span = math.nan
+    else:
+        mean_w = min(float(np.mean(wt)), float(np.mean(wb)))
+        span = 2.0 * term_range(estimator, big_w, reward_range, mean_w)  # a difference of two such terms
+    eb_low, eb_high = empirical_bernstein(terms, span, confidence)
     return Improvement(
         estimator=estimator,
         target=target,
         baseline=base,
         difference=target - base,
-        lower=min(boot_low, eb_low),
-        upper=max(boot_high, eb_high),
+        lower=min(boot_low, eb_low) if math.isfinite(eb_low) else boot_low,
+        upper=max(boot_high, eb_high) if math.isfinite(eb_high) else boot_high,
         bootstrap_lower=boot_low,
         bernstein_lower=eb_low,
         n=int(r.shape[0]),
@@ -308,3 +460,36 @@ class TabularRewardModel:
     def predict(self, key: str) -> float:
         """Shrunk mean reward of `key` (the global mean if never seen)."""
         return self._means.get(key, self.global_mean)
+
+
+def cross_fit_tabular(
+    logged_keys: Sequence[str],
+    rewards: np.ndarray,
+    candidate_keys: Sequence[Sequence[str]],
+    folds: int = 2,
+    prior_weight: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold `TabularRewardModel` predictions for DM/DR: (q̂ of each logged arm (n,), q̂ of each candidate (n, K)).
+
+    Row i is scored by a model fit on the rows of the other folds (fold = i mod
+    `folds`; logs are in time order, so interleaving keeps every fold spread over the
+    window).  `candidate_keys[i]` lists row i's allowed arms; the (n, K) result is
+    padded with 0 past each row's arms, matching `expected_under`.
+    """
+    r = np.asarray(rewards, dtype=np.float64)
+    n = r.shape[0]
+    if folds < 2 or len(logged_keys) != n or len(candidate_keys) != n:
+        raise ValueError("need folds >= 2 and one logged key and one candidate list per reward")
+    width = max((len(c) for c in candidate_keys), default=0)
+    q_logged = np.zeros(n)
+    q_candidates = np.zeros((n, width))
+    index = np.arange(n)
+    for fold in range(folds):
+        held = index % folds == fold
+        train = ~held
+        model = TabularRewardModel([k for k, t in zip(logged_keys, train) if t], r[train], prior_weight)
+        for i in np.flatnonzero(held).tolist():
+            q_logged[i] = model.predict(logged_keys[i])
+            for j, key in enumerate(candidate_keys[i]):
+                q_candidates[i, j] = model.predict(key)
+    return q_logged, q_candidates

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 
 
 class ArmGridSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -26,6 +30,12 @@ class ThompsonSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cache_size: how many (bucket, arm set) tables are kept.
     max_buckets: distinct context buckets learned separately; rewards of newer buckets
     are pooled in the bucket "other" (a bucket key embeds client-chosen values).
+    min_propensity: every allowed arm is played with at least this probability (a uniform
+    share K·min_propensity is mixed in), so a converged bucket still logs support for
+    every arm and importance weights stay <= 1/min_propensity.  The price is that share
+    of traffic: with the 25-arm grid, 0.01 sends 25 % uniformly and the simulator
+    (tests/unit/test_policies_learning.py) drops to 82-85 % of the optimum; 0.002 sends
+    5 % and keeps >= 90.7 % in 4 of 4 seeds (0.004: 88-92 %), the same floor as LinUCB.
     """
 
     prior_mean: float = 0.0
@@ -38,6 +48,7 @@ class ThompsonSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cache_size: int = 4096
     refresh_every: int = 8
     max_buckets: int = 2048
+    min_propensity: Fraction = 0.002
 
 
 class LinUCBSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -57,7 +68,7 @@ class LinUCBSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     feature_dimension: int = 10
     regularization: float = 0.01
     exploration_factor: float = 0.02
-    min_propensity: float = 0.002
+    min_propensity: Fraction = 0.002
 
 
 class RewardSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -39,6 +39,16 @@ that it is the best arm, with Monte Carlo standard error ≤ 0.5/sqrt(draws) (0.
 4096).  Arms that cannot win (upper 4.5-sd bound below the best lower bound; true win
 probability < 1e-5) are left out of the table and get propensity 0; the policy never
 plays them, so the logged propensity stays exact for what was actually done.
+
+Propensity floor.  A converged bucket would log [1, 0, 0, …]: no support for any other
+arm, so no off-policy estimate of anything else.  The played distribution is therefore
+p = floor + (1 − K·floor)·win_probability (`apply_floor`, floor = min_propensity): with
+probability K·floor a uniformly random allowed arm, else the Thompson winner.  `choose`
+does both with one uniform from the caller's Generator, so the logged propensity is exact.
+
+Corrections (`correct`) only touch statistics that hold the old reward: see
+`policies.base.Correction`.  `lineage` (set by the proxy, e.g. the policy family plus a
+process id when there is no shared store) is part of `version` for that check.
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ import msgspec
 import numpy as np
 
 from policies.arms import arm_key
-from policies.base import Choice
+from policies.base import Choice, Correction, apply_floor, format_version, statistics_version
 from policies.context import context_bucket
 from policies.records import Arm, RequestContext
 from policies.settings import ThompsonSettings
@@ -78,7 +88,8 @@ class _Table(msgspec.Struct):
     bucket_version: int
     winners: np.ndarray  # (draws,) arm index that wins each joint draw
     probs: np.ndarray  # (K,) share of draws each arm wins
-    probs_tuple: tuple[float, ...]
+    played: np.ndarray  # (K,) probs with the propensity floor: what `choose` plays
+    played_tuple: tuple[float, ...]
 
 
 def stat_key(bucket: str, arm: Arm) -> str:
@@ -102,6 +113,8 @@ class ThompsonGaussianPolicy:
         s = self.settings
         if s.prior_precision <= 0 or s.prior_alpha <= 0 or s.prior_beta <= 0:
             raise ValueError("prior_precision, prior_alpha and prior_beta must be > 0")
+        if not 0.0 <= s.min_propensity <= 1.0:
+            raise ValueError("min_propensity must be in [0, 1]")
         if s.propensity_draws < 2500:
             raise ValueError("propensity_draws must be >= 2500 (standard error < 0.01)")
         self._stats: dict[str, list[float]] = {}
@@ -118,12 +131,13 @@ class ThompsonGaussianPolicy:
         self._stale: dict[tuple[str, tuple[Arm, ...]], None] = {}
         self._bank = self._make_bank(32)
         self.folded_buckets = 0  # decisions and updates counted in OTHER_BUCKET (past max_buckets)
+        self.lineage = ""  # see module docstring (Corrections)
 
     # ----------------------------------------------------------------- state
     @property
     def version(self) -> str:
-        """`thompson_gaussian-<revision>`; the revision counts updates and loads."""
-        return f"{self.name}-{self._revision}"
+        """`thompson_gaussian[.<lineage>]-<revision>`; the revision counts updates and loads."""
+        return format_version(self.name, self.lineage, self._revision)
 
     def posterior(self, ctx: RequestContext, arm: Arm) -> Posterior:
         """Posterior of one arm in the context's bucket (closed form in the module doc)."""
@@ -163,20 +177,37 @@ class ThompsonGaussianPolicy:
         self._bucket_versions[bucket] = self._bucket_versions.get(bucket, 0) + 1
         self._revision += 1
 
-    def correct(self, ctx: RequestContext, baseline: Arm, arm: Arm, old_reward: float, new_reward: float) -> None:
-        """Replace one reward already folded in (delayed feedback): n stays, Σr and Σr² move."""
+    def correct(
+        self, ctx: RequestContext, baseline: Arm, arm: Arm, old_reward: float, new_reward: float, *, logged_version: str
+    ) -> Correction:
+        """Replace one reward already folded in (delayed feedback): n stays, Σr and Σr² move.
+
+        Only when these statistics hold it (`policies.base.Correction`).  A swap that would
+        leave Σr² < (Σr)²/n (a negative spread) proves the old reward is not in the
+        statistics, so it is skipped as well.
+        """
         if not (math.isfinite(old_reward) and math.isfinite(new_reward)):
             raise ValueError("rewards must be finite")
+        if statistics_version(logged_version) != statistics_version(self.version):
+            return "skipped"
         bucket = self._bucket(ctx)
         key = stat_key(bucket, arm)
+        n, total, total_sq = self._stats.get(key, (0.0, 0.0, 0.0))
+        if n < 1.0:
+            self.update(ctx, baseline, arm, new_reward)
+            return "updated"
         d1 = new_reward - old_reward
         d2 = new_reward * new_reward - old_reward * old_reward
+        new_total, new_sq = total + d1, total_sq + d2
+        if new_sq < new_total * new_total / n - 1e-9 * max(1.0, abs(new_sq)):
+            return "skipped"
         for store, store_key in ((self._stats, key), (self._pending, key), (self._pooled, bucket)):
             stats = store.setdefault(store_key, [0.0, 0.0, 0.0])
             stats[1] += d1
             stats[2] += d2
         self._bucket_versions[bucket] = self._bucket_versions.get(bucket, 0) + 1
         self._revision += 1
+        return "corrected"
 
     def export_delta(self) -> dict[str, list[float]]:
         """Increments [n, Σr, Σr²] per key since the last export; resets them."""
@@ -241,15 +272,26 @@ class ThompsonGaussianPolicy:
 
     # ------------------------------------------------------------- deciding
     def choose(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator) -> Choice:
-        """Thompson draw: play the winner of one uniformly chosen joint posterior draw."""
+        """With probability K·floor a uniform arm, else the winner of one uniformly chosen joint posterior draw.
+
+        One uniform u decides both: u < K·floor picks arm int(u / floor); otherwise the
+        rescaled u picks the table row.  So P(arm) = floor + (1 − K·floor)·win share, exactly.
+        """
         table = self._table(ctx, arms)
-        row = int(rng.random() * table.winners.shape[0])
-        index = int(table.winners[row])
-        return Choice(index=index, propensity=float(table.probs[index]), propensities=table.probs_tuple)
+        k = len(arms)
+        floor = self.settings.min_propensity
+        u = rng.random()
+        explore = k * floor
+        if u < explore or explore >= 1.0:
+            index = min(int(u * k) if explore >= 1.0 else int(u / floor), k - 1)
+        else:
+            row = int((u - explore) / (1.0 - explore) * table.winners.shape[0])
+            index = int(table.winners[min(row, table.winners.shape[0] - 1)])
+        return Choice(index=index, propensity=float(table.played[index]), propensities=table.played_tuple)
 
     def propensities(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm]) -> np.ndarray:
-        """Posterior probability that each arm is the best (what `choose` plays)."""
-        return self._table(ctx, arms).probs.copy()
+        """What `choose` plays: the floored posterior probability that each arm is the best."""
+        return self._table(ctx, arms).played.copy()
 
     def refresh_stale(self, limit: int = 64) -> int:
         """Rebuild up to `limit` tables that `choose` found stale in deferred mode; returns how many."""
@@ -319,4 +361,7 @@ class ThompsonGaussianPolicy:
         probs = np.bincount(winners, minlength=k) / draws
         # int16: an arm index needs 2 bytes, so 4,096 cached tables stay ~32 MB, not 128.
         winners = winners.astype(np.int16)
-        return _Table(epoch=epoch, bucket_version=bucket_version, winners=winners, probs=probs, probs_tuple=tuple(probs.tolist()))
+        played = apply_floor(probs, self.settings.min_propensity)
+        return _Table(
+            epoch=epoch, bucket_version=bucket_version, winners=winners, probs=probs, played=played, played_tuple=tuple(played.tolist())
+        )

@@ -10,8 +10,9 @@ Reward: recomputed with the given quality and the outcome's own latency and toke
 through the same `BaselineCosts` normalisers the decider uses.
 
 Policy: the automatic reward was already folded into the policy statistics when the
-response finished. Replacing it needs `policy.correct(ctx, baseline, arm, old, new)`
-(an additive statistic can swap one reward for another without changing n). When the
+response finished. Replacing it needs `policy.correct(ctx, baseline, arm, old, new, logged_version=...)`
+(an additive statistic can swap one reward for another without changing n); the policy
+skips or adds instead when its statistics never held the old reward (`policies.base.Correction`). When the
 policy has no such method the statistics are left untouched (adding the corrected
 reward on top would count the request twice) and the response says so; when no
 automatic reward was ever applied (no quality score, or the request is still in
@@ -84,7 +85,7 @@ def _reward(rt: Any, task_type: str, quality: float, latency_s: float, completio
     )
 
 
-def _apply(rt: Any, ctx: RequestContext, base: Arm, arm: Arm, old: float | None, new: float) -> tuple[bool, str]:
+def _apply(rt: Any, ctx: RequestContext, base: Arm, arm: Arm, old: float | None, new: float, logged_version: str) -> tuple[bool, str]:
     """Fold the corrected reward into the policy without double counting."""
     if rt.decider is not rt.bandit:
         return False, "the active decider does not learn (passthrough)"
@@ -94,7 +95,11 @@ def _apply(rt: Any, ctx: RequestContext, base: Arm, arm: Arm, old: float | None,
         return True, "no automatic reward had been applied: corrected reward added with update()"
     correct = getattr(policy, "correct", None)
     if callable(correct):
-        correct(ctx, base, arm, old, new)
+        done = correct(ctx, base, arm, old, new, logged_version=logged_version)
+        if done == "updated":
+            return True, "the policy statistics never held the automatic reward: corrected reward added with update()"
+        if done == "skipped":
+            return False, f"decision logged under policy version {logged_version!r}; the current statistics never held its reward"
         return True, f"automatic reward {old:.6g} replaced by {new:.6g} with correct()"
     return False, (
         f"policy '{policy.name}' has no correct(ctx, baseline, arm, old_reward, new_reward); "
@@ -153,7 +158,10 @@ async def record_outcome(rt: Any, book: FeedbackBook, body: RecordOutcomeIn, act
     elif ctx is None:
         updated, note = False, "the logged context could not be rebuilt"
     else:
-        updated, note = _apply(rt, ctx, row.baseline_params.arm(), row.chosen_params.arm(row.baseline_params), old_reward, new_reward)
+        updated, note = _apply(
+            rt, ctx, row.baseline_params.arm(), row.chosen_params.arm(row.baseline_params), old_reward, new_reward,
+            row.policy_version,
+        )
     rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
     return RecordOutcomeResult(
@@ -176,7 +184,8 @@ async def _with_outcome(
         updated, note = False, "failed requests do not update the policy"
     else:
         updated, note = _apply(
-            rt, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), old_reward, new_reward
+            rt, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), old_reward, new_reward,
+            decision.policy_version,
         )
     # A copy: the queued LogEntry shares the original Outcome and must keep the automatic score.
     rt.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward, feedback=True))
@@ -198,7 +207,10 @@ def apply_pending_feedback(rt: Any, book: FeedbackBook, decision: Decision, outc
         return
     new_reward = rt.bandit.reward_for(decision, outcome, pending.quality)
     if _learns(outcome.status, outcome.error_class):
-        _apply(rt, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward)
+        _apply(
+            rt, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,
+            decision.policy_version,
+        )
     rt.recorder.submit(
         FeedbackEntry(request_id=decision.request_id, quality=pending.quality, reward=new_reward,
                       payload={"deferred": True}, received_at=time.time())

@@ -6,13 +6,18 @@ import numpy as np
 import pytest
 
 from policies.ope import (
+    Support,
     TabularRewardModel,
+    UnsupportedTarget,
+    cross_fit_tabular,
     effective_sample_size,
     empirical_bernstein,
     evaluate,
     expected_under,
     importance_weights,
     improvement_lower_bound,
+    support,
+    term_range,
 )
 
 CONTEXTS, ACTIONS = 5, 4
@@ -85,6 +90,8 @@ def test_unbiased_and_intervals_cover_the_truth() -> None:
             reward_hat_logged=biased[x, a],
             target_value_hat=expected_under(target_rows, biased[x]),
             n_bootstrap=300,
+            min_propensity=0.5 / ACTIONS,  # the behaviour mixes in 0.5 uniform
+            reward_range=(0.0, 1.15),  # Bernoulli rewards, reward model up to 0.9 + 0.15
         )
         for name, errors in values.items():
             est = getattr(report, name)
@@ -186,9 +193,79 @@ def test_improvement_ips_and_dr_variants() -> None:
 
 
 def test_empirical_bernstein_and_reward_model() -> None:
-    low, high = empirical_bernstein(np.array([0.0, 1.0] * 500))
+    low, high = empirical_bernstein(np.array([0.0, 1.0] * 500), 1.0)
     assert low < 0.5 < high and high - low < 0.2
     model = TabularRewardModel(["a", "a", "b"], np.array([1.0, 0.0, 1.0]), prior_weight=1.0)
     # global mean 2/3; a: (2/3 + 1)/(1 + 2) = 5/9; unseen -> 2/3
     assert model.predict("a") == pytest.approx(5 / 9)
     assert model.predict("zzz") == pytest.approx(2 / 3)
+
+
+def test_bernstein_uses_the_known_weight_bound_not_the_sample_range() -> None:
+    """Target: the arm logged with μ = 0.02.  In 36 % of logs of 50 rows it never appears, every
+    term is 0, and a sample-range interval is [0, 0] around a truth of 0.5."""
+    seeds, n, floor = 200, 50, 0.02
+    covered = 0
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        a = (rng.random(n) < floor).astype(int)
+        r = np.where(a == 1, (rng.random(n) < 0.5).astype(float), 0.0)
+        mu = np.where(a == 1, floor, 1 - floor)
+        report = evaluate(
+            rewards=r, behaviour_propensity=mu, target_propensity=(a == 1).astype(float), rng=rng, n_bootstrap=50,
+            min_propensity=floor, reward_range=(0.0, 1.0),
+        )
+        assert report.ips.eb_range == pytest.approx(1 / floor)
+        covered += report.ips.eb_low <= 0.5 <= report.ips.eb_high
+    assert covered / seeds >= 0.95
+    # by hand: terms [0, 2], R = 2, ln(4/0.05) = ln 80
+    terms = np.array([0.0, 2.0, 0.0, 2.0])
+    radius = np.sqrt(2 * np.var(terms, ddof=1) * np.log(80) / 4) + 7 * 2 * np.log(80) / 9
+    assert empirical_bernstein(terms, 2.0) == pytest.approx((1 - radius, 1 + radius))
+    assert empirical_bernstein(terms, float("nan")) == (-np.inf, np.inf)
+    assert term_range("dr", 10.0, (0.0, 1.0)) == pytest.approx(21.0)
+    assert term_range("ips", 10.0, (-1.0, 1.0)) == pytest.approx(20.0)
+
+
+def test_unsupported_target_is_refused_with_its_mass() -> None:
+    rng = np.random.default_rng(0)
+    n = 200
+    behaviour = np.tile([0.5, 0.5, 0.0], (n, 1))  # arm 2 never logged
+    a = rng.integers(0, 2, size=n)
+    r = rng.random(n)
+    target = np.tile([0.2, 0.2, 0.6], (n, 1))
+    with pytest.raises(UnsupportedTarget, match="0.6 of its probability on arms never logged") as info:
+        evaluate(
+            rewards=r, behaviour_propensity=behaviour[np.arange(n), a], target_propensity=target[np.arange(n), a], rng=rng,
+            behaviour_probs=behaviour, target_probs=target, min_propensity=0.1, reward_range=(0.0, 1.0),
+        )
+    assert info.value.support.unsupported_mass == pytest.approx(0.6) and info.value.support.rows == n
+    ok = np.tile([0.5, 0.5, 0.0], (n, 1))
+    report = evaluate(
+        rewards=r, behaviour_propensity=behaviour[np.arange(n), a], target_propensity=ok[np.arange(n), a], rng=rng,
+        behaviour_probs=behaviour, target_probs=ok, min_propensity=0.1, reward_range=(0.0, 1.0), n_bootstrap=50,
+    )
+    assert report.support == Support(unsupported_mass=0.0, below_floor_mass=0.0, rows=0, floor=0.1)
+    # below the floor: 0.05 < 0.1
+    low = support(np.array([[0.95, 0.05]]), np.array([[0.5, 0.5]]), floor=0.1)
+    assert (low.unsupported_mass, low.below_floor_mass, low.rows) == (0.0, 0.5, 1)
+    # a logged row below the declared floor breaks the weight bound: refused too
+    with pytest.raises(UnsupportedTarget):
+        evaluate(rewards=r, behaviour_propensity=np.full(n, 0.05), target_propensity=np.full(n, 0.5), rng=rng,
+                 min_propensity=0.1, reward_range=(0.0, 1.0))
+
+
+def test_dr_model_is_cross_fitted_and_dm_claims_no_coverage() -> None:
+    keys = ["a", "a", "b", "b"]
+    r = np.array([1.0, 0.0, 1.0, 1.0])
+    q_logged, q_cand = cross_fit_tabular(keys, r, [["a", "b"], ["a"], ["a", "b"], ["b"]], folds=2)
+    # fold 0 = rows 0, 2 scored by a model of rows 1, 3: global 0.5, a: (0.5 + 0)/2, b: (0.5 + 1)/2
+    # fold 1 = rows 1, 3 scored by rows 0, 2: global 1, a: (1 + 1)/2 = 1, b: 1
+    np.testing.assert_allclose(q_logged, [0.25, 1.0, 0.75, 1.0])
+    np.testing.assert_allclose(q_cand, [[0.25, 0.75], [1.0, 0.0], [0.25, 0.75], [1.0, 0.0]])
+    report = evaluate(
+        rewards=r, behaviour_propensity=np.full(4, 0.5), target_propensity=np.full(4, 0.5), rng=np.random.default_rng(0),
+        reward_hat_logged=q_logged, target_value_hat=q_cand.mean(axis=1), n_bootstrap=50,
+    )
+    assert report.dm is not None and report.dr is not None
+    assert not report.dm.claims_coverage and report.dr.claims_coverage and report.ips.claims_coverage

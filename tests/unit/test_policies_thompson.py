@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from policies.arms import candidate_arms
-from policies.base import make_policy
+from policies.base import apply_floor, make_policy
 from policies.records import Arm, RequestContext
 from policies.settings import ArmGridSettings, ThompsonSettings
 from policies.thompson import ThompsonGaussianPolicy
@@ -78,7 +78,10 @@ def test_propensities_sum_to_one_and_match_selection_frequencies() -> None:
 
 
 def test_propensity_is_the_posterior_win_probability() -> None:
-    """Against an independent Monte Carlo with fresh draws: within 3 standard errors of 0.01."""
+    """Against an independent Monte Carlo with fresh draws: within 3 standard errors of 0.01.
+
+    The played propensity is the win probability with the floor mixed in (apply_floor).
+    """
     policy = _trained()
     probs = policy.propensities(CTX, BASE, ARMS)
     posts = [policy.posterior(CTX, a) for a in ARMS]
@@ -86,7 +89,8 @@ def test_propensity_is_the_posterior_win_probability() -> None:
     sd = np.array([p.sd for p in posts])
     rng = np.random.default_rng(123)
     wins = np.bincount(np.argmax(mean + sd * rng.standard_normal((200_000, len(ARMS))), axis=1), minlength=len(ARMS))
-    assert np.max(np.abs(wins / 200_000 - probs)) < 0.03
+    expected = apply_floor(wins / 200_000, policy.settings.min_propensity)
+    assert np.max(np.abs(expected - probs)) < 0.03
 
 
 def test_choices_are_reproducible_and_only_among_given_arms() -> None:
@@ -189,3 +193,36 @@ def test_buckets_past_max_buckets_pool_into_other() -> None:
     assert policy.posterior(contexts[4], ARMS[0]).n == 3  # tasks 2, 3 and 4 share "other"
     assert policy.posterior(contexts[0], ARMS[0]).n == 1
     assert policy.folded_buckets == 4
+def test_converged_bucket_keeps_the_propensity_floor() -> None:
+    """Before the floor a converged bucket logged [1, 0, 0]: no support for OPE of any other arm."""
+    policy = ThompsonGaussianPolicy(ThompsonSettings(refresh_every=1, min_propensity=0.01))
+    arms = [BASE, Arm(0.5, 512), Arm(0.9, 512)]
+    for _ in range(300):
+        policy.update(CTX, BASE, arms[2], 1.0)
+        policy.update(CTX, BASE, arms[0], 0.0)
+        policy.update(CTX, BASE, arms[1], 0.0)
+    probs = policy.propensities(CTX, BASE, arms)
+    np.testing.assert_allclose(probs, [0.01, 0.01, 0.98])  # floor + (1 − 3·0.01)·[0, 0, 1]
+    rng = np.random.default_rng(11)
+    counts = np.bincount([policy.choose(CTX, BASE, arms, rng).index for _ in range(20_000)], minlength=3)
+    assert counts.min() > 0
+    se = np.sqrt(probs * (1 - probs) / 20_000)
+    assert np.all(np.abs(counts / 20_000 - probs) <= 4 * se)
+    off = ThompsonGaussianPolicy(ThompsonSettings(refresh_every=1, min_propensity=0.0))
+    off.load_totals(policy.snapshot())
+    np.testing.assert_allclose(off.propensities(CTX, BASE, arms), [0.0, 0.0, 1.0])
+    # a floor of 1/K or more is uniform
+    wide = ThompsonGaussianPolicy(ThompsonSettings(min_propensity=0.5))
+    wide.load_totals(policy.snapshot())
+    np.testing.assert_allclose(wide.propensities(CTX, BASE, arms), [1 / 3] * 3)
+    assert {wide.choose(CTX, BASE, arms, rng).index for _ in range(200)} == {0, 1, 2}
+
+
+def test_min_propensity_is_validated_at_start_up() -> None:
+    from proxy.config import ConfigError, build_config
+
+    assert build_config({}).policy.thompson.min_propensity == 0.002
+    with pytest.raises(ConfigError, match="policy.thompson.min_propensity"):
+        build_config({"policy": {"thompson": {"min_propensity": 1.5}}})
+    with pytest.raises(ValueError):
+        ThompsonGaussianPolicy(ThompsonSettings(min_propensity=-0.1))
