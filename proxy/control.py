@@ -19,15 +19,15 @@ from typing import Annotated, Any
 import msgspec
 import numpy as np
 from litestar import Request, Response, Router, delete, get, post
+from litestar._openapi.schema_generation import SchemaCreator
+from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
 from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
-from litestar._openapi.schema_generation import SchemaCreator
-from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Schema
-from litestar.typing import FieldDefinition
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
+from litestar.typing import FieldDefinition
 
 from guards.rollout import RolloutEvent, assign
 from guards.trust_region import enforce
