@@ -57,8 +57,8 @@ def build_litestar(rt: Runtime) -> Litestar:
 
     @get("/dashboard", media_type=MediaType.HTML, include_in_schema=False, sync_to_thread=False)
     def dashboard() -> Response[bytes]:
-        # The page itself holds no data; it reads /api/optimization/dashboard with the
-        # token the operator types in (kept in sessionStorage), or as a loopback client.
+        # The page itself holds no data; it reads /api/optimization/dashboard with the token
+        # from its URL fragment (`thermostat demo` prints it) or typed in, kept in sessionStorage.
         return Response(dashboard_page, media_type=MediaType.HTML, headers={"cache-control": "no-store"})
 
     def warn_open() -> None:

@@ -643,13 +643,13 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
         slo_report = rt.slo.report(now)
         checks.append(ComplianceCheck(name="slo", ok=slo_report.compliant, detail="breached: " + (", ".join(slo_report.breached) or "none")))
         checks.append(ComplianceCheck(name="audit_log", ok=hasattr(rt.sink, "append_audit"), detail=f"log store {getattr(rt.sink, 'name', '?')}"))
-        checks.append(ComplianceCheck(name="admin_auth", ok=True, detail="bearer token" if auth.configured else "no token: loopback clients only"))
+        checks.append(ComplianceCheck(name="admin_auth", ok=True, detail="bearer token" if auth.configured else "no token ([admin] allow_unauthenticated): same-host clients only"))
         return ComplianceStatus(compliant=all(ch.ok for ch in checks), checks=checks)
 
     # ---- decisions without traffic ------------------------------------------------------
 
     @post("/recommend", status_code=200, summary="The decision the policy would make now for a context (no upstream call, no budget reserved)",
-          responses={404: _ERR, 422: _ERR})
+          responses={404: _ERR})
     async def recommend(data: JSONBody[RecommendIn]) -> Recommendation:
         now = time.time()
         ctx, _ = context_of(rt, data.task_type, data.context)
@@ -708,7 +708,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
         )
 
     @post("/test-shadow", status_code=200, summary="Run one synthetic request through the decision path; nothing is sent or logged",
-          responses={404: _ERR, 422: _ERR})
+          responses={404: _ERR})
     async def test_shadow(request: Request, data: JSONBody[ShadowTestIn | None] = None) -> ShadowTestResult:
         from proxy.edge import patch_body
 

@@ -164,3 +164,36 @@ def test_token_auth_statuses() -> None:
 
 def test_auth_header_constant(ctl: RunningThermostat) -> None:
     assert api(ctl, "GET", "/status", headers=AUTH).status_code == 200
+
+
+# Statuses an operation documents beyond the generic ones, each with the test that produces it.
+SPECIFIC = {
+    ("GET", "/health/readiness"): {503},  # test_statuses.py
+    ("GET", f"{API}/health"): {503},  # test_statuses.py
+    ("GET", f"{API}/caws-status"): {503},  # test_statuses.py
+    ("POST", f"{API}/record-outcome"): {404, 409},  # test_values.py
+    ("POST", f"{API}/resume"): {409},  # test_statuses.py
+    ("POST", f"{API}/waivers"): {422},  # test_bad_bodies.py
+    ("DELETE", f"{API}/waivers/{{waiver_id}}"): {404},  # test_values.py
+    ("POST", f"{API}/recommend"): {404},  # test_statuses.py
+    ("POST", f"{API}/test-shadow"): {404},  # test_statuses.py
+}
+
+
+def test_documented_statuses_are_the_ones_returned(ctl: RunningThermostat) -> None:
+    """400 everywhere (a disallowed Host, test_forgery.py), 401/403 exactly where the token is
+    required (and then returned, above), 415 on every operation that takes a body (checked here)."""
+    schema = httpx.get(f"{ctl.base}/schema/openapi.json", timeout=10).json()
+    assert "security" not in schema  # no document-wide requirement: public operations are public
+    for path, item in schema["paths"].items():
+        for method, op in item.items():
+            key = (method.upper(), path)
+            codes = {int(c) for c in op["responses"] if not c.startswith("2")}
+            secured = op.get("security") == [{"bearer": []}]
+            assert secured == (path.startswith(API) and path != f"{API}/health"), key
+            expected = {400} | ({401, 403} if secured else set()) | ({415} if method != "get" else set()) | SPECIFIC.get(key, set())
+            assert codes == expected, (key, codes, expected)
+            if method != "get":
+                url = f"{ctl.base}{path.replace('{waiver_id}', 'WV-9999')}"
+                r = httpx.request(method.upper(), url, content=b"{}", headers={**AUTH, "content-type": "text/plain"}, timeout=10)
+                assert_error_shape(r, 415)
