@@ -10,11 +10,11 @@ so, only loopback clients (`scope["client"]`) whose `Host` names this machine
 (`localhost`, a loopback address, or `[server] allowed_hosts`) get in; the `Host`
 rule is what stops DNS rebinding.
 
-Against cross-site requests from a browser (CSRF) every guarded call is checked
-before its credentials: an `Origin` header, when present, must be the server's own
-origin (the `Host` the request was addressed to) or one of `[admin] allowed_origins`
-(403), and a call that sends a body, and every POST, must say `application/json`
-(415): a page can send `text/plain` or form bodies without a CORS preflight, never JSON.
+Against cross-site requests from a browser (CSRF): before the credentials, an `Origin`
+header, when present, must be the server's own origin (the `Host` the request was
+addressed to) or one of `[admin] allowed_origins` (403); after them, a call that sends a
+body, and every POST, must say `application/json` (415): a page can send `text/plain` or
+form bodies without a CORS preflight, never JSON.
 
 Audit entries name the caller by a short token id (first 8 hex digits of the
 token's SHA-256), never by the token itself.
@@ -91,7 +91,7 @@ class AdminAuth:
         self.allowed_origins = frozenset(o for o in map(normalize_origin, allowed_origins) if o)
         # Without a token the Host must name this machine; `[server] allowed_hosts`, when set,
         # is enforced for every request at the edge and extends that set here.
-        self.local_hosts = _LOOPBACK_NAMES | {h.strip("[]").lower() for h in allowed_hosts}
+        self.local_hosts = _LOOPBACK_NAMES | {name for name in map(host_name, allowed_hosts) if name}
         self.failures: Counter[str] = Counter()
 
     @classmethod

@@ -9,6 +9,7 @@ loop's last log line should know what to fix.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
 import tomllib
 import types
@@ -342,8 +343,10 @@ def _validate_ranges(cfg: Config) -> None:
         if not valid_host_entry(host):
             raise bad("server.allowed_hosts", f"{host!r} (allowed: host names or IP addresses without scheme or port)")
     for peer in cfg.server.forwarded_allow_ips:
-        if not peer.strip() or peer.strip() == "*":
-            raise bad("server.forwarded_allow_ips", f"{peer!r} (allowed: IP addresses or networks of your reverse proxies)")
+        try:
+            ipaddress.ip_network(peer.strip(), strict=False)  # not "*": that would believe every client
+        except ValueError:
+            raise bad("server.forwarded_allow_ips", f"{peer!r} (allowed: IP addresses or networks of your reverse proxies)") from None
     for origin in cfg.admin.allowed_origins:
         if normalize_origin(origin) is None:
             raise bad("admin.allowed_origins", f"{origin!r} (allowed: origins such as https://admin.example.com or http://127.0.0.1:3000)")

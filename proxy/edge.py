@@ -156,7 +156,7 @@ class ProxyEdge:
         self.max_body = runtime.config.server.max_body_bytes
         self.metrics = runtime.metrics
         # `[server] allowed_hosts`: a page on another name that resolves here (DNS rebinding) gets 400.
-        self.allowed_hosts = frozenset(h.strip("[]").lower() for h in runtime.config.server.allowed_hosts)
+        self.allowed_hosts = frozenset(name for name in map(host_name, runtime.config.server.allowed_hosts) if name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.allowed_hosts and scope["type"] in ("http", "websocket") and host_name(_header(scope["headers"], b"host")) not in self.allowed_hosts:

@@ -197,3 +197,29 @@ def test_documented_statuses_are_the_ones_returned(ctl: RunningThermostat) -> No
                 url = f"{ctl.base}{path.replace('{waiver_id}', 'WV-9999')}"
                 r = httpx.request(method.upper(), url, content=b"{}", headers={**AUTH, "content-type": "text/plain"}, timeout=10)
                 assert_error_shape(r, 415)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("server", "allowed_hosts", ["example.com:8080"]),
+        ("server", "allowed_hosts", ["http://example.com"]),
+        ("server", "forwarded_allow_ips", ["*"]),
+        ("server", "forwarded_allow_ips", ["proxy.internal"]),
+        ("admin", "allowed_origins", ["admin.example.com"]),
+        ("admin", "allowed_origins", ["https://admin.example.com/path"]),
+    ],
+)
+def test_security_settings_are_validated_in_one_line(section: str, key: str, value: list[str]) -> None:
+    with pytest.raises(ConfigError) as exc:
+        build_config({section: {key: value}}, environ={})
+    assert str(exc.value).startswith(f"invalid value for '{section}.{key}'") and "\n" not in str(exc.value)
+
+
+def test_security_settings_accept_what_they_document() -> None:
+    cfg = build_config({"server": {"allowed_hosts": ["Thermostat.Internal", "[::1]", "10.0.0.5"],
+                                   "forwarded_allow_ips": ["10.0.0.0/8", "127.0.0.1"]},
+                        "admin": {"allowed_origins": ["https://admin.example.com", "http://127.0.0.1:3000"]}}, environ={})
+    auth = AdminAuth.from_settings(cfg.admin, cfg.server.allowed_hosts, environ={})
+    assert {"thermostat.internal", "::1", "10.0.0.5"} <= auth.local_hosts
+    assert auth.allowed_origins == {"https://admin.example.com", "http://127.0.0.1:3000"}
