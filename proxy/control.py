@@ -19,8 +19,8 @@ from typing import Annotated, Any
 import msgspec
 import numpy as np
 from litestar import Request, Response, Router, delete, get, post
-from litestar._openapi.schema_generation import SchemaCreator
-from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
+from litestar._openapi.schema_generation import SchemaCreator  # private, but the plugin's own signature type
+from litestar._openapi.schema_generation.plugins import StructSchemaPlugin  # not exported publicly (litestar 2.25)
 from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
@@ -200,10 +200,12 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
 
 
 class StrictStructSchemaPlugin(StructSchemaPlugin):
-    """Litestar's struct schemas, plus `additionalProperties: false` where msgspec refuses unknown fields.
+    """Litestar's struct schemas, made to say what msgspec enforces.
 
-    Without it the document promised that request bodies accept extra keys, which the
-    decoder answers with 400.
+    `additionalProperties: false` where the struct forbids unknown fields (the document
+    promised extra keys were fine; the decoder answers them with 400), and numeric bounds
+    of 0 (`ge=0.0` on a quality score), which Litestar drops because it tests them for
+    truthiness.
     """
 
     def to_openapi_schema(self, field_definition: FieldDefinition, schema_creator: SchemaCreator) -> Schema:
