@@ -7,18 +7,20 @@ from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, MediaType, Response, get
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.alerts import AlertManager
+from proxy.auth import require_token_or_opt_in
 from proxy.config import Config
-from proxy.control import EXCEPTION_HANDLERS, build_control
+from proxy.control import EXCEPTION_HANDLERS, StrictStructSchemaPlugin, build_control, document_errors
 from proxy.edge import ProxyEdge
 from proxy.metrics import exposition, install_live_metrics, refresh_live
 from proxy.runtime import Runtime
 
 DASHBOARD_HTML = Path(__file__).with_name("dashboard.html")
+PUBLIC = {"public": True}
 
 
 def build_litestar(rt: Runtime) -> Litestar:
@@ -29,15 +31,17 @@ def build_litestar(rt: Runtime) -> Litestar:
     rt.alerts = alerts  # type: ignore[attr-defined]
     dashboard_page = DASHBOARD_HTML.read_bytes()
 
-    @get("/health", media_type=MediaType.JSON, include_in_schema=True, sync_to_thread=False)
+    @get("/health", media_type=MediaType.JSON, include_in_schema=True, sync_to_thread=False, opt=PUBLIC, summary="Liveness (no auth)")
     def health() -> dict[str, Any]:
         return {"status": "ok", "uptime_s": round(time.time() - rt.started_at, 3)}
 
-    @get("/health/liveness", media_type=MediaType.JSON, sync_to_thread=False)
+    @get("/health/liveness", media_type=MediaType.JSON, sync_to_thread=False, opt=PUBLIC, summary="Liveness (no auth)")
     def liveness() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @get("/health/readiness", media_type=MediaType.JSON, sync_to_thread=False)
+    @get("/health/readiness", media_type=MediaType.JSON, sync_to_thread=False, opt=PUBLIC,
+         summary="Readiness (no auth): upstreams and the decision-log writer",
+         responses={503: ResponseSpec(data_container=dict[str, Any], description="Not ready: status 'not_ready' and the checks")})
     def readiness() -> Response[dict[str, Any]]:
         checks = {
             "upstreams": bool(rt.pool.upstreams),
@@ -46,29 +50,33 @@ def build_litestar(rt: Runtime) -> Litestar:
         ok = all(checks.values())
         return Response({"status": "ok" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503)
 
-    @get("/metrics")
+    @get("/metrics", media_type=CONTENT_TYPE_LATEST, opt=PUBLIC, summary="Prometheus metrics (no auth)")
     async def metrics() -> Response[bytes]:
         await refresh_live(live)
         return Response(exposition(rt), media_type=CONTENT_TYPE_LATEST)
 
     @get("/dashboard", media_type=MediaType.HTML, include_in_schema=False, sync_to_thread=False)
     def dashboard() -> Response[bytes]:
-        # The page itself holds no data; it reads /api/optimization/dashboard with the
-        # token the operator types in (kept in sessionStorage), or as a loopback client.
+        # The page itself holds no data; it reads /api/optimization/dashboard with the token
+        # from its URL fragment (`thermostat demo` prints it) or typed in, kept in sessionStorage.
         return Response(dashboard_page, media_type=MediaType.HTML, headers={"cache-control": "no-store"})
 
     def warn_open() -> None:
         control_state.auth.warn_if_open()
 
+    for handler in (health, liveness, readiness, metrics):
+        document_errors(handler)
+
     return Litestar(
         route_handlers=[health, liveness, readiness, metrics, dashboard, control],
         exception_handlers=EXCEPTION_HANDLERS,
+        plugins=[StrictStructSchemaPlugin()],
         openapi_config=OpenAPIConfig(
             title="Thermostat control API",
             version="0.1.0",
             path="/schema",
+            # No document-wide requirement: each control operation names "bearer", the public ones nothing.
             components=Components(security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}),
-            security=[{"bearer": []}],
         ),
         on_startup=[rt.start, warn_open, alerts.start],
         on_shutdown=[alerts.stop, rt.stop],
@@ -76,6 +84,8 @@ def build_litestar(rt: Runtime) -> Litestar:
 
 
 def create_app(config: Config, runtime: Runtime | None = None) -> ProxyEdge:
+    # Here, not in the CLI, so every way of building the server (serve, workers, tests) obeys it.
+    require_token_or_opt_in(config.admin)
     rt = runtime or Runtime(config)
     app = ProxyEdge(rt, build_litestar(rt))
     return app

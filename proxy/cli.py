@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from proxy.config import Config, ConfigError, UpstreamSettings, load_config, mask_secrets
+from proxy.config import Config, ConfigError, ServerSettings, UpstreamSettings, load_config, mask_secrets
 
 log = logging.getLogger("thermostat")
 
@@ -23,6 +23,18 @@ def _load(path: str | None) -> Config:
     if path is None and Path(DEFAULT_CONFIG).exists():
         path = DEFAULT_CONFIG
     return load_config(path)
+
+
+def forwarding_options(server: ServerSettings) -> dict[str, Any]:
+    """uvicorn's X-Forwarded-* handling: off unless `forwarded_allow_ips` names the proxies.
+
+    uvicorn otherwise believes X-Forwarded-For from 127.0.0.1 (or $FORWARDED_ALLOW_IPS),
+    so what the control API takes for the client's address would be whatever a
+    same-host peer writes into a header.
+    """
+    if not server.forwarded_allow_ips:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": list(server.forwarded_allow_ips)}
 
 
 def _serve(config: Config, host: str, port: int, workers: int = 1) -> None:
@@ -56,11 +68,14 @@ def _serve(config: Config, host: str, port: int, workers: int = 1) -> None:
         access_log=False,
         timeout_graceful_shutdown=int(config.server.shutdown_grace_s),
         timeout_keep_alive=30,
+        **forwarding_options(config.server),
     )
     if workers > 1:
         from proxy import workers as worker_mode
+        from proxy.auth import require_token_or_opt_in
 
         worker_mode.prepare(config, workers)
+        require_token_or_opt_in(config.admin)  # each worker's create_app checks too; refuse before forking
         print(f"thermostat listening on http://{host}:{port} with {workers} worker processes", flush=True)
         # uvicorn.run() without its Config: ServingConfig carries the connection limits.
         from uvicorn.supervisors import Multiprocess
@@ -114,17 +129,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = msgspec.structs.replace(config, upstreams=(demo_upstream,), optimization=optimization, caws=caws)
     host = args.host or config.server.host
     port = args.port or config.server.port
+    token, generated = demo_token(config.admin.token_env)
+    shown = token if generated else f"${config.admin.token_env}"  # an operator's own token is not echoed
     if args.traffic > 0:
         _start_demo_traffic(f"http://{host}:{port}", args.traffic, config)
     print(
         f"demo: simulated LLM upstream on 127.0.0.1:{sim_port}; try:\n"
         f"  curl -s http://{host}:{port}/v1/chat/completions -H 'content-type: application/json' -H 'x-task-type: code' \\\n"
         "       -d '{\"model\":\"sim-1\",\"messages\":[{\"role\":\"user\",\"content\":\"write a sort function\"}]}'\n"
-        f"  open http://{host}:{port}/dashboard",
+        f"  open {dashboard_url(host, port, token) if generated else f'http://{host}:{port}/dashboard (and enter the token)'}\n"
+        f"  curl -s http://{host}:{port}/api/optimization/status -H \"authorization: Bearer {shown}\"",
         flush=True,
     )
     _serve(config, host, port)
     return 0
+
+
+def demo_token(token_env: str) -> tuple[str, bool]:
+    """The admin token for a demo and whether it was generated: $token_env if set, else a
+    fresh random one put there.
+
+    Set in the environment because that is where the app (and the demo's own traffic)
+    reads it, so the demo runs with auth like any deployment.
+    """
+    import os
+    import secrets
+
+    token = os.environ.get(token_env, "").strip()
+    if token:
+        return token, False
+    token = secrets.token_urlsafe(24)
+    os.environ[token_env] = token
+    return token, True
+
+
+def dashboard_url(host: str, port: int, token: str) -> str:
+    """The dashboard with the token in the fragment: the page keeps it in sessionStorage and
+    drops it from the address bar, and a fragment never reaches the server or its logs."""
+    from urllib.parse import quote
+
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/dashboard#token={quote(token, safe='')}"
 
 
 def _start_demo_traffic(base_url: str, rate: float, config: Config) -> None:

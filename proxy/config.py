@@ -9,6 +9,7 @@ loop's last log line should know what to fix.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
 import tomllib
 import types
@@ -33,6 +34,7 @@ from policies.settings import (
     RewardSettings,
     ThompsonSettings,
 )
+from proxy.origins import normalize_origin, valid_host_entry
 
 PolicyName = Literal["thompson_gaussian", "linucb", "baseline", "uniform"]
 ModeName = Literal["shadow", "canary", "guarded", "general"]
@@ -62,6 +64,10 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_models_per_upstream: int = 256
     max_task_type_bytes: int = 128
     max_model_bytes: int = 256
+    # Host names (no port) this server answers to; empty = any. Against DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ()
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto uvicorn believes; empty = nobody's.
+    forwarded_allow_ips: tuple[str, ...] = ()
 
 
 class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -165,6 +171,11 @@ class OptimizationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
 
 class AdminSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     token_env: str = "THERMOSTAT_ADMIN_TOKEN"
+    # Without a token anything reaching the port from this host counts as loopback (a
+    # same-host forwarder, a reverse proxy, a browser tab), so serving without one is opt-in.
+    allow_unauthenticated: bool = False
+    # Origins (scheme://host[:port]) allowed besides the server's own, e.g. an admin UI.
+    allowed_origins: tuple[str, ...] = ()
 
 
 class AlertSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -393,6 +404,17 @@ def _validate_ranges(cfg: Config) -> None:
         raise bad("constraints.max_delta_*", "deltas must be >= 0")
     if not 0 < cfg.server.port < 65536:
         raise bad("server.port", f"{cfg.server.port} (allowed: 1-65535)")
+    for host in cfg.server.allowed_hosts:
+        if not valid_host_entry(host):
+            raise bad("server.allowed_hosts", f"{host!r} (allowed: host names or IP addresses without scheme or port)")
+    for peer in cfg.server.forwarded_allow_ips:
+        try:
+            ipaddress.ip_network(peer.strip(), strict=False)  # not "*": that would believe every client
+        except ValueError:
+            raise bad("server.forwarded_allow_ips", f"{peer!r} (allowed: IP addresses or networks of your reverse proxies)") from None
+    for origin in cfg.admin.allowed_origins:
+        if normalize_origin(origin) is None:
+            raise bad("admin.allowed_origins", f"{origin!r} (allowed: origins such as https://admin.example.com or http://127.0.0.1:3000)")
     names = [u.name for u in cfg.upstreams]
     if len(set(names)) != len(names):
         raise bad("upstreams.name", "upstream names must be unique")

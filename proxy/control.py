@@ -19,11 +19,15 @@ from typing import Annotated, Any
 import msgspec
 import numpy as np
 from litestar import Request, Response, Router, delete, get, post
+from litestar._openapi.schema_generation import SchemaCreator  # private, but the plugin's own signature type
+from litestar._openapi.schema_generation.plugins import StructSchemaPlugin  # not exported publicly (litestar 2.25)
 from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Schema
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
+from litestar.typing import FieldDefinition
 
 from guards.rollout import RolloutEvent, assign
 from guards.trust_region import enforce
@@ -93,7 +97,7 @@ WindowS = Annotated[float, Parameter(ge=1.0, le=366 * DAY, description="Length o
 MaxRows = Annotated[int, Parameter(ge=1, le=200_000, description="Newest decisions read from the log")]
 Bins = Annotated[int, Parameter(ge=1, le=500, description="Time bins of a series")]
 Limit = Annotated[int, Parameter(ge=1, le=1000)]
-Offset = Annotated[int, Parameter(ge=0, le=10_000_000)]
+Offset = Annotated[int, Parameter(ge=0, le=10_000_000, schema_extra={"minimum": 0})]  # Litestar drops a bound of 0
 
 
 def error_response(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> Response[ApiError]:
@@ -116,8 +120,7 @@ _TYPE_BY_STATUS = {
 
 
 def _auth_error(_: Request, exc: AuthError) -> Response[ApiError]:
-    type_ = "authentication_error" if exc.status == 401 else "permission_error"
-    resp = error_response(exc.status, exc.message, type_, exc.code)
+    resp = error_response(exc.status, exc.message, _TYPE_BY_STATUS.get(exc.status, "permission_error"), exc.code)
     if exc.status == 401:
         resp.headers["www-authenticate"] = "Bearer"
     return resp
@@ -140,7 +143,10 @@ def _validation_error(_: Request, exc: ValidationException) -> Response[ApiError
 def _http_error(_: Request, exc: HTTPException) -> Response[ApiError]:
     status = exc.status_code
     codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden", 413: "request_too_large", 415: "unsupported_media_type"}
-    return error_response(status, str(exc.detail), _TYPE_BY_STATUS.get(status, "api_error"), codes.get(status, f"http_{status}"))
+    resp = error_response(status, str(exc.detail), _TYPE_BY_STATUS.get(status, "api_error"), codes.get(status, f"http_{status}"))
+    if exc.headers:  # e.g. 405's Allow, which RFC 9110 requires
+        resp.headers.update(exc.headers)
+    return resp
 
 
 def _proxy_error(_: Request, exc: ProxyError) -> Response[ApiError]:
@@ -153,14 +159,36 @@ def _internal_error(request: Request, exc: Exception) -> Response[ApiError]:
 
 
 _ERROR_TEXT = {
-    400: "Malformed request (OpenAI error shape)",
+    400: "Malformed request, or a Host not in [server] allowed_hosts (OpenAI error shape)",
     401: "Missing or malformed Authorization header",
-    403: "Wrong admin token, or not a loopback client when no token is configured",
-    404: "Unknown id",
+    403: "Wrong admin token; an Origin that is neither this server nor in [admin] allowed_origins; "
+         "without a token, not a loopback client or a Host other than localhost",
+    404: "Unknown id (or no upstream for the context's model)",
     409: "Conflict with the current state",
+    415: "The body is not declared as content-type: application/json",
     422: "Well-formed but invalid values",
     503: "Not ready / a backing store is unavailable",
 }
+
+
+def document_errors(handler: BaseRouteHandler) -> None:
+    """The error statuses a control operation really returns, so the OpenAPI document matches.
+
+    400 everywhere (a disallowed Host is refused at the edge for any path); 401/403 where
+    the admin guard runs; 415 where it checks the body type; plus the handler's own.
+    """
+    public = bool(handler.opt.get("public"))
+    codes = {400} if public else {400, 401, 403}
+    methods: set[str] = set(getattr(handler, "http_methods", ()))
+    if not public and methods - {"GET", "HEAD"}:
+        codes.add(415)
+    own: dict[int, ResponseSpec] = dict(getattr(handler, "responses", None) or {})
+    specs = {code: ResponseSpec(data_container=ApiError, description=_ERROR_TEXT[code]) for code in sorted(codes | own.keys())}
+    specs.update({code: spec for code, spec in own.items() if spec is not _ERR})  # a body other than the error shape
+    handler.responses = specs  # type: ignore[attr-defined]
+    if not public:
+        handler.security = [{"bearer": []}]  # type: ignore[attr-defined]
+
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     AuthError: _auth_error,
@@ -169,6 +197,53 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     HTTPException: _http_error,
     Exception: _internal_error,
 }
+
+
+class StrictStructSchemaPlugin(StructSchemaPlugin):
+    """Litestar's struct schemas, made to say what msgspec enforces.
+
+    `additionalProperties: false` where the struct forbids unknown fields (the document
+    promised extra keys were fine; the decoder answers them with 400), and numeric bounds
+    of 0 (`ge=0.0` on a quality score), which Litestar drops because it tests them for
+    truthiness.
+    """
+
+    def to_openapi_schema(self, field_definition: FieldDefinition, schema_creator: SchemaCreator) -> Schema:
+        schema = super().to_openapi_schema(field_definition, schema_creator)
+        info = msgspec.inspect.type_info(field_definition.type_)
+        if not isinstance(info, msgspec.inspect.StructType):
+            return schema
+        if info.forbid_unknown_fields:
+            schema.additional_properties = False
+        for f in info.fields:  # Litestar drops bounds equal to 0 (it tests their truthiness): put them back
+            prop = (schema.properties or {}).get(f.encode_name)
+            bounds = _numeric_type(f.type)
+            if not isinstance(prop, Schema) or bounds is None:
+                continue
+            for attr, key in (("ge", "minimum"), ("gt", "exclusive_minimum"), ("le", "maximum"), ("lt", "exclusive_maximum")):
+                if getattr(bounds, attr) == 0 and getattr(prop, key) is None:
+                    setattr(prop, key, 0)
+        return schema
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    """JSON Schema counts 3.0 as an integer; msgspec's strict mode does not."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+    return value
+
+
+def _numeric_type(t: Any) -> msgspec.inspect.IntType | msgspec.inspect.FloatType | None:
+    if isinstance(t, msgspec.inspect.UnionType):
+        inner = [x for x in t.types if not isinstance(x, msgspec.inspect.NoneType)]
+        t = inner[0] if len(inner) == 1 else None
+    if isinstance(t, msgspec.inspect.Metadata):
+        t = t.type
+    return t if isinstance(t, (msgspec.inspect.IntType, msgspec.inspect.FloatType)) else None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -326,21 +401,43 @@ def window(window_s: float) -> tuple[float, float, float]:
 
 
 def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Router, ControlState]:
-    auth = AdminAuth(rt.config.admin.token_env, environ)
+    auth = AdminAuth.from_settings(rt.config.admin, rt.config.server.allowed_hosts, environ)
     state = ControlState(rt=rt, auth=auth)
 
     def admin_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+        # Guards run before Litestar reads the body, so a forged request never reaches a handler.
         if handler.opt.get("public"):
             return
+        headers = connection.headers
+        auth.check_origin(headers)
         client = connection.scope.get("client")
-        host = client[0] if client else None
-        actor = auth.check(connection.headers, host)
+        actor = auth.check(headers, client[0] if client else None)
+        auth.check_content_type(str(connection.scope.get("method", "GET")), headers)
         connection.scope.setdefault("state", {})["thermostat_actor"] = actor
+
+    async def strict_body(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+        """Litestar converts bodies leniently (0 or "true" for a boolean, "5" for a number);
+        the OpenAPI document promises JSON types, so the body is first decoded strictly."""
+        data = getattr(handler, "parsed_fn_signature", None)
+        field = data.parameters.get("data") if data is not None else None
+        if field is None or not isinstance(connection, Request):
+            return
+        raw = await connection.body()
+        if not raw.strip():
+            return  # absent body: Litestar applies the default or reports the missing one
+        try:
+            msgspec.convert(_integral_floats_as_ints(msgspec.json.decode(raw)), type=field.annotation, strict=True)
+        except msgspec.ValidationError as exc:
+            message, _, where = str(exc).partition(" - at `")
+            param = where.rstrip("`").removeprefix("$").lstrip(".") or None
+            raise ProxyError(400, f"invalid request body: {message}", "invalid_body", param=param) from None
+        except msgspec.DecodeError as exc:
+            raise ProxyError(400, f"request body is not valid JSON: {exc}", "invalid_json") from None
 
     # ---- read-only ------------------------------------------------------------------
 
     @get("/health", opt={"public": True}, summary="Readiness (no auth): upstreams, database, state store, writer queue",
-         responses={503: _ERR})
+         responses={503: ResponseSpec(data_container=Readiness, description="Not ready: the checks, at least one failing")})
     async def health() -> Response[Readiness]:
         checks = [HealthCheck(name="upstreams", ok=bool(rt.pool.upstreams), detail=f"{len(rt.pool.upstreams)} configured")]
         st = rt.sink.status() if hasattr(rt.sink, "status") else None
@@ -456,7 +553,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
             constraints=msgspec.to_builtins(cfg.constraints),
         )
 
-    @get("/caws-status", summary="Token budget of the current window, waivers, reset time")
+    @get("/caws-status", summary="Token budget of the current window, waivers, reset time", responses={503: _ERR})
     async def caws() -> CawsStatus:
         try:
             return await caws_status(rt, time.time())
@@ -470,17 +567,14 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
 
     @get("/ope", summary="IPS / SNIPS / DR estimates with CIs: current policy vs baseline on logged exploration data")
     async def ope_(window_s: WindowS = 7 * DAY, max_rows: Annotated[int, Parameter(ge=1, le=50_000)] = 5000,
-                   n_bootstrap: Annotated[int, Parameter(ge=10, le=5000)] = 500, seed: Annotated[int, Parameter(ge=0, le=2**31)] = 0) -> OpeOut:
+                   n_bootstrap: Annotated[int, Parameter(ge=10, le=5000)] = 500, seed: Annotated[int, Parameter(ge=0, le=2**31, schema_extra={"minimum": 0})] = 0) -> OpeOut:
         _, since, until = window(window_s)
         rows, _ = await cdata.load_rows(rt, since=since, until=until, max_rows=max_rows, mode="optimized")
         return cdata.ope_report(rt, rows, since, until, seed=seed, n_bootstrap=n_bootstrap)[0]
 
     @get("/audit-logs", summary="Control-plane actions, newest first")
     async def audit_logs(limit: Limit = 100, offset: Offset = 0) -> AuditPage:
-        fetch = getattr(rt.sink, "fetch_audit", None)
-        if fetch is None:
-            raise ProxyError(503, "the log store has no audit table", "audit_unavailable", "service_unavailable")
-        items = await fetch(limit=limit, offset=offset)
+        items = await rt.sink.fetch_audit(limit=limit, offset=offset)
         return AuditPage(limit=limit, offset=offset, items=[AuditOut(id=a.id, at=a.at, actor=a.actor, action=a.action, target=a.target,
                                                                     before=a.before, after=a.after) for a in items])
 
@@ -551,12 +645,13 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
         slo_report = rt.slo.report(now)
         checks.append(ComplianceCheck(name="slo", ok=slo_report.compliant, detail="breached: " + (", ".join(slo_report.breached) or "none")))
         checks.append(ComplianceCheck(name="audit_log", ok=hasattr(rt.sink, "append_audit"), detail=f"log store {getattr(rt.sink, 'name', '?')}"))
-        checks.append(ComplianceCheck(name="admin_auth", ok=True, detail="bearer token" if auth.configured else "no token: loopback clients only"))
+        checks.append(ComplianceCheck(name="admin_auth", ok=True, detail="bearer token" if auth.configured else "no token ([admin] allow_unauthenticated): same-host clients only"))
         return ComplianceStatus(compliant=all(ch.ok for ch in checks), checks=checks)
 
     # ---- decisions without traffic ------------------------------------------------------
 
-    @post("/recommend", status_code=200, summary="The decision the policy would make now for a context (no upstream call, no budget reserved)")
+    @post("/recommend", status_code=200, summary="The decision the policy would make now for a context (no upstream call, no budget reserved)",
+          responses={404: _ERR})
     async def recommend(data: JSONBody[RecommendIn]) -> Recommendation:
         now = time.time()
         ctx, _ = context_of(rt, data.task_type, data.context)
@@ -614,7 +709,8 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
             guards=guards,
         )
 
-    @post("/test-shadow", status_code=200, summary="Run one synthetic request through the decision path; nothing is sent or logged")
+    @post("/test-shadow", status_code=200, summary="Run one synthetic request through the decision path; nothing is sent or logged",
+          responses={404: _ERR})
     async def test_shadow(request: Request, data: JSONBody[ShadowTestIn | None] = None) -> ShadowTestResult:
         from proxy.edge import patch_body
 
@@ -640,7 +736,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
     # ---- mutations -------------------------------------------------------------------
 
     @post("/record-outcome", status_code=200, summary="Delayed feedback: replace the automatic quality of a request",
-          responses={404: _ERR, 409: _ERR, 422: _ERR})
+          responses={404: _ERR, 409: _ERR})
     async def record_outcome_(request: Request, data: JSONBody[RecordOutcomeIn]) -> RecordOutcomeResult:
         actor = actor_of(request)
         try:
@@ -687,7 +783,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
 
         return await _transition(request, "resume", go)
 
-    @post("/waivers", status_code=201, summary="Create a CAWS waiver (extra tokens for a task type until it expires)")
+    @post("/waivers", status_code=201, summary="Create a CAWS waiver (extra tokens for a task type until it expires)", responses={422: _ERR})
     async def create_waiver(request: Request, data: JSONBody[WaiverIn]) -> WaiverOut:
         now = time.time()
         if (data.expires_at is None) == (data.duration_s is None):
@@ -722,14 +818,11 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
             compliance_status, recommend, test_shadow, record_outcome_, rollback, resume, create_waiver, revoke_waiver,
     ]
     for handler in handlers:
-        extra = {code: _ERROR_TEXT.get(code, "error") for code in (handler.responses or {})}
-        codes = {400: _ERROR_TEXT[400]} if handler.opt.get("public") else {400: _ERROR_TEXT[400], 401: _ERROR_TEXT[401], 403: _ERROR_TEXT[403]}
-        codes.update(extra)
-        handler.responses = {code: ResponseSpec(data_container=ApiError, description=text) for code, text in codes.items()}
+        document_errors(handler)
     router = Router(
         path=PREFIX,
         route_handlers=handlers,
-        guards=[admin_guard],
+        guards=[admin_guard, strict_body],
         tags=["optimization"],
     )
     return router, state

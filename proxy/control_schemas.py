@@ -560,7 +560,7 @@ class SecurityStatus(msgspec.Struct):
     token_configured: bool
     token_id: str | None  # short id of the configured token (never the token)
     loopback_only: bool
-    auth_failures: dict[str, int]  # since start: missing / malformed / wrong / not_loopback
+    auth_failures: dict[str, int]  # since start: missing / malformed / wrong / not_loopback / origin / content_type
     audit_entries: int | None
     prompts_stored: bool
     upstream_keys_from_env: int  # upstreams whose API key comes from an env var

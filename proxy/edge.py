@@ -27,6 +27,7 @@ from proxy.errors import ProxyError, bad_request, error_body
 from proxy.feedback import apply_pending_feedback
 from proxy.json_guard import INT64_MAX, MAX_JSON_DEPTH, duplicate_watched_key, first_out_of_range_int, too_deep
 from proxy.metrics import observe_decision
+from proxy.origins import host_name
 from proxy.paths import confine_v1_path
 from proxy.records import LogEntry
 from proxy.sse import ResponseSummary, StreamRelay, summarize_body
@@ -201,8 +202,16 @@ class ProxyEdge:
         self.fallback = fallback
         self.max_body = runtime.config.server.max_body_bytes
         self.metrics = runtime.metrics
+        # `[server] allowed_hosts`: a page on another name that resolves here (DNS rebinding) gets 400.
+        self.allowed_hosts = frozenset(name for name in map(host_name, runtime.config.server.allowed_hosts) if name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.allowed_hosts and scope["type"] in ("http", "websocket") and host_name(_header(scope["headers"], b"host")) not in self.allowed_hosts:
+            if scope["type"] == "http":
+                self.metrics.client_errors.labels("invalid_host").inc()
+                await self._send_error(send, 400, error_body("the Host header names no host in [server] allowed_hosts",
+                                                             "invalid_request_error", "invalid_host"), new_request_id())
+            return
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             await self._handle(scope, receive, send)
             return

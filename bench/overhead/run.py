@@ -281,6 +281,9 @@ models = ["*"]
 enabled = true
 mode = "general"
 policy = "thompson_gaussian"
+
+[admin]
+allow_unauthenticated = true
 """
     )
     thermostat_exe = str(Path(PY).parent / "thermostat")

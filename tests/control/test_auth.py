@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import httpx
 import pytest
 
-from proxy.auth import AdminAuth, AuthError, token_id
+from proxy.app import create_app
+from proxy.auth import AdminAuth, AuthError, require_token_or_opt_in, token_id
+from proxy.config import AdminSettings, ConfigError, build_config
 from tests.control.conftest import API, AUTH, TOKEN, api, assert_error_shape
 from tests.support.servers import RunningThermostat
 
@@ -65,13 +68,89 @@ def test_security_status_shows_token_id_never_token(ctl: RunningThermostat) -> N
 
 def test_no_token_means_loopback_only() -> None:
     auth = AdminAuth("UNSET_TOKEN_ENV_FOR_TEST", environ={})
-    assert auth.check({}, "127.0.0.1") == "loopback"
-    assert auth.check({}, "::1") == "loopback"
+    assert auth.check({"host": "127.0.0.1:8080"}, "127.0.0.1") == "loopback"
+    assert auth.check({"host": "[::1]:8080"}, "::1") == "loopback"
+    assert auth.check({"host": "LOCALHOST"}, "127.0.0.1") == "loopback"
     with pytest.raises(AuthError) as exc:
-        auth.check({"authorization": f"Bearer {TOKEN}"}, "10.1.2.3")
+        auth.check({"host": "127.0.0.1", "authorization": f"Bearer {TOKEN}"}, "10.1.2.3")
     assert exc.value.status == 403
     with pytest.raises(AuthError):
-        auth.check({}, None)
+        auth.check({"host": "127.0.0.1"}, None)
+
+
+@pytest.mark.parametrize("host", ["rebound.example.com:8080", "10.0.0.5:8080", "127.0.0.1.nip.io", None])
+def test_no_token_refuses_a_host_that_is_not_this_machine(host: str | None) -> None:
+    """DNS rebinding: the browser connects to 127.0.0.1 but names the attacker's host."""
+    auth = AdminAuth("UNSET_TOKEN_ENV_FOR_TEST", environ={})
+    with pytest.raises(AuthError) as exc:
+        auth.check({} if host is None else {"host": host}, "127.0.0.1")
+    assert (exc.value.status, exc.value.code) == (403, "loopback_only")
+    pinned = AdminAuth("UNSET_TOKEN_ENV_FOR_TEST", environ={}, allowed_hosts=("thermostat.internal",))
+    assert pinned.check({"host": "thermostat.internal:8080"}, "127.0.0.1") == "loopback"
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "ok"),
+    [
+        (None, "127.0.0.1:8080", True),
+        ("http://127.0.0.1:8080", "127.0.0.1:8080", True),
+        ("https://thermostat.example.com", "thermostat.example.com", True),  # TLS ends at a proxy in front
+        ("http://localhost:8080", "localhost:8080", True),
+        ("https://admin.example.com", "127.0.0.1:8080", True),  # [admin] allowed_origins
+        ("http://evil.example", "127.0.0.1:8080", False),
+        ("http://127.0.0.1:9999", "127.0.0.1:8080", False),  # another local app on another port
+        ("null", "127.0.0.1:8080", False),  # sandboxed iframe, file://
+        ("http://127.0.0.1:8080", None, False),
+    ],
+)
+def test_origin_must_be_own_or_allowed(origin: str | None, host: str | None, ok: bool) -> None:
+    auth = AdminAuth("T", environ={"T": "abc"}, allowed_origins=("https://Admin.example.com:443/",))
+    headers = {k: v for k, v in (("origin", origin), ("host", host)) if v is not None}
+    if ok:
+        auth.check_origin(headers)
+        return
+    with pytest.raises(AuthError) as exc:
+        auth.check_origin(headers)
+    assert (exc.value.status, exc.value.code) == (403, "origin_not_allowed")
+    assert auth.stats()["origin"] == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "ok"),
+    [
+        ("GET", {}, True),
+        ("POST", {"content-type": "application/json"}, True),
+        ("POST", {"content-type": "Application/JSON; charset=utf-8", "content-length": "2"}, True),
+        ("DELETE", {}, True),
+        ("POST", {}, False),  # an empty form POST
+        ("POST", {"content-type": "text/plain", "content-length": "20"}, False),  # the CSRF body a page can send
+        ("POST", {"content-type": "application/x-www-form-urlencoded", "content-length": "5"}, False),
+        ("POST", {"content-type": "application/json-patch+json", "content-length": "5"}, False),
+        ("DELETE", {"content-type": "text/plain", "content-length": "3"}, False),
+    ],
+)
+def test_bodies_must_be_declared_json(method: str, headers: dict[str, str], ok: bool) -> None:
+    auth = AdminAuth("T", environ={"T": "abc"})
+    if ok:
+        auth.check_content_type(method, headers)
+        return
+    with pytest.raises(AuthError) as exc:
+        auth.check_content_type(method, headers)
+    assert (exc.value.status, exc.value.code) == (415, "unsupported_media_type")
+
+
+def test_serving_without_a_token_needs_an_explicit_opt_in() -> None:
+    with pytest.raises(ConfigError, match=r"no admin token in \$ADMIN_T: .*allow_unauthenticated = true"):
+        require_token_or_opt_in(AdminSettings(token_env="ADMIN_T"), environ={"ADMIN_T": "  "})
+    require_token_or_opt_in(AdminSettings(token_env="ADMIN_T"), environ={"ADMIN_T": "secret"})
+    require_token_or_opt_in(AdminSettings(token_env="ADMIN_T", allow_unauthenticated=True), environ={})
+
+
+def test_create_app_refuses_without_token(tmp_path: Path) -> None:
+    """The check lives in the composition root, so `serve`, each worker and tests all obey it."""
+    cfg = build_config({"server": {"data_dir": str(tmp_path)}, "admin": {"token_env": "THERMOSTAT_UNSET_TOKEN_ENV"}}, environ={})
+    with pytest.raises(ConfigError, match="allow_unauthenticated"):
+        create_app(cfg)
 
 
 def test_token_auth_statuses() -> None:
@@ -85,3 +164,62 @@ def test_token_auth_statuses() -> None:
 
 def test_auth_header_constant(ctl: RunningThermostat) -> None:
     assert api(ctl, "GET", "/status", headers=AUTH).status_code == 200
+
+
+# Statuses an operation documents beyond the generic ones, each with the test that produces it.
+SPECIFIC = {
+    ("GET", "/health/readiness"): {503},  # test_statuses.py
+    ("GET", f"{API}/health"): {503},  # test_statuses.py
+    ("GET", f"{API}/caws-status"): {503},  # test_statuses.py
+    ("POST", f"{API}/record-outcome"): {404, 409},  # test_values.py
+    ("POST", f"{API}/resume"): {409},  # test_statuses.py
+    ("POST", f"{API}/waivers"): {422},  # test_bad_bodies.py
+    ("DELETE", f"{API}/waivers/{{waiver_id}}"): {404},  # test_values.py
+    ("POST", f"{API}/recommend"): {404},  # test_statuses.py
+    ("POST", f"{API}/test-shadow"): {404},  # test_statuses.py
+}
+
+
+def test_documented_statuses_are_the_ones_returned(ctl: RunningThermostat) -> None:
+    """400 everywhere (a disallowed Host, test_forgery.py), 401/403 exactly where the token is
+    required (and then returned, above), 415 on every operation that takes a body (checked here)."""
+    schema = httpx.get(f"{ctl.base}/schema/openapi.json", timeout=10).json()
+    assert "security" not in schema  # no document-wide requirement: public operations are public
+    for path, item in schema["paths"].items():
+        for method, op in item.items():
+            key = (method.upper(), path)
+            codes = {int(c) for c in op["responses"] if not c.startswith("2")}
+            secured = op.get("security") == [{"bearer": []}]
+            assert secured == (path.startswith(API) and path != f"{API}/health"), key
+            expected = {400} | ({401, 403} if secured else set()) | ({415} if method != "get" else set()) | SPECIFIC.get(key, set())
+            assert codes == expected, (key, codes, expected)
+            if method != "get":
+                url = f"{ctl.base}{path.replace('{waiver_id}', 'WV-9999')}"
+                r = httpx.request(method.upper(), url, content=b"{}", headers={**AUTH, "content-type": "text/plain"}, timeout=10)
+                assert_error_shape(r, 415)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("server", "allowed_hosts", ["example.com:8080"]),
+        ("server", "allowed_hosts", ["http://example.com"]),
+        ("server", "forwarded_allow_ips", ["*"]),
+        ("server", "forwarded_allow_ips", ["proxy.internal"]),
+        ("admin", "allowed_origins", ["admin.example.com"]),
+        ("admin", "allowed_origins", ["https://admin.example.com/path"]),
+    ],
+)
+def test_security_settings_are_validated_in_one_line(section: str, key: str, value: list[str]) -> None:
+    with pytest.raises(ConfigError) as exc:
+        build_config({section: {key: value}}, environ={})
+    assert str(exc.value).startswith(f"invalid value for '{section}.{key}'") and "\n" not in str(exc.value)
+
+
+def test_security_settings_accept_what_they_document() -> None:
+    cfg = build_config({"server": {"allowed_hosts": ["Thermostat.Internal", "[::1]", "10.0.0.5"],
+                                   "forwarded_allow_ips": ["10.0.0.0/8", "127.0.0.1"]},
+                        "admin": {"allowed_origins": ["https://admin.example.com", "http://127.0.0.1:3000"]}}, environ={})
+    auth = AdminAuth.from_settings(cfg.admin, cfg.server.allowed_hosts, environ={})
+    assert {"thermostat.internal", "::1", "10.0.0.5"} <= auth.local_hosts
+    assert auth.allowed_origins == {"https://admin.example.com", "http://127.0.0.1:3000"}

@@ -16,6 +16,10 @@ BAD = [
     ("/recommend", b'{"context": {"max_tokens": 0}}', 400),
     ("/recommend", b'{"context": {"temperature": "hot"}}', 400),
     ("/recommend", b'{"context": {"model": "x"}, "extra": 1}', 400),
+    ("/recommend", b'{"context": {"model": "echo-1", "stream": 0}}', 400),  # strict JSON types, as the schema says
+    ("/recommend", b'{"context": {"model": "echo-1", "max_tokens": "300"}}', 400),
+    ("/record-outcome", b'{"request_id": "a", "outcome": {"quality": "0.5"}}', 400),
+    ("/record-outcome", b'{"request_id": "a", "outcome": {"quality": 0.5}, "overwrite": "true"}', 400),
     ("/test-shadow", b'{"context": {"max_tokens": -5}}', 400),
     ("/test-shadow", b"{", 400),
     ("/record-outcome", b"{}", 400),

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from proxy.cli import dashboard_url
 from tests.conftest import IN_CI, make_config
 from tests.control.conftest import drive
 from tests.support.fake_upstream import FakeUpstream
@@ -32,11 +33,12 @@ def _chromium() -> str:
 
 def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path) -> None:
     chromium = _chromium()
-    # No admin token configured: the control API answers loopback clients (Chromium runs on loopback).
-    os.environ.pop("THERMOSTAT_DASHBOARD_TEST_TOKEN", None)
+    # With an admin token, opened the way `thermostat demo` prints it: the token in the URL's fragment.
+    os.environ["THERMOSTAT_DASHBOARD_TEST_TOKEN"] = "dashboard-token-0123456789"
     cfg = make_config(upstream.url, tmp_path / "data", optimization={"mode": "general", "seed": 11},
                       admin={"token_env": "THERMOSTAT_DASHBOARD_TEST_TOKEN"}, slo={"min_samples": 5})
     t = start_thermostat(cfg)
+    url = dashboard_url("127.0.0.1", t.port, "dashboard-token-0123456789")
     try:
         drive(t, 30, "code", temperature=0.7, max_tokens=300)
         drive(t, 15, "summarise")
@@ -45,7 +47,8 @@ def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path) -> 
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "<script src" not in page.text and "http://" not in page.text.replace("http://www.w3.org/2000/svg", "")  # self-contained
         profile = tmp_path / "profile"
-        dom = subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", f"{t.base}/dashboard"],
+        assert httpx.get(f"{t.base}/api/optimization/dashboard").status_code == 401  # the page's data needs the token
+        dom = subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
                              capture_output=True, text=True, timeout=90)
         html = dom.stdout
         assert 'data-loaded="1"' in html, dom.stderr[-2000:]
@@ -58,8 +61,9 @@ def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path) -> 
         out_dir = Path(os.environ.get("THERMOSTAT_SCREENSHOT_DIR") or tmp_path)
         out_dir.mkdir(parents=True, exist_ok=True)
         shot = out_dir / "dashboard.png"
-        subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", f"{t.base}/dashboard"],
+        subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", url],
                        capture_output=True, text=True, timeout=90)
         assert shot.exists() and shot.stat().st_size > 10_000
     finally:
         t.stop()
+        os.environ.pop("THERMOSTAT_DASHBOARD_TEST_TOKEN", None)

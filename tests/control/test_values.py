@@ -199,9 +199,9 @@ def test_rollback_resume_and_audit(ctl: RunningThermostat, upstream) -> None:
     resp = httpx.post(f"{ctl.url}/chat/completions", json={"model": "echo-1", "messages": [{"role": "user", "content": "x"}], "temperature": 0.7, "max_tokens": 300},
                       headers={"x-task-type": "code"})
     assert resp.headers["x-thermostat-mode"] == "rollback" and upstream.last().body["temperature"] == 0.7
-    again = api(ctl, "POST", "/rollback").json()
+    again = api(ctl, "POST", "/rollback", json={}).json()
     assert again["changed"] is False
-    assert api(ctl, "POST", "/resume").json()["changed"] is True
+    assert api(ctl, "POST", "/resume", json={}).json()["changed"] is True
     assert api(ctl, "GET", "/rollback-status").json()["active"] is False
     metrics = httpx.get(f"{ctl.base}/metrics").text
     assert 'thermostat_rollbacks_total{trigger="manual"} 1.0' in metrics

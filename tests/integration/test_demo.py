@@ -1,14 +1,24 @@
-"""The demo's simulated clients: traffic through the proxy, feedback through the control API."""
+"""`thermostat demo`: its admin token, and its simulated clients' traffic and feedback."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
+
+import httpx
 
 from proxy import demo_traffic
 from proxy.config import build_config
 from proxy.simulator_server import start_simulator
-from tests.support.servers import start_thermostat
+from tests.support.servers import free_port, start_thermostat, wait_ready
+
+TOKEN_ENV = "THERMOSTAT_DEMO_TEST_TOKEN"
 
 
 def test_demo_traffic_posts_feedback_that_reaches_the_log(tmp_path) -> None:
@@ -27,14 +37,15 @@ def test_demo_traffic_posts_feedback_that_reaches_the_log(tmp_path) -> None:
     sim_url = handle["sim"].url  # type: ignore[attr-defined]
     cfg = build_config(
         {"server": {"data_dir": str(tmp_path)}, "upstreams": [{"name": "sim", "base_url": sim_url}],
-         "optimization": {"mode": "general", "seed": 2}, "storage": {"flush_interval_s": 0.05}},
+         "optimization": {"mode": "general", "seed": 2}, "storage": {"flush_interval_s": 0.05}, "admin": {"token_env": TOKEN_ENV}},
         environ={},
     )
+    os.environ[TOKEN_ENV] = "demo-test-token"  # as `thermostat demo` does: a token, and its traffic sends it
     running = start_thermostat(cfg)
     try:
         async def drive() -> None:
             try:
-                await asyncio.wait_for(demo_traffic.run(running.base, 50.0), timeout=1.5)
+                await asyncio.wait_for(demo_traffic.run(running.base, 50.0, admin_token="demo-test-token"), timeout=1.5)
             except TimeoutError:
                 pass
 
@@ -47,4 +58,37 @@ def test_demo_traffic_posts_feedback_that_reaches_the_log(tmp_path) -> None:
         assert all(0.0 <= r.feedback_quality <= 1.0 for r in with_feedback)
     finally:
         running.stop()
+        os.environ.pop(TOKEN_ENV, None)
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_demo_generates_a_token_and_prints_the_dashboard_url_with_it(tmp_path: Path) -> None:
+    port, sim_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "THERMOSTAT_ADMIN_TOKEN"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "demo", "--port", str(port), "--simulator-port", str(sim_port), "--traffic", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env={**env, "PYTHONUNBUFFERED": "1"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{base}/health/readiness", proc)
+        assert proc.stdout is not None
+        lines: list[str] = []
+        for _ in range(20):  # the banner, then "thermostat listening ...", all printed before the server answers
+            lines.append(proc.stdout.readline().decode())
+            if "listening" in lines[-1]:
+                break
+        urls = [m.group(0) for line in lines for m in [re.search(r"http://\S+/dashboard#token=(\S+)", line)] if m]
+        assert len(urls) == 1, lines
+        token = urls[0].rsplit("#token=", 1)[1]
+        assert len(token) >= 32
+        assert httpx.get(f"{base}/api/optimization/status", timeout=10).status_code == 401
+        r = httpx.get(f"{base}/api/optimization/status", headers={"authorization": f"Bearer {token}"}, timeout=10)
+        assert r.status_code == 200 and r.json()["mode"] == "general"
+        assert httpx.get(urls[0].split("#", 1)[0], timeout=10).status_code == 200  # the page itself
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

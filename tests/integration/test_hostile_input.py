@@ -138,9 +138,9 @@ def test_slow_clients_are_answered_408_and_closed(hostile: RunningThermostat) ->
     partial_headers = [_connect(hostile) for _ in range(3)]
     partial_bodies = [_connect(hostile) for _ in range(3)]
     for s in partial_headers:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-ty")
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-ty")
     for path, s in zip((b"/v1/chat/completions", b"/v1/completions", b"/api/optimization/recommend"), partial_bodies, strict=True):
-        s.sendall(b"POST " + path + b" HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n" + HEAD)
+        s.sendall(b"POST " + path + b" HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n" + HEAD)
     try:
         for s in silent + partial_headers:
             status, err = _status_and_error(_read_until_closed(s))
@@ -160,7 +160,7 @@ def test_slow_clients_are_answered_408_and_closed(hostile: RunningThermostat) ->
 def test_kept_alive_connection_gets_a_header_deadline_per_request(hostile: RunningThermostat) -> None:
     s = _connect(hostile)
     try:
-        s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        s.sendall(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
         first = s.recv(65536)
         assert first.startswith(b"HTTP/1.1 200")
         s.sendall(b"GET /health HTTP/1.1\r\nhost")  # the next request stalls mid-headers
@@ -173,7 +173,7 @@ def test_kept_alive_connection_gets_a_header_deadline_per_request(hostile: Runni
 def test_endless_headers_get_431(hostile: RunningThermostat) -> None:
     s = _connect(hostile)
     try:
-        s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+        s.sendall(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n")
         for i in range(100):  # 100 KiB of headers, never finished
             try:
                 s.sendall(b"x-pad-%d: " % i + b"a" * 1024 + b"\r\n")

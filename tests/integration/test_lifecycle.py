@@ -30,6 +30,8 @@ base_url = "{upstream.url}"
 flush_interval_s = 30
 [optimization]
 mode = "general"
+[admin]
+allow_unauthenticated = true
 """
     )
     proc = subprocess.Popen(

@@ -165,7 +165,8 @@ def test_fixed_temperature_model_never_gets_another_temperature(upstream: FakeUp
     doc_up = {"name": "fake", "base_url": upstream.url, "models": ["*"], "models_config": [{"pattern": "o1*", "fixed_temperature": 1.0, "max_tokens_limit": 900}]}
     from proxy.config import build_config
 
-    cfg = build_config({"server": {"data_dir": str(tmp_path)}, "upstreams": [doc_up], "optimization": {"mode": "general", "seed": 9}}, environ={})
+    cfg = build_config({"server": {"data_dir": str(tmp_path)}, "upstreams": [doc_up], "optimization": {"mode": "general", "seed": 9},
+                        "admin": {"allow_unauthenticated": True}}, environ={})
     running = start_thermostat(cfg)
     try:
         for _ in range(15):

@@ -47,6 +47,9 @@ timeout_s = 5.0
 redis_url = "{REDIS_URL}"
 redis_key_prefix = "{redis_prefix}"
 
+[admin]
+allow_unauthenticated = true
+
 [optimization]
 mode = "general"
 policy = "thompson_gaussian"

@@ -54,6 +54,9 @@ seed = {seed}
 budget_limit = {LIMIT}
 on_exhausted = "reject"
 store_timeout_s = 1.0
+
+[admin]
+allow_unauthenticated = true
 """
     )
 

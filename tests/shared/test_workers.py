@@ -35,6 +35,8 @@ redis_key_prefix = "{redis_prefix}"
 flush_interval_s = 0.05
 [optimization]
 mode = "general"
+[admin]
+allow_unauthenticated = true
 """
     )
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}

@@ -41,6 +41,9 @@ models = ["*"]
 [storage]
 database_url = "{database_url}"
 
+[admin]
+allow_unauthenticated = true
+
 [optimization]
 mode = "general"
 seed = 7

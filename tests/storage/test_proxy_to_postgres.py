@@ -19,6 +19,7 @@ def test_2000_requests_at_concurrency_50_each_logged_once(upstream: FakeUpstream
             "upstreams": [{"name": "fake", "base_url": upstream.url}],
             "storage": {"database_url": pg_dsn, "flush_interval_s": 0.1, "batch_size": 200},
             "optimization": {"mode": "canary", "seed": 4},
+            "admin": {"allow_unauthenticated": True},
         },
         environ={},
     )

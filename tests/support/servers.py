@@ -14,6 +14,7 @@ import httpx
 import uvicorn
 
 from proxy.app import create_app
+from proxy.cli import forwarding_options
 from proxy.config import Config
 from proxy.runtime import Runtime
 from proxy.serving import ServingConfig
@@ -59,7 +60,8 @@ def start_thermostat(config: Config, runtime: Runtime | None = None) -> RunningT
     rt = runtime or Runtime(config)
     app = create_app(config, rt)
     port = free_port()
-    server = uvicorn.Server(ServingConfig(app, server=config.server, host="127.0.0.1", port=port, loop="asyncio", lifespan="on", log_level="warning"))
+    server = uvicorn.Server(ServingConfig(app, server=config.server, host="127.0.0.1", port=port, loop="asyncio", lifespan="on", log_level="warning",
+                                          **forwarding_options(config.server)))
 
     def run() -> None:
         loop = asyncio.new_event_loop()
