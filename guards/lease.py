@@ -109,7 +109,6 @@ class LeaseBook:
         self._leases: dict[str, _Lease] = {}
         self._changed = asyncio.Event()
         self.wakeup = asyncio.Event()  # set when a request found its lease short
-        self.overshoot = 0  # actual tokens settled beyond what the lease had free
 
     # ---- the request path (no I/O) ------------------------------------------------
 
@@ -202,14 +201,10 @@ class LeaseBook:
         """A leased request finished: its reservation becomes `actual` tokens of usage."""
         for key in keys:
             lease = self._leases.get(key)
-            if lease is None:  # cannot happen while held > 0; count it all the same
+            if lease is None:  # a lease with held > 0 is never dropped
                 continue
-            free_before = lease.amount - lease.held - lease.pending
             lease.held = max(0, lease.held - reserved)
             lease.used_total += actual
-            excess = actual - reserved
-            if excess > 0 and excess > free_before:
-                self.overshoot += excess - max(0, free_before)
 
     def release(self, keys: Sequence[str], reserved: int) -> None:
         """A leased request failed before the upstream answered: give the reservation back."""
