@@ -2,9 +2,10 @@
 
 Three Thermostat apps (real HTTP servers, one Redis) reach Redis through a loopback
 TCP proxy that delays every reply by 150 ms, longer than ``caws.store_timeout_s``
-(0.1 s); mid-load the proxy drops every connection. Before leases, each budget call
-timed out and the request went out unbudgeted (fail-open). With leases the cap holds
-on the tokens the upstream actually reports, run after run.
+(0.1 s); in every other run the proxy also drops every connection mid-load. Before
+leases, each budget call timed out and the request went out unbudgeted (fail-open:
+all ~10,800 tokens a run asks for). With leases the cap holds on the tokens the
+upstream actually reports, run after run, and Redis ends up counting exactly those.
 
 Each run is a fresh budget window: the replicas' decision clock is moved on by one
 window per run, so twenty runs need only one start-up.
@@ -112,7 +113,7 @@ def test_hard_cap_holds_with_slow_redis_and_killed_connections(
         # the start of each fresh window (the first lease takes a round trip) and the ~0.6 s of
         # reconnect after a kill (several round trips at 150 ms).
         total = sum(served for _, served in windows)
-        assert total >= RUNS * LIMIT // 2, [served for _, served in windows]
+        assert total >= RUNS * LIMIT // 3, [served for _, served in windows]
 
         # Redis agrees, to the token, once every replica has reported and returned its leases
         def counters(window: int) -> tuple[int, int, int]:
