@@ -41,7 +41,14 @@ Rules, in order (``E`` = effective limit = limit + Σ active waivers' extra toke
    ``>= warning_threshold`` (0.9): the caller raises the metric and the event.
 6. If the store fails or times out (``store_timeout_s``), or CAWS is disabled,
    ``guard_ok``/``enforced`` say so and the arm is the baseline when
-   ``require_caws`` (else the policy's choice, unbudgeted).
+   ``require_caws`` (else the policy's choice, unbudgeted). Under
+   ``on_exhausted="reject"`` a store failure rejects instead (``reason
+   "guard_unavailable"``): a hard cap never sends a request it did not count.
+7. With a `LeaseBook` (replicas on a shared store), the reservation comes from this
+   replica's lease with no store call (`guards.lease`); a request that does not fit
+   waits up to ``store_timeout_s`` for the background refill, then is exhausted (if
+   the store said so) or unavailable (rule 6). Fill levels are then estimates: the
+   store's counters with other replicas' leases counted as reserved.
 
 Waivers: `create_waiver`, `list_waivers`, `revoke_waiver` (see `guards.waivers`);
 `status(now)` returns a `BudgetStatus` for the control API and metrics.
@@ -56,6 +63,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from guards.lease import LeaseBook
 from guards.settings import CawsSettings
 from guards.state import BudgetKey, Candidate, Counters, ReserveResult, StateStore
 from guards.waivers import Waiver, WaiverBook, extra_tokens, waiver_for
@@ -84,6 +92,7 @@ class Reservation(msgspec.Struct, frozen=True):
     tokens: int
     window_start: int
     task_type: str
+    leased: bool = False  # taken from this replica's lease: settled locally, no store call
 
 
 class BudgetVerdict(msgspec.Struct, frozen=True):
@@ -155,10 +164,13 @@ def _ceil_fraction(fraction: float, limit: int) -> int:
 class BudgetGuard:
     """The CAWS budget over a `StateStore`; see the module docstring for the rules."""
 
-    def __init__(self, settings: CawsSettings, store: StateStore, *, require_caws: bool = True) -> None:
+    def __init__(
+        self, settings: CawsSettings, store: StateStore, *, require_caws: bool = True, leases: LeaseBook | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
         self.require_caws = require_caws
+        self.leases = leases  # set: admit from local leases (guards/lease.py), never call the store here
         self.waivers = WaiverBook(store)
         self._waiver_cache: tuple[Waiver, ...] = ()
         self._waiver_cache_at: float | None = None
@@ -193,12 +205,23 @@ class BudgetGuard:
 
     # ---- waivers ----------------------------------------------------------------
 
-    async def _cached_waivers(self, now: float) -> tuple[Waiver, ...]:
+    def _waivers_stale(self, now: float) -> bool:
         at = self._waiver_cache_at
-        if at is None or now < at or now - at >= self.settings.waiver_cache_s:
+        return at is None or now < at or now - at >= self.settings.waiver_cache_s
+
+    async def _cached_waivers(self, now: float) -> tuple[Waiver, ...]:
+        if self._waivers_stale(now):
             self._waiver_cache = tuple(await self.waivers.list())
             self._waiver_cache_at = now
         return self._waiver_cache
+
+    async def refresh_waivers(self, now: float) -> bool:
+        """Re-read the waiver list if the copy is stale; with leases the background task calls
+        this, so the request path never waits for the store. True if it was re-read."""
+        if not self._waivers_stale(now):
+            return False
+        await self._cached_waivers(now)
+        return True
 
     async def create_waiver(
         self, *, task_type: str, extra_tokens: int, reason: str, approver: str, expires_at: float, now: float
@@ -258,6 +281,8 @@ class BudgetGuard:
             return self._unguarded(chosen_arm, baseline, "disabled", guard_ok=True)
         prompt = max(0, int(prompt_tokens))
         window = self.window_start(now)
+        if self.leases is not None:
+            return await self._decide_leased(self.leases, chosen_arm, allowed, baseline, task_type, prompt, confidence, now)
         try:
             async with asyncio.timeout(s.store_timeout_s):
                 waivers = await self._cached_waivers(now)
@@ -267,8 +292,53 @@ class BudgetGuard:
                 arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident)
                 result = await self.store.budget_reserve(keys, cands, now=now, expires_at=self._expires_at(window))
         except Exception:  # noqa: BLE001 - any store failure is a fail-safe, never a crashed request
-            return self._unguarded(chosen_arm, baseline, "guard_unavailable", guard_ok=False)
+            return self._unavailable(chosen_arm, baseline)
         return self._verdict(result, keys, arms, cands, chosen_arm, baseline, task_type, window, waiver, confident)
+
+    def _unavailable(self, chosen_arm: Arm | None, baseline: Arm) -> BudgetVerdict:
+        """No budget answer in time. Under ``reject`` that is a refusal: a hard cap never sends
+        a request it could not count. Under ``baseline``, the client's own traffic goes."""
+        if self.settings.on_exhausted == "reject":
+            return BudgetVerdict(
+                action="reject", arm=baseline, reason="guard_unavailable", guard_ok=False, enforced=False
+            )
+        return self._unguarded(chosen_arm, baseline, "guard_unavailable", guard_ok=False)
+
+    async def _decide_leased(
+        self,
+        book: LeaseBook,
+        chosen_arm: Arm | None,
+        allowed: Sequence[Arm],
+        baseline: Arm,
+        task_type: str,
+        prompt: int,
+        confidence: float | None,
+        now: float,
+    ) -> BudgetVerdict:
+        """`decide` from this replica's leases: no store round trip. A request that does not fit
+        waits (at most ``store_timeout_s``) for the refill task's next answer."""
+        s = self.settings
+        window = self.window_start(now)
+        waivers = self._waiver_cache  # refreshed by the background task
+        keys = self._budget_keys(window, task_type, waivers, now)
+        waiver = waiver_for(waivers, now, task_type)
+        confident = confidence is not None and confidence >= s.confidence_threshold
+        arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident)
+        expires_at = self._expires_at(window)
+        result = book.reserve(keys, cands, now=now, expires_at=expires_at)
+        if result is None and not book.exhausted(keys, now):
+            try:
+                async with asyncio.timeout(s.store_timeout_s):
+                    while result is None and not book.exhausted(keys, now):
+                        await book.changed()
+                        result = book.reserve(keys, cands, now=now, expires_at=expires_at, retry=True)
+            except TimeoutError:
+                pass
+        if result is None:
+            if not book.exhausted(keys, now):
+                return self._unavailable(chosen_arm, baseline)
+            result = book.reserve_exhausted(keys, cands, now=now, expires_at=expires_at)
+        return self._verdict(result, keys, arms, cands, chosen_arm, baseline, task_type, window, waiver, confident, leased=True)
 
     def _candidates(
         self, chosen_arm: Arm | None, allowed: Sequence[Arm], baseline: Arm, prompt: int, costly_ok: bool
@@ -303,6 +373,7 @@ class BudgetGuard:
         window: int,
         waiver: Waiver | None,
         confident: bool,
+        leased: bool = False,
     ) -> BudgetVerdict:
         s = self.settings
         zone = any(c.total >= k.gate for c, k in zip(result.before, keys))
@@ -326,7 +397,11 @@ class BudgetGuard:
             return BudgetVerdict(action="reject", arm=baseline, reason="exhausted_reject", exhausted=True, **common)
         arm = arms[result.index]
         reservation = Reservation(
-            keys=tuple(k.key for k in keys), tokens=cands[result.index].tokens, window_start=window, task_type=task_type
+            keys=tuple(k.key for k in keys),
+            tokens=cands[result.index].tokens,
+            window_start=window,
+            task_type=task_type,
+            leased=leased,
         )
         if result.overrun:
             reason: Reason = "exhausted_baseline"
@@ -360,6 +435,9 @@ class BudgetGuard:
         """Turn the reservation into real usage (prompt + completion tokens); False if the store failed."""
         if reservation is None:
             return True
+        if reservation.leased and self.leases is not None:
+            self.leases.settle(reservation.keys, reservation.tokens, max(0, int(actual_tokens)))
+            return True
         try:
             async with asyncio.timeout(self.settings.store_timeout_s):
                 await self.store.budget_settle(
@@ -376,6 +454,9 @@ class BudgetGuard:
     async def release(self, reservation: Reservation | None, now: float) -> bool:
         """Give back a reservation of a request that failed or was cancelled."""
         if reservation is None:
+            return True
+        if reservation.leased and self.leases is not None:
+            self.leases.release(reservation.keys, reservation.tokens)
             return True
         try:
             async with asyncio.timeout(self.settings.store_timeout_s):

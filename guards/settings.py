@@ -43,6 +43,18 @@ class CawsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # How long one instance reuses its copy of the waiver list before re-reading the
     # store (create/revoke through the same guard refresh it at once). >= 0.
     waiver_cache_s: float = 5.0
+    # Replicas on a shared store admit requests from a local lease of budget instead of
+    # one store round trip per request (guards/lease.py); a slow store then only stops
+    # new leases. A lease is sized to cover `lease_horizon_s` of recent spend (and is
+    # returned after that long without traffic), takes at most `lease_share` of what is
+    # left near the limit, admits for `lease_ttl_s` after its last store contact (the
+    # store reclaims an unrenewed one after twice that), and is topped up and reported
+    # every `lease_refill_s` by a background task.
+    lease_enabled: bool = True
+    lease_horizon_s: float = 2.0
+    lease_share: float = 0.25
+    lease_ttl_s: float = 10.0
+    lease_refill_s: float = 0.2
 
 
 class SloSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

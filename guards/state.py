@@ -27,6 +27,17 @@ Budget counters
     it does not fit (the client's own parameters under ``on_exhausted="baseline"``);
     each key it overshoots gets ``overruns += 1``.
 
+Leases
+    `budget_lease` lets a replica hold part of a key's budget (`guards.lease`). A
+    lease is counted in the key's ``reserved``; per holder the store keeps its
+    ``amount``, its cumulative reported usage and overruns, and an expiry. One atomic
+    call: (1) other holders' leases past their expiry go back (``reserved -=
+    amount``); (2) the usage reported since the last call (``used_total`` minus what
+    was recorded) moves into ``used`` and out of the holder's amount; overruns
+    likewise; (3) the amount moves towards ``target``: down at once, up by at most
+    what is left under the limit, and not at all if that would stay below
+    ``min_amount``. Reports are cumulative, so a repeated call changes nothing twice.
+
 Blobs, maps, counters
     `get`/`set` hold small JSON documents (rollout state); `map_*` hold records
     that are added and removed one at a time by several writers (waivers; Redis
@@ -88,6 +99,28 @@ class ReserveResult(msgspec.Struct, frozen=True):
     overrun: bool = False  # the accepted candidate was forced past a limit
 
 
+class LeaseCall(msgspec.Struct, frozen=True):
+    """One lease report/top-up for one budget key (see `StateStore.budget_lease`)."""
+
+    key: str
+    holder: str
+    limit: int
+    used_total: int  # cumulative actual tokens settled by this holder on this key
+    overruns_total: int  # cumulative forced requests (on_exhausted="baseline")
+    target: int  # the amount to hold after the call
+    min_amount: int  # grant nothing unless the amount reaches this
+    lease_expires_at: float  # the store may reclaim the amount after this
+    expires_at: float  # the budget key's own expiry (its window)
+    sent_at: float  # `now` when the call was planned
+
+
+class LeaseGrant(msgspec.Struct, frozen=True):
+    """The store's answer: this holder's amount now, and the key's counters (leases count as reserved)."""
+
+    amount: int
+    counters: Counters
+
+
 class StoreUnavailable(Exception):
     """The store could not be reached; guards turn this into a fail-safe verdict."""
 
@@ -117,6 +150,10 @@ class StateStore(Protocol):
 
     async def budget_read(self, keys: Sequence[str], *, now: float) -> tuple[Counters, ...]:
         """Current counters (zeros for unknown or expired keys)."""
+        ...
+
+    async def budget_lease(self, call: LeaseCall, *, now: float) -> LeaseGrant:
+        """Report a holder's usage on a key and move its lease towards `call.target` (see below)."""
         ...
 
     async def get(self, key: str) -> bytes | None: ...
@@ -152,16 +189,25 @@ class StateDump(msgspec.Struct, frozen=True):
     blobs: dict[str, bytes] = {}
     counters: dict[str, int] = {}
     maps: dict[str, dict[str, bytes]] = {}
+class _Holder:
+    __slots__ = ("amount", "expires_at", "overruns_total", "used_total")
+
+    def __init__(self) -> None:
+        self.amount = 0
+        self.used_total = 0
+        self.overruns_total = 0
+        self.expires_at = 0.0
 
 
 class _Budget:
-    __slots__ = ("expires_at", "overruns", "reserved", "used")
+    __slots__ = ("expires_at", "leases", "overruns", "reserved", "used")
 
     def __init__(self) -> None:
         self.used = 0
         self.reserved = 0
         self.overruns = 0
         self.expires_at = 0.0
+        self.leases: dict[str, _Holder] = {}
 
     def snapshot(self) -> Counters:
         return Counters(self.used, self.reserved, self.overruns)
@@ -305,6 +351,35 @@ class InProcessStore:
                 budget = self._live(key, now)
                 out.append(budget.snapshot() if budget is not None else Counters())
             return tuple(out)
+
+    async def budget_lease(self, call: LeaseCall, *, now: float) -> LeaseGrant:
+        async with self._lock:
+            self._prune(now)
+            budget = self._budget(call.key, now, call.expires_at)
+            leases = budget.leases
+            for holder, other in leases.items():
+                if holder != call.holder and other.amount > 0 and other.expires_at <= now:
+                    budget.reserved = max(0, budget.reserved - other.amount)
+                    other.amount = 0
+            mine = leases.setdefault(call.holder, _Holder())
+            used = max(0, call.used_total - mine.used_total)
+            budget.used += used
+            taken = min(mine.amount, used)
+            mine.amount -= taken
+            budget.reserved = max(0, budget.reserved - taken)
+            budget.overruns += max(0, call.overruns_total - mine.overruns_total)
+            mine.used_total = max(mine.used_total, call.used_total)
+            mine.overruns_total = max(mine.overruns_total, call.overruns_total)
+            if call.target > mine.amount:
+                grant = min(call.target - mine.amount, max(0, call.limit - budget.used - budget.reserved))
+                if mine.amount + grant >= call.min_amount:
+                    mine.amount += grant
+                    budget.reserved += grant
+            elif call.target < mine.amount:
+                budget.reserved = max(0, budget.reserved - (mine.amount - call.target))
+                mine.amount = call.target
+            mine.expires_at = call.lease_expires_at
+            return LeaseGrant(amount=mine.amount, counters=budget.snapshot())
 
     async def get(self, key: str) -> bytes | None:
         return self._blobs.get(key)

@@ -398,6 +398,17 @@ def _validate_ranges(cfg: Config) -> None:
         raise bad("caws.store_timeout_s", f"{cfg.caws.store_timeout_s} (allowed: > 0)")
     if cfg.caws.waiver_cache_s < 0:
         raise bad("caws.waiver_cache_s", f"{cfg.caws.waiver_cache_s} (allowed: >= 0)")
+    for key, seconds in (
+        ("caws.lease_horizon_s", cfg.caws.lease_horizon_s),
+        ("caws.lease_ttl_s", cfg.caws.lease_ttl_s),
+        ("caws.lease_refill_s", cfg.caws.lease_refill_s),
+    ):
+        if seconds <= 0:
+            raise bad(key, f"{seconds} (allowed: > 0)")
+    if not 0.0 < cfg.caws.lease_share <= 1.0:
+        raise bad("caws.lease_share", f"{cfg.caws.lease_share} (allowed: a fraction in (0, 1])")
+    if cfg.caws.lease_refill_s >= cfg.caws.lease_ttl_s:
+        raise bad("caws.lease_refill_s", f"{cfg.caws.lease_refill_s} (allowed: < caws.lease_ttl_s)")
     if cfg.slo.max_samples < cfg.slo.min_samples or cfg.slo.check_interval_s < 0:
         raise bad("slo.max_samples", "must be >= slo.min_samples, and slo.check_interval_s >= 0")
     if cfg.constraints.max_delta_temperature < 0 or cfg.constraints.max_delta_max_tokens < 0:

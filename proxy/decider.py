@@ -190,6 +190,13 @@ class BanditDecider:
         self.budget_warning = verdict.warning
         if verdict.reservation is not None:
             self.reservations[request_id] = verdict.reservation
+        if verdict.action == "reject" and verdict.reason == "guard_unavailable":
+            raise ProxyError(
+                503,
+                "the token budget could not be checked in time (caws.on_exhausted = reject); retry shortly",
+                "budget_unavailable",
+                "server_error",
+            )
         if verdict.action == "reject":
             raise ProxyError(
                 429,

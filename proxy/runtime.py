@@ -17,6 +17,7 @@ import msgspec
 import numpy as np
 
 from guards.budget import BudgetGuard
+from guards.lease import LeaseBook
 from guards.rollout import RolloutController, RolloutEvent, load_state, save_state
 from guards.slo import SloMonitor
 from guards.state import InProcessStore, StateStore, StoreUnavailable
@@ -28,6 +29,7 @@ from policies.records import Decision, Outcome, RequestContext
 from proxy.config import Config
 from proxy.control_data import compute_ope_evidence
 from proxy.decider import BanditDecider, Decider
+from proxy.lease_refill import LeaseRefiller
 from proxy.metrics import BoundedLabel, Metrics, watch_loop_lag
 from proxy.recorder import DecisionRegistry, Recorder
 from proxy.shared import SharedState
@@ -98,7 +100,17 @@ class Runtime:
         self.policy = make_policy(config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb)
         self.slo = SloMonitor(config.slo)
         self.rollout = self._make_rollout(None)
-        self.budget = BudgetGuard(config.caws, self.state_store, require_caws=config.constraints.require_caws)
+        # Replicas on Redis admit from budget leases refilled in the background (guards/lease.py).
+        caws = config.caws
+        store_now = self.state_store
+        leased = caws.enabled and caws.lease_enabled and isinstance(store_now, RedisStore)
+        self.leases = LeaseBook(caws, holder=store_now.instance_id) if isinstance(store_now, RedisStore) and leased else None
+        self.budget = BudgetGuard(config.caws, self.state_store, require_caws=config.constraints.require_caws, leases=self.leases)
+        self.lease_refiller = (
+            LeaseRefiller(self.budget, self.leases, self.state_store, clock=lambda: self.bandit.clock(), call_timeout_s=caws.lease_ttl_s / 2)
+            if self.leases is not None
+            else None
+        )
         self.bandit: BanditDecider = BanditDecider(
             policy=self.policy,
             budget=self.budget,
@@ -163,6 +175,8 @@ class Runtime:
             await self.shared.start()
         await self.recorder.start()
         self._lag_watch = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag), name="thermostat-loop-lag")
+        if self.lease_refiller is not None:
+            self.lease_refiller.start()
         self._ticker = asyncio.create_task(self._tick_forever(), name="thermostat-rollout-tick")
         refresh = getattr(self.policy, "refresh_stale", None)
         if refresh is not None:
@@ -245,6 +259,8 @@ class Runtime:
         for task in (self._ticker, self._refresher, self._lag_watch):
             if task is not None:
                 task.cancel()
+        if self.lease_refiller is not None:
+            await self.lease_refiller.stop()
         if self.shared is not None:
             await self.shared.stop()
         await self.recorder.stop()

@@ -19,6 +19,12 @@ Budget keys
     (a Redis host whose clock drifts does not shorten or stretch windows), and an
     injected clock (tests) behaves like a real one.
 
+Leases
+    `budget_lease` is one Lua script too: the lease amounts are part of the budget
+    key's ``reserved``, and a second hash (``<budget key>:leases``, same expiry) keeps
+    per holder its amount, cumulative reported usage and overruns, and expiry. Expired
+    leases of other holders are reclaimed inside the same atomic step.
+
 Blobs, counters, maps
     GET/SET, INCRBY, HSET/HGETALL/HDEL. Every blob `set` is announced on the pub/sub
     channel ``<prefix>changes`` (message ``<instance id>\\n<key>``) in the same
@@ -48,7 +54,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from guards.state import BudgetKey, Candidate, Counters, ReserveResult, StoreUnavailable
+from guards.state import BudgetKey, Candidate, Counters, LeaseCall, LeaseGrant, ReserveResult, StoreUnavailable
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -171,6 +177,57 @@ return 1
 """
 )
 
+# KEYS: budget key, its lease hash. ARGV: now, expires_at, holder, limit, used_total,
+# overruns_total, target, min_amount, lease_expires_at. The lease hash has four fields
+# per holder: <holder>:a (amount, counted in the key's `reserved`), :u and :o (cumulative
+# usage and overruns reported), :e (expiry). Returns {amount, used, reserved, overruns}.
+_LEASE = (
+    _LUA_COMMON
+    + """
+local now = tonumber(ARGV[1])
+local k, lk, me = KEYS[1], KEYS[2], ARGV[3]
+if not live(k, now) then redis.call('DEL', lk) end
+local res = tonumber(redis.call('HGET', k, 'reserved')) or 0
+local flat = redis.call('HGETALL', lk)
+for i = 1, #flat, 2 do
+  local f = flat[i]
+  if string.sub(f, -2) == ':a' then
+    local h = string.sub(f, 1, -3)
+    local amt = tonumber(flat[i + 1]) or 0
+    local exp = tonumber(redis.call('HGET', lk, h .. ':e')) or 0
+    if h ~= me and amt > 0 and exp <= now then
+      res = math.max(0, res - amt)
+      redis.call('HSET', lk, f, 0)
+    end
+  end
+end
+local v = redis.call('HMGET', lk, me .. ':a', me .. ':u', me .. ':o')
+local a, u, o = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+local used = tonumber(redis.call('HGET', k, 'used')) or 0
+local ovr = tonumber(redis.call('HGET', k, 'overruns')) or 0
+local limit, ut, ot = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local target, minimum = tonumber(ARGV[7]), tonumber(ARGV[8])
+local d = math.max(0, ut - u)
+used = used + d
+local taken = math.min(a, d)
+a = a - taken
+res = math.max(0, res - taken)
+ovr = ovr + math.max(0, ot - o)
+if target > a then
+  local grant = math.min(target - a, math.max(0, limit - used - res))
+  if a + grant >= minimum then a = a + grant; res = res + grant end
+elseif target < a then
+  res = math.max(0, res - (a - target))
+  a = target
+end
+redis.call('HSET', k, 'used', used, 'reserved', res, 'overruns', ovr)
+redis.call('HSET', lk, me .. ':a', a, me .. ':u', math.max(u, ut), me .. ':o', math.max(o, ot), me .. ':e', ARGV[9])
+touch(k, now, ARGV[2])
+touch(lk, now, ARGV[2])
+return {a, used, res, ovr}
+"""
+)
+
 
 def client_name_for(prefix: str) -> str:
     """Connection name shown by CLIENT LIST: ``thermostat:<prefix>`` (no spaces allowed)."""
@@ -225,6 +282,7 @@ class RedisStore:
         self._reserve = self.redis.register_script(_RESERVE)
         self._settle = self.redis.register_script(_SETTLE)
         self._release = self.redis.register_script(_RELEASE)
+        self._lease = self.redis.register_script(_LEASE)
 
     def k(self, key: str) -> str:
         """The Redis key of a store key."""
@@ -288,6 +346,15 @@ class RedisStore:
             else:
                 out.append(Counters(int(used or 0), int(reserved or 0), int(overruns or 0)))
         return tuple(out)
+
+    async def budget_lease(self, call: LeaseCall, *, now: float) -> LeaseGrant:
+        args: list[Any] = [
+            _num(now), _num(call.expires_at), call.holder, int(call.limit), int(call.used_total), int(call.overruns_total),
+            int(call.target), int(call.min_amount), _num(call.lease_expires_at),
+        ]
+        raw = await self._call(self._lease(keys=[self.k(call.key), self.k(call.key) + ":leases"], args=args))
+        amount, used, reserved, overruns = (int(v) for v in raw)
+        return LeaseGrant(amount=amount, counters=Counters(used, reserved, overruns))
 
     # ---- blobs, counters, maps --------------------------------------------------
 

@@ -15,60 +15,8 @@ from proxy.store.redis_state import client_name_for
 from tests.conftest import make_config
 from tests.shared.test_replicas_inprocess import drive, wait_for
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.servers import RunningThermostat, free_port, start_thermostat
-
-
-class Forwarder:
-    """A TCP proxy to Redis that can be cut (every connection dropped, port closed) and restored."""
-
-    def __init__(self, target_port: int = 6379) -> None:
-        self.port = free_port()
-        self.target_port = target_port
-        self.loop = asyncio.new_event_loop()
-        self._server: asyncio.base_events.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:  # the other side was cut
-            writer.close()
-        else:
-            writer.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-        self._writers -= {writer, up_writer}
-
-    def start(self) -> None:
-        async def go() -> None:
-            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
-
-        asyncio.run_coroutine_threadsafe(go(), self.loop).result(5)
-
-    def cut(self) -> None:
-        async def go() -> None:
-            if self._server is not None:
-                self._server.close()
-                self._server = None
-            for w in list(self._writers):
-                w.transport.abort()
-            self._writers.clear()
-
-        asyncio.run_coroutine_threadsafe(go(), self.loop).result(5)
-
-    def close(self) -> None:
-        self.cut()
-        self.loop.call_soon_threadsafe(self.loop.stop)
+from tests.support.forwarder import Forwarder
+from tests.support.servers import RunningThermostat, start_thermostat
 
 
 def config(upstream: FakeUpstream, data_dir: Path, prefix: str, redis_url: str) -> Any:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis
 
-from guards.state import BudgetKey, Candidate, Counters, InProcessStore, StateStore, StoreUnavailable
+from guards.state import BudgetKey, Candidate, Counters, InProcessStore, LeaseCall, LeaseGrant, StateStore, StoreUnavailable
 from proxy.store.redis_state import RedisStore
 from tests.shared.conftest import REDIS_URL
 
@@ -160,3 +160,35 @@ async def test_unreachable_redis_raises_store_unavailable_and_remembers_blob_wri
         assert not await s.ping()
     finally:
         await s.aclose()
+
+
+def _lease(holder: str, *, used: int = 0, overruns: int = 0, target: int = 0, minimum: int = 0, lease_exp: float = 50.0) -> LeaseCall:
+    return LeaseCall(
+        key="L", holder=holder, limit=1000, used_total=used, overruns_total=overruns, target=target,
+        min_amount=minimum, lease_expires_at=lease_exp, expires_at=100.0, sent_at=0.0,
+    )
+
+
+async def test_budget_leases_grant_report_return_and_reclaim(store: StateStore) -> None:
+    a = await store.budget_lease(_lease("a", target=600), now=1)
+    assert a == LeaseGrant(600, Counters(0, 600, 0))  # a lease counts as reserved
+    b = await store.budget_lease(_lease("b", target=600, minimum=500), now=2)
+    assert b == LeaseGrant(0, Counters(0, 600, 0))  # 400 left: below b's minimum, nothing granted
+    b = await store.budget_lease(_lease("b", target=600), now=2)
+    assert b == LeaseGrant(400, Counters(0, 1000, 0))  # no minimum: min(requested, remaining)
+    # a reports 250 used and 1 overrun, and wants 100 free: the rest of its lease goes back
+    a = await store.budget_lease(_lease("a", used=250, overruns=1, target=100, lease_exp=200), now=3)
+    assert a == LeaseGrant(100, Counters(250, 500, 1))
+    again = await store.budget_lease(_lease("a", used=250, overruns=1, target=100, lease_exp=200), now=4)
+    assert again == a  # a repeated call (its reply was lost) changes nothing
+    # b stops calling; at its lease expiry another holder's call reclaims it
+    c = await store.budget_lease(_lease("c", target=0), now=49.9)
+    assert c.counters == Counters(250, 500, 1)
+    c = await store.budget_lease(_lease("c", target=700, lease_exp=200), now=50)
+    assert c == LeaseGrant(650, Counters(250, 750, 1))  # b's 400 back; 1000 - 250 - 100 = 650 granted
+    # b comes back late with usage it settled before its lease stopped admitting: counted
+    b = await store.budget_lease(_lease("b", used=30, target=0, lease_exp=200), now=51)
+    assert b == LeaseGrant(0, Counters(280, 750, 1))
+    assert await store.budget_read(["L"], now=51) == (Counters(280, 750, 1),)
+    # the window key expires (on the caller's clock) with its leases
+    assert await store.budget_lease(_lease("a", target=10), now=100) == LeaseGrant(10, Counters(0, 10, 0))

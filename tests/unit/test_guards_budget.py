@@ -350,6 +350,17 @@ def test_unreachable_store_fails_safe() -> None:
     run(go())
 
 
+def test_unreachable_store_under_reject_refuses_instead_of_sending_unbudgeted() -> None:
+    async def go() -> None:
+        for store in (BrokenStore(), SlowStore()):
+            for require in (True, False):
+                guard = BudgetGuard(CawsSettings(store_timeout_s=0.01, on_exhausted="reject"), store, require_caws=require)
+                v = await pick(guard, BIG)
+                assert (v.action, v.reason, v.guard_ok, v.enforced, v.reservation) == ("reject", "guard_unavailable", False, False, None)
+
+    run(go())
+
+
 def test_disabled_caws() -> None:
     async def go() -> None:
         store = InProcessStore()
