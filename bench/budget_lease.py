@@ -37,7 +37,7 @@ from guards.budget import BudgetGuard  # noqa: E402
 from guards.lease import LeaseBook  # noqa: E402
 from guards.settings import CawsSettings  # noqa: E402
 from policies.records import Arm  # noqa: E402
-from proxy.lease_refill import LeaseRefiller  # noqa: E402
+from proxy.decision.lease_refill import LeaseRefiller  # noqa: E402
 from proxy.store.redis_state import RedisStore  # noqa: E402
 from tests.support.forwarder import Forwarder  # noqa: E402
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from guards.state import BudgetKey, Candidate, InProcessStore, StateChange
 from policies.context import build_context, context_features
 from policies.records import Decision, Outcome, Params
-from proxy.records import LogEntry
+from proxy.store.entries import LogEntry
 from proxy.store.journal import Journal, PendingDecision
 
 ITERATIONS = 20_000

@@ -1,4 +1,4 @@
-"""Cost of the hostile-input checks on a decided body (proxy/json_guard.py).
+"""Cost of the hostile-input checks on a decided body (proxy/edge/json_guard.py).
 
 A typical ~2 KB chat body (system + user message with newlines, one tool with a JSON
 schema, temperature and max_tokens) is parsed by `parse_completion_body` (msgspec
@@ -25,8 +25,8 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proxy.edge import parse_completion_body
-from proxy.json_guard import duplicate_watched_key, too_deep
+from proxy.edge.asgi import parse_completion_body
+from proxy.edge.json_guard import duplicate_watched_key, too_deep
 
 ITERATIONS = 20_000
 ROUNDS = 7

@@ -5,7 +5,7 @@ leaves two bad choices, sending the request unbudgeted (3 replicas on a Redis sl
 by 150 ms served 109,940 tokens against a 30,000 limit) or refusing it. Quota systems
 (Google's Doorman, Envoy's rate-limit quota service) lease budget instead: each replica
 holds a chunk sized to its recent spend, admits requests from it with no store round
-trip, and a background task (`proxy.lease_refill`) tops it up, reports usage and
+trip, and a background task (`proxy.decision.lease_refill`) tops it up, reports usage and
 returns what is not needed. A slow or absent store then only stops new leases; a
 request that does not fit is refused, never sent unbudgeted.
 

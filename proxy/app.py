@@ -11,15 +11,15 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.alerts import AlertManager
-from proxy.auth import require_token_or_opt_in
 from proxy.config import Config
-from proxy.control import EXCEPTION_HANDLERS, StrictStructSchemaPlugin, build_control, document_errors
-from proxy.edge import ProxyEdge
-from proxy.metrics import exposition, install_live_metrics, refresh_live
+from proxy.control.api import EXCEPTION_HANDLERS, StrictStructSchemaPlugin, build_control, document_errors
+from proxy.control.auth import require_token_or_opt_in
+from proxy.edge.asgi import ProxyEdge
+from proxy.observability.alerts import AlertManager
+from proxy.observability.metrics import exposition, install_live_metrics, refresh_live
 from proxy.runtime import Runtime
 
-DASHBOARD_HTML = Path(__file__).with_name("dashboard.html")
+DASHBOARD_HTML = Path(__file__).parent / "observability" / "dashboard.html"
 PUBLIC = {"public": True}
 
 
@@ -27,7 +27,7 @@ def build_litestar(rt: Runtime) -> Litestar:
     control, control_state = build_control(rt)
     live = install_live_metrics(rt)
     alerts = AlertManager(rt, rt.config.alerts.webhook_urls)
-    rt.control = control_state  # type: ignore[attr-defined]  # feedback book, auth counters (see proxy.feedback)
+    rt.control = control_state  # type: ignore[attr-defined]  # feedback book, auth counters (see proxy.decision.feedback)
     rt.alerts = alerts  # type: ignore[attr-defined]
     dashboard_page = DASHBOARD_HTML.read_bytes()
 

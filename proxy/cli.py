@@ -54,7 +54,7 @@ def _serve(config: Config, host: str, port: int, workers: int = 1) -> None:
             self.should_exit = True
 
     from proxy.app import create_app
-    from proxy.serving import ServingConfig
+    from proxy.edge.serving import ServingConfig
 
     if not config.upstreams:
         raise ConfigError("no [[upstreams]] configured (add one to config.toml, or run `thermostat demo`)")
@@ -72,7 +72,7 @@ def _serve(config: Config, host: str, port: int, workers: int = 1) -> None:
     )
     if workers > 1:
         from proxy import workers as worker_mode
-        from proxy.auth import require_token_or_opt_in
+        from proxy.control.auth import require_token_or_opt_in
 
         worker_mode.prepare(config, workers)
         require_token_or_opt_in(config.admin)  # each worker's create_app checks too; refuse before forking
@@ -107,7 +107,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Thermostat in front of the bundled simulator, so it answers with no API key."""
     import threading
 
-    from proxy.simulator_server import start_simulator
+    from proxy.demo.simulator_server import start_simulator
 
     config = _load(args.config)
     sim_port = args.simulator_port
@@ -180,7 +180,7 @@ def _start_demo_traffic(base_url: str, rate: float, config: Config) -> None:
 
     import httpx
 
-    from proxy import demo_traffic
+    from proxy.demo import traffic as demo_traffic
 
     token = os.environ.get(config.admin.token_env) or None
 
@@ -198,7 +198,7 @@ def _start_demo_traffic(base_url: str, rate: float, config: Config) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from proxy.simulator_server import run as run_simulator
+    from proxy.demo.simulator_server import run as run_simulator
 
     print(f"simulated OpenAI-compatible upstream on http://{args.host}:{args.port}/v1", flush=True)
     run_simulator(host=args.host, port=args.port, seed=args.seed, time_scale=args.time_scale)

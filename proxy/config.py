@@ -34,7 +34,7 @@ from policies.settings import (
     RewardSettings,
     ThompsonSettings,
 )
-from proxy.origins import normalize_origin, valid_host_entry
+from proxy.edge.origins import normalize_origin, valid_host_entry
 
 PolicyName = Literal["thompson_gaussian", "linucb", "baseline", "uniform"]
 ModeName = Literal["shadow", "canary", "guarded", "general"]

@@ -27,18 +27,18 @@ from policies.context import build_context, context_features
 from policies.quality import auto_quality
 from policies.records import Decision, Outcome, RequestContext
 from proxy.config import Config
-from proxy.control_data import compute_ope_evidence
-from proxy.decider import BanditDecider, Decider
-from proxy.lease_refill import LeaseRefiller
-from proxy.metrics import BoundedLabel, Metrics, watch_loop_lag
-from proxy.recorder import DecisionRegistry, Recorder
-from proxy.shared import SharedState
-from proxy.sse import ResponseSummary
+from proxy.control.reports import compute_ope_evidence
+from proxy.decision.decider import BanditDecider, Decider
+from proxy.decision.lease_refill import LeaseRefiller
+from proxy.edge.sse import ResponseSummary
+from proxy.edge.upstream import UpstreamPool
+from proxy.learning.sync import SharedState
+from proxy.observability.metrics import BoundedLabel, Metrics, watch_loop_lag
 from proxy.store import EventRecord, make_log_store
 from proxy.store.journal import Journal
 from proxy.store.local_state import LocalState
+from proxy.store.recorder import DecisionRegistry, Recorder
 from proxy.store.redis_state import RedisStore
-from proxy.upstream import UpstreamPool
 
 log = logging.getLogger("thermostat")
 
@@ -94,7 +94,7 @@ class Runtime:
         self._lag_watch: asyncio.Task[None] | None = None
         self.ope_interval_s = 60.0
         self.prune_interval_s = 3600.0
-        self.control: Any = None  # set by the control API (proxy/control.py) when it is mounted
+        self.control: Any = None  # set by the control API (proxy/control/api.py) when it is mounted
         self.alerts: Any = None
 
         self.policy = make_policy(config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb)
@@ -127,7 +127,7 @@ class Runtime:
             on_events=self.on_rollout_events,
         )
         self.decider: Decider = decider or self.bandit
-        # Several replicas: posterior, rollout state and decisions shared through Redis (proxy/shared.py).
+        # Several replicas: posterior, rollout state and decisions shared through Redis (proxy/learning/sync.py).
         self.shared: SharedState | None = SharedState(self, self.state_store) if isinstance(self.state_store, RedisStore) else None
         if self.shared is not None:
             self.registry = self.shared.registry  # also writes decisions to Redis for feedback posted elsewhere

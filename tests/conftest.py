@@ -20,7 +20,7 @@ def make_config(upstream_url: str, data_dir: Path, **sections: dict) -> Config:
         "server": {"data_dir": str(data_dir), "max_body_bytes": 200_000},
         "upstreams": [{"name": "fake", "base_url": upstream_url, "models": ["*"], "timeout_s": 2.0, "connect_timeout_s": 1.0}],
         "storage": {"flush_interval_s": 0.05},
-        # Test servers without a token opt in explicitly, as an operator must (proxy.auth.require_token_or_opt_in).
+        # Test servers without a token opt in explicitly, as an operator must (proxy.control.auth.require_token_or_opt_in).
         # A test that passes its own `admin` section replaces this, and then needs a token or to opt in itself.
         "admin": {"allow_unauthenticated": True},
     }

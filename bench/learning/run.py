@@ -1,6 +1,6 @@
 """Cumulative regret over 20,000 simulated requests: our policies vs Vowpal Wabbit.
 
-Every policy faces the same request stream (`policies.simulator.simulate`, same seeds):
+Every policy faces the same request stream (`proxy.demo.simulator.simulate`, same seeds):
 four task types with different best temperatures and answer lengths, one client
 baseline (0.7, 512), a 5 x 5 grid of arms within ±0.2 temperature and ±500 tokens.
 Regret is pseudo-regret against the ground truth (expected reward of the best allowed
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from policies.base import Choice, make_policy, sample_index
 from policies.context import prompt_bin
 from policies.records import Arm, RequestContext
-from policies.simulator import SimulationLog, simulate
+from proxy.demo.simulator import SimulationLog, simulate
 
 RESULTS = ROOT / "bench" / "results"
 

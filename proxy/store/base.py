@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import msgspec
 
 from policies.records import Params
-from proxy.records import FeedbackEntry, LogEntry
+from proxy.store.entries import FeedbackEntry, LogEntry
 
 
 def _new_id() -> str:

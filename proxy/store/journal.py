@@ -36,8 +36,8 @@ from typing import Any
 import msgspec
 
 from policies.records import Decision, Outcome
-from proxy.records import LogEntry
 from proxy.store.base import StoreRecord
+from proxy.store.entries import LogEntry
 from proxy.store.spool import frame, read_frames
 
 log = logging.getLogger("thermostat.store.journal")

@@ -23,7 +23,6 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from proxy.records import FeedbackEntry, LogEntry
 from proxy.store.base import (
     AuditRecord,
     DecisionRow,
@@ -34,6 +33,7 @@ from proxy.store.base import (
     split_records,
     to_decision_row,
 )
+from proxy.store.entries import FeedbackEntry, LogEntry
 from proxy.store.migrations import migrate_connection
 
 log = logging.getLogger("thermostat.store.postgres")

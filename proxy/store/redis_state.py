@@ -28,7 +28,7 @@ Leases
 Blobs, counters, maps
     GET/SET, INCRBY, HSET/HGETALL/HDEL. Every blob `set` is announced on the pub/sub
     channel ``<prefix>changes`` (message ``<instance id>\\n<key>``) in the same
-    MULTI as the SET, so other replicas reload it at once (`proxy.shared` listens).
+    MULTI as the SET, so other replicas reload it at once (`proxy.learning.sync` listens).
     A blob `set` that fails is remembered (`unsaved`) so the shared-state task can
     write it once Redis is back; the call still raises `StoreUnavailable`.
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import msgspec
 
-from proxy.records import LogEntry
 from proxy.store.base import (
     AuditRecord,
     DecisionRow,
@@ -31,6 +30,7 @@ from proxy.store.base import (
     split_records,
     to_decision_row,
 )
+from proxy.store.entries import LogEntry
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS logged_decisions (

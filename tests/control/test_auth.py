@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from proxy.app import create_app
-from proxy.auth import AdminAuth, AuthError, require_token_or_opt_in, token_id
 from proxy.config import AdminSettings, ConfigError, build_config
+from proxy.control.auth import AdminAuth, AuthError, require_token_or_opt_in, token_id
 from tests.control.conftest import API, AUTH, TOKEN, api, assert_error_shape
 from tests.support.servers import RunningThermostat
 

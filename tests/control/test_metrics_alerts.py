@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from proxy.metrics import guard_interventions
+from proxy.observability.metrics import guard_interventions
 from tests.support.servers import RunningThermostat
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 
-from proxy import demo_traffic
 from proxy.config import build_config
-from proxy.simulator_server import start_simulator
+from proxy.demo import traffic as demo_traffic
+from proxy.demo.simulator_server import start_simulator
 from tests.support.servers import free_port, start_thermostat, wait_ready
 
 TOKEN_ENV = "THERMOSTAT_DEMO_TEST_TOKEN"

@@ -15,8 +15,8 @@ import httpx
 import openai
 import pytest
 
-from proxy.errors import ProxyError
-from proxy.paths import PathFilter, confine_v1_path, url_within_base
+from proxy.edge.errors import ProxyError
+from proxy.edge.paths import PathFilter, confine_v1_path, url_within_base
 from tests.conftest import make_config
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.servers import RunningThermostat, start_thermostat

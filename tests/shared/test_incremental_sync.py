@@ -7,8 +7,8 @@ from pathlib import Path
 import redis
 
 from policies.records import Arm, RequestContext
+from proxy.learning.sync import SharedState, digest, from_hash
 from proxy.runtime import Runtime
-from proxy.shared import SharedState, digest, from_hash
 from tests.conftest import make_config
 from tests.shared.conftest import REDIS_URL
 from tests.support.fake_upstream import FakeUpstream

@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from proxy.shared import digest, from_hash
+from proxy.learning.sync import digest, from_hash
 from proxy.store.redis_state import client_name_for
 from tests.conftest import make_config
 from tests.shared.test_replicas_inprocess import drive, wait_for

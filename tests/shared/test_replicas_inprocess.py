@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from guards.state import Counters
-from proxy.shared import digest, from_hash
+from proxy.learning.sync import digest, from_hash
 from tests.conftest import make_config
 from tests.shared.conftest import REDIS_URL
 from tests.support.fake_upstream import FakeUpstream

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from proxy.shared import digest, from_hash
+from proxy.learning.sync import digest, from_hash
 from tests.shared.conftest import REDIS_URL
 from tests.shared.test_replicas_inprocess import drive, wait_for
 from tests.support.fake_upstream import FakeUpstream

@@ -10,9 +10,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.recorder import Recorder
 from proxy.store.base import StoreUnavailable
 from proxy.store.postgres import PostgresLogStore
+from proxy.store.recorder import Recorder
 from proxy.store.spool import Spool, SpoolingStore
 from tests.storage.factory import TcpProxy, feedback, log_entry
 

@@ -16,8 +16,8 @@ import uvicorn
 from proxy.app import create_app
 from proxy.cli import forwarding_options
 from proxy.config import Config
+from proxy.edge.serving import ServingConfig
 from proxy.runtime import Runtime
-from proxy.serving import ServingConfig
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ import pytest
 
 from policies.records import Params
 from proxy.config import ConfigError, build_config, load_config, mask_secrets
-from proxy.edge import patch_body
+from proxy.edge.asgi import patch_body
 
 
 def test_defaults_match_deployment_guide() -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.recorder import Recorder
-from proxy.records import FeedbackEntry, LogEntry
+from proxy.store.entries import FeedbackEntry, LogEntry
 from proxy.store.journal import INTERRUPTED, Journal, PendingDecision, replay_records
+from proxy.store.recorder import Recorder
 from tests.unit.test_recorder import MemorySink, entry
 
 _KILLED_WRITER = """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from policies.base import make_policy
-from policies.simulator import simulate
+from proxy.demo.simulator import simulate
 
 N_REQUESTS = 2000
 WINDOW = (1000, 2000)  # judged on the second thousand: "within 2,000 requests"

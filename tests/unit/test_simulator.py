@@ -8,7 +8,7 @@ import pytest
 from policies.arms import candidate_arms
 from policies.records import Arm
 from policies.settings import ArmGridSettings, RewardSettings
-from policies.simulator import SimulatorTruth, _clipped_normal_mean
+from proxy.demo.simulator import SimulatorTruth, _clipped_normal_mean
 
 TRUTH = SimulatorTruth()
 

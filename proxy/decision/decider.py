@@ -24,7 +24,7 @@ from policies.context import context_fingerprint
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.reward import BaselineCosts
 from policies.settings import ArmGridSettings, RewardSettings
-from proxy.errors import ProxyError
+from proxy.edge.errors import ProxyError
 
 
 class Decider(Protocol):

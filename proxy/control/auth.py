@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy.config import AdminSettings, ConfigError
-from proxy.origins import host_name, normalize_origin, same_authority
+from proxy.edge.origins import host_name, normalize_origin, same_authority
 
 log = logging.getLogger("thermostat.auth")
 

@@ -78,7 +78,7 @@ import msgspec
 
 from guards.rollout import STATE_KEY, RolloutState
 from policies.records import Decision, Outcome
-from proxy.recorder import DecisionRegistry
+from proxy.store.recorder import DecisionRegistry
 from proxy.store.redis_state import RedisStore
 
 if TYPE_CHECKING:

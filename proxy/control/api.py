@@ -2,7 +2,7 @@
 
 `build_control(rt)` returns the router, the exception handlers and the start-up hooks
 that `proxy.app.build_litestar` installs. Every response body is a msgspec struct from
-`proxy.control_schemas`; every error is `{"error": {"message", "type", "code"}}`.
+`proxy.control.schemas`; every error is `{"error": {"message", "type", "code"}}`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from guards.rollout import RolloutEvent, assign
 from guards.trust_region import enforce
 from guards.waivers import Waiver
 from policies.context import context_bucket
-from proxy import control_data as cdata
-from proxy.auth import AdminAuth, AuthError
-from proxy.control_schemas import (
+from proxy.control import reports as cdata
+from proxy.control.auth import AdminAuth, AuthError
+from proxy.control.schemas import (
     ActionResult,
     ApiError,
     ApiErrorBody,
@@ -81,9 +81,9 @@ from proxy.control_schemas import (
     WaiverList,
     WaiverOut,
 )
-from proxy.decider import unoptimised_mode
-from proxy.errors import ErrorEnvelope, ProxyError
-from proxy.feedback import DecisionNotFound, FeedbackBook, FeedbackConflict, record_outcome
+from proxy.decision.decider import unoptimised_mode
+from proxy.decision.feedback import DecisionNotFound, FeedbackBook, FeedbackConflict, record_outcome
+from proxy.edge.errors import ErrorEnvelope, ProxyError
 from proxy.store.base import AuditRecord, DecisionRow
 
 _ERR = ResponseSpec(data_container=ErrorEnvelope, description="Error in the OpenAI shape")
@@ -712,7 +712,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
     @post("/test-shadow", status_code=200, summary="Run one synthetic request through the decision path; nothing is sent or logged",
           responses={404: _ERR})
     async def test_shadow(request: Request, data: JSONBody[ShadowTestIn | None] = None) -> ShadowTestResult:
-        from proxy.edge import patch_body
+        from proxy.edge.asgi import patch_body
 
         body_in = data or ShadowTestIn()
         now = time.time()

@@ -30,7 +30,7 @@ from policies import ope
 from policies.arms import arm_key
 from policies.context import context_bucket
 from policies.records import Arm, Params
-from proxy.control_schemas import (
+from proxy.control.schemas import (
     ArmPosterior,
     ArmStats,
     ConvergencePoint,
@@ -51,7 +51,7 @@ from proxy.control_schemas import (
     TaskEvolution,
     TaskPerformance,
 )
-from proxy.feedback import context_from_features
+from proxy.decision.feedback import context_from_features
 from proxy.store.base import DecisionRow
 
 Z95 = 1.959963984540054

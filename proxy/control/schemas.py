@@ -1,7 +1,7 @@
 """Request and response bodies of the control API (`/api/optimization/*`), as msgspec structs.
 
 Litestar decodes request bodies into these (a malformed body is a 400 in the OpenAI
-error shape, see `proxy.control`) and documents them in its OpenAPI schema. Numeric
+error shape, see `proxy.control.api`) and documents them in its OpenAPI schema. Numeric
 request fields carry bounds (`msgspec.Meta`) so that nonsense never reaches the
 decision path.
 """

@@ -28,8 +28,8 @@ from typing import Any
 import msgspec
 
 from policies.records import Arm, Decision, Outcome, RequestContext
-from proxy.control_schemas import RecordOutcomeIn, RecordOutcomeResult
-from proxy.records import FeedbackEntry
+from proxy.control.schemas import RecordOutcomeIn, RecordOutcomeResult
+from proxy.store.entries import FeedbackEntry
 
 
 class FeedbackConflict(Exception):

@@ -24,9 +24,9 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.config import ServerSettings
-from proxy.errors import error_body
+from proxy.edge.errors import error_body
 
-PROTOCOL = "proxy.serving:GuardedHttpToolsProtocol"
+PROTOCOL = "proxy.edge.serving:GuardedHttpToolsProtocol"
 # Request line + headers of one request. httptools sets no bound of its own, so within
 # the header deadline a client could otherwise make a connection buffer any amount.
 MAX_HEADER_BYTES = 64 * 1024

@@ -1,7 +1,7 @@
 """A stand-in LLM with a known ground truth, for tests, the demo and the benchmarks.
 
 Pure: no I/O, no clock; randomness comes from Generators seeded by the caller.
-`proxy/simulator_server.py` wraps it in an OpenAI-compatible HTTP server; `simulate`
+`proxy/demo/simulator_server.py` wraps it in an OpenAI-compatible HTTP server; `simulate`
 runs a policy against it in-process (the learning tests and `bench/learning`).
 
 Ground truth per task type (`TaskProfile`):

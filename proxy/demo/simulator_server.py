@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP server around `policies.simulator`: a stand-in LLM with a known truth.
+"""OpenAI-compatible HTTP server around `proxy.demo.simulator`: a stand-in LLM with a known truth.
 
 Endpoints:
   POST /v1/chat/completions, POST /v1/completions   (non-streaming and SSE streaming)
@@ -34,7 +34,7 @@ from policies.arms import candidate_arms
 from policies.context import estimate_prompt_tokens
 from policies.records import Arm
 from policies.settings import ArmGridSettings
-from policies.simulator import SimOutcome, SimulatorTruth
+from proxy.demo.simulator import SimOutcome, SimulatorTruth
 
 DEFAULT_MODELS: tuple[str, ...] = ("sim-1", "sim-1-mini")
 DEFAULT_MAX_TOKENS = 4096

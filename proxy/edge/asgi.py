@@ -6,7 +6,7 @@ re-encode and a relay, with no framework layers in between. The body is parsed
 once with msgspec into a dict (so unknown fields survive untouched); if the decision
 changes nothing, the client's original bytes are forwarded as they came, which is
 safe only because bodies whose bytes could mean something other than the parsed dict
-(repeated top-level fields) are refused (proxy/json_guard.py).
+(repeated top-level fields) are refused (proxy/edge/json_guard.py).
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ import aiohttp
 import msgspec
 
 from policies.records import Decision, Outcome, Params
-from proxy.errors import ProxyError, bad_request, error_body
-from proxy.feedback import apply_pending_feedback
-from proxy.json_guard import INT64_MAX, MAX_JSON_DEPTH, duplicate_watched_key, first_out_of_range_int, too_deep
-from proxy.metrics import observe_decision
-from proxy.origins import host_name
-from proxy.paths import confine_v1_path
-from proxy.records import LogEntry
-from proxy.sse import ResponseSummary, StreamRelay, summarize_body
-from proxy.upstream import UPSTREAM_ERRORS, Upstream, classify, forward_headers, response_headers
+from proxy.decision.feedback import apply_pending_feedback
+from proxy.edge.errors import ProxyError, bad_request, error_body
+from proxy.edge.json_guard import INT64_MAX, MAX_JSON_DEPTH, duplicate_watched_key, first_out_of_range_int, too_deep
+from proxy.edge.origins import host_name
+from proxy.edge.paths import confine_v1_path
+from proxy.edge.sse import ResponseSummary, StreamRelay, summarize_body
+from proxy.edge.upstream import UPSTREAM_ERRORS, Upstream, classify, forward_headers, response_headers
+from proxy.observability.metrics import observe_decision
+from proxy.store.entries import LogEntry
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
