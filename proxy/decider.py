@@ -17,7 +17,7 @@ from guards.budget import BudgetGuard, Reservation
 from guards.rollout import Effective, OpeEvidence, RolloutController, RolloutEvent, assign
 from guards.settings import BaselineSettings, ConstraintsSettings
 from guards.slo import SloMonitor
-from guards.trust_region import Freedom, ModelLimits, allowed_arms, enforce, max_tokens_delta
+from guards.trust_region import Freedom, ModelLimits, allowed_arms, enforce, max_tokens_delta, temperature_range
 from policies.arms import candidate_arms
 from policies.base import Policy
 from policies.context import context_fingerprint
@@ -115,7 +115,8 @@ def reference(
     elif limits.default_temperature is not None:
         temperature, sent_t, tune_t = limits.default_temperature, None, temperature_evidence
     else:
-        temperature, sent_t, tune_t = NOMINAL_TEMPERATURE, None, False
+        low, high = temperature_range(constraints, limits)  # a label inside the model's range keeps max_tokens arms valid
+        temperature, sent_t, tune_t = min(max(NOMINAL_TEMPERATURE, low), high), None, False
     cap: int | None = None
     if ctx.client_max_tokens is not None:
         max_tokens, sent_m, tune_m = ctx.client_max_tokens, ctx.client_max_tokens, True

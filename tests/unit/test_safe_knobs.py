@@ -160,6 +160,13 @@ def test_client_sends_neither_knob_nothing_is_added_under_auto_without_evidence(
     assert d.allowed_for(ctx())[1] == [Arm(1.0, 1024)]  # one arm: the labels of "not sent"
 
 
+def test_omitted_temperature_label_stays_inside_the_model_range() -> None:
+    d = decider(limits=ModelLimits(max_temperature=0.8))
+    base, arms, _ = d.allowed_for(ctx(max_tokens=100))
+    assert base == Arm(0.8, 100) and {a.max_tokens for a in arms} == {50, 75, 100}  # max_tokens still tuned below the cap
+    assert all(x.sent.temperature is None for x in decide_many(d, ctx(max_tokens=100), 10))
+
+
 def test_absent_knobs_stay_absent_even_with_evidence_unless_a_reference_is_declared() -> None:
     d = decider(tune="always")
     assert all(x.sent == Params() for x in decide_many(d, ctx(), 20))
