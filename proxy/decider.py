@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Literal, NamedTuple, Protocol
 
+import msgspec
 import numpy as np
 
 from guards.budget import BudgetGuard, Reservation
@@ -265,11 +266,15 @@ class BanditDecider:
         key = (base, freedom, ctx.upstream, ctx.model)
         allowed = self._arm_cache.get(key)
         if allowed is None:
+            grid = self.grid
+            if freedom.max_tokens_cap is not None and freedom.max_tokens_cap <= base.max_tokens:
+                # Only the lower half of the max_tokens axis is allowed: twice the steps keep as many arms there.
+                grid = msgspec.structs.replace(grid, max_tokens_steps=2 * grid.max_tokens_steps - 1)
             cands = candidate_arms(
                 base,
                 max_delta_temperature=self.constraints.max_delta_temperature if freedom.temperature else 0.0,
                 max_delta_max_tokens=max_tokens_delta(base.max_tokens, self.constraints) if freedom.max_tokens else 0,
-                grid=self.grid,
+                grid=grid,
             )
             allowed = allowed_arms(cands, base, self.constraints, limits, freedom)
             if len(self._arm_cache) > 10_000:

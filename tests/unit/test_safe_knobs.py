@@ -107,7 +107,8 @@ def test_frozen_knobs_stay_at_the_baseline() -> None:
 def test_decider_respects_the_cap_and_raises_only_with_the_flag() -> None:
     capped = decider(tune="always")
     _, arms, _ = capped.allowed_for(ctx(temperature=0.5, max_tokens=50))
-    assert arms and all(25 <= a.max_tokens <= 50 for a in arms)
+    assert {a.max_tokens for a in arms} == {25, 31, 38, 44, 50}  # the grid's 5 steps all below the cap
+    assert {a.temperature for a in arms} == {0.3, 0.4, 0.5, 0.6, 0.7}
     assert {d.sent.max_tokens for d in decide_many(capped, ctx(temperature=0.5, max_tokens=50), 60)} <= set(range(25, 51))
     raising = decider(tune="always", constraints=ConstraintsSettings(raise_client_max_tokens=True))
     _, arms, _ = raising.allowed_for(ctx(temperature=0.5, max_tokens=50))
@@ -163,7 +164,7 @@ def test_client_sends_neither_knob_nothing_is_added_under_auto_without_evidence(
 def test_omitted_temperature_label_stays_inside_the_model_range() -> None:
     d = decider(limits=ModelLimits(max_temperature=0.8))
     base, arms, _ = d.allowed_for(ctx(max_tokens=100))
-    assert base == Arm(0.8, 100) and {a.max_tokens for a in arms} == {50, 75, 100}  # max_tokens still tuned below the cap
+    assert base == Arm(0.8, 100) and {a.max_tokens for a in arms} == {50, 62, 75, 88, 100}  # max_tokens still tuned below the cap
     assert all(x.sent.temperature is None for x in decide_many(d, ctx(max_tokens=100), 10))
 
 
