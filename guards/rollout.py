@@ -8,7 +8,10 @@ always optimises 0 %: the policy decides and is logged, baseline is sent.
 Which requests are optimised: `assign(key, fraction)`, a blake2b hash of a
 stable key (``x-thermostat-key`` header, else the body's ``user``, else the
 request id) mapped to [0, 1): the same user gets the same treatment, and a user
-optimised at 5 % stays optimised at 25 % (the buckets nest).
+optimised at 5 % stays optimised at 25 % (the buckets nest). The always-on holdout
+(``optimization.holdout_fraction``, every phase) is drawn before it with its own salt,
+``assign(key, holdout_fraction, "holdout")``, so the two shares are independent
+(`proxy.decision.decider.BanditDecider.decide`).
 
 Rollback (everything gets baseline parameters) has three triggers:
 

@@ -19,13 +19,22 @@ class ConstraintsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     require_caws: bool = True
     min_temperature: float = 0.0
     max_temperature: float = 2.0
+    # On top of the absolute band: |Δ max_tokens| <= this share of the baseline's max_tokens,
+    # so a small cap moves a little (50 -> 25..75), not by the whole ±max_delta_max_tokens.
+    max_relative_delta_max_tokens: float = 0.5
+    # A max_tokens the client set is a contract: lowered within the region, raised only if true.
+    raise_client_max_tokens: bool = False
 
 
 class BaselineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Stand-in for values the client did not send (global default or per task type)."""
+    """Stand-in for values the client did not send (global default or per task type).
 
-    temperature: float = 0.7
-    max_tokens: int = 1024
+    None (the default) means no stand-in: a knob the client omitted stays omitted, for
+    holdout and tuned traffic alike, so the provider's own default is the baseline.
+    """
+
+    temperature: float | None = None
+    max_tokens: int | None = None
 
 
 class CawsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

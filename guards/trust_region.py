@@ -5,7 +5,12 @@ configured per-task baseline). Thermostat may only move a little away from it, s
 that it can never make a request much worse than the client's own choice:
 
 - ``|temperature - baseline.temperature| <= constraints.max_delta_temperature``
-- ``|max_tokens - baseline.max_tokens| <= constraints.max_delta_max_tokens``
+- ``|max_tokens - baseline.max_tokens| <= max_tokens_delta(baseline.max_tokens)``: the
+  absolute ``constraints.max_delta_max_tokens``, narrowed to
+  ``constraints.max_relative_delta_max_tokens`` of the baseline (50 -> at most 25)
+- per request (`Freedom`): a knob without evidence or without a reference value
+  stays at the baseline, and a ``max_tokens`` the client set is an upper bound
+  (``max_tokens_cap``) unless ``constraints.raise_client_max_tokens``
 - temperature inside the valid range: the intersection of the operator's range
   (``constraints.min/max_temperature``) and the model's (`ModelLimits`); if the
   model only accepts one temperature (``fixed_temperature``), exactly that one
@@ -19,8 +24,9 @@ API (pure, no clock, no I/O)::
 
     limits = ModelLimits(min_temperature=0.0, max_temperature=2.0,
                          fixed_temperature=None, max_tokens=None)
-    arms = allowed_arms(candidates, baseline, constraints, limits)  # what the policy may pick from
-    arm = enforce(verdict.arm, baseline, constraints, limits)       # last line before patching the body
+    free = Freedom(temperature=False, max_tokens=True, max_tokens_cap=50)   # FREE: both knobs, no cap
+    arms = allowed_arms(candidates, baseline, constraints, limits, free)  # what the policy may pick from
+    arm = enforce(verdict.arm, baseline, constraints, limits, free)       # last line before patching the body
 
 `allowed_arms` keeps the baseline if it is itself valid (so "change nothing" is
 always an option for the policy) and returns ``[baseline]`` if nothing else fits.
@@ -52,6 +58,28 @@ class ModelLimits(msgspec.Struct, frozen=True):
     max_temperature: float = 2.0
     fixed_temperature: float | None = None  # e.g. reasoning models that only take 1.0
     max_tokens: int | None = None
+    default_temperature: float | None = None  # the provider's value when none is sent
+
+
+class Freedom(msgspec.Struct, frozen=True):
+    """Which knobs may move for one request, and the client's own cap.
+
+    A knob moves only on evidence that can see it (temperature) and only when it has a
+    reference value to move around; `max_tokens_cap` is the client's explicit limit.
+    """
+
+    temperature: bool = True
+    max_tokens: bool = True
+    max_tokens_cap: int | None = None
+
+
+FREE = Freedom()
+
+
+def max_tokens_delta(baseline_max_tokens: int, constraints: ConstraintsSettings) -> int:
+    """Largest |Δ max_tokens| around `baseline_max_tokens`: the absolute band or the relative one, whichever is tighter."""
+    relative = int(constraints.max_relative_delta_max_tokens * max(0, baseline_max_tokens))
+    return max(0, min(constraints.max_delta_max_tokens, relative))
 
 
 def temperature_range(constraints: ConstraintsSettings, limits: ModelLimits) -> tuple[float, float]:
@@ -82,15 +110,19 @@ def valid_for_model(arm: Arm, constraints: ConstraintsSettings, limits: ModelLim
     return limits.max_tokens is None or arm.max_tokens <= limits.max_tokens
 
 
-def within(arm: Arm, baseline: Arm, constraints: ConstraintsSettings, limits: ModelLimits) -> bool:
+def within(arm: Arm, baseline: Arm, constraints: ConstraintsSettings, limits: ModelLimits, freedom: Freedom = FREE) -> bool:
     """True when `arm` is inside the trust region around `baseline`."""
     if not valid_for_model(arm, constraints, limits):
         return False
     if not math.isfinite(baseline.temperature):
         return False
-    if abs(arm.temperature - baseline.temperature) > constraints.max_delta_temperature + EPS:
+    max_dt = constraints.max_delta_temperature if freedom.temperature else 0.0
+    if abs(arm.temperature - baseline.temperature) > max_dt + EPS:
         return False
-    return abs(arm.max_tokens - baseline.max_tokens) <= constraints.max_delta_max_tokens
+    if freedom.max_tokens_cap is not None and arm.max_tokens > freedom.max_tokens_cap:
+        return False
+    max_dm = max_tokens_delta(baseline.max_tokens, constraints) if freedom.max_tokens else 0
+    return abs(arm.max_tokens - baseline.max_tokens) <= max_dm
 
 
 def allowed_arms(
@@ -98,6 +130,7 @@ def allowed_arms(
     baseline: Arm,
     constraints: ConstraintsSettings,
     limits: ModelLimits,
+    freedom: Freedom = FREE,
 ) -> list[Arm]:
     """Candidates inside the region, in their original order, without duplicates.
 
@@ -107,17 +140,19 @@ def allowed_arms(
     seen: set[Arm] = set()
     out: list[Arm] = []
     for arm in candidates:
-        if arm in seen or not within(arm, baseline, constraints, limits):
+        if arm in seen or not within(arm, baseline, constraints, limits, freedom):
             continue
         seen.add(arm)
         out.append(arm)
-    if baseline not in seen and within(baseline, baseline, constraints, limits):
+    if baseline not in seen and within(baseline, baseline, constraints, limits, freedom):
         out.append(baseline)
     return out or [baseline]
 
 
-def enforce(arm: Arm | None, baseline: Arm, constraints: ConstraintsSettings, limits: ModelLimits) -> Arm:
+def enforce(
+    arm: Arm | None, baseline: Arm, constraints: ConstraintsSettings, limits: ModelLimits, freedom: Freedom = FREE
+) -> Arm:
     """What gets sent: `arm` if it is inside the region, else the baseline."""
-    if arm is not None and within(arm, baseline, constraints, limits):
+    if arm is not None and within(arm, baseline, constraints, limits, freedom):
         return arm
     return baseline

@@ -61,7 +61,7 @@ class Decision(msgspec.Struct):
     context: RequestContext
     context_fingerprint: int
     sent: Params  # what actually left Thermostat
-    baseline: Params  # the client's own values, else the configured baseline
+    baseline: Params  # reference arm: client's values, else explicit stand-ins, else provider default/labels (proxy.decision.decider.reference)
     propensity: float  # behaviour propensity of `sent` (1.0 for deterministic modes)
     policy: str  # "baseline", "thompson_gaussian", "linucb", "uniform"
     policy_version: str

@@ -38,6 +38,7 @@ from proxy.edge.origins import normalize_origin, valid_host_entry
 
 PolicyName = Literal["thompson_gaussian", "linucb", "baseline", "uniform"]
 ModeName = Literal["shadow", "canary", "guarded", "general"]
+TuneTemperature = Literal["auto", "always", "never"]
 
 
 class ConfigError(Exception):
@@ -78,6 +79,9 @@ class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     min_temperature: float = 0.0
     max_temperature: float = 2.0
     max_tokens_limit: int | None = None
+    # What the provider uses when no temperature is sent (OpenAI: 1.0). With evidence, an
+    # omitted temperature may be tuned around it; without it, an omitted one stays omitted.
+    default_temperature: float | None = None
 
 
 # The paths (after `/v1`) a client of a model API needs. Everything else (files,
@@ -160,6 +164,12 @@ class OptimizationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
     traffic_percentage: float | None = None
     policy: PolicyName = "thompson_gaussian"
     seed: int | None = None
+    # Temperature moves only on evidence that can see it: under "auto", once a task type has
+    # min_quality_signals explicit feedback signals; before that only max_tokens arms compete.
+    tune_temperature: TuneTemperature = "auto"
+    min_quality_signals: int = 50
+    # Share of assignment keys served the baseline (mode "holdout") in every phase, general included.
+    holdout_fraction: float = 0.05
 
     @property
     def traffic_fraction(self) -> float:
@@ -413,6 +423,12 @@ def _validate_ranges(cfg: Config) -> None:
         raise bad("slo.max_samples", "must be >= slo.min_samples, and slo.check_interval_s >= 0")
     if cfg.constraints.max_delta_temperature < 0 or cfg.constraints.max_delta_max_tokens < 0:
         raise bad("constraints.max_delta_*", "deltas must be >= 0")
+    if not 0.0 <= cfg.constraints.max_relative_delta_max_tokens <= 1.0:
+        raise bad("constraints.max_relative_delta_max_tokens", f"{cfg.constraints.max_relative_delta_max_tokens} (allowed: a fraction in [0, 1])")
+    if not 0.0 <= cfg.optimization.holdout_fraction < 1.0:
+        raise bad("optimization.holdout_fraction", f"{cfg.optimization.holdout_fraction} (allowed: a fraction in [0, 1))")
+    if cfg.optimization.min_quality_signals < 0:
+        raise bad("optimization.min_quality_signals", f"{cfg.optimization.min_quality_signals} (allowed: >= 0)")
     if not 0 < cfg.server.port < 65536:
         raise bad("server.port", f"{cfg.server.port} (allowed: 1-65535)")
     for host in cfg.server.allowed_hosts:
@@ -434,6 +450,9 @@ def _validate_ranges(cfg: Config) -> None:
             raise bad(f"upstreams[{up.name}].base_url", f"{up.base_url!r} (allowed: an http:// or https:// URL)")
         if up.timeout_s <= 0 or up.connect_timeout_s <= 0:
             raise bad(f"upstreams[{up.name}].timeout_s", "timeouts must be > 0")
+        for ms in up.models_config:
+            if ms.default_temperature is not None and not ms.min_temperature <= ms.default_temperature <= ms.max_temperature:
+                raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].default_temperature", f"{ms.default_temperature} (allowed: within min_temperature..max_temperature)")
         for glob in up.forward_paths:
             if not glob.startswith("/") or ".." in glob:
                 raise bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: globs over the path after /v1, starting with '/', e.g. '/chat/completions')")

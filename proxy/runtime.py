@@ -125,6 +125,9 @@ class Runtime:
             require_caws=config.constraints.require_caws,
             tick_interval_s=config.slo.check_interval_s,
             on_events=self.on_rollout_events,
+            tune_temperature=config.optimization.tune_temperature,
+            min_quality_signals=config.optimization.min_quality_signals,
+            holdout_fraction=config.optimization.holdout_fraction,
         )
         self.decider: Decider = decider or self.bandit
         # Several replicas: posterior, rollout state and decisions shared through Redis (proxy/learning/sync.py).
@@ -316,6 +319,7 @@ class Runtime:
                     max_temperature=ms.max_temperature,
                     fixed_temperature=ms.fixed_temperature,
                     max_tokens=ms.max_tokens_limit,
+                    default_temperature=ms.default_temperature,
                 )
                 if ms is not None
                 else ModelLimits()

@@ -81,7 +81,7 @@ from proxy.control.schemas import (
     WaiverList,
     WaiverOut,
 )
-from proxy.decision.decider import unoptimised_mode
+from proxy.decision.decider import HOLDOUT_SALT, tuned_params, unoptimised_mode
 from proxy.decision.feedback import DecisionNotFound, FeedbackBook, FeedbackConflict, record_outcome
 from proxy.edge.errors import ErrorEnvelope, ProxyError
 from proxy.store.base import AuditRecord, DecisionRow
@@ -548,7 +548,8 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
             params.append(BaselineParam(task_type="default", temperature=d.temperature, max_tokens=d.max_tokens, source="built-in"))
         return BaselineParameters(
             note="the client's own temperature / max_tokens win; these stand in for values the client did not send "
-                 "(per task type, else 'default'); rolled-back and non-optimised requests are forwarded with the client's values",
+                 "(per task type, else 'default'; null = none, the knob stays omitted), for holdout, rolled-back and "
+                 "optimised requests alike",
             parameters=params,
             constraints=msgspec.to_builtins(cfg.constraints),
         )
@@ -656,14 +657,16 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
         now = time.time()
         ctx, _ = context_of(rt, data.task_type, data.context)
         bandit = rt.bandit
-        base, allowed, limits = bandit.allowed_for(ctx)
+        ref, allowed, limits = bandit.reference_for(ctx)
+        base = ref.arm
         probs = np.asarray(rt.policy.propensities(ctx, base, allowed), dtype=np.float64)
         # A private generator: the request path's sequence stays untouched.
         choice = rt.policy.choose(ctx, base, allowed, np.random.default_rng())
         arm = allowed[choice.index]
         eff = rt.rollout.effective(now)
         key = data.context.user
-        assigned = assign(key, eff.fraction) if key else None
+        held_out = assign(key, bandit.holdout_fraction, HOLDOUT_SALT) if key else False
+        assigned = (not held_out and assign(key, eff.fraction)) if key else None
         guards = [
             GuardVerdict(guard="trust_region", ok=True, verdict=f"{len(allowed)} arm(s) allowed",
                          detail={"max_delta_temperature": rt.config.constraints.max_delta_temperature,
@@ -692,15 +695,15 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
                                    detail={"optimized_p99_ms": cdata.finite(report.optimized.p99_ms), "optimized_requests": report.optimized.requests}))
         optimised = eff.optimizing_allowed and (assigned if assigned is not None else eff.fraction >= 1.0)
         if optimised and fits:
-            sent_arm = enforce(arm, base, rt.config.constraints, limits)
-            would = ParamsOut(temperature=sent_arm.temperature, max_tokens=sent_arm.max_tokens)
+            sent = tuned_params(enforce(arm, base, rt.config.constraints, limits, ref.freedom), ref)
+            would = ParamsOut(temperature=sent.temperature, max_tokens=sent.max_tokens)
             mode = "optimized"
         elif optimised:
-            would = ParamsOut(temperature=base.temperature, max_tokens=base.max_tokens)
+            would = ParamsOut(temperature=ref.sent.temperature, max_tokens=ref.sent.max_tokens)
             mode = "guard_fallback"  # the budget would swap the arm (cheapest fitting arm or the baseline)
         else:
-            would = ParamsOut(temperature=ctx.client_temperature, max_tokens=ctx.client_max_tokens)
-            mode = unoptimised_mode(eff)
+            would = ParamsOut(temperature=ref.sent.temperature, max_tokens=ref.sent.max_tokens)
+            mode = unoptimised_mode(eff, held_out)
         return Recommendation(
             task_type=ctx.task_type, bucket=context_bucket(ctx), policy=rt.policy.name, policy_version=rt.policy.version,
             recommended=ParamsOut(temperature=arm.temperature, max_tokens=arm.max_tokens), propensity=choice.propensity,

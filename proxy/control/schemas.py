@@ -320,8 +320,8 @@ class ActionResult(msgspec.Struct):
 
 class BaselineParam(msgspec.Struct):
     task_type: str  # "default" for `[baseline.default]` / the built-in default
-    temperature: float
-    max_tokens: int
+    temperature: float | None  # None: no stand-in, an omitted temperature stays omitted
+    max_tokens: int | None  # None: no stand-in, no cap is added
     source: str  # "config" or "built-in"
 
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, NamedTuple, Protocol
 
+import msgspec
 import numpy as np
 
 from guards.budget import BudgetGuard, Reservation
 from guards.rollout import Effective, OpeEvidence, RolloutController, RolloutEvent, assign
 from guards.settings import BaselineSettings, ConstraintsSettings
 from guards.slo import SloMonitor
-from guards.trust_region import ModelLimits, allowed_arms, enforce
+from guards.trust_region import Freedom, ModelLimits, allowed_arms, enforce, max_tokens_delta, temperature_range
 from policies.arms import candidate_arms
 from policies.base import Policy
 from policies.context import context_fingerprint
@@ -71,21 +72,107 @@ dlog = logging.getLogger("thermostat.decider")
 UPSTREAM_FAILURES = frozenset({"timeout", "connect", "protocol", "upstream_stream_error"})
 
 
-def baseline_arm(ctx: RequestContext, stand_in: BaselineSettings, limits: ModelLimits) -> Arm:
-    """The client's own values, with the configured per-task baseline for missing ones."""
-    temperature = ctx.client_temperature if ctx.client_temperature is not None else stand_in.temperature
+NOMINAL_TEMPERATURE = 1.0
+"""Label for an omitted temperature on a model that declares no `default_temperature` (OpenAI's default).
+
+It only names the arm for the policy; such a temperature is never tuned or sent."""
+NOMINAL_MAX_TOKENS = 1024
+"""Label for an omitted max_tokens without a stand-in: names the arm and sizes the budget reservation; never sent."""
+HOLDOUT_SALT = "holdout"
+"""Salt of the holdout hash, so the holdout is independent of the rollout share (which uses no salt)."""
+
+TuneMode = Literal["auto", "always", "never"]
+
+
+class Reference(NamedTuple):
+    """The baseline of one request: what it sends, the arm it stands for, and what may move around it."""
+
+    arm: Arm  # concrete values: the policy's and the budget's reference point, logged as the decision's baseline
+    sent: Params  # what the baseline sends: the client's knobs plus explicit stand-ins, nothing else
+    freedom: Freedom
+
+
+def reference(
+    ctx: RequestContext,
+    stand_in: BaselineSettings,
+    limits: ModelLimits,
+    constraints: ConstraintsSettings,
+    *,
+    temperature_evidence: bool,
+) -> Reference:
+    """The baseline: the client's own values, else an explicit `[baseline.<task>]` stand-in, else nothing.
+
+    A knob the client omitted keeps the provider's default: it is not sent, and it moves
+    only with evidence and a declared reference (stand-in or the model's
+    `default_temperature`); an omitted max_tokens without a stand-in never gets a cap.
+    """
     if limits.fixed_temperature is not None:
-        temperature = limits.fixed_temperature
-    max_tokens = ctx.client_max_tokens if ctx.client_max_tokens is not None else stand_in.max_tokens
-    if limits.max_tokens is not None and ctx.client_max_tokens is None:
-        max_tokens = min(max_tokens, limits.max_tokens)
-    return Arm(temperature=round(float(temperature), 3), max_tokens=int(max_tokens))
+        # The model takes one temperature: nothing to tune; a client's value is replaced by it when optimised.
+        temperature, sent_t, tune_t = limits.fixed_temperature, ctx.client_temperature, False
+    elif ctx.client_temperature is not None:
+        temperature, sent_t, tune_t = ctx.client_temperature, ctx.client_temperature, temperature_evidence
+    elif stand_in.temperature is not None:
+        temperature, sent_t, tune_t = stand_in.temperature, stand_in.temperature, temperature_evidence
+    elif limits.default_temperature is not None:
+        temperature, sent_t, tune_t = limits.default_temperature, None, temperature_evidence
+    else:
+        low, high = temperature_range(constraints, limits)  # a label inside the model's range keeps max_tokens arms valid
+        temperature, sent_t, tune_t = min(max(NOMINAL_TEMPERATURE, low), high), None, False
+    cap: int | None = None
+    if ctx.client_max_tokens is not None:
+        max_tokens, sent_m, tune_m = ctx.client_max_tokens, ctx.client_max_tokens, True
+        cap = None if constraints.raise_client_max_tokens else ctx.client_max_tokens
+    else:
+        ceiling = min(constraints.max_tokens, limits.max_tokens or constraints.max_tokens)
+        if stand_in.max_tokens is not None:
+            max_tokens = min(stand_in.max_tokens, ceiling)
+            sent_m, tune_m = max_tokens, True
+        else:
+            max_tokens, sent_m, tune_m = min(NOMINAL_MAX_TOKENS, ceiling), None, False
+    t = round(float(temperature), 3)
+    return Reference(
+        arm=Arm(temperature=t, max_tokens=int(max_tokens)),
+        sent=Params(temperature=sent_t, max_tokens=sent_m),
+        freedom=Freedom(temperature=tune_t, max_tokens=tune_m, max_tokens_cap=cap),
+    )
 
 
-def unoptimised_mode(eff: Effective) -> str:
-    """Why a request is not optimised: disabled, rolled back, shadow phase, or outside the rollout share."""
+def tuned_params(arm: Arm, ref: Reference) -> Params:
+    """The wire parameters for `arm`: only knobs the baseline sends, or an omitted one moved off its default."""
+    if ref.sent.temperature is not None or arm.temperature != ref.arm.temperature:
+        temperature: float | None = arm.temperature
+    else:
+        temperature = None
+    max_tokens = arm.max_tokens if ref.sent.max_tokens is not None else None
+    return Params(temperature=temperature, max_tokens=max_tokens)
+
+
+class QualitySignals:
+    """Per task type, the quality signals that can see temperature (explicit feedback so far).
+
+    Kept in memory by this process (a few bytes per task type) and read on the request
+    path without I/O. Task types are client-controlled: past `max_task_types` new ones
+    are not counted, which keeps them on the safe side (temperature untouched).
+    """
+
+    def __init__(self, max_task_types: int = 4096) -> None:
+        self.max_task_types = max_task_types
+        self.counts: dict[str, int] = {}
+
+    def add(self, task_type: str, n: int = 1) -> None:
+        if task_type in self.counts or len(self.counts) < self.max_task_types:
+            self.counts[task_type] = self.counts.get(task_type, 0) + n
+
+    def count(self, task_type: str) -> int:
+        return self.counts.get(task_type, 0)
+
+
+def unoptimised_mode(eff: Effective, held_out: bool = False) -> str:
+    """Why a request is not optimised: disabled, rolled back, the holdout, shadow phase, or outside the rollout share."""
     if eff.rollback is not None:
         return "off" if eff.rollback.trigger == "disabled" else "rollback"
+    if held_out:
+        return "holdout"
     if eff.phase == "shadow" or eff.fraction == 0.0:
         return "shadow"
     return "holdout"
@@ -123,6 +210,10 @@ class BanditDecider:
         require_caws: bool = True,
         tick_interval_s: float = 0.25,
         on_events: Callable[[list[RolloutEvent]], None] | None = None,
+        tune_temperature: TuneMode = "auto",
+        min_quality_signals: int = 50,
+        holdout_fraction: float = 0.05,
+        signals: QualitySignals | None = None,
     ) -> None:
         self.policy = policy
         self.budget = budget
@@ -138,10 +229,14 @@ class BanditDecider:
         self.require_caws = require_caws
         self.tick_interval_s = tick_interval_s
         self.on_events = on_events
+        self.tune_temperature = tune_temperature
+        self.min_quality_signals = min_quality_signals
+        self.holdout_fraction = holdout_fraction
+        self.signals = signals if signals is not None else QualitySignals()
         self.costs = BaselineCosts()
         self.reservations: dict[str, Reservation] = {}
         self._last_tick = 0.0
-        self._arm_cache: dict[tuple[float, int, str, str], list[Arm]] = {}
+        self._arm_cache: dict[tuple[Arm, Freedom, str, str], list[Arm]] = {}
         self.budget_warning = False
         self.ope_evidence: OpeEvidence | None = None  # refreshed off the hot path by the runtime
 
@@ -149,32 +244,55 @@ class BanditDecider:
     def policy_name(self) -> str:
         return self.policy.name
 
+    def temperature_evidence(self, task_type: str) -> bool:
+        """May temperature move for this task type (`tune_temperature` and the explicit signals so far)?"""
+        if self.tune_temperature == "auto":
+            return self.signals.count(task_type) >= self.min_quality_signals
+        return self.tune_temperature == "always"
+
     def allowed_for(self, ctx: RequestContext) -> tuple[Arm, list[Arm], ModelLimits]:
+        """The reference arm, the arms the policy may pick from, and the model's limits."""
+        ref, allowed, limits = self.reference_for(ctx)
+        return ref.arm, allowed, limits
+
+    def reference_for(self, ctx: RequestContext) -> tuple[Reference, list[Arm], ModelLimits]:
+        """Like `allowed_for`, with the whole `Reference` (what the baseline sends, what may move)."""
         limits = self.limits_for(ctx.upstream, ctx.model)
-        base = baseline_arm(ctx, self.baseline_for(ctx.task_type), limits)
-        key = (base.temperature, base.max_tokens, ctx.upstream, ctx.model)
+        ref = reference(
+            ctx, self.baseline_for(ctx.task_type), limits, self.constraints,
+            temperature_evidence=self.temperature_evidence(ctx.task_type),
+        )
+        base, freedom = ref.arm, ref.freedom
+        key = (base, freedom, ctx.upstream, ctx.model)
         allowed = self._arm_cache.get(key)
         if allowed is None:
+            grid = self.grid
+            if freedom.max_tokens_cap is not None and freedom.max_tokens_cap <= base.max_tokens:
+                # Only the lower half of the max_tokens axis is allowed: twice the steps keep as many arms there.
+                grid = msgspec.structs.replace(grid, max_tokens_steps=2 * grid.max_tokens_steps - 1)
             cands = candidate_arms(
                 base,
-                max_delta_temperature=self.constraints.max_delta_temperature,
-                max_delta_max_tokens=self.constraints.max_delta_max_tokens,
-                grid=self.grid,
+                max_delta_temperature=self.constraints.max_delta_temperature if freedom.temperature else 0.0,
+                max_delta_max_tokens=max_tokens_delta(base.max_tokens, self.constraints) if freedom.max_tokens else 0,
+                grid=grid,
             )
-            allowed = allowed_arms(cands, base, self.constraints, limits)
+            allowed = allowed_arms(cands, base, self.constraints, limits, freedom)
             if len(self._arm_cache) > 10_000:
                 self._arm_cache.clear()
             self._arm_cache[key] = allowed
-        return base, allowed, limits
+        return ref, allowed, limits
 
     async def decide(self, ctx: RequestContext, *, request_id: str, assignment_key: str) -> Decision:
         now = self.clock()
-        base, allowed, limits = self.allowed_for(ctx)
+        ref, allowed, limits = self.reference_for(ctx)
+        base = ref.arm
         eff = self.rollout.effective(now)
-        optimised = eff.optimizing_allowed and assign(assignment_key, eff.fraction)
+        # The holdout is drawn first and with its own salt: its keys get the baseline in every
+        # phase, and the rollout share is drawn independently among the rest.
+        held_out = assign(assignment_key, self.holdout_fraction, HOLDOUT_SALT)
+        optimised = eff.optimizing_allowed and not held_out and assign(assignment_key, eff.fraction)
         choice = self.policy.choose(ctx, base, allowed, self.rng)
         policy_arm = allowed[choice.index]
-        client = Params(temperature=ctx.client_temperature, max_tokens=ctx.client_max_tokens)
         notes: list[str] = []
 
         verdict = await self.budget.decide(
@@ -204,26 +322,25 @@ class BanditDecider:
                 "budget_exceeded",
                 "rate_limit_error",
             )
-        if optimised and not verdict.guard_ok and self.require_caws:
-            optimised = False
+        caws_down = optimised and not verdict.guard_ok and self.require_caws
+        if caws_down:
             notes.append("require_caws:budget_guard_unavailable")
 
-        if optimised:
-            sent_arm = enforce(verdict.arm, base, self.constraints, limits)
+        if optimised and not caws_down:
+            sent_arm = enforce(verdict.arm, base, self.constraints, limits, ref.freedom)
             if sent_arm == policy_arm:
                 mode, propensity = "optimized", choice.propensity
             else:
                 # A guard swapped the arm: the behaviour propensity is no longer the
                 # policy's, so these rows are marked and left out of IPS/DR.
                 mode, propensity = "guard_fallback", 1.0
-            temperature: float | None = sent_arm.temperature
-            if limits.fixed_temperature is not None and ctx.client_temperature is None:
-                temperature = None  # never add a temperature a fixed-temperature model did not get
-            sent = Params(temperature=temperature, max_tokens=sent_arm.max_tokens)
+            sent = tuned_params(sent_arm, ref)
+        elif caws_down:
+            # Meant to be optimised: marked as a guard's fallback so the holdout stays a random sample.
+            sent, propensity, mode = ref.sent, 1.0, "guard_fallback"
         else:
-            sent = client
-            propensity = 1.0
-            mode = unoptimised_mode(eff)
+            # Holdout, shadow, rollback, off: the baseline, propensity 1 (the policy's choice is still logged).
+            sent, propensity, mode = ref.sent, 1.0, unoptimised_mode(eff, held_out)
 
         return Decision(
             request_id=request_id,

@@ -74,6 +74,16 @@ def _learns(status: int, error_class: str | None) -> bool:
     return 200 <= status < 300 and error_class is None
 
 
+def _count_signal(rt: Any, task_type: str, already: bool, learns: bool) -> None:
+    """A first explicit score of a request that could teach the policy is evidence that sees temperature.
+
+    It counts towards `optimization.min_quality_signals` (`decider.QualitySignals`); an
+    overwrite is the same signal again, and the automatic score never counts.
+    """
+    if not already and learns:
+        rt.bandit.signals.add(task_type)
+
+
 def _reward(rt: Any, task_type: str, quality: float, latency_s: float, completion_tokens: int | None) -> float:
     bandit = rt.bandit
     return bandit.costs.reward(
@@ -129,6 +139,7 @@ async def record_outcome(rt: Any, book: FeedbackBook, body: RecordOutcomeIn, act
                 book.pending.popitem(last=False)
             rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=None, payload=payload, received_at=now))
             book.remember(rid, quality, None)
+            _count_signal(rt, decision.context.task_type, already, learns=True)  # in flight: its status is not known yet
             return RecordOutcomeResult(
                 request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality,
                 automatic_quality=None, reward=None, previous_reward=None, policy_updated=False,
@@ -164,6 +175,7 @@ async def record_outcome(rt: Any, book: FeedbackBook, body: RecordOutcomeIn, act
         )
     rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
+    _count_signal(rt, row.task_type, already, _learns(row.status, row.error_class))
     return RecordOutcomeResult(
         request_id=rid, found_in="log", quality=quality, previous_quality=previous_quality, automatic_quality=row.quality,
         reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,
@@ -191,6 +203,7 @@ async def _with_outcome(
     rt.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward, feedback=True))
     rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
+    _count_signal(rt, decision.context.task_type, already, _learns(outcome.status, outcome.error_class))
     return RecordOutcomeResult(
         request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality, automatic_quality=automatic,
         reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,

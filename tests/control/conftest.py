@@ -35,7 +35,7 @@ def ctl(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Ite
     cfg = make_config(
         upstream.url,
         tmp_path_factory.mktemp("control"),
-        optimization={"mode": "general", "seed": 7},
+        optimization={"mode": "general", "seed": 7, "holdout_fraction": 0.0},  # every row optimised: values pinned to the log
         admin={"token_env": TOKEN_ENV},
         slo={"min_samples": 5, "check_interval_s": 0},
     )

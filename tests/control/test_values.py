@@ -119,7 +119,7 @@ def test_ope_ips_by_hand(ctl: RunningThermostat) -> None:
         ctx = context_from_features(row.context_features)
         base, allowed, _ = rt.bandit.allowed_for(ctx)
         probs = rt.policy.propensities(ctx, base, allowed)
-        sent = Arm(temperature=row.chosen_params.temperature, max_tokens=row.chosen_params.max_tokens)
+        sent = row.chosen_params.arm(row.baseline_params)  # a knob the client omitted stays omitted: the baseline names it
         idx = [arm_key(a) for a in allowed].index(arm_key(sent))
         r.append(row.reward)
         mu.append(math.exp(row.log_propensity))
@@ -241,7 +241,7 @@ def test_other_status_pages(ctl: RunningThermostat) -> None:
     checks = {c["name"]: c for c in comp["checks"]}
     assert checks["trust_region"]["ok"] and checks["audit_log"]["ok"]
     base = api(ctl, "GET", "/baseline-parameters").json()
-    assert base["parameters"] == [{"task_type": "default", "temperature": 0.7, "max_tokens": 1024, "source": "built-in"}]
+    assert base["parameters"] == [{"task_type": "default", "temperature": None, "max_tokens": None, "source": "built-in"}]
     ro = api(ctl, "GET", "/rollout-status").json()
     assert ro["phase"] == "general" and ro["next_phase"] is None and ro["blockers"] == ["general is the final phase"]
     dash = api(ctl, "GET", "/dashboard", params={"window_s": 600, "bins": 10}).json()

@@ -160,7 +160,9 @@ def test_kill_9_postgres_loses_no_answered_request(upstream: FakeUpstream, pg_ds
 
 
 TOKEN = "crash-test-token"
-CONTEXT = {"task_type": "default", "context": {"model": "echo-1", "messages": [{"role": "user", "content": "q"}]}}
+# The client sends both knobs, and temperature is tuned without waiting for feedback, so
+# there are arms to learn about (under the default `auto`, nothing moves without evidence).
+CONTEXT = {"task_type": "default", "context": {"model": "echo-1", "messages": [{"role": "user", "content": "q"}], "temperature": 0.7, "max_tokens": 512}}
 
 
 def test_kill_9_embedded_state_resumes(upstream: FakeUpstream, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -169,6 +171,7 @@ def test_kill_9_embedded_state_resumes(upstream: FakeUpstream, tmp_path: Path, m
     config = write_config(tmp_path / "config.toml", upstream)
     text = config.read_text().replace("[optimization]", "[caws]\nbudget_limit = 100000000\nwindow_s = 86400\n\n[optimization]")
     text = text.replace('database_url = ""', 'database_url = ""\nstate_snapshot_interval_s = 0.2')
+    text = text.replace("[optimization]", "[optimization]\ntune_temperature = \"always\"\nholdout_fraction = 0.0")
     text += "\n[policy.thompson]\nrefresh_every = 1\n"  # propensity tables follow every update (rebuilt off the request path)
     config.write_text(text)
     auth = {"authorization": f"Bearer {TOKEN}"}
@@ -189,7 +192,7 @@ def test_kill_9_embedded_state_resumes(upstream: FakeUpstream, tmp_path: Path, m
         with httpx.Client(base_url=base, timeout=10) as http:
             prior = probs(http)
             for _ in range(150):
-                r = http.post("/v1/chat/completions", json={"model": "echo-1", "messages": [{"role": "user", "content": "q"}]})
+                r = http.post("/v1/chat/completions", json={"model": "echo-1", "messages": [{"role": "user", "content": "q"}], "temperature": 0.7, "max_tokens": 512})
                 assert r.status_code == 200
             waiver = api(http, "POST", "/waivers", json={"task_type": "default", "extra_tokens": 500, "reason": "r", "approver": "a", "duration_s": 3600})
             api(http, "POST", "/rollback", json={"reason": "before the crash"})

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from guards.budget import BudgetGuard
 from guards.settings import CawsSettings, ConstraintsSettings
 from guards.state import InProcessStore
-from guards.trust_region import ModelLimits, allowed_arms, enforce, temperature_range, within
+from guards.trust_region import FREE, Freedom, ModelLimits, allowed_arms, enforce, temperature_range, within
 from policies.records import Arm
 
 C = ConstraintsSettings()  # deltas 0.2 / 500, max_tokens 4096, temperature [0, 2]
@@ -71,7 +71,7 @@ def test_allowed_arms_keeps_baseline_dedupes_and_falls_back() -> None:
 EPS = 1e-9
 
 
-def oracle(arm: Arm, base: Arm, c: ConstraintsSettings, lim: ModelLimits) -> bool:
+def oracle(arm: Arm, base: Arm, c: ConstraintsSettings, lim: ModelLimits, free: Freedom = FREE) -> bool:
     """Region membership written independently of the module under test."""
     t, m = arm.temperature, arm.max_tokens
     if type(t) not in (int, float) or type(m) is not int or not math.isfinite(t):
@@ -79,8 +79,10 @@ def oracle(arm: Arm, base: Arm, c: ConstraintsSettings, lim: ModelLimits) -> boo
     lo = max(c.min_temperature, lim.min_temperature)
     hi = min(c.max_temperature, lim.max_temperature)
     ok = lo - EPS <= t <= hi + EPS
-    ok = ok and abs(t - base.temperature) <= c.max_delta_temperature + EPS
-    ok = ok and abs(m - base.max_tokens) <= c.max_delta_max_tokens
+    ok = ok and abs(t - base.temperature) <= (c.max_delta_temperature if free.temperature else 0.0) + EPS
+    band = min(c.max_delta_max_tokens, math.floor(c.max_relative_delta_max_tokens * base.max_tokens)) if free.max_tokens else 0
+    ok = ok and abs(m - base.max_tokens) <= band
+    ok = ok and (free.max_tokens_cap is None or m <= free.max_tokens_cap)
     ok = ok and 1 <= m <= c.max_tokens and (lim.max_tokens is None or m <= lim.max_tokens)
     ok = ok and (lim.fixed_temperature is None or abs(t - lim.fixed_temperature) <= EPS)
     return ok
@@ -101,7 +103,9 @@ constraints = st.builds(
     max_tokens=st.integers(min_value=1, max_value=8192),
     min_temperature=st.floats(min_value=0.0, max_value=1.0),
     max_temperature=st.floats(min_value=1.0, max_value=2.0),
+    max_relative_delta_max_tokens=st.floats(min_value=0.0, max_value=1.0),
 )
+freedoms = st.builds(Freedom, st.booleans(), st.booleans(), st.one_of(st.none(), st.integers(min_value=1, max_value=8192)))
 limits = st.builds(
     ModelLimits,
     min_temperature=st.floats(min_value=0.0, max_value=1.0),
@@ -120,20 +124,20 @@ def _near(base: Arm) -> st.SearchStrategy[Arm]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.data(), base=baselines, c=constraints, lim=limits)
+@given(data=st.data(), base=baselines, c=constraints, lim=limits, free=freedoms)
 def test_nothing_outside_the_region_is_ever_allowed_or_sent(
-    data: st.DataObject, base: Arm, c: ConstraintsSettings, lim: ModelLimits
+    data: st.DataObject, base: Arm, c: ConstraintsSettings, lim: ModelLimits, free: Freedom
 ) -> None:
     cands = data.draw(st.lists(st.one_of(any_arm, _near(base)), max_size=30))
-    arms = allowed_arms(cands, base, c, lim)
+    arms = allowed_arms(cands, base, c, lim, free)
     assert arms
     for arm in arms:
-        assert arm == base or oracle(arm, base, c, lim)
+        assert arm == base or oracle(arm, base, c, lim, free)
     # whatever the policy outputs: an index into the allowed list or an arbitrary arm
     policy_out = data.draw(st.one_of(st.none(), any_arm, _near(base), st.sampled_from(arms)))
-    sent = enforce(policy_out, base, c, lim)
-    assert sent == base or oracle(sent, base, c, lim)
-    if policy_out is not None and oracle(policy_out, base, c, lim):
+    sent = enforce(policy_out, base, c, lim, free)
+    assert sent == base or oracle(sent, base, c, lim, free)
+    if policy_out is not None and oracle(policy_out, base, c, lim, free):
         assert sent == policy_out
 
 
