@@ -250,10 +250,17 @@ class Target:
         return self.base + "/v1/chat/completions"
 
 
-def build_targets(tmp: Path, args: argparse.Namespace) -> tuple[Proc, list[Target]]:
+def build_targets(tmp: Path, args: argparse.Namespace, upstream_cmd: list[str] | None = None,
+                  server_toml: str = "", upstream_toml: str = "") -> tuple[Proc, list[Target]]:
+    """The fake upstream and every target in front of it (not started).
+
+    `upstream_cmd` replaces the fake upstream (its port is appended as `--port N`);
+    `server_toml` / `upstream_toml` are extra lines for Thermostat's `[server]` / `[[upstreams]]`.
+    """
     up_port = free_port()
     upstream = Proc(
         "upstream",
+        [*upstream_cmd, "--port", str(up_port)] if upstream_cmd else
         [PY, "-m", "bench.overhead.fake_upstream", "--port", str(up_port), "--delay-ms", str(args.upstream_delay_ms),
          "--chunks", str(args.chunks), "--chunk-delay-ms", str(args.chunk_delay_ms)],
         up_port,
@@ -271,12 +278,12 @@ def build_targets(tmp: Path, args: argparse.Namespace) -> tuple[Proc, list[Targe
     cfg.write_text(
         f"""[server]
 data_dir = "{tmp / 'thermostat-data'}"
-
+{server_toml}
 [[upstreams]]
 name = "fake"
 base_url = "{up_base}/v1"
 models = ["*"]
-
+{upstream_toml}
 [optimization]
 enabled = true
 mode = "general"

@@ -1,0 +1,538 @@
+"""LLM-shaped load: thousands of concurrent multi-second streams, direct vs floor vs Thermostat vs LiteLLM.
+
+    .venv/bin/python -m bench.llmload.run              # full: steps 1,000 / 2,000 / 5,000 streams + 500 slow readers (~25 min)
+    .venv/bin/python -m bench.llmload.run --smoke      # small: 100 / 200 streams, 50 slow readers (~4 min)
+
+For each step (a target concurrency C), every target gets the same open-loop schedule:
+Poisson arrivals at C / mean answer time, answers drawn from the issue's ranges (see
+bench/llmload/loadgen.py), sent by several generator processes. The fake upstream
+(bench/llmload/upstream.py) stamps each chunk with its send time, so "added" numbers are
+ground truth: target minus direct on the same schedule. Then the slow-reader phase: the
+base load plus N clients that read a few bytes per second.
+Writes bench/results/llm-load-<date>[-tag].md and .json. Uses only each target's CLI
+and HTTP (and Thermostat's config schema, to size its connection limits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.llmload.loadgen import mean_duration_s, schedule
+from bench.overhead.run import PY, RESULTS, ROOT, Proc, Target, build_targets, cpu_seconds, mem_kb, wait_ready
+
+# ---- targets from the issue (2-core machine, one worker, load generator on the same cores) --------
+T_ADDED_TTFT_P99_MS = 5.0
+T_ADDED_CHUNK_P99_MS = 2.0
+T_LOOP_LAG_P99_MS = 5.0
+T_RSS_PER_STREAM_KB = 30.0
+VERDICT_STEP = 2000
+
+
+@dataclass
+class StepResult:
+    step: int
+    target: str
+    row: dict = field(default_factory=dict)
+
+
+def pct(a: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(a, q)) if len(a) else None
+
+
+def ms(a: np.ndarray, q: float) -> float | None:
+    v = pct(a, q)
+    return None if v is None else v / 1000
+
+
+def get_json(url: str, timeout: float = 5.0) -> dict | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+
+
+LAG_LINE = re.compile(r'^thermostat_event_loop_lag_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)$', re.M)
+
+
+def lag_histogram(base: str) -> dict[float, float] | None:
+    """Cumulative bucket counts of Thermostat's `thermostat_event_loop_lag_seconds`, or None if absent."""
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    found = {float("inf") if le == "+Inf" else float(le): float(v) for le, v in LAG_LINE.findall(text)}
+    return found or None
+
+
+def lag_p99_ms(before: dict[float, float] | None, after: dict[float, float] | None) -> tuple[float | None, int]:
+    """Upper bound of the bucket holding the 99th percentile of the samples taken between two scrapes."""
+    if not before or not after:
+        return None, 0
+    deltas = sorted((le, after.get(le, 0) - before.get(le, 0)) for le in after)
+    total = deltas[-1][1]
+    if total <= 0:
+        return None, 0
+    for le, cum in deltas:
+        if cum >= 0.99 * total:
+            return le * 1000, int(total)
+    return None, int(total)
+
+
+class Sampler(threading.Thread):
+    """During one step: RSS every second, and at the window's edges CPU, lag histogram, upstream stats."""
+
+    def __init__(self, target: Target, upstream_base: str, t_measure: float, t_end: float, probe: str | None) -> None:
+        super().__init__(daemon=True)
+        self.target, self.upstream_base, self.t_measure, self.t_end, self.probe = target, upstream_base, t_measure, t_end, probe
+        self.rss_kb: list[int] = []
+        self.probe_ms: list[float] = []
+        self.cpu = (0.0, 0.0)
+        self.lag: tuple[dict | None, dict | None] = (None, None)
+        self.upstream: dict | None = None
+        self.pending_max = 0
+
+    def run(self) -> None:
+        pid = self.target.proc.pid  # type: ignore[union-attr]
+        while time.monotonic() < self.t_measure:
+            time.sleep(0.05)
+        get_json(self.upstream_base + "/bench/stats?reset=1")
+        cpu0 = cpu_seconds(pid)
+        lag0 = lag_histogram(self.target.base) if self.target.name == "thermostat" else None
+        next_rss = time.monotonic()
+        while time.monotonic() < self.t_end:
+            now = time.monotonic()
+            if now >= next_rss:
+                self.rss_kb.append(mem_kb(pid, "VmRSS"))
+                next_rss = now + 1.0
+            if self.probe:
+                t = time.perf_counter()
+                try:
+                    with urllib.request.urlopen(self.probe, timeout=5) as r:
+                        r.read()
+                    self.probe_ms.append((time.perf_counter() - t) * 1000)
+                except OSError:
+                    pass
+            time.sleep(0.1)
+        self.cpu = (cpu0, cpu_seconds(pid))
+        lag1 = lag_histogram(self.target.base) if self.target.name == "thermostat" else None
+        self.lag = (lag0, lag1)
+        self.upstream = get_json(self.upstream_base + "/bench/stats")
+
+
+def expected_concurrency(rate: float, a: argparse.Namespace, seed: int) -> float:
+    """Mean number of answers in progress during the window if every target took zero time (from the schedule)."""
+    plan = schedule(rate, a.warmup + a.duration, seed, a.nonstream_frac)
+    starts = np.array([t for t, _ in plan])
+    ends = starts + np.array([sh.seconds for _, sh in plan])
+    probes = np.arange(a.warmup, a.warmup + a.duration, 0.25)
+    return float(np.mean([np.count_nonzero((starts <= t) & (ends > t)) for t in probes])) if len(plan) else 0.0
+
+
+def generators_for(concurrency: int, requested: int) -> int:
+    return requested if requested > 0 else max(1, min(4, math.ceil(concurrency / 1000)))
+
+
+def run_load(target: Target, upstream_base: str, concurrency: int, a: argparse.Namespace, tmp: Path,
+             slow: int = 0) -> dict:
+    """One open-loop run (plus `slow` slow readers) against one target; the merged measurements."""
+    rate = concurrency / a.mean_s
+    n = generators_for(concurrency, a.generators)
+    start_ns = time.monotonic_ns() + 1_500_000_000
+    t_measure = start_ns / 1e9 + a.warmup
+    t_end = t_measure + a.duration
+    outs = [tmp / f"{target.name}-{concurrency}-{slow}-{i}.npz" for i in range(n)]
+    procs = []
+    for i in range(n):
+        cmd = [PY, "-m", "bench.llmload.loadgen", "--url", target.url, "--rate", f"{rate:.4f}", "--warmup", str(a.warmup),
+               "--duration", str(a.duration), "--seed", str(a.seed + concurrency), "--nonstream-frac", str(a.nonstream_frac),
+               "--shard", f"{i}/{n}", "--start-ns", str(start_ns), "--out", str(outs[i])]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
+    slow_proc = None
+    if slow:
+        cmd = [PY, "-m", "bench.llmload.slowread", "--url", target.url, "--clients", str(slow), "--pad", str(a.slow_pad),
+               "--seconds", f"{a.warmup + a.duration + 1.5:.1f}", "--ramp", f"{min(5.0, a.warmup / 2):.1f}"]
+        slow_proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    probe = target.base + "/health/liveness" if target.name == "thermostat" else None
+    sampler = Sampler(target, upstream_base, t_measure, t_end, probe)
+    sampler.start()
+    shards, errs = [], []
+    bound = a.warmup + a.duration + 30
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=bound)
+            shards.append(json.loads(out.strip().splitlines()[-1]))
+        except (subprocess.TimeoutExpired, IndexError, json.JSONDecodeError) as exc:
+            p.kill()
+            errs.append(f"generator failed: {type(exc).__name__} {p.stderr.read()[-300:] if p.stderr else ''}")
+    slow_out = None
+    if slow_proc is not None:
+        try:
+            out, _ = slow_proc.communicate(timeout=bound)
+            slow_out = json.loads(out.strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, IndexError, json.JSONDecodeError):
+            slow_proc.kill()
+            slow_out = {"error": "slow readers failed"}
+    sampler.join(timeout=10)
+    data = {k: np.concatenate([np.load(o)[k] for o in outs if o.exists()] or [np.zeros(0, dtype=np.int64)])
+            for k in ("chunk_us", "ttft_excess_us", "request_leg_us", "whole_excess_us", "lag_us", "late_start_us")}
+    inflight = [np.load(o)["inflight"] for o in outs if o.exists()]
+    # Concurrent requests = sum over shards of each one's in-flight count (samples line up in time).
+    m = min((len(x) for x in inflight), default=0)
+    held = float(np.mean(np.sum([x[:m] for x in inflight], axis=0))) if m else 0.0
+    errors: dict[str, int] = {}
+    for s in shards:
+        for k, v in s["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    cpu_s = sampler.cpu[1] - sampler.cpu[0]
+    chunks = sum(s["chunks_in_window"] for s in shards)
+    completed = sum(s["completed_in_window"] for s in shards)
+    rss_mean_kb = float(np.mean(sampler.rss_kb)) if sampler.rss_kb else None
+    lag_p99, lag_samples = lag_p99_ms(*sampler.lag)
+    streams_measured = len(data["ttft_excess_us"])
+    row = {
+        "concurrency_target": concurrency, "rate_per_s": round(rate, 2), "generators": n, "concurrency_held": round(held, 1),
+        "concurrency_planned": round(expected_concurrency(rate, a, a.seed + concurrency), 1),
+        "scheduled": sum(s["scheduled"] for s in shards), "errors": errors, "error_count": sum(errors.values()),
+        "shed": sum(s["shed"] for s in shards), "cut_at_end": sum(s["cut_at_end"] for s in shards),
+        "streams_measured": streams_measured, "whole_measured": len(data["whole_excess_us"]), "chunks_in_window": chunks,
+        "completed_in_window": completed,
+        "ttft_excess_p50_ms": ms(data["ttft_excess_us"], 50), "ttft_excess_p99_ms": ms(data["ttft_excess_us"], 99),
+        "request_leg_p50_ms": ms(data["request_leg_us"], 50), "request_leg_p99_ms": ms(data["request_leg_us"], 99),
+        "chunk_p50_ms": ms(data["chunk_us"], 50), "chunk_p99_ms": ms(data["chunk_us"], 99),
+        "chunk_max_ms": float(data["chunk_us"].max()) / 1000 if len(data["chunk_us"]) else None,
+        "whole_excess_p50_ms": ms(data["whole_excess_us"], 50), "whole_excess_p99_ms": ms(data["whole_excess_us"], 99),
+        "gen_lag_p99_ms": ms(data["lag_us"], 99), "gen_lag_max_ms": float(data["lag_us"].max()) / 1000 if len(data["lag_us"]) else None,
+        "gen_late_start_p99_ms": ms(data["late_start_us"], 99),
+        "target_loop_lag_p99_ms": lag_p99, "target_loop_lag_samples": lag_samples,
+        "probe_p50_ms": pct(np.array(sampler.probe_ms), 50), "probe_p99_ms": pct(np.array(sampler.probe_ms), 99),
+        "upstream_late_p99_ms": (sampler.upstream or {}).get("late_p99_ms"),
+        "upstream_pending_write_mb": round(((sampler.upstream or {}).get("pending_write_bytes") or 0) / 2**20, 2),
+        "rss_mean_mb": round(rss_mean_kb / 1024, 1) if rss_mean_kb else None,
+        "rss_max_mb": round(max(sampler.rss_kb) / 1024, 1) if sampler.rss_kb else None,
+        "cpu_s": round(cpu_s, 2), "cpu_util": round(cpu_s / a.duration, 2),
+        "cpu_us_per_chunk": round(cpu_s * 1e6 / chunks, 1) if chunks else None,
+        "cpu_ms_per_request": round(cpu_s * 1e3 / completed, 2) if completed else None,
+        "slow_readers": slow_out, "generator_errors": errs,
+    }
+    for o in outs:
+        o.unlink(missing_ok=True)
+    return row
+
+
+def held_up(row: dict) -> tuple[bool, str]:
+    """Did the target carry the step? Errors, shedding or a concurrency far below the plan say no."""
+    n = max(1, row["streams_measured"] + row["whole_measured"] + row["error_count"])
+    if row["generator_errors"]:
+        return False, "; ".join(row["generator_errors"])
+    if row["error_count"] > 0.01 * n:
+        return False, f"{row['error_count']} errors of {n} requests ({row['errors']})"
+    if row["concurrency_held"] < 0.8 * row["concurrency_planned"]:
+        return False, f"held {row['concurrency_held']:.0f} of {row['concurrency_planned']:.0f} planned concurrent requests"
+    return True, ""
+
+
+def add_deltas(rows: dict[tuple[int, str], dict], idle: dict[str, float]) -> None:
+    """Added = target minus direct on the same schedule; RSS per stream beyond idle."""
+    for (step, name), r in rows.items():
+        d = rows.get((step, "direct"))
+        for key, out in (("ttft_excess_p50_ms", "added_ttft_p50_ms"), ("ttft_excess_p99_ms", "added_ttft_p99_ms"),
+                         ("chunk_p99_ms", "added_chunk_p99_ms"), ("chunk_max_ms", "added_chunk_max_ms"),
+                         ("whole_excess_p99_ms", "added_whole_p99_ms")):
+            r[out] = (r[key] - d[key]) if d and name != "direct" and r.get(key) is not None and d.get(key) is not None else None
+        base = idle.get(name)
+        r["rss_idle_mb"] = base
+        r["rss_kb_per_stream"] = (round((r["rss_mean_mb"] - base) * 1024 / r["concurrency_held"], 1)
+                                  if base is not None and r["rss_mean_mb"] and r["concurrency_held"] else None)
+
+
+def fmt(v: float | None, spec: str = "{:.2f}") -> str:
+    return "–" if v is None else spec.format(v)
+
+
+def verdicts(rows: dict[tuple[int, str], dict], steps: list[int]) -> list[dict]:
+    th_steps = [s for s in steps if (s, "thermostat") in rows]
+    if not th_steps:
+        return []
+    step = VERDICT_STEP if VERDICT_STEP in th_steps else max(th_steps)
+    r = rows[(step, "thermostat")]
+    out = []
+
+    def add(name: str, value: float | None, limit: float, unit: str, note: str = "") -> None:
+        out.append({"target": f"{name} at {step} streams", "limit": f"<= {limit:g} {unit}", "value": value,
+                    "pass": None if value is None else value <= limit, "detail": (fmt(value) + f" {unit}" if value is not None else "n/a") + note})
+
+    add("added TTFT p99", r.get("added_ttft_p99_ms"), T_ADDED_TTFT_P99_MS, "ms")
+    add("added inter-chunk delay p99", r.get("added_chunk_p99_ms"), T_ADDED_CHUNK_P99_MS, "ms")
+    lag = r.get("target_loop_lag_p99_ms")
+    add("event-loop lag p99", lag, T_LOOP_LAG_P99_MS, "ms",
+        f" (bucket bound, {r['target_loop_lag_samples']} samples)" if lag is not None else
+        " (Thermostat exposes no thermostat_event_loop_lag_seconds; /health/liveness round trip p99 "
+        f"{fmt(r.get('probe_p99_ms'))} ms is an upper bound)")
+    add("RSS per concurrent stream beyond idle", r.get("rss_kb_per_stream"), T_RSS_PER_STREAM_KB, "KB")
+    return out
+
+
+def markdown(meta: dict, rows: dict[tuple[int, str], dict], steps: list[int], names: list[str], notes: list[str],
+             slow: list[dict], checks: list[dict]) -> str:
+    L = [f"# LLM-shaped load, {meta['date']}{' (SMOKE RUN)' if meta['smoke'] else ''}", "", f"Command: `{meta['command']}`", ""]
+    L.append(
+        f"Machine: {meta['cpu']} ({meta['cores']} cores), load average before / after {meta['loadavg_before']} / {meta['loadavg_after']}. "
+        f"Thermostat at {meta['git']}. Load: open loop, Poisson arrivals at concurrency / {meta['mean_s']:.2f} s (mean answer time); "
+        f"TTFT U(200, 800) ms, U(30, 100) tokens/s, U{{100..1000}} tokens, U{{1..5}} tokens per chunk, {meta['nonstream_frac']:.0%} non-streamed; "
+        f"{meta['warmup']:g} s warm-up + {meta['duration']:g} s measured per step and target; generator processes per step: "
+        f"{meta['generators']} (aiohttp on uvloop)."
+    )
+    L += ["", "Targets: " + "; ".join(f"**{k}**: {v}" for k, v in meta["targets"].items()), ""]
+    L += ["All times in ms. TTFT excess = first-chunk arrival - scheduled start - the upstream's own time; chunk = arrival - upstream send stamp; "
+          "+ = minus direct on the same schedule. Loop lag: Thermostat's `thermostat_event_loop_lag_seconds` (bucket bound) / its "
+          "`/health/liveness` round trip. gen lag = the load generator's own loop lag (if it is large, the generator is the bottleneck). "
+          "CPU and RSS of direct are the fake upstream's; RSS/stream = (mean RSS in the window - idle RSS) / concurrency held. "
+          "err = failed requests scheduled in the window; cut = requests still open when the run ended (normal: answers last up to 34 s).", ""]
+    L.append("| step | target | held / planned | err/cut | TTFT exc p50 | p99 | +TTFT p50 | +TTFT p99 | chunk p50 | p99 | max | +chunk p99 | +chunk max | "
+             "non-stream +p99 | loop lag p99 | liveness p99 | gen lag p99 | upstream late p99 | RSS MB | KB/stream | CPU % | µs/chunk | ms/req |")
+    L.append("|---:|---|---:|---:|" + "---:|" * 19)
+    for s in steps:
+        for n in names:
+            r = rows.get((s, n))
+            if r is None:
+                continue
+            L.append(
+                f"| {s} | {n} | {r['concurrency_held']:.0f} / {r['concurrency_planned']:.0f} | {r['error_count']}/{r['cut_at_end']} | {fmt(r['ttft_excess_p50_ms'])} | {fmt(r['ttft_excess_p99_ms'])} | "
+                f"{fmt(r['added_ttft_p50_ms'])} | {fmt(r['added_ttft_p99_ms'])} | {fmt(r['chunk_p50_ms'])} | {fmt(r['chunk_p99_ms'])} | {fmt(r['chunk_max_ms'])} | "
+                f"{fmt(r['added_chunk_p99_ms'])} | {fmt(r['added_chunk_max_ms'])} | {fmt(r['added_whole_p99_ms'])} | {fmt(r['target_loop_lag_p99_ms'])} | "
+                f"{fmt(r['probe_p99_ms'])} | {fmt(r['gen_lag_p99_ms'])} | {fmt(r['upstream_late_p99_ms'])} | {fmt(r['rss_mean_mb'], '{:.0f}')} | "
+                f"{fmt(r['rss_kb_per_stream'], '{:.1f}')} | {fmt(r['cpu_util'] * 100, '{:.0f}')} | {fmt(r['cpu_us_per_chunk'], '{:.1f}')} | {fmt(r['cpu_ms_per_request'])} |"
+            )
+    if slow:
+        L += ["", "## Slow readers", "",
+              "Base load plus slow readers (raw sockets, SO_RCVBUF 4 KB, 16 bytes read per second, each asking for 1,000 tokens at 100 tokens/s "
+              f"in 250 chunks with {meta['slow_pad']} bytes of padding each, ~{250 * (meta['slow_pad'] + 190) / 2**20:.1f} MB per slow stream). "
+              "Without = the same base load alone, run just before. Slow readers and the upstream use a 1460-byte MSS, so the kernel holds "
+              "~100 KB per connection (not in RSS); what a slow client has not read beyond that is either in the target's memory (RSS) or "
+              "held back in the upstream's write buffers (backpressure: `held upstream`). Thermostat also keeps each answer's text for its "
+              "quality signal, and the padding is answer text, so its KB per slow reader is an upper bound on relay buffering.", "",
+              "| target | slow readers | base | RSS without MB | RSS with MB | KB per slow reader | held upstream MB | chunk p99 without | with | "
+              "chunk max without | with | TTFT exc p99 without | with | slow readers answered / read KB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for e in slow:
+            w, o = e["with"], e["without"]
+            sr = w.get("slow_readers") or {}
+            L.append(
+                f"| {e['target']} | {e['clients']} | {e['base']} | {fmt(o['rss_mean_mb'], '{:.0f}')} | {fmt(w['rss_mean_mb'], '{:.0f}')} | "
+                f"{fmt(e['kb_per_slow_reader'], '{:.1f}')} | {w['upstream_pending_write_mb']:.1f} | {fmt(o['chunk_p99_ms'])} | {fmt(w['chunk_p99_ms'])} | "
+                f"{fmt(o['chunk_max_ms'])} | {fmt(w['chunk_max_ms'])} | {fmt(o['ttft_excess_p99_ms'])} | {fmt(w['ttft_excess_p99_ms'])} | "
+                f"{sr.get('status_200', '?')} / {(sr.get('bytes_read') or 0) / 1024:.0f} |"
+            )
+    if checks:
+        L += ["", "## Targets from the issue", "", "| target | limit | measured | result |", "|---|---|---|---|"]
+        for c in checks:
+            L.append(f"| {c['target']} | {c['limit']} | {c['detail']} | {'n/a' if c['pass'] is None else ('PASS' if c['pass'] else '**FAIL**')} |")
+    if notes:
+        L += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(L) + "\n"
+
+
+def thermostat_limits(max_streams: int) -> tuple[str, str]:
+    """Extra `[server]` / `[[upstreams]]` lines so Thermostat's own connection caps do not cut the load.
+
+    Reads the config schema: `server.max_connections` exists only in newer versions.
+    """
+    import msgspec
+
+    from proxy.config import ServerSettings, UpstreamSettings
+
+    need = max_streams + 500
+    server = f"max_connections = {need}\n" if "max_connections" in {f.name for f in msgspec.structs.fields(ServerSettings)} else ""
+    upstream = f"max_connections = {need}\n" if "max_connections" in {f.name for f in msgspec.structs.fields(UpstreamSettings)} else ""
+    return server, upstream
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every process started here
+    return hard
+
+
+def profile_thermostat(th: Target, a: argparse.Namespace, tmp: Path, upstream_base: str, step: int) -> str:
+    """py-spy of Thermostat under the verdict step's load, so a missed target comes with its why."""
+    from bench.overhead.profile import analyse
+
+    spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    if not Path(spy).exists():
+        return "py-spy not installed (`.venv/bin/pip install py-spy`): no profile"
+    a.results_dir.mkdir(parents=True, exist_ok=True)
+    raw = a.results_dir / f"profile-llm-load-{step}.txt"
+    box: dict = {}
+    runner = threading.Thread(target=lambda: box.update(row=run_load(th, upstream_base, step, a, tmp)), daemon=True)
+    runner.start()
+    time.sleep(1.5 + a.warmup)
+    subprocess.run([spy, "record", "--nonblocking", "--rate", "100", "--duration", f"{max(5, int(a.duration) - 2)}", "--format", "raw",
+                    "--pid", str(th.proc.pid), "-o", str(raw)], capture_output=True, timeout=a.duration + 60)  # type: ignore[union-attr]
+    runner.join(timeout=a.warmup + a.duration + 90)
+    md = a.results_dir / f"profile-llm-load-{step}.md"
+    md.write_text(f"# py-spy profile of Thermostat at {step} concurrent LLM-shaped streams\n\n" + analyse(raw) + "\n")
+    return f"profile of Thermostat at {step} streams: {md}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description="LLM-shaped load benchmark (see bench/README.md)")
+    p.add_argument("--smoke", action="store_true", help="steps 100,200, 6 s warm-up + 10 s, 50 slow readers on a base of 100, no LiteLLM")
+    p.add_argument("--steps", default="1000,2000,5000", help="target concurrent streams, comma-separated")
+    p.add_argument("--warmup", type=float, default=30.0, help="seconds before the window (answers last up to 34 s)")
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--targets", default="direct,floor,thermostat,litellm")
+    p.add_argument("--no-litellm", action="store_true")
+    p.add_argument("--litellm-max-step", type=int, default=1000, help="LiteLLM only up to this step (it tops out far below)")
+    p.add_argument("--generators", type=int, default=0, help="load generator processes (0: one per 1,000 streams, at most 4)")
+    p.add_argument("--nonstream-frac", type=float, default=0.1)
+    p.add_argument("--slow-readers", type=int, default=500)
+    p.add_argument("--slow-pad", type=int, default=16384,
+                   help="padding bytes per slow-reader chunk: 250 chunks, so ~4 MB per slow stream, past what loopback sockets hold")
+    p.add_argument("--slow-base", type=int, default=1000, help="concurrent normal streams during the slow-reader phase")
+    p.add_argument("--profile", action="store_true", help="py-spy Thermostat at the verdict step (needs py-spy)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--tag", default="")
+    p.add_argument("--results-dir", type=Path, default=RESULTS, help="where the .md and .json go (tests use a temp dir)")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.steps, a.warmup, a.duration, a.slow_readers, a.slow_base, a.no_litellm = "100,200", 6.0, 10.0, 50, 100, True
+    steps = sorted({int(x) for x in a.steps.split(",") if x})
+    if not steps or max(steps) > 20_000 or a.warmup + a.duration > 300:
+        raise SystemExit("bounded runs only: steps <= 20000, warm-up + duration <= 300 s")
+    a.mean_s = mean_duration_s(a.nonstream_frac)
+    raise_fd_limit()
+    meta = run_meta(a, argv)
+    tmp = Path(tempfile.mkdtemp(prefix="thermostat-llmload-"))
+    server_toml, upstream_toml = thermostat_limits(max(max(steps), a.slow_base) + a.slow_readers)
+    ns = argparse.Namespace(no_litellm=a.no_litellm or "litellm" not in a.targets)
+    upstream, targets = build_targets(tmp, ns, upstream_cmd=[PY, "-m", "bench.llmload.upstream"], server_toml=server_toml, upstream_toml=upstream_toml)
+    wanted = set(a.targets.split(",")) | {"direct"}
+    targets = [t for t in targets if t.name in wanted]
+    up_base = f"http://127.0.0.1:{upstream.port}"
+    notes: list[str] = []
+    started: list[Proc] = []
+    rows: dict[tuple[int, str], dict] = {}
+    idle: dict[str, float] = {}
+    slow: list[dict] = []
+    try:
+        upstream.start()
+        started.append(upstream)
+        for t in targets:
+            if t.proc is not None and t.proc is not upstream:
+                t.proc.start()
+                started.append(t.proc)
+        for t in targets:
+            if t.proc is None:
+                notes.append(f"{t.name}: {t.skipped}")
+                continue
+            err = wait_ready(t.proc, t.url, 120 if t.name == "litellm" else 30)
+            if err:
+                if t.name in ("direct", "thermostat"):
+                    print(err, file=sys.stderr)
+                    return 1
+                t.skipped = "could not start: " + " ".join(err.split())[-200:]
+                notes.append(f"{t.name}: {t.skipped}")
+                t.proc.stop()
+        live = [t for t in targets if t.proc is not None and not t.skipped]
+        time.sleep(1.0)
+        for t in live:
+            idle[t.name] = round(mem_kb(t.proc.pid, "VmRSS") / 1024, 1)  # type: ignore[union-attr]
+        meta["targets"] = {t.name: (t.skipped or t.note.replace("the fake upstream itself", "bench/llmload/upstream.py itself")) for t in targets}
+        if lag_histogram(next(t for t in live if t.name == "thermostat").base) is None:
+            notes.append("Thermostat exposes no `thermostat_event_loop_lag_seconds` at this commit: loop lag column empty; "
+                         "the `/health/liveness` round trip (sampled every 100 ms in the window) bounds it from above.")
+        stopped: dict[str, str] = {}
+        for step in steps:
+            for t in live:
+                if t.name in stopped or (t.name == "litellm" and step > a.litellm_max_step):
+                    continue
+                if not t.proc.alive():  # type: ignore[union-attr]
+                    stopped[t.name] = "process died"
+                    continue
+                row = run_load(t, up_base, step, a, tmp)
+                rows[(step, t.name)] = row
+                ok, why = held_up(row)
+                print(f"  step {step:>5} {t.name:<11} held {row['concurrency_held']:>7.0f}  TTFT exc p99 {fmt(row['ttft_excess_p99_ms'])}  "
+                      f"chunk p99 {fmt(row['chunk_p99_ms'])} max {fmt(row['chunk_max_ms'])}  gen lag p99 {fmt(row['gen_lag_p99_ms'])}  "
+                      f"RSS {fmt(row['rss_mean_mb'], '{:.0f}')} MB  err {row['error_count']}{'' if ok else '  NOT HELD: ' + why}", flush=True)
+                if not ok:
+                    stopped[t.name] = f"did not hold {step} streams: {why}"
+                    notes.append(f"{t.name} {stopped[t.name]}; higher steps skipped")
+        if a.slow_readers:
+            for t in live:
+                if t.name not in ("floor", "thermostat") or not t.proc.alive():  # type: ignore[union-attr]
+                    continue
+                # A fresh run right before, not the step's: a Python process's RSS rarely shrinks, so order matters.
+                without = run_load(t, up_base, a.slow_base, a, tmp)
+                with_slow = run_load(t, up_base, a.slow_base, a, tmp, slow=a.slow_readers)
+                kb = ((with_slow["rss_mean_mb"] - without["rss_mean_mb"]) * 1024 / a.slow_readers
+                      if with_slow["rss_mean_mb"] and without["rss_mean_mb"] else None)
+                slow.append({"target": t.name, "clients": a.slow_readers, "base": a.slow_base, "with": with_slow, "without": without,
+                             "kb_per_slow_reader": kb})
+                print(f"  slow readers {t.name:<11} RSS {fmt(without['rss_mean_mb'], '{:.0f}')} -> {fmt(with_slow['rss_mean_mb'], '{:.0f}')} MB  "
+                      f"held upstream {with_slow['upstream_pending_write_mb']:.1f} MB  chunk p99 {fmt(without['chunk_p99_ms'])} -> "
+                      f"{fmt(with_slow['chunk_p99_ms'])}  slow: {with_slow.get('slow_readers')}", flush=True)
+        add_deltas(rows, idle)
+        if a.profile:
+            th = next(t for t in live if t.name == "thermostat")
+            th_steps = [s for s in steps if (s, "thermostat") in rows]
+            notes.append(profile_thermostat(th, a, tmp, up_base, VERDICT_STEP if VERDICT_STEP in th_steps else max(th_steps)))
+        gen_lag = [r["gen_lag_p99_ms"] for r in rows.values() if r.get("gen_lag_p99_ms") is not None]
+        if gen_lag and max(gen_lag) > 5:
+            notes.append(f"The load generator's own loop lag reached p99 {max(gen_lag):.1f} ms: at that point chunk and TTFT numbers include "
+                         "client-side queueing (direct carries it too, so the + columns subtract most of it). More `--generators` only help with spare cores.")
+        meta["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        checks = verdicts(rows, steps)
+        names = [t.name for t in targets]
+        md = markdown(meta, rows, steps, names, notes, slow, checks)
+        a.results_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"llm-load-{dt.date.today().isoformat()}" + ("-smoke" if a.smoke else "") + (f"-{a.tag}" if a.tag else "")
+        (a.results_dir / f"{stem}.md").write_text(md)
+        payload = {"meta": meta, "steps": steps, "rows": [{"step": s, "target": n, **r} for (s, n), r in rows.items()],
+                   "slow_readers": slow, "checks": checks, "notes": notes}
+        (a.results_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str))
+        print()
+        print(md)
+        print(f"wrote {a.results_dir / stem}.md and .json")
+        return 0
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+
+
+def run_meta(a: argparse.Namespace, argv: list[str]) -> dict:
+    from bench.overhead.run import machine_meta
+
+    base = machine_meta(argparse.Namespace(engine="aiohttp", reps=1, warmup=a.warmup, duration=a.duration, upstream_delay_ms=0,
+                                           chunks=0, chunk_delay_ms=0), [])
+    return {
+        "date": base["date"], "command": " ".join([".venv/bin/python -m bench.llmload.run", *argv]), "cpu": base["cpu"], "cores": base["cores"],
+        "loadavg_before": base["loadavg_before"], "python": base["python"], "git": base["git"], "smoke": a.smoke,
+        "warmup": a.warmup, "duration": a.duration, "mean_s": a.mean_s, "nonstream_frac": a.nonstream_frac,
+        "generators": a.generators or "one per 1,000 streams (1-4)", "seed": a.seed, "slow_pad": a.slow_pad,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
