@@ -12,8 +12,9 @@ from litestar.openapi.spec import Components, SecurityScheme
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.config import Config
-from proxy.control.api import EXCEPTION_HANDLERS, StrictStructSchemaPlugin, build_control, document_errors
-from proxy.control.auth import require_token_or_opt_in
+from proxy.control import EXCEPTION_HANDLERS, AdminAuth, ControlDeps, StrictStructSchemaPlugin, build_control, document_errors, require_token_or_opt_in
+from proxy.control.schemas import RecordOutcomeIn, RecordOutcomeResult
+from proxy.decision.feedback import FeedbackBook, record_outcome
 from proxy.edge.asgi import ProxyEdge
 from proxy.observability.alerts import AlertManager
 from proxy.observability.metrics import exposition, install_live_metrics, refresh_live
@@ -23,11 +24,27 @@ DASHBOARD_HTML = Path(__file__).parent / "observability" / "dashboard.html"
 PUBLIC = {"public": True}
 
 
+def control_deps(rt: Runtime) -> ControlDeps:
+    """The control API's services, taken from the runtime until the composition root builds them itself."""
+    book = FeedbackBook()
+
+    async def feedback(data: RecordOutcomeIn, actor: str) -> RecordOutcomeResult:
+        return await record_outcome(rt, book, data, actor)
+
+    return ControlDeps(
+        config=rt.config, auth=AdminAuth.from_settings(rt.config.admin, rt.config.server.allowed_hosts), decider=rt.bandit,
+        budget=rt.budget, slo=rt.slo, log_store=rt.sink, recorder=rt.recorder, registry=rt.registry, state_store=rt.state_store,
+        pool=rt.pool, build_context=rt.build_context, record_outcome=feedback, on_rollout_events=rt.on_rollout_events,
+        started_at=rt.started_at, feedback=book,
+    )
+
+
 def build_litestar(rt: Runtime) -> Litestar:
-    control, control_state = build_control(rt)
+    control_state = control_deps(rt)
+    control = build_control(control_state)
     live = install_live_metrics(rt)
     alerts = AlertManager(rt, rt.config.alerts.webhook_urls)
-    rt.control = control_state  # type: ignore[attr-defined]  # feedback book, auth counters (see proxy.decision.feedback)
+    rt.control = control_state  # feedback book, auth counters (see proxy.decision.feedback)
     rt.alerts = alerts  # type: ignore[attr-defined]
     dashboard_page = DASHBOARD_HTML.read_bytes()
 

@@ -207,7 +207,7 @@ class Runtime:
             if now - last_ope >= self.ope_interval_s:
                 last_ope = now
                 try:
-                    self.bandit.ope_evidence = await compute_ope_evidence(self)
+                    self.bandit.ope_evidence = await compute_ope_evidence(self.sink, self.bandit)
                 except Exception as exc:  # the store may be down; promotion just waits
                     log.warning("OPE evidence for promotion not computed: %s", exc)
             self._count_folded_buckets()

@@ -165,5 +165,16 @@ class AdminAuth:
             raise AuthError(403, "the admin token is not valid", "invalid_token")
         return f"token:{self.token_id}"
 
+    def refuses(self, headers: Mapping[str, str], client_host: str | None) -> bool:
+        """Would `check` refuse this request? The counters stay as they were: a self-test is not an attack."""
+        saved = self.failures.copy()
+        try:
+            self.check(headers, client_host)
+            return False
+        except AuthError:
+            return True
+        finally:
+            self.failures = saved
+
     def stats(self) -> dict[str, Any]:
         return {k: self.failures.get(k, 0) for k in ("missing", "malformed", "wrong", "not_loopback", "origin", "content_type")}

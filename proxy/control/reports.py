@@ -21,7 +21,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -52,7 +52,10 @@ from proxy.control.schemas import (
     TaskPerformance,
 )
 from proxy.decision.feedback import context_from_features
-from proxy.store.base import DecisionRow
+from proxy.store.base import DecisionRow, LogStore
+
+if TYPE_CHECKING:
+    from proxy.decision.decider import BanditDecider
 
 Z95 = 1.959963984540054
 OPTIMIZED_MODES = frozenset({"optimized", "guard_fallback"})
@@ -114,7 +117,7 @@ def arm_label(p: Params) -> str:
 
 
 async def load_rows(
-    rt: Any,
+    store: LogStore,
     *,
     since: float,
     until: float,
@@ -123,7 +126,7 @@ async def load_rows(
     mode: str | None = None,
 ) -> tuple[list[DecisionRow], bool]:
     """Newest `max_rows` decisions in [since, until); True when the window held more."""
-    rows = await rt.sink.fetch_decisions(since=since, until=until, task_type=task_type, mode=mode, limit=max_rows + 1)
+    rows = await store.fetch_decisions(since=since, until=until, task_type=task_type, mode=mode, limit=max_rows + 1)
     truncated = len(rows) > max_rows
     return rows[:max_rows], truncated
 
@@ -267,7 +270,7 @@ def parameter_evolution(rows: list[DecisionRow], since: float, until: float, bin
     return ParameterEvolution(since=since, until=until, bin_s=width, tasks=tasks)
 
 
-def convergence(rt: Any, rows: list[DecisionRow], since: float, until: float, bins: int) -> ConvergenceReport:
+def convergence(decider: BanditDecider, rows: list[DecisionRow], since: float, until: float, bins: int) -> ConvergenceReport:
     """Per task type: the policy's confidence in its own choices over time, and its current arm distribution."""
     width, bins = bin_edges(since, until, bins)
     judged = [r for r in rows if r.policy_log_propensity is not None and r.policy_params is not None]
@@ -293,13 +296,13 @@ def convergence(rt: Any, rows: list[DecisionRow], since: float, until: float, bi
         bucket, best, entropy, current = None, None, None, []
         ctx = context_from_features(latest[task].context_features)
         if ctx is not None:
-            base, allowed, _ = rt.bandit.allowed_for(ctx)
-            p = np.asarray(rt.policy.propensities(ctx, base, allowed), dtype=np.float64)
+            base, allowed, _ = decider.allowed_for(ctx)
+            p = np.asarray(decider.policy.propensities(ctx, base, allowed), dtype=np.float64)
             bucket = context_bucket(ctx)
             best = float(p.max())
             nz = p[p > 0]
             entropy = float(-(nz * np.log(nz)).sum())
-            posterior = getattr(rt.policy, "posterior", None)
+            posterior = getattr(decider.policy, "posterior", None)
             for arm, prob in zip(allowed, p.tolist()):
                 post = posterior(ctx, arm) if callable(posterior) else None
                 current.append(
@@ -311,7 +314,7 @@ def convergence(rt: Any, rows: list[DecisionRow], since: float, until: float, bi
                     )
                 )
         tasks.append(TaskConvergence(task_type=task, bucket=bucket, best_arm_probability=best, entropy=entropy, current=current, series=series))
-    return ConvergenceReport(policy=rt.policy.name, policy_version=rt.policy.version, since=since, until=until, bin_s=width, tasks=tasks)
+    return ConvergenceReport(policy=decider.policy.name, policy_version=decider.policy.version, since=since, until=until, bin_s=width, tasks=tasks)
 
 
 # ----------------------------------------------------------------------------- OPE
@@ -320,7 +323,7 @@ def convergence(rt: Any, rows: list[DecisionRow], since: float, until: float, bi
 _Scored = tuple[DecisionRow, Any, Arm, list[Arm], np.ndarray, Arm]
 
 
-def score_rows(rt: Any, rows: Sequence[DecisionRow]) -> tuple[list[_Scored], int]:
+def score_rows(decider: BanditDecider, rows: Sequence[DecisionRow]) -> tuple[list[_Scored], int]:
     """Rows usable for OPE with the current policy's propensities, and how many were skipped.
 
     Asks the live policy, so it runs on the event loop (`score_rows_async` in slices).
@@ -336,18 +339,18 @@ def score_rows(rt: Any, rows: Sequence[DecisionRow]) -> tuple[list[_Scored], int
         if ctx is None:
             skipped += 1
             continue
-        base, allowed, _ = rt.bandit.allowed_for(ctx)
-        probs = np.asarray(rt.policy.propensities(ctx, base, allowed), dtype=np.float64)
+        base, allowed, _ = decider.allowed_for(ctx)
+        probs = np.asarray(decider.policy.propensities(ctx, base, allowed), dtype=np.float64)
         kept.append((r, ctx, r.chosen_params.arm(r.baseline_params), allowed, probs, base))
     return kept, skipped
 
 
-async def score_rows_async(rt: Any, rows: list[DecisionRow], slice_rows: int = 128) -> tuple[list[_Scored], int]:
+async def score_rows_async(decider: BanditDecider, rows: list[DecisionRow], slice_rows: int = 128) -> tuple[list[_Scored], int]:
     """`score_rows` in slices with a yield between them, so requests are served meanwhile."""
     kept: list[_Scored] = []
     skipped = 0
     for start in range(0, len(rows), slice_rows):
-        part, n = score_rows(rt, rows[start : start + slice_rows])
+        part, n = score_rows(decider, rows[start : start + slice_rows])
         kept += part
         skipped += n
         await asyncio.sleep(0)
@@ -357,9 +360,9 @@ async def score_rows_async(rt: Any, rows: list[DecisionRow], slice_rows: int = 1
 class OpeArrays:
     """Per logged optimized row: reward, behaviour/target/baseline propensities and DR terms."""
 
-    def __init__(self, rt: Any, rows: list[DecisionRow], scored: tuple[list[_Scored], int] | None = None) -> None:
+    def __init__(self, decider: BanditDecider, rows: list[DecisionRow], scored: tuple[list[_Scored], int] | None = None) -> None:
         """`scored` (from `score_rows`) skips querying the policy, so the rest may run in a thread."""
-        kept, self.skipped = scored if scored is not None else score_rows(rt, rows)
+        kept, self.skipped = scored if scored is not None else score_rows(decider, rows)
         n = len(kept)
         self.n = n
         self.rewards = np.array([k[0].effective_reward for k in kept], dtype=np.float64)
@@ -402,10 +405,10 @@ def _policy_estimates(name: str, report: ope.OpeReport) -> PolicyEstimates:
 
 
 def ope_report(
-    rt: Any, rows: list[DecisionRow], since: float, until: float, *, seed: int = 0, n_bootstrap: int = 500,
+    decider: BanditDecider, rows: list[DecisionRow], since: float, until: float, *, seed: int = 0, n_bootstrap: int = 500,
     scored: tuple[list[_Scored], int] | None = None,
 ) -> tuple[OpeOut, OpeArrays]:
-    arrays = OpeArrays(rt, rows, scored)
+    arrays = OpeArrays(decider, rows, scored)
     if arrays.n < 2:
         return OpeOut(
             since=since, until=until, rows=arrays.n, skipped=arrays.skipped, method=OPE_METHOD,
@@ -434,7 +437,7 @@ def ope_report(
         )
     return OpeOut(
         since=since, until=until, rows=a.n, skipped=a.skipped, method=OPE_METHOD, logged_mean_reward=float(a.rewards.mean()),
-        target=_policy_estimates(rt.policy.name, target), baseline=_policy_estimates("baseline", baseline), improvement=improvements,
+        target=_policy_estimates(decider.policy.name, target), baseline=_policy_estimates("baseline", baseline), improvement=improvements,
     ), arrays
 
 
@@ -450,7 +453,7 @@ def ope_evidence(report: OpeOut, estimator: str = "snips") -> tuple[OpeEvidence 
     )
 
 
-async def compute_ope_evidence(rt: Any, window_s: float = 7 * 86400.0, max_rows: int = 5000) -> OpeEvidence | None:
+async def compute_ope_evidence(store: LogStore, decider: BanditDecider, window_s: float = 7 * 86400.0, max_rows: int = 5000) -> OpeEvidence | None:
     """Evidence to pass to `rollout.tick(now, ope)`.
 
     The estimates and their bootstrap intervals take tens of milliseconds over a full
@@ -458,9 +461,9 @@ async def compute_ope_evidence(rt: Any, window_s: float = 7 * 86400.0, max_rows:
     the loop (the policy is not thread-safe), in slices with yields between them.
     """
     now = time.time()
-    rows, _ = await load_rows(rt, since=now - window_s, until=now + 1, max_rows=max_rows, mode="optimized")
-    scored = await score_rows_async(rt, rows)
-    return await asyncio.to_thread(lambda: ope_evidence(ope_report(rt, rows, now - window_s, now, n_bootstrap=200, scored=scored)[0])[0])
+    rows, _ = await load_rows(store, since=now - window_s, until=now + 1, max_rows=max_rows, mode="optimized")
+    scored = await score_rows_async(decider, rows)
+    return await asyncio.to_thread(lambda: ope_evidence(ope_report(decider, rows, now - window_s, now, n_bootstrap=200, scored=scored)[0])[0])
 
 
 def next_phase(phase: str) -> str | None:

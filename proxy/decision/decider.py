@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple, Protocol
 import msgspec
 import numpy as np
 
-from guards.budget import BudgetGuard, Reservation
+from guards.budget import BudgetGuard, BudgetVerdict, Reservation
 from guards.rollout import Effective, OpeEvidence, RolloutController, RolloutEvent, assign
 from guards.settings import BaselineSettings, ConstraintsSettings
 from guards.slo import SloMonitor
@@ -145,6 +145,20 @@ def tuned_params(arm: Arm, ref: Reference) -> Params:
         temperature = None
     max_tokens = arm.max_tokens if ref.sent.max_tokens is not None else None
     return Params(temperature=temperature, max_tokens=max_tokens)
+
+
+class Explanation(NamedTuple):
+    """`BanditDecider.explain`: the decision `decide` would make, and what it was made from."""
+
+    decision: Decision  # as `decide` would build it (mode "rejected" where `decide` raises 429/503)
+    reference: Reference
+    allowed: tuple[Arm, ...]  # the trust region's arms, in the policy's order
+    pmf: tuple[float, ...]  # the policy's probability of each allowed arm
+    limits: ModelLimits
+    effective: Effective  # the rollout state it was decided under
+    held_out: bool
+    assigned: bool | None  # drawn into the rollout share (None: no assignment key given)
+    budget: BudgetVerdict
 
 
 class QualitySignals:
@@ -358,6 +372,76 @@ class BanditDecider:
             arm_index=choice.index,
             guard_notes=tuple(notes),
             budget_reserved=verdict.reservation.tokens if verdict.reservation is not None else 0,
+        )
+
+    async def explain(
+        self, ctx: RequestContext, *, request_id: str, assignment_key: str | None, rng: np.random.Generator
+    ) -> Explanation:
+        """What `decide` would do for `ctx` now, without touching the request path's state.
+
+        The same steps in the same order (trust region, holdout and rollout share, policy,
+        budget, `enforce`), so the control API never keeps a copy of the decision logic.
+        Differences, on purpose: the draw comes from `rng` (the request path's sequence
+        stays as it was), the budget reservation is released at once, a budget refusal is
+        reported as mode "rejected" instead of raised, and without an `assignment_key` the
+        rollout share counts as drawn only when it covers all traffic.
+        """
+        now = self.clock()
+        ref, allowed, limits = self.reference_for(ctx)
+        base = ref.arm
+        eff = self.rollout.effective(now)
+        held_out = assign(assignment_key, self.holdout_fraction, HOLDOUT_SALT) if assignment_key else False
+        assigned = (not held_out and assign(assignment_key, eff.fraction)) if assignment_key else None
+        optimised = eff.optimizing_allowed and (assigned if assigned is not None else eff.fraction >= 1.0)
+        pmf = np.asarray(self.policy.propensities(ctx, base, allowed), dtype=np.float64)
+        choice = self.policy.choose(ctx, base, allowed, rng)
+        policy_arm = allowed[choice.index]
+        verdict = await self.budget.decide(
+            allowed=allowed,
+            chosen=choice.index if optimised else None,
+            baseline=base,
+            task_type=ctx.task_type,
+            prompt_tokens=ctx.prompt_tokens_est,
+            confidence=choice.propensity,
+            now=now,
+        )
+        if verdict.reservation is not None:
+            await self.budget.release(verdict.reservation, now)
+        notes = list(verdict.notes)
+        caws_down = optimised and not verdict.guard_ok and self.require_caws
+        if caws_down:
+            notes.append("require_caws:budget_guard_unavailable")
+        if verdict.action == "reject":
+            sent, propensity, mode = ref.sent, 1.0, "rejected"
+        elif optimised and not caws_down:
+            sent_arm = enforce(verdict.arm, base, self.constraints, limits, ref.freedom)
+            exact = sent_arm == policy_arm
+            mode, propensity = ("optimized", choice.propensity) if exact else ("guard_fallback", 1.0)
+            sent = tuned_params(sent_arm, ref)
+        elif caws_down:
+            sent, propensity, mode = ref.sent, 1.0, "guard_fallback"
+        else:
+            sent, propensity, mode = ref.sent, 1.0, unoptimised_mode(eff, held_out)
+        decision = Decision(
+            request_id=request_id,
+            context=ctx,
+            context_fingerprint=context_fingerprint(ctx),
+            sent=sent,
+            baseline=Params(temperature=base.temperature, max_tokens=base.max_tokens),
+            propensity=propensity,
+            policy=self.policy.name,
+            policy_version=self.policy.version,
+            mode=mode,
+            created_at=now,
+            policy_choice=Params(temperature=policy_arm.temperature, max_tokens=policy_arm.max_tokens),
+            policy_propensity=choice.propensity,
+            arm_index=choice.index,
+            guard_notes=tuple(notes),
+            budget_reserved=0,
+        )
+        return Explanation(
+            decision=decision, reference=ref, allowed=tuple(allowed), pmf=tuple(float(p) for p in pmf), limits=limits,
+            effective=eff, held_out=held_out, assigned=assigned, budget=verdict,
         )
 
     def reward_for(self, decision: Decision, outcome: Outcome, quality: float) -> float:

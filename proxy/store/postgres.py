@@ -373,6 +373,19 @@ class PostgresLogStore:
             for r in rows
         ]
 
+    async def get_audit(self, audit_id: str) -> AuditRecord | None:
+        if not _valid_uuid(audit_id):
+            return None
+        rows = await self._fetch("SELECT id, at, actor, action, target, before, after FROM audit_log WHERE id = $1", audit_id)
+        if not rows:
+            return None
+        r = rows[0]
+        return AuditRecord(id=str(r["id"]), at=r["at"].timestamp(), actor=r["actor"], action=r["action"], target=r["target"],
+                           before=r["before"], after=r["after"])
+
+    async def count_audit(self) -> int:
+        return int((await self._fetch("SELECT COUNT(*) AS n FROM audit_log"))[0]["n"])
+
     async def fetch_events(self, limit: int = 100, since: float | None = None) -> list[EventRecord]:
         cols = "SELECT id, time, kind, from_phase, to_phase, reason, actor, evidence FROM rollout_events"
         if since is None:

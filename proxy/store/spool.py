@@ -494,6 +494,12 @@ class SpoolingStore:
     async def fetch_audit(self, limit: int = 100, offset: int = 0) -> list[AuditRecord]:
         return await self._read(PostgresLogStore.fetch_audit, limit, offset)
 
+    async def get_audit(self, audit_id: str) -> AuditRecord | None:
+        return await self._read(PostgresLogStore.get_audit, audit_id)
+
+    async def count_audit(self) -> int:
+        return await self._read(PostgresLogStore.count_audit)
+
     async def fetch_events(self, limit: int = 100, since: float | None = None) -> list[EventRecord]:
         return await self._read(PostgresLogStore.fetch_events, limit, since)
 

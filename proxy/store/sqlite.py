@@ -312,6 +312,18 @@ class SqliteSink:
             out.append(msgspec.convert(r, AuditRecord))
         return out
 
+    async def get_audit(self, audit_id: str) -> AuditRecord | None:
+        rows = await self.query("SELECT id, at, actor, action, target, before, after FROM audit_log WHERE id = ?", [audit_id])
+        if not rows:
+            return None
+        r = rows[0]
+        r["before"] = decode_json(r["before"]) if r["before"] is not None else None
+        r["after"] = decode_json(r["after"]) if r["after"] is not None else None
+        return msgspec.convert(r, AuditRecord)
+
+    async def count_audit(self) -> int:
+        return int((await self.query("SELECT COUNT(*) AS n FROM audit_log"))[0]["n"])
+
     async def fetch_events(self, limit: int = 100, since: float | None = None) -> list[EventRecord]:
         where, params = ("", []) if since is None else (" WHERE time >= ?", [since])
         rows = await self.query(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,12 +29,11 @@ def drive(t: RunningThermostat, n: int, task_type: str, **body: object) -> list[
     return ids
 
 
-@pytest.fixture(scope="module")
-def ctl(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningThermostat]:
-    os.environ[TOKEN_ENV] = TOKEN
+def start_scenario(upstream: FakeUpstream, data_dir: Path) -> RunningThermostat:
+    """A token-protected Thermostat with 40 "code" and 20 "chat" requests logged (the token must be in the env)."""
     cfg = make_config(
         upstream.url,
-        tmp_path_factory.mktemp("control"),
+        data_dir,
         optimization={"mode": "general", "seed": 7, "holdout_fraction": 0.0},  # every row optimised: values pinned to the log
         admin={"token_env": TOKEN_ENV},
         slo={"min_samples": 5, "check_interval_s": 0},
@@ -45,9 +44,31 @@ def ctl(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "chat": drive(running, 20, "chat"),
     }
     running.flush()
-    yield running
-    running.stop()
-    os.environ.pop(TOKEN_ENV, None)
+    return running
+
+
+@pytest.fixture(scope="module")
+def ctl(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningThermostat]:
+    """Shared by a module's tests, so READ-ONLY: a test that changes state (rollout, waivers,
+    feedback, audit rows, auth counters) takes `own_ctl` instead."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TOKEN_ENV, TOKEN)
+        running = start_scenario(upstream, tmp_path_factory.mktemp("control"))
+        try:
+            yield running
+        finally:
+            running.stop()
+
+
+@pytest.fixture
+def own_ctl(upstream: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RunningThermostat]:
+    """The same scenario in a server of the test's own, for tests that change state."""
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    running = start_scenario(upstream, tmp_path / "control")
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 def api(t: RunningThermostat, method: str, path: str, **kw: object) -> httpx.Response:

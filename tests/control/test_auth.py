@@ -26,7 +26,8 @@ def operations(t: RunningThermostat) -> list[tuple[str, str]]:
     return ops
 
 
-def test_every_endpoint_is_listed_and_guarded(ctl: RunningThermostat) -> None:
+def test_every_endpoint_is_listed_and_guarded(own_ctl: RunningThermostat) -> None:
+    ctl = own_ctl  # counts refused calls: a server of its own
     ops = operations(ctl)
     paths = {p for _, p in ops}
     for name in ("status", "metrics", "performance", "slo-status", "rollout-status", "convergence", "parameter-evolution", "dashboard",
@@ -56,14 +57,21 @@ def test_health_is_public_and_readiness_checks(ctl: RunningThermostat) -> None:
     assert {c["name"] for c in body["checks"]} == {"upstreams", "database", "state_store", "writer_queue"}
 
 
-def test_security_status_shows_token_id_never_token(ctl: RunningThermostat) -> None:
+def test_security_status_shows_token_id_never_token(own_ctl: RunningThermostat) -> None:
+    ctl = own_ctl
+    url = f"{ctl.base}{API}/status"
+    assert httpx.get(url, timeout=10).status_code == 401
+    assert httpx.get(url, headers={"authorization": "Bearer wrong-token"}, timeout=10).status_code == 403
+    assert httpx.get(url, headers={"authorization": "Bearer wrong-token"}, timeout=10).status_code == 403
+    assert api(ctl, "POST", "/rollback", json={"reason": "one audit row"}).status_code == 200
     r = api(ctl, "GET", "/security-status")
     assert r.status_code == 200
     body = r.json()
     assert TOKEN not in r.text
     assert body["token_id"] == hashlib.sha256(TOKEN.encode()).hexdigest()[:8] == token_id(TOKEN)
     assert body["auth_required"] and not body["loopback_only"]
-    assert body["auth_failures"]["wrong"] >= 1 or body["auth_failures"]["missing"] >= 0
+    assert body["auth_failures"] == {"missing": 1, "malformed": 0, "wrong": 2, "not_loopback": 0, "origin": 0, "content_type": 0}
+    assert body["audit_entries"] == 1 == len(ctl.call(ctl.runtime.sink.fetch_audit()))
 
 
 def test_no_token_means_loopback_only() -> None:
@@ -180,9 +188,10 @@ SPECIFIC = {
 }
 
 
-def test_documented_statuses_are_the_ones_returned(ctl: RunningThermostat) -> None:
+def test_documented_statuses_are_the_ones_returned(own_ctl: RunningThermostat) -> None:
     """400 everywhere (a disallowed Host, test_forgery.py), 401/403 exactly where the token is
     required (and then returned, above), 415 on every operation that takes a body (checked here)."""
+    ctl = own_ctl  # counts refused calls: a server of its own
     schema = httpx.get(f"{ctl.base}/schema/openapi.json", timeout=10).json()
     assert "security" not in schema  # no document-wide requirement: public operations are public
     for path, item in schema["paths"].items():

@@ -31,10 +31,10 @@ def _chromium() -> str:
     return CHROMIUM
 
 
-def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path) -> None:
+def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     chromium = _chromium()
     # With an admin token, opened the way `thermostat demo` prints it: the token in the URL's fragment.
-    os.environ["THERMOSTAT_DASHBOARD_TEST_TOKEN"] = "dashboard-token-0123456789"
+    monkeypatch.setenv("THERMOSTAT_DASHBOARD_TEST_TOKEN", "dashboard-token-0123456789")
     cfg = make_config(upstream.url, tmp_path / "data", optimization={"mode": "general", "seed": 11},
                       admin={"token_env": "THERMOSTAT_DASHBOARD_TEST_TOKEN"}, slo={"min_samples": 5})
     t = start_thermostat(cfg)
@@ -66,4 +66,3 @@ def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path) -> 
         assert shot.exists() and shot.stat().st_size > 10_000
     finally:
         t.stop()
-        os.environ.pop("THERMOSTAT_DASHBOARD_TEST_TOKEN", None)

@@ -93,7 +93,8 @@ def test_allowed_hosts_guards_every_path(upstream: FakeUpstream, tmp_path: Path)
         t.stop()
 
 
-def test_token_server_checks_origin_and_body_type_too(ctl: RunningThermostat) -> None:
+def test_token_server_checks_origin_and_body_type_too(own_ctl: RunningThermostat) -> None:
+    ctl = own_ctl  # counts refused calls: a server of its own
     r = httpx.post(f"{ctl.base}{API}/rollback", content=b'{"reason": "x"}', headers={**AUTH, "content-type": "text/plain"}, timeout=10)
     assert_error_shape(r, 415)
     r = httpx.post(f"{ctl.base}{API}/rollback", json={"reason": "x"}, headers={**AUTH, "origin": "http://evil.example"}, timeout=10)

@@ -14,7 +14,6 @@ waivers). Bounded: 6 examples per operation, deterministic generation, one worke
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -33,12 +32,12 @@ TOKEN_ENV = "THERMOSTAT_SCHEMATHESIS_TOKEN"
 SETTINGS = Path(__file__).with_name("schemathesis.toml")
 
 
-def test_schemathesis_finds_the_api_conforming_to_its_document(upstream: FakeUpstream, tmp_path: Path) -> None:
+def test_schemathesis_finds_the_api_conforming_to_its_document(upstream: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if not Path(ST).exists():
         if IN_CI:
             pytest.fail("schemathesis is required under CI (pip install -e '.[test]')")
         pytest.skip("schemathesis is not installed (pip install schemathesis)")
-    os.environ[TOKEN_ENV] = "schemathesis-token"
+    monkeypatch.setenv(TOKEN_ENV, "schemathesis-token")
     cfg = make_config(upstream.url, tmp_path, optimization={"mode": "general", "seed": 3}, admin={"token_env": TOKEN_ENV})
     t = start_thermostat(cfg)
     try:
@@ -57,4 +56,3 @@ def test_schemathesis_finds_the_api_conforming_to_its_document(upstream: FakeUps
         assert "failed" not in summary and "Failures" not in summary and "Errors" not in summary, summary
     finally:
         t.stop()
-        os.environ.pop(TOKEN_ENV, None)

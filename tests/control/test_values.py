@@ -136,35 +136,35 @@ def test_ope_ips_by_hand(ctl: RunningThermostat) -> None:
     assert body["target"]["ips"]["ci_low"] <= body["target"]["ips"]["value"] <= body["target"]["ips"]["ci_high"]
 
 
-def test_recommend_and_test_shadow(ctl: RunningThermostat, upstream) -> None:
+def test_recommend_and_test_shadow(own_ctl: RunningThermostat, upstream) -> None:
     n_before = len(upstream.received)
-    rt = ctl.runtime
-    body = api(ctl, "POST", "/recommend", json={"task_type": "code", "context": {"model": "echo-1", "temperature": 0.7, "max_tokens": 300}}).json()
+    rt = own_ctl.runtime
+    body = api(own_ctl, "POST", "/recommend", json={"task_type": "code", "context": {"model": "echo-1", "temperature": 0.7, "max_tokens": 300}}).json()
     assert body["baseline"] == {"temperature": 0.7, "max_tokens": 300}
     assert math.isclose(sum(a["probability"] for a in body["arms"]), 1.0, abs_tol=1e-9)
     chosen = next(a for a in body["arms"] if (a["temperature"], a["max_tokens"]) == (body["recommended"]["temperature"], body["recommended"]["max_tokens"]))
     assert body["propensity"] == chosen["probability"]
     assert abs(body["recommended"]["temperature"] - 0.7) <= 0.2 + 1e-9 and abs(body["recommended"]["max_tokens"] - 300) <= 500
     assert {g["guard"] for g in body["guards"]} == {"trust_region", "rollout", "budget", "slo"}
-    reserved_before = ctl.call(rt.budget.status(time.time())).reserved
-    shadow = api(ctl, "POST", "/test-shadow", json={"task_type": "code", "context": {"model": "echo-1", "temperature": 0.7, "max_tokens": 300}}).json()
+    reserved_before = own_ctl.call(rt.budget.status(time.time())).reserved
+    shadow = api(own_ctl, "POST", "/test-shadow", json={"task_type": "code", "context": {"model": "echo-1", "temperature": 0.7, "max_tokens": 300}}).json()
     assert shadow["logged"] is False and shadow["mode"] == "optimized"
     assert shadow["body"]["temperature"] == shadow["sent"]["temperature"] and shadow["body"]["max_tokens"] == shadow["sent"]["max_tokens"]
     assert len(upstream.received) == n_before  # no upstream call
-    assert ctl.call(rt.budget.status(time.time())).reserved == reserved_before  # reservation released
-    ctl.flush()
-    assert ctl.call(rt.sink.get_decision(shadow["request_id"])) is None
-    assert_error_shape(api(ctl, "POST", "/recommend", json={"context": {"model": "echo-1", "temperature": 5}}), 400)
+    assert own_ctl.call(rt.budget.status(time.time())).reserved == reserved_before  # reservation released
+    own_ctl.flush()
+    assert own_ctl.call(rt.sink.get_decision(shadow["request_id"])) is None
+    assert_error_shape(api(own_ctl, "POST", "/recommend", json={"context": {"model": "echo-1", "temperature": 5}}), 400)
 
 
-def test_record_outcome_flow(ctl: RunningThermostat) -> None:
-    rid = ctl.ids["code"][0]  # type: ignore[attr-defined]
-    row = ctl.call(ctl.runtime.sink.get_decision(rid))
-    rt = ctl.runtime
+def test_record_outcome_flow(own_ctl: RunningThermostat) -> None:
+    rid = own_ctl.ids["code"][0]  # type: ignore[attr-defined]
+    row = own_ctl.call(own_ctl.runtime.sink.get_decision(rid))
+    rt = own_ctl.runtime
     ctx = context_from_features(row.context_features)
     key = stat_key(context_bucket(ctx), Arm(temperature=row.chosen_params.temperature, max_tokens=row.chosen_params.max_tokens))
     n0, s0, _ = rt.policy.snapshot()[key]
-    r = api(ctl, "POST", "/record-outcome", json={"request_id": rid, "outcome": {"quality": 0.25, "comment": "meh"}})
+    r = api(own_ctl, "POST", "/record-outcome", json={"request_id": rid, "outcome": {"quality": 0.25, "comment": "meh"}})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["found_in"] == "registry" and body["automatic_quality"] == row.quality and body["previous_reward"] == row.reward
@@ -174,77 +174,77 @@ def test_record_outcome_flow(ctl: RunningThermostat) -> None:
     assert body["policy_updated"] is True and "correct()" in body["policy_update"]
     n1, s1, _ = rt.policy.snapshot()[key]
     assert n1 == n0 and math.isclose(s1 - s0, body["reward"] - row.reward, rel_tol=1e-9, abs_tol=1e-12)
-    err = assert_error_shape(api(ctl, "POST", "/record-outcome", json={"request_id": rid, "outcome": {"quality": 0.5}}), 409)
+    err = assert_error_shape(api(own_ctl, "POST", "/record-outcome", json={"request_id": rid, "outcome": {"quality": 0.5}}), 409)
     assert err["code"] == "feedback_exists"
-    r = api(ctl, "POST", "/record-outcome", json={"request_id": rid, "outcome": {"quality": 0.5}, "overwrite": True})
+    r = api(own_ctl, "POST", "/record-outcome", json={"request_id": rid, "outcome": {"quality": 0.5}, "overwrite": True})
     assert r.status_code == 200 and r.json()["overwritten"] is True and r.json()["previous_quality"] == 0.25
-    ctl.flush()
-    stored = ctl.call(ctl.runtime.sink.get_decision(rid))
+    own_ctl.flush()
+    stored = own_ctl.call(own_ctl.runtime.sink.get_decision(rid))
     assert stored.feedback_quality == 0.5 and stored.quality == row.quality  # the automatic score is kept beside it
-    assert_error_shape(api(ctl, "POST", "/record-outcome", json={"request_id": "no-such-id", "outcome": {"quality": 0.5}}), 404)
-    assert_error_shape(api(ctl, "POST", "/record-outcome", json={"request_id": rid, "outcome": {"quality": 1.5}}), 400)
+    assert_error_shape(api(own_ctl, "POST", "/record-outcome", json={"request_id": "no-such-id", "outcome": {"quality": 0.5}}), 404)
+    assert_error_shape(api(own_ctl, "POST", "/record-outcome", json={"request_id": rid, "outcome": {"quality": 1.5}}), 400)
     # an id only in the log (not in the registry): found through get_decision
-    other = ctl.ids["chat"][0]  # type: ignore[attr-defined]
-    ctl.runtime.registry._items.pop(other)
-    r = api(ctl, "POST", "/record-outcome", json={"request_id": other, "outcome": {"quality": 0.9}})
+    other = own_ctl.ids["chat"][0]  # type: ignore[attr-defined]
+    own_ctl.runtime.registry._items.pop(other)
+    r = api(own_ctl, "POST", "/record-outcome", json={"request_id": other, "outcome": {"quality": 0.9}})
     assert r.status_code == 200 and r.json()["found_in"] == "log"
-    assert_error_shape(api(ctl, "POST", "/record-outcome", json={"request_id": other, "outcome": {"quality": 0.9}}), 409)
+    assert_error_shape(api(own_ctl, "POST", "/record-outcome", json={"request_id": other, "outcome": {"quality": 0.9}}), 409)
 
 
-def test_rollback_resume_and_audit(ctl: RunningThermostat, upstream) -> None:
-    r = api(ctl, "POST", "/rollback", json={"reason": "investigating"})
+def test_rollback_resume_and_audit(own_ctl: RunningThermostat, upstream) -> None:
+    r = api(own_ctl, "POST", "/rollback", json={"reason": "investigating"})
     assert r.status_code == 200 and r.json()["changed"] is True
-    st = api(ctl, "GET", "/rollback-status").json()
+    st = api(own_ctl, "GET", "/rollback-status").json()
     assert st["active"] is True and st["trigger"] == "manual" and st["reason"] == "investigating" and st["resumes_at"] is None
-    resp = httpx.post(f"{ctl.url}/chat/completions", json={"model": "echo-1", "messages": [{"role": "user", "content": "x"}], "temperature": 0.7, "max_tokens": 300},
+    resp = httpx.post(f"{own_ctl.url}/chat/completions", json={"model": "echo-1", "messages": [{"role": "user", "content": "x"}], "temperature": 0.7, "max_tokens": 300},
                       headers={"x-task-type": "code"})
     assert resp.headers["x-thermostat-mode"] == "rollback" and upstream.last().body["temperature"] == 0.7
-    again = api(ctl, "POST", "/rollback", json={}).json()
+    again = api(own_ctl, "POST", "/rollback", json={}).json()
     assert again["changed"] is False
-    assert api(ctl, "POST", "/resume", json={}).json()["changed"] is True
-    assert api(ctl, "GET", "/rollback-status").json()["active"] is False
-    metrics = httpx.get(f"{ctl.base}/metrics").text
+    assert api(own_ctl, "POST", "/resume", json={}).json()["changed"] is True
+    assert api(own_ctl, "GET", "/rollback-status").json()["active"] is False
+    metrics = httpx.get(f"{own_ctl.base}/metrics").text
     assert 'thermostat_rollbacks_total{trigger="manual"} 1.0' in metrics
-    audit = api(ctl, "GET", "/audit-logs", params={"limit": 100}).json()["items"]
+    audit = api(own_ctl, "GET", "/audit-logs", params={"limit": 100}).json()["items"]
     actions = [a["action"] for a in audit]
     assert "rollback" in actions and "resume" in actions
     who = "token:" + hashlib.sha256(TOKEN.encode()).hexdigest()[:8]
     entry = next(a for a in reversed(audit) if a["action"] == "rollback")  # the first (oldest) one changed the state
     assert entry["actor"] == who and entry["before"]["rollback"]["active"] is False and entry["after"]["rollback"]["active"] is True
     assert all(TOKEN not in str(a) for a in audit)
-    events = api(ctl, "GET", "/rollout-status").json()["events"]
+    events = api(own_ctl, "GET", "/rollout-status").json()["events"]
     assert events[0]["kind"] == "resume" and events[1]["kind"] == "rollback" and events[1]["actor"] == who
 
 
-def test_waivers(ctl: RunningThermostat) -> None:
-    before = api(ctl, "GET", "/caws-status").json()
-    r = api(ctl, "POST", "/waivers", json={"task_type": "code", "extra_tokens": 5000, "reason": "launch", "approver": "alice", "duration_s": 3600})
+def test_waivers(own_ctl: RunningThermostat) -> None:
+    before = api(own_ctl, "GET", "/caws-status").json()
+    r = api(own_ctl, "POST", "/waivers", json={"task_type": "code", "extra_tokens": 5000, "reason": "launch", "approver": "alice", "duration_s": 3600})
     assert r.status_code == 201, r.text
     w = r.json()
     assert w["status"] == "active" and w["id"].startswith("WV-")
-    after = api(ctl, "GET", "/caws-status").json()
+    after = api(own_ctl, "GET", "/caws-status").json()
     assert after["effective_limit"] == before["effective_limit"] + 5000 and [x["id"] for x in after["active_waivers"]] == [w["id"]]
-    assert w["id"] in [x["id"] for x in api(ctl, "GET", "/waivers").json()["waivers"]]
-    d = api(ctl, "DELETE", f"/waivers/{w['id']}")
+    assert w["id"] in [x["id"] for x in api(own_ctl, "GET", "/waivers").json()["waivers"]]
+    d = api(own_ctl, "DELETE", f"/waivers/{w['id']}")
     assert d.status_code == 200 and d.json()["status"] == "revoked"
-    assert api(ctl, "GET", "/caws-status").json()["effective_limit"] == before["effective_limit"]
-    assert_error_shape(api(ctl, "DELETE", "/waivers/WV-9999"), 404)
-    assert_error_shape(api(ctl, "POST", "/waivers", json={"task_type": "code", "extra_tokens": 1, "reason": "r", "approver": "a", "expires_at": 1.0}), 422)
-    assert_error_shape(api(ctl, "POST", "/waivers", json={"task_type": "code", "extra_tokens": 1, "reason": "r", "approver": "a"}), 422)
-    assert_error_shape(api(ctl, "POST", "/waivers", json={"task_type": "code", "extra_tokens": -1, "reason": "r", "approver": "a", "duration_s": 5}), 400)
+    assert api(own_ctl, "GET", "/caws-status").json()["effective_limit"] == before["effective_limit"]
+    assert_error_shape(api(own_ctl, "DELETE", "/waivers/WV-9999"), 404)
+    assert_error_shape(api(own_ctl, "POST", "/waivers", json={"task_type": "code", "extra_tokens": 1, "reason": "r", "approver": "a", "expires_at": 1.0}), 422)
+    assert_error_shape(api(own_ctl, "POST", "/waivers", json={"task_type": "code", "extra_tokens": 1, "reason": "r", "approver": "a"}), 422)
+    assert_error_shape(api(own_ctl, "POST", "/waivers", json={"task_type": "code", "extra_tokens": -1, "reason": "r", "approver": "a", "duration_s": 5}), 400)
 
 
-def test_other_status_pages(ctl: RunningThermostat) -> None:
-    db = api(ctl, "GET", "/db-status").json()
-    assert db["kind"] == "sqlite" and db["connected"] and db["decisions_total"] == ctl.call(ctl.runtime.sink.count_decisions())
-    comp = api(ctl, "GET", "/compliance-status").json()
+def test_other_status_pages(own_ctl: RunningThermostat) -> None:
+    db = api(own_ctl, "GET", "/db-status").json()
+    assert db["kind"] == "sqlite" and db["connected"] and db["decisions_total"] == own_ctl.call(own_ctl.runtime.sink.count_decisions())
+    comp = api(own_ctl, "GET", "/compliance-status").json()
     checks = {c["name"]: c for c in comp["checks"]}
     assert checks["trust_region"]["ok"] and checks["audit_log"]["ok"]
-    base = api(ctl, "GET", "/baseline-parameters").json()
+    base = api(own_ctl, "GET", "/baseline-parameters").json()
     assert base["parameters"] == [{"task_type": "default", "temperature": None, "max_tokens": None, "source": "built-in"}]
-    ro = api(ctl, "GET", "/rollout-status").json()
+    ro = api(own_ctl, "GET", "/rollout-status").json()
     assert ro["phase"] == "general" and ro["next_phase"] is None and ro["blockers"] == ["general is the final phase"]
-    dash = api(ctl, "GET", "/dashboard", params={"window_s": 600, "bins": 10}).json()
+    dash = api(own_ctl, "GET", "/dashboard", params={"window_s": 600, "bins": 10}).json()
     assert len(dash["reward_series"]) == 10 and sum(p["optimized_n"] for p in dash["reward_series"]) >= 60
     assert dash["budget"]["used"] > 0 and dash["slo_latency_p99_ms"] == 500.0
 

@@ -66,3 +66,38 @@ def test_2000_requests_at_concurrency_50_each_logged_once(upstream: FakeUpstream
     assert (n, distinct, ok) == (2000, 2000, 2000)
     # canary: 5 % of users (97 stable keys) are optimised, the rest are holdout
     assert 0 < optimized < 2000
+
+
+def test_control_audit_round_trip_and_count_on_postgres(upstream: FakeUpstream, pg_dsn: str, tmp_path, monkeypatch) -> None:
+    """/security-status counts audit rows on PostgreSQL too, and the audit_log check reads its own entry back."""
+    monkeypatch.setenv("THERMOSTAT_PG_CONTROL_TOKEN", "pg-control-token-0123456789")
+    cfg = build_config(
+        {
+            "server": {"data_dir": str(tmp_path)},
+            "upstreams": [{"name": "fake", "base_url": upstream.url}],
+            "storage": {"database_url": pg_dsn, "flush_interval_s": 0.1},
+            "admin": {"token_env": "THERMOSTAT_PG_CONTROL_TOKEN"},
+        },
+        environ={},
+    )
+    running = start_thermostat(cfg)
+    api = f"{running.base}/api/optimization"
+    auth = {"authorization": "Bearer pg-control-token-0123456789"}
+    try:
+        before = httpx.get(f"{api}/security-status", headers=auth, timeout=30).json()["audit_entries"]
+        assert isinstance(before, int)
+        assert httpx.post(f"{api}/rollback", json={"reason": "pg audit"}, headers=auth, timeout=30).status_code == 200
+        checks = {c["name"]: c for c in httpx.get(f"{api}/compliance-status", headers=auth, timeout=30).json()["checks"]}
+        assert checks["audit_log"]["ok"] is True and checks["audit_log"]["detail"].startswith("log store postgres")
+        after = httpx.get(f"{api}/security-status", headers=auth, timeout=30).json()["audit_entries"]
+    finally:
+        running.stop()
+
+    async def count() -> int:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM audit_log"))
+        finally:
+            await conn.close()
+
+    assert after == before + 2 == asyncio.run(count())  # the rollback and the compliance check's own entry

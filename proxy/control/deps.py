@@ -1,0 +1,68 @@
+"""What the control API needs from the rest of the process, typed, in one frozen record.
+
+The controllers get it through Litestar's dependency injection (`deps: ControlDeps`),
+so a handler can reach only what is listed here, and a test can build the control API
+around its own services instead of a whole runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from litestar.di import NamedDependency
+
+from guards.budget import BudgetGuard
+from guards.rollout import RolloutController, RolloutEvent
+from guards.slo import SloMonitor
+from guards.state import StateStore
+from policies.records import RequestContext
+from proxy.config import Config
+from proxy.control.auth import AdminAuth
+from proxy.control.schemas import RecordOutcomeIn, RecordOutcomeResult
+from proxy.decision.decider import BanditDecider
+from proxy.decision.feedback import FeedbackBook
+from proxy.edge.upstream import UpstreamPool
+from proxy.store.base import LogStore
+from proxy.store.recorder import DecisionRegistry, Recorder
+
+
+class ContextBuilder(Protocol):
+    """The runtime's `build_context` (task types and models folded past their caps)."""
+
+    def __call__(self, body: dict[str, object], *, task_type: str, endpoint: str, upstream: str = "") -> RequestContext: ...
+
+
+RecordOutcome = Callable[[RecordOutcomeIn, str], Awaitable[RecordOutcomeResult]]
+"""Delayed feedback for one request, by an actor: the same entry point every signal uses."""
+
+
+@dataclass(frozen=True, slots=True)
+class ControlDeps:
+    """Everything a control handler may touch; frozen, so a handler cannot rewire the process."""
+
+    config: Config
+    auth: AdminAuth
+    decider: BanditDecider  # also holds the live rollout controller and the policy (both replaced at start-up)
+    budget: BudgetGuard
+    slo: SloMonitor
+    log_store: LogStore
+    recorder: Recorder
+    registry: DecisionRegistry
+    state_store: StateStore
+    pool: UpstreamPool
+    build_context: ContextBuilder
+    record_outcome: RecordOutcome
+    on_rollout_events: Callable[[list[RolloutEvent]], None]
+    started_at: float
+    feedback: FeedbackBook = field(default_factory=FeedbackBook)
+
+    @property
+    def rollout(self) -> RolloutController:
+        """The live controller: start-up swaps it for the stored state, so it is never captured."""
+        return self.decider.rollout
+
+
+Deps = NamedDependency[ControlDeps]
+"""How a handler asks for the services: `deps: Deps` (injected by name, see `build_control`)."""

@@ -1,0 +1,73 @@
+"""Reports over the decision log: metrics, performance, convergence, parameter evolution, OPE, the dashboard.
+
+Each reads a bounded window of rows from the log store and hands it to the pure report
+functions in `proxy.control.reports`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, get
+from litestar.params import FromQuery, Parameter
+
+from proxy.control import reports as cdata
+from proxy.control.deps import Deps
+from proxy.control.schemas import ConvergenceReport, Dashboard, MetricsReport, OpeOut, ParameterEvolution, PerformanceReport
+from proxy.control.views import DAY, Bins, MaxRows, WindowS, caws_status, recent_events, slo_status, status_of, window
+
+
+class PerformanceController(Controller):
+    path = "/"
+
+    @get("/metrics", summary="Per task type, arm and traffic class: counts, reward CI, latency quantiles, tokens, quality")
+    async def metrics(self, deps: Deps, window_s: WindowS = 3600.0, max_rows: MaxRows = 20_000,
+                      task_type: FromQuery[str | None] = None) -> MetricsReport:
+        _, since, until = window(window_s)
+        rows, truncated = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
+        return cdata.metrics_report(rows, since, until, truncated)
+
+    @get("/performance", summary="Per task type: optimised vs baseline traffic and the improvement of mean reward")
+    async def performance(self, deps: Deps, window_s: WindowS = 3600.0, max_rows: MaxRows = 20_000,
+                          task_type: FromQuery[str | None] = None) -> PerformanceReport:
+        _, since, until = window(window_s)
+        rows, truncated = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
+        return cdata.performance_report(rows, since, until, truncated)
+
+    @get("/convergence", summary="Per task type: the policy's probability of its own choice over time, and its current arm distribution")
+    async def convergence(self, deps: Deps, window_s: WindowS = DAY, bins: Bins = 24, max_rows: MaxRows = 20_000) -> ConvergenceReport:
+        _, since, until = window(window_s)
+        rows, _ = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows)
+        return cdata.convergence(deps.decider, rows, since, until, bins)
+
+    @get("/parameter-evolution", summary="Chosen (policy) and sent temperature / max_tokens over time per task type")
+    async def parameter_evolution(self, deps: Deps, window_s: WindowS = DAY, bins: Bins = 24,
+                                  max_rows: MaxRows = 20_000) -> ParameterEvolution:
+        _, since, until = window(window_s)
+        rows, _ = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows)
+        return cdata.parameter_evolution(rows, since, until, bins)
+
+    @get("/dashboard", summary="Everything the dashboard page draws, in one call")
+    async def dashboard(self, deps: Deps, window_s: WindowS = 3600.0, bins: Bins = 30, max_rows: MaxRows = 20_000) -> Dashboard:
+        now, since, until = window(window_s)
+        rows, _ = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows)
+        budget, budget_error = None, None
+        try:
+            budget = await caws_status(deps, now)
+        except Exception as exc:
+            budget_error = f"budget store unavailable: {type(exc).__name__}"
+        evolution = cdata.parameter_evolution(rows, since, until, bins)
+        return Dashboard(
+            generated_at=now, status=status_of(deps, now), slo=slo_status(deps, now), slo_latency_p99_ms=deps.config.slo.latency_p99_ms,
+            reward_series=cdata.reward_series(rows, since, until, bins), latency_series=cdata.latency_series(rows, since, until, bins),
+            parameters=evolution, budget=budget, budget_error=budget_error, events=recent_events(deps, 20),
+            performance=cdata.performance_report(rows, since, until, False).tasks, bin_s=evolution.bin_s,
+        )
+
+    @get("/ope", summary="IPS / SNIPS / DR estimates with CIs: current policy vs baseline on logged exploration data")
+    async def ope(self, deps: Deps, window_s: WindowS = 7 * DAY, max_rows: Annotated[int, Parameter(ge=1, le=50_000)] = 5000,
+                  n_bootstrap: Annotated[int, Parameter(ge=10, le=5000)] = 500,
+                  seed: Annotated[int, Parameter(ge=0, le=2**31, schema_extra={"minimum": 0})] = 0) -> OpeOut:
+        _, since, until = window(window_s)
+        rows, _ = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, mode="optimized")
+        return cdata.ope_report(deps.decider, rows, since, until, seed=seed, n_bootstrap=n_bootstrap)[0]

@@ -1,0 +1,98 @@
+"""Decisions without traffic: what the decider would do for a context, asked of the decider itself.
+
+Both endpoints call `BanditDecider.explain`, the request path's own steps, so an answer
+here cannot drift from what a real request would get.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import uuid
+
+import msgspec
+import numpy as np
+from litestar import Controller, Request, post
+from litestar.params import JSONBody
+
+from policies.context import context_bucket
+from proxy.control import reports as cdata
+from proxy.control.deps import Deps
+from proxy.control.errors import ERR
+from proxy.control.schemas import ArmProbability, GuardVerdict, Recommendation, RecommendIn, ShadowTestIn, ShadowTestResult
+from proxy.control.views import actor_of, context_of, params_out, write_audit
+from proxy.decision.decider import Explanation
+
+
+def guard_verdicts(deps: Deps, ex: Explanation, now: float) -> list[GuardVerdict]:
+    """Each guard's part in the explained decision, in the order the decider applies them."""
+    c = deps.config.constraints
+    eff, b = ex.effective, ex.budget
+    verdicts = [
+        GuardVerdict(guard="trust_region", ok=True, verdict=f"{len(ex.allowed)} arm(s) allowed",
+                     detail={"max_delta_temperature": c.max_delta_temperature, "max_delta_max_tokens": c.max_delta_max_tokens,
+                             "model_max_tokens": ex.limits.max_tokens, "fixed_temperature": ex.limits.fixed_temperature}),
+        GuardVerdict(guard="rollout", ok=eff.optimizing_allowed,
+                     verdict=("optimising" if eff.optimizing_allowed else "not optimising") + f" ({eff.phase}, {eff.fraction:.0%} of keys)",
+                     detail={"phase": eff.phase, "fraction": eff.fraction, "assigned": ex.assigned, "held_out": ex.held_out,
+                             "rollback": msgspec.to_builtins(eff.rollback) if eff.rollback is not None else None}),
+    ]
+    if not b.guard_ok:
+        budget_text = "budget store unavailable"
+    elif b.action == "reject":
+        budget_text = "would refuse the request (caws.on_exhausted = reject)"
+    elif b.refused is not None:
+        budget_text = f"would fall back to a cheaper arm or the baseline ({b.refused})"
+    else:
+        budget_text = "fits"
+    verdicts.append(GuardVerdict(guard="budget", ok=b.guard_ok and b.action == "send" and b.refused is None, verdict=budget_text,
+                                 detail={"reason": b.reason, "reservation": b.reservation.tokens if b.reservation is not None else None,
+                                         "fill": cdata.finite(b.fill), "effective_limit": b.effective_limit, "waiver_zone": b.waiver_zone}))
+    report = deps.slo.report(now)
+    verdicts.append(GuardVerdict(guard="slo", ok=report.compliant, verdict="compliant" if report.compliant else "breached: " + ", ".join(report.breached),
+                                 detail={"optimized_p99_ms": cdata.finite(report.optimized.p99_ms), "optimized_requests": report.optimized.requests}))
+    return verdicts
+
+
+class RecommendController(Controller):
+    path = "/"
+
+    @post("/recommend", status_code=200, summary="The decision the policy would make now for a context (no upstream call, no budget kept)",
+          responses={404: ERR})
+    async def recommend(self, deps: Deps, data: JSONBody[RecommendIn]) -> Recommendation:
+        ctx, _ = context_of(deps, data.task_type, data.context)
+        rid = f"recommend-{uuid.uuid4()}"
+        # A private generator: the request path's sequence stays untouched.
+        ex = await deps.decider.explain(ctx, request_id=rid, assignment_key=data.context.user, rng=np.random.default_rng())
+        d = ex.decision
+        policy = deps.decider.policy
+        assert d.policy_choice is not None and d.policy_propensity is not None  # explain always records the policy's choice
+        base = ex.reference.arm
+        return Recommendation(
+            task_type=ctx.task_type, bucket=context_bucket(ctx), policy=policy.name, policy_version=policy.version,
+            recommended=params_out(d.policy_choice), propensity=d.policy_propensity, would_send=params_out(d.sent), would_mode=d.mode,
+            baseline=params_out(base),
+            arms=[ArmProbability(temperature=a.temperature, max_tokens=a.max_tokens, probability=p) for a, p in zip(ex.allowed, ex.pmf)],
+            guards=guard_verdicts(deps, ex, time.time()),
+        )
+
+    @post("/test-shadow", status_code=200, summary="Run one synthetic request through the decision path; nothing is sent or logged",
+          responses={404: ERR})
+    async def test_shadow(self, request: Request, deps: Deps, data: JSONBody[ShadowTestIn | None] = None) -> ShadowTestResult:
+        from proxy.edge.asgi import patch_body  # the edge's own patching, imported late: the edge imports the control API
+
+        body_in = data or ShadowTestIn()
+        ctx, body = context_of(deps, body_in.task_type, body_in.context)
+        rid = f"shadow-test-{uuid.uuid4()}"
+        ex = await deps.decider.explain(ctx, request_id=rid, assignment_key=body_in.context.user or rid, rng=np.random.default_rng())
+        decision = ex.decision
+        out = copy.deepcopy(body)
+        patch_body(out, decision.sent, "max_tokens" if body_in.context.max_tokens is not None else None)
+        await write_audit(deps, actor_of(request), "test_shadow", rid, None,
+                          {"mode": decision.mode, "sent": msgspec.to_builtins(decision.sent)})
+        return ShadowTestResult(
+            request_id=rid, task_type=ctx.task_type, mode=decision.mode, policy=decision.policy, policy_version=decision.policy_version,
+            policy_choice=params_out(decision.policy_choice) if decision.policy_choice is not None else None,
+            policy_propensity=decision.policy_propensity, sent=params_out(decision.sent), baseline=params_out(decision.baseline),
+            guard_notes=list(decision.guard_notes), body=out, logged=False,
+        )
