@@ -21,9 +21,10 @@ from tests.support.fake_upstream import FakeUpstream
 from tests.support.servers import RunningThermostat, start_thermostat
 
 
-@pytest.fixture(scope="module")
-def open_ctl(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningThermostat]:
-    running = start_thermostat(make_config(upstream.url, tmp_path_factory.mktemp("open")))
+@pytest.fixture
+def open_ctl(upstream: FakeUpstream, tmp_path: Path) -> Iterator[RunningThermostat]:
+    """Per test: some roll back and resume, the others assert nothing is rolled back."""
+    running = start_thermostat(make_config(upstream.url, tmp_path / "open"))
     yield running
     running.stop()
 

@@ -162,6 +162,20 @@ async def test_audit_and_events(store: LogStore) -> None:
     assert [e.id for e in await store.fetch_events(since=now - 6)] == [e2.id]
 
 
+async def test_audit_by_id_and_count(store: LogStore) -> None:
+    """What /compliance-status (write, read back by id) and /security-status (count) need, the same on both stores."""
+    assert await store.count_audit() == 0
+    a = AuditRecord(at=time.time(), actor="token:abcd1234", action="compliance_check", target="audit_log", after={"ok": True})
+    assert await store.get_audit(a.id) is None
+    await store.append_audit(a)
+    await store.write([a])  # replayed: still one
+    got = await store.get_audit(a.id)
+    assert got is not None and (got.id, got.actor, got.action, got.target, got.after) == (a.id, a.actor, a.action, a.target, {"ok": True})
+    assert got.at == pytest.approx(a.at, abs=1e-5)
+    assert await store.count_audit() == 1
+    assert await store.get_audit("not-a-uuid") is None
+
+
 async def test_prune_deletes_only_old_rows_in_batches(store: LogStore) -> None:
     now = time.time()
     old = [log_entry(created_at=now - 100 * DAY - i) for i in range(23)]
