@@ -140,7 +140,8 @@ def effective_sample_size(weights: np.ndarray) -> float:
 
 def expected_under(probs: np.ndarray, reward_hat: np.ndarray) -> np.ndarray:
     """v̂_i = Σ_a π(a|x_i)·q̂(x_i, a) for padded (n, K) arrays (pad with probability 0)."""
-    return np.einsum("ik,ik->i", np.asarray(probs, dtype=np.float64), np.asarray(reward_hat, dtype=np.float64))
+    values: np.ndarray = np.einsum("ik,ik->i", np.asarray(probs, dtype=np.float64), np.asarray(reward_hat, dtype=np.float64))
+    return values
 
 
 def empirical_bernstein(terms: np.ndarray, term_range: float, confidence: float = 0.95) -> tuple[float, float]:
@@ -227,7 +228,8 @@ def _bootstrap(
 
 
 def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator != 0)
+    ratio: np.ndarray = np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator != 0)
+    return ratio
 
 
 def _percentiles(replicates: np.ndarray, confidence: float) -> tuple[float, float]:
