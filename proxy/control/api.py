@@ -32,6 +32,7 @@ from litestar.typing import FieldDefinition
 from guards.rollout import RolloutEvent, assign
 from guards.trust_region import enforce
 from guards.waivers import Waiver
+from policies import ope
 from policies.context import context_bucket
 from proxy.control import reports as cdata
 from proxy.control.auth import AdminAuth, AuthError
@@ -481,7 +482,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
         ro = rt.rollout
         st = ro.state
         rows, _ = await cdata.load_rows(rt, since=since, until=until, max_rows=max_rows, mode="optimized")
-        report, _ = cdata.ope_report(rt, rows, since, until, n_bootstrap=200)
+        report, _ = cdata.ope_report(rt, rows, since, until, n_bootstrap=ope.EVIDENCE_BOOTSTRAP_REPLICATES)
         evidence, evidence_out = cdata.ope_evidence(report)
         check = ro.promotion_check(now, evidence)
         s = ro.settings
@@ -568,7 +569,7 @@ def build_control(rt: Any, *, environ: dict[str, str] | None = None) -> tuple[Ro
 
     @get("/ope", summary="IPS / SNIPS / DR estimates with CIs: current policy vs baseline on logged exploration data")
     async def ope_(window_s: WindowS = 7 * DAY, max_rows: Annotated[int, Parameter(ge=1, le=50_000)] = 5000,
-                   n_bootstrap: Annotated[int, Parameter(ge=10, le=5000)] = 500, seed: Annotated[int, Parameter(ge=0, le=2**31, schema_extra={"minimum": 0})] = 0) -> OpeOut:
+                   n_bootstrap: Annotated[int, Parameter(ge=10, le=5000)] = ope.REPORT_BOOTSTRAP_REPLICATES, seed: Annotated[int, Parameter(ge=0, le=2**31, schema_extra={"minimum": 0})] = 0) -> OpeOut:
         _, since, until = window(window_s)
         rows, _ = await cdata.load_rows(rt, since=since, until=until, max_rows=max_rows, mode="optimized")
         return cdata.ope_report(rt, rows, since, until, seed=seed, n_bootstrap=n_bootstrap)[0]
