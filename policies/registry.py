@@ -19,11 +19,6 @@ POLICIES: dict[str, PolicyClass] = {cls.name: cls for cls in _CLASSES}
 """name -> class, in the order the README lists them (the first is the default)."""
 
 
-def policy_names() -> tuple[str, ...]:
-    """The names config validation accepts, in registry order."""
-    return tuple(POLICIES)
-
-
 def make_policy(name: str, *, thompson: ThompsonSettings | None = None, linucb: LinUCBSettings | None = None) -> Policy:
     """A fresh policy of the registered class `name`, tuned by the settings section it reads."""
     cls = POLICIES.get(name)
