@@ -22,9 +22,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policies.arms import candidate_arms
-from policies.base import make_policy
 from policies.context import build_context
 from policies.records import Arm
+from policies.registry import make_policy
 from policies.settings import ArmGridSettings, ThompsonSettings
 from policies.thompson import ThompsonGaussianPolicy
 

@@ -1,4 +1,7 @@
-"""The policy interface the decider calls, the `Choice` it gets back, and `make_policy`.
+"""The policy interface the decider calls and the `Choice` it gets back.
+
+The implementations import this module, never the other way round: the names they are
+configured by live in `policies.registry`, which imports them all.
 
 Every policy is pure decision math over additive sufficient statistics:
 
@@ -27,8 +30,6 @@ import numpy as np
 
 from policies.records import Arm, RequestContext
 from policies.settings import LinUCBSettings, ThompsonSettings
-
-POLICY_NAMES: tuple[str, ...] = ("thompson_gaussian", "linucb", "baseline", "uniform")
 
 Correction = Literal["corrected", "updated", "skipped"]
 """What `correct` did.
@@ -66,11 +67,10 @@ def statistics_version(version: str) -> str:
 
 
 class Choice(msgspec.Struct, frozen=True):
-    """One choice: the arm index, its propensity, and the propensity of every allowed arm."""
+    """One choice: the arm index and the probability it had of being picked (logged as its propensity)."""
 
     index: int
     propensity: float
-    propensities: tuple[float, ...]
 
 
 @runtime_checkable
@@ -126,6 +126,21 @@ class Policy(Protocol):
         ...
 
 
+class PolicyClass(Protocol):
+    """What `policies.registry` needs from a policy class: its configured name and a constructor.
+
+    A class object satisfies this through its `name` attribute and its `from_settings`
+    classmethod, so the registry and config validation read names from the classes
+    themselves and no list of names is kept anywhere else.
+    """
+
+    name: str
+
+    def from_settings(self, *, thompson: ThompsonSettings, linucb: LinUCBSettings) -> Policy:
+        """A fresh policy; each class takes the settings section it is tuned by and ignores the rest."""
+        ...
+
+
 def sample_index(probs: np.ndarray, rng: np.random.Generator) -> int:
     """Draw an index with probabilities `probs` using one uniform from `rng`.
 
@@ -147,7 +162,8 @@ def apply_floor(probs: np.ndarray, floor: float) -> np.ndarray:
         return probs
     if k * floor >= 1.0:
         return np.full(k, 1.0 / k)
-    return floor + (1.0 - k * floor) * probs
+    floored: np.ndarray = floor + (1.0 - k * floor) * probs
+    return floored
 
 
 def decay_factor(half_life_s: float, epoch_s: float) -> float:
@@ -164,7 +180,7 @@ def decay_factor(half_life_s: float, epoch_s: float) -> float:
         raise ValueError(f"half_life_s must be > 0 and epoch_s >= 0, got {half_life_s!r}, {epoch_s!r}")
     if math.isinf(half_life_s):
         return 1.0
-    return 0.5 ** (epoch_s / half_life_s)
+    return math.pow(0.5, epoch_s / half_life_s)
 
 
 def decay_statistics(stats: dict[str, list[float]], gamma: float, epochs: int) -> dict[str, list[float]]:
@@ -177,29 +193,3 @@ def decay_statistics(stats: dict[str, list[float]], gamma: float, epochs: int) -
         raise ValueError(f"gamma must be in (0, 1] and epochs >= 0, got {gamma!r}, {epochs!r}")
     factor = gamma**epochs
     return {key: [v * factor for v in values] for key, values in stats.items()}
-
-
-def make_policy(
-    name: str,
-    *,
-    thompson: ThompsonSettings | None = None,
-    linucb: LinUCBSettings | None = None,
-) -> Policy:
-    """Build a policy by its configured name ("thompson_gaussian", "linucb", "baseline", "uniform")."""
-    if name == "thompson_gaussian":
-        from policies.thompson import ThompsonGaussianPolicy
-
-        return ThompsonGaussianPolicy(thompson or ThompsonSettings())
-    if name == "linucb":
-        from policies.linucb import LinUCBPolicy
-
-        return LinUCBPolicy(linucb or LinUCBSettings())
-    if name == "baseline":
-        from policies.baseline import BaselinePolicy
-
-        return BaselinePolicy()
-    if name == "uniform":
-        from policies.baseline import UniformPolicy
-
-        return UniformPolicy()
-    raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")

@@ -11,12 +11,14 @@ Both are stateless, so their shared-state hooks are empty and their version neve
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Self
 
 import numpy as np
 
 from policies.arms import arm_key
 from policies.base import Choice, Correction
 from policies.records import Arm, RequestContext
+from policies.settings import LinUCBSettings, ThompsonSettings
 
 TEMPERATURE_UNIT = 0.1
 """Distance scale for the fallback: 0.1 of temperature counts like MAX_TOKENS_UNIT tokens."""
@@ -48,6 +50,11 @@ class _Stateless:
     """Shared-state hooks of a policy without statistics."""
 
     name: str
+
+    @classmethod
+    def from_settings(cls, *, thompson: ThompsonSettings, linucb: LinUCBSettings) -> Self:
+        """Registry constructor (`policies.registry`): nothing to tune."""
+        return cls()
 
     @property
     def version(self) -> str:
@@ -91,9 +98,7 @@ class BaselinePolicy(_Stateless):
 
     def choose(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator) -> Choice:
         """Deterministic: the generator is not used."""
-        probs = self.propensities(ctx, baseline, arms)
-        index = baseline_index(baseline, arms)
-        return Choice(index=index, propensity=1.0, propensities=tuple(probs.tolist()))
+        return Choice(index=baseline_index(baseline, arms), propensity=1.0)
 
 
 class UniformPolicy(_Stateless):
@@ -113,4 +118,4 @@ class UniformPolicy(_Stateless):
         if k == 0:
             raise ValueError("choose needs at least one arm")
         index = int(rng.random() * k)
-        return Choice(index=index, propensity=1.0 / k, propensities=(1.0 / k,) * k)
+        return Choice(index=index, propensity=1.0 / k)

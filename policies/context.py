@@ -290,7 +290,7 @@ def feature_vector(ctx: RequestContext, dim: int) -> np.ndarray:
 
 def context_features(ctx: RequestContext) -> dict[str, Any]:
     """JSON-able dict of the context for the `context_features` log column."""
-    features = msgspec.to_builtins(ctx)
+    features: dict[str, Any] = msgspec.to_builtins(ctx)
     features["prompt_bin"] = prompt_bin(ctx.prompt_tokens_est)
     features["bucket"] = context_bucket(ctx)
     return features

@@ -45,7 +45,7 @@ from policies.arms import arm_key
 from policies.base import Choice, Correction, apply_floor, format_version, sample_index, statistics_version
 from policies.context import feature_vector
 from policies.records import Arm, RequestContext
-from policies.settings import LinUCBSettings
+from policies.settings import LinUCBSettings, ThompsonSettings
 
 PRIOR_ROW = 0
 """Row of the shared prior model (never updated) that arms without data read from."""
@@ -56,6 +56,11 @@ class LinUCBPolicy:
     """Disjoint LinUCB (module docstring)."""
 
     name = "linucb"
+
+    @classmethod
+    def from_settings(cls, *, thompson: ThompsonSettings, linucb: LinUCBSettings) -> LinUCBPolicy:
+        """Registry constructor (`policies.registry`)."""
+        return cls(linucb)
 
     def __init__(self, settings: LinUCBSettings | None = None) -> None:
         self.settings = settings or LinUCBSettings()
@@ -275,7 +280,7 @@ class LinUCBPolicy:
         """Sample from `propensities` with one uniform from `rng`."""
         probs = self.propensities(ctx, baseline, arms)
         index = sample_index(probs, rng)
-        return Choice(index=index, propensity=float(probs[index]), propensities=tuple(probs.tolist()))
+        return Choice(index=index, propensity=float(probs[index]))
 
 
 _PROBE = RequestContext(

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from statistics import NormalDist
 from typing import Literal
 
 import msgspec
@@ -53,6 +54,22 @@ import numpy as np
 
 BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000
 """Resampled indices materialised at once; bounds memory for large logs."""
+
+CONFIDENCE = 0.95
+"""Two-sided level of every interval the proxy reports (OPE bounds and the control API's mean intervals)."""
+
+Z_CONFIDENCE = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)
+"""Normal quantile for `CONFIDENCE` (1.95996...): mean ± Z·s/√n is the matching normal interval."""
+
+BOOTSTRAP_REPLICATES = 1000
+"""Default bootstrap replicates of `evaluate` and `improvement_lower_bound`."""
+
+REPORT_BOOTSTRAP_REPLICATES = 500
+"""Replicates behind the control API's on-demand OPE report (`GET /ope`)."""
+
+EVIDENCE_BOOTSTRAP_REPLICATES = 200
+"""Replicates behind the rollout guard's promotion evidence: recomputed every rollout tick and
+shown by `GET /rollout-status`, which must agree with what the guard saw, so both read this."""
 
 EstimatorName = Literal["ips", "snips", "dm", "dr"]
 
@@ -140,10 +157,11 @@ def effective_sample_size(weights: np.ndarray) -> float:
 
 def expected_under(probs: np.ndarray, reward_hat: np.ndarray) -> np.ndarray:
     """v̂_i = Σ_a π(a|x_i)·q̂(x_i, a) for padded (n, K) arrays (pad with probability 0)."""
-    return np.einsum("ik,ik->i", np.asarray(probs, dtype=np.float64), np.asarray(reward_hat, dtype=np.float64))
+    values: np.ndarray = np.einsum("ik,ik->i", np.asarray(probs, dtype=np.float64), np.asarray(reward_hat, dtype=np.float64))
+    return values
 
 
-def empirical_bernstein(terms: np.ndarray, term_range: float, confidence: float = 0.95) -> tuple[float, float]:
+def empirical_bernstein(terms: np.ndarray, term_range: float, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Two-sided empirical-Bernstein interval for the mean of `terms`, which lie in an interval of length `term_range`.
 
     (−inf, inf) when the range is unknown (nan or inf) or n < 2: no sample-based
@@ -227,7 +245,8 @@ def _bootstrap(
 
 
 def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator != 0)
+    ratio: np.ndarray = np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator != 0)
+    return ratio
 
 
 def _percentiles(replicates: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -299,8 +318,8 @@ def evaluate(
     rng: np.random.Generator,
     reward_hat_logged: np.ndarray | None = None,
     target_value_hat: np.ndarray | None = None,
-    n_bootstrap: int = 1000,
-    confidence: float = 0.95,
+    n_bootstrap: int = BOOTSTRAP_REPLICATES,
+    confidence: float = CONFIDENCE,
     min_propensity: float | None = None,
     reward_range: tuple[float, float] | None = None,
     behaviour_probs: np.ndarray | None = None,
@@ -375,8 +394,8 @@ def improvement_lower_bound(
     reward_hat_logged: np.ndarray | None = None,
     target_value_hat: np.ndarray | None = None,
     baseline_value_hat: np.ndarray | None = None,
-    n_bootstrap: int = 1000,
-    confidence: float = 0.95,
+    n_bootstrap: int = BOOTSTRAP_REPLICATES,
+    confidence: float = CONFIDENCE,
     min_propensity: float | None = None,
     reward_range: tuple[float, float] | None = None,
 ) -> Improvement:

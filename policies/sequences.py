@@ -75,7 +75,8 @@ def new_sequence(alpha: float = 0.05, low: float = 0.0, high: float = 1.0) -> Me
 
 
 def _psi(lam: np.ndarray | float) -> np.ndarray | float:
-    return (-np.log1p(-np.asarray(lam)) - lam) / 4.0
+    psi: np.ndarray | float = (-np.log1p(-np.asarray(lam)) - lam) / 4.0
+    return psi
 
 
 def _scale(state: MeanSequence, reward: float) -> float:

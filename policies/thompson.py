@@ -63,7 +63,7 @@ from policies.arms import arm_key
 from policies.base import Choice, Correction, apply_floor, format_version, statistics_version
 from policies.context import context_bucket
 from policies.records import Arm, RequestContext
-from policies.settings import ThompsonSettings
+from policies.settings import LinUCBSettings, ThompsonSettings
 
 PRUNE_SDS = 4.5
 """Arms whose mean + PRUNE_SDS·sd is below the best arm's mean − PRUNE_SDS·sd cannot win."""
@@ -89,7 +89,6 @@ class _Table(msgspec.Struct):
     winners: np.ndarray  # (draws,) arm index that wins each joint draw
     probs: np.ndarray  # (K,) share of draws each arm wins
     played: np.ndarray  # (K,) probs with the propensity floor: what `choose` plays
-    played_tuple: tuple[float, ...]
 
 
 def stat_key(bucket: str, arm: Arm) -> str:
@@ -107,6 +106,11 @@ class ThompsonGaussianPolicy:
     """Thompson sampling over per-(bucket, arm) Gaussian posteriors (module docstring)."""
 
     name = "thompson_gaussian"
+
+    @classmethod
+    def from_settings(cls, *, thompson: ThompsonSettings, linucb: LinUCBSettings) -> ThompsonGaussianPolicy:
+        """Registry constructor (`policies.registry`)."""
+        return cls(thompson)
 
     def __init__(self, settings: ThompsonSettings | None = None) -> None:
         self.settings = settings or ThompsonSettings()
@@ -287,7 +291,7 @@ class ThompsonGaussianPolicy:
         else:
             row = int((u - explore) / (1.0 - explore) * table.winners.shape[0])
             index = int(table.winners[min(row, table.winners.shape[0] - 1)])
-        return Choice(index=index, propensity=float(table.played[index]), propensities=table.played_tuple)
+        return Choice(index=index, propensity=float(table.played[index]))
 
     def propensities(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm]) -> np.ndarray:
         """What `choose` plays: the floored posterior probability that each arm is the best."""
@@ -363,5 +367,5 @@ class ThompsonGaussianPolicy:
         winners = winners.astype(np.int16)
         played = apply_floor(probs, self.settings.min_propensity)
         return _Table(
-            epoch=epoch, bucket_version=bucket_version, winners=winners, probs=probs, played=played, played_tuple=tuple(played.tolist())
+            epoch=epoch, bucket_version=bucket_version, winners=winners, probs=probs, played=played
         )

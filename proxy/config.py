@@ -27,6 +27,7 @@ from guards.settings import (
     RolloutSettings,
     SloSettings,
 )
+from policies.registry import POLICIES
 from policies.settings import (
     ArmGridSettings,
     LinUCBSettings,
@@ -36,7 +37,6 @@ from policies.settings import (
 )
 from proxy.edge.origins import normalize_origin, valid_host_entry
 
-PolicyName = Literal["thompson_gaussian", "linucb", "baseline", "uniform"]
 ModeName = Literal["shadow", "canary", "guarded", "general"]
 TuneTemperature = Literal["auto", "always", "never"]
 
@@ -162,7 +162,7 @@ class OptimizationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
     enabled: bool = True
     mode: ModeName = "shadow"
     traffic_percentage: float | None = None
-    policy: PolicyName = "thompson_gaussian"
+    policy: str = "thompson_gaussian"  # a name in policies.registry.POLICIES (checked in _validate_ranges)
     seed: int | None = None
     # Temperature moves only on evidence that can see it: under "auto", once a task type has
     # min_quality_signals explicit feedback signals; before that only max_tokens arms compete.
@@ -366,6 +366,8 @@ def _validate_ranges(cfg: Config) -> None:
     def bad(key: str, msg: str) -> ConfigError:
         return ConfigError(f"invalid value for '{key}': {msg}")
 
+    if cfg.optimization.policy not in POLICIES:
+        raise bad("optimization.policy", f"{cfg.optimization.policy!r} (allowed: {', '.join(POLICIES)})")
     tp = cfg.optimization.traffic_percentage
     if tp is not None and not 0.0 <= tp <= 1.0:
         raise bad("optimization.traffic_percentage", f"{tp} (allowed: a fraction in [0, 1])")

@@ -22,10 +22,10 @@ from guards.rollout import RolloutController, RolloutEvent, load_state, save_sta
 from guards.slo import SloMonitor
 from guards.state import InProcessStore, StateStore, StoreUnavailable
 from guards.trust_region import ModelLimits
-from policies.base import make_policy
 from policies.context import build_context, context_features
 from policies.quality import auto_quality
 from policies.records import Decision, Outcome, RequestContext
+from policies.registry import make_policy
 from proxy.config import Config
 from proxy.control.reports import compute_ope_evidence
 from proxy.decision.decider import BanditDecider, Decider

@@ -27,9 +27,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from policies.base import Choice, make_policy, sample_index
+from policies.base import Choice, sample_index
 from policies.context import prompt_bin
 from policies.records import Arm, RequestContext
+from policies.registry import make_policy
 from proxy.demo.simulator import SimulationLog, simulate
 
 RESULTS = ROOT / "bench" / "results"
@@ -68,7 +69,7 @@ class VowpalWabbitPolicy:
         pmf /= pmf.sum()
         index = sample_index(pmf, rng)
         self._last = (lines, pmf)
-        return Choice(index=index, propensity=float(pmf[index]), propensities=tuple(pmf.tolist()))
+        return Choice(index=index, propensity=float(pmf[index]))
 
     def update(self, ctx: RequestContext, baseline: Arm, arm: Arm, reward: float) -> None:
         assert self._last is not None, "simulate() calls choose before update"

@@ -11,6 +11,7 @@ from typing import Annotated
 from litestar import Controller, get
 from litestar.params import FromQuery, Parameter
 
+from policies import ope
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
 from proxy.control.schemas import ConvergenceReport, Dashboard, MetricsReport, OpeOut, ParameterEvolution, PerformanceReport
@@ -66,7 +67,7 @@ class PerformanceController(Controller):
 
     @get("/ope", summary="IPS / SNIPS / DR estimates with CIs: current policy vs baseline on logged exploration data")
     async def ope(self, deps: Deps, window_s: WindowS = 7 * DAY, max_rows: Annotated[int, Parameter(ge=1, le=50_000)] = 5000,
-                  n_bootstrap: Annotated[int, Parameter(ge=10, le=5000)] = 500,
+                  n_bootstrap: Annotated[int, Parameter(ge=10, le=5000)] = ope.REPORT_BOOTSTRAP_REPLICATES,
                   seed: Annotated[int, Parameter(ge=0, le=2**31, schema_extra={"minimum": 0})] = 0) -> OpeOut:
         _, since, until = window(window_s)
         rows, _ = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, mode="optimized")

@@ -9,7 +9,7 @@ Conventions (pinned by tests/control):
   every other mode (off, shadow, holdout, rollback) was served the baseline/client
   parameters and is "baseline".
 - reward / quality: the effective value (explicit feedback wins over the automatic score).
-- mean intervals: mean ± 1.96·s/√n (s the sample standard deviation, n ≥ 2); a
+- mean intervals: mean ± z·s/√n (z = `ope.Z_CONFIDENCE`, 1.96 at 95%) (s the sample standard deviation, n ≥ 2); a
   difference of means uses the Welch standard error √(s₁²/n₁ + s₂²/n₂).
 - latency quantiles: `numpy.quantile` (linear) over the rows' `latency_s`.
 """
@@ -57,7 +57,6 @@ from proxy.store.base import DecisionRow, LogStore
 if TYPE_CHECKING:
     from proxy.decision.decider import BanditDecider
 
-Z95 = 1.959963984540054
 OPTIMIZED_MODES = frozenset({"optimized", "guard_fallback"})
 OPE_METHOD = (
     "logged rows with mode 'optimized' (behaviour propensity = the logged propensity); for each row the "
@@ -88,7 +87,7 @@ def mean_interval(values: Sequence[float]) -> Interval:
     mean = float(arr.mean())
     if n < 2:
         return Interval(mean=mean, ci_low=None, ci_high=None, n=n)
-    half = Z95 * float(arr.std(ddof=1)) / math.sqrt(n)
+    half = ope.Z_CONFIDENCE * float(arr.std(ddof=1)) / math.sqrt(n)
     return Interval(mean=mean, ci_low=mean - half, ci_high=mean + half, n=n)
 
 
@@ -101,7 +100,7 @@ def diff_interval(a: Sequence[float], b: Sequence[float]) -> Interval | None:
     if len(a) < 2 or len(b) < 2:
         return Interval(mean=diff, ci_low=None, ci_high=None, n=len(a) + len(b))
     se = math.sqrt(float(xa.var(ddof=1)) / len(a) + float(xb.var(ddof=1)) / len(b))
-    return Interval(mean=diff, ci_low=diff - Z95 * se, ci_high=diff + Z95 * se, n=len(a) + len(b))
+    return Interval(mean=diff, ci_low=diff - ope.Z_CONFIDENCE * se, ci_high=diff + ope.Z_CONFIDENCE * se, n=len(a) + len(b))
 
 
 def quantile(values: Sequence[float], q: float) -> float | None:
@@ -405,7 +404,7 @@ def _policy_estimates(name: str, report: ope.OpeReport) -> PolicyEstimates:
 
 
 def ope_report(
-    decider: BanditDecider, rows: list[DecisionRow], since: float, until: float, *, seed: int = 0, n_bootstrap: int = 500,
+    decider: BanditDecider, rows: list[DecisionRow], since: float, until: float, *, seed: int = 0, n_bootstrap: int = ope.REPORT_BOOTSTRAP_REPLICATES,
     scored: tuple[list[_Scored], int] | None = None,
 ) -> tuple[OpeOut, OpeArrays]:
     arrays = OpeArrays(decider, rows, scored)
@@ -463,7 +462,7 @@ async def compute_ope_evidence(store: LogStore, decider: BanditDecider, window_s
     now = time.time()
     rows, _ = await load_rows(store, since=now - window_s, until=now + 1, max_rows=max_rows, mode="optimized")
     scored = await score_rows_async(decider, rows)
-    return await asyncio.to_thread(lambda: ope_evidence(ope_report(decider, rows, now - window_s, now, n_bootstrap=200, scored=scored)[0])[0])
+    return await asyncio.to_thread(lambda: ope_evidence(ope_report(decider, rows, now - window_s, now, n_bootstrap=ope.EVIDENCE_BOOTSTRAP_REPLICATES, scored=scored)[0])[0])
 
 
 def next_phase(phase: str) -> str | None:

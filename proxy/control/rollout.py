@@ -9,6 +9,7 @@ from litestar import Controller, Request, get, post
 from litestar.params import JSONBody
 
 from guards.rollout import RolloutEvent
+from policies import ope
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
 from proxy.control.errors import ERR
@@ -43,7 +44,7 @@ class RolloutApiController(Controller):
         ro = deps.rollout
         st = ro.state
         rows, _ = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, mode="optimized")
-        report, _ = cdata.ope_report(deps.decider, rows, since, until, n_bootstrap=200)
+        report, _ = cdata.ope_report(deps.decider, rows, since, until, n_bootstrap=ope.EVIDENCE_BOOTSTRAP_REPLICATES)
         evidence, evidence_out = cdata.ope_evidence(report)
         check = ro.promotion_check(now, evidence)
         s = ro.settings

@@ -16,7 +16,7 @@ ALL = [name for _, name, _ in load_migrations()]
 
 
 def test_migration_files_are_numbered_in_order() -> None:
-    assert ALL[:2] == ["0001_decision_log.sql", "0002_control_tables.sql"]
+    assert ALL[:3] == ["0001_decision_log.sql", "0002_control_tables.sql", "0003_drop_unused_tables.sql"]
     assert ALL == sorted(ALL)
 
 
@@ -31,8 +31,8 @@ async def test_concurrent_then_repeated_migrations(pg_dsn: str) -> None:
     try:
         tables = {r["table_name"] for r in await conn.fetch(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}
-        assert {"logged_decisions", "decision_feedback", "optimization_results", "slo_metrics", "rollout_events",
-                "waivers", "audit_log", "schema_migrations"} <= tables
+        assert {"logged_decisions", "decision_feedback", "rollout_events", "audit_log", "schema_migrations"} <= tables
+        assert not {"optimization_results", "slo_metrics", "waivers"} & tables  # never written or read: 0003 drops them
         versions = [r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations ORDER BY version")]
         assert versions == ALL
         indexes = {r["indexname"] for r in await conn.fetch(

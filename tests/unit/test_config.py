@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from policies.records import Params
+from policies.registry import POLICIES
 from proxy.config import ConfigError, build_config, load_config, mask_secrets
 from proxy.edge.asgi import patch_body
 
@@ -54,7 +55,7 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({}, {"LLM_OPTIMIZATION_TRAFFIC_PERCENTAGE": "1.5"}, "allowed: a fraction in [0, 1]"),
         ({}, {"SLO_LATENCY_P99_MS": "fast"}, "SLO_LATENCY_P99_MS='fast' is not a number"),
         ({}, {"CAWS_ENABLED": "maybe"}, "allowed: true/false/1/0/yes/no"),
-        ({}, {"BANDIT_POLICY": "greedy"}, "thompson_gaussian, linucb"),
+        ({}, {"BANDIT_POLICY": "greedy"}, "invalid value for 'optimization.policy': 'greedy' (allowed: thompson_gaussian, linucb, baseline, uniform)"),
         ({"slo": {"latency_p99": 3}}, {}, "unknown key 'slo.latency_p99'"),
         ({"upstreams": [{"name": "a", "base_url": "http://x/v1", "timout_s": 1}]}, {}, "unknown key 'upstreams[0].timout_s'"),
         ({"baseline": {"code": {"temp": 1}}}, {}, "unknown key 'baseline.code.temp'"),
@@ -77,6 +78,14 @@ def test_invalid_config_one_clear_line(doc: dict, env: dict, fragment: str) -> N
         build_config(doc, environ=env)
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_policy_names_are_the_registry_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Config validation reads the registry: a policy registered there is accepted with no list to update."""
+    with pytest.raises(ConfigError):
+        build_config({"optimization": {"policy": "greedy"}}, environ={})
+    monkeypatch.setitem(POLICIES, "greedy", POLICIES["baseline"])
+    assert build_config({"optimization": {"policy": "greedy"}}, environ={}).optimization.policy == "greedy"
 
 
 def test_shipped_config_is_valid() -> None:

@@ -269,3 +269,19 @@ def test_dr_model_is_cross_fitted_and_dm_claims_no_coverage() -> None:
     )
     assert report.dm is not None and report.dr is not None
     assert not report.dm.claims_coverage and report.dr.claims_coverage and report.ips.claims_coverage
+
+
+def test_one_confidence_level_for_every_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control API's mean intervals read the OPE module's z, not a copy of it."""
+    from policies import ope
+    from proxy.control.reports import diff_interval, mean_interval
+
+    assert ope.CONFIDENCE == 0.95
+    assert ope.Z_CONFIDENCE == pytest.approx(1.959963984540054, abs=1e-12)  # Φ⁻¹(0.975), tables
+    monkeypatch.setattr(ope, "Z_CONFIDENCE", 3.0)
+    # [0, 2]: mean 1, s = √2, half-width 3·√2/√2 = 3
+    interval = mean_interval([0.0, 2.0])
+    assert (interval.ci_low, interval.ci_high) == pytest.approx((-2.0, 4.0))
+    # [0, 2] − [0, 0]: difference 1, Welch se = √(2/2 + 0/2) = 1, half-width 3
+    diff = diff_interval([0.0, 2.0], [0.0, 0.0])
+    assert diff is not None and (diff.ci_low, diff.ci_high) == pytest.approx((-2.0, 4.0))

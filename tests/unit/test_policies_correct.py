@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from policies.base import decay_factor, decay_statistics, make_policy, statistics_version
+from policies.base import decay_factor, decay_statistics, statistics_version
 from policies.linucb import LinUCBPolicy
 from policies.records import Arm, RequestContext
+from policies.registry import make_policy
 
 CTX = RequestContext("code", "m", "chat", 120, 2, False, False, False, 0.7, 600)
 BASE = Arm(0.7, 600)

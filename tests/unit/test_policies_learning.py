@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policies.base import make_policy
+from policies.registry import make_policy
 from proxy.demo.simulator import simulate
 
 N_REQUESTS = 2000
