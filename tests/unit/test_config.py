@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from policies.records import Params
@@ -70,6 +72,14 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({"server": {"max_model_bytes": -1}}, {}, "'server.max_model_bytes'"),
         ({"storage": {"state_ttl_s": 0}}, {}, "'storage.state_ttl_s'"),
         ({"policy": {"thompson": {"max_buckets": 0}}}, {}, "'policy.thompson.max_buckets'"),
+        # A quoted number is refused, not coerced (strict conversion).
+        ({"server": {"port": "8080"}}, {}, "invalid value for 'server.port': Expected `int`, got `str`"),
+        ({"storage": {"journal": "true"}}, {}, "invalid value for 'storage.journal': Expected `bool`, got `str`"),
+        # A value set by an environment variable is reported under the variable's name.
+        ({}, {"LLM_OPTIMIZATION_MODE": "turbo"}, "environment variable LLM_OPTIMIZATION_MODE='turbo' (sets 'optimization.mode')"),
+        ({}, {"LLM_OPTIMIZATION_TRAFFIC_PERCENTAGE": "1.5"}, "LLM_OPTIMIZATION_TRAFFIC_PERCENTAGE='1.5' (sets 'optimization.traffic_percentage'): 1.5 (allowed"),
+        ({}, {"BANDIT_POLICY": "greedy"}, "BANDIT_POLICY='greedy'"),
+        ({}, {"CONFIDENCE_THRESHOLD": "2"}, "CONFIDENCE_THRESHOLD='2' (sets 'caws.confidence_threshold')"),
     ],
 )
 def test_invalid_config_one_clear_line(doc: dict, env: dict, fragment: str) -> None:
@@ -77,6 +87,22 @@ def test_invalid_config_one_clear_line(doc: dict, env: dict, fragment: str) -> N
         build_config(doc, environ=env)
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_file_value_is_not_blamed_on_an_unset_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"optimization": {"mode": "turbo"}}, environ={"LLM_OPTIMIZATION_ENABLED": "true"})
+    assert str(info.value).startswith("invalid value for 'optimization.mode'") and "environment" not in str(info.value)
+
+
+def test_base_url_without_path_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="thermostat.config"):
+        build_config({"upstreams": [{"name": "oa", "base_url": "https://api.openai.com/v1"}]}, environ={})
+    assert caplog.records == []
+    with caplog.at_level(logging.WARNING, logger="thermostat.config"):
+        cfg = build_config({"upstreams": [{"name": "oa", "base_url": "https://api.openai.com"}]}, environ={})
+    assert cfg.upstreams[0].base_url == "https://api.openai.com"  # a warning, not a refusal
+    assert len(caplog.records) == 1 and "upstreams[oa].base_url 'https://api.openai.com' has no path" in caplog.records[0].getMessage()
 
 
 def test_shipped_config_is_valid() -> None:
