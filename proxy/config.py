@@ -205,6 +205,24 @@ class AlertSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     webhook_urls: tuple[str, ...] = ()
 
 
+class TelemetrySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """OpenTelemetry traces (proxy/observability/tracing.py): one span per proxied request.
+
+    Spans go to `<otlp_endpoint>/v1/traces` as OTLP/HTTP protobuf, in batches of
+    `batch_size` at least every `export_interval_s`; past `queue_size` waiting spans new
+    ones are dropped and counted. Prompts are exported only with `capture_prompts`.
+    """
+
+    enabled: bool = False
+    otlp_endpoint: str = "http://127.0.0.1:4318"
+    service_name: str = "thermostat"
+    capture_prompts: bool = False
+    queue_size: int = 8192
+    batch_size: int = 512
+    export_interval_s: float = 1.0
+    export_timeout_s: float = 5.0
+
+
 class PolicySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     grid: ArmGridSettings = ArmGridSettings()
     thompson: ThompsonSettings = ThompsonSettings()
@@ -226,6 +244,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     policy: PolicySettings = PolicySettings()
     admin: AdminSettings = AdminSettings()
     alerts: AlertSettings = AlertSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     def baseline_for(self, task_type: str) -> BaselineSettings:
         """Per-task baseline, else `[baseline.default]`, else the built-in default."""
@@ -251,6 +270,9 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
     "ROLLOUT_SHADOW_DURATION_HOURS": (("rollout", "shadow_duration_hours"), "float"),
     "ROLLOUT_CANARY_DURATION_HOURS": (("rollout", "canary_duration_hours"), "float"),
     "ROLLOUT_GUARDED_DURATION_HOURS": (("rollout", "guarded_duration_hours"), "float"),
+    # The OpenTelemetry SDK's own variables, so a collector set up for other services works here too.
+    "OTEL_EXPORTER_OTLP_ENDPOINT": (("telemetry", "otlp_endpoint"), "str"),
+    "OTEL_SERVICE_NAME": (("telemetry", "service_name"), "str"),
 }
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -459,6 +481,15 @@ def _validate_ranges(cfg: Config) -> None:
     for origin in cfg.admin.allowed_origins:
         if normalize_origin(origin) is None:
             raise bad("admin.allowed_origins", f"{origin!r} (allowed: origins such as https://admin.example.com or http://127.0.0.1:3000)")
+    tel = cfg.telemetry
+    if not tel.otlp_endpoint.startswith(("http://", "https://")):
+        raise bad("telemetry.otlp_endpoint", f"{tel.otlp_endpoint!r} (allowed: an http:// or https:// URL; spans go to <url>/v1/traces)")
+    for key, number in (("telemetry.queue_size", tel.queue_size), ("telemetry.batch_size", tel.batch_size),
+                        ("telemetry.export_interval_s", tel.export_interval_s), ("telemetry.export_timeout_s", tel.export_timeout_s)):
+        if number <= 0:
+            raise bad(key, f"{number} (allowed: a positive number)")
+    if not tel.service_name:
+        raise bad("telemetry.service_name", "'' (allowed: a non-empty name)")
     names = [u.name for u in cfg.upstreams]
     if len(set(names)) != len(names):
         raise bad("upstreams.name", "upstream names must be unique")

@@ -72,6 +72,9 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({"server": {"max_model_bytes": -1}}, {}, "'server.max_model_bytes'"),
         ({"storage": {"state_ttl_s": 0}}, {}, "'storage.state_ttl_s'"),
         ({"policy": {"thompson": {"max_buckets": 0}}}, {}, "'policy.thompson.max_buckets'"),
+        ({"telemetry": {"otlp_endpoint": "127.0.0.1:4318"}}, {}, "'telemetry.otlp_endpoint'"),
+        ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT='collector:4318' (sets 'telemetry.otlp_endpoint')"),
+        ({"telemetry": {"queue_size": 0}}, {}, "'telemetry.queue_size'"),
         # A quoted number is refused, not coerced (strict conversion).
         ({"server": {"port": "8080"}}, {}, "invalid value for 'server.port': Expected `int`, got `str`"),
         ({"storage": {"journal": "true"}}, {}, "invalid value for 'storage.journal': Expected `bool`, got `str`"),
