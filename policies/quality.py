@@ -16,7 +16,8 @@ Rules, first match wins for the base score:
 6. Otherwise 1.0.
 
 Then, if `finish_reason == "length"` (the answer was cut by max_tokens) the base score
-is multiplied by (1 − `truncated_penalty`) (0.6 by default).  This is the main signal
+is multiplied by (1 − `truncated_penalty`): `truncated_penalty` is 0.4 by default, so a
+cut answer keeps 0.6 of its base score.  This is the main signal
 that a max_tokens arm is too small.
 
 Explicit feedback posted later (`record-outcome`) replaces this score; it is only the

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import logging
 import os
 import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -41,8 +43,19 @@ ModeName = Literal["shadow", "canary", "guarded", "general"]
 TuneTemperature = Literal["auto", "always", "never"]
 
 
+log = logging.getLogger("thermostat.config")
+
+
 class ConfigError(Exception):
-    """A configuration problem, described in one line."""
+    """A configuration problem, described in one line.
+
+    `key` (the dotted config key, when one is to blame) lets `build_config` name the
+    environment variable that set it: the operator edits the variable, not the file.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -192,6 +205,24 @@ class AlertSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     webhook_urls: tuple[str, ...] = ()
 
 
+class TelemetrySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """OpenTelemetry traces (proxy/observability/tracing.py): one span per proxied request.
+
+    Spans go to `<otlp_endpoint>/v1/traces` as OTLP/HTTP protobuf, in batches of
+    `batch_size` at least every `export_interval_s`; past `queue_size` waiting spans new
+    ones are dropped and counted. Prompts are exported only with `capture_prompts`.
+    """
+
+    enabled: bool = False
+    otlp_endpoint: str = "http://127.0.0.1:4318"
+    service_name: str = "thermostat"
+    capture_prompts: bool = False
+    queue_size: int = 8192
+    batch_size: int = 512
+    export_interval_s: float = 1.0
+    export_timeout_s: float = 5.0
+
+
 class PolicySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     grid: ArmGridSettings = ArmGridSettings()
     thompson: ThompsonSettings = ThompsonSettings()
@@ -213,6 +244,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     policy: PolicySettings = PolicySettings()
     admin: AdminSettings = AdminSettings()
     alerts: AlertSettings = AlertSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     def baseline_for(self, task_type: str) -> BaselineSettings:
         """Per-task baseline, else `[baseline.default]`, else the built-in default."""
@@ -238,6 +270,9 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
     "ROLLOUT_SHADOW_DURATION_HOURS": (("rollout", "shadow_duration_hours"), "float"),
     "ROLLOUT_CANARY_DURATION_HOURS": (("rollout", "canary_duration_hours"), "float"),
     "ROLLOUT_GUARDED_DURATION_HOURS": (("rollout", "guarded_duration_hours"), "float"),
+    # The OpenTelemetry SDK's own variables, so a collector set up for other services works here too.
+    "OTEL_EXPORTER_OTLP_ENDPOINT": (("telemetry", "otlp_endpoint"), "str"),
+    "OTEL_SERVICE_NAME": (("telemetry", "service_name"), "str"),
 }
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -280,18 +315,22 @@ def _set_path(doc: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     node[path[-1]] = value
 
 
-def apply_env_overrides(doc: dict[str, Any], environ: typing.Mapping[str, str]) -> dict[str, Any]:
-    """Environment wins over the file (the deployment guide sets everything by env)."""
+def apply_env_overrides(doc: dict[str, Any], environ: typing.Mapping[str, str], applied: dict[str, str] | None = None) -> dict[str, Any]:
+    """Environment wins over the file (the deployment guide sets everything by env).
+
+    `applied`, when given, receives dotted key -> `NAME='raw'` for every override used, so
+    a value rejected later is reported under the variable that set it.
+    """
     for name, (path, kind) in ENV_OVERRIDES.items():
         raw = environ.get(name)
         if raw is None or raw == "" and kind != "str":
             continue
         value = _parse_env_value(name, raw, kind)
-        if path[1] == "*":  # one knob shared by every policy
-            for section in ("thompson", "linucb"):
-                _set_path(doc, (path[0], section, path[2]), value)
-        else:
-            _set_path(doc, path, value)
+        paths = [(path[0], section, path[2]) for section in ("thompson", "linucb")] if path[1] == "*" else [path]  # "*": every policy
+        for target in paths:
+            _set_path(doc, target, value)
+            if applied is not None:
+                applied[".".join(target)] = f"{name}={raw!r}"
     return doc
 
 
@@ -364,7 +403,7 @@ def _flatten_union(tp: Any) -> list[Any]:
 
 def _validate_ranges(cfg: Config) -> None:
     def bad(key: str, msg: str) -> ConfigError:
-        return ConfigError(f"invalid value for '{key}': {msg}")
+        return ConfigError(f"invalid value for '{key}': {msg}", key=key)
 
     if cfg.optimization.policy not in POLICIES:
         raise bad("optimization.policy", f"{cfg.optimization.policy!r} (allowed: {', '.join(POLICIES)})")
@@ -444,6 +483,15 @@ def _validate_ranges(cfg: Config) -> None:
     for origin in cfg.admin.allowed_origins:
         if normalize_origin(origin) is None:
             raise bad("admin.allowed_origins", f"{origin!r} (allowed: origins such as https://admin.example.com or http://127.0.0.1:3000)")
+    tel = cfg.telemetry
+    if not tel.otlp_endpoint.startswith(("http://", "https://")):
+        raise bad("telemetry.otlp_endpoint", f"{tel.otlp_endpoint!r} (allowed: an http:// or https:// URL; spans go to <url>/v1/traces)")
+    for key, number in (("telemetry.queue_size", tel.queue_size), ("telemetry.batch_size", tel.batch_size),
+                        ("telemetry.export_interval_s", tel.export_interval_s), ("telemetry.export_timeout_s", tel.export_timeout_s)):
+        if number <= 0:
+            raise bad(key, f"{number} (allowed: a positive number)")
+    if not tel.service_name:
+        raise bad("telemetry.service_name", "'' (allowed: a non-empty name)")
     names = [u.name for u in cfg.upstreams]
     if len(set(names)) != len(names):
         raise bad("upstreams.name", "upstream names must be unique")
@@ -462,18 +510,43 @@ def _validate_ranges(cfg: Config) -> None:
             raise bad(f"upstreams[{up.name}].max_response_bytes", f"{up.max_response_bytes} (allowed: a positive number)")
 
 
+def _warn_soft_problems(cfg: Config) -> None:
+    """Log what is valid but probably not meant (start-up goes on)."""
+    for up in cfg.upstreams:
+        if urlsplit(up.base_url).path.strip("/") == "":
+            log.warning(
+                "upstreams[%s].base_url %r has no path: a client's /v1/chat/completions goes to %s/chat/completions; "
+                "write it as the SDK does (e.g. https://api.openai.com/v1) unless this upstream serves at its root",
+                up.name, up.base_url, up.base_url.rstrip("/"),
+            )
+
+
 def build_config(doc: dict[str, Any], environ: typing.Mapping[str, str] | None = None) -> Config:
-    """Validate a parsed TOML document (plus env overrides) into a `Config`."""
-    doc = apply_env_overrides(dict(doc), os.environ if environ is None else environ)
-    _check_unknown_keys(doc, Config, "")
+    """Validate a parsed TOML document (plus env overrides) into a `Config`.
+
+    Conversion is strict (`port = "8080"` is refused, not coerced): a quoted number in
+    TOML is usually a mistake elsewhere too, and env overrides are parsed to their types
+    before this point.
+    """
+    applied: dict[str, str] = {}
+    doc = apply_env_overrides(dict(doc), os.environ if environ is None else environ, applied)
     try:
-        cfg = msgspec.convert(doc, Config, strict=False)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        path = message.rsplit(" - at `", 1)[-1].rstrip("`") if " - at `" in message else ""
-        key = path.replace("$.", "") if path else "config"
-        raise ConfigError(f"invalid value for '{key}': {message.split(' - at ')[0]}{_allowed_values(path)}") from None
-    _validate_ranges(cfg)
+        _check_unknown_keys(doc, Config, "")
+        try:
+            cfg = msgspec.convert(doc, Config, strict=True)
+        except msgspec.ValidationError as exc:
+            message = str(exc)
+            path = message.rsplit(" - at `", 1)[-1].rstrip("`") if " - at `" in message else ""
+            key = path.replace("$.", "") if path else "config"
+            raise ConfigError(f"invalid value for '{key}': {message.split(' - at ')[0]}{_allowed_values(path)}", key=key) from None
+        _validate_ranges(cfg)
+    except ConfigError as exc:
+        source = applied.get(exc.key or "")
+        if source is None:
+            raise
+        detail = str(exc).removeprefix(f"invalid value for '{exc.key}': ")
+        raise ConfigError(f"invalid value for environment variable {source} (sets '{exc.key}'): {detail}", key=exc.key) from None
+    _warn_soft_problems(cfg)
     return cfg
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from policies.records import Params
@@ -55,7 +57,7 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({}, {"LLM_OPTIMIZATION_TRAFFIC_PERCENTAGE": "1.5"}, "allowed: a fraction in [0, 1]"),
         ({}, {"SLO_LATENCY_P99_MS": "fast"}, "SLO_LATENCY_P99_MS='fast' is not a number"),
         ({}, {"CAWS_ENABLED": "maybe"}, "allowed: true/false/1/0/yes/no"),
-        ({}, {"BANDIT_POLICY": "greedy"}, "invalid value for 'optimization.policy': 'greedy' (allowed: thompson_gaussian, linucb, baseline, uniform)"),
+        ({"optimization": {"policy": "greedy"}}, {}, "invalid value for 'optimization.policy': 'greedy' (allowed: thompson_gaussian, linucb, baseline, uniform)"),
         ({"slo": {"latency_p99": 3}}, {}, "unknown key 'slo.latency_p99'"),
         ({"upstreams": [{"name": "a", "base_url": "http://x/v1", "timout_s": 1}]}, {}, "unknown key 'upstreams[0].timout_s'"),
         ({"baseline": {"code": {"temp": 1}}}, {}, "unknown key 'baseline.code.temp'"),
@@ -71,6 +73,17 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({"server": {"max_model_bytes": -1}}, {}, "'server.max_model_bytes'"),
         ({"storage": {"state_ttl_s": 0}}, {}, "'storage.state_ttl_s'"),
         ({"policy": {"thompson": {"max_buckets": 0}}}, {}, "'policy.thompson.max_buckets'"),
+        ({"telemetry": {"otlp_endpoint": "127.0.0.1:4318"}}, {}, "'telemetry.otlp_endpoint'"),
+        ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT='collector:4318' (sets 'telemetry.otlp_endpoint')"),
+        ({"telemetry": {"queue_size": 0}}, {}, "'telemetry.queue_size'"),
+        # A quoted number is refused, not coerced (strict conversion).
+        ({"server": {"port": "8080"}}, {}, "invalid value for 'server.port': Expected `int`, got `str`"),
+        ({"storage": {"journal": "true"}}, {}, "invalid value for 'storage.journal': Expected `bool`, got `str`"),
+        # A value set by an environment variable is reported under the variable's name.
+        ({}, {"LLM_OPTIMIZATION_MODE": "turbo"}, "environment variable LLM_OPTIMIZATION_MODE='turbo' (sets 'optimization.mode')"),
+        ({}, {"LLM_OPTIMIZATION_TRAFFIC_PERCENTAGE": "1.5"}, "LLM_OPTIMIZATION_TRAFFIC_PERCENTAGE='1.5' (sets 'optimization.traffic_percentage'): 1.5 (allowed"),
+        ({}, {"BANDIT_POLICY": "greedy"}, "BANDIT_POLICY='greedy'"),
+        ({}, {"CONFIDENCE_THRESHOLD": "2"}, "CONFIDENCE_THRESHOLD='2' (sets 'caws.confidence_threshold')"),
     ],
 )
 def test_invalid_config_one_clear_line(doc: dict, env: dict, fragment: str) -> None:
@@ -86,6 +99,22 @@ def test_policy_names_are_the_registry_s(monkeypatch: pytest.MonkeyPatch) -> Non
         build_config({"optimization": {"policy": "greedy"}}, environ={})
     monkeypatch.setitem(POLICIES, "greedy", POLICIES["baseline"])
     assert build_config({"optimization": {"policy": "greedy"}}, environ={}).optimization.policy == "greedy"
+
+
+def test_file_value_is_not_blamed_on_an_unset_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"optimization": {"mode": "turbo"}}, environ={"LLM_OPTIMIZATION_ENABLED": "true"})
+    assert str(info.value).startswith("invalid value for 'optimization.mode'") and "environment" not in str(info.value)
+
+
+def test_base_url_without_path_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="thermostat.config"):
+        build_config({"upstreams": [{"name": "oa", "base_url": "https://api.openai.com/v1"}]}, environ={})
+    assert caplog.records == []
+    with caplog.at_level(logging.WARNING, logger="thermostat.config"):
+        cfg = build_config({"upstreams": [{"name": "oa", "base_url": "https://api.openai.com"}]}, environ={})
+    assert cfg.upstreams[0].base_url == "https://api.openai.com"  # a warning, not a refusal
+    assert len(caplog.records) == 1 and "upstreams[oa].base_url 'https://api.openai.com' has no path" in caplog.records[0].getMessage()
 
 
 def test_shipped_config_is_valid() -> None:
