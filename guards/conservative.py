@@ -7,7 +7,8 @@ streams measures what tuning does, with no model and no reweighting.  The monito
 checked after every outcome, so every claim it makes is *anytime-valid*: it holds at
 all looks at once with probability ≥ 1 − α, and polling does not inflate false alarms
 (`policies.sequences`).  α is split evenly between the two claims below, so the chance
-that a task with no regression is ever rolled back is at most α (default 5 %).
+that a task with no regression is ever rolled back is at most α (default 5 %) per
+comparison (a detected change starts a new comparison with its own α).
 
 Quality (the seed's "quality ≥ baseline − 5 %").  One PrPl-EB confidence sequence per
 stream over quality in [0, 1] (`policies.sequences.Comparison` at α/2).  "worse" once
@@ -283,8 +284,8 @@ def observe(
             t = msgspec.structs.replace(t, quality=sequences.observe_optimised(t.quality, q))
     if latency_s is not None and math.isfinite(latency_s) and latency_s >= 0:
         t = msgspec.structs.replace(t, latency=_observe_latency(t.latency, holdout, latency_s, s))
-    v = _verdict(key, t, s)
-    if v.verdict == "worse":
+    if "worse" in (_quality_verdict(t, s), _latency_verdict(t)):  # cheap checks first; the full verdict only on a rollback
+        v = _verdict(key, t, s)
         t = msgspec.structs.replace(t, rolled_back_at=now, rollback_reason=v.reason)
         events.append(MonitorEvent(kind="rollback", task_type=key, at=now, reason=v.reason, evidence=msgspec.to_builtins(v)))
     return MonitorState(tasks={**state.tasks, key: t}), events
@@ -315,14 +316,16 @@ class ConservativeMonitor:
     """The hook for the decision room: one in-process owner of the pure state above.
 
     Wiring (for the composition root):
-      - call `on_outcome(decision, outcome, now)` once per completed (Decision, Outcome)
-        with its final quality; record each returned event (EventRecord kind = event.kind),
+      - call `on_outcome(decision, outcome, now)` once per completed (Decision, Outcome),
+        after the automatic quality is set (a later feedback correction is not re-counted:
+        each request is one sample, the sequences cannot take a sample back); record each
+        returned event (EventRecord kind = event.kind, evidence = event.evidence),
         increment a metric per kind and raise an alert;
       - the decider asks `is_rolled_back(task_type)` before optimising and, when true,
         serves the baseline with mode ``rollback``;
       - on ``change_detected``, reopen exploration for that task type;
       - persist `state` (msgspec.json) with the other embedded state under data_dir.
-    Not thread-safe: call it from the event loop (each call is O(1), a few µs).
+    Not thread-safe: call it from the event loop (each call is O(1): tens of µs, bench/results/conservative_monitor.md).
     """
 
     def __init__(self, settings: ConservativeSettings, state: MonitorState | None = None) -> None:

@@ -377,6 +377,10 @@ def plot(ev: Evaluation, reps: dict[str, _Replay], series: dict[str, list[tuple[
     tasks = [t.task_type for t in ev.tasks] or ["(none)"]
     paths = []
 
+    stamps = [t for points in series.values() for t, _, _ in points]
+    first, last = (min(stamps), max(stamps)) if stamps else (ev.since, ev.until)  # the data's span, not the window's
+    edges = np.linspace(first, last + 1e-6, bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2 - first
     fig, axes = plt.subplots(len(tasks), 1, figsize=(8, 2.6 * len(tasks)), squeeze=False)
     for ax, task in zip(axes[:, 0], tasks):
         points = series.get(task, [])
@@ -385,15 +389,13 @@ def plot(ev: Evaluation, reps: dict[str, _Replay], series: dict[str, list[tuple[
             if not chosen:
                 continue
             times, rewards = np.asarray([c[0] for c in chosen]), np.asarray([c[1] for c in chosen])
-            edges = np.linspace(ev.since, ev.until, bins + 1)
             idx = np.clip(np.digitize(times, edges) - 1, 0, bins - 1)
             counts = np.bincount(idx, minlength=bins)
             sums = np.bincount(idx, weights=rewards, minlength=bins)
             mask = counts > 0
-            centres = (edges[:-1] + edges[1:]) / 2 - ev.since
             ax.plot(centres[mask] / 3600.0, sums[mask] / counts[mask], marker=".", label=label)
         ax.set_title(f"{task}: mean reward per time bin")
-        ax.set_xlabel("hours since start of window")
+        ax.set_xlabel("hours since the first logged decision")
         ax.legend(loc="best")
     fig.tight_layout()
     paths.append(str(out / "reward_over_time.png"))

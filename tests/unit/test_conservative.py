@@ -176,3 +176,12 @@ def test_monitor_hook_reads_decision_and_outcome() -> None:
             break
     assert monitor.is_rolled_back("code") and [e.kind for e in events] == ["rollback"]
     assert [v.task_type for v in monitor.verdicts()] == ["code"]
+
+
+def test_slo_regression_keys_are_validated() -> None:
+    from proxy.config import ConfigError, build_config
+
+    assert build_config({"slo": {"max_quality_regression": 0.1}}).slo.max_quality_regression == 0.1
+    for key in ("max_quality_regression", "max_latency_regression"):
+        with pytest.raises(ConfigError, match=f"slo.{key}"):
+            build_config({"slo": {key: 1.5}})
