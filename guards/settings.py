@@ -79,6 +79,11 @@ class SloSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # How often (at most) outcomes trigger an SLO evaluation on the request path's
     # bookkeeping; a background tick runs as well. 0 = after every outcome.
     check_interval_s: float = 0.25
+    # Conservative guarantee (guards/conservative.py): a task type is rolled back once,
+    # at 95 % anytime-valid confidence, optimised mean quality is more than this share
+    # below holdout's, or optimised p99 latency more than this share above holdout's.
+    max_quality_regression: float = 0.05
+    max_latency_regression: float = 0.10
 
 
 class RolloutSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -1,4 +1,4 @@
-"""`thermostat` command line: serve, demo, simulate, check-config, migrate, prune."""
+"""`thermostat` command line: serve, demo, simulate, check-config, migrate, prune, evaluate."""
 
 from __future__ import annotations
 
@@ -263,6 +263,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Offline evaluation of a candidate config on the decision log (proxy/learning/evaluate.py)."""
+    import time
+
+    from proxy.learning.evaluate import evaluate_command
+    from proxy.store import parse_duration
+
+    candidate = load_config(args.config)
+    log_config = load_config(args.log_config) if args.log_config else candidate
+    try:
+        since_s = parse_duration(args.since)
+    except ValueError as exc:
+        raise ConfigError(f"--since: {exc}") from None
+    if args.max_rows <= 0:
+        raise ConfigError("--max-rows must be a positive number")
+    try:
+        report, ev, where = asyncio.run(evaluate_command(
+            candidate, log_config, since_s=since_s, task_type=args.task, out=Path(args.out), max_rows=args.max_rows,
+            seed=args.seed, now=time.time(),
+        ))
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"evaluated {ev.rows_read} decision(s) from {where} over {len(ev.tasks)} task type(s): {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thermostat", description="Self-tuning reverse proxy for OpenAI-compatible LLM APIs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -304,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--batch-size", type=int, default=5000, help="rows deleted per transaction")
     prune.add_argument("--config")
     prune.set_defaults(func=cmd_prune)
+
+    evaluate = sub.add_parser("evaluate", help="estimate a candidate config's value on the decision log (report + plots)")
+    evaluate.add_argument("--config", required=True, help="the candidate config.toml")
+    evaluate.add_argument("--log-config", help="config of the deployment that wrote the log (default: --config)")
+    evaluate.add_argument("--since", default="7d", help="window such as 7d, 12h (default 7d)")
+    evaluate.add_argument("--task", help="only this task type")
+    evaluate.add_argument("--out", required=True, help="directory for report.md, report.json and the plots")
+    evaluate.add_argument("--max-rows", type=int, default=200_000, help="newest decisions read at most")
+    evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 

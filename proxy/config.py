@@ -462,6 +462,9 @@ def _validate_ranges(cfg: Config) -> None:
         raise bad("caws.lease_refill_s", f"{cfg.caws.lease_refill_s} (allowed: < caws.lease_ttl_s)")
     if cfg.slo.max_samples < cfg.slo.min_samples or cfg.slo.check_interval_s < 0:
         raise bad("slo.max_samples", "must be >= slo.min_samples, and slo.check_interval_s >= 0")
+    for key, share in (("slo.max_quality_regression", cfg.slo.max_quality_regression), ("slo.max_latency_regression", cfg.slo.max_latency_regression)):
+        if not 0.0 <= share < 1.0:
+            raise bad(key, f"{share} (allowed: a fraction in [0, 1))")
     if cfg.constraints.max_delta_temperature < 0 or cfg.constraints.max_delta_max_tokens < 0:
         raise bad("constraints.max_delta_*", "deltas must be >= 0")
     if not 0.0 <= cfg.constraints.max_relative_delta_max_tokens <= 1.0:
