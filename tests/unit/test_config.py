@@ -70,6 +70,13 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({"server": {"max_model_bytes": -1}}, {}, "'server.max_model_bytes'"),
         ({"storage": {"state_ttl_s": 0}}, {}, "'storage.state_ttl_s'"),
         ({"policy": {"thompson": {"max_buckets": 0}}}, {}, "'policy.thompson.max_buckets'"),
+        ({"judge": {"sample_rate": 1.5}}, {}, "'judge.sample_rate': 1.5 (allowed: a fraction in [0, 1])"),
+        ({"judge": {"max_concurrency": 0}}, {}, "'judge.max_concurrency'"),
+        ({"judge": {"enabled": True, "model": " "}}, {}, "'judge.model'"),
+        ({"judge": {"rubric": "x", "temperature": 0}}, {}, "unknown key 'judge.temperature'"),
+        ({"feedback": {"regenerate_window_s": 0}}, {}, "'feedback.regenerate_window_s'"),
+        ({"feedback": {"regenerated_quality": -0.1}}, {}, "'feedback.regenerated_quality'"),
+        ({"policy": {"quality": {"schema_invalid_score": 2}}}, {}, "'policy.quality.schema_invalid_score'"),
     ],
 )
 def test_invalid_config_one_clear_line(doc: dict, env: dict, fragment: str) -> None:
