@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -65,6 +66,7 @@ class SchemaValidators:
         self.max_entries = max_entries
         self.max_errors = max_errors
         self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()  # callers may validate from worker threads
         self.compiles = 0
         self.unusable = 0
 
@@ -73,19 +75,21 @@ class SchemaValidators:
 
     def _validator(self, schema: Mapping[str, Any]) -> Any:
         key = hashlib.sha256(json.dumps(schema, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
-        found = self._cache.get(key)
-        if found is not None:
-            self._cache.move_to_end(key)
-            return found
-        self.compiles += 1
+        with self._lock:
+            found = self._cache.get(key)
+            if found is not None:
+                self._cache.move_to_end(key)
+                return found
         try:
             compiled: Any = jsonschema_rs.validator_for(dict(schema), retriever=_no_remote)
         except (ValueError, TypeError):
-            self.unusable += 1
             compiled = _UNUSABLE
-        self._cache[key] = compiled
-        while len(self._cache) > self.max_entries:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self.compiles += 1
+            self.unusable += compiled is _UNUSABLE
+            self._cache[key] = compiled
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
         return compiled
 
     def violation(self, instance: Any, schema: Mapping[str, Any]) -> str | None:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from policies.signals import Signal
 from proxy.store.redis_state import _UNAVAILABLE, RedisStore
 
 _encoder = msgspec.json.Encoder(order="sorted")
@@ -105,3 +106,30 @@ class RedisRegenerationBook:
             return None
         self.counts[task_type] += 1
         return str(earlier)
+
+
+def assignment_key(headers: Any, body: Any) -> str:
+    """The key regenerations are matched under: `x-thermostat-key`, else the body's `user`, else ""."""
+    key = headers.get("x-thermostat-key") if headers is not None else None
+    if isinstance(key, str) and key:
+        return key
+    user = body.get("user") if isinstance(body, dict) else None
+    return user if isinstance(user, str) else ""
+
+
+async def regeneration_signal(
+    book: RegenerationBook, messages: Sequence[Any], key: str, request_id: str, task_type: str, quality: float,
+    salt: bytes = b"", now: float | None = None,
+) -> Signal | None:
+    """Completion listener for chat requests: the implicit signal for the request this one regenerates, if any.
+
+    The caller hands a returned signal to `proxy.decision.feedback.deliver_signal`, which keeps a
+    stronger signal (judge, explicit) already stored for that request.
+    """
+    fp = fingerprint(messages, key, salt)
+    if fp is None:
+        return None
+    earlier = await book.observe(fp, request_id, task_type, now)
+    if earlier is None:
+        return None
+    return Signal(request_id=earlier, quality=quality, source="implicit", at=time.time() if now is None else now, reason="regenerated")

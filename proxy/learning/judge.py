@@ -20,6 +20,18 @@ a JSON object with `score`, such an object inside a code fence, or a bare number
 not hunt for "score: 10" in free text, so an answer that asks for a 10 gets one only if
 the judge itself says 10.
 
+Wiring (composition root; not done here while app/runtime/edge are being restructured):
+
+    judge = Judge(cfg.judge,
+                  transport=http_transport(client, upstream.base_url, api_key),   # pool.route(cfg.judge.model)
+                  deliver=lambda s: deliver_signal(rt, rt.control.feedback, signals, s),
+                  charge=<reserve + settle `tokens` on the CAWS budget under task type "_judge">,
+                  rng=np.random.default_rng(seed), metrics=JudgeMetrics(rt.metrics.registry),
+                  alert=<rt.alerts>)
+    judge.start() in the lifespan, `await judge.stop()` on shutdown;
+    after `decider.observe` (last listener): judge.on_complete(decision, outcome,
+        summary.content, body["messages"]) for chat requests.
+
 Circuit breaker. `breaker_failures` consecutive failures (transport error, timeout,
 non-2xx, unparseable reply) open it: queued items are dropped (counted as `skipped`)
 until `breaker_cooldown_s` passes, then one trial call is let through; success closes it,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from proxy.decision.regeneration import MemoryRegenerationBook, fingerprint
+from policies.signals import Signal
+from proxy.decision.regeneration import MemoryRegenerationBook, assignment_key, fingerprint, regeneration_signal
 
 MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "capital of France?"}]
 
@@ -50,3 +51,13 @@ async def test_bounded() -> None:
     assert len(book) == 3
     assert await book.observe("fp0", "again", "qa", now=1001.0) is None  # evicted
     assert await book.observe("fp9", "again", "qa", now=1001.0) == "r9"
+
+
+async def test_listener_gives_an_implicit_signal_for_the_earlier_request() -> None:
+    book = MemoryRegenerationBook(window_s=600)
+    key = assignment_key({"x-thermostat-key": "tenant-a"}, {"user": "u1"})
+    assert key == "tenant-a" and assignment_key({}, {"user": "u1"}) == "u1" and assignment_key(None, [1]) == ""
+    assert await regeneration_signal(book, MSGS, key, "r1", "qa", 0.0, now=10.0) is None
+    signal = await regeneration_signal(book, MSGS, key, "r2", "qa", 0.0, now=20.0)
+    assert signal == Signal(request_id="r1", quality=0.0, source="implicit", at=20.0, reason="regenerated")
+    assert await regeneration_signal(book, [], key, "r3", "qa", 0.0, now=30.0) is None

@@ -70,3 +70,17 @@ def test_violation_caps_quality() -> None:
     assert validated_quality(1.0, None, s) == 1.0
     assert validated_quality(1.0, "tool 'x': bad", s) == s.schema_invalid_score == 0.3
     assert validated_quality(0.1, "bad", s) == 0.1  # never raises a lower score
+
+
+async def test_validate_answer_inline_and_in_a_thread() -> None:
+    from proxy.learning.validation import validate_answer
+
+    v = SchemaValidators()
+    assert await validate_answer(v, '{"name": "a", "age": 1}', RF) is None
+    assert await validate_answer(v, "plain text") is None  # nothing asked
+    big = json.dumps({"name": "a" * 10_000})  # past the inline limit: checked in a worker thread
+    reason = await validate_answer(v, big, RF)
+    assert reason is not None and "age" in reason
+    assert await validate_answer(v, None, None, [("get_weather", '{"unit": "c"}')], TOOLS) == (
+        'tool \'get_weather\': (root): "city" is a required property'
+    )
