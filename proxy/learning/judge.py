@@ -182,10 +182,8 @@ def parse_score(reply: str | None) -> tuple[float, str] | None:
     fence = _FENCE.match(text)
     if fence:
         text = fence.group(1).strip()
-    if _NUMBER.match(text):
-        return float(text), ""
     try:
-        doc = json.loads(text)
+        doc = float(text) if _NUMBER.match(text) else json.loads(text)
     except ValueError:
         return None
     if isinstance(doc, bool):

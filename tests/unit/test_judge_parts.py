@@ -33,6 +33,7 @@ def test_accepted_forms(reply: str, expected: tuple[float, str]) -> None:
         '{"score": true}',
         '{"grade": 5}',
         "10/10",
+        "10.5",
         "7 or 8",
         "",
         None,
