@@ -90,6 +90,9 @@ class QualitySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     refusal_score: float = 0.2
     empty_score: float = 0.0
     invalid_json_score: float = 0.1
+    # An answer that parses but breaks the requested `json_schema` or a tool's `parameters`
+    # (policies/validators.py): the automatic score is capped at this.
+    schema_invalid_score: float = 0.3
     refusal_phrases: tuple[str, ...] = (
         "i'm sorry, but i can",
         "i am sorry, but i can",

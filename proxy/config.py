@@ -221,6 +221,29 @@ class TelemetrySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     batch_size: int = 512
     export_interval_s: float = 1.0
     export_timeout_s: float = 5.0
+class JudgeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """LLM-as-judge on a sample of completed, decided requests (proxy/learning/judge.py)."""
+
+    enabled: bool = False
+    model: str = "gpt-4o-mini"  # routed through [[upstreams]] like any client model
+    sample_rate: float = 0.1
+    max_concurrency: int = 8
+    queue_size: int = 1000
+    timeout_s: float = 30.0
+    max_input_chars: int = 16000
+    max_answer_chars: int = 32000  # answer text kept per stream for judging
+    rubric: str = "Rate how well the answer serves the user's request: correct, complete, clear and concise."
+    rubrics: dict[str, str] = {}  # task type -> rubric
+    breaker_failures: int = 5  # consecutive failures that open the circuit
+    breaker_cooldown_s: float = 60.0  # first wait before a trial call; doubles while it keeps failing
+
+
+class FeedbackSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Implicit signals (proxy/decision/regeneration.py)."""
+
+    regenerate_window_s: float = 600.0
+    regenerated_quality: float = 0.0
+    max_fingerprints: int = 100_000
 
 
 class PolicySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -245,6 +268,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     admin: AdminSettings = AdminSettings()
     alerts: AlertSettings = AlertSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    judge: JudgeSettings = JudgeSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
 
     def baseline_for(self, task_type: str) -> BaselineSettings:
         """Per-task baseline, else `[baseline.default]`, else the built-in default."""
@@ -416,6 +441,9 @@ def _validate_ranges(cfg: Config) -> None:
         ("caws.confidence_threshold", cfg.caws.confidence_threshold),
         ("slo.quality_min", cfg.slo.quality_min),
         ("slo.error_rate_max", cfg.slo.error_rate_max),
+        ("judge.sample_rate", cfg.judge.sample_rate),
+        ("feedback.regenerated_quality", cfg.feedback.regenerated_quality),
+        ("policy.quality.schema_invalid_score", cfg.policy.quality.schema_invalid_score),
     ):
         if not 0.0 <= value <= 1.0:
             raise bad(key, f"{value} (allowed: a fraction in [0, 1])")
@@ -436,6 +464,15 @@ def _validate_ranges(cfg: Config) -> None:
         ("server.max_model_bytes", cfg.server.max_model_bytes),
         ("storage.state_ttl_s", cfg.storage.state_ttl_s),
         ("policy.thompson.max_buckets", cfg.policy.thompson.max_buckets),
+        ("judge.max_concurrency", cfg.judge.max_concurrency),
+        ("judge.queue_size", cfg.judge.queue_size),
+        ("judge.timeout_s", cfg.judge.timeout_s),
+        ("judge.max_input_chars", cfg.judge.max_input_chars),
+        ("judge.max_answer_chars", cfg.judge.max_answer_chars),
+        ("judge.breaker_failures", cfg.judge.breaker_failures),
+        ("judge.breaker_cooldown_s", cfg.judge.breaker_cooldown_s),
+        ("feedback.regenerate_window_s", cfg.feedback.regenerate_window_s),
+        ("feedback.max_fingerprints", cfg.feedback.max_fingerprints),
     ):
         if number <= 0:
             raise bad(key, f"{number} (allowed: a positive number)")
@@ -445,6 +482,8 @@ def _validate_ranges(cfg: Config) -> None:
     ):
         if seconds <= 0:
             raise bad(key, f"{seconds} (allowed: > 0)")
+    if cfg.judge.enabled and not cfg.judge.model.strip():
+        raise bad("judge.model", "empty (allowed: a model name served by one of [[upstreams]])")
     if cfg.caws.store_timeout_s <= 0:
         raise bad("caws.store_timeout_s", f"{cfg.caws.store_timeout_s} (allowed: > 0)")
     if cfg.caws.waiver_cache_s < 0:

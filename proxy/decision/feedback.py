@@ -231,3 +231,74 @@ def apply_pending_feedback(rt: Any, book: FeedbackBook, decision: Decision, outc
     book.remember(decision.request_id, pending.quality, new_reward)
     outcome_copy = msgspec.structs.replace(outcome, quality=pending.quality, reward=new_reward, feedback=True)
     rt.registry.complete(decision, outcome_copy)
+
+
+class SignalBook:
+    """Source of the last automatic-path signal (judge, implicit) applied per request, bounded.
+
+    Explicit feedback lives in `FeedbackBook`; this book only lets a judge score replace an
+    implicit mark (and not the other way round) without a store round trip.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self.sources: OrderedDict[str, str] = OrderedDict()
+        self.results: dict[tuple[str, str], int] = {}  # (source, result) -> count
+
+    def remember(self, request_id: str, source: str) -> None:
+        self.sources[request_id] = source
+        self.sources.move_to_end(request_id)
+        while len(self.sources) > self.max_entries:
+            self.sources.popitem(last=False)
+
+    def count(self, source: str, result: str) -> str:
+        self.results[(source, result)] = self.results.get((source, result), 0) + 1
+        return result
+
+
+async def deliver_signal(rt: Any, book: FeedbackBook, signals: SignalBook, signal: Any, now: float | None = None) -> str:
+    """Entry point for judge scores and implicit marks (`policies.signals.Signal`); returns what happened.
+
+    Results: "applied" (quality and reward replaced, the policy corrected once through
+    `_apply`/`correct()`), "weaker" (explicit feedback, or a stronger signal, is already
+    there), "not_found" (the decision left the registry), "in_flight" (no outcome yet),
+    "explicit_not_here" (explicit feedback must come through `record_outcome`).
+
+    The outcome is replaced with `feedback=False`: only explicit feedback makes a later
+    `record-outcome` a conflict, and its `correct()` then swaps this signal's reward (the one
+    the policy holds now) for the explicit one, so a request is never counted twice.
+    """
+    from policies.signals import rank, should_replace
+
+    now = time.time() if now is None else now
+    rid = signal.request_id
+    if signal.source == "explicit":
+        return signals.count(signal.source, "explicit_not_here")
+    if rid in book.recorded or rid in book.pending:
+        return signals.count(signal.source, "weaker")
+    item = rt.registry.get(rid, now)
+    if item is None and getattr(rt, "shared", None) is not None:
+        item = await rt.shared.find_decision(rid)
+    if item is None:
+        return signals.count(signal.source, "not_found")
+    decision, outcome = item
+    if outcome is None:
+        return signals.count(signal.source, "in_flight")
+    if outcome.feedback or not should_replace(signals.sources.get(rid), signal.source):
+        return signals.count(signal.source, "weaker")
+    quality = min(1.0, max(0.0, float(signal.quality)))
+    new_reward = rt.bandit.reward_for(decision, outcome, quality)
+    if _learns(outcome.status, outcome.error_class):
+        _apply(
+            rt, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,
+            decision.policy_version,
+        )
+    rt.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward))
+    payload: dict[str, Any] = {"source": signal.source, "rank": rank(signal.source)}
+    if getattr(signal, "reason", ""):
+        payload["reason"] = signal.reason
+    rt.recorder.submit(
+        FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now, source=signal.source)
+    )
+    signals.remember(rid, signal.source)
+    return signals.count(signal.source, "applied")

@@ -6,6 +6,14 @@ Endpoints:
   GET  /sim/truth?temperature=0.7&max_tokens=512     ground truth around that baseline
   GET/POST /sim/faults  {"error_rate": 0.1, "error_status": 500, "extra_latency_s": 0.2}
 
+Judge mode: a model whose name starts with `sim-judge` answers judge prompts (built by
+`proxy.learning.judge.build_prompt`) with `{"score": s, "reason": ...}`, where
+s = round(1 + 9 * clip(q + N(0, judge_noise²), 0, 1)) and q is the hidden (true) quality of
+the judged answer: the simulator remembers the true quality of its recent answers by a
+hash of their text (bounded; the latest answer with the same text wins, since answers of
+equal length are identical words). An answer it does not remember is scored from q = 0.5.
+So a judge configured against the simulator behaves like a real, imperfect judge.
+
 The task type comes from the `x-task-type` header, else from keywords in the system
 prompt (code / creative / summarise), else "default".  The natural answer length is a
 deterministic function of the prompt text and the seed, so the same prompt always wants
@@ -23,6 +31,7 @@ import hashlib
 import json
 import secrets
 import time
+from collections import OrderedDict
 from statistics import NormalDist
 from typing import Any
 
@@ -35,9 +44,13 @@ from policies.context import estimate_prompt_tokens
 from policies.records import Arm
 from policies.settings import ArmGridSettings
 from proxy.demo.simulator import SimOutcome, SimulatorTruth
+from proxy.learning.judge import extract_answer
 
 DEFAULT_MODELS: tuple[str, ...] = ("sim-1", "sim-1-mini")
 DEFAULT_MAX_TOKENS = 4096
+JUDGE_PREFIX = "sim-judge"
+JUDGE_NOISE = 0.1  # standard deviation of the simulated judge's error, in quality units
+MAX_REMEMBERED_ANSWERS = 50_000
 STREAM_CHUNKS = 8
 WORDS = (
     "the", "model", "returns", "a", "plausible", "answer", "with", "enough", "detail", "to",
@@ -150,6 +163,37 @@ class _Simulator:
         self.truth = truth
         self.faults = faults
         self.rng = np.random.default_rng(seed)
+        self.judge_rng = np.random.default_rng(seed + 1)  # its own stream: judging does not shift the answers' noise
+        self.answers: OrderedDict[bytes, float] = OrderedDict()  # answer digest -> true quality
+
+    def remember_answer(self, content: str, true_quality: float) -> None:
+        key = hashlib.blake2b(content.encode(), digest_size=16).digest()
+        self.answers[key] = true_quality
+        self.answers.move_to_end(key)
+        while len(self.answers) > MAX_REMEMBERED_ANSWERS:
+            self.answers.popitem(last=False)
+
+    def judge_score(self, body: dict[str, Any]) -> tuple[int, float | None]:
+        """(score 1-10, the hidden quality it came from or None when the answer is unknown)."""
+        _, text = _text_of(body)
+        answer = extract_answer(text)
+        q = None if answer is None else self.answers.get(hashlib.blake2b(answer.encode(), digest_size=16).digest())
+        noisy = min(1.0, max(0.0, (0.5 if q is None else q) + JUDGE_NOISE * float(self.judge_rng.standard_normal())))
+        return int(round(1 + 9 * noisy)), q
+
+    def _judge_reply(self, body: dict[str, Any], model: str) -> web.Response:
+        score, q = self.judge_score(body)
+        content = json.dumps({"score": score, "reason": "simulated judge" if q is not None else "simulated judge: unknown answer"})
+        prompt_tokens = estimate_prompt_tokens(body)
+        payload = {
+            "id": "chatcmpl-judge" + secrets.token_hex(8),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None}, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 12, "total_tokens": prompt_tokens + 12},
+        }
+        return web.json_response(payload, headers={"x-sim-true-quality": "" if q is None else f"{q:.6f}"})
 
     async def _sleep(self, seconds: float) -> None:
         if seconds > 0:
@@ -213,6 +257,8 @@ class _Simulator:
             return _error(400, "'prompt' is required")
         requested = body.get("model")
         model: str = requested if isinstance(requested, str) else DEFAULT_MODELS[0]
+        if chat and model.startswith(JUDGE_PREFIX):
+            return self._judge_reply(body, model)
         faults = self.faults
         await self._sleep(faults.extra_latency_s)
         if faults.error_rate > 0 and self.rng.random() < faults.error_rate:
@@ -238,6 +284,7 @@ class _Simulator:
         response_format = body.get("response_format")
         json_mode = isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
         content = _content(outcome, natural, json_mode)
+        self.remember_answer(content, outcome.true_quality)
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": outcome.completion_tokens,

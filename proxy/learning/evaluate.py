@@ -14,7 +14,7 @@ Read before deploying a change.  Per task type, on the decision log:
   report then says so and prints no estimate for that task.
 
 How the candidate's probabilities are obtained.  The candidate policy (its name and
-settings from the candidate config, `policies.base.make_policy`) is replayed through the
+settings from the candidate config, `policies.registry.make_policy`) is replayed through the
 log in time order: for each logged row it is first asked for its probabilities over
 the arms the candidate's trust region allows (`BanditDecider.allowed_for`, built from
 the candidate config), then it learns the logged reward of the logged arm, as the live
@@ -47,9 +47,10 @@ import numpy as np
 from guards.trust_region import ModelLimits
 from policies import ope
 from policies.arms import arm_key
-from policies.base import Policy, make_policy
+from policies.base import Policy
 from policies.context import context_bucket
 from policies.records import Arm, RequestContext
+from policies.registry import make_policy
 from proxy.config import Config, find_model_settings
 from proxy.decision.decider import BanditDecider
 from proxy.decision.feedback import context_from_features

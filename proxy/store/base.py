@@ -89,6 +89,7 @@ class DecisionRow(msgspec.Struct, kw_only=True):
     prompt: str | None = None
     feedback_quality: float | None = None
     feedback_reward: float | None = None
+    feedback_source: str | None = None  # explicit | judge | implicit
 
     @property
     def propensity(self) -> float:

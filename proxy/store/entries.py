@@ -24,6 +24,7 @@ class FeedbackEntry(msgspec.Struct, tag="feedback"):
     reward: float | None
     payload: dict[str, object]
     received_at: float
+    source: str = "explicit"  # explicit | judge | implicit (policies.signals); stored in decision_feedback.source
 
 
 Entry = LogEntry | FeedbackEntry

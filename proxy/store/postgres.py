@@ -89,9 +89,9 @@ _INSERT_DECISION = (
     "ON CONFLICT (request_id) DO NOTHING"
 )
 _UPSERT_FEEDBACK = (
-    "INSERT INTO decision_feedback (request_id, quality, reward, payload, received_at) VALUES ($1, $2, $3, $4, $5) "
+    "INSERT INTO decision_feedback (request_id, quality, reward, payload, received_at, source) VALUES ($1, $2, $3, $4, $5, $6) "
     "ON CONFLICT (request_id) DO UPDATE SET quality = EXCLUDED.quality, reward = EXCLUDED.reward, "
-    "payload = EXCLUDED.payload, received_at = EXCLUDED.received_at"
+    "payload = EXCLUDED.payload, received_at = EXCLUDED.received_at, source = EXCLUDED.source"
 )
 _INSERT_AUDIT = (
     "INSERT INTO audit_log (id, at, actor, action, target, before, after) VALUES ($1, $2, $3, $4, $5, $6, $7) "
@@ -103,7 +103,7 @@ _INSERT_EVENT = (
 )
 _SELECT_DECISIONS = (
     "SELECT " + ", ".join(f"d.{c}" for c in DECISION_COLUMNS)
-    + ", f.quality AS feedback_quality, f.reward AS feedback_reward "
+    + ", f.quality AS feedback_quality, f.reward AS feedback_reward, f.source AS feedback_source "
     "FROM logged_decisions d LEFT JOIN decision_feedback f ON f.request_id = d.request_id"
 )
 
@@ -144,7 +144,7 @@ def _decision_args(entry: LogEntry) -> tuple[Any, ...]:
 
 
 def _feedback_args(e: FeedbackEntry) -> tuple[Any, ...]:
-    return (e.request_id, e.quality, e.reward, e.payload, _ts(e.received_at))
+    return (e.request_id, e.quality, e.reward, e.payload, _ts(e.received_at), e.source)
 
 
 def _where(since: float | None, until: float | None, task_type: str | None, mode: str | None) -> tuple[str, list[Any]]:

@@ -71,7 +71,8 @@ CREATE TABLE IF NOT EXISTS decision_feedback (
     quality REAL NOT NULL,
     reward REAL,
     payload TEXT NOT NULL,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    source TEXT NOT NULL DEFAULT 'explicit'
 );
 CREATE INDEX IF NOT EXISTS decision_feedback_received ON decision_feedback (received_at);
 CREATE TABLE IF NOT EXISTS audit_log (
@@ -155,14 +156,15 @@ def _insert_decisions(rows: int) -> str:
     one = "(" + ",".join("?" * _DECISION_COLUMNS) + ")"
     return "INSERT OR IGNORE INTO logged_decisions VALUES " + ",".join([one] * rows)
 _UPSERT_FEEDBACK = (
-    "INSERT INTO decision_feedback VALUES (?,?,?,?,?) ON CONFLICT(request_id) DO UPDATE SET "
-    "quality=excluded.quality, reward=excluded.reward, payload=excluded.payload, received_at=excluded.received_at"
+    "INSERT INTO decision_feedback (request_id, quality, reward, payload, received_at, source) VALUES (?,?,?,?,?,?) "
+    "ON CONFLICT(request_id) DO UPDATE SET "
+    "quality=excluded.quality, reward=excluded.reward, payload=excluded.payload, received_at=excluded.received_at, source=excluded.source"
 )
 _INSERT_AUDIT = "INSERT OR IGNORE INTO audit_log VALUES (?,?,?,?,?,?,?)"
 _INSERT_EVENT = "INSERT OR IGNORE INTO rollout_events VALUES (?,?,?,?,?,?,?,?)"
 
 _SELECT_DECISIONS = """
-SELECT d.*, f.quality AS feedback_quality, f.reward AS feedback_reward
+SELECT d.*, f.quality AS feedback_quality, f.reward AS feedback_reward, f.source AS feedback_source
 FROM logged_decisions d LEFT JOIN decision_feedback f ON f.request_id = d.request_id
 """
 
@@ -208,6 +210,9 @@ class SqliteSink:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=10000")  # several worker processes may share the file
         conn.executescript(SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(decision_feedback)")}
+        if "source" not in columns:  # a file created before sql/0004_feedback_source.sql
+            conn.execute("ALTER TABLE decision_feedback ADD COLUMN source TEXT NOT NULL DEFAULT 'explicit'")
         self._conn = conn
 
     # --- writes ------------------------------------------------------------------------
@@ -221,7 +226,7 @@ class SqliteSink:
         for start in range(0, len(log_entries), 64):
             decisions.extend(decision_row(e) for e in log_entries[start : start + 64])
             time.sleep(0)  # hand the GIL back to the event loop between chunks: no multi-ms stall per batch
-        feedback = [(e.request_id, e.quality, e.reward, _json(e.payload), e.received_at) for e in fb]
+        feedback = [(e.request_id, e.quality, e.reward, _json(e.payload), e.received_at, e.source) for e in fb]
         audit_rows = [
             (a.id, a.at, a.actor, a.action, a.target,
              None if a.before is None else _json(a.before), None if a.after is None else _json(a.after))

@@ -197,3 +197,37 @@ async def test_status(store: LogStore) -> None:
     await store.write([log_entry()])
     st = store.status()
     assert st.connected and st.rows_written >= 1 and st.spool_batches == 0 and st.last_error is None
+
+
+async def test_feedback_source_stored_and_replaced(store: LogStore) -> None:
+    entry = log_entry()
+    rid = entry.decision.request_id
+    await store.write([entry, msgspec.structs.replace(feedback(rid, quality=0.3), source="judge")])
+    row = await store.get_decision(rid)
+    assert row is not None and (row.feedback_quality, row.feedback_source) == (0.3, "judge")
+    await store.write([feedback(rid, quality=0.9)])  # explicit feedback replaces the judge's row
+    row = await store.get_decision(rid)
+    assert row is not None and (row.feedback_quality, row.feedback_source) == (0.9, "explicit")
+
+
+async def test_sqlite_file_from_before_feedback_source_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "decisions.db")
+    old.execute("CREATE TABLE decision_feedback (request_id TEXT PRIMARY KEY, quality REAL NOT NULL, reward REAL, "
+                "payload TEXT NOT NULL, received_at REAL NOT NULL)")
+    old.execute("INSERT INTO decision_feedback VALUES ('r-old', 0.5, NULL, '{}', 1.0)")
+    old.commit()
+    old.close()
+    sink = SqliteSink(tmp_path / "decisions.db")
+    await sink.open()
+    try:
+        entry = log_entry()
+        await sink.write([entry, msgspec.structs.replace(feedback(entry.decision.request_id, quality=0.2), source="implicit")])
+        row = await sink.get_decision(entry.decision.request_id)
+        assert row is not None and row.feedback_source == "implicit"
+    finally:
+        await sink.close()
+    check = sqlite3.connect(tmp_path / "decisions.db")
+    assert check.execute("SELECT source FROM decision_feedback WHERE request_id = 'r-old'").fetchone() == ("explicit",)
+    check.close()

@@ -84,6 +84,13 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({}, {"LLM_OPTIMIZATION_TRAFFIC_PERCENTAGE": "1.5"}, "LLM_OPTIMIZATION_TRAFFIC_PERCENTAGE='1.5' (sets 'optimization.traffic_percentage'): 1.5 (allowed"),
         ({}, {"BANDIT_POLICY": "greedy"}, "BANDIT_POLICY='greedy'"),
         ({}, {"CONFIDENCE_THRESHOLD": "2"}, "CONFIDENCE_THRESHOLD='2' (sets 'caws.confidence_threshold')"),
+        ({"judge": {"sample_rate": 1.5}}, {}, "'judge.sample_rate': 1.5 (allowed: a fraction in [0, 1])"),
+        ({"judge": {"max_concurrency": 0}}, {}, "'judge.max_concurrency'"),
+        ({"judge": {"enabled": True, "model": " "}}, {}, "'judge.model'"),
+        ({"judge": {"rubric": "x", "temperature": 0}}, {}, "unknown key 'judge.temperature'"),
+        ({"feedback": {"regenerate_window_s": 0}}, {}, "'feedback.regenerate_window_s'"),
+        ({"feedback": {"regenerated_quality": -0.1}}, {}, "'feedback.regenerated_quality'"),
+        ({"policy": {"quality": {"schema_invalid_score": 2}}}, {}, "'policy.quality.schema_invalid_score'"),
     ],
 )
 def test_invalid_config_one_clear_line(doc: dict, env: dict, fragment: str) -> None:

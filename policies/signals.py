@@ -1,0 +1,49 @@
+"""Quality signals that arrive after the response, and which one wins.
+
+A request can be scored several times: the automatic rules at completion, an implicit
+signal (the client regenerated it), the LLM judge, explicit `record-outcome`
+feedback. The policy must learn from the most trustworthy of them exactly once, so a
+later signal replaces the stored one (through `correct()`) only when its source ranks
+at least as high; a weaker one arriving later is dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+SignalSource = Literal["automatic", "implicit", "judge", "explicit"]
+
+# Higher wins. Explicit feedback is a human (or the client's own check); the judge read the
+# answer; an implicit mark only infers dissatisfaction; the automatic rules see the form only.
+PRIORITY: dict[str, int] = {"automatic": 0, "implicit": 1, "judge": 2, "explicit": 3}
+
+
+class Signal(msgspec.Struct, frozen=True):
+    """A quality score for one request, from one source, in [0, 1]."""
+
+    request_id: str
+    quality: float
+    source: SignalSource
+    at: float = 0.0  # unix seconds; 0 when the producer has no clock to hand
+    reason: str = ""
+
+
+def rank(source: str | None) -> int:
+    """Priority of `source`; an unknown or missing source ranks as automatic."""
+    return PRIORITY.get(source or "automatic", 0)
+
+
+def should_replace(old_source: str | None, new_source: str) -> bool:
+    """Whether a signal from `new_source` replaces the stored one from `old_source`.
+
+    Equal rank replaces (a judge re-run or an explicit overwrite is the newer opinion of the
+    same kind); the explicit path still asks for `overwrite` on top of this.
+    """
+    return rank(new_source) >= rank(old_source)
+
+
+def judge_quality(score: float) -> float:
+    """A 1-10 judge score as quality in [0, 1]: (score - 1) / 9, clamped."""
+    return min(1.0, max(0.0, (float(score) - 1.0) / 9.0))
