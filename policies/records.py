@@ -52,7 +52,7 @@ class RequestContext(msgspec.Struct, frozen=True):
 
     task_type: str
     model: str
-    endpoint: str  # "chat" or "completions"
+    endpoint: str  # the wire format: "chat", "completions", "responses" or "anthropic"
     prompt_tokens_est: int
     message_count: int
     has_tools: bool
@@ -61,6 +61,7 @@ class RequestContext(msgspec.Struct, frozen=True):
     client_temperature: float | None
     client_max_tokens: int | None
     upstream: str = ""
+    client_effort: str | None = None  # reasoning effort the client sent (policies/effort.py)
 
 
 class Decision(msgspec.Struct):
