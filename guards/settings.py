@@ -24,6 +24,8 @@ class ConstraintsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     max_relative_delta_max_tokens: float = 0.5
     # A max_tokens the client set is a contract: lowered within the region, raised only if true.
     raise_client_max_tokens: bool = False
+    # Reasoning effort moves at most this many levels from the client's (policies/effort.py).
+    max_delta_effort_levels: int = 1
 
 
 class BaselineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -35,6 +37,8 @@ class BaselineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     temperature: float | None = None
     max_tokens: int | None = None
+    # Stand-in reasoning effort (a level of policies/effort.py) for requests that carry none.
+    effort: str | None = None
 
 
 class CawsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -16,6 +16,11 @@ that it can never make a request much worse than the client's own choice:
   model only accepts one temperature (``fixed_temperature``), exactly that one
 - ``1 <= max_tokens <= constraints.max_tokens`` and ``<= limits.max_tokens`` if set
 - finite numbers and an integral ``max_tokens`` (policy output is not trusted)
+- reasoning effort at most ``constraints.max_delta_effort_levels`` steps from the
+  baseline's (policies/effort.py), counted over the levels the model accepts
+  (``limits.efforts``, all levels when empty), and only a level it accepts; an arm
+  may neither add an effort the baseline lacks nor drop one it has, and with
+  ``Freedom.effort`` false the effort stays the baseline's
 
 Comparisons allow ``EPS`` (1e-9) of float slack so that a grid built as
 ``0.7 + 0.2`` is not rejected for being ``0.20000000000000007`` away.
@@ -43,6 +48,7 @@ from collections.abc import Sequence
 import msgspec
 
 from guards.settings import ConstraintsSettings
+from policies import effort as effort_scale
 from policies.records import Arm
 
 EPS = 1e-9
@@ -59,6 +65,7 @@ class ModelLimits(msgspec.Struct, frozen=True):
     fixed_temperature: float | None = None  # e.g. reasoning models that only take 1.0
     max_tokens: int | None = None
     default_temperature: float | None = None  # the provider's value when none is sent
+    efforts: tuple[str, ...] = ()  # effort levels the model accepts; empty = every level
 
 
 class Freedom(msgspec.Struct, frozen=True):
@@ -71,6 +78,7 @@ class Freedom(msgspec.Struct, frozen=True):
     temperature: bool = True
     max_tokens: bool = True
     max_tokens_cap: int | None = None
+    effort: bool = True
 
 
 FREE = Freedom()
@@ -122,7 +130,18 @@ def within(arm: Arm, baseline: Arm, constraints: ConstraintsSettings, limits: Mo
     if freedom.max_tokens_cap is not None and arm.max_tokens > freedom.max_tokens_cap:
         return False
     max_dm = max_tokens_delta(baseline.max_tokens, constraints) if freedom.max_tokens else 0
-    return abs(arm.max_tokens - baseline.max_tokens) <= max_dm
+    if abs(arm.max_tokens - baseline.max_tokens) > max_dm:
+        return False
+    return effort_within(arm.effort, baseline.effort, constraints, limits, freedom)
+
+
+def effort_within(effort: str | None, baseline: str | None, constraints: ConstraintsSettings, limits: ModelLimits, freedom: Freedom = FREE) -> bool:
+    """The effort part of `within`: same presence as the baseline, a level the model accepts, few steps away."""
+    if effort == baseline:
+        return True  # the client's own level (or none) is always sendable
+    scale = effort_scale.scale_of(limits.efforts)
+    max_levels = max(0, constraints.max_delta_effort_levels) if freedom.effort else 0
+    return effort_scale.within(effort, baseline, max_levels, scale)
 
 
 def allowed_arms(

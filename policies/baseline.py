@@ -15,7 +15,7 @@ from typing import Self
 
 import numpy as np
 
-from policies.arms import arm_key
+from policies.arms import arm_identity
 from policies.base import Choice, Correction
 from policies.records import Arm, RequestContext
 from policies.settings import LinUCBSettings, ThompsonSettings
@@ -34,13 +34,13 @@ def baseline_index(baseline: Arm, arms: Sequence[Arm]) -> int:
     """
     if not arms:
         raise ValueError("choose needs at least one arm")
-    target = arm_key(baseline)
+    target = arm_identity(baseline)
     best, best_distance = 0, float("inf")
     for i, arm in enumerate(arms):
-        key = arm_key(arm)
+        key = arm_identity(arm)
         if key == target:
             return i
-        distance = abs(key[0] - target[0]) / TEMPERATURE_UNIT + abs(key[1] - target[1]) / MAX_TOKENS_UNIT
+        distance = abs(key[0] - target[0]) / TEMPERATURE_UNIT + abs(key[1] - target[1]) / MAX_TOKENS_UNIT + (key[2] != target[2])
         if distance < best_distance:
             best, best_distance = i, distance
     return best

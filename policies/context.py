@@ -113,9 +113,18 @@ def _chars_to_tokens(chars: int) -> int:
 
 
 def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
-    """Conservative prompt-token estimate of a chat or completions body (see module doc)."""
+    """Conservative prompt-token estimate of a chat, completions, Responses (`input`,
+    `instructions`) or Anthropic Messages (`system`) body (see module doc)."""
     tokens = 0
     messages = body.get("messages")
+    given = body.get("input")  # Responses: a string (like a prompt) or a list of items (like messages)
+    if messages is None and isinstance(given, list):
+        messages = given
+    elif isinstance(given, str):
+        tokens += _chars_to_tokens(len(given))
+    for key in ("system", "instructions"):
+        chars, _ = _text_chars(body.get(key))
+        tokens += _chars_to_tokens(chars)
     if isinstance(messages, list):
         tokens += REPLY_PRIMING
         for message in messages:
@@ -156,8 +165,9 @@ def _prompt_tokens(prompt: Any) -> int:
 
 
 def _token_cap(body: Mapping[str, Any]) -> int | None:
-    """The client's token cap as sent; through float, 2**63 - 1 would become 2**63."""
-    for name in ("max_completion_tokens", "max_tokens"):
+    """The client's token cap as sent; through float, 2**63 - 1 would become 2**63.
+    `max_output_tokens` is the Responses API's name for it."""
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = body.get(name)
         if type(value) is int:
             return value
@@ -175,19 +185,29 @@ def _number(value: Any) -> float | None:
     return as_float if math.isfinite(as_float) else None
 
 
-def build_context(body: Mapping[str, Any], *, task_type: str, endpoint: str, upstream: str = "") -> RequestContext:
+def build_context(body: Mapping[str, Any], *, task_type: str, endpoint: str, upstream: str = "", effort: str | None = None) -> RequestContext:
     """Extract the `RequestContext` of a decoded request body.
 
     Never raises on odd-but-valid bodies: every field falls back to a neutral value.
     `max_completion_tokens` (the newer OpenAI name) wins over `max_tokens` when both
-    are present, because that is what the upstream honours.
+    are present, because that is what the upstream honours. `endpoint` is the wire
+    format (chat, completions, responses, anthropic), so it is both a feature and part
+    of the bucket key; `effort` is the client's reasoning effort as the format's adapter
+    read it (proxy/edge/formats), None when the request carries none.
     """
     if not isinstance(body, Mapping):
         body = {}
     model = body.get("model")
     messages = body.get("messages")
+    if messages is None and isinstance(body.get("input"), list):
+        messages = body["input"]
     tools = body.get("tools") or body.get("functions")
     response_format = body.get("response_format")
+    # Responses: `text.format`; Anthropic: `output_config.format`.
+    for outer in ("text", "output_config"):
+        nested = body.get(outer)
+        if response_format is None and isinstance(nested, Mapping):
+            response_format = nested.get("format")
     json_mode = isinstance(response_format, Mapping) and response_format.get("type") in (
         "json_object",
         "json_schema",
@@ -198,13 +218,14 @@ def build_context(body: Mapping[str, Any], *, task_type: str, endpoint: str, ups
         model=model if isinstance(model, str) else "",
         endpoint=endpoint,
         prompt_tokens_est=estimate_prompt_tokens(body),
-        message_count=len(messages) if isinstance(messages, list) else (1 if "prompt" in body else 0),
+        message_count=len(messages) if isinstance(messages, list) else (1 if "prompt" in body or "input" in body else 0),
         has_tools=bool(tools),
         json_mode=bool(json_mode),
         stream=bool(body.get("stream") is True),
         client_temperature=temperature,
         client_max_tokens=_token_cap(body),
         upstream=upstream,
+        client_effort=effort,
     )
 
 

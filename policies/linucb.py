@@ -127,8 +127,10 @@ class LinUCBPolicy:
 
     @staticmethod
     def _key(ctx: RequestContext, arm: Arm) -> tuple[str, float, int]:
+        """(model, temperature, max_tokens); an effort level rides on the model part
+        (`model@high`) so arms that differ only in effort keep separate statistics."""
         temperature, max_tokens = arm_key(arm)
-        return (ctx.model, temperature, max_tokens)
+        return (_model_part(ctx.model, arm), temperature, max_tokens)
 
     def update(self, ctx: RequestContext, baseline: Arm, arm: Arm, reward: float) -> None:
         """Sherman–Morrison update of the arm's model; raises ValueError on a non-finite reward."""
@@ -258,7 +260,7 @@ class LinUCBPolicy:
         """(θ·x, sqrt(xᵀA⁻¹x)) per arm: the estimate and its uncertainty width."""
         x = self._x(ctx)
         model = ctx.model
-        rows = [self._rows.get((model, *arm_key(a)), PRIOR_ROW) for a in arms]
+        rows = [self._rows.get((_model_part(model, a), *arm_key(a)), PRIOR_ROW) for a in arms]
         mean = self._theta[rows] @ x
         width = np.sqrt(np.maximum((self._a_inv[rows] @ x) @ x, 0.0))
         return mean, width
@@ -281,6 +283,10 @@ class LinUCBPolicy:
         probs = self.propensities(ctx, baseline, arms)
         index = sample_index(probs, rng)
         return Choice(index=index, propensity=float(probs[index]))
+
+
+def _model_part(model: str, arm: Arm) -> str:
+    return model if arm.effort is None else f"{model}@{arm.effort}"
 
 
 _PROBE = RequestContext(

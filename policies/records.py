@@ -9,11 +9,16 @@ from __future__ import annotations
 import msgspec
 
 
-class Arm(msgspec.Struct, frozen=True):
-    """A concrete candidate pair of sampling parameters."""
+class Arm(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A concrete candidate of sampling parameters.
+
+    `effort` is the reasoning effort level (policies/effort.py), None when the request
+    has no effort knob; arms without one compare, hash and encode as before.
+    """
 
     temperature: float
     max_tokens: int
+    effort: str | None = None
 
 
 class Params(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -21,12 +26,14 @@ class Params(msgspec.Struct, frozen=True, omit_defaults=True):
 
     temperature: float | None = None
     max_tokens: int | None = None
+    effort: str | None = None
 
     def arm(self, fallback: Params | None = None) -> Arm:
         """The concrete arm these parameters serve; `fallback` (the baseline) fills fields not sent."""
         t = self.temperature if self.temperature is not None or fallback is None else fallback.temperature
         m = self.max_tokens if self.max_tokens is not None or fallback is None else fallback.max_tokens
-        return Arm(temperature=float(t or 0.0), max_tokens=int(m or 1))
+        e = self.effort if self.effort is not None or fallback is None else fallback.effort
+        return Arm(temperature=float(t or 0.0), max_tokens=int(m or 1), effort=e)
 
     def render(self) -> str:
         """The `x-thermostat-params` header value, e.g. `temperature=0.5; max_tokens=700`."""
@@ -35,6 +42,8 @@ class Params(msgspec.Struct, frozen=True, omit_defaults=True):
             parts.append(f"temperature={self.temperature:g}")
         if self.max_tokens is not None:
             parts.append(f"max_tokens={self.max_tokens}")
+        if self.effort is not None:
+            parts.append(f"effort={self.effort}")
         return "; ".join(parts)
 
 
@@ -43,7 +52,7 @@ class RequestContext(msgspec.Struct, frozen=True):
 
     task_type: str
     model: str
-    endpoint: str  # "chat" or "completions"
+    endpoint: str  # the wire format: "chat", "completions", "responses" or "anthropic"
     prompt_tokens_est: int
     message_count: int
     has_tools: bool
@@ -52,6 +61,7 @@ class RequestContext(msgspec.Struct, frozen=True):
     client_temperature: float | None
     client_max_tokens: int | None
     upstream: str = ""
+    client_effort: str | None = None  # reasoning effort the client sent (policies/effort.py)
 
 
 class Decision(msgspec.Struct):

@@ -92,9 +92,11 @@ class _Table(msgspec.Struct):
 
 
 def stat_key(bucket: str, arm: Arm) -> str:
-    """Flat string key of one (bucket, absolute arm): `<bucket>|T<temperature>|M<max_tokens>`."""
+    """Flat string key of one (bucket, absolute arm): `<bucket>|T<temperature>|M<max_tokens>`,
+    with `@<effort>` appended when the arm has an effort level (no `|`, so `bucket_of` holds)."""
     temperature, max_tokens = arm_key(arm)
-    return f"{bucket}|T{temperature:g}|M{max_tokens}"
+    key = f"{bucket}|T{temperature:g}|M{max_tokens}"
+    return key if arm.effort is None else f"{key}@{arm.effort}"
 
 
 def bucket_of(key: str) -> str:

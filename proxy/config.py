@@ -29,6 +29,7 @@ from guards.settings import (
     RolloutSettings,
     SloSettings,
 )
+from policies.effort import ANTHROPIC_EFFORTS, EFFORT_LEVELS
 from policies.registry import POLICIES
 from policies.settings import (
     ArmGridSettings,
@@ -41,6 +42,7 @@ from proxy.edge.origins import normalize_origin, valid_host_entry
 
 ModeName = Literal["shadow", "canary", "guarded", "general"]
 TuneTemperature = Literal["auto", "always", "never"]
+UpstreamFormat = Literal["openai", "anthropic"]
 
 
 log = logging.getLogger("thermostat.config")
@@ -95,6 +97,11 @@ class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # What the provider uses when no temperature is sent (OpenAI: 1.0). With evidence, an
     # omitted temperature may be tuned around it; without it, an omitted one stays omitted.
     default_temperature: float | None = None
+    # Which knobs the model takes: False for models that refuse a temperature (it is then
+    # never added or moved); `efforts` lists the reasoning effort levels it accepts
+    # (policies/effort.py), empty = effort is not tuned on this model.
+    accepts_temperature: bool = True
+    efforts: tuple[str, ...] = ()
 
 
 # The paths (after `/v1`) a client of a model API needs. Everything else (files,
@@ -119,6 +126,9 @@ DEFAULT_FORWARD_PATHS: tuple[str, ...] = (
 class UpstreamSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     base_url: str
+    # Wire format the upstream speaks: "anthropic" = Messages API (`/v1/messages`, the
+    # operator's key goes in `x-api-key`); "openai" = chat/completions/responses.
+    format: UpstreamFormat = "openai"
     models: tuple[str, ...] = ("*",)
     api_key_env: str | None = None
     timeout_s: float = 60.0
@@ -506,6 +516,11 @@ def _validate_ranges(cfg: Config) -> None:
             raise bad(key, f"{share} (allowed: a fraction in [0, 1))")
     if cfg.constraints.max_delta_temperature < 0 or cfg.constraints.max_delta_max_tokens < 0:
         raise bad("constraints.max_delta_*", "deltas must be >= 0")
+    if cfg.constraints.max_delta_effort_levels < 0:
+        raise bad("constraints.max_delta_effort_levels", f"{cfg.constraints.max_delta_effort_levels} (allowed: >= 0)")
+    for task, base in cfg.baseline.items():
+        if base.effort is not None and base.effort not in EFFORT_LEVELS:
+            raise bad(f"baseline.{task}.effort", f"{base.effort!r} (allowed: {', '.join(EFFORT_LEVELS)})")
     if not 0.0 <= cfg.constraints.max_relative_delta_max_tokens <= 1.0:
         raise bad("constraints.max_relative_delta_max_tokens", f"{cfg.constraints.max_relative_delta_max_tokens} (allowed: a fraction in [0, 1])")
     if not 0.0 <= cfg.optimization.holdout_fraction < 1.0:
@@ -545,6 +560,10 @@ def _validate_ranges(cfg: Config) -> None:
         for ms in up.models_config:
             if ms.default_temperature is not None and not ms.min_temperature <= ms.default_temperature <= ms.max_temperature:
                 raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].default_temperature", f"{ms.default_temperature} (allowed: within min_temperature..max_temperature)")
+            known = ANTHROPIC_EFFORTS if up.format == "anthropic" else EFFORT_LEVELS
+            for level in ms.efforts:
+                if level not in known:
+                    raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].efforts", f"{level!r} (allowed: {', '.join(known)})")
         for glob in up.forward_paths:
             if not glob.startswith("/") or ".." in glob:
                 raise bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: globs over the path after /v1, starting with '/', e.g. '/chat/completions')")

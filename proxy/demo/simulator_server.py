@@ -2,6 +2,8 @@
 
 Endpoints:
   POST /v1/chat/completions, POST /v1/completions   (non-streaming and SSE streaming)
+  POST /v1/responses (OpenAI Responses), POST /v1/messages (Anthropic Messages), both
+       streamed and not, in the shapes of proxy/demo/wire.py
   GET  /v1/models
   GET  /sim/truth?temperature=0.7&max_tokens=512     ground truth around that baseline
   GET/POST /sim/faults  {"error_rate": 0.1, "error_status": 500, "extra_latency_s": 0.2}
@@ -44,6 +46,7 @@ from policies.context import estimate_prompt_tokens
 from policies.records import Arm
 from policies.settings import ArmGridSettings
 from proxy.demo.simulator import SimOutcome, SimulatorTruth
+from proxy.demo.wire import anthropic_body, anthropic_error, anthropic_events, responses_body, responses_events
 from proxy.learning.judge import extract_answer
 
 DEFAULT_MODELS: tuple[str, ...] = ("sim-1", "sim-1-mini")
@@ -93,10 +96,18 @@ class SimulatorHandle:
 
 
 def _text_of(body: dict[str, Any]) -> tuple[str, str]:
-    """(system prompt, all prompt text) of a chat or completions body."""
+    """(system prompt, all prompt text) of a chat, completions, Responses or Messages body."""
     system_parts: list[str] = []
     parts: list[str] = []
-    messages = body.get("messages")
+    for key in ("system", "instructions"):  # Messages' `system`, Responses' `instructions`
+        extra = body.get(key)
+        if extra is not None:
+            text = extra if isinstance(extra, str) else json.dumps(extra, default=str)
+            system_parts.append(text)
+            parts.append(text)
+    if isinstance(body.get("input"), str):
+        parts.append(body["input"])
+    messages = body.get("messages", body.get("input"))
     if isinstance(messages, list):
         for message in messages:
             if not isinstance(message, dict):
@@ -244,17 +255,32 @@ class _Simulator:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._complete(request, chat=False)
 
-    async def _complete(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, chat=False, fmt="responses")
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, chat=True, fmt="anthropic")
+
+    async def _complete(self, request: web.Request, *, chat: bool, fmt: str = "openai") -> web.StreamResponse:
+        anthropic = fmt == "anthropic"
+
+        def error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
+            return web.json_response(anthropic_error(status, message), status=status) if anthropic else _error(status, message, kind)
+
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
-            return _error(400, "request body is not valid JSON")
+            return error(400, "request body is not valid JSON")
         if not isinstance(body, dict):
-            return _error(400, "request body must be a JSON object")
+            return error(400, "request body must be a JSON object")
+        if fmt == "responses" and body.get("input") is None:
+            return error(400, "'input' is required")
         if chat and not isinstance(body.get("messages"), list):
-            return _error(400, "'messages' is required")
-        if not chat and body.get("prompt") is None:
-            return _error(400, "'prompt' is required")
+            return error(400, "'messages' is required")
+        if not chat and fmt == "openai" and body.get("prompt") is None:
+            return error(400, "'prompt' is required")
+        if anthropic and not isinstance(body.get("max_tokens"), int):
+            return error(400, "max_tokens: Field required")
         requested = body.get("model")
         model: str = requested if isinstance(requested, str) else DEFAULT_MODELS[0]
         if chat and model.startswith(JUDGE_PREFIX):
@@ -262,14 +288,15 @@ class _Simulator:
         faults = self.faults
         await self._sleep(faults.extra_latency_s)
         if faults.error_rate > 0 and self.rng.random() < faults.error_rate:
-            return _error(faults.error_status, "simulated upstream failure", "server_error")
+            return error(faults.error_status, "simulated upstream failure", "server_error")
 
         system_prompt, text = _text_of(body)
         task = infer_task_type(request.headers.get("x-task-type"), system_prompt, self.truth)
         temperature = _number(body.get("temperature"), 1.0)
-        max_tokens = int(_number(body.get("max_completion_tokens"), _number(body.get("max_tokens"), DEFAULT_MAX_TOKENS)))
-        if max_tokens < 1 or not 0 <= temperature <= 2:
-            return _error(400, "max_tokens must be >= 1 and temperature in [0, 2]")
+        tokens = body.get("max_output_tokens") if fmt == "responses" else body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens = int(_number(tokens, DEFAULT_MAX_TOKENS))
+        if max_tokens < 1 or not 0 <= temperature <= (1 if anthropic else 2):
+            return error(400, f"max_tokens must be >= 1 and temperature in [0, {1 if anthropic else 2}]")
         prompt_tokens = estimate_prompt_tokens(body)
         natural = self.truth.natural_length(task, _prompt_score(text, self.seed))
         quality_z, latency_z = self.rng.standard_normal(2)
@@ -298,6 +325,9 @@ class _Simulator:
         }
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_urlsafe(18).replace("-", "a").replace("_", "b")
         created = int(time.time())
+        if fmt != "openai":
+            return await self._other_format(request, body, fmt=fmt, ident=ident.split("-", 1)[1], created=created, model=model,
+                                            content=content, outcome=outcome, headers=headers)  # fmt: skip
         if body.get("stream") is True:
             stream_options = body.get("stream_options")
             include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
@@ -333,6 +363,46 @@ class _Simulator:
                 "usage": usage,
             }
         return web.json_response(payload, headers=headers)
+
+    async def _other_format(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        *,
+        fmt: str,
+        ident: str,
+        created: int,
+        model: str,
+        content: str,
+        outcome: SimOutcome,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """A Responses or Messages answer to the same simulated outcome (the chat path's truth)."""
+        truncated = outcome.finish_reason == "length"
+        given = body.get("input")  # Responses: a string or a list of messages
+        prompt_tokens = estimate_prompt_tokens({"prompt": given} if isinstance(given, str) else {"messages": given} if isinstance(given, list) else body)
+        if fmt == "anthropic":
+            final = anthropic_body(ident="msg_" + ident, model=model, text=content, input_tokens=prompt_tokens,
+                                   output_tokens=outcome.completion_tokens, truncated=truncated)  # fmt: skip
+            events = anthropic_events
+        else:
+            final = responses_body(ident="resp_" + ident, model=model, text=content, input_tokens=prompt_tokens,
+                                   output_tokens=outcome.completion_tokens, truncated=truncated, created=created, request=body)  # fmt: skip
+            events = responses_events
+        if body.get("stream") is not True:
+            await self._sleep(outcome.latency_s * self.time_scale)
+            return web.json_response(final, headers=headers)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
+        await response.prepare(request)
+        await self._sleep(outcome.ttft_s * self.time_scale)
+        pieces = _split(content, STREAM_CHUNKS)
+        per_piece = max(0.0, outcome.latency_s - outcome.ttft_s) * self.time_scale / max(1, len(pieces))
+        for i, event in enumerate(events(final, pieces)):
+            if i and b"_delta" in event[:40]:
+                await self._sleep(per_piece)
+            await response.write(event)
+        await response.write_eof()
+        return response
 
     async def _stream(
         self,
@@ -402,6 +472,8 @@ def create_app(
     app = web.Application(client_max_size=32 * 1024 * 1024)
     app.router.add_post("/v1/chat/completions", sim.chat)
     app.router.add_post("/v1/completions", sim.completions)
+    app.router.add_post("/v1/responses", sim.responses)
+    app.router.add_post("/v1/messages", sim.messages)
     app.router.add_get("/v1/models", sim.models)
     app.router.add_get("/sim/truth", sim.truth_view)
     app.router.add_get("/sim/faults", sim.faults_view)

@@ -41,6 +41,16 @@ WATCHED_KEYS: tuple[str, ...] = (
     "tools",
     "functions",
     "response_format",
+    # Responses and Anthropic Messages (proxy/edge/formats): knobs and what the context reads.
+    "max_output_tokens",
+    "reasoning_effort",
+    "reasoning",
+    "output_config",
+    "thinking",
+    "input",
+    "instructions",
+    "system",
+    "text",
 )
 _QUOTED = {key: b'"' + key.encode() + b'"' for key in WATCHED_KEYS}
 

@@ -10,6 +10,8 @@ would have seen.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import msgspec
 
 
@@ -110,13 +112,31 @@ def summarize_body(raw: bytes) -> ResponseSummary:
 _USAGE_NULLS = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
 
 
+class StreamSummarizer(Protocol):
+    """Reads one wire format's stream event by event (proxy/edge/formats); never changes it."""
+
+    summary: ResponseSummary
+
+    def feed(self, event: bytes) -> bool:
+        """Absorb one complete SSE event; True if it carried the first generated token."""
+        ...
+
+
 class StreamRelay:
-    """Incremental SSE splitter: feed upstream bytes, get back bytes to send now."""
+    """Incremental SSE splitter: feed upstream bytes, get back bytes to send now.
 
-    __slots__ = ("summary", "strip_usage", "_buffer", "saw_done", "events", "max_event_bytes", "unsummarised")
+    Without a `summarizer` the events are read as chat/completions chunks (and the usage
+    Thermostat asked for may be stripped); with one, every event is relayed unchanged and
+    the summarizer reads it. `first_token` turns true once an event that carries the first
+    generated token has been returned by `feed` (for chat chunks: the first event relayed).
+    """
 
-    def __init__(self, strip_usage: bool, max_event_bytes: int | None = None) -> None:
-        self.summary = ResponseSummary()
+    __slots__ = ("summary", "strip_usage", "_buffer", "saw_done", "events", "max_event_bytes", "unsummarised", "summarizer", "first_token")
+
+    def __init__(self, strip_usage: bool, max_event_bytes: int | None = None, summarizer: StreamSummarizer | None = None) -> None:
+        self.summarizer = summarizer
+        self.summary = summarizer.summary if summarizer is not None else ResponseSummary()
+        self.first_token = False
         self.strip_usage = strip_usage
         self._buffer = b""
         self.saw_done = False
@@ -155,7 +175,17 @@ class StreamRelay:
 
     def _on_event(self, event: bytes) -> bytes | None:
         self.events += 1
-        payload = _event_data(event)
+        if self.summarizer is not None:
+            if self.summarizer.feed(event):
+                self.first_token = True
+            return event
+        kept = self._on_chat_event(event)
+        if kept:
+            self.first_token = True
+        return kept
+
+    def _on_chat_event(self, event: bytes) -> bytes | None:
+        payload = event_data(event)
         if payload is None:
             return event
         if payload == b"[DONE]":
@@ -186,7 +216,7 @@ def _find_event_end(data: bytes, start: int) -> tuple[int, int]:
     return -1, 0
 
 
-def _event_data(event: bytes) -> bytes | None:
+def event_data(event: bytes) -> bytes | None:
     """The joined `data:` lines of one event, or None if it has none (a comment, a ping)."""
     parts: list[bytes] = []
     for line in event.splitlines():

@@ -48,7 +48,12 @@ class Upstream:
         self.paths = PathFilter(settings.forward_paths)
         self.is_default = "*" in settings.models
         api_key = os.environ.get(settings.api_key_env, "") if settings.api_key_env else ""
-        self.authorization = f"Bearer {api_key}" if api_key else None
+        # The operator's key in the header the upstream's API reads: Anthropic's Messages
+        # API takes `x-api-key`, OpenAI-compatible ones `Authorization: Bearer`.
+        self.format = settings.format
+        self.credential: tuple[str, str] | None = None
+        if api_key:
+            self.credential = ("x-api-key", api_key) if settings.format == "anthropic" else ("authorization", f"Bearer {api_key}")
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._model_cache: dict[str, ModelSettings | None] = {}
@@ -186,19 +191,20 @@ def forward_headers(raw: Iterable[tuple[bytes, bytes]], upstream: Upstream) -> C
     client's other credential headers go too, unless `forward_client_credentials`.
     """
     out: CIMultiDict[str] = CIMultiDict()
-    replace_auth = upstream.authorization is not None
+    replace_auth = upstream.credential is not None
+    replaced = upstream.credential[0].encode() if upstream.credential is not None else b""
     drop_credentials = replace_auth and not upstream.settings.forward_client_credentials
     for name, value in raw:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname.startswith(b"x-thermostat-") or lname == b"x-task-type":
             continue
-        if replace_auth and lname == b"authorization":
+        if replace_auth and lname == replaced:
             continue
         if drop_credentials and lname in CLIENT_CREDENTIAL_HEADERS:
             continue
         out.add(lname.decode("latin-1"), value.decode("latin-1"))
-    if upstream.authorization is not None:
-        out["authorization"] = upstream.authorization
+    if upstream.credential is not None:
+        out[upstream.credential[0]] = upstream.credential[1]
     out["accept-encoding"] = "identity"
     return out
 

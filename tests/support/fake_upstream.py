@@ -5,6 +5,11 @@ it receives, and misbehaves on demand through the model name:
 `error-<status>` answers that status with an OpenAI error body, `slow-<ms>` waits,
 `cut-stream` drops the connection mid-stream, `hang` never answers, `big-<bytes>`
 answers with about that many bytes of content.
+
+Besides chat and legacy completions it speaks OpenAI Responses (`/v1/responses`) and
+Anthropic Messages (`/v1/messages`), streamed and not, with the shapes of
+proxy/demo/wire.py; `models` is the `/v1/models` list it serves and
+`models_status` makes that endpoint fail.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from proxy.demo.wire import anthropic_body, anthropic_error, anthropic_events, prompt_text, responses_body, responses_events
 
 
 @dataclass
@@ -34,6 +41,8 @@ class FakeUpstream:
     port: int = 0
     received: list[Received] = field(default_factory=list)
     delay_s: float = 0.0
+    models: tuple[str, ...] = ("echo-1",)
+    models_status: int = 200
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _runner: web.AppRunner | None = None
@@ -85,9 +94,18 @@ class FakeUpstream:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         path = request.path
+        if path == "/v1/models" and self.models_status != 200:
+            return web.json_response({"error": {"message": "models unavailable", "type": "server_error", "code": None}}, status=self.models_status)
         if path == "/v1/models":
-            return web.json_response({"object": "list", "data": [{"id": "echo-1", "object": "model", "created": 0, "owned_by": "test"}]},
+            return web.json_response({"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in self.models]},
                                      headers={"x-request-id": "req_upstream_models"})
+        if path.startswith("/v1/models/"):
+            wanted = path.rsplit("/", 1)[1]
+            if wanted not in self.models:
+                return web.json_response({"error": {"message": f"model {wanted} not found", "type": "invalid_request_error", "code": "model_not_found"}}, status=404)
+            return web.json_response({"id": wanted, "object": "model", "created": 0, "owned_by": "test"})
+        if path in ("/v1/responses", "/v1/messages") and isinstance(body, dict):
+            return await self._other_format(request, body, path)
         if path == "/v1/embeddings":
             return web.json_response({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
                                       "model": body.get("model") if isinstance(body, dict) else None,
@@ -107,6 +125,40 @@ class FakeUpstream:
         if model == "hang":
             await asyncio.sleep(3600)
         return await (self._stream(request, body) if body.get("stream") else self._complete(body, path))
+
+    async def _other_format(self, request: web.Request, body: dict[str, Any], path: str) -> web.StreamResponse:
+        """Responses or Messages: echo the last user text, cut at the token cap (one word = one token)."""
+        anthropic = path == "/v1/messages"
+        model = str(body.get("model", ""))
+        if model.startswith("error-"):
+            status = int(model.split("-", 1)[1])
+            if anthropic:
+                return web.json_response(anthropic_error(status, f"upstream says {status}"), status=status)
+            return web.json_response({"error": {"message": f"upstream says {status}", "type": "invalid_request_error", "code": f"code_{status}", "param": None}},
+                                     status=status)
+        words = f"echo: {prompt_text(body)}".split()
+        limit = body.get("max_tokens" if anthropic else "max_output_tokens")
+        truncated = isinstance(limit, int) and limit < len(words)
+        if truncated:
+            words = words[:limit]
+        prompt = len(json.dumps(body.get("messages", body.get("input")))) // 4 + 1
+        digest = hashlib.sha256(json.dumps(body.get("messages", body.get("input")), sort_keys=True).encode()).hexdigest()[:24]
+        text = " ".join(words)
+        if anthropic:
+            final = anthropic_body(ident="msg_" + digest, model=model, text=text, input_tokens=prompt, output_tokens=len(words), truncated=truncated)
+            events = anthropic_events(final, [(" " if i else "") + w for i, w in enumerate(words)])
+        else:
+            final = responses_body(ident="resp_" + digest, model=model, text=text, input_tokens=prompt, output_tokens=len(words),
+                                   truncated=truncated, created=1700000000, request=body)
+            events = responses_events(final, [(" " if i else "") + w for i, w in enumerate(words)])
+        if not body.get("stream"):
+            return web.json_response(final, headers={"x-request-id": "req_upstream_123"})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "x-request-id": "req_upstream_stream"})
+        await resp.prepare(request)
+        for event in events:
+            await resp.write(event)
+        await resp.write_eof()
+        return resp
 
     @staticmethod
     def _text(body: dict[str, Any]) -> str:

@@ -66,3 +66,16 @@ def test_stream_relay_stops_buffering_an_endless_event() -> None:
     tail = b'yyy\n\ndata: {"usage":{"prompt_tokens":1,"completion_tokens":2},"choices":[]}\n\n'
     assert relay.feed(tail) == tail  # passed through unread from now on
     assert relay.summary.content == "hi" and relay.summary.completion_tokens is None
+
+
+def test_new_wire_format_knobs_are_watched_for_duplicates() -> None:
+    """A repeated `max_output_tokens` or `output_config` would let the upstream see a value that was never validated."""
+    import msgspec
+
+    from proxy.edge.json_guard import duplicate_watched_key
+
+    for body in (b'{"model":"m","max_output_tokens":5,"max_output_tokens":500000}',
+                 b'{"model":"m","output_config":{"effort":"low"},"output_config":{"effort":"max"}}',
+                 b'{"model":"m","reasoning":{"effort":"low"}, "reasoning":{"effort":"high"}}'):
+        doc = msgspec.json.decode(body)
+        assert duplicate_watched_key(body, doc) in ("max_output_tokens", "output_config", "reasoning")

@@ -130,3 +130,22 @@ def test_candidate_arms_even_steps_and_invalid_values() -> None:
     assert len({(a.temperature, a.max_tokens) for a in arms}) == len(arms)
     assert all(round(a.temperature, 3) == a.temperature for a in arms)
     assert candidate_arms(baseline, max_delta_temperature=0, max_delta_max_tokens=0, grid=ArmGridSettings()) == [baseline]
+
+
+def test_context_of_responses_and_anthropic_bodies() -> None:
+    """The new wire formats' fields feed the same features (cap, JSON mode, messages, prompt size)."""
+    from policies.context import build_context, context_bucket
+
+    responses = {"model": "gpt-r", "input": [{"role": "user", "content": "x" * 400}], "instructions": "y" * 400,
+                 "max_output_tokens": 300, "text": {"format": {"type": "json_schema", "name": "n"}}}
+    ctx = build_context(responses, task_type="code", endpoint="responses", effort="low")
+    assert (ctx.client_max_tokens, ctx.json_mode, ctx.message_count, ctx.client_effort) == (300, True, 1, "low")
+    assert ctx.prompt_tokens_est >= 200  # 800 characters of input and instructions
+    assert "|responses|" in context_bucket(ctx)
+    plain = build_context({"model": "gpt-r", "input": "hello"}, task_type="t", endpoint="responses")
+    assert plain.message_count == 1 and plain.prompt_tokens_est >= 2 and plain.client_effort is None
+    messages = {"model": "c", "max_tokens": 900, "system": "z" * 400, "messages": [{"role": "user", "content": "hi"}],
+                "output_config": {"effort": "high", "format": {"type": "json_schema", "schema": {}}}}
+    actx = build_context(messages, task_type="t", endpoint="anthropic", effort="high")
+    assert (actx.client_max_tokens, actx.json_mode, actx.message_count) == (900, True, 1)
+    assert actx.prompt_tokens_est >= 100

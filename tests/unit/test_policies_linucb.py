@@ -158,3 +158,21 @@ def test_load_changed_matches_a_full_load() -> None:
         np.testing.assert_allclose(local.snapshot()[key], values, atol=1e-9)
     probe = _ctx(rng)
     np.testing.assert_allclose(local.propensities(probe, BASE, ARMS), full.propensities(probe, BASE, ARMS), atol=1e-9)
+
+
+def test_effort_levels_keep_separate_statistics_through_export_and_load() -> None:
+    """Arms that differ only in reasoning effort must not share a row (nor an exported key)."""
+    rng = np.random.default_rng(9)
+    low, high = Arm(0.7, 512, "low"), Arm(0.7, 512, "high")
+    policy = LinUCBPolicy()
+    ctx = _ctx(rng)
+    for _ in range(20):
+        policy.update(ctx, low, low, 1.0)
+        policy.update(ctx, low, high, 0.0)
+    mean, _ = policy.scores(ctx, [low, high, BASE])
+    assert mean[0] > mean[1] and mean[2] == 0.0
+    exported = policy.export_delta()
+    assert {"d10|m@low|T0.7|M512|G", "d10|m@high|T0.7|M512|b"} <= set(exported)
+    replica = LinUCBPolicy()
+    replica.load_totals(exported)
+    np.testing.assert_allclose(replica.scores(ctx, [low, high])[0], policy.scores(ctx, [low, high])[0], atol=1e-9)

@@ -1,0 +1,189 @@
+"""OpenAI Responses (`POST /v1/responses`).
+
+Knobs: `temperature`, `max_output_tokens` and `reasoning.effort`; everything else
+(`previous_response_id`, `store`, `background`, `tools`, the rest of `reasoning`) is
+forwarded untouched. A response is cut when `status` is "incomplete" with
+`incomplete_details.reason` "max_output_tokens" (reported as finish reason "length").
+Streams are relayed unchanged: the first `response.output_text.delta` is the first
+token, and usage (`input_tokens`, `output_tokens`) comes from the terminal
+`response.completed` (or `response.incomplete`) event. Event shapes follow the openai
+SDK's `types/responses/response_stream_event.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from policies.effort import OPENAI_EFFORTS
+from policies.records import Params
+from proxy.edge import errors
+from proxy.edge.formats.base import (
+    KnobView,
+    patch_effort,
+    patch_int,
+    patch_temperature,
+    read_effort,
+    read_positive_int,
+    read_stream,
+    read_temperature,
+    require_model,
+)
+from proxy.edge.formats.chat import openai_error_type
+from proxy.edge.sse import ResponseSummary, event_data
+
+_EFFORT_PATH = ("reasoning", "effort")
+_TOKENS = "max_output_tokens"
+
+
+class _Usage(msgspec.Struct):
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class _Incomplete(msgspec.Struct):
+    reason: str | None = None
+
+
+class _Part(msgspec.Struct):
+    type: str = ""
+    text: str | None = None
+    refusal: str | None = None
+
+
+class _Item(msgspec.Struct):
+    type: str = ""
+    content: list[_Part] | None = None
+    arguments: str | None = None
+
+
+class _Response(msgspec.Struct):
+    status: str | None = None
+    incomplete_details: _Incomplete | None = None
+    usage: _Usage | None = None
+    output: list[_Item] | None = None
+    error: dict[str, Any] | None = None
+
+
+class _Event(msgspec.Struct):
+    type: str = ""
+    delta: Any = None
+    output_index: int = 0
+    response: _Response | None = None
+
+
+_decode_response = msgspec.json.Decoder(_Response).decode
+_decode_event = msgspec.json.Decoder(_Event).decode
+
+
+def _finish(response: _Response) -> str | None:
+    if response.status == "completed":
+        calls = any(item.type == "function_call" for item in response.output or ())
+        return "tool_calls" if calls else "stop"
+    if response.status == "incomplete":
+        reason = response.incomplete_details.reason if response.incomplete_details is not None else None
+        return {"max_output_tokens": "length", "content_filter": "content_filter"}.get(reason or "", reason)
+    return None
+
+
+def _absorb_final(summary: ResponseSummary, response: _Response) -> None:
+    """Usage, stop reason and error of a whole response object (not its text)."""
+    if response.usage is not None:
+        summary.prompt_tokens = response.usage.input_tokens
+        summary.completion_tokens = response.usage.output_tokens
+    summary.finish_reason = _finish(response)
+    if response.status == "failed" or response.error is not None:
+        summary.error = True
+
+
+class ResponsesStreamSummarizer:
+    """Reads Responses stream events as they are relayed (never changes them)."""
+
+    __slots__ = ("summary", "_seen_text")
+
+    def __init__(self, summary: ResponseSummary | None = None) -> None:
+        self.summary = summary if summary is not None else ResponseSummary()
+        self._seen_text = False
+
+    def feed(self, event: bytes) -> bool:
+        payload = event_data(event)
+        if payload is None or payload == b"[DONE]":
+            return False
+        try:
+            ev = _decode_event(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False
+        summary = self.summary
+        kind = ev.type
+        if kind == "response.output_text.delta" and isinstance(ev.delta, str):
+            summary.content_parts.append(ev.delta)
+            first = not self._seen_text
+            self._seen_text = True
+            return first
+        if kind == "response.function_call_arguments.delta" and isinstance(ev.delta, str):
+            summary.tool_args.setdefault(ev.output_index, []).append(ev.delta)
+        elif kind == "response.refusal.delta":
+            summary.refusal = True
+        elif kind in ("response.completed", "response.incomplete", "response.failed") and ev.response is not None:
+            _absorb_final(summary, ev.response)
+        elif kind == "error":
+            summary.error = True
+        return False
+
+
+class ResponsesFormat:
+    """`/v1/responses`: temperature, max_output_tokens, reasoning.effort."""
+
+    name = "responses"
+    upstream_format = "openai"
+
+    def parse(self, doc: dict[str, Any]) -> KnobView:
+        model = require_model(doc)
+        temperature = read_temperature(doc)
+        max_tokens = read_positive_int(doc, _TOKENS)
+        stream = read_stream(doc)
+        effort = read_effort(doc, _EFFORT_PATH, OPENAI_EFFORTS)
+        text = doc.get("text")
+        fmt = text.get("format") if isinstance(text, dict) else None
+        json_mode = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
+        return KnobView(
+            model=model,
+            stream=stream,
+            temperature=temperature,
+            tokens_field=_TOKENS if max_tokens is not None else None,
+            max_tokens=max_tokens,
+            default_tokens_field=_TOKENS,
+            effort=effort,
+            effort_path=_EFFORT_PATH,
+            json_mode=json_mode,
+            has_tools=bool(doc.get("tools")),
+        )
+
+    def patch(self, doc: dict[str, Any], knobs: Params) -> bool:
+        changed = patch_temperature(doc, knobs.temperature)
+        changed = patch_int(doc, _TOKENS, knobs.max_tokens) or changed
+        return patch_effort(doc, _EFFORT_PATH, knobs.effort) or changed
+
+    def summarize_body(self, raw: bytes) -> ResponseSummary:
+        summary = ResponseSummary()
+        try:
+            response = _decode_response(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return summary
+        _absorb_final(summary, response)
+        for index, item in enumerate(response.output or ()):
+            if item.type == "function_call" and item.arguments is not None:
+                summary.tool_args.setdefault(index, []).append(item.arguments)
+            for part in item.content or ():
+                if part.type == "output_text" and part.text:
+                    summary.content_parts.append(part.text)
+                elif part.type == "refusal":
+                    summary.refusal = True
+        return summary
+
+    def stream_summarizer(self, summary: ResponseSummary | None = None) -> ResponsesStreamSummarizer:
+        return ResponsesStreamSummarizer(summary)
+
+    def error_body(self, status: int, message: str, code: str) -> bytes:
+        return errors.error_body(message, openai_error_type(status), code)
