@@ -27,8 +27,8 @@ def build_litestar(rt: Runtime) -> Litestar:
     control, control_state = build_control(rt)
     live = install_live_metrics(rt)
     alerts = AlertManager(rt, rt.config.alerts.webhook_urls)
-    rt.control = control_state  # type: ignore[attr-defined]  # feedback book, auth counters (see proxy.decision.feedback)
-    rt.alerts = alerts  # type: ignore[attr-defined]
+    rt.control = control_state  # feedback book, auth counters (see proxy.decision.feedback)
+    rt.alerts = alerts
     dashboard_page = DASHBOARD_HTML.read_bytes()
 
     @get("/health", media_type=MediaType.JSON, include_in_schema=True, sync_to_thread=False, opt=PUBLIC, summary="Liveness (no auth)")

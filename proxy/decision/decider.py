@@ -25,41 +25,28 @@ from policies.context import context_fingerprint
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.reward import BaselineCosts
 from policies.settings import ArmGridSettings, RewardSettings
-from proxy.edge.errors import ProxyError
+
+
+class BudgetExceeded(Exception):
+    """The token budget of this window is spent and `caws.on_exhausted = reject`.
+
+    A domain error, not an HTTP one: the decision room knows nothing of status codes;
+    the edge maps it to 429 `budget_exceeded`.
+    """
+
+
+class BudgetUnavailable(Exception):
+    """The budget could not be checked in time and `caws.on_exhausted = reject` (the edge answers 503)."""
 
 
 class Decider(Protocol):
     async def decide(self, ctx: RequestContext, *, request_id: str, assignment_key: str) -> Decision:
-        """Choose what to send. May raise `ProxyError` (e.g. 429 budget_exceeded)."""
+        """Choose what to send. May raise `BudgetExceeded` or `BudgetUnavailable` (the edge answers 429 / 503)."""
         ...
 
     async def observe(self, decision: Decision, outcome: Outcome) -> None:
         """Learn from a finished request (called after the response is complete)."""
         ...
-
-
-class PassthroughDecider:
-    """Sends exactly what the client asked; the decision is still logged (propensity 1)."""
-
-    policy_name = "baseline"
-
-    async def decide(self, ctx: RequestContext, *, request_id: str, assignment_key: str) -> Decision:
-        sent = Params(temperature=ctx.client_temperature, max_tokens=ctx.client_max_tokens)
-        return Decision(
-            request_id=request_id,
-            context=ctx,
-            context_fingerprint=0,
-            sent=sent,
-            baseline=sent,
-            propensity=1.0,
-            policy="baseline",
-            policy_version="baseline-0",
-            mode="off",
-            created_at=time.time(),
-        )
-
-    async def observe(self, decision: Decision, outcome: Outcome) -> None:
-        return None
 
 
 # ---------------------------------------------------------------------------------
@@ -182,6 +169,34 @@ def is_upstream_failure(outcome: Outcome) -> bool:
     return outcome.status >= 500 or outcome.error_class in UPSTREAM_FAILURES
 
 
+class BudgetView(NamedTuple):
+    fits: bool  # the policy's arm would be sent as chosen (else a cheaper arm or the baseline)
+    reservation: int
+    used: int
+    reserved: int
+    effective_limit: int
+    waiver_zone: bool
+    error: str | None = None  # the budget store could not be read
+
+
+class Explanation(NamedTuple):
+    """What `decide` would do for a context now, without drawing from its generator,
+    reserving budget or logging: read by the control API's recommend / test-shadow."""
+
+    reference: Reference
+    allowed: list[Arm]
+    pmf: list[float]  # policy propensities over `allowed`
+    choice: Arm  # one draw from a private generator
+    propensity: float
+    limits: ModelLimits
+    effective: Effective
+    held_out: bool
+    assigned: bool | None  # None when no assignment key was given
+    budget: BudgetView
+    would_send: Params
+    would_mode: str
+
+
 class BanditDecider:
     """Composes the guards and a policy into one decision per request.
 
@@ -237,7 +252,6 @@ class BanditDecider:
         self.reservations: dict[str, Reservation] = {}
         self._last_tick = 0.0
         self._arm_cache: dict[tuple[Arm, Freedom, str, str], list[Arm]] = {}
-        self.budget_warning = False
         self.ope_evidence: OpeEvidence | None = None  # refreshed off the hot path by the runtime
 
     @property
@@ -305,23 +319,12 @@ class BanditDecider:
             now=now,
         )
         notes.extend(verdict.notes)
-        self.budget_warning = verdict.warning
         if verdict.reservation is not None:
             self.reservations[request_id] = verdict.reservation
         if verdict.action == "reject" and verdict.reason == "guard_unavailable":
-            raise ProxyError(
-                503,
-                "the token budget could not be checked in time (caws.on_exhausted = reject); retry shortly",
-                "budget_unavailable",
-                "server_error",
-            )
+            raise BudgetUnavailable()
         if verdict.action == "reject":
-            raise ProxyError(
-                429,
-                "the token budget for this window is exhausted (caws.on_exhausted = reject)",
-                "budget_exceeded",
-                "rate_limit_error",
-            )
+            raise BudgetExceeded()
         caws_down = optimised and not verdict.guard_ok and self.require_caws
         if caws_down:
             notes.append("require_caws:budget_guard_unavailable")
@@ -360,6 +363,36 @@ class BanditDecider:
             budget_reserved=verdict.reservation.tokens if verdict.reservation is not None else 0,
         )
 
+    async def explain(self, ctx: RequestContext, *, assignment_key: str | None, now: float, rng: np.random.Generator) -> Explanation:
+        """The same steps as `decide` (trust region, holdout, rollout, policy, budget check, enforce), as a read."""
+        ref, allowed, limits = self.reference_for(ctx)
+        base = ref.arm
+        pmf = [float(p) for p in np.asarray(self.policy.propensities(ctx, base, allowed), dtype=np.float64)]
+        choice = self.policy.choose(ctx, base, allowed, rng)
+        arm = allowed[choice.index]
+        eff = self.rollout.effective(now)
+        key = assignment_key
+        held_out = assign(key, self.holdout_fraction, HOLDOUT_SALT) if key else False
+        assigned = (not held_out and assign(key, eff.fraction)) if key else None
+        need = ctx.prompt_tokens_est + arm.max_tokens
+        caws = self.budget.settings
+        try:
+            b = await self.budget.status(now)
+            fill = b.used + b.reserved
+            zone = fill >= caws.waiver_threshold * b.effective_limit
+            fits = fill + need <= b.effective_limit and not (zone and arm.max_tokens > base.max_tokens and choice.propensity < caws.confidence_threshold)
+            budget = BudgetView(fits, need, b.used, b.reserved, b.effective_limit, zone)
+        except Exception as exc:
+            budget = BudgetView(not self.require_caws, need, 0, 0, 0, False, type(exc).__name__)
+        optimised = eff.optimizing_allowed and (assigned if assigned is not None else eff.fraction >= 1.0)
+        if optimised and budget.fits:
+            would, mode = tuned_params(enforce(arm, base, self.constraints, limits, ref.freedom), ref), "optimized"
+        elif optimised:
+            would, mode = ref.sent, "guard_fallback"  # the budget would swap the arm (cheapest fitting arm or the baseline)
+        else:
+            would, mode = ref.sent, unoptimised_mode(eff, held_out)
+        return Explanation(ref, allowed, pmf, arm, choice.propensity, limits, eff, held_out, assigned, budget, would, mode)
+
     def reward_for(self, decision: Decision, outcome: Outcome, quality: float) -> float:
         tokens = (outcome.completion_tokens or 0)
         return self.costs.reward(
@@ -370,7 +403,25 @@ class BanditDecider:
             settings=self.reward_settings,
         )
 
+    def score(
+        self, decision: Decision, *, status: int, error_class: str | None, latency_s: float, completion_tokens: int | None, quality: float | None
+    ) -> float | None:
+        """The reward of a finished request, computed once (proxy.decision.outcome.complete).
+
+        Unoptimised traffic first teaches the baseline costs the reward is normalised by.
+        None when the request does not teach the policy (failed, cut off, or no quality).
+        """
+        if not (200 <= status < 300 and error_class is None and quality is not None):
+            return None
+        if decision.mode not in ("optimized", "guard_fallback"):
+            self.costs.observe(decision.context.task_type, latency_s, completion_tokens or 0)
+        return self.costs.reward(
+            task_type=decision.context.task_type, quality=quality, latency_s=latency_s, tokens=completion_tokens or 0,
+            settings=self.reward_settings,
+        )
+
     async def observe(self, decision: Decision, outcome: Outcome) -> None:
+        """Settle the budget, feed the SLO monitor, and update the policy with the Outcome's reward."""
         now = self.clock()
         reservation = self.reservations.pop(decision.request_id, None)
         if reservation is not None:
@@ -388,10 +439,7 @@ class BanditDecider:
         optimised = decision.mode in ("optimized", "guard_fallback")
         if outcome.error_class != "client_disconnected" and (failed or 200 <= outcome.status < 300):
             self.slo.observe(now, optimized=optimised, latency_s=outcome.latency_s, error=failed, quality=outcome.quality)
-        if 200 <= outcome.status < 300 and outcome.error_class is None and outcome.quality is not None:
-            if not optimised:
-                self.costs.observe(decision.context.task_type, outcome.latency_s, outcome.completion_tokens or 0)
-            outcome.reward = self.reward_for(decision, outcome, outcome.quality)
+        if outcome.reward is not None and 200 <= outcome.status < 300 and outcome.error_class is None:
             base = decision.baseline
             self.policy.update(
                 decision.context,
