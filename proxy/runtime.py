@@ -110,7 +110,6 @@ class Runtime:
         self.policy = make_policy(config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb)
         self.slo = SloMonitor(config.slo)
         self.refresher = TableRefresher.for_policy(self.policy)
-        self.rollout = self._make_rollout(None)
         # Replicas on Redis admit from budget leases refilled in the background (guards/lease.py).
         caws = config.caws
         store_now = self.state_store
@@ -125,7 +124,7 @@ class Runtime:
         self.bandit: BanditDecider = BanditDecider(
             policy=self.policy,
             budget=self.budget,
-            rollout=self.rollout,
+            rollout=self._make_rollout(None),
             slo=self.slo,
             constraints=config.constraints,
             grid=config.policy.grid,
@@ -164,6 +163,11 @@ class Runtime:
                 fsync_interval_s=st.journal_fsync_interval_s,
             )
 
+    @property
+    def rollout(self) -> RolloutController:
+        """The decider owns the live controller; readers (control API, alerts) see the same one."""
+        return self.bandit.rollout
+
     def _make_rollout(self, state: object) -> RolloutController:
         opt = self.config.optimization
         return RolloutController.create(
@@ -188,8 +192,7 @@ class Runtime:
             log.warning("state store unreachable at start-up; starting from the configured rollout phase")
             stored = None
         if stored is not None:
-            self.rollout = self._make_rollout(stored)
-            self.bandit.rollout = self.rollout
+            self.bandit.rollout = self._make_rollout(stored)
         if self.shared is not None:
             await self.shared.start()
         await self.recorder.start()
