@@ -15,7 +15,6 @@ class ConstraintsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     max_delta_temperature: float = 0.2
     max_delta_max_tokens: int = 500
     max_tokens: int = 4096
-    max_latency_ms: float = 500.0
     require_caws: bool = True
     min_temperature: float = 0.0
     max_temperature: float = 2.0

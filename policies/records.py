@@ -84,8 +84,8 @@ class Decision(msgspec.Struct):
     budget_reserved: int = 0  # tokens reserved by the budget guard, settled on outcome
 
 
-class Outcome(msgspec.Struct):
-    """What happened to one request; `quality`/`reward` may be filled in later."""
+class Outcome(msgspec.Struct, frozen=True):
+    """What happened to one request. Frozen: built once by `proxy.decision.outcome.complete`; feedback makes a corrected copy."""
 
     request_id: str
     status: int

@@ -45,7 +45,7 @@ def build_litestar(rt: Runtime) -> Litestar:
     live = install_live_metrics(rt)
     alerts = AlertManager(rt, rt.config.alerts.webhook_urls)
     rt.control = control_state  # feedback book, auth counters (see proxy.decision.feedback)
-    rt.alerts = alerts  # type: ignore[attr-defined]
+    rt.alerts = alerts
     dashboard_page = DASHBOARD_HTML.read_bytes()
 
     @get("/health", media_type=MediaType.JSON, include_in_schema=True, sync_to_thread=False, opt=PUBLIC, summary="Liveness (no auth)")

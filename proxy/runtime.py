@@ -11,7 +11,7 @@ import logging
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
@@ -22,23 +22,27 @@ from guards.rollout import RolloutController, RolloutEvent, load_state, save_sta
 from guards.slo import SloMonitor
 from guards.state import InProcessStore, StateStore, StoreUnavailable
 from guards.trust_region import ModelLimits
-from policies.context import build_context, context_features
-from policies.quality import auto_quality
-from policies.records import Decision, Outcome, RequestContext
+from policies.context import build_context
+from policies.records import RequestContext
 from policies.registry import make_policy
 from proxy.config import Config
-from proxy.control.reports import compute_ope_evidence
 from proxy.decision.decider import BanditDecider, Decider
 from proxy.decision.lease_refill import LeaseRefiller
-from proxy.edge.sse import ResponseSummary
-from proxy.edge.upstream import UpstreamPool
+from proxy.decision.registry import DecisionRegistry
+from proxy.edge.upstream import Transport, UpstreamPool
+from proxy.learning.evidence import compute_ope_evidence
+from proxy.learning.refresh import TableRefresher
 from proxy.learning.sync import SharedState
 from proxy.observability.metrics import BoundedLabel, Metrics, watch_loop_lag
 from proxy.store import EventRecord, make_log_store
 from proxy.store.journal import Journal
 from proxy.store.local_state import LocalState
-from proxy.store.recorder import DecisionRegistry, Recorder
+from proxy.store.recorder import Recorder
 from proxy.store.redis_state import RedisStore
+
+if TYPE_CHECKING:
+    from proxy.control.deps import ControlDeps
+    from proxy.observability.alerts import AlertManager
 
 log = logging.getLogger("thermostat")
 
@@ -51,12 +55,18 @@ def _log_save_failure(task: asyncio.Task[None]) -> None:
 
 class Runtime:
     def __init__(
-        self, config: Config, *, decider: Decider | None = None, store: StateStore | None = None, spool_dir: Path | None = None
+        self,
+        config: Config,
+        *,
+        decider: Decider | None = None,
+        store: StateStore | None = None,
+        spool_dir: Path | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.config = config
         self.started_at = time.time()
         self.metrics = Metrics()
-        self.pool = UpstreamPool.from_settings(config.upstreams)
+        self.pool = UpstreamPool.from_settings(config.upstreams, transport)
         self.registry = DecisionRegistry()
         redis = config.storage
         self.state_store: StateStore = store or (
@@ -90,16 +100,16 @@ class Runtime:
         self._folded_buckets_seen = 0
         self._limits: dict[tuple[str, str], ModelLimits] = {}
         self._ticker: asyncio.Task[None] | None = None
-        self._refresher: asyncio.Task[None] | None = None
         self._lag_watch: asyncio.Task[None] | None = None
         self.ope_interval_s = 60.0
         self.prune_interval_s = 3600.0
-        self.control: Any = None  # set by the control API (proxy/control/api.py) when it is mounted
-        self.alerts: Any = None
+        # Attached by `proxy.app.build_litestar` until the control layer takes typed deps (docs/architecture.md).
+        self.control: ControlDeps | None = None
+        self.alerts: AlertManager | None = None
 
         self.policy = make_policy(config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb)
         self.slo = SloMonitor(config.slo)
-        self.rollout = self._make_rollout(None)
+        self.refresher = TableRefresher.for_policy(self.policy)
         # Replicas on Redis admit from budget leases refilled in the background (guards/lease.py).
         caws = config.caws
         store_now = self.state_store
@@ -114,7 +124,7 @@ class Runtime:
         self.bandit: BanditDecider = BanditDecider(
             policy=self.policy,
             budget=self.budget,
-            rollout=self.rollout,
+            rollout=self._make_rollout(None),
             slo=self.slo,
             constraints=config.constraints,
             grid=config.policy.grid,
@@ -131,7 +141,12 @@ class Runtime:
         )
         self.decider: Decider = decider or self.bandit
         # Several replicas: posterior, rollout state and decisions shared through Redis (proxy/learning/sync.py).
-        self.shared: SharedState | None = SharedState(self, self.state_store) if isinstance(self.state_store, RedisStore) else None
+        self.shared: SharedState | None = (
+            SharedState(self.state_store, storage=config.storage, policy=self.policy, costs=self.bandit.costs, rollout=self.bandit,
+                        registry=self.registry)
+            if isinstance(self.state_store, RedisStore)
+            else None
+        )
         if self.shared is not None:
             self.registry = self.shared.registry  # also writes decisions to Redis for feedback posted elsewhere
         # Embedded default (no Redis): budget, waivers, rollout state and posterior persisted under data_dir.
@@ -147,6 +162,11 @@ class Runtime:
                 interval_s=st.state_snapshot_interval_s,
                 fsync_interval_s=st.journal_fsync_interval_s,
             )
+
+    @property
+    def rollout(self) -> RolloutController:
+        """The decider owns the live controller; readers (control API, alerts) see the same one."""
+        return self.bandit.rollout
 
     def _make_rollout(self, state: object) -> RolloutController:
         opt = self.config.optimization
@@ -172,8 +192,7 @@ class Runtime:
             log.warning("state store unreachable at start-up; starting from the configured rollout phase")
             stored = None
         if stored is not None:
-            self.rollout = self._make_rollout(stored)
-            self.bandit.rollout = self.rollout
+            self.bandit.rollout = self._make_rollout(stored)
         if self.shared is not None:
             await self.shared.start()
         await self.recorder.start()
@@ -181,10 +200,8 @@ class Runtime:
         if self.lease_refiller is not None:
             self.lease_refiller.start()
         self._ticker = asyncio.create_task(self._tick_forever(), name="thermostat-rollout-tick")
-        refresh = getattr(self.policy, "refresh_stale", None)
-        if refresh is not None:
-            self.policy.deferred_refresh = True  # type: ignore[attr-defined]
-            self._refresher = asyncio.create_task(self._refresh_forever(refresh), name="thermostat-policy-refresh")
+        if self.refresher is not None:
+            self.refresher.start()
         log.info(
             "thermostat started: %d upstream(s), policy %s, phase %s, decision log %s",
             len(self.pool.upstreams), self.policy.name, self.rollout.state.phase, self.sink.name,
@@ -226,24 +243,6 @@ class Runtime:
                 self._fold_warned.add("bucket")
                 log.warning("more context buckets than policy.thompson.max_buckets; new ones are learned together as 'other'")
 
-    async def _refresh_forever(self, refresh: Any) -> None:
-        """Posterior tables are rebuilt here, at most every 50 ms, not inside a request.
-
-        Measured (bench/README.md): rebuilding on the request path cost ~0.33 ms every
-        8th decision of a bucket, 10 % of the CPU at 2,500 req/s and the p90.
-        """
-        while True:
-            await asyncio.sleep(0.05)
-            try:
-                # Two tables (~0.4 ms each) per slice, then a yield: many stale buckets at once
-                # (after a sync) never hold the loop for more than about a millisecond.
-                for _ in range(32):
-                    if refresh(limit=2) < 2:
-                        break
-                    await asyncio.sleep(0)
-            except Exception:
-                log.exception("refreshing the policy's tables failed")
-
     async def prune_expired(self) -> int:
         """Delete decisions older than `storage.retention_days` (0 keeps everything)."""
         days = self.config.storage.retention_days
@@ -259,9 +258,11 @@ class Runtime:
         return deleted
 
     async def stop(self) -> None:
-        for task in (self._ticker, self._refresher, self._lag_watch):
+        for task in (self._ticker, self._lag_watch):
             if task is not None:
                 task.cancel()
+        if self.refresher is not None:
+            await self.refresher.stop()
         if self.lease_refiller is not None:
             await self.lease_refiller.stop()
         if self.shared is not None:
@@ -341,25 +342,3 @@ class Runtime:
         # Persisted so other replicas and restarts see the same phase and rollback.
         task = asyncio.get_running_loop().create_task(save_state(self.state_store, self.rollout.state))
         task.add_done_callback(_log_save_failure)
-
-    def auto_quality(self, outcome: Outcome, summary: ResponseSummary, ctx: RequestContext) -> float | None:
-        return auto_quality(
-            status=outcome.status if outcome.error_class is None else 599,
-            content=summary.content,
-            finish_reason=summary.finish_reason,
-            json_mode=ctx.json_mode,
-            tool_arguments=summary.tool_arguments,
-            settings=self.config.policy.quality,
-        )
-
-    def context_features(self, ctx: RequestContext) -> dict[str, object]:
-        return context_features(ctx)
-
-    def arm_label(self, decision: Decision) -> str:
-        """Bounded label: the sent parameters as deltas from the baseline."""
-        sent, base = decision.sent, decision.baseline
-        if sent.temperature is None and sent.max_tokens is None:
-            return "client"
-        dt = (sent.temperature or 0.0) - (base.temperature or 0.0) if sent.temperature is not None else 0.0
-        dm = (sent.max_tokens or 0) - (base.max_tokens or 0) if sent.max_tokens is not None else 0
-        return f"t{dt:+.2f}/m{dm:+d}"

@@ -23,9 +23,10 @@ from proxy.control.auth import AdminAuth
 from proxy.control.schemas import RecordOutcomeIn, RecordOutcomeResult
 from proxy.decision.decider import BanditDecider
 from proxy.decision.feedback import FeedbackBook
+from proxy.decision.registry import DecisionRegistry
 from proxy.edge.upstream import UpstreamPool
 from proxy.store.base import LogStore
-from proxy.store.recorder import DecisionRegistry, Recorder
+from proxy.store.recorder import Recorder
 
 
 class ContextBuilder(Protocol):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -450,19 +449,6 @@ def ope_evidence(report: OpeOut, estimator: str = "snips") -> tuple[OpeEvidence 
         OpeEvidence(improvement_lower_bound=lower, samples=imp.n, estimator=estimator),
         OpeEvidenceOut(estimator=estimator, improvement_lower_bound=imp.lower, difference=imp.difference, samples=imp.n),
     )
-
-
-async def compute_ope_evidence(store: LogStore, decider: BanditDecider, window_s: float = 7 * 86400.0, max_rows: int = 5000) -> OpeEvidence | None:
-    """Evidence to pass to `rollout.tick(now, ope)`.
-
-    The estimates and their bootstrap intervals take tens of milliseconds over a full
-    window, so they run in a thread; only the policy's propensities per row are read on
-    the loop (the policy is not thread-safe), in slices with yields between them.
-    """
-    now = time.time()
-    rows, _ = await load_rows(store, since=now - window_s, until=now + 1, max_rows=max_rows, mode="optimized")
-    scored = await score_rows_async(decider, rows)
-    return await asyncio.to_thread(lambda: ope_evidence(ope_report(decider, rows, now - window_s, now, n_bootstrap=ope.EVIDENCE_BOOTSTRAP_REPLICATES, scored=scored)[0])[0])
 
 
 def next_phase(phase: str) -> str | None:

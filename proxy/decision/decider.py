@@ -25,41 +25,28 @@ from policies.context import context_fingerprint
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.reward import BaselineCosts
 from policies.settings import ArmGridSettings, RewardSettings
-from proxy.edge.errors import ProxyError
+
+
+class BudgetExceeded(Exception):
+    """The token budget of this window is spent and `caws.on_exhausted = reject`.
+
+    A domain error, not an HTTP one: the decision room knows nothing of status codes;
+    the edge maps it to 429 `budget_exceeded`.
+    """
+
+
+class BudgetUnavailable(Exception):
+    """The budget could not be checked in time and `caws.on_exhausted = reject` (the edge answers 503)."""
 
 
 class Decider(Protocol):
     async def decide(self, ctx: RequestContext, *, request_id: str, assignment_key: str) -> Decision:
-        """Choose what to send. May raise `ProxyError` (e.g. 429 budget_exceeded)."""
+        """Choose what to send. May raise `BudgetExceeded` or `BudgetUnavailable` (the edge answers 429 / 503)."""
         ...
 
     async def observe(self, decision: Decision, outcome: Outcome) -> None:
         """Learn from a finished request (called after the response is complete)."""
         ...
-
-
-class PassthroughDecider:
-    """Sends exactly what the client asked; the decision is still logged (propensity 1)."""
-
-    policy_name = "baseline"
-
-    async def decide(self, ctx: RequestContext, *, request_id: str, assignment_key: str) -> Decision:
-        sent = Params(temperature=ctx.client_temperature, max_tokens=ctx.client_max_tokens)
-        return Decision(
-            request_id=request_id,
-            context=ctx,
-            context_fingerprint=0,
-            sent=sent,
-            baseline=sent,
-            propensity=1.0,
-            policy="baseline",
-            policy_version="baseline-0",
-            mode="off",
-            created_at=time.time(),
-        )
-
-    async def observe(self, decision: Decision, outcome: Outcome) -> None:
-        return None
 
 
 # ---------------------------------------------------------------------------------
@@ -251,7 +238,6 @@ class BanditDecider:
         self.reservations: dict[str, Reservation] = {}
         self._last_tick = 0.0
         self._arm_cache: dict[tuple[Arm, Freedom, str, str], list[Arm]] = {}
-        self.budget_warning = False
         self.ope_evidence: OpeEvidence | None = None  # refreshed off the hot path by the runtime
 
     @property
@@ -319,23 +305,12 @@ class BanditDecider:
             now=now,
         )
         notes.extend(verdict.notes)
-        self.budget_warning = verdict.warning
         if verdict.reservation is not None:
             self.reservations[request_id] = verdict.reservation
         if verdict.action == "reject" and verdict.reason == "guard_unavailable":
-            raise ProxyError(
-                503,
-                "the token budget could not be checked in time (caws.on_exhausted = reject); retry shortly",
-                "budget_unavailable",
-                "server_error",
-            )
+            raise BudgetUnavailable()
         if verdict.action == "reject":
-            raise ProxyError(
-                429,
-                "the token budget for this window is exhausted (caws.on_exhausted = reject)",
-                "budget_exceeded",
-                "rate_limit_error",
-            )
+            raise BudgetExceeded()
         caws_down = optimised and not verdict.guard_ok and self.require_caws
         if caws_down:
             notes.append("require_caws:budget_guard_unavailable")
@@ -454,7 +429,25 @@ class BanditDecider:
             settings=self.reward_settings,
         )
 
+    def score(
+        self, decision: Decision, *, status: int, error_class: str | None, latency_s: float, completion_tokens: int | None, quality: float | None
+    ) -> float | None:
+        """The reward of a finished request, computed once (proxy.decision.outcome.complete).
+
+        Unoptimised traffic first teaches the baseline costs the reward is normalised by.
+        None when the request does not teach the policy (failed, cut off, or no quality).
+        """
+        if not (200 <= status < 300 and error_class is None and quality is not None):
+            return None
+        if decision.mode not in ("optimized", "guard_fallback"):
+            self.costs.observe(decision.context.task_type, latency_s, completion_tokens or 0)
+        return self.costs.reward(
+            task_type=decision.context.task_type, quality=quality, latency_s=latency_s, tokens=completion_tokens or 0,
+            settings=self.reward_settings,
+        )
+
     async def observe(self, decision: Decision, outcome: Outcome) -> None:
+        """Settle the budget, feed the SLO monitor, and update the policy with the Outcome's reward."""
         now = self.clock()
         reservation = self.reservations.pop(decision.request_id, None)
         if reservation is not None:
@@ -472,10 +465,7 @@ class BanditDecider:
         optimised = decision.mode in ("optimized", "guard_fallback")
         if outcome.error_class != "client_disconnected" and (failed or 200 <= outcome.status < 300):
             self.slo.observe(now, optimized=optimised, latency_s=outcome.latency_s, error=failed, quality=outcome.quality)
-        if 200 <= outcome.status < 300 and outcome.error_class is None and outcome.quality is not None:
-            if not optimised:
-                self.costs.observe(decision.context.task_type, outcome.latency_s, outcome.completion_tokens or 0)
-            outcome.reward = self.reward_for(decision, outcome, outcome.quality)
+        if outcome.reward is not None and 200 <= outcome.status < 300 and outcome.error_class is None:
             base = decision.baseline
             self.policy.update(
                 decision.context,

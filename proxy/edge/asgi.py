@@ -17,19 +17,21 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import msgspec
 
-from policies.records import Decision, Outcome, Params
+from policies.context import context_features
+from policies.records import Decision, Params
+from proxy.decision.decider import BudgetExceeded, BudgetUnavailable
 from proxy.decision.feedback import apply_pending_feedback
+from proxy.decision.outcome import Timings, arm_label, complete
 from proxy.edge.errors import ProxyError, bad_request, error_body
 from proxy.edge.json_guard import INT64_MAX, MAX_JSON_DEPTH, duplicate_watched_key, first_out_of_range_int, too_deep
 from proxy.edge.origins import host_name
 from proxy.edge.paths import confine_v1_path
 from proxy.edge.sse import ResponseSummary, StreamRelay, summarize_body
-from proxy.edge.upstream import UPSTREAM_ERRORS, Upstream, classify, forward_headers, response_headers
+from proxy.edge.upstream import UPSTREAM_ERRORS, Upstream, UpstreamResponse, classify, forward_headers, response_headers
 from proxy.observability.metrics import observe_decision
 from proxy.store.entries import LogEntry
 
@@ -37,6 +39,9 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+if TYPE_CHECKING:
+    from proxy.runtime import Runtime
 
 log = logging.getLogger("thermostat.edge")
 
@@ -88,7 +93,7 @@ async def read_body(receive: Receive, headers: list[tuple[bytes, bytes]], max_by
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def read_capped(response: aiohttp.ClientResponse, cap: int) -> tuple[list[bytes], bool]:
+async def read_capped(response: UpstreamResponse, cap: int) -> tuple[list[bytes], bool]:
     """Buffer an upstream body up to `cap` bytes; (chunks, True) if it all fit, else the
     chunks read so far and False, with the rest still unread on the connection."""
     if response.content_length is not None and response.content_length > cap:
@@ -197,11 +202,12 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
 class ProxyEdge:
     """ASGI app: `/v1/*` handled here, everything else handed to `fallback` (Litestar)."""
 
-    def __init__(self, runtime: Any, fallback: Callable[..., Awaitable[None]]) -> None:
+    def __init__(self, runtime: Runtime, fallback: Callable[..., Awaitable[None]]) -> None:
         self.rt = runtime
         self.fallback = fallback
         self.max_body = runtime.config.server.max_body_bytes
         self.metrics = runtime.metrics
+        self.quality_settings = runtime.config.policy.quality
         # `[server] allowed_hosts`: a page on another name that resolves here (DNS rebinding) gets 400.
         self.allowed_hosts = frozenset(name for name in map(host_name, runtime.config.server.allowed_hosts) if name)
 
@@ -270,7 +276,14 @@ class ProxyEdge:
         ctx = rt.build_context(doc, task_type=task_type, endpoint=endpoint, upstream=upstream.name)
         user = doc.get("user")
         key = _header(headers, b"x-thermostat-key") or (user if isinstance(user, str) and user else request_id)
-        decision: Decision = await rt.decider.decide(ctx, request_id=request_id, assignment_key=key)
+        try:
+            decision: Decision = await rt.decider.decide(ctx, request_id=request_id, assignment_key=key)
+        except BudgetExceeded:
+            raise ProxyError(429, "the token budget for this window is exhausted (caws.on_exhausted = reject)",
+                             "budget_exceeded", "rate_limit_error") from None
+        except BudgetUnavailable:
+            raise ProxyError(503, "the token budget could not be checked in time (caws.on_exhausted = reject); retry shortly",
+                             "budget_unavailable", "server_error") from None
         rt.registry.register(decision)
         rt.recorder.note_decision(decision)  # journaled before forwarding: a crash cannot lose an answered request
 
@@ -360,7 +373,7 @@ class ProxyEdge:
     async def _relay_oversized(
         self,
         send: Send,
-        response: aiohttp.ClientResponse,
+        response: UpstreamResponse,
         head: list[bytes],
         our_headers: list[tuple[bytes, bytes]],
         overhead: float,
@@ -393,7 +406,7 @@ class ProxyEdge:
         self,
         receive: Receive,
         send: Send,
-        response: aiohttp.ClientResponse,
+        response: UpstreamResponse,
         our_headers: list[tuple[bytes, bytes]],
         strip_usage: bool,
         summary_out: ResponseSummary,
@@ -481,24 +494,16 @@ class ProxyEdge:
         rt = self.rt
         try:
             latency = time.perf_counter() - t0
-            outcome = Outcome(
-                request_id=decision.request_id,
-                status=status,
-                latency_s=latency,
-                ttft_s=ttft,
-                prompt_tokens=summary.prompt_tokens,
-                completion_tokens=summary.completion_tokens,
-                finish_reason=summary.finish_reason,
-                error_class=error_class,
-            )
-            outcome.quality = rt.auto_quality(outcome, summary, ctx)
+            outcome = complete(decision, summary, status, error_class, Timings(latency, ttft),
+                               quality_settings=self.quality_settings, scorer=rt.bandit)
+            # The listeners, in order; each reads the finished Outcome.
             await rt.decider.observe(decision, outcome)
             rt.registry.complete(decision, outcome)
             if rt.control is not None:
                 apply_pending_feedback(rt, rt.control.feedback, decision, outcome)
-            arm = rt.arm_label(decision)
+            arm = arm_label(decision)
             observe_decision(self.metrics, decision, outcome, arm)
-            rt.recorder.submit(LogEntry(decision=decision, outcome=outcome, context_features=rt.context_features(ctx), prompt=prompt))
+            rt.recorder.submit(LogEntry(decision=decision, outcome=outcome, context_features=context_features(ctx), prompt=prompt))
             m = self.metrics
             task = m.task_label(decision.context.task_type)
             status_label = str(status) if status else "error"

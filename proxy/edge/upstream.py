@@ -11,6 +11,10 @@ as it came).
 Retries happen only when the connection could not be made (no byte reached the
 upstream), bounded and with jittered backoff: a POST that may have reached the model
 is never sent twice. The first attempt runs without any retry machinery.
+
+The bytes travel through a `Transport` (like httpx's `transport=`): the default is
+`AiohttpTransport`; tests pass one that answers from memory, so the edge can be driven
+end to end without a socket.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import os
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import AsyncIterator, Iterable
+from typing import Literal, Protocol
 
 import aiohttp
 from multidict import CIMultiDict
@@ -36,10 +40,77 @@ ErrorClass = Literal["timeout", "connect", "protocol"]
 _SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Content-Type", "Accept-Encoding"})
 
 
-class Upstream:
-    """One configured upstream with its pooled session (created on first use, inside the loop)."""
+class ResponseBody(Protocol):
+    def iter_any(self) -> AsyncIterator[bytes]:
+        """Chunks as they arrive (aiohttp's `StreamReader.iter_any`)."""
+        ...
+
+
+class UpstreamResponse(Protocol):
+    """What the edge reads from an upstream response: the subset of `aiohttp.ClientResponse` it uses."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    @property
+    def content(self) -> ResponseBody: ...
+
+    def release(self) -> object:
+        """The body was read to the end: the connection may be reused."""
+        ...
+
+    def close(self) -> None:
+        """Cut short: drop the connection so the upstream stops generating."""
+        ...
+
+
+class Transport(Protocol):
+    """Sends one request; the response body is not read yet."""
+
+    async def send(self, method: str, url: str, headers: CIMultiDict[str], body: bytes | None) -> UpstreamResponse: ...
+
+    async def aclose(self) -> None: ...
+
+
+class AiohttpTransport:
+    """One pooled `ClientSession` (created on first use, inside the loop)."""
 
     def __init__(self, settings: UpstreamSettings) -> None:
+        self.settings = settings
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.settings.max_connections, keepalive_timeout=30, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self.timeout,
+                auto_decompress=False,
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def send(self, method: str, url: str, headers: CIMultiDict[str], body: bytes | None) -> aiohttp.ClientResponse:
+        return await self.session.request(method, url, headers=headers, data=body, allow_redirects=False)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class Upstream:
+    """One configured upstream: routing, credentials and retries over its transport."""
+
+    def __init__(self, settings: UpstreamSettings, transport: Transport | None = None) -> None:
         self.settings = settings
         self.name = settings.name
         # `/v1/chat/completions` -> `<base_url>/chat/completions`: base_url ends with /v1 as the SDK writes it.
@@ -54,22 +125,8 @@ class Upstream:
         self.credential: tuple[str, str] | None = None
         if api_key:
             self.credential = ("x-api-key", api_key) if settings.format == "anthropic" else ("authorization", f"Bearer {api_key}")
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.timeout_s)
-        self._session: aiohttp.ClientSession | None = None
+        self.transport: Transport = transport if transport is not None else AiohttpTransport(settings)
         self._model_cache: dict[str, ModelSettings | None] = {}
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self.settings.max_connections, keepalive_timeout=30, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self.timeout,
-                auto_decompress=False,
-                skip_auto_headers=_SKIP_AUTO_HEADERS,
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
 
     def matches(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self._patterns)
@@ -90,10 +147,10 @@ class Upstream:
         url = self.base_url + v1_path
         return url + "?" + query.decode("latin-1") if query else url
 
-    async def _request(self, method: str, url: str, headers: CIMultiDict[str], body: bytes | None) -> aiohttp.ClientResponse:
-        return await self.session.request(method, url, headers=headers, data=body, allow_redirects=False)
+    async def _request(self, method: str, url: str, headers: CIMultiDict[str], body: bytes | None) -> UpstreamResponse:
+        return await self.transport.send(method, url, headers, body)
 
-    async def send(self, method: str, url: str, headers: CIMultiDict[str], body: bytes | None) -> aiohttp.ClientResponse:
+    async def send(self, method: str, url: str, headers: CIMultiDict[str], body: bytes | None) -> UpstreamResponse:
         """Send; the response body is not read yet. Retries only failures to connect."""
         try:
             return await self._request(method, url, headers, body)
@@ -112,8 +169,7 @@ class Upstream:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.transport.aclose()
 
 
 class UpstreamPool:
@@ -125,8 +181,9 @@ class UpstreamPool:
         self._route_cache: dict[str, Upstream | None] = {}
 
     @classmethod
-    def from_settings(cls, settings: tuple[UpstreamSettings, ...]) -> UpstreamPool:
-        return cls([Upstream(s) for s in settings])
+    def from_settings(cls, settings: tuple[UpstreamSettings, ...], transport: Transport | None = None) -> UpstreamPool:
+        """`transport` replaces aiohttp for every upstream (tests); None builds one pooled session each."""
+        return cls([Upstream(s, transport) for s in settings])
 
     def route(self, model: str | None) -> Upstream | None:
         if model is None:

@@ -1,6 +1,6 @@
 """Shared state between Thermostat replicas through Redis: posterior, rollout, decisions.
 
-`SharedState` is a set of background tasks next to one `Runtime`; nothing here runs on
+`SharedState` is a set of background tasks next to one process's policy, costs and rollout; nothing here runs on
 the request path except `SharedDecisionRegistry.register/complete`, which only put the
 record on a bounded in-memory queue.
 
@@ -34,7 +34,7 @@ Rollout state (phase, rollback, traffic)
     Stored as the ``rollout:state`` blob (`guards.rollout.save_state`; the runtime saves
     it after every transition). `RedisStore.set` publishes every blob write on
     ``<prefix>changes``; the listener here reloads the blob and swaps it into
-    ``rt.rollout.state``, so a rollback posted to one replica holds on every replica
+    the decider's ``rollout.state``, so a rollback posted to one replica holds on every replica
     within milliseconds. The periodic sync also reads the blob, which covers messages
     missed while the pub/sub connection was being re-established.
 
@@ -72,17 +72,17 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 
-from guards.rollout import STATE_KEY, RolloutState
+from guards.rollout import STATE_KEY, RolloutController, RolloutState
+from policies.base import Policy
 from policies.records import Decision, Outcome
-from proxy.store.recorder import DecisionRegistry
+from policies.reward import BaselineCosts
+from proxy.config import StorageSettings
+from proxy.decision.registry import DecisionRegistry
 from proxy.store.redis_state import RedisStore
-
-if TYPE_CHECKING:
-    from proxy.runtime import Runtime
 
 log = logging.getLogger("thermostat.shared")
 
@@ -205,6 +205,12 @@ def digest(stats: Mapping[str, list[float]]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+class RolloutHolder(Protocol):
+    """Whoever holds the live rollout controller (the decider): a state adopted from another replica goes there."""
+
+    rollout: RolloutController
+
+
 class SharedDecisionRegistry(DecisionRegistry):
     """`DecisionRegistry` that also queues every decision (and its outcome) for Redis."""
 
@@ -224,9 +230,21 @@ class SharedDecisionRegistry(DecisionRegistry):
 class SharedState:
     """Background sync of one runtime with Redis (see the module docstring)."""
 
-    def __init__(self, rt: Runtime, store: RedisStore, *, max_pending_decisions: int = 50_000) -> None:
-        st = rt.config.storage
-        self.rt = rt
+    def __init__(
+        self,
+        store: RedisStore,
+        *,
+        storage: StorageSettings,
+        policy: Policy,
+        costs: BaselineCosts,
+        rollout: RolloutHolder,
+        registry: DecisionRegistry,
+        max_pending_decisions: int = 50_000,
+    ) -> None:
+        st = storage
+        self.policy = policy
+        self.costs = costs
+        self.rollout_holder = rollout
         self.store = store
         self.redis = store.redis
         self.interval_s = max(0.05, st.sync_interval_s)
@@ -234,7 +252,7 @@ class SharedState:
         self.decision_ttl_ms = max(1, int(st.decision_ttl_s * 1000))
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         p = store.prefix
-        self.policy_key = f"{p}policy:{rt.policy.name}:{st.policy_family}"
+        self.policy_key = f"{p}policy:{policy.name}:{st.policy_family}"
         self.costs_key = f"{p}costs:{st.policy_family}"
         self.seq_key = f"{p}sync-seq:{self.replica_id}"
         # change index (zset: field -> version of its last change) per hash, and the version counter
@@ -248,8 +266,7 @@ class SharedState:
         self._digest_cache: tuple[str, str, str] | None = None
         self.heartbeat_key = f"{p}replica:{self.replica_id}"
         self.decision_prefix = f"{p}decision:"
-        old = rt.registry
-        self.registry = SharedDecisionRegistry(self, max_entries=old.max_entries, ttl_s=old.ttl_s)
+        self.registry = SharedDecisionRegistry(self, max_entries=registry.max_entries, ttl_s=registry.ttl_s)
         self._push = self.redis.register_script(_PUSH_AND_READ)
         # increments exported from the policy/costs but not yet acknowledged by Redis
         self._fresh: tuple[Stats, Stats] = ({}, {})
@@ -330,10 +347,9 @@ class SharedState:
         Reads only the fields changed since the version seen last (all of them on the first
         sync and after an outage), so an idle replica with a large state does O(1) work.
         """
-        rt = self.rt
         if self.store.unsaved:
             await self.store.replay_unsaved()
-        delta_pol, delta_costs = rt.policy.export_delta(), rt.bandit.costs.export_delta()
+        delta_pol, delta_costs = self.policy.export_delta(), self.costs.export_delta()
         add_into(self._fresh[0], delta_pol)
         add_into(self._fresh[1], delta_costs)
         if self._inflight is None and (self._fresh[0] or self._fresh[1]):
@@ -358,11 +374,11 @@ class SharedState:
         else:
             pol_totals, cost_totals = from_hash(pol_raw), from_hash(costs_raw)
         if full:
-            rt.policy.load_totals(pol_totals)
-            rt.bandit.costs.load_totals(cost_totals)
+            self.policy.load_totals(pol_totals)
+            self.costs.load_totals(cost_totals)
         else:
-            rt.policy.load_changed(pol_totals)
-            rt.bandit.costs.load_changed(cost_totals)
+            self.policy.load_changed(pol_totals)
+            self.costs.load_changed(cost_totals)
         self._since = int(version)
         self._epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
         self.changed_keys_read = len(pol_totals) + len(cost_totals)
@@ -381,22 +397,20 @@ class SharedState:
         The snapshot is taken on the loop (the policy is not thread-safe); the hashing,
         which grows with the state, runs in a thread.
         """
-        rt = self.rt
-        version = rt.policy.version
+        version = self.policy.version
         if self._digest_cache is None or self._digest_cache[0] != version or self._costs_changed:
-            snap, costs = rt.policy.snapshot(), {k: list(v) for k, v in rt.bandit.costs.totals.items()}
+            snap, costs = self.policy.snapshot(), {k: list(v) for k, v in self.costs.totals.items()}
             self._costs_changed = False
             pair = await asyncio.to_thread(lambda: (digest(snap), digest(costs)))
             self._digest_cache = (version, *pair)
         return self._digest_cache[1], self._digest_cache[2]
 
     async def _heartbeat(self) -> None:
-        rt = self.rt
-        state = rt.rollout.state
+        state = self.rollout_holder.rollout.state
         policy_digest, costs_digest = await self._digests()
         body = {
             "replica": self.replica_id,
-            "policy": rt.policy.name,
+            "policy": self.policy.name,
             "digest": policy_digest,
             "costs_digest": costs_digest,
             "phase": state.phase,
@@ -432,19 +446,19 @@ class SharedState:
         state is the newest and is stored (and announced) for the others."""
         async with asyncio.timeout(self.timeout_s * 2):
             raw = await self.redis.get(self.store.k(STATE_KEY))
-            local = msgspec.json.encode(self.rt.rollout.state)
+            local = msgspec.json.encode(self.rollout_holder.rollout.state)
             if raw is None or _as_bytes(raw) != local:
                 await self.store.set(STATE_KEY, local)
         self._remote_rollout = local
 
     def _adopt_rollout(self, raw: bytes) -> None:
-        """Swap a rollout state written by another replica into `rt.rollout.state`."""
+        """Swap a rollout state written by another replica into the decider's `rollout.state`."""
         if raw == self._remote_rollout:
             return
         self._remote_rollout = raw
         if raw == self.store.last_written.get(STATE_KEY):
             return  # our own write
-        rollout = self.rt.rollout
+        rollout = self.rollout_holder.rollout
         if raw == msgspec.json.encode(rollout.state):
             return
         try:
@@ -559,7 +573,7 @@ class SharedState:
 
         Looks in this replica's registry, then in Redis. Never raises: Redis errors count as unknown.
         """
-        local = self.rt.registry.get(request_id, time.time())
+        local = self.registry.get(request_id, time.time())
         if local is not None:
             return local
         try:

@@ -18,12 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
-import msgspec
-
-from policies.records import Decision, Outcome
+from policies.records import Decision
 from proxy.store.base import Sink
 from proxy.store.base import StoreRecord as Entry
 from proxy.store.journal import Journal, PendingDecision, delete, replay_records
@@ -170,10 +167,6 @@ class Recorder:
             finally:
                 self._writing = False
 
-    @property
-    def pending(self) -> int:
-        return self.queue.qsize() + len(self._batch)
-
     async def flush(self) -> None:
         """Write everything queued now, including the batch the writer is assembling."""
         while self._writing and self._task is not None and not self._task.done():
@@ -201,49 +194,3 @@ class Recorder:
         if self.journal is not None:
             # Everything written: nothing to replay. Otherwise the journal keeps it for the next start.
             await asyncio.to_thread(self.journal.close, clean=not self._gave_up)
-
-
-class _Registered(msgspec.Struct, array_like=True):
-    decision: Decision
-    outcome: Outcome | None = None
-
-
-_encode_registered = msgspec.msgpack.Encoder().encode
-_decode_registered = msgspec.msgpack.Decoder(_Registered).decode
-
-
-class DecisionRegistry:
-    """Recent decisions by request id, so delayed feedback finds its decision.
-
-    Entries are kept msgpack-encoded: a few hundred bytes each and no object graph
-    for the garbage collector to walk (100,000 live Decision/Outcome/RequestContext
-    objects made full collections take tens of milliseconds on the event loop).
-    Bounded (oldest evicted first) and time-limited; older decisions are found in
-    the decision log, and the shared-state store extends the reach across replicas.
-    """
-
-    def __init__(self, max_entries: int = 20_000, ttl_s: float = 86_400.0) -> None:
-        self.max_entries = max_entries
-        self.ttl_s = ttl_s
-        self._items: OrderedDict[str, bytes] = OrderedDict()
-
-    def register(self, decision: Decision) -> None:
-        self._items[decision.request_id] = _encode_registered(_Registered(decision))
-        if len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
-
-    def complete(self, decision: Decision, outcome: Outcome) -> None:
-        if decision.request_id in self._items:
-            self._items[decision.request_id] = _encode_registered(_Registered(decision, outcome))
-
-    def get(self, request_id: str, now: float) -> tuple[Decision, Outcome | None] | None:
-        raw = self._items.get(request_id)
-        if raw is None:
-            return None
-        item = _decode_registered(raw)
-        if now - item.decision.created_at > self.ttl_s:
-            return None
-        return item.decision, item.outcome
-
-    def __len__(self) -> int:
-        return len(self._items)

@@ -85,10 +85,7 @@ async def test_optional_fields_null(store: LogStore) -> None:
     entry.decision.arm_index = None
     entry.decision.guard_notes = ()
     entry.decision.propensity = 0.0
-    entry.outcome.ttft_s = None
-    entry.outcome.quality = None
-    entry.outcome.status = 502
-    entry.outcome.error_class = "upstream_error"
+    entry.outcome = msgspec.structs.replace(entry.outcome, ttft_s=None, quality=None, status=502, error_class="upstream_error")
     await store.write([entry])
     row = await store.get_decision(entry.decision.request_id)
     assert row is not None

@@ -4,8 +4,9 @@ import asyncio
 from collections.abc import Sequence
 
 from policies.records import Decision, Outcome, Params, RequestContext
+from proxy.decision.registry import DecisionRegistry
 from proxy.store.entries import Entry, LogEntry
-from proxy.store.recorder import DecisionRegistry, Recorder
+from proxy.store.recorder import Recorder
 
 CTX = RequestContext("default", "m", "chat", 10, 1, False, False, False, None, None)
 

@@ -240,7 +240,8 @@ def test_holdout_outcomes_update_the_policy_as_the_baseline_arm() -> None:
     d = decider(holdout=1.0, policy=policy)
     [x] = decide_many(d, ctx(temperature=0.7, max_tokens=600), 1)
     assert x.mode == "holdout" and x.propensity == 1.0
-    asyncio.run(d.observe(x, Outcome(request_id=x.request_id, status=200, latency_s=0.1, completion_tokens=10, quality=0.9)))
+    reward = d.score(x, status=200, error_class=None, latency_s=0.1, completion_tokens=10, quality=0.9)
+    asyncio.run(d.observe(x, Outcome(request_id=x.request_id, status=200, latency_s=0.1, completion_tokens=10, quality=0.9, reward=reward)))
     assert [(b, a) for b, a, _ in policy.updates] == [(Arm(0.7, 600), Arm(0.7, 600))]
 
 

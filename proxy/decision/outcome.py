@@ -1,0 +1,94 @@
+"""One finished request becomes one Outcome, built in one place.
+
+Before, the edge built an Outcome, the runtime filled in its quality and the decider
+its reward, each by mutating the same object. Here `complete` computes quality and
+reward once and returns the finished record; the listeners that follow (decider
+learning, registry, pending feedback, metrics, decision log) only read it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+from policies.quality import auto_quality
+from policies.records import Decision, Outcome
+from policies.settings import QualitySettings
+
+
+class Summary(Protocol):
+    """What `complete` reads from a response (proxy.edge.sse.ResponseSummary has it)."""
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None
+
+    @property
+    def content(self) -> str: ...
+
+    @property
+    def tool_arguments(self) -> list[str]: ...
+
+
+class Timings(NamedTuple):
+    latency_s: float
+    ttft_s: float | None
+
+
+class Scorer(Protocol):
+    """The decider's reward: baseline costs learn from unoptimised traffic before the reward is computed."""
+
+    def score(
+        self, decision: Decision, *, status: int, error_class: str | None, latency_s: float, completion_tokens: int | None, quality: float | None
+    ) -> float | None: ...
+
+
+def learns(status: int, error_class: str | None) -> bool:
+    """Outcomes that teach the policy: a 2xx that was not cut off or broken."""
+    return 200 <= status < 300 and error_class is None
+
+
+def complete(
+    decision: Decision,
+    summary: Summary,
+    status: int,
+    error_class: str | None,
+    timings: Timings,
+    *,
+    quality_settings: QualitySettings,
+    scorer: Scorer,
+) -> Outcome:
+    """The one Outcome of a request: automatic quality, then the reward from it."""
+    quality = auto_quality(
+        status=status if error_class is None else 599,
+        content=summary.content,
+        finish_reason=summary.finish_reason,
+        json_mode=decision.context.json_mode,
+        tool_arguments=summary.tool_arguments,
+        settings=quality_settings,
+    )
+    reward = scorer.score(
+        decision, status=status, error_class=error_class, latency_s=timings.latency_s,
+        completion_tokens=summary.completion_tokens, quality=quality,
+    )
+    return Outcome(
+        request_id=decision.request_id,
+        status=status,
+        latency_s=timings.latency_s,
+        ttft_s=timings.ttft_s,
+        prompt_tokens=summary.prompt_tokens,
+        completion_tokens=summary.completion_tokens,
+        finish_reason=summary.finish_reason,
+        error_class=error_class,
+        quality=quality,
+        reward=reward,
+    )
+
+
+def arm_label(decision: Decision) -> str:
+    """Bounded metric label: the sent parameters as deltas from the baseline."""
+    sent, base = decision.sent, decision.baseline
+    if sent.temperature is None and sent.max_tokens is None:
+        return "client"
+    dt = (sent.temperature or 0.0) - (base.temperature or 0.0) if sent.temperature is not None else 0.0
+    dm = (sent.max_tokens or 0) - (base.max_tokens or 0) if sent.max_tokens is not None else 0
+    return f"t{dt:+.2f}/m{dm:+d}"

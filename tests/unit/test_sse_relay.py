@@ -1,0 +1,67 @@
+"""The SSE relay on its own: events split wherever the bytes break, summary collected,
+only what Thermostat itself asked for removed, unbounded events relayed unread."""
+
+from __future__ import annotations
+
+import msgspec
+
+from proxy.edge.sse import StreamRelay, summarize_body
+from tests.support.memory_transport import chat_json, chat_sse
+
+
+def relay_all(relay: StreamRelay, data: bytes, step: int) -> bytes:
+    out = b"".join(relay.feed(data[i : i + step]) for i in range(0, len(data), step))
+    return out + relay.flush()
+
+
+def test_every_split_point_gives_the_same_stream_and_summary() -> None:
+    stream = b"".join(chat_sse(["Hel", "lo", "."], prompt_tokens=11, completion_tokens=4))
+    for step in (1, 2, 7, 64, len(stream)):
+        relay = StreamRelay(strip_usage=False)
+        assert relay_all(relay, stream, step) == stream
+        s = relay.summary
+        assert (s.content, s.finish_reason, s.prompt_tokens, s.completion_tokens) == ("Hello.", "stop", 11, 4)
+        assert relay.saw_done and relay.events == 6
+
+
+def test_strip_usage_drops_only_the_chunk_thermostat_asked_for() -> None:
+    events = chat_sse(["a", "b"])
+    usage_null = events[0].replace(b'"finish_reason":null}]', b'"finish_reason":null}],"usage":null')
+    assert usage_null != events[0]
+    stream = b"".join([usage_null, *events[1:]])
+    relay = StreamRelay(strip_usage=True)
+    out = relay_all(relay, stream, 5)
+    # usage:null removed from the chunk, the usage-only chunk gone, everything else untouched
+    assert out == b"".join([events[0], events[1], events[2], events[4]])
+    assert relay.summary.completion_tokens == 3
+
+
+def test_crlf_events_comments_and_unparseable_data_are_relayed() -> None:
+    stream = b": ping\r\n\r\ndata: not json\r\n\r\ndata: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\r\n\r\n"
+    relay = StreamRelay(strip_usage=True)
+    assert relay_all(relay, stream, 3) == stream
+    assert relay.summary.content == "x" and relay.events == 3 and not relay.saw_done
+
+
+def test_an_event_past_the_cap_switches_to_unsummarised_passthrough() -> None:
+    relay = StreamRelay(strip_usage=False, max_event_bytes=16)
+    first = relay.feed(b"data: " + b"x" * 40)
+    assert first == b"data: " + b"x" * 40 and relay.unsummarised
+    assert relay.feed(b"\n\ndata: [DONE]\n\n") == b"\n\ndata: [DONE]\n\n"
+    assert not relay.saw_done  # no longer read
+
+
+def test_unterminated_last_event_comes_out_on_flush() -> None:
+    relay = StreamRelay(strip_usage=False)
+    assert relay.feed(b'data: {"choices":[]}') == b""
+    assert relay.flush() == b'data: {"choices":[]}'
+
+
+def test_non_stream_summary_and_garbage() -> None:
+    s = summarize_body(chat_json("Hi", prompt_tokens=2, completion_tokens=1))
+    assert (s.content, s.finish_reason, s.prompt_tokens, s.completion_tokens) == ("Hi", "stop", 2, 1)
+    tool = msgspec.json.encode({"choices": [{"index": 0, "message": {"tool_calls": [
+        {"index": 0, "function": {"arguments": '{"a":'}}, {"index": 0, "function": {"arguments": "1}"}}]}}]})
+    assert summarize_body(tool).tool_arguments == ['{"a":1}']
+    empty = summarize_body(b"<html>")
+    assert (empty.content, empty.prompt_tokens) == ("", None)
