@@ -66,6 +66,7 @@ class ModelLimits(msgspec.Struct, frozen=True):
     max_tokens: int | None = None
     default_temperature: float | None = None  # the provider's value when none is sent
     efforts: tuple[str, ...] = ()  # effort levels the model accepts; empty = every level
+    accepts_temperature: bool = True  # False: a temperature is never added or moved (the decider reads it)
 
 
 class Freedom(msgspec.Struct, frozen=True):

@@ -276,9 +276,9 @@ class Runtime:
     def ready(self) -> bool:
         return self.recorder.ready and bool(self.pool.upstreams)
 
-    def _bounded_context(self, body: Any, *, task_type: str, endpoint: str, upstream: str = "") -> RequestContext:
+    def _bounded_context(self, body: Any, *, task_type: str, endpoint: str, upstream: str = "", effort: str | None = None) -> RequestContext:
         """`build_context` with the task type and model folded past their caps (one set lookup each)."""
-        ctx = build_context(body, task_type=task_type, endpoint=endpoint, upstream=upstream)
+        ctx = build_context(body, task_type=task_type, endpoint=endpoint, upstream=upstream, effort=effort)
         task = self.task_types(ctx.task_type)
         models = self._models.get(upstream)
         if models is None:
@@ -321,10 +321,14 @@ class Runtime:
                     fixed_temperature=ms.fixed_temperature,
                     max_tokens=ms.max_tokens_limit,
                     default_temperature=ms.default_temperature,
+                    efforts=ms.efforts,
+                    accepts_temperature=ms.accepts_temperature,
                 )
                 if ms is not None
                 else ModelLimits()
             )
+            if up is not None and up.format == "anthropic" and found.max_temperature > 1.0:
+                found = msgspec.structs.replace(found, max_temperature=1.0)  # the Messages API's range is 0-1
             if len(self._limits) < 4096:
                 self._limits[key] = found
         return found

@@ -93,7 +93,13 @@ def reference(
     only with evidence and a declared reference (stand-in or the model's
     `default_temperature`); an omitted max_tokens without a stand-in never gets a cap.
     """
-    if limits.fixed_temperature is not None:
+    if not limits.accepts_temperature or (ctx.endpoint == "anthropic" and ctx.client_temperature is None):
+        # The model refuses a temperature, or the Messages API got none (the current anthropic SDK has
+        # no such parameter): whatever the client sent is forwarded as it came, nothing is added or moved.
+        low, high = temperature_range(constraints, limits)
+        label = ctx.client_temperature if ctx.client_temperature is not None else NOMINAL_TEMPERATURE
+        temperature, sent_t, tune_t = min(max(label, low), high), ctx.client_temperature, False
+    elif limits.fixed_temperature is not None:
         # The model takes one temperature: nothing to tune; a client's value is replaced by it when optimised.
         temperature, sent_t, tune_t = limits.fixed_temperature, ctx.client_temperature, False
     elif ctx.client_temperature is not None:
@@ -116,12 +122,31 @@ def reference(
             sent_m, tune_m = max_tokens, True
         else:
             max_tokens, sent_m, tune_m = min(NOMINAL_MAX_TOKENS, ceiling), None, False
+    effort, tune_e = reference_effort(ctx, stand_in, limits)
     t = round(float(temperature), 3)
     return Reference(
-        arm=Arm(temperature=t, max_tokens=int(max_tokens)),
-        sent=Params(temperature=sent_t, max_tokens=sent_m),
-        freedom=Freedom(temperature=tune_t, max_tokens=tune_m, max_tokens_cap=cap),
+        arm=Arm(temperature=t, max_tokens=int(max_tokens), effort=effort),
+        sent=Params(temperature=sent_t, max_tokens=sent_m, effort=effort),
+        freedom=Freedom(temperature=tune_t, max_tokens=tune_m, max_tokens_cap=cap, effort=tune_e),
     )
+
+
+# Wire formats whose body has a reasoning-effort field (legacy completions has none).
+EFFORT_FORMATS = frozenset({"chat", "responses", "anthropic"})
+
+
+def reference_effort(ctx: RequestContext, stand_in: BaselineSettings, limits: ModelLimits) -> tuple[str | None, bool]:
+    """The baseline effort and whether it may move.
+
+    The client's level, else a `[baseline.<task>] effort` stand-in the model accepts (on a
+    format that has the field); it moves only on a model whose `models_config` lists its
+    `efforts`, since an unlisted model may refuse a level it was never asked for.
+    """
+    if ctx.client_effort is not None:
+        return ctx.client_effort, bool(limits.efforts) and ctx.client_effort in limits.efforts
+    if stand_in.effort is not None and ctx.endpoint in EFFORT_FORMATS and stand_in.effort in limits.efforts:
+        return stand_in.effort, True
+    return None, False
 
 
 def tuned_params(arm: Arm, ref: Reference) -> Params:
@@ -131,7 +156,8 @@ def tuned_params(arm: Arm, ref: Reference) -> Params:
     else:
         temperature = None
     max_tokens = arm.max_tokens if ref.sent.max_tokens is not None else None
-    return Params(temperature=temperature, max_tokens=max_tokens)
+    effort = arm.effort if ref.sent.effort is not None else None
+    return Params(temperature=temperature, max_tokens=max_tokens, effort=effort)
 
 
 class Explanation(NamedTuple):
@@ -275,6 +301,8 @@ class BanditDecider:
                 max_delta_temperature=self.constraints.max_delta_temperature if freedom.temperature else 0.0,
                 max_delta_max_tokens=max_tokens_delta(base.max_tokens, self.constraints) if freedom.max_tokens else 0,
                 grid=grid,
+                max_delta_effort_levels=self.constraints.max_delta_effort_levels if freedom.effort else 0,
+                efforts=limits.efforts,
             )
             allowed = allowed_arms(cands, base, self.constraints, limits, freedom)
             if len(self._arm_cache) > 10_000:
@@ -336,13 +364,13 @@ class BanditDecider:
             context=ctx,
             context_fingerprint=context_fingerprint(ctx),
             sent=sent,
-            baseline=Params(temperature=base.temperature, max_tokens=base.max_tokens),
+            baseline=Params(temperature=base.temperature, max_tokens=base.max_tokens, effort=base.effort),
             propensity=propensity,
             policy=self.policy.name,
             policy_version=self.policy.version,
             mode=mode,
             created_at=now,
-            policy_choice=Params(temperature=policy_arm.temperature, max_tokens=policy_arm.max_tokens),
+            policy_choice=Params(temperature=policy_arm.temperature, max_tokens=policy_arm.max_tokens, effort=policy_arm.effort),
             policy_propensity=choice.propensity,
             arm_index=choice.index,
             guard_notes=tuple(notes),
@@ -402,13 +430,13 @@ class BanditDecider:
             context=ctx,
             context_fingerprint=context_fingerprint(ctx),
             sent=sent,
-            baseline=Params(temperature=base.temperature, max_tokens=base.max_tokens),
+            baseline=Params(temperature=base.temperature, max_tokens=base.max_tokens, effort=base.effort),
             propensity=propensity,
             policy=self.policy.name,
             policy_version=self.policy.version,
             mode=mode,
             created_at=now,
-            policy_choice=Params(temperature=policy_arm.temperature, max_tokens=policy_arm.max_tokens),
+            policy_choice=Params(temperature=policy_arm.temperature, max_tokens=policy_arm.max_tokens, effort=policy_arm.effort),
             policy_propensity=choice.propensity,
             arm_index=choice.index,
             guard_notes=tuple(notes),

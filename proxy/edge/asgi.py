@@ -22,15 +22,17 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from policies.context import context_features
-from policies.records import Decision, Params
+from policies.records import Decision
 from proxy.decision.decider import BudgetExceeded, BudgetUnavailable
 from proxy.decision.feedback import apply_pending_feedback
 from proxy.decision.outcome import Timings, arm_label, complete
 from proxy.edge.errors import ProxyError, bad_request, error_body
+from proxy.edge.formats import ANTHROPIC, FORMATS, WireFormat, adapter_for
 from proxy.edge.json_guard import INT64_MAX, MAX_JSON_DEPTH, duplicate_watched_key, first_out_of_range_int, too_deep
+from proxy.edge.models import ModelCatalog
 from proxy.edge.origins import host_name
 from proxy.edge.paths import confine_v1_path
-from proxy.edge.sse import ResponseSummary, StreamRelay, summarize_body
+from proxy.edge.sse import ResponseSummary, StreamRelay
 from proxy.edge.upstream import UPSTREAM_ERRORS, Upstream, UpstreamResponse, classify, forward_headers, response_headers
 from proxy.observability.metrics import observe_decision
 from proxy.store.entries import LogEntry
@@ -48,7 +50,9 @@ log = logging.getLogger("thermostat.edge")
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
-DECIDED_PATHS = frozenset({"/chat/completions", "/completions"})
+DECIDED_PATHS = frozenset(FORMATS)
+# The max-tokens fields a format's adapter validates, checked against the model's limit.
+_TOKEN_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -108,10 +112,6 @@ async def read_capped(response: UpstreamResponse, cap: int) -> tuple[list[bytes]
     return chunks, True
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def parse_completion_body(body: bytes) -> dict[str, Any]:
     """Decode a decided body, refusing what msgspec accepts but Thermostat cannot forward faithfully."""
     try:
@@ -140,56 +140,18 @@ def check_token_limit(value: int, field: str, limit: int | None) -> None:
         raise bad_request(f"'{field}' must be at most {bound}, got {value}", "invalid_value", field)
 
 
-def validate_completion_body(doc: Any) -> tuple[str, str | None]:
-    """Checks what Thermostat relies on; returns (model, max-tokens field name used)."""
-    if not isinstance(doc, dict):
-        raise bad_request("request body must be a JSON object", "invalid_body")
-    model = doc.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise bad_request("'model' is required and must be a non-empty string", "invalid_model", "model")
-    temperature = doc.get("temperature")
-    if temperature is not None:
-        if not _number(temperature):
-            raise bad_request("'temperature' must be a number", "invalid_type", "temperature")
-        if not 0.0 <= float(temperature) <= 2.0:
-            raise bad_request(f"'temperature' must be between 0 and 2, got {temperature}", "invalid_value", "temperature")
-    field = None
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = doc.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise bad_request(f"'{name}' must be an integer", "invalid_type", name)
-        if value < 1:
-            raise bad_request(f"'{name}' must be at least 1, got {value}", "invalid_value", name)
-        field = field or name
-    stream = doc.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise bad_request("'stream' must be a boolean", "invalid_type", "stream")
-    return model, field
+def _error_payload(fmt: WireFormat | None, exc: ProxyError) -> bytes:
+    """Thermostat's own error in the shape of the path's format. OpenAI formats keep the
+    `ProxyError`'s own type and `param` (richer than `error_body(status, ...)` can say);
+    Anthropic's shape makes its SDK raise the typed exception for the status."""
+    if fmt is None or fmt.upstream_format == "openai":
+        return exc.body()
+    return fmt.error_body(exc.status, exc.message, exc.code)
 
 
-def clean_temperature(value: float) -> float:
-    """At most 3 decimals, never a float32 artefact like 0.8999999761581421."""
-    return round(float(value), 3)
-
-
-def patch_body(doc: dict[str, Any], sent: Params, tokens_field: str | None) -> bool:
-    """Write the decision into the body under the client's field names; True if anything changed."""
-    changed = False
-    if sent.temperature is not None:
-        value = clean_temperature(sent.temperature)
-        current = doc.get("temperature")
-        if not (_number(current) and current == value):
-            doc["temperature"] = value
-            changed = True
-    if sent.max_tokens is not None:
-        field = tokens_field or "max_tokens"
-        value_i = int(sent.max_tokens)
-        if doc.get(field) != value_i:
-            doc[field] = value_i
-            changed = True
-    return changed
+def _wire_of(v1_path: str) -> str:
+    """The upstream format a passed-through path belongs to (`/messages/count_tokens` is Anthropic's)."""
+    return "anthropic" if v1_path == "/messages" or v1_path.startswith("/messages/") else "openai"
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -210,6 +172,8 @@ class ProxyEdge:
         self.quality_settings = runtime.config.policy.quality
         # `[server] allowed_hosts`: a page on another name that resolves here (DNS rebinding) gets 400.
         self.allowed_hosts = frozenset(name for name in map(host_name, runtime.config.server.allowed_hosts) if name)
+        # Without a `*` upstream, `GET /v1/models` is merged from every OpenAI-format upstream.
+        self.catalog = ModelCatalog(runtime.pool)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.allowed_hosts and scope["type"] in ("http", "websocket") and host_name(_header(scope["headers"], b"host")) not in self.allowed_hosts:
@@ -227,18 +191,29 @@ class ProxyEdge:
         t0 = time.perf_counter()
         request_id = new_request_id()
         headers: list[tuple[bytes, bytes]] = scope["headers"]
+        fmt: WireFormat | None = None
+        shape: WireFormat | None = None
         try:
             v1_path = confine_v1_path(scope.get("raw_path"), scope["path"])
+            fmt = adapter_for(v1_path)
+            if fmt is None and _wire_of(v1_path) == "anthropic":
+                shape = ANTHROPIC  # `/v1/messages/*` passes through, but Thermostat's own errors there speak Anthropic
             body = await read_body(receive, headers, self.max_body)
-            if v1_path in DECIDED_PATHS and scope["method"] == "POST":
-                await self._completion(scope, receive, send, body, request_id, t0, v1_path)
-            elif v1_path in DECIDED_PATHS and scope["method"] != "OPTIONS":
-                raise ProxyError(405, f"method {scope['method']} is not allowed on /v1{v1_path} (allowed: POST)", "method_not_allowed")
+            if fmt is not None and scope["method"] == "POST":
+                await self._completion(scope, receive, send, body, request_id, t0, v1_path, fmt)
+            elif fmt is not None and scope["method"] != "OPTIONS":
+                raise ProxyError(405, f"method {scope['method']} is not allowed on /v1{v1_path} (allowed: POST; "
+                                 "other methods are not forwarded on the paths Thermostat tunes)", "method_not_allowed")
+            elif v1_path == "/models" and scope["method"] == "GET" and self.catalog.needed():
+                merged = await self.catalog.body(headers)
+                hdrs = [*_JSON_HEADERS, (b"content-length", str(len(merged)).encode()), (b"x-request-id", request_id.encode())]
+                await send({"type": "http.response.start", "status": 200, "headers": hdrs})
+                await send({"type": "http.response.body", "body": merged, "more_body": False})
             else:
                 await self._passthrough(scope, send, body, request_id, t0, v1_path)
         except ProxyError as exc:
             self.metrics.client_errors.labels(exc.code).inc()
-            await self._send_error(send, exc.status, exc.body(), request_id, [(b"allow", b"POST")] if exc.status == 405 else None)
+            await self._send_error(send, exc.status, _error_payload(fmt or shape, exc), request_id, [(b"allow", b"POST")] if exc.status == 405 else None)
         except ClientGone:
             return
 
@@ -251,29 +226,32 @@ class ProxyEdge:
 
     # ---- decided path -------------------------------------------------------------
 
-    async def _completion(self, scope: Scope, receive: Receive, send: Send, body: bytes, request_id: str, t0: float, v1_path: str) -> None:
+    async def _completion(
+        self, scope: Scope, receive: Receive, send: Send, body: bytes, request_id: str, t0: float, v1_path: str, fmt: WireFormat
+    ) -> None:
         rt = self.rt
         doc = parse_completion_body(body)
-        model, tokens_field = validate_completion_body(doc)
+        view = fmt.parse(doc)
+        model = view.model
         srv = rt.config.server
         if len(model.encode("utf-8", "surrogatepass")) > srv.max_model_bytes:
             raise bad_request(f"'model' must be at most {srv.max_model_bytes} bytes", "invalid_model", "model")
-        upstream = rt.pool.route(model)
+        upstream = rt.pool.route_format(model, fmt.upstream_format)
         if upstream is None:
-            raise ProxyError(404, f"no upstream is configured for model '{model}'", "model_not_found")
+            raise ProxyError(404, f"no upstream of format '{fmt.upstream_format}' is configured for model '{model}'", "model_not_found")
         if not upstream.paths.allows(v1_path):
             raise upstream.paths.refusal(v1_path)
-        if tokens_field is not None:
+        if view.tokens_field is not None:
             limits = upstream.model_settings(model)
-            for name in ("max_completion_tokens", "max_tokens"):
-                if doc.get(name) is not None:
-                    check_token_limit(doc[name], name, limits.max_tokens_limit if limits is not None else None)
+            for name in _TOKEN_FIELDS:
+                value = doc.get(name)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    check_token_limit(value, name, limits.max_tokens_limit if limits is not None else None)
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         task_type = (_header(headers, b"x-task-type") or "default").strip() or "default"
         if len(task_type) > srv.max_task_type_bytes:  # latin-1 decoded: one character per byte
             raise bad_request(f"the x-task-type header must be at most {srv.max_task_type_bytes} bytes", "invalid_task_type")
-        endpoint = "chat" if v1_path == "/chat/completions" else "completions"
-        ctx = rt.build_context(doc, task_type=task_type, endpoint=endpoint, upstream=upstream.name)
+        ctx = rt.build_context(doc, task_type=task_type, endpoint=fmt.name, upstream=upstream.name, effort=view.effort)
         user = doc.get("user")
         key = _header(headers, b"x-thermostat-key") or (user if isinstance(user, str) and user else request_id)
         try:
@@ -287,10 +265,10 @@ class ProxyEdge:
         rt.registry.register(decision)
         rt.recorder.note_decision(decision)  # journaled before forwarding: a crash cannot lose an answered request
 
-        changed = patch_body(doc, decision.sent, tokens_field)
-        stream = doc.get("stream") is True
+        changed = fmt.patch(doc, decision.sent)
+        stream = view.stream
         strip_usage = False
-        if stream:
+        if stream and fmt.stream_summarizer() is None:  # chat and completions: ask for the usage chunk
             opts = doc.get("stream_options")
             # An invalid `stream_options` is left for the upstream to reject as it would have.
             if (opts is None or isinstance(opts, dict)) and not (opts and opts.get("include_usage") is True):
@@ -323,13 +301,13 @@ class ProxyEdge:
                 self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
                 msg = f"upstream '{upstream.name}' {'timed out' if status == 504 else 'is unreachable'}: {type(exc).__name__}"
                 code = "upstream_timeout" if status == 504 else "upstream_unreachable"
-                await self._send_error(send, status, error_body(msg, "upstream_error", code), request_id, our_headers[1:])
+                await self._send_error(send, status, fmt.error_body(status, msg, code), request_id, our_headers[1:])
                 return
             status = response.status
             t_headers = time.perf_counter()
             if stream and status == 200:
                 ttft, error_class, overhead = await self._relay_stream(
-                    receive, send, response, our_headers, strip_usage, summary, t0, t_headers, overhead, upstream
+                    receive, send, response, our_headers, strip_usage, summary, t0, t_headers, overhead, upstream, fmt
                 )
             else:
                 cap = upstream.settings.max_response_bytes
@@ -341,8 +319,8 @@ class ProxyEdge:
                     status = 504 if error_class == "timeout" else 502
                     self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
                     await self._send_error(
-                        send, status, error_body(f"upstream '{upstream.name}' failed mid-response: {type(exc).__name__}", "upstream_error",
-                                                 "upstream_timeout" if status == 504 else "upstream_error"), request_id, our_headers[1:]
+                        send, status, fmt.error_body(status, f"upstream '{upstream.name}' failed mid-response: {type(exc).__name__}",
+                                                     "upstream_timeout" if status == 504 else "upstream_error"), request_id, our_headers[1:]
                     )
                     return
                 if not complete:
@@ -363,7 +341,7 @@ class ProxyEdge:
                 await send({"type": "http.response.start", "status": status, "headers": hdrs})
                 await send({"type": "http.response.body", "body": raw, "more_body": False})
                 if status == 200:
-                    summary = summarize_body(raw)
+                    summary = fmt.summarize_body(raw)
                 else:
                     summary.error = True
                     error_class = error_class or f"http_{status}"
@@ -414,9 +392,12 @@ class ProxyEdge:
         t_headers: float,
         overhead: float,
         upstream: Upstream,
+        fmt: WireFormat,
     ) -> tuple[float | None, str | None, float]:
-        relay = StreamRelay(strip_usage, upstream.settings.max_response_bytes)
-        relay.summary = summary_out
+        summarizer = fmt.stream_summarizer(summary_out)
+        relay = StreamRelay(strip_usage, upstream.settings.max_response_bytes, summarizer=summarizer)
+        if summarizer is None:
+            relay.summary = summary_out
         hdrs = response_headers(response.raw_headers)
         hdrs.extend(our_headers)
         overhead += time.perf_counter() - t_headers
@@ -429,9 +410,9 @@ class ProxyEdge:
             nonlocal ttft
             async for chunk in response.content.iter_any():
                 out = relay.feed(chunk)
+                if ttft is None and relay.first_token:
+                    ttft = time.perf_counter() - t0
                 if out:
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
                     await send({"type": "http.response.body", "body": out, "more_body": True})
             rest = relay.flush()
             if rest:
@@ -465,8 +446,10 @@ class ProxyEdge:
                 error_class = classify(exc)
                 self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
                 summary_out.error = True
-                payload = error_body(f"upstream '{upstream.name}' failed mid-stream: {type(exc).__name__}", "upstream_error", "upstream_stream_error")
-                await send({"type": "http.response.body", "body": b"data: " + payload + b"\n\n", "more_body": True})
+                payload = fmt.error_body(502, f"upstream '{upstream.name}' failed mid-stream: {type(exc).__name__}", "upstream_stream_error")
+                # Anthropic's SDK reads an `event: error` line; OpenAI's reads the `error` key of a data line.
+                prefix = b"event: error\n" if fmt.upstream_format == "anthropic" else b""
+                await send({"type": "http.response.body", "body": prefix + b"data: " + payload + b"\n\n", "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return ttft, error_class, overhead
         finally:
@@ -531,9 +514,13 @@ class ProxyEdge:
                     model = parsed["model"]
             except (msgspec.DecodeError, RecursionError):
                 pass  # not Thermostat's to judge: the upstream answers it
-        upstream = rt.pool.route(model)
+        if model is None and v1_path.startswith("/models/") and v1_path.count("/") == 2 and len(v1_path) > len("/models/"):
+            model = v1_path[len("/models/"):]  # `GET /v1/models/{id}` goes where that model is served
+        wire = _wire_of(v1_path)
+        upstream = rt.pool.route_format(model, wire)
         if upstream is None:
-            raise ProxyError(404, "no upstream is configured" + (f" for model '{model}'" if model else ""), "model_not_found")
+            detail = f" for model '{model}'" if model else ""
+            raise ProxyError(404, f"no upstream of format '{wire}' is configured{detail}", "model_not_found")
         if not upstream.paths.allows(v1_path):
             raise upstream.paths.refusal(v1_path)
         url = upstream.url_for(v1_path, scope.get("query_string", b""))

@@ -179,6 +179,7 @@ class UpstreamPool:
         self.upstreams = upstreams
         self.default = next((u for u in upstreams if u.is_default), None)
         self._route_cache: dict[str, Upstream | None] = {}
+        self._format_cache: dict[tuple[str | None, str], Upstream | None] = {}
 
     @classmethod
     def from_settings(cls, settings: tuple[UpstreamSettings, ...], transport: Transport | None = None) -> UpstreamPool:
@@ -194,6 +195,21 @@ class UpstreamPool:
             found = next((u for u in self.upstreams if u.matches(model)), self.default)
             if len(self._route_cache) < 4096:
                 self._route_cache[model] = found
+            return found
+
+    def route_format(self, model: str | None, wire: str) -> Upstream | None:
+        """`route` among the upstreams that speak `wire` ("openai" or "anthropic"): a Messages
+        body sent to an OpenAI upstream (or the reverse) would only come back as its 404."""
+        key = (model, wire)
+        try:
+            return self._format_cache[key]
+        except KeyError:
+            same = [u for u in self.upstreams if u.format == wire]
+            found = next((u for u in same if model is not None and u.matches(model)), None)
+            if found is None:
+                found = next((u for u in same if u.is_default), None)
+            if len(self._format_cache) < 4096:
+                self._format_cache[key] = found
             return found
 
     async def aclose(self) -> None:

@@ -7,7 +7,7 @@ import pytest
 from policies.records import Params
 from policies.registry import POLICIES
 from proxy.config import ConfigError, build_config, load_config, mask_secrets
-from proxy.edge.asgi import patch_body
+from proxy.edge.formats import CHAT
 
 
 def test_defaults_match_deployment_guide() -> None:
@@ -137,10 +137,10 @@ def test_mask_secrets() -> None:
 
 def test_patch_body_clean_values_and_field_names() -> None:
     doc = {"model": "m", "max_completion_tokens": 100, "temperature": 1}
-    assert patch_body(doc, Params(temperature=0.8999999761581421, max_tokens=700), "max_completion_tokens")
+    assert CHAT.patch(doc, Params(temperature=0.8999999761581421, max_tokens=700))
     assert doc == {"model": "m", "max_completion_tokens": 700, "temperature": 0.9}
     doc2 = {"model": "m", "temperature": 1}
-    assert not patch_body(doc2, Params(temperature=1.0), None)  # 1 == 1.0: client's bytes kept
+    assert not CHAT.patch(doc2, Params(temperature=1.0))  # 1 == 1.0: client's bytes kept
     doc3 = {"model": "m"}
-    assert patch_body(doc3, Params(temperature=0.5, max_tokens=64), None)
+    assert CHAT.patch(doc3, Params(temperature=0.5, max_tokens=64))
     assert doc3 == {"model": "m", "temperature": 0.5, "max_tokens": 64}
