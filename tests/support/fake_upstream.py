@@ -104,6 +104,8 @@ class FakeUpstream:
             if wanted not in self.models:
                 return web.json_response({"error": {"message": f"model {wanted} not found", "type": "invalid_request_error", "code": "model_not_found"}}, status=404)
             return web.json_response({"id": wanted, "object": "model", "created": 0, "owned_by": "test"})
+        if path == "/v1/messages/count_tokens" and isinstance(body, dict):
+            return web.json_response({"input_tokens": len(json.dumps(body.get("messages"))) // 4 + 1})
         if path in ("/v1/responses", "/v1/messages") and isinstance(body, dict):
             return await self._other_format(request, body, path)
         if path == "/v1/embeddings":
