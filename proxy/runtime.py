@@ -17,6 +17,7 @@ import msgspec
 import numpy as np
 
 from guards.budget import BudgetGuard
+from guards.conservative import ConservativeMonitor, ConservativeSettings, MonitorEvent, MonitorState
 from guards.lease import LeaseBook
 from guards.rollout import RolloutController, RolloutEvent, load_state, save_state
 from guards.slo import SloMonitor
@@ -33,6 +34,7 @@ from proxy.edge.upstream import Transport, UpstreamPool
 from proxy.learning.evidence import compute_ope_evidence
 from proxy.learning.refresh import TableRefresher
 from proxy.learning.sync import SharedState
+from proxy.observability.alerts import Alert
 from proxy.observability.metrics import BoundedLabel, Metrics, watch_loop_lag
 from proxy.store import EventRecord, make_log_store
 from proxy.store.journal import Journal
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
     from proxy.observability.alerts import AlertManager
 
 log = logging.getLogger("thermostat")
+
+CONSERVATIVE_KEY = "conservative:state"
 
 
 def _log_save_failure(task: asyncio.Task[None]) -> None:
@@ -121,6 +125,8 @@ class Runtime:
             if self.leases is not None
             else None
         )
+        self.conservative = ConservativeMonitor(ConservativeSettings.from_slo(config.slo, max_tasks=srv.max_task_types))
+        self._conservative_save: asyncio.Task[None] | None = None
         self.bandit: BanditDecider = BanditDecider(
             policy=self.policy,
             budget=self.budget,
@@ -138,6 +144,7 @@ class Runtime:
             tune_temperature=config.optimization.tune_temperature,
             min_quality_signals=config.optimization.min_quality_signals,
             holdout_fraction=config.optimization.holdout_fraction,
+            conservative=self.conservative,
         )
         self.decider: Decider = decider or self.bandit
         # Several replicas: posterior, rollout state and decisions shared through Redis (proxy/learning/sync.py).
@@ -193,6 +200,7 @@ class Runtime:
             stored = None
         if stored is not None:
             self.bandit.rollout = self._make_rollout(stored)
+        await self._load_conservative()
         if self.shared is not None:
             await self.shared.start()
         await self.recorder.start()
@@ -342,3 +350,52 @@ class Runtime:
         # Persisted so other replicas and restarts see the same phase and rollback.
         task = asyncio.get_running_loop().create_task(save_state(self.state_store, self.rollout.state))
         task.add_done_callback(_log_save_failure)
+
+    # ---- the conservative monitor (guards/conservative.py) ----------------------------
+
+    async def _load_conservative(self) -> None:
+        """A rollback survives a restart: the monitor's state is a blob in the state store, like the rollout's."""
+        try:
+            raw = await self.state_store.get(CONSERVATIVE_KEY)
+        except StoreUnavailable:
+            log.warning("state store unreachable at start-up; the conservative monitor starts empty")
+            return
+        if raw is None:
+            return
+        try:
+            self.conservative.state = msgspec.json.decode(raw, type=MonitorState)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # an older layout: start over rather than fail start-up
+            log.warning("stored conservative-monitor state ignored: %s", exc)
+
+    def on_conservative_outcome(self, decision: Any, outcome: Any) -> None:
+        """Completion listener after the decider's: optimised vs holdout per task type, events recorded, counted, alerted."""
+        events = self.conservative.on_outcome(decision, outcome, time.time())
+        if events:
+            self.on_conservative_events(events)
+
+    def on_conservative_events(self, events: list[MonitorEvent]) -> None:
+        for event in events:
+            task = self.metrics.task_label(event.task_type)
+            self.recorder.submit(
+                EventRecord(
+                    at=event.at, kind=event.kind, from_phase=self.rollout.state.phase, to_phase="rollback" if event.kind == "rollback" else None,
+                    reason=event.reason, evidence={**event.evidence, "task_type": event.task_type}, actor="conservative",
+                )
+            )
+            if event.kind == "rollback":
+                self.metrics.child(self.metrics.task_rollbacks, task).inc()
+            else:
+                self.metrics.child(self.metrics.task_changes, task).inc()
+            log.warning("conservative monitor %s for task type %r: %s", event.kind, event.task_type, event.reason)
+            if self.alerts is not None:
+                name = "ThermostatTaskRollback" if event.kind == "rollback" else "ThermostatBaselineChanged"
+                self.alerts.enqueue(Alert(
+                    name=name, severity="critical" if event.kind == "rollback" else "warning", status="firing", at=event.at,
+                    summary=f"task type {event.task_type}: {event.reason}", labels={"task_type": task, "actor": "conservative"},
+                ))
+        # One save in flight at a time is enough: the blob is the whole state, the last write wins.
+        if self._conservative_save is None or self._conservative_save.done():
+            self._conservative_save = asyncio.get_running_loop().create_task(
+                self.state_store.set(CONSERVATIVE_KEY, msgspec.json.encode(self.conservative.state))
+            )
+            self._conservative_save.add_done_callback(_log_save_failure)

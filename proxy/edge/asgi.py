@@ -498,6 +498,7 @@ class ProxyEdge:
                                quality_settings=self.quality_settings, scorer=rt.bandit)
             # The listeners, in order; each reads the finished Outcome.
             await rt.decider.observe(decision, outcome)
+            rt.on_conservative_outcome(decision, outcome)
             rt.registry.complete(decision, outcome)
             if rt.control is not None:
                 apply_pending_feedback(rt, rt.control.feedback, decision, outcome)
