@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import deque
 from pathlib import Path
@@ -24,14 +25,18 @@ from guards.slo import SloMonitor
 from guards.state import InProcessStore, StateStore, StoreUnavailable
 from guards.trust_region import ModelLimits
 from policies.context import build_context
-from policies.records import RequestContext
+from policies.records import Decision, Outcome, RequestContext
 from policies.registry import make_policy
+from policies.signals import Signal
 from proxy.config import Config
 from proxy.decision.decider import BanditDecider, Decider
+from proxy.decision.feedback import FeedbackBook, SignalBook, deliver_signal
 from proxy.decision.lease_refill import LeaseRefiller
+from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook, regeneration_signal
 from proxy.decision.registry import DecisionRegistry
 from proxy.edge.upstream import Transport, UpstreamPool
 from proxy.learning.evidence import compute_ope_evidence
+from proxy.learning.judge import Judge, JudgeMetrics, upstream_transport
 from proxy.learning.refresh import TableRefresher
 from proxy.learning.sync import SharedState
 from proxy.observability.alerts import Alert
@@ -147,6 +152,28 @@ class Runtime:
             conservative=self.conservative,
         )
         self.decider: Decider = decider or self.bandit
+        # Signals that arrive after the outcome (explicit, judge, implicit) re-enter through proxy/decision/feedback.py.
+        self.feedback = FeedbackBook()
+        self.signal_book = SignalBook()
+        fb = config.feedback
+        memory_book = MemoryRegenerationBook(fb.regenerate_window_s, fb.max_fingerprints)
+        self.regeneration: RegenerationBook = (
+            RedisRegenerationBook(self.state_store, fb.regenerate_window_s, memory_book) if isinstance(self.state_store, RedisStore) else memory_book
+        )
+        # Replicas must agree on the digest to match each other's requests; alone, a process-random key
+        # means a digest cannot be confirmed against guessed prompts.
+        self.regeneration_salt = redis.redis_key_prefix.encode() if isinstance(self.state_store, RedisStore) else secrets.token_bytes(32)
+        self._background: set[asyncio.Task[Any]] = set()
+        seed = config.optimization.seed
+        self.judge: Judge | None = (
+            Judge(
+                config.judge, transport=upstream_transport(self.pool, config.judge.model), deliver=self._deliver_judged,
+                charge=self._charge_judge, rng=np.random.default_rng(None if seed is None else seed + 1),
+                metrics=JudgeMetrics(self.metrics.registry), alert=self._judge_alert,
+            )
+            if config.judge.enabled
+            else None
+        )
         # Several replicas: posterior, rollout state and decisions shared through Redis (proxy/learning/sync.py).
         self.shared: SharedState | None = (
             SharedState(self.state_store, storage=config.storage, policy=self.policy, costs=self.bandit.costs, rollout=self.bandit,
@@ -210,6 +237,8 @@ class Runtime:
         self._ticker = asyncio.create_task(self._tick_forever(), name="thermostat-rollout-tick")
         if self.refresher is not None:
             self.refresher.start()
+        if self.judge is not None:
+            self.judge.start()
         log.info(
             "thermostat started: %d upstream(s), policy %s, phase %s, decision log %s",
             len(self.pool.upstreams), self.policy.name, self.rollout.state.phase, self.sink.name,
@@ -269,6 +298,10 @@ class Runtime:
         for task in (self._ticker, self._lag_watch):
             if task is not None:
                 task.cancel()
+        if self.judge is not None:
+            await self.judge.stop()
+        for task in list(self._background):
+            task.cancel()
         if self.refresher is not None:
             await self.refresher.stop()
         if self.lease_refiller is not None:
@@ -399,3 +432,51 @@ class Runtime:
                 self.state_store.set(CONSERVATIVE_KEY, msgspec.json.encode(self.conservative.state))
             )
             self._conservative_save.add_done_callback(_log_save_failure)
+
+    # ---- signals after the outcome: judge, regeneration (issue 14) ----------------------
+
+    def on_answer(self, decision: Decision, outcome: Outcome, answer: str, body: Any, key: str) -> None:
+        """Last completion listener for chat requests: queue the judge sample, look for a regeneration.
+
+        Never waits: the judge only samples and enqueues; the regeneration lookup (a Redis
+        round trip with several replicas) runs as a background task.
+        """
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list) or not messages:
+            return
+        if self.judge is not None:
+            self.judge.on_complete(decision, outcome, answer, messages)
+        # Without a client key, identical messages from different clients would look like retries.
+        if key and 200 <= outcome.status < 300 and outcome.error_class is None:
+            task = asyncio.get_running_loop().create_task(self._regenerated(messages, key, decision))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _regenerated(self, messages: list[Any], key: str, decision: Decision) -> None:
+        try:
+            signal = await regeneration_signal(
+                self.regeneration, messages, key, decision.request_id, decision.context.task_type,
+                self.config.feedback.regenerated_quality, salt=self.regeneration_salt,
+            )
+            if signal is not None:
+                await self.deliver(signal)
+        except Exception:
+            log.exception("regeneration check for %s failed", decision.request_id)
+
+    async def deliver(self, signal: Signal) -> str:
+        """A judge score or implicit mark for an earlier decision (proxy.decision.feedback.deliver_signal)."""
+        return await deliver_signal(self, self.feedback, self.signal_book, signal)
+
+    async def _deliver_judged(self, signal: Signal) -> None:
+        await self.deliver(signal)
+
+    async def _charge_judge(self, task_type: str, tokens: int) -> None:
+        if not await self.budget.charge(task_type, tokens, time.time()):
+            log.warning("judge tokens (%d) could not be counted against the budget", tokens)
+
+    def _judge_alert(self, name: str, summary: str) -> None:
+        log.warning("judge %s: %s", name, summary)
+        if self.alerts is not None:
+            firing = name != "judge_recovered"
+            self.alerts.enqueue(Alert(name="ThermostatJudgeFailing", severity="warning", status="firing" if firing else "resolved",
+                                      at=time.time(), summary=summary))

@@ -368,7 +368,8 @@ class ProxyEdge:
                     summary.error = True
                     error_class = error_class or f"http_{status}"
         finally:
-            await self._finish(decision, summary, status, error_class, t0, ttft, overhead, prompt, ctx)
+            await self._finish(decision, summary, status, error_class, t0, ttft, overhead, prompt, ctx,
+                               body=doc, key=key if key != request_id else "")
 
     async def _relay_oversized(
         self,
@@ -489,8 +490,15 @@ class ProxyEdge:
         overhead: float,
         prompt: str | None,
         ctx: Any,
+        *,
+        body: Any = None,
+        key: str = "",
     ) -> None:
-        """Build the outcome, let the decider learn, queue the log entry. Never raises."""
+        """Build the outcome, let the decider learn, queue the log entry. Never raises.
+
+        `body` (the parsed request) and `key` (the client's assignment key, "" if none) feed the
+        judge and the regeneration check.
+        """
         rt = self.rt
         try:
             latency = time.perf_counter() - t0
@@ -517,6 +525,7 @@ class ProxyEdge:
                 m.child(m.tokens, task, "prompt").inc(summary.prompt_tokens)
             if summary.completion_tokens is not None:
                 m.child(m.tokens, task, "completion").inc(summary.completion_tokens)
+            rt.on_answer(decision, outcome, summary.content, body, key)  # judge sample, regeneration (last listener)
         except Exception:
             log.exception("recording the outcome of %s failed", decision.request_id)
 

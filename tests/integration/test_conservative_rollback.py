@@ -51,6 +51,8 @@ def harmful(upstream: FakeUpstream, webhook: FakeUpstream, tmp_path_factory: pyt
         upstream.url,
         tmp_path_factory.mktemp("conservative"),
         optimization={"mode": "general", "seed": 3, "holdout_fraction": 0.5},
+        # The global SLO (all task types at once) must not act first: only the per-task monitor is under test.
+        slo={"quality_min": 0.0, "min_samples": 10_000},
         alerts={"webhook_urls": [f"http://127.0.0.1:{webhook.port}/alerts"]},
     )
     rt = Runtime(cfg)
@@ -78,6 +80,7 @@ def test_harmful_policy_is_rolled_back_for_its_task_type_only(harmful: RunningTh
     assert seen[-1] == "rollback", f"never rolled back after {len(seen)} requests: {set(seen)}"
     assert {"optimized", "holdout"} <= set(seen[:-1])
     rt = harmful.runtime
+    assert rt.rollout.effective(time.time()).rollback is None  # no global rollback
     assert rt.conservative.is_rolled_back("extraction") and not rt.conservative.is_rolled_back("chat")
 
     # From now on extraction gets the client's own settings (or its holdout); never the harmful arm.
