@@ -41,6 +41,7 @@ from proxy.learning.refresh import TableRefresher
 from proxy.learning.sync import SharedState
 from proxy.observability.alerts import Alert
 from proxy.observability.metrics import BoundedLabel, Metrics, watch_loop_lag
+from proxy.observability.tracing import NullTracer, Tracer, make_tracer
 from proxy.store import EventRecord, make_log_store
 from proxy.store.journal import Journal
 from proxy.store.local_state import LocalState
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("thermostat")
 
 CONSERVATIVE_KEY = "conservative:state"
+VERSION = "0.1.0"  # the service.version of exported spans (pyproject's version)
 
 
 def _log_save_failure(task: asyncio.Task[None]) -> None:
@@ -75,6 +77,8 @@ class Runtime:
         self.config = config
         self.started_at = time.time()
         self.metrics = Metrics()
+        # One span per proxied request (OTLP/HTTP); a NullTracer costs nothing when [telemetry] is off.
+        self.tracer: Tracer | NullTracer = make_tracer(config.telemetry, version=VERSION, registry=self.metrics.registry)
         self.pool = UpstreamPool.from_settings(config.upstreams, transport)
         self.registry = DecisionRegistry()
         redis = config.storage
@@ -239,6 +243,7 @@ class Runtime:
             self.refresher.start()
         if self.judge is not None:
             self.judge.start()
+        await self.tracer.start()
         log.info(
             "thermostat started: %d upstream(s), policy %s, phase %s, decision log %s",
             len(self.pool.upstreams), self.policy.name, self.rollout.state.phase, self.sink.name,
@@ -300,6 +305,7 @@ class Runtime:
                 task.cancel()
         if self.judge is not None:
             await self.judge.stop()
+        await self.tracer.stop()
         for task in list(self._background):
             task.cancel()
         if self.refresher is not None:

@@ -33,6 +33,7 @@ from proxy.edge.paths import confine_v1_path
 from proxy.edge.sse import ResponseSummary, StreamRelay, summarize_body
 from proxy.edge.upstream import UPSTREAM_ERRORS, Upstream, UpstreamResponse, classify, forward_headers, response_headers
 from proxy.observability.metrics import observe_decision
+from proxy.observability.tracing import Timings as TraceTimings
 from proxy.store.entries import LogEntry
 
 Scope = MutableMapping[str, Any]
@@ -308,6 +309,11 @@ class ProxyEdge:
         ]
         url = upstream.url_for(v1_path, scope.get("query_string", b""))
         fwd_headers = forward_headers(headers, upstream)
+        traceparent = _header(headers, b"traceparent") if rt.tracer.enabled else None
+        if rt.tracer.enabled:  # our span becomes the upstream's parent
+            outgoing = rt.tracer.outgoing_traceparent(traceparent, request_id)
+            if outgoing is not None:
+                fwd_headers["traceparent"] = outgoing
         t_forward = time.perf_counter()
         summary = ResponseSummary()
         status = 0
@@ -369,7 +375,7 @@ class ProxyEdge:
                     error_class = error_class or f"http_{status}"
         finally:
             await self._finish(decision, summary, status, error_class, t0, ttft, overhead, prompt, ctx,
-                               body=doc, key=key if key != request_id else "")
+                               body=doc, key=key if key != request_id else "", traceparent=traceparent)
 
     async def _relay_oversized(
         self,
@@ -493,6 +499,7 @@ class ProxyEdge:
         *,
         body: Any = None,
         key: str = "",
+        traceparent: str | None = None,
     ) -> None:
         """Build the outcome, let the decider learn, queue the log entry. Never raises.
 
@@ -526,6 +533,10 @@ class ProxyEdge:
             if summary.completion_tokens is not None:
                 m.child(m.tokens, task, "completion").inc(summary.completion_tokens)
             rt.on_answer(decision, outcome, summary.content, body, key)  # judge sample, regeneration (last listener)
+            if rt.tracer.enabled:
+                end_ns = time.time_ns()
+                rt.tracer.record(decision, outcome, TraceTimings(end_ns - int(latency * 1e9), end_ns, overhead), traceparent,
+                                 prompt=prompt if rt.config.telemetry.capture_prompts else None)
         except Exception:
             log.exception("recording the outcome of %s failed", decision.request_id)
 
