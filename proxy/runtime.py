@@ -28,6 +28,7 @@ from policies.context import build_context
 from policies.records import Decision, Outcome, RequestContext
 from policies.registry import make_policy
 from policies.signals import Signal
+from policies.validators import SchemaValidators, validated_quality
 from proxy.config import Config
 from proxy.decision.decider import BanditDecider, Decider
 from proxy.decision.feedback import FeedbackBook, SignalBook, deliver_signal
@@ -39,6 +40,7 @@ from proxy.learning.evidence import compute_ope_evidence
 from proxy.learning.judge import Judge, JudgeMetrics, upstream_transport
 from proxy.learning.refresh import TableRefresher
 from proxy.learning.sync import SharedState
+from proxy.learning.validation import validate_answer
 from proxy.observability.alerts import Alert
 from proxy.observability.metrics import BoundedLabel, Metrics, watch_loop_lag
 from proxy.observability.tracing import NullTracer, Tracer, make_tracer
@@ -156,6 +158,7 @@ class Runtime:
             conservative=self.conservative,
         )
         self.decider: Decider = decider or self.bandit
+        self.validators = SchemaValidators()  # compiled schemas cached by hash
         # Signals that arrive after the outcome (explicit, judge, implicit) re-enter through proxy/decision/feedback.py.
         self.feedback = FeedbackBook()
         self.signal_book = SignalBook()
@@ -486,3 +489,25 @@ class Runtime:
             firing = name != "judge_recovered"
             self.alerts.enqueue(Alert(name="ThermostatJudgeFailing", severity="warning", status="firing" if firing else "resolved",
                                       at=time.time(), summary=summary))
+
+    async def validated(self, decision: Decision, outcome: Outcome, summary: Any, body: Any) -> Outcome:
+        """The automatic quality once a `json_schema` response format or the tools' `parameters` are checked.
+
+        A violation caps the automatic score (`[policy.quality] schema_invalid_score`) and the
+        reward follows; the reason is logged and counted per task type. Nothing asked, nothing done.
+        """
+        if not isinstance(body, dict) or outcome.quality is None or outcome.feedback:
+            return outcome
+        response_format, tools = body.get("response_format"), body.get("tools")
+        if response_format is None and not tools:
+            return outcome
+        violation = await validate_answer(self.validators, summary.content, response_format, summary.tool_calls if tools else (), tools)
+        if violation is None:
+            return outcome
+        task = self.metrics.task_label(decision.context.task_type)
+        self.metrics.child(self.metrics.validation_failures, task).inc()
+        log.info("answer %s breaks its schema: %s", decision.request_id, violation[:200])
+        quality = validated_quality(outcome.quality, violation, self.config.policy.quality)
+        if quality == outcome.quality:
+            return outcome
+        return msgspec.structs.replace(outcome, quality=quality, reward=self.bandit.reward_for(decision, outcome, quality))

@@ -511,6 +511,7 @@ class ProxyEdge:
             latency = time.perf_counter() - t0
             outcome = complete(decision, summary, status, error_class, Timings(latency, ttft),
                                quality_settings=self.quality_settings, scorer=rt.bandit)
+            outcome = await rt.validated(decision, outcome, summary, body)  # json_schema / tool parameters
             # The listeners, in order; each reads the finished Outcome.
             await rt.decider.observe(decision, outcome)
             rt.on_conservative_outcome(decision, outcome)

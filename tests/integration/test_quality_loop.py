@@ -154,3 +154,24 @@ def test_no_client_key_no_regeneration(plain: RunningThermostat) -> None:
     _ask(plain, messages, None)
     _settle(plain)
     assert _quality(plain, first) == 1.0  # anonymous identical prompts may be different people
+
+
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": {
+    "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_that_breaks_its_json_schema_scores_lower(plain: RunningThermostat, stream: bool) -> None:
+    client = openai.OpenAI(base_url=plain.url, api_key="sk-test", max_retries=0, timeout=10, default_headers={"x-task-type": "extraction"})
+    qualities = {}
+    for label, answer in (("valid", '{"name": "Ada"}'), ("invalid", '{"name": 5}')):
+        raw = client.chat.completions.with_raw_response.create(
+            model="raw-echo", messages=[{"role": "user", "content": answer}], response_format=SCHEMA_FORMAT, stream=stream,  # type: ignore[arg-type]
+        )
+        if stream:
+            for _ in raw.parse():
+                pass
+        _settle(plain)
+        qualities[label] = _quality(plain, raw.http_response.headers["x-request-id"])
+    # Both parse as JSON, so the automatic score alone could not tell them apart.
+    assert qualities == {"valid": 1.0, "invalid": plain.runtime.config.policy.quality.schema_invalid_score}
