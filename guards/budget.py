@@ -451,6 +451,22 @@ class BudgetGuard:
             return False
         return True
 
+    async def charge(self, task_type: str, tokens: int, now: float) -> bool:
+        """Count tokens already spent outside a client request (the judge's calls, task type `_judge`).
+
+        Nothing was reserved for them, so this is a settle of an empty reservation: the spend
+        shows in the window and in the task's line, and later admissions see it.
+        """
+        if not self.settings.enabled or tokens <= 0:
+            return True
+        window = self.window_start(now)
+        try:
+            waivers = await self._cached_waivers(now)
+        except Exception:  # noqa: BLE001 - the waivers only add headroom; count against the plain limits
+            waivers = ()
+        keys = tuple(k.key for k in self._budget_keys(window, task_type, waivers, now))
+        return await self.settle(Reservation(keys=keys, tokens=0, window_start=window, task_type=task_type), tokens, now)
+
     async def release(self, reservation: Reservation | None, now: float) -> bool:
         """Give back a reservation of a request that failed or was cancelled."""
         if reservation is None:

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from proxy.config import Config
 from proxy.control import EXCEPTION_HANDLERS, AdminAuth, ControlDeps, StrictStructSchemaPlugin, build_control, document_errors, require_token_or_opt_in
 from proxy.control.schemas import RecordOutcomeIn, RecordOutcomeResult
-from proxy.decision.feedback import FeedbackBook, record_outcome
+from proxy.decision.feedback import record_outcome
 from proxy.edge.asgi import ProxyEdge
 from proxy.observability.alerts import AlertManager
 from proxy.observability.metrics import exposition, install_live_metrics, refresh_live
@@ -26,7 +26,7 @@ PUBLIC = {"public": True}
 
 def control_deps(rt: Runtime) -> ControlDeps:
     """The control API's services, taken from the runtime until the composition root builds them itself."""
-    book = FeedbackBook()
+    book = rt.feedback
 
     async def feedback(data: RecordOutcomeIn, actor: str) -> RecordOutcomeResult:
         return await record_outcome(rt, book, data, actor)

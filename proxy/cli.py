@@ -127,12 +127,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # A demo budget that its own simulated traffic does not exhaust within the day.
     caws = msgspec.structs.replace(config.caws, budget_limit=max(config.caws.budget_limit, 200_000_000))
     config = msgspec.structs.replace(config, upstreams=(demo_upstream,), optimization=optimization, caws=caws)
+    config = demo_feedback_config(config, args.feedback)
     host = args.host or config.server.host
     port = args.port or config.server.port
     token, generated = demo_token(config.admin.token_env)
     shown = token if generated else f"${config.admin.token_env}"  # an operator's own token is not echoed
     if args.traffic > 0:
-        _start_demo_traffic(f"http://{host}:{port}", args.traffic, config)
+        _start_demo_traffic(f"http://{host}:{port}", args.traffic, config, args.feedback)
     print(
         f"demo: simulated LLM upstream on 127.0.0.1:{sim_port}; try:\n"
         f"  curl -s http://{host}:{port}/v1/chat/completions -H 'content-type: application/json' -H 'x-task-type: code' \\\n"
@@ -143,6 +144,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     _serve(config, host, port)
     return 0
+
+
+DEMO_JUDGE_SAMPLE_RATE = 0.5  # judge half the demo's answers: temperature unlocks within minutes at 5 requests/s
+
+
+def demo_feedback_config(config: Config, feedback: str) -> Config:
+    """`--feedback judge` turns the judge on against the simulator (`sim-judge`); other sources leave it as configured."""
+    if feedback != "judge":
+        return config
+    from proxy.demo.simulator_server import JUDGE_PREFIX
+
+    judge = msgspec.structs.replace(config.judge, enabled=True, model=JUDGE_PREFIX,
+                                    sample_rate=max(config.judge.sample_rate, DEMO_JUDGE_SAMPLE_RATE))
+    return msgspec.structs.replace(config, judge=judge)
 
 
 def demo_token(token_env: str) -> tuple[str, bool]:
@@ -172,7 +187,7 @@ def dashboard_url(host: str, port: int, token: str) -> str:
     return f"http://{shown}:{port}/dashboard#token={quote(token, safe='')}"
 
 
-def _start_demo_traffic(base_url: str, rate: float, config: Config) -> None:
+def _start_demo_traffic(base_url: str, rate: float, config: Config, feedback: str = "explicit") -> None:
     """Simulated clients with feedback in a thread of their own, once the server answers."""
     import os
     import threading
@@ -191,10 +206,11 @@ def _start_demo_traffic(base_url: str, rate: float, config: Config) -> None:
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        asyncio.run(demo_traffic.run(base_url, rate, admin_token=token))
+        asyncio.run(demo_traffic.run(base_url, rate, admin_token=token, feedback=feedback))  # type: ignore[arg-type]
 
     threading.Thread(target=run, name="demo-traffic", daemon=True).start()
-    print(f"demo: {rate:g} simulated requests/s (code, creative, summarise) with feedback; --traffic 0 turns them off", flush=True)
+    print(f"demo: {rate:g} simulated requests/s (code, creative, summarise), quality from: {feedback}; --traffic 0 turns them off",
+          flush=True)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -308,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mode", default="general", choices=["shadow", "canary", "guarded", "general"])
     demo.add_argument("--time-scale", type=float, default=0.02, help="simulated latency multiplier")
     demo.add_argument("--traffic", type=float, default=5.0, help="simulated client requests per second (0: none)")
+    demo.add_argument("--feedback", default="judge", choices=["judge", "explicit", "implicit", "none"],
+                      help="where quality comes from: the simulator as judge (default), posted scores, retries, or nothing")
     demo.set_defaults(func=cmd_demo)
 
     sim = sub.add_parser("simulate", help="run the simulated OpenAI-compatible upstream")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import deque
 from pathlib import Path
@@ -17,23 +18,32 @@ import msgspec
 import numpy as np
 
 from guards.budget import BudgetGuard
+from guards.conservative import ConservativeMonitor, ConservativeSettings, MonitorEvent, MonitorState
 from guards.lease import LeaseBook
 from guards.rollout import RolloutController, RolloutEvent, load_state, save_state
 from guards.slo import SloMonitor
 from guards.state import InProcessStore, StateStore, StoreUnavailable
 from guards.trust_region import ModelLimits
 from policies.context import build_context
-from policies.records import RequestContext
+from policies.records import Decision, Outcome, RequestContext
 from policies.registry import make_policy
+from policies.signals import Signal
+from policies.validators import SchemaValidators, validated_quality
 from proxy.config import Config
 from proxy.decision.decider import BanditDecider, Decider
+from proxy.decision.feedback import FeedbackBook, SignalBook, deliver_signal
 from proxy.decision.lease_refill import LeaseRefiller
+from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook, regeneration_signal
 from proxy.decision.registry import DecisionRegistry
 from proxy.edge.upstream import Transport, UpstreamPool
 from proxy.learning.evidence import compute_ope_evidence
+from proxy.learning.judge import Judge, JudgeMetrics, upstream_transport
 from proxy.learning.refresh import TableRefresher
 from proxy.learning.sync import SharedState
+from proxy.learning.validation import validate_answer
+from proxy.observability.alerts import Alert
 from proxy.observability.metrics import BoundedLabel, Metrics, watch_loop_lag
+from proxy.observability.tracing import NullTracer, Tracer, make_tracer
 from proxy.store import EventRecord, make_log_store
 from proxy.store.journal import Journal
 from proxy.store.local_state import LocalState
@@ -45,6 +55,9 @@ if TYPE_CHECKING:
     from proxy.observability.alerts import AlertManager
 
 log = logging.getLogger("thermostat")
+
+CONSERVATIVE_KEY = "conservative:state"
+VERSION = "0.1.0"  # the service.version of exported spans (pyproject's version)
 
 
 def _log_save_failure(task: asyncio.Task[None]) -> None:
@@ -66,6 +79,8 @@ class Runtime:
         self.config = config
         self.started_at = time.time()
         self.metrics = Metrics()
+        # One span per proxied request (OTLP/HTTP); a NullTracer costs nothing when [telemetry] is off.
+        self.tracer: Tracer | NullTracer = make_tracer(config.telemetry, version=VERSION, registry=self.metrics.registry)
         self.pool = UpstreamPool.from_settings(config.upstreams, transport)
         self.registry = DecisionRegistry()
         redis = config.storage
@@ -121,6 +136,8 @@ class Runtime:
             if self.leases is not None
             else None
         )
+        self.conservative = ConservativeMonitor(ConservativeSettings.from_slo(config.slo, max_tasks=srv.max_task_types))
+        self._conservative_save: asyncio.Task[None] | None = None
         self.bandit: BanditDecider = BanditDecider(
             policy=self.policy,
             budget=self.budget,
@@ -138,8 +155,32 @@ class Runtime:
             tune_temperature=config.optimization.tune_temperature,
             min_quality_signals=config.optimization.min_quality_signals,
             holdout_fraction=config.optimization.holdout_fraction,
+            conservative=self.conservative,
         )
         self.decider: Decider = decider or self.bandit
+        self.validators = SchemaValidators()  # compiled schemas cached by hash
+        # Signals that arrive after the outcome (explicit, judge, implicit) re-enter through proxy/decision/feedback.py.
+        self.feedback = FeedbackBook()
+        self.signal_book = SignalBook()
+        fb = config.feedback
+        memory_book = MemoryRegenerationBook(fb.regenerate_window_s, fb.max_fingerprints)
+        self.regeneration: RegenerationBook = (
+            RedisRegenerationBook(self.state_store, fb.regenerate_window_s, memory_book) if isinstance(self.state_store, RedisStore) else memory_book
+        )
+        # Replicas must agree on the digest to match each other's requests; alone, a process-random key
+        # means a digest cannot be confirmed against guessed prompts.
+        self.regeneration_salt = redis.redis_key_prefix.encode() if isinstance(self.state_store, RedisStore) else secrets.token_bytes(32)
+        self._background: set[asyncio.Task[Any]] = set()
+        seed = config.optimization.seed
+        self.judge: Judge | None = (
+            Judge(
+                config.judge, transport=upstream_transport(self.pool, config.judge.model), deliver=self._deliver_judged,
+                charge=self._charge_judge, rng=np.random.default_rng(None if seed is None else seed + 1),
+                metrics=JudgeMetrics(self.metrics.registry), alert=self._judge_alert,
+            )
+            if config.judge.enabled
+            else None
+        )
         # Several replicas: posterior, rollout state and decisions shared through Redis (proxy/learning/sync.py).
         self.shared: SharedState | None = (
             SharedState(self.state_store, storage=config.storage, policy=self.policy, costs=self.bandit.costs, rollout=self.bandit,
@@ -193,6 +234,7 @@ class Runtime:
             stored = None
         if stored is not None:
             self.bandit.rollout = self._make_rollout(stored)
+        await self._load_conservative()
         if self.shared is not None:
             await self.shared.start()
         await self.recorder.start()
@@ -202,6 +244,9 @@ class Runtime:
         self._ticker = asyncio.create_task(self._tick_forever(), name="thermostat-rollout-tick")
         if self.refresher is not None:
             self.refresher.start()
+        if self.judge is not None:
+            self.judge.start()
+        await self.tracer.start()
         log.info(
             "thermostat started: %d upstream(s), policy %s, phase %s, decision log %s",
             len(self.pool.upstreams), self.policy.name, self.rollout.state.phase, self.sink.name,
@@ -261,6 +306,11 @@ class Runtime:
         for task in (self._ticker, self._lag_watch):
             if task is not None:
                 task.cancel()
+        if self.judge is not None:
+            await self.judge.stop()
+        await self.tracer.stop()
+        for task in list(self._background):
+            task.cancel()
         if self.refresher is not None:
             await self.refresher.stop()
         if self.lease_refiller is not None:
@@ -346,3 +396,122 @@ class Runtime:
         # Persisted so other replicas and restarts see the same phase and rollback.
         task = asyncio.get_running_loop().create_task(save_state(self.state_store, self.rollout.state))
         task.add_done_callback(_log_save_failure)
+
+    # ---- the conservative monitor (guards/conservative.py) ----------------------------
+
+    async def _load_conservative(self) -> None:
+        """A rollback survives a restart: the monitor's state is a blob in the state store, like the rollout's."""
+        try:
+            raw = await self.state_store.get(CONSERVATIVE_KEY)
+        except StoreUnavailable:
+            log.warning("state store unreachable at start-up; the conservative monitor starts empty")
+            return
+        if raw is None:
+            return
+        try:
+            self.conservative.state = msgspec.json.decode(raw, type=MonitorState)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # an older layout: start over rather than fail start-up
+            log.warning("stored conservative-monitor state ignored: %s", exc)
+
+    def on_conservative_outcome(self, decision: Any, outcome: Any) -> None:
+        """Completion listener after the decider's: optimised vs holdout per task type, events recorded, counted, alerted."""
+        events = self.conservative.on_outcome(decision, outcome, time.time())
+        if events:
+            self.on_conservative_events(events)
+
+    def on_conservative_events(self, events: list[MonitorEvent]) -> None:
+        for event in events:
+            task = self.metrics.task_label(event.task_type)
+            self.recorder.submit(
+                EventRecord(
+                    at=event.at, kind=event.kind, from_phase=self.rollout.state.phase, to_phase="rollback" if event.kind == "rollback" else None,
+                    reason=event.reason, evidence={**event.evidence, "task_type": event.task_type}, actor="conservative",
+                )
+            )
+            if event.kind == "rollback":
+                self.metrics.child(self.metrics.task_rollbacks, task).inc()
+            else:
+                self.metrics.child(self.metrics.task_changes, task).inc()
+            log.warning("conservative monitor %s for task type %r: %s", event.kind, event.task_type, event.reason)
+            if self.alerts is not None:
+                name = "ThermostatTaskRollback" if event.kind == "rollback" else "ThermostatBaselineChanged"
+                self.alerts.enqueue(Alert(
+                    name=name, severity="critical" if event.kind == "rollback" else "warning", status="firing", at=event.at,
+                    summary=f"task type {event.task_type}: {event.reason}", labels={"task_type": task, "actor": "conservative"},
+                ))
+        # One save in flight at a time is enough: the blob is the whole state, the last write wins.
+        if self._conservative_save is None or self._conservative_save.done():
+            self._conservative_save = asyncio.get_running_loop().create_task(
+                self.state_store.set(CONSERVATIVE_KEY, msgspec.json.encode(self.conservative.state))
+            )
+            self._conservative_save.add_done_callback(_log_save_failure)
+
+    # ---- signals after the outcome: judge, regeneration (issue 14) ----------------------
+
+    def on_answer(self, decision: Decision, outcome: Outcome, answer: str, body: Any, key: str) -> None:
+        """Last completion listener for chat requests: queue the judge sample, look for a regeneration.
+
+        Never waits: the judge only samples and enqueues; the regeneration lookup (a Redis
+        round trip with several replicas) runs as a background task.
+        """
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list) or not messages:
+            return
+        if self.judge is not None:
+            self.judge.on_complete(decision, outcome, answer, messages)
+        # Without a client key, identical messages from different clients would look like retries.
+        if key and 200 <= outcome.status < 300 and outcome.error_class is None:
+            task = asyncio.get_running_loop().create_task(self._regenerated(messages, key, decision))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _regenerated(self, messages: list[Any], key: str, decision: Decision) -> None:
+        try:
+            signal = await regeneration_signal(
+                self.regeneration, messages, key, decision.request_id, decision.context.task_type,
+                self.config.feedback.regenerated_quality, salt=self.regeneration_salt,
+            )
+            if signal is not None:
+                await self.deliver(signal)
+        except Exception:
+            log.exception("regeneration check for %s failed", decision.request_id)
+
+    async def deliver(self, signal: Signal) -> str:
+        """A judge score or implicit mark for an earlier decision (proxy.decision.feedback.deliver_signal)."""
+        return await deliver_signal(self, self.feedback, self.signal_book, signal)
+
+    async def _deliver_judged(self, signal: Signal) -> None:
+        await self.deliver(signal)
+
+    async def _charge_judge(self, task_type: str, tokens: int) -> None:
+        if not await self.budget.charge(task_type, tokens, time.time()):
+            log.warning("judge tokens (%d) could not be counted against the budget", tokens)
+
+    def _judge_alert(self, name: str, summary: str) -> None:
+        log.warning("judge %s: %s", name, summary)
+        if self.alerts is not None:
+            firing = name != "judge_recovered"
+            self.alerts.enqueue(Alert(name="ThermostatJudgeFailing", severity="warning", status="firing" if firing else "resolved",
+                                      at=time.time(), summary=summary))
+
+    async def validated(self, decision: Decision, outcome: Outcome, summary: Any, body: Any) -> Outcome:
+        """The automatic quality once a `json_schema` response format or the tools' `parameters` are checked.
+
+        A violation caps the automatic score (`[policy.quality] schema_invalid_score`) and the
+        reward follows; the reason is logged and counted per task type. Nothing asked, nothing done.
+        """
+        if not isinstance(body, dict) or outcome.quality is None or outcome.feedback:
+            return outcome
+        response_format, tools = body.get("response_format"), body.get("tools")
+        if response_format is None and not tools:
+            return outcome
+        violation = await validate_answer(self.validators, summary.content, response_format, summary.tool_calls if tools else (), tools)
+        if violation is None:
+            return outcome
+        task = self.metrics.task_label(decision.context.task_type)
+        self.metrics.child(self.metrics.validation_failures, task).inc()
+        log.info("answer %s breaks its schema: %s", decision.request_id, violation[:200])
+        quality = validated_quality(outcome.quality, violation, self.config.policy.quality)
+        if quality == outcome.quality:
+            return outcome
+        return msgspec.structs.replace(outcome, quality=quality, reward=self.bandit.reward_for(decision, outcome, quality))

@@ -139,12 +139,32 @@ class SloEntry(msgspec.Struct):
     judged: bool
 
 
+class TaskGuarantee(msgspec.Struct):
+    """Optimised vs holdout for one task type (guards/conservative.py), intervals anytime-valid at 95 %."""
+
+    task_type: str
+    verdict: str  # better | not_yet_known | worse
+    quality: str
+    latency: str
+    rolled_back: bool
+    optimised_n: int
+    holdout_n: int
+    optimised_quality: tuple[float, float]
+    holdout_quality: tuple[float, float]
+    quality_difference: tuple[float, float]  # optimised − holdout
+    latency_reference_s: float | None
+    optimised_exceedance: tuple[float, float]
+    holdout_exceedance: tuple[float, float]
+    reason: str
+
+
 class SloStatus(msgspec.Struct):
     compliant: bool
     window_s: float
     min_samples: int
     breached: list[str]
     slos: list[SloEntry]
+    tasks: list[TaskGuarantee] = []
 
 
 class OpeEvidenceOut(msgspec.Struct):

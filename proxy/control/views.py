@@ -31,6 +31,7 @@ from proxy.control.schemas import (
     RolloutEventOut,
     SloEntry,
     SloStatus,
+    TaskGuarantee,
     WaiverOut,
 )
 from proxy.edge.errors import ProxyError
@@ -118,7 +119,10 @@ def slo_status(deps: ControlDeps, now: float) -> SloStatus:
         for traffic in (report.optimized, report.baseline)
         for c in traffic.checks
     ]
-    return SloStatus(compliant=report.compliant, window_s=report.window_s, min_samples=report.min_samples, breached=list(report.breached), slos=slos)
+    monitor = deps.decider.conservative
+    tasks = [TaskGuarantee(**msgspec.structs.asdict(v)) for v in monitor.verdicts()] if monitor is not None else []
+    return SloStatus(compliant=report.compliant, window_s=report.window_s, min_samples=report.min_samples, breached=list(report.breached),
+                     slos=slos, tasks=tasks)
 
 
 async def caws_status(deps: ControlDeps, now: float) -> CawsStatus:

@@ -15,6 +15,7 @@ import msgspec
 import numpy as np
 
 from guards.budget import BudgetGuard, BudgetVerdict, Reservation
+from guards.conservative import ConservativeMonitor
 from guards.rollout import Effective, OpeEvidence, RolloutController, RolloutEvent, assign
 from guards.settings import BaselineSettings, ConstraintsSettings
 from guards.slo import SloMonitor
@@ -194,12 +195,18 @@ class QualitySignals:
         return self.counts.get(task_type, 0)
 
 
-def unoptimised_mode(eff: Effective, held_out: bool = False) -> str:
-    """Why a request is not optimised: disabled, rolled back, the holdout, shadow phase, or outside the rollout share."""
+def unoptimised_mode(eff: Effective, held_out: bool = False, task_rolled_back: bool = False) -> str:
+    """Why a request is not optimised: disabled, rolled back, the holdout, shadow phase, or outside the rollout share.
+
+    The holdout stays "holdout" in a task the conservative monitor rolled back, so the
+    baseline's on-policy stream keeps its meaning.
+    """
     if eff.rollback is not None:
         return "off" if eff.rollback.trigger == "disabled" else "rollback"
     if held_out:
         return "holdout"
+    if task_rolled_back:
+        return "rollback"
     if eff.phase == "shadow" or eff.fraction == 0.0:
         return "shadow"
     return "holdout"
@@ -241,6 +248,7 @@ class BanditDecider:
         min_quality_signals: int = 50,
         holdout_fraction: float = 0.05,
         signals: QualitySignals | None = None,
+        conservative: ConservativeMonitor | None = None,
     ) -> None:
         self.policy = policy
         self.budget = budget
@@ -260,6 +268,8 @@ class BanditDecider:
         self.min_quality_signals = min_quality_signals
         self.holdout_fraction = holdout_fraction
         self.signals = signals if signals is not None else QualitySignals()
+        # Per task type: optimised vs holdout; a task it rolls back gets the baseline (mode "rollback").
+        self.conservative = conservative
         self.costs = BaselineCosts()
         self.reservations: dict[str, Reservation] = {}
         self._last_tick = 0.0
@@ -269,6 +279,9 @@ class BanditDecider:
     @property
     def policy_name(self) -> str:
         return self.policy.name
+
+    def task_rolled_back(self, task_type: str) -> bool:
+        return self.conservative is not None and self.conservative.is_rolled_back(task_type)
 
     def temperature_evidence(self, task_type: str) -> bool:
         """May temperature move for this task type (`tune_temperature` and the explicit signals so far)?"""
@@ -318,7 +331,8 @@ class BanditDecider:
         # The holdout is drawn first and with its own salt: its keys get the baseline in every
         # phase, and the rollout share is drawn independently among the rest.
         held_out = assign(assignment_key, self.holdout_fraction, HOLDOUT_SALT)
-        optimised = eff.optimizing_allowed and not held_out and assign(assignment_key, eff.fraction)
+        task_rolled_back = self.task_rolled_back(ctx.task_type)
+        optimised = eff.optimizing_allowed and not held_out and not task_rolled_back and assign(assignment_key, eff.fraction)
         choice = self.policy.choose(ctx, base, allowed, self.rng)
         policy_arm = allowed[choice.index]
         notes: list[str] = []
@@ -357,7 +371,7 @@ class BanditDecider:
             sent, propensity, mode = ref.sent, 1.0, "guard_fallback"
         else:
             # Holdout, shadow, rollback, off: the baseline, propensity 1 (the policy's choice is still logged).
-            sent, propensity, mode = ref.sent, 1.0, unoptimised_mode(eff, held_out)
+            sent, propensity, mode = ref.sent, 1.0, unoptimised_mode(eff, held_out, task_rolled_back)
 
         return Decision(
             request_id=request_id,
@@ -395,7 +409,8 @@ class BanditDecider:
         eff = self.rollout.effective(now)
         held_out = assign(assignment_key, self.holdout_fraction, HOLDOUT_SALT) if assignment_key else False
         assigned = (not held_out and assign(assignment_key, eff.fraction)) if assignment_key else None
-        optimised = eff.optimizing_allowed and (assigned if assigned is not None else eff.fraction >= 1.0)
+        task_rolled_back = self.task_rolled_back(ctx.task_type)
+        optimised = eff.optimizing_allowed and not task_rolled_back and (assigned if assigned is not None else eff.fraction >= 1.0)
         pmf = np.asarray(self.policy.propensities(ctx, base, allowed), dtype=np.float64)
         choice = self.policy.choose(ctx, base, allowed, rng)
         policy_arm = allowed[choice.index]
@@ -424,7 +439,7 @@ class BanditDecider:
         elif caws_down:
             sent, propensity, mode = ref.sent, 1.0, "guard_fallback"
         else:
-            sent, propensity, mode = ref.sent, 1.0, unoptimised_mode(eff, held_out)
+            sent, propensity, mode = ref.sent, 1.0, unoptimised_mode(eff, held_out, task_rolled_back)
         decision = Decision(
             request_id=request_id,
             context=ctx,

@@ -1,10 +1,15 @@
-"""Simulated clients for `thermostat demo`: steady traffic plus delayed feedback.
+"""Simulated clients for `thermostat demo`: steady traffic, and the feedback source chosen.
 
 The bundled simulator's answer quality depends on temperature per task type (code best
 near 0.2, creative near 1.0, summarise near 0.5), which the automatic quality signal
-cannot see; a real deployment learns it from feedback. The demo therefore plays a
-client that posts the simulator's quality score (`x-sim-quality`) back through
-`record-outcome`, so the dashboard shows the policy moving toward each task's optimum.
+cannot see. Where the quality that teaches the policy comes from (`--feedback`):
+
+* ``judge`` (the demo's default): nothing from the clients; Thermostat's own judge, played
+  by the simulator (`sim-judge`), scores a sample of answers from their hidden quality;
+* ``explicit``: the client posts the simulator's score (`x-sim-quality`) to `record-outcome`;
+* ``implicit``: the client asks again (same messages, same `x-thermostat-key`) when an
+  answer was poor, which marks the first answer as regenerated;
+* ``none``: no quality signal beyond the automatic one.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import itertools
 import logging
 import random
+from typing import Literal
 
 import httpx
 
@@ -26,8 +32,16 @@ CLIENTS: tuple[tuple[str, str, float], ...] = (
 )
 
 
-async def run(base_url: str, rate_per_s: float, *, admin_token: str | None = None, seed: int = 0) -> None:
-    """Send `rate_per_s` requests a second until cancelled; post feedback for each answer."""
+FeedbackSource = Literal["judge", "explicit", "implicit", "none"]
+FEEDBACK_SOURCES: tuple[str, ...] = ("judge", "explicit", "implicit", "none")
+RETRY_BELOW = 0.5  # implicit: a simulated user asks again when the answer's quality is below this
+USERS = 50  # simulated users: the assignment (and regeneration) keys
+
+
+async def run(
+    base_url: str, rate_per_s: float, *, admin_token: str | None = None, seed: int = 0, feedback: FeedbackSource = "explicit",
+) -> None:
+    """Send `rate_per_s` requests a second until cancelled, with the chosen feedback (module docstring)."""
     rng = random.Random(seed)
     headers = {"authorization": f"Bearer {admin_token}"} if admin_token else {}
     async with httpx.AsyncClient(base_url=base_url, timeout=30, headers=headers) as client:
@@ -39,14 +53,18 @@ async def run(base_url: str, rate_per_s: float, *, admin_token: str | None = Non
                 "temperature": temperature,
                 "max_tokens": 800,
             }
+            request_headers = {"x-task-type": task, "x-thermostat-key": f"user-{i % USERS}"}
             try:
-                r = await client.post("/v1/chat/completions", json=body, headers={"x-task-type": task})
+                r = await client.post("/v1/chat/completions", json=body, headers=request_headers)
                 quality = r.headers.get("x-sim-quality")
                 if r.status_code == 200 and quality is not None:
-                    await client.post(
-                        "/api/optimization/record-outcome",
-                        json={"request_id": r.headers["x-request-id"], "outcome": {"quality": float(quality)}},
-                    )
+                    if feedback == "explicit":
+                        await client.post(
+                            "/api/optimization/record-outcome",
+                            json={"request_id": r.headers["x-request-id"], "outcome": {"quality": float(quality)}},
+                        )
+                    elif feedback == "implicit" and float(quality) < RETRY_BELOW:
+                        await client.post("/v1/chat/completions", json=body, headers=request_headers)
             except httpx.HTTPError as exc:
                 log.warning("demo traffic: %s", exc)
             await asyncio.sleep(1.0 / rate_per_s)

@@ -35,6 +35,7 @@ from proxy.edge.paths import confine_v1_path
 from proxy.edge.sse import ResponseSummary, StreamRelay
 from proxy.edge.upstream import UPSTREAM_ERRORS, Upstream, UpstreamResponse, classify, forward_headers, response_headers
 from proxy.observability.metrics import observe_decision
+from proxy.observability.tracing import Timings as TraceTimings
 from proxy.store.entries import LogEntry
 
 Scope = MutableMapping[str, Any]
@@ -286,6 +287,11 @@ class ProxyEdge:
         ]
         url = upstream.url_for(v1_path, scope.get("query_string", b""))
         fwd_headers = forward_headers(headers, upstream)
+        traceparent = _header(headers, b"traceparent") if rt.tracer.enabled else None
+        if rt.tracer.enabled:  # our span becomes the upstream's parent
+            outgoing = rt.tracer.outgoing_traceparent(traceparent, request_id)
+            if outgoing is not None:
+                fwd_headers["traceparent"] = outgoing
         t_forward = time.perf_counter()
         summary = ResponseSummary()
         status = 0
@@ -346,7 +352,8 @@ class ProxyEdge:
                     summary.error = True
                     error_class = error_class or f"http_{status}"
         finally:
-            await self._finish(decision, summary, status, error_class, t0, ttft, overhead, prompt, ctx)
+            await self._finish(decision, summary, status, error_class, t0, ttft, overhead, prompt, ctx,
+                               body=doc, key=key if key != request_id else "", traceparent=traceparent)
 
     async def _relay_oversized(
         self,
@@ -472,15 +479,25 @@ class ProxyEdge:
         overhead: float,
         prompt: str | None,
         ctx: Any,
+        *,
+        body: Any = None,
+        key: str = "",
+        traceparent: str | None = None,
     ) -> None:
-        """Build the outcome, let the decider learn, queue the log entry. Never raises."""
+        """Build the outcome, let the decider learn, queue the log entry. Never raises.
+
+        `body` (the parsed request) and `key` (the client's assignment key, "" if none) feed the
+        judge and the regeneration check.
+        """
         rt = self.rt
         try:
             latency = time.perf_counter() - t0
             outcome = complete(decision, summary, status, error_class, Timings(latency, ttft),
                                quality_settings=self.quality_settings, scorer=rt.bandit)
+            outcome = await rt.validated(decision, outcome, summary, body)  # json_schema / tool parameters
             # The listeners, in order; each reads the finished Outcome.
             await rt.decider.observe(decision, outcome)
+            rt.on_conservative_outcome(decision, outcome)
             rt.registry.complete(decision, outcome)
             if rt.control is not None:
                 apply_pending_feedback(rt, rt.control.feedback, decision, outcome)
@@ -499,6 +516,11 @@ class ProxyEdge:
                 m.child(m.tokens, task, "prompt").inc(summary.prompt_tokens)
             if summary.completion_tokens is not None:
                 m.child(m.tokens, task, "completion").inc(summary.completion_tokens)
+            rt.on_answer(decision, outcome, summary.content, body, key)  # judge sample, regeneration (last listener)
+            if rt.tracer.enabled:
+                end_ns = time.time_ns()
+                rt.tracer.record(decision, outcome, TraceTimings(end_ns - int(latency * 1e9), end_ns, overhead), traceparent,
+                                 prompt=prompt if rt.config.telemetry.capture_prompts else None)
         except Exception:
             log.exception("recording the outcome of %s failed", decision.request_id)
 

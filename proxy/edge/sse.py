@@ -17,6 +17,7 @@ import msgspec
 
 class _Function(msgspec.Struct):
     arguments: str | None = None
+    name: str | None = None
 
 
 class _ToolCall(msgspec.Struct):
@@ -55,7 +56,7 @@ _decode_body = msgspec.json.Decoder(_Body).decode
 class ResponseSummary:
     """What the outcome record and the quality signal need from one response."""
 
-    __slots__ = ("prompt_tokens", "completion_tokens", "finish_reason", "content_parts", "tool_args", "refusal", "error")
+    __slots__ = ("prompt_tokens", "completion_tokens", "finish_reason", "content_parts", "tool_args", "tool_names", "refusal", "error")
 
     def __init__(self) -> None:
         self.prompt_tokens: int | None = None
@@ -63,6 +64,7 @@ class ResponseSummary:
         self.finish_reason: str | None = None
         self.content_parts: list[str] = []
         self.tool_args: dict[int, list[str]] = {}
+        self.tool_names: dict[int, str] = {}  # for validating arguments against the named tool's schema
         self.refusal: bool = False
         self.error: bool = False
 
@@ -73,6 +75,11 @@ class ResponseSummary:
     @property
     def tool_arguments(self) -> list[str]:
         return ["".join(parts) for _, parts in sorted(self.tool_args.items())]
+
+    @property
+    def tool_calls(self) -> list[tuple[str, str]]:
+        """(tool name, arguments) per call, in index order."""
+        return [(self.tool_names.get(i, ""), "".join(parts)) for i, parts in sorted(self.tool_args.items())]
 
     def absorb(self, body: _Body, streaming: bool) -> None:
         if body.error is not None:
@@ -95,6 +102,8 @@ class ResponseSummary:
             if msg.refusal:
                 self.refusal = True
             for call in msg.tool_calls or ():
+                if call.function is not None and call.function.name:
+                    self.tool_names[call.index] = call.function.name
                 if call.function is not None and call.function.arguments:
                     self.tool_args.setdefault(call.index, []).append(call.function.arguments)
 

@@ -292,6 +292,52 @@ def http_transport(client: httpx.AsyncClient, base_url: str, api_key: str | None
     return send
 
 
+def upstream_transport(pool: Any, model: str, max_reply_bytes: int = 1_000_000) -> Transport:
+    """The judge's call through the upstream that serves `model` (`pool.route`): its URL, its key, its transport.
+
+    Routed at call time, so a model list refreshed later is seen; no upstream for the model is a
+    failed judgment (counted, breaker), never a start-up error.
+    """
+    from multidict import CIMultiDict
+
+    async def send(body: dict[str, Any]) -> dict[str, Any]:
+        upstream = pool.route(model)
+        if upstream is None:
+            raise JudgeCallFailed(f"no upstream serves the judge model {model!r}")
+        headers: CIMultiDict[str] = CIMultiDict({"content-type": "application/json", "accept-encoding": "identity"})
+        if upstream.credential is not None:
+            headers[upstream.credential[0]] = upstream.credential[1]
+        try:
+            response = await upstream.send("POST", upstream.url_for("/chat/completions", b""), headers, msgspec.json.encode(body))
+        except Exception as exc:
+            raise JudgeCallFailed(type(exc).__name__) from None
+        status = response.status
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in response.content.iter_any():
+                parts.append(chunk)
+                size += len(chunk)
+                if size > max_reply_bytes:
+                    raise JudgeCallFailed("reply too large")
+        except Exception as exc:
+            response.close()
+            raise JudgeCallFailed(str(exc) if isinstance(exc, JudgeCallFailed) else type(exc).__name__) from None
+        response.release()
+        raw = b"".join(parts)
+        if not 200 <= status < 300:
+            raise JudgeCallFailed(f"status {status}")
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise JudgeCallFailed("reply is not JSON") from None
+        if not isinstance(doc, dict):
+            raise JudgeCallFailed("reply is not a JSON object")
+        return doc
+
+    return send
+
+
 def _reply_text(doc: Mapping[str, Any]) -> str | None:
     try:
         content = doc["choices"][0]["message"]["content"]

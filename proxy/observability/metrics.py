@@ -112,6 +112,16 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.validation_failures = Counter(
+            "thermostat_validation_failures", "Answers that broke their json_schema response format or a tool's parameters", ["task"], registry=r,
+        )
+        self.task_rollbacks = Counter(
+            "thermostat_task_rollbacks", "Task types rolled back to the baseline by the conservative monitor (optimised worse than holdout)",
+            ["task"], registry=r,
+        )
+        self.task_changes = Counter(
+            "thermostat_task_baseline_changes", "Changes the conservative monitor detected in a task type's holdout quality", ["task"], registry=r,
+        )
         self.loop_lag = Histogram(
             "thermostat_event_loop_lag_seconds",
             "How late the event loop ran a timer that should have fired at once (sampled every 0.25 s)",

@@ -82,16 +82,24 @@ _FIXED32 = struct.Struct("<I")
 
 
 class TelemetrySettingsLike(Protocol):
-    """What the tracer reads from `[telemetry]` (proxy.config.TelemetrySettings)."""
+    """What the tracer reads from `[telemetry]` (proxy.config.TelemetrySettings); read-only, as the frozen config is."""
 
-    enabled: bool
-    otlp_endpoint: str
-    service_name: str
-    capture_prompts: bool
-    queue_size: int
-    batch_size: int
-    export_interval_s: float
-    export_timeout_s: float
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def otlp_endpoint(self) -> str: ...
+    @property
+    def service_name(self) -> str: ...
+    @property
+    def capture_prompts(self) -> bool: ...
+    @property
+    def queue_size(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def export_interval_s(self) -> float: ...
+    @property
+    def export_timeout_s(self) -> float: ...
 
 
 class TraceContext(msgspec.Struct, frozen=True):

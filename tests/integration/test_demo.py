@@ -92,3 +92,48 @@ def test_demo_generates_a_token_and_prints_the_dashboard_url_with_it(tmp_path: P
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_demo_learns_from_the_simulator_as_judge_with_no_feedback_posted(tmp_path: Path) -> None:
+    from proxy.cli import demo_feedback_config
+
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    handle: dict[str, object] = {}
+
+    def sim() -> None:
+        asyncio.set_event_loop(loop)
+        handle["sim"] = loop.run_until_complete(start_simulator("127.0.0.1", 0, seed=1, time_scale=0.0))
+        started.set()
+        loop.run_forever()
+
+    threading.Thread(target=sim, daemon=True).start()
+    assert started.wait(10)
+    sim_url = handle["sim"].url  # type: ignore[attr-defined]
+    base = build_config(
+        {"server": {"data_dir": str(tmp_path)}, "upstreams": [{"name": "sim", "base_url": sim_url, "models": ["*"]}],
+         "optimization": {"mode": "general", "seed": 2}, "storage": {"flush_interval_s": 0.05}, "admin": {"allow_unauthenticated": True}},
+        environ={},
+    )
+    cfg = demo_feedback_config(base, "judge")
+    assert cfg.judge.enabled and cfg.judge.model == "sim-judge" and demo_feedback_config(base, "explicit").judge == base.judge
+    running = start_thermostat(cfg)
+    try:
+        async def drive() -> None:
+            try:
+                await asyncio.wait_for(demo_traffic.run(running.base, 50.0, feedback="judge"), timeout=2.0)
+            except TimeoutError:
+                pass
+
+        asyncio.run(drive())
+        assert running.runtime.judge is not None
+        running.call(running.runtime.judge.drain(), timeout=20)
+        running.flush(0.2)
+        rows = running.call(running.runtime.sink.fetch_decisions(limit=500))
+        sources = {r.feedback_source for r in rows if r.feedback_quality is not None}
+        assert sources == {"judge"}  # the only quality beyond the automatic one, and nobody posted it
+        judged = sum(1 for r in rows if r.feedback_source == "judge")
+        assert judged >= len(rows) // 4  # sample rate 0.5 (bounded below loosely: a sample)
+    finally:
+        running.stop()
+        loop.call_soon_threadsafe(loop.stop)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 from aiohttp import web
@@ -31,6 +33,9 @@ from proxy.observability.tracing import (
     outgoing_traceparent,
     parse_traceparent,
 )
+from tests.conftest import make_config
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.servers import start_thermostat
 
 PROMPT = "Please refactor my secret-sauce sorting function"
 KEY = "sk-live-do-not-leak"
@@ -284,3 +289,36 @@ def test_telemetry_config_and_otel_environment() -> None:
     cfg = build_config({"telemetry": {"enabled": True}}, environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/", "OTEL_SERVICE_NAME": "edge"})
     assert (cfg.telemetry.otlp_endpoint, cfg.telemetry.service_name) == ("http://collector:4318/", "edge")
     assert Tracer(cfg.telemetry).url == "http://collector:4318/v1/traces"
+
+
+# --- through the proxy --------------------------------------------------------------------------
+
+
+async def test_a_proxied_request_sends_our_traceparent_upstream_and_exports_its_span(
+    receiver: Receiver, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    cfg = make_config(upstream.url, tmp_path, optimization={"mode": "general", "seed": 1},
+                      telemetry={"enabled": True, "otlp_endpoint": receiver.url, "export_interval_s": 0.05})
+    running = await asyncio.to_thread(start_thermostat, cfg)
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.post(f"{running.url}/chat/completions", headers={"traceparent": PARENT, "authorization": f"Bearer {KEY}"},
+                                  json={"model": "echo-1", "messages": [{"role": "user", "content": PROMPT}]})
+        assert r.status_code == 200
+        rid = r.headers["x-request-id"]
+        sent = parse_traceparent(upstream.last().headers.get("traceparent"))
+        assert sent is not None and sent.trace_id.hex() == PARENT.split("-")[1]  # the client's trace continues upstream
+        assert sent.span_id == child_span_id(rid)  # with our span as the parent
+        for _ in range(500):  # bounded wait for the exporter
+            if receiver.spans():
+                break
+            await asyncio.sleep(0.01)
+        (span,) = receiver.spans()
+        assert span.trace_id.hex() == PARENT.split("-")[1] and span.parent_span_id.hex() == PARENT.split("-")[2]
+        assert span.span_id == child_span_id(rid)
+        a = attrs(span)
+        assert a["thermostat.request_id"] == rid and a["thermostat.mode"] == r.headers["x-thermostat-mode"]
+        raw = b"".join(receiver.bodies)
+        assert PROMPT.encode() not in raw and KEY.encode() not in raw  # no prompt, no secret
+    finally:
+        await asyncio.to_thread(running.stop)

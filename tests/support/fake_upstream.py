@@ -169,7 +169,7 @@ class FakeUpstream:
             return "echo: " + "padding " * (int(model.split("-", 1)[1]) // 8)
         if "messages" in body:
             last = body["messages"][-1]["content"] if body["messages"] else ""
-            return f"echo: {last}"
+            return str(last) if model == "raw-echo" else f"echo: {last}"  # raw-echo: the message itself (JSON answers)
         return f"echo: {body.get('prompt', '')}"
 
     @staticmethod

@@ -3,6 +3,8 @@ only what Thermostat itself asked for removed, unbounded events relayed unread."
 
 from __future__ import annotations
 
+import json
+
 import msgspec
 
 from proxy.edge.sse import StreamRelay, summarize_body
@@ -65,3 +67,22 @@ def test_non_stream_summary_and_garbage() -> None:
     assert summarize_body(tool).tool_arguments == ['{"a":1}']
     empty = summarize_body(b"<html>")
     assert (empty.content, empty.prompt_tokens) == ("", None)
+
+
+def test_tool_calls_keep_their_names_for_schema_validation() -> None:
+    """The validator checks arguments against the named tool's parameters, so the name must survive."""
+    body = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": None, "tool_calls": [
+        {"index": 0, "id": "c0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"index": 1, "id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+    ]}}]}
+    summary = summarize_body(json.dumps(body).encode())
+    assert summary.tool_calls == [("get_weather", '{"city": "Paris"}'), ("get_time", "{}")]
+    relay = StreamRelay(strip_usage=False)
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c0", "function": {"name": "get_weather", "arguments": ""}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}}]},
+    ]
+    for c in chunks:
+        relay.feed(b"data: " + json.dumps(c).encode() + b"\n\n")
+    assert relay.summary.tool_calls == [("get_weather", '{"city": "Paris"}')]
