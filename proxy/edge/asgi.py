@@ -263,10 +263,17 @@ class ProxyEdge:
         except BudgetUnavailable:
             raise ProxyError(503, "the token budget could not be checked in time (caws.on_exhausted = reject); retry shortly",
                              "budget_unavailable", "server_error") from None
+        changed = fmt.patch(doc, decision.sent)
+        if view.thinking_budget is not None and decision.sent.max_tokens is not None and doc.get("max_tokens") != decision.sent.max_tokens:
+            # The Messages API refuses max_tokens at or below thinking.budget_tokens and the adapter raised it:
+            # the log says what was sent, and a guard's swap (propensity 1) stays out of IPS/DR.
+            decision.sent = msgspec.structs.replace(decision.sent, max_tokens=doc["max_tokens"])
+            if decision.mode == "optimized":
+                decision.mode, decision.propensity = "guard_fallback", 1.0
+            decision.guard_notes = (*decision.guard_notes, "thinking_budget_floor")
         rt.registry.register(decision)
         rt.recorder.note_decision(decision)  # journaled before forwarding: a crash cannot lose an answered request
 
-        changed = fmt.patch(doc, decision.sent)
         stream = view.stream
         strip_usage = False
         if stream and fmt.stream_summarizer() is None:  # chat and completions: ask for the usage chunk

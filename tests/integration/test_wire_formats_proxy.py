@@ -219,3 +219,16 @@ def test_models_list_without_a_default_and_with_one_upstream_down(upstream: Fake
         assert info.value.status_code == 502
     finally:
         running.stop()
+
+
+def test_messages_with_extended_thinking_keep_max_tokens_above_the_budget(tuned: RunningThermostat, upstream: FakeUpstream) -> None:
+    client = _an(tuned.base)
+    sent = set()
+    for _ in range(20):
+        raw = client.messages.with_raw_response.create(model="claude-x", max_tokens=1100, messages=USER,
+                                                       thinking={"type": "enabled", "budget_tokens": 1024})
+        value = upstream.last().body["max_tokens"]
+        assert 1024 < value <= 1100
+        assert f"max_tokens={value}" in raw.headers["x-thermostat-params"]  # the decision records what was sent
+        sent.add(value)
+    assert len(sent) > 1  # still tuned, in the band the API accepts
