@@ -14,7 +14,7 @@ from litestar.params import FromQuery, Parameter
 from policies import ope
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
-from proxy.control.schemas import ConvergenceReport, Dashboard, MetricsReport, OpeOut, ParameterEvolution, PerformanceReport
+from proxy.control.schemas import ConvergenceReport, Dashboard, MetricsReport, OpeOut, ParameterEvolution, PerformanceReport, TrustRegionOut
 from proxy.control.views import DAY, Bins, MaxRows, WindowS, caws_status, recent_events, slo_status, status_of, window
 
 
@@ -58,11 +58,17 @@ class PerformanceController(Controller):
         except Exception as exc:
             budget_error = f"budget store unavailable: {type(exc).__name__}"
         evolution = cdata.parameter_evolution(rows, since, until, bins)
+        c = deps.config.constraints
         return Dashboard(
             generated_at=now, status=status_of(deps, now), slo=slo_status(deps, now), slo_latency_p99_ms=deps.config.slo.latency_p99_ms,
             reward_series=cdata.reward_series(rows, since, until, bins), latency_series=cdata.latency_series(rows, since, until, bins),
             parameters=evolution, budget=budget, budget_error=budget_error, events=recent_events(deps, 20),
             performance=cdata.performance_report(rows, since, until, False).tasks, bin_s=evolution.bin_s,
+            comparisons=cdata.tuned_vs_holdout(rows, *cdata.reward_range(deps.config.policy.reward)),
+            holdout_reward_series=cdata.holdout_reward_series(rows, since, until, bins),
+            signal_sources=cdata.signal_sources(rows),
+            trust_region=TrustRegionOut(max_delta_temperature=c.max_delta_temperature, max_delta_max_tokens=c.max_delta_max_tokens),
+            budget_burn_rate=cdata.burn_rate(budget.fill, budget.window_start, budget.window_s, now) if budget is not None else None,
         )
 
     @get("/ope", summary="IPS / SNIPS / DR estimates with CIs: current policy vs baseline on logged exploration data")

@@ -231,6 +231,8 @@ class ParamPoint(msgspec.Struct):
     policy_max_tokens: float | None
     sent_temperature: float | None  # mean of what was sent
     sent_max_tokens: float | None
+    client_temperature: float | None = None  # mean of the client's own values (the baseline)
+    client_max_tokens: float | None = None
 
 
 class TaskEvolution(msgspec.Struct):
@@ -609,3 +611,52 @@ class Dashboard(msgspec.Struct):
     events: list[RolloutEventOut]
     performance: list[TaskPerformance]
     bin_s: float
+    comparisons: list[TaskComparison] = []
+    holdout_reward_series: list[RewardPoint] = []
+    signal_sources: list[SignalSources] = []
+    trust_region: TrustRegionOut | None = None
+    budget_burn_rate: float | None = None  # share of the limit used / share of the window elapsed (1 = on pace to end at the limit)
+
+
+class MetricComparison(msgspec.Struct):
+    """One metric of one task type, tuned (optimised) vs holdout traffic, with how its interval was built."""
+
+    metric: str  # quality | reward | latency_p99 | completion_tokens
+    unit: str
+    optimized: float | None
+    holdout: float | None
+    difference: float | None
+    ci_low: float | None
+    ci_high: float | None
+    optimized_n: int
+    holdout_n: int
+    anytime_valid: bool
+    interval: str
+    verdict: str  # better | worse | not yet known
+    summary: str
+
+
+class TaskComparison(msgspec.Struct):
+    task_type: str
+    requests: int
+    optimized_n: int
+    holdout_n: int
+    verdict: str  # better | worse | not yet known | rolled back
+    summary: str
+    metrics: list[MetricComparison]
+
+
+class SignalSources(msgspec.Struct):
+    """Where each request's effective quality came from (the log's `decision_feedback.source`, else the automatic score)."""
+
+    task_type: str
+    explicit: int
+    judge: int
+    implicit: int  # regeneration marks
+    automatic: int  # the automatic score (validators included: they fold into it)
+    none: int  # no quality at all (errors, requests in flight)
+
+
+class TrustRegionOut(msgspec.Struct):
+    max_delta_temperature: float
+    max_delta_max_tokens: int
