@@ -6,6 +6,7 @@ functions in `proxy.control.reports`.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from litestar import Controller, get
@@ -77,4 +78,7 @@ class PerformanceController(Controller):
                   seed: Annotated[int, Parameter(ge=0, le=2**31, schema_extra={"minimum": 0})] = 0) -> OpeOut:
         _, since, until = window(window_s)
         rows, _ = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, mode="optimized")
-        return cdata.ope_report(deps.decider, rows, since, until, seed=seed, n_bootstrap=n_bootstrap)[0]
+        scored = await cdata.score_rows_async(deps.decider, rows)  # the live policy is asked on the loop, in slices
+        # Bootstraps for the whole log and each task type: seconds of numpy, off the event loop.
+        report, _ = await asyncio.to_thread(cdata.ope_report, deps.decider, rows, since, until, seed=seed, n_bootstrap=n_bootstrap, scored=scored)
+        return report

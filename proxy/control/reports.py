@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import numpy as np
 
 from guards.rollout import OpeEvidence, higher
@@ -43,6 +44,7 @@ from proxy.control.schemas import (
     MetricsReport,
     OpeEvidenceOut,
     OpeOut,
+    OpeTaskOut,
     ParameterEvolution,
     ParamPoint,
     PerformanceReport,
@@ -61,6 +63,13 @@ if TYPE_CHECKING:
     from proxy.decision.decider import BanditDecider
 
 OPTIMIZED_MODES = frozenset({"optimized", "guard_fallback"})
+OPE_METHOD_NAME = (
+    "self-normalised importance sampling (SNIPS) on the logged optimised requests, with inverse propensity "
+    "scoring (IPS) and doubly robust (DR) estimates alongside; the improvement is the current policy minus the "
+    "client's own parameters, scored on the same log"
+)
+MIN_ESS = 10.0
+"""Below this effective sample size (or a tenth of the rows) the weights rest on a handful of requests: say so."""
 OPE_METHOD = (
     "logged rows with mode 'optimized' (behaviour propensity = the logged propensity); for each row the "
     "RequestContext is rebuilt from context_features, the allowed arms from today's trust region "
@@ -159,11 +168,21 @@ def _arm_stats(task: str, label: str, params: Params | None, traffic: str, rows:
 
 
 def _baseline_rewards(rows: Iterable[DecisionRow]) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = defaultdict(list)
+    """Per task type, the rewards of the reference traffic: the randomised holdout when the task has rewarded holdout rows,
+    else every baseline-served row (shadow, off and rollback traffic is not a randomised control, so it only stands in)."""
+    served: dict[str, list[float]] = defaultdict(list)
+    holdout: dict[str, list[float]] = defaultdict(list)
     for r in rows:
         if traffic_of(r.mode) == "baseline" and r.effective_reward is not None and math.isfinite(r.effective_reward):
-            out[r.task_type].append(r.effective_reward)
-    return out
+            served[r.task_type].append(r.effective_reward)
+            if r.mode == "holdout":
+                holdout[r.task_type].append(r.effective_reward)
+    return {task: holdout.get(task) or rewards for task, rewards in served.items()}
+
+
+def _self_difference(n: int) -> Interval:
+    """The reference traffic's improvement over itself: exactly 0, stated rather than left null."""
+    return Interval(mean=0.0, ci_low=0.0, ci_high=0.0, n=n)
 
 
 def metrics_report(rows: list[DecisionRow], since: float, until: float, truncated: bool) -> MetricsReport:
@@ -187,12 +206,17 @@ def performance_report(rows: list[DecisionRow], since: float, until: float, trun
     by_task: dict[str, dict[str, list[DecisionRow]]] = defaultdict(lambda: {"optimized": [], "baseline": []})
     for r in rows:
         by_task[r.task_type][traffic_of(r.mode)].append(r)
+    base = _baseline_rewards(rows)
     tasks = []
     for task in sorted(by_task):
         groups = by_task[task]
-        base_rewards = [r.effective_reward for r in groups["baseline"] if r.effective_reward is not None and math.isfinite(r.effective_reward)]
+        base_rewards = base.get(task, [])
         opt = _arm_stats(task, "*", None, "optimized", groups["optimized"], base_rewards) if groups["optimized"] else None
         bas = _arm_stats(task, "*", None, "baseline", groups["baseline"], None) if groups["baseline"] else None
+        if bas is not None and base_rewards:
+            served = [r.effective_reward for r in groups["baseline"] if r.effective_reward is not None and math.isfinite(r.effective_reward)]
+            same = len(served) == len(base_rewards)  # the reference is all of it (no shadow/off/rollback rows beside the holdout)
+            bas = msgspec.structs.replace(bas, improvement_over_baseline=_self_difference(len(served)) if same else diff_interval(served, base_rewards))
         opt_rewards = [r.effective_reward for r in groups["optimized"] if r.effective_reward is not None and math.isfinite(r.effective_reward)]
         tasks.append(TaskPerformance(task_type=task, optimized=opt, baseline=bas, improvement=diff_interval(opt_rewards, base_rewards)))
     return PerformanceReport(since=since, until=until, rows=len(rows), truncated=truncated, tasks=tasks)
@@ -408,26 +432,83 @@ def _policy_estimates(name: str, report: ope.OpeReport) -> PolicyEstimates:
     return PolicyEstimates(policy=name, ips=ips, snips=snips, dr=_est(report.dr), ess=report.ess, max_weight=report.max_weight)
 
 
+def _ess_too_small(ess: float, n: int) -> bool:
+    return ess < MIN_ESS or ess < 0.1 * n
+
+
+def _statement(report: OpeOut) -> str:
+    """The estimate in one sentence, or why there is none / why it should not be trusted."""
+    if report.target is None:
+        return f"no estimate: {report.reason}"
+    snips = report.target.snips
+    imp = next((i for i in report.improvement if i.estimator == "snips"), None)
+    text = (f"the current policy is worth {snips.value:.3f} mean reward (95 % interval [{snips.ci_low:.3f}, {snips.ci_high:.3f}]) "
+            f"on {report.rows:,} logged requests")
+    if imp is not None:
+        lower = f"{imp.lower:+.3f}" if imp.lower is not None else "unknown"
+        text += f", {imp.difference:+.3f} against the client's own parameters (lower bound {lower})"
+    if _ess_too_small(report.target.ess, report.rows):
+        text += (f"; the effective sample size is only {report.target.ess:.1f} of {report.rows} rows, so the estimate rests on "
+                 "a few heavily weighted requests and is not reliable yet")
+    return text
+
+
+def _unsupported(since: float, until: float, arrays: OpeArrays, exc: ope.UnsupportedTarget) -> OpeOut:
+    reason = f"the log does not support the current policy: {exc}; no estimate is given until it has explored those arms"
+    return OpeOut(since=since, until=until, rows=arrays.n, skipped=arrays.skipped, method=OPE_METHOD_NAME, method_detail=OPE_METHOD,
+                  logged_mean_reward=_mean(arrays.rewards.tolist()), target=None, baseline=None, improvement=[], reason=reason,
+                  statement=f"no estimate: {reason}")
+
+
 def ope_report(
     decider: BanditDecider, rows: list[DecisionRow], since: float, until: float, *, seed: int = 0, n_bootstrap: int = ope.REPORT_BOOTSTRAP_REPLICATES,
-    scored: tuple[list[_Scored], int] | None = None,
+    scored: tuple[list[_Scored], int] | None = None, per_task: bool = True,
+) -> tuple[OpeOut, OpeArrays]:
+    """The estimate over every task type, and (per_task) the same estimate restricted to each task type's rows."""
+    if per_task and scored is None:
+        scored = score_rows(decider, rows)
+    report, arrays = _ope_all(decider, rows, since, until, seed=seed, n_bootstrap=n_bootstrap, scored=scored)
+    if not per_task or scored is None:
+        return report, arrays
+    kept, _ = scored
+    tasks = []
+    for task in sorted({k[0].task_type for k in kept}):
+        part, _ = _ope_all(decider, [], since, until, seed=seed, n_bootstrap=n_bootstrap, scored=([k for k in kept if k[0].task_type == task], 0))
+        imp = next((i for i in part.improvement if i.estimator == "snips"), None)
+        t = part.target
+        tasks.append(OpeTaskOut(
+            task_type=task, rows=part.rows, ess=t.ess if t is not None else None, policy_value=t.snips.value if t is not None else None,
+            baseline_value=part.baseline.snips.value if part.baseline is not None else None,
+            improvement=imp.difference if imp is not None else None, improvement_lower=imp.lower if imp is not None else None,
+            supported=t is not None and not _ess_too_small(t.ess, part.rows), statement=f"{task}: {part.statement}",
+        ))
+    return msgspec.structs.replace(report, tasks=tasks), arrays
+
+
+def _ope_all(
+    decider: BanditDecider, rows: list[DecisionRow], since: float, until: float, *, seed: int, n_bootstrap: int,
+    scored: tuple[list[_Scored], int] | None,
 ) -> tuple[OpeOut, OpeArrays]:
     arrays = OpeArrays(decider, rows, scored)
     if arrays.n < 2:
+        reason = f"{arrays.n} optimized row(s) with a reward in the window; at least 2 are needed"
         return OpeOut(
-            since=since, until=until, rows=arrays.n, skipped=arrays.skipped, method=OPE_METHOD,
+            since=since, until=until, rows=arrays.n, skipped=arrays.skipped, method=OPE_METHOD_NAME, method_detail=OPE_METHOD,
             logged_mean_reward=_mean(arrays.rewards.tolist()), target=None, baseline=None, improvement=[],
-            reason=f"{arrays.n} optimized row(s) with a reward in the window; at least 2 are needed",
+            reason=reason, statement=f"no estimate: {reason}",
         ), arrays
     a = arrays
-    target = ope.evaluate(
-        rewards=a.rewards, behaviour_propensity=a.behaviour, target_propensity=a.target, rng=np.random.default_rng(seed),
-        reward_hat_logged=a.q_logged, target_value_hat=a.v_target, n_bootstrap=n_bootstrap,
-    )
-    baseline = ope.evaluate(
-        rewards=a.rewards, behaviour_propensity=a.behaviour, target_propensity=a.baseline, rng=np.random.default_rng(seed),
-        reward_hat_logged=a.q_logged, target_value_hat=a.v_baseline, n_bootstrap=n_bootstrap,
-    )
+    try:
+        target = ope.evaluate(
+            rewards=a.rewards, behaviour_propensity=a.behaviour, target_propensity=a.target, rng=np.random.default_rng(seed),
+            reward_hat_logged=a.q_logged, target_value_hat=a.v_target, n_bootstrap=n_bootstrap,
+        )
+        baseline = ope.evaluate(
+            rewards=a.rewards, behaviour_propensity=a.behaviour, target_propensity=a.baseline, rng=np.random.default_rng(seed),
+            reward_hat_logged=a.q_logged, target_value_hat=a.v_baseline, n_bootstrap=n_bootstrap,
+        )
+    except ope.UnsupportedTarget as exc:
+        return _unsupported(since, until, a, exc), a
     improvements = []
     for estimator in ("ips", "snips", "dr"):
         imp = ope.improvement_lower_bound(
@@ -439,10 +520,12 @@ def ope_report(
             ImprovementOut(estimator=estimator, target=imp.target, baseline=imp.baseline, difference=imp.difference,
                            lower=finite(imp.lower), upper=finite(imp.upper), n=imp.n)
         )
-    return OpeOut(
-        since=since, until=until, rows=a.n, skipped=a.skipped, method=OPE_METHOD, logged_mean_reward=float(a.rewards.mean()),
-        target=_policy_estimates(decider.policy.name, target), baseline=_policy_estimates("baseline", baseline), improvement=improvements,
-    ), arrays
+    out = OpeOut(
+        since=since, until=until, rows=a.n, skipped=a.skipped, method=OPE_METHOD_NAME, method_detail=OPE_METHOD,
+        logged_mean_reward=float(a.rewards.mean()), target=_policy_estimates(decider.policy.name, target),
+        baseline=_policy_estimates("baseline", baseline), improvement=improvements,
+    )
+    return msgspec.structs.replace(out, statement=_statement(out)), a
 
 
 def ope_evidence(report: OpeOut, estimator: str = "snips") -> tuple[OpeEvidence | None, OpeEvidenceOut]:

@@ -387,6 +387,9 @@ class Recommendation(msgspec.Struct):
     baseline: ParamsOut
     arms: list[ArmProbability]
     guards: list[GuardVerdict]
+    assumed: dict[str, Any] = {}  # context fields the caller left out, filled from the task's recent traffic
+    learned: bool | None = None  # False: no outcome observed yet in this bucket (the answer is the prior); None: the policy cannot tell
+    notes: list[str] = []  # the above, in words
 
 
 class ShadowTestIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -435,6 +438,7 @@ class RecordOutcomeResult(msgspec.Struct):
     policy_updated: bool
     policy_update: str  # what happened to the policy statistics, and why
     overwritten: bool
+    replaced: str = ""  # what this feedback replaced, in words (automatic score, judge, earlier feedback)
 
 
 # --------------------------------------------------------------------------- OPE
@@ -476,12 +480,29 @@ class OpeOut(msgspec.Struct):
     until: float
     rows: int  # optimized rows used
     skipped: int  # rows without a reward or a usable propensity
-    method: str  # how target probabilities for logged rows were obtained
+    method: str  # the estimator, named for a person
     logged_mean_reward: float | None
     target: PolicyEstimates | None
     baseline: PolicyEstimates | None
     improvement: list[ImprovementOut]
     reason: str = ""  # why there are no estimates
+    method_detail: str = ""  # how target probabilities for logged rows were obtained
+    statement: str = ""  # the answer in one sentence, including when it cannot be trusted
+    tasks: list[OpeTaskOut] = []
+
+
+class OpeTaskOut(msgspec.Struct):
+    """One task type's rows of the same estimate: SNIPS value of the current policy and of the baseline, and their difference."""
+
+    task_type: str
+    rows: int
+    ess: float | None
+    policy_value: float | None
+    baseline_value: float | None
+    improvement: float | None
+    improvement_lower: float | None
+    supported: bool
+    statement: str
 
 
 # --------------------------------------------------------------------------- logs / audit / status
