@@ -13,6 +13,7 @@ from litestar import Controller, get
 from litestar.params import FromQuery, Parameter
 
 from policies import ope
+from policies.effort import EFFORT_LEVELS
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
 from proxy.control.schemas import ConvergenceReport, Dashboard, MetricsReport, OpeOut, ParameterEvolution, PerformanceReport, TrustRegionOut
@@ -68,7 +69,8 @@ class PerformanceController(Controller):
             comparisons=cdata.tuned_vs_holdout(rows, *cdata.reward_range(deps.config.policy.reward)),
             holdout_reward_series=cdata.holdout_reward_series(rows, since, until, bins),
             signal_sources=cdata.signal_sources(rows),
-            trust_region=TrustRegionOut(max_delta_temperature=c.max_delta_temperature, max_delta_max_tokens=c.max_delta_max_tokens),
+            trust_region=TrustRegionOut(max_delta_temperature=c.max_delta_temperature, max_delta_max_tokens=c.max_delta_max_tokens,
+                                        max_delta_effort_levels=c.max_delta_effort_levels, effort_levels=list(EFFORT_LEVELS)),
             budget_burn_rate=cdata.burn_rate(budget.fill, budget.window_start, budget.window_s, now) if budget is not None else None,
         )
 

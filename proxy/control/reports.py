@@ -29,6 +29,8 @@ from guards.rollout import OpeEvidence, higher
 from policies import ope, sequences
 from policies.arms import arm_key
 from policies.context import context_bucket
+from policies.effort import EFFORT_LEVELS
+from policies.effort import rank as effort_rank
 from policies.records import Arm, Params
 from policies.settings import RewardSettings
 from proxy.control.schemas import (
@@ -272,6 +274,10 @@ def bins_per_task(rows: Iterable[DecisionRow], since: float, width: float, bins:
     return per_task
 
 
+def _effort_rank(level: str | None) -> float:
+    return float(effort_rank(level or ""))
+
+
 def parameter_evolution(rows: list[DecisionRow], since: float, until: float, bins: int) -> ParameterEvolution:
     width, bins = bin_edges(since, until, bins)
     per_task = bins_per_task(rows, since, width, bins)
@@ -292,6 +298,8 @@ def parameter_evolution(rows: list[DecisionRow], since: float, until: float, bin
                     sent_max_tokens=_mean([r.chosen_params.max_tokens for r in group if r.chosen_params.max_tokens is not None]),
                     client_temperature=_mean([r.baseline_params.temperature for r in group if r.baseline_params.temperature is not None]),
                     client_max_tokens=_mean([r.baseline_params.max_tokens for r in group if r.baseline_params.max_tokens is not None]),
+                    policy_effort_rank=_mean([_effort_rank(p.effort) for p in pol if p.effort in EFFORT_LEVELS]),
+                    client_effort_rank=_mean([_effort_rank(r.baseline_params.effort) for r in group if r.baseline_params.effort in EFFORT_LEVELS]),
                 )
             )
         tasks.append(TaskEvolution(task_type=task, series=series))

@@ -233,6 +233,8 @@ class ParamPoint(msgspec.Struct):
     sent_max_tokens: float | None
     client_temperature: float | None = None  # mean of the client's own values (the baseline)
     client_max_tokens: float | None = None
+    policy_effort_rank: float | None = None  # mean position on `policies.effort.EFFORT_LEVELS` (none = 0 … max = 6)
+    client_effort_rank: float | None = None
 
 
 class TaskEvolution(msgspec.Struct):
@@ -681,3 +683,5 @@ class SignalSources(msgspec.Struct):
 class TrustRegionOut(msgspec.Struct):
     max_delta_temperature: float
     max_delta_max_tokens: int
+    max_delta_effort_levels: int = 0
+    effort_levels: list[str] = []  # the scale the effort ranks count on

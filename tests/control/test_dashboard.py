@@ -53,13 +53,14 @@ def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path, mon
         html = dom.stdout
         assert 'data-loaded="1"' in html, dom.stderr[-2000:]
         points = {m.group(1): int(m.group(2)) for m in re.finditer(r'<svg id="(chart-[a-z-]+)"[^>]*data-points="(\d+)"', html)}
-        assert points.keys() >= {"chart-reward", "chart-latency", "chart-temperature", "chart-max-tokens", "chart-budget"}, points
-        assert all(v > 0 for v in points.values()), points
+        assert points.keys() >= {"chart-reward", "chart-latency", "chart-temperature", "chart-max-tokens", "chart-effort", "chart-budget"}, points
+        assert all(v > 0 for k, v in points.items() if k != "chart-effort"), points  # this traffic sends no effort
+        assert points["chart-effort"] == 0 and "no data in the window yet" in html
         assert html.count('class="series"') >= 4  # reward + latency + two task types' parameter lines
         assert "phase general" in html and "optimising 100.0 %" in html
         # Every panel, the holdout (baseline) line of the headline chart, and the tuned-vs-holdout intervals.
         panels = set(re.findall(r'<section id="(panel-[a-z-]+)"', html))
-        assert panels == {"panel-comparison", "panel-reward", "panel-latency", "panel-temperature", "panel-max-tokens", "panel-signals",
+        assert panels == {"panel-comparison", "panel-reward", "panel-latency", "panel-temperature", "panel-max-tokens", "panel-effort", "panel-signals",
                           "panel-budget", "panel-events"}, panels
         reward_svg = re.search(r'<svg id="chart-reward".*?</svg>', html, re.S)
         assert reward_svg is not None and 'data-name="holdout"' in reward_svg.group(0) and 'data-name="optimized"' in reward_svg.group(0)

@@ -102,9 +102,12 @@ def test_burn_rate_is_fill_over_elapsed_share() -> None:
 
 
 def test_parameter_evolution_carries_the_clients_values() -> None:
-    rows = [row(10, "optimized"), row(20, "holdout", baseline_params={"temperature": 0.9, "max_tokens": 100})]
+    rows = [row(10, "optimized", baseline_params={"temperature": 0.7, "max_tokens": 300, "effort": "low"}, policy_params={"effort": "high"}),
+            row(20, "holdout", baseline_params={"temperature": 0.9, "max_tokens": 100, "effort": "medium"}, policy_params={"effort": "medium"})]
     [task] = reports.parameter_evolution(rows, 0.0, 100.0, 1).tasks
-    assert task.series[0].client_temperature == pytest.approx(0.8) and task.series[0].client_max_tokens == pytest.approx(200.0)
+    p = task.series[0]
+    assert p.client_temperature == pytest.approx(0.8) and p.client_max_tokens == pytest.approx(200.0)
+    assert p.client_effort_rank == pytest.approx(2.5) and p.policy_effort_rank == pytest.approx(3.5)  # low 2, medium 3, high 4
 
 
 def test_holdout_series_leaves_other_baseline_modes_out() -> None:
