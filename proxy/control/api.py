@@ -18,7 +18,7 @@ from proxy.control.budget import BudgetController
 from proxy.control.compliance import ComplianceController
 from proxy.control.decisions import DecisionsController
 from proxy.control.deps import ControlDeps
-from proxy.control.errors import document_errors, integral_floats_as_ints
+from proxy.control.errors import UNKNOWN_FIELD, document_errors, integral_floats_as_ints
 from proxy.control.feedback import FeedbackController
 from proxy.control.performance import PerformanceController
 from proxy.control.recommend import RecommendController
@@ -47,12 +47,20 @@ async def strict_body(connection: ASGIConnection, handler: BaseRouteHandler) -> 
         return
     raw = await connection.body()
     if not raw.strip():
-        return  # absent body: Litestar applies the default or reports the missing one
+        if field.has_default:
+            return  # absent body: Litestar applies the default
+        raise ProxyError(400, f"{connection.method} {connection.url.path} needs a JSON object as its body; send {{}} to use every default",
+                         "missing_body")
     try:
         msgspec.convert(integral_floats_as_ints(msgspec.json.decode(raw)), type=field.annotation, strict=True)
     except msgspec.ValidationError as exc:
         message, _, where = str(exc).partition(" - at `")
         param = where.rstrip("`").removeprefix("$").lstrip(".") or None
+        unknown = UNKNOWN_FIELD.search(message)
+        if unknown:
+            name = f"{param}.{unknown.group(1)}" if param else unknown.group(1)
+            raise ProxyError(400, f"unknown field '{name}' in the request body (remove it, or check its spelling)", "unknown_field",
+                             param=name) from None
         raise ProxyError(400, f"invalid request body: {message}", "invalid_body", param=param) from None
     except msgspec.DecodeError as exc:
         raise ProxyError(400, f"request body is not valid JSON: {exc}", "invalid_json") from None

@@ -8,6 +8,7 @@ schema plugin makes the document promise what msgspec enforces.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import msgspec
@@ -53,6 +54,9 @@ def _auth_error(_: Request, exc: AuthError) -> Response[ApiError]:
     if exc.status == 401:
         resp.headers["www-authenticate"] = "Bearer"
     return resp
+
+
+UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
 
 
 def _validation_error(_: Request, exc: ValidationException) -> Response[ApiError]:

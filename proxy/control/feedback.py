@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
@@ -12,6 +13,21 @@ from proxy.control.views import actor_of, write_audit
 from proxy.decision.feedback import DecisionNotFound, FeedbackConflict
 from proxy.edge.errors import ProxyError
 
+SIGNAL_NAMES = {"explicit": "earlier explicit feedback", "judge": "the judge's score", "implicit": "a regeneration mark"}
+"""The log's `decision_feedback.source`, named for a person."""
+
+
+def replaced_text(result: RecordOutcomeResult, earlier: str) -> str:
+    """What the new quality took the place of, with its value."""
+    if result.overwritten:
+        was = f" (quality {result.previous_quality:g})" if result.previous_quality is not None else ""
+        return f"replaced {earlier}{was}"
+    if result.automatic_quality is not None:
+        return f"replaced the automatic score (quality {result.automatic_quality:g})"
+    if result.reward is None:
+        return "nothing yet: the request is still in flight, and this quality will replace its automatic score when it completes"
+    return "nothing: the request had no automatic score"
+
 
 class FeedbackController(Controller):
     path = "/"
@@ -21,12 +37,18 @@ class FeedbackController(Controller):
     async def record_outcome(self, request: Request, deps: Deps, data: JSONBody[RecordOutcomeIn]) -> RecordOutcomeResult:
         actor = actor_of(request)
         try:
+            row = await deps.log_store.get_decision(data.request_id)
+        except Exception:  # the name of the earlier signal is a nicety: a store hiccup must not refuse the feedback
+            row = None
+        earlier = SIGNAL_NAMES.get(row.feedback_source or "explicit", "earlier feedback") if row is not None and row.feedback_quality is not None else "earlier feedback"
+        try:
             result = await deps.record_outcome(data, actor)
         except DecisionNotFound:
             raise ProxyError(404, f"no decision is known for request id '{data.request_id}'", "request_not_found", "not_found_error", "request_id") from None
         except FeedbackConflict:
-            raise ProxyError(409, f"feedback for '{data.request_id}' was already recorded; send overwrite=true to replace it",
+            raise ProxyError(409, f"{earlier} was already recorded for '{data.request_id}'; send overwrite=true to replace it",
                              "feedback_exists", "conflict_error", "overwrite") from None
+        result = msgspec.structs.replace(result, replaced=replaced_text(result, earlier))
         await write_audit(deps, actor, "record_outcome", data.request_id,
                           {"quality": result.previous_quality, "reward": result.previous_reward},
                           {"quality": result.quality, "reward": result.reward, "policy_updated": result.policy_updated})

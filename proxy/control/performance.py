@@ -6,15 +6,17 @@ functions in `proxy.control.reports`.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from litestar import Controller, get
 from litestar.params import FromQuery, Parameter
 
 from policies import ope
+from policies.effort import EFFORT_LEVELS
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
-from proxy.control.schemas import ConvergenceReport, Dashboard, MetricsReport, OpeOut, ParameterEvolution, PerformanceReport
+from proxy.control.schemas import ConvergenceReport, Dashboard, MetricsReport, OpeOut, ParameterEvolution, PerformanceReport, TrustRegionOut
 from proxy.control.views import DAY, Bins, MaxRows, WindowS, caws_status, recent_events, slo_status, status_of, window
 
 
@@ -58,11 +60,18 @@ class PerformanceController(Controller):
         except Exception as exc:
             budget_error = f"budget store unavailable: {type(exc).__name__}"
         evolution = cdata.parameter_evolution(rows, since, until, bins)
+        c = deps.config.constraints
         return Dashboard(
             generated_at=now, status=status_of(deps, now), slo=slo_status(deps, now), slo_latency_p99_ms=deps.config.slo.latency_p99_ms,
             reward_series=cdata.reward_series(rows, since, until, bins), latency_series=cdata.latency_series(rows, since, until, bins),
             parameters=evolution, budget=budget, budget_error=budget_error, events=recent_events(deps, 20),
             performance=cdata.performance_report(rows, since, until, False).tasks, bin_s=evolution.bin_s,
+            comparisons=cdata.tuned_vs_holdout(rows, *cdata.reward_range(deps.config.policy.reward)),
+            holdout_reward_series=cdata.holdout_reward_series(rows, since, until, bins),
+            signal_sources=cdata.signal_sources(rows),
+            trust_region=TrustRegionOut(max_delta_temperature=c.max_delta_temperature, max_delta_max_tokens=c.max_delta_max_tokens,
+                                        max_delta_effort_levels=c.max_delta_effort_levels, effort_levels=list(EFFORT_LEVELS)),
+            budget_burn_rate=cdata.burn_rate(budget.fill, budget.window_start, budget.window_s, now) if budget is not None else None,
         )
 
     @get("/ope", summary="IPS / SNIPS / DR estimates with CIs: current policy vs baseline on logged exploration data")
@@ -71,4 +80,7 @@ class PerformanceController(Controller):
                   seed: Annotated[int, Parameter(ge=0, le=2**31, schema_extra={"minimum": 0})] = 0) -> OpeOut:
         _, since, until = window(window_s)
         rows, _ = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, mode="optimized")
-        return cdata.ope_report(deps.decider, rows, since, until, seed=seed, n_bootstrap=n_bootstrap)[0]
+        scored = await cdata.score_rows_async(deps.decider, rows)  # the live policy is asked on the loop, in slices
+        # Bootstraps for the whole log and each task type: seconds of numpy, off the event loop.
+        report, _ = await asyncio.to_thread(cdata.ope_report, deps.decider, rows, since, until, seed=seed, n_bootstrap=n_bootstrap, scored=scored)
+        return report

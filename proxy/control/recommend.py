@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import time
 import uuid
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -19,8 +20,8 @@ from policies.context import context_bucket
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
 from proxy.control.errors import ERR
-from proxy.control.schemas import ArmProbability, GuardVerdict, Recommendation, RecommendIn, ShadowTestIn, ShadowTestResult
-from proxy.control.views import actor_of, context_of, params_out, write_audit
+from proxy.control.schemas import ArmProbability, ContextIn, GuardVerdict, Recommendation, RecommendIn, ShadowTestIn, ShadowTestResult
+from proxy.control.views import DAY, actor_of, context_of, params_out, write_audit
 from proxy.decision.decider import Explanation
 
 
@@ -54,13 +55,55 @@ def guard_verdicts(deps: Deps, ex: Explanation, now: float) -> list[GuardVerdict
     return verdicts
 
 
+TYPICAL_ROWS = 200
+"""Recent decisions of the task read to find its clients' typical parameters."""
+
+
+async def typical_context(deps: Deps, task_type: str, c: ContextIn) -> tuple[ContextIn, dict[str, Any], list[str]]:
+    """The caller's context with the knobs it left out set to the task's typical client values (medians of recent rows).
+
+    A context without temperature or max_tokens otherwise looks like a client that sends
+    neither, which is rarely the traffic the caller asks about.
+    """
+    missing = [k for k in ("temperature", "max_tokens") if getattr(c, k) is None]
+    if not missing:
+        return c, {}, []
+    now = time.time()
+    rows, _ = await cdata.load_rows(deps.log_store, since=now - DAY, until=now + 1e-3, max_rows=TYPICAL_ROWS, task_type=task_type)
+    assumed: dict[str, Any] = {}
+    for key in missing:
+        values = [getattr(r.baseline_params, key) for r in rows if getattr(r.baseline_params, key) is not None]
+        if values:
+            median = float(np.median(values))
+            assumed[key] = round(median, 4) if key == "temperature" else int(round(median))
+    if not rows:
+        return c, {}, [f"no recent '{task_type}' traffic: the fields left out ({', '.join(missing)}) stay unset, as from a client that omits them"]
+    notes = []
+    if assumed:
+        listed = ", ".join(f"{k}={v}" for k, v in assumed.items())
+        notes.append(f"context is partial: used the typical client values of '{task_type}' ({listed}; medians of its last {len(rows)} requests)")
+    rest = [k for k in missing if k not in assumed]
+    if rest:
+        notes.append(f"'{task_type}' clients do not send {', '.join(rest)}: left unset, as they do")
+    return msgspec.structs.replace(c, **assumed), assumed, notes
+
+
+def bucket_learned(deps: Deps, ctx: Any, allowed: Any) -> bool | None:
+    """Whether the policy has any observation for the context's allowed arms (None when it has no posterior to ask)."""
+    posterior = getattr(deps.decider.policy, "posterior", None)
+    if not callable(posterior):
+        return None
+    return any((getattr(posterior(ctx, arm), "n", 0) or 0) > 0 for arm in allowed)
+
+
 class RecommendController(Controller):
     path = "/"
 
     @post("/recommend", status_code=200, summary="The decision the policy would make now for a context (no upstream call, no budget kept)",
           responses={404: ERR})
     async def recommend(self, deps: Deps, data: JSONBody[RecommendIn]) -> Recommendation:
-        ctx, _ = context_of(deps, data.task_type, data.context)
+        context, assumed, notes = await typical_context(deps, data.task_type, data.context)
+        ctx, _ = context_of(deps, data.task_type, context)
         rid = f"recommend-{uuid.uuid4()}"
         # A private generator: the request path's sequence stays untouched.
         ex = await deps.decider.explain(ctx, request_id=rid, assignment_key=data.context.user, rng=np.random.default_rng())
@@ -68,12 +111,16 @@ class RecommendController(Controller):
         policy = deps.decider.policy
         assert d.policy_choice is not None and d.policy_propensity is not None  # explain always records the policy's choice
         base = ex.reference.arm
+        learned = bucket_learned(deps, ctx, ex.allowed)
+        if learned is False:
+            notes.append(f"bucket '{context_bucket(ctx)}' is still unlearned: no outcome has been observed for any allowed arm, "
+                         "so the recommendation is the policy's prior, not evidence")
         return Recommendation(
             task_type=ctx.task_type, bucket=context_bucket(ctx), policy=policy.name, policy_version=policy.version,
             recommended=params_out(d.policy_choice), propensity=d.policy_propensity, would_send=params_out(d.sent), would_mode=d.mode,
             baseline=params_out(base),
             arms=[ArmProbability(temperature=a.temperature, max_tokens=a.max_tokens, probability=p) for a, p in zip(ex.allowed, ex.pmf)],
-            guards=guard_verdicts(deps, ex, time.time()),
+            guards=guard_verdicts(deps, ex, time.time()), assumed=assumed, learned=learned, notes=notes,
         )
 
     @post("/test-shadow", status_code=200, summary="Run one synthetic request through the decision path; nothing is sent or logged",

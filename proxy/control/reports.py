@@ -22,13 +22,17 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import numpy as np
 
 from guards.rollout import OpeEvidence, higher
-from policies import ope
+from policies import ope, sequences
 from policies.arms import arm_key
 from policies.context import context_bucket
+from policies.effort import EFFORT_LEVELS
+from policies.effort import rank as effort_rank
 from policies.records import Arm, Params
+from policies.settings import RewardSettings
 from proxy.control.schemas import (
     ArmPosterior,
     ArmStats,
@@ -38,14 +42,18 @@ from proxy.control.schemas import (
     ImprovementOut,
     Interval,
     LatencyPoint,
+    MetricComparison,
     MetricsReport,
     OpeEvidenceOut,
     OpeOut,
+    OpeTaskOut,
     ParameterEvolution,
     ParamPoint,
     PerformanceReport,
     PolicyEstimates,
     RewardPoint,
+    SignalSources,
+    TaskComparison,
     TaskConvergence,
     TaskEvolution,
     TaskPerformance,
@@ -57,6 +65,13 @@ if TYPE_CHECKING:
     from proxy.decision.decider import BanditDecider
 
 OPTIMIZED_MODES = frozenset({"optimized", "guard_fallback"})
+OPE_METHOD_NAME = (
+    "self-normalised importance sampling (SNIPS) on the logged optimised requests, with inverse propensity "
+    "scoring (IPS) and doubly robust (DR) estimates alongside; the improvement is the current policy minus the "
+    "client's own parameters, scored on the same log"
+)
+MIN_ESS = 10.0
+"""Below this effective sample size (or a tenth of the rows) the weights rest on a handful of requests: say so."""
 OPE_METHOD = (
     "logged rows with mode 'optimized' (behaviour propensity = the logged propensity); for each row the "
     "RequestContext is rebuilt from context_features, the allowed arms from today's trust region "
@@ -155,11 +170,21 @@ def _arm_stats(task: str, label: str, params: Params | None, traffic: str, rows:
 
 
 def _baseline_rewards(rows: Iterable[DecisionRow]) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = defaultdict(list)
+    """Per task type, the rewards of the reference traffic: the randomised holdout when the task has rewarded holdout rows,
+    else every baseline-served row (shadow, off and rollback traffic is not a randomised control, so it only stands in)."""
+    served: dict[str, list[float]] = defaultdict(list)
+    holdout: dict[str, list[float]] = defaultdict(list)
     for r in rows:
         if traffic_of(r.mode) == "baseline" and r.effective_reward is not None and math.isfinite(r.effective_reward):
-            out[r.task_type].append(r.effective_reward)
-    return out
+            served[r.task_type].append(r.effective_reward)
+            if r.mode == "holdout":
+                holdout[r.task_type].append(r.effective_reward)
+    return {task: holdout.get(task) or rewards for task, rewards in served.items()}
+
+
+def _self_difference(n: int) -> Interval:
+    """The reference traffic's improvement over itself: exactly 0, stated rather than left null."""
+    return Interval(mean=0.0, ci_low=0.0, ci_high=0.0, n=n)
 
 
 def metrics_report(rows: list[DecisionRow], since: float, until: float, truncated: bool) -> MetricsReport:
@@ -183,12 +208,17 @@ def performance_report(rows: list[DecisionRow], since: float, until: float, trun
     by_task: dict[str, dict[str, list[DecisionRow]]] = defaultdict(lambda: {"optimized": [], "baseline": []})
     for r in rows:
         by_task[r.task_type][traffic_of(r.mode)].append(r)
+    base = _baseline_rewards(rows)
     tasks = []
     for task in sorted(by_task):
         groups = by_task[task]
-        base_rewards = [r.effective_reward for r in groups["baseline"] if r.effective_reward is not None and math.isfinite(r.effective_reward)]
+        base_rewards = base.get(task, [])
         opt = _arm_stats(task, "*", None, "optimized", groups["optimized"], base_rewards) if groups["optimized"] else None
         bas = _arm_stats(task, "*", None, "baseline", groups["baseline"], None) if groups["baseline"] else None
+        if bas is not None and base_rewards:
+            served = [r.effective_reward for r in groups["baseline"] if r.effective_reward is not None and math.isfinite(r.effective_reward)]
+            same = len(served) == len(base_rewards)  # the reference is all of it (no shadow/off/rollback rows beside the holdout)
+            bas = msgspec.structs.replace(bas, improvement_over_baseline=_self_difference(len(served)) if same else diff_interval(served, base_rewards))
         opt_rewards = [r.effective_reward for r in groups["optimized"] if r.effective_reward is not None and math.isfinite(r.effective_reward)]
         tasks.append(TaskPerformance(task_type=task, optimized=opt, baseline=bas, improvement=diff_interval(opt_rewards, base_rewards)))
     return PerformanceReport(since=since, until=until, rows=len(rows), truncated=truncated, tasks=tasks)
@@ -244,6 +274,10 @@ def bins_per_task(rows: Iterable[DecisionRow], since: float, width: float, bins:
     return per_task
 
 
+def _effort_rank(level: str | None) -> float:
+    return float(effort_rank(level or ""))
+
+
 def parameter_evolution(rows: list[DecisionRow], since: float, until: float, bins: int) -> ParameterEvolution:
     width, bins = bin_edges(since, until, bins)
     per_task = bins_per_task(rows, since, width, bins)
@@ -262,6 +296,10 @@ def parameter_evolution(rows: list[DecisionRow], since: float, until: float, bin
                     policy_max_tokens=_mean([p.max_tokens for p in pol if p.max_tokens is not None]),
                     sent_temperature=_mean([r.chosen_params.temperature for r in group if r.chosen_params.temperature is not None]),
                     sent_max_tokens=_mean([r.chosen_params.max_tokens for r in group if r.chosen_params.max_tokens is not None]),
+                    client_temperature=_mean([r.baseline_params.temperature for r in group if r.baseline_params.temperature is not None]),
+                    client_max_tokens=_mean([r.baseline_params.max_tokens for r in group if r.baseline_params.max_tokens is not None]),
+                    policy_effort_rank=_mean([_effort_rank(p.effort) for p in pol if p.effort in EFFORT_LEVELS]),
+                    client_effort_rank=_mean([_effort_rank(r.baseline_params.effort) for r in group if r.baseline_params.effort in EFFORT_LEVELS]),
                 )
             )
         tasks.append(TaskEvolution(task_type=task, series=series))
@@ -402,26 +440,83 @@ def _policy_estimates(name: str, report: ope.OpeReport) -> PolicyEstimates:
     return PolicyEstimates(policy=name, ips=ips, snips=snips, dr=_est(report.dr), ess=report.ess, max_weight=report.max_weight)
 
 
+def _ess_too_small(ess: float, n: int) -> bool:
+    return ess < MIN_ESS or ess < 0.1 * n
+
+
+def _statement(report: OpeOut) -> str:
+    """The estimate in one sentence, or why there is none / why it should not be trusted."""
+    if report.target is None:
+        return f"no estimate: {report.reason}"
+    snips = report.target.snips
+    imp = next((i for i in report.improvement if i.estimator == "snips"), None)
+    text = (f"the current policy is worth {snips.value:.3f} mean reward (95 % interval [{snips.ci_low:.3f}, {snips.ci_high:.3f}]) "
+            f"on {report.rows:,} logged requests")
+    if imp is not None:
+        lower = f"{imp.lower:+.3f}" if imp.lower is not None else "unknown"
+        text += f", {imp.difference:+.3f} against the client's own parameters (lower bound {lower})"
+    if _ess_too_small(report.target.ess, report.rows):
+        text += (f"; the effective sample size is only {report.target.ess:.1f} of {report.rows} rows, so the estimate rests on "
+                 "a few heavily weighted requests and is not reliable yet")
+    return text
+
+
+def _unsupported(since: float, until: float, arrays: OpeArrays, exc: ope.UnsupportedTarget) -> OpeOut:
+    reason = f"the log does not support the current policy: {exc}; no estimate is given until it has explored those arms"
+    return OpeOut(since=since, until=until, rows=arrays.n, skipped=arrays.skipped, method=OPE_METHOD_NAME, method_detail=OPE_METHOD,
+                  logged_mean_reward=_mean(arrays.rewards.tolist()), target=None, baseline=None, improvement=[], reason=reason,
+                  statement=f"no estimate: {reason}")
+
+
 def ope_report(
     decider: BanditDecider, rows: list[DecisionRow], since: float, until: float, *, seed: int = 0, n_bootstrap: int = ope.REPORT_BOOTSTRAP_REPLICATES,
-    scored: tuple[list[_Scored], int] | None = None,
+    scored: tuple[list[_Scored], int] | None = None, per_task: bool = True,
+) -> tuple[OpeOut, OpeArrays]:
+    """The estimate over every task type, and (per_task) the same estimate restricted to each task type's rows."""
+    if per_task and scored is None:
+        scored = score_rows(decider, rows)
+    report, arrays = _ope_all(decider, rows, since, until, seed=seed, n_bootstrap=n_bootstrap, scored=scored)
+    if not per_task or scored is None:
+        return report, arrays
+    kept, _ = scored
+    tasks = []
+    for task in sorted({k[0].task_type for k in kept}):
+        part, _ = _ope_all(decider, [], since, until, seed=seed, n_bootstrap=n_bootstrap, scored=([k for k in kept if k[0].task_type == task], 0))
+        imp = next((i for i in part.improvement if i.estimator == "snips"), None)
+        t = part.target
+        tasks.append(OpeTaskOut(
+            task_type=task, rows=part.rows, ess=t.ess if t is not None else None, policy_value=t.snips.value if t is not None else None,
+            baseline_value=part.baseline.snips.value if part.baseline is not None else None,
+            improvement=imp.difference if imp is not None else None, improvement_lower=imp.lower if imp is not None else None,
+            supported=t is not None and not _ess_too_small(t.ess, part.rows), statement=f"{task}: {part.statement}",
+        ))
+    return msgspec.structs.replace(report, tasks=tasks), arrays
+
+
+def _ope_all(
+    decider: BanditDecider, rows: list[DecisionRow], since: float, until: float, *, seed: int, n_bootstrap: int,
+    scored: tuple[list[_Scored], int] | None,
 ) -> tuple[OpeOut, OpeArrays]:
     arrays = OpeArrays(decider, rows, scored)
     if arrays.n < 2:
+        reason = f"{arrays.n} optimized row(s) with a reward in the window; at least 2 are needed"
         return OpeOut(
-            since=since, until=until, rows=arrays.n, skipped=arrays.skipped, method=OPE_METHOD,
+            since=since, until=until, rows=arrays.n, skipped=arrays.skipped, method=OPE_METHOD_NAME, method_detail=OPE_METHOD,
             logged_mean_reward=_mean(arrays.rewards.tolist()), target=None, baseline=None, improvement=[],
-            reason=f"{arrays.n} optimized row(s) with a reward in the window; at least 2 are needed",
+            reason=reason, statement=f"no estimate: {reason}",
         ), arrays
     a = arrays
-    target = ope.evaluate(
-        rewards=a.rewards, behaviour_propensity=a.behaviour, target_propensity=a.target, rng=np.random.default_rng(seed),
-        reward_hat_logged=a.q_logged, target_value_hat=a.v_target, n_bootstrap=n_bootstrap,
-    )
-    baseline = ope.evaluate(
-        rewards=a.rewards, behaviour_propensity=a.behaviour, target_propensity=a.baseline, rng=np.random.default_rng(seed),
-        reward_hat_logged=a.q_logged, target_value_hat=a.v_baseline, n_bootstrap=n_bootstrap,
-    )
+    try:
+        target = ope.evaluate(
+            rewards=a.rewards, behaviour_propensity=a.behaviour, target_propensity=a.target, rng=np.random.default_rng(seed),
+            reward_hat_logged=a.q_logged, target_value_hat=a.v_target, n_bootstrap=n_bootstrap,
+        )
+        baseline = ope.evaluate(
+            rewards=a.rewards, behaviour_propensity=a.behaviour, target_propensity=a.baseline, rng=np.random.default_rng(seed),
+            reward_hat_logged=a.q_logged, target_value_hat=a.v_baseline, n_bootstrap=n_bootstrap,
+        )
+    except ope.UnsupportedTarget as exc:
+        return _unsupported(since, until, a, exc), a
     improvements = []
     for estimator in ("ips", "snips", "dr"):
         imp = ope.improvement_lower_bound(
@@ -433,10 +528,12 @@ def ope_report(
             ImprovementOut(estimator=estimator, target=imp.target, baseline=imp.baseline, difference=imp.difference,
                            lower=finite(imp.lower), upper=finite(imp.upper), n=imp.n)
         )
-    return OpeOut(
-        since=since, until=until, rows=a.n, skipped=a.skipped, method=OPE_METHOD, logged_mean_reward=float(a.rewards.mean()),
-        target=_policy_estimates(decider.policy.name, target), baseline=_policy_estimates("baseline", baseline), improvement=improvements,
-    ), arrays
+    out = OpeOut(
+        since=since, until=until, rows=a.n, skipped=a.skipped, method=OPE_METHOD_NAME, method_detail=OPE_METHOD,
+        logged_mean_reward=float(a.rewards.mean()), target=_policy_estimates(decider.policy.name, target),
+        baseline=_policy_estimates("baseline", baseline), improvement=improvements,
+    )
+    return msgspec.structs.replace(out, statement=_statement(out)), a
 
 
 def ope_evidence(report: OpeOut, estimator: str = "snips") -> tuple[OpeEvidence | None, OpeEvidenceOut]:
@@ -453,3 +550,164 @@ def ope_evidence(report: OpeOut, estimator: str = "snips") -> tuple[OpeEvidence 
 
 def next_phase(phase: str) -> str | None:
     return higher(phase)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- tuned vs holdout
+
+HOLDOUT_MODE = "holdout"
+ALPHA = 0.05
+CS_NOTE = ("anytime-valid {level} % confidence sequence (PrPl-EB, policies.sequences) per stream at α/2, "
+           "difference = [L_opt − U_hold, U_opt − L_hold]; values bounded in [{low:g}, {high:g}]{extra}")
+P99_NOTE = ("distribution-free order-statistic interval for each stream's p99 at α/2 (exact binomial ranks), "
+            "difference = [L_opt − U_hold, U_opt − L_hold]; valid for this window's fixed sample, not anytime-valid; "
+            "an open end means too few requests to bound that side")
+
+
+def quantile_interval(values: Sequence[float], q: float, alpha: float) -> tuple[float | None, float | None]:
+    """Order statistics [x_(l), x_(u)] covering the q-quantile with probability ≥ 1 − alpha, whatever the distribution.
+
+    With B ~ Binomial(n, q) the count of values at or below the true quantile,
+    P(x_(l) ≤ ξ_q ≤ x_(u)) ≥ P(l ≤ B ≤ u − 1); l is the largest rank with P(B < l) ≤ α/2 and
+    u the smallest with P(B ≥ u) ≤ α/2.  A side with no such rank (too few values) is None.
+    """
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        return None, None
+    cdf, acc = [], 0.0  # cdf[k] = P(B ≤ k), in log space per term to stay finite for large n
+    log_q, log_p = math.log(q), math.log1p(-q)
+    for k in range(n + 1):
+        acc += math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_q + (n - k) * log_p)
+        cdf.append(acc)
+    lower_rank = max((k for k in range(1, n + 1) if cdf[k - 1] <= alpha / 2), default=None)
+    upper_rank = min((k for k in range(1, n + 1) if 1.0 - cdf[k - 1] <= alpha / 2), default=None)
+    return (xs[lower_rank - 1] if lower_rank else None), (xs[upper_rank - 1] if upper_rank else None)
+
+
+def _signed(x: float, digits: int) -> str:
+    return f"{x:+,.{digits}f}"
+
+
+def _verdict(low: float | None, high: float | None, higher_is_better: bool) -> str:
+    if low is None or high is None:
+        return "not yet known"
+    if low > 0:
+        return "better" if higher_is_better else "worse"
+    if high < 0:
+        return "worse" if higher_is_better else "better"
+    return "not yet known"
+
+
+def _sentence(task: str, label: str, diff: float | None, low: float | None, high: float | None, n: int, digits: int) -> str:
+    if diff is None:
+        return f"{task}: {label} not comparable yet (needs tuned and holdout requests), {n:,} requests"
+    lo = _signed(low, digits) if low is not None else "−∞"
+    hi = _signed(high, digits) if high is not None else "+∞"
+    return f"{task}: {_signed(diff, digits)} {label}, {round(100 * (1 - ALPHA))} % interval [{lo}, {hi}], {n:,} requests"
+
+
+def _cs_metric(task: str, metric: str, unit: str, label: str, opt: list[float], hold: list[float], low: float, high: float,
+               higher_is_better: bool, digits: int, extra: str = "") -> MetricComparison:
+    """Mean tuned − mean holdout with the anytime-valid difference bounds of `policies.sequences`."""
+    n = len(opt) + len(hold)
+    note = CS_NOTE.format(level=round(100 * (1 - ALPHA)), low=low, high=high, extra=extra)
+    if not opt or not hold or not high > low:
+        return MetricComparison(metric=metric, unit=unit, optimized=_mean(opt), holdout=_mean(hold), difference=None, ci_low=None,
+                                ci_high=None, optimized_n=len(opt), holdout_n=len(hold), anytime_valid=True, interval=note,
+                                verdict="not yet known", summary=_sentence(task, label, None, None, None, n, digits))
+    comp = sequences.new_comparison(ALPHA, low, high)
+    comp = sequences.Comparison(optimised=sequences.observe_many(comp.optimised, np.clip(opt, low, high)),
+                                holdout=sequences.observe_many(comp.holdout, np.clip(hold, low, high)))
+    d_low, d_high = sequences.difference_bounds(comp)
+    diff = float(np.mean(opt) - np.mean(hold))
+    return MetricComparison(metric=metric, unit=unit, optimized=_mean(opt), holdout=_mean(hold), difference=diff, ci_low=d_low,
+                            ci_high=d_high, optimized_n=len(opt), holdout_n=len(hold), anytime_valid=True, interval=note,
+                            verdict=_verdict(d_low, d_high, higher_is_better), summary=_sentence(task, label, diff, d_low, d_high, n, digits))
+
+
+def _p99_metric(task: str, opt: list[float], hold: list[float]) -> MetricComparison:
+    n = len(opt) + len(hold)
+    po, ph = quantile(opt, 0.99), quantile(hold, 0.99)
+    diff = po - ph if po is not None and ph is not None else None
+    lo_o, hi_o = quantile_interval(opt, 0.99, ALPHA / 2)
+    lo_h, hi_h = quantile_interval(hold, 0.99, ALPHA / 2)
+    d_low = lo_o - hi_h if lo_o is not None and hi_h is not None else None
+    d_high = hi_o - lo_h if hi_o is not None and lo_h is not None else None
+    return MetricComparison(metric="latency_p99", unit="ms", optimized=po, holdout=ph, difference=diff, ci_low=d_low, ci_high=d_high,
+                            optimized_n=len(opt), holdout_n=len(hold), anytime_valid=False, interval=P99_NOTE,
+                            verdict="better" if d_high is not None and d_high < 0 else "worse" if d_low is not None and d_low > 0 else "not yet known",
+                            summary=_sentence(task, "ms p99 latency", diff, d_low, d_high, n, 0))
+
+
+def tuned_vs_holdout(rows: Iterable[DecisionRow], reward_low: float, reward_high: float) -> list[TaskComparison]:
+    """Per task type: optimised traffic against the always-on holdout (mode ``holdout``), oldest row first.
+
+    Holdout rows are randomised baseline traffic, so the difference needs no model or
+    reweighting.  Rows of other baseline modes (off, shadow, rollback) are not a
+    randomised control and stay out.  The task's verdict is "rolled back" when its newest
+    row was served in mode ``rollback``; otherwise the reward verdict.
+    """
+    by_task: dict[str, list[DecisionRow]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: r.timestamp):
+        by_task[r.task_type].append(r)
+    out = []
+    for task in sorted(by_task):
+        task_rows = by_task[task]
+        opt = [r for r in task_rows if r.mode in OPTIMIZED_MODES]
+        hold = [r for r in task_rows if r.mode == HOLDOUT_MODE]
+
+        def vals(rs: list[DecisionRow], get: Any) -> list[float]:
+            return [float(v) for v in (get(r) for r in rs) if v is not None and math.isfinite(v)]
+
+        ok = lambda r: 200 <= r.status < 300  # noqa: E731
+        q_o, q_h = vals(opt, lambda r: r.effective_quality), vals(hold, lambda r: r.effective_quality)
+        r_o, r_h = vals(opt, lambda r: r.effective_reward), vals(hold, lambda r: r.effective_reward)
+        l_o = vals([r for r in opt if ok(r)], lambda r: r.latency_s * 1000.0)
+        l_h = vals([r for r in hold if ok(r)], lambda r: r.latency_s * 1000.0)
+        t_o, t_h = vals(opt, lambda r: r.completion_tokens), vals(hold, lambda r: r.completion_tokens)
+        t_max = max(t_o + t_h, default=0.0)
+        metrics = [
+            _cs_metric(task, "quality", "score in [0, 1]", "quality", q_o, q_h, 0.0, 1.0, True, 2),
+            _cs_metric(task, "reward", "reward", "reward", r_o, r_h, reward_low, reward_high, True, 2),
+            _p99_metric(task, l_o, l_h),
+            _cs_metric(task, "completion_tokens", "tokens", "completion tokens", t_o, t_h, 0.0, t_max, False, 0,
+                       extra=" (the upper bound is the window's largest count, taken from the data)"),
+        ]
+        rolled = bool(task_rows) and task_rows[-1].mode == "rollback"
+        reward = metrics[1]
+        headline = metrics[0] if metrics[0].difference is not None else reward
+        verdict = "rolled back" if rolled else reward.verdict
+        summary = headline.summary + ("; rolled back: this task now gets the baseline" if rolled else f"; verdict: {verdict}")
+        out.append(TaskComparison(task_type=task, requests=len(task_rows), optimized_n=len(opt), holdout_n=len(hold), verdict=verdict,
+                                  summary=summary, metrics=metrics))
+    return out
+
+
+def reward_range(settings: RewardSettings) -> tuple[float, float]:
+    """The bounds `policies.reward.compute_reward` can produce: quality term minus the two capped cost ratios."""
+    return -(settings.w_latency + settings.w_tokens) * settings.max_ratio, settings.w_quality
+
+
+def holdout_reward_series(rows: list[DecisionRow], since: float, until: float, bins: int) -> list[RewardPoint]:
+    """`reward_series` restricted to optimised vs the randomised holdout (the dashboard's baseline line)."""
+    return reward_series([r for r in rows if r.mode in OPTIMIZED_MODES or r.mode == HOLDOUT_MODE], since, until, bins)
+
+
+def signal_sources(rows: Iterable[DecisionRow]) -> list[SignalSources]:
+    """Per task type, how many rows' effective quality came from each source (the strongest one kept)."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(("explicit", "judge", "implicit", "automatic", "none"), 0))
+    for r in rows:
+        if r.feedback_quality is not None:
+            source = r.feedback_source if r.feedback_source in ("explicit", "judge", "implicit") else "explicit"
+        else:
+            source = "automatic" if r.quality is not None else "none"
+        counts[r.task_type][source] += 1
+    return [SignalSources(task_type=task, **c) for task, c in sorted(counts.items())]
+
+
+def burn_rate(fill: float | None, window_start: float, window_s: float, now: float) -> float | None:
+    """Share of the budget used over the share of the window elapsed: above 1 the window ends over its limit at this pace."""
+    elapsed = (now - window_start) / window_s if window_s > 0 else 0.0
+    if fill is None or elapsed <= 0:
+        return None
+    return fill / min(elapsed, 1.0)

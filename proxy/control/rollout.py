@@ -44,7 +44,7 @@ class RolloutApiController(Controller):
         ro = deps.rollout
         st = ro.state
         rows, _ = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, mode="optimized")
-        report, _ = cdata.ope_report(deps.decider, rows, since, until, n_bootstrap=ope.EVIDENCE_BOOTSTRAP_REPLICATES)
+        report, _ = cdata.ope_report(deps.decider, rows, since, until, n_bootstrap=ope.EVIDENCE_BOOTSTRAP_REPLICATES, per_task=False)
         evidence, evidence_out = cdata.ope_evidence(report)
         check = ro.promotion_check(now, evidence)
         s = ro.settings

@@ -251,6 +251,10 @@ class ParamPoint(msgspec.Struct):
     policy_max_tokens: float | None
     sent_temperature: float | None  # mean of what was sent
     sent_max_tokens: float | None
+    client_temperature: float | None = None  # mean of the client's own values (the baseline)
+    client_max_tokens: float | None = None
+    policy_effort_rank: float | None = None  # mean position on `policies.effort.EFFORT_LEVELS` (none = 0 … max = 6)
+    client_effort_rank: float | None = None
 
 
 class TaskEvolution(msgspec.Struct):
@@ -405,6 +409,9 @@ class Recommendation(msgspec.Struct):
     baseline: ParamsOut
     arms: list[ArmProbability]
     guards: list[GuardVerdict]
+    assumed: dict[str, Any] = {}  # context fields the caller left out, filled from the task's recent traffic
+    learned: bool | None = None  # False: no outcome observed yet in this bucket (the answer is the prior); None: the policy cannot tell
+    notes: list[str] = []  # the above, in words
 
 
 class ShadowTestIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -453,6 +460,7 @@ class RecordOutcomeResult(msgspec.Struct):
     policy_updated: bool
     policy_update: str  # what happened to the policy statistics, and why
     overwritten: bool
+    replaced: str = ""  # what this feedback replaced, in words (automatic score, judge, earlier feedback)
 
 
 # --------------------------------------------------------------------------- OPE
@@ -494,12 +502,29 @@ class OpeOut(msgspec.Struct):
     until: float
     rows: int  # optimized rows used
     skipped: int  # rows without a reward or a usable propensity
-    method: str  # how target probabilities for logged rows were obtained
+    method: str  # the estimator, named for a person
     logged_mean_reward: float | None
     target: PolicyEstimates | None
     baseline: PolicyEstimates | None
     improvement: list[ImprovementOut]
     reason: str = ""  # why there are no estimates
+    method_detail: str = ""  # how target probabilities for logged rows were obtained
+    statement: str = ""  # the answer in one sentence, including when it cannot be trusted
+    tasks: list[OpeTaskOut] = []
+
+
+class OpeTaskOut(msgspec.Struct):
+    """One task type's rows of the same estimate: SNIPS value of the current policy and of the baseline, and their difference."""
+
+    task_type: str
+    rows: int
+    ess: float | None
+    policy_value: float | None
+    baseline_value: float | None
+    improvement: float | None
+    improvement_lower: float | None
+    supported: bool
+    statement: str
 
 
 # --------------------------------------------------------------------------- logs / audit / status
@@ -629,3 +654,54 @@ class Dashboard(msgspec.Struct):
     events: list[RolloutEventOut]
     performance: list[TaskPerformance]
     bin_s: float
+    comparisons: list[TaskComparison] = []
+    holdout_reward_series: list[RewardPoint] = []
+    signal_sources: list[SignalSources] = []
+    trust_region: TrustRegionOut | None = None
+    budget_burn_rate: float | None = None  # share of the limit used / share of the window elapsed (1 = on pace to end at the limit)
+
+
+class MetricComparison(msgspec.Struct):
+    """One metric of one task type, tuned (optimised) vs holdout traffic, with how its interval was built."""
+
+    metric: str  # quality | reward | latency_p99 | completion_tokens
+    unit: str
+    optimized: float | None
+    holdout: float | None
+    difference: float | None
+    ci_low: float | None
+    ci_high: float | None
+    optimized_n: int
+    holdout_n: int
+    anytime_valid: bool
+    interval: str
+    verdict: str  # better | worse | not yet known
+    summary: str
+
+
+class TaskComparison(msgspec.Struct):
+    task_type: str
+    requests: int
+    optimized_n: int
+    holdout_n: int
+    verdict: str  # better | worse | not yet known | rolled back
+    summary: str
+    metrics: list[MetricComparison]
+
+
+class SignalSources(msgspec.Struct):
+    """Where each request's effective quality came from (the log's `decision_feedback.source`, else the automatic score)."""
+
+    task_type: str
+    explicit: int
+    judge: int
+    implicit: int  # regeneration marks
+    automatic: int  # the automatic score (validators included: they fold into it)
+    none: int  # no quality at all (errors, requests in flight)
+
+
+class TrustRegionOut(msgspec.Struct):
+    max_delta_temperature: float
+    max_delta_max_tokens: int
+    max_delta_effort_levels: int = 0
+    effort_levels: list[str] = []  # the scale the effort ranks count on

@@ -126,7 +126,7 @@ def test_ope_ips_by_hand(ctl: RunningThermostat) -> None:
         pi.append(probs[idx])
         pb.append(1.0 if arm_key(sent) == arm_key(base) else 0.0)
     r, mu, pi, pb = map(np.array, (r, mu, pi, pb))
-    assert body["rows"] == 60 and body["skipped"] == 0 and "propensities" in body["method"]
+    assert body["rows"] == 60 and body["skipped"] == 0 and "propensities" in body["method_detail"] and body["method"].startswith("self-normalised importance sampling (SNIPS)")
     assert math.isclose(body["target"]["ips"]["value"], float(np.mean(pi / mu * r)), rel_tol=1e-9)
     assert math.isclose(body["target"]["snips"]["value"], float(np.sum(pi / mu * r) / np.sum(pi / mu)), rel_tol=1e-9)
     assert math.isclose(body["baseline"]["ips"]["value"], float(np.mean(pb / mu * r)), rel_tol=1e-9)
