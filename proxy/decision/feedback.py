@@ -84,6 +84,12 @@ def _count_signal(rt: Any, task_type: str, already: bool, learns: bool) -> None:
         rt.bandit.signals.add(task_type)
 
 
+def _judged(rt: Any, request_id: str) -> bool:
+    """A judge score or implicit mark already counted this request (`deliver_signal`): explicit feedback is not a second signal."""
+    signals = getattr(rt, "signal_book", None)
+    return signals is not None and request_id in signals.sources
+
+
 def _reward(rt: Any, task_type: str, quality: float, latency_s: float, completion_tokens: int | None) -> float:
     bandit = rt.bandit
     return bandit.costs.reward(
@@ -139,7 +145,7 @@ async def record_outcome(rt: Any, book: FeedbackBook, body: RecordOutcomeIn, act
                 book.pending.popitem(last=False)
             rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=None, payload=payload, received_at=now))
             book.remember(rid, quality, None)
-            _count_signal(rt, decision.context.task_type, already, learns=True)  # in flight: its status is not known yet
+            _count_signal(rt, decision.context.task_type, already or _judged(rt, rid), learns=True)  # in flight: status not known yet
             return RecordOutcomeResult(
                 request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality,
                 automatic_quality=None, reward=None, previous_reward=None, policy_updated=False,
@@ -203,7 +209,7 @@ async def _with_outcome(
     rt.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward, feedback=True))
     rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
-    _count_signal(rt, decision.context.task_type, already, _learns(outcome.status, outcome.error_class))
+    _count_signal(rt, decision.context.task_type, already or _judged(rt, rid), _learns(outcome.status, outcome.error_class))
     return RecordOutcomeResult(
         request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality, automatic_quality=automatic,
         reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,

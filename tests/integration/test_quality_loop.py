@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from policies.signals import Signal
 from proxy.demo.simulator import SimulatorTruth, TaskProfile
 from proxy.demo.simulator_server import SimulatorHandle, start_simulator
 from tests.conftest import make_config
@@ -175,3 +176,19 @@ def test_an_answer_that_breaks_its_json_schema_scores_lower(plain: RunningThermo
         qualities[label] = _quality(plain, raw.http_response.headers["x-request-id"])
     # Both parse as JSON, so the automatic score alone could not tell them apart.
     assert qualities == {"valid": 1.0, "invalid": plain.runtime.config.policy.quality.schema_invalid_score}
+
+
+def test_judge_then_explicit_counts_one_temperature_signal(plain: RunningThermostat) -> None:
+    """Each request is one piece of evidence for tune_temperature = auto, whichever sources scored it."""
+    rt = plain.runtime
+    client = openai.OpenAI(base_url=plain.url, api_key="sk-test", max_retries=0, timeout=10, default_headers={"x-task-type": "review"})
+    rid = client.chat.completions.with_raw_response.create(
+        model="echo-1", messages=[{"role": "user", "content": "review this"}], max_tokens=300,  # type: ignore[arg-type]
+    ).http_response.headers["x-request-id"]
+    _settle(plain)
+    assert rt.bandit.signals.count("review") == 0
+    assert plain.call(rt.deliver(Signal(request_id=rid, quality=0.4, source="judge", at=time.time()))) == "applied"
+    assert rt.bandit.signals.count("review") == 1 and _quality(plain, rid) == 0.4
+    r = httpx.post(f"{plain.base}/api/optimization/record-outcome", json={"request_id": rid, "outcome": {"quality": 0.9}}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert rt.bandit.signals.count("review") == 1 and _quality(plain, rid) == 0.9  # explicit wins, counted once
