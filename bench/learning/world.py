@@ -194,8 +194,8 @@ class RunLog:
     task: np.ndarray  # index into names
     names: list[str]
     mode: list[str]
-    true_quality: np.ndarray  # expected true quality of what was sent (same prompt)
-    client_quality: np.ndarray  # expected true quality of the client's own settings on the same prompt
+    true_quality: np.ndarray  # true quality of what was sent, expected over the task's answer lengths
+    client_quality: np.ndarray  # the same for the client's own settings (the paired counterfactual)
     expected_reward: np.ndarray  # E[reward] of the sent arm (fixed normalisers: the client's arm)
     best_reward: np.ndarray  # E[reward] of the best arm of the full trust region
     sent_temperature: np.ndarray
@@ -287,8 +287,7 @@ async def _run(
             # Arrives after completion: replaces the automatic reward through correct(), counted once (proxy/decision/feedback.py).
             new = decider.costs.reward(task_type=name, quality=signal, latency_s=latency, tokens=tokens, settings=reward_settings)
             arm, base = decision.sent.arm(decision.baseline), decision.baseline.arm()
-            if decider.policy.correct(ctx, base, arm, reward, new, logged_version=decision.policy_version) == "skipped":
-                decider.policy.update(ctx, base, arm, new)
+            decider.policy.correct(ctx, base, arm, reward, new, logged_version=decision.policy_version)
         if signal is not None:
             decider.signals.add(name)
             log.signals += 1
