@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
+from policies.effort import EFFORT_LEVELS, steps
 from policies.quality import auto_quality
 from policies.records import Decision, Outcome
 from policies.settings import QualitySettings
@@ -87,8 +88,13 @@ def complete(
 def arm_label(decision: Decision) -> str:
     """Bounded metric label: the sent parameters as deltas from the baseline."""
     sent, base = decision.sent, decision.baseline
-    if sent.temperature is None and sent.max_tokens is None:
+    if sent.temperature is None and sent.max_tokens is None and sent.effort is None:
         return "client"
     dt = (sent.temperature or 0.0) - (base.temperature or 0.0) if sent.temperature is not None else 0.0
     dm = (sent.max_tokens or 0) - (base.max_tokens or 0) if sent.max_tokens is not None else 0
-    return f"t{dt:+.2f}/m{dm:+d}"
+    label = f"t{dt:+.2f}/m{dm:+d}"
+    if sent.effort is not None:
+        # Effort moves in ordinal levels (a handful at most), so the label stays bounded.
+        de = steps(base.effort, sent.effort) if base.effort is not None and base.effort in EFFORT_LEVELS and sent.effort in EFFORT_LEVELS else 0
+        label += f"/e{de:+d}"
+    return label

@@ -108,6 +108,10 @@ def test_arm_label_is_the_delta_from_the_baseline() -> None:
     assert arm_label(mk(Params(temperature=0.5, max_tokens=700))) == "t-0.20/m+100"
     assert arm_label(mk(base)) == "t+0.00/m+0"
     assert arm_label(mk(Params())) == "client"
+    effort_base = Params(temperature=0.7, max_tokens=600, effort="medium")
+    mk_e = lambda sent: msgspec.structs.replace(run(make_decider(RecordingPolicy()))[0], sent=sent, baseline=effort_base)  # noqa: E731
+    assert arm_label(mk_e(Params(max_tokens=600, effort="high"))) == "t+0.00/m+0/e+1"
+    assert arm_label(mk_e(Params(effort="low"))) == "t+0.00/m+0/e-1"
 
 
 class LastArm(UniformPolicy):
