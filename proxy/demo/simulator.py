@@ -15,6 +15,11 @@ Ground truth per task type (`TaskProfile`):
   finish_reason "length", and quality × truncation_keep × m/n.
 * Latency = (ttft + per_token_s · tokens) · ν with ttft = ttft_base_s + ttft_per_prompt_token_s
   · prompt_tokens and ν a mean-one log-normal noise (σ = latency_noise); TTFT = ttft · ν.
+* Reasoning effort (`Arm.effort`, absent = "medium"): each step up the effort scale
+  multiplies the natural length by `effort_token_growth` (reasoning tokens are output
+  tokens, so latency grows with them) and adds effort_gain·2^−r to q, r the level's rank
+  (none = 0): hard tasks (large effort_gain) gain most, each step half as much as the
+  last, and an answer cut by max_tokens loses what the effort bought.
 
 `expected_reward` integrates all of that exactly (quantile grid over n, closed-form mean
 of the clipped normal), so `optimum` gives the true best arm and regret can be computed
@@ -34,6 +39,7 @@ import numpy as np
 
 from policies.arms import candidate_arms
 from policies.base import Policy
+from policies.effort import EFFORT_LEVELS, rank
 from policies.records import Arm, RequestContext
 from policies.reward import compute_reward
 from policies.settings import ArmGridSettings, RewardSettings
@@ -59,14 +65,16 @@ class TaskProfile(msgspec.Struct, frozen=True):
     prompt_sigma: float = 0.6
     client_temperature: float = 0.7
     client_max_tokens: int = 512
+    effort_gain: float = 0.05  # quality reasoning can add from none to unbounded effort (hard tasks: more)
 
 
 DEFAULT_TASKS: dict[str, TaskProfile] = {
-    "code": TaskProfile(best_temperature=0.2, length_median=350, prompt_median=900, share=0.3),
-    "creative": TaskProfile(best_temperature=1.0, length_median=600, prompt_median=120, share=0.2),
-    "summarise": TaskProfile(best_temperature=0.5, length_median=180, prompt_median=3000, share=0.25),
+    "code": TaskProfile(best_temperature=0.2, length_median=350, prompt_median=900, share=0.3, effort_gain=0.16),
+    "creative": TaskProfile(best_temperature=1.0, length_median=600, prompt_median=120, share=0.2, effort_gain=0.0),
+    "summarise": TaskProfile(best_temperature=0.5, length_median=180, prompt_median=3000, share=0.25, effort_gain=0.02),
     "default": TaskProfile(best_temperature=0.7, length_median=260, prompt_median=300, share=0.25),
 }
+BASE_EFFORT = "medium"  # what a request without an effort gets: the profiles above are measured there
 
 
 class SimulatorTruth(msgspec.Struct, frozen=True):
@@ -78,6 +86,7 @@ class SimulatorTruth(msgspec.Struct, frozen=True):
     per_token_s: float = 0.01
     latency_noise: float = 0.1
     truncation_keep: float = 0.6
+    effort_token_growth: float = 1.3
 
     def profile(self, task_type: str) -> TaskProfile:
         """The task's profile; unknown task types behave like "default"."""
@@ -88,6 +97,20 @@ class SimulatorTruth(msgspec.Struct, frozen=True):
         p = self.profile(task_type)
         bump = math.exp(-0.5 * ((temperature - p.best_temperature) / p.width) ** 2)
         return p.floor_quality + (p.peak_quality - p.floor_quality) * bump
+
+    def effort_steps(self, effort: str | None) -> int:
+        """Signed steps from the base effort (0 when absent); ValueError for an unknown level."""
+        return 0 if effort is None else rank(effort, EFFORT_LEVELS) - rank(BASE_EFFORT, EFFORT_LEVELS)
+
+    def effort_quality(self, task_type: str, effort: str | None) -> float:
+        """Quality added (or lost, below the base) by `effort`: effort_gain·(2^−r(base) − 2^−r)."""
+        base = rank(BASE_EFFORT, EFFORT_LEVELS)
+        r = base + self.effort_steps(effort)
+        return self.profile(task_type).effort_gain * (2.0**-base - 2.0**-r)
+
+    def effort_length(self, natural_tokens: float, effort: str | None) -> int:
+        """Output tokens a prompt wants at `effort` (its answer plus the reasoning)."""
+        return max(1, round(natural_tokens * self.effort_token_growth ** self.effort_steps(effort)))
 
     def natural_length(self, task_type: str, z: float) -> int:
         """Natural answer length for a standard-normal score z of the prompt."""
@@ -118,11 +141,13 @@ class SimulatorTruth(msgspec.Struct, frozen=True):
         quality_z: float,
         latency_z: float,
     ) -> SimOutcome:
-        """Outcome of one request given its pre-drawn randomness (standard-normal scores)."""
+        """Outcome of one request given its pre-drawn randomness (standard-normal scores);
+        `natural_tokens` is the length at the base effort, `arm.effort` stretches it."""
         p = self.profile(task_type)
+        natural_tokens = self.effort_length(natural_tokens, arm.effort)
         truncated = arm.max_tokens < natural_tokens
         tokens = min(arm.max_tokens, natural_tokens)
-        q = self.mean_quality(task_type, arm.temperature)
+        q = min(1.0, max(0.0, self.mean_quality(task_type, arm.temperature) + self.effort_quality(task_type, arm.effort)))
         if truncated:
             q *= self.truncation_keep * arm.max_tokens / natural_tokens
         quality = min(1.0, max(0.0, q + p.quality_noise * quality_z))
@@ -146,9 +171,10 @@ class SimulatorTruth(msgspec.Struct, frozen=True):
     def expected_outcome(self, task_type: str, arm: Arm) -> tuple[float, float, float]:
         """(E[observed quality], E[latency_s], E[completion tokens]) of an arm, exactly."""
         p = self.profile(task_type)
-        n = self._length_grid(task_type)
+        n = np.maximum(1.0, np.round(self._length_grid(task_type) * self.effort_token_growth ** self.effort_steps(arm.effort)))
         tokens = np.minimum(float(arm.max_tokens), n)
-        q = self.mean_quality(task_type, arm.temperature) * np.where(arm.max_tokens < n, self.truncation_keep * arm.max_tokens / n, 1.0)
+        q0 = min(1.0, max(0.0, self.mean_quality(task_type, arm.temperature) + self.effort_quality(task_type, arm.effort)))
+        q = q0 * np.where(arm.max_tokens < n, self.truncation_keep * arm.max_tokens / n, 1.0)
         quality = float(np.mean(_clipped_normal_mean(q, p.quality_noise)))
         mean_tokens = float(np.mean(tokens))
         latency = self.ttft_mean_s(self.mean_prompt_tokens(task_type)) + self.per_token_s * mean_tokens

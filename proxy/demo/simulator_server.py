@@ -22,6 +22,11 @@ deterministic function of the prompt text and the seed, so the same prompt alway
 the same length.  Responses sleep for the simulated latency times `time_scale`
 (0 = instant; streaming spreads it: TTFT before the first chunk, the rest across chunks).
 
+Reasoning effort (chat `reasoning_effort`, Responses `reasoning.effort`, Messages
+`output_config.effort`) moves the outcome as `SimulatorTruth` describes: more effort, more
+output tokens and latency, and quality up on hard tasks with diminishing returns. An
+effort the format does not accept is a 400, as the real APIs answer.
+
 Every response carries the truth in headers so a demo can post explicit feedback:
 `x-sim-task-type`, `x-sim-quality` (observed), `x-sim-true-quality`, `x-sim-natural-tokens`.
 """
@@ -43,6 +48,7 @@ from aiohttp import web
 
 from policies.arms import candidate_arms
 from policies.context import estimate_prompt_tokens
+from policies.effort import ANTHROPIC_EFFORTS, OPENAI_EFFORTS
 from policies.records import Arm
 from policies.settings import ArmGridSettings
 from proxy.demo.simulator import SimOutcome, SimulatorTruth
@@ -145,6 +151,22 @@ def _number(value: Any, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return default
     return float(value)
+
+
+def requested_effort(body: dict[str, Any], fmt: str) -> tuple[str | None, str | None]:
+    """(effort level or None when absent, error message or None) from the format's own field."""
+    if fmt == "anthropic":
+        holder, field, levels = body.get("output_config"), "output_config.effort", ANTHROPIC_EFFORTS
+    elif fmt == "responses":
+        holder, field, levels = body.get("reasoning"), "reasoning.effort", OPENAI_EFFORTS
+    else:
+        holder, field, levels = {"effort": body.get("reasoning_effort")}, "reasoning_effort", OPENAI_EFFORTS
+    value = holder.get("effort") if isinstance(holder, dict) else None
+    if value is None:
+        return None, None
+    if value not in levels:
+        return None, f"{field} must be one of {', '.join(levels)}"
+    return str(value), None
 
 
 def _words(n: int) -> list[str]:
@@ -297,13 +319,17 @@ class _Simulator:
         max_tokens = int(_number(tokens, DEFAULT_MAX_TOKENS))
         if max_tokens < 1 or not 0 <= temperature <= (1 if anthropic else 2):
             return error(400, f"max_tokens must be >= 1 and temperature in [0, {1 if anthropic else 2}]")
+        effort, effort_error = requested_effort(body, fmt)
+        if effort_error is not None:
+            return error(400, effort_error)
         prompt_tokens = estimate_prompt_tokens(body)
-        natural = self.truth.natural_length(task, _prompt_score(text, self.seed))
+        base_natural = self.truth.natural_length(task, _prompt_score(text, self.seed))
+        natural = self.truth.effort_length(base_natural, effort)  # what the answer wants at this effort
         quality_z, latency_z = self.rng.standard_normal(2)
         outcome = self.truth.respond(
             task,
-            Arm(temperature=temperature, max_tokens=max_tokens),
-            natural_tokens=natural,
+            Arm(temperature=temperature, max_tokens=max_tokens, effort=effort),
+            natural_tokens=base_natural,
             prompt_tokens=prompt_tokens,
             quality_z=float(quality_z),
             latency_z=float(latency_z),

@@ -130,7 +130,8 @@ def anthropic_body(*, ident: str, model: str, text: str, input_tokens: int, outp
 
 def anthropic_events(final: dict[str, Any], pieces: list[str]) -> list[bytes]:
     """message_start, content_block_start, ping, one text_delta per piece, content_block_stop,
-    message_delta (stop reason, cumulative output tokens), message_stop."""
+    message_delta (stop reason, cumulative input and output tokens, as the API sends them and
+    LangChain's ChatAnthropic reads them), message_stop."""
     usage = final["usage"]
     start = {**final, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
     out = [
@@ -143,7 +144,11 @@ def anthropic_events(final: dict[str, Any], pieces: list[str]) -> list[bytes]:
     out.append(
         sse(
             "message_delta",
-            {"type": "message_delta", "delta": {"stop_reason": final["stop_reason"], "stop_sequence": None}, "usage": {"output_tokens": usage["output_tokens"]}},
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": final["stop_reason"], "stop_sequence": None},
+                "usage": {"input_tokens": usage["input_tokens"], "output_tokens": usage["output_tokens"]},
+            },
         )
     )
     out.append(sse("message_stop", {"type": "message_stop"}))
