@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import httpx
 import numpy as np
 
 from policies.agreement import spearman
@@ -83,3 +84,22 @@ def test_sources_agreement_and_the_flag(own_ctl: RunningThermostat) -> None:
     assert expected is not None and expected >= 0.3 and math.isclose(j["spearman"], expected, abs_tol=1e-12)
     assert j["trusted"] is True
     assert deliver(t, Signal(code[32], 0.9, "judge")) == "applied"
+
+
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": {
+    "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"], "additionalProperties": False}}}
+
+
+def test_validator_failure_rate(own_ctl: RunningThermostat) -> None:
+    t = own_ctl
+    with httpx.Client(timeout=10) as client:
+        for answer in ('{"name": "Ada"}', '{"name": 5}', '{"nom": "Ada"}'):
+            r = client.post(f"{t.url}/chat/completions", headers={"x-task-type": "extraction"}, json={
+                "model": "raw-echo", "messages": [{"role": "user", "content": answer}], "response_format": SCHEMA_FORMAT})
+            assert r.status_code == 200, r.text
+    t.flush()
+    body = tasks(t)
+    extraction = body["extraction"]
+    assert extraction["validation_checked"] == 3 and extraction["validation_failed"] == 2
+    assert extraction["validation_failure_rate"] == 2 / 3
+    assert body["code"]["validation_checked"] == 0 and body["code"]["validation_failure_rate"] is None  # nothing asked
