@@ -35,7 +35,7 @@ def control_deps(rt: Runtime) -> ControlDeps:
         config=rt.config, auth=AdminAuth.from_settings(rt.config.admin, rt.config.server.allowed_hosts), decider=rt.bandit,
         budget=rt.budget, slo=rt.slo, log_store=rt.sink, recorder=rt.recorder, registry=rt.registry, state_store=rt.state_store,
         pool=rt.pool, build_context=rt.build_context, record_outcome=feedback, on_rollout_events=rt.on_rollout_events,
-        started_at=rt.started_at, feedback=book,
+        started_at=rt.started_at, feedback=book, signals=rt.signal_book,
     )
 
 

@@ -246,6 +246,8 @@ class JudgeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rubrics: dict[str, str] = {}  # task type -> rubric
     breaker_failures: int = 5  # consecutive failures that open the circuit
     breaker_cooldown_s: float = 60.0  # first wait before a trial call; doubles while it keeps failing
+    min_agreement: float = 0.3  # Spearman with explicit feedback below this (per task type) stops its signals
+    min_agreement_pairs: int = 30  # (judge, explicit) pairs needed before the judge can be distrusted
 
 
 class FeedbackSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -452,6 +454,7 @@ def _validate_ranges(cfg: Config) -> None:
         ("slo.quality_min", cfg.slo.quality_min),
         ("slo.error_rate_max", cfg.slo.error_rate_max),
         ("judge.sample_rate", cfg.judge.sample_rate),
+        ("judge.min_agreement", cfg.judge.min_agreement),
         ("feedback.regenerated_quality", cfg.feedback.regenerated_quality),
         ("policy.quality.schema_invalid_score", cfg.policy.quality.schema_invalid_score),
     ):
@@ -480,6 +483,7 @@ def _validate_ranges(cfg: Config) -> None:
         ("judge.max_input_chars", cfg.judge.max_input_chars),
         ("judge.max_answer_chars", cfg.judge.max_answer_chars),
         ("judge.breaker_failures", cfg.judge.breaker_failures),
+        ("judge.min_agreement_pairs", cfg.judge.min_agreement_pairs),
         ("judge.breaker_cooldown_s", cfg.judge.breaker_cooldown_s),
         ("feedback.regenerate_window_s", cfg.feedback.regenerate_window_s),
         ("feedback.max_fingerprints", cfg.feedback.max_fingerprints),

@@ -480,8 +480,8 @@ class Runtime:
         """A judge score or implicit mark for an earlier decision (proxy.decision.feedback.deliver_signal)."""
         return await deliver_signal(self, self.feedback, self.signal_book, signal)
 
-    async def _deliver_judged(self, signal: Signal) -> None:
-        await self.deliver(signal)
+    async def _deliver_judged(self, signal: Signal) -> str:
+        return await self.deliver(signal)
 
     async def _charge_judge(self, task_type: str, tokens: int) -> None:
         if not await self.budget.charge(task_type, tokens, time.time()):
@@ -506,9 +506,10 @@ class Runtime:
         if response_format is None and not tools:
             return outcome
         violation = await validate_answer(self.validators, summary.content, response_format, summary.tool_calls if tools else (), tools)
+        task = self.metrics.task_label(decision.context.task_type)
+        self.signal_book.validated(task, violation is not None)
         if violation is None:
             return outcome
-        task = self.metrics.task_label(decision.context.task_type)
         self.metrics.child(self.metrics.validation_failures, task).inc()
         log.info("answer %s breaks its schema: %s", decision.request_id, violation[:200])
         quality = validated_quality(outcome.quality, violation, self.config.policy.quality)

@@ -21,6 +21,7 @@ from proxy.control.deps import ControlDeps
 from proxy.control.errors import UNKNOWN_FIELD, document_errors, integral_floats_as_ints
 from proxy.control.feedback import FeedbackController
 from proxy.control.performance import PerformanceController
+from proxy.control.quality import QualityController
 from proxy.control.recommend import RecommendController
 from proxy.control.rollout import RolloutApiController
 from proxy.control.status import StatusController
@@ -30,6 +31,7 @@ from proxy.edge.errors import ProxyError
 CONTROLLERS: tuple[type[Controller], ...] = (
     StatusController, PerformanceController, RolloutApiController, BudgetController, DecisionsController,
     ComplianceController, RecommendController, FeedbackController,
+    QualityController,
 )
 
 for _controller in CONTROLLERS:  # once: the handlers live on the classes, shared by every app built here

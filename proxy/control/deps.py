@@ -22,7 +22,7 @@ from proxy.config import Config
 from proxy.control.auth import AdminAuth
 from proxy.control.schemas import RecordOutcomeIn, RecordOutcomeResult
 from proxy.decision.decider import BanditDecider
-from proxy.decision.feedback import FeedbackBook
+from proxy.decision.feedback import FeedbackBook, SignalBook
 from proxy.decision.registry import DecisionRegistry
 from proxy.edge.upstream import UpstreamPool
 from proxy.store.base import LogStore
@@ -58,6 +58,7 @@ class ControlDeps:
     on_rollout_events: Callable[[list[RolloutEvent]], None]
     started_at: float
     feedback: FeedbackBook = field(default_factory=FeedbackBook)
+    signals: SignalBook = field(default_factory=SignalBook)  # judge/explicit pairs, validator counts
 
     @property
     def rollout(self) -> RolloutController:

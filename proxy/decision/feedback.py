@@ -74,6 +74,13 @@ def _learns(status: int, error_class: str | None) -> bool:
     return 200 <= status < 300 and error_class is None
 
 
+def _pair_explicit(rt: Any, request_id: str, quality: float) -> None:
+    """Explicit feedback meets the judge's score of the same request, if any (`SignalBook` docstring)."""
+    signals = getattr(rt, "signal_book", None)
+    if signals is not None:
+        signals.explicit_scored(request_id, quality)
+
+
 def _count_signal(rt: Any, task_type: str, already: bool, learns: bool) -> None:
     """A first explicit score of a request that could teach the policy is evidence that sees temperature.
 
@@ -145,6 +152,7 @@ async def record_outcome(rt: Any, book: FeedbackBook, body: RecordOutcomeIn, act
                 book.pending.popitem(last=False)
             rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=None, payload=payload, received_at=now))
             book.remember(rid, quality, None)
+            _pair_explicit(rt, rid, quality)
             _count_signal(rt, decision.context.task_type, already or _judged(rt, rid), learns=True)  # in flight: status not known yet
             return RecordOutcomeResult(
                 request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality,
@@ -181,6 +189,7 @@ async def record_outcome(rt: Any, book: FeedbackBook, body: RecordOutcomeIn, act
         )
     rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
+    _pair_explicit(rt, rid, quality)
     _count_signal(rt, row.task_type, already, _learns(row.status, row.error_class))
     return RecordOutcomeResult(
         request_id=rid, found_in="log", quality=quality, previous_quality=previous_quality, automatic_quality=row.quality,
@@ -209,6 +218,7 @@ async def _with_outcome(
     rt.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward, feedback=True))
     rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
+    _pair_explicit(rt, rid, quality)
     _count_signal(rt, decision.context.task_type, already or _judged(rt, rid), _learns(outcome.status, outcome.error_class))
     return RecordOutcomeResult(
         request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality, automatic_quality=automatic,
@@ -242,14 +252,56 @@ def apply_pending_feedback(rt: Any, book: FeedbackBook, decision: Decision, outc
 class SignalBook:
     """Source of the last automatic-path signal (judge, implicit) applied per request, bounded.
 
-    Explicit feedback lives in `FeedbackBook`; this book only lets a judge score replace an
+    Explicit feedback lives in `FeedbackBook`; this book lets a judge score replace an
     implicit mark (and not the other way round) without a store round trip.
+
+    Judge agreement. Explicit feedback replaces the judge's score in the log, so the judge's
+    own score would be lost by the time both exist. The book therefore keeps, per request, the
+    judge's quality (`judged`, bounded like `sources`) and, per task type, the last
+    `max_pairs` (judge, explicit) pairs as they meet, whichever arrives first. The pairs are
+    what `policies.agreement.judge_trusted` reads before a judge score is delivered; they keep
+    accumulating while the judge is untrusted, so it regains trust when its agreement recovers.
+    In-process and lost on restart (like the other books): trust is re-earned from fresh pairs.
+    Validator checks and failures per task type are counted here too, for the quality report.
     """
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    def __init__(self, max_entries: int = 100_000, max_pairs: int = 1000) -> None:
         self.max_entries = max_entries
+        self.max_pairs = max_pairs
         self.sources: OrderedDict[str, str] = OrderedDict()
         self.results: dict[tuple[str, str], int] = {}  # (source, result) -> count
+        self.judged: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (task type, judge quality)
+        self.pairs: dict[str, OrderedDict[str, tuple[float, float]]] = {}  # task -> id -> (judge, explicit)
+        self.validation: dict[str, tuple[int, int]] = {}  # task (metrics label, capped) -> (checked, failed)
+
+    def judge_scored(self, request_id: str, task_type: str, quality: float, explicit: float | None) -> None:
+        """The judge's quality for a request; paired at once when explicit feedback is already known."""
+        self.judged[request_id] = (task_type, quality)
+        self.judged.move_to_end(request_id)
+        while len(self.judged) > self.max_entries:
+            self.judged.popitem(last=False)
+        if explicit is not None:
+            self._pair(task_type, request_id, quality, explicit)
+
+    def explicit_scored(self, request_id: str, quality: float) -> None:
+        """Explicit feedback for a request; paired when the judge scored it (an overwrite replaces the pair)."""
+        judged = self.judged.get(request_id)
+        if judged is not None:
+            self._pair(judged[0], request_id, judged[1], quality)
+
+    def _pair(self, task_type: str, request_id: str, judge: float, explicit: float) -> None:
+        pairs = self.pairs.setdefault(task_type, OrderedDict())
+        pairs[request_id] = (judge, explicit)
+        pairs.move_to_end(request_id)
+        while len(pairs) > self.max_pairs:
+            pairs.popitem(last=False)
+
+    def pairs_of(self, task_type: str) -> list[tuple[float, float]]:
+        return list(self.pairs.get(task_type, {}).values())
+
+    def validated(self, task_label: str, failed: bool) -> None:
+        checked, failures = self.validation.get(task_label, (0, 0))
+        self.validation[task_label] = (checked + 1, failures + int(failed))
 
     def remember(self, request_id: str, source: str) -> None:
         self.sources[request_id] = source
@@ -268,19 +320,23 @@ async def deliver_signal(rt: Any, book: FeedbackBook, signals: SignalBook, signa
     Results: "applied" (quality and reward replaced, the policy corrected once through
     `_apply`/`correct()`), "weaker" (explicit feedback, or a stronger signal, is already
     there), "not_found" (the decision left the registry), "in_flight" (no outcome yet),
-    "explicit_not_here" (explicit feedback must come through `record_outcome`).
+    "explicit_not_here" (explicit feedback must come through `record_outcome`), "untrusted"
+    (a judge score for a task type where the judge disagrees with explicit feedback,
+    `policies.agreement.judge_trusted`; its score is still kept for the agreement).
 
     The outcome is replaced with `feedback=False`: only explicit feedback makes a later
     `record-outcome` a conflict, and its `correct()` then swaps this signal's reward (the one
     the policy holds now) for the explicit one, so a request is never counted twice.
     """
+    from policies.agreement import judge_trusted
     from policies.signals import rank, should_replace
 
     now = time.time() if now is None else now
     rid = signal.request_id
     if signal.source == "explicit":
         return signals.count(signal.source, "explicit_not_here")
-    if rid in book.recorded or rid in book.pending:
+    explicit = rid in book.recorded or rid in book.pending
+    if explicit and signal.source != "judge":
         return signals.count(signal.source, "weaker")
     item = rt.registry.get(rid, now)
     if item is None and getattr(rt, "shared", None) is not None:
@@ -288,6 +344,16 @@ async def deliver_signal(rt: Any, book: FeedbackBook, signals: SignalBook, signa
     if item is None:
         return signals.count(signal.source, "not_found")
     decision, outcome = item
+    if signal.source == "judge":
+        # Kept for agreement whatever happens next: the explicit score, if any, wins in the log.
+        task_type = decision.context.task_type
+        explicit_quality = book.recorded[rid][0] if rid in book.recorded else (book.pending[rid].quality if rid in book.pending else None)
+        signals.judge_scored(rid, task_type, min(1.0, max(0.0, float(signal.quality))), explicit_quality)
+        if explicit:
+            return signals.count(signal.source, "weaker")
+        judge = rt.config.judge
+        if not judge_trusted(signals.pairs_of(task_type), judge.min_agreement, judge.min_agreement_pairs):
+            return signals.count(signal.source, "untrusted")
     if outcome is None:
         return signals.count(signal.source, "in_flight")
     if outcome.feedback or not should_replace(signals.sources.get(rid), signal.source):

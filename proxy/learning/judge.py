@@ -65,10 +65,10 @@ from proxy.config import JudgeSettings
 log = logging.getLogger("thermostat.judge")
 
 JUDGE_TASK_TYPE = "_judge"
-RESULTS = ("ok", "unparseable", "error", "timeout", "dropped", "skipped", "delivery_failed")
+RESULTS = ("ok", "unparseable", "error", "timeout", "dropped", "skipped", "delivery_failed", "untrusted")
 
 Transport = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
-Deliver = Callable[[Signal], Awaitable[None]]
+Deliver = Callable[[Signal], Awaitable[str | None]]  # "untrusted" when the judge is muted for the task type
 Charge = Callable[[str, int], Awaitable[None]]
 Alert = Callable[[str, str], None]
 
@@ -495,10 +495,10 @@ class Judge:
         score, reason = parsed
         signal = Signal(request_id=item.request_id, quality=judge_quality(score), source="judge", at=self.wall_clock(), reason=reason)
         try:
-            await self.deliver(signal)
+            delivered = await self.deliver(signal)
         except Exception:
             log.exception("judge signal for %s could not be delivered", item.request_id)
             self._count("delivery_failed")
             return None
-        self._count("ok")
+        self._count("untrusted" if delivered == "untrusted" else "ok")
         return signal

@@ -1,0 +1,107 @@
+"""`GET /api/optimization/quality`: can the automatic quality signals be trusted, per task type?
+
+Two sources, each the only place the number exists:
+- the decision log window: each request counts once under the source that holds its
+  quality now (`decision_feedback.source`, else "automatic" when the completion rules
+  scored it, else "none"). Priority means a stronger signal hides a weaker one, so a
+  regenerated answer later scored by the judge or a person counts under that source: the
+  regeneration rate (requests whose quality is a regeneration mark / requests) is a lower
+  bound of how often answers were regenerated;
+- the process's `SignalBook` (since start-up, not the window): the judge's (judge, explicit)
+  pairs, which the log cannot give because explicit feedback replaces the judge's score,
+  and validator checks/failures per task type. The judge flag is the same
+  `policies.agreement.judge_trusted` call that gates the judge's signals in `deliver_signal`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+from litestar import Controller, get
+from litestar.params import FromQuery
+
+from policies.agreement import agreement, judge_trusted
+from proxy.config import JudgeSettings
+from proxy.control import reports as cdata
+from proxy.control.deps import Deps
+from proxy.control.views import MaxRows, WindowS, window
+from proxy.decision.feedback import SignalBook
+from proxy.store.base import DecisionRow
+
+SOURCES = ("explicit", "judge", "implicit", "automatic", "none")
+
+
+class JudgeAgreementOut(msgspec.Struct, frozen=True, kw_only=True):
+    n: int  # requests with both a judge score and explicit feedback (the last pairs kept per task)
+    spearman: float | None  # rank correlation judge vs explicit; null below 2 pairs or with a constant side
+    mean_difference: float | None  # mean of judge - explicit quality
+    trusted: bool  # false: the judge's signals for this task type are not delivered
+    min_agreement: float
+    min_pairs: int
+
+
+class QualityTaskOut(msgspec.Struct, frozen=True, kw_only=True):
+    task_type: str
+    requests: int  # logged decisions in the window
+    signals: dict[str, int]  # source holding each request's quality -> count (explicit, judge, implicit, automatic, none)
+    regeneration_rate: float | None  # requests whose quality is a regeneration mark / requests; null without requests
+    judge: JudgeAgreementOut
+    validation_checked: int  # answers checked against a schema since start-up
+    validation_failed: int
+    validation_failure_rate: float | None
+
+
+class QualityReport(msgspec.Struct, frozen=True, kw_only=True):
+    generated_at: float
+    since: float
+    until: float
+    truncated: bool  # the window held more than max_rows decisions; counts cover the newest max_rows
+    tasks: list[QualityTaskOut]
+
+
+def source_of(row: DecisionRow) -> str:
+    """The source that holds the row's quality now."""
+    if row.feedback_quality is not None:
+        return row.feedback_source or "explicit"  # rows written before sources were stored were explicit
+    return "automatic" if row.quality is not None else "none"
+
+
+def quality_report(rows: Sequence[DecisionRow], signals: SignalBook, judge: JudgeSettings,
+                   now: float, since: float, until: float, truncated: bool) -> QualityReport:
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        per = counts.setdefault(row.task_type, dict.fromkeys(SOURCES, 0))
+        per[source_of(row)] += 1
+    tasks = sorted(set(counts) | set(signals.pairs) | set(signals.validation))
+    out = []
+    for task in tasks:
+        per = counts.get(task, dict.fromkeys(SOURCES, 0))
+        n = sum(per.values())
+        pairs = signals.pairs_of(task)
+        agreed = agreement(pairs)
+        checked, failed = signals.validation.get(task, (0, 0))
+        out.append(QualityTaskOut(
+            task_type=task, requests=n, signals=per, regeneration_rate=per["implicit"] / n if n else None,
+            judge=JudgeAgreementOut(
+                n=agreed.n, spearman=agreed.spearman, mean_difference=agreed.mean_difference,
+                trusted=judge_trusted(pairs, judge.min_agreement, judge.min_agreement_pairs),
+                min_agreement=judge.min_agreement, min_pairs=judge.min_agreement_pairs,
+            ),
+            validation_checked=checked, validation_failed=failed, validation_failure_rate=failed / checked if checked else None,
+        ))
+    return QualityReport(generated_at=now, since=since, until=until, truncated=truncated, tasks=out)
+
+
+class QualityController(Controller):
+    path = "/"
+
+    @get("/quality", summary="Per task type: signals by source, judge agreement with explicit feedback, regeneration and validator failure rates")
+    async def quality(self, deps: Deps, window_s: WindowS = 3600.0, max_rows: MaxRows = 20_000,
+                      task_type: FromQuery[str | None] = None) -> QualityReport:
+        now, since, until = window(window_s)
+        rows, truncated = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
+        report = quality_report(rows, deps.signals, deps.config.judge, now, since, until, truncated)
+        if task_type is not None:
+            report = msgspec.structs.replace(report, tasks=[t for t in report.tasks if t.task_type == task_type])
+        return report
