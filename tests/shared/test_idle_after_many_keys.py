@@ -87,8 +87,9 @@ def test_idle_cpu_and_loop_lag_stay_flat_after_10k_task_types(server: tuple[str,
     time.sleep(3.0)  # the last rewards are synced and the posterior tables rebuilt
 
     cpu_after, samples_after, late_after = idle_window(base, pid)
-    # Generous bounds for a loaded 2-core machine: measured 0.7 % before and after (6.3 % after on the old code, bench/results/idle-after-many-keys.md).
-    assert cpu_after < 0.04, (cpu_before, cpu_after)
+    # Flat, with a margin for a loaded 2-core machine (load inflates both windows alike): measured
+    # 0.7 % before and after here, against 0.7 % -> 6.3 % on the old code (bench/results/idle-after-many-keys.md).
+    assert cpu_after < max(0.04, cpu_before + 0.03), (cpu_before, cpu_after)
     assert samples_after >= IDLE_WINDOW_S / 0.25 * 0.6, samples_after  # the lag watcher itself ran
     # a descheduled process on a busy machine can miss a wake-up now and then; O(state) work each second cannot hide
     assert late_after <= max(2, samples_after // 10), (late_before, late_after, samples_after)
