@@ -472,6 +472,7 @@ class Runtime:
                 self.config.feedback.regenerated_quality, salt=self.regeneration_salt,
             )
             if signal is not None:
+                self.metrics.child(self.metrics.regenerations, self.metrics.task_label(decision.context.task_type)).inc()
                 await self.deliver(signal)
         except Exception:
             log.exception("regeneration check for %s failed", decision.request_id)

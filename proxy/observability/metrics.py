@@ -115,6 +115,9 @@ class Metrics:
         self.validation_failures = Counter(
             "thermostat_validation_failures", "Answers that broke their json_schema response format or a tool's parameters", ["task"], registry=r,
         )
+        self.regenerations = Counter(
+            "thermostat_regenerations", "Answers marked regenerated: the same client asked the same messages again within the window", ["task"], registry=r,
+        )
         self.task_rollbacks = Counter(
             "thermostat_task_rollbacks", "Task types rolled back to the baseline by the conservative monitor (optimised worse than holdout)",
             ["task"], registry=r,

@@ -143,6 +143,7 @@ def test_same_messages_twice_marks_the_earlier_decision_regenerated(plain: Runni
     assert _quality(plain, second) == 1.0 and _quality(plain, other_key) == 1.0 and _quality(plain, different) == 1.0
     assert rt.signal_book.sources.get(first) == "implicit"
     assert rt.regeneration.counts["chat"] == 1
+    assert rt.metrics.regenerations.labels("chat")._value.get() == 1.0  # thermostat_regenerations_total{task}
     rows = plain.call(rt.sink.fetch_decisions(limit=50))
     row = next(r for r in rows if r.request_id == first)
     assert row.feedback_quality == 0.0
