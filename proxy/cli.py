@@ -123,10 +123,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not started.wait(10):
         raise ConfigError(f"the demo simulator could not start on 127.0.0.1:{sim_port}")
     demo_upstream = UpstreamSettings(name="simulator", base_url=f"http://127.0.0.1:{sim_port}/v1", models=("*",))
+    # The simulator speaks Anthropic Messages too, so the anthropic SDK can be pointed at the demo.
+    demo_anthropic = UpstreamSettings(name="simulator-anthropic", base_url=f"http://127.0.0.1:{sim_port}/v1", models=("*",), format="anthropic")
     optimization = msgspec.structs.replace(config.optimization, mode=args.mode, traffic_percentage=None)
     # A demo budget that its own simulated traffic does not exhaust within the day.
     caws = msgspec.structs.replace(config.caws, budget_limit=max(config.caws.budget_limit, 200_000_000))
-    config = msgspec.structs.replace(config, upstreams=(demo_upstream,), optimization=optimization, caws=caws)
+    config = msgspec.structs.replace(config, upstreams=(demo_upstream, demo_anthropic), optimization=optimization, caws=caws)
     config = demo_feedback_config(config, args.feedback)
     host = args.host or config.server.host
     port = args.port or config.server.port
