@@ -312,6 +312,17 @@ class ThompsonGaussianPolicy:
             done += 1
         return done
 
+    def settle(self) -> int:
+        """Rebuild every cached table its bucket's statistics have outgrown, read or not.
+
+        `refresh_stale` only knows the tables `choose` has found stale; a consistent read
+        (a checkpoint, or a test comparing an endpoint's propensities with its own) needs
+        all of them current at once."""
+        for key, table in self._tables.items():
+            if table.epoch != self._epoch or self._bucket_versions.get(key[0], 0) - table.bucket_version >= self.settings.refresh_every:
+                self._stale[key] = None
+        return self.refresh_stale(limit=len(self._stale))
+
     def _make_bank(self, width: int) -> np.ndarray:
         """Fixed standard-normal draws (draws x width), seeded by (seed, width).
 

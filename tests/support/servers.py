@@ -50,6 +50,22 @@ class RunningThermostat:
         """Wait for responses' bookkeeping (it runs just after the last byte), then write."""
         time.sleep(settle_s)
         self.call(self.runtime.recorder.flush())
+        self.call(self._settle_policy())
+
+    async def _settle_policy(self) -> None:
+        """Rebuild every stale posterior table now, until the policy's version holds still.
+
+        The background refresher otherwise rebuilds them at its own pace (and only once a
+        read finds them stale), and a test that compares an endpoint's propensities with its
+        own would race it."""
+        policy = self.runtime.policy
+        settle = getattr(policy, "settle", None)
+        seen = None
+        while seen != policy.version:
+            seen = policy.version
+            await asyncio.sleep(0.02)  # bookkeeping still in flight lands first
+            if settle is not None:
+                settle()
 
     def stop(self) -> None:
         self.server.should_exit = True
