@@ -21,9 +21,11 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Schema
 from litestar.typing import FieldDefinition
 
+from guards.state import StoreUnavailable as StateStoreUnavailable
 from proxy.control.auth import AuthError
 from proxy.control.schemas import ApiError, ApiErrorBody
 from proxy.edge.errors import ErrorEnvelope, ProxyError
+from proxy.store.base import StoreUnavailable as LogStoreUnavailable
 
 log = logging.getLogger("thermostat.control")
 
@@ -86,6 +88,16 @@ def _proxy_error(_: Request, exc: ProxyError) -> Response[ApiError]:
     return error_response(exc.status, exc.message, exc.type, exc.code, exc.param)
 
 
+def _store_unavailable(request: Request, exc: Exception) -> Response[ApiError]:
+    """A backing store that is down is the server's state, not a bug: 503 and a retry hint,
+    so a dashboard or a script waits and tries again instead of reporting a crash."""
+    log.warning("control API %s %s: %s", request.method, request.url.path, exc)
+    code = "log_store_unavailable" if isinstance(exc, LogStoreUnavailable) else "state_store_unavailable"
+    resp = error_response(503, f"a backing store is unreachable, try again shortly: {exc}", "service_unavailable", code)
+    resp.headers["retry-after"] = "5"
+    return resp
+
+
 def _internal_error(request: Request, exc: Exception) -> Response[ApiError]:
     log.exception("control API %s %s failed", request.method, request.url.path, exc_info=exc)
     return error_response(500, f"internal error: {type(exc).__name__}", "api_error", "internal_error")
@@ -108,10 +120,12 @@ def document_errors(handler: BaseRouteHandler) -> None:
     """The error statuses a control operation really returns, so the OpenAPI document matches.
 
     400 everywhere (a disallowed Host is refused at the edge for any path); 401/403 where
-    the admin guard runs; 415 where it checks the body type; plus the handler's own.
+    the admin guard runs; 415 where it checks the body type; 503 on every admin operation,
+    since each reads or writes the decision log or the state store, either of which can be
+    down while the proxy keeps serving; plus the handler's own.
     """
     public = bool(handler.opt.get("public"))
-    codes = {400} if public else {400, 401, 403}
+    codes = {400} if public else {400, 401, 403, 503}
     methods: set[str] = set(getattr(handler, "http_methods", ()))
     if not public and methods - {"GET", "HEAD"}:
         codes.add(415)
@@ -128,6 +142,8 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     ValidationException: _validation_error,
     ProxyError: _proxy_error,
     HTTPException: _http_error,
+    LogStoreUnavailable: _store_unavailable,
+    StateStoreUnavailable: _store_unavailable,
     Exception: _internal_error,
 }
 

@@ -178,7 +178,6 @@ def test_auth_header_constant(ctl: RunningThermostat) -> None:
 SPECIFIC = {
     ("GET", "/health/readiness"): {503},  # test_statuses.py
     ("GET", f"{API}/health"): {503},  # test_statuses.py
-    ("GET", f"{API}/caws-status"): {503},  # test_statuses.py
     ("POST", f"{API}/record-outcome"): {404, 409},  # test_values.py
     ("POST", f"{API}/resume"): {409},  # test_statuses.py
     ("POST", f"{API}/waivers"): {422},  # test_bad_bodies.py
@@ -190,7 +189,7 @@ SPECIFIC = {
 
 def test_documented_statuses_are_the_ones_returned(own_ctl: RunningThermostat) -> None:
     """400 everywhere (a disallowed Host, test_forgery.py), 401/403 exactly where the token is
-    required (and then returned, above), 415 on every operation that takes a body (checked here)."""
+    required (and then returned, above), 503 there too (a store down, test_statuses.py), 415 on every operation that takes a body (checked here)."""
     ctl = own_ctl  # counts refused calls: a server of its own
     schema = httpx.get(f"{ctl.base}/schema/openapi.json", timeout=10).json()
     assert "security" not in schema  # no document-wide requirement: public operations are public
@@ -200,7 +199,7 @@ def test_documented_statuses_are_the_ones_returned(own_ctl: RunningThermostat) -
             codes = {int(c) for c in op["responses"] if not c.startswith("2")}
             secured = op.get("security") == [{"bearer": []}]
             assert secured == (path.startswith(API) and path != f"{API}/health"), key
-            expected = {400} | ({401, 403} if secured else set()) | ({415} if method != "get" else set()) | SPECIFIC.get(key, set())
+            expected = {400} | ({401, 403, 503} if secured else set()) | ({415} if method != "get" else set()) | SPECIFIC.get(key, set())
             assert codes == expected, (key, codes, expected)
             if method != "get":
                 url = f"{ctl.base}{path.replace('{waiver_id}', 'WV-9999')}"

@@ -34,6 +34,23 @@ def test_store_down_and_unrouted_model(upstream: FakeUpstream, tmp_path: Path) -
         t.stop()
 
 
+def test_log_store_down_is_503_not_500(upstream: FakeUpstream, tmp_path: Path) -> None:
+    """PostgreSQL unreachable from the start: the proxy still serves (rows spool locally), and
+    reads of the log answer 503 with a retry hint, in the error shape, never 500."""
+    cfg = make_config(upstream.url, tmp_path,
+                      storage={"flush_interval_s": 0.05, "database_url": f"postgresql://postgres@127.0.0.1:{free_port()}/test"})
+    t = start_thermostat(cfg)
+    try:
+        r = httpx.post(f"{t.url}/chat/completions", json={"model": "echo-1", "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+        assert r.status_code == 200, r.text
+        for path in ("/logs", "/metrics", "/performance"):
+            r = httpx.get(f"{t.base}{API}{path}", timeout=10)
+            assert assert_error_shape(r, 503)["code"] == "log_store_unavailable", path
+            assert r.headers["retry-after"] == "5"
+    finally:
+        t.stop()
+
+
 def test_no_upstream_and_optimisation_disabled(upstream: FakeUpstream, tmp_path: Path) -> None:
     t = start_thermostat(make_config(upstream.url, tmp_path, upstreams=[], optimization={"enabled": False}))
     try:
