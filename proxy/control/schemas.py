@@ -156,6 +156,10 @@ class TaskGuarantee(msgspec.Struct):
     optimised_exceedance: tuple[float, float]
     holdout_exceedance: tuple[float, float]
     reason: str
+    optimised_mean: float | None = None  # sample mean quality of each stream
+    holdout_mean: float | None = None
+    quality_level: float | None = None  # coverage of quality_difference: 1 − α/2 (α is shared with the latency claim)
+    summary: str = ""  # the verdict in words: "code: +0.12 quality, 95 % interval [+0.05, +0.19], 3,412 requests; better"
 
 
 class SloStatus(msgspec.Struct):
@@ -190,6 +194,29 @@ class RolloutEventOut(msgspec.Struct):
     reason: str
     actor: str | None
     evidence: dict[str, Any] = {}
+
+
+class EventOut(msgspec.Struct):
+    """One recorded event from the log store: a rollout change (global) or a conservative-monitor one (per task type)."""
+
+    id: str
+    at: float
+    kind: str  # promote, rollback, resume, set_phase, disable, enable, breach (global); rollback, change_detected (per task)
+    scope: str  # "global" or "task"
+    task_type: str | None
+    from_phase: str | None
+    to_phase: str | None
+    reason: str
+    actor: str | None
+    evidence: dict[str, Any] = {}
+
+
+class EventPage(msgspec.Struct):
+    limit: int
+    offset: int
+    next_offset: int | None  # null on the last page
+    since: float | None
+    items: list[EventOut]
 
 
 class RolloutStatus(msgspec.Struct):
