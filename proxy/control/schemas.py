@@ -732,3 +732,9 @@ class TrustRegionOut(msgspec.Struct):
     max_delta_max_tokens: int
     max_delta_effort_levels: int = 0
     effort_levels: list[str] = []  # the scale the effort ranks count on
+    # The band's other edges (guards/trust_region.py), so the page draws the region the guard enforces:
+    max_relative_delta_max_tokens: float = 1.0  # |Δ max_tokens| <= min(max_delta_max_tokens, this × the client's)
+    min_temperature: float = 0.0
+    max_temperature: float = 2.0
+    max_tokens: int | None = None  # the operator's ceiling
+    raise_client_max_tokens: bool = True  # false: a max_tokens the client set is also the band's top

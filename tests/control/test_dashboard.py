@@ -266,6 +266,19 @@ def test_dashboard_shows_a_simulated_run_with_judge_holdout_monitor_and_events(s
         assert task_rollback[1:3] == ["rollback", "task extraction"] and task_rollback[4] == stored["reason"] and task_rollback[6] == "conservative"
         assert task_rollback[3] == f"{stored['from_phase']} → rollback" and "optimised mean quality" in stored["reason"]
 
+        # Knob bands as the guard draws them (hand-worked): temperature 0.7 ± 0.2; max_tokens 800 lowered by at most
+        # min(500, 0.5 × 800) = 400 and never raised (raise_client_max_tokens = false).
+        def band(chart: str, task: str) -> str:
+            m = re.search(rf'<svg id="{chart}".*?</svg>', html, re.S)
+            assert m is not None
+            found = re.search(rf'<path[^>]*class="band"[^>]*data-name="{task}"[^>]*data-last="([^"]+)"', m.group(0))
+            assert found is not None, chart
+            return found.group(1)
+
+        lo, hi = (float(x) for x in band("chart-temperature", "code").split(","))
+        assert lo == pytest.approx(0.5) and hi == pytest.approx(0.9)
+        assert band("chart-max-tokens", "code") == "400,800" and band("chart-max-tokens", "extraction") == "150,300"
+
         # Tuned vs holdout over the range, and the headline chart's holdout line.
         reward_svg = re.search(r'<svg id="chart-reward".*?</svg>', html, re.S)
         assert reward_svg is not None and 'data-name="holdout"' in reward_svg.group(0)
