@@ -27,3 +27,15 @@ def test_events_are_bounded_and_need_the_token(ctl: RunningThermostat) -> None:
     assert_error_shape(api(ctl, "GET", "/events", headers={}), 401)
     for params in ({"limit": 0}, {"limit": 501}, {"offset": 10_001}, {"offset": -1}, {"window_s": 0}):
         assert_error_shape(api(ctl, "GET", "/events", params=params), 400)
+
+
+def test_a_monitor_event_is_scoped_to_its_task_type() -> None:
+    from proxy.control.views import stored_event_out
+    from proxy.store.base import EventRecord
+
+    change = stored_event_out(EventRecord(at=5.0, kind="change_detected", from_phase="general", reason="holdout quality fell",
+                                          evidence={"holdout_samples": 31, "task_type": "code"}, actor="conservative"))
+    assert (change.scope, change.task_type, change.to_phase, change.evidence["holdout_samples"]) == ("task", "code", None, 31)
+    promote = stored_event_out(EventRecord(at=6.0, kind="promote", from_phase="canary", to_phase="guarded", reason="criteria met",
+                                           evidence={"samples": 600}))
+    assert (promote.scope, promote.task_type, promote.actor) == ("global", None, None)
