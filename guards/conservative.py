@@ -151,6 +151,8 @@ class TaskVerdict(msgspec.Struct, frozen=True):
     optimised_exceedance: tuple[float, float]  # P(optimised > (1 + m)·τ₀)
     holdout_exceedance: tuple[float, float]  # P(holdout > τ₀): 1 − the quantile level compared
     reason: str = ""
+    optimised_mean: float | None = None  # sample mean quality; the point a reader sets against the interval
+    holdout_mean: float | None = None
 
 
 def new_state() -> MonitorState:
@@ -215,6 +217,10 @@ def _latency_verdict(t: TaskState) -> TaskVerdictName:
     return "worse" if sequences.bounds(c.optimised)[0] > sequences.bounds(c.holdout)[1] else "not_yet_known"
 
 
+def _sample_mean(seq: sequences.MeanSequence) -> float | None:
+    return seq.low + (seq.high - seq.low) * seq.sum_x / seq.n if seq.n else None
+
+
 def _verdict(key: str, t: TaskState, s: ConservativeSettings) -> TaskVerdict:
     quality, latency = _quality_verdict(t, s), _latency_verdict(t)
     reasons = []
@@ -245,6 +251,8 @@ def _verdict(key: str, t: TaskState, s: ConservativeSettings) -> TaskVerdict:
         optimised_exceedance=opt_x,
         holdout_exceedance=hold_x,
         reason="; ".join(reasons) or t.rollback_reason,
+        optimised_mean=_sample_mean(t.quality.optimised),
+        holdout_mean=_sample_mean(t.quality.holdout),
     )
 
 

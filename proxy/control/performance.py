@@ -70,7 +70,10 @@ class PerformanceController(Controller):
             holdout_reward_series=cdata.holdout_reward_series(rows, since, until, bins),
             signal_sources=cdata.signal_sources(rows),
             trust_region=TrustRegionOut(max_delta_temperature=c.max_delta_temperature, max_delta_max_tokens=c.max_delta_max_tokens,
-                                        max_delta_effort_levels=c.max_delta_effort_levels, effort_levels=list(EFFORT_LEVELS)),
+                                        max_delta_effort_levels=c.max_delta_effort_levels, effort_levels=list(EFFORT_LEVELS),
+                                        max_relative_delta_max_tokens=c.max_relative_delta_max_tokens, min_temperature=c.min_temperature,
+                                        max_temperature=c.max_temperature, max_tokens=c.max_tokens,
+                                        raise_client_max_tokens=c.raise_client_max_tokens),
             budget_burn_rate=cdata.burn_rate(budget.fill, budget.window_start, budget.window_s, now) if budget is not None else None,
         )
 

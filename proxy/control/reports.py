@@ -606,6 +606,21 @@ def _sentence(task: str, label: str, diff: float | None, low: float | None, high
     return f"{task}: {_signed(diff, digits)} {label}, {round(100 * (1 - ALPHA))} % interval [{lo}, {hi}], {n:,} requests"
 
 
+MONITOR_WORDS = {"better": "better", "not_yet_known": "not yet known", "worse": "worse"}
+
+
+def monitor_words(verdict: str, rolled_back: bool) -> str:
+    """The conservative monitor's verdict as the dashboard shows it; a rollback outranks the live comparison."""
+    return "rolled back" if rolled_back else MONITOR_WORDS.get(verdict, verdict)
+
+
+def monitor_sentence(task: str, diff: float | None, low: float, high: float, n: int, level: float, words: str) -> str:
+    """The monitor's quality comparison in plain words, e.g. "code: +0.12 quality, 97.5 % interval [+0.05, +0.19], 3,412 requests; better"."""
+    if diff is None:
+        return f"{task}: quality not comparable yet (needs tuned and holdout requests), {n:,} requests; {words}"
+    return f"{task}: {_signed(diff, 2)} quality, {100 * level:g} % interval [{_signed(low, 2)}, {_signed(high, 2)}], {n:,} requests; {words}"
+
+
 def _cs_metric(task: str, metric: str, unit: str, label: str, opt: list[float], hold: list[float], low: float, high: float,
                higher_is_better: bool, digits: int, extra: str = "") -> MetricComparison:
     """Mean tuned − mean holdout with the anytime-valid difference bounds of `policies.sequences`."""

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Annotated
 
 from litestar import Controller, Request, get, post
-from litestar.params import JSONBody
+from litestar.params import JSONBody, Parameter
 
 from guards.rollout import RolloutEvent
 from policies import ope
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
 from proxy.control.errors import ERR
-from proxy.control.schemas import ActionResult, PromotionCriterion, RollbackIn, RolloutStatus
-from proxy.control.views import DAY, MaxRows, WindowS, actor_of, event_out, recent_events, rollback_status, window, write_audit
+from proxy.control.schemas import ActionResult, EventPage, PromotionCriterion, RollbackIn, RolloutStatus
+from proxy.control.views import (
+    DAY,
+    EventLimit,
+    EventOffset,
+    MaxRows,
+    WindowS,
+    actor_of,
+    event_out,
+    recent_events,
+    rollback_status,
+    stored_event_out,
+    window,
+    write_audit,
+)
 from proxy.edge.errors import ProxyError
 
 
@@ -69,6 +83,18 @@ class RolloutApiController(Controller):
             blockers=list(check.blockers), criteria=criteria, ope=evidence_out, rollback=rollback_status(deps, now),
             events=recent_events(deps, 20),
         )
+
+    @get("/events", summary="Recorded events, newest first: promotions, rollbacks (global and per task type), detected baseline changes")
+    async def events(self, deps: Deps, limit: EventLimit = 50, offset: EventOffset = 0,
+                     window_s: Annotated[float | None, Parameter(ge=1.0, le=366 * DAY, description="Only events of this window ending now, in seconds")] = None
+                     ) -> EventPage:
+        """From the log store, so every replica's events and the per-task monitor's show, not only this process's rollout."""
+        since = window(window_s)[1] if window_s is not None else None
+        rows = await deps.log_store.fetch_events(limit=offset + limit + 1, since=since)  # one more tells whether a next page exists
+        page = rows[offset:offset + limit]
+        more = len(rows) > offset + limit
+        return EventPage(limit=limit, offset=offset, next_offset=offset + limit if more else None, since=since,
+                         items=[stored_event_out(e) for e in page])
 
     @post("/rollback", status_code=200, summary="Manual rollback: every request gets baseline parameters until resumed")
     async def rollback(self, request: Request, deps: Deps, data: JSONBody[RollbackIn | None] = None) -> ActionResult:

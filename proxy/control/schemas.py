@@ -156,6 +156,10 @@ class TaskGuarantee(msgspec.Struct):
     optimised_exceedance: tuple[float, float]
     holdout_exceedance: tuple[float, float]
     reason: str
+    optimised_mean: float | None = None  # sample mean quality of each stream
+    holdout_mean: float | None = None
+    quality_level: float | None = None  # coverage of quality_difference: 1 − α/2 (α is shared with the latency claim)
+    summary: str = ""  # the verdict in words: "code: +0.12 quality, 95 % interval [+0.05, +0.19], 3,412 requests; better"
 
 
 class SloStatus(msgspec.Struct):
@@ -190,6 +194,29 @@ class RolloutEventOut(msgspec.Struct):
     reason: str
     actor: str | None
     evidence: dict[str, Any] = {}
+
+
+class EventOut(msgspec.Struct):
+    """One recorded event from the log store: a rollout change (global) or a conservative-monitor one (per task type)."""
+
+    id: str
+    at: float
+    kind: str  # promote, rollback, resume, set_phase, disable, enable, breach (global); rollback, change_detected (per task)
+    scope: str  # "global" or "task"
+    task_type: str | None
+    from_phase: str | None
+    to_phase: str | None
+    reason: str
+    actor: str | None
+    evidence: dict[str, Any] = {}
+
+
+class EventPage(msgspec.Struct):
+    limit: int
+    offset: int
+    next_offset: int | None  # null on the last page
+    since: float | None
+    items: list[EventOut]
 
 
 class RolloutStatus(msgspec.Struct):
@@ -705,3 +732,9 @@ class TrustRegionOut(msgspec.Struct):
     max_delta_max_tokens: int
     max_delta_effort_levels: int = 0
     effort_levels: list[str] = []  # the scale the effort ranks count on
+    # The band's other edges (guards/trust_region.py), so the page draws the region the guard enforces:
+    max_relative_delta_max_tokens: float = 1.0  # |Δ max_tokens| <= min(max_delta_max_tokens, this × the client's)
+    min_temperature: float = 0.0
+    max_temperature: float = 2.0
+    max_tokens: int | None = None  # the operator's ceiling
+    raise_client_max_tokens: bool = True  # false: a max_tokens the client set is also the band's top

@@ -25,6 +25,7 @@ from proxy.control.schemas import (
     CawsStatus,
     ContextIn,
     DecisionOut,
+    EventOut,
     OptimizationStatus,
     ParamsOut,
     RollbackStatus,
@@ -35,11 +36,12 @@ from proxy.control.schemas import (
     WaiverOut,
 )
 from proxy.edge.errors import ProxyError
-from proxy.store.base import AuditRecord, DecisionRow
+from proxy.store.base import AuditRecord, DecisionRow, EventRecord
 
 log = logging.getLogger("thermostat.control")
 
 PREFIX = "/api/optimization"
+CONSERVATIVE_ACTOR = "conservative"  # the actor of the per-task monitor's events (proxy.runtime)
 DAY = 86_400.0
 
 WindowS = Annotated[float, Parameter(ge=1.0, le=366 * DAY, description="Length of the window ending now, in seconds")]
@@ -47,6 +49,9 @@ MaxRows = Annotated[int, Parameter(ge=1, le=200_000, description="Newest decisio
 Bins = Annotated[int, Parameter(ge=1, le=500, description="Time bins of a series")]
 Limit = Annotated[int, Parameter(ge=1, le=1000)]
 Offset = Annotated[int, Parameter(ge=0, le=10_000_000, schema_extra={"minimum": 0})]  # Litestar drops a bound of 0
+# Events are paged by reading offset + limit newest rows: the offset's bound bounds that read.
+EventLimit = Annotated[int, Parameter(ge=1, le=500)]
+EventOffset = Annotated[int, Parameter(ge=0, le=10_000, schema_extra={"minimum": 0})]
 
 
 
@@ -88,6 +93,14 @@ def event_out(e: RolloutEvent) -> RolloutEventOut:
                            evidence=msgspec.to_builtins(e.evidence))
 
 
+def stored_event_out(e: EventRecord) -> EventOut:
+    """A stored event; the conservative monitor's are per task type (their evidence names it), the rollout's global."""
+    task = e.evidence.get("task_type") if isinstance(e.evidence, dict) else None
+    scoped = e.actor == CONSERVATIVE_ACTOR or task is not None
+    return EventOut(id=e.id, at=e.at, kind=e.kind, scope="task" if scoped else "global", task_type=str(task) if task is not None else None,
+                    from_phase=e.from_phase, to_phase=e.to_phase, reason=e.reason, actor=e.actor, evidence=dict(e.evidence or {}))
+
+
 def recent_events(deps: ControlDeps, limit: int = 50) -> list[RolloutEventOut]:
     return [event_out(e) for e in reversed(deps.rollout.state.events[-limit:])]
 
@@ -120,7 +133,14 @@ def slo_status(deps: ControlDeps, now: float) -> SloStatus:
         for c in traffic.checks
     ]
     monitor = deps.decider.conservative
-    tasks = [TaskGuarantee(**msgspec.structs.asdict(v)) for v in monitor.verdicts()] if monitor is not None else []
+    tasks = []
+    if monitor is not None:
+        level = 1.0 - monitor.settings.alpha / 2.0  # the quality claim's share of α (guards/conservative.py)
+        for v in monitor.verdicts():
+            diff = v.optimised_mean - v.holdout_mean if v.optimised_mean is not None and v.holdout_mean is not None else None
+            words = cdata.monitor_words(v.verdict, v.rolled_back)
+            summary = cdata.monitor_sentence(v.task_type, diff, *v.quality_difference, v.optimised_n + v.holdout_n, level, words)
+            tasks.append(TaskGuarantee(**msgspec.structs.asdict(v), quality_level=level, summary=summary))
     return SloStatus(compliant=report.compliant, window_s=report.window_s, min_samples=report.min_samples, breached=list(report.breached),
                      slos=slos, tasks=tasks)
 

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
 import subprocess
+import threading
+from collections.abc import Iterator, Sequence
+from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
+import numpy as np
+import openai
 import pytest
 
+from policies.base import Choice
+from policies.records import Arm, RequestContext
+from policies.thompson import ThompsonGaussianPolicy
 from proxy.cli import dashboard_url
+from proxy.demo.simulator_server import SimulatorHandle, start_simulator
+from proxy.runtime import Runtime
 from tests.conftest import IN_CI, make_config
 from tests.control.conftest import drive
 from tests.support.fake_upstream import FakeUpstream
@@ -60,7 +71,7 @@ def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path, mon
         assert "phase general" in html and "optimising 100.0 %" in html
         # Every panel, the holdout (baseline) line of the headline chart, and the tuned-vs-holdout intervals.
         panels = set(re.findall(r'<section id="(panel-[a-z-]+)"', html))
-        assert panels == {"panel-comparison", "panel-reward", "panel-latency", "panel-temperature", "panel-max-tokens", "panel-effort", "panel-signals",
+        assert panels == {"panel-comparison", "panel-monitor", "panel-reward", "panel-latency", "panel-temperature", "panel-max-tokens", "panel-effort", "panel-signals",
                           "panel-budget", "panel-events"}, panels
         reward_svg = re.search(r'<svg id="chart-reward".*?</svg>', html, re.S)
         assert reward_svg is not None and 'data-name="holdout"' in reward_svg.group(0) and 'data-name="optimized"' in reward_svg.group(0)
@@ -70,7 +81,9 @@ def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path, mon
         assert "95 % interval [" in html and "verdict" in html
         assert 'class="band"' in html and 'class="series client"' in html  # trust-region bands and the client's value
         assert "waiver 80 %" in html and "limit 100 %" in html and 'id="burn-rate"' in html
-        assert re.search(r'<table id="signals">.*?<td[^>]*>code</td><td>0</td><td>0</td><td>0</td><td>40</td><td>0</td>', html, re.S)
+        signals = {a["data-task"]: cells for a, cells in table(html, "signals")}
+        assert signals["code"][:7] == ["code", "40", "0", "0", "0", "40", "0"]  # requests, explicit, judge, regeneration, automatic, none
+        assert signals["code"][8] == "none checked" and signals["code"][9] == "no pairs yet"
         # THERMOSTAT_SCREENSHOT_DIR=bench/results refreshes the README's screenshot; tests never write the tree by default.
         out_dir = Path(os.environ.get("THERMOSTAT_SCREENSHOT_DIR") or tmp_path)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,5 +91,197 @@ def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path, mon
         subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", url],
                        capture_output=True, text=True, timeout=90)
         assert shot.exists() and shot.stat().st_size > 10_000
+    finally:
+        t.stop()
+
+
+class _Cells(HTMLParser):
+    """Rows of one table (by id) as lists of cell texts, with each row's attributes."""
+
+    def __init__(self, table_id: str) -> None:
+        super().__init__()
+        self.table_id, self.depth, self.rows = table_id, 0, []  # type: ignore[var-annotated]
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "table":
+            self.depth += 1 if self.depth or a.get("id") == self.table_id else 0
+        elif self.depth and tag == "tr":
+            self.rows.append((a, []))
+        elif self.depth and tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table" and self.depth:
+            self.depth -= 1
+        elif tag in ("td", "th") and self._cell is not None and self.rows:
+            self.rows[-1][1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def table(html: str, table_id: str) -> list[tuple[dict[str, str | None], list[str]]]:
+    parser = _Cells(table_id)
+    parser.feed(html)
+    return [(a, cells) for a, cells in parser.rows if cells and "th" not in a.get("class", "") and a]
+
+
+class HarmfulForExtraction(ThompsonGaussianPolicy):
+    """Harmful on purpose for one task type (the smallest max_tokens: answers cut short), ordinary elsewhere."""
+
+    def choose(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator) -> Choice:
+        if ctx.task_type == "extraction":
+            return Choice(index=min(range(len(arms)), key=lambda i: arms[i].max_tokens), propensity=1.0)
+        return super().choose(ctx, baseline, arms, rng)
+
+
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[SimulatorHandle]:
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    handle: dict[str, SimulatorHandle] = {}
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        handle["sim"] = loop.run_until_complete(start_simulator("127.0.0.1", 0, seed=3, time_scale=0.0))
+        started.set()
+        loop.run_forever()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert started.wait(10)
+    yield handle["sim"]
+    asyncio.run_coroutine_threadsafe(handle["sim"].close(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+
+
+SCHEMA_OK = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+SCHEMA_FAILS = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer", "confidence"]}
+
+
+def test_dashboard_shows_a_simulated_run_with_judge_holdout_monitor_and_events(simulator: SimulatorHandle, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulator behind the real app, its judge on, a holdout, and one task type made worse on purpose: every
+    panel in the DOM carries the numbers the API returns."""
+    chromium = _chromium()
+    token = "dashboard-sim-token-0123456789"
+    monkeypatch.setenv("THERMOSTAT_DASHBOARD_TEST_TOKEN", token)
+    cfg = make_config(simulator.url, tmp_path / "data", optimization={"mode": "general", "seed": 5, "holdout_fraction": 0.3},
+                      admin={"token_env": "THERMOSTAT_DASHBOARD_TEST_TOKEN"},
+                      slo={"quality_min": 0.0, "min_samples": 10_000},  # the global SLO stays out: the per-task monitor acts
+                      judge={"enabled": True, "model": "sim-judge", "sample_rate": 0.5, "max_concurrency": 4})
+    rt = Runtime(cfg)
+    rt.bandit.policy = HarmfulForExtraction.from_settings(thompson=cfg.policy.thompson, linucb=cfg.policy.linucb)
+    t = start_thermostat(cfg, rt)
+    auth = {"authorization": f"Bearer {token}"}
+    try:
+        client = openai.OpenAI(base_url=t.url, api_key="sk-test", max_retries=0, timeout=10)
+        ids: dict[str, list[tuple[str, float]]] = {"code": [], "creative": []}
+        for i in range(60):
+            for task, temperature in (("code", 0.7), ("creative", 0.6)):
+                kw: dict[str, object] = {}
+                if task == "code" and i < 15:  # validators: 10 schemas the answer meets, 5 it cannot
+                    kw["response_format"] = {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA_OK if i < 10 else SCHEMA_FAILS}}
+                raw = client.chat.completions.with_raw_response.create(
+                    model="sim-1", messages=[{"role": "user", "content": f"{task} question {i}"}], temperature=temperature, max_tokens=800,
+                    user=f"u{i}", extra_headers={"x-task-type": task}, **kw)  # type: ignore[arg-type]
+                ids[task].append((raw.http_response.headers["x-request-id"], float(raw.http_response.headers["x-sim-true-quality"])))
+        for i in range(16):  # regeneration: the same conversation asked again by the same user
+            for _ in range(2):
+                client.chat.completions.create(model="sim-1", messages=[{"role": "user", "content": f"creative again {i}"}], temperature=0.6,
+                                               max_tokens=800, user=f"r{i}", extra_headers={"x-task-type": "creative"})
+        modes = []
+        for i in range(300):  # the harmful task type until the monitor rolls it back
+            raw = client.chat.completions.with_raw_response.create(
+                model="sim-1", messages=[{"role": "user", "content": f"extract fields {i}"}], temperature=0.7, max_tokens=300,
+                user=f"x{i}", extra_headers={"x-task-type": "extraction"})
+            modes.append(raw.http_response.headers["x-thermostat-mode"])
+            if modes[-1] == "rollback":
+                break
+        assert modes[-1] == "rollback", set(modes)
+        assert rt.judge is not None
+        t.call(rt.judge.drain(), timeout=60)
+        for rid, true_quality in ids["code"][:40]:  # a person's feedback (the simulator's hidden quality) next to the judge's scores
+            r = httpx.post(f"{t.base}/api/optimization/record-outcome", headers=auth, timeout=10,
+                           json={"request_id": rid, "outcome": {"quality": true_quality}})
+            assert r.status_code in (200, 201), r.text
+        for action in ("rollback", "resume"):  # a global rollback and its resume, by hand
+            assert httpx.post(f"{t.base}/api/optimization/{action}", headers=auth, json={"reason": f"dashboard test {action}"}, timeout=10).status_code == 200
+        t.flush(0.2)
+
+        quality = {q["task_type"]: q for q in httpx.get(f"{t.base}/api/optimization/quality", headers=auth, timeout=30).json()["tasks"]}
+        slo = {m["task_type"]: m for m in httpx.get(f"{t.base}/api/optimization/slo-status", headers=auth, timeout=30).json()["tasks"]}
+        events = httpx.get(f"{t.base}/api/optimization/events", headers=auth, params={"limit": 50}, timeout=30).json()
+        assert quality["code"]["signals"]["explicit"] == 40 and quality["code"]["judge"]["n"] > 0
+        assert quality["code"]["validation_checked"] == 15 and quality["code"]["validation_failed"] == 5
+        assert quality["creative"]["signals"]["implicit"] > 0 and quality["creative"]["signals"]["judge"] > 0
+        assert slo["extraction"]["rolled_back"] is True and slo["code"]["holdout_n"] > 0
+        kinds = [(e["kind"], e["scope"], e["task_type"]) for e in events["items"]]
+        assert kinds[:3] == [("resume", "global", None), ("rollback", "global", None), ("rollback", "task", "extraction")], kinds
+
+        dom = subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", dashboard_url("127.0.0.1", t.port, token)],
+                             capture_output=True, text=True, timeout=90)
+        html = dom.stdout
+        assert 'data-loaded="1"' in html, dom.stderr[-2000:]
+        assert 'id="error"></div>' in html  # no read failed
+
+        # Signals & judge: every count, rate and the judge's agreement as /quality has them.
+        rows = {a["data-task"]: cells for a, cells in table(html, "signals")}
+        assert set(rows) == set(quality), rows
+        for task, q in quality.items():
+            cells = rows[task]
+            assert cells[1] == str(q["requests"])
+            assert cells[2:7] == [str(q["signals"][k]) for k in ("explicit", "judge", "implicit", "automatic", "none")]
+            assert cells[7] == ("—" if q["regeneration_rate"] is None else f"{100 * q['regeneration_rate']:.1f} %")
+            j = q["judge"]
+            if j["n"]:
+                rho = "—" if j["spearman"] is None else f"{j['spearman']:+.2f}"
+                assert cells[9] == f"ρ {rho} · {j['mean_difference']:+.2f} · {j['n']} pairs", (cells, j)
+            assert cells[10].startswith("trusted" if j["trusted"] else "muted")
+        v = quality["code"]
+        assert rows["code"][8] == f"5 / 15 ({100 * v['validation_failure_rate']:.1f} %)"
+
+        # The conservative monitor: its verdict in words, both means and the interval, per task type.
+        rows = {a["data-task"]: cells for a, cells in table(html, "monitor")}
+        assert set(rows) == set(slo)
+        for task, m in slo.items():
+            cells = rows[task]
+            assert cells[1] == ("rolled back" if m["rolled_back"] else {"better": "better", "not_yet_known": "not yet known"}.get(m["verdict"], m["verdict"]))
+            assert cells[2] == m["summary"] and f"{100 * m['quality_level']:g} % interval [" in cells[2]
+            lo, hi = m["quality_difference"]
+            assert cells[5] == f"[{lo:+.2f}, {hi:+.2f}]"
+            assert cells[3].endswith(f"· {m['optimised_n']} req") and cells[4].endswith(f"· {m['holdout_n']} req")
+        assert rows["extraction"][1] == "rolled back" and "rolled back" in rows["extraction"][2]
+        assert re.search(r'<svg[^>]*class="ci"', html)
+
+        # Events: newest first, scope and reason from the stored log.
+        rows = table(html, "events")
+        assert [(a["data-kind"], a["data-scope"]) for a, _ in rows] == [(e["kind"], e["scope"]) for e in events["items"]]
+        assert rows[0][1][1:3] == ["resume", "global"] and rows[0][1][4] == "dashboard test resume"
+        task_rollback = next(cells for a, cells in rows if a["data-scope"] == "task")
+        stored = next(e for e in events["items"] if e["scope"] == "task")
+        assert task_rollback[1:3] == ["rollback", "task extraction"] and task_rollback[4] == stored["reason"] and task_rollback[6] == "conservative"
+        assert task_rollback[3] == f"{stored['from_phase']} → rollback" and "optimised mean quality" in stored["reason"]
+
+        # Knob bands as the guard draws them (hand-worked): temperature 0.7 ± 0.2; max_tokens 800 lowered by at most
+        # min(500, 0.5 × 800) = 400 and never raised (raise_client_max_tokens = false).
+        def band(chart: str, task: str) -> str:
+            m = re.search(rf'<svg id="{chart}".*?</svg>', html, re.S)
+            assert m is not None
+            found = re.search(rf'<path[^>]*class="band"[^>]*data-name="{task}"[^>]*data-last="([^"]+)"', m.group(0))
+            assert found is not None, chart
+            return found.group(1)
+
+        lo, hi = (float(x) for x in band("chart-temperature", "code").split(","))
+        assert lo == pytest.approx(0.5) and hi == pytest.approx(0.9)
+        assert band("chart-max-tokens", "code") == "400,800" and band("chart-max-tokens", "extraction") == "150,300"
+
+        # Tuned vs holdout over the range, and the headline chart's holdout line.
+        reward_svg = re.search(r'<svg id="chart-reward".*?</svg>', html, re.S)
+        assert reward_svg is not None and 'data-name="holdout"' in reward_svg.group(0)
+        assert re.search(r'<tr data-task="code" data-metric="quality">', html) and html.count('class="interval"') >= 3 * 4
     finally:
         t.stop()

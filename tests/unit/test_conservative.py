@@ -185,3 +185,18 @@ def test_slo_regression_keys_are_validated() -> None:
     for key in ("max_quality_regression", "max_latency_regression"):
         with pytest.raises(ConfigError, match=f"slo.{key}"):
             build_config({"slo": {key: 1.5}})
+
+
+def test_verdict_carries_the_sample_means_and_the_summary_states_them() -> None:
+    from proxy.control.reports import monitor_sentence, monitor_words
+
+    state = cm.new_state()
+    for i, (mode, q) in enumerate([("optimized", 0.9), ("optimized", 0.7), ("holdout", 0.5), ("holdout", 0.6), ("holdout", 0.4)]):
+        state, _ = cm.observe(state, S, task="code", mode=mode, quality=q, latency_s=1.0, now=float(i))
+    v = cm.verdict(state, S, "code")
+    assert v.optimised_mean == pytest.approx(0.8) and v.holdout_mean == pytest.approx(0.5)
+    assert cm.verdict(cm.new_state(), S, "code").optimised_mean is None
+    words = monitor_words(v.verdict, v.rolled_back)
+    assert words == "not yet known" and monitor_words("worse", True) == "rolled back" and monitor_words("better", False) == "better"
+    assert monitor_sentence("code", 0.12, 0.05, 0.19, 3412, 0.975, "better") == "code: +0.12 quality, 97.5 % interval [+0.05, +0.19], 3,412 requests; better"
+    assert monitor_sentence("chat", None, -1.0, 1.0, 3, 0.975, words) == "chat: quality not comparable yet (needs tuned and holdout requests), 3 requests; not yet known"
