@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 
 from proxy.config import build_config
 from proxy.demo import traffic as demo_traffic
@@ -137,3 +138,15 @@ def test_demo_learns_from_the_simulator_as_judge_with_no_feedback_posted(tmp_pat
     finally:
         running.stop()
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_demo_holdout_share_defaults_to_a_fifth_and_is_checked() -> None:
+    """The demo's comparison needs holdout answers within minutes; a share outside [0, 1) is refused."""
+    from proxy.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).holdout == 0.2
+    assert parser.parse_args(["demo", "--holdout", "0.05"]).holdout == 0.05
+    for bad in ("1", "-0.1", "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["demo", "--holdout", bad])
