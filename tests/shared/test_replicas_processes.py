@@ -79,7 +79,7 @@ def processes(upstream: FakeUpstream, tmp_path: Path, redis_prefix: str) -> list
         )
         bases.append(f"http://127.0.0.1:{port}")
     try:
-        deadline = time.time() + 20
+        deadline = time.time() + 60  # a liveness guard, not a timing claim: a loaded machine took 12 s to import and bind
         for base, proc in zip(bases, procs):
             while True:
                 if proc.poll() is not None:
