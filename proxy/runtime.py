@@ -31,7 +31,7 @@ from policies.signals import Signal
 from policies.validators import SchemaValidators, validated_quality
 from proxy.config import Config
 from proxy.decision.decider import BanditDecider, Decider
-from proxy.decision.feedback import FeedbackBook, SignalBook, deliver_signal
+from proxy.decision.feedback import FeedbackBook, deliver_signal
 from proxy.decision.lease_refill import LeaseRefiller
 from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook, regeneration_signal
 from proxy.decision.registry import DecisionRegistry
@@ -39,6 +39,7 @@ from proxy.edge.upstream import Transport, UpstreamPool
 from proxy.learning.evidence import compute_ope_evidence
 from proxy.learning.judge import Judge, JudgeMetrics, upstream_transport
 from proxy.learning.refresh import TableRefresher
+from proxy.learning.signal_sync import SignalSync, SyncedQualitySignals, SyncedSignalBook
 from proxy.learning.sync import SharedState
 from proxy.learning.validation import validate_answer
 from proxy.observability.alerts import Alert
@@ -137,6 +138,8 @@ class Runtime:
             else None
         )
         self.conservative = ConservativeMonitor(ConservativeSettings.from_slo(config.slo, max_tasks=srv.max_task_types))
+        # Counted per task type; persisted and shared by `self.signal_sync` (proxy/learning/signal_sync.py).
+        self.quality_signals = SyncedQualitySignals(max_task_types=srv.max_task_types)
         self._conservative_save: asyncio.Task[None] | None = None
         self.bandit: BanditDecider = BanditDecider(
             policy=self.policy,
@@ -156,12 +159,13 @@ class Runtime:
             min_quality_signals=config.optimization.min_quality_signals,
             holdout_fraction=config.optimization.holdout_fraction,
             conservative=self.conservative,
+            signals=self.quality_signals,
         )
         self.decider: Decider = decider or self.bandit
         self.validators = SchemaValidators()  # compiled schemas cached by hash
         # Signals that arrive after the outcome (explicit, judge, implicit) re-enter through proxy/decision/feedback.py.
         self.feedback = FeedbackBook()
-        self.signal_book = SignalBook()
+        self.signal_book = SyncedSignalBook(max_task_types=srv.max_task_types)
         fb = config.feedback
         memory_book = MemoryRegenerationBook(fb.regenerate_window_s, fb.max_fingerprints)
         self.regeneration: RegenerationBook = (
@@ -203,6 +207,13 @@ class Runtime:
                 interval_s=st.state_snapshot_interval_s,
                 fsync_interval_s=st.journal_fsync_interval_s,
             )
+        # Quality-signal counts and judge/explicit pairs: in the journaled local store, or shared through Redis.
+        self.signal_sync: SignalSync | None = None
+        if isinstance(self.state_store, RedisStore) or self.local_state is not None:
+            self.signal_sync = SignalSync(
+                self.state_store, self.quality_signals, self.signal_book,
+                interval_s=st.sync_interval_s if self.local_state is None else st.journal_fsync_interval_s, ttl_s=st.state_ttl_s,
+            )
 
     @property
     def rollout(self) -> RolloutController:
@@ -235,6 +246,8 @@ class Runtime:
         if stored is not None:
             self.bandit.rollout = self._make_rollout(stored)
         await self._load_conservative()
+        if self.signal_sync is not None:
+            await self.signal_sync.start()
         if self.shared is not None:
             await self.shared.start()
         await self.recorder.start()
@@ -315,6 +328,8 @@ class Runtime:
             await self.refresher.stop()
         if self.lease_refiller is not None:
             await self.lease_refiller.stop()
+        if self.signal_sync is not None:
+            await self.signal_sync.stop()
         if self.shared is not None:
             await self.shared.stop()
         await self.recorder.stop()

@@ -7,9 +7,10 @@ Two sources, each the only place the number exists:
   regenerated answer later scored by the judge or a person counts under that source: the
   regeneration rate (requests whose quality is a regeneration mark / requests) is a lower
   bound of how often answers were regenerated;
-- the process's `SignalBook` (since start-up, not the window): the judge's (judge, explicit)
-  pairs, which the log cannot give because explicit feedback replaces the judge's score,
-  and validator checks/failures per task type. The judge flag is the same
+- the runtime's `SignalBook`, not the window: the judge's (judge, explicit) pairs, which the
+  log cannot give because explicit feedback replaces the judge's score (persisted and shared
+  between replicas, `proxy.learning.signal_sync`), and validator checks/failures per task
+  type (this process, since start-up). The judge flag is the same
   `policies.agreement.judge_trusted` call that gates the judge's signals in `deliver_signal`.
 """
 
