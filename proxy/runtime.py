@@ -514,7 +514,8 @@ class Runtime:
         """The automatic quality once a `json_schema` response format or the tools' `parameters` are checked.
 
         A violation caps the automatic score (`[policy.quality] schema_invalid_score`) and the
-        reward follows; the reason is logged and counted per task type. Nothing asked, nothing done.
+        reward follows; the reason (schema paths and error kinds, never the answer's text) is
+        logged, counted per task type and stored in the decision log. Nothing asked, nothing done.
         """
         if not isinstance(body, dict) or outcome.quality is None or outcome.feedback:
             return outcome
@@ -527,8 +528,7 @@ class Runtime:
         if violation is None:
             return outcome
         self.metrics.child(self.metrics.validation_failures, task).inc()
-        log.info("answer %s breaks its schema: %s", decision.request_id, violation[:200])
+        log.info("answer %s breaks its schema: %s", decision.request_id, violation.reason)
         quality = validated_quality(outcome.quality, violation, self.config.policy.quality)
-        if quality == outcome.quality:
-            return outcome
-        return msgspec.structs.replace(outcome, quality=quality, reward=self.bandit.reward_for(decision, outcome, quality))
+        reward = outcome.reward if quality == outcome.quality else self.bandit.reward_for(decision, outcome, quality)
+        return msgspec.structs.replace(outcome, quality=quality, reward=reward, validator_reason=violation.reason)

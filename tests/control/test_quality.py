@@ -103,3 +103,13 @@ def test_validator_failure_rate(own_ctl: RunningThermostat) -> None:
     assert extraction["validation_checked"] == 3 and extraction["validation_failed"] == 2
     assert extraction["validation_failure_rate"] == 2 / 3
     assert body["code"]["validation_checked"] == 0 and body["code"]["validation_failure_rate"] is None  # nothing asked
+    # The stored reasons: schema paths and error kinds, never the answer's own text ("Ada", "nom").
+    assert extraction["validator_reasons"] == {
+        "response_format: additionalProperties (AdditionalProperties); required (Required)": 1,
+        "response_format: properties/name/type (Type)": 1,
+    }
+    logs = api(t, "GET", "/logs", params={"task_type": "extraction", "limit": 10})
+    assert logs.status_code == 200, logs.text
+    reasons = sorted(str(item["validator_reason"]) for item in logs.json()["items"])
+    assert reasons == sorted(["None", *extraction["validator_reasons"]])
+    assert not any("Ada" in r or "nom" in r for r in reasons)
