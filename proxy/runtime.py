@@ -35,9 +35,10 @@ from proxy.decision.feedback import FeedbackBook, deliver_signal
 from proxy.decision.lease_refill import LeaseRefiller
 from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook, regeneration_signal
 from proxy.decision.registry import DecisionRegistry
+from proxy.edge.formats import CHAT
 from proxy.edge.upstream import Transport, UpstreamPool
 from proxy.learning.evidence import compute_ope_evidence
-from proxy.learning.judge import Judge, JudgeMetrics, upstream_transport
+from proxy.learning.judge import Judge, JudgeMetrics, named_upstream_transport, upstream_transport
 from proxy.learning.refresh import TableRefresher
 from proxy.learning.signal_sync import SignalSync, SyncedQualitySignals, SyncedSignalBook
 from proxy.learning.sync import SharedState
@@ -181,6 +182,7 @@ class Runtime:
                 config.judge, transport=upstream_transport(self.pool, config.judge.model), deliver=self._deliver_judged,
                 charge=self._charge_judge, rng=np.random.default_rng(None if seed is None else seed + 1),
                 metrics=JudgeMetrics(self.metrics.registry), alert=self._judge_alert,
+                baseline_request=self._baseline_request, send_baseline=named_upstream_transport(self.pool),
             )
             if config.judge.enabled
             else None
@@ -473,12 +475,28 @@ class Runtime:
         if not isinstance(messages, list) or not messages:
             return
         if self.judge is not None:
-            self.judge.on_complete(decision, outcome, answer, messages)
+            self.judge.on_complete(decision, outcome, answer, messages, body)
         # Without a client key, identical messages from different clients would look like retries.
         if key and 200 <= outcome.status < 300 and outcome.error_class is None:
             task = asyncio.get_running_loop().create_task(self._regenerated(messages, key, decision))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    def _baseline_request(self, decision: Decision, body: Any) -> dict[str, Any] | None:
+        """The chat body the baseline would have sent for `decision` (pairwise judge), not streamed, one choice.
+
+        `body` went out with the tuned knobs patched in; the baseline's are the client's own values
+        and `[baseline.<task>]` stand-ins (`decider.reference`; what it sends does not depend on the
+        evidence so far), and a temperature the client omitted is omitted again.
+        """
+        if not isinstance(body, dict) or decision.context.endpoint != "chat":
+            return None
+        ref, _, _ = self.bandit.reference_for(decision.context)
+        out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n")}
+        if ref.sent.temperature is None:
+            out.pop("temperature", None)
+        CHAT.patch(out, ref.sent)
+        return out
 
     async def _regenerated(self, messages: list[Any], key: str, decision: Decision) -> None:
         try:

@@ -31,7 +31,7 @@ from proxy.control.views import MaxRows, WindowS, window
 from proxy.decision.feedback import SignalBook
 from proxy.store.base import DecisionRow
 
-SOURCES = ("explicit", "judge", "implicit", "automatic", "none")
+SOURCES = ("explicit", "judge", "judge_pairwise", "implicit", "automatic", "none")
 TOP_REASONS = 10
 
 
@@ -47,7 +47,7 @@ class JudgeAgreementOut(msgspec.Struct, frozen=True, kw_only=True):
 class QualityTaskOut(msgspec.Struct, frozen=True, kw_only=True):
     task_type: str
     requests: int  # logged decisions in the window
-    signals: dict[str, int]  # source holding each request's quality -> count (explicit, judge, implicit, automatic, none)
+    signals: dict[str, int]  # source holding each request's quality -> count (explicit, judge, judge_pairwise, implicit, automatic, none)
     regeneration_rate: float | None  # requests whose quality is a regeneration mark / requests; null without requests
     judge: JudgeAgreementOut
     validation_checked: int  # answers checked against a schema since start-up

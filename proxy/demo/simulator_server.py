@@ -15,6 +15,9 @@ the judged answer: the simulator remembers the true quality of its recent answer
 hash of their text (bounded; the latest answer with the same text wins, since answers of
 equal length are identical words). An answer it does not remember is scored from q = 0.5.
 So a judge configured against the simulator behaves like a real, imperfect judge.
+Pairwise judge prompts (`proxy.learning.judge.build_pairwise_prompt`) get
+`{"preference": "A" | "B" | "tie"}`: each answer's hidden quality plus its own N(0, judge_noise²),
+"tie" when the two noisy values differ by less than `PAIRWISE_TIE`, else the higher one.
 
 The task type comes from the `x-task-type` header, else from keywords in the system
 prompt (code / creative / summarise), else "default".  The natural answer length is a
@@ -53,12 +56,13 @@ from policies.records import Arm
 from policies.settings import ArmGridSettings
 from proxy.demo.simulator import SimOutcome, SimulatorTruth
 from proxy.demo.wire import anthropic_body, anthropic_error, anthropic_events, responses_body, responses_events
-from proxy.learning.judge import extract_answer
+from proxy.learning.judge import extract_answer, extract_pair
 
 DEFAULT_MODELS: tuple[str, ...] = ("sim-1", "sim-1-mini")
 DEFAULT_MAX_TOKENS = 4096
 JUDGE_PREFIX = "sim-judge"
 JUDGE_NOISE = 0.1  # standard deviation of the simulated judge's error, in quality units
+PAIRWISE_TIE = 0.02  # noisy qualities closer than this are a tie for the simulated pairwise judge
 MAX_REMEMBERED_ANSWERS = 50_000
 STREAM_CHUNKS = 8
 WORDS = (
@@ -214,9 +218,29 @@ class _Simulator:
         noisy = min(1.0, max(0.0, (0.5 if q is None else q) + JUDGE_NOISE * float(self.judge_rng.standard_normal())))
         return int(round(1 + 9 * noisy)), q
 
+    def _true_quality(self, answer: str) -> float | None:
+        return self.answers.get(hashlib.blake2b(answer.encode(), digest_size=16).digest())
+
+    def judge_preference(self, body: dict[str, Any]) -> tuple[str, float | None, float | None] | None:
+        """("A" | "B" | "tie", hidden quality of A, of B) for a pairwise prompt; None for any other prompt."""
+        _, text = _text_of(body)
+        pair = extract_pair(text)
+        if pair is None:
+            return None
+        qa, qb = (self._true_quality(answer) for answer in pair)
+        noisy = [(0.5 if q is None else q) + JUDGE_NOISE * float(self.judge_rng.standard_normal()) for q in (qa, qb)]
+        diff = noisy[0] - noisy[1]
+        return ("tie" if abs(diff) < PAIRWISE_TIE else "A" if diff > 0 else "B"), qa, qb
+
     def _judge_reply(self, body: dict[str, Any], model: str) -> web.Response:
-        score, q = self.judge_score(body)
-        content = json.dumps({"score": score, "reason": "simulated judge" if q is not None else "simulated judge: unknown answer"})
+        pairwise = self.judge_preference(body)
+        if pairwise is not None:
+            preference, qa, qb = pairwise
+            content = json.dumps({"preference": preference, "reason": "simulated pairwise judge"})
+            q = None  # two hidden qualities, not one: the header stays empty
+        else:
+            score, q = self.judge_score(body)
+            content = json.dumps({"score": score, "reason": "simulated judge" if q is not None else "simulated judge: unknown answer"})
         prompt_tokens = estimate_prompt_tokens(body)
         payload = {
             "id": "chatcmpl-judge" + secrets.token_hex(8),

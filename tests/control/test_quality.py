@@ -41,7 +41,7 @@ def test_sources_agreement_and_the_flag(own_ctl: RunningThermostat) -> None:
     t.flush()
     body = tasks(t)["chat"]
     assert body["requests"] == 20
-    assert body["signals"] == {"explicit": 2, "judge": 3, "implicit": 4, "automatic": 11, "none": 0}
+    assert body["signals"] == {"explicit": 2, "judge": 3, "judge_pairwise": 0, "implicit": 4, "automatic": 11, "none": 0}
     assert body["regeneration_rate"] == 4 / 20
     assert body["judge"]["n"] == 0 and body["judge"]["spearman"] is None and body["judge"]["trusted"] is True
 
