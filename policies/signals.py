@@ -21,13 +21,11 @@ SignalSource = Literal["automatic", "implicit", "judge", "judge_pairwise", "expl
 PRIORITY: dict[str, int] = {"automatic": 0, "implicit": 1, "judge": 2, "judge_pairwise": 2, "explicit": 3}
 
 PAIRWISE_QUALITY: dict[str, float] = {"win": 1.0, "tie": 0.5, "loss": 0.0}
-"""A pairwise judgment as quality: the tuned answer against the baseline's answer to the same request.
+"""A pairwise judgment as quality: the request's answer against a baseline answer to the same request.
 
 The scale is "how often the request's arm beats the baseline", on which the baseline itself
-sits at 0.5: two draws from the same arm win, lose or tie with each other symmetrically. So a
-sampled request that was sent with the baseline arm gets 0.5 without a call (`Signal.evidence`
-False: it does not count as a temperature-visible signal), and the arms' means stay comparable:
-a tuned arm's reward rises above the baseline's exactly when it wins more often than it loses.
+sits at 0.5 (two answers from the same arm win, lose or tie with each other symmetrically),
+so a tuned arm's mean rises above the baseline's exactly when it wins more than it loses.
 """
 
 
@@ -39,7 +37,6 @@ class Signal(msgspec.Struct, frozen=True):
     source: SignalSource
     at: float = 0.0  # unix seconds; 0 when the producer has no clock to hand
     reason: str = ""
-    evidence: bool = True  # False: a value implied by construction (the baseline's tie with itself), not an observation
 
 
 def rank(source: str | None) -> int:

@@ -362,7 +362,7 @@ async def deliver_signal(rt: Any, book: FeedbackBook, signals: SignalBook, signa
     quality = min(1.0, max(0.0, float(signal.quality)))
     new_reward = rt.bandit.reward_for(decision, outcome, quality)
     # Judge scores and regeneration marks see temperature as explicit feedback does; one count per request.
-    _count_signal(rt, decision.context.task_type, rid in signals.sources or not signal.evidence, _learns(outcome.status, outcome.error_class))
+    _count_signal(rt, decision.context.task_type, rid in signals.sources, _learns(outcome.status, outcome.error_class))
     if _learns(outcome.status, outcome.error_class):
         _apply(
             rt, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,

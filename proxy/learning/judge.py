@@ -43,9 +43,12 @@ the judge's generator, so position bias cancels on average) and the judge names 
 one or a tie. The preference becomes quality for the tuned request only
 (`policies.signals.PAIRWISE_QUALITY`: 1 win, 0.5 tie, 0 loss; source `judge_pairwise`); the
 baseline's second answer is no logged decision and teaches nothing, so the baseline arm's
-statistics only ever see its own requests. A sampled request sent with the baseline arm gets
-0.5 without any call (a draw tied with its own arm, `Signal.evidence` False), which keeps
-every arm's mean on one scale. Requests of other wire formats are not judged in this mode
+statistics only ever see its own requests. A sampled request that was itself sent with the
+baseline arm is compared the same way, with a second baseline answer: its expected quality
+is 0.5 by symmetry, which keeps every arm's mean on one scale (a tuned arm's reward rises
+above the baseline's exactly when it wins more than it loses), and its verdict is a real
+observation, so it counts as a signal like any other (a tie assumed without a call would
+let traffic volume alone unlock temperature). Requests of other wire formats are not judged in this mode
 (counted as `skipped`), whatever their arm, so the sample stays independent of the arm.
 
 Circuit breaker. `breaker_failures` consecutive failures (transport error, timeout,
@@ -81,7 +84,7 @@ from proxy.config import JudgeSettings
 log = logging.getLogger("thermostat.judge")
 
 JUDGE_TASK_TYPE = "_judge"
-RESULTS = ("ok", "unparseable", "error", "timeout", "dropped", "skipped", "delivery_failed", "untrusted", "baseline_failed", "baseline_arm")
+RESULTS = ("ok", "unparseable", "error", "timeout", "dropped", "skipped", "delivery_failed", "untrusted", "baseline_failed")
 
 Transport = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 Deliver = Callable[[Signal], Awaitable[str | None]]  # "untrusted" when the judge is muted for the task type
@@ -98,7 +101,7 @@ class JudgeItem(msgspec.Struct, frozen=True):
     task_type: str
     messages: tuple[tuple[str, str], ...]  # (role, text), oldest first
     answer: str
-    pairwise: str = ""  # "": pointwise; "compare": against `baseline_body`; "baseline_arm": sent with the baseline, a tie
+    pairwise: str = ""  # "": pointwise; "compare": against the answer to `baseline_body`
     upstream: str = ""
     baseline_body: dict[str, Any] | None = None
 
@@ -530,14 +533,11 @@ class Judge:
             if decision.context.endpoint != "chat" or self.baseline_request is None or self.send_baseline is None:
                 self._count("skipped")  # the same for every arm: the sample stays independent of the arm
                 return False
-            if decision.sent.arm(decision.baseline) == decision.baseline.arm():
-                pairwise = "baseline_arm"
-            else:
-                baseline_body = self.baseline_request(decision, body)
-                if baseline_body is None:
-                    self._count("skipped")
-                    return False
-                pairwise = "compare"
+            baseline_body = self.baseline_request(decision, body)
+            if baseline_body is None:
+                self._count("skipped")
+                return False
+            pairwise = "compare"
         item = JudgeItem(
             request_id=decision.request_id,
             task_type=decision.context.task_type,
@@ -650,12 +650,6 @@ class Judge:
 
     async def judge_pair(self, item: JudgeItem) -> Signal | None:
         """Pairwise mode (module docstring): the baseline's answer, a random order, the judge's preference."""
-        if item.pairwise == "baseline_arm":
-            self._count("baseline_arm")
-            return await self._deliver(Signal(
-                request_id=item.request_id, quality=PAIRWISE_QUALITY["tie"], source="judge_pairwise", at=self.wall_clock(),
-                reason="sent with the baseline: a tie with itself", evidence=False,
-            ))
         if item.baseline_body is None or self.send_baseline is None or not self.breaker.allow(self.clock()):
             self._count("skipped")
             return None

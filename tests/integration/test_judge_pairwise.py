@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,7 +135,7 @@ async def test_the_better_answer_wins_in_either_position_and_everything_is_charg
     sink = Sink()
     judge = await judge_all(url, sink, [decision(f"r{i}", TUNED_PARAMS) for i in range(40)])
     assert len(sink.signals) == 40
-    assert all(s.quality == 1.0 and s.source == "judge_pairwise" and s.evidence for s in sink.signals)
+    assert all(s.quality == 1.0 and s.source == "judge_pairwise" for s in sink.signals)
     first = sum(p["messages"][1]["content"].index("TUNED") < p["messages"][1]["content"].index("BASELINE") for p in fake.judge_prompts)
     assert first == judge.counts["tuned_first"] and 10 <= first <= 30  # the order is a coin, not always the same position
     # The baseline is the request again with the baseline's knobs, not streamed.
@@ -158,7 +159,7 @@ async def test_a_position_biased_judge_averages_out_to_a_tie(models: tuple[FakeM
     assert abs(float(np.mean(qualities)) - 0.5) < 0.1
 
 
-async def test_baseline_arm_ties_without_calls_other_formats_skipped_failures_counted(models: tuple[FakeModels, str]) -> None:
+async def test_baseline_arm_compared_too_other_formats_skipped_failures_counted(models: tuple[FakeModels, str]) -> None:
     fake, url = models
     fake.prefer = lambda a, b: "tie"
     sink = Sink()
@@ -167,11 +168,10 @@ async def test_baseline_arm_ties_without_calls_other_formats_skipped_failures_co
     tied = decision("t0", TUNED_PARAMS)
     judge = await judge_all(url, sink, [baseline_arm, anthropic, tied])
     by_id = {s.request_id: s for s in sink.signals}
-    assert set(by_id) == {"b0", "t0"}
-    assert by_id["b0"].quality == 0.5 and not by_id["b0"].evidence  # not a temperature-visible signal
-    assert by_id["t0"].quality == 0.5 and by_id["t0"].evidence
-    assert len(fake.baseline_bodies) == 1 and len(fake.judge_prompts) == 1  # only the tuned chat request cost calls
-    assert judge.counts["skipped"] == 1 and judge.counts["baseline_arm"] == 1
+    assert set(by_id) == {"b0", "t0"}  # the baseline arm is judged like any arm: a real verdict, on the same scale
+    assert by_id["b0"].quality == 0.5 and by_id["t0"].quality == 0.5
+    assert len(fake.baseline_bodies) == 2 and len(fake.judge_prompts) == 2  # the other wire format cost nothing
+    assert judge.counts["skipped"] == 1
 
     fake.baseline_status = 500
     failed = Sink()
@@ -226,6 +226,14 @@ def test_proxy_pairwise_signals_reach_the_tuned_arm_only(simulator: SimulatorHan
             return original(ctx, base, arm, reward)
 
         rt.policy.update = spy  # type: ignore[method-assign]
+        corrected: list[tuple[float, float]] = []  # (baseline temperature, arm temperature) of every correct()
+        original_correct = rt.policy.correct
+
+        def correct_spy(ctx: Any, base: Any, arm: Any, old: float, new: float, **kw: Any) -> Any:
+            corrected.append((base.temperature, arm.temperature))
+            return original_correct(ctx, base, arm, old, new, **kw)
+
+        rt.policy.correct = correct_spy  # type: ignore[method-assign]
         charged: list[tuple[str, int]] = []
         original_charge = rt.budget.charge
 
@@ -246,19 +254,18 @@ def test_proxy_pairwise_signals_reach_the_tuned_arm_only(simulator: SimulatorHan
         t.flush()
         rows = [t.call(rt.sink.get_decision(rid)) for rid in ids]
         tuned = [r for r in rows if r.chosen_params.temperature != r.baseline_params.temperature]
-        same = [r for r in rows if r.chosen_params.temperature == r.baseline_params.temperature]
-        assert tuned and same
-        for r in tuned:  # judged against the baseline: a win, a tie or a loss
+        assert tuned and len(tuned) < len(rows)  # both tuned and baseline arms were sent
+        for r in rows:  # every arm judged against a baseline answer: a win, a tie or a loss
             assert r.feedback_source == "judge_pairwise" and r.feedback_quality in (0.0, 0.5, 1.0)
-        for r in same:  # the baseline arm, tied with itself by construction
-            assert r.feedback_source == "judge_pairwise" and r.feedback_quality == 0.5
         # One policy update per client request: the baseline's second answers taught nothing.
         assert len(updates) == 40
-        # Only real comparisons count towards unlocking temperature.
-        assert rt.bandit.signals.count("creative") == len(tuned)
-        assert rt.judge.counts["baseline_arm"] == len(same)
+        # One signal per request; the later correct() of each swapped that request's own arm.
+        assert rt.bandit.signals.count("creative") == 40
+        assert sorted(corrected) == sorted(
+            (r.baseline_params.temperature, r.chosen_params.temperature) for r in rows
+        )
         # Each comparison charged two calls (the baseline's answer, the judge's verdict) to the budget's `_judge` task type.
-        assert len(charged) == 2 * len(tuned) and all(task == JUDGE_TASK_TYPE and tokens > 0 for task, tokens in charged)
+        assert len(charged) == 80 and all(task == JUDGE_TASK_TYPE and tokens > 0 for task, tokens in charged)
     finally:
         t.stop()
 
@@ -296,3 +303,38 @@ def test_simulator_pairwise_judge_prefers_the_hidden_better_answer() -> None:
     assert len(clear) >= 20
     # Noise sd 0.1 per answer: a gap over 0.4 is reversed with probability ~ Phi(-0.4 / 0.141) < 0.3 %.
     assert all(p == ("A" if a > b else "B") for p, a, b in clear)
+
+
+def test_pairwise_judge_alone_moves_temperature_toward_the_hidden_optimum(simulator: SimulatorHandle, tmp_path: Any) -> None:
+    """As tests/integration/test_quality_loop.py does for the pointwise judge: no feedback posted, only preferences."""
+    cfg = make_config(
+        simulator.url, tmp_path,
+        optimization={"mode": "general", "seed": 8, "min_quality_signals": 10, "holdout_fraction": 0.05},
+        policy={"grid": {"temperature_steps": 3, "max_tokens_steps": 1}},
+        judge={"enabled": True, "model": "sim-judge", "mode": "pairwise", "sample_rate": 1.0, "max_concurrency": 4},
+    )
+    t = start_thermostat(cfg)
+    try:
+        rt = t.runtime
+        assert rt.judge is not None
+        client = openai.OpenAI(base_url=t.url, api_key="sk-test", max_retries=0, timeout=10, default_headers={"x-task-type": "creative"})
+        sent: list[float] = []
+        deadline = time.monotonic() + 60  # bounded in time as well as in requests
+        for i in range(500):
+            if time.monotonic() > deadline:
+                break
+            raw = client.chat.completions.with_raw_response.create(
+                model="sim-writer", messages=CREATIVE, temperature=0.6, max_tokens=200, user=f"u{i}",  # type: ignore[arg-type]
+            )
+            params = dict(p.strip().split("=", 1) for p in raw.http_response.headers["x-thermostat-params"].split(";") if "=" in p)
+            if raw.http_response.headers["x-thermostat-mode"] == "optimized" and "temperature" in params:
+                sent.append(float(params["temperature"]))
+        t.call(asyncio.wait_for(rt.judge.drain(), 30))
+        assert rt.bandit.signals.count("creative") >= 10  # real comparisons unlocked temperature (tune_temperature = auto)
+        late = sent[-100:]
+        assert len(late) == 100
+        hotter = sum(1 for x in late if x > 0.6 + 1e-9)
+        colder = sum(1 for x in late if x < 0.6 - 1e-9)
+        assert hotter > 60 and colder < 15, (hotter, colder, dict(rt.judge.counts))
+    finally:
+        t.stop()
