@@ -98,3 +98,4 @@ class Outcome(msgspec.Struct, frozen=True):
     quality: float | None = None
     reward: float | None = None
     feedback: bool = False  # True once explicit (delayed) feedback replaced the automatic score
+    validator_reason: str | None = None  # schema path and error kind of a failed schema check (policies.validators.Violation.reason)

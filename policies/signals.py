@@ -13,11 +13,20 @@ from typing import Literal
 
 import msgspec
 
-SignalSource = Literal["automatic", "implicit", "judge", "explicit"]
+SignalSource = Literal["automatic", "implicit", "judge", "judge_pairwise", "explicit"]
 
 # Higher wins. Explicit feedback is a human (or the client's own check); the judge read the
-# answer; an implicit mark only infers dissatisfaction; the automatic rules see the form only.
-PRIORITY: dict[str, int] = {"automatic": 0, "implicit": 1, "judge": 2, "explicit": 3}
+# answer (pointwise, or against the baseline's answer: `judge_pairwise`, one mode at a time);
+# an implicit mark only infers dissatisfaction; the automatic rules see the form only.
+PRIORITY: dict[str, int] = {"automatic": 0, "implicit": 1, "judge": 2, "judge_pairwise": 2, "explicit": 3}
+
+PAIRWISE_QUALITY: dict[str, float] = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+"""A pairwise judgment as quality: the request's answer against a baseline answer to the same request.
+
+The scale is "how often the request's arm beats the baseline", on which the baseline itself
+sits at 0.5 (two answers from the same arm win, lose or tie with each other symmetrically),
+so a tuned arm's mean rises above the baseline's exactly when it wins more than it loses.
+"""
 
 
 class Signal(msgspec.Struct, frozen=True):

@@ -15,6 +15,13 @@ compile). Its regexes are linear-time (no ReDoS from a client's `pattern`), and 
 
 Compiled validators are cached by the hash of the canonical schema text (bounded LRU).
 No I/O and no clock: callers that validate large answers may run `check_*` in a thread.
+
+A violation has two texts. `detail` quotes the validator's messages, which repeat values
+from the answer (and an answer may repeat the prompt): for a debugger's eyes only. `reason`
+is what is logged and stored in the decision log (`logged_decisions.validator_reason`):
+schema paths and error kinds only, words taken from the client's schema and never from the
+answer (an undeclared tool's name is the model's text, so it is left out), at most
+`MAX_REASON_CHARS` characters.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jsonschema_rs
 
@@ -32,6 +39,21 @@ from policies.settings import QualitySettings
 
 # Validation of a compile failure: a schema we cannot compile says nothing about the answer.
 _UNUSABLE = object()
+
+MAX_REASON_CHARS = 200  # the stored reason's bound (sql/0005_validator_reason.sql)
+_PART_CHARS = 64  # one schema path or tool name inside it
+
+
+class Violation(NamedTuple):
+    """Why an answer breaks its schema: `reason` to log and store, `detail` with the answer's values (module docstring)."""
+
+    reason: str
+    detail: str
+
+
+def _part(text: str) -> str:
+    """A schema word fit for the stored reason: printable, one line, bounded."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:_PART_CHARS]
 
 
 def _no_remote(uri: str) -> Any:
@@ -92,33 +114,35 @@ class SchemaValidators:
                 self._cache.popitem(last=False)
         return compiled
 
-    def violation(self, instance: Any, schema: Mapping[str, Any]) -> str | None:
-        """Why `instance` breaks `schema` (first few errors, one line), or None when it conforms."""
+    def violation(self, instance: Any, schema: Mapping[str, Any]) -> Violation | None:
+        """Why `instance` breaks `schema` (first few errors, one line each text), or None when it conforms."""
         validator = self._validator(schema)
         if validator is _UNUSABLE or validator.is_valid(instance):
             return None
-        errors = []
+        details, reasons = [], []
         for err in validator.iter_errors(instance):
             path = "/".join(str(p) for p in err.instance_path) or "(root)"
-            errors.append(f"{path}: {err.message}")
-            if len(errors) >= self.max_errors:
+            details.append(f"{path}: {err.message}")
+            where = "/".join(str(p) for p in err.schema_path) or "(root)"
+            reasons.append(f"{_part(where)} ({type(err.kind).__name__})")
+            if len(details) >= self.max_errors:
                 break
-        return "; ".join(errors)[:500]
+        return Violation(reason="; ".join(reasons), detail="; ".join(details)[:500])
 
-    def check_content(self, content: str | None, response_format: Any) -> str | None:
-        """Reason the answer text breaks the requested `json_schema`, or None (also when there is none)."""
+    def check_content(self, content: str | None, response_format: Any) -> Violation | None:
+        """Why the answer text breaks the requested `json_schema`, or None (also when there is none)."""
         schema = schema_of_response_format(response_format)
         if schema is None or not content or not content.strip():
             return None
         try:
             instance = json.loads(content)
         except ValueError:
-            return "response_format: answer is not JSON"
-        reason = self.violation(instance, schema)
-        return None if reason is None else f"response_format: {reason}"
+            return _prefixed("response_format", Violation("answer is not JSON", "answer is not JSON"))
+        found = self.violation(instance, schema)
+        return None if found is None else _prefixed("response_format", found)
 
-    def check_tool_calls(self, tool_calls: Sequence[tuple[str, str]], tools: Any) -> str | None:
-        """Reason a tool call's `arguments` break its tool's `parameters`, or None.
+    def check_tool_calls(self, tool_calls: Sequence[tuple[str, str]], tools: Any) -> Violation | None:
+        """Why a tool call's `arguments` break its tool's `parameters`, or None.
 
         `tool_calls` holds (function name, arguments text). A call to an undeclared tool is a
         violation; arguments that do not parse are already scored by `policies.quality`.
@@ -128,17 +152,21 @@ class SchemaValidators:
             return None
         for name, arguments in tool_calls:
             if name not in schemas:
-                return f"tool {name!r}: not among the declared tools"
+                return Violation(reason="tool: not among the declared tools", detail=f"tool {name!r}: not among the declared tools")
             try:
                 instance = json.loads(arguments or "{}")
             except ValueError:
-                return f"tool {name!r}: arguments are not JSON"
-            reason = self.violation(instance, schemas[name])
-            if reason is not None:
-                return f"tool {name!r}: {reason}"
+                return _prefixed(f"tool {_part(name)}", Violation("arguments are not JSON", "arguments are not JSON"), f"tool {name!r}")
+            found = self.violation(instance, schemas[name])
+            if found is not None:
+                return _prefixed(f"tool {_part(name)}", found, f"tool {name!r}")
         return None
 
 
-def validated_quality(score: float, violation: str | None, settings: QualitySettings) -> float:
+def _prefixed(prefix: str, found: Violation, detail_prefix: str | None = None) -> Violation:
+    return Violation(reason=f"{prefix}: {found.reason}"[:MAX_REASON_CHARS], detail=f"{detail_prefix or prefix}: {found.detail}")
+
+
+def validated_quality(score: float, violation: Violation | str | None, settings: QualitySettings) -> float:
     """The automatic score once validation is known: capped at `schema_invalid_score` on a violation."""
     return score if violation is None else min(score, settings.schema_invalid_score)

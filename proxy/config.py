@@ -248,6 +248,9 @@ class JudgeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     breaker_cooldown_s: float = 60.0  # first wait before a trial call; doubles while it keeps failing
     min_agreement: float = 0.3  # Spearman with explicit feedback below this (per task type) stops its signals
     min_agreement_pairs: int = 30  # (judge, explicit) pairs needed before the judge can be distrusted
+    # pairwise: a sampled chat request sent with a tuned arm is sent again with the baseline parameters
+    # (after the client's answer, in the judge's queue) and the judge prefers one answer (proxy/learning/judge.py)
+    mode: Literal["pointwise", "pairwise"] = "pointwise"
 
 
 class FeedbackSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -31,14 +31,16 @@ from policies.signals import Signal
 from policies.validators import SchemaValidators, validated_quality
 from proxy.config import Config
 from proxy.decision.decider import BanditDecider, Decider
-from proxy.decision.feedback import FeedbackBook, SignalBook, deliver_signal
+from proxy.decision.feedback import FeedbackBook, deliver_signal
 from proxy.decision.lease_refill import LeaseRefiller
 from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook, regeneration_signal
 from proxy.decision.registry import DecisionRegistry
+from proxy.edge.formats import CHAT
 from proxy.edge.upstream import Transport, UpstreamPool
 from proxy.learning.evidence import compute_ope_evidence
-from proxy.learning.judge import Judge, JudgeMetrics, upstream_transport
+from proxy.learning.judge import Judge, JudgeMetrics, named_upstream_transport, upstream_transport
 from proxy.learning.refresh import TableRefresher
+from proxy.learning.signal_sync import SignalSync, SyncedQualitySignals, SyncedSignalBook
 from proxy.learning.sync import SharedState
 from proxy.learning.validation import validate_answer
 from proxy.observability.alerts import Alert
@@ -137,6 +139,8 @@ class Runtime:
             else None
         )
         self.conservative = ConservativeMonitor(ConservativeSettings.from_slo(config.slo, max_tasks=srv.max_task_types))
+        # Counted per task type; persisted and shared by `self.signal_sync` (proxy/learning/signal_sync.py).
+        self.quality_signals = SyncedQualitySignals(max_task_types=srv.max_task_types)
         self._conservative_save: asyncio.Task[None] | None = None
         self.bandit: BanditDecider = BanditDecider(
             policy=self.policy,
@@ -156,12 +160,13 @@ class Runtime:
             min_quality_signals=config.optimization.min_quality_signals,
             holdout_fraction=config.optimization.holdout_fraction,
             conservative=self.conservative,
+            signals=self.quality_signals,
         )
         self.decider: Decider = decider or self.bandit
         self.validators = SchemaValidators()  # compiled schemas cached by hash
         # Signals that arrive after the outcome (explicit, judge, implicit) re-enter through proxy/decision/feedback.py.
         self.feedback = FeedbackBook()
-        self.signal_book = SignalBook()
+        self.signal_book = SyncedSignalBook(max_task_types=srv.max_task_types)
         fb = config.feedback
         memory_book = MemoryRegenerationBook(fb.regenerate_window_s, fb.max_fingerprints)
         self.regeneration: RegenerationBook = (
@@ -177,6 +182,7 @@ class Runtime:
                 config.judge, transport=upstream_transport(self.pool, config.judge.model), deliver=self._deliver_judged,
                 charge=self._charge_judge, rng=np.random.default_rng(None if seed is None else seed + 1),
                 metrics=JudgeMetrics(self.metrics.registry), alert=self._judge_alert,
+                baseline_request=self._baseline_request, send_baseline=named_upstream_transport(self.pool),
             )
             if config.judge.enabled
             else None
@@ -202,6 +208,13 @@ class Runtime:
                 },
                 interval_s=st.state_snapshot_interval_s,
                 fsync_interval_s=st.journal_fsync_interval_s,
+            )
+        # Quality-signal counts and judge/explicit pairs: in the journaled local store, or shared through Redis.
+        self.signal_sync: SignalSync | None = None
+        if isinstance(self.state_store, RedisStore) or self.local_state is not None:
+            self.signal_sync = SignalSync(
+                self.state_store, self.quality_signals, self.signal_book,
+                interval_s=st.sync_interval_s if self.local_state is None else st.journal_fsync_interval_s, ttl_s=st.state_ttl_s,
             )
 
     @property
@@ -235,6 +248,8 @@ class Runtime:
         if stored is not None:
             self.bandit.rollout = self._make_rollout(stored)
         await self._load_conservative()
+        if self.signal_sync is not None:
+            await self.signal_sync.start()
         if self.shared is not None:
             await self.shared.start()
         await self.recorder.start()
@@ -315,6 +330,8 @@ class Runtime:
             await self.refresher.stop()
         if self.lease_refiller is not None:
             await self.lease_refiller.stop()
+        if self.signal_sync is not None:
+            await self.signal_sync.stop()
         if self.shared is not None:
             await self.shared.stop()
         await self.recorder.stop()
@@ -458,12 +475,28 @@ class Runtime:
         if not isinstance(messages, list) or not messages:
             return
         if self.judge is not None:
-            self.judge.on_complete(decision, outcome, answer, messages)
+            self.judge.on_complete(decision, outcome, answer, messages, body)
         # Without a client key, identical messages from different clients would look like retries.
         if key and 200 <= outcome.status < 300 and outcome.error_class is None:
             task = asyncio.get_running_loop().create_task(self._regenerated(messages, key, decision))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    def _baseline_request(self, decision: Decision, body: Any) -> dict[str, Any] | None:
+        """The chat body the baseline would have sent for `decision` (pairwise judge), not streamed, one choice.
+
+        `body` went out with the tuned knobs patched in; the baseline's are the client's own values
+        and `[baseline.<task>]` stand-ins (`decider.reference`; what it sends does not depend on the
+        evidence so far), and a temperature the client omitted is omitted again.
+        """
+        if not isinstance(body, dict) or decision.context.endpoint != "chat":
+            return None
+        ref, _, _ = self.bandit.reference_for(decision.context)
+        out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n")}
+        if ref.sent.temperature is None:
+            out.pop("temperature", None)
+        CHAT.patch(out, ref.sent)
+        return out
 
     async def _regenerated(self, messages: list[Any], key: str, decision: Decision) -> None:
         try:
@@ -499,7 +532,8 @@ class Runtime:
         """The automatic quality once a `json_schema` response format or the tools' `parameters` are checked.
 
         A violation caps the automatic score (`[policy.quality] schema_invalid_score`) and the
-        reward follows; the reason is logged and counted per task type. Nothing asked, nothing done.
+        reward follows; the reason (schema paths and error kinds, never the answer's text) is
+        logged, counted per task type and stored in the decision log. Nothing asked, nothing done.
         """
         if not isinstance(body, dict) or outcome.quality is None or outcome.feedback:
             return outcome
@@ -512,8 +546,7 @@ class Runtime:
         if violation is None:
             return outcome
         self.metrics.child(self.metrics.validation_failures, task).inc()
-        log.info("answer %s breaks its schema: %s", decision.request_id, violation[:200])
+        log.info("answer %s breaks its schema: %s", decision.request_id, violation.reason)
         quality = validated_quality(outcome.quality, violation, self.config.policy.quality)
-        if quality == outcome.quality:
-            return outcome
-        return msgspec.structs.replace(outcome, quality=quality, reward=self.bandit.reward_for(decision, outcome, quality))
+        reward = outcome.reward if quality == outcome.quality else self.bandit.reward_for(decision, outcome, quality)
+        return msgspec.structs.replace(outcome, quality=quality, reward=reward, validator_reason=violation.reason)

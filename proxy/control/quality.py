@@ -7,14 +7,16 @@ Two sources, each the only place the number exists:
   regenerated answer later scored by the judge or a person counts under that source: the
   regeneration rate (requests whose quality is a regeneration mark / requests) is a lower
   bound of how often answers were regenerated;
-- the process's `SignalBook` (since start-up, not the window): the judge's (judge, explicit)
-  pairs, which the log cannot give because explicit feedback replaces the judge's score,
-  and validator checks/failures per task type. The judge flag is the same
+- the runtime's `SignalBook`, not the window: the judge's (judge, explicit) pairs, which the
+  log cannot give because explicit feedback replaces the judge's score (persisted and shared
+  between replicas, `proxy.learning.signal_sync`), and validator checks/failures per task
+  type (this process, since start-up); the stored failure reasons come from the window. The judge flag is the same
   `policies.agreement.judge_trusted` call that gates the judge's signals in `deliver_signal`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import msgspec
@@ -29,7 +31,8 @@ from proxy.control.views import MaxRows, WindowS, window
 from proxy.decision.feedback import SignalBook
 from proxy.store.base import DecisionRow
 
-SOURCES = ("explicit", "judge", "implicit", "automatic", "none")
+SOURCES = ("explicit", "judge", "judge_pairwise", "implicit", "automatic", "none")
+TOP_REASONS = 10
 
 
 class JudgeAgreementOut(msgspec.Struct, frozen=True, kw_only=True):
@@ -44,12 +47,13 @@ class JudgeAgreementOut(msgspec.Struct, frozen=True, kw_only=True):
 class QualityTaskOut(msgspec.Struct, frozen=True, kw_only=True):
     task_type: str
     requests: int  # logged decisions in the window
-    signals: dict[str, int]  # source holding each request's quality -> count (explicit, judge, implicit, automatic, none)
+    signals: dict[str, int]  # source holding each request's quality -> count (explicit, judge, judge_pairwise, implicit, automatic, none)
     regeneration_rate: float | None  # requests whose quality is a regeneration mark / requests; null without requests
     judge: JudgeAgreementOut
     validation_checked: int  # answers checked against a schema since start-up
     validation_failed: int
     validation_failure_rate: float | None
+    validator_reasons: dict[str, int]  # the most frequent stored failure reasons in the window (at most TOP_REASONS)
 
 
 class QualityReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,9 +74,12 @@ def source_of(row: DecisionRow) -> str:
 def quality_report(rows: Sequence[DecisionRow], signals: SignalBook, judge: JudgeSettings,
                    now: float, since: float, until: float, truncated: bool) -> QualityReport:
     counts: dict[str, dict[str, int]] = {}
+    reasons: dict[str, Counter[str]] = {}
     for row in rows:
         per = counts.setdefault(row.task_type, dict.fromkeys(SOURCES, 0))
         per[source_of(row)] += 1
+        if row.validator_reason is not None:
+            reasons.setdefault(row.task_type, Counter())[row.validator_reason] += 1
     tasks = sorted(set(counts) | set(signals.pairs) | set(signals.validation))
     out = []
     for task in tasks:
@@ -89,6 +96,7 @@ def quality_report(rows: Sequence[DecisionRow], signals: SignalBook, judge: Judg
                 min_agreement=judge.min_agreement, min_pairs=judge.min_agreement_pairs,
             ),
             validation_checked=checked, validation_failed=failed, validation_failure_rate=failed / checked if checked else None,
+            validator_reasons=dict(sorted(reasons.get(task, Counter()).items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_REASONS]),
         ))
     return QualityReport(generated_at=now, since=since, until=until, truncated=truncated, tasks=out)
 

@@ -714,6 +714,8 @@ def signal_sources(rows: Iterable[DecisionRow]) -> list[SignalSources]:
     for r in rows:
         if r.feedback_quality is not None:
             source = r.feedback_source if r.feedback_source in ("explicit", "judge", "implicit") else "explicit"
+            if r.feedback_source == "judge_pairwise":
+                source = "judge"  # the judge in pairwise mode (`GET quality` tells the two apart)
         else:
             source = "automatic" if r.quality is not None else "none"
         counts[r.task_type][source] += 1

@@ -583,6 +583,7 @@ class DecisionOut(msgspec.Struct):
     reward: float | None
     automatic_quality: float | None
     feedback_quality: float | None
+    validator_reason: str | None = None  # why the answer failed its schema check: schema paths and error kinds, never answer text
 
 
 class DecisionPage(msgspec.Struct):

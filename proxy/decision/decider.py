@@ -178,8 +178,8 @@ class Explanation(NamedTuple):
 class QualitySignals:
     """Per task type, the quality signals that can see temperature (explicit feedback so far).
 
-    Kept in memory by this process (a few bytes per task type) and read on the request
-    path without I/O. Task types are client-controlled: past `max_task_types` new ones
+    Read on the request path without I/O (a few bytes per task type); the runtime's
+    `proxy.learning.signal_sync.SyncedQualitySignals` persists and shares the counts. Task types are client-controlled: past `max_task_types` new ones
     are not counted, which keeps them on the safe side (temperature untouched).
     """
 

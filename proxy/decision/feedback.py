@@ -261,7 +261,8 @@ class SignalBook:
     `max_pairs` (judge, explicit) pairs as they meet, whichever arrives first. The pairs are
     what `policies.agreement.judge_trusted` reads before a judge score is delivered; they keep
     accumulating while the judge is untrusted, so it regains trust when its agreement recovers.
-    In-process and lost on restart (like the other books): trust is re-earned from fresh pairs.
+    The runtime uses `proxy.learning.signal_sync.SyncedSignalBook`, whose pairs survive a restart
+    and are shared between replicas; the per-request maps stay in this process.
     Validator checks and failures per task type are counted here too, for the quality report.
     """
 

@@ -12,9 +12,12 @@ Judge mode: a model whose name starts with `sim-judge` answers judge prompts (bu
 `proxy.learning.judge.build_prompt`) with `{"score": s, "reason": ...}`, where
 s = round(1 + 9 * clip(q + N(0, judge_noise²), 0, 1)) and q is the hidden (true) quality of
 the judged answer: the simulator remembers the true quality of its recent answers by a
-hash of their text (bounded; the latest answer with the same text wins, since answers of
-equal length are identical words). An answer it does not remember is scored from q = 0.5.
+hash of their text (bounded; every answer's first word is its serial number, so two answers
+of the same length still differ). An answer it does not remember is scored from q = 0.5.
 So a judge configured against the simulator behaves like a real, imperfect judge.
+Pairwise judge prompts (`proxy.learning.judge.build_pairwise_prompt`) get
+`{"preference": "A" | "B" | "tie"}`: each answer's hidden quality plus its own N(0, judge_noise²),
+"tie" when the two noisy values differ by less than `PAIRWISE_TIE`, else the higher one.
 
 The task type comes from the `x-task-type` header, else from keywords in the system
 prompt (code / creative / summarise), else "default".  The natural answer length is a
@@ -53,12 +56,13 @@ from policies.records import Arm
 from policies.settings import ArmGridSettings
 from proxy.demo.simulator import SimOutcome, SimulatorTruth
 from proxy.demo.wire import anthropic_body, anthropic_error, anthropic_events, responses_body, responses_events
-from proxy.learning.judge import extract_answer
+from proxy.learning.judge import extract_answer, extract_pair
 
 DEFAULT_MODELS: tuple[str, ...] = ("sim-1", "sim-1-mini")
 DEFAULT_MAX_TOKENS = 4096
 JUDGE_PREFIX = "sim-judge"
 JUDGE_NOISE = 0.1  # standard deviation of the simulated judge's error, in quality units
+PAIRWISE_TIE = 0.02  # noisy qualities closer than this are a tie for the simulated pairwise judge
 MAX_REMEMBERED_ANSWERS = 50_000
 STREAM_CHUNKS = 8
 WORDS = (
@@ -169,15 +173,20 @@ def requested_effort(body: dict[str, Any], fmt: str) -> tuple[str | None, str | 
     return str(value), None
 
 
-def _words(n: int) -> list[str]:
-    return [WORDS[i % len(WORDS)] for i in range(n)]
+def _words(n: int, serial: int = 0) -> list[str]:
+    """`n` words; the first is the answer's serial number, so two answers of the same length differ
+    (the judge mode recognises answers by their text, and a pairwise prompt holds two answers to one prompt)."""
+    words = [WORDS[i % len(WORDS)] for i in range(n)]
+    if words:
+        words[0] = f"a{serial}"
+    return words
 
 
-def _content(outcome: SimOutcome, natural: int, json_mode: bool) -> str:
+def _content(outcome: SimOutcome, natural: int, json_mode: bool, serial: int = 0) -> str:
     """Answer text with exactly `completion_tokens` words; JSON mode is valid JSON unless cut."""
     if not json_mode:
-        return " ".join(_words(outcome.completion_tokens))
-    full = json.dumps({"answer": " ".join(_words(natural))})
+        return " ".join(_words(outcome.completion_tokens, serial))
+    full = json.dumps({"answer": " ".join(_words(natural, serial))})
     if outcome.finish_reason != "length":
         return full
     return full[: max(1, len(full) * outcome.completion_tokens // natural)]
@@ -198,6 +207,7 @@ class _Simulator:
         self.rng = np.random.default_rng(seed)
         self.judge_rng = np.random.default_rng(seed + 1)  # its own stream: judging does not shift the answers' noise
         self.answers: OrderedDict[bytes, float] = OrderedDict()  # answer digest -> true quality
+        self.served = 0  # answers given so far: each one's serial number is its first word
 
     def remember_answer(self, content: str, true_quality: float) -> None:
         key = hashlib.blake2b(content.encode(), digest_size=16).digest()
@@ -214,9 +224,29 @@ class _Simulator:
         noisy = min(1.0, max(0.0, (0.5 if q is None else q) + JUDGE_NOISE * float(self.judge_rng.standard_normal())))
         return int(round(1 + 9 * noisy)), q
 
+    def _true_quality(self, answer: str) -> float | None:
+        return self.answers.get(hashlib.blake2b(answer.encode(), digest_size=16).digest())
+
+    def judge_preference(self, body: dict[str, Any]) -> tuple[str, float | None, float | None] | None:
+        """("A" | "B" | "tie", hidden quality of A, of B) for a pairwise prompt; None for any other prompt."""
+        _, text = _text_of(body)
+        pair = extract_pair(text)
+        if pair is None:
+            return None
+        qa, qb = (self._true_quality(answer) for answer in pair)
+        noisy = [(0.5 if q is None else q) + JUDGE_NOISE * float(self.judge_rng.standard_normal()) for q in (qa, qb)]
+        diff = noisy[0] - noisy[1]
+        return ("tie" if abs(diff) < PAIRWISE_TIE else "A" if diff > 0 else "B"), qa, qb
+
     def _judge_reply(self, body: dict[str, Any], model: str) -> web.Response:
-        score, q = self.judge_score(body)
-        content = json.dumps({"score": score, "reason": "simulated judge" if q is not None else "simulated judge: unknown answer"})
+        pairwise = self.judge_preference(body)
+        if pairwise is not None:
+            preference, qa, qb = pairwise
+            content = json.dumps({"preference": preference, "reason": "simulated pairwise judge"})
+            q = None  # two hidden qualities, not one: the header stays empty
+        else:
+            score, q = self.judge_score(body)
+            content = json.dumps({"score": score, "reason": "simulated judge" if q is not None else "simulated judge: unknown answer"})
         prompt_tokens = estimate_prompt_tokens(body)
         payload = {
             "id": "chatcmpl-judge" + secrets.token_hex(8),
@@ -336,7 +366,8 @@ class _Simulator:
         )
         response_format = body.get("response_format")
         json_mode = isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
-        content = _content(outcome, natural, json_mode)
+        self.served += 1
+        content = _content(outcome, natural, json_mode, self.served)
         self.remember_answer(content, outcome.true_quality)
         usage = {
             "prompt_tokens": prompt_tokens,

@@ -13,20 +13,20 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from policies.validators import SchemaValidators, schema_of_response_format, tool_schemas
+from policies.validators import SchemaValidators, Violation, schema_of_response_format, tool_schemas
 
 INLINE_CHARS = 4096
 
 
-def _check(validators: SchemaValidators, content: str | None, response_format: Any, tool_calls: Sequence[tuple[str, str]], tools: Any) -> str | None:
+def _check(validators: SchemaValidators, content: str | None, response_format: Any, tool_calls: Sequence[tuple[str, str]], tools: Any) -> Violation | None:
     return validators.check_content(content, response_format) or validators.check_tool_calls(tool_calls, tools)
 
 
 async def validate_answer(
     validators: SchemaValidators, content: str | None, response_format: Any = None, tool_calls: Sequence[tuple[str, str]] = (),
     tools: Any = None, inline_chars: int = INLINE_CHARS,
-) -> str | None:
-    """The violation reason (None when the answer conforms or nothing was asked); see the module docstring."""
+) -> Violation | None:
+    """The violation (None when the answer conforms or nothing was asked); see the module docstring."""
     schema = schema_of_response_format(response_format)
     declared = tool_schemas(tools) if tool_calls else {}
     if schema is None and not declared:

@@ -90,6 +90,7 @@ class DecisionRow(msgspec.Struct, kw_only=True):
     feedback_quality: float | None = None
     feedback_reward: float | None = None
     feedback_source: str | None = None  # explicit | judge | implicit
+    validator_reason: str | None = None  # why the answer failed its schema check (schema paths, error kinds)
 
     @property
     def propensity(self) -> float:

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from policies.validators import MAX_REASON_CHARS
 from proxy.store.base import (
     AuditRecord,
     DecisionRow,
@@ -61,7 +62,8 @@ CREATE TABLE IF NOT EXISTS logged_decisions (
     reward REAL,
     outcome TEXT NOT NULL,
     prompt TEXT,
-    timestamp REAL NOT NULL
+    timestamp REAL NOT NULL,
+    validator_reason TEXT  -- last, so a file from before sql/0005 gets it in the same place with ALTER TABLE
 );
 CREATE INDEX IF NOT EXISTS logged_decisions_ts ON logged_decisions (timestamp);
 CREATE INDEX IF NOT EXISTS logged_decisions_task_ts ON logged_decisions (task_type, timestamp);
@@ -137,11 +139,12 @@ def decision_row(entry: LogEntry) -> tuple[Any, ...]:
         _json(o),
         entry.prompt,
         d.created_at,
+        None if o.validator_reason is None else o.validator_reason[:MAX_REASON_CHARS],
     )
 
 
-_DECISION_COLUMNS = 28
-_ROWS_PER_STATEMENT = 256  # 256 x 28 = 7,168 parameters, under SQLite's 32,766
+_DECISION_COLUMNS = 29
+_ROWS_PER_STATEMENT = 256  # 256 x 29 = 7,424 parameters, under SQLite's 32,766
 
 
 @functools.lru_cache(maxsize=_ROWS_PER_STATEMENT)
@@ -213,6 +216,8 @@ class SqliteSink:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(decision_feedback)")}
         if "source" not in columns:  # a file created before sql/0004_feedback_source.sql
             conn.execute("ALTER TABLE decision_feedback ADD COLUMN source TEXT NOT NULL DEFAULT 'explicit'")
+        if "validator_reason" not in {row[1] for row in conn.execute("PRAGMA table_info(logged_decisions)")}:
+            conn.execute("ALTER TABLE logged_decisions ADD COLUMN validator_reason TEXT")  # before sql/0005_validator_reason.sql
         self._conn = conn
 
     # --- writes ------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def test_sources_agreement_and_the_flag(own_ctl: RunningThermostat) -> None:
     t.flush()
     body = tasks(t)["chat"]
     assert body["requests"] == 20
-    assert body["signals"] == {"explicit": 2, "judge": 3, "implicit": 4, "automatic": 11, "none": 0}
+    assert body["signals"] == {"explicit": 2, "judge": 3, "judge_pairwise": 0, "implicit": 4, "automatic": 11, "none": 0}
     assert body["regeneration_rate"] == 4 / 20
     assert body["judge"]["n"] == 0 and body["judge"]["spearman"] is None and body["judge"]["trusted"] is True
 
@@ -103,3 +103,13 @@ def test_validator_failure_rate(own_ctl: RunningThermostat) -> None:
     assert extraction["validation_checked"] == 3 and extraction["validation_failed"] == 2
     assert extraction["validation_failure_rate"] == 2 / 3
     assert body["code"]["validation_checked"] == 0 and body["code"]["validation_failure_rate"] is None  # nothing asked
+    # The stored reasons: schema paths and error kinds, never the answer's own text ("Ada", "nom").
+    assert extraction["validator_reasons"] == {
+        "response_format: additionalProperties (AdditionalProperties); required (Required)": 1,
+        "response_format: properties/name/type (Type)": 1,
+    }
+    logs = api(t, "GET", "/logs", params={"task_type": "extraction", "limit": 10})
+    assert logs.status_code == 200, logs.text
+    reasons = sorted(str(item["validator_reason"]) for item in logs.json()["items"])
+    assert reasons == sorted(["None", *extraction["validator_reasons"]])
+    assert not any("Ada" in r or "nom" in r for r in reasons)

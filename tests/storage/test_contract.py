@@ -228,3 +228,41 @@ async def test_sqlite_file_from_before_feedback_source_is_upgraded(tmp_path: Pat
     check = sqlite3.connect(tmp_path / "decisions.db")
     assert check.execute("SELECT source FROM decision_feedback WHERE request_id = 'r-old'").fetchone() == ("explicit",)
     check.close()
+
+
+async def test_validator_reason_stored_bounded_and_null_when_none(store: LogStore) -> None:
+    failed = log_entry()
+    reason = "response_format: properties/age/minimum (Minimum)"
+    failed = msgspec.structs.replace(failed, outcome=msgspec.structs.replace(failed.outcome, validator_reason=reason))
+    long = log_entry()
+    long = msgspec.structs.replace(long, outcome=msgspec.structs.replace(long.outcome, validator_reason="x" * 500))
+    fine = log_entry()
+    await store.write([failed, long, fine])
+    rows = {r.request_id: r for r in await store.fetch_decisions(limit=10)}
+    assert rows[failed.decision.request_id].validator_reason == reason
+    assert rows[long.decision.request_id].validator_reason == "x" * 200  # the column's bound (sql/0005_validator_reason.sql)
+    assert rows[fine.decision.request_id].validator_reason is None
+    got = await store.get_decision(failed.decision.request_id)
+    assert got is not None and got.validator_reason == reason
+
+
+async def test_sqlite_file_from_before_validator_reason_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    from proxy.store.sqlite import SCHEMA
+
+    before = SCHEMA.replace(",\n    validator_reason TEXT  -- last, so a file from before sql/0005 gets it in the same place with ALTER TABLE", "")
+    assert before != SCHEMA
+    old = sqlite3.connect(tmp_path / "decisions.db")
+    old.executescript(before)
+    old.close()
+    sink = SqliteSink(tmp_path / "decisions.db")
+    await sink.open()
+    try:
+        entry = log_entry()
+        entry = msgspec.structs.replace(entry, outcome=msgspec.structs.replace(entry.outcome, validator_reason="tool f: required (Required)"))
+        await sink.write([entry])
+        row = await sink.get_decision(entry.decision.request_id)
+        assert row is not None and row.validator_reason == "tool f: required (Required)" and row.status == 200
+    finally:
+        await sink.close()

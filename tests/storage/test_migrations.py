@@ -16,7 +16,9 @@ ALL = [name for _, name, _ in load_migrations()]
 
 
 def test_migration_files_are_numbered_in_order() -> None:
-    assert ALL[:4] == ["0001_decision_log.sql", "0002_control_tables.sql", "0003_drop_unused_tables.sql", "0004_feedback_source.sql"]
+    assert ALL[:5] == [
+        "0001_decision_log.sql", "0002_control_tables.sql", "0003_drop_unused_tables.sql", "0004_feedback_source.sql", "0005_validator_reason.sql",
+    ]
     assert ALL == sorted(ALL)
 
 

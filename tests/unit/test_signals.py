@@ -8,7 +8,8 @@ from policies.signals import PRIORITY, judge_quality, rank, should_replace
 
 
 def test_order_of_sources() -> None:
-    assert sorted(PRIORITY, key=rank) == ["automatic", "implicit", "judge", "explicit"]
+    assert sorted(PRIORITY, key=rank) == ["automatic", "implicit", "judge", "judge_pairwise", "explicit"]
+    assert rank("judge_pairwise") == rank("judge")  # one judge mode at a time; a re-judgment of either kind replaces
 
 
 @pytest.mark.parametrize(
