@@ -234,7 +234,8 @@ def test_dashboard_shows_a_simulated_run_with_judge_holdout_monitor_and_events(s
         for task, q in quality.items():
             cells = rows[task]
             assert cells[1] == str(q["requests"])
-            assert cells[2:7] == [str(q["signals"][k]) for k in ("explicit", "judge", "implicit", "automatic", "none")]
+            judge = q["signals"]["judge"] + q["signals"]["judge_pairwise"]
+            assert cells[2:7] == [str(q["signals"][k] if k != "judge" else judge) for k in ("explicit", "judge", "implicit", "automatic", "none")]
             assert cells[7] == ("—" if q["regeneration_rate"] is None else f"{100 * q['regeneration_rate']:.1f} %")
             j = q["judge"]
             if j["n"]:
