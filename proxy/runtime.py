@@ -1,18 +1,21 @@
-"""Wiring: everything one Thermostat process holds, built from a validated Config.
+"""The composition root: everything one Thermostat process holds, built once from a validated Config.
 
-The edge and the control API read from this object; nothing here runs on import,
-and nothing here does I/O until `start()`.
+Consumers never receive this object: the edge gets a frozen `EdgeServices`, the control
+API a frozen `ControlDeps` (`control_deps`), the feedback path `FeedbackServices`, the
+live metrics `LiveSources` and the alert manager its three sources, each typed and narrow.
+Nothing here runs on import, and nothing here does I/O until `start()` (the Litestar lifespan).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -31,28 +34,26 @@ from policies.signals import Signal
 from policies.validators import SchemaValidators, validated_quality
 from proxy.config import Config
 from proxy.decision.decider import BanditDecider, Decider
-from proxy.decision.feedback import FeedbackBook, SignalBook, deliver_signal
+from proxy.decision.feedback import FeedbackBook, FeedbackServices, SignalBook, deliver_signal
 from proxy.decision.lease_refill import LeaseRefiller
 from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook, regeneration_signal
 from proxy.decision.registry import DecisionRegistry
+from proxy.edge.asgi import EdgeServices
+from proxy.edge.sse import ResponseSummary
 from proxy.edge.upstream import Transport, UpstreamPool
 from proxy.learning.evidence import compute_ope_evidence
 from proxy.learning.judge import Judge, JudgeMetrics, upstream_transport
 from proxy.learning.refresh import TableRefresher
 from proxy.learning.sync import SharedState
 from proxy.learning.validation import validate_answer
-from proxy.observability.alerts import Alert
-from proxy.observability.metrics import BoundedLabel, Metrics, watch_loop_lag
+from proxy.observability.alerts import Alert, AlertManager
+from proxy.observability.metrics import BoundedLabel, LiveSources, Metrics, watch_loop_lag
 from proxy.observability.tracing import NullTracer, Tracer, make_tracer
 from proxy.store import EventRecord, make_log_store
 from proxy.store.journal import Journal
 from proxy.store.local_state import LocalState
 from proxy.store.recorder import Recorder
 from proxy.store.redis_state import RedisStore
-
-if TYPE_CHECKING:
-    from proxy.control.deps import ControlDeps
-    from proxy.observability.alerts import AlertManager
 
 log = logging.getLogger("thermostat")
 
@@ -118,9 +119,6 @@ class Runtime:
         self._lag_watch: asyncio.Task[None] | None = None
         self.ope_interval_s = 60.0
         self.prune_interval_s = 3600.0
-        # Attached by `proxy.app.build_litestar` until the control layer takes typed deps (docs/architecture.md).
-        self.control: ControlDeps | None = None
-        self.alerts: AlertManager | None = None
 
         self.policy = make_policy(config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb)
         self.slo = SloMonitor(config.slo)
@@ -171,16 +169,8 @@ class Runtime:
         # means a digest cannot be confirmed against guessed prompts.
         self.regeneration_salt = redis.redis_key_prefix.encode() if isinstance(self.state_store, RedisStore) else secrets.token_bytes(32)
         self._background: set[asyncio.Task[Any]] = set()
-        seed = config.optimization.seed
-        self.judge: Judge | None = (
-            Judge(
-                config.judge, transport=upstream_transport(self.pool, config.judge.model), deliver=self._deliver_judged,
-                charge=self._charge_judge, rng=np.random.default_rng(None if seed is None else seed + 1),
-                metrics=JudgeMetrics(self.metrics.registry), alert=self._judge_alert,
-            )
-            if config.judge.enabled
-            else None
-        )
+        # Webhooks for the conditions of deploy/prometheus/alerts.yml; also carries the judge's and the monitor's alerts.
+        self.alerts = AlertManager(config.alerts.webhook_urls, slo=self.slo, budget=self.budget, rollout=self.bandit)
         # Several replicas: posterior, rollout state and decisions shared through Redis (proxy/learning/sync.py).
         self.shared: SharedState | None = (
             SharedState(self.state_store, storage=config.storage, policy=self.policy, costs=self.bandit.costs, rollout=self.bandit,
@@ -190,6 +180,28 @@ class Runtime:
         )
         if self.shared is not None:
             self.registry = self.shared.registry  # also writes decisions to Redis for feedback posted elsewhere
+        # Later signals (explicit, judge, implicit) re-enter through the decision room with exactly these.
+        self.feedback_services = FeedbackServices(
+            registry=self.registry, recorder=self.recorder, log=self.sink, bandit=self.bandit, book=self.feedback,
+            signals=self.signal_book, judge=config.judge, shared=self.shared, learns=self.decider is self.bandit,
+        )
+        seed = config.optimization.seed
+        self.judge: Judge | None = (
+            Judge(
+                config.judge, transport=upstream_transport(self.pool, config.judge.model),
+                deliver=functools.partial(deliver_signal, self.feedback_services),
+                charge=self._charge_judge, rng=np.random.default_rng(None if seed is None else seed + 1),
+                metrics=JudgeMetrics(self.metrics.registry), alert=self._judge_alert,
+            )
+            if config.judge.enabled
+            else None
+        )
+        self.edge = EdgeServices(
+            config=config, metrics=self.metrics, tracer=self.tracer, pool=self.pool, build_context=self.build_context,
+            decider=self.decider, scorer=self.bandit, registry=self.registry, recorder=self.recorder,
+            feedback=self.feedback_services, listeners=self,
+        )
+        self.live = LiveSources(slo=self.slo, rollout=self.bandit, budget=self.budget, log_store=self.sink, recorder=self.recorder)
         # Embedded default (no Redis): budget, waivers, rollout state and posterior persisted under data_dir.
         self.local_state: LocalState | None = None
         if isinstance(self.state_store, InProcessStore) and st.state_persist:
@@ -247,6 +259,7 @@ class Runtime:
         if self.judge is not None:
             self.judge.start()
         await self.tracer.start()
+        await self.alerts.start()
         log.info(
             "thermostat started: %d upstream(s), policy %s, phase %s, decision log %s",
             len(self.pool.upstreams), self.policy.name, self.rollout.state.phase, self.sink.name,
@@ -303,6 +316,7 @@ class Runtime:
         return deleted
 
     async def stop(self) -> None:
+        await self.alerts.stop()
         for task in (self._ticker, self._lag_watch):
             if task is not None:
                 task.cancel()
@@ -413,7 +427,7 @@ class Runtime:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # an older layout: start over rather than fail start-up
             log.warning("stored conservative-monitor state ignored: %s", exc)
 
-    def on_conservative_outcome(self, decision: Any, outcome: Any) -> None:
+    def on_conservative_outcome(self, decision: Decision, outcome: Outcome) -> None:
         """Completion listener after the decider's: optimised vs holdout per task type, events recorded, counted, alerted."""
         events = self.conservative.on_outcome(decision, outcome, time.time())
         if events:
@@ -433,12 +447,11 @@ class Runtime:
             else:
                 self.metrics.child(self.metrics.task_changes, task).inc()
             log.warning("conservative monitor %s for task type %r: %s", event.kind, event.task_type, event.reason)
-            if self.alerts is not None:
-                name = "ThermostatTaskRollback" if event.kind == "rollback" else "ThermostatBaselineChanged"
-                self.alerts.enqueue(Alert(
-                    name=name, severity="critical" if event.kind == "rollback" else "warning", status="firing", at=event.at,
-                    summary=f"task type {event.task_type}: {event.reason}", labels={"task_type": task, "actor": "conservative"},
-                ))
+            name = "ThermostatTaskRollback" if event.kind == "rollback" else "ThermostatBaselineChanged"
+            self.alerts.enqueue(Alert(
+                name=name, severity="critical" if event.kind == "rollback" else "warning", status="firing", at=event.at,
+                summary=f"task type {event.task_type}: {event.reason}", labels={"task_type": task, "actor": "conservative"},
+            ))
         # One save in flight at a time is enough: the blob is the whole state, the last write wins.
         if self._conservative_save is None or self._conservative_save.done():
             self._conservative_save = asyncio.get_running_loop().create_task(
@@ -479,10 +492,7 @@ class Runtime:
 
     async def deliver(self, signal: Signal) -> str:
         """A judge score or implicit mark for an earlier decision (proxy.decision.feedback.deliver_signal)."""
-        return await deliver_signal(self, self.feedback, self.signal_book, signal)
-
-    async def _deliver_judged(self, signal: Signal) -> str:
-        return await self.deliver(signal)
+        return await deliver_signal(self.feedback_services, signal)
 
     async def _charge_judge(self, task_type: str, tokens: int) -> None:
         if not await self.budget.charge(task_type, tokens, time.time()):
@@ -490,12 +500,11 @@ class Runtime:
 
     def _judge_alert(self, name: str, summary: str) -> None:
         log.warning("judge %s: %s", name, summary)
-        if self.alerts is not None:
-            firing = name != "judge_recovered"
-            self.alerts.enqueue(Alert(name="ThermostatJudgeFailing", severity="warning", status="firing" if firing else "resolved",
-                                      at=time.time(), summary=summary))
+        firing = name != "judge_recovered"
+        self.alerts.enqueue(Alert(name="ThermostatJudgeFailing", severity="warning", status="firing" if firing else "resolved",
+                                  at=time.time(), summary=summary))
 
-    async def validated(self, decision: Decision, outcome: Outcome, summary: Any, body: Any) -> Outcome:
+    async def validated(self, decision: Decision, outcome: Outcome, summary: ResponseSummary, body: Any) -> Outcome:
         """The automatic quality once a `json_schema` response format or the tools' `parameters` are checked.
 
         A violation caps the automatic score (`[policy.quality] schema_invalid_score`) and the
