@@ -41,19 +41,20 @@ from proxy.decision.registry import DecisionRegistry
 from proxy.edge.asgi import EdgeServices
 from proxy.edge.sse import ResponseSummary
 from proxy.edge.upstream import Transport, UpstreamPool
-from proxy.learning.evidence import compute_ope_evidence
 from proxy.learning.judge import Judge, JudgeMetrics, upstream_transport
 from proxy.learning.refresh import TableRefresher
 from proxy.learning.sync import SharedState
+from proxy.learning.ticker import RolloutTicker
 from proxy.learning.validation import validate_answer
 from proxy.observability.alerts import Alert, AlertManager
-from proxy.observability.metrics import BoundedLabel, LiveSources, Metrics, watch_loop_lag
+from proxy.observability.metrics import BoundedLabel, FoldedBuckets, LiveSources, Metrics, watch_loop_lag
 from proxy.observability.tracing import NullTracer, Tracer, make_tracer
 from proxy.store import EventRecord, make_log_store
 from proxy.store.journal import Journal
 from proxy.store.local_state import LocalState
 from proxy.store.recorder import Recorder
 from proxy.store.redis_state import RedisStore
+from proxy.store.retention import RetentionPruner
 
 log = logging.getLogger("thermostat")
 
@@ -113,12 +114,9 @@ class Runtime:
             self.task_types.seen.add(name.strip().lower())
         self._models: dict[str, BoundedLabel] = {}
         self._fold_warned: set[str] = set()
-        self._folded_buckets_seen = 0
         self._limits: dict[tuple[str, str], ModelLimits] = {}
-        self._ticker: asyncio.Task[None] | None = None
         self._lag_watch: asyncio.Task[None] | None = None
-        self.ope_interval_s = 60.0
-        self.prune_interval_s = 3600.0
+        self.pruner = RetentionPruner(self.sink, st.retention_days)
 
         self.policy = make_policy(config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb)
         self.slo = SloMonitor(config.slo)
@@ -201,6 +199,8 @@ class Runtime:
             decider=self.decider, scorer=self.bandit, registry=self.registry, recorder=self.recorder,
             feedback=self.feedback_services, listeners=self,
         )
+        self.folded_buckets = FoldedBuckets(self.policy, self.metrics)
+        self.ticker = RolloutTicker(self.bandit, self.sink, each_tick=(self.folded_buckets,))
         self.live = LiveSources(slo=self.slo, rollout=self.bandit, budget=self.budget, log_store=self.sink, recorder=self.recorder)
         # Embedded default (no Redis): budget, waivers, rollout state and posterior persisted under data_dir.
         self.local_state: LocalState | None = None
@@ -253,7 +253,8 @@ class Runtime:
         self._lag_watch = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag), name="thermostat-loop-lag")
         if self.lease_refiller is not None:
             self.lease_refiller.start()
-        self._ticker = asyncio.create_task(self._tick_forever(), name="thermostat-rollout-tick")
+        self.ticker.start()
+        self.pruner.start()
         if self.refresher is not None:
             self.refresher.start()
         if self.judge is not None:
@@ -265,61 +266,12 @@ class Runtime:
             len(self.pool.upstreams), self.policy.name, self.rollout.state.phase, self.sink.name,
         )
 
-    async def _tick_forever(self) -> None:
-        """SLO cooldowns and promotions happen on time even when no traffic arrives.
-
-        The OPE evidence promotion needs (improvement lower bound over baseline on the
-        exploration data) is recomputed from the decision log every `ope_interval_s`.
-        """
-        last_ope = 0.0
-        last_prune = time.time()  # first prune an interval after start, not during start-up
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.time()
-            if now - last_prune >= self.prune_interval_s:
-                last_prune = now
-                await self.prune_expired()
-            if now - last_ope >= self.ope_interval_s:
-                last_ope = now
-                try:
-                    self.bandit.ope_evidence = await compute_ope_evidence(self.sink, self.bandit)
-                except Exception as exc:  # the store may be down; promotion just waits
-                    log.warning("OPE evidence for promotion not computed: %s", exc)
-            self._count_folded_buckets()
-            try:
-                self.bandit.maybe_tick(now, force=True)
-            except Exception:
-                log.exception("rollout tick failed")
-
-    def _count_folded_buckets(self) -> None:
-        """The policy (pure, no metrics) counts rewards and choices it pooled in "other"; exported here."""
-        folded = int(getattr(self.policy, "folded_buckets", 0))
-        if folded > self._folded_buckets_seen:
-            self.metrics.child(self.metrics.folded_keys, "bucket").inc(folded - self._folded_buckets_seen)
-            self._folded_buckets_seen = folded
-            if "bucket" not in self._fold_warned:
-                self._fold_warned.add("bucket")
-                log.warning("more context buckets than policy.thompson.max_buckets; new ones are learned together as 'other'")
-
-    async def prune_expired(self) -> int:
-        """Delete decisions older than `storage.retention_days` (0 keeps everything)."""
-        days = self.config.storage.retention_days
-        if days <= 0:
-            return 0
-        try:
-            deleted = await self.sink.prune(days * 86_400.0)
-        except Exception as exc:  # the store may be down; the next interval tries again
-            log.warning("pruning the decision log failed: %s", exc)
-            return 0
-        if deleted:
-            log.info("pruned %d decision(s) older than %d day(s)", deleted, days)
-        return deleted
-
     async def stop(self) -> None:
         await self.alerts.stop()
-        for task in (self._ticker, self._lag_watch):
-            if task is not None:
-                task.cancel()
+        await self.ticker.stop()
+        await self.pruner.stop()
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
         if self.judge is not None:
             await self.judge.stop()
         await self.tracer.stop()

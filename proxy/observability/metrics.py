@@ -7,12 +7,13 @@ values collapse to "other", so a client cannot blow up cardinality.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from policies.records import Decision, Outcome
     from proxy.store.base import LogStore
     from proxy.store.recorder import Recorder
+
+log = logging.getLogger("thermostat")
 
 MAX_LABEL_VALUES = 50
 
@@ -291,6 +294,34 @@ def install_live_metrics(m: Metrics, sources: LiveSources) -> LiveCollector:
     m.registry.register(live)
     m.live = live
     return live
+
+
+@runtime_checkable
+class FoldsBuckets(Protocol):
+    """A policy that pools context buckets past its cap (`policy.thompson.max_buckets`) and counts what it pooled."""
+
+    folded_buckets: int
+
+
+class FoldedBuckets:
+    """Exports the policy's pooled-bucket count (the policy is pure and keeps no metrics); called once per rollout tick."""
+
+    def __init__(self, policy: object, metrics: Metrics) -> None:
+        self.policy = policy if isinstance(policy, FoldsBuckets) else None
+        self.metrics = metrics
+        self.seen = 0
+        self._warned = False
+
+    def __call__(self) -> None:
+        if self.policy is None:
+            return
+        folded = int(self.policy.folded_buckets)
+        if folded > self.seen:
+            self.metrics.child(self.metrics.folded_keys, "bucket").inc(folded - self.seen)
+            self.seen = folded
+            if not self._warned:
+                self._warned = True
+                log.warning("more context buckets than policy.thompson.max_buckets; new ones are learned together as 'other'")
 
 
 async def refresh_live(live: LiveCollector, timeout_s: float = 0.5) -> None:
