@@ -21,31 +21,31 @@ import msgspec
 import numpy as np
 
 from guards.budget import BudgetGuard
-from guards.conservative import ConservativeMonitor, ConservativeSettings, MonitorEvent, MonitorState
+from guards.conservative import ConservativeMonitor, ConservativeSettings
 from guards.lease import LeaseBook
 from guards.rollout import RolloutController, RolloutEvent, load_state, save_state
 from guards.slo import SloMonitor
 from guards.state import InProcessStore, StateStore, StoreUnavailable
 from guards.trust_region import ModelLimits
 from policies.context import build_context
-from policies.records import Decision, Outcome, RequestContext
+from policies.records import RequestContext
 from policies.registry import make_policy
 from policies.signals import Signal
-from policies.validators import SchemaValidators, validated_quality
+from policies.validators import SchemaValidators
 from proxy.config import Config
+from proxy.decision.conservative import ConservativeListener
 from proxy.decision.decider import BanditDecider, Decider
 from proxy.decision.feedback import FeedbackBook, FeedbackServices, SignalBook, deliver_signal
 from proxy.decision.lease_refill import LeaseRefiller
-from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook, regeneration_signal
+from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook
 from proxy.decision.registry import DecisionRegistry
 from proxy.edge.asgi import EdgeServices
-from proxy.edge.sse import ResponseSummary
 from proxy.edge.upstream import Transport, UpstreamPool
 from proxy.learning.judge import Judge, JudgeMetrics, upstream_transport
+from proxy.learning.listeners import AnswerListener, AnswerValidator
 from proxy.learning.refresh import TableRefresher
 from proxy.learning.sync import SharedState
 from proxy.learning.ticker import RolloutTicker
-from proxy.learning.validation import validate_answer
 from proxy.observability.alerts import Alert, AlertManager
 from proxy.observability.metrics import BoundedLabel, FoldedBuckets, LiveSources, Metrics, watch_loop_lag
 from proxy.observability.tracing import NullTracer, Tracer, make_tracer
@@ -58,7 +58,6 @@ from proxy.store.retention import RetentionPruner
 
 log = logging.getLogger("thermostat")
 
-CONSERVATIVE_KEY = "conservative:state"
 VERSION = "0.1.0"  # the service.version of exported spans (pyproject's version)
 
 
@@ -133,7 +132,6 @@ class Runtime:
             else None
         )
         self.conservative = ConservativeMonitor(ConservativeSettings.from_slo(config.slo, max_tasks=srv.max_task_types))
-        self._conservative_save: asyncio.Task[None] | None = None
         self.bandit: BanditDecider = BanditDecider(
             policy=self.policy,
             budget=self.budget,
@@ -166,7 +164,6 @@ class Runtime:
         # Replicas must agree on the digest to match each other's requests; alone, a process-random key
         # means a digest cannot be confirmed against guessed prompts.
         self.regeneration_salt = redis.redis_key_prefix.encode() if isinstance(self.state_store, RedisStore) else secrets.token_bytes(32)
-        self._background: set[asyncio.Task[Any]] = set()
         # Webhooks for the conditions of deploy/prometheus/alerts.yml; also carries the judge's and the monitor's alerts.
         self.alerts = AlertManager(config.alerts.webhook_urls, slo=self.slo, budget=self.budget, rollout=self.bandit)
         # Several replicas: posterior, rollout state and decisions shared through Redis (proxy/learning/sync.py).
@@ -194,10 +191,20 @@ class Runtime:
             if config.judge.enabled
             else None
         )
+        self.conservative_listener = ConservativeListener(
+            self.conservative, rollout=self.bandit, recorder=self.recorder, metrics=self.metrics, alerts=self.alerts,
+            state_store=self.state_store,
+        )
+        self.answer_validator = AnswerValidator(self.validators, config.policy.quality, self.signal_book, self.metrics, self.bandit)
+        self.answers = AnswerListener(
+            self.judge, self.regeneration, salt=self.regeneration_salt, regenerated_quality=fb.regenerated_quality,
+            feedback=self.feedback_services, metrics=self.metrics,
+        )
         self.edge = EdgeServices(
             config=config, metrics=self.metrics, tracer=self.tracer, pool=self.pool, build_context=self.build_context,
             decider=self.decider, scorer=self.bandit, registry=self.registry, recorder=self.recorder,
-            feedback=self.feedback_services, listeners=self,
+            feedback=self.feedback_services, answer_check=self.answer_validator, conservative=self.conservative_listener,
+            answers=self.answers,
         )
         self.folded_buckets = FoldedBuckets(self.policy, self.metrics)
         self.ticker = RolloutTicker(self.bandit, self.sink, each_tick=(self.folded_buckets,))
@@ -246,7 +253,7 @@ class Runtime:
             stored = None
         if stored is not None:
             self.bandit.rollout = self._make_rollout(stored)
-        await self._load_conservative()
+        await self.conservative_listener.load()
         if self.shared is not None:
             await self.shared.start()
         await self.recorder.start()
@@ -275,8 +282,7 @@ class Runtime:
         if self.judge is not None:
             await self.judge.stop()
         await self.tracer.stop()
-        for task in list(self._background):
-            task.cancel()
+        self.answers.stop()
         if self.refresher is not None:
             await self.refresher.stop()
         if self.lease_refiller is not None:
@@ -363,85 +369,6 @@ class Runtime:
         task = asyncio.get_running_loop().create_task(save_state(self.state_store, self.rollout.state))
         task.add_done_callback(_log_save_failure)
 
-    # ---- the conservative monitor (guards/conservative.py) ----------------------------
-
-    async def _load_conservative(self) -> None:
-        """A rollback survives a restart: the monitor's state is a blob in the state store, like the rollout's."""
-        try:
-            raw = await self.state_store.get(CONSERVATIVE_KEY)
-        except StoreUnavailable:
-            log.warning("state store unreachable at start-up; the conservative monitor starts empty")
-            return
-        if raw is None:
-            return
-        try:
-            self.conservative.state = msgspec.json.decode(raw, type=MonitorState)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # an older layout: start over rather than fail start-up
-            log.warning("stored conservative-monitor state ignored: %s", exc)
-
-    def on_conservative_outcome(self, decision: Decision, outcome: Outcome) -> None:
-        """Completion listener after the decider's: optimised vs holdout per task type, events recorded, counted, alerted."""
-        events = self.conservative.on_outcome(decision, outcome, time.time())
-        if events:
-            self.on_conservative_events(events)
-
-    def on_conservative_events(self, events: list[MonitorEvent]) -> None:
-        for event in events:
-            task = self.metrics.task_label(event.task_type)
-            self.recorder.submit(
-                EventRecord(
-                    at=event.at, kind=event.kind, from_phase=self.rollout.state.phase, to_phase="rollback" if event.kind == "rollback" else None,
-                    reason=event.reason, evidence={**event.evidence, "task_type": event.task_type}, actor="conservative",
-                )
-            )
-            if event.kind == "rollback":
-                self.metrics.child(self.metrics.task_rollbacks, task).inc()
-            else:
-                self.metrics.child(self.metrics.task_changes, task).inc()
-            log.warning("conservative monitor %s for task type %r: %s", event.kind, event.task_type, event.reason)
-            name = "ThermostatTaskRollback" if event.kind == "rollback" else "ThermostatBaselineChanged"
-            self.alerts.enqueue(Alert(
-                name=name, severity="critical" if event.kind == "rollback" else "warning", status="firing", at=event.at,
-                summary=f"task type {event.task_type}: {event.reason}", labels={"task_type": task, "actor": "conservative"},
-            ))
-        # One save in flight at a time is enough: the blob is the whole state, the last write wins.
-        if self._conservative_save is None or self._conservative_save.done():
-            self._conservative_save = asyncio.get_running_loop().create_task(
-                self.state_store.set(CONSERVATIVE_KEY, msgspec.json.encode(self.conservative.state))
-            )
-            self._conservative_save.add_done_callback(_log_save_failure)
-
-    # ---- signals after the outcome: judge, regeneration (issue 14) ----------------------
-
-    def on_answer(self, decision: Decision, outcome: Outcome, answer: str, body: Any, key: str) -> None:
-        """Last completion listener for chat requests: queue the judge sample, look for a regeneration.
-
-        Never waits: the judge only samples and enqueues; the regeneration lookup (a Redis
-        round trip with several replicas) runs as a background task.
-        """
-        messages = body.get("messages") if isinstance(body, dict) else None
-        if not isinstance(messages, list) or not messages:
-            return
-        if self.judge is not None:
-            self.judge.on_complete(decision, outcome, answer, messages)
-        # Without a client key, identical messages from different clients would look like retries.
-        if key and 200 <= outcome.status < 300 and outcome.error_class is None:
-            task = asyncio.get_running_loop().create_task(self._regenerated(messages, key, decision))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-    async def _regenerated(self, messages: list[Any], key: str, decision: Decision) -> None:
-        try:
-            signal = await regeneration_signal(
-                self.regeneration, messages, key, decision.request_id, decision.context.task_type,
-                self.config.feedback.regenerated_quality, salt=self.regeneration_salt,
-            )
-            if signal is not None:
-                self.metrics.child(self.metrics.regenerations, self.metrics.task_label(decision.context.task_type)).inc()
-                await self.deliver(signal)
-        except Exception:
-            log.exception("regeneration check for %s failed", decision.request_id)
-
     async def deliver(self, signal: Signal) -> str:
         """A judge score or implicit mark for an earlier decision (proxy.decision.feedback.deliver_signal)."""
         return await deliver_signal(self.feedback_services, signal)
@@ -455,26 +382,3 @@ class Runtime:
         firing = name != "judge_recovered"
         self.alerts.enqueue(Alert(name="ThermostatJudgeFailing", severity="warning", status="firing" if firing else "resolved",
                                   at=time.time(), summary=summary))
-
-    async def validated(self, decision: Decision, outcome: Outcome, summary: ResponseSummary, body: Any) -> Outcome:
-        """The automatic quality once a `json_schema` response format or the tools' `parameters` are checked.
-
-        A violation caps the automatic score (`[policy.quality] schema_invalid_score`) and the
-        reward follows; the reason is logged and counted per task type. Nothing asked, nothing done.
-        """
-        if not isinstance(body, dict) or outcome.quality is None or outcome.feedback:
-            return outcome
-        response_format, tools = body.get("response_format"), body.get("tools")
-        if response_format is None and not tools:
-            return outcome
-        violation = await validate_answer(self.validators, summary.content, response_format, summary.tool_calls if tools else (), tools)
-        task = self.metrics.task_label(decision.context.task_type)
-        self.signal_book.validated(task, violation is not None)
-        if violation is None:
-            return outcome
-        self.metrics.child(self.metrics.validation_failures, task).inc()
-        log.info("answer %s breaks its schema: %s", decision.request_id, violation[:200])
-        quality = validated_quality(outcome.quality, violation, self.config.policy.quality)
-        if quality == outcome.quality:
-            return outcome
-        return msgspec.structs.replace(outcome, quality=quality, reward=self.bandit.reward_for(decision, outcome, quality))

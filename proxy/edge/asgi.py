@@ -170,15 +170,17 @@ class ContextBuilder(Protocol):
     def __call__(self, body: dict[str, Any], *, task_type: str, endpoint: str, upstream: str = "", effort: str | None = None) -> RequestContext: ...
 
 
-class CompletionListeners(Protocol):
-    """What runs after the decider has learned from a finished request, in the order the edge calls them."""
-
+class AnswerCheck(Protocol):
     async def validated(self, decision: Decision, outcome: Outcome, summary: ResponseSummary, body: Any) -> Outcome:
         """The automatic quality once the answer is checked against the request's schemas."""
         ...
 
-    def on_conservative_outcome(self, decision: Decision, outcome: Outcome) -> None: ...
 
+class OutcomeListener(Protocol):
+    def on_outcome(self, decision: Decision, outcome: Outcome) -> None: ...
+
+
+class AnswerListener(Protocol):
     def on_answer(self, decision: Decision, outcome: Outcome, answer: str, body: Any, key: str) -> None:
         """Judge sample and regeneration check: the last listener, never waits."""
         ...
@@ -198,7 +200,10 @@ class EdgeServices:
     registry: DecisionRegistry
     recorder: Recorder
     feedback: FeedbackServices
-    listeners: CompletionListeners
+    # The listeners after `decider.observe`, in the order the edge calls them (docs/architecture.md).
+    answer_check: AnswerCheck  # proxy.learning.listeners.AnswerValidator
+    conservative: OutcomeListener  # proxy.decision.conservative.ConservativeListener
+    answers: AnswerListener  # proxy.learning.listeners.AnswerListener
 
 
 class ProxyEdge:
@@ -540,10 +545,10 @@ class ProxyEdge:
             latency = time.perf_counter() - t0
             outcome = complete(decision, summary, status, error_class, Timings(latency, ttft),
                                quality_settings=self.quality_settings, scorer=svc.scorer)
-            outcome = await svc.listeners.validated(decision, outcome, summary, body)  # json_schema / tool parameters
+            outcome = await svc.answer_check.validated(decision, outcome, summary, body)  # json_schema / tool parameters
             # The listeners, in order; each reads the finished Outcome.
             await svc.decider.observe(decision, outcome)
-            svc.listeners.on_conservative_outcome(decision, outcome)
+            svc.conservative.on_outcome(decision, outcome)
             svc.registry.complete(decision, outcome)
             apply_pending_feedback(svc.feedback, decision, outcome)
             arm = arm_label(decision)
@@ -561,7 +566,7 @@ class ProxyEdge:
                 m.child(m.tokens, task, "prompt").inc(summary.prompt_tokens)
             if summary.completion_tokens is not None:
                 m.child(m.tokens, task, "completion").inc(summary.completion_tokens)
-            svc.listeners.on_answer(decision, outcome, summary.content, body, key)  # judge sample, regeneration (last listener)
+            svc.answers.on_answer(decision, outcome, summary.content, body, key)  # judge sample, regeneration (last listener)
             if svc.tracer.enabled:
                 end_ns = time.time_ns()
                 svc.tracer.record(decision, outcome, TraceTimings(end_ns - int(latency * 1e9), end_ns, overhead), traceparent,
