@@ -42,11 +42,11 @@ from proxy.decision.registry import DecisionRegistry
 from proxy.edge.asgi import EdgeServices
 from proxy.edge.upstream import Transport, UpstreamPool
 from proxy.learning.judge import Judge, JudgeMetrics, upstream_transport
-from proxy.learning.listeners import AnswerListener, AnswerValidator
+from proxy.learning.listeners import AnswerListener, AnswerValidator, JudgeCharge
 from proxy.learning.refresh import TableRefresher
 from proxy.learning.sync import SharedState
 from proxy.learning.ticker import RolloutTicker
-from proxy.observability.alerts import Alert, AlertManager
+from proxy.observability.alerts import AlertManager
 from proxy.observability.metrics import BoundedLabel, FoldedBuckets, LiveSources, Metrics, watch_loop_lag
 from proxy.observability.tracing import NullTracer, Tracer, make_tracer
 from proxy.store import EventRecord, make_log_store
@@ -185,8 +185,8 @@ class Runtime:
             Judge(
                 config.judge, transport=upstream_transport(self.pool, config.judge.model),
                 deliver=functools.partial(deliver_signal, self.feedback_services),
-                charge=self._charge_judge, rng=np.random.default_rng(None if seed is None else seed + 1),
-                metrics=JudgeMetrics(self.metrics.registry), alert=self._judge_alert,
+                charge=JudgeCharge(self.budget), rng=np.random.default_rng(None if seed is None else seed + 1),
+                metrics=JudgeMetrics(self.metrics.registry), alert=self.alerts.judge_alert,
             )
             if config.judge.enabled
             else None
@@ -372,13 +372,3 @@ class Runtime:
     async def deliver(self, signal: Signal) -> str:
         """A judge score or implicit mark for an earlier decision (proxy.decision.feedback.deliver_signal)."""
         return await deliver_signal(self.feedback_services, signal)
-
-    async def _charge_judge(self, task_type: str, tokens: int) -> None:
-        if not await self.budget.charge(task_type, tokens, time.time()):
-            log.warning("judge tokens (%d) could not be counted against the budget", tokens)
-
-    def _judge_alert(self, name: str, summary: str) -> None:
-        log.warning("judge %s: %s", name, summary)
-        firing = name != "judge_recovered"
-        self.alerts.enqueue(Alert(name="ThermostatJudgeFailing", severity="warning", status="firing" if firing else "resolved",
-                                  at=time.time(), summary=summary))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import msgspec
 
+from guards.budget import BudgetGuard
 from policies.records import Decision, Outcome
 from policies.settings import QualitySettings
 from policies.validators import SchemaValidators, validated_quality
@@ -105,3 +107,14 @@ class AnswerListener:
     def stop(self) -> None:
         for task in list(self.background):
             task.cancel()
+
+
+class JudgeCharge:
+    """The judge's own tokens, counted against the CAWS budget of the task type they were spent for."""
+
+    def __init__(self, budget: BudgetGuard) -> None:
+        self.budget = budget
+
+    async def __call__(self, task_type: str, tokens: int) -> None:
+        if not await self.budget.charge(task_type, tokens, time.time()):
+            log.warning("judge tokens (%d) could not be counted against the budget", tokens)

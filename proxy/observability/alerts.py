@@ -128,6 +128,13 @@ class AlertManager:
             self.enqueue(alert)
         return produced
 
+    def judge_alert(self, name: str, summary: str) -> None:
+        """The judge's circuit breaker opened ("judge_failing") or closed ("judge_recovered")."""
+        log.warning("judge %s: %s", name, summary)
+        firing = name != "judge_recovered"
+        self.enqueue(Alert(name="ThermostatJudgeFailing", severity="warning", status="firing" if firing else "resolved",
+                           at=time.time(), summary=summary))
+
     # ---- sending --------------------------------------------------------------------
 
     async def _post(self, url: str, alert: Alert) -> None:
