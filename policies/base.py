@@ -126,6 +126,26 @@ class Policy(Protocol):
         ...
 
 
+class ArmPosterior(Protocol):
+    """A posterior summary of one arm in one bucket: observations, mean reward, its standard deviation."""
+
+    @property
+    def n(self) -> float: ...
+
+    @property
+    def mean(self) -> float: ...
+
+    @property
+    def sd(self) -> float: ...
+
+
+@runtime_checkable
+class HasPosterior(Protocol):
+    """A policy that can say what it believes about an arm (Thompson sampling); reports and `/recommend` show it."""
+
+    def posterior(self, ctx: RequestContext, arm: Arm) -> ArmPosterior: ...
+
+
 class PolicyClass(Protocol):
     """What `policies.registry` needs from a policy class: its configured name and a constructor.
 

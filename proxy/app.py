@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.config import Config
 from proxy.control import EXCEPTION_HANDLERS, AdminAuth, ControlDeps, StrictStructSchemaPlugin, build_control, document_errors, require_token_or_opt_in
-from proxy.control.schemas import RecordOutcomeIn, RecordOutcomeResult
-from proxy.decision.feedback import record_outcome
 from proxy.edge.asgi import ProxyEdge
-from proxy.observability.alerts import AlertManager
 from proxy.observability.metrics import exposition, install_live_metrics, refresh_live
 from proxy.runtime import Runtime
 
@@ -25,27 +24,19 @@ PUBLIC = {"public": True}
 
 
 def control_deps(rt: Runtime) -> ControlDeps:
-    """The control API's services, taken from the runtime until the composition root builds them itself."""
-    book = rt.feedback
-
-    async def feedback(data: RecordOutcomeIn, actor: str) -> RecordOutcomeResult:
-        return await record_outcome(rt, book, data, actor)
-
+    """The control API's typed services, taken from the composition root's parts (nothing else reaches a handler)."""
     return ControlDeps(
         config=rt.config, auth=AdminAuth.from_settings(rt.config.admin, rt.config.server.allowed_hosts), decider=rt.bandit,
         budget=rt.budget, slo=rt.slo, log_store=rt.sink, recorder=rt.recorder, registry=rt.registry, state_store=rt.state_store,
-        pool=rt.pool, build_context=rt.build_context, record_outcome=feedback, on_rollout_events=rt.on_rollout_events,
-        started_at=rt.started_at, feedback=book, signals=rt.signal_book,
+        pool=rt.pool, build_context=rt.build_context, learning=rt.feedback_services, on_rollout_events=rt.on_rollout_events,
+        started_at=rt.started_at, feedback=rt.feedback, signals=rt.signal_book,
     )
 
 
 def build_litestar(rt: Runtime) -> Litestar:
     control_state = control_deps(rt)
     control = build_control(control_state)
-    live = install_live_metrics(rt)
-    alerts = AlertManager(rt, rt.config.alerts.webhook_urls)
-    rt.control = control_state  # feedback book, auth counters (see proxy.decision.feedback)
-    rt.alerts = alerts
+    live = install_live_metrics(rt.metrics, rt.live)
     dashboard_page = DASHBOARD_HTML.read_bytes()
 
     @get("/health", media_type=MediaType.JSON, include_in_schema=True, sync_to_thread=False, opt=PUBLIC, summary="Liveness (no auth)")
@@ -70,7 +61,7 @@ def build_litestar(rt: Runtime) -> Litestar:
     @get("/metrics", media_type=CONTENT_TYPE_LATEST, opt=PUBLIC, summary="Prometheus metrics (no auth)")
     async def metrics() -> Response[bytes]:
         await refresh_live(live)
-        return Response(exposition(rt), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(rt.metrics), media_type=CONTENT_TYPE_LATEST)
 
     @get("/dashboard", media_type=MediaType.HTML, include_in_schema=False, sync_to_thread=False)
     def dashboard() -> Response[bytes]:
@@ -78,8 +69,15 @@ def build_litestar(rt: Runtime) -> Litestar:
         # from its URL fragment (`thermostat demo` prints it) or typed in, kept in sessionStorage.
         return Response(dashboard_page, media_type=MediaType.HTML, headers={"cache-control": "no-store"})
 
-    def warn_open() -> None:
-        control_state.auth.warn_if_open()
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        """Every background loop starts with its owner in `rt.start()` and stops in `rt.stop()`."""
+        await rt.start()
+        try:
+            control_state.auth.warn_if_open()
+            yield
+        finally:
+            await rt.stop()
 
     for handler in (health, liveness, readiness, metrics):
         document_errors(handler)
@@ -95,8 +93,7 @@ def build_litestar(rt: Runtime) -> Litestar:
             # No document-wide requirement: each control operation names "bearer", the public ones nothing.
             components=Components(security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}),
         ),
-        on_startup=[rt.start, warn_open, alerts.start],
-        on_shutdown=[alerts.stop, rt.stop],
+        lifespan=[lifespan],
     )
 
 
@@ -104,5 +101,5 @@ def create_app(config: Config, runtime: Runtime | None = None) -> ProxyEdge:
     # Here, not in the CLI, so every way of building the server (serve, workers, tests) obeys it.
     require_token_or_opt_in(config.admin)
     rt = runtime or Runtime(config)
-    app = ProxyEdge(rt, build_litestar(rt))
+    app = ProxyEdge(rt.edge, build_litestar(rt))
     return app

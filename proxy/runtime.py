@@ -1,64 +1,64 @@
-"""Wiring: everything one Thermostat process holds, built from a validated Config.
+"""The composition root: everything one Thermostat process holds, built once from a validated Config.
 
-The edge and the control API read from this object; nothing here runs on import,
-and nothing here does I/O until `start()`.
+Consumers never receive this object: the edge gets a frozen `EdgeServices`, the control
+API a frozen `ControlDeps` (`control_deps`), the feedback path `FeedbackServices`, the
+live metrics `LiveSources` and the alert manager its three sources, each typed and narrow.
+Nothing here runs on import, and nothing here does I/O until `start()` (the Litestar lifespan).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import numpy as np
 
 from guards.budget import BudgetGuard
-from guards.conservative import ConservativeMonitor, ConservativeSettings, MonitorEvent, MonitorState
+from guards.conservative import ConservativeMonitor, ConservativeSettings
 from guards.lease import LeaseBook
 from guards.rollout import RolloutController, RolloutEvent, load_state, save_state
 from guards.slo import SloMonitor
 from guards.state import InProcessStore, StateStore, StoreUnavailable
 from guards.trust_region import ModelLimits
 from policies.context import build_context
-from policies.records import Decision, Outcome, RequestContext
+from policies.records import RequestContext
 from policies.registry import make_policy
 from policies.signals import Signal
-from policies.validators import SchemaValidators, validated_quality
+from policies.validators import SchemaValidators
 from proxy.config import Config
+from proxy.decision.conservative import ConservativeListener
 from proxy.decision.decider import BanditDecider, Decider
-from proxy.decision.feedback import FeedbackBook, deliver_signal
+from proxy.decision.feedback import FeedbackBook, FeedbackServices, deliver_signal
 from proxy.decision.lease_refill import LeaseRefiller
-from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook, regeneration_signal
+from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook
 from proxy.decision.registry import DecisionRegistry
-from proxy.edge.formats import CHAT
+from proxy.edge.asgi import EdgeServices
 from proxy.edge.upstream import Transport, UpstreamPool
-from proxy.learning.evidence import compute_ope_evidence
 from proxy.learning.judge import Judge, JudgeMetrics, named_upstream_transport, upstream_transport
+from proxy.learning.listeners import AnswerListener, AnswerValidator, BaselineRequest, JudgeCharge
 from proxy.learning.refresh import TableRefresher
 from proxy.learning.signal_sync import SignalSync, SyncedQualitySignals, SyncedSignalBook
 from proxy.learning.sync import SharedState
-from proxy.learning.validation import validate_answer
-from proxy.observability.alerts import Alert
-from proxy.observability.metrics import BoundedLabel, Metrics, watch_loop_lag
+from proxy.learning.ticker import RolloutTicker
+from proxy.observability.alerts import AlertManager
+from proxy.observability.metrics import BoundedLabel, FoldedBuckets, LiveSources, Metrics, watch_loop_lag
 from proxy.observability.tracing import NullTracer, Tracer, make_tracer
 from proxy.store import EventRecord, make_log_store
 from proxy.store.journal import Journal
 from proxy.store.local_state import LocalState
 from proxy.store.recorder import Recorder
 from proxy.store.redis_state import RedisStore
-
-if TYPE_CHECKING:
-    from proxy.control.deps import ControlDeps
-    from proxy.observability.alerts import AlertManager
+from proxy.store.retention import RetentionPruner
 
 log = logging.getLogger("thermostat")
 
-CONSERVATIVE_KEY = "conservative:state"
 VERSION = "0.1.0"  # the service.version of exported spans (pyproject's version)
 
 
@@ -114,15 +114,9 @@ class Runtime:
             self.task_types.seen.add(name.strip().lower())
         self._models: dict[str, BoundedLabel] = {}
         self._fold_warned: set[str] = set()
-        self._folded_buckets_seen = 0
         self._limits: dict[tuple[str, str], ModelLimits] = {}
-        self._ticker: asyncio.Task[None] | None = None
         self._lag_watch: asyncio.Task[None] | None = None
-        self.ope_interval_s = 60.0
-        self.prune_interval_s = 3600.0
-        # Attached by `proxy.app.build_litestar` until the control layer takes typed deps (docs/architecture.md).
-        self.control: ControlDeps | None = None
-        self.alerts: AlertManager | None = None
+        self.pruner = RetentionPruner(self.sink, st.retention_days)
 
         self.policy = make_policy(config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb)
         self.slo = SloMonitor(config.slo)
@@ -141,7 +135,6 @@ class Runtime:
         self.conservative = ConservativeMonitor(ConservativeSettings.from_slo(config.slo, max_tasks=srv.max_task_types))
         # Counted per task type; persisted and shared by `self.signal_sync` (proxy/learning/signal_sync.py).
         self.quality_signals = SyncedQualitySignals(max_task_types=srv.max_task_types)
-        self._conservative_save: asyncio.Task[None] | None = None
         self.bandit: BanditDecider = BanditDecider(
             policy=self.policy,
             budget=self.budget,
@@ -175,18 +168,8 @@ class Runtime:
         # Replicas must agree on the digest to match each other's requests; alone, a process-random key
         # means a digest cannot be confirmed against guessed prompts.
         self.regeneration_salt = redis.redis_key_prefix.encode() if isinstance(self.state_store, RedisStore) else secrets.token_bytes(32)
-        self._background: set[asyncio.Task[Any]] = set()
-        seed = config.optimization.seed
-        self.judge: Judge | None = (
-            Judge(
-                config.judge, transport=upstream_transport(self.pool, config.judge.model), deliver=self._deliver_judged,
-                charge=self._charge_judge, rng=np.random.default_rng(None if seed is None else seed + 1),
-                metrics=JudgeMetrics(self.metrics.registry), alert=self._judge_alert,
-                baseline_request=self._baseline_request, send_baseline=named_upstream_transport(self.pool),
-            )
-            if config.judge.enabled
-            else None
-        )
+        # Webhooks for the conditions of deploy/prometheus/alerts.yml; also carries the judge's and the monitor's alerts.
+        self.alerts = AlertManager(config.alerts.webhook_urls, slo=self.slo, budget=self.budget, rollout=self.bandit)
         # Several replicas: posterior, rollout state and decisions shared through Redis (proxy/learning/sync.py).
         self.shared: SharedState | None = (
             SharedState(self.state_store, storage=config.storage, policy=self.policy, costs=self.bandit.costs, rollout=self.bandit,
@@ -196,6 +179,41 @@ class Runtime:
         )
         if self.shared is not None:
             self.registry = self.shared.registry  # also writes decisions to Redis for feedback posted elsewhere
+        # Later signals (explicit, judge, implicit) re-enter through the decision room with exactly these.
+        self.feedback_services = FeedbackServices(
+            registry=self.registry, recorder=self.recorder, log=self.sink, bandit=self.bandit, book=self.feedback,
+            signals=self.signal_book, judge=config.judge, shared=self.shared, learns=self.decider is self.bandit,
+        )
+        seed = config.optimization.seed
+        self.judge: Judge | None = (
+            Judge(
+                config.judge, transport=upstream_transport(self.pool, config.judge.model),
+                deliver=functools.partial(deliver_signal, self.feedback_services),
+                charge=JudgeCharge(self.budget), rng=np.random.default_rng(None if seed is None else seed + 1),
+                metrics=JudgeMetrics(self.metrics.registry), alert=self.alerts.judge_alert,
+                baseline_request=BaselineRequest(self.bandit), send_baseline=named_upstream_transport(self.pool),
+            )
+            if config.judge.enabled
+            else None
+        )
+        self.conservative_listener = ConservativeListener(
+            self.conservative, rollout=self.bandit, recorder=self.recorder, metrics=self.metrics, alerts=self.alerts,
+            state_store=self.state_store,
+        )
+        self.answer_validator = AnswerValidator(self.validators, config.policy.quality, self.signal_book, self.metrics, self.bandit)
+        self.answers = AnswerListener(
+            self.judge, self.regeneration, salt=self.regeneration_salt, regenerated_quality=fb.regenerated_quality,
+            feedback=self.feedback_services, metrics=self.metrics,
+        )
+        self.edge = EdgeServices(
+            config=config, metrics=self.metrics, tracer=self.tracer, pool=self.pool, build_context=self.build_context,
+            decider=self.decider, scorer=self.bandit, registry=self.registry, recorder=self.recorder,
+            feedback=self.feedback_services, answer_check=self.answer_validator, conservative=self.conservative_listener,
+            answers=self.answers,
+        )
+        self.folded_buckets = FoldedBuckets(self.policy, self.metrics)
+        self.ticker = RolloutTicker(self.bandit, self.sink, each_tick=(self.folded_buckets,))
+        self.live = LiveSources(slo=self.slo, rollout=self.bandit, budget=self.budget, log_store=self.sink, recorder=self.recorder)
         # Embedded default (no Redis): budget, waivers, rollout state and posterior persisted under data_dir.
         self.local_state: LocalState | None = None
         if isinstance(self.state_store, InProcessStore) and st.state_persist:
@@ -247,7 +265,7 @@ class Runtime:
             stored = None
         if stored is not None:
             self.bandit.rollout = self._make_rollout(stored)
-        await self._load_conservative()
+        await self.conservative_listener.load()
         if self.signal_sync is not None:
             await self.signal_sync.start()
         if self.shared is not None:
@@ -256,76 +274,29 @@ class Runtime:
         self._lag_watch = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag), name="thermostat-loop-lag")
         if self.lease_refiller is not None:
             self.lease_refiller.start()
-        self._ticker = asyncio.create_task(self._tick_forever(), name="thermostat-rollout-tick")
+        self.ticker.start()
+        self.pruner.start()
         if self.refresher is not None:
             self.refresher.start()
         if self.judge is not None:
             self.judge.start()
         await self.tracer.start()
+        await self.alerts.start()
         log.info(
             "thermostat started: %d upstream(s), policy %s, phase %s, decision log %s",
             len(self.pool.upstreams), self.policy.name, self.rollout.state.phase, self.sink.name,
         )
 
-    async def _tick_forever(self) -> None:
-        """SLO cooldowns and promotions happen on time even when no traffic arrives.
-
-        The OPE evidence promotion needs (improvement lower bound over baseline on the
-        exploration data) is recomputed from the decision log every `ope_interval_s`.
-        """
-        last_ope = 0.0
-        last_prune = time.time()  # first prune an interval after start, not during start-up
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.time()
-            if now - last_prune >= self.prune_interval_s:
-                last_prune = now
-                await self.prune_expired()
-            if now - last_ope >= self.ope_interval_s:
-                last_ope = now
-                try:
-                    self.bandit.ope_evidence = await compute_ope_evidence(self.sink, self.bandit)
-                except Exception as exc:  # the store may be down; promotion just waits
-                    log.warning("OPE evidence for promotion not computed: %s", exc)
-            self._count_folded_buckets()
-            try:
-                self.bandit.maybe_tick(now, force=True)
-            except Exception:
-                log.exception("rollout tick failed")
-
-    def _count_folded_buckets(self) -> None:
-        """The policy (pure, no metrics) counts rewards and choices it pooled in "other"; exported here."""
-        folded = int(getattr(self.policy, "folded_buckets", 0))
-        if folded > self._folded_buckets_seen:
-            self.metrics.child(self.metrics.folded_keys, "bucket").inc(folded - self._folded_buckets_seen)
-            self._folded_buckets_seen = folded
-            if "bucket" not in self._fold_warned:
-                self._fold_warned.add("bucket")
-                log.warning("more context buckets than policy.thompson.max_buckets; new ones are learned together as 'other'")
-
-    async def prune_expired(self) -> int:
-        """Delete decisions older than `storage.retention_days` (0 keeps everything)."""
-        days = self.config.storage.retention_days
-        if days <= 0:
-            return 0
-        try:
-            deleted = await self.sink.prune(days * 86_400.0)
-        except Exception as exc:  # the store may be down; the next interval tries again
-            log.warning("pruning the decision log failed: %s", exc)
-            return 0
-        if deleted:
-            log.info("pruned %d decision(s) older than %d day(s)", deleted, days)
-        return deleted
-
     async def stop(self) -> None:
-        for task in (self._ticker, self._lag_watch):
-            if task is not None:
-                task.cancel()
+        await self.alerts.stop()
+        await self.ticker.stop()
+        await self.pruner.stop()
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
         if self.judge is not None:
             await self.judge.stop()
         await self.tracer.stop()
-        for task in list(self._background):
-            task.cancel()
+        self.answers.stop()
         if self.refresher is not None:
             await self.refresher.stop()
         if self.lease_refiller is not None:
@@ -414,139 +385,6 @@ class Runtime:
         task = asyncio.get_running_loop().create_task(save_state(self.state_store, self.rollout.state))
         task.add_done_callback(_log_save_failure)
 
-    # ---- the conservative monitor (guards/conservative.py) ----------------------------
-
-    async def _load_conservative(self) -> None:
-        """A rollback survives a restart: the monitor's state is a blob in the state store, like the rollout's."""
-        try:
-            raw = await self.state_store.get(CONSERVATIVE_KEY)
-        except StoreUnavailable:
-            log.warning("state store unreachable at start-up; the conservative monitor starts empty")
-            return
-        if raw is None:
-            return
-        try:
-            self.conservative.state = msgspec.json.decode(raw, type=MonitorState)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # an older layout: start over rather than fail start-up
-            log.warning("stored conservative-monitor state ignored: %s", exc)
-
-    def on_conservative_outcome(self, decision: Any, outcome: Any) -> None:
-        """Completion listener after the decider's: optimised vs holdout per task type, events recorded, counted, alerted."""
-        events = self.conservative.on_outcome(decision, outcome, time.time())
-        if events:
-            self.on_conservative_events(events)
-
-    def on_conservative_events(self, events: list[MonitorEvent]) -> None:
-        for event in events:
-            task = self.metrics.task_label(event.task_type)
-            self.recorder.submit(
-                EventRecord(
-                    at=event.at, kind=event.kind, from_phase=self.rollout.state.phase, to_phase="rollback" if event.kind == "rollback" else None,
-                    reason=event.reason, evidence={**event.evidence, "task_type": event.task_type}, actor="conservative",
-                )
-            )
-            if event.kind == "rollback":
-                self.metrics.child(self.metrics.task_rollbacks, task).inc()
-            else:
-                self.metrics.child(self.metrics.task_changes, task).inc()
-            log.warning("conservative monitor %s for task type %r: %s", event.kind, event.task_type, event.reason)
-            if self.alerts is not None:
-                name = "ThermostatTaskRollback" if event.kind == "rollback" else "ThermostatBaselineChanged"
-                self.alerts.enqueue(Alert(
-                    name=name, severity="critical" if event.kind == "rollback" else "warning", status="firing", at=event.at,
-                    summary=f"task type {event.task_type}: {event.reason}", labels={"task_type": task, "actor": "conservative"},
-                ))
-        # One save in flight at a time is enough: the blob is the whole state, the last write wins.
-        if self._conservative_save is None or self._conservative_save.done():
-            self._conservative_save = asyncio.get_running_loop().create_task(
-                self.state_store.set(CONSERVATIVE_KEY, msgspec.json.encode(self.conservative.state))
-            )
-            self._conservative_save.add_done_callback(_log_save_failure)
-
-    # ---- signals after the outcome: judge, regeneration (issue 14) ----------------------
-
-    def on_answer(self, decision: Decision, outcome: Outcome, answer: str, body: Any, key: str) -> None:
-        """Last completion listener for chat requests: queue the judge sample, look for a regeneration.
-
-        Never waits: the judge only samples and enqueues; the regeneration lookup (a Redis
-        round trip with several replicas) runs as a background task.
-        """
-        messages = body.get("messages") if isinstance(body, dict) else None
-        if not isinstance(messages, list) or not messages:
-            return
-        if self.judge is not None:
-            self.judge.on_complete(decision, outcome, answer, messages, body)
-        # Without a client key, identical messages from different clients would look like retries.
-        if key and 200 <= outcome.status < 300 and outcome.error_class is None:
-            task = asyncio.get_running_loop().create_task(self._regenerated(messages, key, decision))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-    def _baseline_request(self, decision: Decision, body: Any) -> dict[str, Any] | None:
-        """The chat body the baseline would have sent for `decision` (pairwise judge), not streamed, one choice.
-
-        `body` went out with the tuned knobs patched in; the baseline's are the client's own values
-        and `[baseline.<task>]` stand-ins (`decider.reference`; what it sends does not depend on the
-        evidence so far), and a temperature the client omitted is omitted again.
-        """
-        if not isinstance(body, dict) or decision.context.endpoint != "chat":
-            return None
-        ref, _, _ = self.bandit.reference_for(decision.context)
-        out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n")}
-        if ref.sent.temperature is None:
-            out.pop("temperature", None)
-        CHAT.patch(out, ref.sent)
-        return out
-
-    async def _regenerated(self, messages: list[Any], key: str, decision: Decision) -> None:
-        try:
-            signal = await regeneration_signal(
-                self.regeneration, messages, key, decision.request_id, decision.context.task_type,
-                self.config.feedback.regenerated_quality, salt=self.regeneration_salt,
-            )
-            if signal is not None:
-                self.metrics.child(self.metrics.regenerations, self.metrics.task_label(decision.context.task_type)).inc()
-                await self.deliver(signal)
-        except Exception:
-            log.exception("regeneration check for %s failed", decision.request_id)
-
     async def deliver(self, signal: Signal) -> str:
         """A judge score or implicit mark for an earlier decision (proxy.decision.feedback.deliver_signal)."""
-        return await deliver_signal(self, self.feedback, self.signal_book, signal)
-
-    async def _deliver_judged(self, signal: Signal) -> str:
-        return await self.deliver(signal)
-
-    async def _charge_judge(self, task_type: str, tokens: int) -> None:
-        if not await self.budget.charge(task_type, tokens, time.time()):
-            log.warning("judge tokens (%d) could not be counted against the budget", tokens)
-
-    def _judge_alert(self, name: str, summary: str) -> None:
-        log.warning("judge %s: %s", name, summary)
-        if self.alerts is not None:
-            firing = name != "judge_recovered"
-            self.alerts.enqueue(Alert(name="ThermostatJudgeFailing", severity="warning", status="firing" if firing else "resolved",
-                                      at=time.time(), summary=summary))
-
-    async def validated(self, decision: Decision, outcome: Outcome, summary: Any, body: Any) -> Outcome:
-        """The automatic quality once a `json_schema` response format or the tools' `parameters` are checked.
-
-        A violation caps the automatic score (`[policy.quality] schema_invalid_score`) and the
-        reward follows; the reason (schema paths and error kinds, never the answer's text) is
-        logged, counted per task type and stored in the decision log. Nothing asked, nothing done.
-        """
-        if not isinstance(body, dict) or outcome.quality is None or outcome.feedback:
-            return outcome
-        response_format, tools = body.get("response_format"), body.get("tools")
-        if response_format is None and not tools:
-            return outcome
-        violation = await validate_answer(self.validators, summary.content, response_format, summary.tool_calls if tools else (), tools)
-        task = self.metrics.task_label(decision.context.task_type)
-        self.signal_book.validated(task, violation is not None)
-        if violation is None:
-            return outcome
-        self.metrics.child(self.metrics.validation_failures, task).inc()
-        log.info("answer %s breaks its schema: %s", decision.request_id, violation.reason)
-        quality = validated_quality(outcome.quality, violation, self.config.policy.quality)
-        reward = outcome.reward if quality == outcome.quality else self.bandit.reward_for(decision, outcome, quality)
-        return msgspec.structs.replace(outcome, quality=quality, reward=reward, validator_reason=violation.reason)
+        return await deliver_signal(self.feedback_services, signal)

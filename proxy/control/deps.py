@@ -7,7 +7,7 @@ around its own services instead of a whole runtime.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,9 +20,8 @@ from guards.state import StateStore
 from policies.records import RequestContext
 from proxy.config import Config
 from proxy.control.auth import AdminAuth
-from proxy.control.schemas import RecordOutcomeIn, RecordOutcomeResult
 from proxy.decision.decider import BanditDecider
-from proxy.decision.feedback import FeedbackBook, SignalBook
+from proxy.decision.feedback import FeedbackBook, FeedbackServices, SignalBook
 from proxy.decision.registry import DecisionRegistry
 from proxy.edge.upstream import UpstreamPool
 from proxy.store.base import LogStore
@@ -33,10 +32,6 @@ class ContextBuilder(Protocol):
     """The runtime's `build_context` (task types and models folded past their caps)."""
 
     def __call__(self, body: dict[str, object], *, task_type: str, endpoint: str, upstream: str = "") -> RequestContext: ...
-
-
-RecordOutcome = Callable[[RecordOutcomeIn, str], Awaitable[RecordOutcomeResult]]
-"""Delayed feedback for one request, by an actor: the same entry point every signal uses."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +49,7 @@ class ControlDeps:
     state_store: StateStore
     pool: UpstreamPool
     build_context: ContextBuilder
-    record_outcome: RecordOutcome
+    learning: FeedbackServices  # explicit feedback re-enters the decision room here, as every later signal does
     on_rollout_events: Callable[[list[RolloutEvent]], None]
     started_at: float
     feedback: FeedbackBook = field(default_factory=FeedbackBook)

@@ -10,7 +10,7 @@ from proxy.control.deps import Deps
 from proxy.control.errors import ERR
 from proxy.control.schemas import RecordOutcomeIn, RecordOutcomeResult
 from proxy.control.views import actor_of, write_audit
-from proxy.decision.feedback import DecisionNotFound, FeedbackConflict
+from proxy.decision.feedback import DecisionNotFound, ExplicitFeedback, FeedbackConflict, record_outcome
 from proxy.edge.errors import ProxyError
 
 SIGNAL_NAMES = {"explicit": "earlier explicit feedback", "judge": "the judge's score", "implicit": "a regeneration mark"}
@@ -42,7 +42,9 @@ class FeedbackController(Controller):
             row = None
         earlier = SIGNAL_NAMES.get(row.feedback_source or "explicit", "earlier feedback") if row is not None and row.feedback_quality is not None else "earlier feedback"
         try:
-            result = await deps.record_outcome(data, actor)
+            explicit = ExplicitFeedback(request_id=data.request_id, quality=data.outcome.quality, overwrite=data.overwrite,
+                                        payload=msgspec.to_builtins(data.outcome))
+            result = RecordOutcomeResult(**msgspec.structs.asdict(await record_outcome(deps.learning, explicit, actor)))
         except DecisionNotFound:
             raise ProxyError(404, f"no decision is known for request id '{data.request_id}'", "request_not_found", "not_found_error", "request_id") from None
         except FeedbackConflict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -16,7 +17,9 @@ import numpy as np
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
+from policies.base import HasPosterior
 from policies.context import context_bucket
+from policies.records import Arm, RequestContext
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
 from proxy.control.errors import ERR
@@ -88,12 +91,12 @@ async def typical_context(deps: Deps, task_type: str, c: ContextIn) -> tuple[Con
     return msgspec.structs.replace(c, **assumed), assumed, notes
 
 
-def bucket_learned(deps: Deps, ctx: Any, allowed: Any) -> bool | None:
+def bucket_learned(deps: Deps, ctx: RequestContext, allowed: Sequence[Arm]) -> bool | None:
     """Whether the policy has any observation for the context's allowed arms (None when it has no posterior to ask)."""
-    posterior = getattr(deps.decider.policy, "posterior", None)
-    if not callable(posterior):
+    policy = deps.decider.policy
+    if not isinstance(policy, HasPosterior):
         return None
-    return any((getattr(posterior(ctx, arm), "n", 0) or 0) > 0 for arm in allowed)
+    return any(policy.posterior(ctx, arm).n > 0 for arm in allowed)
 
 
 class RecommendController(Controller):

@@ -28,6 +28,7 @@ import numpy as np
 from guards.rollout import OpeEvidence, higher
 from policies import ope, sequences
 from policies.arms import arm_key
+from policies.base import HasPosterior
 from policies.context import context_bucket
 from policies.effort import EFFORT_LEVELS
 from policies.effort import rank as effort_rank
@@ -338,9 +339,9 @@ def convergence(decider: BanditDecider, rows: list[DecisionRow], since: float, u
             best = float(p.max())
             nz = p[p > 0]
             entropy = float(-(nz * np.log(nz)).sum())
-            posterior = getattr(decider.policy, "posterior", None)
+            policy = decider.policy
             for arm, prob in zip(allowed, p.tolist()):
-                post = posterior(ctx, arm) if callable(posterior) else None
+                post = policy.posterior(ctx, arm) if isinstance(policy, HasPosterior) else None
                 current.append(
                     ArmPosterior(
                         temperature=arm.temperature, max_tokens=arm.max_tokens, probability=prob,

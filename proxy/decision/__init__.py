@@ -1,13 +1,20 @@
 """The decision room: choose what to send, turn what came back into one Outcome, and find
-a decision again by request id when a later signal arrives.
-
-`feedback` (delayed explicit quality) is not re-exported yet: it still speaks the
-control API's request/response structs (see docs/architecture.md, "Left to do").
+a decision again by request id when a later signal arrives (`feedback`: every later
+signal re-enters here, whoever delivers it).
 """
 
 from __future__ import annotations
 
+from proxy.decision.conservative import ConservativeListener
 from proxy.decision.decider import BanditDecider, BudgetExceeded, BudgetUnavailable, Decider, Explanation
+from proxy.decision.feedback import (
+    ExplicitFeedback,
+    FeedbackResult,
+    FeedbackServices,
+    apply_pending_feedback,
+    deliver_signal,
+    record_outcome,
+)
 from proxy.decision.outcome import Timings, arm_label, complete, learns
 from proxy.decision.registry import DecisionRegistry
 
@@ -15,11 +22,18 @@ __all__ = [
     "BanditDecider",
     "BudgetExceeded",
     "BudgetUnavailable",
+    "ConservativeListener",
     "Decider",
     "DecisionRegistry",
+    "ExplicitFeedback",
     "Explanation",
+    "FeedbackResult",
+    "FeedbackServices",
     "Timings",
+    "apply_pending_feedback",
     "arm_label",
     "complete",
+    "deliver_signal",
     "learns",
+    "record_outcome",
 ]

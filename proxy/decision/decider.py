@@ -21,7 +21,7 @@ from guards.settings import BaselineSettings, ConstraintsSettings
 from guards.slo import SloMonitor
 from guards.trust_region import Freedom, ModelLimits, allowed_arms, enforce, max_tokens_delta, temperature_range
 from policies.arms import candidate_arms
-from policies.base import Policy
+from policies.base import Choice, Policy
 from policies.context import context_fingerprint
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.reward import BaselineCosts
@@ -373,6 +373,14 @@ class BanditDecider:
             # Holdout, shadow, rollback, off: the baseline, propensity 1 (the policy's choice is still logged).
             sent, propensity, mode = ref.sent, 1.0, unoptimised_mode(eff, held_out, task_rolled_back)
 
+        reserved = verdict.reservation.tokens if verdict.reservation is not None else 0
+        return self._decision(ctx, request_id, now, base, sent, propensity, mode, policy_arm, choice, notes, reserved)
+
+    def _decision(
+        self, ctx: RequestContext, request_id: str, now: float, base: Arm, sent: Params, propensity: float, mode: str,
+        policy_arm: Arm, choice: Choice, notes: list[str], budget_reserved: int,
+    ) -> Decision:
+        """The record `decide` returns and `explain` shows: one construction, so the two cannot drift apart."""
         return Decision(
             request_id=request_id,
             context=ctx,
@@ -388,7 +396,7 @@ class BanditDecider:
             policy_propensity=choice.propensity,
             arm_index=choice.index,
             guard_notes=tuple(notes),
-            budget_reserved=verdict.reservation.tokens if verdict.reservation is not None else 0,
+            budget_reserved=budget_reserved,
         )
 
     async def explain(
@@ -440,23 +448,7 @@ class BanditDecider:
             sent, propensity, mode = ref.sent, 1.0, "guard_fallback"
         else:
             sent, propensity, mode = ref.sent, 1.0, unoptimised_mode(eff, held_out, task_rolled_back)
-        decision = Decision(
-            request_id=request_id,
-            context=ctx,
-            context_fingerprint=context_fingerprint(ctx),
-            sent=sent,
-            baseline=Params(temperature=base.temperature, max_tokens=base.max_tokens, effort=base.effort),
-            propensity=propensity,
-            policy=self.policy.name,
-            policy_version=self.policy.version,
-            mode=mode,
-            created_at=now,
-            policy_choice=Params(temperature=policy_arm.temperature, max_tokens=policy_arm.max_tokens, effort=policy_arm.effort),
-            policy_propensity=choice.propensity,
-            arm_index=choice.index,
-            guard_notes=tuple(notes),
-            budget_reserved=0,
-        )
+        decision = self._decision(ctx, request_id, now, base, sent, propensity, mode, policy_arm, choice, notes, 0)
         return Explanation(
             decision=decision, reference=ref, allowed=tuple(allowed), pmf=tuple(float(p) for p in pmf), limits=limits,
             effective=eff, held_out=held_out, assigned=assigned, budget=verdict,

@@ -23,13 +23,56 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import msgspec
 
 from policies.records import Arm, Decision, Outcome, RequestContext
-from proxy.control.schemas import RecordOutcomeIn, RecordOutcomeResult
+from policies.signals import Signal
+from proxy.config import JudgeSettings
+from proxy.decision.decider import BanditDecider
+from proxy.decision.registry import DecisionRegistry
+from proxy.store.base import DecisionRow
 from proxy.store.entries import FeedbackEntry
+from proxy.store.recorder import Recorder
+
+
+class ExplicitFeedback(msgspec.Struct, frozen=True):
+    """One explicit quality score, as the decision room takes it; the control API maps its request schema onto this."""
+
+    request_id: str
+    quality: float
+    overwrite: bool = False
+    payload: dict[str, Any] = {}  # logged with the feedback row (comment, source), next to the actor
+
+
+class FeedbackResult(msgspec.Struct, frozen=True):
+    """What one explicit score did; the control API maps it onto its response schema."""
+
+    request_id: str
+    found_in: str  # "registry" or "log"
+    quality: float
+    previous_quality: float | None
+    automatic_quality: float | None
+    reward: float | None  # recomputed with the given quality (None while the request is still in flight)
+    previous_reward: float | None
+    policy_updated: bool
+    policy_update: str  # what happened to the policy statistics, and why
+    overwritten: bool
+
+
+class DecisionFinder(Protocol):
+    """Another replica's decisions (`proxy.learning.sync.SharedState`): feedback may arrive at any replica."""
+
+    def find_decision(self, request_id: str) -> Awaitable[tuple[Decision, Outcome | None] | None]: ...
+
+
+class DecisionLog(Protocol):
+    """The decision log, read only for decisions that have left the registry."""
+
+    async def get_decision(self, request_id: str) -> DecisionRow | None: ...
 
 
 class FeedbackConflict(Exception):
@@ -60,6 +103,25 @@ class FeedbackBook:
             self.recorded.popitem(last=False)
 
 
+@dataclass(frozen=True, slots=True)
+class FeedbackServices:
+    """What a later signal needs to find its decision and re-teach the policy; built once by the composition root.
+
+    `learns` is False when the active decider is not the bandit (it folds nothing in, so
+    nothing is corrected).
+    """
+
+    registry: DecisionRegistry
+    recorder: Recorder
+    log: DecisionLog
+    bandit: BanditDecider
+    book: FeedbackBook
+    signals: SignalBook
+    judge: JudgeSettings
+    shared: DecisionFinder | None = None
+    learns: bool = True
+
+
 def context_from_features(features: dict[str, Any]) -> RequestContext | None:
     """Rebuild the `RequestContext` from a log row's `context_features` (None if it cannot)."""
     fields = set(RequestContext.__struct_fields__)
@@ -74,31 +136,28 @@ def _learns(status: int, error_class: str | None) -> bool:
     return 200 <= status < 300 and error_class is None
 
 
-def _pair_explicit(rt: Any, request_id: str, quality: float) -> None:
+def _pair_explicit(fx: FeedbackServices, request_id: str, quality: float) -> None:
     """Explicit feedback meets the judge's score of the same request, if any (`SignalBook` docstring)."""
-    signals = getattr(rt, "signal_book", None)
-    if signals is not None:
-        signals.explicit_scored(request_id, quality)
+    fx.signals.explicit_scored(request_id, quality)
 
 
-def _count_signal(rt: Any, task_type: str, already: bool, learns: bool) -> None:
+def _count_signal(fx: FeedbackServices, task_type: str, already: bool, learns: bool) -> None:
     """A first explicit score of a request that could teach the policy is evidence that sees temperature.
 
     It counts towards `optimization.min_quality_signals` (`decider.QualitySignals`); an
     overwrite is the same signal again, and the automatic score never counts.
     """
     if not already and learns:
-        rt.bandit.signals.add(task_type)
+        fx.bandit.signals.add(task_type)
 
 
-def _judged(rt: Any, request_id: str) -> bool:
+def _judged(fx: FeedbackServices, request_id: str) -> bool:
     """A judge score or implicit mark already counted this request (`deliver_signal`): explicit feedback is not a second signal."""
-    signals = getattr(rt, "signal_book", None)
-    return signals is not None and request_id in signals.sources
+    return request_id in fx.signals.sources
 
 
-def _reward(rt: Any, task_type: str, quality: float, latency_s: float, completion_tokens: int | None) -> float:
-    bandit = rt.bandit
+def _reward(fx: FeedbackServices, task_type: str, quality: float, latency_s: float, completion_tokens: int | None) -> float:
+    bandit = fx.bandit
     return bandit.costs.reward(
         task_type=task_type,
         quality=quality,
@@ -108,11 +167,11 @@ def _reward(rt: Any, task_type: str, quality: float, latency_s: float, completio
     )
 
 
-def _apply(rt: Any, ctx: RequestContext, base: Arm, arm: Arm, old: float | None, new: float, logged_version: str) -> tuple[bool, str]:
+def _apply(fx: FeedbackServices, ctx: RequestContext, base: Arm, arm: Arm, old: float | None, new: float, logged_version: str) -> tuple[bool, str]:
     """Fold the corrected reward into the policy without double counting."""
-    if rt.decider is not rt.bandit:
+    if not fx.learns:
         return False, "the active decider does not learn (passthrough)"
-    policy = rt.policy
+    policy = fx.bandit.policy
     if old is None:
         policy.update(ctx, base, arm, new)
         return True, "no automatic reward had been applied: corrected reward added with update()"
@@ -130,15 +189,16 @@ def _apply(rt: Any, ctx: RequestContext, base: Arm, arm: Arm, old: float | None,
     )
 
 
-async def record_outcome(rt: Any, book: FeedbackBook, body: RecordOutcomeIn, actor: str, now: float | None = None) -> RecordOutcomeResult:
+async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: str, now: float | None = None) -> FeedbackResult:
     now = time.time() if now is None else now
+    book = fx.book
     rid = body.request_id
-    quality = float(body.outcome.quality)
-    payload: dict[str, Any] = {**msgspec.to_builtins(body.outcome), "actor": actor, "overwrite": body.overwrite}
+    quality = float(body.quality)
+    payload: dict[str, Any] = {**body.payload, "actor": actor, "overwrite": body.overwrite}
 
-    item = rt.registry.get(rid, now)
-    if item is None and getattr(rt, "shared", None) is not None:
-        item = await rt.shared.find_decision(rid)  # served by another replica
+    item = fx.registry.get(rid, now)
+    if item is None and fx.shared is not None:
+        item = await fx.shared.find_decision(rid)  # served by another replica
     if item is not None:
         decision, outcome = item
         already = (outcome is not None and outcome.feedback) or rid in book.recorded or rid in book.pending
@@ -150,20 +210,19 @@ async def record_outcome(rt: Any, book: FeedbackBook, body: RecordOutcomeIn, act
             book.pending[rid] = _Pending(quality=quality, overwrite=body.overwrite)
             while len(book.pending) > book.max_entries:
                 book.pending.popitem(last=False)
-            rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=None, payload=payload, received_at=now))
+            fx.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=None, payload=payload, received_at=now))
             book.remember(rid, quality, None)
-            _pair_explicit(rt, rid, quality)
-            _count_signal(rt, decision.context.task_type, already or _judged(rt, rid), learns=True)  # in flight: status not known yet
-            return RecordOutcomeResult(
+            _pair_explicit(fx, rid, quality)
+            _count_signal(fx, decision.context.task_type, already or _judged(fx, rid), learns=True)  # in flight: status not known yet
+            return FeedbackResult(
                 request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality,
                 automatic_quality=None, reward=None, previous_reward=None, policy_updated=False,
                 policy_update="request still in flight: the reward is computed when its outcome is known",
                 overwritten=already,
             )
-        return await _with_outcome(rt, book, decision, outcome, quality, payload, already, previous_quality, now)
+        return await _with_outcome(fx, decision, outcome, quality, payload, already, previous_quality, now)
 
-    getter = getattr(rt.sink, "get_decision", None)
-    row = await getter(rid) if getter is not None else None
+    row = await fx.log.get_decision(rid)
     if row is None:
         raise DecisionNotFound(rid)
     already = row.feedback_quality is not None or rid in book.recorded
@@ -176,7 +235,7 @@ async def record_outcome(rt: Any, book: FeedbackBook, body: RecordOutcomeIn, act
         old_reward = row.feedback_reward
     else:
         old_reward = row.reward
-    new_reward = _reward(rt, row.task_type, quality, row.latency_s, row.completion_tokens)
+    new_reward = _reward(fx, row.task_type, quality, row.latency_s, row.completion_tokens)
     ctx = context_from_features(row.context_features)
     if not _learns(row.status, row.error_class):
         updated, note = False, "failed requests do not update the policy"
@@ -184,69 +243,71 @@ async def record_outcome(rt: Any, book: FeedbackBook, body: RecordOutcomeIn, act
         updated, note = False, "the logged context could not be rebuilt"
     else:
         updated, note = _apply(
-            rt, ctx, row.baseline_params.arm(), row.chosen_params.arm(row.baseline_params), old_reward, new_reward,
+            fx, ctx, row.baseline_params.arm(), row.chosen_params.arm(row.baseline_params), old_reward, new_reward,
             row.policy_version,
         )
-    rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
+    fx.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
-    _pair_explicit(rt, rid, quality)
-    _count_signal(rt, row.task_type, already, _learns(row.status, row.error_class))
-    return RecordOutcomeResult(
+    _pair_explicit(fx, rid, quality)
+    _count_signal(fx, row.task_type, already, _learns(row.status, row.error_class))
+    return FeedbackResult(
         request_id=rid, found_in="log", quality=quality, previous_quality=previous_quality, automatic_quality=row.quality,
         reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,
     )
 
 
 async def _with_outcome(
-    rt: Any, book: FeedbackBook, decision: Decision, outcome: Outcome, quality: float, payload: dict[str, Any],
+    fx: FeedbackServices, decision: Decision, outcome: Outcome, quality: float, payload: dict[str, Any],
     already: bool, previous_quality: float | None, now: float,
-) -> RecordOutcomeResult:
+) -> FeedbackResult:
+    book = fx.book
     rid = decision.request_id
     automatic = outcome.quality if not outcome.feedback else None
     old_reward = outcome.reward
     if already and previous_quality is None:
         previous_quality = outcome.quality
-    new_reward = rt.bandit.reward_for(decision, outcome, quality)
+    new_reward = fx.bandit.reward_for(decision, outcome, quality)
     if not _learns(outcome.status, outcome.error_class):
         updated, note = False, "failed requests do not update the policy"
     else:
         updated, note = _apply(
-            rt, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), old_reward, new_reward,
+            fx, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), old_reward, new_reward,
             decision.policy_version,
         )
     # A copy: the queued LogEntry shares the original Outcome and must keep the automatic score.
-    rt.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward, feedback=True))
-    rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
+    fx.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward, feedback=True))
+    fx.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
-    _pair_explicit(rt, rid, quality)
-    _count_signal(rt, decision.context.task_type, already or _judged(rt, rid), _learns(outcome.status, outcome.error_class))
-    return RecordOutcomeResult(
+    _pair_explicit(fx, rid, quality)
+    _count_signal(fx, decision.context.task_type, already or _judged(fx, rid), _learns(outcome.status, outcome.error_class))
+    return FeedbackResult(
         request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality, automatic_quality=automatic,
         reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,
     )
 
 
-def apply_pending_feedback(rt: Any, book: FeedbackBook, decision: Decision, outcome: Outcome) -> None:
+def apply_pending_feedback(fx: FeedbackServices, decision: Decision, outcome: Outcome) -> None:
     """For the edge, right after `decider.observe`: feedback that arrived while the response streamed.
 
     Swaps the automatic reward just applied for the one computed with the explicit quality.
     """
+    book = fx.book
     pending = book.pending.pop(decision.request_id, None)
     if pending is None:
         return
-    new_reward = rt.bandit.reward_for(decision, outcome, pending.quality)
+    new_reward = fx.bandit.reward_for(decision, outcome, pending.quality)
     if _learns(outcome.status, outcome.error_class):
         _apply(
-            rt, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,
+            fx, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,
             decision.policy_version,
         )
-    rt.recorder.submit(
+    fx.recorder.submit(
         FeedbackEntry(request_id=decision.request_id, quality=pending.quality, reward=new_reward,
                       payload={"deferred": True}, received_at=time.time())
     )
     book.remember(decision.request_id, pending.quality, new_reward)
     outcome_copy = msgspec.structs.replace(outcome, quality=pending.quality, reward=new_reward, feedback=True)
-    rt.registry.complete(decision, outcome_copy)
+    fx.registry.complete(decision, outcome_copy)
 
 
 class SignalBook:
@@ -315,7 +376,7 @@ class SignalBook:
         return result
 
 
-async def deliver_signal(rt: Any, book: FeedbackBook, signals: SignalBook, signal: Any, now: float | None = None) -> str:
+async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None = None) -> str:
     """Entry point for judge scores and implicit marks (`policies.signals.Signal`); returns what happened.
 
     Results: "applied" (quality and reward replaced, the policy corrected once through
@@ -333,15 +394,16 @@ async def deliver_signal(rt: Any, book: FeedbackBook, signals: SignalBook, signa
     from policies.signals import rank, should_replace
 
     now = time.time() if now is None else now
+    book, signals = fx.book, fx.signals
     rid = signal.request_id
     if signal.source == "explicit":
         return signals.count(signal.source, "explicit_not_here")
     explicit = rid in book.recorded or rid in book.pending
     if explicit and signal.source != "judge":
         return signals.count(signal.source, "weaker")
-    item = rt.registry.get(rid, now)
-    if item is None and getattr(rt, "shared", None) is not None:
-        item = await rt.shared.find_decision(rid)
+    item = fx.registry.get(rid, now)
+    if item is None and fx.shared is not None:
+        item = await fx.shared.find_decision(rid)
     if item is None:
         return signals.count(signal.source, "not_found")
     decision, outcome = item
@@ -352,7 +414,7 @@ async def deliver_signal(rt: Any, book: FeedbackBook, signals: SignalBook, signa
         signals.judge_scored(rid, task_type, min(1.0, max(0.0, float(signal.quality))), explicit_quality)
         if explicit:
             return signals.count(signal.source, "weaker")
-        judge = rt.config.judge
+        judge = fx.judge
         if not judge_trusted(signals.pairs_of(task_type), judge.min_agreement, judge.min_agreement_pairs):
             return signals.count(signal.source, "untrusted")
     if outcome is None:
@@ -360,19 +422,19 @@ async def deliver_signal(rt: Any, book: FeedbackBook, signals: SignalBook, signa
     if outcome.feedback or not should_replace(signals.sources.get(rid), signal.source):
         return signals.count(signal.source, "weaker")
     quality = min(1.0, max(0.0, float(signal.quality)))
-    new_reward = rt.bandit.reward_for(decision, outcome, quality)
+    new_reward = fx.bandit.reward_for(decision, outcome, quality)
     # Judge scores and regeneration marks see temperature as explicit feedback does; one count per request.
-    _count_signal(rt, decision.context.task_type, rid in signals.sources, _learns(outcome.status, outcome.error_class))
+    _count_signal(fx, decision.context.task_type, rid in signals.sources, _learns(outcome.status, outcome.error_class))
     if _learns(outcome.status, outcome.error_class):
         _apply(
-            rt, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,
+            fx, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,
             decision.policy_version,
         )
-    rt.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward))
+    fx.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward))
     payload: dict[str, Any] = {"source": signal.source, "rank": rank(signal.source)}
-    if getattr(signal, "reason", ""):
+    if signal.reason:
         payload["reason"] = signal.reason
-    rt.recorder.submit(
+    fx.recorder.submit(
         FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now, source=signal.source)
     )
     signals.remember(rid, signal.source)

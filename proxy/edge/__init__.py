@@ -11,12 +11,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from proxy.edge.asgi import ProxyEdge
+    from proxy.edge.asgi import EdgeServices, ProxyEdge
     from proxy.edge.errors import ProxyError, bad_request, error_body
     from proxy.edge.sse import ResponseSummary, StreamRelay, summarize_body
     from proxy.edge.upstream import AiohttpTransport, Transport, Upstream, UpstreamPool, UpstreamResponse
 
 _WHERE = {
+    "EdgeServices": "asgi",
     "ProxyEdge": "asgi",
     "ProxyError": "errors",
     "bad_request": "errors",
@@ -33,6 +34,7 @@ _WHERE = {
 
 __all__ = [
     "AiohttpTransport",
+    "EdgeServices",
     "ProxyEdge",
     "ProxyError",
     "ResponseSummary",

@@ -17,15 +17,18 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import msgspec
 
 from policies.context import context_features
-from policies.records import Decision
-from proxy.decision.decider import BudgetExceeded, BudgetUnavailable
-from proxy.decision.feedback import apply_pending_feedback
-from proxy.decision.outcome import Timings, arm_label, complete
+from policies.records import Decision, Outcome, RequestContext
+from proxy.config import Config
+from proxy.decision.decider import BudgetExceeded, BudgetUnavailable, Decider
+from proxy.decision.feedback import FeedbackServices, apply_pending_feedback
+from proxy.decision.outcome import Scorer, Timings, arm_label, complete
+from proxy.decision.registry import DecisionRegistry
 from proxy.edge.errors import ProxyError, bad_request, error_body
 from proxy.edge.formats import ANTHROPIC, FORMATS, WireFormat, adapter_for
 from proxy.edge.json_guard import INT64_MAX, MAX_JSON_DEPTH, duplicate_watched_key, first_out_of_range_int, too_deep
@@ -33,18 +36,17 @@ from proxy.edge.models import ModelCatalog
 from proxy.edge.origins import host_name
 from proxy.edge.paths import confine_v1_path
 from proxy.edge.sse import ResponseSummary, StreamRelay
-from proxy.edge.upstream import UPSTREAM_ERRORS, Upstream, UpstreamResponse, classify, forward_headers, response_headers
-from proxy.observability.metrics import observe_decision
+from proxy.edge.upstream import UPSTREAM_ERRORS, Upstream, UpstreamPool, UpstreamResponse, classify, forward_headers, response_headers
+from proxy.observability.metrics import Metrics, observe_decision
+from proxy.observability.tracing import NullTracer, Tracer
 from proxy.observability.tracing import Timings as TraceTimings
 from proxy.store.entries import LogEntry
+from proxy.store.recorder import Recorder
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-if TYPE_CHECKING:
-    from proxy.runtime import Runtime
 
 log = logging.getLogger("thermostat.edge")
 
@@ -162,19 +164,61 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
     return None
 
 
+class ContextBuilder(Protocol):
+    """`policies.context.build_context` with task types and models folded past their caps."""
+
+    def __call__(self, body: dict[str, Any], *, task_type: str, endpoint: str, upstream: str = "", effort: str | None = None) -> RequestContext: ...
+
+
+class AnswerCheck(Protocol):
+    async def validated(self, decision: Decision, outcome: Outcome, summary: ResponseSummary, body: Any) -> Outcome:
+        """The automatic quality once the answer is checked against the request's schemas."""
+        ...
+
+
+class OutcomeListener(Protocol):
+    def on_outcome(self, decision: Decision, outcome: Outcome) -> None: ...
+
+
+class AnswerListener(Protocol):
+    def on_answer(self, decision: Decision, outcome: Outcome, answer: str, body: Any, key: str) -> None:
+        """Judge sample and regeneration check: the last listener, never waits."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeServices:
+    """Everything the `/v1/*` edge touches, built once by the composition root (`proxy.runtime`)."""
+
+    config: Config
+    metrics: Metrics
+    tracer: Tracer | NullTracer
+    pool: UpstreamPool
+    build_context: ContextBuilder
+    decider: Decider
+    scorer: Scorer  # the reward, computed once in `complete`
+    registry: DecisionRegistry
+    recorder: Recorder
+    feedback: FeedbackServices
+    # The listeners after `decider.observe`, in the order the edge calls them (docs/architecture.md).
+    answer_check: AnswerCheck  # proxy.learning.listeners.AnswerValidator
+    conservative: OutcomeListener  # proxy.decision.conservative.ConservativeListener
+    answers: AnswerListener  # proxy.learning.listeners.AnswerListener
+
+
 class ProxyEdge:
     """ASGI app: `/v1/*` handled here, everything else handed to `fallback` (Litestar)."""
 
-    def __init__(self, runtime: Runtime, fallback: Callable[..., Awaitable[None]]) -> None:
-        self.rt = runtime
+    def __init__(self, services: EdgeServices, fallback: Callable[..., Awaitable[None]]) -> None:
+        self.services = services
         self.fallback = fallback
-        self.max_body = runtime.config.server.max_body_bytes
-        self.metrics = runtime.metrics
-        self.quality_settings = runtime.config.policy.quality
+        self.max_body = services.config.server.max_body_bytes
+        self.metrics = services.metrics
+        self.quality_settings = services.config.policy.quality
         # `[server] allowed_hosts`: a page on another name that resolves here (DNS rebinding) gets 400.
-        self.allowed_hosts = frozenset(name for name in map(host_name, runtime.config.server.allowed_hosts) if name)
+        self.allowed_hosts = frozenset(name for name in map(host_name, services.config.server.allowed_hosts) if name)
         # Without a `*` upstream, `GET /v1/models` is merged from every OpenAI-format upstream.
-        self.catalog = ModelCatalog(runtime.pool)
+        self.catalog = ModelCatalog(services.pool)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.allowed_hosts and scope["type"] in ("http", "websocket") and host_name(_header(scope["headers"], b"host")) not in self.allowed_hosts:
@@ -230,14 +274,14 @@ class ProxyEdge:
     async def _completion(
         self, scope: Scope, receive: Receive, send: Send, body: bytes, request_id: str, t0: float, v1_path: str, fmt: WireFormat
     ) -> None:
-        rt = self.rt
+        svc = self.services
         doc = parse_completion_body(body)
         view = fmt.parse(doc)
         model = view.model
-        srv = rt.config.server
+        srv = svc.config.server
         if len(model.encode("utf-8", "surrogatepass")) > srv.max_model_bytes:
             raise bad_request(f"'model' must be at most {srv.max_model_bytes} bytes", "invalid_model", "model")
-        upstream = rt.pool.route_format(model, fmt.upstream_format)
+        upstream = svc.pool.route_format(model, fmt.upstream_format)
         if upstream is None:
             raise ProxyError(404, f"no upstream of format '{fmt.upstream_format}' is configured for model '{model}'", "model_not_found")
         if not upstream.paths.allows(v1_path):
@@ -252,11 +296,11 @@ class ProxyEdge:
         task_type = (_header(headers, b"x-task-type") or "default").strip() or "default"
         if len(task_type) > srv.max_task_type_bytes:  # latin-1 decoded: one character per byte
             raise bad_request(f"the x-task-type header must be at most {srv.max_task_type_bytes} bytes", "invalid_task_type")
-        ctx = rt.build_context(doc, task_type=task_type, endpoint=fmt.name, upstream=upstream.name, effort=view.effort)
+        ctx = svc.build_context(doc, task_type=task_type, endpoint=fmt.name, upstream=upstream.name, effort=view.effort)
         user = doc.get("user")
         key = _header(headers, b"x-thermostat-key") or (user if isinstance(user, str) and user else request_id)
         try:
-            decision: Decision = await rt.decider.decide(ctx, request_id=request_id, assignment_key=key)
+            decision: Decision = await svc.decider.decide(ctx, request_id=request_id, assignment_key=key)
         except BudgetExceeded:
             raise ProxyError(429, "the token budget for this window is exhausted (caws.on_exhausted = reject)",
                              "budget_exceeded", "rate_limit_error") from None
@@ -271,8 +315,8 @@ class ProxyEdge:
             if decision.mode == "optimized":
                 decision.mode, decision.propensity = "guard_fallback", 1.0
             decision.guard_notes = (*decision.guard_notes, "thinking_budget_floor")
-        rt.registry.register(decision)
-        rt.recorder.note_decision(decision)  # journaled before forwarding: a crash cannot lose an answered request
+        svc.registry.register(decision)
+        svc.recorder.note_decision(decision)  # journaled before forwarding: a crash cannot lose an answered request
 
         stream = view.stream
         strip_usage = False
@@ -284,7 +328,7 @@ class ProxyEdge:
                 strip_usage = changed = True
         out_body = _encode(doc) if changed else body
         prompt = None
-        if rt.config.server.store_prompts:
+        if svc.config.server.store_prompts:
             prompt = body.decode("utf-8", "replace")
 
         our_headers = [
@@ -294,9 +338,9 @@ class ProxyEdge:
         ]
         url = upstream.url_for(v1_path, scope.get("query_string", b""))
         fwd_headers = forward_headers(headers, upstream)
-        traceparent = _header(headers, b"traceparent") if rt.tracer.enabled else None
-        if rt.tracer.enabled:  # our span becomes the upstream's parent
-            outgoing = rt.tracer.outgoing_traceparent(traceparent, request_id)
+        traceparent = _header(headers, b"traceparent") if svc.tracer.enabled else None
+        if svc.tracer.enabled:  # our span becomes the upstream's parent
+            outgoing = svc.tracer.outgoing_traceparent(traceparent, request_id)
             if outgoing is not None:
                 fwd_headers["traceparent"] = outgoing
         t_forward = time.perf_counter()
@@ -485,7 +529,7 @@ class ProxyEdge:
         ttft: float | None,
         overhead: float,
         prompt: str | None,
-        ctx: Any,
+        ctx: RequestContext,
         *,
         body: Any = None,
         key: str = "",
@@ -496,21 +540,20 @@ class ProxyEdge:
         `body` (the parsed request) and `key` (the client's assignment key, "" if none) feed the
         judge and the regeneration check.
         """
-        rt = self.rt
+        svc = self.services
         try:
             latency = time.perf_counter() - t0
             outcome = complete(decision, summary, status, error_class, Timings(latency, ttft),
-                               quality_settings=self.quality_settings, scorer=rt.bandit)
-            outcome = await rt.validated(decision, outcome, summary, body)  # json_schema / tool parameters
+                               quality_settings=self.quality_settings, scorer=svc.scorer)
+            outcome = await svc.answer_check.validated(decision, outcome, summary, body)  # json_schema / tool parameters
             # The listeners, in order; each reads the finished Outcome.
-            await rt.decider.observe(decision, outcome)
-            rt.on_conservative_outcome(decision, outcome)
-            rt.registry.complete(decision, outcome)
-            if rt.control is not None:
-                apply_pending_feedback(rt, rt.control.feedback, decision, outcome)
+            await svc.decider.observe(decision, outcome)
+            svc.conservative.on_outcome(decision, outcome)
+            svc.registry.complete(decision, outcome)
+            apply_pending_feedback(svc.feedback, decision, outcome)
             arm = arm_label(decision)
             observe_decision(self.metrics, decision, outcome, arm)
-            rt.recorder.submit(LogEntry(decision=decision, outcome=outcome, context_features=context_features(ctx), prompt=prompt))
+            svc.recorder.submit(LogEntry(decision=decision, outcome=outcome, context_features=context_features(ctx), prompt=prompt))
             m = self.metrics
             task = m.task_label(decision.context.task_type)
             status_label = str(status) if status else "error"
@@ -523,18 +566,18 @@ class ProxyEdge:
                 m.child(m.tokens, task, "prompt").inc(summary.prompt_tokens)
             if summary.completion_tokens is not None:
                 m.child(m.tokens, task, "completion").inc(summary.completion_tokens)
-            rt.on_answer(decision, outcome, summary.content, body, key)  # judge sample, regeneration (last listener)
-            if rt.tracer.enabled:
+            svc.answers.on_answer(decision, outcome, summary.content, body, key)  # judge sample, regeneration (last listener)
+            if svc.tracer.enabled:
                 end_ns = time.time_ns()
-                rt.tracer.record(decision, outcome, TraceTimings(end_ns - int(latency * 1e9), end_ns, overhead), traceparent,
-                                 prompt=prompt if rt.config.telemetry.capture_prompts else None)
+                svc.tracer.record(decision, outcome, TraceTimings(end_ns - int(latency * 1e9), end_ns, overhead), traceparent,
+                                 prompt=prompt if svc.config.telemetry.capture_prompts else None)
         except Exception:
             log.exception("recording the outcome of %s failed", decision.request_id)
 
     # ---- untouched passthrough ------------------------------------------------------
 
     async def _passthrough(self, scope: Scope, send: Send, body: bytes, request_id: str, t0: float, v1_path: str) -> None:
-        rt = self.rt
+        svc = self.services
         model = None
         if body and len(body) < 1_000_000 and body[:1] == b"{":
             try:
@@ -546,7 +589,7 @@ class ProxyEdge:
         if model is None and v1_path.startswith("/models/") and v1_path.count("/") == 2 and len(v1_path) > len("/models/"):
             model = v1_path[len("/models/"):]  # `GET /v1/models/{id}` goes where that model is served
         wire = _wire_of(v1_path)
-        upstream = rt.pool.route_format(model, wire)
+        upstream = svc.pool.route_format(model, wire)
         if upstream is None:
             detail = f" for model '{model}'" if model else ""
             raise ProxyError(404, f"no upstream of format '{wire}' is configured{detail}", "model_not_found")

@@ -19,13 +19,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 import msgspec
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+if TYPE_CHECKING:
+    from guards.budget import BudgetStatus
+    from guards.slo import SloMonitor
+    from proxy.observability.metrics import RolloutSource
+
 log = logging.getLogger("thermostat.alerts")
+
+
+class BudgetSource(Protocol):
+    """The budget guard, read once per evaluation (an async store call)."""
+
+    async def status(self, now: float) -> BudgetStatus: ...
 
 
 class Alert(msgspec.Struct):
@@ -39,10 +50,10 @@ class Alert(msgspec.Struct):
     labels: dict[str, str] = {}
 
 
-def evaluate_conditions(rt: Any, now: float, budget: Any | None) -> dict[str, tuple[bool, str, str, float | None, float | None]]:
+def evaluate_conditions(monitor: SloMonitor, now: float, budget: BudgetStatus | None) -> dict[str, tuple[bool, str, str, float | None, float | None]]:
     """name -> (firing, severity, summary, value, threshold) from live state."""
     out: dict[str, tuple[bool, str, str, float | None, float | None]] = {}
-    report = rt.slo.report(now)
+    report = monitor.report(now)
     checks = {c.name: c for c in report.optimized.checks}
     for name, slo, severity, what in (
         ("ThermostatSloLatencyViolation", "latency_p99_ms", "critical", "optimised p99 latency (ms)"),
@@ -61,9 +72,11 @@ def evaluate_conditions(rt: Any, now: float, budget: Any | None) -> dict[str, tu
 
 
 class AlertManager:
-    def __init__(self, rt: Any, urls: tuple[str, ...], *, interval_s: float = 15.0, queue_size: int = 100,
-                 attempts: int = 4, timeout_s: float = 5.0, backoff_max_s: float = 10.0) -> None:
-        self.rt = rt
+    def __init__(self, urls: tuple[str, ...], *, slo: SloMonitor, budget: BudgetSource, rollout: RolloutSource, interval_s: float = 15.0,
+                 queue_size: int = 100, attempts: int = 4, timeout_s: float = 5.0, backoff_max_s: float = 10.0) -> None:
+        self.slo = slo
+        self.budget = budget
+        self.rollout = rollout  # the holder: start-up may swap the controller it holds
         self.urls = tuple(urls)
         self.interval_s = interval_s
         self.queue: asyncio.Queue[Alert] = asyncio.Queue(maxsize=queue_size)
@@ -74,7 +87,7 @@ class AlertManager:
         self.dropped = 0
         self.sent = 0
         self.failed = 0
-        self._seen_events = len(rt.rollout.state.events)
+        self._seen_events = len(rollout.rollout.state.events)
         self._tasks: list[asyncio.Task[None]] = []
         self._client: httpx.AsyncClient | None = None
 
@@ -92,18 +105,18 @@ class AlertManager:
     async def evaluate(self, now: float | None = None) -> list[Alert]:
         """One evaluation: enqueue alerts for transitions and new rollback events; returns them."""
         now = time.time() if now is None else now
-        budget = None
+        budget: BudgetStatus | None = None
         try:
-            budget = await asyncio.wait_for(self.rt.budget.status(now), 1.0)
+            budget = await asyncio.wait_for(self.budget.status(now), 1.0)
         except Exception:
             budget = None
         produced: list[Alert] = []
-        for name, (firing, severity, summary, value, threshold) in evaluate_conditions(self.rt, now, budget).items():
+        for name, (firing, severity, summary, value, threshold) in evaluate_conditions(self.slo, now, budget).items():
             if firing != self.firing.get(name, False):
                 self.firing[name] = firing
                 produced.append(Alert(name=name, severity=severity, status="firing" if firing else "resolved", at=now,
                                       summary=summary, value=value, threshold=threshold))
-        events = self.rt.rollout.state.events
+        events = self.rollout.rollout.state.events
         # The event list is capped (oldest dropped); new events are at the end.
         new = events[max(0, min(self._seen_events, len(events))):] if len(events) >= self._seen_events else events[-1:]
         self._seen_events = len(events)
@@ -114,6 +127,13 @@ class AlertManager:
         for alert in produced:
             self.enqueue(alert)
         return produced
+
+    def judge_alert(self, name: str, summary: str) -> None:
+        """The judge's circuit breaker opened ("judge_failing") or closed ("judge_recovered")."""
+        log.warning("judge %s: %s", name, summary)
+        firing = name != "judge_recovered"
+        self.enqueue(Alert(name="ThermostatJudgeFailing", severity="warning", status="firing" if firing else "resolved",
+                           at=time.time(), summary=summary))
 
     # ---- sending --------------------------------------------------------------------
 

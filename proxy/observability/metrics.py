@@ -7,15 +7,27 @@ values collapse to "other", so a client cannot blow up cardinality.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from guards.budget import BudgetGuard, BudgetStatus
+    from guards.rollout import RolloutController
+    from guards.slo import SloMonitor
+    from policies.records import Decision, Outcome
+    from proxy.store.base import LogStore
+    from proxy.store.recorder import Recorder
+
+log = logging.getLogger("thermostat")
 
 MAX_LABEL_VALUES = 50
 
@@ -166,7 +178,7 @@ def guard_interventions(mode: str, guard_notes: tuple[str, ...] | list[str]) -> 
     return out
 
 
-def observe_decision(m: Metrics, decision: Any, outcome: Any, arm: str) -> None:
+def observe_decision(m: Metrics, decision: Decision, outcome: Outcome, arm: str) -> None:
     """Call from the edge once per finished request (after `decider.observe`)."""
     task = m.task_label(decision.context.task_type)
     m.child(m.decisions, task, decision.mode, arm).inc()
@@ -178,18 +190,36 @@ def observe_decision(m: Metrics, decision: Any, outcome: Any, arm: str) -> None:
         m.child(m.quality, task, decision.mode).observe(outcome.quality)
 
 
-class LiveCollector(Collector):
-    """Gauges computed from the runtime at scrape time: SLOs, rollout, rollbacks, budget, spool."""
+class RolloutSource(Protocol):
+    """Whoever holds the live rollout controller (the decider: start-up may swap the controller, so it is never captured)."""
 
-    def __init__(self, rt: Any) -> None:
-        self.rt = rt
-        self.budget: Any = None  # last BudgetStatus, refreshed by `refresh_live` before each scrape
+    @property
+    def rollout(self) -> RolloutController: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LiveSources:
+    """The state the scrape-time gauges read, and nothing else."""
+
+    slo: SloMonitor
+    rollout: RolloutSource
+    budget: BudgetGuard
+    log_store: LogStore
+    recorder: Recorder
+
+
+class LiveCollector(Collector):
+    """Gauges computed from live state at scrape time: SLOs, rollout, rollbacks, budget, spool."""
+
+    def __init__(self, sources: LiveSources) -> None:
+        self.sources = sources
+        self.budget: BudgetStatus | None = None  # refreshed by `refresh_live` before each scrape
         self.budget_ok = False
         self._seen_rollbacks: set[tuple[float, str, str]] = set()
         self.rollbacks: dict[str, int] = {t: 0 for t in ROLLBACK_TRIGGERS}
 
     def _sync_rollbacks(self) -> None:
-        for e in self.rt.rollout.state.events:
+        for e in self.sources.rollout.rollout.state.events:
             if e.kind not in ("rollback", "disable"):
                 continue
             key = (e.at, e.kind, e.reason)
@@ -200,9 +230,9 @@ class LiveCollector(Collector):
             self.rollbacks[trigger] += 1
 
     def collect(self) -> Iterator[Any]:
-        rt = self.rt
+        src = self.sources
         now = time.time()
-        report = rt.slo.report(now)
+        report = src.slo.report(now)
         value = GaugeMetricFamily("thermostat_slo_value", "Current SLO value (latency ms, mean quality, error rate)", labels=["slo", "traffic"])
         threshold = GaugeMetricFamily("thermostat_slo_threshold", "Configured SLO threshold", labels=["slo"])
         compliant = GaugeMetricFamily("thermostat_slo_compliant", "1 when the traffic class meets every judged SLO", labels=["traffic"])
@@ -217,14 +247,15 @@ class LiveCollector(Collector):
             threshold.add_metric([c.name], c.threshold)
         yield from (value, threshold, compliant, samples)
 
-        eff = rt.rollout.effective(now)
+        rollout = src.rollout.rollout
+        eff = rollout.effective(now)
         phase = GaugeMetricFamily("thermostat_rollout_phase", "1 for the current rollout phase", labels=["phase"])
         for p in PHASES:
-            phase.add_metric([p], 1.0 if rt.rollout.state.phase == p else 0.0)
+            phase.add_metric([p], 1.0 if rollout.state.phase == p else 0.0)
         yield phase
         yield GaugeMetricFamily("thermostat_rollout_traffic_fraction", "Share of traffic optimised now", value=eff.fraction if eff.optimizing_allowed else 0.0)
         active = GaugeMetricFamily("thermostat_rollback_active", "1 while rolled back, by trigger", labels=["trigger"])
-        rb = rt.rollout.state.rollback
+        rb = rollout.state.rollback
         for t in ROLLBACK_TRIGGERS:
             active.add_metric([t], 1.0 if (eff.rollback is not None and rb.trigger == t) else 0.0)
         yield active
@@ -245,37 +276,64 @@ class LiveCollector(Collector):
             yield GaugeMetricFamily("thermostat_budget_active_waivers", "Active CAWS waivers", value=len(b.active_waivers))
             yield GaugeMetricFamily("thermostat_budget_resets_at_seconds", "Unix time the budget window resets", value=b.resets_at)
 
-        st = rt.sink.status() if hasattr(rt.sink, "status") else None
+        st = src.log_store.status()
         if st is not None:
             yield GaugeMetricFamily("thermostat_spool_entries", "Entries waiting in the local spool for the database", value=st.spool_entries)
             yield GaugeMetricFamily("thermostat_spool_batches", "Batches waiting in the local spool", value=st.spool_batches)
             yield GaugeMetricFamily("thermostat_store_connected", "1 when the decision log is connected", value=1.0 if st.connected else 0.0)
-        yield GaugeMetricFamily("thermostat_writer_queue_capacity", "Capacity of the writer queue", value=rt.recorder.queue.maxsize)
+        yield GaugeMetricFamily("thermostat_writer_queue_capacity", "Capacity of the writer queue", value=src.recorder.queue.maxsize)
         # Read at scrape time (not a set_function gauge: those do not survive multiprocess mode).
-        yield GaugeMetricFamily("thermostat_writer_queue_depth", "Entries waiting for the decision-log writer", value=rt.recorder.queue.qsize())
+        yield GaugeMetricFamily("thermostat_writer_queue_depth", "Entries waiting for the decision-log writer", value=src.recorder.queue.qsize())
 
 
-def install_live_metrics(rt: Any) -> LiveCollector:
-    """Register the live collector and the decision metrics on the runtime's registry (once)."""
-    m = rt.metrics
+def install_live_metrics(m: Metrics, sources: LiveSources) -> LiveCollector:
+    """Register the live collector on the process's registry (once)."""
     if m.live is not None:
         return m.live
-    live = LiveCollector(rt)
+    live = LiveCollector(sources)
     m.registry.register(live)
     m.live = live
     return live
 
 
+@runtime_checkable
+class FoldsBuckets(Protocol):
+    """A policy that pools context buckets past its cap (`policy.thompson.max_buckets`) and counts what it pooled."""
+
+    folded_buckets: int
+
+
+class FoldedBuckets:
+    """Exports the policy's pooled-bucket count (the policy is pure and keeps no metrics); called once per rollout tick."""
+
+    def __init__(self, policy: object, metrics: Metrics) -> None:
+        self.policy = policy if isinstance(policy, FoldsBuckets) else None
+        self.metrics = metrics
+        self.seen = 0
+        self._warned = False
+
+    def __call__(self) -> None:
+        if self.policy is None:
+            return
+        folded = int(self.policy.folded_buckets)
+        if folded > self.seen:
+            self.metrics.child(self.metrics.folded_keys, "bucket").inc(folded - self.seen)
+            self.seen = folded
+            if not self._warned:
+                self._warned = True
+                log.warning("more context buckets than policy.thompson.max_buckets; new ones are learned together as 'other'")
+
+
 async def refresh_live(live: LiveCollector, timeout_s: float = 0.5) -> None:
     """Read the budget (an async store call) right before a scrape."""
     try:
-        live.budget = await asyncio.wait_for(live.rt.budget.status(time.time()), timeout_s)
+        live.budget = await asyncio.wait_for(live.sources.budget.status(time.time()), timeout_s)
         live.budget_ok = True
     except Exception:
         live.budget_ok = False
 
 
-def exposition(rt: Any) -> bytes:
+def exposition(m: Metrics) -> bytes:
     """`/metrics` body: this registry, or every worker's when PROMETHEUS_MULTIPROC_DIR is set."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import CollectorRegistry as _Registry
@@ -283,14 +341,14 @@ def exposition(rt: Any) -> bytes:
 
         registry = _Registry()
         multiprocess.MultiProcessCollector(registry)
-        live = rt.metrics.live
+        live = m.live
         if live is not None:
             registry.register(live)  # live gauges are process-local reads of shared state
         return generate_latest(registry)
-    return generate_latest(rt.metrics.registry)
+    return generate_latest(m.registry)
 
 
-async def watch_loop_lag(histogram: Any, interval_s: float = 0.25) -> None:
+async def watch_loop_lag(histogram: Histogram, interval_s: float = 0.25) -> None:
     """Observe how late a `interval_s` sleep wakes up: the time callbacks wait for the loop.
 
     Any synchronous work longer than a few milliseconds shows up here; it is the signal

@@ -52,7 +52,7 @@ async def test_webhook_retries_then_delivers() -> None:
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     rt = _Rt()
-    mgr = AlertManager(rt, (f"http://127.0.0.1:{port}/hook",), interval_s=3600)
+    mgr = AlertManager((f"http://127.0.0.1:{port}/hook",), slo=rt.slo, budget=rt.budget, rollout=rt, interval_s=3600)
     await mgr.start()
     try:
         now = time.time()
@@ -75,7 +75,8 @@ async def test_webhook_retries_then_delivers() -> None:
 
 
 async def test_full_queue_drops_instead_of_blocking() -> None:
-    mgr = AlertManager(_Rt(), ("http://127.0.0.1:9/hook",), queue_size=1)
+    rt = _Rt()
+    mgr = AlertManager(("http://127.0.0.1:9/hook",), slo=rt.slo, budget=rt.budget, rollout=rt, queue_size=1)
     alert = Alert(name="x", severity="warning", status="firing", at=0.0, summary="s")
     assert mgr.enqueue(alert) is True and mgr.enqueue(alert) is False and mgr.dropped == 1
     assert msgspec.json.decode(msgspec.json.encode(alert))["name"] == "x"

@@ -96,6 +96,6 @@ def test_policy_buckets_past_max_buckets_are_counted(upstream: FakeUpstream, tmp
         while pattern not in httpx.get(f"{t.base}/metrics", timeout=5).text:
             assert time.monotonic() < deadline, "bucket folds not exported"
             time.sleep(0.1)
-        assert t.runtime._folded_buckets_seen >= 2  # b and c (choice and update each)
+        assert t.runtime.folded_buckets.seen >= 2  # b and c (choice and update each)
     finally:
         t.stop()

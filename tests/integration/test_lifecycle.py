@@ -83,7 +83,7 @@ def test_retention_prunes_old_decisions(upstream: FakeUpstream, tmp_path: Path) 
         running.flush()
         sink = running.runtime.sink
         running.call(sink.query("UPDATE logged_decisions SET timestamp = timestamp - 31 * 86400 WHERE rowid IN (SELECT rowid FROM logged_decisions LIMIT 2)"))
-        assert running.call(running.runtime.prune_expired()) == 2
+        assert running.call(running.runtime.pruner.prune_expired()) == 2
         assert running.call(sink.count_decisions()) == 1
     finally:
         running.stop()

@@ -121,7 +121,7 @@ def _quality(t: RunningThermostat, rid: str) -> float | None:
 def _settle(t: RunningThermostat) -> None:
     """The regeneration check runs as a background task after the response; wait for it (bounded)."""
     for _ in range(100):
-        if not t.runtime._background:
+        if not t.runtime.answers.background:
             break
         time.sleep(0.02)
     t.flush(0.05)

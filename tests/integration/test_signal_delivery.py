@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,8 +49,8 @@ def corrections(learning: RunningThermostat, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def deliver(t: RunningThermostat, book: SignalBook, signal: Signal) -> str:
-    rt = t.runtime
-    return t.call(deliver_signal(rt, rt.control.feedback, book, signal))
+    # The test's own SignalBook, with the runtime's registry, feedback book and policy.
+    return t.call(deliver_signal(dataclasses.replace(t.runtime.feedback_services, signals=book), signal))
 
 
 def test_judge_replaces_automatic_then_explicit_replaces_judge(learning: RunningThermostat, corrections: list[tuple[float, float]]) -> None:

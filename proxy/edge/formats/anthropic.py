@@ -24,19 +24,17 @@ from policies.effort import ANTHROPIC_EFFORTS
 from policies.records import Params
 from proxy.edge.errors import bad_request
 from proxy.edge.formats.base import (
+    EventSummarizer,
     KnobView,
     json_error,
     number,
     patch_effort,
     patch_int,
     patch_temperature,
-    read_effort,
+    read_knobs,
     read_positive_int,
-    read_stream,
-    read_temperature,
-    require_model,
 )
-from proxy.edge.sse import ResponseSummary, event_data
+from proxy.edge.sse import ResponseSummary
 
 _EFFORT_PATH = ("output_config", "effort")
 
@@ -107,37 +105,37 @@ _decode_event = msgspec.json.Decoder(_Event).decode
 _encode = msgspec.json.Encoder().encode
 
 
+def _read_tokens(doc: dict[str, Any]) -> tuple[str | None, int | None]:
+    """`max_tokens` is required by the Messages API."""
+    max_tokens = read_positive_int(doc, "max_tokens")
+    if max_tokens is None:
+        raise bad_request("'max_tokens' is required", "missing_required_parameter", "max_tokens")
+    return "max_tokens", max_tokens
+
+
 def _finish(stop_reason: str | None) -> str | None:
     return None if stop_reason is None else STOP_REASONS.get(stop_reason, stop_reason)
 
 
-class AnthropicStreamSummarizer:
+class AnthropicStreamSummarizer(EventSummarizer[_Event]):
     """Reads Messages stream events as they are relayed (never changes them)."""
 
-    __slots__ = ("summary", "_seen_text", "_tool_blocks")
+    __slots__ = ("_tool_blocks",)
 
     def __init__(self, summary: ResponseSummary | None = None) -> None:
-        self.summary = summary if summary is not None else ResponseSummary()
-        self._seen_text = False
+        super().__init__(_decode_event, summary)
         self._tool_blocks: set[int] = set()
 
     def feed(self, event: bytes) -> bool:
-        payload = event_data(event)
-        if payload is None:
-            return False
-        try:
-            ev = _decode_event(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        ev = self.event(event)
+        if ev is None:
             return False
         summary = self.summary
         kind = ev.type
         if kind == "content_block_delta" and ev.delta is not None:
             delta = ev.delta
             if delta.type == "text_delta" and delta.text is not None:
-                summary.content_parts.append(delta.text)
-                first = not self._seen_text
-                self._seen_text = True
-                return first
+                return self.text(delta.text)
             if delta.type == "input_json_delta" and delta.partial_json:
                 summary.tool_args.setdefault(ev.index, []).append(delta.partial_json)
         elif kind == "message_start" and ev.message is not None and ev.message.usage is not None:
@@ -166,28 +164,14 @@ class AnthropicFormat:
     upstream_format = "anthropic"
 
     def parse(self, doc: dict[str, Any]) -> KnobView:
-        model = require_model(doc)
-        temperature = read_temperature(doc, high=1.0)
-        max_tokens = read_positive_int(doc, "max_tokens")
-        if max_tokens is None:
-            raise bad_request("'max_tokens' is required", "missing_required_parameter", "max_tokens")
-        stream = read_stream(doc)
-        effort = read_effort(doc, _EFFORT_PATH, ANTHROPIC_EFFORTS)
-        budget = thinking_budget(doc)
         output_config = doc.get("output_config")
         fmt = output_config.get("format") if isinstance(output_config, dict) else None
-        return KnobView(
-            model=model,
-            stream=stream,
-            temperature=temperature,
-            tokens_field="max_tokens",
-            max_tokens=max_tokens,
-            effort=effort,
-            effort_path=_EFFORT_PATH,
-            thinking_budget=budget,
-            json_mode=isinstance(fmt, dict) and fmt.get("type") == "json_schema",
-            has_tools=bool(doc.get("tools")),
+        view = read_knobs(
+            doc, tokens=_read_tokens, effort_path=_EFFORT_PATH, efforts=ANTHROPIC_EFFORTS, temperature_high=1.0,
+            json_mode=isinstance(fmt, dict) and fmt.get("type") == "json_schema", has_tools=bool(doc.get("tools")),
         )
+        budget = thinking_budget(doc)
+        return view if budget is None else msgspec.structs.replace(view, thinking_budget=budget)
 
     def patch(self, doc: dict[str, Any], knobs: Params) -> bool:
         changed = False

@@ -17,13 +17,16 @@ Thermostat cannot tune faithfully.
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
 from policies.records import Params
 from proxy.edge.errors import bad_request
-from proxy.edge.sse import ResponseSummary, StreamSummarizer
+from proxy.edge.sse import ResponseSummary, StreamSummarizer, event_data
+
+E = TypeVar("E")
 
 
 class KnobView(msgspec.Struct, frozen=True):
@@ -174,6 +177,79 @@ def patch_effort(doc: dict[str, Any], path: tuple[str, ...], effort: str | None)
         return False
     node[path[-1]] = effort
     return True
+
+
+def read_knobs(
+    doc: dict[str, Any],
+    *,
+    tokens: Callable[[dict[str, Any]], tuple[str | None, int | None]],
+    effort_path: tuple[str, ...],
+    efforts: tuple[str, ...],
+    temperature_high: float = 2.0,
+    default_tokens_field: str = "max_tokens",
+    json_mode: bool = False,
+    has_tools: bool = False,
+) -> KnobView:
+    """The knobs every format has, validated in one order (model, temperature, max tokens, stream, effort),
+    so that a body with several faults gets the same 400 whichever API it was sent to.
+
+    `tokens` reads the format's max-tokens field(s): (the client's field name or None, its value).
+    """
+    model = require_model(doc)
+    temperature = read_temperature(doc, high=temperature_high)
+    field, max_tokens = tokens(doc)
+    stream = read_stream(doc)
+    effort = read_effort(doc, effort_path, efforts) if effort_path else None
+    return KnobView(
+        model=model,
+        stream=stream,
+        temperature=temperature,
+        tokens_field=field,
+        max_tokens=max_tokens,
+        default_tokens_field=default_tokens_field,
+        effort=effort,
+        effort_path=effort_path,
+        json_mode=json_mode,
+        has_tools=has_tools,
+    )
+
+
+def patch_knobs(doc: dict[str, Any], knobs: Params, *, tokens_field: str, effort_path: tuple[str, ...]) -> bool:
+    """Temperature, max tokens and effort written under the client's names; True if anything changed."""
+    changed = patch_temperature(doc, knobs.temperature)
+    changed = patch_int(doc, tokens_field, knobs.max_tokens) or changed
+    return patch_effort(doc, effort_path, knobs.effort) or changed
+
+
+class EventSummarizer(Generic[E]):
+    """What every typed stream reader shares: decoding one relayed event, and telling the first token.
+
+    A subclass's `feed` calls `event` (None for comments, pings, `[DONE]` and anything
+    unreadable: a summary never fails the relay) and `text` for each piece of answer text.
+    """
+
+    __slots__ = ("summary", "_seen_text", "_decode")
+
+    def __init__(self, decode: Callable[[bytes], E], summary: ResponseSummary | None = None) -> None:
+        self.summary = summary if summary is not None else ResponseSummary()
+        self._seen_text = False
+        self._decode = decode
+
+    def event(self, raw: bytes) -> E | None:
+        payload = event_data(raw)
+        if payload is None or payload == b"[DONE]":
+            return None
+        try:
+            return self._decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+
+    def text(self, piece: str) -> bool:
+        """Collect answer text; True for the first piece (the time to first token is taken there)."""
+        self.summary.content_parts.append(piece)
+        first = not self._seen_text
+        self._seen_text = True
+        return first
 
 
 def json_error(envelope: dict[str, Any]) -> bytes:

@@ -13,22 +13,23 @@ from typing import Any
 from policies.effort import OPENAI_EFFORTS
 from policies.records import Params
 from proxy.edge import errors
-from proxy.edge.formats.base import (
-    KnobView,
-    patch_effort,
-    patch_int,
-    patch_temperature,
-    read_effort,
-    read_positive_int,
-    read_stream,
-    read_temperature,
-    require_model,
-)
+from proxy.edge.formats.base import KnobView, patch_knobs, read_knobs, read_positive_int
 from proxy.edge.sse import ResponseSummary, StreamSummarizer, summarize_body
 
 _TOKEN_FIELDS = ("max_completion_tokens", "max_tokens")
 _EFFORT_PATH = ("reasoning_effort",)
 _JSON_FORMATS = ("json_object", "json_schema")
+
+
+def _read_tokens(doc: dict[str, Any]) -> tuple[str | None, int | None]:
+    """Both fields are validated; the first one present is the client's cap."""
+    field: str | None = None
+    max_tokens: int | None = None
+    for name in _TOKEN_FIELDS:
+        value = read_positive_int(doc, name)
+        if value is not None and field is None:
+            field, max_tokens = name, value
+    return field, max_tokens
 
 
 def openai_error_type(status: int) -> str:
@@ -50,35 +51,16 @@ class ChatFormat:
     effort_path: tuple[str, ...] = _EFFORT_PATH
 
     def parse(self, doc: dict[str, Any]) -> KnobView:
-        model = require_model(doc)
-        temperature = read_temperature(doc)
-        field: str | None = None
-        max_tokens: int | None = None
-        for name in _TOKEN_FIELDS:  # both are validated; the first one present is the client's cap
-            value = read_positive_int(doc, name)
-            if value is not None and field is None:
-                field, max_tokens = name, value
-        stream = read_stream(doc)
-        effort = read_effort(doc, self.effort_path, OPENAI_EFFORTS) if self.effort_path else None
         response_format = doc.get("response_format")
-        json_mode = isinstance(response_format, dict) and response_format.get("type") in _JSON_FORMATS
-        return KnobView(
-            model=model,
-            stream=stream,
-            temperature=temperature,
-            tokens_field=field,
-            max_tokens=max_tokens,
-            effort=effort,
-            effort_path=self.effort_path,
-            json_mode=json_mode,
+        return read_knobs(
+            doc, tokens=_read_tokens, effort_path=self.effort_path, efforts=OPENAI_EFFORTS,
+            json_mode=isinstance(response_format, dict) and response_format.get("type") in _JSON_FORMATS,
             has_tools=bool(doc.get("tools") or doc.get("functions")),
         )
 
     def patch(self, doc: dict[str, Any], knobs: Params) -> bool:
         field = next((name for name in _TOKEN_FIELDS if doc.get(name) is not None), "max_tokens")
-        changed = patch_temperature(doc, knobs.temperature)
-        changed = patch_int(doc, field, knobs.max_tokens) or changed
-        return patch_effort(doc, self.effort_path, knobs.effort) or changed
+        return patch_knobs(doc, knobs, tokens_field=field, effort_path=self.effort_path)
 
     def summarize_body(self, raw: bytes) -> ResponseSummary:
         return summarize_body(raw)

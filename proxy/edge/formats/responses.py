@@ -19,19 +19,9 @@ import msgspec
 from policies.effort import OPENAI_EFFORTS
 from policies.records import Params
 from proxy.edge import errors
-from proxy.edge.formats.base import (
-    KnobView,
-    patch_effort,
-    patch_int,
-    patch_temperature,
-    read_effort,
-    read_positive_int,
-    read_stream,
-    read_temperature,
-    require_model,
-)
+from proxy.edge.formats.base import EventSummarizer, KnobView, patch_knobs, read_knobs, read_positive_int
 from proxy.edge.formats.chat import openai_error_type
-from proxy.edge.sse import ResponseSummary, event_data
+from proxy.edge.sse import ResponseSummary
 
 _EFFORT_PATH = ("reasoning", "effort")
 _TOKENS = "max_output_tokens"
@@ -77,6 +67,11 @@ _decode_response = msgspec.json.Decoder(_Response).decode
 _decode_event = msgspec.json.Decoder(_Event).decode
 
 
+def _read_tokens(doc: dict[str, Any]) -> tuple[str | None, int | None]:
+    value = read_positive_int(doc, _TOKENS)
+    return (_TOKENS if value is not None else None), value
+
+
 def _finish(response: _Response) -> str | None:
     if response.status == "completed":
         calls = any(item.type == "function_call" for item in response.output or ())
@@ -97,30 +92,22 @@ def _absorb_final(summary: ResponseSummary, response: _Response) -> None:
         summary.error = True
 
 
-class ResponsesStreamSummarizer:
+class ResponsesStreamSummarizer(EventSummarizer[_Event]):
     """Reads Responses stream events as they are relayed (never changes them)."""
 
-    __slots__ = ("summary", "_seen_text")
+    __slots__ = ()
 
     def __init__(self, summary: ResponseSummary | None = None) -> None:
-        self.summary = summary if summary is not None else ResponseSummary()
-        self._seen_text = False
+        super().__init__(_decode_event, summary)
 
     def feed(self, event: bytes) -> bool:
-        payload = event_data(event)
-        if payload is None or payload == b"[DONE]":
-            return False
-        try:
-            ev = _decode_event(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        ev = self.event(event)
+        if ev is None:
             return False
         summary = self.summary
         kind = ev.type
         if kind == "response.output_text.delta" and isinstance(ev.delta, str):
-            summary.content_parts.append(ev.delta)
-            first = not self._seen_text
-            self._seen_text = True
-            return first
+            return self.text(ev.delta)
         if kind == "response.function_call_arguments.delta" and isinstance(ev.delta, str):
             summary.tool_args.setdefault(ev.output_index, []).append(ev.delta)
         elif kind == "response.refusal.delta":
@@ -139,31 +126,15 @@ class ResponsesFormat:
     upstream_format = "openai"
 
     def parse(self, doc: dict[str, Any]) -> KnobView:
-        model = require_model(doc)
-        temperature = read_temperature(doc)
-        max_tokens = read_positive_int(doc, _TOKENS)
-        stream = read_stream(doc)
-        effort = read_effort(doc, _EFFORT_PATH, OPENAI_EFFORTS)
         text = doc.get("text")
         fmt = text.get("format") if isinstance(text, dict) else None
-        json_mode = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
-        return KnobView(
-            model=model,
-            stream=stream,
-            temperature=temperature,
-            tokens_field=_TOKENS if max_tokens is not None else None,
-            max_tokens=max_tokens,
-            default_tokens_field=_TOKENS,
-            effort=effort,
-            effort_path=_EFFORT_PATH,
-            json_mode=json_mode,
-            has_tools=bool(doc.get("tools")),
+        return read_knobs(
+            doc, tokens=_read_tokens, effort_path=_EFFORT_PATH, efforts=OPENAI_EFFORTS, default_tokens_field=_TOKENS,
+            json_mode=isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"), has_tools=bool(doc.get("tools")),
         )
 
     def patch(self, doc: dict[str, Any], knobs: Params) -> bool:
-        changed = patch_temperature(doc, knobs.temperature)
-        changed = patch_int(doc, _TOKENS, knobs.max_tokens) or changed
-        return patch_effort(doc, _EFFORT_PATH, knobs.effort) or changed
+        return patch_knobs(doc, knobs, tokens_field=_TOKENS, effort_path=_EFFORT_PATH)
 
     def summarize_body(self, raw: bytes) -> ResponseSummary:
         summary = ResponseSummary()

@@ -1,0 +1,91 @@
+"""The conservative monitor's listener: optimised vs holdout per task type, after every outcome.
+
+`guards/conservative.py` holds the pure rule; this listener feeds it each finished
+request, records and counts what it decides, raises the alert, and persists its state
+(a rollback survives a restart: the state is a blob in the state store, like the rollout's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+
+from guards.conservative import ConservativeMonitor, MonitorEvent, MonitorState
+from guards.state import StateStore, StoreUnavailable
+from policies.records import Decision, Outcome
+from proxy.observability.alerts import Alert, AlertManager
+from proxy.observability.metrics import Metrics, RolloutSource
+from proxy.store.base import EventRecord
+from proxy.store.recorder import Recorder
+
+log = logging.getLogger("thermostat")
+
+CONSERVATIVE_KEY = "conservative:state"
+
+
+def _log_save_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("saving the conservative monitor's state failed: %s", task.exception())
+
+
+class ConservativeListener:
+    def __init__(
+        self, monitor: ConservativeMonitor, *, rollout: RolloutSource, recorder: Recorder, metrics: Metrics,
+        alerts: AlertManager, state_store: StateStore,
+    ) -> None:
+        self.monitor = monitor
+        self.rollout = rollout
+        self.recorder = recorder
+        self.metrics = metrics
+        self.alerts = alerts
+        self.state_store = state_store
+        self._save: asyncio.Task[None] | None = None
+
+    async def load(self) -> None:
+        try:
+            raw = await self.state_store.get(CONSERVATIVE_KEY)
+        except StoreUnavailable:
+            log.warning("state store unreachable at start-up; the conservative monitor starts empty")
+            return
+        if raw is None:
+            return
+        try:
+            self.monitor.state = msgspec.json.decode(raw, type=MonitorState)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # an older layout: start over rather than fail start-up
+            log.warning("stored conservative-monitor state ignored: %s", exc)
+
+    def on_outcome(self, decision: Decision, outcome: Outcome) -> None:
+        """Completion listener after the decider's: events recorded, counted, alerted."""
+        events = self.monitor.on_outcome(decision, outcome, time.time())
+        if events:
+            self.on_events(events)
+
+    def on_events(self, events: list[MonitorEvent]) -> None:
+        for event in events:
+            task = self.metrics.task_label(event.task_type)
+            self.recorder.submit(
+                EventRecord(
+                    at=event.at, kind=event.kind, from_phase=self.rollout.rollout.state.phase,
+                    to_phase="rollback" if event.kind == "rollback" else None,
+                    reason=event.reason, evidence={**event.evidence, "task_type": event.task_type}, actor="conservative",
+                )
+            )
+            if event.kind == "rollback":
+                self.metrics.child(self.metrics.task_rollbacks, task).inc()
+            else:
+                self.metrics.child(self.metrics.task_changes, task).inc()
+            log.warning("conservative monitor %s for task type %r: %s", event.kind, event.task_type, event.reason)
+            name = "ThermostatTaskRollback" if event.kind == "rollback" else "ThermostatBaselineChanged"
+            self.alerts.enqueue(Alert(
+                name=name, severity="critical" if event.kind == "rollback" else "warning", status="firing", at=event.at,
+                summary=f"task type {event.task_type}: {event.reason}", labels={"task_type": task, "actor": "conservative"},
+            ))
+        # One save in flight at a time is enough: the blob is the whole state, the last write wins.
+        if self._save is None or self._save.done():
+            self._save = asyncio.get_running_loop().create_task(
+                self.state_store.set(CONSERVATIVE_KEY, msgspec.json.encode(self.monitor.state))
+            )
+            self._save.add_done_callback(_log_save_failure)

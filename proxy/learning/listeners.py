@@ -1,0 +1,142 @@
+"""Completion listeners that learn from the answer itself: its schema check, the judge sample, a regeneration.
+
+Each is built once by the composition root with exactly the collaborators it uses, and
+the edge calls them in order after `decider.observe` (docs/architecture.md, "One request").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgspec
+
+from guards.budget import BudgetGuard
+from policies.records import Decision, Outcome
+from policies.settings import QualitySettings
+from policies.validators import SchemaValidators, validated_quality
+from proxy.decision.decider import BanditDecider
+from proxy.decision.feedback import FeedbackServices, SignalBook, deliver_signal
+from proxy.decision.regeneration import RegenerationBook, regeneration_signal
+from proxy.edge.formats import CHAT
+from proxy.edge.sse import ResponseSummary
+from proxy.learning.judge import Judge
+from proxy.learning.validation import validate_answer
+from proxy.observability.metrics import Metrics
+
+log = logging.getLogger("thermostat")
+
+
+class AnswerValidator:
+    """The automatic quality once a `json_schema` response format or the tools' `parameters` are checked."""
+
+    def __init__(self, validators: SchemaValidators, settings: QualitySettings, signals: SignalBook, metrics: Metrics, scorer: BanditDecider) -> None:
+        self.validators = validators  # compiled schemas cached by hash
+        self.settings = settings
+        self.signals = signals
+        self.metrics = metrics
+        self.scorer = scorer
+
+    async def validated(self, decision: Decision, outcome: Outcome, summary: ResponseSummary, body: Any) -> Outcome:
+        """A violation caps the automatic score (`[policy.quality] schema_invalid_score`) and the
+        reward follows; the reason (schema paths and error kinds, never the answer's text) is
+        logged, counted per task type and stored in the decision log. Nothing asked, nothing done.
+        """
+        if not isinstance(body, dict) or outcome.quality is None or outcome.feedback:
+            return outcome
+        response_format, tools = body.get("response_format"), body.get("tools")
+        if response_format is None and not tools:
+            return outcome
+        violation = await validate_answer(self.validators, summary.content, response_format, summary.tool_calls if tools else (), tools)
+        task = self.metrics.task_label(decision.context.task_type)
+        self.signals.validated(task, violation is not None)
+        if violation is None:
+            return outcome
+        self.metrics.child(self.metrics.validation_failures, task).inc()
+        log.info("answer %s breaks its schema: %s", decision.request_id, violation.reason)
+        quality = validated_quality(outcome.quality, violation, self.settings)
+        reward = outcome.reward if quality == outcome.quality else self.scorer.reward_for(decision, outcome, quality)
+        return msgspec.structs.replace(outcome, quality=quality, reward=reward, validator_reason=violation.reason)
+
+
+class AnswerListener:
+    """Last completion listener for chat requests: queue the judge sample, look for a regeneration.
+
+    Never waits: the judge only samples and enqueues; the regeneration lookup (a Redis
+    round trip with several replicas) runs as a background task, and its signal re-enters
+    through the decision room (`deliver_signal`).
+    """
+
+    def __init__(
+        self, judge: Judge | None, regeneration: RegenerationBook, *, salt: bytes, regenerated_quality: float,
+        feedback: FeedbackServices, metrics: Metrics,
+    ) -> None:
+        self.judge = judge
+        self.regeneration = regeneration
+        self.salt = salt
+        self.regenerated_quality = regenerated_quality
+        self.feedback = feedback
+        self.metrics = metrics
+        self.background: set[asyncio.Task[None]] = set()
+
+    def on_answer(self, decision: Decision, outcome: Outcome, answer: str, body: Any, key: str) -> None:
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list) or not messages:
+            return
+        if self.judge is not None:
+            self.judge.on_complete(decision, outcome, answer, messages, body)
+        # Without a client key, identical messages from different clients would look like retries.
+        if key and 200 <= outcome.status < 300 and outcome.error_class is None:
+            task = asyncio.get_running_loop().create_task(self._regenerated(messages, key, decision))
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
+
+    async def _regenerated(self, messages: list[Any], key: str, decision: Decision) -> None:
+        try:
+            signal = await regeneration_signal(
+                self.regeneration, messages, key, decision.request_id, decision.context.task_type,
+                self.regenerated_quality, salt=self.salt,
+            )
+            if signal is not None:
+                self.metrics.child(self.metrics.regenerations, self.metrics.task_label(decision.context.task_type)).inc()
+                await deliver_signal(self.feedback, signal)
+        except Exception:
+            log.exception("regeneration check for %s failed", decision.request_id)
+
+    def stop(self) -> None:
+        for task in list(self.background):
+            task.cancel()
+
+
+class BaselineRequest:
+    """The chat body the baseline would have sent for a decision (the pairwise judge's second answer)."""
+
+    def __init__(self, decider: BanditDecider) -> None:
+        self.decider = decider
+
+    def __call__(self, decision: Decision, body: Any) -> dict[str, Any] | None:
+        """Not streamed, one choice. `body` went out with the tuned knobs patched in; the baseline's
+        are the client's own values and `[baseline.<task>]` stand-ins (`decider.reference_for`; what
+        it sends does not depend on the evidence so far), and a temperature the client omitted is
+        omitted again."""
+        if not isinstance(body, dict) or decision.context.endpoint != "chat":
+            return None
+        ref, _, _ = self.decider.reference_for(decision.context)
+        out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n")}
+        if ref.sent.temperature is None:
+            out.pop("temperature", None)
+        CHAT.patch(out, ref.sent)
+        return out
+
+
+class JudgeCharge:
+    """The judge's own tokens, counted against the CAWS budget of the task type they were spent for."""
+
+    def __init__(self, budget: BudgetGuard) -> None:
+        self.budget = budget
+
+    async def __call__(self, task_type: str, tokens: int) -> None:
+        if not await self.budget.charge(task_type, tokens, time.time()):
+            log.warning("judge tokens (%d) could not be counted against the budget", tokens)

@@ -1,0 +1,67 @@
+"""The rollout's clock: SLO cooldowns and promotions happen on time even when no traffic arrives.
+
+Owned next to the decider it ticks (the decider holds the live rollout controller). The
+OPE evidence promotion needs (improvement lower bound over baseline on the exploration
+data) is recomputed from the decision log every `ope_interval_s`, off the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from proxy.learning.evidence import compute_ope_evidence
+
+if TYPE_CHECKING:
+    from proxy.decision.decider import BanditDecider
+    from proxy.store.base import LogStore
+
+log = logging.getLogger("thermostat")
+
+
+class RolloutTicker:
+    """Every `interval_s`: refresh the evidence when it is due, run `each_tick` listeners, tick the rollout."""
+
+    def __init__(
+        self, decider: BanditDecider, log_store: LogStore, *, interval_s: float = 1.0, ope_interval_s: float = 60.0,
+        each_tick: Sequence[Callable[[], None]] = (),
+    ) -> None:
+        self.decider = decider
+        self.log_store = log_store
+        self.interval_s = interval_s
+        self.ope_interval_s = ope_interval_s
+        self.each_tick = tuple(each_tick)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="thermostat-rollout-tick")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        last_ope = 0.0
+        while True:
+            await asyncio.sleep(self.interval_s)
+            now = time.time()
+            if now - last_ope >= self.ope_interval_s:
+                last_ope = now
+                try:
+                    self.decider.ope_evidence = await compute_ope_evidence(self.log_store, self.decider)
+                except Exception as exc:  # the store may be down; promotion just waits
+                    log.warning("OPE evidence for promotion not computed: %s", exc)
+            for listener in self.each_tick:
+                listener()
+            try:
+                self.decider.maybe_tick(now, force=True)
+            except Exception:
+                log.exception("rollout tick failed")

@@ -1,0 +1,52 @@
+"""`storage.retention_days`: decisions older than that are deleted, hourly, by the store's own loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from proxy.store.base import LogStore
+
+log = logging.getLogger("thermostat")
+
+
+class RetentionPruner:
+    """Prunes the decision log every `interval_s` (the first time an interval after start, not during start-up)."""
+
+    def __init__(self, store: LogStore, retention_days: int, *, interval_s: float = 3600.0) -> None:
+        self.store = store
+        self.retention_days = retention_days
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def prune_expired(self) -> int:
+        """Delete decisions older than `storage.retention_days` (0 keeps everything)."""
+        days = self.retention_days
+        if days <= 0:
+            return 0
+        try:
+            deleted = await self.store.prune(days * 86_400.0)
+        except Exception as exc:  # the store may be down; the next interval tries again
+            log.warning("pruning the decision log failed: %s", exc)
+            return 0
+        if deleted:
+            log.info("pruned %d decision(s) older than %d day(s)", deleted, days)
+        return deleted
+
+    def start(self) -> None:
+        if self.retention_days > 0:
+            self._task = asyncio.create_task(self._run(), name="thermostat-retention")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.prune_expired()
