@@ -237,14 +237,28 @@ def prompt_bin(prompt_tokens: int) -> int:
     return len(PROMPT_BIN_EDGES)
 
 
+def model_group(ctx: RequestContext) -> str:
+    """`<model>@<upstream>` (just the model when no upstream is known): what statistics are kept per.
+
+    The same model name on two upstreams can be two different models (a provider and a
+    self-hosted fine-tune; a deployment that moved to a new snapshot), so what is learnt
+    about one must not steer the other; a model under a new name starts fresh anyway.
+    `ctx.model` is already the bounded name (`other:<pattern>` past the cap) and upstream
+    names come from the configuration, so the key stays bounded.  "|" is a separator of
+    the keys built from this, so it is replaced.
+    """
+    group = f"{ctx.model}@{ctx.upstream}" if ctx.upstream else ctx.model
+    return group.replace("|", "/")
+
+
 def context_bucket(ctx: RequestContext) -> str:
-    """Discrete key of the context: task|model|endpoint|p<bin>|json|tools.
+    """Discrete key of the context: task|model@upstream|endpoint|p<bin>|json|tools.
 
     Stream and the client's own parameters are left out on purpose: they do not
     change which (temperature, max_tokens) is best, and every extra dimension
     splits the data a tabular posterior learns from.
     """
-    return f"{ctx.task_type}|{ctx.model}|{ctx.endpoint}|p{prompt_bin(ctx.prompt_tokens_est)}|j{int(ctx.json_mode)}|t{int(ctx.has_tools)}"
+    return f"{ctx.task_type}|{model_group(ctx)}|{ctx.endpoint}|p{prompt_bin(ctx.prompt_tokens_est)}|j{int(ctx.json_mode)}|t{int(ctx.has_tools)}"
 
 
 def stable_hash64(text: str) -> int:
@@ -307,6 +321,12 @@ def feature_vector(ctx: RequestContext, dim: int) -> np.ndarray:
     if slot is not None:
         x[len(NUMERIC_FEATURES) + slot] = 1.0
     return x
+
+
+def numeric_features(ctx: RequestContext) -> np.ndarray:
+    """The `NUMERIC_FEATURES` part of `feature_vector` (no task slots): what LinUCB crosses with
+    the arm features, within a model already kept per task type."""
+    return feature_vector(ctx, MIN_FEATURE_DIMENSION)[: len(NUMERIC_FEATURES)].copy()
 
 
 def context_features(ctx: RequestContext) -> dict[str, Any]:
