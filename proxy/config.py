@@ -11,12 +11,13 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import logging
+import math
 import os
 import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -259,6 +260,8 @@ class FeedbackSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class PolicySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Statistics weigh a reward seen one half-life ago by 1/2 (policies.base.Discount); inf = never forget.
+    half_life_s: Annotated[float, msgspec.Meta(gt=0.0)] = math.inf
     grid: ArmGridSettings = ArmGridSettings()
     thompson: ThompsonSettings = ThompsonSettings()
     linucb: LinUCBSettings = LinUCBSettings()

@@ -24,6 +24,7 @@ from guards.rollout import RolloutController, RolloutEvent, load_state, save_sta
 from guards.slo import SloMonitor
 from guards.state import InProcessStore, StateStore, StoreUnavailable
 from guards.trust_region import ModelLimits
+from policies.base import Adaptive
 from policies.context import build_context
 from policies.records import Decision, Outcome, RequestContext
 from policies.registry import make_policy
@@ -122,7 +123,11 @@ class Runtime:
         self.control: ControlDeps | None = None
         self.alerts: AlertManager | None = None
 
-        self.policy = make_policy(config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb)
+        self.policy = make_policy(
+            config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb, half_life_s=config.policy.half_life_s
+        )
+        if isinstance(self.policy, Adaptive):
+            self.policy.advance(self.policy.discount.epoch_at(time.time()))
         self.slo = SloMonitor(config.slo)
         self.refresher = TableRefresher.for_policy(self.policy)
         # Replicas on Redis admit from budget leases refilled in the background (guards/lease.py).
@@ -273,6 +278,7 @@ class Runtime:
                 except Exception as exc:  # the store may be down; promotion just waits
                     log.warning("OPE evidence for promotion not computed: %s", exc)
             self._count_folded_buckets()
+            self.advance_policy(now)
             try:
                 self.bandit.maybe_tick(now, force=True)
             except Exception:
@@ -419,13 +425,28 @@ class Runtime:
         if events:
             self.on_conservative_events(events)
 
+    def advance_policy(self, now: float) -> None:
+        """Discount the statistics when a `[policy] half_life_s` epoch boundary has passed (a no-op otherwise)."""
+        policy = self.bandit.policy
+        if isinstance(policy, Adaptive) and policy.discount.enabled:
+            policy.advance(policy.discount.epoch_at(now))
+
     def on_conservative_events(self, events: list[MonitorEvent]) -> None:
         for event in events:
+            reopened: dict[str, Any] = {}
+            if event.kind == "change_detected":
+                # The holdout's own quality moved: what the policy learnt for this task describes
+                # the old model. Its statistics start afresh (shared with the other replicas through
+                # the reopen count, policies.base.Adaptive), so exploration resumes from the prior.
+                policy = self.bandit.policy
+                if isinstance(policy, Adaptive):
+                    policy.reopen(event.task_type)
+                    reopened = {"exploration_reopened": True}
             task = self.metrics.task_label(event.task_type)
             self.recorder.submit(
                 EventRecord(
                     at=event.at, kind=event.kind, from_phase=self.rollout.state.phase, to_phase="rollback" if event.kind == "rollback" else None,
-                    reason=event.reason, evidence={**event.evidence, "task_type": event.task_type}, actor="conservative",
+                    reason=event.reason, evidence={**event.evidence, **reopened, "task_type": event.task_type}, actor="conservative",
                 )
             )
             if event.kind == "rollback":

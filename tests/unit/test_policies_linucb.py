@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pytest
 
 from policies.arms import candidate_arms
-import msgspec
-
 from policies.context import numeric_features
 from policies.linucb import DIMENSION, LinUCBPolicy, arm_features
 from policies.records import Arm, RequestContext
