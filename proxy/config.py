@@ -11,7 +11,6 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import logging
-import math
 import os
 import tomllib
 import types
@@ -260,8 +259,9 @@ class FeedbackSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class PolicySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    # Statistics weigh a reward seen one half-life ago by 1/2 (policies.base.Discount); inf = never forget.
-    half_life_s: Annotated[float, msgspec.Meta(gt=0.0)] = math.inf
+    # Statistics weigh a reward seen one half-life ago by 1/2 (policies.base.Discount); None = never forget.
+    # (None rather than inf: the config crosses to worker processes as JSON, which has no inf.)
+    half_life_s: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
     grid: ArmGridSettings = ArmGridSettings()
     thompson: ThompsonSettings = ThompsonSettings()
     linucb: LinUCBSettings = LinUCBSettings()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections import deque
@@ -124,7 +125,8 @@ class Runtime:
         self.alerts: AlertManager | None = None
 
         self.policy = make_policy(
-            config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb, half_life_s=config.policy.half_life_s
+            config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb,
+            half_life_s=config.policy.half_life_s or math.inf,
         )
         if isinstance(self.policy, Adaptive):
             self.policy.advance(self.policy.discount.epoch_at(time.time()))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -12,6 +14,8 @@ from policies.linucb import LinUCBPolicy
 from policies.records import Arm, RequestContext
 from policies.registry import make_policy
 from policies.thompson import ThompsonGaussianPolicy
+from proxy.config import Config, ConfigError
+from tests.conftest import make_config
 
 CTX = RequestContext("code", "m", "chat", 120, 2, False, False, False, 0.7, 600, "up1")
 BASE = Arm(0.7, 600)
@@ -206,3 +210,12 @@ def test_a_snapshot_restored_later_is_decayed_by_the_epochs_since(name: str) -> 
     early = make_policy(name, half_life_s=16 * HOUR)
     early.load_totals(saved)
     assert early.decay_epoch == 100  # type: ignore[attr-defined]
+
+
+def test_half_life_config_survives_the_json_trip_to_worker_processes(tmp_path: Path) -> None:
+    """`serve --workers` hands the config to each worker as JSON, which has no inf: unset means off."""
+    for section, want in (({}, None), ({"half_life_s": 86400.0}, 86400.0)):
+        cfg = make_config("http://127.0.0.1:9/v1", tmp_path, policy=section)
+        assert msgspec.json.decode(msgspec.json.encode(cfg), type=Config).policy.half_life_s == want
+    with pytest.raises(ConfigError):
+        make_config("http://127.0.0.1:9/v1", tmp_path, policy={"half_life_s": 0})
