@@ -10,9 +10,12 @@
    settings on the same requests, per task, with the shipped defaults and the default
    policy; `tune_temperature = "always"` alongside for contrast.
 
-    .venv/bin/python bench/safe_learning.py [--requests 20000] [--seeds 2]
+    .venv/bin/python bench/safe_learning.py [--requests 20000] [--seeds 2] [--half-life 5000] [--regret-only --out NAME.md]
 
-writes bench/results/safe_learning.md. ~3 min on the shared 2-core machine.
+writes bench/results/safe_learning.md (or NAME.md). ~3 min on the shared 2-core machine.
+Non-stationarity: each learning policy also runs with `[policy] half_life_s` = --half-life
+(one request per simulated second), with the conservative monitor reopening a task on a
+detected change (`change_detected`, as the runtime does), and with both.
 """
 
 from __future__ import annotations
@@ -36,39 +39,50 @@ from policies.registry import make_policy
 RESULTS = ROOT / "bench" / "results"
 
 
-def contenders() -> dict[str, Callable[[], Policy]]:
-    out: dict[str, Callable[[], Policy]] = {
-        "thompson_gaussian": lambda: make_policy("thompson_gaussian"),
-        "linucb": lambda: make_policy("linucb"),
-        "baseline (client's settings)": lambda: make_policy("baseline"),
-    }
+def contenders(half_life: float) -> dict[str, tuple[Callable[[], Policy], bool]]:
+    """label -> (policy factory, reopen on a detected change)."""
+    out: dict[str, tuple[Callable[[], Policy], bool]] = {}
+    for name in ("thompson_gaussian", "linucb"):
+        out[name] = (partial(make_policy, name), False)
+        out[f"{name}, half_life_s {half_life:g}"] = (partial(make_policy, name, half_life_s=half_life), False)
+        out[f"{name}, reopen on change"] = (partial(make_policy, name), True)
+        out[f"{name}, half_life_s {half_life:g} + reopen"] = (partial(make_policy, name, half_life_s=half_life), True)
+    out["baseline (client's settings)"] = (partial(make_policy, "baseline"), False)
     try:
         from bench.learning.run import VowpalWabbitPolicy
 
-        out["vw squarecb"] = lambda: VowpalWabbitPolicy("vw_squarecb", "--cb_explore_adf --squarecb -q sa --quiet")  # type: ignore[assignment,return-value]
-        out["vw epsilon 0.05"] = lambda: VowpalWabbitPolicy("vw_epsilon", "--cb_explore_adf --epsilon 0.05 -q sa --quiet")  # type: ignore[assignment,return-value]
+        out["vw squarecb"] = (lambda: VowpalWabbitPolicy("vw_squarecb", "--cb_explore_adf --squarecb -q sa --quiet"), False)  # type: ignore[return-value]
+        out["vw epsilon 0.05"] = (lambda: VowpalWabbitPolicy("vw_epsilon", "--cb_explore_adf --epsilon 0.05 -q sa --quiet"), False)  # type: ignore[return-value]
     except ImportError:
         print("vowpalwabbit is not installed (.venv/bin/pip install vowpalwabbit): VW rows skipped", file=sys.stderr)
     return out
 
 
-def regret_table(n: int, seeds: int) -> list[str]:
+def regret_table(n: int, seeds: int, half_life: float) -> list[str]:
     lines = [
         "## 1. Regret against Vowpal Wabbit (explicit feedback on every request)",
         "",
-        "| scenario | policy | regret @n/2 (±sd) | regret @n (±sd) | regret in 2nd half | true quality, last 2k | µs / request |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "One request per simulated second. `half_life_s`: statistics discounted (`[policy] half_life_s`);",
+        "`reopen`: the conservative monitor runs on the outcomes and a `change_detected` on a task's",
+        "holdout quality reopens that task's statistics, as the runtime does. Changes detected: mean number",
+        "of `change_detected` events per run, and the mean delay (requests after the change) of the first.",
+        "",
+        "| scenario | policy | regret @n/2 (±sd) | regret @n (±sd) | regret in 2nd half | true quality, last 2k | changes detected (first after) | µs / request |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for scenario, change in (("stationary", None), ("model change at n/2", n // 2)):
-        for label, factory in contenders().items():
+        for label, (factory, reopen) in contenders(half_life).items():
             started = time.perf_counter()
-            logs = [run(factory(), n=n, seed=s, source="explicit", immediate=True, change_at=change) for s in range(seeds)]
+            logs = [run(factory(), n=n, seed=s, source="explicit", immediate=True, change_at=change, reopen_on_change=reopen) for s in range(seeds)]
             us = (time.perf_counter() - started) / (seeds * n) * 1e6
             regret = np.array([np.cumsum(lg.best_reward - lg.expected_reward) for lg in logs])
             half, end = regret[:, n // 2 - 1], regret[:, -1]
             quality = np.mean([lg.true_quality[-2000:].mean() for lg in logs])
+            detected = np.mean([len(lg.changes) for lg in logs]) if reopen else float("nan")
+            firsts = [lg.changes[0][0] - (change or 0) for lg in logs if lg.changes]
+            changes = "—" if not reopen else f"{detected:.1f}" + (f" ({np.mean(firsts):.0f})" if firsts else "")
             lines.append(f"| {scenario} | {label} | {half.mean():.1f} ± {half.std():.1f} | {end.mean():.1f} ± {end.std():.1f} "
-                         f"| {(end - half).mean():.1f} | {quality:.3f} | {us:.0f} |")  # fmt: skip
+                         f"| {(end - half).mean():.1f} | {quality:.3f} | {changes} | {us:.0f} |")  # fmt: skip
             print(lines[-1], file=sys.stderr)
     return lines
 
@@ -125,19 +139,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--half-life", type=float, default=5000.0, help="half_life_s of the discounted variants (simulated seconds = requests)")
+    parser.add_argument("--regret-only", action="store_true", help="skip the no-feedback table")
+    parser.add_argument("--out", default="safe_learning.md")
     args = parser.parse_args()
     started = time.perf_counter()
-    body = regret_table(args.requests, args.seeds) + [""] + no_feedback_table(args.requests, args.seeds)
+    body = regret_table(args.requests, args.seeds, args.half_life)
+    if not args.regret_only:
+        body += [""] + no_feedback_table(args.requests, args.seeds)
+    flags = f" --half-life {args.half_life:g}" + (" --regret-only" if args.regret_only else "") + (f" --out {args.out}" if args.out != "safe_learning.md" else "")
     head = [
         f"# Safe learning on the second simulator ({args.requests:,} requests, {args.seeds} seeds)",
         "",
-        f"Command: `.venv/bin/python bench/safe_learning.py --requests {args.requests} --seeds {args.seeds}` "
+        f"Command: `.venv/bin/python bench/safe_learning.py --requests {args.requests} --seeds {args.seeds}{flags}` "
         f"({time.perf_counter() - started:.0f} s). Simulator: `bench/learning/world.py`.",
         "",
     ]
     text = "\n".join(head + body) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "safe_learning.md").write_text(text)
+    (RESULTS / args.out).write_text(text)
     print(text)
 
 

@@ -16,7 +16,8 @@ Every policy is pure decision math over additive sufficient statistics:
 * `correct` swaps a reward already folded in for a better one (delayed feedback), but
   only into statistics that hold it: the logged decision's `statistics_version` must
   match the policy's and the key must have n >= 1 (see `Correction`).
-* `decay_factor` / `decay_statistics` discount the statistics for non-stationarity.
+* `decay_factor` / `decay_statistics` / `Discount` discount the statistics for
+  non-stationarity; policies that support it (and `reopen`) satisfy `Adaptive`.
 """
 
 from __future__ import annotations
@@ -45,15 +46,29 @@ skipped:   the decision was logged under other statistics (another policy, anoth
 """
 
 
-def format_version(name: str, lineage: str, revision: int) -> str:
-    """`<name>-<revision>`, or `<name>.<lineage>-<revision>` when a lineage is set.
+def format_version(name: str, lineage: str, revision: int, *, epoch: int = 0, reopened: int = 0) -> str:
+    """`<name>[.<lineage>][~r<reopened>]-<revision>[e<epoch>]`.
 
     The part before the last "-" is the statistics version: decisions logged under
     the same one were folded into the same statistics (see `statistics_version`).
+    `reopened` counts `reopen` calls (a reopened task's keys start afresh, so a correction
+    logged before must not land in them); `epoch` is the discount epoch the decision was
+    made in, so a correction can be scaled by γ^(epochs since) like the reward it replaces.
+    Both are left out while 0, so a policy without discounting keeps `<name>-<revision>`.
     """
     if "-" in name:
         raise ValueError(f"policy name {name!r} must not contain '-'")
-    return f"{name}.{lineage}-{revision}" if lineage else f"{name}-{revision}"
+    head = f"{name}.{lineage}" if lineage else name
+    if reopened:
+        head += f"~r{reopened}"
+    return f"{head}-{revision}e{epoch}" if epoch else f"{head}-{revision}"
+
+
+def version_epoch(version: str) -> int:
+    """The discount epoch a version was taken in (`format_version`); 0 when it carries none."""
+    _, sep, tail = version.rpartition("-")
+    _, e, epoch = tail.partition("e")
+    return int(epoch) if sep and e and epoch.isdigit() else 0
 
 
 def statistics_version(version: str) -> str:
@@ -156,8 +171,9 @@ class PolicyClass(Protocol):
 
     name: str
 
-    def from_settings(self, *, thompson: ThompsonSettings, linucb: LinUCBSettings) -> Policy:
-        """A fresh policy; each class takes the settings section it is tuned by and ignores the rest."""
+    def from_settings(self, *, thompson: ThompsonSettings, linucb: LinUCBSettings, discount: Discount | None = None) -> Policy:
+        """A fresh policy; each class takes the settings section it is tuned by (and the discount, if it
+        learns) and ignores the rest."""
         ...
 
 
@@ -213,3 +229,70 @@ def decay_statistics(stats: dict[str, list[float]], gamma: float, epochs: int) -
         raise ValueError(f"gamma must be in (0, 1] and epochs >= 0, got {gamma!r}, {epochs!r}")
     factor = gamma**epochs
     return {key: [v * factor for v in values] for key, values in stats.items()}
+
+
+DECAY_EPOCHS_PER_HALF_LIFE = 16
+"""Epochs per half-life: γ = 2^(-1/16) ≈ 0.958 per epoch, so the weight of a reward drops in
+steps of 4 %, not in one halving, and a half-life is exact at every 16th boundary."""
+RESERVED_PREFIX = "~"
+"""Statistic keys starting with this are bookkeeping (reopen counters): summed across replicas
+like the rest, never discounted."""
+
+
+class Discount(msgspec.Struct, frozen=True):
+    """`[policy] half_life_s` as shared epochs: every replica derives the same epoch from its clock.
+
+    Epoch k covers [k·epoch_s, (k+1)·epoch_s) of Unix time with epoch_s = half_life_s / 16.
+    Entering epoch k+j multiplies every statistic by γ^j (`decay_factor`); since all replicas
+    and the store use the same boundaries, sums of decayed increments are decayed sums and
+    replica merges stay additive (proxy/learning/sync.py decays the store's totals once per
+    boundary).  inf (the default) switches discounting off: the epoch is always 0.
+    """
+
+    half_life_s: float = math.inf
+
+    def __post_init__(self) -> None:
+        if not self.half_life_s > 0:
+            raise ValueError(f"half_life_s must be > 0 (inf = off), got {self.half_life_s!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return not math.isinf(self.half_life_s)
+
+    @property
+    def epoch_s(self) -> float:
+        return self.half_life_s / DECAY_EPOCHS_PER_HALF_LIFE
+
+    @property
+    def gamma(self) -> float:
+        """γ per epoch (1.0 when off)."""
+        return decay_factor(self.half_life_s, self.epoch_s) if self.enabled else 1.0
+
+    def epoch_at(self, now: float) -> int:
+        """The epoch Unix time `now` falls in (0 when off)."""
+        return int(math.floor(now / self.epoch_s)) if self.enabled else 0
+
+    def factor(self, epochs: int) -> float:
+        """γ^epochs: the weight now of a statistic `epochs` boundaries old."""
+        return 1.0 if epochs <= 0 or not self.enabled else self.gamma**epochs
+
+
+@runtime_checkable
+class Adaptive(Protocol):
+    """A policy that discounts its statistics and can reopen exploration for one task type."""
+
+    discount: Discount
+
+    @property
+    def decay_epoch(self) -> int:
+        """The discount epoch the statistics are expressed in."""
+        ...
+
+    def advance(self, epoch: int) -> None:
+        """Move the statistics to `epoch`: everything (totals and unexported increments) times γ^(epoch − current).
+        A call with an epoch not after the current one does nothing."""
+        ...
+
+    def reopen(self, task_type: str) -> None:
+        """Start the task type's statistics afresh (a detected change): replicated, idempotent per call."""
+        ...

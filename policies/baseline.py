@@ -16,7 +16,7 @@ from typing import Self
 import numpy as np
 
 from policies.arms import arm_identity
-from policies.base import Choice, Correction
+from policies.base import Choice, Correction, Discount
 from policies.records import Arm, RequestContext
 from policies.settings import LinUCBSettings, ThompsonSettings
 
@@ -52,7 +52,7 @@ class _Stateless:
     name: str
 
     @classmethod
-    def from_settings(cls, *, thompson: ThompsonSettings, linucb: LinUCBSettings) -> Self:
+    def from_settings(cls, *, thompson: ThompsonSettings, linucb: LinUCBSettings, discount: Discount | None = None) -> Self:
         """Registry constructor (`policies.registry`): nothing to tune."""
         return cls()
 

@@ -5,12 +5,12 @@ Pure functions only (no I/O, no clock).  Four views of one request:
 * `build_context(body, ...)` -> `RequestContext` (the record that crosses rooms).
 * `context_bucket(ctx)` -> the *discrete* key the tabular policies (Thompson) use.
   It is deliberately coarse so that each bucket sees enough traffic to learn:
-  ``task_type | model | endpoint | prompt-length bin | json | tools``.
+  ``task_type | model@upstream | endpoint | prompt-length bin | json | tools``.
 * `context_fingerprint(ctx)` -> a stable signed 64-bit integer of the bucket
   (blake2b, not Python's salted `hash()`), so the same bucket has the same id in
   every process and fits a PostgreSQL BIGINT.
-* `feature_vector(ctx, dim)` -> the fixed, normalised numeric vector LinUCB uses,
-  and `context_features(ctx)` -> the same information as a JSON-able dict for logs.
+* `numeric_features(ctx)` -> the fixed, normalised numeric vector LinUCB crosses with
+  the arm features, and `context_features(ctx)` -> the context as a JSON-able dict for logs.
 
 Token estimate (`estimate_prompt_tokens`): deliberately conservative, because the
 budget guard reserves tokens with it before the upstream reports real usage.
@@ -45,21 +45,6 @@ IMAGE_PART_TOKENS = 85
 PROMPT_BIN_EDGES: tuple[int, ...] = (2048, 8192, 32768)
 """Prompt-length bins for the bucket: <2k, <8k, <32k, >=32k estimated tokens (factor 4 apart)."""
 
-KNOWN_TASK_TYPES: tuple[str, ...] = (
-    "code",
-    "creative",
-    "summarise",
-    "chat",
-    "extraction",
-    "classification",
-    "qa",
-    "translation",
-)
-"""Task types with a pinned one-hot slot in `feature_vector` (in this order, as far as slots go)."""
-_TASK_ALIASES: dict[str, str] = {"summarize": "summarise", "summary": "summarise", "coding": "code"}
-DEFAULT_TASK_TYPES: frozenset[str] = frozenset({"", "default"})
-"""Task types represented by the all-zero task block (the bias term carries them)."""
-
 NUMERIC_FEATURES: tuple[str, ...] = (
     "bias",
     "log_prompt_tokens",
@@ -69,8 +54,7 @@ NUMERIC_FEATURES: tuple[str, ...] = (
     "stream",
     "client_temperature",
 )
-"""Layout of `feature_vector`: these 7 first, then `dim - 7` task-type one-hot slots."""
-MIN_FEATURE_DIMENSION = len(NUMERIC_FEATURES) + 1
+"""Layout of `numeric_features`."""
 LOG_PROMPT_CAP = 131_072  # prompt tokens that map to 1.0 on the log scale
 LOG_MESSAGES_CAP = 64  # messages that map to 1.0 on the log scale
 TEMPERATURE_SCALE = 2.0  # OpenAI temperatures live in [0, 2]
@@ -237,14 +221,28 @@ def prompt_bin(prompt_tokens: int) -> int:
     return len(PROMPT_BIN_EDGES)
 
 
+def model_group(ctx: RequestContext) -> str:
+    """`<model>@<upstream>` (just the model when no upstream is known): what statistics are kept per.
+
+    The same model name on two upstreams can be two different models (a provider and a
+    self-hosted fine-tune; a deployment that moved to a new snapshot), so what is learnt
+    about one must not steer the other; a model under a new name starts fresh anyway.
+    `ctx.model` is already the bounded name (`other:<pattern>` past the cap) and upstream
+    names come from the configuration, so the key stays bounded.  "|" is a separator of
+    the keys built from this, so it is replaced.
+    """
+    group = f"{ctx.model}@{ctx.upstream}" if ctx.upstream else ctx.model
+    return group.replace("|", "/")
+
+
 def context_bucket(ctx: RequestContext) -> str:
-    """Discrete key of the context: task|model|endpoint|p<bin>|json|tools.
+    """Discrete key of the context: task|model@upstream|endpoint|p<bin>|json|tools.
 
     Stream and the client's own parameters are left out on purpose: they do not
     change which (temperature, max_tokens) is best, and every extra dimension
     splits the data a tabular posterior learns from.
     """
-    return f"{ctx.task_type}|{ctx.model}|{ctx.endpoint}|p{prompt_bin(ctx.prompt_tokens_est)}|j{int(ctx.json_mode)}|t{int(ctx.has_tools)}"
+    return f"{ctx.task_type}|{model_group(ctx)}|{ctx.endpoint}|p{prompt_bin(ctx.prompt_tokens_est)}|j{int(ctx.json_mode)}|t{int(ctx.has_tools)}"
 
 
 def stable_hash64(text: str) -> int:
@@ -258,31 +256,13 @@ def context_fingerprint(ctx: RequestContext) -> int:
     return stable_hash64(context_bucket(ctx))
 
 
-def task_slot(task_type: str, slots: int) -> int | None:
-    """One-hot slot of a task type among `slots`, or None for the default task.
-
-    Known task types take their pinned slot while it exists; other names are
-    hashed (stably) into the available slots, so unknown names may share a slot
-    with another task: raise `feature_dimension` to separate them.
-    """
-    name = _TASK_ALIASES.get(task_type, task_type)
-    if name in DEFAULT_TASK_TYPES or slots <= 0:
-        return None
-    if name in KNOWN_TASK_TYPES:
-        pinned = KNOWN_TASK_TYPES.index(name)
-        if pinned < slots:
-            return pinned
-    return stable_hash64("task:" + name) % slots
-
-
 def _log_scaled(value: float, cap: float) -> float:
     return min(1.0, math.log1p(max(0.0, value)) / math.log1p(cap))
 
 
-def feature_vector(ctx: RequestContext, dim: int) -> np.ndarray:
-    """Fixed, normalised feature vector of length `dim` (>= 8) for LinUCB.
+def numeric_features(ctx: RequestContext) -> np.ndarray:
+    """Fixed, normalised context features for LinUCB, in the order of `NUMERIC_FEATURES` (each in [0, 1]):
 
-    Layout (every entry in [0, 1]):
       0 bias (1.0)
       1 log1p(prompt tokens) / log1p(131072)
       2 log1p(message count) / log1p(64)
@@ -290,11 +270,11 @@ def feature_vector(ctx: RequestContext, dim: int) -> np.ndarray:
       4 json response format (0/1)
       5 stream (0/1)
       6 client temperature / 2 (0 when the client sent none)
-      7.. task-type one-hot over `dim - 7` slots (`task_slot`); the default task is all zeros.
+
+    No task-type slots: LinUCB keeps one model per task type (policies/linucb.py), so task
+    types cannot collide in a hashed slot however many there are.
     """
-    if dim < MIN_FEATURE_DIMENSION:
-        raise ValueError(f"feature_dimension must be >= {MIN_FEATURE_DIMENSION}, got {dim}")
-    x = np.zeros(dim, dtype=np.float64)
+    x = np.zeros(len(NUMERIC_FEATURES), dtype=np.float64)
     x[0] = 1.0
     x[1] = _log_scaled(ctx.prompt_tokens_est, LOG_PROMPT_CAP)
     x[2] = _log_scaled(ctx.message_count, LOG_MESSAGES_CAP)
@@ -303,9 +283,6 @@ def feature_vector(ctx: RequestContext, dim: int) -> np.ndarray:
     x[5] = float(ctx.stream)
     if ctx.client_temperature is not None:
         x[6] = min(1.0, max(0.0, ctx.client_temperature / TEMPERATURE_SCALE))
-    slot = task_slot(ctx.task_type, dim - len(NUMERIC_FEATURES))
-    if slot is not None:
-        x[len(NUMERIC_FEATURES) + slot] = 1.0
     return x
 
 

@@ -52,7 +52,9 @@ class ThompsonSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class LinUCBSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Disjoint LinUCB, one ridge model per (model, absolute arm); see policies/linucb.py.
+    """Joint LinUCB, one ridge model over context × arm features per (task type, model@upstream,
+    endpoint); see policies/linucb.py.  max_models caps how many such models are kept (each is
+    2·56² floats, ~50 KB); contexts past it share one model "other".
 
     exploration_factor is the softmax temperature (in reward units) over the UCB
     scores (0 = argmax, ties split); min_propensity is the floor every allowed arm gets.
@@ -65,7 +67,7 @@ class LinUCBSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """
 
     alpha: float = 0.3
-    feature_dimension: int = 10
+    max_models: int = 512
     regularization: float = 0.01
     exploration_factor: float = 0.02
     min_propensity: Fraction = 0.002

@@ -49,6 +49,17 @@ does both with one uniform from the caller's Generator, so the logged propensity
 Corrections (`correct`) only touch statistics that hold the old reward: see
 `policies.base.Correction`.  `lineage` (set by the proxy, e.g. the policy family plus a
 process id when there is no shared store) is part of `version` for that check.
+
+Non-stationarity (`policies.base.Adaptive`).  `advance(epoch)` multiplies n, Σr and Σr²
+(totals and unexported increments) by γ^(epochs passed) (`policies.base.Discount`, from
+`[policy] half_life_s`): means are ratios of decayed sums, so they stay put while the
+posterior widens, and an arm not played for a few half-lives is explored again.  The
+store decays its totals at the same epoch boundaries (proxy/learning/sync.py), so merges
+stay additive.  `reopen(task)` (a change detected on that task's holdout) adds 1 to the
+shared count `~reopen|<task>`; a task reopened g times keeps its buckets under
+`<task>#<g>|…`, so it starts from the prior on every replica that merged the count.
+The bucket contains the upstream (`policies.context.model_group`): the same model name on
+another upstream learns separately.
 """
 
 from __future__ import annotations
@@ -60,7 +71,16 @@ import msgspec
 import numpy as np
 
 from policies.arms import arm_key
-from policies.base import Choice, Correction, apply_floor, format_version, statistics_version
+from policies.base import (
+    RESERVED_PREFIX,
+    Choice,
+    Correction,
+    Discount,
+    apply_floor,
+    format_version,
+    statistics_version,
+    version_epoch,
+)
 from policies.context import context_bucket
 from policies.records import Arm, RequestContext
 from policies.settings import LinUCBSettings, ThompsonSettings
@@ -68,6 +88,8 @@ from policies.settings import LinUCBSettings, ThompsonSettings
 PRUNE_SDS = 4.5
 """Arms whose mean + PRUNE_SDS·sd is below the best arm's mean − PRUNE_SDS·sd cannot win."""
 STAT_FIELDS = 3  # n, Σr, Σr²
+REOPEN_PREFIX = RESERVED_PREFIX + "reopen|"
+EPOCH_KEY = RESERVED_PREFIX + "epoch"
 OTHER_BUCKET = "other"
 """Where rewards of buckets past `max_buckets` go (a bucket embeds client-chosen values)."""
 
@@ -110,11 +132,13 @@ class ThompsonGaussianPolicy:
     name = "thompson_gaussian"
 
     @classmethod
-    def from_settings(cls, *, thompson: ThompsonSettings, linucb: LinUCBSettings) -> ThompsonGaussianPolicy:
+    def from_settings(
+        cls, *, thompson: ThompsonSettings, linucb: LinUCBSettings, discount: Discount | None = None
+    ) -> ThompsonGaussianPolicy:
         """Registry constructor (`policies.registry`)."""
-        return cls(thompson)
+        return cls(thompson, discount=discount)
 
-    def __init__(self, settings: ThompsonSettings | None = None) -> None:
+    def __init__(self, settings: ThompsonSettings | None = None, *, discount: Discount | None = None) -> None:
         self.settings = settings or ThompsonSettings()
         s = self.settings
         if s.prior_precision <= 0 or s.prior_alpha <= 0 or s.prior_beta <= 0:
@@ -138,12 +162,23 @@ class ThompsonGaussianPolicy:
         self._bank = self._make_bank(32)
         self.folded_buckets = 0  # decisions and updates counted in OTHER_BUCKET (past max_buckets)
         self.lineage = ""  # see module docstring (Corrections)
+        self.discount = discount or Discount()
+        self._decay_epoch = 0
+        self._reopens: dict[str, float] = {}  # task -> merged reopen count (totals + unexported)
 
     # ----------------------------------------------------------------- state
     @property
     def version(self) -> str:
-        """`thompson_gaussian[.<lineage>]-<revision>`; the revision counts updates and loads."""
-        return format_version(self.name, self.lineage, self._revision)
+        """`thompson_gaussian[.<lineage>][~r<reopens>]-<revision>[e<epoch>]` (`policies.base.format_version`)."""
+        reopened = int(round(sum(self._reopens.values())))
+        return format_version(self.name, self.lineage, self._revision, epoch=self._decay_epoch, reopened=reopened)
+
+    @property
+    def decay_epoch(self) -> int:
+        return self._decay_epoch
+
+    def _generation(self, task: str) -> int:
+        return int(round(self._reopens.get(task, 0.0)))
 
     def posterior(self, ctx: RequestContext, arm: Arm) -> Posterior:
         """Posterior of one arm in the context's bucket (closed form in the module doc)."""
@@ -202,8 +237,9 @@ class ThompsonGaussianPolicy:
         if n < 1.0:
             self.update(ctx, baseline, arm, new_reward)
             return "updated"
-        d1 = new_reward - old_reward
-        d2 = new_reward * new_reward - old_reward * old_reward
+        scale = self.discount.factor(self._decay_epoch - version_epoch(logged_version))
+        d1 = (new_reward - old_reward) * scale
+        d2 = (new_reward * new_reward - old_reward * old_reward) * scale
         new_total, new_sq = total + d1, total_sq + d2
         if new_sq < new_total * new_total / n - 1e-9 * max(1.0, abs(new_sq)):
             return "skipped"
@@ -222,21 +258,29 @@ class ThompsonGaussianPolicy:
 
     def load_totals(self, totals: dict[str, list[float]]) -> None:
         """Adopt merged totals; unexported local increments stay applied on top."""
+        totals, factor = self._reserved(totals, full=True)
         merged: dict[str, list[float]] = {}
         for key, values in totals.items():
             if len(values) != STAT_FIELDS:
                 raise ValueError(f"statistics for {key!r} must have {STAT_FIELDS} values")
-            merged[key] = [float(v) for v in values]
+            if self._current(key):
+                merged[key] = [float(v) * factor for v in values]
         for key, values in self._pending.items():
+            if key.startswith(RESERVED_PREFIX):
+                continue
             into = merged.setdefault(key, [0.0, 0.0, 0.0])
             for i in range(STAT_FIELDS):
                 into[i] += values[i]
         self._stats = merged
         self._pooled = {}
-        for key, values in merged.items():
+        for key, values in list(merged.items()):
+            if key.startswith(RESERVED_PREFIX):
+                continue
             into = self._pooled.setdefault(bucket_of(key), [0.0, 0.0, 0.0])
             for i in range(STAT_FIELDS):
                 into[i] += values[i]
+        for task, count in self._reopens.items():
+            merged[REOPEN_PREFIX + task] = [count, 0.0, 0.0]
         self._epoch += 1
         self._revision += 1
         if not self.deferred_refresh:
@@ -244,11 +288,14 @@ class ThompsonGaussianPolicy:
 
     def load_changed(self, totals: dict[str, list[float]]) -> None:
         """Adopt merged totals of these keys only; their buckets' tables become stale."""
+        totals, factor = self._reserved(totals, full=False)
         touched: set[str] = set()
         for key, values in totals.items():
             if len(values) != STAT_FIELDS:
                 raise ValueError(f"statistics for {key!r} must have {STAT_FIELDS} values")
-            new = [float(v) for v in values]
+            if not self._current(key):
+                continue
+            new = [float(v) * factor for v in values]
             for i, v in enumerate(self._pending.get(key, ())):
                 new[i] += v
             old = self._stats.get(key, (0.0, 0.0, 0.0))
@@ -264,17 +311,98 @@ class ThompsonGaussianPolicy:
         if touched:
             self._revision += 1
 
+    # --------------------------------------------------------- non-stationarity
+    def advance(self, epoch: int) -> None:
+        """Discount everything to `epoch` (`policies.base.Adaptive`); every table becomes stale."""
+        if epoch <= self._decay_epoch:
+            return
+        factor = self.discount.factor(epoch - self._decay_epoch)
+        self._decay_epoch = epoch
+        if factor == 1.0:
+            return
+        for store in (self._stats, self._pooled, self._pending):
+            for key, values in store.items():
+                if not key.startswith(RESERVED_PREFIX):
+                    values[:] = [v * factor for v in values]
+        self._epoch += 1
+        self._revision += 1
+        if not self.deferred_refresh:
+            self._tables.clear()
+
+    def reopen(self, task_type: str) -> None:
+        """Start the task type afresh: its reopen count goes up by one (shared like any statistic), its
+        buckets move to the next generation, and the old generation's statistics are dropped here."""
+        key = REOPEN_PREFIX + task_type
+        for store in (self._stats, self._pending):
+            store.setdefault(key, [0.0, 0.0, 0.0])[0] += 1.0
+        self._set_generation(task_type, self._reopens.get(task_type, 0.0) + 1.0)
+        self._revision += 1
+
+    def _set_generation(self, task: str, count: float) -> None:
+        old = self._generation(task)
+        self._reopens[task] = count
+        if self._generation(task) == old:
+            return
+        prefix = _task_part(task, old) + "|"
+        for store in (self._stats, self._pending, self._pooled):
+            for key in [k for k in store if k.startswith(prefix)]:
+                del store[key]
+        self._epoch += 1  # cached tables of the old generation are never read again; new ones are built
+        if not self.deferred_refresh:
+            self._tables.clear()
+
+    def _current(self, key: str) -> bool:
+        """Whether a stored key belongs to its task's current generation (reserved keys are handled apart)."""
+        if key.startswith(RESERVED_PREFIX):
+            return False
+        name, gen = _split_task(key.split("|", 1)[0])
+        return key.startswith(OTHER_BUCKET + "|") or gen == self._generation(name)
+
+    def _reserved(self, totals: dict[str, list[float]], *, full: bool) -> tuple[dict[str, list[float]], float]:
+        """Take the reopen counts and the epoch stamp (a local snapshot's) out of `totals`.
+
+        Returns the remaining totals and the factor that brings them to this policy's epoch."""
+        factor = 1.0
+        stamp = totals.get(EPOCH_KEY)
+        if stamp:
+            epoch = int(stamp[0])
+            self.advance(epoch)
+            factor = self.discount.factor(self._decay_epoch - epoch)
+        if full:
+            # counts only this replica has not exported yet stay on top of the merged ones
+            seen = {k[len(REOPEN_PREFIX):] for k in totals if k.startswith(REOPEN_PREFIX)}
+            for task in [t for t in self._reopens if t not in seen]:
+                pending = self._pending.get(REOPEN_PREFIX + task)
+                self._set_generation(task, pending[0] if pending else 0.0)
+        rest: dict[str, list[float]] = {}
+        for key, values in totals.items():
+            if key.startswith(REOPEN_PREFIX):
+                task = key[len(REOPEN_PREFIX):]
+                count = float(values[0]) + self._pending.get(key, (0.0,))[0]
+                self._stats[key] = [count, 0.0, 0.0]
+                self._set_generation(task, count)
+            elif not key.startswith(RESERVED_PREFIX):
+                rest[key] = values
+        return rest, factor
+
     def _bucket(self, ctx: RequestContext) -> str:
         """The context's bucket, or `OTHER_BUCKET` once `max_buckets` buckets have statistics."""
         bucket = context_bucket(ctx)
+        gen = self._generation(ctx.task_type)
+        if gen or "#" in ctx.task_type:
+            bucket = _task_part(ctx.task_type, gen) + bucket[len(ctx.task_type):]
         if bucket in self._pooled or len(self._pooled) < self.settings.max_buckets:
             return bucket
         self.folded_buckets += 1
         return OTHER_BUCKET
 
     def snapshot(self) -> dict[str, list[float]]:
-        """Copy of all statistics [n, Σr, Σr²] per key."""
-        return {key: list(values) for key, values in self._stats.items()}
+        """Copy of all statistics [n, Σr, Σr²] per key (and the reopen counts); `~epoch` says which
+        discount epoch they are in."""
+        out = {key: list(values) for key, values in self._stats.items()}
+        if self.discount.enabled:
+            out[EPOCH_KEY] = [float(self._decay_epoch), 0.0, 0.0]
+        return out
 
     # ------------------------------------------------------------- deciding
     def choose(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator) -> Choice:
@@ -382,3 +510,14 @@ class ThompsonGaussianPolicy:
         return _Table(
             epoch=epoch, bucket_version=bucket_version, winners=winners, probs=probs, played=played
         )
+
+
+def _task_part(task_type: str, generation: int) -> str:
+    """The task's part of a bucket: "#" replaced (it marks the generation), `#<generation>` once reopened."""
+    clean = task_type.replace("#", "/")
+    return f"{clean}#{generation}" if generation else clean
+
+
+def _split_task(part: str) -> tuple[str, int]:
+    name, sep, gen = part.rpartition("#")
+    return (name, int(gen)) if sep and gen.isdigit() else (part, 0)

@@ -16,7 +16,7 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -262,6 +262,9 @@ class FeedbackSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class PolicySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Statistics weigh a reward seen one half-life ago by 1/2 (policies.base.Discount); None = never forget.
+    # (None rather than inf: the config crosses to worker processes as JSON, which has no inf.)
+    half_life_s: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
     grid: ArmGridSettings = ArmGridSettings()
     thompson: ThompsonSettings = ThompsonSettings()
     linucb: LinUCBSettings = LinUCBSettings()

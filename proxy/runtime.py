@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import secrets
 import time
 from collections import deque
@@ -27,6 +28,7 @@ from guards.rollout import RolloutController, RolloutEvent, load_state, save_sta
 from guards.slo import SloMonitor
 from guards.state import InProcessStore, StateStore, StoreUnavailable
 from guards.trust_region import ModelLimits
+from policies.base import Adaptive
 from policies.context import build_context
 from policies.records import RequestContext
 from policies.registry import make_policy
@@ -46,7 +48,7 @@ from proxy.learning.listeners import AnswerListener, AnswerValidator, BaselineRe
 from proxy.learning.refresh import TableRefresher
 from proxy.learning.signal_sync import SignalSync, SyncedQualitySignals, SyncedSignalBook
 from proxy.learning.sync import SharedState
-from proxy.learning.ticker import RolloutTicker
+from proxy.learning.ticker import PolicyEpochs, RolloutTicker
 from proxy.observability.alerts import AlertManager
 from proxy.observability.metrics import BoundedLabel, FoldedBuckets, LiveSources, Metrics, watch_loop_lag
 from proxy.observability.tracing import NullTracer, Tracer, make_tracer
@@ -118,7 +120,12 @@ class Runtime:
         self._lag_watch: asyncio.Task[None] | None = None
         self.pruner = RetentionPruner(self.sink, st.retention_days)
 
-        self.policy = make_policy(config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb)
+        self.policy = make_policy(
+            config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb,
+            half_life_s=config.policy.half_life_s or math.inf,
+        )
+        if isinstance(self.policy, Adaptive):
+            self.policy.advance(self.policy.discount.epoch_at(time.time()))
         self.slo = SloMonitor(config.slo)
         self.refresher = TableRefresher.for_policy(self.policy)
         # Replicas on Redis admit from budget leases refilled in the background (guards/lease.py).
@@ -198,7 +205,7 @@ class Runtime:
         )
         self.conservative_listener = ConservativeListener(
             self.conservative, rollout=self.bandit, recorder=self.recorder, metrics=self.metrics, alerts=self.alerts,
-            state_store=self.state_store,
+            state_store=self.state_store, policy=self.policy,
         )
         self.answer_validator = AnswerValidator(self.validators, config.policy.quality, self.signal_book, self.metrics, self.bandit)
         self.answers = AnswerListener(
@@ -212,7 +219,7 @@ class Runtime:
             answers=self.answers,
         )
         self.folded_buckets = FoldedBuckets(self.policy, self.metrics)
-        self.ticker = RolloutTicker(self.bandit, self.sink, each_tick=(self.folded_buckets,))
+        self.ticker = RolloutTicker(self.bandit, self.sink, each_tick=(self.folded_buckets, PolicyEpochs(self.policy)))
         self.live = LiveSources(slo=self.slo, rollout=self.bandit, budget=self.budget, log_store=self.sink, recorder=self.recorder)
         # Embedded default (no Redis): budget, waivers, rollout state and posterior persisted under data_dir.
         self.local_state: LocalState | None = None

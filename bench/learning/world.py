@@ -33,12 +33,13 @@ from typing import Literal
 import numpy as np
 
 from guards.budget import BudgetGuard
+from guards.conservative import ConservativeMonitor, ConservativeSettings
 from guards.rollout import RolloutController
 from guards.settings import BaselineSettings, CawsSettings, ConstraintsSettings, RolloutSettings, SloSettings
 from guards.slo import SloMonitor
 from guards.state import InProcessStore
 from guards.trust_region import ModelLimits
-from policies.base import Policy
+from policies.base import Adaptive, Policy
 from policies.quality import auto_quality
 from policies.records import Outcome, Params, RequestContext
 from policies.settings import ArmGridSettings, QualitySettings, RewardSettings
@@ -202,6 +203,7 @@ class RunLog:
     sent_max_tokens: np.ndarray
     judge_tokens: int = 0
     signals: int = 0
+    changes: list[tuple[int, str]] = field(default_factory=list)  # (request, task) of each change_detected
 
 
 def _ctx(name: str, task: Task, model: str) -> RequestContext:
@@ -221,20 +223,29 @@ def run(
     immediate: bool = False,
     world: World | None = None,
     decider_factory: Callable[[Policy], BanditDecider] | None = None,
+    seconds_per_request: float = 1.0,
+    reopen_on_change: bool = False,
 ) -> RunLog:
     """`n` requests through the real decider; the environment stream depends on `seed` only.
+
+    Request i happens at simulated time i·`seconds_per_request`: a policy with a `[policy]
+    half_life_s` is advanced to that time's discount epoch before deciding, as the runtime's
+    ticker does. `reopen_on_change`: the runtime's conservative monitor runs on the outcomes
+    and a `change_detected` reopens the task (`Adaptive.reopen`), as `Runtime.on_conservative_events` does.
 
     `immediate`: the signal is known when the response completes (feedback posted while it
     streamed, which the proxy applies at completion), so the policy's first update already
     carries it; any `Policy` works then, including the Vowpal Wabbit adapter (no `correct()`).
     """
     return asyncio.run(_run(policy, n=n, seed=seed, source=source, change_at=change_at, judge=judge,
-                            explicit_rate=explicit_rate, immediate=immediate, world=world or World(), decider_factory=decider_factory))  # fmt: skip
+                            explicit_rate=explicit_rate, immediate=immediate, world=world or World(), decider_factory=decider_factory,
+                            seconds_per_request=seconds_per_request, reopen_on_change=reopen_on_change))  # fmt: skip
 
 
 async def _run(
     policy: Policy, *, n: int, seed: int, source: Source, change_at: int | None, judge: JudgeModel | None,
     explicit_rate: float, immediate: bool, world: World, decider_factory: Callable[[Policy], BanditDecider] | None,
+    seconds_per_request: float = 1.0, reopen_on_change: bool = False,
 ) -> RunLog:
     decider = decider_factory(policy) if decider_factory else make_decider(policy, seed=seed)
     names = list(world.tasks)
@@ -260,7 +271,11 @@ async def _run(
         return cache[key]
 
     full = make_decider(policy, tune="always", holdout=0.0)  # the full trust region, for the regret reference
+    adaptive = policy if isinstance(policy, Adaptive) else None
+    monitor = ConservativeMonitor(ConservativeSettings()) if reopen_on_change else None
     for i in range(n):
+        if adaptive is not None and adaptive.discount.enabled:
+            adaptive.advance(adaptive.discount.epoch_at(i * seconds_per_request))
         name = names[task_idx[i]]
         task = world.tasks[name]
         changed = change_at is not None and i >= change_at
@@ -283,6 +298,12 @@ async def _run(
         outcome = Outcome(request_id=decision.request_id, status=200, latency_s=latency, completion_tokens=tokens,
                           finish_reason="length" if cut else "stop", quality=first, reward=reward)  # fmt: skip
         await decider.observe(decision, outcome)
+        if monitor is not None:
+            for event in monitor.on_outcome(decision, outcome, i * seconds_per_request):
+                if event.kind == "change_detected":
+                    log.changes.append((i, event.task_type))
+                    if adaptive is not None:
+                        adaptive.reopen(event.task_type)
         if signal is not None and not immediate and reward is not None:
             # Arrives after completion: replaces the automatic reward through correct(), counted once (proxy/decision/feedback.py).
             new = decider.costs.reward(task_type=name, quality=signal, latency_s=latency, tokens=tokens, settings=reward_settings)

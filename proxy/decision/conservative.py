@@ -15,6 +15,7 @@ import msgspec
 
 from guards.conservative import ConservativeMonitor, MonitorEvent, MonitorState
 from guards.state import StateStore, StoreUnavailable
+from policies.base import Adaptive, Policy
 from policies.records import Decision, Outcome
 from proxy.observability.alerts import Alert, AlertManager
 from proxy.observability.metrics import Metrics, RolloutSource
@@ -34,9 +35,10 @@ def _log_save_failure(task: asyncio.Task[None]) -> None:
 class ConservativeListener:
     def __init__(
         self, monitor: ConservativeMonitor, *, rollout: RolloutSource, recorder: Recorder, metrics: Metrics,
-        alerts: AlertManager, state_store: StateStore,
+        alerts: AlertManager, state_store: StateStore, policy: Policy,
     ) -> None:
         self.monitor = monitor
+        self.policy = policy
         self.rollout = rollout
         self.recorder = recorder
         self.metrics = metrics
@@ -65,12 +67,19 @@ class ConservativeListener:
 
     def on_events(self, events: list[MonitorEvent]) -> None:
         for event in events:
+            reopened: dict[str, bool] = {}
+            if event.kind == "change_detected" and isinstance(self.policy, Adaptive):
+                # The holdout's own quality moved: what the policy learnt for this task describes
+                # the old model. Its statistics start afresh (shared with the other replicas through
+                # the reopen count, policies.base.Adaptive), so exploration resumes from the prior.
+                self.policy.reopen(event.task_type)
+                reopened = {"exploration_reopened": True}
             task = self.metrics.task_label(event.task_type)
             self.recorder.submit(
                 EventRecord(
                     at=event.at, kind=event.kind, from_phase=self.rollout.rollout.state.phase,
                     to_phase="rollback" if event.kind == "rollback" else None,
-                    reason=event.reason, evidence={**event.evidence, "task_type": event.task_type}, actor="conservative",
+                    reason=event.reason, evidence={**event.evidence, **reopened, "task_type": event.task_type}, actor="conservative",
                 )
             )
             if event.kind == "rollback":

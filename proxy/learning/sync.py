@@ -30,6 +30,18 @@ Policy statistics (every `storage.sync_interval_s`, default 1 s)
     `storage.policy_family` names the posterior: bump it to start a fresh shared one
     (e.g. after changing the arm grid or the LinUCB features).
 
+    Discounting (`[policy] half_life_s`, `policies.base.Discount`). Every replica derives the
+    same epoch from its clock and multiplies its statistics and unexported increments by
+    γ per epoch boundary (`Adaptive.advance`). The store's totals are decayed by the same
+    script, once per boundary: the first push that names a later epoch multiplies every
+    field of the policy hash (not the ``~`` bookkeeping fields such as reopen counts) by
+    γ^(epochs passed), records the epoch (``decay:<policy hash>`` in the version hash) and
+    renews the version hash's ``epoch``, so every replica reads all totals again.
+    Increments stamped with an earlier epoch (a retry across a boundary) are scaled by
+    γ^(epochs behind) before they are added, and a replica whose clock lags adopts the
+    store's epoch. Since γ^k·(a + b) = γ^k·a + γ^k·b, the merged totals are those of one
+    process that saw every reward, decayed.
+
 Rollout state (phase, rollback, traffic)
     Stored as the ``rollout:state`` blob (`guards.rollout.save_state`; the runtime saves
     it after every transition). `RedisStore.set` publishes every blob write on
@@ -77,7 +89,7 @@ from typing import Any, Protocol
 import msgspec
 
 from guards.rollout import STATE_KEY, RolloutController, RolloutState
-from policies.base import Policy
+from policies.base import RESERVED_PREFIX, Adaptive, Policy
 from policies.records import Decision, Outcome
 from policies.reward import BaselineCosts
 from proxy.config import StorageSettings
@@ -92,25 +104,54 @@ _decode_record = msgspec.msgpack.Decoder(tuple[Decision, Outcome | None]).decode
 
 # KEYS: seq key, policy hash, costs hash, rollout blob, policy change index, costs change index, version hash.
 # ARGV: seq (0 = nothing to push), seq ttl ms, state ttl ms, since (-1 = read all), epoch seen ('' = none),
-#       epoch for a new version hash, n policy pairs, policy (field, incr)..., costs (field, incr)...
+#       epoch for a new version hash, decay epoch of the replica, decay epoch the pushed increments are in,
+#       γ per decay epoch (1 = no discounting), n policy pairs, policy (field, incr)..., costs (field, incr)...
 # An applied batch bumps the version and records it as the score of every field it touched
 # (ZADD into the change index), so a reader asks for the fields changed after the version it
 # has seen: the read costs what changed, not the size of the state. The version hash also
 # holds a random epoch, set when it is created: if the keys expired or Redis lost them, the
 # epoch differs from the one the reader saw, and it reads everything.
-# Returns {policy (field, total)..., costs (field, total)..., rollout blob or false, applied, version, 1 if full, epoch}.
+# The policy hash is decayed to the replica's decay epoch when it is behind (module docstring).
+# Returns {policy (field, total)..., costs (field, total)..., rollout blob or false, applied, version, 1 if full, epoch,
+#          decay epoch of the totals}.
 _PUSH_AND_READ = """
 redis.call('HSETNX', KEYS[7], 'epoch', ARGV[6])
+local target = tonumber(ARGV[7])
+local stamp = tonumber(ARGV[8])
+local gamma = tonumber(ARGV[9])
+local dfield = 'decay:' .. KEYS[2]
+local de = tonumber(redis.call('HGET', KEYS[7], dfield) or '-1')
+if gamma < 1 then
+  if de < 0 then
+    redis.call('HSET', KEYS[7], dfield, ARGV[7])
+    de = target
+  elseif target > de then
+    local f = gamma ^ (target - de)
+    local all = redis.call('HGETALL', KEYS[2])
+    for j = 1, #all, 2 do
+      if string.sub(all[j], 1, 1) ~= '~' then
+        redis.call('HSET', KEYS[2], all[j], string.format('%.17g', tonumber(all[j + 1]) * f))
+      end
+    end
+    redis.call('HSET', KEYS[7], dfield, ARGV[7])
+    redis.call('HSET', KEYS[7], 'epoch', ARGV[6])
+    de = target
+  end
+end
+local scale = 1
+if gamma < 1 and stamp < de then scale = gamma ^ (de - stamp) end
 local seq = tonumber(ARGV[1])
 local applied = 0
 if seq > 0 then
   local done = tonumber(redis.call('GET', KEYS[1]) or '0')
   if seq > done then
     local ver = redis.call('HINCRBY', KEYS[7], 'v', 1)
-    local np = tonumber(ARGV[7])
-    local i = 8
+    local np = tonumber(ARGV[10])
+    local i = 11
     for _ = 1, np do
-      redis.call('HINCRBYFLOAT', KEYS[2], ARGV[i], ARGV[i + 1])
+      local inc = ARGV[i + 1]
+      if scale ~= 1 and string.sub(ARGV[i], 1, 1) ~= '~' then inc = string.format('%.17g', tonumber(inc) * scale) end
+      redis.call('HINCRBYFLOAT', KEYS[2], ARGV[i], inc)
       redis.call('ZADD', KEYS[5], ver, ARGV[i])
       i = i + 2
     end
@@ -141,7 +182,7 @@ local function read(hash, index)
   end
   return out
 end
-return {read(KEYS[2], KEYS[5]), read(KEYS[3], KEYS[6]), redis.call('GET', KEYS[4]) or false, applied, ver, full, epoch}
+return {read(KEYS[2], KEYS[5]), read(KEYS[3], KEYS[6]), redis.call('GET', KEYS[4]) or false, applied, ver, full, epoch, tostring(de)}
 """
 _DECODE_IN_THREAD = 2_000
 """Replies with more items than this are decoded in a thread (a full read after start or an outage)."""
@@ -270,7 +311,8 @@ class SharedState:
         self._push = self.redis.register_script(_PUSH_AND_READ)
         # increments exported from the policy/costs but not yet acknowledged by Redis
         self._fresh: tuple[Stats, Stats] = ({}, {})
-        self._inflight: tuple[int, Stats, Stats] | None = None
+        self._fresh_epoch = 0  # decay epoch the policy increments in `_fresh` are expressed in
+        self._inflight: tuple[int, Stats, Stats, int] | None = None
         self._seq = 0
         self._decisions: asyncio.Queue[_DecisionRecord] | None = None
         self._max_pending_decisions = max_pending_decisions
@@ -349,26 +391,40 @@ class SharedState:
         """
         if self.store.unsaved:
             await self.store.replay_unsaved()
+        adaptive = self.policy if isinstance(self.policy, Adaptive) and self.policy.discount.enabled else None
+        decay_epoch = adaptive.decay_epoch if adaptive is not None else 0
+        gamma = adaptive.discount.gamma if adaptive is not None else 1.0
         delta_pol, delta_costs = self.policy.export_delta(), self.costs.export_delta()
+        if adaptive is not None and decay_epoch > self._fresh_epoch:
+            # increments exported before a boundary, still waiting: in the epoch of the new ones
+            factor = adaptive.discount.factor(decay_epoch - self._fresh_epoch)
+            for key, values in self._fresh[0].items():
+                if not key.startswith(RESERVED_PREFIX):
+                    values[:] = [v * factor for v in values]
+        self._fresh_epoch = decay_epoch
         add_into(self._fresh[0], delta_pol)
         add_into(self._fresh[1], delta_costs)
         if self._inflight is None and (self._fresh[0] or self._fresh[1]):
             self._seq += 1
-            self._inflight = (self._seq, *self._fresh)
+            self._inflight = (self._seq, *self._fresh, self._fresh_epoch)
             self._fresh = ({}, {})
         if self._inflight is not None:
-            seq, pol, costs = self._inflight
+            seq, pol, costs, stamp = self._inflight
             pol_fields, cost_fields = to_fields(pol), to_fields(costs)
         else:
-            seq, pol_fields, cost_fields = 0, [], []
+            seq, pol_fields, cost_fields, stamp = 0, [], [], decay_epoch
         args: list[Any] = [
-            seq, 86_400_000, self.state_ttl_ms, self._since, self._epoch, uuid.uuid4().hex, len(pol_fields) // 2, *pol_fields, *cost_fields,
+            seq, 86_400_000, self.state_ttl_ms, self._since, self._epoch, uuid.uuid4().hex, decay_epoch, stamp, repr(gamma),
+            len(pol_fields) // 2, *pol_fields, *cost_fields,
         ]
         keys = [self.seq_key, self.policy_key, self.costs_key, self.store.k(STATE_KEY), *self.change_keys, self.version_key]
         async with asyncio.timeout(self.timeout_s * 2):
-            pol_raw, costs_raw, rollout_raw, _applied, version, full, epoch = await self._push(keys=keys, args=args)
+            pol_raw, costs_raw, rollout_raw, _applied, version, full, epoch, store_decay = await self._push(keys=keys, args=args)
         if seq:
             self._inflight = None
+        if adaptive is not None:
+            # the totals are in the store's decay epoch (>= ours unless discounting was just switched on)
+            adaptive.advance(int(float(store_decay)))
         if len(pol_raw) + len(costs_raw) > _DECODE_IN_THREAD:
             pol_totals, cost_totals = await asyncio.to_thread(lambda: (from_hash(pol_raw), from_hash(costs_raw)))
         else:

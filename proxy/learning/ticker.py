@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from policies.base import Adaptive
 from proxy.learning.evidence import compute_ope_evidence
 
 if TYPE_CHECKING:
@@ -65,3 +66,19 @@ class RolloutTicker:
                 self.decider.maybe_tick(now, force=True)
             except Exception:
                 log.exception("rollout tick failed")
+
+
+class PolicyEpochs:
+    """Each tick: discount the statistics once a `[policy] half_life_s` epoch boundary has passed.
+
+    A no-op for a policy without discounting; the epoch is wall-clock time shared by every
+    replica, so their decays line up and merges stay additive (policies.base.Discount)."""
+
+    def __init__(self, policy: object, clock: Callable[[], float] = time.time) -> None:
+        self.policy = policy
+        self.clock = clock
+
+    def __call__(self) -> None:
+        policy = self.policy
+        if isinstance(policy, Adaptive) and policy.discount.enabled:
+            policy.advance(policy.discount.epoch_at(self.clock()))

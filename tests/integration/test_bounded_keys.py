@@ -74,7 +74,7 @@ def test_task_types_and_models_past_the_cap_fold_into_other(capped: RunningTherm
     assert rt.metrics.folded_keys.labels("model")._value.get() == 3  # echo-1 and m1 fit; m2, m3, fixed-9 fold
     assert rt.limits_for("fake", "other:fixed-*").fixed_temperature == 1.0
     keys = {key.split("|")[1] for key in rt.policy.snapshot()}
-    assert keys <= {"echo-1", "m1", "other", "other:fixed-*"}
+    assert keys <= {"echo-1@fake", "m1@fake", "other@fake", "other:fixed-*@fake"}  # statistics per model and upstream
     body = httpx.get(f"{capped.base}/metrics", timeout=5).text
     assert "thermostat_folded_keys_total{kind=\"task_type\"} 3.0" in body, [x for x in body.splitlines() if "folded" in x]
     assert "thermostat_event_loop_lag_seconds_bucket" in body

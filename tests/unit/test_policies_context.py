@@ -16,7 +16,7 @@ from policies.context import (
     context_features,
     context_fingerprint,
     estimate_prompt_tokens,
-    feature_vector,
+    numeric_features,
 )
 from policies.records import Arm
 from policies.settings import ArmGridSettings
@@ -80,8 +80,8 @@ def test_build_context_never_raises(body: dict) -> None:
     ctx = build_context(body, task_type="", endpoint="chat")
     assert ctx.task_type == "default"
     assert ctx.client_temperature is None or isinstance(ctx.client_temperature, float)
-    x = feature_vector(ctx, 10)
-    assert x.shape == (10,) and np.all((x >= 0) & (x <= 1))
+    x = numeric_features(ctx)
+    assert x.shape == (7,) and np.all((x >= 0) & (x <= 1))
 
 
 def test_fingerprint_stable_across_processes() -> None:
@@ -102,15 +102,10 @@ def test_bucket_and_features() -> None:
     ctx = build_context({"model": "m", "stream": True}, task_type="code", endpoint="chat")
     assert context_bucket(ctx) == "code|m|chat|p0|j0|t0"
     assert context_features(ctx)["bucket"] == "code|m|chat|p0|j0|t0"
-    x = feature_vector(ctx, 10)
-    assert x[0] == 1.0 and x[5] == 1.0
-    assert x[7] == 1.0 and x[8:].sum() == 0  # "code" has the first pinned task slot
-    creative = feature_vector(build_context({}, task_type="creative", endpoint="chat"), 10)
-    assert creative[8] == 1.0
-    default = feature_vector(build_context({}, task_type="default", endpoint="chat"), 10)
-    assert default[7:].sum() == 0
-    with pytest.raises(ValueError):
-        feature_vector(ctx, 5)
+    x = numeric_features(ctx)
+    assert x.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # bias, empty prompt, stream
+    on_upstream = build_context({"model": "m"}, task_type="code", endpoint="chat", upstream="azure|eu")
+    assert context_bucket(on_upstream) == "code|m@azure/eu|chat|p0|j0|t0"  # statistics per upstream model
 
 
 def test_candidate_arms_grid() -> None:

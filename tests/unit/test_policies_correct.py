@@ -77,10 +77,22 @@ def test_linucb_correction_into_an_empty_key_does_not_move_theta_by_one_over_lam
         for arm in (BASE, arms[2]):
             policy.update(CTX, BASE, arm, float(0.6 + 0.05 * rng.standard_normal()))
     policy.correct(CTX, BASE, ARM, 0.1, 0.9, logged_version=policy.version)
-    # old code: b = 0.8·x with A = λI -> θ·x = 0.8·|x|²/0.01 ≈ 250 and 98.8 % of the traffic;
-    # now one reward of 0.9 was added: the ridge estimate stays below it
+    # old code: b = 0.8·x with A = λI -> θ·x = 0.8·|x|²/0.01 ≈ 250 and 98.8 % of the traffic.
+    # The joint model's estimate at ARM comes from its neighbours' data, so the swap moves it by
+    # 0.8·φᵀA⁻¹φ only: it stays between what the neighbours earn and the new reward.
     mean, _ = policy.scores(CTX, arms)
-    assert 0.85 < mean[1] <= 0.9
+    assert 0.6 < mean[1] <= 0.9
+
+
+def test_linucb_correction_where_the_reward_cannot_be_is_an_update() -> None:
+    """A model with data elsewhere only: φᵀA⁻¹φ at a far arm exceeds what G ⪰ φφᵀ allows, so the
+    correction is added once as a reward (n ≥ 1 for the joint model), never swapped in."""
+    policy = LinUCBPolicy()
+    far = Arm(1.9, 4000, "high")
+    for _ in range(3):
+        policy.update(CTX, BASE, BASE, 0.6)
+    assert policy.correct(CTX, BASE, far, 0.1, 0.9, logged_version=policy.version) == "updated"
+    assert policy.correct(CTX, BASE, far, 0.9, 0.5, logged_version=policy.version) == "corrected"
 
 
 @pytest.mark.parametrize("name", ["thompson_gaussian", "linucb"])
