@@ -109,7 +109,8 @@ def one_seed(kind: str, rows: int, floor: float, seed: int, n_bootstrap: int) ->
     out: dict[str, tuple[float, float, float]] = {}
     for label, est in (("IPS", cf.ips), ("SNIPS", cf.snips), ("DR (cross-fit)", cf.dr), ("DM (cross-fit)", cf.dm), ("DR (in-sample model)", ins.dr)):
         assert est is not None
-        out[f"{label}|bootstrap"] = (est.ci_low, est.ci_high, est.value)
+        out[f"{label}|studentised bootstrap"] = (est.ci_low, est.ci_high, est.value)
+        out[f"{label}|percentile bootstrap (old)"] = (est.percentile_low, est.percentile_high, est.value)
         out[f"{label}|Bernstein, known range"] = (est.eb_low, est.eb_high, est.value)
     # the old interval: Bernstein with the sample range of the terms (IPS and DR only)
     w = pi / mu

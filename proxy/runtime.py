@@ -27,6 +27,7 @@ from guards.trust_region import ModelLimits
 from policies.context import build_context
 from policies.records import Decision, Outcome, RequestContext
 from policies.registry import make_policy
+from policies.reward import reward_bounds
 from policies.signals import Signal
 from policies.validators import SchemaValidators, validated_quality
 from proxy.config import Config
@@ -220,6 +221,7 @@ class Runtime:
             enabled=opt.enabled,
             traffic_percentage=opt.traffic_percentage,
             state=state,  # type: ignore[arg-type]
+            reward_range=reward_bounds(self.config.policy.reward),
         )
 
     async def start(self) -> None:
@@ -415,6 +417,7 @@ class Runtime:
 
     def on_conservative_outcome(self, decision: Any, outcome: Any) -> None:
         """Completion listener after the decider's: optimised vs holdout per task type, events recorded, counted, alerted."""
+        self.rollout.observe_reward(decision.mode, outcome.reward)  # promotion's optimised-vs-holdout comparison
         events = self.conservative.on_outcome(decision, outcome, time.time())
         if events:
             self.on_conservative_events(events)

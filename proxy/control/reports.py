@@ -32,6 +32,7 @@ from policies.context import context_bucket
 from policies.effort import EFFORT_LEVELS
 from policies.effort import rank as effort_rank
 from policies.records import Arm, Params
+from policies.reward import reward_bounds
 from policies.settings import RewardSettings
 from proxy.control.schemas import (
     ArmPosterior,
@@ -684,8 +685,8 @@ def tuned_vs_holdout(rows: Iterable[DecisionRow], reward_low: float, reward_high
 
 
 def reward_range(settings: RewardSettings) -> tuple[float, float]:
-    """The bounds `policies.reward.compute_reward` can produce: quality term minus the two capped cost ratios."""
-    return -(settings.w_latency + settings.w_tokens) * settings.max_ratio, settings.w_quality
+    """The bounds `policies.reward.compute_reward` can produce (`policies.reward.reward_bounds`)."""
+    return reward_bounds(settings)
 
 
 def holdout_reward_series(rows: list[DecisionRow], since: float, until: float, bins: int) -> list[RewardPoint]:

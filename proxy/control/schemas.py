@@ -175,6 +175,19 @@ class OpeEvidenceOut(msgspec.Struct):
     reason: str = ""  # why there is no bound yet
 
 
+class PromotionEvidenceOut(msgspec.Struct):
+    """Optimised vs holdout mean reward in this phase, anytime-valid (guards/rollout.py): what promotion decides on."""
+
+    optimised_n: int
+    holdout_n: int
+    optimised_mean: float | None
+    holdout_mean: float | None
+    difference_lower: float  # promote only when > 0
+    difference_upper: float
+    alpha: float
+    since: float
+
+
 class PromotionCriterion(msgspec.Struct):
     name: str
     required: str
@@ -202,9 +215,10 @@ class RolloutStatus(msgspec.Struct):
     promotion_ready: bool
     blockers: list[str]
     criteria: list[PromotionCriterion]
-    ope: OpeEvidenceOut
+    ope: OpeEvidenceOut  # off-policy evidence, reported only (a fixed-sample bound; promotion does not use it)
     rollback: RollbackStatus
     events: list[RolloutEventOut]
+    promotion: PromotionEvidenceOut | None = None  # the anytime-valid comparison promotion decides on
 
 
 # --------------------------------------------------------------------------- convergence / evolution
