@@ -7,9 +7,11 @@ fixed means.  Each seed logs `--rows` decisions with either
     learning as it logs (adaptive logging, as in production),
 then evaluates one fixed stochastic target policy (70 % on a good arm, the rest spread)
 with every estimator (IPS, SNIPS, DR and DM with a cross-fitted tabular model, and DR with
-a model fit on the rows it scores, as the proxy did) and every interval (percentile
-bootstrap; empirical Bernstein with the known range; for contrast the old sample-range
-Bernstein).  Coverage = share of seeds whose interval contains the true target value.
+a model fit on the rows it scores, as the proxy did) and every interval (studentised
+bootstrap, what `policies.ope` reports; empirical Bernstein with the known range; for
+contrast the old percentile bootstrap and the old sample-range Bernstein).  Coverage =
+share of seeds whose interval contains the true target value, with its Wilson interval
+(how far Monte Carlo noise alone moves it at this many seeds).
 
 Confidence sequences.  `bounds_path` on Bernoulli and uniform streams: the share of runs
 whose sequence contains the mean at *every* step (time-uniform coverage), and the false
@@ -120,13 +122,20 @@ def one_seed(kind: str, rows: int, floor: float, seed: int, n_bootstrap: int) ->
     return out
 
 
+def wilson(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a coverage share p over n seeds: how far Monte Carlo noise alone moves it."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)
+
+
 def ope_table(seeds: int, rows: int, floor: float, n_bootstrap: int) -> tuple[list[str], list[str]]:
     truth = float(np.mean(np.sum(target_policy() * MEANS, axis=1)))
     lines = [
         f"True target value {truth:.4f}; {seeds} seeds x {rows} logged rows; nominal level 95 %.",
         "",
-        "| logging | estimator | interval | claims 95 % | coverage | mean width | mean error |",
-        "|---|---|---|---|---|---|---|",
+        "| logging | estimator | interval | claims 95 % | coverage | Monte Carlo 95 % interval of the coverage | mean width | mean error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     short: list[str] = []
     for kind in ("uniform", "thompson"):
@@ -142,7 +151,10 @@ def ope_table(seeds: int, rows: int, floor: float, n_bootstrap: int) -> tuple[li
             width = float(np.mean(arr[:, 1] - arr[:, 0]))
             error = float(np.mean(arr[:, 2] - truth))
             claims = "no" if estimator.startswith("DM") or "(old)" in method or "in-sample" in estimator else "yes"
-            lines.append(f"| {logging_label} | {estimator} | {method} | {claims} | {covered:.1%} | {width:.3f} | {error:+.4f} |")
+            mc_low, mc_high = wilson(covered, seeds)
+            lines.append(
+                f"| {logging_label} | {estimator} | {method} | {claims} | {covered:.1%} | {mc_low:.1%} to {mc_high:.1%} | {width:.3f} | {error:+.4f} |"
+            )
             if claims == "yes" and covered < 0.93:
                 short.append(f"{logging_label} / {estimator} / {method}: {covered:.1%}")
     return lines, short
