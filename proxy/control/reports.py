@@ -204,8 +204,16 @@ def metrics_report(rows: list[DecisionRow], since: float, until: float, truncate
     return MetricsReport(since=since, until=until, rows=len(rows), truncated=truncated, arms=arms)
 
 
-def performance_report(rows: list[DecisionRow], since: float, until: float, truncated: bool) -> PerformanceReport:
-    """Per task type: optimised vs baseline-served traffic and the difference of mean rewards."""
+def performance_report(rows: list[DecisionRow], since: float, until: float, truncated: bool,
+                       reward_bounds: tuple[float, float] | None = None) -> PerformanceReport:
+    """Per task type: optimised vs baseline-served traffic and the difference of mean rewards.
+
+    With `reward_bounds` each task also carries `versus_holdout`: optimised against the
+    randomised holdout only, with the anytime-valid intervals and verdict of
+    `tuned_vs_holdout` (the Welch `improvement` is a fixed-sample interval over every
+    baseline-served row, shown beside it).
+    """
+    versus = {c.task_type: c for c in tuned_vs_holdout(rows, *reward_bounds)} if reward_bounds is not None else {}
     by_task: dict[str, dict[str, list[DecisionRow]]] = defaultdict(lambda: {"optimized": [], "baseline": []})
     for r in rows:
         by_task[r.task_type][traffic_of(r.mode)].append(r)
@@ -221,7 +229,8 @@ def performance_report(rows: list[DecisionRow], since: float, until: float, trun
             same = len(served) == len(base_rewards)  # the reference is all of it (no shadow/off/rollback rows beside the holdout)
             bas = msgspec.structs.replace(bas, improvement_over_baseline=_self_difference(len(served)) if same else diff_interval(served, base_rewards))
         opt_rewards = [r.effective_reward for r in groups["optimized"] if r.effective_reward is not None and math.isfinite(r.effective_reward)]
-        tasks.append(TaskPerformance(task_type=task, optimized=opt, baseline=bas, improvement=diff_interval(opt_rewards, base_rewards)))
+        tasks.append(TaskPerformance(task_type=task, optimized=opt, baseline=bas, improvement=diff_interval(opt_rewards, base_rewards),
+                                     versus_holdout=versus.get(task)))
     return PerformanceReport(since=since, until=until, rows=len(rows), truncated=truncated, tasks=tasks)
 
 

@@ -108,6 +108,7 @@ class TaskPerformance(msgspec.Struct):
     optimized: ArmStats | None
     baseline: ArmStats | None
     improvement: Interval | None  # optimized minus baseline mean reward (Welch interval)
+    versus_holdout: TaskComparison | None = None  # optimised vs the randomised holdout, anytime-valid intervals and verdict
 
 
 class MetricsReport(msgspec.Struct):
