@@ -12,8 +12,11 @@ Estimators, with w_i = π_i / μ_i:
   DM     mean(v̂)                      as good as the reward model
   DR     mean(v̂ + w·(r − q̂))          unbiased if either μ or q̂ is right
 
-Every estimate carries two intervals: a percentile bootstrap (seeded Generator,
-vectorised resampling) and an empirical-Bernstein bound (Maurer & Pontil 2009, Thm 4)
+Every estimate carries two intervals: a studentised (bootstrap-t) interval (seeded
+Generator, vectorised resampling; `studentised_interval`: each resample's statistic is
+divided by its own delta-method standard error, which makes the pivot second-order
+accurate where the plain percentile interval, kept as `percentile_low/high` for
+comparison, inherits the statistic's skew) and an empirical-Bernstein bound (Maurer & Pontil 2009, Thm 4)
 on the per-sample terms, |mean − E| ≤ sqrt(2·V·ln(4/δ)/n) + 7·R·ln(4/δ)/(3(n−1)),
 where V is the sample variance and R the range the terms *can* take.  R must be known
 in advance for the bound to hold: the sample range (max − min) misses exactly the rare
@@ -38,8 +41,11 @@ never played (μ = 0), or played below the floor, is not identified by the log.
 instead of printing a number.
 
 `improvement_lower_bound` compares a target with the baseline policy on the same log
-(paired resampling, so shared noise cancels); the rollout guard promotes only when its
-`lower` (the more conservative of the two bounds) is ≥ 0.
+(paired resampling, so shared noise cancels; studentised by the linearised difference).
+The rollout guard reports it beside its promotion evidence but no longer promotes on it:
+a fixed-sample bound re-checked every tick is not anytime-valid (guards/rollout.py).
+
+Coverage over 500 seeds, uniform and Thompson logging: bench/results/ope_coverage.md.
 """
 
 from __future__ import annotations
