@@ -129,7 +129,7 @@ def wilson(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
     return float(centre - half), float(centre + half)
 
 
-def ope_table(seeds: int, rows: int, floor: float, n_bootstrap: int) -> tuple[list[str], list[str]]:
+def ope_table(seeds: int, rows: int, floor: float, n_bootstrap: int, kinds: tuple[str, ...] = ("uniform", "thompson")) -> tuple[list[str], list[str]]:
     truth = float(np.mean(np.sum(target_policy() * MEANS, axis=1)))
     lines = [
         f"True target value {truth:.4f}; {seeds} seeds x {rows} logged rows; nominal level 95 %.",
@@ -138,7 +138,7 @@ def ope_table(seeds: int, rows: int, floor: float, n_bootstrap: int) -> tuple[li
         "|---|---|---|---|---|---|---|---|",
     ]
     short: list[str] = []
-    for kind in ("uniform", "thompson"):
+    for kind in kinds:
         results: dict[str, list[tuple[float, float, float]]] = {}
         for seed in range(seeds):
             for name, value in one_seed(kind, rows, floor, seed, n_bootstrap).items():
@@ -216,20 +216,25 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument("--cs-runs", type=int, default=500)
     parser.add_argument("--cs-length", type=int, default=5000)
+    parser.add_argument("--logging", choices=("both", "uniform", "thompson"), default="both",
+                        help="which logging policies to run (uniform alone is fast: more seeds in the same time)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "ope_coverage.md")
     args = parser.parse_args()
     if args.seeds < 50:
         parser.error("--seeds must be >= 50 (coverage needs it)")
     started = time.perf_counter()
-    ope_lines, short = ope_table(args.seeds, args.rows, args.floor, args.bootstrap)
-    cs_lines = cs_table(args.cs_runs, args.cs_length)
+    kinds = ("uniform", "thompson") if args.logging == "both" else (args.logging,)
+    ope_lines, short = ope_table(args.seeds, args.rows, args.floor, args.bootstrap, kinds)
+    cs_lines = cs_table(args.cs_runs, args.cs_length) if args.cs_runs > 0 else ["(not run: --cs-runs 0)"]
     elapsed = time.perf_counter() - started
     text = "\n".join(
         [
             "# OPE interval coverage and confidence sequences",
             "",
             f"`.venv/bin/python bench/ope_coverage.py --seeds {args.seeds} --rows {args.rows} --floor {args.floor:g} "
-            f"--bootstrap {args.bootstrap} --cs-runs {args.cs_runs} --cs-length {args.cs_length}` "
+            f"--bootstrap {args.bootstrap} --cs-runs {args.cs_runs} --cs-length {args.cs_length}"
+            + (f" --logging {args.logging}" if args.logging != "both" else "")
+            + (f" --out bench/results/{args.out.name}" if args.out.name != "ope_coverage.md" else "") + "` "
             f"({elapsed:.0f} s, Python {platform.python_version()}, numpy {np.__version__}).",
             "",
             "## Off-policy evaluation",

@@ -439,7 +439,7 @@ def _est(e: ope.Estimate | None) -> EstimateOut | None:
     if e is None:
         return None
     return EstimateOut(
-        estimator=e.estimator, value=e.value, ci_low=e.ci_low, ci_high=e.ci_high, eb_low=finite(e.eb_low),
+        estimator=e.estimator, value=e.value, ci_low=finite(e.ci_low), ci_high=finite(e.ci_high), eb_low=finite(e.eb_low),
         eb_high=finite(e.eb_high), std_error=finite(e.std_error), n=e.n, ess=e.ess,
     )
 
@@ -460,7 +460,9 @@ def _statement(report: OpeOut) -> str:
         return f"no estimate: {report.reason}"
     snips = report.target.snips
     imp = next((i for i in report.improvement if i.estimator == "snips"), None)
-    text = (f"the current policy is worth {snips.value:.3f} mean reward (95 % interval [{snips.ci_low:.3f}, {snips.ci_high:.3f}]) "
+    low = f"{snips.ci_low:.3f}" if snips.ci_low is not None else "−∞"
+    high = f"{snips.ci_high:.3f}" if snips.ci_high is not None else "+∞"
+    text = (f"the current policy is worth {snips.value:.3f} mean reward (95 % studentised bootstrap interval [{low}, {high}]) "
             f"on {report.rows:,} logged requests")
     if imp is not None:
         lower = f"{imp.lower:+.3f}" if imp.lower is not None else "unknown"

@@ -484,8 +484,8 @@ class RecordOutcomeResult(msgspec.Struct):
 class EstimateOut(msgspec.Struct):
     estimator: str
     value: float
-    ci_low: float
-    ci_high: float
+    ci_low: float | None  # studentised bootstrap; null: that side is unbounded (a resample pinned the value, or tiny ESS)
+    ci_high: float | None
     eb_low: float | None
     eb_high: float | None
     std_error: float | None
