@@ -47,7 +47,9 @@ needs no model and no reweighting.  The comparison restarts whenever the phase (
 (promotion, `set_phase`, resume): each promotion is judged on its own phase's traffic.
 It lives in the controller, not in the persisted state: a restarted or replica process
 starts a fresh sequence (valid, only slower), and every process promotes on its own
-traffic, so with k replicas checking independently the bound is k·α.
+traffic, so with k replicas checking independently the bound is k·α.  The caller feeds
+neither stream for a task type the conservative monitor rolled back (guards/conservative.py),
+so both streams keep the same task mix.
 
 Without holdout traffic (``optimization.holdout_fraction = 0``) there is no on-policy
 baseline and automatic promotion from canary on is blocked (promote by hand).  The

@@ -417,7 +417,10 @@ class Runtime:
 
     def on_conservative_outcome(self, decision: Any, outcome: Any) -> None:
         """Completion listener after the decider's: optimised vs holdout per task type, events recorded, counted, alerted."""
-        self.rollout.observe_reward(decision.mode, outcome.reward)  # promotion's optimised-vs-holdout comparison
+        # Promotion's optimised-vs-holdout comparison. A task type the monitor rolled back has no optimised
+        # traffic left; its holdout rewards stay out too, so both streams keep the same task mix.
+        if not self.conservative.is_rolled_back(decision.context.task_type):
+            self.rollout.observe_reward(decision.mode, outcome.reward)
         events = self.conservative.on_outcome(decision, outcome, time.time())
         if events:
             self.on_conservative_events(events)
