@@ -7,9 +7,11 @@ fixed means.  Each seed logs `--rows` decisions with either
     learning as it logs (adaptive logging, as in production),
 then evaluates one fixed stochastic target policy (70 % on a good arm, the rest spread)
 with every estimator (IPS, SNIPS, DR and DM with a cross-fitted tabular model, and DR with
-a model fit on the rows it scores, as the proxy did) and every interval (percentile
-bootstrap; empirical Bernstein with the known range; for contrast the old sample-range
-Bernstein).  Coverage = share of seeds whose interval contains the true target value.
+a model fit on the rows it scores, as the proxy did) and every interval (studentised
+bootstrap, what `policies.ope` reports; empirical Bernstein with the known range; for
+contrast the old percentile bootstrap and the old sample-range Bernstein).  Coverage =
+share of seeds whose interval contains the true target value, with its Wilson interval
+(how far Monte Carlo noise alone moves it at this many seeds).
 
 Confidence sequences.  `bounds_path` on Bernoulli and uniform streams: the share of runs
 whose sequence contains the mean at *every* step (time-uniform coverage), and the false
@@ -109,7 +111,8 @@ def one_seed(kind: str, rows: int, floor: float, seed: int, n_bootstrap: int) ->
     out: dict[str, tuple[float, float, float]] = {}
     for label, est in (("IPS", cf.ips), ("SNIPS", cf.snips), ("DR (cross-fit)", cf.dr), ("DM (cross-fit)", cf.dm), ("DR (in-sample model)", ins.dr)):
         assert est is not None
-        out[f"{label}|bootstrap"] = (est.ci_low, est.ci_high, est.value)
+        out[f"{label}|studentised bootstrap"] = (est.ci_low, est.ci_high, est.value)
+        out[f"{label}|percentile bootstrap (old)"] = (est.percentile_low, est.percentile_high, est.value)
         out[f"{label}|Bernstein, known range"] = (est.eb_low, est.eb_high, est.value)
     # the old interval: Bernstein with the sample range of the terms (IPS and DR only)
     w = pi / mu
@@ -119,16 +122,23 @@ def one_seed(kind: str, rows: int, floor: float, seed: int, n_bootstrap: int) ->
     return out
 
 
-def ope_table(seeds: int, rows: int, floor: float, n_bootstrap: int) -> tuple[list[str], list[str]]:
+def wilson(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a coverage share p over n seeds: how far Monte Carlo noise alone moves it."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)
+
+
+def ope_table(seeds: int, rows: int, floor: float, n_bootstrap: int, kinds: tuple[str, ...] = ("uniform", "thompson")) -> tuple[list[str], list[str]]:
     truth = float(np.mean(np.sum(target_policy() * MEANS, axis=1)))
     lines = [
         f"True target value {truth:.4f}; {seeds} seeds x {rows} logged rows; nominal level 95 %.",
         "",
-        "| logging | estimator | interval | claims 95 % | coverage | mean width | mean error |",
-        "|---|---|---|---|---|---|---|",
+        "| logging | estimator | interval | claims 95 % | coverage | Monte Carlo 95 % interval of the coverage | mean width | mean error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     short: list[str] = []
-    for kind in ("uniform", "thompson"):
+    for kind in kinds:
         results: dict[str, list[tuple[float, float, float]]] = {}
         for seed in range(seeds):
             for name, value in one_seed(kind, rows, floor, seed, n_bootstrap).items():
@@ -141,7 +151,10 @@ def ope_table(seeds: int, rows: int, floor: float, n_bootstrap: int) -> tuple[li
             width = float(np.mean(arr[:, 1] - arr[:, 0]))
             error = float(np.mean(arr[:, 2] - truth))
             claims = "no" if estimator.startswith("DM") or "(old)" in method or "in-sample" in estimator else "yes"
-            lines.append(f"| {logging_label} | {estimator} | {method} | {claims} | {covered:.1%} | {width:.3f} | {error:+.4f} |")
+            mc_low, mc_high = wilson(covered, seeds)
+            lines.append(
+                f"| {logging_label} | {estimator} | {method} | {claims} | {covered:.1%} | {mc_low:.1%} to {mc_high:.1%} | {width:.3f} | {error:+.4f} |"
+            )
             if claims == "yes" and covered < 0.93:
                 short.append(f"{logging_label} / {estimator} / {method}: {covered:.1%}")
     return lines, short
@@ -203,20 +216,25 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument("--cs-runs", type=int, default=500)
     parser.add_argument("--cs-length", type=int, default=5000)
+    parser.add_argument("--logging", choices=("both", "uniform", "thompson"), default="both",
+                        help="which logging policies to run (uniform alone is fast: more seeds in the same time)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "ope_coverage.md")
     args = parser.parse_args()
     if args.seeds < 50:
         parser.error("--seeds must be >= 50 (coverage needs it)")
     started = time.perf_counter()
-    ope_lines, short = ope_table(args.seeds, args.rows, args.floor, args.bootstrap)
-    cs_lines = cs_table(args.cs_runs, args.cs_length)
+    kinds = ("uniform", "thompson") if args.logging == "both" else (args.logging,)
+    ope_lines, short = ope_table(args.seeds, args.rows, args.floor, args.bootstrap, kinds)
+    cs_lines = cs_table(args.cs_runs, args.cs_length) if args.cs_runs > 0 else ["(not run: --cs-runs 0)"]
     elapsed = time.perf_counter() - started
     text = "\n".join(
         [
             "# OPE interval coverage and confidence sequences",
             "",
             f"`.venv/bin/python bench/ope_coverage.py --seeds {args.seeds} --rows {args.rows} --floor {args.floor:g} "
-            f"--bootstrap {args.bootstrap} --cs-runs {args.cs_runs} --cs-length {args.cs_length}` "
+            f"--bootstrap {args.bootstrap} --cs-runs {args.cs_runs} --cs-length {args.cs_length}"
+            + (f" --logging {args.logging}" if args.logging != "both" else "")
+            + (f" --out bench/results/{args.out.name}" if args.out.name != "ope_coverage.md" else "") + "` "
             f"({elapsed:.0f} s, Python {platform.python_version()}, numpy {np.__version__}).",
             "",
             "## Off-policy evaluation",

@@ -27,9 +27,35 @@ Rollback (everything gets baseline parameters) has three triggers:
 
 Automatic promotion (``rollout.auto_promote``) happens in `tick` once the phase
 has lasted its minimum (``rollout.*_duration_hours``), no SLO breach was seen
-since the phase started, and, from canary on, the caller's OPE evidence shows an
-improvement lower bound ``>= 0`` on ``>= rollout.min_samples_for_promotion``
-samples. ``general`` is final. `set_phase` changes phases by hand.
+since the phase started, and, from canary on, optimised traffic is *surely* better
+than the always-on holdout: the anytime-valid lower bound of mean reward(optimised)
+− mean reward(holdout), over this phase's requests, is > 0, with at least
+``rollout.min_samples_for_promotion`` optimised rewards. ``general`` is final.
+`set_phase` changes phases by hand.
+
+Why anytime-valid.  `tick` checks promotion every second.  The old criterion, a
+fixed-sample 95 % bootstrap bound of the OPE improvement, re-checked at every tick,
+promotes a policy with no real improvement far more often than 5 % of the time: each
+look is another chance for noise to cross 0 (bench/results/ope_coverage.md: 54 % false
+alarms for a naive interval re-checked at every step).  The promotion evidence is
+instead `policies.sequences.Comparison` (PrPl-EB confidence sequences at α/2 per stream,
+α = `PROMOTION_ALPHA`), which holds at every look at once: under no true improvement
+the chance that a phase is *ever* promoted on this criterion is ≤ α, however often it
+is checked (tests/unit/test_guards_rollout.py simulates it).  Holdout requests are the
+on-policy baseline (random assignment keys served the baseline), so the comparison
+needs no model and no reweighting.  The comparison restarts whenever the phase (re)starts
+(promotion, `set_phase`, resume): each promotion is judged on its own phase's traffic.
+It lives in the controller, not in the persisted state: a restarted or replica process
+starts a fresh sequence (valid, only slower), and every process promotes on its own
+traffic, so with k replicas checking independently the bound is k·α.  The caller feeds
+neither stream for a task type the conservative monitor rolled back (guards/conservative.py),
+so both streams keep the same task mix.
+
+Without holdout traffic (``optimization.holdout_fraction = 0``) there is no on-policy
+baseline and automatic promotion from canary on is blocked (promote by hand).  The
+caller's off-policy evidence (`OpeEvidence`, SNIPS improvement bound over the decision
+log) is still reported by `promotion_check`, in the promote event and in
+``/rollout-status``, but it no longer decides: it is a fixed-sample bound.
 
 Every transition appends a `RolloutEvent` (time, from, to, reason, evidence) to
 the state and is returned to the caller (for the audit log, alerts, metrics).
@@ -44,6 +70,7 @@ API::
                                        state=await load_state(store))
     eff = rollout.effective(now)      # (optimizing_allowed, fraction, phase, rollback)
     optimised = eff.optimizing_allowed and assign(stable_key, eff.fraction)
+    rollout.observe_reward(mode, reward)  # each completed request's reward (optimised vs holdout, for promotion)
     events = rollout.tick(now, ope)   # after each outcome and every few seconds; may roll back/resume/promote
     rollout.rollback(now, reason=..., actor=...) / rollout.resume(now, reason=..., actor=...)
     rollout.set_phase("canary", now, reason=..., actor=..., traffic=None) / rollout.set_enabled(False, now, ...)
@@ -52,6 +79,7 @@ API::
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, Literal, NamedTuple
 
 import msgspec
@@ -59,12 +87,18 @@ import msgspec
 from guards.settings import MODE_TRAFFIC, MODES, RolloutSettings, SloSettings
 from guards.slo import SloMonitor
 from guards.state import StateStore
+from policies import sequences
+from policies.sequences import Comparison
 
 Phase = Literal["shadow", "canary", "guarded", "general"]
 Trigger = Literal["slo", "manual", "disabled"]
 EventKind = Literal["rollback", "resume", "promote", "set_phase", "disable", "enable", "breach"]
 
 STATE_KEY = "rollout:state"
+PROMOTION_ALPHA = 0.05
+"""Total error of the promotion comparison (α/2 per stream): P(ever promoted without a true improvement) ≤ this."""
+OPTIMISED_MODES = frozenset({"optimized", "guard_fallback"})
+HOLDOUT_MODE = "holdout"
 MAX_EVENTS = 200  # kept in the state blob; the audit log holds the full history
 _TWO_64 = float(2**64)
 
@@ -135,6 +169,53 @@ class OpeEvidence(msgspec.Struct, frozen=True):
     estimator: str = ""
 
 
+class PromotionEvidence(msgspec.Struct, frozen=True):
+    """Optimised vs holdout reward since the phase started, anytime-valid at 1 − alpha."""
+
+    optimised_n: int
+    holdout_n: int
+    optimised_mean: float | None
+    holdout_mean: float | None
+    difference_lower: float  # L_opt − U_hold: promote only when > 0
+    difference_upper: float  # U_opt − L_hold
+    alpha: float
+    since: float  # the phase start the comparison belongs to
+
+
+def promotion_evidence(c: Comparison, since: float) -> PromotionEvidence:
+    """The comparison's difference bounds and sample sizes (pure; `policies.sequences.difference_bounds`)."""
+    low, high = sequences.difference_bounds(c)
+
+    def mean(s: sequences.MeanSequence) -> float | None:
+        return s.low + (s.high - s.low) * s.sum_x / s.n if s.n else None
+
+    return PromotionEvidence(
+        optimised_n=c.optimised.n,
+        holdout_n=c.holdout.n,
+        optimised_mean=mean(c.optimised),
+        holdout_mean=mean(c.holdout),
+        difference_lower=low,
+        difference_upper=high,
+        alpha=c.optimised.alpha + c.holdout.alpha,
+        since=since,
+    )
+
+
+def promotion_blockers(e: PromotionEvidence, min_samples: int) -> list[str]:
+    """What keeps this evidence from promoting: too few optimised rewards, no holdout, or no sure improvement."""
+    blockers: list[str] = []
+    if e.holdout_n == 0:
+        blockers.append("no holdout rewards in this phase (optimization.holdout_fraction = 0 disables automatic promotion)")
+    if e.optimised_n < min_samples:
+        blockers.append(f"optimised rewards {e.optimised_n} < {min_samples}")
+    if e.holdout_n and not e.difference_lower > 0.0:
+        blockers.append(
+            f"not surely better than holdout: anytime-valid {1 - e.alpha:.0%} lower bound of the reward difference "
+            f"{e.difference_lower:.4g} <= 0"
+        )
+    return blockers
+
+
 class Effective(NamedTuple):
     optimizing_allowed: bool  # False: send baseline (shadow, rollback, disabled, 0 %)
     fraction: float  # share of keys to optimise (use with `assign`)
@@ -150,11 +231,22 @@ class PromotionCheck(NamedTuple):
 class RolloutController:
     """Holds a `RolloutState` and applies the rules in the module docstring."""
 
-    def __init__(self, settings: RolloutSettings, slo_settings: SloSettings, monitor: SloMonitor, state: RolloutState) -> None:
+    def __init__(
+        self,
+        settings: RolloutSettings,
+        slo_settings: SloSettings,
+        monitor: SloMonitor,
+        state: RolloutState,
+        reward_range: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
         self.settings = settings
         self.slo_settings = slo_settings
         self.monitor = monitor
         self.state = state
+        self.reward_range = reward_range
+        sequences.new_comparison(PROMOTION_ALPHA, *reward_range)  # validates the range
+        self._comparison: Comparison | None = None
+        self._comparison_since: float | None = None
 
     @classmethod
     def create(
@@ -168,6 +260,7 @@ class RolloutController:
         enabled: bool = True,
         traffic_percentage: float | None = None,
         state: RolloutState | None = None,
+        reward_range: tuple[float, float] = (0.0, 1.0),
     ) -> RolloutController:
         """Start fresh at `phase`, or continue a stored `state`.
 
@@ -186,9 +279,9 @@ class RolloutController:
                 configured_phase=phase,
                 configured_traffic=traffic_percentage,
             )
-            controller = cls(settings, slo_settings, monitor, state)
+            controller = cls(settings, slo_settings, monitor, state, reward_range)
         else:
-            controller = cls(settings, slo_settings, monitor, state)
+            controller = cls(settings, slo_settings, monitor, state, reward_range)
             if state.configured_phase != phase or state.configured_traffic != traffic_percentage:
                 if state.configured_phase is not None and state.configured_traffic is not None:
                     state.traffic = {k: v for k, v in state.traffic.items() if k != state.configured_phase}
@@ -226,8 +319,37 @@ class RolloutController:
         fraction = self.fraction(self.state.phase)
         return Effective(fraction > 0.0, fraction, self.state.phase, None)
 
-    def promotion_check(self, now: float, ope: OpeEvidence | None) -> PromotionCheck:
-        """Whether the current phase may be promoted at `now`, and what blocks it."""
+    def comparison(self) -> Comparison:
+        """This phase's optimised-vs-holdout reward comparison (a fresh one once the phase restarted)."""
+        if self._comparison is None or self._comparison_since != self.state.phase_started_at:
+            self._comparison = sequences.new_comparison(PROMOTION_ALPHA, *self.reward_range)
+            self._comparison_since = self.state.phase_started_at
+        return self._comparison
+
+    def observe_reward(self, mode: str, reward: float | None) -> None:
+        """Fold one completed request's reward into the promotion comparison (other modes and None: ignored).
+
+        O(1) (a few running sums).  Rewards are clipped to `reward_range`, the bounds the
+        reward formula can produce, so a stray value cannot break the sequence.
+        """
+        if reward is None or not math.isfinite(reward):
+            return
+        optimised = mode in OPTIMISED_MODES
+        if not optimised and mode != HOLDOUT_MODE:
+            return
+        low, high = self.reward_range
+        r = min(high, max(low, reward))
+        c = self.comparison()
+        self._comparison = sequences.observe_optimised(c, r) if optimised else sequences.observe_holdout(c, r)
+
+    def promotion_evidence(self) -> PromotionEvidence:
+        return promotion_evidence(self.comparison(), self.state.phase_started_at)
+
+    def promotion_check(self, now: float, ope: OpeEvidence | None = None) -> PromotionCheck:
+        """Whether the current phase may be promoted at `now`, and what blocks it.
+
+        `ope` is reported by the caller only; the decision uses the anytime-valid comparison (module docstring).
+        """
         s = self.settings
         st = self.state
         blockers: list[str] = []
@@ -242,13 +364,7 @@ class RolloutController:
         if st.last_breach_at is not None and st.last_breach_at >= st.phase_started_at:
             blockers.append("SLO breached during this phase")
         if st.phase != "shadow":
-            if ope is None:
-                blockers.append("no OPE evidence")
-            else:
-                if ope.samples < s.min_samples_for_promotion:
-                    blockers.append(f"OPE samples {ope.samples} < {s.min_samples_for_promotion}")
-                if not ope.improvement_lower_bound >= 0.0:
-                    blockers.append(f"OPE lower bound {ope.improvement_lower_bound:g} < 0")
+            blockers += promotion_blockers(self.promotion_evidence(), s.min_samples_for_promotion)
         return PromotionCheck(not blockers, blockers)
 
     # ---- automatic transitions --------------------------------------------------
@@ -306,12 +422,18 @@ class RolloutController:
         nxt = higher(st.phase)
         assert nxt is not None
         evidence: dict[str, Any] = {"phase_started_at": st.phase_started_at, "phase_duration_s": now - st.phase_started_at}
+        if st.phase != "shadow":
+            evidence["holdout_comparison"] = msgspec.to_builtins(self.promotion_evidence())
         if ope is not None:
             evidence.update(ope_lower_bound=ope.improvement_lower_bound, ope_samples=ope.samples, ope_estimator=ope.estimator)
         previous = st.phase
         st.phase = nxt
         st.phase_started_at = now
-        return self._event(now, "promote", previous, nxt, "minimum duration held without SLO breach", evidence, None)
+        self._comparison = None
+        reason = "minimum duration held without SLO breach"
+        if previous != "shadow":
+            reason += "; optimised reward surely above holdout (anytime-valid)"
+        return self._event(now, "promote", previous, nxt, reason, evidence, None)
 
     # ---- manual transitions -----------------------------------------------------
 
@@ -402,6 +524,7 @@ class RolloutController:
         previous = st.phase
         st.phase = phase
         st.phase_started_at = now
+        self._comparison = None
         return self._event(now, "set_phase", previous, phase, reason, evidence, actor)
 
     # ---- helpers ----------------------------------------------------------------
@@ -412,6 +535,7 @@ class RolloutController:
         target: Phase = rb.resume_phase or st.phase
         st.phase = target
         st.phase_started_at = at
+        self._comparison = None
         st.rollback = RollbackState()
         # The resumed phase is judged on its own traffic, not on what caused the rollback.
         self.monitor.discard_before(at)

@@ -51,6 +51,11 @@ def compute_reward(
     )
 
 
+def reward_bounds(settings: RewardSettings) -> tuple[float, float]:
+    """The bounds `compute_reward` can produce: quality term minus the two capped cost ratios (confidence sequences need them)."""
+    return -(settings.w_latency + settings.w_tokens) * settings.max_ratio, settings.w_quality
+
+
 class BaselineCosts(msgspec.Struct):
     """Running mean latency and tokens of baseline-served outcomes, per task type."""
 

@@ -32,6 +32,7 @@ from policies.base import Adaptive
 from policies.context import build_context
 from policies.records import RequestContext
 from policies.registry import make_policy
+from policies.reward import reward_bounds
 from policies.signals import Signal
 from policies.validators import SchemaValidators
 from proxy.config import Config
@@ -258,6 +259,7 @@ class Runtime:
             enabled=opt.enabled,
             traffic_percentage=opt.traffic_percentage,
             state=state,  # type: ignore[arg-type]
+            reward_range=reward_bounds(self.config.policy.reward),
         )
 
     async def start(self) -> None:

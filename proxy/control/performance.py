@@ -30,12 +30,13 @@ class PerformanceController(Controller):
         rows, truncated = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
         return cdata.metrics_report(rows, since, until, truncated)
 
-    @get("/performance", summary="Per task type: optimised vs baseline traffic and the improvement of mean reward")
+    @get("/performance", summary="Per task type: optimised vs baseline traffic, the improvement of mean reward, and optimised vs holdout "
+                                 "with anytime-valid intervals and verdict")
     async def performance(self, deps: Deps, window_s: WindowS = 3600.0, max_rows: MaxRows = 20_000,
                           task_type: FromQuery[str | None] = None) -> PerformanceReport:
         _, since, until = window(window_s)
         rows, truncated = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
-        return cdata.performance_report(rows, since, until, truncated)
+        return cdata.performance_report(rows, since, until, truncated, cdata.reward_range(deps.config.policy.reward))
 
     @get("/convergence", summary="Per task type: the policy's probability of its own choice over time, and its current arm distribution")
     async def convergence(self, deps: Deps, window_s: WindowS = DAY, bins: Bins = 24, max_rows: MaxRows = 20_000) -> ConvergenceReport:

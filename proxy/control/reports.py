@@ -33,6 +33,7 @@ from policies.context import context_bucket
 from policies.effort import EFFORT_LEVELS
 from policies.effort import rank as effort_rank
 from policies.records import Arm, Params
+from policies.reward import reward_bounds
 from policies.settings import RewardSettings
 from proxy.control.schemas import (
     ArmPosterior,
@@ -204,8 +205,16 @@ def metrics_report(rows: list[DecisionRow], since: float, until: float, truncate
     return MetricsReport(since=since, until=until, rows=len(rows), truncated=truncated, arms=arms)
 
 
-def performance_report(rows: list[DecisionRow], since: float, until: float, truncated: bool) -> PerformanceReport:
-    """Per task type: optimised vs baseline-served traffic and the difference of mean rewards."""
+def performance_report(rows: list[DecisionRow], since: float, until: float, truncated: bool,
+                       reward_bounds: tuple[float, float] | None = None) -> PerformanceReport:
+    """Per task type: optimised vs baseline-served traffic and the difference of mean rewards.
+
+    With `reward_bounds` each task also carries `versus_holdout`: optimised against the
+    randomised holdout only, with the anytime-valid intervals and verdict of
+    `tuned_vs_holdout` (the Welch `improvement` is a fixed-sample interval over every
+    baseline-served row, shown beside it).
+    """
+    versus = {c.task_type: c for c in tuned_vs_holdout(rows, *reward_bounds)} if reward_bounds is not None else {}
     by_task: dict[str, dict[str, list[DecisionRow]]] = defaultdict(lambda: {"optimized": [], "baseline": []})
     for r in rows:
         by_task[r.task_type][traffic_of(r.mode)].append(r)
@@ -221,7 +230,8 @@ def performance_report(rows: list[DecisionRow], since: float, until: float, trun
             same = len(served) == len(base_rewards)  # the reference is all of it (no shadow/off/rollback rows beside the holdout)
             bas = msgspec.structs.replace(bas, improvement_over_baseline=_self_difference(len(served)) if same else diff_interval(served, base_rewards))
         opt_rewards = [r.effective_reward for r in groups["optimized"] if r.effective_reward is not None and math.isfinite(r.effective_reward)]
-        tasks.append(TaskPerformance(task_type=task, optimized=opt, baseline=bas, improvement=diff_interval(opt_rewards, base_rewards)))
+        tasks.append(TaskPerformance(task_type=task, optimized=opt, baseline=bas, improvement=diff_interval(opt_rewards, base_rewards),
+                                     versus_holdout=versus.get(task)))
     return PerformanceReport(since=since, until=until, rows=len(rows), truncated=truncated, tasks=tasks)
 
 
@@ -430,7 +440,7 @@ def _est(e: ope.Estimate | None) -> EstimateOut | None:
     if e is None:
         return None
     return EstimateOut(
-        estimator=e.estimator, value=e.value, ci_low=e.ci_low, ci_high=e.ci_high, eb_low=finite(e.eb_low),
+        estimator=e.estimator, value=e.value, ci_low=finite(e.ci_low), ci_high=finite(e.ci_high), eb_low=finite(e.eb_low),
         eb_high=finite(e.eb_high), std_error=finite(e.std_error), n=e.n, ess=e.ess,
     )
 
@@ -451,7 +461,9 @@ def _statement(report: OpeOut) -> str:
         return f"no estimate: {report.reason}"
     snips = report.target.snips
     imp = next((i for i in report.improvement if i.estimator == "snips"), None)
-    text = (f"the current policy is worth {snips.value:.3f} mean reward (95 % interval [{snips.ci_low:.3f}, {snips.ci_high:.3f}]) "
+    low = f"{snips.ci_low:.3f}" if snips.ci_low is not None else "−∞"
+    high = f"{snips.ci_high:.3f}" if snips.ci_high is not None else "+∞"
+    text = (f"the current policy is worth {snips.value:.3f} mean reward (95 % studentised bootstrap interval [{low}, {high}]) "
             f"on {report.rows:,} logged requests")
     if imp is not None:
         lower = f"{imp.lower:+.3f}" if imp.lower is not None else "unknown"
@@ -700,8 +712,8 @@ def tuned_vs_holdout(rows: Iterable[DecisionRow], reward_low: float, reward_high
 
 
 def reward_range(settings: RewardSettings) -> tuple[float, float]:
-    """The bounds `policies.reward.compute_reward` can produce: quality term minus the two capped cost ratios."""
-    return -(settings.w_latency + settings.w_tokens) * settings.max_ratio, settings.w_quality
+    """The bounds `policies.reward.compute_reward` can produce (`policies.reward.reward_bounds`)."""
+    return reward_bounds(settings)
 
 
 def holdout_reward_series(rows: list[DecisionRow], since: float, until: float, bins: int) -> list[RewardPoint]:

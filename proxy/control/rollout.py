@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Annotated
 
+import msgspec
 from litestar import Controller, Request, get, post
 from litestar.params import JSONBody, Parameter
 
@@ -14,7 +15,7 @@ from policies import ope
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
 from proxy.control.errors import ERR
-from proxy.control.schemas import ActionResult, EventPage, PromotionCriterion, RollbackIn, RolloutStatus
+from proxy.control.schemas import ActionResult, EventPage, PromotionCriterion, PromotionEvidenceOut, RollbackIn, RolloutStatus
 from proxy.control.views import (
     DAY,
     EventLimit,
@@ -71,16 +72,22 @@ class RolloutApiController(Controller):
         criteria.append(PromotionCriterion(name="no_slo_breach_in_phase", required="no breach since the phase started",
                                            current=f"breach at {st.last_breach_at:.3f}" if breach_in_phase else "none", met=not breach_in_phase))
         criteria.append(PromotionCriterion(name="not_rolled_back", required="no active rollback", current=str(st.rollback.trigger or "none"), met=not st.rollback.active))
+        promotion = ro.promotion_evidence()
         if st.phase != "shadow":
-            lb = evidence_out.improvement_lower_bound
-            criteria.append(PromotionCriterion(name="ope_samples", required=f">= {s.min_samples_for_promotion}", current=str(evidence_out.samples),
-                                               met=evidence_out.samples >= s.min_samples_for_promotion))
-            criteria.append(PromotionCriterion(name="ope_lower_bound", required=">= 0 (SNIPS improvement over baseline)",
-                                               current="none" if lb is None else f"{lb:.6g}", met=lb is not None and lb >= 0))
+            lb = promotion.difference_lower
+            criteria.append(PromotionCriterion(name="holdout_rewards", required="> 0 holdout rewards in this phase",
+                                               current=str(promotion.holdout_n), met=promotion.holdout_n > 0))
+            criteria.append(PromotionCriterion(name="optimised_rewards", required=f">= {s.min_samples_for_promotion}",
+                                               current=str(promotion.optimised_n), met=promotion.optimised_n >= s.min_samples_for_promotion))
+            criteria.append(PromotionCriterion(
+                name="anytime_lower_bound",
+                required=f"> 0 (anytime-valid {1 - promotion.alpha:.0%} lower bound of mean reward optimised − holdout)",
+                current=f"{lb:.6g}", met=promotion.holdout_n > 0 and lb > 0))
         return RolloutStatus(
             phase=st.phase, phase_started_at=st.phase_started_at, time_in_phase_s=in_phase, next_phase=cdata.next_phase(st.phase),
             traffic_percentage=ro.fraction(st.phase), auto_promote=s.auto_promote, promotion_ready=check.ready,
             blockers=list(check.blockers), criteria=criteria, ope=evidence_out, rollback=rollback_status(deps, now),
+            promotion=PromotionEvidenceOut(**msgspec.structs.asdict(promotion)),
             events=recent_events(deps, 20),
         )
 

@@ -108,6 +108,7 @@ class TaskPerformance(msgspec.Struct):
     optimized: ArmStats | None
     baseline: ArmStats | None
     improvement: Interval | None  # optimized minus baseline mean reward (Welch interval)
+    versus_holdout: TaskComparison | None = None  # optimised vs the randomised holdout, anytime-valid intervals and verdict
 
 
 class MetricsReport(msgspec.Struct):
@@ -179,6 +180,19 @@ class OpeEvidenceOut(msgspec.Struct):
     reason: str = ""  # why there is no bound yet
 
 
+class PromotionEvidenceOut(msgspec.Struct):
+    """Optimised vs holdout mean reward in this phase, anytime-valid (guards/rollout.py): what promotion decides on."""
+
+    optimised_n: int
+    holdout_n: int
+    optimised_mean: float | None
+    holdout_mean: float | None
+    difference_lower: float  # promote only when > 0
+    difference_upper: float
+    alpha: float
+    since: float
+
+
 class PromotionCriterion(msgspec.Struct):
     name: str
     required: str
@@ -229,9 +243,10 @@ class RolloutStatus(msgspec.Struct):
     promotion_ready: bool
     blockers: list[str]
     criteria: list[PromotionCriterion]
-    ope: OpeEvidenceOut
+    ope: OpeEvidenceOut  # off-policy evidence, reported only (a fixed-sample bound; promotion does not use it)
     rollback: RollbackStatus
     events: list[RolloutEventOut]
+    promotion: PromotionEvidenceOut | None = None  # the anytime-valid comparison promotion decides on
 
 
 # --------------------------------------------------------------------------- convergence / evolution
@@ -496,8 +511,8 @@ class RecordOutcomeResult(msgspec.Struct):
 class EstimateOut(msgspec.Struct):
     estimator: str
     value: float
-    ci_low: float
-    ci_high: float
+    ci_low: float | None  # studentised bootstrap; null: that side is unbounded (a resample pinned the value, or tiny ESS)
+    ci_high: float | None
     eb_low: float | None
     eb_high: float | None
     std_error: float | None

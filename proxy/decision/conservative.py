@@ -61,6 +61,10 @@ class ConservativeListener:
 
     def on_outcome(self, decision: Decision, outcome: Outcome) -> None:
         """Completion listener after the decider's: events recorded, counted, alerted."""
+        # Promotion's optimised-vs-holdout comparison. A task type the monitor rolled back has no optimised
+        # traffic left; its holdout rewards stay out too, so both streams keep the same task mix.
+        if not self.monitor.is_rolled_back(decision.context.task_type):
+            self.rollout.rollout.observe_reward(decision.mode, outcome.reward)
         events = self.monitor.on_outcome(decision, outcome, time.time())
         if events:
             self.on_events(events)

@@ -2,7 +2,7 @@
 
 Read before deploying a change.  Per task type, on the decision log:
 
-* **Candidate value** by IPS, SNIPS and DR (`policies.ope`), each with a percentile
+* **Candidate value** by IPS, SNIPS and DR (`policies.ope`), each with a studentised
   bootstrap interval and an empirical-Bernstein interval, and the effective sample
   size.  Only rows with mode ``optimized`` carry a behaviour propensity, so only they are
   reweighted.
@@ -119,7 +119,7 @@ class TrustRegion:
 class MethodEstimate(msgspec.Struct, frozen=True):
     method: str
     value: float
-    ci_low: float  # percentile bootstrap
+    ci_low: float  # studentised bootstrap (clipped to the reward range)
     ci_high: float
     eb_low: float | None  # empirical Bernstein (None: unbounded)
     eb_high: float | None
@@ -324,7 +324,7 @@ def markdown(ev: Evaluation, plots: Sequence[str]) -> str:
         f"Candidate policy `{ev.candidate_policy}` on the log of `{ev.logging_policy}`, "
         f"{ev.rows_read} decisions from {_iso(ev.since)} to {_iso(ev.until)}.",
         "",
-        f"Intervals at {pct} %: *bootstrap* (percentile, resampling rows) and *EB* (empirical Bernstein, valid given the "
+        f"Intervals at {pct} %: *bootstrap* (studentised bootstrap-t, resampling rows) and *EB* (empirical Bernstein, valid given the "
         f"propensity floor {ev.min_propensity if ev.min_propensity is not None else 'none'} and the reward range "
         f"[{ev.reward_range[0]:g}, {ev.reward_range[1]:g}]; – means no bound). ESS: the number of on-policy samples the "
         "reweighted log is worth. The candidate is replayed through the log in time order and learns from the logged "

@@ -1,9 +1,11 @@
-"""Promotion evidence for the rollout guard, computed from the decision log off the loop.
+"""Off-policy evidence beside the rollout guard's promotion, computed from the decision log off the loop.
 
-It used to go through the control API's report objects (an `OpeOut` built for HTTP,
-then read back); here the one number promotion needs, the SNIPS improvement lower
-bound over the baseline, is computed straight from the logged arrays with
-`policies.ope`, and the target/baseline estimates the report adds are skipped.
+The SNIPS improvement lower bound over the baseline (studentised bootstrap, `policies.ope`)
+is computed straight from the logged arrays, and the target/baseline estimates the
+report adds are skipped.  Promotion itself decides on the anytime-valid optimised-vs-holdout
+comparison the rollout controller keeps (guards/rollout.py); this bound is a fixed-sample
+one, recomputed every `ope_interval_s`, so it is reported (promote events,
+``/rollout-status``) and never decides.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from policies import ope
+from policies import ope, sequences
 from proxy.control import reports
 from tests.conftest import make_config
 from tests.control.conftest import API, AUTH, TOKEN, TOKEN_ENV, api, assert_error_shape, drive
@@ -109,3 +109,68 @@ def test_ope_states_a_small_effective_sample_and_missing_support() -> None:
     bad = reports._unsupported(0.0, 1.0, arrays, ope.UnsupportedTarget(support, 0.05))  # type: ignore[arg-type]
     assert bad.target is None and bad.statement.startswith("no estimate: the log does not support the current policy")
     assert "0.4 of its probability on arms never logged" in bad.statement
+
+
+def _log_in_time_order(t: RunningThermostat) -> list:
+    return sorted(t.call(t.runtime.sink.fetch_decisions(limit=10_000)), key=lambda r: r.timestamp)
+
+
+def test_performance_shows_optimised_vs_holdout_with_the_anytime_valid_interval(held: RunningThermostat) -> None:
+    """Reference: each stream's PrPl-EB path (`bounds_path`, at α/2) over the log's rows in time order, by hand."""
+    body = api(held, "GET", "/performance").json()
+    log = _log_in_time_order(held)
+    low, high = reports.reward_range(held.runtime.config.policy.reward)
+    for task in body["tasks"]:
+        versus = task["versus_holdout"]
+        rows = [r for r in log if r.task_type == task["task_type"]]
+        opt = np.array([r.effective_reward for r in rows if r.mode in ("optimized", "guard_fallback") and r.effective_reward is not None])
+        hold = np.array([r.effective_reward for r in rows if r.mode == "holdout" and r.effective_reward is not None])
+        reward = next(m for m in versus["metrics"] if m["metric"] == "reward")
+        assert (reward["optimized_n"], reward["holdout_n"]) == (len(opt), len(hold)) and reward["anytime_valid"] is True
+        if not len(opt) or not len(hold):
+            assert reward["ci_low"] is None and reward["verdict"] == "not yet known"
+            continue
+        lo_o, hi_o = sequences.bounds_path(np.clip(opt, low, high), 0.025, low, high)
+        lo_h, hi_h = sequences.bounds_path(np.clip(hold, low, high), 0.025, low, high)
+        assert reward["difference"] == pytest.approx(opt.mean() - hold.mean(), rel=1e-12)
+        assert reward["ci_low"] == pytest.approx(lo_o[-1] - hi_h[-1], rel=1e-9) and reward["ci_high"] == pytest.approx(hi_o[-1] - lo_h[-1], rel=1e-9)
+        expected = "better" if reward["ci_low"] > 0 else "worse" if reward["ci_high"] < 0 else "not yet known"
+        assert reward["verdict"] == expected and versus["verdict"] in (expected, "rolled back")
+    assert any(t["versus_holdout"]["holdout_n"] > 0 for t in body["tasks"])
+
+
+def test_slo_status_shows_each_tasks_quality_sequences(held: RunningThermostat) -> None:
+    """The conservative monitor's per-task intervals against the log's automatic quality: α/2 per claim, α/4 per stream."""
+    body = api(held, "GET", "/slo-status").json()
+    log = _log_in_time_order(held)
+    tasks = {t["task_type"]: t for t in body["tasks"]}
+    assert set(tasks) == {"code", "chat"}
+    for name, t in tasks.items():
+        rows = [r for r in log if r.task_type == name and r.quality is not None]
+        opt = np.array([r.quality for r in rows if r.mode in ("optimized", "guard_fallback")])
+        hold = np.array([r.quality for r in rows if r.mode == "holdout"])
+        assert (t["optimised_n"], t["holdout_n"]) == (len(opt), len(hold))
+        lo_o, hi_o = sequences.bounds_path(opt, 0.0125)
+        lo_h, hi_h = sequences.bounds_path(hold, 0.0125)
+        assert t["optimised_quality"] == pytest.approx([lo_o[-1], hi_o[-1]], rel=1e-9)
+        assert t["holdout_quality"] == pytest.approx([lo_h[-1], hi_h[-1]], rel=1e-9)
+        assert t["quality_difference"] == pytest.approx([lo_o[-1] - hi_h[-1], hi_o[-1] - lo_h[-1]], rel=1e-9)
+        worse = hi_o[-1] < 0.95 * lo_h[-1]
+        assert t["quality"] == ("worse" if worse else "better" if lo_o[-1] > hi_h[-1] else "not_yet_known")
+
+
+def test_rollout_status_reports_the_anytime_valid_promotion_comparison(held: RunningThermostat) -> None:
+    """Promotion's optimised-vs-holdout reward sequences (α/2 each) against the log's rewards; OPE is still reported beside it."""
+    body = api(held, "GET", "/rollout-status").json()
+    log = _log_in_time_order(held)
+    low, high = reports.reward_range(held.runtime.config.policy.reward)
+    opt = np.clip([r.reward for r in log if r.mode in ("optimized", "guard_fallback") and r.reward is not None], low, high)
+    hold = np.clip([r.reward for r in log if r.mode == "holdout" and r.reward is not None], low, high)
+    p = body["promotion"]
+    assert (p["optimised_n"], p["holdout_n"], p["alpha"]) == (len(opt), len(hold), 0.05)
+    lo_o, hi_o = sequences.bounds_path(opt, 0.025, low, high)
+    lo_h, hi_h = sequences.bounds_path(hold, 0.025, low, high)
+    assert p["difference_lower"] == pytest.approx(lo_o[-1] - hi_h[-1], rel=1e-9)
+    assert p["difference_upper"] == pytest.approx(hi_o[-1] - lo_h[-1], rel=1e-9)
+    assert p["optimised_mean"] == pytest.approx(float(opt.mean()), rel=1e-9)
+    assert "improvement_lower_bound" in body["ope"]

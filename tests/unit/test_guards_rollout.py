@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import numpy as np
 import pytest
 
 from guards.rollout import (
+    PROMOTION_ALPHA,
     OpeEvidence,
     RolloutController,
     RolloutState,
@@ -19,6 +21,7 @@ from guards.rollout import (
 from guards.settings import RolloutSettings, SloSettings
 from guards.slo import SloMonitor
 from guards.state import InProcessStore
+from policies.sequences import bounds_path
 
 H = 3600.0
 SLO = SloSettings(window_s=300.0, min_samples=50, cooldown_s=600.0)
@@ -82,21 +85,131 @@ def test_shadow_promotes_to_canary_after_exactly_24h_without_ope() -> None:
     assert ctl.state.phase_started_at == 24 * H
 
 
-def test_canary_needs_duration_and_ope_lower_bound_and_samples() -> None:
+def feed(ctl: RolloutController, optimised: list[float], holdout: list[float]) -> None:
+    for r in optimised:
+        ctl.observe_reward("optimized", r)
+    for r in holdout:
+        ctl.observe_reward("holdout", r)
+
+
+def test_canary_needs_duration_samples_and_an_anytime_valid_improvement_over_holdout() -> None:
     ctl = make("canary")
-    assert ctl.tick(48 * H - 1, GOOD) == []
-    assert ctl.tick(48 * H, None) == []
-    assert ctl.promotion_check(48 * H, None).blockers == ["no OPE evidence"]
-    assert ctl.tick(48 * H, OpeEvidence(-0.001, 500)) == []
-    assert ctl.tick(48 * H, OpeEvidence(0.2, 199)) == []
+    assert ctl.promotion_check(48 * H).blockers == [
+        "no holdout rewards in this phase (optimization.holdout_fraction = 0 disables automatic promotion)",
+        "optimised rewards 0 < 200",
+    ]
+    feed(ctl, [0.6] * 199, [0.4] * 100)
+    assert ctl.promotion_check(48 * H).blockers == ["optimised rewards 199 < 200"]
+    ctl.observe_reward("shadow", 1.0)  # other modes and missing rewards feed nothing
+    ctl.observe_reward("rollback", 1.0)
+    ctl.observe_reward("optimized", None)
+    assert ctl.promotion_evidence().optimised_n == 199
+    ctl.observe_reward("guard_fallback", 0.6)  # guard_fallback is optimised traffic
+    assert ctl.tick(48 * H - 1, GOOD) == []  # the minimum duration still holds
     (event,) = ctl.tick(48 * H, GOOD)
     assert (event.from_, event.to) == ("canary", "guarded")
-    assert event.evidence["ope_lower_bound"] == 0.0 and event.evidence["ope_samples"] == 200
-    assert ctl.tick(48 * H + 72 * H - 1, GOOD) == []
-    (event,) = ctl.tick(48 * H + 72 * H, GOOD)
+    comparison = event.evidence["holdout_comparison"]
+    assert comparison["optimised_n"] == 200 and comparison["holdout_n"] == 100 and comparison["difference_lower"] > 0
+    assert event.evidence["ope_lower_bound"] == 0.0 and event.evidence["ope_samples"] == 200  # reported, not decisive
+    # the new phase starts a new comparison: canary's evidence does not promote guarded
+    assert ctl.promotion_evidence().optimised_n == 0
+    assert ctl.tick(48 * H + 72 * H, GOOD) == []
+    feed(ctl, [0.6] * 200, [0.4] * 100)
+    (event,) = ctl.tick(48 * H + 72 * H, None)  # OPE evidence is not needed
     assert event.to == "general"
     assert ctl.tick(10_000 * H, GOOD) == []  # general is final
     assert ctl.promotion_check(10_000 * H, GOOD).blockers == ["general is the final phase"]
+
+
+def test_equal_streams_do_not_promote_and_the_blocker_shows_the_bound() -> None:
+    ctl = make("canary")
+    feed(ctl, [0.0, 1.0] * 500, [0.0, 1.0] * 500)
+    (blocker,) = ctl.promotion_check(48 * H).blockers
+    e = ctl.promotion_evidence()
+    assert blocker == f"not surely better than holdout: anytime-valid 95% lower bound of the reward difference {e.difference_lower:.4g} <= 0"
+    assert e.optimised_mean == e.holdout_mean == 0.5
+
+
+def test_promotion_evidence_is_the_difference_of_the_two_sequences_bounds() -> None:
+    """L = L_opt − U_hold, U = U_opt − L_hold, each stream's PrPl-EB sequence at α/2 (checked with the vectorised path)."""
+    ctl = RolloutController.create(RolloutSettings(), SLO, SloMonitor(SLO), now=0.0, phase="canary", reward_range=(-2.0, 1.0))
+    g = np.random.default_rng(3)
+    opt, hold = g.uniform(-1.0, 1.0, 400), g.uniform(-1.5, 0.5, 150)
+    feed(ctl, [*opt.tolist(), 5.0], hold.tolist())  # 5.0 is clipped to the top of the range
+    opt_low, opt_high = bounds_path(np.append(opt, 1.0), PROMOTION_ALPHA / 2, -2.0, 1.0)
+    hold_low, hold_high = bounds_path(hold, PROMOTION_ALPHA / 2, -2.0, 1.0)
+    e = ctl.promotion_evidence()
+    assert e.difference_lower == pytest.approx(opt_low[-1] - hold_high[-1], abs=1e-12)
+    assert e.difference_upper == pytest.approx(opt_high[-1] - hold_low[-1], abs=1e-12)
+    assert e.optimised_mean == pytest.approx(float(np.mean(np.append(opt, 1.0))))
+    assert e.holdout_mean == pytest.approx(float(np.mean(hold)))
+    assert (e.optimised_n, e.holdout_n, e.alpha) == (401, 150, 0.05)
+
+
+def _interleaved(g: np.random.Generator, steps: int, share: float, mean_opt: float, mean_hold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(is_optimised, optimised rewards, holdout rewards): Bernoulli rewards, a `share` of requests optimised."""
+    is_opt = g.random(steps) < share
+    return is_opt, (g.random(int(is_opt.sum())) < mean_opt).astype(float), (g.random(int((~is_opt).sum())) < mean_hold).astype(float)
+
+
+def _first_promotion(is_opt: np.ndarray, opt: np.ndarray, hold: np.ndarray, min_samples: int) -> int | None:
+    """The first look (after each request) at which the promotion rule fires, or None."""
+    if not opt.size or not hold.size:
+        return None
+    opt_low = bounds_path(opt, PROMOTION_ALPHA / 2)[0]
+    hold_high = bounds_path(hold, PROMOTION_ALPHA / 2)[1]
+    n_opt, n_hold = np.cumsum(is_opt), np.cumsum(~is_opt)
+    ok = (n_opt >= min_samples) & (n_hold >= 1)
+    lower = np.where(ok, opt_low[np.maximum(n_opt - 1, 0)] - hold_high[np.maximum(n_hold - 1, 0)], -np.inf)
+    hits = np.flatnonzero(lower > 0)
+    return int(hits[0]) if hits.size else None
+
+
+def test_the_vectorised_rule_matches_the_controller_look_by_look() -> None:
+    g = np.random.default_rng(11)
+    is_opt, opt, hold = _interleaved(g, 1500, 0.75, 0.6, 0.45)
+    ctl = make("canary", min_samples_for_promotion=50)
+    first = None
+    i_o = i_h = 0
+    for step, o in enumerate(is_opt.tolist()):
+        if o:
+            ctl.observe_reward("optimized", float(opt[i_o]))
+            i_o += 1
+        else:
+            ctl.observe_reward("holdout", float(hold[i_h]))
+            i_h += 1
+        if first is None and not [b for b in ctl.promotion_check(48 * H).blockers if "lasts" not in b]:
+            first = step
+    assert first is not None and first == _first_promotion(is_opt, opt, hold, 50)
+
+
+def test_false_promotion_rate_over_many_looks_stays_below_alpha() -> None:
+    """No true improvement, the rule checked after every one of 4000 requests, 400 seeds: promoted in ≤ α of runs.
+
+    The same data with a naive fixed-sample 95 % normal interval re-checked at every look
+    promotes far more often, so the test can tell the two apart; with a true improvement
+    the rule does promote (it is not just never firing).
+    """
+    seeds, steps, share = 400, 4000, 0.8
+    anytime = naive = 0
+    for seed in range(seeds):
+        g = np.random.default_rng(seed)
+        mean = 0.3 + 0.4 * g.random()  # equal means for both streams, different per seed
+        is_opt, opt, hold = _interleaved(g, steps, share, mean, mean)
+        anytime += _first_promotion(is_opt, opt, hold, 200) is not None
+        n_opt, n_hold = np.cumsum(is_opt), np.cumsum(~is_opt)
+        s_opt = np.concatenate(([0.0], np.cumsum(opt)))[n_opt]
+        s_hold = np.concatenate(([0.0], np.cumsum(hold)))[n_hold]
+        ok = (n_opt >= 200) & (n_hold >= 30)
+        m_o, m_h = s_opt / np.maximum(n_opt, 1), s_hold / np.maximum(n_hold, 1)
+        se = np.sqrt(m_o * (1 - m_o) / np.maximum(n_opt, 1) + m_h * (1 - m_h) / np.maximum(n_hold, 1))
+        naive += bool(np.any(ok & (m_o - m_h - 1.96 * se > 0)))
+    assert anytime / seeds <= PROMOTION_ALPHA
+    assert naive / seeds > 2 * PROMOTION_ALPHA
+    powered = sum(
+        _first_promotion(*_interleaved(np.random.default_rng(10_000 + seed), steps, share, 0.6, 0.4), 200) is not None for seed in range(50)
+    )
+    assert powered >= 45
 
 
 def test_auto_promote_false_keeps_phases_manual() -> None:
@@ -109,7 +222,8 @@ def test_auto_promote_false_keeps_phases_manual() -> None:
 def test_no_promotion_after_a_breach_in_this_phase() -> None:
     ctl = make("canary")
     ctl.state.last_breach_at = 10.0
-    assert "SLO breached during this phase" in ctl.promotion_check(48 * H, GOOD).blockers
+    feed(ctl, [0.9] * 200, [0.1] * 50)
+    assert ctl.promotion_check(48 * H, GOOD).blockers == ["SLO breached during this phase"]
     ctl.state.last_breach_at = -1.0  # before the phase started
     assert ctl.promotion_check(48 * H, GOOD).ready
 
