@@ -288,6 +288,10 @@ async def _run(
             new = decider.costs.reward(task_type=name, quality=signal, latency_s=latency, tokens=tokens, settings=reward_settings)
             arm, base = decision.sent.arm(decision.baseline), decision.baseline.arm()
             decider.policy.correct(ctx, base, arm, reward, new, logged_version=decision.policy_version)
+        if signal is not None and reward is not None:
+            # Temperature-visible: also feeds the temperature-only statistics (BanditDecider.pmf), as feedback.py does.
+            new_signal = reward if immediate else decider.costs.reward(task_type=name, quality=signal, latency_s=latency, tokens=tokens, settings=reward_settings)
+            decider.learn_signal(ctx, decision.baseline, decision.sent, new_signal, None, logged_version=decision.policy_version)
         if signal is not None:
             decider.signals.add(name)
             log.signals += 1

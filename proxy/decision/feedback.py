@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from policies.records import Arm, Decision, Outcome, RequestContext
+from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from proxy.control.schemas import RecordOutcomeIn, RecordOutcomeResult
 from proxy.store.entries import FeedbackEntry
 
@@ -130,6 +130,18 @@ def _apply(rt: Any, ctx: RequestContext, base: Arm, arm: Arm, old: float | None,
     )
 
 
+def _teach_temperature(
+    rt: Any, ctx: RequestContext, baseline: Params, sent: Params, new: float, previous: float | None, logged_version: str
+) -> None:
+    """Every temperature-visible signal also feeds the temperature-only statistics (`BanditDecider.pmf`).
+
+    Those statistics never hold automatic rewards, so there is nothing to swap unless an
+    earlier signal of the same request is in them (`previous`).
+    """
+    if rt.decider is rt.bandit:
+        rt.bandit.learn_signal(ctx, baseline, sent, new, previous, logged_version=logged_version)
+
+
 async def record_outcome(rt: Any, book: FeedbackBook, body: RecordOutcomeIn, actor: str, now: float | None = None) -> RecordOutcomeResult:
     now = time.time() if now is None else now
     rid = body.request_id
@@ -170,10 +182,11 @@ async def record_outcome(rt: Any, book: FeedbackBook, body: RecordOutcomeIn, act
     if already and not body.overwrite:
         raise FeedbackConflict(rid)
     previous_quality = book.recorded[rid][0] if rid in book.recorded else row.feedback_quality
+    previous_signal: float | None = None
     if rid in book.recorded:
-        old_reward = book.recorded[rid][1]
+        old_reward = previous_signal = book.recorded[rid][1]
     elif row.feedback_quality is not None:
-        old_reward = row.feedback_reward
+        old_reward = previous_signal = row.feedback_reward
     else:
         old_reward = row.reward
     new_reward = _reward(rt, row.task_type, quality, row.latency_s, row.completion_tokens)
@@ -187,6 +200,7 @@ async def record_outcome(rt: Any, book: FeedbackBook, body: RecordOutcomeIn, act
             rt, ctx, row.baseline_params.arm(), row.chosen_params.arm(row.baseline_params), old_reward, new_reward,
             row.policy_version,
         )
+        _teach_temperature(rt, ctx, row.baseline_params, row.chosen_params, new_reward, previous_signal, row.policy_version)
     rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
     _pair_explicit(rt, rid, quality)
@@ -214,6 +228,8 @@ async def _with_outcome(
             rt, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), old_reward, new_reward,
             decision.policy_version,
         )
+        previous_signal = old_reward if outcome.feedback or _judged(rt, rid) else None
+        _teach_temperature(rt, decision.context, decision.baseline, decision.sent, new_reward, previous_signal, decision.policy_version)
     # A copy: the queued LogEntry shares the original Outcome and must keep the automatic score.
     rt.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward, feedback=True))
     rt.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
@@ -240,6 +256,7 @@ def apply_pending_feedback(rt: Any, book: FeedbackBook, decision: Decision, outc
             rt, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,
             decision.policy_version,
         )
+        _teach_temperature(rt, decision.context, decision.baseline, decision.sent, new_reward, None, decision.policy_version)
     rt.recorder.submit(
         FeedbackEntry(request_id=decision.request_id, quality=pending.quality, reward=new_reward,
                       payload={"deferred": True}, received_at=time.time())
@@ -367,6 +384,8 @@ async def deliver_signal(rt: Any, book: FeedbackBook, signals: SignalBook, signa
             rt, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,
             decision.policy_version,
         )
+        previous_signal = outcome.reward if rid in signals.sources else None
+        _teach_temperature(rt, decision.context, decision.baseline, decision.sent, new_reward, previous_signal, decision.policy_version)
     rt.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward))
     payload: dict[str, Any] = {"source": signal.source, "rank": rank(signal.source)}
     if getattr(signal, "reason", ""):
