@@ -395,7 +395,6 @@ class BanditDecider:
             rows = [i for i, a in enumerate(allowed) if a.temperature == t]
             p_m = np.asarray(self.policy.propensities(ctx, base, [allowed[i] for i in rows]), dtype=np.float64)
             out[rows] = p_t[j] * p_m
-        out /= out.sum()
         return apply_floor(out, self.propensity_floor())
 
     def propensity_floor(self) -> float:
@@ -404,12 +403,33 @@ class BanditDecider:
         return float(getattr(settings, "min_propensity", 0.0))
 
     def choose(self, ctx: RequestContext, base: Arm, allowed: list[Arm], rng: np.random.Generator) -> Choice:
-        """A draw from `pmf` (the policy's own `choose` when there is one temperature), with its exact propensity."""
-        if len({a.temperature for a in allowed}) <= 1:
+        """A draw from `pmf` with its exact propensity (the policy's own `choose` when there is one temperature).
+
+        Only the tables it needs are read: the temperature stage and the chosen temperature's
+        arms, so a decision costs two table look-ups however many temperatures there are.
+        With probability K·floor a uniformly random allowed arm, as `apply_floor` mixes it.
+        """
+        temps = list(dict.fromkeys(a.temperature for a in allowed))
+        if len(temps) <= 1:
             return self.policy.choose(ctx, base, allowed, rng)
-        probs = self.pmf(ctx, base, allowed)
-        index = sample_index(probs, rng)
-        return Choice(index=index, propensity=float(probs[index]))
+        k, floor = len(allowed), self.propensity_floor()
+        explore = k * floor
+        u = rng.random()
+        p_t = np.asarray(self.policy.propensities(temperature_context(ctx), base, [temperature_arm(t, base) for t in temps]), dtype=np.float64)
+        if explore >= 1.0:
+            return Choice(index=min(int(u * k), k - 1), propensity=1.0 / k)
+        if u < explore:
+            index = min(int(u / floor), k - 1)
+            j = temps.index(allowed[index].temperature)
+        else:
+            j = sample_index(p_t, rng)
+            index = -1
+        rows = [i for i, a in enumerate(allowed) if a.temperature == temps[j]]
+        p_m = np.asarray(self.policy.propensities(ctx, base, [allowed[i] for i in rows]), dtype=np.float64)
+        if index < 0:
+            index = rows[sample_index(p_m, rng)]
+        within = float(p_m[rows.index(index)])
+        return Choice(index=index, propensity=floor + (1.0 - explore) * float(p_t[j]) * within)
 
     def learn_signal(
         self, ctx: RequestContext, baseline: Params, sent: Params, new_reward: float, previous: float | None, *, logged_version: str
