@@ -358,10 +358,16 @@ class BanditDecider:
         base = ref.arm
         if not ref.freedom.max_tokens or self.truncation.off:
             return ref, allowed, limits
-        kept = [
-            a for a in allowed
-            if a.max_tokens >= base.max_tokens or self.truncation.admits(self.truncation_key(ctx, a.temperature, base), a.max_tokens)
-        ]
+        keys: dict[float, TruncationKey] = {}
+        kept = []
+        for a in allowed:
+            if a.max_tokens < base.max_tokens:
+                key = keys.get(a.temperature)
+                if key is None:
+                    key = keys[a.temperature] = self.truncation_key(ctx, a.temperature, base)
+                if not self.truncation.admits(key, a.max_tokens):
+                    continue
+            kept.append(a)
         return ref, kept, limits
 
     def pmf(self, ctx: RequestContext, base: Arm, allowed: list[Arm]) -> np.ndarray:
@@ -648,12 +654,14 @@ class BanditDecider:
 
     def observe_length(self, decision: Decision, outcome: Outcome) -> None:
         """A finished answer's length under the cap it was sent with: evidence for `candidates`' lower caps."""
-        if decision.sent.max_tokens is None or outcome.completion_tokens is None:
+        self.record_length(decision.context, decision.baseline, decision.sent, outcome.completion_tokens, outcome.finish_reason)
+
+    def record_length(self, ctx: RequestContext, baseline: Params, sent: Params, completion_tokens: int | None, finish_reason: str | None) -> None:
+        """`observe_length` from the logged fields (also replayed by `thermostat evaluate`)."""
+        if sent.max_tokens is None or completion_tokens is None:
             return
-        base = decision.baseline.arm()
-        temperature = decision.sent.arm(decision.baseline).temperature
-        key = self.truncation_key(decision.context, temperature, base)
-        self.truncation.observe(key, int(decision.sent.max_tokens), int(outcome.completion_tokens), outcome.finish_reason == "length")
+        key = self.truncation_key(ctx, sent.arm(baseline).temperature, baseline.arm())
+        self.truncation.observe(key, int(sent.max_tokens), int(completion_tokens), finish_reason == "length")
 
     def maybe_tick(self, now: float, force: bool = False) -> list[RolloutEvent]:
         if not force and now - self._last_tick < self.tick_interval_s:
