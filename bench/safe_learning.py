@@ -10,7 +10,7 @@
    settings on the same requests, per task, with the shipped defaults and the default
    policy; `tune_temperature = "always"` alongside for contrast.
 
-    .venv/bin/python bench/safe_learning.py [--requests 20000] [--seeds 2]
+    .venv/bin/python bench/safe_learning.py [--requests 20000] [--seeds 2] [--sections regret,no_feedback]
 
 writes bench/results/safe_learning.md. ~3 min on the shared 2-core machine.
 """
@@ -125,13 +125,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--sections", default="regret,no_feedback",
+                        help="comma-separated: regret, no_feedback; a section not run keeps its text from the existing results file, marked as such")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     started = time.perf_counter()
-    body = regret_table(args.requests, args.seeds) + [""] + no_feedback_table(args.requests, args.seeds)
+    previous = (RESULTS / "safe_learning.md").read_text() if (RESULTS / "safe_learning.md").exists() else ""
+    cut = previous.find("## 2. ")
+    old = {"regret": previous[previous.find("## 1. "):cut].rstrip().split("\n") if cut > 0 else [],
+           "no_feedback": previous[cut:].rstrip().split("\n") if cut > 0 else []}
+    stale = ["", "(Not re-run by the command above: kept from the previous run of this file, which predates it.)"]
+    regret = regret_table(args.requests, args.seeds) if "regret" in sections else old["regret"][:1] + stale + old["regret"][1:]
+    nofb = no_feedback_table(args.requests, args.seeds) if "no_feedback" in sections else old["no_feedback"][:1] + stale + old["no_feedback"][1:]
+    flag = "" if sections >= {"regret", "no_feedback"} else f" --sections {args.sections}"
+    body = regret + [""] + nofb
     head = [
         f"# Safe learning on the second simulator ({args.requests:,} requests, {args.seeds} seeds)",
         "",
-        f"Command: `.venv/bin/python bench/safe_learning.py --requests {args.requests} --seeds {args.seeds}` "
+        f"Command: `.venv/bin/python bench/safe_learning.py --requests {args.requests} --seeds {args.seeds}{flag}` "
         f"({time.perf_counter() - started:.0f} s). Simulator: `bench/learning/world.py`.",
         "",
     ]
