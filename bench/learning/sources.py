@@ -12,7 +12,8 @@ the second simulator (`bench/learning/world.py`, stationary), one source at a ti
   (`world.regenerate_probability`), and a regenerated decision gets quality 0.
 
 Every signal after the automatic one re-enters through `correct()` and counts towards
-`min_quality_signals` (the judge and regeneration marks as the safe-learning issue asks).
+`min_quality_signals` (judge scores; regeneration marks only replace the automatic reward: they are one-sided,
+proxy/decision/feedback.py ONE_SIDED, and neither count nor feed the temperature stage).
 Judge cost: rubric (180) + prompt + answer + reply (30) tokens per judged request, divided by
 the true quality gained over the "none" run on the same stream (Σ over requests).
 

@@ -91,10 +91,26 @@ def _count_signal(rt: Any, task_type: str, already: bool, learns: bool) -> None:
         rt.bandit.signals.add(task_type)
 
 
+ONE_SIDED = frozenset({"implicit"})
+"""Signal sources that only ever mark failures (a regeneration), never successes.
+
+Measured (bench/results/learning_sources.md, "regeneration only"): fed alone to the
+temperature-only statistics, whose other rewards are signals too, every temperature's
+rewards are all zeros, the comparison has no denominator, and the creative task drifted to
+22 % below the client's settings. Such marks still replace the automatic reward in the
+usual statistics (`_apply`), but neither count towards `min_quality_signals` nor feed the
+temperature stage. (Counting an unmarked answer as an implicit success once its
+regeneration window has passed would give them a denominator: not built.)
+"""
+
+
 def _judged(rt: Any, request_id: str) -> bool:
-    """A judge score or implicit mark already counted this request (`deliver_signal`): explicit feedback is not a second signal."""
+    """A judge score already counted this request (`deliver_signal`): explicit feedback is not a second signal.
+
+    An implicit mark is not counted (`ONE_SIDED`), so explicit feedback after one still counts.
+    """
     signals = getattr(rt, "signal_book", None)
-    return signals is not None and request_id in signals.sources
+    return signals is not None and signals.sources.get(request_id) not in (None, *ONE_SIDED)
 
 
 def _reward(rt: Any, task_type: str, quality: float, latency_s: float, completion_tokens: int | None) -> float:
@@ -377,15 +393,20 @@ async def deliver_signal(rt: Any, book: FeedbackBook, signals: SignalBook, signa
         return signals.count(signal.source, "weaker")
     quality = min(1.0, max(0.0, float(signal.quality)))
     new_reward = rt.bandit.reward_for(decision, outcome, quality)
-    # Judge scores and regeneration marks see temperature as explicit feedback does; one count per request.
-    _count_signal(rt, decision.context.task_type, rid in signals.sources, _learns(outcome.status, outcome.error_class))
+    # Judge scores see temperature as explicit feedback does; one count per request. Implicit marks are
+    # one-sided (only failures are ever marked), so alone they cannot rank temperatures (`ONE_SIDED`).
+    one_sided = signal.source in ONE_SIDED
+    earlier = _judged(rt, rid)
+    if not one_sided:
+        _count_signal(rt, decision.context.task_type, earlier, _learns(outcome.status, outcome.error_class))
     if _learns(outcome.status, outcome.error_class):
         _apply(
             rt, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,
             decision.policy_version,
         )
-        previous_signal = outcome.reward if rid in signals.sources else None
-        _teach_temperature(rt, decision.context, decision.baseline, decision.sent, new_reward, previous_signal, decision.policy_version)
+        if not one_sided:
+            previous_signal = outcome.reward if earlier else None
+            _teach_temperature(rt, decision.context, decision.baseline, decision.sent, new_reward, previous_signal, decision.policy_version)
     rt.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward))
     payload: dict[str, Any] = {"source": signal.source, "rank": rank(signal.source)}
     if getattr(signal, "reason", ""):
