@@ -381,7 +381,8 @@ class BanditDecider:
         several temperatures:
 
         1. a temperature is drawn from statistics fed only by signals that see it (explicit
-           feedback, judge scores, implicit marks: `learn_signal`), kept under
+           feedback and judge scores, `learn_signal`; not the one-sided regeneration marks,
+           proxy/decision/feedback.py `ONE_SIDED`), kept under
            `temperature_context`, one arm per temperature;
         2. among the allowed arms at that temperature (max_tokens, effort), from the usual
            statistics, which every reward feeds: those arms differ only in what the
