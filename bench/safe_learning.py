@@ -10,7 +10,7 @@
    settings on the same requests, per task, with the shipped defaults and the default
    policy; `tune_temperature = "always"` alongside for contrast.
 
-    .venv/bin/python bench/safe_learning.py [--requests 20000] [--seeds 2] [--half-life 5000] [--regret-only --out NAME.md]
+    .venv/bin/python bench/safe_learning.py [--requests 20000] [--seeds 2] [--half-life 5000] [--sections regret,no_feedback] [--regret-only --out NAME.md]
 
 writes bench/results/safe_learning.md (or NAME.md). ~3 min on the shared 2-core machine.
 Non-stationarity: each learning policy also runs with `[policy] half_life_s` = --half-life
@@ -140,14 +140,29 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--half-life", type=float, default=5000.0, help="half_life_s of the discounted variants (simulated seconds = requests)")
-    parser.add_argument("--regret-only", action="store_true", help="skip the no-feedback table")
+    parser.add_argument("--regret-only", action="store_true", help="only the regret table, nothing else in the file (with --out)")
     parser.add_argument("--out", default="safe_learning.md")
+    parser.add_argument("--sections", default="regret,no_feedback",
+                        help="comma-separated: regret, no_feedback; a section not run keeps its text from the existing results file, marked as such")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     started = time.perf_counter()
-    body = regret_table(args.requests, args.seeds, args.half_life)
-    if not args.regret_only:
-        body += [""] + no_feedback_table(args.requests, args.seeds)
-    flags = f" --half-life {args.half_life:g}" + (" --regret-only" if args.regret_only else "") + (f" --out {args.out}" if args.out != "safe_learning.md" else "")
+    previous = (RESULTS / args.out).read_text() if (RESULTS / args.out).exists() else ""
+    cut = previous.find("## 2. ")
+    old = {"regret": previous[previous.find("## 1. "):cut].rstrip().split("\n") if cut > 0 else [],
+           "no_feedback": previous[cut:].rstrip().split("\n") if cut > 0 else []}
+    stale = ["", "(Not re-run by the command above: kept from the previous run of this file, which predates it.)"]
+    if args.regret_only:
+        sections = {"regret"}
+    regret = regret_table(args.requests, args.seeds, args.half_life) if "regret" in sections else old["regret"][:1] + stale + old["regret"][1:]
+    if args.regret_only:
+        body = regret
+    else:
+        nofb = no_feedback_table(args.requests, args.seeds) if "no_feedback" in sections else old["no_feedback"][:1] + stale + old["no_feedback"][1:]
+        body = regret + [""] + nofb
+    flags = (f" --half-life {args.half_life:g}" + (" --regret-only" if args.regret_only else "")
+             + ("" if args.regret_only or sections >= {"regret", "no_feedback"} else f" --sections {args.sections}")
+             + (f" --out {args.out}" if args.out != "safe_learning.md" else ""))
     head = [
         f"# Safe learning on the second simulator ({args.requests:,} requests, {args.seeds} seeds)",
         "",

@@ -23,6 +23,9 @@ class ConstraintsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     max_relative_delta_max_tokens: float = 0.5
     # A max_tokens the client set is a contract: lowered within the region, raised only if true.
     raise_client_max_tokens: bool = False
+    # A max_tokens below the baseline's is offered only once the task's answers show, at 95 %
+    # (anytime-valid, guards/truncation.py), that it cuts at most this share more answers.
+    max_extra_truncation: float = 0.005
     # Reasoning effort moves at most this many levels from the client's (policies/effort.py).
     max_delta_effort_levels: int = 1
 

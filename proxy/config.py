@@ -533,6 +533,8 @@ def _validate_ranges(cfg: Config) -> None:
             raise bad(f"baseline.{task}.effort", f"{base.effort!r} (allowed: {', '.join(EFFORT_LEVELS)})")
     if not 0.0 <= cfg.constraints.max_relative_delta_max_tokens <= 1.0:
         raise bad("constraints.max_relative_delta_max_tokens", f"{cfg.constraints.max_relative_delta_max_tokens} (allowed: a fraction in [0, 1])")
+    if not 0.0 <= cfg.constraints.max_extra_truncation <= 1.0:
+        raise bad("constraints.max_extra_truncation", f"{cfg.constraints.max_extra_truncation} (allowed: a fraction in [0, 1]; 1 switches the check off)")
     if not 0.0 <= cfg.optimization.holdout_fraction < 1.0:
         raise bad("optimization.holdout_fraction", f"{cfg.optimization.holdout_fraction} (allowed: a fraction in [0, 1))")
     if cfg.optimization.min_quality_signals < 0:

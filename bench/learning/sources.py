@@ -12,7 +12,8 @@ the second simulator (`bench/learning/world.py`, stationary), one source at a ti
   (`world.regenerate_probability`), and a regenerated decision gets quality 0.
 
 Every signal after the automatic one re-enters through `correct()` and counts towards
-`min_quality_signals` (the judge and regeneration marks as the safe-learning issue asks).
+`min_quality_signals` (judge scores; regeneration marks only replace the automatic reward: they are one-sided,
+proxy/decision/feedback.py ONE_SIDED, and neither count nor feed the temperature stage).
 Judge cost: rubric (180) + prompt + answer + reply (30) tokens per judged request, divided by
 the true quality gained over the "none" run on the same stream (Σ over requests).
 
@@ -94,22 +95,27 @@ def main() -> None:
             f"| {gain:+.1f} | {tokens:,.0f} | {per_unit} | {mean_temperature(group, 'creative', 2000):.2f} | {mean_temperature(group, 'extract', 2000):.2f} |"
         )
         print(lines[-1], file=sys.stderr)
+    names = none[0].names
     lines += [
         "",
-        "Per task, last 5k requests: true quality of all traffic against the client's own settings on the same requests",
-        "(where tuning can help; classify and chat are already optimal and barely move).",
+        "Per task, last 5k requests: true quality of all traffic (holdout included) against the client's own settings",
+        "on the same requests. The difference is paired (same requests, seeds pooled); ± is a 95 % interval over",
+        "requests (choices are correlated in time, so read it as indicative); verdict: lower / higher when the",
+        "interval excludes 0.",
         "",
-        "| source | creative: tuned / client's own | extract: tuned / client's own |",
-        "|---|---:|---:|",
+        "| source | " + " | ".join(f"{task}: tuned / client's own, difference (95 %)" for task in names) + " |",
+        "|---|" + "---:|" * len(names),
     ]
     for label, group in logs.items():
         cells = []
-        for task in ("creative", "extract"):
-            k = group[0].names.index(task)
-            tuned = np.mean([lg.true_quality[-5000:][lg.task[-5000:] == k].mean() for lg in group])
-            own = np.mean([lg.client_quality[-5000:][lg.task[-5000:] == k].mean() for lg in group])
-            cells.append(f"{tuned:.3f} / {own:.3f} ({100 * (tuned / own - 1):+.0f} %)")
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+        for k in range(len(names)):
+            tuned = np.concatenate([lg.true_quality[-5000:][lg.task[-5000:] == k] for lg in group])
+            own = np.concatenate([lg.client_quality[-5000:][lg.task[-5000:] == k] for lg in group])
+            d = tuned - own
+            half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+            verdict = "lower" if d.mean() + half < 0 else ("higher" if d.mean() - half > 0 else "same")
+            cells.append(f"{tuned.mean():.3f} / {own.mean():.3f}, {d.mean():+.3f} ± {half:.3f} ({100 * (tuned.mean() / own.mean() - 1):+.1f} %, {verdict})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "learning_sources.md").write_text(text)

@@ -309,8 +309,14 @@ async def _run(
             new = decider.costs.reward(task_type=name, quality=signal, latency_s=latency, tokens=tokens, settings=reward_settings)
             arm, base = decision.sent.arm(decision.baseline), decision.baseline.arm()
             decider.policy.correct(ctx, base, arm, reward, new, logged_version=decision.policy_version)
+        one_sided = source == "regeneration"  # proxy/decision/feedback.py ONE_SIDED: marks only failures
+        if signal is not None and reward is not None and not one_sided:
+            # Temperature-visible: also feeds the temperature-only statistics (BanditDecider.pmf), as feedback.py does.
+            new_signal = reward if immediate else decider.costs.reward(task_type=name, quality=signal, latency_s=latency, tokens=tokens, settings=reward_settings)
+            decider.learn_signal(ctx, decision.baseline, decision.sent, new_signal, None, logged_version=decision.policy_version)
         if signal is not None:
-            decider.signals.add(name)
+            if not one_sided:
+                decider.signals.add(name)
             log.signals += 1
         ref, arms, _ = full.reference_for(ctx)
         log.mode.append(decision.mode)

@@ -343,8 +343,9 @@ def convergence(decider: BanditDecider, rows: list[DecisionRow], since: float, u
         bucket, best, entropy, current = None, None, None, []
         ctx = context_from_features(latest[task].context_features)
         if ctx is not None:
-            base, allowed, _ = decider.allowed_for(ctx)
-            p = np.asarray(decider.policy.propensities(ctx, base, allowed), dtype=np.float64)
+            ref, allowed, _ = decider.candidates(ctx)
+            base = ref.arm
+            p = decider.pmf(ctx, base, allowed)
             bucket = context_bucket(ctx)
             best = float(p.max())
             nz = p[p > 0]
@@ -386,8 +387,9 @@ def score_rows(decider: BanditDecider, rows: Sequence[DecisionRow]) -> tuple[lis
         if ctx is None:
             skipped += 1
             continue
-        base, allowed, _ = decider.allowed_for(ctx)
-        probs = np.asarray(decider.policy.propensities(ctx, base, allowed), dtype=np.float64)
+        ref, allowed, _ = decider.candidates(ctx)
+        base = ref.arm
+        probs = decider.pmf(ctx, base, allowed)  # what the decider plays now (two stages, safe caps)
         kept.append((r, ctx, r.chosen_params.arm(r.baseline_params), allowed, probs, base))
     return kept, skipped
 

@@ -19,9 +19,10 @@ from guards.conservative import ConservativeMonitor
 from guards.rollout import Effective, OpeEvidence, RolloutController, RolloutEvent, assign
 from guards.settings import BaselineSettings, ConstraintsSettings
 from guards.slo import SloMonitor
+from guards.truncation import TruncationGuard, TruncationKey
 from guards.trust_region import Freedom, ModelLimits, allowed_arms, enforce, max_tokens_delta, temperature_range
 from policies.arms import candidate_arms
-from policies.base import Choice, Policy
+from policies.base import Choice, Correction, Policy, apply_floor, sample_index
 from policies.context import context_fingerprint
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.reward import BaselineCosts
@@ -70,6 +71,24 @@ HOLDOUT_SALT = "holdout"
 """Salt of the holdout hash, so the holdout is independent of the rollout share (which uses no salt)."""
 
 TuneMode = Literal["auto", "always", "never"]
+
+TEMPERATURE_STATISTICS = "~temperature"
+"""Suffix of the task type under which the policy keeps its temperature-only statistics (`BanditDecider.pmf`)."""
+
+
+def temperature_context(ctx: RequestContext) -> RequestContext:
+    """The context under which temperatures are compared: statistics fed by quality signals only.
+
+    A separate task type gives these statistics their own keys in the same policy, so they
+    are exported, merged across replicas and decayed like every other additive statistic,
+    with no second policy to keep in step.
+    """
+    return msgspec.structs.replace(ctx, task_type=ctx.task_type + TEMPERATURE_STATISTICS)
+
+
+def temperature_arm(temperature: float, base: Arm) -> Arm:
+    """A temperature's arm in the temperature-only statistics: the baseline's cap and effort stand for every cap."""
+    return Arm(temperature=temperature, max_tokens=base.max_tokens, effort=base.effort)
 
 
 class Reference(NamedTuple):
@@ -271,6 +290,7 @@ class BanditDecider:
         # Per task type: optimised vs holdout; a task it rolls back gets the baseline (mode "rollback").
         self.conservative = conservative
         self.costs = BaselineCosts()
+        self.truncation = TruncationGuard(constraints.max_extra_truncation)
         self.reservations: dict[str, Reservation] = {}
         self._last_tick = 0.0
         self._arm_cache: dict[tuple[Arm, Freedom, str, str], list[Arm]] = {}
@@ -323,9 +343,122 @@ class BanditDecider:
             self._arm_cache[key] = allowed
         return ref, allowed, limits
 
+    def truncation_key(self, ctx: RequestContext, temperature: float, base: Arm) -> TruncationKey:
+        return (ctx.upstream, ctx.model, ctx.task_type, round(float(temperature), 3), int(base.max_tokens))
+
+    def candidates(self, ctx: RequestContext) -> tuple[Reference, list[Arm], ModelLimits]:
+        """The trust region's arms (`reference_for`) less the lower caps the task's answers do not yet show safe.
+
+        Without quality evidence the automatic score cannot price a cut answer, so a cap below
+        the baseline's is offered only once `guards.truncation` has shown, anytime-valid at 95 %,
+        that it cuts at most `[constraints] max_extra_truncation` more answers than the
+        baseline cap does, at that arm's temperature. These are the arms `decide` plays from.
+        """
+        ref, allowed, limits = self.reference_for(ctx)
+        base = ref.arm
+        if not ref.freedom.max_tokens or self.truncation.off:
+            return ref, allowed, limits
+        keys: dict[float, TruncationKey] = {}
+        kept = []
+        for a in allowed:
+            if a.max_tokens < base.max_tokens:
+                key = keys.get(a.temperature)
+                if key is None:
+                    key = keys[a.temperature] = self.truncation_key(ctx, a.temperature, base)
+                if not self.truncation.admits(key, a.max_tokens):
+                    continue
+            kept.append(a)
+        return ref, kept, limits
+
+    def pmf(self, ctx: RequestContext, base: Arm, allowed: list[Arm]) -> np.ndarray:
+        """What `decide` plays over `allowed`: temperature from signal-only statistics, then the rest.
+
+        Why two stages. The automatic quality score cannot see temperature (it is 1 unless an
+        answer is cut, empty, refused or invalid), while hotter answers run longer and cost
+        more, so automatic rewards alone pull every task cold whatever the true quality.
+        Counting signals before temperature moves is not enough when signals are sparse: the
+        arms would still be ranked mostly on automatic rewards. So when `allowed` spans
+        several temperatures:
+
+        1. a temperature is drawn from statistics fed only by signals that see it (explicit
+           feedback and judge scores, `learn_signal`; not the one-sided regeneration marks,
+           proxy/decision/feedback.py `ONE_SIDED`), kept under
+           `temperature_context`, one arm per temperature;
+        2. among the allowed arms at that temperature (max_tokens, effort), from the usual
+           statistics, which every reward feeds: those arms differ only in what the
+           automatic score does see (cuts, tokens, latency).
+
+        The played probability is P(t)·P(arm | t), mixed with the policy's propensity floor
+        over all allowed arms so the logged propensities keep the support OPE needs. With one
+        temperature this is the policy's own pmf.
+        """
+        temps = list(dict.fromkeys(a.temperature for a in allowed))
+        if len(temps) <= 1:
+            return np.asarray(self.policy.propensities(ctx, base, allowed), dtype=np.float64)
+        t_arms = [temperature_arm(t, base) for t in temps]
+        p_t = np.asarray(self.policy.propensities(temperature_context(ctx), base, t_arms), dtype=np.float64)
+        out = np.zeros(len(allowed))
+        for j, t in enumerate(temps):
+            rows = [i for i, a in enumerate(allowed) if a.temperature == t]
+            p_m = np.asarray(self.policy.propensities(ctx, base, [allowed[i] for i in rows]), dtype=np.float64)
+            out[rows] = p_t[j] * p_m
+        return apply_floor(out, self.propensity_floor())
+
+    def propensity_floor(self) -> float:
+        """The policy's `min_propensity` (0 for policies without one)."""
+        settings = getattr(self.policy, "settings", None)
+        return float(getattr(settings, "min_propensity", 0.0))
+
+    def choose(self, ctx: RequestContext, base: Arm, allowed: list[Arm], rng: np.random.Generator) -> Choice:
+        """A draw from `pmf` with its exact propensity (the policy's own `choose` when there is one temperature).
+
+        Only the tables it needs are read: the temperature stage and the chosen temperature's
+        arms, so a decision costs two table look-ups however many temperatures there are.
+        With probability K·floor a uniformly random allowed arm, as `apply_floor` mixes it.
+        """
+        temps = list(dict.fromkeys(a.temperature for a in allowed))
+        if len(temps) <= 1:
+            return self.policy.choose(ctx, base, allowed, rng)
+        k, floor = len(allowed), self.propensity_floor()
+        explore = k * floor
+        u = rng.random()
+        p_t = np.asarray(self.policy.propensities(temperature_context(ctx), base, [temperature_arm(t, base) for t in temps]), dtype=np.float64)
+        if explore >= 1.0:
+            return Choice(index=min(int(u * k), k - 1), propensity=1.0 / k)
+        if u < explore:
+            index = min(int(u / floor), k - 1)
+            j = temps.index(allowed[index].temperature)
+        else:
+            j = sample_index(p_t, rng)
+            index = -1
+        rows = [i for i, a in enumerate(allowed) if a.temperature == temps[j]]
+        p_m = np.asarray(self.policy.propensities(ctx, base, [allowed[i] for i in rows]), dtype=np.float64)
+        if index < 0:
+            index = rows[sample_index(p_m, rng)]
+        within = float(p_m[rows.index(index)])
+        return Choice(index=index, propensity=floor + (1.0 - explore) * float(p_t[j]) * within)
+
+    def learn_signal(
+        self, ctx: RequestContext, baseline: Params, sent: Params, new_reward: float, previous: float | None, *, logged_version: str
+    ) -> Correction:
+        """Feed a temperature-visible signal's reward to the temperature-only statistics (`pmf`, stage 1).
+
+        `previous`: the reward of an earlier signal for the same request that is in those
+        statistics already (a judge score now replaced by explicit feedback, an overwrite),
+        swapped with `correct` so a request counts once; None adds the reward.
+        """
+        base = baseline.arm()
+        arm = sent.arm(baseline)
+        tctx = temperature_context(ctx)
+        t_base, t_arm = temperature_arm(base.temperature, base), temperature_arm(arm.temperature, base)
+        if previous is None:
+            self.policy.update(tctx, t_base, t_arm, new_reward)
+            return "updated"
+        return self.policy.correct(tctx, t_base, t_arm, previous, new_reward, logged_version=logged_version)
+
     async def decide(self, ctx: RequestContext, *, request_id: str, assignment_key: str) -> Decision:
         now = self.clock()
-        ref, allowed, limits = self.reference_for(ctx)
+        ref, allowed, limits = self.candidates(ctx)
         base = ref.arm
         eff = self.rollout.effective(now)
         # The holdout is drawn first and with its own salt: its keys get the baseline in every
@@ -333,7 +466,7 @@ class BanditDecider:
         held_out = assign(assignment_key, self.holdout_fraction, HOLDOUT_SALT)
         task_rolled_back = self.task_rolled_back(ctx.task_type)
         optimised = eff.optimizing_allowed and not held_out and not task_rolled_back and assign(assignment_key, eff.fraction)
-        choice = self.policy.choose(ctx, base, allowed, self.rng)
+        choice = self.choose(ctx, base, allowed, self.rng)
         policy_arm = allowed[choice.index]
         notes: list[str] = []
 
@@ -412,15 +545,15 @@ class BanditDecider:
         rollout share counts as drawn only when it covers all traffic.
         """
         now = self.clock()
-        ref, allowed, limits = self.reference_for(ctx)
+        ref, allowed, limits = self.candidates(ctx)
         base = ref.arm
         eff = self.rollout.effective(now)
         held_out = assign(assignment_key, self.holdout_fraction, HOLDOUT_SALT) if assignment_key else False
         assigned = (not held_out and assign(assignment_key, eff.fraction)) if assignment_key else None
         task_rolled_back = self.task_rolled_back(ctx.task_type)
         optimised = eff.optimizing_allowed and not task_rolled_back and (assigned if assigned is not None else eff.fraction >= 1.0)
-        pmf = np.asarray(self.policy.propensities(ctx, base, allowed), dtype=np.float64)
-        choice = self.policy.choose(ctx, base, allowed, rng)
+        pmf = self.pmf(ctx, base, allowed)
+        choice = self.choose(ctx, base, allowed, rng)
         policy_arm = allowed[choice.index]
         verdict = await self.budget.decide(
             allowed=allowed,
@@ -500,6 +633,8 @@ class BanditDecider:
         optimised = decision.mode in ("optimized", "guard_fallback")
         if outcome.error_class != "client_disconnected" and (failed or 200 <= outcome.status < 300):
             self.slo.observe(now, optimized=optimised, latency_s=outcome.latency_s, error=failed, quality=outcome.quality)
+        if 200 <= outcome.status < 300 and outcome.error_class is None:
+            self.observe_length(decision, outcome)
         if outcome.reward is not None and 200 <= outcome.status < 300 and outcome.error_class is None:
             base = decision.baseline
             self.policy.update(
@@ -509,6 +644,17 @@ class BanditDecider:
                 outcome.reward,
             )
         self.maybe_tick(now)
+
+    def observe_length(self, decision: Decision, outcome: Outcome) -> None:
+        """A finished answer's length under the cap it was sent with: evidence for `candidates`' lower caps."""
+        self.record_length(decision.context, decision.baseline, decision.sent, outcome.completion_tokens, outcome.finish_reason)
+
+    def record_length(self, ctx: RequestContext, baseline: Params, sent: Params, completion_tokens: int | None, finish_reason: str | None) -> None:
+        """`observe_length` from the logged fields (also replayed by `thermostat evaluate`)."""
+        if sent.max_tokens is None or completion_tokens is None:
+            return
+        key = self.truncation_key(ctx, sent.arm(baseline).temperature, baseline.arm())
+        self.truncation.observe(key, int(sent.max_tokens), int(completion_tokens), finish_reason == "length")
 
     def maybe_tick(self, now: float, force: bool = False) -> list[RolloutEvent]:
         if not force and now - self._last_tick < self.tick_interval_s:

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from policies.records import Arm, Decision, Outcome, RequestContext
+from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.signals import Signal
 from proxy.config import JudgeSettings
 from proxy.decision.decider import BanditDecider
@@ -151,9 +151,25 @@ def _count_signal(fx: FeedbackServices, task_type: str, already: bool, learns: b
         fx.bandit.signals.add(task_type)
 
 
+ONE_SIDED = frozenset({"implicit"})
+"""Signal sources that only ever mark failures (a regeneration), never successes.
+
+Measured (bench/results/learning_sources.md, "regeneration only"): fed alone to the
+temperature-only statistics, whose other rewards are signals too, every temperature's
+rewards are all zeros, the comparison has no denominator, and the creative task drifted to
+22 % below the client's settings. Such marks still replace the automatic reward in the
+usual statistics (`_apply`), but neither count towards `min_quality_signals` nor feed the
+temperature stage. (Counting an unmarked answer as an implicit success once its
+regeneration window has passed would give them a denominator: not built.)
+"""
+
+
 def _judged(fx: FeedbackServices, request_id: str) -> bool:
-    """A judge score or implicit mark already counted this request (`deliver_signal`): explicit feedback is not a second signal."""
-    return request_id in fx.signals.sources
+    """A judge score already counted this request (`deliver_signal`): explicit feedback is not a second signal.
+
+    An implicit mark is not counted (`ONE_SIDED`), so explicit feedback after one still counts.
+    """
+    return fx.signals.sources.get(request_id) not in (None, *ONE_SIDED)
 
 
 def _reward(fx: FeedbackServices, task_type: str, quality: float, latency_s: float, completion_tokens: int | None) -> float:
@@ -187,6 +203,18 @@ def _apply(fx: FeedbackServices, ctx: RequestContext, base: Arm, arm: Arm, old: 
         f"policy '{policy.name}' has no correct(ctx, baseline, arm, old_reward, new_reward); "
         "its statistics keep the automatic reward (adding the new one would count the request twice)"
     )
+
+
+def _teach_temperature(
+    fx: FeedbackServices, ctx: RequestContext, baseline: Params, sent: Params, new: float, previous: float | None, logged_version: str
+) -> None:
+    """Every temperature-visible signal also feeds the temperature-only statistics (`BanditDecider.pmf`).
+
+    Those statistics never hold automatic rewards, so there is nothing to swap unless an
+    earlier signal of the same request is in them (`previous`).
+    """
+    if fx.learns:
+        fx.bandit.learn_signal(ctx, baseline, sent, new, previous, logged_version=logged_version)
 
 
 async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: str, now: float | None = None) -> FeedbackResult:
@@ -229,10 +257,11 @@ async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: st
     if already and not body.overwrite:
         raise FeedbackConflict(rid)
     previous_quality = book.recorded[rid][0] if rid in book.recorded else row.feedback_quality
+    previous_signal: float | None = None
     if rid in book.recorded:
-        old_reward = book.recorded[rid][1]
+        old_reward = previous_signal = book.recorded[rid][1]
     elif row.feedback_quality is not None:
-        old_reward = row.feedback_reward
+        old_reward = previous_signal = row.feedback_reward
     else:
         old_reward = row.reward
     new_reward = _reward(fx, row.task_type, quality, row.latency_s, row.completion_tokens)
@@ -246,6 +275,7 @@ async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: st
             fx, ctx, row.baseline_params.arm(), row.chosen_params.arm(row.baseline_params), old_reward, new_reward,
             row.policy_version,
         )
+        _teach_temperature(fx, ctx, row.baseline_params, row.chosen_params, new_reward, previous_signal, row.policy_version)
     fx.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
     _pair_explicit(fx, rid, quality)
@@ -274,6 +304,8 @@ async def _with_outcome(
             fx, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), old_reward, new_reward,
             decision.policy_version,
         )
+        previous_signal = old_reward if outcome.feedback or _judged(fx, rid) else None
+        _teach_temperature(fx, decision.context, decision.baseline, decision.sent, new_reward, previous_signal, decision.policy_version)
     # A copy: the queued LogEntry shares the original Outcome and must keep the automatic score.
     fx.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward, feedback=True))
     fx.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
@@ -301,6 +333,7 @@ def apply_pending_feedback(fx: FeedbackServices, decision: Decision, outcome: Ou
             fx, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,
             decision.policy_version,
         )
+        _teach_temperature(fx, decision.context, decision.baseline, decision.sent, new_reward, None, decision.policy_version)
     fx.recorder.submit(
         FeedbackEntry(request_id=decision.request_id, quality=pending.quality, reward=new_reward,
                       payload={"deferred": True}, received_at=time.time())
@@ -423,13 +456,20 @@ async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None
         return signals.count(signal.source, "weaker")
     quality = min(1.0, max(0.0, float(signal.quality)))
     new_reward = fx.bandit.reward_for(decision, outcome, quality)
-    # Judge scores and regeneration marks see temperature as explicit feedback does; one count per request.
-    _count_signal(fx, decision.context.task_type, rid in signals.sources, _learns(outcome.status, outcome.error_class))
+    # Judge scores see temperature as explicit feedback does; one count per request. Implicit marks are
+    # one-sided (only failures are ever marked), so alone they cannot rank temperatures (`ONE_SIDED`).
+    one_sided = signal.source in ONE_SIDED
+    earlier = _judged(fx, rid)
+    if not one_sided:
+        _count_signal(fx, decision.context.task_type, earlier, _learns(outcome.status, outcome.error_class))
     if _learns(outcome.status, outcome.error_class):
         _apply(
             fx, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,
             decision.policy_version,
         )
+        if not one_sided:
+            previous_signal = outcome.reward if earlier else None
+            _teach_temperature(fx, decision.context, decision.baseline, decision.sent, new_reward, previous_signal, decision.policy_version)
     fx.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward))
     payload: dict[str, Any] = {"source": signal.source, "rank": rank(signal.source)}
     if signal.reason:

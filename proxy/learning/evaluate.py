@@ -17,8 +17,12 @@ How the candidate's probabilities are obtained.  The candidate policy (its name 
 settings from the candidate config, `policies.registry.make_policy`) is replayed through the
 log in time order: for each logged row it is first asked for its probabilities over
 the arms the candidate's trust region allows (`BanditDecider.allowed_for`, built from
-the candidate config), then it learns the logged reward of the logged arm, as the live
-decider does (`BanditDecider.observe` updates on every served request).  The target
+the candidate config; the live decider's length check on lower caps, `candidates`, is
+not replayed, so the candidate is valued over its whole region), with the live decider's
+two-stage pmf (`BanditDecider.pmf`: the temperature from signal-only statistics, fed by
+the rows with feedback), then it learns
+the logged reward of the logged arm, as the live decider does (`BanditDecider.observe`
+updates on every served request).  The target
 probabilities of row i thus depend only on rows before i, so the weights are
 predictable and the estimates are those of the candidate *learning on this traffic*.
 One caveat the report repeats: the candidate learns from the arms the logging policy
@@ -195,7 +199,7 @@ def replay(rows: Sequence[DecisionRow], candidate_config: Config, log_config: Co
             rep = out[r.task_type]
             _, arms = target_region.allowed(ctx)
             _, logged_arms = logged_region.allowed(ctx)
-            probs = np.asarray(policy.propensities(ctx, base, arms), dtype=np.float64)
+            probs = target_region.decider.pmf(ctx, base, arms)  # as the live decider plays: temperature stage first
             keys = [arm_key(a) for a in arms]
             logged_keys = {arm_key(a) for a in logged_arms}
             rep.outside += arm_key(logged) not in logged_keys
@@ -211,6 +215,8 @@ def replay(rows: Sequence[DecisionRow], candidate_config: Config, log_config: Co
         if r.feedback_quality is not None:
             target_region.signal(r.task_type)
             logged_region.signal(r.task_type)
+            # A signal that sees temperature: the temperature-only statistics learn it too (BanditDecider.pmf).
+            target_region.decider.learn_signal(ctx, r.baseline_params, r.chosen_params, reward, None, logged_version=policy.version)
         policy.update(ctx, base, logged, reward)
     return out, series
 

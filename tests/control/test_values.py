@@ -117,8 +117,9 @@ def test_ope_ips_by_hand(ctl: RunningThermostat) -> None:
     r, mu, pi, pb = [], [], [], []
     for row in log:
         ctx = context_from_features(row.context_features)
-        base, allowed, _ = rt.bandit.allowed_for(ctx)
-        probs = rt.policy.propensities(ctx, base, allowed)
+        ref, allowed, _ = rt.bandit.candidates(ctx)  # what the decider plays from now (the lower caps shown safe)
+        base = ref.arm
+        probs = rt.bandit.pmf(ctx, base, allowed)
         sent = row.chosen_params.arm(row.baseline_params)  # a knob the client omitted stays omitted: the baseline names it
         idx = [arm_key(a) for a in allowed].index(arm_key(sent))
         r.append(row.reward)

@@ -54,6 +54,9 @@ def harmful(upstream: FakeUpstream, webhook: FakeUpstream, tmp_path_factory: pyt
         # The global SLO (all task types at once) must not act first: only the per-task monitor is under test.
         slo={"quality_min": 0.0, "min_samples": 10_000},
         alerts={"webhook_urls": [f"http://127.0.0.1:{webhook.port}/alerts"]},
+        # The length check (guards/truncation.py) would never offer caps that cut these answers, so the harm
+        # would not reach the monitor; it is switched off because the monitor is what is under test here.
+        constraints={"max_extra_truncation": 1.0},
     )
     rt = Runtime(cfg)
     rt.bandit.policy = ShortestCap.from_settings(thompson=cfg.policy.thompson, linucb=cfg.policy.linucb)

@@ -36,7 +36,10 @@ def _start(upstream: FakeUpstream, data_dir: Path, optimization: dict[str, Any])
         {"name": "an", "base_url": upstream.url, "format": "anthropic", "models": ["claude-*"], "timeout_s": 2.0,
          "connect_timeout_s": 1.0, "models_config": [{"pattern": "claude-*", "efforts": EFFORTS}]},
     ]  # fmt: skip
-    return start_thermostat(make_config(upstream.url, data_dir, optimization=optimization, upstreams=ups))
+    # How LangChain traffic is tuned and logged is under test, not the length check on lower caps
+    # (tests/integration/test_truncation_proxy.py): every cap of the region is offered from the first request.
+    return start_thermostat(make_config(upstream.url, data_dir, optimization=optimization, upstreams=ups,
+                                        constraints={"max_extra_truncation": 1.0}))
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,9 @@ def test_explicit_max_tokens_50_never_exceeds_50_upstream(general: RunningThermo
         assert 25 <= body["max_tokens"] <= 50  # lowered by at most half, never raised
         assert body["temperature"] == 0.3  # no feedback yet: temperature is not tuned
         seen.add(body["max_tokens"])
-    assert "optimized" in modes and len(seen) > 1  # it did tune, below the cap
+    # Optimised, yet the cap stays: 40 answers cannot show at 95 % that a lower cap cuts < 0.5 % more
+    # (guards/truncation.py; tests/integration/test_truncation_proxy.py shows it lowering once they can).
+    assert "optimized" in modes and seen == {50}
     for _ in range(10):
         client.chat.completions.create(model="echo-1", messages=MESSAGES, max_completion_tokens=50)  # type: ignore[arg-type]
         body = upstream.last().body

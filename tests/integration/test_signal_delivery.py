@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from policies.signals import Signal
+from proxy.decision.decider import TEMPERATURE_STATISTICS
 from proxy.decision.feedback import SignalBook, deliver_signal
 from tests.conftest import make_config
 from tests.support.fake_upstream import FakeUpstream
@@ -35,13 +36,18 @@ def ask(t: RunningThermostat) -> str:
 
 @pytest.fixture
 def corrections(learning: RunningThermostat, monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, float]]:
-    """(old, new) rewards passed to the real policy's correct()."""
+    """(old, new) rewards passed to the real policy's correct() for the usual statistics.
+
+    The temperature-only statistics (`BanditDecider.learn_signal`, task type suffixed
+    `TEMPERATURE_STATISTICS`) hold signals only, so they see their own swaps: not counted here.
+    """
     policy = learning.runtime.policy
     seen: list[tuple[float, float]] = []
     original = policy.correct
 
     def spy(ctx: Any, base: Any, arm: Any, old: float, new: float, **kw: Any) -> Any:
-        seen.append((old, new))
+        if not ctx.task_type.endswith(TEMPERATURE_STATISTICS):
+            seen.append((old, new))
         return original(ctx, base, arm, old, new, **kw)
 
     monkeypatch.setattr(policy, "correct", spy)

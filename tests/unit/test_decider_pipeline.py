@@ -50,7 +50,9 @@ def make_decider(policy: UniformPolicy, caws: CawsSettings | None = None, phase:
         budget=BudgetGuard(caws or CawsSettings(budget_limit=10**12), InProcessStore()),
         rollout=RolloutController.create(RolloutSettings(), SloSettings(), slo, now=0.0, phase=phase),  # type: ignore[arg-type]
         slo=slo,
-        constraints=ConstraintsSettings(),
+        # The pipeline's order is under test, not the length check on lower caps (tests/unit/test_truncation.py):
+        # every cap of the region is offered, as if the answers had already shown them safe.
+        constraints=ConstraintsSettings(max_extra_truncation=1.0),
         grid=ArmGridSettings(temperature_steps=5, max_tokens_steps=5),
         reward_settings=RewardSettings(),
         baseline_for=lambda task: BaselineSettings(),

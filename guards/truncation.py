@@ -1,0 +1,163 @@
+"""A lower max_tokens only where the task's own answers say it will not cut more than the client's cap.
+
+Why. Lowering a cap changes nothing for an answer that ends below it, and cuts the
+answers that run past it. The automatic quality score charges a cut answer 0.4, while a
+real user loses what the missing part was worth, so a policy that only sees the automatic
+score trades real quality for saved tokens (measured: up to 3 % true quality lost on three
+of four simulated tasks, bench/safe_learning.py). Without quality evidence the only
+defensible lower cap is one that (almost) never cuts more than the client's own cap does.
+
+What is tested. For a lower cap m' under the baseline cap m0, the *extra truncation* is
+p = P(m' < L <= m0), L the answer's natural length: the answers m' cuts and m0 does not.
+A lower cap is admitted (`TruncationGuard.admits`) only while the task's observed answers
+reject "p >= max_extra_truncation" (δ) at level α = 0.05, with an anytime-valid test, so
+checking it on every request does not inflate the error: the chance that a cap with
+p >= δ is *ever* admitted is at most α. Raising a cap never cuts more, so arms at or above
+m0 are always admitted.
+
+Observations. Every finished answer of the same (upstream, model, task, temperature,
+baseline cap) — holdout, optimised, any cap sent — gives an indicator X for each tracked m':
+
+* uncut with L tokens: L is known, X = 1[m' < L <= m0] exactly;
+* cut at the cap c that was sent: L > c. If c >= m0 the answer was cut at m0 as well
+  (X = 0); otherwise whether L <= m0 is unknown and X = 1, the pessimistic value.
+
+So E[X | past] >= p whatever caps the policy sent: the indicators over-state the extra
+truncation, never under-state it. Temperature is part of the key because hotter answers
+run longer: what a cap does at one temperature says nothing about another.
+
+The test (a discrete mixture of likelihood ratios, with a ceiling). For each of K points
+q_j = δ·(j+1)/(K+1) in (0, δ), the ratio Π (q_j/δ)^X ((1−q_j)/(1−δ))^(1−X) has
+conditional expectation q·q_j/δ + (1−q)(1−q_j)/(1−δ) <= 1 whenever q >= δ (it falls with
+q because q_j < δ), so it is a non-negative supermartingale under the null. The wealth
+M_n = min(C, M_{n−1} · Σ_j w_j f_j(X_n)), with w_j the components' predictable
+(posterior) weights, is one too: a predictable average of factors with mean <= 1, and
+min(C, ·) is concave (Jensen). Ville's inequality then gives P(sup M_n >= 1/α) <= α.
+The ceiling C = 4/α is what lets a cap leave the safe set within a few hundred answers
+after the answers grow (a model change): without it, wealth piled up over months would
+take as long to spend. Zero observed extra cuts admit a cap after at most
+ln(K/α)/(δ·K/(K+1)) answers (~1,140 at δ = 0.005; ~940 in fact, the other components
+help); one extra cut costs it a factor of up to (K+1).
+
+State is per process (like the quality-signal counter), bounded by `max_keys`; a key
+past the bound is never tracked, so its lower caps stay closed (the safe side).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+ALPHA = 0.05
+"""Level of the test: a cap whose extra truncation is >= δ is ever admitted with probability <= ALPHA."""
+COMPONENTS = 8
+LOG_ADMIT = math.log(1.0 / ALPHA)
+LOG_CEILING = math.log(4.0 / ALPHA)
+
+TruncationKey = tuple[str, str, str, float, int]
+"""(upstream, model, task type, temperature, baseline max_tokens)."""
+
+
+def extra_cut(lower: int, base: int, sent_cap: int, tokens: int, cut: bool) -> bool:
+    """The pessimistic indicator X (module docstring): would `lower` have cut an answer `base` did not?"""
+    if not cut:
+        return lower < tokens <= base
+    return sent_cap < base  # cut below the baseline cap: unknown whether `base` would have cut it
+
+
+def components(delta: float, k: int = COMPONENTS) -> np.ndarray:
+    """The mixture's alternatives q_j = δ·(j+1)/(k+1), all strictly inside (0, δ)."""
+    return delta * np.arange(1, k + 1, dtype=np.float64) / (k + 1)
+
+
+def wealth_step(log_wealth: np.ndarray, log_weights: np.ndarray, q: np.ndarray, delta: float, bad: np.ndarray) -> None:
+    """One observation for several caps at once (rows), in place.
+
+    log_wealth (C,), log_weights (C, K) normalised per row, bad (C,) bool. Each row's factor
+    is g = Σ_j w_j f_j with f_j = q_j/δ (bad) or (1−q_j)/(1−δ); wealth becomes min(ceiling,
+    wealth·g) and the weights their posterior w_j f_j / g.
+    """
+    log_f = np.where(bad[:, None], np.log(q / delta)[None, :], np.log1p(-q)[None, :] - math.log1p(-delta))
+    joint = log_weights + log_f
+    top = joint.max(axis=1)
+    log_g = top + np.log(np.exp(joint - top[:, None]).sum(axis=1))
+    log_weights[:] = joint - log_g[:, None]
+    np.minimum(log_wealth + log_g, LOG_CEILING, out=log_wealth)
+
+
+class _KeyState:
+    """The tracked lower caps of one key and their test states (rows)."""
+
+    __slots__ = ("caps", "index", "log_wealth", "log_weights")
+
+    def __init__(self) -> None:
+        self.caps: list[int] = []
+        self.index: dict[int, int] = {}
+        self.log_wealth = np.zeros(0)
+        self.log_weights = np.zeros((0, COMPONENTS))
+
+    def track(self, lower: int) -> int:
+        row = len(self.caps)
+        self.caps.append(lower)
+        self.index[lower] = row
+        self.log_wealth = np.append(self.log_wealth, 0.0)
+        self.log_weights = np.vstack([self.log_weights, np.full((1, COMPONENTS), -math.log(COMPONENTS))])
+        return row
+
+
+class TruncationGuard:
+    """Per (upstream, model, task, temperature, baseline cap): which lower caps are safe (module docstring).
+
+    `max_extra_truncation` (δ) >= 1 switches the guard off (every cap admitted); 0 admits no
+    lower cap at all. Lower caps are tracked from the first time they are asked about, at
+    most `max_caps` per key.
+    """
+
+    def __init__(self, max_extra_truncation: float, *, max_keys: int = 4096, max_caps: int = 64) -> None:
+        if not 0.0 <= max_extra_truncation:
+            raise ValueError(f"max_extra_truncation must be >= 0, got {max_extra_truncation!r}")
+        self.delta = max_extra_truncation
+        self.max_keys = max_keys
+        self.max_caps = max_caps
+        self.keys: dict[TruncationKey, _KeyState] = {}
+        self._q = components(self.delta) if 0.0 < self.delta < 1.0 else np.zeros(COMPONENTS)
+
+    @property
+    def off(self) -> bool:
+        return self.delta >= 1.0
+
+    def admits(self, key: TruncationKey, lower: int) -> bool:
+        """May a cap of `lower` be sent where the baseline cap is key[4]? Starts tracking it if new."""
+        if self.off or lower >= key[4]:
+            return True
+        if self.delta <= 0.0:
+            return False
+        state = self.keys.get(key)
+        if state is None:
+            if len(self.keys) >= self.max_keys:
+                return False
+            state = self.keys[key] = _KeyState()
+        row = state.index.get(lower)
+        if row is None:
+            if len(state.caps) >= self.max_caps:
+                return False
+            state.track(lower)
+            return False
+        return bool(state.log_wealth[row] >= LOG_ADMIT)
+
+    def observe(self, key: TruncationKey, sent_cap: int, tokens: int, cut: bool) -> None:
+        """One finished answer of `key`: `tokens` generated under the cap `sent_cap`, `cut` if it hit it."""
+        state = self.keys.get(key)
+        if state is None or not state.caps or self.off or self.delta <= 0.0:
+            return
+        base = key[4]
+        bad = np.fromiter((extra_cut(lower, base, sent_cap, tokens, cut) for lower in state.caps), dtype=bool, count=len(state.caps))
+        wealth_step(state.log_wealth, state.log_weights, self._q, self.delta, bad)
+
+    def evidence(self, key: TruncationKey) -> dict[int, float]:
+        """Per tracked lower cap, the test's wealth M_n (admitted at >= 1/ALPHA): for the control API and tests."""
+        state = self.keys.get(key)
+        if state is None:
+            return {}
+        return {cap: float(math.exp(w)) for cap, w in zip(state.caps, state.log_wealth)}
