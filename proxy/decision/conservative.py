@@ -17,6 +17,7 @@ from guards.conservative import ConservativeMonitor, MonitorEvent, MonitorState
 from guards.state import StateStore, StoreUnavailable
 from policies.base import Adaptive, Policy
 from policies.records import Decision, Outcome
+from proxy.decision.decider import TEMPERATURE_STATISTICS
 from proxy.observability.alerts import Alert, AlertManager
 from proxy.observability.metrics import Metrics, RolloutSource
 from proxy.store.base import EventRecord
@@ -77,6 +78,7 @@ class ConservativeListener:
                 # the old model. Its statistics start afresh (shared with the other replicas through
                 # the reopen count, policies.base.Adaptive), so exploration resumes from the prior.
                 self.policy.reopen(event.task_type)
+                self.policy.reopen(event.task_type + TEMPERATURE_STATISTICS)  # the temperature stage learnt the old model too
                 reopened = {"exploration_reopened": True}
             task = self.metrics.task_label(event.task_type)
             self.recorder.submit(

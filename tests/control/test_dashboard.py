@@ -138,6 +138,15 @@ class HarmfulForExtraction(ThompsonGaussianPolicy):
             return Choice(index=min(range(len(arms)), key=lambda i: arms[i].max_tokens), propensity=1.0)
         return super().choose(ctx, baseline, arms, rng)
 
+    def propensities(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm]) -> np.ndarray:
+        # Once judge scores unlock temperature the decider draws in two stages from these (BanditDecider.choose):
+        # the cap stage at any temperature is the smallest cap, so the harm holds whatever temperature is drawn.
+        if ctx.task_type == "extraction":
+            out = np.zeros(len(arms))
+            out[min(range(len(arms)), key=lambda i: arms[i].max_tokens)] = 1.0
+            return out
+        return super().propensities(ctx, baseline, arms)
+
 
 @pytest.fixture(scope="module")
 def simulator() -> Iterator[SimulatorHandle]:
@@ -172,6 +181,7 @@ def test_dashboard_shows_a_simulated_run_with_judge_holdout_monitor_and_events(s
     cfg = make_config(simulator.url, tmp_path / "data", optimization={"mode": "general", "seed": 5, "holdout_fraction": 0.3},
                       admin={"token_env": "THERMOSTAT_DASHBOARD_TEST_TOKEN"},
                       slo={"quality_min": 0.0, "min_samples": 10_000},  # the global SLO stays out: the per-task monitor acts
+                      constraints={"max_extra_truncation": 1.0},  # lower caps offered at once, so the harmful policy can cut answers
                       judge={"enabled": True, "model": "sim-judge", "sample_rate": 0.5, "max_concurrency": 4})
     rt = Runtime(cfg)
     rt.bandit.policy = HarmfulForExtraction.from_settings(thompson=cfg.policy.thompson, linucb=cfg.policy.linucb)

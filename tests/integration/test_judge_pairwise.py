@@ -19,6 +19,7 @@ from aiohttp import web
 from policies.records import Decision, Outcome, Params, RequestContext
 from policies.signals import Signal
 from proxy.config import JudgeSettings
+from proxy.decision.decider import TEMPERATURE_STATISTICS
 from proxy.demo.simulator import SimulatorTruth, TaskProfile
 from proxy.demo.simulator_server import PAIRWISE_TIE, SimulatorHandle, start_simulator
 from proxy.learning.judge import JUDGE_TASK_TYPE, Judge, extract_pair, http_transport, parse_preference, tuned_result
@@ -221,8 +222,10 @@ def test_proxy_pairwise_signals_reach_the_tuned_arm_only(simulator: SimulatorHan
         updates: list[tuple[float, float]] = []  # (baseline temperature, sent temperature) of every policy update
         original = rt.policy.update
 
+        stage_updates: list[tuple[float, float]] = []  # the temperature-only statistics (BanditDecider.pmf, stage 1)
+
         def spy(ctx: Any, base: Any, arm: Any, reward: float) -> Any:
-            updates.append((base.temperature, arm.temperature))
+            (stage_updates if ctx.task_type.endswith(TEMPERATURE_STATISTICS) else updates).append((base.temperature, arm.temperature))
             return original(ctx, base, arm, reward)
 
         rt.policy.update = spy  # type: ignore[method-assign]
@@ -259,6 +262,8 @@ def test_proxy_pairwise_signals_reach_the_tuned_arm_only(simulator: SimulatorHan
             assert r.feedback_source == "judge_pairwise" and r.feedback_quality in (0.0, 0.5, 1.0)
         # One policy update per client request: the baseline's second answers taught nothing.
         assert len(updates) == 40
+        # Each verdict sees temperature, so it also fed the temperature stage once (two-sided, unlike regeneration marks).
+        assert len(stage_updates) == 40
         # One signal per request; the later correct() of each swapped that request's own arm.
         assert rt.bandit.signals.count("creative") == 40
         assert sorted(corrected) == sorted(

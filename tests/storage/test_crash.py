@@ -194,6 +194,11 @@ def test_kill_9_embedded_state_resumes(upstream: FakeUpstream, tmp_path: Path, m
             for _ in range(150):
                 r = http.post("/v1/chat/completions", json={"model": "echo-1", "messages": [{"role": "user", "content": "q"}], "temperature": 0.7, "max_tokens": 512})
                 assert r.status_code == 200
+                # Temperatures are compared only on signals that see them (BanditDecider.pmf): explicit scores,
+                # hotter is better, so the posterior has something to learn and to carry across the crash.
+                sent = dict(p.strip().split("=", 1) for p in r.headers["x-thermostat-params"].split(";") if "=" in p)
+                quality = 0.9 if float(sent.get("temperature", 0.7)) > 0.7 else 0.3
+                api(http, "POST", "/record-outcome", json={"request_id": r.headers["x-request-id"], "outcome": {"quality": quality}})
             waiver = api(http, "POST", "/waivers", json={"task_type": "default", "extra_tokens": 500, "reason": "r", "approver": "a", "duration_s": 3600})
             api(http, "POST", "/rollback", json={"reason": "before the crash"})
             time.sleep(1.0)  # the posterior is snapshotted every 0.2 s (budget, waiver and rollback are journaled at once)
