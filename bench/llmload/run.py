@@ -366,6 +366,18 @@ def thermostat_limits(max_streams: int) -> tuple[str, str]:
     return server, upstream
 
 
+def with_workers(th: Target, tmp: Path, workers: int, redis_url: str) -> None:
+    """`serve --workers N` shares its state through Redis: a key prefix of its own, so nothing else's keys are touched.
+
+    CPU and RSS columns sum the whole process tree (the supervisor and every worker)."""
+    assert th.proc is not None
+    prefix = f"thermostat-bench-{os.getpid()}:"
+    cfg = tmp / "thermostat.toml"
+    cfg.write_text(cfg.read_text() + f'\n[storage]\nredis_url = "{redis_url}"\nredis_key_prefix = "{prefix}"\n')
+    th.proc.cmd = [*th.proc.cmd, "--workers", str(workers)]
+    th.note += f", `--workers {workers}` (Redis {redis_url}, key prefix {prefix})"
+
+
 def raise_fd_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -411,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="padding bytes per slow-reader chunk: 250 chunks, so ~4 MB per slow stream, past what loopback sockets hold")
     p.add_argument("--slow-base", type=int, default=1000, help="concurrent normal streams during the slow-reader phase")
     p.add_argument("--profile", action="store_true", help="py-spy Thermostat at the verdict step (needs py-spy)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="Thermostat worker processes (`serve --workers N`); above 1 uses Redis at 127.0.0.1:6379 (--redis-url)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--tag", default="")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where the .md and .json go (tests use a temp dir)")
@@ -427,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     server_toml, upstream_toml = thermostat_limits(max(max(steps), a.slow_base) + a.slow_readers)
     ns = argparse.Namespace(no_litellm=a.no_litellm or "litellm" not in a.targets)
     upstream, targets = build_targets(tmp, ns, upstream_cmd=[PY, "-m", "bench.llmload.upstream"], server_toml=server_toml, upstream_toml=upstream_toml)
+    if a.workers > 1:
+        with_workers(next(t for t in targets if t.name == "thermostat"), tmp, a.workers, a.redis_url)
     wanted = set(a.targets.split(",")) | {"direct"}
     targets = [t for t in targets if t.name in wanted]
     up_base = f"http://127.0.0.1:{upstream.port}"
@@ -530,7 +547,7 @@ def run_meta(a: argparse.Namespace, argv: list[str]) -> dict:
         "date": base["date"], "command": " ".join([".venv/bin/python -m bench.llmload.run", *argv]), "cpu": base["cpu"], "cores": base["cores"],
         "loadavg_before": base["loadavg_before"], "python": base["python"], "git": base["git"], "smoke": a.smoke,
         "warmup": a.warmup, "duration": a.duration, "mean_s": a.mean_s, "nonstream_frac": a.nonstream_frac,
-        "generators": a.generators or "one per 1,000 streams (1-4)", "seed": a.seed, "slow_pad": a.slow_pad,
+        "generators": a.generators or "one per 1,000 streams (1-4)", "seed": a.seed, "slow_pad": a.slow_pad, "workers": a.workers,
     }
 
 
