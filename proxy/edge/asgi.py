@@ -433,40 +433,30 @@ class ProxyEdge:
             if rest:
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
 
-        # The relay runs in the request's own task; only the disconnect watcher is a task of its
-        # own, and it cancels the relay when the client goes (one task per stream, not two plus
-        # an asyncio.wait: less CPU and memory per concurrent stream).
-        relay_task = asyncio.current_task()
-        gone = False
-
         async def watch() -> None:
-            nonlocal gone
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    gone = True
-                    if relay_task is not None:
-                        relay_task.cancel()
                     return
 
         clean = False
-        exc: BaseException | None = None
+        pump_task = asyncio.ensure_future(pump())
         watch_task = asyncio.ensure_future(watch())
         try:
-            try:
-                await pump()
-            except asyncio.CancelledError:
-                if not gone or relay_task is None:
-                    raise
-                relay_task.uncancel()  # our own cancellation, not the server's: finish the bookkeeping normally
-                return ttft, "client_disconnected", overhead
-            except Exception as err:  # classified below, as the pump task's exception was
-                exc = err
-            # Synchronous from the end of pump() to here: the watcher cannot have cancelled us after it.
+            done, _ = await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+            if watch_task in done:
+                pump_task.cancel()
+                error_class = "client_disconnected"
+                try:
+                    await pump_task
+                except (asyncio.CancelledError, Exception):
+                    pass
+                return ttft, error_class, overhead
             watch_task.cancel()
             if relay.unsummarised:
                 self.metrics.unsummarised.labels(upstream.name).inc()
-            clean = exc is None
+            clean = pump_task.exception() is None
+            exc = pump_task.exception()
             if exc is not None:
                 error_class = classify(exc)
                 self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
@@ -478,8 +468,9 @@ class ProxyEdge:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return ttft, error_class, overhead
         finally:
-            if not watch_task.done():
-                watch_task.cancel()
+            for task in (pump_task, watch_task):
+                if not task.done():
+                    task.cancel()
             if clean:
                 response.release()  # the connection goes back to the pool
             else:
