@@ -172,6 +172,7 @@ def run_load(target: Target, upstream_base: str, concurrency: int, a: argparse.N
                "--seconds", f"{a.warmup + a.duration + 1.5:.1f}", "--ramp", f"{min(5.0, a.warmup / 2):.1f}"]
         slow_proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     probe = target.base + "/health/liveness" if target.name == "thermostat" else None
+    redis_before = redis_stats(a) if target.name == "thermostat" else None
     sampler = Sampler(target, upstream_base, t_measure, t_end, probe)
     sampler.start()
     shards, errs = [], []
@@ -192,6 +193,7 @@ def run_load(target: Target, upstream_base: str, concurrency: int, a: argparse.N
             slow_proc.kill()
             slow_out = {"error": "slow readers failed"}
     sampler.join(timeout=10)
+    redis_after = redis_stats(a) if redis_before is not None else None
     data = {k: np.concatenate([np.load(o)[k] for o in outs if o.exists()] or [np.zeros(0, dtype=np.int64)])
             for k in ("chunk_us", "ttft_excess_us", "request_leg_us", "whole_excess_us", "lag_us", "late_start_us")}
     inflight = [np.load(o)["inflight"] for o in outs if o.exists()]
@@ -233,6 +235,12 @@ def run_load(target: Target, upstream_base: str, concurrency: int, a: argparse.N
         "cpu_ms_per_request": round(cpu_s * 1e3 / completed, 2) if completed else None,
         "slow_readers": slow_out, "generator_errors": errs,
     }
+    if redis_before and redis_after:
+        # Whole run (warm-up included) over every request scheduled in it: background syncs are charged to requests.
+        sched = max(1, row["scheduled"])
+        row["redis_commands_per_request"] = round((redis_after["total_commands_processed"] - redis_before["total_commands_processed"]) / sched, 2)
+        row["redis_in_bytes_per_request"] = round((redis_after["total_net_input_bytes"] - redis_before["total_net_input_bytes"]) / sched, 1)
+        row["redis_out_bytes_per_request"] = round((redis_after["total_net_output_bytes"] - redis_before["total_net_output_bytes"]) / sched, 1)
     for o in outs:
         o.unlink(missing_ok=True)
     return row
@@ -366,6 +374,30 @@ def thermostat_limits(max_streams: int) -> tuple[str, str]:
     return server, upstream
 
 
+def redis_stats(a: argparse.Namespace) -> dict | None:
+    """Redis INFO stats when Thermostat runs with workers (meaningful on a Redis of the bench's own: nothing else counted)."""
+    if a.workers <= 1:
+        return None
+    import redis
+
+    try:
+        return dict(redis.Redis.from_url(a.redis_url, socket_timeout=5).info("stats"))
+    except redis.RedisError:
+        return None
+
+
+def with_workers(th: Target, tmp: Path, workers: int, redis_url: str) -> None:
+    """`serve --workers N` shares its state through Redis: a key prefix of its own, so nothing else's keys are touched.
+
+    CPU and RSS columns sum the whole process tree (the supervisor and every worker)."""
+    assert th.proc is not None
+    prefix = f"thermostat-bench-{os.getpid()}:"
+    cfg = tmp / "thermostat.toml"
+    cfg.write_text(cfg.read_text() + f'\n[storage]\nredis_url = "{redis_url}"\nredis_key_prefix = "{prefix}"\n')
+    th.proc.cmd = [*th.proc.cmd, "--workers", str(workers)]
+    th.note += f", `--workers {workers}` (Redis {redis_url}, key prefix {prefix})"
+
+
 def raise_fd_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -411,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="padding bytes per slow-reader chunk: 250 chunks, so ~4 MB per slow stream, past what loopback sockets hold")
     p.add_argument("--slow-base", type=int, default=1000, help="concurrent normal streams during the slow-reader phase")
     p.add_argument("--profile", action="store_true", help="py-spy Thermostat at the verdict step (needs py-spy)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="Thermostat worker processes (`serve --workers N`); above 1 uses Redis at 127.0.0.1:6379 (--redis-url)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--tag", default="")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where the .md and .json go (tests use a temp dir)")
@@ -427,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     server_toml, upstream_toml = thermostat_limits(max(max(steps), a.slow_base) + a.slow_readers)
     ns = argparse.Namespace(no_litellm=a.no_litellm or "litellm" not in a.targets)
     upstream, targets = build_targets(tmp, ns, upstream_cmd=[PY, "-m", "bench.llmload.upstream"], server_toml=server_toml, upstream_toml=upstream_toml)
+    if a.workers > 1:
+        with_workers(next(t for t in targets if t.name == "thermostat"), tmp, a.workers, a.redis_url)
     wanted = set(a.targets.split(",")) | {"direct"}
     targets = [t for t in targets if t.name in wanted]
     up_base = f"http://127.0.0.1:{upstream.port}"
@@ -494,6 +531,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"held upstream {with_slow['upstream_pending_write_mb']:.1f} MB  chunk p99 {fmt(without['chunk_p99_ms'])} -> "
                       f"{fmt(with_slow['chunk_p99_ms'])}  slow: {with_slow.get('slow_readers')}", flush=True)
         add_deltas(rows, idle)
+        for (step, name), row in sorted(rows.items()):
+            if "redis_commands_per_request" in row:
+                notes.append(f"Redis ({a.redis_url}) at step {step}, {name}: {row['redis_commands_per_request']} commands, "
+                             f"{row['redis_in_bytes_per_request']} bytes in and {row['redis_out_bytes_per_request']} bytes out per "
+                             "scheduled request (INFO stats over the whole run, warm-up included).")
         if a.profile:
             th = next(t for t in live if t.name == "thermostat")
             th_steps = [s for s in steps if (s, "thermostat") in rows]
@@ -530,7 +572,7 @@ def run_meta(a: argparse.Namespace, argv: list[str]) -> dict:
         "date": base["date"], "command": " ".join([".venv/bin/python -m bench.llmload.run", *argv]), "cpu": base["cpu"], "cores": base["cores"],
         "loadavg_before": base["loadavg_before"], "python": base["python"], "git": base["git"], "smoke": a.smoke,
         "warmup": a.warmup, "duration": a.duration, "mean_s": a.mean_s, "nonstream_frac": a.nonstream_frac,
-        "generators": a.generators or "one per 1,000 streams (1-4)", "seed": a.seed, "slow_pad": a.slow_pad,
+        "generators": a.generators or "one per 1,000 streams (1-4)", "seed": a.seed, "slow_pad": a.slow_pad, "workers": a.workers,
     }
 
 

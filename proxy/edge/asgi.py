@@ -453,7 +453,8 @@ class ProxyEdge:
         fmt: WireFormat,
     ) -> tuple[float | None, str | None, float]:
         summarizer = fmt.stream_summarizer(summary_out)
-        relay = StreamRelay(strip_usage, upstream.settings.max_response_bytes, summarizer=summarizer)
+        cap = upstream.settings.max_response_bytes
+        relay = StreamRelay(strip_usage, cap, summarizer=summarizer, max_total_bytes=cap)
         if summarizer is None:
             relay.summary = summary_out
         hdrs = response_headers(response.raw_headers)

@@ -140,9 +140,11 @@ class StreamRelay:
     generated token has been returned by `feed` (for chat chunks: the first event relayed).
     """
 
-    __slots__ = ("summary", "strip_usage", "_buffer", "saw_done", "events", "max_event_bytes", "unsummarised", "summarizer", "first_token")
+    __slots__ = ("summary", "strip_usage", "_buffer", "saw_done", "events", "max_event_bytes", "max_total_bytes", "read_bytes",
+                 "unsummarised", "summarizer", "first_token")
 
-    def __init__(self, strip_usage: bool, max_event_bytes: int | None = None, summarizer: StreamSummarizer | None = None) -> None:
+    def __init__(self, strip_usage: bool, max_event_bytes: int | None = None, summarizer: StreamSummarizer | None = None,
+                 max_total_bytes: int | None = None) -> None:
         self.summarizer = summarizer
         self.summary = summarizer.summary if summarizer is not None else ResponseSummary()
         self.first_token = False
@@ -153,11 +155,23 @@ class StreamRelay:
         # An event that never ends would otherwise be buffered without bound: past this
         # size the rest of the stream is relayed as it comes, no longer read.
         self.max_event_bytes = max_event_bytes
+        # The answer's text is kept for the outcome, so a stream that never ends would grow it
+        # without bound: past this many bytes read, the text is dropped and the rest relayed
+        # unread, as a non-streamed body above `max_response_bytes` is.
+        self.max_total_bytes = max_total_bytes
+        self.read_bytes = 0
         self.unsummarised = False
 
     def feed(self, chunk: bytes) -> bytes:
         if self.unsummarised:
             return chunk
+        self.read_bytes += len(chunk)
+        if self.max_total_bytes is not None and self.read_bytes > self.max_total_bytes:
+            self.unsummarised = True
+            self.summary.content_parts.clear()
+            self.summary.tool_args.clear()
+            rest, self._buffer = self._buffer + chunk, b""
+            return rest
         data = self._buffer + chunk if self._buffer else chunk
         out: list[bytes] = []
         start = 0

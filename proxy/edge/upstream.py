@@ -78,6 +78,12 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
+# aiohttp stops reading an upstream's socket once twice this much is buffered and unread.
+# Its default (256 KiB since 3.10) let one stalled client's stream hold ~0.5 MiB in the
+# relay's read buffer alone; SSE events are small, so 64 KiB costs nothing in throughput.
+READ_BUFSIZE = 64 * 1024
+
+
 class AiohttpTransport:
     """One pooled `ClientSession` (created on first use, inside the loop)."""
 
@@ -96,6 +102,7 @@ class AiohttpTransport:
                 auto_decompress=False,
                 skip_auto_headers=_SKIP_AUTO_HEADERS,
                 cookie_jar=aiohttp.DummyCookieJar(),
+                read_bufsize=READ_BUFSIZE,
             )
         return self._session
 

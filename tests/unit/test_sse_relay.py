@@ -53,6 +53,20 @@ def test_an_event_past_the_cap_switches_to_unsummarised_passthrough() -> None:
     assert not relay.saw_done  # no longer read
 
 
+def test_a_stream_past_the_total_cap_drops_its_text_and_passes_through() -> None:
+    """Memory per stream stays bounded however long the upstream streams: the kept text goes, the bytes still flow."""
+    events = chat_sse(["a" * 10] * 20)
+    stream = b"".join(events)
+    cap = len(b"".join(events[:5])) + 3
+    relay = StreamRelay(strip_usage=False, max_event_bytes=1000, max_total_bytes=cap)
+    assert relay_all(relay, stream, 7) == stream
+    assert relay.unsummarised and relay.summary.content == "" and relay.summary.completion_tokens is None
+    assert cap < relay.read_bytes <= cap + 7  # counting stops at the read that crossed the cap
+    under = StreamRelay(strip_usage=False, max_event_bytes=1000, max_total_bytes=len(stream))
+    assert relay_all(under, stream, 7) == stream
+    assert not under.unsummarised and under.summary.content == "a" * 200
+
+
 def test_unterminated_last_event_comes_out_on_flush() -> None:
     relay = StreamRelay(strip_usage=False)
     assert relay.feed(b'data: {"choices":[]}') == b""
