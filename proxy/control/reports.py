@@ -678,7 +678,7 @@ def tuned_vs_holdout(rows: Iterable[DecisionRow], reward_low: float, reward_high
     row was served in mode ``rollback``; otherwise the reward verdict.
     """
     by_task: dict[str, list[DecisionRow]] = defaultdict(list)
-    for r in sorted(rows, key=lambda r: r.timestamp):
+    for r in sorted(rows, key=lambda r: (r.timestamp, r.request_id)):  # a sequence depends on order: ties broken the same way every time
         by_task[r.task_type].append(r)
     out = []
     for task in sorted(by_task):

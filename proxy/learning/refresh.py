@@ -11,6 +11,8 @@ import asyncio
 import logging
 from typing import Protocol, runtime_checkable
 
+from proxy.tasks import cancel_and_wait
+
 log = logging.getLogger("thermostat")
 
 
@@ -41,13 +43,8 @@ class TableRefresher:
         self._task = asyncio.create_task(self._run(), name="thermostat-policy-refresh")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

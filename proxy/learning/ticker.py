@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from policies.base import Adaptive
 from proxy.learning.evidence import compute_ope_evidence
+from proxy.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from proxy.decision.decider import BanditDecider
@@ -41,13 +42,8 @@ class RolloutTicker:
         self._task = asyncio.create_task(self._run(), name="thermostat-rollout-tick")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         last_ope = 0.0

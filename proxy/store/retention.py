@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from proxy.store.base import LogStore
+from proxy.tasks import cancel_and_wait
 
 log = logging.getLogger("thermostat")
 
@@ -38,13 +39,8 @@ class RetentionPruner:
             self._task = asyncio.create_task(self._run(), name="thermostat-retention")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

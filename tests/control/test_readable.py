@@ -112,7 +112,7 @@ def test_ope_states_a_small_effective_sample_and_missing_support() -> None:
 
 
 def _log_in_time_order(t: RunningThermostat) -> list:
-    return sorted(t.call(t.runtime.sink.fetch_decisions(limit=10_000)), key=lambda r: r.timestamp)
+    return sorted(t.call(t.runtime.sink.fetch_decisions(limit=10_000)), key=lambda r: (r.timestamp, r.request_id))
 
 
 def test_performance_shows_optimised_vs_holdout_with_the_anytime_valid_interval(held: RunningThermostat) -> None:
