@@ -277,6 +277,33 @@ class Discount(msgspec.Struct, frozen=True):
         return 1.0 if epochs <= 0 or not self.enabled else self.gamma**epochs
 
 
+class ReopenCounts:
+    """The version and generation bookkeeping every discounting, reopenable policy shares.
+
+    A policy keeps `_reopens` (task -> merged reopen count) and `_decay_epoch`; a task's
+    statistics live under its current generation, and the version names both, so a
+    correction logged before a reopen or in another epoch is recognised (`format_version`)."""
+
+    name: str
+    lineage: str
+    _revision: int
+    _decay_epoch: int
+    _reopens: dict[str, float]
+
+    @property
+    def version(self) -> str:
+        """`<name>[.<lineage>][~r<reopens>]-<revision>[e<epoch>]` (`format_version`)."""
+        reopened = int(round(sum(self._reopens.values())))
+        return format_version(self.name, self.lineage, self._revision, epoch=self._decay_epoch, reopened=reopened)
+
+    @property
+    def decay_epoch(self) -> int:
+        return self._decay_epoch
+
+    def _generation(self, task: str) -> int:
+        return int(round(self._reopens.get(task, 0.0)))
+
+
 @runtime_checkable
 class Adaptive(Protocol):
     """A policy that discounts its statistics and can reopen exploration for one task type."""

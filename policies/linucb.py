@@ -70,8 +70,8 @@ from policies.base import (
     Choice,
     Correction,
     Discount,
+    ReopenCounts,
     apply_floor,
-    format_version,
     sample_index,
     statistics_version,
     version_epoch,
@@ -131,7 +131,7 @@ class _Model:
         self.stale = False
 
 
-class LinUCBPolicy:
+class LinUCBPolicy(ReopenCounts):
     """Joint LinUCB (module docstring)."""
 
     name = "linucb"
@@ -164,19 +164,6 @@ class LinUCBPolicy:
         self._prior = _Model(s.regularization)
 
     # ----------------------------------------------------------------- state
-    @property
-    def version(self) -> str:
-        """`linucb[.<lineage>][~r<reopens>]-<revision>[e<epoch>]` (`policies.base.format_version`)."""
-        reopened = int(round(sum(self._reopens.values())))
-        return format_version(self.name, self.lineage, self._revision, epoch=self._decay_epoch, reopened=reopened)
-
-    @property
-    def decay_epoch(self) -> int:
-        return self._decay_epoch
-
-    def _generation(self, task: str) -> int:
-        return int(round(self._reopens.get(task, 0.0)))
-
     def _key(self, ctx: RequestContext) -> str:
         key = f"{task_part(ctx.task_type, self._generation(ctx.task_type))}|{model_group(ctx)}|{ctx.endpoint}"
         return key.replace(" ", "_")

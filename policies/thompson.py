@@ -76,8 +76,8 @@ from policies.base import (
     Choice,
     Correction,
     Discount,
+    ReopenCounts,
     apply_floor,
-    format_version,
     statistics_version,
     version_epoch,
 )
@@ -126,7 +126,7 @@ def bucket_of(key: str) -> str:
     return key.rsplit("|", 2)[0]
 
 
-class ThompsonGaussianPolicy:
+class ThompsonGaussianPolicy(ReopenCounts):
     """Thompson sampling over per-(bucket, arm) Gaussian posteriors (module docstring)."""
 
     name = "thompson_gaussian"
@@ -167,19 +167,6 @@ class ThompsonGaussianPolicy:
         self._reopens: dict[str, float] = {}  # task -> merged reopen count (totals + unexported)
 
     # ----------------------------------------------------------------- state
-    @property
-    def version(self) -> str:
-        """`thompson_gaussian[.<lineage>][~r<reopens>]-<revision>[e<epoch>]` (`policies.base.format_version`)."""
-        reopened = int(round(sum(self._reopens.values())))
-        return format_version(self.name, self.lineage, self._revision, epoch=self._decay_epoch, reopened=reopened)
-
-    @property
-    def decay_epoch(self) -> int:
-        return self._decay_epoch
-
-    def _generation(self, task: str) -> int:
-        return int(round(self._reopens.get(task, 0.0)))
-
     def posterior(self, ctx: RequestContext, arm: Arm) -> Posterior:
         """Posterior of one arm in the context's bucket (closed form in the module doc)."""
         bucket = self._bucket(ctx)
