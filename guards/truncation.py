@@ -71,18 +71,28 @@ def components(delta: float, k: int = COMPONENTS) -> np.ndarray:
     return delta * np.arange(1, k + 1, dtype=np.float64) / (k + 1)
 
 
-def wealth_step(log_wealth: np.ndarray, log_weights: np.ndarray, q: np.ndarray, delta: float, bad: np.ndarray) -> None:
+def log_factors(q: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """log f_j for an extra cut (X = 1) and for none (X = 0): constant per guard, so computed once."""
+    return np.log(q / delta), np.log1p(-q) - math.log1p(-delta)
+
+
+def wealth_step(log_wealth: np.ndarray, log_weights: np.ndarray, q: np.ndarray, delta: float, bad: np.ndarray,
+                factors: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """One observation for several caps at once (rows), in place.
 
     log_wealth (C,), log_weights (C, K) normalised per row, bad (C,) bool. Each row's factor
     is g = Σ_j w_j f_j with f_j = q_j/δ (bad) or (1−q_j)/(1−δ); wealth becomes min(ceiling,
-    wealth·g) and the weights their posterior w_j f_j / g.
+    wealth·g) and the weights their posterior w_j f_j / g. `factors` is `log_factors(q, delta)`,
+    passed in by the guard because this runs once per answer.
+
+    The log-sum-exp needs no shift: the weights are normalised, so the largest is at least
+    1/K, and every log f_j is at least log(1/(K+1)), so the largest term of each row is above
+    −log(K(K+1)) and the sum can neither underflow to zero nor overflow.
     """
-    log_f = np.where(bad[:, None], np.log(q / delta)[None, :], np.log1p(-q)[None, :] - math.log1p(-delta))
-    joint = log_weights + log_f
-    top = joint.max(axis=1)
-    log_g = top + np.log(np.exp(joint - top[:, None]).sum(axis=1))
-    log_weights[:] = joint - log_g[:, None]
+    log_bad, log_good = factors if factors is not None else log_factors(q, delta)
+    joint = log_weights + (np.where(bad[:, None], log_bad, log_good) if bad.any() else log_good)
+    log_g = np.log(np.exp(joint).sum(axis=1))
+    np.subtract(joint, log_g[:, None], out=log_weights)
     np.minimum(log_wealth + log_g, LOG_CEILING, out=log_wealth)
 
 
@@ -122,6 +132,7 @@ class TruncationGuard:
         self.max_caps = max_caps
         self.keys: dict[TruncationKey, _KeyState] = {}
         self._q = components(self.delta) if 0.0 < self.delta < 1.0 else np.zeros(COMPONENTS)
+        self._factors = log_factors(self._q, self.delta) if 0.0 < self.delta < 1.0 else None
 
     @property
     def off(self) -> bool:
@@ -153,7 +164,7 @@ class TruncationGuard:
             return
         base = key[4]
         bad = np.fromiter((extra_cut(lower, base, sent_cap, tokens, cut) for lower in state.caps), dtype=bool, count=len(state.caps))
-        wealth_step(state.log_wealth, state.log_weights, self._q, self.delta, bad)
+        wealth_step(state.log_wealth, state.log_weights, self._q, self.delta, bad, self._factors)
 
     def evidence(self, key: TruncationKey) -> dict[int, float]:
         """Per tracked lower cap, the test's wealth M_n (admitted at >= 1/ALPHA): for the control API and tests."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.llmload.loadgen import mean_duration_s, schedule
-from bench.overhead.run import PY, RESULTS, ROOT, Proc, Target, build_targets, cpu_seconds, mem_kb, wait_ready
+from bench.overhead.run import CLK_TCK, PY, RESULTS, ROOT, Proc, Target, build_targets, cpu_seconds, mem_kb, wait_ready
 
 # ---- targets from the issue (2-core machine, one worker, load generator on the same cores) --------
 T_ADDED_TTFT_P99_MS = 5.0
@@ -97,6 +98,47 @@ def lag_p99_ms(before: dict[float, float] | None, after: dict[float, float] | No
     return None, int(total)
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (every core; /proc/stat), for the share the load itself took."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def listen_overflows() -> int | None:
+    """The kernel's count of connections dropped because a listen queue was full (TcpExt ListenOverflows).
+
+    A dropped SYN is retried by the client after 1 s, then 3 s, 7 s: one overflow adds seconds to
+    a request's TTFT, so a run with overflows measures accept starvation, not relaying."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], values.split()[1:]))
+            return int(row["ListenOverflows"]) if "ListenOverflows" in row else None
+    return None
+
+
+def quiesce(procs: list[Proc], max_wait_s: float = 120.0, idle_cores: float = 0.05) -> float:
+    """Wait until every process of the bench is idle (under `idle_cores` of CPU over a second).
+
+    A target that fell behind keeps working through its backlog after its generators are gone
+    (accepted connections, streams the upstream still sends): measured first, that work was
+    charged to the next target's window. Returns the seconds waited."""
+    t0 = time.monotonic()
+    pids = [p.pid for p in procs if p.popen is not None and p.alive()]
+    while time.monotonic() - t0 < max_wait_s:
+        before = sum(cpu_seconds(pid) for pid in pids)
+        time.sleep(1.0)
+        if sum(cpu_seconds(pid) for pid in pids) - before < idle_cores:
+            break
+    return round(time.monotonic() - t0, 1)
+
+
 class Sampler(threading.Thread):
     """During one step: RSS every second, and at the window's edges CPU, lag histogram, upstream stats."""
 
@@ -106,6 +148,7 @@ class Sampler(threading.Thread):
         self.rss_kb: list[int] = []
         self.probe_ms: list[float] = []
         self.cpu = (0.0, 0.0)
+        self.machine = (0.0, 0.0)
         self.lag: tuple[dict | None, dict | None] = (None, None)
         self.upstream: dict | None = None
         self.pending_max = 0
@@ -116,6 +159,7 @@ class Sampler(threading.Thread):
             time.sleep(0.05)
         get_json(self.upstream_base + "/bench/stats?reset=1")
         cpu0 = cpu_seconds(pid)
+        busy0 = machine_busy_s()
         lag0 = lag_histogram(self.target.base) if self.target.name == "thermostat" else None
         next_rss = time.monotonic()
         while time.monotonic() < self.t_end:
@@ -133,6 +177,7 @@ class Sampler(threading.Thread):
                     pass
             time.sleep(0.1)
         self.cpu = (cpu0, cpu_seconds(pid))
+        self.machine = (busy0, machine_busy_s())
         lag1 = lag_histogram(self.target.base) if self.target.name == "thermostat" else None
         self.lag = (lag0, lag1)
         self.upstream = get_json(self.upstream_base + "/bench/stats")
@@ -156,6 +201,7 @@ def run_load(target: Target, upstream_base: str, concurrency: int, a: argparse.N
     """One open-loop run (plus `slow` slow readers) against one target; the merged measurements."""
     rate = concurrency / a.mean_s
     n = generators_for(concurrency, a.generators)
+    overflows0 = listen_overflows()
     start_ns = time.monotonic_ns() + 1_500_000_000
     t_measure = start_ns / 1e9 + a.warmup
     t_end = t_measure + a.duration
@@ -193,6 +239,7 @@ def run_load(target: Target, upstream_base: str, concurrency: int, a: argparse.N
             slow_proc.kill()
             slow_out = {"error": "slow readers failed"}
     sampler.join(timeout=10)
+    overflows1 = listen_overflows()
     redis_after = redis_stats(a) if redis_before is not None else None
     data = {k: np.concatenate([np.load(o)[k] for o in outs if o.exists()] or [np.zeros(0, dtype=np.int64)])
             for k in ("chunk_us", "ttft_excess_us", "request_leg_us", "whole_excess_us", "lag_us", "late_start_us")}
@@ -231,6 +278,8 @@ def run_load(target: Target, upstream_base: str, concurrency: int, a: argparse.N
         "rss_mean_mb": round(rss_mean_kb / 1024, 1) if rss_mean_kb else None,
         "rss_max_mb": round(max(sampler.rss_kb) / 1024, 1) if sampler.rss_kb else None,
         "cpu_s": round(cpu_s, 2), "cpu_util": round(cpu_s / a.duration, 2),
+        "machine_busy_cores": round((sampler.machine[1] - sampler.machine[0]) / a.duration, 2),
+        "listen_overflows": None if overflows0 is None or overflows1 is None else overflows1 - overflows0,
         "cpu_us_per_chunk": round(cpu_s * 1e6 / chunks, 1) if chunks else None,
         "cpu_ms_per_request": round(cpu_s * 1e3 / completed, 2) if completed else None,
         "slow_readers": slow_out, "generator_errors": errs,
@@ -266,6 +315,14 @@ def add_deltas(rows: dict[tuple[int, str], dict], idle: dict[str, float]) -> Non
                          ("chunk_p99_ms", "added_chunk_p99_ms"), ("chunk_max_ms", "added_chunk_max_ms"),
                          ("whole_excess_p99_ms", "added_whole_p99_ms")):
             r[out] = (r[key] - d[key]) if d and name != "direct" and r.get(key) is not None and d.get(key) is not None else None
+        prev = max((st for (st, n) in rows if n == name and st < step), default=None)
+        p = rows.get((prev, name)) if prev is not None else None
+        # What one more concurrent stream costs: the RSS slope from the step below. A process's
+        # first load also grows it once (registry, allocator arenas, caches), which the plain
+        # "beyond idle" figure charges to the streams of the first step.
+        r["rss_kb_per_stream_marginal"] = (
+            round((r["rss_mean_mb"] - p["rss_mean_mb"]) * 1024 / (r["concurrency_held"] - p["concurrency_held"]), 1)
+            if p and r.get("rss_mean_mb") and p.get("rss_mean_mb") and r["concurrency_held"] - p["concurrency_held"] > 100 else None)
         base = idle.get(name)
         r["rss_idle_mb"] = base
         r["rss_kb_per_stream"] = (round((r["rss_mean_mb"] - base) * 1024 / r["concurrency_held"], 1)
@@ -276,26 +333,65 @@ def fmt(v: float | None, spec: str = "{:.2f}") -> str:
     return "–" if v is None else spec.format(v)
 
 
+# Without any proxy (direct), a machine that carries the step relays chunks within a few ms; beyond
+# these, the generator and the upstream are themselves short of CPU or of accept slots, and a
+# target's "added" delay is the difference of two starved runs (it can even come out negative).
+DIRECT_CLEAN_TTFT_P99_MS = 50.0
+DIRECT_CLEAN_CHUNK_P99_MS = 20.0
+
+
+def machine_carries(rows: dict[tuple[int, str], dict], step: int) -> tuple[bool, str]:
+    """Did the direct run (no proxy at all) stay clean at `step`? If not, no target can be judged there."""
+    d = rows.get((step, "direct"))
+    if d is None:
+        return False, "no direct run"
+    ttft, chunk = d.get("ttft_excess_p99_ms"), d.get("chunk_p99_ms")
+    if ttft is None or chunk is None:
+        return False, "the direct run measured nothing"
+    if ttft > DIRECT_CLEAN_TTFT_P99_MS or chunk > DIRECT_CLEAN_CHUNK_P99_MS:
+        return False, (f"without any proxy the generator and the upstream already took TTFT excess p99 {ttft:.0f} ms and chunk "
+                       f"p99 {chunk:.0f} ms on {d.get('machine_busy_cores', '?')} busy cores")
+    return True, ""
+
+
+def _verdict(out: list[dict], step: int, carried: bool, why: str, name: str, value: float | None, limit: float, unit: str,
+             note: str = "", needs_direct: bool = True) -> None:
+    if needs_direct and not carried:
+        out.append({"target": f"{name} at {step} streams", "limit": f"<= {limit:g} {unit}", "value": value, "pass": None,
+                    "detail": f"n/a (measured {fmt(value)} {unit}, but {why})"})
+        return
+    out.append({"target": f"{name} at {step} streams", "limit": f"<= {limit:g} {unit}", "value": value,
+                "pass": None if value is None else value <= limit,
+                "detail": (fmt(value) + f" {unit}" if value is not None else "n/a") + note})
+
+
 def verdicts(rows: dict[tuple[int, str], dict], steps: list[int]) -> list[dict]:
+    """The issue's targets at the verdict step, and at the largest step this machine carries without a proxy.
+
+    Where the direct run itself is not clean, a verdict is n/a with the reason, never a PASS
+    computed from two starved runs."""
     th_steps = [s for s in steps if (s, "thermostat") in rows]
     if not th_steps:
         return []
-    step = VERDICT_STEP if VERDICT_STEP in th_steps else max(th_steps)
-    r = rows[(step, "thermostat")]
-    out = []
+    verdict_step = VERDICT_STEP if VERDICT_STEP in th_steps else max(th_steps)
+    clean = [s for s in th_steps if machine_carries(rows, s)[0]]
+    judged = sorted({verdict_step, *(clean[-1:] if clean else [])})
+    out: list[dict] = []
+    for step in judged:
+        r = rows[(step, "thermostat")]
+        carried, why = machine_carries(rows, step)
 
-    def add(name: str, value: float | None, limit: float, unit: str, note: str = "") -> None:
-        out.append({"target": f"{name} at {step} streams", "limit": f"<= {limit:g} {unit}", "value": value,
-                    "pass": None if value is None else value <= limit, "detail": (fmt(value) + f" {unit}" if value is not None else "n/a") + note})
-
-    add("added TTFT p99", r.get("added_ttft_p99_ms"), T_ADDED_TTFT_P99_MS, "ms")
-    add("added inter-chunk delay p99", r.get("added_chunk_p99_ms"), T_ADDED_CHUNK_P99_MS, "ms")
-    lag = r.get("target_loop_lag_p99_ms")
-    add("event-loop lag p99", lag, T_LOOP_LAG_P99_MS, "ms",
-        f" (bucket bound, {r['target_loop_lag_samples']} samples)" if lag is not None else
-        " (Thermostat exposes no thermostat_event_loop_lag_seconds; /health/liveness round trip p99 "
-        f"{fmt(r.get('probe_p99_ms'))} ms is an upper bound)")
-    add("RSS per concurrent stream beyond idle", r.get("rss_kb_per_stream"), T_RSS_PER_STREAM_KB, "KB")
+        add = functools.partial(_verdict, out, step, carried, why)
+        add("added TTFT p99", r.get("added_ttft_p99_ms"), T_ADDED_TTFT_P99_MS, "ms")
+        add("added inter-chunk delay p99", r.get("added_chunk_p99_ms"), T_ADDED_CHUNK_P99_MS, "ms")
+        lag = r.get("target_loop_lag_p99_ms")
+        add("event-loop lag p99", lag, T_LOOP_LAG_P99_MS, "ms",
+            f" (bucket bound, {r['target_loop_lag_samples']} samples)" if lag is not None else
+            f" (no lag histogram could be scraped; /health/liveness round trip p99 {fmt(r.get('probe_p99_ms'))} ms is an upper bound)",
+            needs_direct=False)
+        marginal = r.get("rss_kb_per_stream_marginal")
+        add("RSS per concurrent stream beyond idle", r.get("rss_kb_per_stream"), T_RSS_PER_STREAM_KB, "KB",
+            f" ({fmt(marginal, '{:.1f}')} KB per stream from the step below)" if marginal is not None else "", needs_direct=False)
     return out
 
 
@@ -314,10 +410,15 @@ def markdown(meta: dict, rows: dict[tuple[int, str], dict], steps: list[int], na
           "+ = minus direct on the same schedule. Loop lag: Thermostat's `thermostat_event_loop_lag_seconds` (bucket bound) / its "
           "`/health/liveness` round trip. gen lag = the load generator's own loop lag (if it is large, the generator is the bottleneck). "
           "CPU and RSS of direct are the fake upstream's; RSS/stream = (mean RSS in the window - idle RSS) / concurrency held. "
-          "err = failed requests scheduled in the window; cut = requests still open when the run ended (normal: answers last up to 34 s).", ""]
+          "err = failed requests scheduled in the window; cut = requests still open when the run ended (normal: answers last up to 34 s). "
+          "Machine busy = CPU the whole machine used in the window (generators, upstream and target together), in cores: near the core count, "
+          "every process waits for CPU and the latency columns measure that wait. Listen overflows = connections the kernel dropped "
+          "because a listen queue was full during the run (each costs its client a SYN retry of 1 s or more). Between runs every "
+          "process is left to go idle first, so one target's backlog is not charged to the next.", ""]
     L.append("| step | target | held / planned | err/cut | TTFT exc p50 | p99 | +TTFT p50 | +TTFT p99 | chunk p50 | p99 | max | +chunk p99 | +chunk max | "
-             "non-stream +p99 | loop lag p99 | liveness p99 | gen lag p99 | upstream late p99 | RSS MB | KB/stream | CPU % | µs/chunk | ms/req |")
-    L.append("|---:|---|---:|---:|" + "---:|" * 19)
+             "non-stream +p99 | loop lag p99 | liveness p99 | gen lag p99 | upstream late p99 | RSS MB | KB/stream | CPU % | µs/chunk | ms/req | "
+             "machine busy (cores) | listen overflows | KB/stream from the step below |")
+    L.append("|---:|---|---:|---:|" + "---:|" * 22)
     for s in steps:
         for n in names:
             r = rows.get((s, n))
@@ -328,7 +429,9 @@ def markdown(meta: dict, rows: dict[tuple[int, str], dict], steps: list[int], na
                 f"{fmt(r['added_ttft_p50_ms'])} | {fmt(r['added_ttft_p99_ms'])} | {fmt(r['chunk_p50_ms'])} | {fmt(r['chunk_p99_ms'])} | {fmt(r['chunk_max_ms'])} | "
                 f"{fmt(r['added_chunk_p99_ms'])} | {fmt(r['added_chunk_max_ms'])} | {fmt(r['added_whole_p99_ms'])} | {fmt(r['target_loop_lag_p99_ms'])} | "
                 f"{fmt(r['probe_p99_ms'])} | {fmt(r['gen_lag_p99_ms'])} | {fmt(r['upstream_late_p99_ms'])} | {fmt(r['rss_mean_mb'], '{:.0f}')} | "
-                f"{fmt(r['rss_kb_per_stream'], '{:.1f}')} | {fmt(r['cpu_util'] * 100, '{:.0f}')} | {fmt(r['cpu_us_per_chunk'], '{:.1f}')} | {fmt(r['cpu_ms_per_request'])} |"
+                f"{fmt(r['rss_kb_per_stream'], '{:.1f}')} | {fmt(r['cpu_util'] * 100, '{:.0f}')} | {fmt(r['cpu_us_per_chunk'], '{:.1f}')} | {fmt(r['cpu_ms_per_request'])} | "
+                f"{fmt(r.get('machine_busy_cores'))} of {meta['cores']} | {fmt(r.get('listen_overflows'), '{:.0f}')} | "
+                f"{fmt(r.get('rss_kb_per_stream_marginal'), '{:.1f}')} |"
             )
     if slow:
         L += ["", "## Slow readers", "",
@@ -449,7 +552,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--tag", default="")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where the .md and .json go (tests use a temp dir)")
+    p.add_argument("--render", type=Path, default=None, help="rewrite the .md of an earlier run's .json (verdicts recomputed); no load")
     a = p.parse_args(argv)
+    if a.render is not None:
+        return render(a.render)
     if a.smoke:
         a.steps, a.warmup, a.duration, a.slow_readers, a.slow_base, a.no_litellm = "100,200", 6.0, 10.0, 50, 100, True
     steps = sorted({int(x) for x in a.steps.split(",") if x})
@@ -508,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
                     stopped[t.name] = "process died"
                     continue
                 row = run_load(t, up_base, step, a, tmp)
+                row["quiesce_s"] = quiesce(started)
                 rows[(step, t.name)] = row
                 ok, why = held_up(row)
                 print(f"  step {step:>5} {t.name:<11} held {row['concurrency_held']:>7.0f}  TTFT exc p99 {fmt(row['ttft_excess_p99_ms'])}  "
@@ -522,7 +629,9 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 # A fresh run right before, not the step's: a Python process's RSS rarely shrinks, so order matters.
                 without = run_load(t, up_base, a.slow_base, a, tmp)
+                quiesce(started)
                 with_slow = run_load(t, up_base, a.slow_base, a, tmp, slow=a.slow_readers)
+                quiesce(started)
                 kb = ((with_slow["rss_mean_mb"] - without["rss_mean_mb"]) * 1024 / a.slow_readers
                       if with_slow["rss_mean_mb"] and without["rss_mean_mb"] else None)
                 slow.append({"target": t.name, "clients": a.slow_readers, "base": a.slow_base, "with": with_slow, "without": without,
@@ -540,6 +649,10 @@ def main(argv: list[str] | None = None) -> int:
             th = next(t for t in live if t.name == "thermostat")
             th_steps = [s for s in steps if (s, "thermostat") in rows]
             notes.append(profile_thermostat(th, a, tmp, up_base, VERDICT_STEP if VERDICT_STEP in th_steps else max(th_steps)))
+        slow_to_idle = [f"{n} at {st} ({r['quiesce_s']:.0f} s)" for (st, n), r in sorted(rows.items()) if r.get("quiesce_s", 0) >= 119]
+        if slow_to_idle:
+            notes.append("Still busy 2 minutes after its run (a backlog of connections whose clients had gone): " + ", ".join(slow_to_idle)
+                         + "; the next run's numbers carry some of that work.")
         gen_lag = [r["gen_lag_p99_ms"] for r in rows.values() if r.get("gen_lag_p99_ms") is not None]
         if gen_lag and max(gen_lag) > 5:
             notes.append(f"The load generator's own loop lag reached p99 {max(gen_lag):.1f} ms: at that point chunk and TTFT numbers include "
@@ -561,6 +674,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for proc in reversed(started):
             proc.stop()
+
+
+def render(path: Path) -> int:
+    """The report of a saved run, with today's verdict rules: the .json keeps every measured row."""
+    payload = json.loads(path.read_text())
+    rows = {(r["step"], r["target"]): r for r in payload["rows"]}
+    steps = payload["steps"]
+    names = list(dict.fromkeys(r["target"] for r in payload["rows"]))
+    payload["checks"] = verdicts(rows, steps)
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    md = markdown(payload["meta"], rows, steps, names, payload["notes"], payload["slow_readers"], payload["checks"])
+    path.with_suffix(".md").write_text(md)
+    print(f"rewrote {path.with_suffix('.md')}")
+    return 0
 
 
 def run_meta(a: argparse.Namespace, argv: list[str]) -> dict:

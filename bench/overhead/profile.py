@@ -71,12 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per py-spy recording (two recordings)")
     p.add_argument("--stream", action="store_true")
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    p.add_argument("--chunks", type=int, default=8, help="content chunks per streamed answer (many: profile the per-chunk relay)")
+    p.add_argument("--chunk-delay-ms", type=float, default=1.0)
     a = p.parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     if not Path(spy).exists():
         print("py-spy not found: .venv/bin/pip install py-spy", file=sys.stderr)
         return 1
-    ns = argparse.Namespace(upstream_delay_ms=0.0, chunks=8, chunk_delay_ms=1.0, no_litellm=a.target != "litellm")
+    ns = argparse.Namespace(upstream_delay_ms=0.0, chunks=a.chunks, chunk_delay_ms=a.chunk_delay_ms, no_litellm=a.target != "litellm")
     tmp = Path(tempfile.mkdtemp(prefix="thermostat-profile-"))
     upstream, targets = build_targets(tmp, ns)
     target = next(t for t in targets if t.name == a.target)
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         load = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(1.5)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        tag = a.target + ("-stream" if a.stream else "") + f"-c{a.concurrency}"
+        tag = a.target + ("-stream" if a.stream else "") + f"-c{a.concurrency}" + (f"-{a.chunks}chunks" if a.chunks != 8 else "")
         svg = RESULTS / f"profile-{tag}.svg"
         raw = RESULTS / f"profile-{tag}.txt"
         # Find the process that runs the Python code (the target itself, or its worker child).
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([*base, "--format", "flamegraph", "-o", str(svg)], check=True, capture_output=True, timeout=a.duration + 60)
         subprocess.run([*base, "--format", "raw", "-o", str(raw)], check=True, capture_output=True, timeout=a.duration + 60)
         out, _ = load.communicate(timeout=total_s + 60)
-        report = f"# py-spy profile of {a.target} under closed loop c={a.concurrency} ({'stream' if a.stream else 'non-stream'}, {engine})\n\n"
+        report = (f"# py-spy profile of {a.target} under closed loop c={a.concurrency} ({'stream' if a.stream else 'non-stream'}, {engine}"
+                  f"{f', {a.chunks} chunks {a.chunk_delay_ms:g} ms apart' if a.stream else ''})\n\n")
         report += f"Load generator result: `{out.strip()[-400:]}`\n\n" + analyse(raw)
         (RESULTS / f"profile-{tag}.md").write_text(report + "\n")
         print(report)

@@ -37,6 +37,10 @@ class ServingConfig(uvicorn.Config):
     """A uvicorn `Config` carrying Thermostat's connection limits to the protocol."""
 
     def __init__(self, app: Any, *, server: ServerSettings, **kwargs: Any) -> None:
+        # A burst of new connections waits in the listen queue while the loop is busy; uvicorn's
+        # 2,048 overflowed under the LLM-shaped load (bench/README.md), and every dropped SYN costs
+        # its client a retry of a second or more. The kernel caps this at net.core.somaxconn.
+        kwargs.setdefault("backlog", max(2048, server.max_connections))
         super().__init__(app, http=PROTOCOL, **kwargs)
         self.header_timeout_s = server.header_timeout_s
         self.body_timeout_s = server.body_timeout_s

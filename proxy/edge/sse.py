@@ -175,8 +175,14 @@ class StreamRelay:
         data = self._buffer + chunk if self._buffer else chunk
         out: list[bytes] = []
         start = 0
+        # Nearly every upstream ends events with a bare "\n\n": one memchr for a CR per read
+        # spares a second search per event (this runs for every relayed chunk).
+        has_cr = b"\r" in data
         while True:
-            end, sep_len = _find_event_end(data, start)
+            if has_cr:
+                end, sep_len = _find_event_end(data, start)
+            else:
+                end, sep_len = data.find(b"\n\n", start), 2
             if end < 0:
                 break
             event = data[start : end + sep_len]
@@ -241,6 +247,8 @@ def _find_event_end(data: bytes, start: int) -> tuple[int, int]:
 
 def event_data(event: bytes) -> bytes | None:
     """The joined `data:` lines of one event, or None if it has none (a comment, a ping)."""
+    if event.startswith(b"data: ") and event.find(b"\n") == len(event) - 2 and b"\r" not in event:
+        return event[6:-2]  # the usual event, one `data: ` line and its blank line: no split
     parts: list[bytes] = []
     for line in event.splitlines():
         if line.startswith(b"data:"):

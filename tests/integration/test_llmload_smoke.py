@@ -17,6 +17,7 @@ ROW_KEYS = {
     "concurrency_held", "concurrency_planned", "ttft_excess_p50_ms", "ttft_excess_p99_ms", "added_ttft_p50_ms", "added_ttft_p99_ms",
     "chunk_p99_ms", "chunk_max_ms", "added_chunk_p99_ms", "added_chunk_max_ms", "target_loop_lag_p99_ms", "probe_p99_ms",
     "gen_lag_p99_ms", "rss_kb_per_stream", "cpu_us_per_chunk", "cpu_ms_per_request", "error_count",
+    "machine_busy_cores", "listen_overflows", "quiesce_s",
 }
 
 
@@ -35,6 +36,8 @@ def test_llm_load_harness_writes_results(tmp_path: Path) -> None:
     for row in rows.values():
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
     th = rows[(8, "thermostat")]
+    # The machine's busy cores cover at least the target's own CPU over the same window.
+    assert th["machine_busy_cores"] >= th["cpu_util"] - 0.05
     # Through Thermostat the chunks carried the upstream's send stamps and the first ones were timed.
     assert th["chunks_in_window"] > 0 and th["streams_measured"] > 0
     assert th["added_ttft_p50_ms"] is not None and th["added_chunk_p99_ms"] is not None

@@ -100,3 +100,47 @@ def test_tool_calls_keep_their_names_for_schema_validation() -> None:
     for c in chunks:
         relay.feed(b"data: " + json.dumps(c).encode() + b"\n\n")
     assert relay.summary.tool_calls == [("get_weather", '{"city": "Paris"}')]
+
+
+def reference_events(data: bytes) -> list[tuple[bytes, bytes | None]]:
+    """Events and their data by the SSE rules written out plainly (any of CRLF/LF/CR line ends)."""
+    out = []
+    start = 0
+    while True:
+        lf, crlf = data.find(b"\n\n", start), data.find(b"\r\n\r\n", start)
+        if crlf >= 0 and (lf < 0 or crlf < lf):
+            end, sep = crlf, 4
+        elif lf >= 0:
+            end, sep = lf, 2
+        else:
+            return out
+        event = data[start : end + sep]
+        lines = [ln[5:][1:] if ln[5:].startswith(b" ") else ln[5:] for ln in event.splitlines() if ln.startswith(b"data:")]
+        out.append((event, b"\n".join(lines) if lines else None))
+        start = end + sep
+
+
+def test_the_fast_paths_split_and_read_events_as_the_plain_rules_do() -> None:
+    """The relay skips the CRLF search and the line split for the usual `data: ...\\n\\n` event;
+    any stream, mixed line ends included, must come out as the plain rules split and read it."""
+    import random
+
+    from proxy.edge.sse import event_data
+
+    rng = random.Random(5)
+    pieces = [b"data: {\"a\":1}", b"data:x", b": ping", b"event: e", b"data: two", b"data: lines", b"id: 7"]
+    for _ in range(300):
+        events = []
+        for _ in range(rng.randint(1, 6)):
+            end = rng.choice([b"\n", b"\r\n"])
+            lines = rng.sample(pieces, rng.randint(1, 3))
+            if rng.random() < 0.1:
+                lines = [lines[0] + b"\rstray"]
+            events.append(end.join(lines) + end + end)
+        stream = b"".join(events)
+        expected = reference_events(stream)
+        assert [event_data(e) for e, _ in expected] == [d for _, d in expected]
+        relay = StreamRelay(strip_usage=False)
+        step = rng.randint(1, len(stream))
+        assert relay_all(relay, stream, step) == stream
+        assert relay.events == len(expected)
