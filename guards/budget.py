@@ -57,6 +57,7 @@ Waivers: `create_waiver`, `list_waivers`, `revoke_waiver` (see `guards.waivers`)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -65,7 +66,7 @@ import msgspec
 
 from guards.lease import LeaseBook
 from guards.settings import CawsSettings
-from guards.state import BudgetKey, Candidate, Counters, ReserveResult, StateStore
+from guards.state import BudgetKey, Candidate, Counters, InProcessStore, ReserveResult, StateStore
 from guards.waivers import Waiver, WaiverBook, extra_tokens, waiver_for
 from policies.records import Arm
 
@@ -161,6 +162,9 @@ def _ceil_fraction(fraction: float, limit: int) -> int:
     return max(0, math.ceil(fraction * limit - _SLACK))
 
 
+_NO_DEADLINE = contextlib.nullcontext()
+
+
 class BudgetGuard:
     """The CAWS budget over a `StateStore`; see the module docstring for the rules."""
 
@@ -169,6 +173,10 @@ class BudgetGuard:
     ) -> None:
         self.settings = settings
         self.store = store
+        # The in-process store never suspends (its lock is never held across an await), so the
+        # store timeout would only arm and cancel a timer twice per request (~2 % of the request's
+        # CPU, bench/README.md). Exactly that class: a subclass may well wait, as tests' slow stores do.
+        self._bounded = type(store) is not InProcessStore
         self.require_caws = require_caws
         self.leases = leases  # set: admit from local leases (guards/lease.py), never call the store here
         self.waivers = WaiverBook(store)
@@ -258,6 +266,10 @@ class BudgetGuard:
             refused=None,
         )
 
+    def _deadline(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """`store_timeout_s` around a store call, or nothing where the store cannot wait."""
+        return asyncio.timeout(self.settings.store_timeout_s) if self._bounded else _NO_DEADLINE
+
     async def decide(
         self,
         *,
@@ -284,7 +296,7 @@ class BudgetGuard:
         if self.leases is not None:
             return await self._decide_leased(self.leases, chosen_arm, allowed, baseline, task_type, prompt, confidence, now)
         try:
-            async with asyncio.timeout(s.store_timeout_s):
+            async with self._deadline():
                 waivers = await self._cached_waivers(now)
                 keys = self._budget_keys(window, task_type, waivers, now)
                 waiver = waiver_for(waivers, now, task_type)
@@ -328,7 +340,7 @@ class BudgetGuard:
         result = book.reserve(keys, cands, now=now, expires_at=expires_at)
         if result is None and not book.exhausted(keys, now):
             try:
-                async with asyncio.timeout(s.store_timeout_s):
+                async with asyncio.timeout(s.store_timeout_s):  # a real wait for the refill, whatever the store
                     while result is None and not book.exhausted(keys, now):
                         await book.changed()
                         result = book.reserve(keys, cands, now=now, expires_at=expires_at, retry=True)
@@ -439,7 +451,7 @@ class BudgetGuard:
             self.leases.settle(reservation.keys, reservation.tokens, max(0, int(actual_tokens)))
             return True
         try:
-            async with asyncio.timeout(self.settings.store_timeout_s):
+            async with self._deadline():
                 await self.store.budget_settle(
                     reservation.keys,
                     reservation.tokens,
@@ -475,7 +487,7 @@ class BudgetGuard:
             self.leases.release(reservation.keys, reservation.tokens)
             return True
         try:
-            async with asyncio.timeout(self.settings.store_timeout_s):
+            async with self._deadline():
                 await self.store.budget_release(reservation.keys, reservation.tokens, now=now)
         except Exception:  # noqa: BLE001 - the outcome path must not crash; caller counts False
             return False

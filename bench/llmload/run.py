@@ -211,6 +211,8 @@ def run_load(target: Target, upstream_base: str, concurrency: int, a: argparse.N
         cmd = [PY, "-m", "bench.llmload.loadgen", "--url", target.url, "--rate", f"{rate:.4f}", "--warmup", str(a.warmup),
                "--duration", str(a.duration), "--seed", str(a.seed + concurrency), "--nonstream-frac", str(a.nonstream_frac),
                "--shard", f"{i}/{n}", "--start-ns", str(start_ns), "--out", str(outs[i])]
+        if a.pin:
+            cmd = ["taskset", "-c", a.pin, *cmd]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
     slow_proc = None
     if slow:
@@ -323,6 +325,8 @@ def add_deltas(rows: dict[tuple[int, str], dict], idle: dict[str, float]) -> Non
         r["rss_kb_per_stream_marginal"] = (
             round((r["rss_mean_mb"] - p["rss_mean_mb"]) * 1024 / (r["concurrency_held"] - p["concurrency_held"]), 1)
             if p and r.get("rss_mean_mb") and p.get("rss_mean_mb") and r["concurrency_held"] - p["concurrency_held"] > 100 else None)
+        r["rss_kb_per_stream_freed"] = (round((r["rss_mean_mb"] - r["rss_after_mb"]) * 1024 / r["concurrency_held"], 1)
+                                        if r.get("rss_after_mb") and r.get("rss_mean_mb") and r["concurrency_held"] else None)
         base = idle.get(name)
         r["rss_idle_mb"] = base
         r["rss_kb_per_stream"] = (round((r["rss_mean_mb"] - base) * 1024 / r["concurrency_held"], 1)
@@ -403,7 +407,7 @@ def markdown(meta: dict, rows: dict[tuple[int, str], dict], steps: list[int], na
         f"Thermostat at {meta['git']}. Load: open loop, Poisson arrivals at concurrency / {meta['mean_s']:.2f} s (mean answer time); "
         f"TTFT U(200, 800) ms, U(30, 100) tokens/s, U{{100..1000}} tokens, U{{1..5}} tokens per chunk, {meta['nonstream_frac']:.0%} non-streamed; "
         f"{meta['warmup']:g} s warm-up + {meta['duration']:g} s measured per step and target; generator processes per step: "
-        f"{meta['generators']} (aiohttp on uvloop)."
+        f"{meta['generators']} (aiohttp on uvloop)" + (f"; generators and fake upstream pinned to CPU {meta['pin']} (taskset), targets unpinned" if meta.get("pin") else "") + "."
     )
     L += ["", "Targets: " + "; ".join(f"**{k}**: {v}" for k, v in meta["targets"].items()), ""]
     L += ["All times in ms. TTFT excess = first-chunk arrival - scheduled start - the upstream's own time; chunk = arrival - upstream send stamp; "
@@ -417,8 +421,8 @@ def markdown(meta: dict, rows: dict[tuple[int, str], dict], steps: list[int], na
           "process is left to go idle first, so one target's backlog is not charged to the next.", ""]
     L.append("| step | target | held / planned | err/cut | TTFT exc p50 | p99 | +TTFT p50 | +TTFT p99 | chunk p50 | p99 | max | +chunk p99 | +chunk max | "
              "non-stream +p99 | loop lag p99 | liveness p99 | gen lag p99 | upstream late p99 | RSS MB | KB/stream | CPU % | µs/chunk | ms/req | "
-             "machine busy (cores) | listen overflows | KB/stream from the step below |")
-    L.append("|---:|---|---:|---:|" + "---:|" * 22)
+             "machine busy (cores) | listen overflows | KB/stream from the step below | KB/stream freed at close |")
+    L.append("|---:|---|---:|---:|" + "---:|" * 23)
     for s in steps:
         for n in names:
             r = rows.get((s, n))
@@ -431,7 +435,7 @@ def markdown(meta: dict, rows: dict[tuple[int, str], dict], steps: list[int], na
                 f"{fmt(r['probe_p99_ms'])} | {fmt(r['gen_lag_p99_ms'])} | {fmt(r['upstream_late_p99_ms'])} | {fmt(r['rss_mean_mb'], '{:.0f}')} | "
                 f"{fmt(r['rss_kb_per_stream'], '{:.1f}')} | {fmt(r['cpu_util'] * 100, '{:.0f}')} | {fmt(r['cpu_us_per_chunk'], '{:.1f}')} | {fmt(r['cpu_ms_per_request'])} | "
                 f"{fmt(r.get('machine_busy_cores'))} of {meta['cores']} | {fmt(r.get('listen_overflows'), '{:.0f}')} | "
-                f"{fmt(r.get('rss_kb_per_stream_marginal'), '{:.1f}')} |"
+                f"{fmt(r.get('rss_kb_per_stream_marginal'), '{:.1f}')} | {fmt(r.get('rss_kb_per_stream_freed'), '{:.1f}')} |"
             )
     if slow:
         L += ["", "## Slow readers", "",
@@ -549,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1,
                    help="Thermostat worker processes (`serve --workers N`); above 1 uses Redis at 127.0.0.1:6379 (--redis-url)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--pin", default="", help="CPU list for the load generators and the fake upstream (taskset -c), e.g. 1; targets float")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--tag", default="")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where the .md and .json go (tests use a temp dir)")
@@ -567,7 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="thermostat-llmload-"))
     server_toml, upstream_toml = thermostat_limits(max(max(steps), a.slow_base) + a.slow_readers)
     ns = argparse.Namespace(no_litellm=a.no_litellm or "litellm" not in a.targets)
-    upstream, targets = build_targets(tmp, ns, upstream_cmd=[PY, "-m", "bench.llmload.upstream"], server_toml=server_toml, upstream_toml=upstream_toml)
+    upstream_cmd = [PY, "-m", "bench.llmload.upstream"]
+    if a.pin:
+        upstream_cmd = ["taskset", "-c", a.pin, *upstream_cmd]
+    upstream, targets = build_targets(tmp, ns, upstream_cmd=upstream_cmd, server_toml=server_toml, upstream_toml=upstream_toml)
     if a.workers > 1:
         with_workers(next(t for t in targets if t.name == "thermostat"), tmp, a.workers, a.redis_url)
     wanted = set(a.targets.split(",")) | {"direct"}
@@ -615,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 row = run_load(t, up_base, step, a, tmp)
                 row["quiesce_s"] = quiesce(started)
+                # Idle again, same request history: what closing the streams gave back (a Python process
+                # keeps most freed memory, so this bounds RSS per stream from below; "beyond idle" from above).
+                row["rss_after_mb"] = round(mem_kb(t.proc.pid, "VmRSS") / 1024, 1)  # type: ignore[union-attr]
                 rows[(step, t.name)] = row
                 ok, why = held_up(row)
                 print(f"  step {step:>5} {t.name:<11} held {row['concurrency_held']:>7.0f}  TTFT exc p99 {fmt(row['ttft_excess_p99_ms'])}  "
@@ -699,7 +710,7 @@ def run_meta(a: argparse.Namespace, argv: list[str]) -> dict:
         "date": base["date"], "command": " ".join([".venv/bin/python -m bench.llmload.run", *argv]), "cpu": base["cpu"], "cores": base["cores"],
         "loadavg_before": base["loadavg_before"], "python": base["python"], "git": base["git"], "smoke": a.smoke,
         "warmup": a.warmup, "duration": a.duration, "mean_s": a.mean_s, "nonstream_frac": a.nonstream_frac,
-        "generators": a.generators or "one per 1,000 streams (1-4)", "seed": a.seed, "slow_pad": a.slow_pad, "workers": a.workers,
+        "generators": a.generators or "one per 1,000 streams (1-4)", "pin": a.pin, "seed": a.seed, "slow_pad": a.slow_pad, "workers": a.workers,
     }
 
 

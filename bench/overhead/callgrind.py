@@ -152,7 +152,10 @@ def measure(a: argparse.Namespace, target: str, chunks: int, stream_only: bool) 
     if not totals["requests"] or ok != a.requests:
         print(f"no counts or failed requests ({ok}/{a.requests}); see {tmp}", file=sys.stderr)
         return None
-    shutil.rmtree(tmp, ignore_errors=True)
+    if a.keep:
+        print(f"callgrind files kept in {tmp} (callgrind_annotate {tmp}/callgrind.out.2)", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     return Window(target, rev + dirty if target == "thermostat" else "-", chunks, a.requests, totals["requests"], seconds,
                   totals["idle"], idle_s)
 
@@ -198,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="")
     p.add_argument("--targets", default="thermostat", help="thermostat, floor (bench/overhead/floor.py: aiohttp server) and/or floor-asgi (floor_asgi.py: uvicorn), comma-separated")
     p.add_argument("--per-chunk", default="", help="A,B: streamed requests only, at A then B chunks each; reports the slope")
+    p.add_argument("--keep", action="store_true", help="keep the callgrind files (for callgrind_annotate)")
     p.add_argument("--idle-s", type=float, default=10.0, help="seconds of no load counted first, for the idle rate")
     p.add_argument("--chunk-delay-ms", type=float, default=1.0,
                    help="gap between upstream chunks; with --per-chunk make it long enough that chunks are not coalesced")

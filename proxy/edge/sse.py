@@ -53,16 +53,21 @@ class _Body(msgspec.Struct):
 _decode_body = msgspec.json.Decoder(_Body).decode
 
 
+TEXT_BLOCK = 64
+"""Answer-text pieces joined into one string at a time (ResponseSummary.add_text)."""
+
+
 class ResponseSummary:
     """What the outcome record and the quality signal need from one response."""
 
-    __slots__ = ("prompt_tokens", "completion_tokens", "finish_reason", "content_parts", "tool_args", "tool_names", "refusal", "error")
+    __slots__ = ("prompt_tokens", "completion_tokens", "finish_reason", "content_parts", "_blocks", "tool_args", "tool_names", "refusal", "error")
 
     def __init__(self) -> None:
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.finish_reason: str | None = None
-        self.content_parts: list[str] = []
+        self.content_parts: list[str] = []  # the latest pieces, fewer than TEXT_BLOCK
+        self._blocks: list[str] = []  # earlier pieces, joined TEXT_BLOCK at a time
         self.tool_args: dict[int, list[str]] = {}
         self.tool_names: dict[int, str] = {}  # for validating arguments against the named tool's schema
         self.refusal: bool = False
@@ -70,7 +75,22 @@ class ResponseSummary:
 
     @property
     def content(self) -> str:
-        return "".join(self.content_parts)
+        return "".join(self._blocks) + "".join(self.content_parts)
+
+    def add_text(self, piece: str) -> None:
+        """A piece of the answer's text. A stream brings it a few tokens at a time, and each
+        piece kept as its own str costs ~50 bytes of header: for a 1,000-token answer that was
+        ~10 KB per open stream on average, held for seconds by every concurrent stream. Joining
+        every TEXT_BLOCK pieces keeps it to a few hundred bytes, in linear time."""
+        parts = self.content_parts
+        parts.append(piece)
+        if len(parts) >= TEXT_BLOCK:
+            self._blocks.append("".join(parts))
+            parts.clear()
+
+    def clear_text(self) -> None:
+        self.content_parts.clear()
+        self._blocks.clear()
 
     @property
     def tool_arguments(self) -> list[str]:
@@ -94,11 +114,11 @@ class ResponseSummary:
                 self.finish_reason = choice.finish_reason
             msg = choice.delta if streaming else choice.message
             if choice.text is not None:
-                self.content_parts.append(choice.text)
+                self.add_text(choice.text)
             if msg is None:
                 continue
             if msg.content:
-                self.content_parts.append(msg.content)
+                self.add_text(msg.content)
             if msg.refusal:
                 self.refusal = True
             for call in msg.tool_calls or ():
@@ -168,7 +188,7 @@ class StreamRelay:
         self.read_bytes += len(chunk)
         if self.max_total_bytes is not None and self.read_bytes > self.max_total_bytes:
             self.unsummarised = True
-            self.summary.content_parts.clear()
+            self.summary.clear_text()
             self.summary.tool_args.clear()
             rest, self._buffer = self._buffer + chunk, b""
             return rest

@@ -144,3 +144,17 @@ def test_the_fast_paths_split_and_read_events_as_the_plain_rules_do() -> None:
         step = rng.randint(1, len(stream))
         assert relay_all(relay, stream, step) == stream
         assert relay.events == len(expected)
+
+
+def test_answer_text_is_kept_in_blocks_not_one_object_per_piece() -> None:
+    from proxy.edge.sse import TEXT_BLOCK, ResponseSummary
+
+    summary = ResponseSummary()
+    pieces = [f"t{i} " for i in range(1000)]
+    for piece in pieces:
+        summary.add_text(piece)
+    assert summary.content == "".join(pieces)
+    # 1,000 pieces are 15 joined blocks and the 40 latest pieces, not 1,000 strings.
+    assert len(summary.content_parts) == 1000 % TEXT_BLOCK == 40
+    summary.clear_text()
+    assert summary.content == "" and not summary.content_parts

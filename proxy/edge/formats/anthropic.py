@@ -202,7 +202,7 @@ class AnthropicFormat:
         summary.finish_reason = _finish(message.stop_reason)
         for index, block in enumerate(message.content or ()):
             if block.type == "text" and block.text:
-                summary.content_parts.append(block.text)
+                summary.add_text(block.text)
             elif block.type == "tool_use":
                 summary.tool_args[index] = [_encode(block.input if block.input is not None else {}).decode()]
         return summary

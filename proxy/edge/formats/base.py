@@ -246,7 +246,7 @@ class EventSummarizer(Generic[E]):
 
     def text(self, piece: str) -> bool:
         """Collect answer text; True for the first piece (the time to first token is taken there)."""
-        self.summary.content_parts.append(piece)
+        self.summary.add_text(piece)
         first = not self._seen_text
         self._seen_text = True
         return first

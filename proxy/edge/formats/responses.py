@@ -148,7 +148,7 @@ class ResponsesFormat:
                 summary.tool_args.setdefault(index, []).append(item.arguments)
             for part in item.content or ():
                 if part.type == "output_text" and part.text:
-                    summary.content_parts.append(part.text)
+                    summary.add_text(part.text)
                 elif part.type == "refusal":
                     summary.refusal = True
         return summary
