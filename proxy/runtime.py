@@ -43,6 +43,7 @@ from proxy.decision.lease_refill import LeaseRefiller
 from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook
 from proxy.decision.registry import DecisionRegistry
 from proxy.edge.asgi import EdgeServices
+from proxy.edge.read_watch import ReadWatch
 from proxy.edge.upstream import Transport, UpstreamPool
 from proxy.learning.judge import Judge, JudgeMetrics, named_upstream_transport, upstream_transport
 from proxy.learning.listeners import AnswerListener, AnswerValidator, BaselineRequest, JudgeCharge
@@ -213,11 +214,12 @@ class Runtime:
             self.judge, self.regeneration, salt=self.regeneration_salt, regenerated_quality=fb.regenerated_quality,
             feedback=self.feedback_services, metrics=self.metrics,
         )
+        self.read_watch = ReadWatch()
         self.edge = EdgeServices(
             config=config, metrics=self.metrics, tracer=self.tracer, pool=self.pool, build_context=self.build_context,
             decider=self.decider, scorer=self.bandit, registry=self.registry, recorder=self.recorder,
             feedback=self.feedback_services, answer_check=self.answer_validator, conservative=self.conservative_listener,
-            answers=self.answers,
+            answers=self.answers, read_watch=self.read_watch,
         )
         self.folded_buckets = FoldedBuckets(self.policy, self.metrics)
         self.ticker = RolloutTicker(self.bandit, self.sink, each_tick=(self.folded_buckets, PolicyEpochs(self.policy)))
@@ -281,6 +283,7 @@ class Runtime:
             await self.shared.start()
         await self.recorder.start()
         self._lag_watch = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag), name="thermostat-loop-lag")
+        self.read_watch.start()
         if self.lease_refiller is not None:
             self.lease_refiller.start()
         self.ticker.start()
@@ -317,6 +320,7 @@ class Runtime:
         await self.recorder.stop()
         if self.local_state is not None:
             await self.local_state.stop()
+        await self.read_watch.stop()
         await self.pool.aclose()
 
     @property

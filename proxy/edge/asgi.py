@@ -35,6 +35,7 @@ from proxy.edge.json_guard import INT64_MAX, MAX_JSON_DEPTH, duplicate_watched_k
 from proxy.edge.models import ModelCatalog
 from proxy.edge.origins import host_name
 from proxy.edge.paths import confine_v1_path
+from proxy.edge.read_watch import ReadWatch
 from proxy.edge.sse import ResponseSummary, StreamRelay
 from proxy.edge.upstream import UPSTREAM_ERRORS, Upstream, UpstreamPool, UpstreamResponse, classify, forward_headers, response_headers
 from proxy.observability.metrics import Metrics, observe_decision
@@ -200,6 +201,7 @@ class EdgeServices:
     registry: DecisionRegistry
     recorder: Recorder
     feedback: FeedbackServices
+    read_watch: ReadWatch  # upstream silence timeouts for relayed streams (proxy/edge/read_watch.py)
     # The listeners after `decider.observe`, in the order the edge calls them (docs/architecture.md).
     answer_check: AnswerCheck  # proxy.learning.listeners.AnswerValidator
     conservative: OutcomeListener  # proxy.decision.conservative.ConservativeListener
@@ -464,6 +466,9 @@ class ProxyEdge:
         await send({"type": "http.response.start", "status": response.status, "headers": hdrs})
         ttft: float | None = None
         error_class: str | None = None
+        read_watch = self.services.read_watch
+        body = upstream.hand_over_read_timeout(response) if read_watch.running else None
+        silence = read_watch.track(body, upstream.settings.timeout_s) if body is not None else None
 
         async def pump() -> None:
             nonlocal ttft
@@ -471,8 +476,16 @@ class ProxyEdge:
                 out = relay.feed(chunk)
                 if ttft is None and relay.first_token:
                     ttft = time.perf_counter() - t0
+                if silence is None:
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                    continue
+                silence.mark = read_watch.ticks
                 if out:
+                    silence.sending = True  # a slow client is backpressure, not upstream silence
                     await send({"type": "http.response.body", "body": out, "more_body": True})
+                    silence.sending = False
+                    silence.mark = read_watch.ticks
             rest = relay.flush()
             if rest:
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
@@ -512,6 +525,8 @@ class ProxyEdge:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return ttft, error_class, overhead
         finally:
+            if silence is not None:
+                read_watch.untrack(silence)
             for task in (pump_task, watch_task):
                 if not task.done():
                     task.cancel()

@@ -109,6 +109,15 @@ class AiohttpTransport:
     async def send(self, method: str, url: str, headers: CIMultiDict[str], body: bytes | None) -> aiohttp.ClientResponse:
         return await self.session.request(method, url, headers=headers, data=body, allow_redirects=False)
 
+    def hand_over_read_timeout(self, response: UpstreamResponse) -> aiohttp.StreamReader | None:
+        """Stop aiohttp's per-read timer for the rest of this response and return its body, which
+        proxy/edge/read_watch.py then fails on silence. The timer armed by the last read still
+        runs until the next one."""
+        if not isinstance(response, aiohttp.ClientResponse) or response.connection is None or response.connection.protocol is None:
+            return None
+        response.connection.protocol.read_timeout = None  # aiohttp sets it again for the connection's next request
+        return response.content
+
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -174,6 +183,10 @@ class Upstream:
             with attempt:
                 return await self._request(method, url, headers, body)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def hand_over_read_timeout(self, response: UpstreamResponse) -> aiohttp.StreamReader | None:
+        """The body whose read timeout is now the caller's to enforce, or None where the transport keeps it."""
+        return self.transport.hand_over_read_timeout(response) if isinstance(self.transport, AiohttpTransport) else None
 
     async def aclose(self) -> None:
         await self.transport.aclose()

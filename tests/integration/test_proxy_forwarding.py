@@ -217,6 +217,30 @@ def test_upstream_cut_mid_stream_ends_with_error_event(thermostat: RunningThermo
     assert "upstream_stream_error" in events[-1]
 
 
+def test_upstream_silent_mid_stream_times_out_with_error_event(thermostat: RunningThermostat) -> None:
+    """A stream whose upstream falls silent (connection open) ends after about `timeout_s` (2 s here)
+    with the error event and a `timeout` outcome: the read watch's coarse clock, not a timer per read."""
+    body = {"model": "stall-stream", "messages": [{"role": "user", "content": "a b c d e f"}], "stream": True}
+    t0 = time.monotonic()
+    r = httpx.post(f"{thermostat.url}/chat/completions", json=body, timeout=20)
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 200
+    events = [e for e in r.text.split("\n\n") if e]
+    assert "upstream_stream_error" in events[-1] and len(events) >= 3  # the chunks before the silence were relayed
+    # aiohttp's own per-read timer would raise its SocketTimeoutError; the watch sets ServerTimeoutError.
+    assert "ServerTimeoutError" in events[-1] and "SocketTimeoutError" not in events[-1]
+    assert 2.0 <= elapsed < 6.0, elapsed
+    deadline = time.time() + 5
+    found = None
+    while time.time() < deadline:
+        found = thermostat.runtime.registry.get(r.headers["x-request-id"], time.time())
+        if found and found[1] is not None:
+            break
+        time.sleep(0.05)
+    assert found and found[1] is not None and found[1].error_class == "timeout"
+    assert len(thermostat.runtime.read_watch) == 0  # untracked once ended
+
+
 def test_client_disconnect_mid_stream_is_recorded(thermostat: RunningThermostat) -> None:
     body = {"model": "drip", "messages": [{"role": "user", "content": " ".join(["w"] * 100)}], "stream": True}
     with httpx.Client(timeout=10) as client:

@@ -3,7 +3,8 @@
 Deterministic (ids and timestamps derive from the request), records every request
 it receives, and misbehaves on demand through the model name:
 `error-<status>` answers that status with an OpenAI error body, `slow-<ms>` waits,
-`cut-stream` drops the connection mid-stream, `hang` never answers, `big-<bytes>`
+`cut-stream` drops the connection mid-stream, `stall-stream` falls silent mid-stream
+(connection open), `hang` never answers, `big-<bytes>`
 answers with about that many bytes of content.
 
 Besides chat and legacy completions it speaks OpenAI Responses (`/v1/responses`) and
@@ -215,10 +216,14 @@ class FakeUpstream:
 
         await resp.write(chunk({"role": "assistant", "content": ""}, None))
         for i, word in enumerate(words):
+            if body["model"] == "stall-stream" and i == 1:
+                await asyncio.sleep(0.3)  # a read after the response started, then silence
             await resp.write(chunk({"content": (" " if i else "") + word}, None))
             if body["model"] == "cut-stream" and i == 1:
                 request.transport.close()  # type: ignore[union-attr]
                 return resp
+            if body["model"] == "stall-stream" and i == 1:
+                await asyncio.sleep(30)  # the connection stays open and silent
             if body["model"].startswith("drip"):
                 await asyncio.sleep(0.05)
         await resp.write(chunk({}, "stop"))
