@@ -20,7 +20,7 @@ from typing import Protocol
 
 import aiohttp
 
-from proxy.tasks import cancel_and_wait
+from proxy.tasks import cancel_and_wait, every
 
 
 class Expirable(Protocol):
@@ -75,13 +75,8 @@ class ReadWatch:
         return len(self._streams)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="thermostat-read-watch")
+        self._task = every(self.tick_s, self.tick, "thermostat-read-watch")
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.tick_s)
-            self.tick()

@@ -68,7 +68,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import msgspec
@@ -81,6 +81,7 @@ from policies.records import Decision, Outcome
 from policies.signals import PAIRWISE_QUALITY, Signal, judge_quality
 from proxy.config import JudgeSettings
 
+_Parsed = TypeVar("_Parsed")
 log = logging.getLogger("thermostat.judge")
 
 JUDGE_TASK_TYPE = "_judge"
@@ -630,6 +631,14 @@ class Judge:
         self._count("untrusted" if delivered == "untrusted" else "ok")
         return signal
 
+    def _read(self, reply: str, parse: Callable[[str], _Parsed | None]) -> _Parsed | None:
+        """The judge's reply through `parse`, pointwise or pairwise: an unparseable reply counts against the breaker."""
+        parsed = parse(reply)
+        self.breaker.record(parsed is not None, self.clock())
+        if parsed is None:
+            self._count("unparseable")
+        return parsed
+
     async def judge(self, item: JudgeItem) -> Signal | None:
         """One judgment: call, charge, parse, deliver. Returns the delivered signal, if any."""
         if item.pairwise:
@@ -637,12 +646,9 @@ class Judge:
         reply = await self._ask(item, build_prompt(self.rubric_for(item.task_type), item, self.settings.max_input_chars))
         if reply is None:
             return None
-        parsed = parse_score(reply)
+        parsed = self._read(reply, parse_score)
         if parsed is None:
-            self.breaker.record(False, self.clock())
-            self._count("unparseable")
             return None
-        self.breaker.record(True, self.clock())
         score, reason = parsed
         return await self._deliver(
             Signal(request_id=item.request_id, quality=judge_quality(score), source="judge", at=self.wall_clock(), reason=reason)
@@ -674,12 +680,9 @@ class Judge:
         reply = await self._ask(item, build_pairwise_prompt(rubric, item, a, b, self.settings.max_input_chars))
         if reply is None:
             return None
-        parsed = parse_preference(reply)
+        parsed = self._read(reply, parse_preference)
         if parsed is None:
-            self.breaker.record(False, self.clock())
-            self._count("unparseable")
             return None
-        self.breaker.record(True, self.clock())
         preference, reason = parsed
         result = tuned_result(preference, tuned_first)
         self.counts[result] += 1

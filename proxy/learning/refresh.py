@@ -11,7 +11,7 @@ import asyncio
 import logging
 from typing import Protocol, runtime_checkable
 
-from proxy.tasks import cancel_and_wait
+from proxy.tasks import cancel_and_wait, every
 
 log = logging.getLogger("thermostat")
 
@@ -40,19 +40,17 @@ class TableRefresher:
 
     def start(self) -> None:
         self.policy.deferred_refresh = True
-        self._task = asyncio.create_task(self._run(), name="thermostat-policy-refresh")
+        self._task = every(self.interval_s, self._refresh_slices, "thermostat-policy-refresh")
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                for _ in range(32):
-                    if self.policy.refresh_stale(limit=2) < 2:
-                        break
-                    await asyncio.sleep(0)
-            except Exception:
-                log.exception("refreshing the policy's tables failed")
+    async def _refresh_slices(self) -> None:
+        try:
+            for _ in range(32):
+                if self.policy.refresh_stale(limit=2) < 2:
+                    break
+                await asyncio.sleep(0)
+        except Exception:
+            log.exception("refreshing the policy's tables failed")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from policies.base import Adaptive
 from proxy.learning.evidence import compute_ope_evidence
-from proxy.tasks import cancel_and_wait
+from proxy.tasks import cancel_and_wait, every
 
 if TYPE_CHECKING:
     from proxy.decision.decider import BanditDecider
@@ -37,31 +37,30 @@ class RolloutTicker:
         self.ope_interval_s = ope_interval_s
         self.each_tick = tuple(each_tick)
         self._task: asyncio.Task[None] | None = None
+        self._last_ope = 0.0
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="thermostat-rollout-tick")
+        self._last_ope = 0.0  # evidence first thing after a (re)start
+        self._task = every(self.interval_s, self._tick, "thermostat-rollout-tick")
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
 
-    async def _run(self) -> None:
-        last_ope = 0.0
-        while True:
-            await asyncio.sleep(self.interval_s)
-            now = time.time()
-            if now - last_ope >= self.ope_interval_s:
-                last_ope = now
-                try:
-                    self.decider.ope_evidence = await compute_ope_evidence(self.log_store, self.decider)
-                except Exception as exc:  # the store may be down; promotion just waits
-                    log.warning("OPE evidence for promotion not computed: %s", exc)
-            for listener in self.each_tick:
-                listener()
+    async def _tick(self) -> None:
+        now = time.time()
+        if now - self._last_ope >= self.ope_interval_s:
+            self._last_ope = now
             try:
-                self.decider.maybe_tick(now, force=True)
-            except Exception:
-                log.exception("rollout tick failed")
+                self.decider.ope_evidence = await compute_ope_evidence(self.log_store, self.decider)
+            except Exception as exc:  # the store may be down; promotion just waits
+                log.warning("OPE evidence for promotion not computed: %s", exc)
+        for listener in self.each_tick:
+            listener()
+        try:
+            self.decider.maybe_tick(now, force=True)
+        except Exception:
+            log.exception("rollout tick failed")
 
 
 class PolicyEpochs:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from proxy.store.base import LogStore
-from proxy.tasks import cancel_and_wait
+from proxy.tasks import cancel_and_wait, every
 
 log = logging.getLogger("thermostat")
 
@@ -36,13 +36,8 @@ class RetentionPruner:
 
     def start(self) -> None:
         if self.retention_days > 0:
-            self._task = asyncio.create_task(self._run(), name="thermostat-retention")
+            self._task = every(self.interval_s, self.prune_expired, "thermostat-retention")
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            await self.prune_expired()

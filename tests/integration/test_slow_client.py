@@ -165,11 +165,9 @@ def _queued(sock: socket.socket, request: int) -> int:
     return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0])
 
 
-def _kernel_bytes(pairs: set[tuple[int, int]]) -> int:
-    """Bytes waiting in this process's loopback sockets whose (local, peer) ports are in `pairs`:
-    unsent (SIOCOUTQ) plus unread (SIOCINQ). Test, Thermostat and upstream share the process,
-    so all four sockets of the chain are found in /proc/self/fd."""
-    total = 0
+def _own_sockets() -> Iterator[socket.socket]:
+    """Every socket this process holds, as a duplicate closed after use (test, Thermostat and
+    upstream share the process, so every socket of the chain is among them)."""
     for name in os.listdir("/proc/self/fd"):
         try:
             fd = os.dup(int(name))
@@ -181,14 +179,22 @@ def _kernel_bytes(pairs: set[tuple[int, int]]) -> int:
             os.close(fd)
             continue
         with sock:
-            try:
-                if sock.type != socket.SOCK_STREAM or sock.family != socket.AF_INET:
-                    continue
-                ports = (sock.getsockname()[1], sock.getpeername()[1])
-            except OSError:
+            yield sock
+
+
+def _kernel_bytes(pairs: set[tuple[int, int]]) -> int:
+    """Bytes waiting in this process's loopback sockets whose (local, peer) ports are in `pairs`:
+    unsent (SIOCOUTQ) plus unread (SIOCINQ)."""
+    total = 0
+    for sock in _own_sockets():
+        try:
+            if sock.type != socket.SOCK_STREAM or sock.family != socket.AF_INET:
                 continue
-            if ports in pairs:
-                total += _queued(sock, termios.TIOCOUTQ) + _queued(sock, termios.FIONREAD)
+            ports = (sock.getsockname()[1], sock.getpeername()[1])
+        except OSError:
+            continue
+        if ports in pairs:
+            total += _queued(sock, termios.TIOCOUTQ) + _queued(sock, termios.FIONREAD)
     return total
 
 
@@ -196,23 +202,13 @@ def _chain(proxy: RunningThermostat, upstream_port: int, client: socket.socket) 
     """(local, peer) ports of the sockets from the upstream to the stalled client."""
     client_port = client.getsockname()[1]
     pairs = {(client_port, proxy.port), (proxy.port, client_port)}
-    for name in os.listdir("/proc/self/fd"):
+    for sock in _own_sockets():
         try:
-            fd = os.dup(int(name))
-        except OSError:
+            local, peer = sock.getsockname()[1], sock.getpeername()[1]
+        except (OSError, TypeError, IndexError):
             continue
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError:
-            os.close(fd)
-            continue
-        with sock:
-            try:
-                local, peer = sock.getsockname()[1], sock.getpeername()[1]
-            except (OSError, TypeError, IndexError):
-                continue
-            if upstream_port in (local, peer):
-                pairs.add((local, peer))
+        if upstream_port in (local, peer):
+            pairs.add((local, peer))
     return pairs
 
 
