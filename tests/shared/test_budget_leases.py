@@ -124,7 +124,14 @@ def test_hard_cap_holds_with_slow_redis_and_killed_connections(
 
         shift_clocks(replicas, (RUNS + 1) * DAY)
         wait_for(lambda: all(counters(w)[1] == 0 for w, _ in windows), 15, step=0.1)
-        assert [counters(w) for w, _ in windows] == [(served, 0, 0) for _, served in windows]
+        # Reservations back at 0 do not prove every usage report is in: a report that got no answer
+        # (a killed connection) is repeated at the next refill round, the calls being absolute and
+        # idempotent. So the exact comparison waits for those rounds; a report really lost still fails it.
+        expected = [(served, 0, 0) for _, served in windows]
+        deadline = time.monotonic() + 15
+        while [counters(w) for w, _ in windows] != expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [counters(w) for w, _ in windows] == expected
     finally:
         for t in replicas:
             t.stop()
