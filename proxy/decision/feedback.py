@@ -33,6 +33,7 @@ from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.signals import Signal
 from proxy.config import JudgeSettings
 from proxy.decision.decider import BanditDecider
+from proxy.decision.outcome import learns
 from proxy.decision.registry import DecisionRegistry
 from proxy.store.base import DecisionRow
 from proxy.store.entries import FeedbackEntry
@@ -131,13 +132,14 @@ def context_from_features(features: dict[str, Any]) -> RequestContext | None:
         return None
 
 
-def _learns(status: int, error_class: str | None) -> bool:
-    """Outcomes the decider folds into the policy (see BanditDecider.observe)."""
-    return 200 <= status < 300 and error_class is None
+def _pair_explicit(fx: FeedbackServices, request_id: str, quality: float, row: DecisionRow | None) -> None:
+    """Explicit feedback meets the judge's score of the same request, if any (`SignalBook` docstring).
 
-
-def _pair_explicit(fx: FeedbackServices, request_id: str, quality: float) -> None:
-    """Explicit feedback meets the judge's score of the same request, if any (`SignalBook` docstring)."""
+    The judge's score is looked up in this process's book, else in the decision log: after a
+    restart, or once the book has forgotten the request, the log's feedback row still holds it.
+    """
+    if request_id not in fx.signals.judged and row is not None and row.feedback_source == "judge" and row.feedback_quality is not None:
+        fx.signals.judge_scored(request_id, row.task_type, row.feedback_quality, None)
     fx.signals.explicit_scored(request_id, quality)
 
 
@@ -162,6 +164,20 @@ usual statistics (`_apply`), but neither count towards `min_quality_signals` nor
 temperature stage. (Counting an unmarked answer as an implicit success once its
 regeneration window has passed would give them a denominator: not built.)
 """
+
+
+async def _logged_signal(fx: FeedbackServices, request_id: str) -> DecisionRow | None:
+    """The log row of a request whose delayed signals this process has not seen (a restart, another replica).
+
+    A decision found in Redis after a restart may hold a judge score this process's book
+    never saw; the log's feedback row names it. Best effort: a store hiccup leaves it unknown.
+    """
+    if request_id in fx.signals.sources:
+        return None
+    try:
+        return await fx.log.get_decision(request_id)
+    except Exception:  # noqa: BLE001 - the explicit score is recorded regardless
+        return None
 
 
 def _judged(fx: FeedbackServices, request_id: str) -> bool:
@@ -242,7 +258,7 @@ async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: st
                 book.pending.popitem(last=False)
             fx.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=None, payload=payload, received_at=now))
             book.remember(rid, quality, None)
-            _pair_explicit(fx, rid, quality)
+            _pair_explicit(fx, rid, quality, None)
             _count_signal(fx, decision.context.task_type, already or _judged(fx, rid), learns=True)  # in flight: status not known yet
             return FeedbackResult(
                 request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality,
@@ -255,20 +271,24 @@ async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: st
     row = await fx.log.get_decision(rid)
     if row is None:
         raise DecisionNotFound(rid)
-    already = row.feedback_quality is not None or rid in book.recorded
+    # Only explicit feedback makes a conflict: a judge score or a regeneration mark in the log is
+    # a weaker signal that this one replaces (as it does while the decision is in the registry).
+    already = rid in book.recorded or (row.feedback_quality is not None and (row.feedback_source or "explicit") == "explicit")
     if already and not body.overwrite:
         raise FeedbackConflict(rid)
-    previous_quality = book.recorded[rid][0] if rid in book.recorded else row.feedback_quality
+    previous_quality = book.recorded[rid][0] if rid in book.recorded else (row.feedback_quality if already else None)
     previous_signal: float | None = None
     if rid in book.recorded:
         old_reward = previous_signal = book.recorded[rid][1]
     elif row.feedback_quality is not None:
-        old_reward = previous_signal = row.feedback_reward
+        old_reward = row.feedback_reward  # the delayed signal's reward is the one the policy holds
+        if row.feedback_source not in ONE_SIDED:
+            previous_signal = row.feedback_reward  # and the temperature-only statistics too (`_teach_temperature`)
     else:
         old_reward = row.reward
     new_reward = _reward(fx, row.task_type, quality, row.latency_s, row.completion_tokens, row.cost_usd)
     ctx = context_from_features(row.context_features)
-    if not _learns(row.status, row.error_class):
+    if not learns(row.status, row.error_class):
         updated, note = False, "failed requests do not update the policy"
     elif ctx is None:
         updated, note = False, "the logged context could not be rebuilt"
@@ -280,8 +300,8 @@ async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: st
         _teach_temperature(fx, ctx, row.baseline_params, row.chosen_params, new_reward, previous_signal, row.policy_version)
     fx.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
-    _pair_explicit(fx, rid, quality)
-    _count_signal(fx, row.task_type, already, _learns(row.status, row.error_class))
+    _pair_explicit(fx, rid, quality, row)
+    _count_signal(fx, row.task_type, already or previous_signal is not None or _judged(fx, rid), learns(row.status, row.error_class))
     return FeedbackResult(
         request_id=rid, found_in="log", quality=quality, previous_quality=previous_quality, automatic_quality=row.quality,
         reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,
@@ -294,26 +314,28 @@ async def _with_outcome(
 ) -> FeedbackResult:
     book = fx.book
     rid = decision.request_id
-    automatic = outcome.quality if not outcome.feedback else None
+    row = await _logged_signal(fx, rid)
+    signalled = _judged(fx, rid) or (row is not None and row.feedback_source not in (None, *ONE_SIDED))
+    automatic = outcome.quality if not outcome.feedback and not signalled else None
     old_reward = outcome.reward
     if already and previous_quality is None:
         previous_quality = outcome.quality
     new_reward = fx.bandit.reward_for(decision, outcome, quality)
-    if not _learns(outcome.status, outcome.error_class):
+    if not learns(outcome.status, outcome.error_class):
         updated, note = False, "failed requests do not update the policy"
     else:
         updated, note = _apply(
             fx, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), old_reward, new_reward,
             decision.policy_version,
         )
-        previous_signal = old_reward if outcome.feedback or _judged(fx, rid) else None
+        previous_signal = old_reward if outcome.feedback or signalled else None
         _teach_temperature(fx, decision.context, decision.baseline, decision.sent, new_reward, previous_signal, decision.policy_version)
     # A copy: the queued LogEntry shares the original Outcome and must keep the automatic score.
     fx.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward, feedback=True))
     fx.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
-    _pair_explicit(fx, rid, quality)
-    _count_signal(fx, decision.context.task_type, already or _judged(fx, rid), _learns(outcome.status, outcome.error_class))
+    _pair_explicit(fx, rid, quality, row)
+    _count_signal(fx, decision.context.task_type, already or signalled, learns(outcome.status, outcome.error_class))
     return FeedbackResult(
         request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality, automatic_quality=automatic,
         reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,
@@ -330,7 +352,7 @@ def apply_pending_feedback(fx: FeedbackServices, decision: Decision, outcome: Ou
     if pending is None:
         return
     new_reward = fx.bandit.reward_for(decision, outcome, pending.quality)
-    if _learns(outcome.status, outcome.error_class):
+    if learns(outcome.status, outcome.error_class):
         _apply(
             fx, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,
             decision.policy_version,
@@ -463,8 +485,8 @@ async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None
     one_sided = signal.source in ONE_SIDED
     earlier = _judged(fx, rid)
     if not one_sided:
-        _count_signal(fx, decision.context.task_type, earlier, _learns(outcome.status, outcome.error_class))
-    if _learns(outcome.status, outcome.error_class):
+        _count_signal(fx, decision.context.task_type, earlier, learns(outcome.status, outcome.error_class))
+    if learns(outcome.status, outcome.error_class):
         _apply(
             fx, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,
             decision.policy_version,
