@@ -156,6 +156,9 @@ def _pair_explicit(fx: FeedbackServices, request_id: str, quality: float, row: D
     if request_id not in fx.signals.judged and row is not None and row.feedback_source == "judge" and row.feedback_quality is not None:
         fx.signals.judge_scored(request_id, row.task_type, row.feedback_quality, None)
     fx.signals.explicit_scored(request_id, quality)
+    judged = fx.signals.judged.get(request_id)
+    if judged is not None:
+        _check_agreement(fx, judged[0])  # a new pair may mute the judge (or lift a disagreement mute) at once
 
 
 def _count_signal(fx: FeedbackServices, task_type: str, already: bool, learns: bool) -> None:
@@ -618,25 +621,31 @@ def judge_gate(fx: FeedbackServices, decision: Decision, outcome: Outcome | None
     statistic needs every judged answer, holdout included. A check that mutes the judge starts
     `retract_judge`.
     """
+    task_type = decision.context.task_type
+    trust = fx.trust
+    if trust is None:
+        return _check_agreement(fx, task_type)
+    if outcome is not None and _learns(outcome.status, outcome.error_class) and outcome.finish_reason != "length":
+        arm = repr((decision.context.model, decision.baseline, decision.sent))
+        if trust.observe_length(task_type, arm, outcome.completion_tokens, quality) is not None:
+            _retract_later(fx, task_type)
+    _check_agreement(fx, task_type)
+    return not trust.muted(task_type)
+
+
+def _check_agreement(fx: FeedbackServices, task_type: str) -> bool:
+    """The agreement check (`policies.agreement.judge_trusted`) for a task type, handed to the mutes; its verdict."""
     from policies.agreement import agreement, judge_trusted
 
-    task_type = decision.context.task_type
     judge = fx.judge
     pairs = fx.signals.pairs_of(task_type)
     agreed = judge_trusted(pairs, judge.min_agreement, judge.min_agreement_pairs)
-    trust = fx.trust
-    if trust is None:
+    if fx.trust is None:
         return agreed
-    muted = None
-    if outcome is not None and _learns(outcome.status, outcome.error_class) and outcome.finish_reason != "length":
-        arm = repr((decision.context.model, decision.baseline, decision.sent))
-        muted = trust.observe_length(task_type, arm, outcome.completion_tokens, quality)
-    if muted is None:
-        evidence: dict[str, float | int | str | None] = {}
-        if not agreed:
-            a = agreement(pairs)
-            evidence = {"pairs": a.n, "spearman": None if a.spearman is None else round(a.spearman, 4), "min_agreement": judge.min_agreement}
-        muted = trust.agreement(task_type, agreed, evidence)
-    if muted is not None:
+    evidence: dict[str, float | int | str | None] = {}
+    if not agreed:
+        a = agreement(pairs)
+        evidence = {"pairs": a.n, "spearman": None if a.spearman is None else round(a.spearman, 4), "min_agreement": judge.min_agreement}
+    if fx.trust.agreement(task_type, agreed, evidence) is not None:
         _retract_later(fx, task_type)
-    return not trust.muted(task_type)
+    return agreed
