@@ -73,6 +73,7 @@ class OptimizationStatus(msgspec.Struct):
     rollback: RollbackStatus
     uptime_s: float
     decisions_in_registry: int
+    judge_muted: dict[str, str] = {}  # task type -> why the judge's scores are muted there (length_bias, disagreement)
 
 
 # --------------------------------------------------------------------------- performance
@@ -599,6 +600,7 @@ class DecisionOut(msgspec.Struct):
     automatic_quality: float | None
     feedback_quality: float | None
     validator_reason: str | None = None  # why the answer failed its schema check: schema paths and error kinds, never answer text
+    cost_usd: float | None = None  # US dollars at the model's price (configured or genai-prices); null: no usage or no known price
 
 
 class DecisionPage(msgspec.Struct):

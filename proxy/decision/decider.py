@@ -194,6 +194,10 @@ class Explanation(NamedTuple):
     budget: BudgetVerdict
 
 
+def _never(_: str) -> bool:
+    return False
+
+
 class QualitySignals:
     """Per task type, the quality signals that can see temperature (explicit feedback so far).
 
@@ -295,6 +299,8 @@ class BanditDecider:
         self._last_tick = 0.0
         self._arm_cache: dict[tuple[Arm, Freedom, str, str], list[Arm]] = {}
         self.ope_evidence: OpeEvidence | None = None  # refreshed off the hot path by the runtime
+        # Task type -> is the judge muted there (`proxy.decision.judge_trust.JudgeTrust.muted`); set by the runtime.
+        self.judge_muted: Callable[[str], bool] = _never
 
     @property
     def policy_name(self) -> str:
@@ -304,9 +310,13 @@ class BanditDecider:
         return self.conservative is not None and self.conservative.is_rolled_back(task_type)
 
     def temperature_evidence(self, task_type: str) -> bool:
-        """May temperature move for this task type (`tune_temperature` and the explicit signals so far)?"""
+        """May temperature move for this task type (`tune_temperature` and the explicit signals so far)?
+
+        Not while the judge is muted for it: the signals counted so far are mostly its scores,
+        which were taken back (`proxy.decision.feedback.retract_judge`).
+        """
         if self.tune_temperature == "auto":
-            return self.signals.count(task_type) >= self.min_quality_signals
+            return self.signals.count(task_type) >= self.min_quality_signals and not self.judge_muted(task_type)
         return self.tune_temperature == "always"
 
     def allowed_for(self, ctx: RequestContext) -> tuple[Arm, list[Arm], ModelLimits]:
@@ -599,10 +609,12 @@ class BanditDecider:
             latency_s=outcome.latency_s,
             tokens=tokens,
             settings=self.reward_settings,
+            cost_usd=outcome.cost_usd,
         )
 
     def score(
-        self, decision: Decision, *, status: int, error_class: str | None, latency_s: float, completion_tokens: int | None, quality: float | None
+        self, decision: Decision, *, status: int, error_class: str | None, latency_s: float, completion_tokens: int | None, quality: float | None,
+        cost_usd: float | None = None,
     ) -> float | None:
         """The reward of a finished request, computed once (proxy.decision.outcome.complete).
 
@@ -612,10 +624,10 @@ class BanditDecider:
         if not (200 <= status < 300 and error_class is None and quality is not None):
             return None
         if decision.mode not in ("optimized", "guard_fallback"):
-            self.costs.observe(decision.context.task_type, latency_s, completion_tokens or 0)
+            self.costs.observe(decision.context.task_type, latency_s, completion_tokens or 0, cost_usd)
         return self.costs.reward(
             task_type=decision.context.task_type, quality=quality, latency_s=latency_s, tokens=completion_tokens or 0,
-            settings=self.reward_settings,
+            settings=self.reward_settings, cost_usd=cost_usd,
         )
 
     async def observe(self, decision: Decision, outcome: Outcome) -> None:
