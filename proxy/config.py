@@ -39,6 +39,7 @@ from policies.settings import (
     ThompsonSettings,
 )
 from proxy.edge.origins import normalize_origin, valid_host_entry
+from proxy.edge.paths import METHODS, parse_forward_path
 
 ModeName = Literal["shadow", "canary", "guarded", "general"]
 TuneTemperature = Literal["auto", "always", "never"]
@@ -104,22 +105,22 @@ class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     efforts: tuple[str, ...] = ()
 
 
-# The paths (after `/v1`) a client of a model API needs. Everything else (files,
-# fine-tuning, organisation and admin endpoints) is refused unless an operator lists it,
-# so the key from `api_key_env` cannot be spent on them by whoever reaches the proxy.
+# What a client of a model API needs (after `/v1`, each for one method): inference and the
+# read-only model listing. Everything else (stored responses, batches, files, fine-tuning,
+# deleting models, images, audio, organisation and admin endpoints) is refused unless an
+# operator lists it, so the key from `api_key_env` cannot be spent or used to read or delete
+# on anyone's behalf by whoever reaches the proxy (docs/forwarding.md).
 DEFAULT_FORWARD_PATHS: tuple[str, ...] = (
-    "/chat/completions",
-    "/completions",
-    "/responses",
-    "/responses/*",
-    "/embeddings",
-    "/models",
-    "/models/*",
-    "/moderations",
-    "/audio/*",
-    "/images/*",
-    "/messages",
-    "/messages/*",
+    "POST /chat/completions",
+    "POST /completions",
+    "POST /responses",
+    "POST /messages",
+    "POST /embeddings",
+    "POST /moderations",
+    "POST /messages/count_tokens",
+    "POST /responses/input_tokens",
+    "GET /models",
+    "GET /models/*",
 )
 
 
@@ -577,8 +578,9 @@ def _validate_ranges(cfg: Config) -> None:
                 if level not in known:
                     raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].efforts", f"{level!r} (allowed: {', '.join(known)})")
         for glob in up.forward_paths:
-            if not glob.startswith("/") or ".." in glob:
-                raise bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: globs over the path after /v1, starting with '/', e.g. '/chat/completions')")
+            if parse_forward_path(glob) is None:
+                raise bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: a glob over the path after /v1, starting with '/', "
+                          f"optionally after one method: '/files*', 'GET /models/*'; methods: {', '.join(METHODS)})")
         if up.max_response_bytes <= 0:
             raise bad(f"upstreams[{up.name}].max_response_bytes", f"{up.max_response_bytes} (allowed: a positive number)")
 
