@@ -251,6 +251,10 @@ class JudgeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     breaker_cooldown_s: float = 60.0  # first wait before a trial call; doubles while it keeps failing
     min_agreement: float = 0.3  # Spearman with explicit feedback below this (per task type) stops its signals
     min_agreement_pairs: int = 30  # (judge, explicit) pairs needed before the judge can be distrusted
+    # Mute the judge for a task type whose scores surely follow answer length within arms
+    # (P(concordant) > 0.5 + margin, anytime-valid at 95 %; policies/judge_bias.py).
+    length_bias_check: bool = True
+    length_bias_margin: float = 0.1
     # pairwise: a sampled chat request sent with a tuned arm is sent again with the baseline parameters
     # (after the client's answer, in the judge's queue) and the judge prefers one answer (proxy/learning/judge.py)
     mode: Literal["pointwise", "pairwise"] = "pointwise"
@@ -520,6 +524,8 @@ def _validate_ranges(cfg: Config) -> None:
     ):
         if not 0.0 <= value <= 1.0:
             raise bad(key, f"{value} (allowed: a fraction in [0, 1])")
+    if not 0.0 <= cfg.judge.length_bias_margin < 0.5:
+        raise bad("judge.length_bias_margin", f"{cfg.judge.length_bias_margin} (allowed: a number in [0, 0.5))")
     for key, number in (
         ("caws.budget_limit", cfg.caws.budget_limit),
         ("caws.window_s", cfg.caws.window_s),

@@ -39,6 +39,7 @@ from proxy.config import Config
 from proxy.decision.conservative import ConservativeListener
 from proxy.decision.decider import BanditDecider, Decider
 from proxy.decision.feedback import FeedbackBook, FeedbackServices, deliver_signal
+from proxy.decision.judge_trust import JudgeTrust
 from proxy.decision.lease_refill import LeaseRefiller
 from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook
 from proxy.decision.registry import DecisionRegistry
@@ -188,10 +189,17 @@ class Runtime:
         )
         if self.shared is not None:
             self.registry = self.shared.registry  # also writes decisions to Redis for feedback posted elsewhere
+        # Per task type, whether the judge's scores may teach (length bias, disagreement); persisted.
+        self.judge_trust = JudgeTrust(
+            check_length=config.judge.length_bias_check, margin=config.judge.length_bias_margin, max_task_types=srv.max_task_types,
+            recorder=self.recorder, alerts=self.alerts, metrics=self.metrics, state_store=self.state_store,
+        )
+        self.bandit.judge_muted = self.judge_trust.muted
         # Later signals (explicit, judge, implicit) re-enter through the decision room with exactly these.
         self.feedback_services = FeedbackServices(
             registry=self.registry, recorder=self.recorder, log=self.sink, bandit=self.bandit, book=self.feedback,
             signals=self.signal_book, judge=config.judge, shared=self.shared, learns=self.decider is self.bandit,
+            trust=self.judge_trust,
         )
         seed = config.optimization.seed
         self.judge: Judge | None = (
@@ -277,6 +285,7 @@ class Runtime:
         if stored is not None:
             self.bandit.rollout = self._make_rollout(stored)
         await self.conservative_listener.load()
+        await self.judge_trust.load()
         if self.signal_sync is not None:
             await self.signal_sync.start()
         if self.shared is not None:
@@ -309,6 +318,7 @@ class Runtime:
             await self.judge.stop()
         await self.tracer.stop()
         self.answers.stop()
+        await self.judge_trust.flush()  # retractions and the last save of the mutes
         if self.refresher is not None:
             await self.refresher.stop()
         if self.lease_refiller is not None:

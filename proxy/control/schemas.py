@@ -73,6 +73,7 @@ class OptimizationStatus(msgspec.Struct):
     rollback: RollbackStatus
     uptime_s: float
     decisions_in_registry: int
+    judge_muted: dict[str, str] = {}  # task type -> why the judge's scores are muted there (length_bias, disagreement)
 
 
 # --------------------------------------------------------------------------- performance

@@ -121,6 +121,7 @@ def status_of(deps: ControlDeps, now: float) -> OptimizationStatus:
         rollback=rollback_status(deps, now),
         uptime_s=round(now - deps.started_at, 3),
         decisions_in_registry=len(deps.registry),
+        judge_muted={task: m.reason for task, m in trust.state.mutes.items()} if (trust := deps.learning.trust) is not None else {},
     )
 
 

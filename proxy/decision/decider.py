@@ -208,6 +208,10 @@ class Explanation(NamedTuple):
     budget: BudgetVerdict
 
 
+def _never(_: str) -> bool:
+    return False
+
+
 class QualitySignals:
     """Per task type, the quality signals that can see temperature (explicit feedback so far).
 
@@ -309,6 +313,8 @@ class BanditDecider:
         self._last_tick = 0.0
         self._arm_cache: dict[tuple[Arm, Freedom, str, str], list[Arm]] = {}
         self.ope_evidence: OpeEvidence | None = None  # refreshed off the hot path by the runtime
+        # Task type -> is the judge muted there (`proxy.decision.judge_trust.JudgeTrust.muted`); set by the runtime.
+        self.judge_muted: Callable[[str], bool] = _never
 
     @property
     def policy_name(self) -> str:
@@ -318,9 +324,13 @@ class BanditDecider:
         return self.conservative is not None and self.conservative.is_rolled_back(task_type)
 
     def temperature_evidence(self, task_type: str) -> bool:
-        """May temperature move for this task type (`tune_temperature` and the explicit signals so far)?"""
+        """May temperature move for this task type (`tune_temperature` and the explicit signals so far)?
+
+        Not while the judge is muted for it: the signals counted so far are mostly its scores,
+        which were taken back (`proxy.decision.feedback.retract_judge`).
+        """
         if self.tune_temperature == "auto":
-            return self.signals.count(task_type) >= self.min_quality_signals
+            return self.signals.count(task_type) >= self.min_quality_signals and not self.judge_muted(task_type)
         return self.tune_temperature == "always"
 
     def allowed_for(self, ctx: RequestContext) -> tuple[Arm, list[Arm], ModelLimits]:

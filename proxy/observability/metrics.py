@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -133,6 +133,10 @@ class Metrics:
         self.task_rollbacks = Counter(
             "thermostat_task_rollbacks", "Task types rolled back to the baseline by the conservative monitor (optimised worse than holdout)",
             ["task"], registry=r,
+        )
+        self.judge_muted = Gauge(
+            "thermostat_judge_muted", "1 while the judge's scores are muted for the task type (proxy/decision/judge_trust.py), by reason",
+            ["task", "reason"], registry=r,
         )
         self.task_changes = Counter(
             "thermostat_task_baseline_changes", "Changes the conservative monitor detected in a task type's holdout quality", ["task"], registry=r,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator, Sequence
 from html.parser import HTMLParser
 from pathlib import Path
@@ -21,12 +19,12 @@ from policies.base import Choice
 from policies.records import Arm, RequestContext
 from policies.thompson import ThompsonGaussianPolicy
 from proxy.cli import dashboard_url
-from proxy.demo.simulator_server import SimulatorHandle, start_simulator
+from proxy.demo.simulator_server import SimulatorHandle
 from proxy.runtime import Runtime
 from tests.conftest import IN_CI, make_config
 from tests.control.conftest import drive
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.servers import start_thermostat
+from tests.support.servers import simulator_in_thread, start_thermostat
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -150,21 +148,8 @@ class HarmfulForExtraction(ThompsonGaussianPolicy):
 
 @pytest.fixture(scope="module")
 def simulator() -> Iterator[SimulatorHandle]:
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    handle: dict[str, SimulatorHandle] = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        handle["sim"] = loop.run_until_complete(start_simulator("127.0.0.1", 0, seed=3, time_scale=0.0))
-        started.set()
-        loop.run_forever()
-
-    threading.Thread(target=run, daemon=True).start()
-    assert started.wait(10)
-    yield handle["sim"]
-    asyncio.run_coroutine_threadsafe(handle["sim"].close(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
+    with simulator_in_thread(seed=3) as sim:
+        yield sim
 
 
 SCHEMA_OK = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
