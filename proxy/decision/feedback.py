@@ -165,8 +165,14 @@ def _learns(status: int, error_class: str | None) -> bool:
     return 200 <= status < 300 and error_class is None
 
 
-def _pair_explicit(fx: FeedbackServices, request_id: str, quality: float) -> None:
-    """Explicit feedback meets the judge's score of the same request, if any (`SignalBook` docstring)."""
+def _pair_explicit(fx: FeedbackServices, request_id: str, quality: float, row: DecisionRow | None) -> None:
+    """Explicit feedback meets the judge's score of the same request, if any (`SignalBook` docstring).
+
+    The judge's score is looked up in this process's book, else in the decision log: after a
+    restart, or once the book has forgotten the request, the log's feedback row still holds it.
+    """
+    if request_id not in fx.signals.judged and row is not None and row.feedback_source == "judge" and row.feedback_quality is not None:
+        fx.signals.judge_scored(request_id, row.task_type, row.feedback_quality, None)
     fx.signals.explicit_scored(request_id, quality)
 
 
@@ -191,6 +197,20 @@ usual statistics (`_apply`), but neither count towards `min_quality_signals` nor
 temperature stage. (Counting an unmarked answer as an implicit success once its
 regeneration window has passed would give them a denominator: not built.)
 """
+
+
+async def _logged_signal(fx: FeedbackServices, request_id: str) -> DecisionRow | None:
+    """The log row of a request whose delayed signals this process has not seen (a restart, another replica).
+
+    A decision found in Redis after a restart may hold a judge score this process's book
+    never saw; the log's feedback row names it. Best effort: a store hiccup leaves it unknown.
+    """
+    if request_id in fx.signals.sources:
+        return None
+    try:
+        return await fx.log.get_decision(request_id)
+    except Exception:  # noqa: BLE001 - the explicit score is recorded regardless
+        return None
 
 
 def _judged(fx: FeedbackServices, request_id: str) -> bool:
@@ -269,7 +289,7 @@ async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: st
                 book.pending.popitem(last=False)
             fx.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=None, payload=payload, received_at=now))
             book.remember(rid, quality, None)
-            _pair_explicit(fx, rid, quality)
+            _pair_explicit(fx, rid, quality, None)
             _count_signal(fx, decision.context.task_type, already or _judged(fx, rid), learns=True)  # in flight: status not known yet
             return FeedbackResult(
                 request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality,
@@ -282,15 +302,19 @@ async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: st
     row = await fx.log.get_decision(rid)
     if row is None:
         raise DecisionNotFound(rid)
-    already = row.feedback_quality is not None or rid in book.recorded
+    # Only explicit feedback makes a conflict: a judge score or a regeneration mark in the log is
+    # a weaker signal that this one replaces (as it does while the decision is in the registry).
+    already = rid in book.recorded or (row.feedback_quality is not None and (row.feedback_source or "explicit") == "explicit")
     if already and not body.overwrite:
         raise FeedbackConflict(rid)
-    previous_quality = book.recorded[rid][0] if rid in book.recorded else row.feedback_quality
+    previous_quality = book.recorded[rid][0] if rid in book.recorded else (row.feedback_quality if already else None)
     previous_signal: float | None = None
     if rid in book.recorded:
         old_reward = previous_signal = book.recorded[rid][1]
     elif row.feedback_quality is not None:
-        old_reward = previous_signal = row.feedback_reward
+        old_reward = row.feedback_reward  # the delayed signal's reward is the one the policy holds
+        if row.feedback_source not in ONE_SIDED:
+            previous_signal = row.feedback_reward  # and the temperature-only statistics too (`_teach_temperature`)
     else:
         old_reward = row.reward
     new_reward = _reward(fx, row.task_type, quality, row.latency_s, row.completion_tokens)
@@ -307,8 +331,8 @@ async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: st
         _teach_temperature(fx, ctx, row.baseline_params, row.chosen_params, new_reward, previous_signal, row.policy_version)
     fx.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
-    _pair_explicit(fx, rid, quality)
-    _count_signal(fx, row.task_type, already, _learns(row.status, row.error_class))
+    _pair_explicit(fx, rid, quality, row)
+    _count_signal(fx, row.task_type, already or previous_signal is not None or _judged(fx, rid), _learns(row.status, row.error_class))
     _to_guards(fx, rid, row.task_type, row.mode, "explicit", quality, new_reward, _learns(row.status, row.error_class))
     return FeedbackResult(
         request_id=rid, found_in="log", quality=quality, previous_quality=previous_quality, automatic_quality=row.quality,
@@ -322,7 +346,9 @@ async def _with_outcome(
 ) -> FeedbackResult:
     book = fx.book
     rid = decision.request_id
-    automatic = outcome.quality if not outcome.feedback else None
+    row = await _logged_signal(fx, rid)
+    signalled = _judged(fx, rid) or (row is not None and row.feedback_source not in (None, *ONE_SIDED))
+    automatic = outcome.quality if not outcome.feedback and not signalled else None
     old_reward = outcome.reward
     if already and previous_quality is None:
         previous_quality = outcome.quality
@@ -334,14 +360,14 @@ async def _with_outcome(
             fx, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), old_reward, new_reward,
             decision.policy_version,
         )
-        previous_signal = old_reward if outcome.feedback or _judged(fx, rid) else None
+        previous_signal = old_reward if outcome.feedback or signalled else None
         _teach_temperature(fx, decision.context, decision.baseline, decision.sent, new_reward, previous_signal, decision.policy_version)
     # A copy: the queued LogEntry shares the original Outcome and must keep the automatic score.
     fx.registry.complete(decision, msgspec.structs.replace(outcome, quality=quality, reward=new_reward, feedback=True))
     fx.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
-    _pair_explicit(fx, rid, quality)
-    _count_signal(fx, decision.context.task_type, already or _judged(fx, rid), _learns(outcome.status, outcome.error_class))
+    _pair_explicit(fx, rid, quality, row)
+    _count_signal(fx, decision.context.task_type, already or signalled, _learns(outcome.status, outcome.error_class))
     _to_guards(fx, rid, decision.context.task_type, decision.mode, "explicit", quality, new_reward, _learns(outcome.status, outcome.error_class))
     return FeedbackResult(
         request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality, automatic_quality=automatic,

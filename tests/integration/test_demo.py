@@ -150,3 +150,23 @@ def test_demo_holdout_share_defaults_to_a_fifth_and_is_checked() -> None:
     for bad in ("1", "-0.1", "x"):
         with pytest.raises(SystemExit):
             parser.parse_args(["demo", "--holdout", bad])
+
+
+def test_demo_traffic_sends_its_rate_however_slow_the_answers() -> None:
+    """Open loop: 10 requests/s for 2 s is ~20 requests even when each answer takes 0.5 s
+    (waiting for each answer, then sleeping, sent ~3)."""
+    from tests.support.fake_upstream import FakeUpstream
+
+    upstream = FakeUpstream(delay_s=0.5).start()
+    try:
+        async def drive() -> None:
+            try:
+                await asyncio.wait_for(demo_traffic.run(upstream.url.removesuffix("/v1"), 10.0, feedback="none"), timeout=2.0)
+            except TimeoutError:
+                pass
+
+        asyncio.run(drive())
+        sent = [r for r in upstream.received if r.path == "/v1/chat/completions"]
+        assert 12 <= len(sent) <= 22, len(sent)  # ~3 on the old closed loop
+    finally:
+        upstream.stop()
