@@ -42,7 +42,7 @@ def test_quality_difference_uses_the_confidence_sequences() -> None:
     rows = [row(1, "optimized", quality=1.0), row(2, "holdout", quality=0.5), row(3, "optimized", quality=0.5), row(4, "guard_fallback", quality=1.0),
             row(5, "holdout", quality=0.5), row(6, "optimized", quality=0.5), row(7, "shadow", quality=0.0)]  # shadow: not a randomised control
     [code] = reports.tuned_vs_holdout(reversed(rows), -1.1, 1.0)  # the store hands rows newest first
-    q = next(m for m in code.metrics if m.metric == "quality")
+    q = next(m for m in code.metrics if m.metric == "quality_automatic")
     assert (q.optimized_n, q.holdout_n, code.requests) == (4, 2, 7)
     assert q.optimized == pytest.approx(0.75) and q.holdout == pytest.approx(0.5) and q.difference == pytest.approx(0.25)
     # Reference: the vectorised path of the same sequences, each stream at α/2, in time order.
@@ -50,7 +50,7 @@ def test_quality_difference_uses_the_confidence_sequences() -> None:
     lo_h, hi_h = sequences.bounds_path(np.array([0.5, 0.5]), alpha=0.025)
     assert q.ci_low == pytest.approx(lo_o[-1] - hi_h[-1]) and q.ci_high == pytest.approx(hi_o[-1] - lo_h[-1])
     assert q.anytime_valid and q.verdict == "not yet known" and code.verdict == "not yet known"
-    assert q.summary == f"code: +0.25 quality, 95 % interval [{q.ci_low:+.2f}, {q.ci_high:+.2f}], 6 requests"  # the compared ones
+    assert q.summary == f"code: +0.25 automatic quality, 95 % interval [{q.ci_low:+.2f}, {q.ci_high:+.2f}], 6 requests"  # the compared ones
 
 
 def test_a_clear_gain_is_called_better_and_a_rolled_back_task_says_so() -> None:
