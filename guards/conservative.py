@@ -40,7 +40,10 @@ L_opt > (1 + max_cost_regression)·U_hold: the mean clipped cost of optimised tr
 surely more than `max_cost_regression` above holdout's (clipping can only lower optimised
 cost, and binds for holdout only beyond twice its warm-up maximum; the verdict reports the
 share of holdout requests clipped).  A costlier task is rolled back unless some trusted
-quality kind says "better": the client never pays more for nothing.
+quality kind says "better": the client never pays more for nothing.  When the task has
+delayed signals, the rollback waits until each trusted delayed kind has
+`cost_patience_signals` signals per stream (`_cost_breach`: a sparse judge gives the cost
+comparison many samples for each of its own, and a real gain needs its signals to show).
 
 Latency (the seed's "p99 ≤ baseline + 10 %").  A quantile has no bounded-mean CS of its
 own, so the comparison is reduced to two Bernoulli means:
@@ -130,6 +133,7 @@ class ConservativeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
     cost_warmup: int = 50  # holdout costs that fix the cap S
     cost_cap_factor: float = 2.0  # S = this × the largest warm-up holdout cost
     cost_unit: str = "completion_tokens"
+    cost_patience_signals: int = 100  # a costlier task waits for this many signals per stream of each delayed kind it has
     change_delta: float = 0.25  # Page–Hinkley slack per sample, in running standard deviations
     change_threshold: float = 20.0  # Page–Hinkley alarm level, in running standard deviations
     change_min_samples: int = 30  # no change alarm before this many holdout samples
@@ -401,6 +405,21 @@ def _cost_verdict(c: CostState, s: ConservativeSettings) -> CostVerdict:
     )
 
 
+def _cost_breach(kinds: list[KindVerdict], quality: TaskVerdictName, cost: CostVerdict, s: ConservativeSettings) -> bool:
+    """Costlier with no sure gain, once every trusted delayed kind with signals has had `cost_patience_signals` per stream.
+
+    Without delayed signals it acts at once. With them, a real gain needs its signals to show:
+    a judge sampling a tenth of the requests gives the cost comparison ten samples for each of
+    its own, so a costlier task that is truly better would be rolled back before its gain could
+    be seen. The wait is a stopping rule, so the cost claim stays anytime-valid.
+    """
+    if cost.verdict != "costlier" or quality == "better":
+        return False
+    waiting = [k for k in kinds if k.kind != "automatic" and k.trusted and (k.optimised_n or k.holdout_n)
+               and min(k.optimised_n, k.holdout_n if k.reference is None else k.optimised_n) < s.cost_patience_signals]
+    return not waiting
+
+
 def _latency_verdict(t: TaskState) -> TaskVerdictName:
     c = t.latency.exceed
     if t.latency.reference_s is None or not c.optimised.n or not c.holdout.n:
@@ -437,7 +456,8 @@ def _verdict(key: str, t: TaskState, s: ConservativeSettings) -> TaskVerdict:
                     f"{k.kind}: win rate against the baseline answer <= {k.optimised_bounds[1]:.4f} < (1 - "
                     f"{s.max_quality_regression:g}) x 0.5 ({k.optimised_n} verdicts)"
                 )
-    if cost.verdict == "costlier" and quality != "better":
+    cost_breach = _cost_breach(kinds, quality, cost, s)
+    if cost_breach:
         reasons.append(
             f"cost: optimised mean {cost.unit} per request >= {cost.optimised_bounds[0]:.1f} > (1 + {s.max_cost_regression:g}) x "
             f"holdout's <= {cost.holdout_bounds[1]:.1f} with no quality kind surely better"
@@ -448,7 +468,6 @@ def _verdict(key: str, t: TaskState, s: ConservativeSettings) -> TaskVerdict:
             f"P(optimised latency > {1.0 + s.max_latency_regression:g} x {t.latency.reference_s:.4g}s) >= {opt_x[0]:.4f} "
             f"> P(holdout latency > {t.latency.reference_s:.4g}s) <= {hold_x[1]:.4f}"
         )
-    cost_breach = cost.verdict == "costlier" and quality != "better"
     overall: TaskVerdictName = "worse" if "worse" in (quality, latency) or cost_breach else quality
     head = _headline(kinds)
     return TaskVerdict(
@@ -481,7 +500,7 @@ def _breached(t: TaskState, s: ConservativeSettings) -> bool:
         return True
     kinds = _kinds(t, s)
     quality = _quality_verdict(kinds)
-    return quality == "worse" or (quality != "better" and _cost_verdict(t.cost, s).verdict == "costlier")
+    return quality == "worse" or _cost_breach(kinds, quality, _cost_verdict(t.cost, s), s)
 
 
 def _settle(

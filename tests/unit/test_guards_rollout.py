@@ -407,3 +407,31 @@ def test_event_list_is_bounded() -> None:
     for i in range(300):
         ctl.set_phase("guarded" if i % 2 else "canary", float(i))
     assert len(ctl.state.events) == 200 and ctl.state.events[-1].at == 299.0
+
+
+def test_a_judged_gain_promotes_when_the_automatic_rewards_are_flat() -> None:
+    """Regression (issue 22): 0.96 vs 0.41 hidden quality never promoted: promotion read the automatic reward only."""
+    ctl = make("canary")
+    feed(ctl, [1.0] * 400, [1.0] * 100)  # automatic: every answer scores 1
+    assert ctl.promotion_check(48 * H).blockers[0].startswith("not surely better than holdout")
+    for _ in range(300):
+        ctl.observe_reward("optimized", 0.9, kind="judge")
+    for _ in range(100):
+        ctl.observe_reward("holdout", 0.4, kind="judge")
+    e = ctl.promotion_evidence()
+    assert e.signal_kind == "judge" and e.difference_lower > 0 and e.alpha == PROMOTION_KIND_ALPHA
+    assert ctl.promotion_check(48 * H).ready
+    (event,) = ctl.tick(48 * H, GOOD)
+    assert event.kind == "promote" and "judge signals" in event.reason
+    assert {c["signal_kind"] for c in event.evidence["holdout_comparisons"]} == {"automatic", "judge"}
+
+
+def test_a_kind_that_is_surely_worse_blocks_promotion() -> None:
+    ctl = make("canary")
+    feed(ctl, [0.9] * 400, [0.4] * 100)
+    for _ in range(200):
+        ctl.observe_reward("optimized", 0.1, kind="explicit")
+        ctl.observe_reward("holdout", 0.8, kind="explicit")
+    ctl.observe_reward("optimized", 1.0, kind="implicit")  # not a compared kind: ignored
+    blockers = ctl.promotion_check(48 * H).blockers
+    assert len(blockers) == 1 and blockers[0].startswith("surely worse than holdout on explicit signals")
