@@ -279,9 +279,11 @@ class FeedbackSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class PolicySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    # Statistics weigh a reward seen one half-life ago by 1/2 (policies.base.Discount); None = never forget.
-    # (None rather than inf: the config crosses to worker processes as JSON, which has no inf.)
-    half_life_s: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+    # Statistics weigh a reward seen one half-life ago by 1/2 (policies.base.Discount); 0 = never forget.
+    # On by default (one day): a model can change under its name without the change detector seeing it,
+    # and a day's memory re-learns within days; the stationary cost is measured in docs/benchmarks.md.
+    # (0 rather than inf: the config crosses to worker processes as JSON, which has no inf.)
+    half_life_s: Annotated[float, msgspec.Meta(ge=0.0)] | None = 86400.0
     grid: ArmGridSettings = ArmGridSettings()
     thompson: ThompsonSettings = ThompsonSettings()
     linucb: LinUCBSettings = LinUCBSettings()
