@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import json
 import logging
 import os
+import re
 import tomllib
 import types
 import typing
@@ -439,6 +441,57 @@ def _check_unknown_keys(value: Any, struct: type[msgspec.Struct], where: str) ->
             _check_unknown_keys(child, sub, path)
 
 
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "array": "an array",
+               "object": "a table", "null": "nothing"}
+
+
+def _walk(doc: Any, path: str) -> tuple[bool, Any]:
+    """The value at a msgspec path such as `$.upstreams[0].timeout_s` in the parsed TOML, if there."""
+    value = doc
+    for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path.removeprefix("$")):
+        name, index = part
+        if name and isinstance(value, dict) and name in value:
+            value = value[name]
+        elif index and isinstance(value, list) and int(index) < len(value):
+            value = value[int(index)]
+        else:
+            return False, None
+    return True, value
+
+
+def _msgspec_type_name(value: Any) -> str:
+    for tp, name in ((bool, "bool"), (int, "int"), (float, "float"), (str, "str"), (list, "array"), (dict, "object")):
+        if isinstance(value, tp):
+            return name
+    return "null"
+
+
+def _name_dict_entry(doc: dict[str, Any], path: str, message: str) -> str:
+    """msgspec writes a table's entry as `[...]`: name the first entry holding the refused type instead."""
+    got = re.search(r"got `([^`]+)`", message)
+    if "[...]" not in path or got is None:
+        return path
+    head, _, tail = path.partition("[...]")
+    found, table = _walk(doc, head)
+    for name, entry in (table.items() if found and isinstance(table, dict) else ()):
+        here, value = _walk(entry, "$" + tail)
+        if here and _msgspec_type_name(value) == got.group(1):
+            return f"{head}.{name}{tail}"
+    return path
+
+
+def _type_mismatch(doc: dict[str, Any], path: str, message: str) -> str | None:
+    """"8080" (allowed: an integer; in TOML a quoted value is a string), in the shape of the other errors."""
+    m = re.fullmatch(r"Expected `([^`]+)`, got `([^`]+)`", message)
+    if m is None:
+        return None
+    wanted = [_TYPE_WORDS.get(w.strip(), w.strip()) for w in m.group(1).split("|") if w.strip() != "null"]
+    found, value = _walk(doc, path)
+    shown = json.dumps(value) if found and isinstance(value, (str, int, float, bool)) else f"{_TYPE_WORDS.get(m.group(2), m.group(2))}"
+    hint = "; in TOML a quoted value is a string" if m.group(2) == "str" else ""
+    return f"{shown} (allowed: {' or '.join(wanted)}{hint})"
+
+
 def _allowed_values(path: str) -> str:
     """For a failing `$.a.b` path, the allowed values when the field is a Literal."""
     parts = [p for p in path.replace("$.", "").split(".") if p]
@@ -635,8 +688,10 @@ def build_config(doc: dict[str, Any], environ: typing.Mapping[str, str] | None =
         except msgspec.ValidationError as exc:
             message = str(exc)
             path = message.rsplit(" - at `", 1)[-1].rstrip("`") if " - at `" in message else ""
+            path = _name_dict_entry(doc, path, message)
             key = path.replace("$.", "") if path else "config"
-            raise ConfigError(f"invalid value for '{key}': {message.split(' - at ')[0]}{_allowed_values(path)}", key=key) from None
+            detail = _type_mismatch(doc, path, message.split(" - at ")[0]) or f"{message.split(' - at ')[0]}{_allowed_values(path)}"
+            raise ConfigError(f"invalid value for '{key}': {detail}", key=key) from None
         _validate_ranges(cfg)
     except ConfigError as exc:
         source = applied.get(exc.key or "")

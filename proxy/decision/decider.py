@@ -368,7 +368,11 @@ class BanditDecider:
                 if not self.truncation.admits(key, a.max_tokens):
                     continue
             kept.append(a)
-        return ref, kept, limits
+        # The trust region offers the baseline only if it could choose it itself: a client cap
+        # above `[constraints] max_tokens` (4,097..4,596 with the defaults) leaves only lower caps,
+        # and until one is shown safe nothing may be tuned: the request goes as the client sent it
+        # (the trust region's own "[baseline] if nothing else fits", applied after this filter).
+        return ref, kept or [base], limits
 
     def pmf(self, ctx: RequestContext, base: Arm, allowed: list[Arm]) -> np.ndarray:
         """What `decide` plays over `allowed`: temperature from signal-only statistics, then the rest.

@@ -33,6 +33,7 @@ from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.signals import Signal
 from proxy.config import JudgeSettings
 from proxy.decision.decider import BanditDecider
+from proxy.decision.outcome import learns
 from proxy.decision.registry import DecisionRegistry
 from proxy.store.base import DecisionRow
 from proxy.store.entries import FeedbackEntry
@@ -158,11 +159,6 @@ def context_from_features(features: dict[str, Any]) -> RequestContext | None:
         return msgspec.convert({k: v for k, v in features.items() if k in fields}, RequestContext)
     except (msgspec.ValidationError, TypeError):
         return None
-
-
-def _learns(status: int, error_class: str | None) -> bool:
-    """Outcomes the decider folds into the policy (see BanditDecider.observe)."""
-    return 200 <= status < 300 and error_class is None
 
 
 def _pair_explicit(fx: FeedbackServices, request_id: str, quality: float, row: DecisionRow | None) -> None:
@@ -319,7 +315,7 @@ async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: st
         old_reward = row.reward
     new_reward = _reward(fx, row.task_type, quality, row.latency_s, row.completion_tokens)
     ctx = context_from_features(row.context_features)
-    if not _learns(row.status, row.error_class):
+    if not learns(row.status, row.error_class):
         updated, note = False, "failed requests do not update the policy"
     elif ctx is None:
         updated, note = False, "the logged context could not be rebuilt"
@@ -332,8 +328,8 @@ async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: st
     fx.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
     _pair_explicit(fx, rid, quality, row)
-    _count_signal(fx, row.task_type, already or previous_signal is not None or _judged(fx, rid), _learns(row.status, row.error_class))
-    _to_guards(fx, rid, row.task_type, row.mode, "explicit", quality, new_reward, _learns(row.status, row.error_class))
+    _count_signal(fx, row.task_type, already or previous_signal is not None or _judged(fx, rid), learns(row.status, row.error_class))
+    _to_guards(fx, rid, row.task_type, row.mode, "explicit", quality, new_reward, learns(row.status, row.error_class))
     return FeedbackResult(
         request_id=rid, found_in="log", quality=quality, previous_quality=previous_quality, automatic_quality=row.quality,
         reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,
@@ -353,7 +349,7 @@ async def _with_outcome(
     if already and previous_quality is None:
         previous_quality = outcome.quality
     new_reward = fx.bandit.reward_for(decision, outcome, quality)
-    if not _learns(outcome.status, outcome.error_class):
+    if not learns(outcome.status, outcome.error_class):
         updated, note = False, "failed requests do not update the policy"
     else:
         updated, note = _apply(
@@ -367,8 +363,8 @@ async def _with_outcome(
     fx.recorder.submit(FeedbackEntry(request_id=rid, quality=quality, reward=new_reward, payload=payload, received_at=now))
     book.remember(rid, quality, new_reward)
     _pair_explicit(fx, rid, quality, row)
-    _count_signal(fx, decision.context.task_type, already or signalled, _learns(outcome.status, outcome.error_class))
-    _to_guards(fx, rid, decision.context.task_type, decision.mode, "explicit", quality, new_reward, _learns(outcome.status, outcome.error_class))
+    _count_signal(fx, decision.context.task_type, already or signalled, learns(outcome.status, outcome.error_class))
+    _to_guards(fx, rid, decision.context.task_type, decision.mode, "explicit", quality, new_reward, learns(outcome.status, outcome.error_class))
     return FeedbackResult(
         request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality, automatic_quality=automatic,
         reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,
@@ -385,7 +381,7 @@ def apply_pending_feedback(fx: FeedbackServices, decision: Decision, outcome: Ou
     if pending is None:
         return
     new_reward = fx.bandit.reward_for(decision, outcome, pending.quality)
-    if _learns(outcome.status, outcome.error_class):
+    if learns(outcome.status, outcome.error_class):
         _apply(
             fx, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,
             decision.policy_version,
@@ -397,7 +393,7 @@ def apply_pending_feedback(fx: FeedbackServices, decision: Decision, outcome: Ou
     )
     book.remember(decision.request_id, pending.quality, new_reward)
     _to_guards(fx, decision.request_id, decision.context.task_type, decision.mode, "explicit", pending.quality, new_reward,
-               _learns(outcome.status, outcome.error_class))
+               learns(outcome.status, outcome.error_class))
     outcome_copy = msgspec.structs.replace(outcome, quality=pending.quality, reward=new_reward, feedback=True)
     fx.registry.complete(decision, outcome_copy)
 
@@ -512,7 +508,7 @@ async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None
         # The guards see every judged request of both streams, whatever the policy does with the score next.
         q = min(1.0, max(0.0, float(signal.quality)))
         _to_guards(fx, rid, task_type, decision.mode, signal.source, q, fx.bandit.reward_for(decision, outcome, q),
-                   _learns(outcome.status, outcome.error_class), trusted)
+                   learns(outcome.status, outcome.error_class), trusted)
     if signal.guards_only:
         return signals.count(signal.source, "guards_only")
     if signal.source == "judge":
@@ -536,8 +532,8 @@ async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None
     one_sided = signal.source in ONE_SIDED
     earlier = _judged(fx, rid)
     if not one_sided:
-        _count_signal(fx, decision.context.task_type, earlier, _learns(outcome.status, outcome.error_class))
-    if _learns(outcome.status, outcome.error_class):
+        _count_signal(fx, decision.context.task_type, earlier, learns(outcome.status, outcome.error_class))
+    if learns(outcome.status, outcome.error_class):
         _apply(
             fx, decision.context, decision.baseline.arm(), decision.sent.arm(decision.baseline), outcome.reward, new_reward,
             decision.policy_version,

@@ -40,6 +40,7 @@ import asyncio
 import hashlib
 import json
 import secrets
+import socket
 import time
 from collections import OrderedDict
 from statistics import NormalDist
@@ -549,13 +550,19 @@ async def start_simulator(
     error_rate: float = 0.0,
     error_status: int = 500,
     extra_latency_s: float = 0.0,
+    sock: socket.socket | None = None,
 ) -> SimulatorHandle:
-    """Start the simulator on `host:port` (0 = any free port) in the running event loop."""
+    """Start the simulator on `host:port` (0 = any free port), or on an already bound `sock`, in the running event loop."""
     faults = Faults(error_rate=error_rate, error_status=error_status, extra_latency_s=extra_latency_s)
     app = create_app(seed=seed, time_scale=time_scale, truth=truth, faults=faults)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site: web.BaseSite
+    if sock is not None:
+        host = sock.getsockname()[0]
+        site = web.SockSite(runner, sock)
+    else:
+        site = web.TCPSite(runner, host, port)
     await site.start()
     server = site._server  # aiohttp exposes the bound port only through the server sockets
     sockets = getattr(server, "sockets", None) or []
@@ -563,6 +570,6 @@ async def start_simulator(
     return SimulatorHandle(runner, host, int(bound), faults, app[SIMULATOR_KEY].truth)
 
 
-def run(host: str = "127.0.0.1", port: int = 8000, seed: int = 0, time_scale: float = 1.0) -> None:
-    """Serve until interrupted (`thermostat simulate --port P`)."""
-    web.run_app(create_app(seed=seed, time_scale=time_scale), host=host, port=port, access_log=None)
+def run(*, sock: socket.socket, seed: int = 0, time_scale: float = 1.0) -> None:
+    """Serve on the bound `sock` until interrupted (`thermostat simulate --port P`)."""
+    web.run_app(create_app(seed=seed, time_scale=time_scale), sock=sock, access_log=None)
