@@ -264,7 +264,8 @@ def test_dashboard_shows_a_simulated_run_with_judge_holdout_monitor_and_events(s
             assert cells[2] == m["summary"] and f"{100 * m['quality_level']:g} % interval [" in cells[2]
             lo, hi = m["quality_difference"]
             assert cells[5] == f"[{lo:+.2f}, {hi:+.2f}]"
-            assert cells[3].endswith(f"· {m['optimised_n']} req") and cells[4].endswith(f"· {m['holdout_n']} req")
+            assert cells[3].endswith(f"· {m['optimised_n']} signals") and cells[4].endswith(f"· {m['holdout_n']} signals")
+            assert cells[3].startswith(m["quality_kind"])
         assert rows["extraction"][1] == "rolled back" and "rolled back" in rows["extraction"][2]
         assert re.search(r'<svg[^>]*class="ci"', html)
 
