@@ -545,12 +545,14 @@ def observe(
     now: float,
     cost: float | None = None,
     truncated: bool | None = None,
+    length: float | None = None,
 ) -> tuple[MonitorState, list[MonitorEvent]]:
     """Fold one completed request in (its automatic score); the events say what happened.
 
-    `quality` None (no signal yet), a failed request's `latency_s` None, `cost` None (no usage)
-    or `truncated` None (no finish reason) skip that part. Modes other than optimised and
-    holdout (off, shadow, rollback) change nothing.
+    `quality` None (no signal yet), a failed request's `latency_s` None, `cost` None (no price
+    or usage), `length` None (answer length in tokens unknown) or `truncated` None (no finish
+    reason) skip that part. Modes other than optimised and holdout (off, shadow, rollback)
+    change nothing.
     """
     holdout = mode in HOLDOUT_MODES
     if not holdout and mode not in OPTIMISED_MODES:
@@ -561,7 +563,7 @@ def observe(
         return state, []
     events: list[MonitorEvent] = []
     if holdout:
-        for stream, x in (("length", cost), ("truncation", None if truncated is None else float(truncated))):
+        for stream, x in (("length", length), ("truncation", None if truncated is None else float(truncated))):
             if x is not None and math.isfinite(x) and x >= 0:
                 t, alarm = _detect(t, stream, x, s)
                 if alarm is not None:
@@ -666,6 +668,7 @@ class ConservativeMonitor:
     def on_outcome(self, decision: Any, outcome: Any, now: float) -> list[MonitorEvent]:
         """`decision` a policies.records.Decision, `outcome` its policies.records.Outcome."""
         ok = 200 <= outcome.status < 300 and outcome.error_class is None
+        tokens = float(outcome.completion_tokens) if ok and outcome.completion_tokens is not None else None
         self.state, events = observe(
             self.state,
             self.settings,
@@ -674,7 +677,8 @@ class ConservativeMonitor:
             quality=outcome.quality,
             latency_s=outcome.latency_s if ok else None,
             now=now,
-            cost=float(outcome.completion_tokens) if ok and outcome.completion_tokens is not None else None,
+            cost=tokens,  # the cost unit today; dollars per request take this place once known
+            length=tokens,
             truncated=(outcome.finish_reason == "length") if ok and outcome.finish_reason is not None else None,
         )
         return events

@@ -221,7 +221,7 @@ class EventOut(msgspec.Struct):
 
     id: str
     at: float
-    kind: str  # promote, rollback, resume, set_phase, disable, enable, breach (global); rollback, change_detected (per task)
+    kind: str  # promote, rollback, resume, set_phase, disable, enable, breach (global); rollback, change_detected, relearning_ended (per task)
     scope: str  # "global" or "task"
     task_type: str | None
     from_phase: str | None

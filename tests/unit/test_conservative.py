@@ -310,7 +310,8 @@ def _holdout_stream(state: cm.MonitorState, n: int, start: int, **kw: float | bo
     for i in range(start, start + n):
         tokens = float(kw.get("tokens", 200.0)) * float(np.exp(0.2 * rng.standard_normal()))
         truncated = bool(rng.random() < float(kw.get("truncation", 0.0)))
-        state, events = cm.observe(state, S, task="t", mode="holdout", quality=None, latency_s=None, now=float(i), cost=tokens, truncated=truncated)
+        state, events = cm.observe(state, S, task="t", mode="holdout", quality=None, latency_s=None, now=float(i), cost=tokens,
+                                   truncated=truncated, length=tokens)
         if events:
             return state, i, events
     return state, None, []
