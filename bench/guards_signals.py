@@ -10,7 +10,7 @@ scenario by one we control:
 
 * ``truthful``: hidden quality + N(0, 0.1²) (the simulator's own judge); the client's
   temperature (0.9) is far from the best (0.5), so tuning has a real gain;
-* ``length-biased``: hidden quality + 0.5·(words / 180 − 1) + noise: longer answers score
+* ``length-biased``: hidden quality + 2·(words / 180 − 1) + noise: longer answers score
   higher (the documented bias of real LLM judges); the client's settings (0.5) are already best;
 * ``uncorrelated``: a uniform random score, whatever the answer; client settings best;
 * ``position-biased`` (pairwise mode): prefers the first answer shown 80 % of the time,
@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from proxy.demo.simulator import DEFAULT_TASKS, SimOutcome, SimulatorTruth  # no
 RESULTS = ROOT / "bench" / "results"
 TASK = "summarise"
 HEAT_LENGTH = 0.5
+LENGTH_BIAS = 2.0  # the length-biased judge: + this × (words / the task's median length − 1), before clipping to [0, 1]
 
 
 class HotterLonger(SimulatorTruth, frozen=True):
@@ -93,7 +95,7 @@ def install_judge(sim: Any, kind: str) -> None:
     if kind == "length-biased":
         def score(body: dict[str, Any]) -> tuple[int, float | None]:
             q, words = _words_of(sim, body)
-            noisy = (0.5 if q is None else q) + 0.5 * (words / DEFAULT_TASKS[TASK].length_median - 1.0) + 0.1 * float(rng.standard_normal())
+            noisy = (0.5 if q is None else q) + LENGTH_BIAS * (words / DEFAULT_TASKS[TASK].length_median - 1.0) + 0.1 * float(rng.standard_normal())
             return int(round(1 + 9 * min(1.0, max(0.0, noisy)))), q
         sim.judge_score = score
     elif kind == "uncorrelated":
@@ -158,6 +160,7 @@ def _proxy(sim_url: str, data_dir: Path, mode: str, seed: int) -> Any:
         optimization={"mode": "general", "seed": seed, "holdout_fraction": 0.1},
         judge={"enabled": True, "model": "sim-judge", "sample_rate": 0.2, "mode": mode, "max_concurrency": 8, "queue_size": 10_000},
         rollout={"min_samples_for_promotion": 100},
+        caws={"budget_limit": 10**10},  # the token budget would otherwise end tuning within the run (3,000-token prompts)
     )
     return start_thermostat(cfg)
 
@@ -171,6 +174,7 @@ def _checkpoint(base: str, at: int) -> dict[str, Any]:
     metrics = {m["metric"]: m for m in versus["metrics"]} if versus else {}
     judged = metrics.get("quality_judge") or metrics.get("pairwise_win_rate")
     p = roll.get("promotion") or {}
+    p_diff = p["optimised_mean"] - p["holdout_mean"] if p.get("optimised_mean") is not None and p.get("holdout_mean") is not None else None
     return {
         "at": at,
         "slo_verdict": None if task is None else ("rolled back" if task["rolled_back"] else task["verdict"]),
@@ -181,7 +185,7 @@ def _checkpoint(base: str, at: int) -> dict[str, Any]:
         "relearning": None if task is None else task["relearning_since"],
         "versus_verdict": None if versus is None else versus["verdict"],
         "versus_judged": None if judged is None else (judged["metric"], judged["difference"], judged["ci_low"], judged["ci_high"]),
-        "promotion": (p.get("signal_kind"), p.get("difference_lower")),
+        "promotion": (p.get("signal_kind"), p_diff, p.get("difference_lower")),
         "summary": None if task is None else task["summary"],
     }
 
@@ -196,7 +200,7 @@ def run_scenario(name: str, requests: int, seed: int, sim: Simulator, tmp: Path)
     client_t = 0.9 if name == "truthful" else 0.5
     running = _proxy(sim.url, tmp / name, mode, seed)
     change_at = requests // 2 if name == "model-change" else None
-    rows: list[tuple[str, float, int, bool]] = []  # mode, hidden quality, completion tokens, truncated
+    rows: list[tuple[str, float, int, bool, str, float]] = []  # mode, hidden quality, completion tokens, truncated, params sent, time
     checkpoints: list[dict[str, Any]] = []
     first_rollback: int | None = None
     started = time.perf_counter()
@@ -212,7 +216,7 @@ def run_scenario(name: str, requests: int, seed: int, sim: Simulator, tmp: Path)
                 mode_i = r.headers["x-thermostat-mode"]
                 doc = r.json()
                 rows.append((mode_i, float(r.headers["x-sim-true-quality"]), int(doc["usage"]["completion_tokens"]),
-                             doc["choices"][0]["finish_reason"] == "length"))
+                             doc["choices"][0]["finish_reason"] == "length", r.headers.get("x-thermostat-params", ""), time.time()))
                 if mode_i == "rollback" and first_rollback is None:
                     first_rollback = i
                 if (i + 1) % (requests // 8) == 0:
@@ -258,7 +262,7 @@ def stationary_cost(seeds: int, n: int) -> list[tuple[str, float, float]]:
         for seed in range(seeds):
             log = run(make_policy("thompson_gaussian", half_life_s=half_life), n=n, seed=seed, source="judge",
                       judge=JudgeModel(sample_rate=0.1), seconds_per_request=spr)
-            regrets.append(float(log.cumulative_regret()[-1]))
+            regrets.append(float(np.sum(log.best_reward - log.expected_reward)))  # pseudo-regret against the full trust region's best arm
         out.append((label, float(np.mean(regrets)), float(np.std(regrets))))
     return out
 
@@ -266,7 +270,7 @@ def stationary_cost(seeds: int, n: int) -> list[tuple[str, float, float]]:
 # ----------------------------------------------------------------------------- report
 
 
-def _split(rows: list[tuple[str, float, int, bool]], lo: int, hi: int) -> dict[str, tuple[float, float, float, int]]:
+def _split(rows: list[tuple[str, float, int, bool, str, float]], lo: int, hi: int) -> dict[str, tuple[float, float, float, int]]:
     out = {}
     for label, modes in (("tuned", ("optimized", "guard_fallback")), ("holdout", ("holdout",)), ("rollback", ("rollback",))):
         sel = [r for r in rows[lo:hi] if r[0] in modes]
@@ -291,7 +295,7 @@ def report(results: list[dict[str, Any]], cost: list[tuple[str, float, float]], 
         "",
         "Setup: task `summarise` of the bundled simulator with answers 1 + 0.5·t times longer at temperature t; effort is a knob "
         "(low / medium / high); client max_tokens 512, effort medium; 10 % holdout; judge `sample_rate` 0.2, holdout judged at the "
-        "default `holdout_sample_rate` (min(1, 0.2·0.9/0.1) = 1.0); `min_samples_for_promotion` 100; every other setting the default "
+        "default `holdout_sample_rate` (min(1, 0.2·0.9/0.1) = 1.0); `min_samples_for_promotion` 100; a token budget that never binds (`[caws] budget_limit` 10¹⁰: the default would stop costlier arms within the run); every other setting the default "
         "(so `[policy] half_life_s` 86400 and the cost guard at 10 %). Hidden quality is the simulator's expected quality of each "
         "answer (`x-sim-true-quality`); tokens are completion tokens.",
         "",
@@ -308,11 +312,15 @@ def report(results: list[dict[str, Any]], cost: list[tuple[str, float, float]], 
         if r["first_rollback"] is not None:
             reactions.append(f"rollback at {r['first_rollback']:,}")
         t0 = None
+        times = [row[5] for row in r["rows"]]
         for kind, at, stream, reason in r["events"]:
+            index = int(np.searchsorted(times, at))
             if kind == "change_detected":
-                reactions.append(f"change on {stream}")
+                reactions.append(f"change detected on {stream} at {index:,}")
             elif kind == "relearning_ended":
-                reactions.append("re-learning ended")
+                reactions.append(f"re-learning ended at {index:,}")
+            elif kind == "rollback":
+                reactions.append(f"rollback event at {index:,}")
             t0 = at
         if r["change_at"] is not None:
             reactions.append(f"(model changed at {r['change_at']:,})")
@@ -326,10 +334,22 @@ def report(results: list[dict[str, Any]], cost: list[tuple[str, float, float]], 
         lines.append(f"| {r['name']} | {', '.join(reactions) or 'none'} | {cell(whole, 'tuned')} | {cell(whole, 'holdout')} | "
                      f"{cell(whole, 'rollback')} | {lq}, {lt} |")
         del t0
+    lines += ["", "Most frequent tuned parameters per quarter of the run (`x-thermostat-params`):", ""]
+    for r in results:
+        n = r["requests"]
+        quarters = []
+        for q in range(4):
+            sent = [row[4] for row in r["rows"][q * n // 4:(q + 1) * n // 4] if row[0] in ("optimized", "guard_fallback")]
+            if sent:
+                top, count = Counter(sent).most_common(1)[0]
+                quarters.append(f"{top} ({100 * count / len(sent):.0f} %)")
+            else:
+                quarters.append("—")
+        lines.append(f"* {r['name']}: " + " → ".join(quarters))
     lines += ["", "## What the API said along the way (slo-status / versus_holdout / promotion)", ""]
     for r in results:
         lines += [f"### {r['name']}", "",
-                  "| after | slo-status verdict | headline kind: tuned − holdout [interval] | cost (verdict, tuned/holdout ≥) | versus_holdout verdict, judged metric: difference [interval] | promotion kind, lower bound |",
+                  "| after | slo-status verdict | headline kind: tuned − holdout [interval] | cost (verdict, tuned/holdout ≥) | versus_holdout verdict, judged metric: difference [interval] | promotion kind: reward difference, lower bound |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for c in r["checkpoints"]:
             iv = c["slo_interval"]
@@ -337,7 +357,7 @@ def report(results: list[dict[str, Any]], cost: list[tuple[str, float, float]], 
             cost_c = "—" if c["cost"] is None else f"{c['cost'][0]}, {_fmt(c['cost'][1], 2) if c['cost'][1] is not None else '—'}"
             vj = c["versus_judged"]
             versus = f"{c['versus_verdict']}, " + (f"{vj[0]}: {_fmt(vj[1])} [{_fmt(vj[2])}, {_fmt(vj[3])}]" if vj else "no judged rows")
-            promo = f"{c['promotion'][0]}, {_fmt(c['promotion'][1])}"
+            promo = f"{c['promotion'][0]}: {_fmt(c['promotion'][1])}, lower {_fmt(c['promotion'][2])}"
             lines.append(f"| {c['at']:,} | {c['slo_verdict']}{' (re-learning)' if c['relearning'] else ''} | {head} | {cost_c} | {versus} | {promo} |")
         lines += ["", f"Last slo-status summary: {r['checkpoints'][-1]['summary']}", ""]
         if r["events"]:
@@ -373,6 +393,7 @@ def main() -> None:
             print(f"scenario {name} ...", flush=True)
             results.append(run_scenario(name, args.requests, args.seed, sim, Path(tmp)))
             print(f"  {results[-1]['elapsed_s']:.0f} s, rollback at {results[-1]['first_rollback']}, events {[e[0] for e in results[-1]['events']]}", flush=True)
+    Path(args.out).with_suffix(".json").write_text(msgspec.json.encode([{k: v for k, v in r.items()} for r in results]).decode())
     cost = stationary_cost(args.cost_seeds, args.cost_requests) if args.cost_requests else []
     text = report(results, cost, args, time.perf_counter() - started)
     Path(args.out).write_text(text)
