@@ -311,9 +311,8 @@ def report(results: list[dict[str, Any]], cost: list[tuple[str, float, float]], 
         reactions = []
         if r["first_rollback"] is not None:
             reactions.append(f"rollback at {r['first_rollback']:,}")
-        t0 = None
         times = [row[5] for row in r["rows"]]
-        for kind, at, stream, reason in r["events"]:
+        for kind, at, stream, _reason in r["events"]:
             index = int(np.searchsorted(times, at))
             if kind == "change_detected":
                 reactions.append(f"change detected on {stream} at {index:,}")
@@ -321,7 +320,6 @@ def report(results: list[dict[str, Any]], cost: list[tuple[str, float, float]], 
                 reactions.append(f"re-learning ended at {index:,}")
             elif kind == "rollback":
                 reactions.append(f"rollback event at {index:,}")
-            t0 = at
         if r["change_at"] is not None:
             reactions.append(f"(model changed at {r['change_at']:,})")
         def cell(d: dict[str, tuple[float, float, float, int]], k: str) -> str:
@@ -333,7 +331,6 @@ def report(results: list[dict[str, Any]], cost: list[tuple[str, float, float]], 
         lt = f"{last['tuned'][1] / last['holdout'][1]:.2f}×" if "tuned" in last and "holdout" in last else "—"
         lines.append(f"| {r['name']} | {', '.join(reactions) or 'none'} | {cell(whole, 'tuned')} | {cell(whole, 'holdout')} | "
                      f"{cell(whole, 'rollback')} | {lq}, {lt} |")
-        del t0
     lines += ["", "Most frequent tuned parameters per quarter of the run (`x-thermostat-params`):", ""]
     for r in results:
         n = r["requests"]
@@ -365,7 +362,7 @@ def report(results: list[dict[str, Any]], cost: list[tuple[str, float, float]], 
     lines += ["## Stationary cost of the new defaults", "",
               "Judge calls per request (the truthful run): "
               + ", ".join(f"{r['name']} {r['judge_calls'] / r['requests']:.3f} ({r['guards_only']:,} of them for the guards only)" for r in results if r["name"] == "truthful")
-              + f"; with `holdout_sample_rate` = `sample_rate` (today) it would be 0.200 at these settings. At the shipped defaults (sample_rate 0.1, "
+              + "; with `holdout_sample_rate` = `sample_rate` (today) it would be 0.200 at these settings. At the shipped defaults (sample_rate 0.1, "
               "holdout 5 %) the holdout is judged at 1.0: 0.1 × 0.95 + 1.0 × 0.05 = 0.145 judge calls per request instead of 0.100 (+45 %), "
               "and the judged holdout grows from 0.005 to 0.05 signals per request (×10), which is what narrows the judged tuned-vs-holdout interval.", "",
               f"Regret of `[policy] half_life_s` = 86400 (the new default) against no discounting, stationary, second simulator "

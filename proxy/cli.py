@@ -171,16 +171,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     threading.Thread(target=simulator_thread, name="simulator", daemon=True).start()
     if not started.wait(10):
         raise ConfigError(f"the demo simulator could not start on 127.0.0.1:{sim_port}")
-    demo_upstream = UpstreamSettings(name="simulator", base_url=f"http://127.0.0.1:{sim_port}/v1", models=("*",))
-    # The simulator speaks Anthropic Messages too, so the anthropic SDK can be pointed at the demo.
-    demo_anthropic = UpstreamSettings(name="simulator-anthropic", base_url=f"http://127.0.0.1:{sim_port}/v1", models=("*",), format="anthropic")
-    # A larger holdout than production's 5 %: the demo should show tuned against holdout with a
-    # verdict within minutes, and at 5 requests/s a 5 % share gives each task ~20 holdout answers in 7.
-    optimization = msgspec.structs.replace(config.optimization, mode=args.mode, traffic_percentage=None, holdout_fraction=args.holdout)
-    # A demo budget that its own simulated traffic does not exhaust within the day.
-    caws = msgspec.structs.replace(config.caws, budget_limit=max(config.caws.budget_limit, 200_000_000))
-    config = msgspec.structs.replace(config, upstreams=(demo_upstream, demo_anthropic), optimization=optimization, caws=caws)
-    config = demo_feedback_config(config, args.feedback)
+    config = demo_config(config, f"http://127.0.0.1:{sim_port}/v1", mode=args.mode, holdout=args.holdout, feedback=args.feedback)
     token, generated = demo_token(config.admin.token_env)
     shown = token if generated else f"${config.admin.token_env}"  # an operator's own token is not echoed
     if args.traffic > 0:
@@ -195,6 +186,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     _serve(config, host, port, sock=sock)
     return 0
+
+
+def demo_config(config: Config, simulator_url: str, *, mode: str, holdout: float, feedback: str) -> Config:
+    """What `thermostat demo` runs: `config` in front of the simulator at `simulator_url` (tests build the same)."""
+    demo_upstream = UpstreamSettings(name="simulator", base_url=simulator_url, models=("*",))
+    # The simulator speaks Anthropic Messages too, so the anthropic SDK can be pointed at the demo.
+    demo_anthropic = UpstreamSettings(name="simulator-anthropic", base_url=simulator_url, models=("*",), format="anthropic")
+    # A larger holdout than production's 5 %: the demo should show tuned against holdout with a
+    # verdict soon, and at 5 requests/s a 5 % share gives each task ~20 holdout answers in 7 minutes.
+    optimization = msgspec.structs.replace(config.optimization, mode=mode, traffic_percentage=None, holdout_fraction=holdout)
+    # A demo budget that its own simulated traffic does not exhaust within the day.
+    caws = msgspec.structs.replace(config.caws, budget_limit=max(config.caws.budget_limit, 200_000_000))
+    config = msgspec.structs.replace(config, upstreams=(demo_upstream, demo_anthropic), optimization=optimization, caws=caws)
+    return demo_feedback_config(config, feedback)
 
 
 DEMO_JUDGE_SAMPLE_RATE = 0.5  # judge half the demo's answers: temperature unlocks within minutes at 5 requests/s
@@ -355,6 +360,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
     print(f"evaluated {ev.rows_read} decision(s) from {where} over {len(ev.tasks)} task type(s): {report}")
+    for task in ev.tasks:
+        if task.unsupported:
+            print(f"  {task.task_type}: unsupported (the log played {task.played_arms} of the candidate's {task.candidate_arms} arms): no estimate")
+    if not any(report.parent.glob("*.png")):
+        from proxy.learning.evaluate import PLOTS_MISSING
+
+        print(f"  {PLOTS_MISSING}")
     return 0
 
 

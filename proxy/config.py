@@ -12,6 +12,7 @@ import fnmatch
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import tomllib
@@ -41,6 +42,7 @@ from policies.settings import (
     ThompsonSettings,
 )
 from proxy.edge.origins import normalize_origin, valid_host_entry
+from proxy.edge.paths import METHODS, parse_forward_path
 
 ModeName = Literal["shadow", "canary", "guarded", "general"]
 TuneTemperature = Literal["auto", "always", "never"]
@@ -104,24 +106,29 @@ class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # (policies/effort.py), empty = effort is not tuned on this model.
     accepts_temperature: bool = True
     efforts: tuple[str, ...] = ()
+    # US dollars per million tokens; each wins over the price table (proxy/decision/prices.py).
+    # Cached input without its own price is billed as input once input_price_per_mtok is set here.
+    input_price_per_mtok: float | None = None
+    output_price_per_mtok: float | None = None
+    cached_input_price_per_mtok: float | None = None
 
 
-# The paths (after `/v1`) a client of a model API needs. Everything else (files,
-# fine-tuning, organisation and admin endpoints) is refused unless an operator lists it,
-# so the key from `api_key_env` cannot be spent on them by whoever reaches the proxy.
+# What a client of a model API needs (after `/v1`, each for one method): inference and the
+# read-only model listing. Everything else (stored responses, batches, files, fine-tuning,
+# deleting models, images, audio, organisation and admin endpoints) is refused unless an
+# operator lists it, so the key from `api_key_env` cannot be spent or used to read or delete
+# on anyone's behalf by whoever reaches the proxy (docs/forwarding.md).
 DEFAULT_FORWARD_PATHS: tuple[str, ...] = (
-    "/chat/completions",
-    "/completions",
-    "/responses",
-    "/responses/*",
-    "/embeddings",
-    "/models",
-    "/models/*",
-    "/moderations",
-    "/audio/*",
-    "/images/*",
-    "/messages",
-    "/messages/*",
+    "POST /chat/completions",
+    "POST /completions",
+    "POST /responses",
+    "POST /messages",
+    "POST /embeddings",
+    "POST /moderations",
+    "POST /messages/count_tokens",
+    "POST /responses/input_tokens",
+    "GET /models",
+    "GET /models/*",
 )
 
 
@@ -144,6 +151,9 @@ class UpstreamSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Non-streaming bodies (and single SSE events) are buffered up to this size to read
     # usage; a larger one is relayed as it arrives, without a summary, and counted.
     max_response_bytes: int = 32 * 1024 * 1024
+    # Which provider's prices the genai-prices table gives this upstream's models (a table provider
+    # id such as "openai"); unset = the provider whose API URL matches base_url, if any.
+    price_provider: str | None = None
 
 
 class StorageSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -253,6 +263,10 @@ class JudgeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     breaker_cooldown_s: float = 60.0  # first wait before a trial call; doubles while it keeps failing
     min_agreement: float = 0.3  # Spearman with explicit feedback below this (per task type) stops its signals
     min_agreement_pairs: int = 30  # (judge, explicit) pairs needed before the judge can be distrusted
+    # Mute the judge for a task type whose scores surely follow answer length within arms
+    # (P(concordant) > 0.5 + margin, anytime-valid at 95 %; policies/judge_bias.py).
+    length_bias_check: bool = True
+    length_bias_margin: float = 0.1
     # pairwise: a sampled chat request sent with a tuned arm is sent again with the baseline parameters
     # (after the client's answer, in the judge's queue) and the judge prefers one answer (proxy/learning/judge.py)
     mode: Literal["pointwise", "pairwise"] = "pointwise"
@@ -539,6 +553,8 @@ def _validate_ranges(cfg: Config) -> None:
     ):
         if not 0.0 <= value <= 1.0:
             raise bad(key, f"{value} (allowed: a fraction in [0, 1])")
+    if not 0.0 <= cfg.judge.length_bias_margin < 0.5:
+        raise bad("judge.length_bias_margin", f"{cfg.judge.length_bias_margin} (allowed: a number in [0, 0.5))")
     for key, number in (
         ("caws.budget_limit", cfg.caws.budget_limit),
         ("caws.window_s", cfg.caws.window_s),
@@ -650,13 +666,24 @@ def _validate_ranges(cfg: Config) -> None:
         for ms in up.models_config:
             if ms.default_temperature is not None and not ms.min_temperature <= ms.default_temperature <= ms.max_temperature:
                 raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].default_temperature", f"{ms.default_temperature} (allowed: within min_temperature..max_temperature)")
+            for field in ("input_price_per_mtok", "output_price_per_mtok", "cached_input_price_per_mtok"):
+                price = getattr(ms, field)
+                if price is not None and not (math.isfinite(price) and price >= 0):
+                    raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].{field}", f"{price} (allowed: US dollars per million tokens, >= 0)")
             known = ANTHROPIC_EFFORTS if up.format == "anthropic" else EFFORT_LEVELS
             for level in ms.efforts:
                 if level not in known:
                     raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].efforts", f"{level!r} (allowed: {', '.join(known)})")
         for glob in up.forward_paths:
-            if not glob.startswith("/") or ".." in glob:
-                raise bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: globs over the path after /v1, starting with '/', e.g. '/chat/completions')")
+            if parse_forward_path(glob) is None:
+                raise bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: a glob over the path after /v1, starting with '/', "
+                          f"optionally after one method: '/files*', 'GET /models/*'; methods: {', '.join(METHODS)})")
+        if up.price_provider is not None:
+            from proxy.decision.prices import table_providers  # loads the price table: only when asked
+
+            providers = table_providers()
+            if up.price_provider not in providers:
+                raise bad(f"upstreams[{up.name}].price_provider", f"{up.price_provider!r} (allowed: {', '.join(providers)})")
         if up.max_response_bytes <= 0:
             raise bad(f"upstreams[{up.name}].max_response_bytes", f"{up.max_response_bytes} (allowed: a positive number)")
 

@@ -15,6 +15,9 @@ the judged answer: the simulator remembers the true quality of its recent answer
 hash of their text (bounded; every answer's first word is its serial number, so two answers
 of the same length still differ). An answer it does not remember is scored from q = 0.5.
 So a judge configured against the simulator behaves like a real, imperfect judge.
+`sim-judge-length` is the same judge with the length bias of real LLM judges: it adds
+`LENGTH_BIAS` quality per doubling of the answer's length (in words, around `LENGTH_PIVOT`) before
+rounding, so within one arm it scores longer answers higher (`policies/judge_bias.py` detects it).
 Pairwise judge prompts (`proxy.learning.judge.build_pairwise_prompt`) get
 `{"preference": "A" | "B" | "tie"}`: each answer's hidden quality plus its own N(0, judge_noise²),
 "tie" when the two noisy values differ by less than `PAIRWISE_TIE`, else the higher one.
@@ -39,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import secrets
 import socket
 import time
@@ -63,6 +67,9 @@ DEFAULT_MODELS: tuple[str, ...] = ("sim-1", "sim-1-mini")
 DEFAULT_MAX_TOKENS = 4096
 JUDGE_PREFIX = "sim-judge"
 JUDGE_NOISE = 0.1  # standard deviation of the simulated judge's error, in quality units
+LENGTH_JUDGE = "sim-judge-length"  # the length-biased judge (module docstring)
+LENGTH_BIAS = 0.25  # quality added per doubling of the answer's length by `sim-judge-length`
+LENGTH_PIVOT = 256  # words at which the length-biased judge adds nothing
 PAIRWISE_TIE = 0.02  # noisy qualities closer than this are a tie for the simulated pairwise judge
 MAX_REMEMBERED_ANSWERS = 50_000
 STREAM_CHUNKS = 8
@@ -217,12 +224,15 @@ class _Simulator:
         while len(self.answers) > MAX_REMEMBERED_ANSWERS:
             self.answers.popitem(last=False)
 
-    def judge_score(self, body: dict[str, Any]) -> tuple[int, float | None]:
-        """(score 1-10, the hidden quality it came from or None when the answer is unknown)."""
+    def judge_score(self, body: dict[str, Any], length_bias: float = 0.0) -> tuple[int, float | None]:
+        """(score 1-10, the hidden quality it came from or None when the answer is unknown).
+
+        `length_bias`: quality added per doubling of the answer's length around `LENGTH_PIVOT` words."""
         _, text = _text_of(body)
         answer = extract_answer(text)
         q = None if answer is None else self.answers.get(hashlib.blake2b(answer.encode(), digest_size=16).digest())
-        noisy = min(1.0, max(0.0, (0.5 if q is None else q) + JUDGE_NOISE * float(self.judge_rng.standard_normal())))
+        bias = length_bias * math.log2(max(1, len(answer.split())) / LENGTH_PIVOT) if answer is not None and length_bias else 0.0
+        noisy = min(1.0, max(0.0, (0.5 if q is None else q) + bias + JUDGE_NOISE * float(self.judge_rng.standard_normal())))
         return int(round(1 + 9 * noisy)), q
 
     def _true_quality(self, answer: str) -> float | None:
@@ -246,7 +256,7 @@ class _Simulator:
             content = json.dumps({"preference": preference, "reason": "simulated pairwise judge"})
             q = None  # two hidden qualities, not one: the header stays empty
         else:
-            score, q = self.judge_score(body)
+            score, q = self.judge_score(body, LENGTH_BIAS if model.startswith(LENGTH_JUDGE) else 0.0)
             content = json.dumps({"score": score, "reason": "simulated judge" if q is not None else "simulated judge: unknown answer"})
         prompt_tokens = estimate_prompt_tokens(body)
         payload = {
