@@ -44,6 +44,7 @@ class FakeUpstream:
     delay_s: float = 0.0
     models: tuple[str, ...] = ("echo-1",)
     models_status: int = 200
+    billed_tokens: int = 0  # total_tokens of every chat/completions answer it produced (its own usage count)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _runner: web.AppRunner | None = None
@@ -180,6 +181,7 @@ class FakeUpstream:
     def _usage(self, body: dict[str, Any], text: str) -> dict[str, int]:
         prompt = len(json.dumps(body.get("messages", body.get("prompt", "")))) // 4 + 1
         completion = len(text.split())
+        self.billed_tokens += prompt + completion
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def _complete(self, body: dict[str, Any], path: str) -> web.Response:
