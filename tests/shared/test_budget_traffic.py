@@ -39,6 +39,7 @@ from tests.support.servers import RunningThermostat, free_port, start_thermostat
 # Usage per request (fake upstream): prompt 59 + completion min(41 words, max_tokens).
 MESSAGES = [{"role": "user", "content": " ".join(["word"] * 40)}]
 TIMERS = {"lease_horizon_s": 0.3, "lease_ttl_s": 0.5, "lease_refill_s": 0.05}
+LIMIT = 3_000
 GAP_S = 1.5  # longer than the horizon, the ttl and the store's reclaim (2 x ttl)
 
 
@@ -95,54 +96,53 @@ def stop_all(replicas: list[RunningThermostat]) -> None:
         t.stop()  # hands back the leases and reports the last usage
 
 
-@pytest.mark.parametrize("n", [1, 3])
+@pytest.fixture(params=[1, 3], ids=["1-replica", "3-replicas"])
+def replicas(request: pytest.FixtureRequest, own_upstream: FakeUpstream, tmp_path: Path, redis_prefix: str) -> Iterator[list[RunningThermostat]]:
+    """One or three replicas on one Redis with a 3,000-token cap."""
+    running = start_replicas(request.param, own_upstream, tmp_path, redis_prefix, LIMIT)
+    yield running
+    stop_all(running)
+
+
 def test_bursts_with_idle_gaps_stay_under_the_cap(
-    n: int, own_upstream: FakeUpstream, tmp_path: Path, redis_prefix: str, sync_redis: redis.Redis
+    replicas: list[RunningThermostat], own_upstream: FakeUpstream, redis_prefix: str, sync_redis: redis.Redis
 ) -> None:
-    limit = 3_000
-    replicas = start_replicas(n, own_upstream, tmp_path, redis_prefix, limit)
     urls = [t.url for t in replicas]
-    try:
-        served = 0
-        for _ in range(6):  # 6 x 15 requests of ~89 tokens: 8,000 asked
-            responses = asyncio.run(burst(urls, 15))
-            check_statuses(responses)
-            served += sum(r.json()["usage"]["total_tokens"] for r in responses if r.status_code == 200)
-            time.sleep(GAP_S)
-        assert own_upstream.billed_tokens == served
-        assert served <= limit
-        assert served >= limit - 10 * 89 * n, served  # the budget is used, not stranded in idle leases
-        wait_for(lambda: counters(sync_redis, redis_prefix, replicas[0])[0] == served, 10, step=0.1)  # every token counted
-    finally:
-        stop_all(replicas)
+    served = 0
+    for _ in range(6):  # 6 x 15 requests of ~89 tokens: 8,000 asked
+        responses = asyncio.run(burst(urls, 15))
+        check_statuses(responses)
+        served += sum(r.json()["usage"]["total_tokens"] for r in responses if r.status_code == 200)
+        time.sleep(GAP_S)
+    assert own_upstream.billed_tokens == served
+    assert served <= LIMIT
+    assert served >= LIMIT - 10 * 89 * len(replicas), served  # the budget is used, not stranded in idle leases
+    wait_for(lambda: counters(sync_redis, redis_prefix, replicas[0])[0] == served, 10, step=0.1)  # every token counted
+    stop_all(replicas)
     assert counters(sync_redis, redis_prefix, replicas[0]) == (served, 0)
 
 
-@pytest.mark.parametrize("n", [1, 3])
 def test_an_oversized_request_mid_window_is_refused_and_the_rest_still_served(
-    n: int, own_upstream: FakeUpstream, tmp_path: Path, redis_prefix: str, sync_redis: redis.Redis
+    replicas: list[RunningThermostat], own_upstream: FakeUpstream, redis_prefix: str, sync_redis: redis.Redis
 ) -> None:
-    limit = 3_000
-    replicas = start_replicas(n, own_upstream, tmp_path, redis_prefix, limit)
+    n = len(replicas)
     urls = [t.url for t in replicas]
-    try:
-        first = asyncio.run(burst(urls, 9))  # ~800 of 3,000
-        assert [r.status_code for r in first] == [200] * 9
-        big = asyncio.run(burst(urls[:1], 1, max_tokens=4_096))[0]  # 74 + 4,096 reserved: does not fit
-        assert (big.status_code, big.json()["error"]["code"]) == (429, "budget_exceeded")
-        later: list[httpx.Response] = []
-        for _ in range(8):  # small bursts after it: served until the budget is really spent
-            later += asyncio.run(burst(urls, 4))
-            time.sleep(0.1)
-        check_statuses(later)
-        # the replica that refused it keeps serving (was: 3 more served, then every request refused)
-        refuser = [r.status_code for i, r in enumerate(later) if i % 4 % n == 0]
-        assert refuser.count(200) >= 8, refuser
-        served = sum(r.json()["usage"]["total_tokens"] for r in first + later if r.status_code == 200)
-        assert own_upstream.billed_tokens == served <= limit
-        assert served >= limit - 10 * 89 * n, served
-    finally:
-        stop_all(replicas)
+    first = asyncio.run(burst(urls, 9))  # ~800 of 3,000
+    assert [r.status_code for r in first] == [200] * 9
+    big = asyncio.run(burst(urls[:1], 1, max_tokens=4_096))[0]  # 74 + 4,096 reserved: does not fit
+    assert (big.status_code, big.json()["error"]["code"]) == (429, "budget_exceeded")
+    later: list[httpx.Response] = []
+    for _ in range(8):  # small bursts after it: served until the budget is really spent
+        later += asyncio.run(burst(urls, 4))
+        time.sleep(0.1)
+    check_statuses(later)
+    # the replica that refused it keeps serving (was: 3 more served, then every request refused)
+    refuser = [r.status_code for i, r in enumerate(later) if i % 4 % n == 0]
+    assert refuser.count(200) >= 8, refuser
+    served = sum(r.json()["usage"]["total_tokens"] for r in first + later if r.status_code == 200)
+    assert own_upstream.billed_tokens == served <= LIMIT
+    assert served >= LIMIT - 10 * 89 * n, served
+    stop_all(replicas)
     assert counters(sync_redis, redis_prefix, replicas[0]) == (served, 0)
 
 
@@ -153,31 +153,24 @@ def flush_prefix(sync_redis: redis.Redis, prefix: str) -> None:
         sync_redis.delete(*keys)
 
 
-@pytest.mark.parametrize("n", [1, 3])
 def test_a_redis_flush_mid_window_does_not_overspend(
-    n: int, own_upstream: FakeUpstream, tmp_path: Path, redis_prefix: str, sync_redis: redis.Redis
+    replicas: list[RunningThermostat], own_upstream: FakeUpstream, redis_prefix: str, sync_redis: redis.Redis
 ) -> None:
-    limit = 3_000
-    replicas = start_replicas(n, own_upstream, tmp_path, redis_prefix, limit)
     urls = [t.url for t in replicas]
     runs: list[int] = []
-    try:
-        for run in range(4):  # each run a fresh window (the replicas' clock moved on a day)
-            for t in replicas:
-                t.runtime.bandit.clock = lambda offset=(run + 1) * 86_400: time.time() + offset  # type: ignore[misc]
-            before = own_upstream.billed_tokens
-            responses = asyncio.run(burst(urls, 20))  # ~1,800: the leases hold most of what is left
-            flush_prefix(sync_redis, redis_prefix)
-            for _ in range(10):
-                responses += asyncio.run(burst(urls, 6))
-                time.sleep(0.15)
-            check_statuses(responses)
-            served = own_upstream.billed_tokens - before
-            runs.append(served)
-        assert all(served <= limit for served in runs), runs
-        assert all(served >= limit // 2 for served in runs), runs  # conservative, not shut
-    finally:
-        stop_all(replicas)
+    for run in range(4):  # each run a fresh window (the replicas' clock moved on a day)
+        for t in replicas:
+            t.runtime.bandit.clock = lambda offset=(run + 1) * 86_400: time.time() + offset  # type: ignore[misc]
+        before = own_upstream.billed_tokens
+        responses = asyncio.run(burst(urls, 20))  # ~1,800: the leases hold most of what is left
+        flush_prefix(sync_redis, redis_prefix)
+        for _ in range(10):
+            responses += asyncio.run(burst(urls, 6))
+            time.sleep(0.15)
+        check_statuses(responses)
+        runs.append(own_upstream.billed_tokens - before)
+    assert all(served <= LIMIT for served in runs), runs
+    assert all(served >= LIMIT // 2 for served in runs), runs  # conservative, not shut
 
 
 def serve_process(tmp_path: Path, name: str, upstream: FakeUpstream, prefix: str, limit: int) -> tuple[subprocess.Popen[bytes], str]:
