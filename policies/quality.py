@@ -22,6 +22,10 @@ that a max_tokens arm is too small.
 
 Explicit feedback posted later (`record-outcome`) replaces this score; it is only the
 default so that every request still teaches the policy something.
+
+A request the upstream refused because of the client's own body (`client_error`) gets no
+score at all: it is kept in the log and the error metrics, but is no verdict on the
+parameters Thermostat chose.
 """
 
 from __future__ import annotations
@@ -29,7 +33,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from policies.records import Params
 from policies.settings import QualitySettings
+
+NOT_THE_BODY = frozenset({408, 429})
+"""4xx statuses that are about time or rate, not about what the request asked for."""
 
 
 def _parses(text: str) -> bool:
@@ -79,3 +87,20 @@ def auto_quality(
     if finish_reason == "length":
         score *= 1.0 - settings.truncated_penalty
     return min(1.0, max(0.0, score))
+
+
+def client_error(status: int, sent: Params, baseline: Params) -> bool:
+    """A 4xx the client's own request earned, which says nothing about the parameters sent.
+
+    An over-long prompt, an unknown model, a malformed field: the upstream would have refused
+    the client's own values the same way, so scoring the request 0 would count the client's
+    mistake against whatever arm happened to be drawn (and against the task's quality). Not
+    the client's: 408 and 429 (time and rate), and a 4xx after Thermostat sent a knob beyond
+    the client's own (a raised cap, an added temperature, another effort level), which the
+    upstream may have refused because of that value.
+    """
+    if not 400 <= status < 500 or status in NOT_THE_BODY:
+        return False
+    raised_cap = sent.max_tokens is not None and (baseline.max_tokens is None or sent.max_tokens > baseline.max_tokens)
+    added_temperature = sent.temperature is not None and baseline.temperature is None
+    return not (raised_cap or added_temperature or sent.effort != baseline.effort)

@@ -12,7 +12,8 @@ import functools
 from typing import NamedTuple, Protocol
 
 from policies.effort import EFFORT_LEVELS, steps
-from policies.quality import auto_quality
+from policies.pricing import TokenUsage
+from policies.quality import auto_quality, client_error
 from policies.records import Decision, Outcome, Params
 from policies.settings import QualitySettings
 
@@ -30,6 +31,14 @@ class Summary(Protocol):
     @property
     def tool_arguments(self) -> list[str]: ...
 
+    def usage(self) -> TokenUsage | None: ...
+
+
+class Pricer(Protocol):
+    """The request's cost in dollars at its model's price, None when unknown (proxy.decision.prices.PriceBook)."""
+
+    def cost(self, upstream: str, model: str, usage: TokenUsage | None) -> float | None: ...
+
 
 class Timings(NamedTuple):
     latency_s: float
@@ -40,13 +49,29 @@ class Scorer(Protocol):
     """The decider's reward: baseline costs learn from unoptimised traffic before the reward is computed."""
 
     def score(
-        self, decision: Decision, *, status: int, error_class: str | None, latency_s: float, completion_tokens: int | None, quality: float | None
+        self, decision: Decision, *, status: int, error_class: str | None, latency_s: float, completion_tokens: int | None, quality: float | None,
+        cost_usd: float | None = None,
     ) -> float | None: ...
 
 
 def learns(status: int, error_class: str | None) -> bool:
-    """Outcomes that teach the policy: a 2xx that was not cut off or broken."""
+    """Does this request teach the policy? A 2xx that was not cut off or broken.
+
+    Every other outcome is kept out of the policy's statistics (here, in `BanditDecider.observe`
+    and in every later signal, `proxy.decision.feedback`). A client's own 4xx is also kept out
+    of quality comparisons: `complete` gives it no quality (`judged`).
+    """
     return 200 <= status < 300 and error_class is None
+
+
+def judged(decision: Decision, status: int) -> bool:
+    """Is this request's outcome a verdict on the parameters sent? Not when the client's body earned a 4xx.
+
+    Such a request keeps its row in the decision log and its count in the error metrics,
+    but has no quality and no reward, so the arm drawn, the task's quality (conservative
+    monitor, SLO, reports) and the quality-signal counts never see it (`policies.quality.client_error`).
+    """
+    return not client_error(status, decision.sent, decision.baseline)
 
 
 def complete(
@@ -58,8 +83,11 @@ def complete(
     *,
     quality_settings: QualitySettings,
     scorer: Scorer,
+    prices: Pricer | None = None,
 ) -> Outcome:
-    """The one Outcome of a request: automatic quality, then the reward from it."""
+    """The one Outcome of a request: its cost, automatic quality, then the reward from them (no quality or reward for a client's own 4xx)."""
+    ctx = decision.context
+    cost = prices.cost(ctx.upstream, ctx.model, summary.usage()) if prices is not None else None
     quality = auto_quality(
         status=status if error_class is None else 599,
         content=summary.content,
@@ -67,10 +95,10 @@ def complete(
         json_mode=decision.context.json_mode,
         tool_arguments=summary.tool_arguments,
         settings=quality_settings,
-    )
+    ) if judged(decision, status) else None
     reward = scorer.score(
         decision, status=status, error_class=error_class, latency_s=timings.latency_s,
-        completion_tokens=summary.completion_tokens, quality=quality,
+        completion_tokens=summary.completion_tokens, quality=quality, cost_usd=cost,
     )
     return Outcome(
         request_id=decision.request_id,
@@ -83,6 +111,7 @@ def complete(
         error_class=error_class,
         quality=quality,
         reward=reward,
+        cost_usd=cost,
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
+from policies.quality import client_error
 from policies.records import Params
 from proxy.store.entries import FeedbackEntry, LogEntry
 
@@ -91,18 +92,29 @@ class DecisionRow(msgspec.Struct, kw_only=True):
     feedback_reward: float | None = None
     feedback_source: str | None = None  # explicit | judge | implicit
     validator_reason: str | None = None  # why the answer failed its schema check (schema paths, error kinds)
+    cost_usd: float | None = None  # usage at the model's price; None: no usage reported or no price known
 
     @property
     def propensity(self) -> float:
         return math.exp(self.log_propensity)
 
     @property
+    def judged(self) -> bool:
+        """False for a client's own 4xx: its row stays in the log but is no verdict on the parameters
+        (`proxy.decision.outcome.judged`), even if someone posts feedback on it."""
+        return not client_error(self.status, self.chosen_params, self.baseline_params)
+
+    @property
     def effective_quality(self) -> float | None:
         """Delayed feedback wins over the automatic score."""
+        if not self.judged:
+            return None
         return self.feedback_quality if self.feedback_quality is not None else self.quality
 
     @property
     def effective_reward(self) -> float | None:
+        if not self.judged:
+            return None
         return self.feedback_reward if self.feedback_reward is not None else self.reward
 
 

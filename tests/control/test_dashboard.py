@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator, Sequence
 from html.parser import HTMLParser
 from pathlib import Path
@@ -21,12 +19,12 @@ from policies.base import Choice
 from policies.records import Arm, RequestContext
 from policies.thompson import ThompsonGaussianPolicy
 from proxy.cli import dashboard_url
-from proxy.demo.simulator_server import SimulatorHandle, start_simulator
+from proxy.demo.simulator_server import SimulatorHandle
 from proxy.runtime import Runtime
 from tests.conftest import IN_CI, make_config
 from tests.control.conftest import drive
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.servers import start_thermostat
+from tests.support.servers import simulator_in_thread, start_thermostat
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -71,7 +69,7 @@ def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path, mon
         assert "phase general" in html and "optimising 100.0 %" in html
         # Every panel, the holdout (baseline) line of the headline chart, and the tuned-vs-holdout intervals.
         panels = set(re.findall(r'<section id="(panel-[a-z-]+)"', html))
-        assert panels == {"panel-comparison", "panel-monitor", "panel-reward", "panel-latency", "panel-temperature", "panel-max-tokens", "panel-effort", "panel-signals",
+        assert panels == {"panel-comparison", "panel-spend", "panel-monitor", "panel-reward", "panel-latency", "panel-temperature", "panel-max-tokens", "panel-effort", "panel-signals",
                           "panel-budget", "panel-events"}, panels
         reward_svg = re.search(r'<svg id="chart-reward".*?</svg>', html, re.S)
         assert reward_svg is not None and 'data-name="holdout"' in reward_svg.group(0) and 'data-name="optimized"' in reward_svg.group(0)
@@ -91,6 +89,43 @@ def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path, mon
         subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", url],
                        capture_output=True, text=True, timeout=90)
         assert shot.exists() and shot.stat().st_size > 10_000
+    finally:
+        t.stop()
+
+
+def test_dashboard_shows_spend_and_saving_against_the_holdout(upstream: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Priced traffic (docs/cost.md): the spend panel's numbers per task are the API's, digit for digit."""
+    chromium = _chromium()
+    monkeypatch.setenv("THERMOSTAT_DASHBOARD_TEST_TOKEN", "dashboard-token-0123456789")
+    ups = [{"name": "fake", "base_url": upstream.url, "models": ["*"], "timeout_s": 2.0, "connect_timeout_s": 1.0,
+            "models_config": [{"pattern": "echo-1", "input_price_per_mtok": 2.5, "output_price_per_mtok": 10.0}]}]
+    cfg = make_config(upstream.url, tmp_path / "data", upstreams=ups, optimization={"mode": "general", "seed": 11, "holdout_fraction": 0.4},
+                      admin={"token_env": "THERMOSTAT_DASHBOARD_TEST_TOKEN"})
+    t = start_thermostat(cfg)
+    try:
+        drive(t, 40, "code", temperature=0.7, max_tokens=300)
+        drive(t, 25, "summarise", max_tokens=200)
+        t.flush()
+        auth = {"Authorization": "Bearer dashboard-token-0123456789"}
+        api = {p["task_type"]: p["cost"] for p in httpx.get(f"{t.base}/api/optimization/dashboard", headers=auth, timeout=10).json()["performance"]}
+        dom = subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                              dashboard_url("127.0.0.1", t.port, "dashboard-token-0123456789")], capture_output=True, text=True, timeout=90)
+        assert 'data-loaded="1"' in dom.stdout, dom.stderr[-2000:]
+        rows = {a["data-task"]: (a, cells) for a, cells in table(dom.stdout, "spend")}
+        assert set(rows) == {"code", "summarise"}
+        for task, (attrs, cells) in rows.items():
+            cost = api[task]
+            assert cost["optimized_priced"] > 0 and cost["holdout_priced"] > 0 and cost["saving_per_1k_usd"] is not None
+            for key, field in (("tuned", "optimized_cost_usd"), ("holdout", "holdout_cost_usd"), ("saving", "saving_per_1k_usd"),
+                               ("low", "ci_low"), ("high", "ci_high"), ("tuned-spend", "optimized_spend_usd"), ("holdout-spend", "holdout_spend_usd")):
+                assert float(attrs[f"data-{key}"] or "nan") == cost[field], (task, key)
+            assert cells[1] == f"${cost['optimized_cost_usd']:.6f} · {cost['optimized_priced']} req"
+            assert cells[2] == f"${cost['holdout_cost_usd']:.6f} · {cost['holdout_priced']} req"
+            assert cells[4].startswith(f"{cost['saving_per_1k_usd']:+.4f} [{cost['ci_low']:+.4f}, {cost['ci_high']:+.4f}]")
+            assert cells[5] == cost["summary"] and "per 1,000 requests" in cost["summary"]
+        # the logged costs behind the panel: the same rows' cost_usd, summed
+        logged = httpx.get(f"{t.base}/api/optimization/logs", params={"limit": 500, "task_type": "code"}, headers=auth, timeout=10).json()["items"]
+        assert sum(r["cost_usd"] for r in logged if r["mode"] == "holdout") == pytest.approx(api["code"]["holdout_spend_usd"], rel=1e-12)
     finally:
         t.stop()
 
@@ -150,21 +185,8 @@ class HarmfulForExtraction(ThompsonGaussianPolicy):
 
 @pytest.fixture(scope="module")
 def simulator() -> Iterator[SimulatorHandle]:
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    handle: dict[str, SimulatorHandle] = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        handle["sim"] = loop.run_until_complete(start_simulator("127.0.0.1", 0, seed=3, time_scale=0.0))
-        started.set()
-        loop.run_forever()
-
-    threading.Thread(target=run, daemon=True).start()
-    assert started.wait(10)
-    yield handle["sim"]
-    asyncio.run_coroutine_threadsafe(handle["sim"].close(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
+    with simulator_in_thread(seed=3) as sim:
+        yield sim
 
 
 SCHEMA_OK = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}

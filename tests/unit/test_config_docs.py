@@ -1,8 +1,8 @@
-"""The documented configuration matches the code: config.toml and the README's table, both ways.
+"""The documented configuration matches the code: config.toml and the reference's table, both ways.
 
 Every key shown in config.toml (commented examples included) and every key named in the
-README's configuration table must exist in the config structs; every struct field must be
-named in the README's row for its section; and the values config.toml shows (outside the
+configuration table of docs/configuration.md must exist in the config structs; every struct
+field must be named in that table's row for its section; and the values config.toml shows (outside the
 upstream examples) are the defaults, as its header says.
 """
 
@@ -21,6 +21,8 @@ from proxy.config import Config
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
+CONFIG_DOC = (ROOT / "docs" / "configuration.md").read_text()
+DOCS = README + "".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
 CONFIG_TOML = (ROOT / "config.toml").read_text()
 
 
@@ -66,14 +68,14 @@ def _scalar_fields(struct: type[msgspec.Struct]) -> set[str]:
 
 
 def readme_table() -> dict[tuple[str, ...], set[str]]:
-    """Section path -> keys named in the README's configuration table."""
-    block = README.split("| section | keys |", 1)[1].split("\n\n", 1)[0]
+    """Section path -> keys named in the configuration table of docs/configuration.md."""
+    block = CONFIG_DOC.split("| section | keys |", 1)[1].split("\n\n", 1)[0]
     rows: dict[tuple[str, ...], set[str]] = {}
     for line in block.splitlines()[2:]:
         cells = line.split(" | ")
-        assert len(cells) == 2, f"README config row with an unexpected shape: {line[:80]}"
+        assert len(cells) == 2, f"config reference row with an unexpected shape: {line[:80]}"
         sections = re.findall(r"`\[\[?([^\]`]+)\]\]?`", cells[0])
-        assert len(sections) == 1, f"one section per README config row: {cells[0]}"
+        assert len(sections) == 1, f"one section per config reference row: {cells[0]}"
         path = tuple(sections[0].split("."))
         assert path not in rows, f"section {sections[0]} has two rows"
         # Keys: backticked identifiers, not parenthesised defaults (`(thermostat)`) nor metric names.
@@ -81,7 +83,7 @@ def readme_table() -> dict[tuple[str, ...], set[str]]:
         rows[path] = keys
         for dotted in re.findall(r"`([a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)+)`", cells[1]):  # cross-references such as `server.data_dir`
             *section, key = dotted.split(".")
-            assert key in _resolve(section).__struct_fields__, f"README [{sections[0]}] refers to unknown key {dotted}"
+            assert key in _resolve(section).__struct_fields__, f"docs/configuration.md [{sections[0]}] refers to unknown key {dotted}"
     return rows
 
 
@@ -107,14 +109,14 @@ def test_every_readme_key_exists_and_every_field_is_documented() -> None:
     for path, keys in rows.items():
         struct = _resolve(list(path))
         unknown = keys - set(struct.__struct_fields__)
-        assert not unknown, f"README [{'.'.join(path)}] names keys the config does not have: {sorted(unknown)}"
+        assert not unknown, f"docs/configuration.md [{'.'.join(path)}] names keys the config does not have: {sorted(unknown)}"
     for path, struct in sections.items():
         scalars = _scalar_fields(struct)
         if not scalars:  # only sub-sections (Config itself, [policy])
             continue
-        assert path in rows, f"no README config row for [{'.'.join(path)}]"
+        assert path in rows, f"no docs/configuration.md row for [{'.'.join(path)}]"
         missing = scalars - rows[path]
-        assert not missing, f"README [{'.'.join(path)}] does not document {sorted(missing)}"
+        assert not missing, f"docs/configuration.md [{'.'.join(path)}] does not document {sorted(missing)}"
         for name in set(struct.__struct_fields__) - scalars:  # sub-sections: a row of their own
             assert (*path, name) in sections and (*path, name) in rows or (*path, name, "<task>") in rows, name
 
@@ -143,4 +145,4 @@ def test_config_toml_shows_the_defaults() -> None:
 @pytest.mark.parametrize("text", ["code down toward 0.2", "proxy/upstream", "+ ADMIN_TOKEN"])
 def test_readme_claims_fixed(text: str) -> None:
     """Claims found wrong by hand: the demo's code band stops at 0.5; there is no proxy/upstream."""
-    assert text not in README
+    assert text not in DOCS

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from policies.quality import auto_quality
+from policies.quality import auto_quality, client_error
+from policies.records import Params
 from policies.settings import QualitySettings
 
 S = QualitySettings()
@@ -60,3 +61,24 @@ def test_settings_are_honoured() -> None:
     custom = QualitySettings(truncated_penalty=0.5, refusal_phrases=("nope",))
     assert auto_quality(status=200, content="x", finish_reason="length", json_mode=False, settings=custom) == 0.5
     assert auto_quality(status=200, content="Nope.", finish_reason="stop", json_mode=False, settings=custom) == 0.2
+
+
+CLIENT = Params(temperature=0.7, max_tokens=100, effort="medium")
+
+
+@pytest.mark.parametrize(("status", "sent", "expected"), [
+    (400, CLIENT, True),                                                   # the client's own values refused
+    (404, Params(temperature=0.5, max_tokens=100, effort="medium"), True),  # another temperature cannot earn a 404
+    (422, Params(temperature=0.9, max_tokens=60, effort="medium"), True),   # nor a lower cap a 422
+    (400, Params(temperature=0.7, max_tokens=150, effort="medium"), False),  # a raised cap may be why (context length)
+    (400, Params(temperature=0.7, max_tokens=100, effort="high"), False),   # another effort level may be unsupported
+    (408, CLIENT, False), (429, CLIENT, False),                              # time and rate, not the body
+    (200, CLIENT, False), (500, CLIENT, False), (0, CLIENT, False),
+])
+def test_client_error_is_a_4xx_the_clients_own_values_earned(status: int, sent: Params, expected: bool) -> None:
+    assert client_error(status, sent, CLIENT) is expected
+
+
+def test_an_added_temperature_may_be_why() -> None:
+    assert client_error(400, Params(temperature=1.0, max_tokens=100), Params(max_tokens=100)) is False
+    assert client_error(400, Params(max_tokens=100), Params(max_tokens=100)) is True
