@@ -118,12 +118,14 @@ def status_of(deps: ControlDeps, now: float) -> OptimizationStatus:
     ro = deps.rollout
     eff = ro.effective(now)
     policy = deps.decider.policy
+    share = eff.fraction if eff.optimizing_allowed else 0.0
+    holdout = deps.config.optimization.holdout_fraction
     return OptimizationStatus(
         enabled=ro.enabled,
         mode=deps.config.optimization.mode,
         phase=ro.state.phase,
         effective_phase=eff.phase,
-        traffic_percentage=eff.fraction if eff.optimizing_allowed else 0.0,
+        traffic_percentage=share,
         phase_traffic_percentage=ro.fraction(ro.state.phase),
         policy=policy.name,
         policy_version=policy.version,
@@ -131,6 +133,8 @@ def status_of(deps: ControlDeps, now: float) -> OptimizationStatus:
         uptime_s=round(now - deps.started_at, 3),
         decisions_in_registry=len(deps.registry),
         judge_muted={task: m.reason for task, m in trust.state.mutes.items()} if (trust := deps.learning.trust) is not None else {},
+        holdout_fraction=holdout,
+        optimised_share=share * (1.0 - holdout),
     )
 
 
