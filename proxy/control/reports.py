@@ -667,6 +667,8 @@ def _verdict(low: float | None, high: float | None, higher_is_better: bool) -> s
 def _sentence(task: str, label: str, diff: float | None, low: float | None, high: float | None, n: int, digits: int) -> str:
     if diff is None:
         return f"{task}: {label} not comparable yet (needs tuned and holdout requests), {n:,} requests"
+    if low is None and high is None:  # neither side bounded: an interval of [−∞, +∞] says only that
+        return f"{task}: {_signed(diff, digits)} {label}, not enough data for a {round(100 * (1 - ALPHA))} % interval, {n:,} requests"
     lo = _signed(low, digits) if low is not None else "−∞"
     hi = _signed(high, digits) if high is not None else "+∞"
     return f"{task}: {_signed(diff, digits)} {label}, {round(100 * (1 - ALPHA))} % interval [{lo}, {hi}], {n:,} requests"

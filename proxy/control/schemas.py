@@ -67,7 +67,7 @@ class OptimizationStatus(msgspec.Struct):
     mode: str  # configured mode
     phase: str  # current rollout phase
     effective_phase: str
-    traffic_percentage: float  # share of traffic optimised now (0..1)
+    traffic_percentage: float  # the rollout share optimised now (0..1), before the holdout is taken out
     phase_traffic_percentage: float  # share the phase optimises when not rolled back
     policy: str
     policy_version: str
@@ -75,6 +75,8 @@ class OptimizationStatus(msgspec.Struct):
     uptime_s: float
     decisions_in_registry: int
     judge_muted: dict[str, str] = {}  # task type -> why the judge's scores are muted there (length_bias, disagreement)
+    holdout_fraction: float = 0.0  # the always-on holdout, drawn before the rollout share (every phase)
+    optimised_share: float = 0.0  # the share of requests actually sent tuned parameters: traffic_percentage × (1 − holdout_fraction)
 
 
 # --------------------------------------------------------------------------- performance
