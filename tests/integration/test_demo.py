@@ -94,12 +94,15 @@ def test_demo_learns_from_the_simulator_as_judge_with_no_feedback_posted(tmp_pat
             running.stop()
 
 
-def test_demo_holdout_share_defaults_to_a_fifth_and_is_checked() -> None:
-    """The demo's comparison needs holdout answers within minutes; a share outside [0, 1) is refused."""
-    from proxy.cli import build_parser
+def test_demo_defaults_let_a_verdict_come_within_minutes_and_the_share_is_checked() -> None:
+    """The demo's comparison needs judged holdout and tuned answers within minutes (bench/demo_verdict.py measures how
+    soon: 30 % holdout and every answer judged); a share outside [0, 1) is refused."""
+    from proxy.cli import build_parser, demo_feedback_config
 
     parser = build_parser()
-    assert parser.parse_args(["demo"]).holdout == 0.2
+    assert parser.parse_args(["demo"]).holdout == 0.3
+    judged = demo_feedback_config(build_config({}, environ={}), "judge").judge
+    assert judged.sample_rate == 1.0 and judged.holdout_rate(0.3) == 1.0
     assert parser.parse_args(["demo", "--holdout", "0.05"]).holdout == 0.05
     for bad in ("1", "-0.1", "x"):
         with pytest.raises(SystemExit):
