@@ -12,6 +12,7 @@ import fnmatch
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import tomllib
@@ -104,6 +105,11 @@ class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # (policies/effort.py), empty = effort is not tuned on this model.
     accepts_temperature: bool = True
     efforts: tuple[str, ...] = ()
+    # US dollars per million tokens; each wins over the price table (proxy/decision/prices.py).
+    # Cached input without its own price is billed as input once input_price_per_mtok is set here.
+    input_price_per_mtok: float | None = None
+    output_price_per_mtok: float | None = None
+    cached_input_price_per_mtok: float | None = None
 
 
 # The paths (after `/v1`) a client of a model API needs. Everything else (files,
@@ -144,6 +150,9 @@ class UpstreamSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Non-streaming bodies (and single SSE events) are buffered up to this size to read
     # usage; a larger one is relayed as it arrives, without a summary, and counted.
     max_response_bytes: int = 32 * 1024 * 1024
+    # Which provider's prices the genai-prices table gives this upstream's models (a table provider
+    # id such as "openai"); unset = the provider whose API URL matches base_url, if any.
+    price_provider: str | None = None
 
 
 class StorageSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -631,6 +640,10 @@ def _validate_ranges(cfg: Config) -> None:
         for ms in up.models_config:
             if ms.default_temperature is not None and not ms.min_temperature <= ms.default_temperature <= ms.max_temperature:
                 raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].default_temperature", f"{ms.default_temperature} (allowed: within min_temperature..max_temperature)")
+            for field in ("input_price_per_mtok", "output_price_per_mtok", "cached_input_price_per_mtok"):
+                price = getattr(ms, field)
+                if price is not None and not (math.isfinite(price) and price >= 0):
+                    raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].{field}", f"{price} (allowed: US dollars per million tokens, >= 0)")
             known = ANTHROPIC_EFFORTS if up.format == "anthropic" else EFFORT_LEVELS
             for level in ms.efforts:
                 if level not in known:
@@ -638,6 +651,12 @@ def _validate_ranges(cfg: Config) -> None:
         for glob in up.forward_paths:
             if not glob.startswith("/") or ".." in glob:
                 raise bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: globs over the path after /v1, starting with '/', e.g. '/chat/completions')")
+        if up.price_provider is not None:
+            from proxy.decision.prices import table_providers  # loads the price table: only when asked
+
+            providers = table_providers()
+            if up.price_provider not in providers:
+                raise bad(f"upstreams[{up.name}].price_provider", f"{up.price_provider!r} (allowed: {', '.join(providers)})")
         if up.max_response_bytes <= 0:
             raise bad(f"upstreams[{up.name}].max_response_bytes", f"{up.max_response_bytes} (allowed: a positive number)")
 

@@ -600,6 +600,7 @@ class DecisionOut(msgspec.Struct):
     automatic_quality: float | None
     feedback_quality: float | None
     validator_reason: str | None = None  # why the answer failed its schema check: schema paths and error kinds, never answer text
+    cost_usd: float | None = None  # US dollars at the model's price (configured or genai-prices); null: no usage or no known price
 
 
 class DecisionPage(msgspec.Struct):

@@ -177,7 +177,7 @@ def decision_out(r: DecisionRow) -> DecisionOut:
         guard_notes=list(r.guard_notes), status=r.status, error_class=r.error_class, latency_s=r.latency_s, ttft_s=r.ttft_s,
         prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, finish_reason=r.finish_reason,
         quality=r.effective_quality, reward=cdata.finite(r.effective_reward), automatic_quality=r.quality, feedback_quality=r.feedback_quality,
-        validator_reason=r.validator_reason,
+        validator_reason=r.validator_reason, cost_usd=cdata.finite(r.cost_usd),
     )
 
 

@@ -609,10 +609,12 @@ class BanditDecider:
             latency_s=outcome.latency_s,
             tokens=tokens,
             settings=self.reward_settings,
+            cost_usd=outcome.cost_usd,
         )
 
     def score(
-        self, decision: Decision, *, status: int, error_class: str | None, latency_s: float, completion_tokens: int | None, quality: float | None
+        self, decision: Decision, *, status: int, error_class: str | None, latency_s: float, completion_tokens: int | None, quality: float | None,
+        cost_usd: float | None = None,
     ) -> float | None:
         """The reward of a finished request, computed once (proxy.decision.outcome.complete).
 
@@ -622,10 +624,10 @@ class BanditDecider:
         if not (200 <= status < 300 and error_class is None and quality is not None):
             return None
         if decision.mode not in ("optimized", "guard_fallback"):
-            self.costs.observe(decision.context.task_type, latency_s, completion_tokens or 0)
+            self.costs.observe(decision.context.task_type, latency_s, completion_tokens or 0, cost_usd)
         return self.costs.reward(
             task_type=decision.context.task_type, quality=quality, latency_s=latency_s, tokens=completion_tokens or 0,
-            settings=self.reward_settings,
+            settings=self.reward_settings, cost_usd=cost_usd,
         )
 
     async def observe(self, decision: Decision, outcome: Outcome) -> None:

@@ -216,7 +216,8 @@ def _judged(fx: FeedbackServices, request_id: str) -> bool:
     return fx.signals.sources.get(request_id) not in (None, *ONE_SIDED)
 
 
-def _reward(fx: FeedbackServices, task_type: str, quality: float, latency_s: float, completion_tokens: int | None) -> float:
+def _reward(fx: FeedbackServices, task_type: str, quality: float, latency_s: float, completion_tokens: int | None,
+            cost_usd: float | None = None) -> float:
     bandit = fx.bandit
     return bandit.costs.reward(
         task_type=task_type,
@@ -224,6 +225,7 @@ def _reward(fx: FeedbackServices, task_type: str, quality: float, latency_s: flo
         latency_s=latency_s,
         tokens=completion_tokens or 0,
         settings=bandit.reward_settings,
+        cost_usd=cost_usd,
     )
 
 
@@ -313,7 +315,7 @@ async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: st
             previous_signal = row.feedback_reward  # and the temperature-only statistics too (`_teach_temperature`)
     else:
         old_reward = row.reward
-    new_reward = _reward(fx, row.task_type, quality, row.latency_s, row.completion_tokens)
+    new_reward = _reward(fx, row.task_type, quality, row.latency_s, row.completion_tokens, row.cost_usd)
     ctx = context_from_features(row.context_features)
     if not learns(row.status, row.error_class):
         updated, note = False, "failed requests do not update the policy"

@@ -27,7 +27,7 @@ from policies.records import Decision, Outcome, RequestContext
 from proxy.config import Config
 from proxy.decision.decider import BudgetExceeded, BudgetUnavailable, Decider
 from proxy.decision.feedback import FeedbackServices, apply_pending_feedback
-from proxy.decision.outcome import Scorer, Timings, arm_label, complete
+from proxy.decision.outcome import Pricer, Scorer, Timings, arm_label, complete
 from proxy.decision.registry import DecisionRegistry
 from proxy.edge.errors import ProxyError, bad_request, error_body
 from proxy.edge.formats import ANTHROPIC, FORMATS, WireFormat, adapter_for
@@ -206,6 +206,7 @@ class EdgeServices:
     answer_check: AnswerCheck  # proxy.learning.listeners.AnswerValidator
     conservative: OutcomeListener  # proxy.decision.conservative.ConservativeListener
     answers: AnswerListener  # proxy.learning.listeners.AnswerListener
+    prices: Pricer | None = None  # each request's cost in dollars (proxy.decision.prices.PriceBook)
 
 
 class ProxyEdge:
@@ -560,7 +561,7 @@ class ProxyEdge:
         try:
             latency = time.perf_counter() - t0
             outcome = complete(decision, summary, status, error_class, Timings(latency, ttft),
-                               quality_settings=self.quality_settings, scorer=svc.scorer)
+                               quality_settings=self.quality_settings, scorer=svc.scorer, prices=svc.prices)
             outcome = await svc.answer_check.validated(decision, outcome, summary, body)  # json_schema / tool parameters
             # The listeners, in order; each reads the finished Outcome.
             await svc.decider.observe(decision, outcome)

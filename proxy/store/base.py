@@ -92,6 +92,7 @@ class DecisionRow(msgspec.Struct, kw_only=True):
     feedback_reward: float | None = None
     feedback_source: str | None = None  # explicit | judge | implicit
     validator_reason: str | None = None  # why the answer failed its schema check (schema paths, error kinds)
+    cost_usd: float | None = None  # usage at the model's price; None: no usage reported or no price known
 
     @property
     def propensity(self) -> float:

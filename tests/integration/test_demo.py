@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import httpx
 import pytest
 
 from proxy.config import build_config
-from tests.support.servers import free_port, run_demo_traffic, simulator_in_thread, start_thermostat, wait_ready
+from tests.support.servers import free_port, run_demo_traffic, simulator_in_thread, start_thermostat, stop_process, wait_ready
 
 TOKEN_ENV = "THERMOSTAT_DEMO_TEST_TOKEN"
 
@@ -66,11 +65,7 @@ def test_demo_generates_a_token_and_prints_the_dashboard_url_with_it(tmp_path: P
         assert r.status_code == 200 and r.json()["mode"] == "general"
         assert httpx.get(urls[0].split("#", 1)[0], timeout=10).status_code == 200  # the page itself
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def test_demo_learns_from_the_simulator_as_judge_with_no_feedback_posted(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import subprocess
 import threading
@@ -95,6 +96,15 @@ def start_thermostat(config: Config, runtime: Runtime | None = None) -> RunningT
             raise RuntimeError("thermostat did not start")
         time.sleep(0.01)
     return RunningThermostat(server, thread, port, rt)
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 30) -> None:
+    """SIGTERM (a graceful stop, as an operator's), then kill after `grace_s`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 40) -> None:
