@@ -42,6 +42,7 @@ from policies.settings import (
     ThompsonSettings,
 )
 from proxy.edge.origins import normalize_origin, valid_host_entry
+from proxy.edge.paths import METHODS, parse_forward_path
 
 ModeName = Literal["shadow", "canary", "guarded", "general"]
 TuneTemperature = Literal["auto", "always", "never"]
@@ -112,22 +113,22 @@ class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cached_input_price_per_mtok: float | None = None
 
 
-# The paths (after `/v1`) a client of a model API needs. Everything else (files,
-# fine-tuning, organisation and admin endpoints) is refused unless an operator lists it,
-# so the key from `api_key_env` cannot be spent on them by whoever reaches the proxy.
+# What a client of a model API needs (after `/v1`, each for one method): inference and the
+# read-only model listing. Everything else (stored responses, batches, files, fine-tuning,
+# deleting models, images, audio, organisation and admin endpoints) is refused unless an
+# operator lists it, so the key from `api_key_env` cannot be spent or used to read or delete
+# on anyone's behalf by whoever reaches the proxy (docs/forwarding.md).
 DEFAULT_FORWARD_PATHS: tuple[str, ...] = (
-    "/chat/completions",
-    "/completions",
-    "/responses",
-    "/responses/*",
-    "/embeddings",
-    "/models",
-    "/models/*",
-    "/moderations",
-    "/audio/*",
-    "/images/*",
-    "/messages",
-    "/messages/*",
+    "POST /chat/completions",
+    "POST /completions",
+    "POST /responses",
+    "POST /messages",
+    "POST /embeddings",
+    "POST /moderations",
+    "POST /messages/count_tokens",
+    "POST /responses/input_tokens",
+    "GET /models",
+    "GET /models/*",
 )
 
 
@@ -649,8 +650,9 @@ def _validate_ranges(cfg: Config) -> None:
                 if level not in known:
                     raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].efforts", f"{level!r} (allowed: {', '.join(known)})")
         for glob in up.forward_paths:
-            if not glob.startswith("/") or ".." in glob:
-                raise bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: globs over the path after /v1, starting with '/', e.g. '/chat/completions')")
+            if parse_forward_path(glob) is None:
+                raise bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: a glob over the path after /v1, starting with '/', "
+                          f"optionally after one method: '/files*', 'GET /models/*'; methods: {', '.join(METHODS)})")
         if up.price_provider is not None:
             from proxy.decision.prices import table_providers  # loads the price table: only when asked
 

@@ -24,7 +24,7 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, Request, get, post
-from litestar.params import FromQuery, JSONBody
+from litestar.params import JSONBody
 
 from policies.agreement import agreement, judge_trusted
 from policies.judge_bias import LengthBias, concordance_bounds, slope
@@ -32,7 +32,7 @@ from proxy.config import JudgeSettings
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
 from proxy.control.errors import ERR
-from proxy.control.views import MaxRows, WindowS, actor_of, window, write_audit
+from proxy.control.views import MaxRows, TextFilter, WindowS, actor_of, window, write_audit
 from proxy.decision.feedback import SignalBook
 from proxy.decision.judge_trust import JudgeTrust
 from proxy.edge.errors import ProxyError
@@ -166,7 +166,7 @@ class QualityController(Controller):
 
     @get("/quality", summary="Per task type: signals by source, judge agreement with explicit feedback, regeneration and validator failure rates")
     async def quality(self, deps: Deps, window_s: WindowS = 3600.0, max_rows: MaxRows = 20_000,
-                      task_type: FromQuery[str | None] = None) -> QualityReport:
+                      task_type: TextFilter = None) -> QualityReport:
         now, since, until = window(window_s)
         rows, truncated = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
         report = quality_report(rows, deps.signals, deps.config.judge, now, since, until, truncated, deps.learning.trust)

@@ -41,9 +41,23 @@ class BudgetUnavailable(Exception):
     """The budget could not be checked in time and `caws.on_exhausted = reject` (the edge answers 503)."""
 
 
+def refuse_if_rejected(verdict: BudgetVerdict) -> None:
+    """A budget refusal as the domain error the edge maps to 429 (spent) or 503 (no answer in time)."""
+    if verdict.action == "reject":
+        raise BudgetUnavailable() if verdict.reason == "guard_unavailable" else BudgetExceeded()
+
+
 class Decider(Protocol):
     async def decide(self, ctx: RequestContext, *, request_id: str, assignment_key: str) -> Decision:
         """Choose what to send. May raise `BudgetExceeded` or `BudgetUnavailable` (the edge answers 429 / 503)."""
+        ...
+
+    async def admit(self, task_type: str, prompt_tokens: int) -> Reservation | None:
+        """Budget a passed-through request that spends tokens (nothing is tuned); may raise like `decide`."""
+        ...
+
+    async def settle_admitted(self, reservation: Reservation | None, tokens: int | None) -> None:
+        """Count what an admitted request spent (None: unknown, its reservation counts)."""
         ...
 
     async def observe(self, decision: Decision, outcome: Outcome) -> None:
@@ -496,10 +510,7 @@ class BanditDecider:
         notes.extend(verdict.notes)
         if verdict.reservation is not None:
             self.reservations[request_id] = verdict.reservation
-        if verdict.action == "reject" and verdict.reason == "guard_unavailable":
-            raise BudgetUnavailable()
-        if verdict.action == "reject":
-            raise BudgetExceeded()
+        refuse_if_rejected(verdict)
         caws_down = optimised and not verdict.guard_ok and self.require_caws
         if caws_down:
             notes.append("require_caws:budget_guard_unavailable")
@@ -629,6 +640,29 @@ class BanditDecider:
             task_type=decision.context.task_type, quality=quality, latency_s=latency_s, tokens=completion_tokens or 0,
             settings=self.reward_settings, cost_usd=cost_usd,
         )
+
+    async def admit(self, task_type: str, prompt_tokens: int) -> Reservation | None:
+        """The budget's admission for a passed-through request that spends tokens (embeddings).
+
+        Nothing is tuned on it, so it reserves what it sends, the prompt (its output is not
+        generated text), and is refused exactly as a decided request would be: spent budget
+        under `on_exhausted = "reject"` raises `BudgetExceeded`, no answer in time
+        `BudgetUnavailable`.
+        """
+        base = Arm(temperature=NOMINAL_TEMPERATURE, max_tokens=0)
+        verdict = await self.budget.decide(
+            allowed=[base], chosen=None, baseline=base, task_type=task_type, prompt_tokens=prompt_tokens, confidence=None, now=self.clock(),
+        )
+        refuse_if_rejected(verdict)
+        return verdict.reservation
+
+    async def settle_admitted(self, reservation: Reservation | None, tokens: int | None) -> None:
+        if reservation is None:
+            return
+        try:
+            await self.budget.settle(reservation, reservation.tokens if tokens is None else tokens, self.clock())
+        except Exception:
+            dlog.exception("budget settlement of a passed-through request failed")
 
     async def observe(self, decision: Decision, outcome: Outcome) -> None:
         """Settle the budget, feed the SLO monitor, and update the policy with the Outcome's reward."""
