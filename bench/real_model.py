@@ -33,18 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from proxy.demo import local_model
-from proxy.demo.local_model import FULL_DISTRIBUTION, MODEL_ALIAS, QUESTIONS, grade
+from proxy.demo.local_model import ANSWER, FULL_DISTRIBUTION, MODEL_ALIAS, QUESTIONS, SLO_LATENCY_P99_MS, grade
 
 RESULTS = ROOT / "bench" / "results"
 TASK = "facts"
-MAX_TOKENS = 6
 USERS = 100  # assignment keys: the holdout is drawn per key, as in production
 
 
 def ask(http: httpx.Client, base: str, i: int, temperature: float, headers: dict[str, str] | None = None) -> tuple[float, httpx.Response]:
     q = QUESTIONS[i % len(QUESTIONS)]
-    body = {"model": MODEL_ALIAS, "prompt": q.prompt, "max_tokens": MAX_TOKENS, "temperature": temperature, "seed": i,
-            "user": f"user-{i % USERS}", **FULL_DISTRIBUTION}
+    body = {"model": MODEL_ALIAS, "prompt": q.prompt, "temperature": temperature, "seed": i, "user": f"user-{i % USERS}",
+            **ANSWER, **FULL_DISTRIBUTION}
     r = http.post(f"{base}/completions", json=body, headers=headers or {}, timeout=300)
     r.raise_for_status()
     return grade(q, r.json()["choices"][0]["text"]), r
@@ -131,6 +130,7 @@ def main() -> None:
     cfg = make_config(
         llama.url, data, upstreams=[upstream],
         optimization={"mode": "general", "seed": 1, "holdout_fraction": args.holdout},  # tune_temperature auto: 50 signals first
+        slo={"latency_p99_ms": SLO_LATENCY_P99_MS},
         constraints={"max_delta_temperature": args.temperature, "max_delta_max_tokens": 0},
         policy={"grid": {"temperature_steps": 9}},
     )
@@ -186,8 +186,8 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], perf: dict[str,
         f"--truth-reps {args.truth_reps}` ({time.strftime('%Y-%m-%d')}, the shared 2-core machine; {n} requests through Thermostat "
         f"in {loop_s:.0f} s, {loop_s / n:.2f} s each with the feedback post; truth table {truth_s:.0f} s).",
         "",
-        f"The client asks {len(QUESTIONS)} short factual completions in turn (`proxy/demo/local_model.QUESTIONS`, max_tokens {MAX_TOKENS}, "
-        f"a fixed seed per request, sampling the whole distribution) at temperature {args.temperature:g}, as {USERS} users; "
+        f"The client asks {len(QUESTIONS)} short factual completions in turn (`proxy/demo/local_model.QUESTIONS`, one line of at most "
+        f"{ANSWER['max_tokens']} tokens, a fixed seed per request, sampling the whole distribution) at temperature {args.temperature:g}, as {USERS} users; "
         f"the grader scores each answer 1 or 0 and posts it to `record-outcome`. Thermostat runs its defaults (Thompson sampling, "
         f"`tune_temperature = \"auto\"`: the temperature stays at the client's until 50 graded answers) with a holdout of "
         f"{args.holdout:g} of the users and a trust region of ±{args.temperature:g} around the client's temperature (9 grid steps).",

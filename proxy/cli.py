@@ -192,7 +192,8 @@ def _demo_local(args: argparse.Namespace) -> int:
         optimization = msgspec.structs.replace(config.optimization, mode=args.mode, traffic_percentage=None, holdout_fraction=args.holdout)
         # Wide enough to reach greedy decoding from the client's 1.4, and only temperature moves (the answers are 6 tokens).
         constraints = msgspec.structs.replace(config.constraints, max_delta_temperature=LOCAL_TEMPERATURE, max_delta_max_tokens=0)
-        config = msgspec.structs.replace(config, upstreams=(upstream,), optimization=optimization, constraints=constraints)
+        slo = msgspec.structs.replace(config.slo, latency_p99_ms=max(config.slo.latency_p99_ms, local_model.SLO_LATENCY_P99_MS))
+        config = msgspec.structs.replace(config, upstreams=(upstream,), optimization=optimization, constraints=constraints, slo=slo)
         host = args.host or config.server.host
         port = args.port or config.server.port
         token, generated = demo_token(config.admin.token_env)

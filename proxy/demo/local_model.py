@@ -133,6 +133,16 @@ otherwise cuts the tail (top_k 40, top_p 0.95, min_p 0.05), which hides most of 
 temperature costs. The demo, tests and benchmark's clients send these with their temperature."""
 
 
+ANSWER = {"max_tokens": 6, "stop": ["\n"]}
+"""One short line, as a client wanting the answer asks: the model stops at the line's end
+(finish_reason "stop"), so the automatic score does not count each answer as cut off."""
+
+SLO_LATENCY_P99_MS = 30_000.0
+"""A CPU model on a shared 2-core machine answers in 0.3 s to several seconds: the demo, tests
+and benchmark raise `[slo] latency_p99_ms` (500 ms by default) to this, or the global SLO would
+roll every request back to the client's settings before anything is learnt."""
+
+
 @dataclass(frozen=True)
 class Question:
     """A completion prompt for the base model and the answers that count as right."""

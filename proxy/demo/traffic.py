@@ -106,7 +106,7 @@ async def run_local(base_url: str, rate_per_s: float, *, admin_token: str | None
     so an open loop would only queue. With ``explicit`` feedback the grader's score (1 right,
     0 wrong; `local_model.grade`) is posted to `record-outcome`; with ``none`` nothing is.
     """
-    from proxy.demo.local_model import FULL_DISTRIBUTION, MODEL_ALIAS, QUESTIONS, grade
+    from proxy.demo.local_model import ANSWER, FULL_DISTRIBUTION, MODEL_ALIAS, QUESTIONS, grade
 
     headers = {"authorization": f"Bearer {admin_token}"} if admin_token else {}
     loop = asyncio.get_running_loop()
@@ -114,7 +114,7 @@ async def run_local(base_url: str, rate_per_s: float, *, admin_token: str | None
         for i in itertools.count():
             due = loop.time() + 1.0 / rate_per_s
             q = QUESTIONS[i % len(QUESTIONS)]
-            body = {"model": MODEL_ALIAS, "prompt": q.prompt, "max_tokens": 6, "temperature": LOCAL_TEMPERATURE, **FULL_DISTRIBUTION}
+            body = {"model": MODEL_ALIAS, "prompt": q.prompt, "temperature": LOCAL_TEMPERATURE, **ANSWER, **FULL_DISTRIBUTION}
             try:
                 r = await client.post("/v1/completions", json=body, headers={"x-task-type": LOCAL_TASK, "x-thermostat-key": f"user-{i % USERS}"})
                 if r.status_code == 200 and feedback == "explicit":
