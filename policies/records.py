@@ -99,3 +99,4 @@ class Outcome(msgspec.Struct, frozen=True):
     reward: float | None = None
     feedback: bool = False  # True once explicit (delayed) feedback replaced the automatic score
     validator_reason: str | None = None  # schema path and error kind of a failed schema check (policies.validators.Violation.reason)
+    cost_usd: float | None = None  # the upstream's usage at the model's price (policies.pricing); None: no usage or no price

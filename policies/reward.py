@@ -4,14 +4,22 @@
            − w_latency · min(latency / baseline_latency, max_ratio)
            − w_tokens  · min(tokens  / baseline_tokens,  max_ratio)
 
+Where prices are known the last term is a cost term in dollars instead, with the same
+weight and cap: `w_tokens · min(cost_usd / baseline_cost_usd, max_ratio)`, so a cheaper
+setting is valued by the share of the baseline's spend it saves (input and cached
+tokens and the model's own prices included, not just how many tokens it wrote). It
+applies when the request has a cost and the task's baseline traffic has a mean cost
+(the same fallbacks as below); otherwise the token term stands. Both ratios are 1 at
+the baseline's typical request, so the two terms sit on one scale.
+
 Latency and tokens are divided by what the *baseline* parameters typically cost for the
 same task type, so the penalty is unit-free and comparable across tasks (a 10 s code
 answer is normal, a 10 s classification is not).  The ratios are capped at `max_ratio`
 so one timeout cannot swamp a posterior.  The normalisers are floored (1 ms, 1 token)
 so a zero never divides.
 
-`BaselineCosts` keeps those normalisers: per task type the additive triple
-[n, Σlatency_s, Σtokens] of outcomes **served with the baseline arm** (off, holdout,
+`BaselineCosts` keeps those normalisers: per task type the additive vector
+[n, Σlatency_s, Σtokens, n_priced, Σcost_usd] of outcomes **served with the baseline arm** (off, holdout,
 shadow traffic: the parameters the client would have got anyway).  Until a task has
 `min_samples` such outcomes it falls back to all tasks pooled, then to the defaults.
 It is additive, so replicas can share it through the same export/load cycle as the
@@ -28,6 +36,8 @@ from policies.settings import RewardSettings
 
 MIN_LATENCY_S = 1e-3
 MIN_TOKENS = 1.0
+MIN_COST_USD = 1e-9
+_WIDTH = 5  # [n, Σlatency_s, Σtokens, n_priced, Σcost_usd]; vectors shared before dollars have 3
 POOLED = "*"
 """Key of the all-tasks pool in `BaselineCosts`."""
 
@@ -40,14 +50,19 @@ def compute_reward(
     baseline_latency_s: float,
     baseline_tokens: float,
     settings: RewardSettings,
+    cost_usd: float | None = None,
+    baseline_cost_usd: float | None = None,
 ) -> float:
-    """Reward of one outcome (formula in the module docstring)."""
+    """Reward of one outcome (formula in the module docstring): the cost term in dollars when both costs are known."""
     latency_ratio = max(0.0, latency_s) / max(baseline_latency_s, MIN_LATENCY_S)
-    token_ratio = max(0, tokens) / max(baseline_tokens, MIN_TOKENS)
+    if cost_usd is not None and baseline_cost_usd is not None and math.isfinite(cost_usd):
+        spend_ratio = max(0.0, cost_usd) / max(baseline_cost_usd, MIN_COST_USD)
+    else:
+        spend_ratio = max(0, tokens) / max(baseline_tokens, MIN_TOKENS)
     return (
         settings.w_quality * min(1.0, max(0.0, quality))
         - settings.w_latency * min(latency_ratio, settings.max_ratio)
-        - settings.w_tokens * min(token_ratio, settings.max_ratio)
+        - settings.w_tokens * min(spend_ratio, settings.max_ratio)
     )
 
 
@@ -57,24 +72,30 @@ def reward_bounds(settings: RewardSettings) -> tuple[float, float]:
 
 
 class BaselineCosts(msgspec.Struct):
-    """Running mean latency and tokens of baseline-served outcomes, per task type."""
+    """Running mean latency, tokens and cost of baseline-served outcomes, per task type."""
 
     default_latency_s: float = 1.0
     default_tokens: float = 256.0
     min_samples: int = 20
-    totals: dict[str, list[float]] = {}  # task -> [n, Σlatency_s, Σtokens]; "*" = all tasks
+    totals: dict[str, list[float]] = {}  # task -> [n, Σlatency_s, Σtokens, n_priced, Σcost_usd]; "*" = all tasks
     pending: dict[str, list[float]] = {}
 
-    def observe(self, task_type: str, latency_s: float, tokens: int) -> None:
-        """Record one baseline-served outcome (ignored if latency is not finite)."""
+    def observe(self, task_type: str, latency_s: float, tokens: int, cost_usd: float | None = None) -> None:
+        """Record one baseline-served outcome (ignored if latency is not finite); `cost_usd` None = no price."""
         if not math.isfinite(latency_s) or latency_s < 0:
             return
+        priced = cost_usd is not None and math.isfinite(cost_usd) and cost_usd >= 0
         for store in (self.totals, self.pending):
             for key in (task_type, POOLED):
-                stats = store.setdefault(key, [0.0, 0.0, 0.0])
+                stats = store.setdefault(key, [0.0] * _WIDTH)
+                if len(stats) < _WIDTH:
+                    stats.extend([0.0] * (_WIDTH - len(stats)))
                 stats[0] += 1.0
                 stats[1] += latency_s
                 stats[2] += float(max(0, tokens))
+                if priced:
+                    stats[3] += 1.0
+                    stats[4] += float(cost_usd)  # type: ignore[arg-type]
 
     def _stats(self, task_type: str) -> list[float] | None:
         for key in (task_type, POOLED):
@@ -93,6 +114,14 @@ class BaselineCosts(msgspec.Struct):
         stats = self._stats(task_type)
         return stats[2] / stats[0] if stats else self.default_tokens
 
+    def cost_usd(self, task_type: str) -> float | None:
+        """Mean cost of the task's priced baseline outcomes (then all tasks pooled); None below `min_samples` priced ones."""
+        for key in (task_type, POOLED):
+            stats = self.totals.get(key)
+            if stats is not None and len(stats) >= _WIDTH and stats[3] >= self.min_samples:
+                return stats[4] / stats[3]
+        return None
+
     def export_delta(self) -> dict[str, list[float]]:
         """Increments since the last export; resets them."""
         delta, self.pending = self.pending, {}
@@ -102,21 +131,28 @@ class BaselineCosts(msgspec.Struct):
         """Adopt merged totals, keeping unexported increments on top."""
         merged = {key: [float(v) for v in values] for key, values in totals.items()}
         for key, values in self.pending.items():
-            into = merged.setdefault(key, [0.0, 0.0, 0.0])
-            for i in range(3):
-                into[i] += values[i]
+            into = merged.setdefault(key, [0.0] * _WIDTH)
+            if len(into) < len(values):
+                into.extend([0.0] * (len(values) - len(into)))
+            for i, v in enumerate(values):
+                into[i] += v
         self.totals = merged
 
     def load_changed(self, totals: dict[str, list[float]]) -> None:
         """`load_totals` for the given task types only; the others stay as they are."""
         for key, values in totals.items():
             merged = [float(v) for v in values]
-            for i, v in enumerate(self.pending.get(key, ())):
+            extra = self.pending.get(key, ())
+            if len(merged) < len(extra):
+                merged.extend([0.0] * (len(extra) - len(merged)))
+            for i, v in enumerate(extra):
                 merged[i] += v
             self.totals[key] = merged
 
-    def reward(self, *, task_type: str, quality: float, latency_s: float, tokens: int, settings: RewardSettings) -> float:
-        """`compute_reward` with this task's normalisers."""
+    def reward(
+        self, *, task_type: str, quality: float, latency_s: float, tokens: int, settings: RewardSettings, cost_usd: float | None = None
+    ) -> float:
+        """`compute_reward` with this task's normalisers (the cost term when `cost_usd` and the baseline's mean cost are known)."""
         return compute_reward(
             quality=quality,
             latency_s=latency_s,
@@ -124,4 +160,6 @@ class BaselineCosts(msgspec.Struct):
             baseline_latency_s=self.latency_s(task_type),
             baseline_tokens=self.tokens(task_type),
             settings=settings,
+            cost_usd=cost_usd,
+            baseline_cost_usd=self.cost_usd(task_type) if cost_usd is not None else None,
         )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,38 @@ def forwarding_options(server: ServerSettings) -> dict[str, Any]:
     return {"proxy_headers": True, "forwarded_allow_ips": list(server.forwarded_allow_ips)}
 
 
-def _serve(config: Config, host: str, port: int, workers: int = 1) -> None:
+PORT_FLAGS = "--port (or [server] port)"
+
+
+def require_upstreams(config: Config) -> None:
+    """What `serve` needs beyond a valid config; `check-config` says the same (one rule)."""
+    if not config.upstreams:
+        raise ConfigError("no [[upstreams]] configured (add one to config.toml, or run `thermostat demo`)")
+
+
+def bind_port(host: str, port: int, role: str, flag: str) -> socket.socket:
+    """A socket bound to host:port before anything says it is listening.
+
+    A busy port is a one-line error naming the port, what wanted it and the flag that moves
+    it, instead of a banner followed by uvicorn's `[Errno 98]`. The socket is handed to
+    uvicorn (and to worker processes), so nothing can take the port in between.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is busy ({role}; another process is listening there): "
+                              f"choose another with {flag}") from None
+        raise ConfigError(f"cannot listen on {host}:{port} ({role}): {exc.strerror or exc}; choose another with {flag}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _serve(config: Config, host: str, port: int, workers: int = 1, *, sock: socket.socket | None = None) -> None:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -56,8 +89,9 @@ def _serve(config: Config, host: str, port: int, workers: int = 1) -> None:
     from proxy.app import create_app
     from proxy.edge.serving import ServingConfig
 
-    if not config.upstreams:
-        raise ConfigError("no [[upstreams]] configured (add one to config.toml, or run `thermostat demo`)")
+    require_upstreams(config)
+    if sock is None:
+        sock = bind_port(host, port, "thermostat", PORT_FLAGS)
     # Measured choices (bench/README.md): uvloop + httptools, no access log on the hot path.
     common: dict[str, Any] = dict(
         host=host,
@@ -81,7 +115,7 @@ def _serve(config: Config, host: str, port: int, workers: int = 1) -> None:
         from uvicorn.supervisors import Multiprocess
 
         multi_config = ServingConfig("proxy.workers:app_from_env", server=config.server, factory=True, workers=workers, **common)
-        Multiprocess(multi_config, sockets=[multi_config.bind_socket()]).run()
+        Multiprocess(multi_config, sockets=[sock]).run()
         return
     server_config = ServingConfig(create_app(config), server=config.server, **common)
     server = Server(server_config)
@@ -90,7 +124,7 @@ def _serve(config: Config, host: str, port: int, workers: int = 1) -> None:
     gc.collect()
     gc.freeze()
     print(f"thermostat listening on http://{host}:{port}  (point your client's base_url at http://{host}:{port}/v1)", flush=True)
-    server.run()
+    server.run(sockets=[sock])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -124,29 +158,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.feedback = args.feedback or "judge"
     config = _load(args.config)
     sim_port = args.simulator_port
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    # Both ports first: a busy one is named with the flag that moves it before anything starts or prints.
+    sock = bind_port(host, port, "the demo's proxy", "--port")
+    sim_sock = bind_port("127.0.0.1", sim_port, "the demo's simulated LLM", "--simulator-port")
     started = threading.Event()
 
     def simulator_thread() -> None:
         loop = asyncio.new_event_loop()
-        loop.run_until_complete(start_simulator("127.0.0.1", sim_port, seed=0, time_scale=args.time_scale))
+        loop.run_until_complete(start_simulator(seed=0, time_scale=args.time_scale, sock=sim_sock))
         started.set()
         loop.run_forever()
 
     threading.Thread(target=simulator_thread, name="simulator", daemon=True).start()
     if not started.wait(10):
         raise ConfigError(f"the demo simulator could not start on 127.0.0.1:{sim_port}")
-    demo_upstream = UpstreamSettings(name="simulator", base_url=f"http://127.0.0.1:{sim_port}/v1", models=("*",))
-    # The simulator speaks Anthropic Messages too, so the anthropic SDK can be pointed at the demo.
-    demo_anthropic = UpstreamSettings(name="simulator-anthropic", base_url=f"http://127.0.0.1:{sim_port}/v1", models=("*",), format="anthropic")
-    # A larger holdout than production's 5 %: the demo should show tuned against holdout with a
-    # verdict within minutes, and at 5 requests/s a 5 % share gives each task ~20 holdout answers in 7.
-    optimization = msgspec.structs.replace(config.optimization, mode=args.mode, traffic_percentage=None, holdout_fraction=args.holdout)
-    # A demo budget that its own simulated traffic does not exhaust within the day.
-    caws = msgspec.structs.replace(config.caws, budget_limit=max(config.caws.budget_limit, 200_000_000))
-    config = msgspec.structs.replace(config, upstreams=(demo_upstream, demo_anthropic), optimization=optimization, caws=caws)
-    config = demo_feedback_config(config, args.feedback)
-    host = args.host or config.server.host
-    port = args.port or config.server.port
+    config = demo_config(config, f"http://127.0.0.1:{sim_port}/v1", mode=args.mode, holdout=args.holdout, feedback=args.feedback)
     token, generated = demo_token(config.admin.token_env)
     shown = token if generated else f"${config.admin.token_env}"  # an operator's own token is not echoed
     if args.traffic > 0:
@@ -159,8 +187,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  curl -s http://{host}:{port}/api/optimization/status -H \"authorization: Bearer {shown}\"",
         flush=True,
     )
-    _serve(config, host, port)
+    _serve(config, host, port, sock=sock)
     return 0
+
+
+def demo_config(config: Config, simulator_url: str, *, mode: str, holdout: float, feedback: str) -> Config:
+    """What `thermostat demo` runs: `config` in front of the simulator at `simulator_url` (tests build the same)."""
+    demo_upstream = UpstreamSettings(name="simulator", base_url=simulator_url, models=("*",))
+    # The simulator speaks Anthropic Messages too, so the anthropic SDK can be pointed at the demo.
+    demo_anthropic = UpstreamSettings(name="simulator-anthropic", base_url=simulator_url, models=("*",), format="anthropic")
+    # A larger holdout than production's 5 %: the demo should show tuned against holdout with a
+    # verdict soon, and at 5 requests/s a 5 % share gives each task ~20 holdout answers in 7 minutes.
+    optimization = msgspec.structs.replace(config.optimization, mode=mode, traffic_percentage=None, holdout_fraction=holdout)
+    # A demo budget that its own simulated traffic does not exhaust within the day.
+    caws = msgspec.structs.replace(config.caws, budget_limit=max(config.caws.budget_limit, 200_000_000))
+    config = msgspec.structs.replace(config, upstreams=(demo_upstream, demo_anthropic), optimization=optimization, caws=caws)
+    return demo_feedback_config(config, feedback)
 
 
 def _demo_local(args: argparse.Namespace) -> int:
@@ -171,7 +213,6 @@ def _demo_local(args: argparse.Namespace) -> int:
     traffic cooling down against a holdout that keeps the client's setting.
     """
     from proxy.demo import local_model
-    from proxy.demo.traffic import LOCAL_TEMPERATURE
 
     feedback = args.feedback or "explicit"
     if feedback not in ("explicit", "none"):
@@ -181,6 +222,10 @@ def _demo_local(args: argparse.Namespace) -> int:
         print(f"thermostat demo --model local: {reason}", file=sys.stderr)
         return 2
     config = _load(args.config)
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    sock = bind_port(host, port, "the demo's proxy", "--port")
+    bind_port("127.0.0.1", args.simulator_port, "the demo's local model server", "--simulator-port").close()  # busy: say so now
     print("demo: starting llama.cpp with Gemma 3 270M (a few seconds; the first run also assembles the 250 MB model file)", flush=True)
     try:
         llama = local_model.start(args.simulator_port, n_ctx=512)
@@ -188,14 +233,7 @@ def _demo_local(args: argparse.Namespace) -> int:
         print(f"thermostat demo --model local: {exc}", file=sys.stderr)
         return 2
     try:
-        upstream = UpstreamSettings(name="llama", base_url=llama.url, models=("*",), timeout_s=300.0)
-        optimization = msgspec.structs.replace(config.optimization, mode=args.mode, traffic_percentage=None, holdout_fraction=args.holdout)
-        # Wide enough to reach greedy decoding from the client's 1.4, and only temperature moves (the answers are 6 tokens).
-        constraints = msgspec.structs.replace(config.constraints, max_delta_temperature=LOCAL_TEMPERATURE, max_delta_max_tokens=0)
-        slo = msgspec.structs.replace(config.slo, latency_p99_ms=max(config.slo.latency_p99_ms, local_model.SLO_LATENCY_P99_MS))
-        config = msgspec.structs.replace(config, upstreams=(upstream,), optimization=optimization, constraints=constraints, slo=slo)
-        host = args.host or config.server.host
-        port = args.port or config.server.port
+        config = local_demo_config(config, llama.url, mode=args.mode, holdout=args.holdout)
         token, generated = demo_token(config.admin.token_env)
         if args.traffic > 0:
             _start_demo_traffic(f"http://{host}:{port}", args.traffic, config, feedback, local=True)
@@ -206,10 +244,23 @@ def _demo_local(args: argparse.Namespace) -> int:
             f"  open {dashboard_url(host, port, token) if generated else f'http://{host}:{port}/dashboard (and enter the token)'}",
             flush=True,
         )
-        _serve(config, host, port)
+        _serve(config, host, port, sock=sock)
     finally:
         llama.stop()
     return 0
+
+
+def local_demo_config(config: Config, model_url: str, *, mode: str, holdout: float) -> Config:
+    """What `thermostat demo --model local` runs: `config` in front of the local model server at `model_url`."""
+    from proxy.demo import local_model
+    from proxy.demo.traffic import LOCAL_TEMPERATURE
+
+    config = demo_config(config, model_url, mode=mode, holdout=holdout, feedback="explicit")
+    upstream = UpstreamSettings(name="llama", base_url=model_url, models=("*",), timeout_s=300.0)  # a CPU model: seconds, not milliseconds
+    # Wide enough to reach greedy decoding from the client's 1.4; only temperature moves (the answers are one short line).
+    constraints = msgspec.structs.replace(config.constraints, max_delta_temperature=LOCAL_TEMPERATURE, max_delta_max_tokens=0)
+    slo = msgspec.structs.replace(config.slo, latency_p99_ms=max(config.slo.latency_p99_ms, local_model.SLO_LATENCY_P99_MS))
+    return msgspec.structs.replace(config, upstreams=(upstream,), constraints=constraints, slo=slo)
 
 
 DEMO_JUDGE_SAMPLE_RATE = 0.5  # judge half the demo's answers: temperature unlocks within minutes at 5 requests/s
@@ -289,13 +340,15 @@ def _start_demo_traffic(base_url: str, rate: float, config: Config, feedback: st
 def cmd_simulate(args: argparse.Namespace) -> int:
     from proxy.demo.simulator_server import run as run_simulator
 
+    sock = bind_port(args.host, args.port, "the simulated LLM", "--port")
     print(f"simulated OpenAI-compatible upstream on http://{args.host}:{args.port}/v1", flush=True)
-    run_simulator(host=args.host, port=args.port, seed=args.seed, time_scale=args.time_scale)
+    run_simulator(sock=sock, seed=args.seed, time_scale=args.time_scale)
     return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    require_upstreams(config)  # `serve` would refuse it: so does its check
     doc = msgspec.to_builtins(config)
     print(msgspec.json.format(msgspec.json.encode(mask_secrets(doc)), indent=2).decode())
     print("config OK", file=sys.stderr)
@@ -375,6 +428,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
     print(f"evaluated {ev.rows_read} decision(s) from {where} over {len(ev.tasks)} task type(s): {report}")
+    for task in ev.tasks:
+        if task.unsupported:
+            print(f"  {task.task_type}: unsupported (the log played {task.played_arms} of the candidate's {task.candidate_arms} arms): no estimate")
+    if not any(report.parent.glob("*.png")):
+        from proxy.learning.evaluate import PLOTS_MISSING
+
+        print(f"  {PLOTS_MISSING}")
     return 0
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import json
 import logging
+import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -39,6 +42,7 @@ from policies.settings import (
     ThompsonSettings,
 )
 from proxy.edge.origins import normalize_origin, valid_host_entry
+from proxy.edge.paths import METHODS, parse_forward_path
 
 ModeName = Literal["shadow", "canary", "guarded", "general"]
 TuneTemperature = Literal["auto", "always", "never"]
@@ -102,24 +106,29 @@ class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # (policies/effort.py), empty = effort is not tuned on this model.
     accepts_temperature: bool = True
     efforts: tuple[str, ...] = ()
+    # US dollars per million tokens; each wins over the price table (proxy/decision/prices.py).
+    # Cached input without its own price is billed as input once input_price_per_mtok is set here.
+    input_price_per_mtok: float | None = None
+    output_price_per_mtok: float | None = None
+    cached_input_price_per_mtok: float | None = None
 
 
-# The paths (after `/v1`) a client of a model API needs. Everything else (files,
-# fine-tuning, organisation and admin endpoints) is refused unless an operator lists it,
-# so the key from `api_key_env` cannot be spent on them by whoever reaches the proxy.
+# What a client of a model API needs (after `/v1`, each for one method): inference and the
+# read-only model listing. Everything else (stored responses, batches, files, fine-tuning,
+# deleting models, images, audio, organisation and admin endpoints) is refused unless an
+# operator lists it, so the key from `api_key_env` cannot be spent or used to read or delete
+# on anyone's behalf by whoever reaches the proxy (docs/forwarding.md).
 DEFAULT_FORWARD_PATHS: tuple[str, ...] = (
-    "/chat/completions",
-    "/completions",
-    "/responses",
-    "/responses/*",
-    "/embeddings",
-    "/models",
-    "/models/*",
-    "/moderations",
-    "/audio/*",
-    "/images/*",
-    "/messages",
-    "/messages/*",
+    "POST /chat/completions",
+    "POST /completions",
+    "POST /responses",
+    "POST /messages",
+    "POST /embeddings",
+    "POST /moderations",
+    "POST /messages/count_tokens",
+    "POST /responses/input_tokens",
+    "GET /models",
+    "GET /models/*",
 )
 
 
@@ -142,6 +151,9 @@ class UpstreamSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Non-streaming bodies (and single SSE events) are buffered up to this size to read
     # usage; a larger one is relayed as it arrives, without a summary, and counted.
     max_response_bytes: int = 32 * 1024 * 1024
+    # Which provider's prices the genai-prices table gives this upstream's models (a table provider
+    # id such as "openai"); unset = the provider whose API URL matches base_url, if any.
+    price_provider: str | None = None
 
 
 class StorageSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -248,6 +260,10 @@ class JudgeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     breaker_cooldown_s: float = 60.0  # first wait before a trial call; doubles while it keeps failing
     min_agreement: float = 0.3  # Spearman with explicit feedback below this (per task type) stops its signals
     min_agreement_pairs: int = 30  # (judge, explicit) pairs needed before the judge can be distrusted
+    # Mute the judge for a task type whose scores surely follow answer length within arms
+    # (P(concordant) > 0.5 + margin, anytime-valid at 95 %; policies/judge_bias.py).
+    length_bias_check: bool = True
+    length_bias_margin: float = 0.1
     # pairwise: a sampled chat request sent with a tuned arm is sent again with the baseline parameters
     # (after the client's answer, in the judge's queue) and the judge prefers one answer (proxy/learning/judge.py)
     mode: Literal["pointwise", "pairwise"] = "pointwise"
@@ -420,6 +436,57 @@ def _check_unknown_keys(value: Any, struct: type[msgspec.Struct], where: str) ->
             _check_unknown_keys(child, sub, path)
 
 
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "array": "an array",
+               "object": "a table", "null": "nothing"}
+
+
+def _walk(doc: Any, path: str) -> tuple[bool, Any]:
+    """The value at a msgspec path such as `$.upstreams[0].timeout_s` in the parsed TOML, if there."""
+    value = doc
+    for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path.removeprefix("$")):
+        name, index = part
+        if name and isinstance(value, dict) and name in value:
+            value = value[name]
+        elif index and isinstance(value, list) and int(index) < len(value):
+            value = value[int(index)]
+        else:
+            return False, None
+    return True, value
+
+
+def _msgspec_type_name(value: Any) -> str:
+    for tp, name in ((bool, "bool"), (int, "int"), (float, "float"), (str, "str"), (list, "array"), (dict, "object")):
+        if isinstance(value, tp):
+            return name
+    return "null"
+
+
+def _name_dict_entry(doc: dict[str, Any], path: str, message: str) -> str:
+    """msgspec writes a table's entry as `[...]`: name the first entry holding the refused type instead."""
+    got = re.search(r"got `([^`]+)`", message)
+    if "[...]" not in path or got is None:
+        return path
+    head, _, tail = path.partition("[...]")
+    found, table = _walk(doc, head)
+    for name, entry in (table.items() if found and isinstance(table, dict) else ()):
+        here, value = _walk(entry, "$" + tail)
+        if here and _msgspec_type_name(value) == got.group(1):
+            return f"{head}.{name}{tail}"
+    return path
+
+
+def _type_mismatch(doc: dict[str, Any], path: str, message: str) -> str | None:
+    """"8080" (allowed: an integer; in TOML a quoted value is a string), in the shape of the other errors."""
+    m = re.fullmatch(r"Expected `([^`]+)`, got `([^`]+)`", message)
+    if m is None:
+        return None
+    wanted = [_TYPE_WORDS.get(w.strip(), w.strip()) for w in m.group(1).split("|") if w.strip() != "null"]
+    found, value = _walk(doc, path)
+    shown = json.dumps(value) if found and isinstance(value, (str, int, float, bool)) else f"{_TYPE_WORDS.get(m.group(2), m.group(2))}"
+    hint = "; in TOML a quoted value is a string" if m.group(2) == "str" else ""
+    return f"{shown} (allowed: {' or '.join(wanted)}{hint})"
+
+
 def _allowed_values(path: str) -> str:
     """For a failing `$.a.b` path, the allowed values when the field is a Literal."""
     parts = [p for p in path.replace("$.", "").split(".") if p]
@@ -466,6 +533,8 @@ def _validate_ranges(cfg: Config) -> None:
     ):
         if not 0.0 <= value <= 1.0:
             raise bad(key, f"{value} (allowed: a fraction in [0, 1])")
+    if not 0.0 <= cfg.judge.length_bias_margin < 0.5:
+        raise bad("judge.length_bias_margin", f"{cfg.judge.length_bias_margin} (allowed: a number in [0, 0.5))")
     for key, number in (
         ("caws.budget_limit", cfg.caws.budget_limit),
         ("caws.window_s", cfg.caws.window_s),
@@ -572,13 +641,24 @@ def _validate_ranges(cfg: Config) -> None:
         for ms in up.models_config:
             if ms.default_temperature is not None and not ms.min_temperature <= ms.default_temperature <= ms.max_temperature:
                 raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].default_temperature", f"{ms.default_temperature} (allowed: within min_temperature..max_temperature)")
+            for field in ("input_price_per_mtok", "output_price_per_mtok", "cached_input_price_per_mtok"):
+                price = getattr(ms, field)
+                if price is not None and not (math.isfinite(price) and price >= 0):
+                    raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].{field}", f"{price} (allowed: US dollars per million tokens, >= 0)")
             known = ANTHROPIC_EFFORTS if up.format == "anthropic" else EFFORT_LEVELS
             for level in ms.efforts:
                 if level not in known:
                     raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].efforts", f"{level!r} (allowed: {', '.join(known)})")
         for glob in up.forward_paths:
-            if not glob.startswith("/") or ".." in glob:
-                raise bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: globs over the path after /v1, starting with '/', e.g. '/chat/completions')")
+            if parse_forward_path(glob) is None:
+                raise bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: a glob over the path after /v1, starting with '/', "
+                          f"optionally after one method: '/files*', 'GET /models/*'; methods: {', '.join(METHODS)})")
+        if up.price_provider is not None:
+            from proxy.decision.prices import table_providers  # loads the price table: only when asked
+
+            providers = table_providers()
+            if up.price_provider not in providers:
+                raise bad(f"upstreams[{up.name}].price_provider", f"{up.price_provider!r} (allowed: {', '.join(providers)})")
         if up.max_response_bytes <= 0:
             raise bad(f"upstreams[{up.name}].max_response_bytes", f"{up.max_response_bytes} (allowed: a positive number)")
 
@@ -610,8 +690,10 @@ def build_config(doc: dict[str, Any], environ: typing.Mapping[str, str] | None =
         except msgspec.ValidationError as exc:
             message = str(exc)
             path = message.rsplit(" - at `", 1)[-1].rstrip("`") if " - at `" in message else ""
+            path = _name_dict_entry(doc, path, message)
             key = path.replace("$.", "") if path else "config"
-            raise ConfigError(f"invalid value for '{key}': {message.split(' - at ')[0]}{_allowed_values(path)}", key=key) from None
+            detail = _type_mismatch(doc, path, message.split(" - at ")[0]) or f"{message.split(' - at ')[0]}{_allowed_values(path)}"
+            raise ConfigError(f"invalid value for '{key}': {detail}", key=key) from None
         _validate_ranges(cfg)
     except ConfigError as exc:
         source = applied.get(exc.key or "")

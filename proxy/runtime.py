@@ -35,11 +35,13 @@ from policies.registry import make_policy
 from policies.reward import reward_bounds
 from policies.signals import Signal
 from policies.validators import SchemaValidators
-from proxy.config import Config
+from proxy.config import Config, ModelSettings
 from proxy.decision.conservative import ConservativeListener
 from proxy.decision.decider import BanditDecider, Decider
 from proxy.decision.feedback import FeedbackBook, FeedbackServices, deliver_signal
+from proxy.decision.judge_trust import JudgeTrust
 from proxy.decision.lease_refill import LeaseRefiller
+from proxy.decision.prices import PriceBook, load_table
 from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook
 from proxy.decision.registry import DecisionRegistry
 from proxy.edge.asgi import EdgeServices
@@ -188,10 +190,17 @@ class Runtime:
         )
         if self.shared is not None:
             self.registry = self.shared.registry  # also writes decisions to Redis for feedback posted elsewhere
+        # Per task type, whether the judge's scores may teach (length bias, disagreement); persisted.
+        self.judge_trust = JudgeTrust(
+            check_length=config.judge.length_bias_check, margin=config.judge.length_bias_margin, max_task_types=srv.max_task_types,
+            recorder=self.recorder, alerts=self.alerts, metrics=self.metrics, state_store=self.state_store,
+        )
+        self.bandit.judge_muted = self.judge_trust.muted
         # Later signals (explicit, judge, implicit) re-enter through the decision room with exactly these.
         self.feedback_services = FeedbackServices(
             registry=self.registry, recorder=self.recorder, log=self.sink, bandit=self.bandit, book=self.feedback,
             signals=self.signal_book, judge=config.judge, shared=self.shared, learns=self.decider is self.bandit,
+            trust=self.judge_trust,
         )
         seed = config.optimization.seed
         self.judge: Judge | None = (
@@ -215,11 +224,13 @@ class Runtime:
             feedback=self.feedback_services, metrics=self.metrics,
         )
         self.read_watch = ReadWatch()
+        # Each model's price, looked up once (overrides over the genai-prices table); the table is loaded in start().
+        self.prices = PriceBook(config.upstreams, self._model_settings)
         self.edge = EdgeServices(
             config=config, metrics=self.metrics, tracer=self.tracer, pool=self.pool, build_context=self.build_context,
             decider=self.decider, scorer=self.bandit, registry=self.registry, recorder=self.recorder,
             feedback=self.feedback_services, answer_check=self.answer_validator, conservative=self.conservative_listener,
-            answers=self.answers, read_watch=self.read_watch,
+            answers=self.answers, read_watch=self.read_watch, prices=self.prices,
         )
         self.folded_buckets = FoldedBuckets(self.policy, self.metrics)
         self.ticker = RolloutTicker(self.bandit, self.sink, each_tick=(self.folded_buckets, PolicyEpochs(self.policy)))
@@ -265,6 +276,7 @@ class Runtime:
         )
 
     async def start(self) -> None:
+        await asyncio.to_thread(load_table)  # ~0.6 s once per process: never on the request path
         if self.local_state is not None:
             await self.local_state.start()
         try:
@@ -277,6 +289,7 @@ class Runtime:
         if stored is not None:
             self.bandit.rollout = self._make_rollout(stored)
         await self.conservative_listener.load()
+        await self.judge_trust.load()
         if self.signal_sync is not None:
             await self.signal_sync.start()
         if self.shared is not None:
@@ -309,6 +322,7 @@ class Runtime:
             await self.judge.stop()
         await self.tracer.stop()
         self.answers.stop()
+        await self.judge_trust.flush()  # retractions and the last save of the mutes
         if self.refresher is not None:
             await self.refresher.stop()
         if self.lease_refiller is not None:
@@ -358,6 +372,10 @@ class Runtime:
         if kind not in self._fold_warned:
             self._fold_warned.add(kind)
             log.warning("more distinct %s values than the configured cap; %r and later new ones count as 'other'", kind, value[:80])
+
+    def _model_settings(self, upstream: str, model: str) -> ModelSettings | None:
+        up = next((u for u in self.pool.upstreams if u.name == upstream), None)
+        return up.model_settings(model) if up is not None else None
 
     def limits_for(self, upstream: str, model: str) -> ModelLimits:
         key = (upstream, model)

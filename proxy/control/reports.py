@@ -40,6 +40,7 @@ from proxy.control.schemas import (
     ArmStats,
     ConvergencePoint,
     ConvergenceReport,
+    CostComparison,
     EstimateOut,
     ImprovementOut,
     Interval,
@@ -216,8 +217,10 @@ def performance_report(rows: list[DecisionRow], since: float, until: float, trun
     """
     versus = {c.task_type: c for c in tuned_vs_holdout(rows, *reward_bounds)} if reward_bounds is not None else {}
     by_task: dict[str, dict[str, list[DecisionRow]]] = defaultdict(lambda: {"optimized": [], "baseline": []})
+    rows_of: dict[str, list[DecisionRow]] = defaultdict(list)
     for r in rows:
         by_task[r.task_type][traffic_of(r.mode)].append(r)
+        rows_of[r.task_type].append(r)
     base = _baseline_rewards(rows)
     tasks = []
     for task in sorted(by_task):
@@ -231,8 +234,54 @@ def performance_report(rows: list[DecisionRow], since: float, until: float, trun
             bas = msgspec.structs.replace(bas, improvement_over_baseline=_self_difference(len(served)) if same else diff_interval(served, base_rewards))
         opt_rewards = [r.effective_reward for r in groups["optimized"] if r.effective_reward is not None and math.isfinite(r.effective_reward)]
         tasks.append(TaskPerformance(task_type=task, optimized=opt, baseline=bas, improvement=diff_interval(opt_rewards, base_rewards),
-                                     versus_holdout=versus.get(task)))
+                                     versus_holdout=versus.get(task), cost=cost_comparison(task, rows_of[task])))
     return PerformanceReport(since=since, until=until, rows=len(rows), truncated=truncated, tasks=tasks)
+
+
+# ----------------------------------------------------------------------------- cost
+
+COST_NOTE = ("saving = (mean holdout cost − mean tuned cost) × 1,000 over the priced requests of each stream; 95 % Welch "
+             "interval (normal, standard error √(s²_hold/n_hold + s²_tuned/n_tuned)), valid for this window's fixed sample "
+             "(coverage checked over many seeds in tests/control/test_cost_report.py), not anytime-valid; requests without a "
+             "cost (no usage reported or no known price) are counted apart and left out")
+
+
+def _dollars(x: float) -> str:
+    return f"${abs(x):,.4f}" if abs(x) < 1 else f"${abs(x):,.2f}"
+
+
+def _signed_dollars(x: float) -> str:
+    return ("−" if x < 0 else "+") + _dollars(x)
+
+
+def cost_comparison(task: str, rows: Iterable[DecisionRow]) -> CostComparison | None:
+    """Tuned (optimised) vs holdout spend of one task type, and the saving per 1,000 requests with a Welch interval.
+
+    Like with like: both streams are the same window's requests of the same task type, and the
+    holdout is the randomised control. None when neither stream has a request.
+    """
+    opt_all = [r for r in rows if r.mode in OPTIMIZED_MODES]
+    hold_all = [r for r in rows if r.mode == HOLDOUT_MODE]
+    if not opt_all and not hold_all:
+        return None
+    opt = [float(r.cost_usd) for r in opt_all if r.cost_usd is not None and math.isfinite(r.cost_usd)]
+    hold = [float(r.cost_usd) for r in hold_all if r.cost_usd is not None and math.isfinite(r.cost_usd)]
+    diff = diff_interval(hold, opt)  # holdout − tuned: positive is a saving
+    saving = diff.mean * 1000.0 if diff is not None and diff.mean is not None else None
+    low = diff.ci_low * 1000.0 if diff is not None and diff.ci_low is not None else None
+    high = diff.ci_high * 1000.0 if diff is not None and diff.ci_high is not None else None
+    n = len(opt) + len(hold)
+    if saving is None:
+        summary = f"{task}: spend not comparable yet (needs priced tuned and holdout requests), {n:,} priced requests"
+    else:
+        words = f"saves {_dollars(saving)}" if saving >= 0 else f"costs {_dollars(saving)} more"
+        span = f"[{_signed_dollars(low)}, {_signed_dollars(high)}]" if low is not None and high is not None else "[not yet known]"
+        summary = f"{task}: {words} per 1,000 requests, {round(100 * (1 - ALPHA))} % interval {span}, {n:,} priced requests"
+    return CostComparison(
+        optimized_cost_usd=_mean(opt), holdout_cost_usd=_mean(hold), optimized_spend_usd=float(sum(opt)), holdout_spend_usd=float(sum(hold)),
+        optimized_priced=len(opt), holdout_priced=len(hold), optimized_unpriced=len(opt_all) - len(opt),
+        holdout_unpriced=len(hold_all) - len(hold), saving_per_1k_usd=saving, ci_low=low, ci_high=high, interval=COST_NOTE, summary=summary,
+    )
 
 
 # ----------------------------------------------------------------------------- time series
@@ -616,6 +665,8 @@ def _verdict(low: float | None, high: float | None, higher_is_better: bool) -> s
 def _sentence(task: str, label: str, diff: float | None, low: float | None, high: float | None, n: int, digits: int) -> str:
     if diff is None:
         return f"{task}: {label} not comparable yet (needs tuned and holdout requests), {n:,} requests"
+    if low is None and high is None:  # neither side bounded: an interval of [−∞, +∞] says only that
+        return f"{task}: {_signed(diff, digits)} {label}, not enough data for a {round(100 * (1 - ALPHA))} % interval, {n:,} requests"
     lo = _signed(low, digits) if low is not None else "−∞"
     hi = _signed(high, digits) if high is not None else "+∞"
     return f"{task}: {_signed(diff, digits)} {label}, {round(100 * (1 - ALPHA))} % interval [{lo}, {hi}], {n:,} requests"

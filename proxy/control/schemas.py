@@ -66,13 +66,16 @@ class OptimizationStatus(msgspec.Struct):
     mode: str  # configured mode
     phase: str  # current rollout phase
     effective_phase: str
-    traffic_percentage: float  # share of traffic optimised now (0..1)
+    traffic_percentage: float  # the rollout share optimised now (0..1), before the holdout is taken out
     phase_traffic_percentage: float  # share the phase optimises when not rolled back
     policy: str
     policy_version: str
     rollback: RollbackStatus
     uptime_s: float
     decisions_in_registry: int
+    judge_muted: dict[str, str] = {}  # task type -> why the judge's scores are muted there (length_bias, disagreement)
+    holdout_fraction: float = 0.0  # the always-on holdout, drawn before the rollout share (every phase)
+    optimised_share: float = 0.0  # the share of requests actually sent tuned parameters: traffic_percentage × (1 − holdout_fraction)
 
 
 # --------------------------------------------------------------------------- performance
@@ -103,12 +106,31 @@ class ArmStats(msgspec.Struct):
     improvement_over_baseline: Interval | None  # mean reward minus the task's baseline-served mean
 
 
+class CostComparison(msgspec.Struct):
+    """What tuned and holdout requests of one task type cost, and the saving per 1,000 requests (proxy.control.reports.cost_comparison)."""
+
+    optimized_cost_usd: float | None  # mean US dollars per priced tuned request
+    holdout_cost_usd: float | None
+    optimized_spend_usd: float  # total over the window's priced tuned requests
+    holdout_spend_usd: float
+    optimized_priced: int  # requests with a cost (usage reported, price known)
+    holdout_priced: int
+    optimized_unpriced: int  # requests without one (left out of the means)
+    holdout_unpriced: int
+    saving_per_1k_usd: float | None  # (holdout − tuned mean) × 1,000: positive = saved, negative = extra spend
+    ci_low: float | None
+    ci_high: float | None
+    interval: str  # how the interval was built
+    summary: str  # in words: "code: saves $0.42 per 1,000 requests, 95 % interval [$0.10, $0.75], 1,234 priced requests"
+
+
 class TaskPerformance(msgspec.Struct):
     task_type: str
     optimized: ArmStats | None
     baseline: ArmStats | None
     improvement: Interval | None  # optimized minus baseline mean reward (Welch interval)
     versus_holdout: TaskComparison | None = None  # optimised vs the randomised holdout, anytime-valid intervals and verdict
+    cost: CostComparison | None = None  # spend of tuned vs holdout traffic, and the saving per 1,000 requests
 
 
 class MetricsReport(msgspec.Struct):
@@ -599,6 +621,7 @@ class DecisionOut(msgspec.Struct):
     automatic_quality: float | None
     feedback_quality: float | None
     validator_reason: str | None = None  # why the answer failed its schema check: schema paths and error kinds, never answer text
+    cost_usd: float | None = None  # US dollars at the model's price (configured or genai-prices); null: no usage or no known price
 
 
 class DecisionPage(msgspec.Struct):

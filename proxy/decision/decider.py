@@ -41,9 +41,23 @@ class BudgetUnavailable(Exception):
     """The budget could not be checked in time and `caws.on_exhausted = reject` (the edge answers 503)."""
 
 
+def refuse_if_rejected(verdict: BudgetVerdict) -> None:
+    """A budget refusal as the domain error the edge maps to 429 (spent) or 503 (no answer in time)."""
+    if verdict.action == "reject":
+        raise BudgetUnavailable() if verdict.reason == "guard_unavailable" else BudgetExceeded()
+
+
 class Decider(Protocol):
     async def decide(self, ctx: RequestContext, *, request_id: str, assignment_key: str) -> Decision:
         """Choose what to send. May raise `BudgetExceeded` or `BudgetUnavailable` (the edge answers 429 / 503)."""
+        ...
+
+    async def admit(self, task_type: str, prompt_tokens: int) -> Reservation | None:
+        """Budget a passed-through request that spends tokens (nothing is tuned); may raise like `decide`."""
+        ...
+
+    async def settle_admitted(self, reservation: Reservation | None, tokens: int | None) -> None:
+        """Count what an admitted request spent (None: unknown, its reservation counts)."""
         ...
 
     async def observe(self, decision: Decision, outcome: Outcome) -> None:
@@ -194,6 +208,10 @@ class Explanation(NamedTuple):
     budget: BudgetVerdict
 
 
+def _never(_: str) -> bool:
+    return False
+
+
 class QualitySignals:
     """Per task type, the quality signals that can see temperature (explicit feedback so far).
 
@@ -295,6 +313,8 @@ class BanditDecider:
         self._last_tick = 0.0
         self._arm_cache: dict[tuple[Arm, Freedom, str, str], list[Arm]] = {}
         self.ope_evidence: OpeEvidence | None = None  # refreshed off the hot path by the runtime
+        # Task type -> is the judge muted there (`proxy.decision.judge_trust.JudgeTrust.muted`); set by the runtime.
+        self.judge_muted: Callable[[str], bool] = _never
 
     @property
     def policy_name(self) -> str:
@@ -304,9 +324,13 @@ class BanditDecider:
         return self.conservative is not None and self.conservative.is_rolled_back(task_type)
 
     def temperature_evidence(self, task_type: str) -> bool:
-        """May temperature move for this task type (`tune_temperature` and the explicit signals so far)?"""
+        """May temperature move for this task type (`tune_temperature` and the explicit signals so far)?
+
+        Not while the judge is muted for it: the signals counted so far are mostly its scores,
+        which were taken back (`proxy.decision.feedback.retract_judge`).
+        """
         if self.tune_temperature == "auto":
-            return self.signals.count(task_type) >= self.min_quality_signals
+            return self.signals.count(task_type) >= self.min_quality_signals and not self.judge_muted(task_type)
         return self.tune_temperature == "always"
 
     def allowed_for(self, ctx: RequestContext) -> tuple[Arm, list[Arm], ModelLimits]:
@@ -486,10 +510,7 @@ class BanditDecider:
         notes.extend(verdict.notes)
         if verdict.reservation is not None:
             self.reservations[request_id] = verdict.reservation
-        if verdict.action == "reject" and verdict.reason == "guard_unavailable":
-            raise BudgetUnavailable()
-        if verdict.action == "reject":
-            raise BudgetExceeded()
+        refuse_if_rejected(verdict)
         caws_down = optimised and not verdict.guard_ok and self.require_caws
         if caws_down:
             notes.append("require_caws:budget_guard_unavailable")
@@ -599,10 +620,12 @@ class BanditDecider:
             latency_s=outcome.latency_s,
             tokens=tokens,
             settings=self.reward_settings,
+            cost_usd=outcome.cost_usd,
         )
 
     def score(
-        self, decision: Decision, *, status: int, error_class: str | None, latency_s: float, completion_tokens: int | None, quality: float | None
+        self, decision: Decision, *, status: int, error_class: str | None, latency_s: float, completion_tokens: int | None, quality: float | None,
+        cost_usd: float | None = None,
     ) -> float | None:
         """The reward of a finished request, computed once (proxy.decision.outcome.complete).
 
@@ -612,11 +635,34 @@ class BanditDecider:
         if not (200 <= status < 300 and error_class is None and quality is not None):
             return None
         if decision.mode not in ("optimized", "guard_fallback"):
-            self.costs.observe(decision.context.task_type, latency_s, completion_tokens or 0)
+            self.costs.observe(decision.context.task_type, latency_s, completion_tokens or 0, cost_usd)
         return self.costs.reward(
             task_type=decision.context.task_type, quality=quality, latency_s=latency_s, tokens=completion_tokens or 0,
-            settings=self.reward_settings,
+            settings=self.reward_settings, cost_usd=cost_usd,
         )
+
+    async def admit(self, task_type: str, prompt_tokens: int) -> Reservation | None:
+        """The budget's admission for a passed-through request that spends tokens (embeddings).
+
+        Nothing is tuned on it, so it reserves what it sends, the prompt (its output is not
+        generated text), and is refused exactly as a decided request would be: spent budget
+        under `on_exhausted = "reject"` raises `BudgetExceeded`, no answer in time
+        `BudgetUnavailable`.
+        """
+        base = Arm(temperature=NOMINAL_TEMPERATURE, max_tokens=0)
+        verdict = await self.budget.decide(
+            allowed=[base], chosen=None, baseline=base, task_type=task_type, prompt_tokens=prompt_tokens, confidence=None, now=self.clock(),
+        )
+        refuse_if_rejected(verdict)
+        return verdict.reservation
+
+    async def settle_admitted(self, reservation: Reservation | None, tokens: int | None) -> None:
+        if reservation is None:
+            return
+        try:
+            await self.budget.settle(reservation, reservation.tokens if tokens is None else tokens, self.clock())
+        except Exception:
+            dlog.exception("budget settlement of a passed-through request failed")
 
     async def observe(self, decision: Decision, outcome: Outcome) -> None:
         """Settle the budget, feed the SLO monitor, and update the policy with the Outcome's reward."""

@@ -21,6 +21,8 @@ flight) the corrected reward is applied with `update`.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable
@@ -32,12 +34,15 @@ import msgspec
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.signals import Signal
 from proxy.config import JudgeSettings
-from proxy.decision.decider import BanditDecider
+from proxy.decision.decider import TEMPERATURE_STATISTICS, BanditDecider
+from proxy.decision.judge_trust import JudgeTrust
 from proxy.decision.outcome import learns
 from proxy.decision.registry import DecisionRegistry
 from proxy.store.base import DecisionRow
 from proxy.store.entries import FeedbackEntry
 from proxy.store.recorder import Recorder
+
+log = logging.getLogger("thermostat.judge")
 
 
 class ExplicitFeedback(msgspec.Struct, frozen=True):
@@ -74,6 +79,11 @@ class DecisionLog(Protocol):
     """The decision log, read only for decisions that have left the registry."""
 
     async def get_decision(self, request_id: str) -> DecisionRow | None: ...
+
+    async def fetch_decisions(
+        self, *, since: float | None = None, until: float | None = None, task_type: str | None = None, mode: str | None = None,
+        limit: int = 100, offset: int = 0,
+    ) -> list[DecisionRow]: ...
 
 
 class FeedbackConflict(Exception):
@@ -121,6 +131,7 @@ class FeedbackServices:
     judge: JudgeSettings
     shared: DecisionFinder | None = None
     learns: bool = True
+    trust: JudgeTrust | None = None  # per-task judge mutes (length bias, disagreement)
 
 
 def context_from_features(features: dict[str, Any]) -> RequestContext | None:
@@ -141,6 +152,9 @@ def _pair_explicit(fx: FeedbackServices, request_id: str, quality: float, row: D
     if request_id not in fx.signals.judged and row is not None and row.feedback_source == "judge" and row.feedback_quality is not None:
         fx.signals.judge_scored(request_id, row.task_type, row.feedback_quality, None)
     fx.signals.explicit_scored(request_id, quality)
+    judged = fx.signals.judged.get(request_id)
+    if judged is not None:
+        _check_agreement(fx, judged[0])  # a new pair may mute the judge (or lift a disagreement mute) at once
 
 
 def _count_signal(fx: FeedbackServices, task_type: str, already: bool, learns: bool) -> None:
@@ -180,6 +194,20 @@ async def _logged_signal(fx: FeedbackServices, request_id: str) -> DecisionRow |
         return None
 
 
+def _held_source(fx: FeedbackServices, row: DecisionRow) -> str | None:
+    """The source of the logged delayed signal whose reward the policy statistics hold, if any.
+
+    A judge score taken back when the judge was muted for the task (`retract_judge`) is still in
+    the log (the agreement with explicit feedback reads it) but no longer in the statistics.
+    """
+    if row.feedback_quality is None:
+        return None
+    source = row.feedback_source or "explicit"  # rows written before sources were stored were explicit
+    if source == "judge" and fx.trust is not None and fx.trust.retracted(row.task_type, row.timestamp):
+        return None
+    return source
+
+
 def _judged(fx: FeedbackServices, request_id: str) -> bool:
     """A judge score already counted this request (`deliver_signal`): explicit feedback is not a second signal.
 
@@ -188,7 +216,8 @@ def _judged(fx: FeedbackServices, request_id: str) -> bool:
     return fx.signals.sources.get(request_id) not in (None, *ONE_SIDED)
 
 
-def _reward(fx: FeedbackServices, task_type: str, quality: float, latency_s: float, completion_tokens: int | None) -> float:
+def _reward(fx: FeedbackServices, task_type: str, quality: float, latency_s: float, completion_tokens: int | None,
+            cost_usd: float | None = None) -> float:
     bandit = fx.bandit
     return bandit.costs.reward(
         task_type=task_type,
@@ -196,6 +225,7 @@ def _reward(fx: FeedbackServices, task_type: str, quality: float, latency_s: flo
         latency_s=latency_s,
         tokens=completion_tokens or 0,
         settings=bandit.reward_settings,
+        cost_usd=cost_usd,
     )
 
 
@@ -271,20 +301,21 @@ async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: st
         raise DecisionNotFound(rid)
     # Only explicit feedback makes a conflict: a judge score or a regeneration mark in the log is
     # a weaker signal that this one replaces (as it does while the decision is in the registry).
-    already = rid in book.recorded or (row.feedback_quality is not None and (row.feedback_source or "explicit") == "explicit")
+    held = _held_source(fx, row)
+    already = rid in book.recorded or held == "explicit"
     if already and not body.overwrite:
         raise FeedbackConflict(rid)
     previous_quality = book.recorded[rid][0] if rid in book.recorded else (row.feedback_quality if already else None)
     previous_signal: float | None = None
     if rid in book.recorded:
         old_reward = previous_signal = book.recorded[rid][1]
-    elif row.feedback_quality is not None:
+    elif held is not None:
         old_reward = row.feedback_reward  # the delayed signal's reward is the one the policy holds
-        if row.feedback_source not in ONE_SIDED:
+        if held not in ONE_SIDED:
             previous_signal = row.feedback_reward  # and the temperature-only statistics too (`_teach_temperature`)
     else:
         old_reward = row.reward
-    new_reward = _reward(fx, row.task_type, quality, row.latency_s, row.completion_tokens)
+    new_reward = _reward(fx, row.task_type, quality, row.latency_s, row.completion_tokens, row.cost_usd)
     ctx = context_from_features(row.context_features)
     if not learns(row.status, row.error_class):
         updated, note = False, "failed requests do not update the policy"
@@ -313,7 +344,7 @@ async def _with_outcome(
     book = fx.book
     rid = decision.request_id
     row = await _logged_signal(fx, rid)
-    signalled = _judged(fx, rid) or (row is not None and row.feedback_source not in (None, *ONE_SIDED))
+    signalled = _judged(fx, rid) or (row is not None and _held_source(fx, row) not in (None, *ONE_SIDED))
     automatic = outcome.quality if not outcome.feedback and not signalled else None
     old_reward = outcome.reward
     if already and previous_quality is None:
@@ -445,7 +476,6 @@ async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None
     `record-outcome` a conflict, and its `correct()` then swaps this signal's reward (the one
     the policy holds now) for the explicit one, so a request is never counted twice.
     """
-    from policies.agreement import judge_trusted
     from policies.signals import rank, should_replace
 
     now = time.time() if now is None else now
@@ -467,10 +497,10 @@ async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None
         task_type = decision.context.task_type
         explicit_quality = book.recorded[rid][0] if rid in book.recorded else (book.pending[rid].quality if rid in book.pending else None)
         signals.judge_scored(rid, task_type, min(1.0, max(0.0, float(signal.quality))), explicit_quality)
+        trusted = judge_gate(fx, decision, outcome, min(1.0, max(0.0, float(signal.quality))))
         if explicit:
             return signals.count(signal.source, "weaker")
-        judge = fx.judge
-        if not judge_trusted(signals.pairs_of(task_type), judge.min_agreement, judge.min_agreement_pairs):
+        if not trusted:
             return signals.count(signal.source, "untrusted")
     if outcome is None:
         return signals.count(signal.source, "in_flight")
@@ -501,3 +531,119 @@ async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None
     )
     signals.remember(rid, signal.source)
     return signals.count(signal.source, "applied")
+
+
+RETRACT_MAX_ROWS = 200_000
+"""Logged decisions of one task type read back when its judge is muted (newest first)."""
+
+
+async def retract_judge(fx: FeedbackServices, task_type: str, now: float | None = None) -> int:
+    """Take back what a muted judge taught for `task_type`; returns how many judge scores left the statistics.
+
+    * the usual statistics: each logged judge score's reward is swapped back for the
+      automatic reward with `correct()` (what it replaced in the first place), so the arms
+      are ranked again on what the automatic score sees;
+    * the temperature-only statistics hold signals only, so the judge's rewards cannot be
+      swapped for anything there: the task's temperature stage is reopened and taught again
+      from the explicit feedback in the log (a policy that cannot reopen keeps them, said in
+      the log); while the judge is muted temperature stays at the client's anyway
+      (`BanditDecider.temperature_evidence`);
+    * decisions still in the registry get their automatic quality and reward back, so a later
+      explicit score swaps the right reward; for those only in the log, the trust state
+      remembers up to when judge scores were taken back (`_held_source`).
+
+    The log keeps the judge's scores: the agreement with explicit feedback still reads them.
+    """
+    now = time.time() if now is None else now
+    if fx.trust is not None:
+        fx.trust.mark_retracted(task_type, now)
+    if not fx.learns:
+        return 0
+    await fx.recorder.flush()  # the judge scores delivered just before the mute are still queued for the log
+    rows = await fx.log.fetch_decisions(task_type=task_type, until=now + 1.0, limit=RETRACT_MAX_ROWS)
+    taken = 0
+    explicit: list[tuple[RequestContext, DecisionRow]] = []
+    for row in rows:
+        if not learns(row.status, row.error_class) or row.feedback_quality is None:
+            continue
+        ctx = context_from_features(row.context_features)
+        if ctx is None:
+            continue
+        if (row.feedback_source or "explicit") == "explicit":
+            if row.feedback_reward is not None:
+                explicit.append((ctx, row))
+            continue
+        if row.feedback_source != "judge" or row.feedback_reward is None or row.reward is None:
+            continue
+        base, arm = row.baseline_params.arm(), row.chosen_params.arm(row.baseline_params)
+        correct = getattr(fx.bandit.policy, "correct", None)
+        if callable(correct) and correct(ctx, base, arm, row.feedback_reward, row.reward, logged_version=row.policy_version) == "corrected":
+            taken += 1
+        fx.signals.sources.pop(row.request_id, None)
+        item = fx.registry.get(row.request_id, now)
+        if item is not None and item[1] is not None and not item[1].feedback:
+            fx.registry.complete(item[0], msgspec.structs.replace(item[1], quality=row.quality, reward=row.reward))
+    policy: Any = fx.bandit.policy
+    if callable(getattr(policy, "reopen", None)):
+        policy.reopen(task_type + TEMPERATURE_STATISTICS)
+        for ctx, row in reversed(explicit):  # oldest first, as they were taught
+            assert row.feedback_reward is not None
+            fx.bandit.learn_signal(ctx, row.baseline_params, row.chosen_params, row.feedback_reward, None, logged_version=row.policy_version)
+    else:
+        log.warning("policy %r cannot reopen: its temperature stage keeps what the muted judge taught for %r", policy.name, task_type)
+    log.warning("judge muted for task type %r: %d judge scores taken back from the policy statistics, temperature stage "
+                "re-taught from %d explicit scores", task_type, taken, len(explicit))
+    return taken
+
+
+def _retract_later(fx: FeedbackServices, task_type: str) -> None:
+    """Start `retract_judge` off the caller's path (a log read), keeping a reference until it ends."""
+    trust = fx.trust
+    if trust is None:
+        return
+    task = asyncio.get_running_loop().create_task(retract_judge(fx, task_type), name=f"judge-retract-{task_type[:32]}")
+    trust.tasks.add(task)
+
+    def done(t: asyncio.Task[int]) -> None:
+        trust.tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            log.error("taking back the muted judge's scores for %r failed: %s", task_type, t.exception())
+
+    task.add_done_callback(done)
+
+
+def judge_gate(fx: FeedbackServices, decision: Decision, outcome: Outcome | None, quality: float) -> bool:
+    """Is the judge trusted for this decision's task type? Feeds the length check and the agreement check first.
+
+    Called for every judge score of a known decision, whatever happens to it next: the length
+    statistic needs every judged answer, holdout included. A check that mutes the judge starts
+    `retract_judge`.
+    """
+    task_type = decision.context.task_type
+    trust = fx.trust
+    if trust is None:
+        return _check_agreement(fx, task_type)
+    if outcome is not None and learns(outcome.status, outcome.error_class) and outcome.finish_reason != "length":
+        arm = repr((decision.context.model, decision.baseline, decision.sent))
+        if trust.observe_length(task_type, arm, outcome.completion_tokens, quality) is not None:
+            _retract_later(fx, task_type)
+    _check_agreement(fx, task_type)
+    return not trust.muted(task_type)
+
+
+def _check_agreement(fx: FeedbackServices, task_type: str) -> bool:
+    """The agreement check (`policies.agreement.judge_trusted`) for a task type, handed to the mutes; its verdict."""
+    from policies.agreement import agreement, judge_trusted
+
+    judge = fx.judge
+    pairs = fx.signals.pairs_of(task_type)
+    agreed = judge_trusted(pairs, judge.min_agreement, judge.min_agreement_pairs)
+    if fx.trust is None:
+        return agreed
+    evidence: dict[str, float | int | str | None] = {}
+    if not agreed:
+        a = agreement(pairs)
+        evidence = {"pairs": a.n, "spearman": None if a.spearman is None else round(a.spearman, 4), "min_agreement": judge.min_agreement}
+    if fx.trust.agreement(task_type, agreed, evidence) is not None:
+        _retract_later(fx, task_type)
+    return agreed

@@ -12,6 +12,7 @@ import functools
 from typing import NamedTuple, Protocol
 
 from policies.effort import EFFORT_LEVELS, steps
+from policies.pricing import TokenUsage
 from policies.quality import auto_quality, client_error
 from policies.records import Decision, Outcome, Params
 from policies.settings import QualitySettings
@@ -30,6 +31,14 @@ class Summary(Protocol):
     @property
     def tool_arguments(self) -> list[str]: ...
 
+    def usage(self) -> TokenUsage | None: ...
+
+
+class Pricer(Protocol):
+    """The request's cost in dollars at its model's price, None when unknown (proxy.decision.prices.PriceBook)."""
+
+    def cost(self, upstream: str, model: str, usage: TokenUsage | None) -> float | None: ...
+
 
 class Timings(NamedTuple):
     latency_s: float
@@ -40,7 +49,8 @@ class Scorer(Protocol):
     """The decider's reward: baseline costs learn from unoptimised traffic before the reward is computed."""
 
     def score(
-        self, decision: Decision, *, status: int, error_class: str | None, latency_s: float, completion_tokens: int | None, quality: float | None
+        self, decision: Decision, *, status: int, error_class: str | None, latency_s: float, completion_tokens: int | None, quality: float | None,
+        cost_usd: float | None = None,
     ) -> float | None: ...
 
 
@@ -73,8 +83,11 @@ def complete(
     *,
     quality_settings: QualitySettings,
     scorer: Scorer,
+    prices: Pricer | None = None,
 ) -> Outcome:
-    """The one Outcome of a request: automatic quality, then the reward from it (neither for a client's own 4xx)."""
+    """The one Outcome of a request: its cost, automatic quality, then the reward from them (no quality or reward for a client's own 4xx)."""
+    ctx = decision.context
+    cost = prices.cost(ctx.upstream, ctx.model, summary.usage()) if prices is not None else None
     quality = auto_quality(
         status=status if error_class is None else 599,
         content=summary.content,
@@ -85,7 +98,7 @@ def complete(
     ) if judged(decision, status) else None
     reward = scorer.score(
         decision, status=status, error_class=error_class, latency_s=timings.latency_s,
-        completion_tokens=summary.completion_tokens, quality=quality,
+        completion_tokens=summary.completion_tokens, quality=quality, cost_usd=cost,
     )
     return Outcome(
         request_id=decision.request_id,
@@ -98,6 +111,7 @@ def complete(
         error_class=error_class,
         quality=quality,
         reward=reward,
+        cost_usd=cost,
     )
 
 

@@ -15,6 +15,9 @@ the judged answer: the simulator remembers the true quality of its recent answer
 hash of their text (bounded; every answer's first word is its serial number, so two answers
 of the same length still differ). An answer it does not remember is scored from q = 0.5.
 So a judge configured against the simulator behaves like a real, imperfect judge.
+`sim-judge-length` is the same judge with the length bias of real LLM judges: it adds
+`LENGTH_BIAS` quality per doubling of the answer's length (in words, around `LENGTH_PIVOT`) before
+rounding, so within one arm it scores longer answers higher (`policies/judge_bias.py` detects it).
 Pairwise judge prompts (`proxy.learning.judge.build_pairwise_prompt`) get
 `{"preference": "A" | "B" | "tie"}`: each answer's hidden quality plus its own N(0, judge_noise²),
 "tie" when the two noisy values differ by less than `PAIRWISE_TIE`, else the higher one.
@@ -39,7 +42,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import secrets
+import socket
 import time
 from collections import OrderedDict
 from statistics import NormalDist
@@ -62,6 +67,9 @@ DEFAULT_MODELS: tuple[str, ...] = ("sim-1", "sim-1-mini")
 DEFAULT_MAX_TOKENS = 4096
 JUDGE_PREFIX = "sim-judge"
 JUDGE_NOISE = 0.1  # standard deviation of the simulated judge's error, in quality units
+LENGTH_JUDGE = "sim-judge-length"  # the length-biased judge (module docstring)
+LENGTH_BIAS = 0.25  # quality added per doubling of the answer's length by `sim-judge-length`
+LENGTH_PIVOT = 256  # words at which the length-biased judge adds nothing
 PAIRWISE_TIE = 0.02  # noisy qualities closer than this are a tie for the simulated pairwise judge
 MAX_REMEMBERED_ANSWERS = 50_000
 STREAM_CHUNKS = 8
@@ -216,12 +224,15 @@ class _Simulator:
         while len(self.answers) > MAX_REMEMBERED_ANSWERS:
             self.answers.popitem(last=False)
 
-    def judge_score(self, body: dict[str, Any]) -> tuple[int, float | None]:
-        """(score 1-10, the hidden quality it came from or None when the answer is unknown)."""
+    def judge_score(self, body: dict[str, Any], length_bias: float = 0.0) -> tuple[int, float | None]:
+        """(score 1-10, the hidden quality it came from or None when the answer is unknown).
+
+        `length_bias`: quality added per doubling of the answer's length around `LENGTH_PIVOT` words."""
         _, text = _text_of(body)
         answer = extract_answer(text)
         q = None if answer is None else self.answers.get(hashlib.blake2b(answer.encode(), digest_size=16).digest())
-        noisy = min(1.0, max(0.0, (0.5 if q is None else q) + JUDGE_NOISE * float(self.judge_rng.standard_normal())))
+        bias = length_bias * math.log2(max(1, len(answer.split())) / LENGTH_PIVOT) if answer is not None and length_bias else 0.0
+        noisy = min(1.0, max(0.0, (0.5 if q is None else q) + bias + JUDGE_NOISE * float(self.judge_rng.standard_normal())))
         return int(round(1 + 9 * noisy)), q
 
     def _true_quality(self, answer: str) -> float | None:
@@ -245,7 +256,7 @@ class _Simulator:
             content = json.dumps({"preference": preference, "reason": "simulated pairwise judge"})
             q = None  # two hidden qualities, not one: the header stays empty
         else:
-            score, q = self.judge_score(body)
+            score, q = self.judge_score(body, LENGTH_BIAS if model.startswith(LENGTH_JUDGE) else 0.0)
             content = json.dumps({"score": score, "reason": "simulated judge" if q is not None else "simulated judge: unknown answer"})
         prompt_tokens = estimate_prompt_tokens(body)
         payload = {
@@ -549,13 +560,19 @@ async def start_simulator(
     error_rate: float = 0.0,
     error_status: int = 500,
     extra_latency_s: float = 0.0,
+    sock: socket.socket | None = None,
 ) -> SimulatorHandle:
-    """Start the simulator on `host:port` (0 = any free port) in the running event loop."""
+    """Start the simulator on `host:port` (0 = any free port), or on an already bound `sock`, in the running event loop."""
     faults = Faults(error_rate=error_rate, error_status=error_status, extra_latency_s=extra_latency_s)
     app = create_app(seed=seed, time_scale=time_scale, truth=truth, faults=faults)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site: web.BaseSite
+    if sock is not None:
+        host = sock.getsockname()[0]
+        site = web.SockSite(runner, sock)
+    else:
+        site = web.TCPSite(runner, host, port)
     await site.start()
     server = site._server  # aiohttp exposes the bound port only through the server sockets
     sockets = getattr(server, "sockets", None) or []
@@ -563,6 +580,6 @@ async def start_simulator(
     return SimulatorHandle(runner, host, int(bound), faults, app[SIMULATOR_KEY].truth)
 
 
-def run(host: str = "127.0.0.1", port: int = 8000, seed: int = 0, time_scale: float = 1.0) -> None:
-    """Serve until interrupted (`thermostat simulate --port P`)."""
-    web.run_app(create_app(seed=seed, time_scale=time_scale), host=host, port=port, access_log=None)
+def run(*, sock: socket.socket, seed: int = 0, time_scale: float = 1.0) -> None:
+    """Serve on the bound `sock` until interrupted (`thermostat simulate --port P`)."""
+    web.run_app(create_app(seed=seed, time_scale=time_scale), sock=sock, access_log=None)

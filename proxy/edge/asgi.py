@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -22,25 +23,27 @@ from typing import Any, Protocol
 
 import msgspec
 
-from policies.context import context_features
+from guards.budget import Reservation
+from policies.context import context_features, estimate_prompt_tokens
 from policies.records import Decision, Outcome, RequestContext
 from proxy.config import Config
 from proxy.decision.decider import BudgetExceeded, BudgetUnavailable, Decider
 from proxy.decision.feedback import FeedbackServices, apply_pending_feedback
-from proxy.decision.outcome import Scorer, Timings, arm_label, complete
+from proxy.decision.outcome import Pricer, Scorer, Timings, arm_label, complete
 from proxy.decision.registry import DecisionRegistry
 from proxy.edge.errors import ProxyError, bad_request, error_body
 from proxy.edge.formats import ANTHROPIC, FORMATS, WireFormat, adapter_for
 from proxy.edge.json_guard import INT64_MAX, MAX_JSON_DEPTH, duplicate_watched_key, first_out_of_range_int, too_deep
 from proxy.edge.models import ModelCatalog
 from proxy.edge.origins import host_name
-from proxy.edge.paths import confine_v1_path
+from proxy.edge.paths import COUNTED_POSTS, confine_v1_path, spends_tokens
 from proxy.edge.read_watch import ReadWatch
 from proxy.edge.sse import ResponseSummary, StreamRelay
 from proxy.edge.upstream import UPSTREAM_ERRORS, Upstream, UpstreamPool, UpstreamResponse, classify, forward_headers, response_headers
 from proxy.observability.metrics import Metrics, observe_decision
 from proxy.observability.tracing import NullTracer, Tracer
 from proxy.observability.tracing import Timings as TraceTimings
+from proxy.store.base import storable
 from proxy.store.entries import LogEntry
 from proxy.store.recorder import Recorder
 
@@ -137,6 +140,26 @@ def parse_completion_body(body: bytes) -> dict[str, Any]:
     return doc
 
 
+def _budget_exceeded() -> ProxyError:
+    return ProxyError(429, "the token budget for this window is exhausted (caws.on_exhausted = reject)", "budget_exceeded", "rate_limit_error")
+
+
+def _budget_unavailable() -> ProxyError:
+    return ProxyError(503, "the token budget could not be checked in time (caws.on_exhausted = reject); retry shortly",
+                      "budget_unavailable", "server_error")
+
+
+# The bytes of a passed-through answer kept to read its usage, which OpenAI puts last.
+_USAGE_TAIL = 512
+_TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d{1,18})')
+
+
+def usage_in_tail(tail: bytes) -> int | None:
+    """`usage.total_tokens` from the end of an embeddings answer; None when it is not there."""
+    found = _TOTAL_TOKENS.findall(tail)
+    return int(found[-1]) if found else None
+
+
 def check_token_limit(value: int, field: str, limit: int | None) -> None:
     """The client's own cap must fit the model's limit (or int64 when the model has none)."""
     bound = INT64_MAX if limit is None else limit
@@ -206,6 +229,7 @@ class EdgeServices:
     answer_check: AnswerCheck  # proxy.learning.listeners.AnswerValidator
     conservative: OutcomeListener  # proxy.decision.conservative.ConservativeListener
     answers: AnswerListener  # proxy.learning.listeners.AnswerListener
+    prices: Pricer | None = None  # each request's cost in dollars (proxy.decision.prices.PriceBook)
 
 
 class ProxyEdge:
@@ -264,6 +288,16 @@ class ProxyEdge:
         except ClientGone:
             return
 
+    def _task_type(self, headers: list[tuple[bytes, bytes]]) -> str:
+        """The `x-task-type` header ("default" when absent or blank), bounded in length."""
+        task_type = (_header(headers, b"x-task-type") or "default").strip() or "default"
+        limit = self.services.config.server.max_task_type_bytes
+        if len(task_type) > limit:  # latin-1 decoded: one character per byte
+            raise bad_request(f"the x-task-type header must be at most {limit} bytes", "invalid_task_type")
+        if not storable(task_type):
+            raise bad_request("the x-task-type header must not contain NUL", "invalid_task_type")
+        return task_type
+
     async def _send_error(self, send: Send, status: int, body: bytes, request_id: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
         hdrs = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.encode())]
         if extra:
@@ -283,11 +317,13 @@ class ProxyEdge:
         srv = svc.config.server
         if len(model.encode("utf-8", "surrogatepass")) > srv.max_model_bytes:
             raise bad_request(f"'model' must be at most {srv.max_model_bytes} bytes", "invalid_model", "model")
+        if not storable(model):
+            raise bad_request("'model' must not contain NUL or an unpaired surrogate", "invalid_model", "model")
         upstream = svc.pool.route_format(model, fmt.upstream_format)
         if upstream is None:
             raise ProxyError(404, f"no upstream of format '{fmt.upstream_format}' is configured for model '{model}'", "model_not_found")
-        if not upstream.paths.allows(v1_path):
-            raise upstream.paths.refusal(v1_path)
+        if not upstream.paths.allows("POST", v1_path):
+            raise upstream.paths.refusal("POST", v1_path)
         if view.tokens_field is not None:
             limits = upstream.model_settings(model)
             for name in _TOKEN_FIELDS:
@@ -295,20 +331,16 @@ class ProxyEdge:
                 if isinstance(value, int) and not isinstance(value, bool):
                     check_token_limit(value, name, limits.max_tokens_limit if limits is not None else None)
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        task_type = (_header(headers, b"x-task-type") or "default").strip() or "default"
-        if len(task_type) > srv.max_task_type_bytes:  # latin-1 decoded: one character per byte
-            raise bad_request(f"the x-task-type header must be at most {srv.max_task_type_bytes} bytes", "invalid_task_type")
+        task_type = self._task_type(headers)
         ctx = svc.build_context(doc, task_type=task_type, endpoint=fmt.name, upstream=upstream.name, effort=view.effort)
         user = doc.get("user")
         key = _header(headers, b"x-thermostat-key") or (user if isinstance(user, str) and user else request_id)
         try:
             decision: Decision = await svc.decider.decide(ctx, request_id=request_id, assignment_key=key)
         except BudgetExceeded:
-            raise ProxyError(429, "the token budget for this window is exhausted (caws.on_exhausted = reject)",
-                             "budget_exceeded", "rate_limit_error") from None
+            raise _budget_exceeded() from None
         except BudgetUnavailable:
-            raise ProxyError(503, "the token budget could not be checked in time (caws.on_exhausted = reject); retry shortly",
-                             "budget_unavailable", "server_error") from None
+            raise _budget_unavailable() from None
         changed = fmt.patch(doc, decision.sent)
         if view.thinking_budget is not None and decision.sent.max_tokens is not None and doc.get("max_tokens") != decision.sent.max_tokens:
             # The Messages API refuses max_tokens at or below thinking.budget_tokens and the adapter raised it:
@@ -560,7 +592,7 @@ class ProxyEdge:
         try:
             latency = time.perf_counter() - t0
             outcome = complete(decision, summary, status, error_class, Timings(latency, ttft),
-                               quality_settings=self.quality_settings, scorer=svc.scorer)
+                               quality_settings=self.quality_settings, scorer=svc.scorer, prices=svc.prices)
             outcome = await svc.answer_check.validated(decision, outcome, summary, body)  # json_schema / tool parameters
             # The listeners, in order; each reads the finished Outcome.
             await svc.decider.observe(decision, outcome)
@@ -594,7 +626,9 @@ class ProxyEdge:
 
     async def _passthrough(self, scope: Scope, send: Send, body: bytes, request_id: str, t0: float, v1_path: str) -> None:
         svc = self.services
+        method: str = scope["method"]
         model = None
+        parsed: Any = None
         if body and len(body) < 1_000_000 and body[:1] == b"{":
             try:
                 parsed = _decode(body)
@@ -609,35 +643,70 @@ class ProxyEdge:
         if upstream is None:
             detail = f" for model '{model}'" if model else ""
             raise ProxyError(404, f"no upstream of format '{wire}' is configured{detail}", "model_not_found")
-        if not upstream.paths.allows(v1_path):
-            raise upstream.paths.refusal(v1_path)
+        if not upstream.paths.allows(method, v1_path):
+            raise upstream.paths.refusal(method, v1_path)
+        reservation, counted = await self._admit_passthrough(scope["headers"], method, v1_path, parsed)
         url = upstream.url_for(v1_path, scope.get("query_string", b""))
         fwd_headers = forward_headers(scope["headers"], upstream)
         overhead = time.perf_counter() - t0
+        tail = b""
+        spent: int | None = 0  # nothing reached the upstream, or it refused: nothing spent
         try:
-            response = await upstream.send(scope["method"], url, fwd_headers, body or None)
-        except UPSTREAM_ERRORS as exc:
-            error_class = classify(exc)
-            status = 504 if error_class == "timeout" else 502
-            self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
-            code = "upstream_timeout" if status == 504 else "upstream_unreachable"
-            await self._send_error(send, status, error_body(f"upstream '{upstream.name}' failed: {type(exc).__name__}", "upstream_error", code), request_id)
-            return
-        complete = False
-        try:
-            hdrs = response_headers(response.raw_headers)
-            hdrs.append((b"x-request-id", request_id.encode()))
-            hdrs.append((b"x-thermostat-overhead-ms", f"{overhead * 1000:.3f}".encode()))
-            await send({"type": "http.response.start", "status": response.status, "headers": hdrs})
             try:
-                async for chunk in response.content.iter_any():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                complete = True
+                response = await upstream.send(method, url, fwd_headers, body or None)
             except UPSTREAM_ERRORS as exc:
-                self.metrics.upstream_errors.labels(upstream.name, classify(exc)).inc()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                error_class = classify(exc)
+                status = 504 if error_class == "timeout" else 502
+                self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
+                code = "upstream_timeout" if status == 504 else "upstream_unreachable"
+                exc_body = ProxyError(status, f"upstream '{upstream.name}' failed: {type(exc).__name__}", code, "upstream_error")
+                await self._send_error(send, status, _error_payload(ANTHROPIC if wire == "anthropic" else None, exc_body), request_id)
+                return
+            spent, complete = None, False  # until the answer is read whole, it may all have been spent
+            try:
+                hdrs = response_headers(response.raw_headers)
+                hdrs.append((b"x-request-id", request_id.encode()))
+                hdrs.append((b"x-thermostat-overhead-ms", f"{overhead * 1000:.3f}".encode()))
+                await send({"type": "http.response.start", "status": response.status, "headers": hdrs})
+                try:
+                    async for chunk in response.content.iter_any():
+                        if counted:
+                            tail = (tail + chunk)[-_USAGE_TAIL:]
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    complete = True
+                    spent = usage_in_tail(tail) if response.status < 400 else 0
+                except UPSTREAM_ERRORS as exc:
+                    self.metrics.upstream_errors.labels(upstream.name, classify(exc)).inc()
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finally:
+                if complete:
+                    response.release()
+                else:
+                    response.close()
         finally:
-            if complete:
-                response.release()
-            else:
-                response.close()
+            if counted:
+                await svc.decider.settle_admitted(reservation, spent)
+
+    async def _admit_passthrough(
+        self, headers: list[tuple[bytes, bytes]], method: str, v1_path: str, parsed: Any
+    ) -> tuple[Reservation | None, bool]:
+        """The budget's say on a passed-through request: (reservation, whether its usage is counted).
+
+        While the budget is on, whatever may spend tokens is counted or not forwarded: the
+        paths whose answers report usage (`COUNTED_POSTS`) reserve their prompt and settle
+        what the answer says; any other spending request (batches, images, audio, ...) would
+        spend the operator's tokens where no budget sees them, and is refused.
+        """
+        if not self.services.config.caws.enabled or not spends_tokens(method, v1_path):
+            return None, False
+        if v1_path not in COUNTED_POSTS:
+            raise ProxyError(403, f"'{method} /v1{v1_path}' spends tokens the budget cannot count, so it is not forwarded "
+                             "while [caws] is enabled", "path_not_budgeted", "permission_error")
+        task_type = self._task_type(headers)
+        prompt = estimate_prompt_tokens(parsed) if isinstance(parsed, dict) else 0
+        try:
+            return await self.services.decider.admit(task_type, prompt), True
+        except BudgetExceeded:
+            raise _budget_exceeded() from None
+        except BudgetUnavailable:
+            raise _budget_unavailable() from None

@@ -59,7 +59,7 @@ class ModelCatalog:
 
     @property
     def upstreams(self) -> list[Upstream]:
-        return [u for u in self.pool.upstreams if u.format == "openai" and u.paths.allows("/models")]
+        return [u for u in self.pool.upstreams if u.format == "openai" and u.paths.allows("GET", "/models")]
 
     def needed(self) -> bool:
         """True when `/v1/models` should be merged here rather than forwarded to the default upstream."""

@@ -37,9 +37,12 @@ def confine_v1_path(raw_path: bytes | None, path: str) -> str:
     # segments[0] is the empty string before the leading '/'; a single trailing '/' is allowed.
     inner = segments[1:-1] if segments[-1] == "" else segments[1:]
     for segment in inner:
-        if segment in ("", ".", ".."):
+        if segment in ("", ".", "..") or (";" in segment and segment.split(";", 1)[0] in ("", ".", "..")):
+            # `..;` and `.;x`: servers that read `;` as a parameter (Tomcat, Spring) see a `..` there.
             raise bad_request("the request path has an empty, '.' or '..' segment, which Thermostat does not forward", "invalid_path")
-    return v1_path
+    # One trailing '/' names the same endpoint (`/v1/messages/` is `/v1/messages`): decided,
+    # budgeted and filtered as such, never passed through beside the rules of its twin.
+    return v1_path[:-1] if len(v1_path) > 1 and v1_path.endswith("/") else v1_path
 
 
 def url_within_base(base_url: str, v1_path: str) -> bool:
@@ -49,21 +52,58 @@ def url_within_base(base_url: str, v1_path: str) -> bool:
     return joined == base_path or joined.startswith(base_path.rstrip("/") + "/")
 
 
+# Methods a `forward_paths` entry may name ("GET /models"); an entry without one allows any method.
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def parse_forward_path(entry: str) -> tuple[str | None, str] | None:
+    """(method or None, glob) of a `forward_paths` entry, None if it is not one (config validation)."""
+    method, sep, glob = entry.partition(" ")
+    if not sep:
+        method, glob = "", entry
+    elif method not in METHODS:
+        return None
+    if not glob.startswith("/") or ".." in glob or " " in glob:
+        return None
+    return (method or None), glob
+
+
 class PathFilter:
-    """The operator's `forward_paths` globs as one compiled regex (one match per request)."""
+    """The operator's `forward_paths` (globs over the path after /v1, each optionally for one
+    method) as one compiled regex over "METHOD /path" (one match per request)."""
 
-    def __init__(self, globs: tuple[str, ...]) -> None:
-        self.globs = globs
-        self._regex = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs)) if globs else None
+    def __init__(self, entries: tuple[str, ...]) -> None:
+        self.globs = entries
+        parts = []
+        for entry in entries:
+            parsed = parse_forward_path(entry)
+            if parsed is None:
+                raise ValueError(f"not a forward_paths entry: {entry!r}")
+            method, glob = parsed
+            parts.append(f"(?:{re.escape(method) if method else '[A-Z]+'} {fnmatch.translate(glob)})")
+        self._regex = re.compile("|".join(parts)) if parts else None
 
-    def allows(self, v1_path: str) -> bool:
-        return self._regex is not None and self._regex.match(v1_path) is not None
+    def allows(self, method: str, v1_path: str) -> bool:
+        return self._regex is not None and self._regex.match(f"{method} {v1_path}") is not None
 
-    def refusal(self, v1_path: str) -> ProxyError:
+    def refusal(self, method: str, v1_path: str) -> ProxyError:
         listed = ", ".join(self.globs) or "nothing"
         return ProxyError(
             404,
-            f"'/v1{v1_path}' is not forwarded by Thermostat; forwarded paths under /v1: {listed} "
+            f"'{method} /v1{v1_path}' is not forwarded by Thermostat; forwarded under /v1: {listed} "
             "(an operator can add more with [[upstreams]] forward_paths)",
             "path_not_forwarded",
         )
+
+
+# POSTs that answer without spending model tokens: counting and moderation.
+FREE_POSTS = frozenset({"/messages/count_tokens", "/responses/input_tokens", "/moderations"})
+# Passed-through POSTs whose answers report their usage, which the edge reads and counts.
+COUNTED_POSTS = frozenset({"/embeddings"})
+# Methods that read or remove and never generate.
+_NON_SPENDING = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+
+
+def spends_tokens(method: str, v1_path: str) -> bool:
+    """Whether a passed-through request may spend model tokens (a batch, an image, a transcript...)."""
+    return method not in _NON_SPENDING and v1_path not in FREE_POSTS

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import msgspec
 
+from policies.pricing import TokenUsage
+
 
 class _Function(msgspec.Struct):
     arguments: str | None = None
@@ -39,9 +41,19 @@ class _Choice(msgspec.Struct):
     finish_reason: str | None = None
 
 
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _CompletionDetails(msgspec.Struct):
+    reasoning_tokens: int | None = None
+
+
 class _Usage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: _CompletionDetails | None = None
 
 
 class _Body(msgspec.Struct):
@@ -60,11 +72,19 @@ TEXT_BLOCK = 64
 class ResponseSummary:
     """What the outcome record and the quality signal need from one response."""
 
-    __slots__ = ("prompt_tokens", "completion_tokens", "finish_reason", "content_parts", "_blocks", "tool_args", "tool_names", "refusal", "error")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "cache_apart",
+                 "finish_reason", "content_parts", "_blocks", "tool_args", "tool_names", "refusal", "error")
 
     def __init__(self) -> None:
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        # The cost's details, as the wire format reports them: cached input read and written,
+        # reasoning tokens (part of completion_tokens). `cache_apart`: the format's input count
+        # leaves the cached tokens out (Anthropic), where OpenAI's includes them.
+        self.cache_read_tokens: int | None = None
+        self.cache_write_tokens: int | None = None
+        self.reasoning_tokens: int | None = None
+        self.cache_apart = False
         self.finish_reason: str | None = None
         self.content_parts: list[str] = []  # the latest pieces, fewer than TEXT_BLOCK
         self._blocks: list[str] = []  # earlier pieces, joined TEXT_BLOCK at a time
@@ -76,6 +96,20 @@ class ResponseSummary:
     @property
     def content(self) -> str:
         return "".join(self._blocks) + "".join(self.content_parts)
+
+    def openai_usage(self, prompt: int, completion: int, cached: int | None, reasoning: int | None) -> None:
+        """Usage as OpenAI's formats count it: the input includes its cached part, the output its reasoning."""
+        self.prompt_tokens, self.completion_tokens = prompt, completion
+        self.cache_read_tokens, self.reasoning_tokens = cached, reasoning
+
+    def usage(self) -> TokenUsage | None:
+        """The usage a price applies to (`policies.pricing`), or None when the upstream reported none."""
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        read, write = self.cache_read_tokens or 0, self.cache_write_tokens or 0
+        total_in = (self.prompt_tokens or 0) + (read + write if self.cache_apart else 0)
+        return TokenUsage(input_tokens=total_in, output_tokens=self.completion_tokens or 0, cache_read_tokens=read,
+                          cache_write_tokens=write, reasoning_tokens=self.reasoning_tokens or 0)
 
     def add_text(self, piece: str) -> None:
         """A piece of the answer's text. A stream brings it a few tokens at a time, and each
@@ -104,9 +138,11 @@ class ResponseSummary:
     def absorb(self, body: _Body, streaming: bool) -> None:
         if body.error is not None:
             self.error = True
-        if body.usage is not None:
-            self.prompt_tokens = body.usage.prompt_tokens
-            self.completion_tokens = body.usage.completion_tokens
+        usage = body.usage
+        if usage is not None:
+            prompt, completion = usage.prompt_tokens_details, usage.completion_tokens_details
+            self.openai_usage(usage.prompt_tokens, usage.completion_tokens, prompt.cached_tokens if prompt is not None else None,
+                              completion.reasoning_tokens if completion is not None else None)
         for choice in body.choices or ():
             if choice.index != 0:
                 continue  # n > 1: the first choice stands for the response

@@ -9,9 +9,14 @@ Read before deploying a change.  Per task type, on the decision log:
 * **Holdout baseline**: rows with mode ``holdout`` were served the baseline at random,
   so their mean reward is an on-policy estimate of the baseline, no reweighting needed
   (same intervals, weights 1).
-* **Support**: the target's probability mass on arms the logging configuration could
-  not play (outside its trust region).  Such mass is not identified by the log; the
-  report then says so and prints no estimate for that task.
+* **Support**: the target's probability mass on arms the logged behaviour did not play:
+  outside the logging configuration's trust region, or inside it but never actually
+  sent for that task and baseline in the log (the live decider offers fewer arms than
+  the region: temperature waits for quality signals, a lower cap for length evidence,
+  so a demo that always sent max_tokens=800 played 5 of the candidate's 25 arms).  The
+  log does not record the behaviour's whole distribution, so "played at least once" is
+  the evidence of support.  Mass outside it is not identified by the log; the report
+  then says the estimate is unsupported and prints none for that task.
 
 How the candidate's probabilities are obtained.  The candidate policy (its name and
 settings from the candidate config, `policies.registry.make_policy`) is replayed through the
@@ -61,6 +66,8 @@ from proxy.decision.feedback import context_from_features
 from proxy.store.base import DecisionRow, LogStore
 
 METHODS = ("ips", "snips", "dr")
+PLOTS_MISSING = ("No plots: matplotlib is not installed. `.venv/bin/pip install -e '.[plots]'` (or `pip install matplotlib`) "
+                 "and run the command again to get reward_over_time.png, estimates.png and weights.png.")
 PAGE_ROWS = 5000
 
 
@@ -128,6 +135,7 @@ class MethodEstimate(msgspec.Struct, frozen=True):
     eb_low: float | None  # empirical Bernstein (None: unbounded)
     eb_high: float | None
     ess: float
+    eb_informative: bool = True  # False: the empirical-Bernstein interval spans the whole reward range
 
 
 class TaskEvaluation(msgspec.Struct, frozen=True):
@@ -142,6 +150,9 @@ class TaskEvaluation(msgspec.Struct, frozen=True):
     unsupported_mass: float | None
     outside_logged_region: int  # optimised rows whose logged arm the logging config no longer allows
     refused: str | None = None  # why no candidate estimate is given
+    candidate_arms: int = 0  # distinct (baseline, arm) pairs the candidate chose among over the optimised rows
+    played_arms: int = 0  # how many of those the logged behaviour actually sent
+    unsupported: bool = False  # refused because the candidate leans on arms the log never played
 
 
 class Evaluation(msgspec.Struct, frozen=True):
@@ -163,7 +174,9 @@ class _Replay(msgspec.Struct):
     behaviour: list[float] = msgspec.field(default_factory=list)
     target: list[float] = msgspec.field(default_factory=list)
     target_probs: list[list[float]] = msgspec.field(default_factory=list)
-    supported: list[list[float]] = msgspec.field(default_factory=list)
+    supported: list[list[float]] = msgspec.field(default_factory=list)  # 1: inside the logging config's region
+    moves: list[list[str]] = msgspec.field(default_factory=list)  # per row, each candidate arm as (baseline, arm)
+    played: set[str] = msgspec.field(default_factory=set)  # the (baseline, arm) pairs the behaviour sent
     logged_keys: list[str] = msgspec.field(default_factory=list)
     candidate_keys: list[list[str]] = msgspec.field(default_factory=list)
     outside: int = 0
@@ -173,6 +186,11 @@ class _Replay(msgspec.Struct):
 def _key(bucket: str, arm: Arm) -> str:
     t, m = arm_key(arm)
     return f"{bucket}|{t:g}|{m}"
+
+
+def _move(base: Arm, arm: Arm) -> str:
+    """An arm as played from a baseline: the support unit (the candidate's arms are built per baseline)."""
+    return f"{arm_key(base)}>{arm_key(arm)}"
 
 
 def replay(rows: Sequence[DecisionRow], candidate_config: Config, log_config: Config) -> tuple[dict[str, _Replay], dict[str, list[tuple[float, str, float]]]]:
@@ -210,6 +228,8 @@ def replay(rows: Sequence[DecisionRow], candidate_config: Config, log_config: Co
             rep.target.append(float(probs[idx]) if idx is not None else 0.0)
             rep.target_probs.append(probs.tolist())
             rep.supported.append([1.0 if k in logged_keys else 0.0 for k in keys])
+            rep.moves.append([_move(base, a) for a in arms])
+            rep.played.add(_move(base, logged))
             rep.logged_keys.append(_key(bucket, logged))
             rep.candidate_keys.append([_key(bucket, a) for a in arms])
         if r.feedback_quality is not None:
@@ -236,6 +256,22 @@ def _method(e: ope.Estimate) -> MethodEstimate:
     return MethodEstimate(method=e.estimator, value=e.value, ci_low=e.ci_low, ci_high=e.ci_high, eb_low=finite(e.eb_low), eb_high=finite(e.eb_high), ess=e.ess)
 
 
+def informative(e: MethodEstimate, bounds: tuple[float, float]) -> MethodEstimate:
+    """Mark an empirical-Bernstein interval that spans the whole reward range: it says nothing
+    (with weights up to 1/floor its width is about the range itself), so it is not shown as a result."""
+    lo, hi = bounds
+    slack = 1e-9 * max(1.0, hi - lo)
+    says_nothing = e.eb_low is None or e.eb_high is None or (e.eb_low <= lo + slack and e.eb_high >= hi - slack)
+    return msgspec.structs.replace(e, eb_informative=not says_nothing)
+
+
+def played_support(rep: _Replay) -> np.ndarray:
+    """(n, K) 0/1: inside the logging region and actually played by the behaviour (module docstring)."""
+    inside = _padded(rep.supported)
+    played = _padded([[1.0 if m in rep.played else 0.0 for m in row] for row in rep.moves])
+    return inside * played
+
+
 def evaluate_task(
     task: str,
     rep: _Replay,
@@ -253,11 +289,13 @@ def evaluate_task(
             rewards=np.asarray(rep.holdout), behaviour_propensity=ones, target_propensity=ones, rng=rng,
             n_bootstrap=n_bootstrap, confidence=confidence, min_propensity=1.0, reward_range=bounds,
         )
-        holdout = msgspec.structs.replace(_method(on_policy.ips), method="holdout")
+        holdout = informative(msgspec.structs.replace(_method(on_policy.ips), method="holdout"), bounds)
     n = len(rep.rewards)
+    offered = {m for row in rep.moves for m in row}
     head = TaskEvaluation(
         task_type=task, optimised_rows=n, holdout_rows=len(rep.holdout), holdout=holdout, outside_logged_region=rep.outside,
         logged_mean=float(np.mean(rep.rewards)) if n else None, candidate=[], ess=None, max_weight=None, unsupported_mass=None,
+        candidate_arms=len(offered), played_arms=len(offered & rep.played),
     )
     if n < 2:
         return msgspec.structs.replace(head, refused=f"{n} optimised row(s) with a reward; at least 2 are needed")
@@ -269,15 +307,15 @@ def evaluate_task(
             rewards=rewards, behaviour_propensity=np.asarray(rep.behaviour), target_propensity=np.asarray(rep.target), rng=rng,
             reward_hat_logged=q_logged, target_value_hat=ope.expected_under(target_probs, q_candidates), n_bootstrap=n_bootstrap,
             confidence=confidence, min_propensity=floor, reward_range=bounds,
-            behaviour_probs=_padded(rep.supported), target_probs=target_probs,
+            behaviour_probs=played_support(rep), target_probs=target_probs,
         )
     except ope.UnsupportedTarget as exc:
         return msgspec.structs.replace(
-            head, unsupported_mass=exc.support.unsupported_mass + exc.support.below_floor_mass, refused=str(exc)
+            head, unsupported_mass=exc.support.unsupported_mass + exc.support.below_floor_mass, refused=str(exc), unsupported=True,
         )
     estimates = [cast(ope.Estimate, getattr(report, m)) for m in METHODS]
     return msgspec.structs.replace(
-        head, candidate=[_method(e) for e in estimates], ess=report.ess, max_weight=report.max_weight,
+        head, candidate=[informative(_method(e), bounds) for e in estimates], ess=report.ess, max_weight=report.max_weight,
         unsupported_mass=report.support.unsupported_mass + report.support.below_floor_mass if report.support else None,
     )
 
@@ -322,7 +360,11 @@ def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.4f}"
 
 
-def markdown(ev: Evaluation, plots: Sequence[str]) -> str:
+def _eb(e: MethodEstimate) -> str:
+    return f"[{_fmt(e.eb_low)}, {_fmt(e.eb_high)}]" if e.eb_informative else "uninformative"
+
+
+def markdown(ev: Evaluation, plots: Sequence[str], plots_missing: str | None = None) -> str:
     pct = round(ev.confidence * 100)
     lines = [
         "# Offline evaluation of a candidate configuration",
@@ -332,7 +374,8 @@ def markdown(ev: Evaluation, plots: Sequence[str]) -> str:
         "",
         f"Intervals at {pct} %: *bootstrap* (studentised bootstrap-t, resampling rows) and *EB* (empirical Bernstein, valid given the "
         f"propensity floor {ev.min_propensity if ev.min_propensity is not None else 'none'} and the reward range "
-        f"[{ev.reward_range[0]:g}, {ev.reward_range[1]:g}]; – means no bound). ESS: the number of on-policy samples the "
+        f"[{ev.reward_range[0]:g}, {ev.reward_range[1]:g}]; – means no bound; *uninformative* means it spans that whole "
+        "range, as it does when the weights may reach 1/floor: it says nothing about the value). ESS: the number of on-policy samples the "
         "reweighted log is worth. The candidate is replayed through the log in time order and learns from the logged "
         "arms, not from its own choices (proxy/learning/evaluate.py). Holdout: mean reward of the randomised holdout "
         "(the baseline, on-policy).",
@@ -345,15 +388,23 @@ def markdown(ev: Evaluation, plots: Sequence[str]) -> str:
         hold = t.holdout
         if hold is not None:
             lines.append(f"| {t.task_type} | holdout | {hold.value:.4f} | [{hold.ci_low:.4f}, {hold.ci_high:.4f}] | "
-                         f"[{_fmt(hold.eb_low)}, {_fmt(hold.eb_high)}] | {t.holdout_rows} | – |")
+                         f"{_eb(hold)} | {t.holdout_rows} | – |")
         if t.logged_mean is not None:
             lines.append(f"| {t.task_type} | logged (behaviour) | {t.logged_mean:.4f} | – | – | {t.optimised_rows} | "
                          f"{_fmt(t.logged_mean - hold.value) if hold else '–'} |")
         for e in t.candidate:
             diff = _fmt(e.value - hold.value) if hold else "–"
             lines.append(f"| {t.task_type} | {e.method.upper()} | {e.value:.4f} | [{e.ci_low:.4f}, {e.ci_high:.4f}] | "
-                         f"[{_fmt(e.eb_low)}, {_fmt(e.eb_high)}] | {e.ess:.1f} | {diff} |")
-        if t.refused:
+                         f"{_eb(e)} | {e.ess:.1f} | {diff} |")
+        if t.unsupported:
+            lines.append(f"| {t.task_type} | candidate | unsupported: no estimate | – | – | – | – |")
+            notes.append(
+                f"- **{t.task_type}**: the estimate is unsupported, so none is printed. The logged behaviour played "
+                f"{t.played_arms} of the {t.candidate_arms} arms the candidate chooses among, and the candidate puts "
+                f"{_pct(t.unsupported_mass)} of its probability on arms never played (or outside the logging config's trust "
+                "region): what they would earn is not in the log. Log traffic that plays those arms first (a candidate "
+                f"confined to the played arms can be evaluated). Detail: {t.refused}.")
+        elif t.refused:
             lines.append(f"| {t.task_type} | candidate | no estimate | – | – | – | – |")
             notes.append(f"- **{t.task_type}**: no estimate of the candidate: {t.refused}.")
         if t.outside_logged_region:
@@ -362,10 +413,18 @@ def markdown(ev: Evaluation, plots: Sequence[str]) -> str:
         if t.max_weight is not None and t.ess is not None and t.optimised_rows and t.ess < 0.1 * t.optimised_rows:
             notes.append(f"- **{t.task_type}**: ESS {t.ess:.1f} of {t.optimised_rows} rows (max weight {t.max_weight:.1f}): "
                          "the candidate is far from the logged behaviour; trust the intervals, not the point estimates.")
+    if any(not e.eb_informative for t in ev.tasks for e in t.candidate):
+        notes.append("- Empirical-Bernstein intervals marked *uninformative* span the whole reward range: with importance "
+                     "weights bounded only by 1/floor they cannot narrow on this much data; read the bootstrap intervals.")
     if notes:
         lines += ["", "## Notes", "", *notes]
-    lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    lines += ["", "## Plots", ""]
+    lines += [plots_missing] if plots_missing else [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f} %"
 
 
 def _iso(t: float) -> str:
@@ -445,10 +504,13 @@ def plot(ev: Evaluation, reps: dict[str, _Replay], series: dict[str, list[tuple[
 def write_report(ev: Evaluation, reps: dict[str, _Replay], series: dict[str, list[tuple[float, str, float]]], out: Path) -> Path:
     """report.md, report.json (the numbers) and the plots in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = plot(ev, reps, series, out)
+    try:
+        paths, missing = plot(ev, reps, series, out), None
+    except ImportError:  # matplotlib is optional: the numbers are the report, the plots an extra
+        paths, missing = [], PLOTS_MISSING
     (out / "report.json").write_bytes(msgspec.json.format(msgspec.json.encode(ev)))
     report = out / "report.md"
-    report.write_text(markdown(ev, paths), encoding="utf-8")
+    report.write_text(markdown(ev, paths, missing), encoding="utf-8")
     return report
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -134,8 +134,21 @@ class Metrics:
             "thermostat_task_rollbacks", "Task types rolled back to the baseline by the conservative monitor (optimised worse than holdout)",
             ["task"], registry=r,
         )
+        self.judge_muted = Gauge(
+            "thermostat_judge_muted", "1 while the judge's scores are muted for the task type (proxy/decision/judge_trust.py), by reason",
+            ["task", "reason"], registry=r,
+        )
         self.task_changes = Counter(
             "thermostat_task_baseline_changes", "Changes the conservative monitor detected in a task type's holdout quality", ["task"], registry=r,
+        )
+        # What requests cost (policies/pricing.py): traffic = optimized | holdout | baseline (shadow, off,
+        # rollback) | judge (the judge's own calls, task type "_judge").
+        self.cost_usd = Counter(
+            "thermostat_cost_usd", "US dollars spent on upstream calls, at the model's configured or table price", ["task_type", "traffic"], registry=r,
+        )
+        self.unknown_price = Counter(
+            "thermostat_unknown_price_requests",
+            "Requests with reported usage whose model has no known price (cost_usd null, never guessed)", ["upstream", "model"], registry=r,
         )
         self.loop_lag = Histogram(
             "thermostat_event_loop_lag_seconds",
@@ -178,9 +191,20 @@ def guard_interventions(mode: str, guard_notes: tuple[str, ...] | list[str]) -> 
     return out
 
 
+def cost_traffic(mode: str) -> str:
+    """The `traffic` label of `thermostat_cost_usd_total` for a decision's mode."""
+    if mode in ("optimized", "guard_fallback"):
+        return "optimized"
+    return "holdout" if mode == "holdout" else "baseline"
+
+
 def observe_decision(m: Metrics, decision: Decision, outcome: Outcome, arm: str) -> None:
     """Call from the edge once per finished request (after `decider.observe`)."""
     task = m.task_label(decision.context.task_type)
+    if outcome.cost_usd is not None:
+        m.child(m.cost_usd, task, cost_traffic(decision.mode)).inc(outcome.cost_usd)
+    elif outcome.prompt_tokens is not None or outcome.completion_tokens is not None:
+        m.child(m.unknown_price, decision.context.upstream, m.model_label(decision.context.model)).inc()
     m.child(m.decisions, task, decision.mode, arm).inc()
     for guard, reason in guard_interventions(decision.mode, decision.guard_notes):
         m.child(m.guard_interventions, guard, m.guard_reason_label(reason)).inc()

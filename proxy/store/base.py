@@ -92,6 +92,7 @@ class DecisionRow(msgspec.Struct, kw_only=True):
     feedback_reward: float | None = None
     feedback_source: str | None = None  # explicit | judge | implicit
     validator_reason: str | None = None  # why the answer failed its schema check (schema paths, error kinds)
+    cost_usd: float | None = None  # usage at the model's price; None: no usage reported or no price known
 
     @property
     def propensity(self) -> float:
@@ -203,6 +204,19 @@ class LogStore(Sink, Protocol):
 _json_decoder = msgspec.json.Decoder()
 
 JSON_COLUMNS = ("context_features", "chosen_params", "baseline_params", "policy_params", "guard_notes", "outcome")
+
+
+def storable(text: str) -> bool:
+    """Whether both decision logs can hold `text`: PostgreSQL text and JSONB refuse NUL, and a
+    lone surrogate (a JSON string may carry one, `"\\ud800"`) has no UTF-8 form for either store.
+    The edge refuses such client values so that no answered request loses its row."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def log_propensity(p: float | None) -> float | None:

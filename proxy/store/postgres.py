@@ -81,7 +81,7 @@ DECISION_COLUMNS = (
     "chosen_params", "baseline_params", "policy_params", "log_propensity", "policy_log_propensity",
     "arm_index", "policy", "policy_version", "mode", "guard_notes", "status", "error_class", "latency_s",
     "ttft_s", "prompt_tokens", "completion_tokens", "finish_reason", "quality", "reward", "outcome",
-    "prompt", "timestamp", "validator_reason",
+    "prompt", "timestamp", "validator_reason", "cost_usd",
 )
 
 _INSERT_DECISION = (
@@ -142,6 +142,7 @@ def _decision_args(entry: LogEntry) -> tuple[Any, ...]:
         None if entry.prompt is None else entry.prompt.replace("\x00", "\ufffd"),  # PostgreSQL text refuses NUL
         _ts(d.created_at),
         _cut(o.validator_reason, MAX_REASON_CHARS),
+        o.cost_usd,
     )
 
 

@@ -63,7 +63,8 @@ CREATE TABLE IF NOT EXISTS logged_decisions (
     outcome TEXT NOT NULL,
     prompt TEXT,
     timestamp REAL NOT NULL,
-    validator_reason TEXT  -- last, so a file from before sql/0005 gets it in the same place with ALTER TABLE
+    validator_reason TEXT,  -- after the others, so a file from before sql/0005 gets it in the same place with ALTER TABLE
+    cost_usd REAL  -- last, likewise for sql/0006
 );
 CREATE INDEX IF NOT EXISTS logged_decisions_ts ON logged_decisions (timestamp);
 CREATE INDEX IF NOT EXISTS logged_decisions_task_ts ON logged_decisions (task_type, timestamp);
@@ -140,11 +141,12 @@ def decision_row(entry: LogEntry) -> tuple[Any, ...]:
         entry.prompt,
         d.created_at,
         None if o.validator_reason is None else o.validator_reason[:MAX_REASON_CHARS],
+        o.cost_usd,
     )
 
 
-_DECISION_COLUMNS = 29
-_ROWS_PER_STATEMENT = 256  # 256 x 29 = 7,424 parameters, under SQLite's 32,766
+_DECISION_COLUMNS = 30
+_ROWS_PER_STATEMENT = 256  # 256 x 30 = 7,680 parameters, under SQLite's 32,766
 
 
 @functools.lru_cache(maxsize=_ROWS_PER_STATEMENT)
@@ -218,6 +220,8 @@ class SqliteSink:
             conn.execute("ALTER TABLE decision_feedback ADD COLUMN source TEXT NOT NULL DEFAULT 'explicit'")
         if "validator_reason" not in {row[1] for row in conn.execute("PRAGMA table_info(logged_decisions)")}:
             conn.execute("ALTER TABLE logged_decisions ADD COLUMN validator_reason TEXT")  # before sql/0005_validator_reason.sql
+        if "cost_usd" not in {row[1] for row in conn.execute("PRAGMA table_info(logged_decisions)")}:
+            conn.execute("ALTER TABLE logged_decisions ADD COLUMN cost_usd REAL")  # before sql/0006_cost_usd.sql
         self._conn = conn
 
     # --- writes ------------------------------------------------------------------------

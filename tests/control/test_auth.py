@@ -184,6 +184,7 @@ SPECIFIC = {
     ("DELETE", f"{API}/waivers/{{waiver_id}}"): {404},  # test_values.py
     ("POST", f"{API}/recommend"): {404},  # test_statuses.py
     ("POST", f"{API}/test-shadow"): {404},  # test_statuses.py
+    ("POST", f"{API}/judge/unmute"): {404},  # tests/integration/test_judge_length_bias.py
 }
 
 

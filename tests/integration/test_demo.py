@@ -2,65 +2,42 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from proxy.config import build_config
-from proxy.demo import traffic as demo_traffic
-from proxy.demo.simulator_server import start_simulator
-from tests.support.servers import free_port, start_thermostat, wait_ready
+from tests.support.servers import free_port, run_demo_traffic, simulator_in_thread, start_thermostat, stop_process, wait_ready
 
 TOKEN_ENV = "THERMOSTAT_DEMO_TEST_TOKEN"
 
 
 def test_demo_traffic_posts_feedback_that_reaches_the_log(tmp_path) -> None:
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    handle: dict[str, object] = {}
-
-    def sim() -> None:
-        asyncio.set_event_loop(loop)
-        handle["sim"] = loop.run_until_complete(start_simulator("127.0.0.1", 0, seed=1, time_scale=0.0))
-        started.set()
-        loop.run_forever()
-
-    threading.Thread(target=sim, daemon=True).start()
-    assert started.wait(10)
-    sim_url = handle["sim"].url  # type: ignore[attr-defined]
-    cfg = build_config(
-        {"server": {"data_dir": str(tmp_path)}, "upstreams": [{"name": "sim", "base_url": sim_url}],
-         "optimization": {"mode": "general", "seed": 2}, "storage": {"flush_interval_s": 0.05}, "admin": {"token_env": TOKEN_ENV}},
-        environ={},
-    )
-    os.environ[TOKEN_ENV] = "demo-test-token"  # as `thermostat demo` does: a token, and its traffic sends it
-    running = start_thermostat(cfg)
-    try:
-        async def drive() -> None:
-            try:
-                await asyncio.wait_for(demo_traffic.run(running.base, 50.0, admin_token="demo-test-token"), timeout=1.5)
-            except TimeoutError:
-                pass
-
-        asyncio.run(drive())
-        running.flush(0.2)
-        rows = running.call(running.runtime.sink.fetch_decisions(limit=500))
-        with_feedback = [r for r in rows if r.feedback_quality is not None]
-        assert len(rows) >= 10 and len(with_feedback) >= len(rows) - 1  # the last one may still be in flight
-        assert {r.task_type for r in rows} == {"code", "creative", "summarise"}
-        assert all(0.0 <= r.feedback_quality <= 1.0 for r in with_feedback)
-    finally:
-        running.stop()
-        os.environ.pop(TOKEN_ENV, None)
-        loop.call_soon_threadsafe(loop.stop)
+    with simulator_in_thread(seed=1) as sim:
+        cfg = build_config(
+            {"server": {"data_dir": str(tmp_path)}, "upstreams": [{"name": "sim", "base_url": sim.url}],
+             "optimization": {"mode": "general", "seed": 2}, "storage": {"flush_interval_s": 0.05}, "admin": {"token_env": TOKEN_ENV}},
+            environ={},
+        )
+        os.environ[TOKEN_ENV] = "demo-test-token"  # as `thermostat demo` does: a token, and its traffic sends it
+        running = start_thermostat(cfg)
+        try:
+            run_demo_traffic(running.base, 50.0, 1.5, admin_token="demo-test-token")
+            running.flush(0.2)
+            rows = running.call(running.runtime.sink.fetch_decisions(limit=500))
+            with_feedback = [r for r in rows if r.feedback_quality is not None]
+            assert len(rows) >= 10 and len(with_feedback) >= len(rows) - 1  # the last one may still be in flight
+            assert {r.task_type for r in rows} == {"code", "creative", "summarise"}
+            assert all(0.0 <= r.feedback_quality <= 1.0 for r in with_feedback)
+        finally:
+            running.stop()
+            os.environ.pop(TOKEN_ENV, None)
 
 
 def test_demo_generates_a_token_and_prints_the_dashboard_url_with_it(tmp_path: Path) -> None:
@@ -88,56 +65,33 @@ def test_demo_generates_a_token_and_prints_the_dashboard_url_with_it(tmp_path: P
         assert r.status_code == 200 and r.json()["mode"] == "general"
         assert httpx.get(urls[0].split("#", 1)[0], timeout=10).status_code == 200  # the page itself
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def test_demo_learns_from_the_simulator_as_judge_with_no_feedback_posted(tmp_path: Path) -> None:
     from proxy.cli import demo_feedback_config
 
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    handle: dict[str, object] = {}
-
-    def sim() -> None:
-        asyncio.set_event_loop(loop)
-        handle["sim"] = loop.run_until_complete(start_simulator("127.0.0.1", 0, seed=1, time_scale=0.0))
-        started.set()
-        loop.run_forever()
-
-    threading.Thread(target=sim, daemon=True).start()
-    assert started.wait(10)
-    sim_url = handle["sim"].url  # type: ignore[attr-defined]
-    base = build_config(
-        {"server": {"data_dir": str(tmp_path)}, "upstreams": [{"name": "sim", "base_url": sim_url, "models": ["*"]}],
-         "optimization": {"mode": "general", "seed": 2}, "storage": {"flush_interval_s": 0.05}, "admin": {"allow_unauthenticated": True}},
-        environ={},
-    )
-    cfg = demo_feedback_config(base, "judge")
-    assert cfg.judge.enabled and cfg.judge.model == "sim-judge" and demo_feedback_config(base, "explicit").judge == base.judge
-    running = start_thermostat(cfg)
-    try:
-        async def drive() -> None:
-            try:
-                await asyncio.wait_for(demo_traffic.run(running.base, 50.0, feedback="judge"), timeout=2.0)
-            except TimeoutError:
-                pass
-
-        asyncio.run(drive())
-        assert running.runtime.judge is not None
-        running.call(running.runtime.judge.drain(), timeout=20)
-        running.flush(0.2)
-        rows = running.call(running.runtime.sink.fetch_decisions(limit=500))
-        sources = {r.feedback_source for r in rows if r.feedback_quality is not None}
-        assert sources == {"judge"}  # the only quality beyond the automatic one, and nobody posted it
-        judged = sum(1 for r in rows if r.feedback_source == "judge")
-        assert judged >= len(rows) // 4  # sample rate 0.5 (bounded below loosely: a sample)
-    finally:
-        running.stop()
-        loop.call_soon_threadsafe(loop.stop)
+    with simulator_in_thread(seed=1) as sim:
+        base = build_config(
+            {"server": {"data_dir": str(tmp_path)}, "upstreams": [{"name": "sim", "base_url": sim.url, "models": ["*"]}],
+             "optimization": {"mode": "general", "seed": 2}, "storage": {"flush_interval_s": 0.05}, "admin": {"allow_unauthenticated": True}},
+            environ={},
+        )
+        cfg = demo_feedback_config(base, "judge")
+        assert cfg.judge.enabled and cfg.judge.model == "sim-judge" and demo_feedback_config(base, "explicit").judge == base.judge
+        running = start_thermostat(cfg)
+        try:
+            run_demo_traffic(running.base, 50.0, 2.0, feedback="judge")
+            assert running.runtime.judge is not None
+            running.call(running.runtime.judge.drain(), timeout=20)
+            running.flush(0.2)
+            rows = running.call(running.runtime.sink.fetch_decisions(limit=500))
+            sources = {r.feedback_source for r in rows if r.feedback_quality is not None}
+            assert sources == {"judge"}  # the only quality beyond the automatic one, and nobody posted it
+            judged = sum(1 for r in rows if r.feedback_source == "judge")
+            assert judged >= len(rows) // 4  # sample rate 0.5 (bounded below loosely: a sample)
+        finally:
+            running.stop()
 
 
 def test_demo_holdout_share_defaults_to_a_fifth_and_is_checked() -> None:
@@ -159,14 +113,9 @@ def test_demo_traffic_sends_its_rate_however_slow_the_answers() -> None:
 
     upstream = FakeUpstream(delay_s=0.5).start()
     try:
-        async def drive() -> None:
-            try:
-                await asyncio.wait_for(demo_traffic.run(upstream.url.removesuffix("/v1"), 10.0, feedback="none"), timeout=2.0)
-            except TimeoutError:
-                pass
-
-        asyncio.run(drive())
+        run_demo_traffic(upstream.url.removesuffix("/v1"), 10.0, 2.0, feedback="none")
         sent = [r for r in upstream.received if r.path == "/v1/chat/completions"]
         assert 12 <= len(sent) <= 22, len(sent)  # ~3 on the old closed loop
     finally:
+        time.sleep(0.6)  # the upstream's handlers of the cancelled requests finish their delay first
         upstream.stop()

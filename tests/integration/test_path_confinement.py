@@ -142,9 +142,11 @@ def test_operator_can_list_more_paths_and_keep_client_credentials(tmp_path: Path
 
 def test_confine_unit() -> None:
     assert confine_v1_path(b"/v1/chat/completions", "/v1/chat/completions") == "/chat/completions"
-    assert confine_v1_path(b"/v1/models/", "/v1/models/") == "/models/"
+    assert confine_v1_path(b"/v1/models/", "/v1/models/") == "/models"  # one trailing '/' names the same path
+    assert confine_v1_path(b"/v1/messages/", "/v1/messages/") == "/messages"
     assert confine_v1_path(b"/v1/models/ft%3Agpt-4o", "/v1/models/ft:gpt-4o") == "/models/ft:gpt-4o"
-    for raw, decoded in [(b"/v1/..", "/v1/.."), (b"/v1/a/..", "/v1/a/.."), (b"/v1/%2e", "/v1/.")]:
+    for raw, decoded in [(b"/v1/..", "/v1/.."), (b"/v1/a/..", "/v1/a/.."), (b"/v1/%2e", "/v1/."), (b"/v1/..;/x", "/v1/..;/x"),
+                         (b"/v1/models/..;", "/v1/models/..;"), (b"/v1/.;a/x", "/v1/.;a/x")]:
         with pytest.raises(ProxyError):
             confine_v1_path(raw, decoded)
 
@@ -160,6 +162,71 @@ def test_url_within_base_unit() -> None:
 
 def test_path_filter_unit() -> None:
     filt = PathFilter(("/chat/completions", "/responses/*", "/models*"))
-    assert filt.allows("/chat/completions") and filt.allows("/responses/resp_1/cancel") and filt.allows("/models/x")
-    assert not filt.allows("/chat/completions/x") and not filt.allows("/files") and not filt.allows("/responses")
-    assert not PathFilter(()).allows("/chat/completions")
+    assert filt.allows("POST", "/chat/completions") and filt.allows("POST", "/responses/resp_1/cancel") and filt.allows("GET", "/models/x")
+    assert not filt.allows("POST", "/chat/completions/x") and not filt.allows("GET", "/files") and not filt.allows("POST", "/responses")
+    assert not PathFilter(()).allows("POST", "/chat/completions")
+    by_method = PathFilter(("GET /models", "GET /models/*", "POST /embeddings"))
+    assert by_method.allows("GET", "/models/x") and by_method.allows("POST", "/embeddings")
+    assert not by_method.allows("DELETE", "/models/x") and not by_method.allows("GET", "/embeddings")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/..;/admin/secret"),
+        ("GET", "/v1/models/..;/..;/admin"),
+        ("POST", "/v1/chat/completions/..;"),
+        ("GET", "/v1/%2e%2e;/admin"),
+    ],
+)
+def test_dotdot_semicolon_segments_are_refused(keyed: tuple[RunningThermostat, FakeUpstream], method: str, path: str) -> None:
+    """`..;` is `..` to servers that read `;` as a path parameter (issue 21, item 10)."""
+    running, fake = keyed
+    before = len(fake.received)
+    status, _, payload = raw_request(running.port, method, path, {"authorization": "Bearer sk-client"})
+    assert status == 400 and json.loads(payload)["error"]["code"] == "invalid_path", (path, status, payload)
+    assert len(fake.received) == before
+
+
+# ---- what is forwarded by default (issue 21, item 4) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/responses/resp_other_client"),  # another client's stored response
+        ("DELETE", "/v1/responses/resp_other_client"),
+        ("POST", "/v1/responses/resp_other_client/cancel"),
+        ("DELETE", "/v1/models/ft:gpt-4o:acme"),  # deleting a fine-tuned model with the operator's key
+        ("POST", "/v1/models/echo-1"),
+        ("POST", "/v1/images/generations"),
+        ("POST", "/v1/audio/speech"),
+        ("POST", "/v1/messages/batches"),
+        ("GET", "/v1/messages/batches"),
+        ("GET", "/v1/messages/batches/msgbatch_1/results"),
+        ("DELETE", "/v1/messages/batches/msgbatch_1"),
+    ],
+)
+def test_default_forwards_neither_stored_data_nor_admin_calls(keyed: tuple[RunningThermostat, FakeUpstream], method: str, path: str) -> None:
+    running, fake = keyed
+    before = len(fake.received)
+    status, hdrs, payload = raw_request(running.port, method, path, {"authorization": "Bearer sk-client", "content-type": "application/json"},
+                                        b'{"model":"echo-1"}' if method == "POST" else b"")
+    assert status == 404, (method, path, status, payload)
+    doc = json.loads(payload)
+    code = doc["error"]["type"] if path.startswith("/v1/messages/") else doc["error"]["code"]
+    assert code in ("path_not_forwarded", "not_found_error")
+    if path.startswith("/v1/messages/"):
+        assert doc["type"] == "error"  # Anthropic's shape on its own paths
+    assert len(fake.received) == before
+
+
+def test_default_forwards_inference_and_listing(keyed: tuple[RunningThermostat, FakeUpstream]) -> None:
+    running, fake = keyed
+    client = openai.OpenAI(base_url=running.url, api_key="sk-client", max_retries=0)
+    assert [m.id for m in client.models.list()]
+    assert client.models.retrieve("echo-1").id == "echo-1"
+    assert client.embeddings.create(model="echo-1", input="alpha").usage.total_tokens == 2
+    with pytest.raises(openai.NotFoundError) as info:  # the fake upstream has no moderations: its own 404, not a refusal
+        client.moderations.create(input="alpha")
+    assert info.value.code is None and fake.last().path == "/v1/moderations"

@@ -246,12 +246,18 @@ async def test_validator_reason_stored_bounded_and_null_when_none(store: LogStor
     assert got is not None and got.validator_reason == reason
 
 
-async def test_sqlite_file_from_before_validator_reason_is_upgraded(tmp_path: Path) -> None:
+_BEFORE_0005 = (",\n    validator_reason TEXT,  -- after the others, so a file from before sql/0005 gets it in the same place with ALTER TABLE"
+                "\n    cost_usd REAL  -- last, likewise for sql/0006")
+_BEFORE_0006 = ",  -- after the others, so a file from before sql/0005 gets it in the same place with ALTER TABLE\n    cost_usd REAL  -- last, likewise for sql/0006"
+
+
+@pytest.mark.parametrize("missing", [_BEFORE_0005, _BEFORE_0006], ids=["before-0005", "before-0006"])
+async def test_sqlite_file_from_before_a_column_is_upgraded(tmp_path: Path, missing: str) -> None:
     import sqlite3
 
     from proxy.store.sqlite import SCHEMA
 
-    before = SCHEMA.replace(",\n    validator_reason TEXT  -- last, so a file from before sql/0005 gets it in the same place with ALTER TABLE", "")
+    before = SCHEMA.replace(missing, "")
     assert before != SCHEMA
     old = sqlite3.connect(tmp_path / "decisions.db")
     old.executescript(before)
@@ -260,9 +266,21 @@ async def test_sqlite_file_from_before_validator_reason_is_upgraded(tmp_path: Pa
     await sink.open()
     try:
         entry = log_entry()
-        entry = msgspec.structs.replace(entry, outcome=msgspec.structs.replace(entry.outcome, validator_reason="tool f: required (Required)"))
+        entry = msgspec.structs.replace(entry, outcome=msgspec.structs.replace(entry.outcome, validator_reason="tool f: required (Required)", cost_usd=0.5))
         await sink.write([entry])
         row = await sink.get_decision(entry.decision.request_id)
-        assert row is not None and row.validator_reason == "tool f: required (Required)" and row.status == 200
+        assert row is not None and row.validator_reason == "tool f: required (Required)" and row.status == 200 and row.cost_usd == 0.5
     finally:
         await sink.close()
+
+
+async def test_cost_usd_stored_and_null_when_unknown(store: LogStore) -> None:
+    priced = log_entry()
+    priced = msgspec.structs.replace(priced, outcome=msgspec.structs.replace(priced.outcome, cost_usd=0.0012345))
+    unknown = log_entry()
+    await store.write([priced, unknown])
+    rows = {r.request_id: r for r in await store.fetch_decisions(limit=10)}
+    assert rows[priced.decision.request_id].cost_usd == 0.0012345
+    assert rows[unknown.decision.request_id].cost_usd is None
+    got = await store.get_decision(priced.decision.request_id)
+    assert got is not None and got.cost_usd == 0.0012345

@@ -16,8 +16,9 @@ ALL = [name for _, name, _ in load_migrations()]
 
 
 def test_migration_files_are_numbered_in_order() -> None:
-    assert ALL[:5] == [
+    assert ALL[:6] == [
         "0001_decision_log.sql", "0002_control_tables.sql", "0003_drop_unused_tables.sql", "0004_feedback_source.sql", "0005_validator_reason.sql",
+        "0006_cost_usd.sql",
     ]
     assert ALL == sorted(ALL)
 

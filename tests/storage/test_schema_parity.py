@@ -104,4 +104,4 @@ async def test_sqlite_store_matches_the_migrations_column_for_column(pg_dsn: str
     for table in pg_columns:
         assert lite_columns[table] == pg_columns[table], table
     assert lite_indexes == pg_indexes
-    assert len(pg_columns["logged_decisions"]) == 29  # the positional INSERT in proxy/store/sqlite.py binds 29 values
+    assert len(pg_columns["logged_decisions"]) == 30  # the positional INSERT in proxy/store/sqlite.py binds 30 values

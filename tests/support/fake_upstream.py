@@ -5,7 +5,9 @@ it receives, and misbehaves on demand through the model name:
 `error-<status>` answers that status with an OpenAI error body, `slow-<ms>` waits,
 `cut-stream` drops the connection mid-stream, `stall-stream` falls silent mid-stream
 (connection open), `hang` never answers, `big-<bytes>`
-answers with about that many bytes of content.
+answers with about that many bytes of content, `cached-*` reports usage details as the
+providers do (half the prompt read from the cache, a third of the answer reasoning; on
+Messages also 7 tokens written to the cache).
 
 Besides chat and legacy completions it speaks OpenAI Responses (`/v1/responses`) and
 Anthropic Messages (`/v1/messages`), streamed and not, with the shapes of
@@ -44,6 +46,7 @@ class FakeUpstream:
     delay_s: float = 0.0
     models: tuple[str, ...] = ("echo-1",)
     models_status: int = 200
+    billed_tokens: int = 0  # total_tokens of every chat/completions answer it produced (its own usage count)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _runner: web.AppRunner | None = None
@@ -149,10 +152,15 @@ class FakeUpstream:
         text = " ".join(words)
         if anthropic:
             final = anthropic_body(ident="msg_" + digest, model=model, text=text, input_tokens=prompt, output_tokens=len(words), truncated=truncated)
+            if model.startswith("cached-"):
+                final["usage"].update(cache_read_input_tokens=2 * prompt, cache_creation_input_tokens=7)
             events = anthropic_events(final, [(" " if i else "") + w for i, w in enumerate(words)])
         else:
             final = responses_body(ident="resp_" + digest, model=model, text=text, input_tokens=prompt, output_tokens=len(words),
                                    truncated=truncated, created=1700000000, request=body)
+            if model.startswith("cached-"):
+                final["usage"]["input_tokens_details"] = {"cached_tokens": prompt // 2}
+                final["usage"]["output_tokens_details"] = {"reasoning_tokens": len(words) // 3}
             events = responses_events(final, [(" " if i else "") + w for i, w in enumerate(words)])
         if not body.get("stream"):
             return web.json_response(final, headers={"x-request-id": "req_upstream_123"})
@@ -177,10 +185,15 @@ class FakeUpstream:
     def _id(body: dict[str, Any]) -> str:
         return "chatcmpl-" + hashlib.sha256(json.dumps(body.get("messages", body.get("prompt")), sort_keys=True).encode()).hexdigest()[:24]
 
-    def _usage(self, body: dict[str, Any], text: str) -> dict[str, int]:
+    def _usage(self, body: dict[str, Any], text: str) -> dict[str, Any]:
         prompt = len(json.dumps(body.get("messages", body.get("prompt", "")))) // 4 + 1
         completion = len(text.split())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        self.billed_tokens += prompt + completion
+        usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if str(body.get("model", "")).startswith("cached-"):
+            usage["prompt_tokens_details"] = {"cached_tokens": prompt // 2}
+            usage["completion_tokens_details"] = {"reasoning_tokens": completion // 3}
+        return usage
 
     async def _complete(self, body: dict[str, Any], path: str) -> web.Response:
         text = self._text(body)

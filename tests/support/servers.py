@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +98,15 @@ def start_thermostat(config: Config, runtime: Runtime | None = None) -> RunningT
     return RunningThermostat(server, thread, port, rt)
 
 
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 30) -> None:
+    """SIGTERM (a graceful stop, as an operator's), then kill after `grace_s`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 40) -> None:
     """Poll a readiness URL of a server started as a subprocess; fail with its stderr if it died."""
     deadline = time.time() + timeout
@@ -108,3 +120,40 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 40) -> 
             pass
         time.sleep(0.1)
     raise AssertionError(f"{url} did not become ready")
+
+
+@contextmanager
+def simulator_in_thread(seed: int = 0, time_scale: float = 0.0, **options: Any) -> Iterator[Any]:
+    """The bundled simulator (proxy/demo/simulator_server.py) on a loopback port, its own loop in a thread."""
+    from proxy.demo.simulator_server import start_simulator
+
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    handle: dict[str, Any] = {}
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        handle["sim"] = loop.run_until_complete(start_simulator("127.0.0.1", 0, seed=seed, time_scale=time_scale, **options))
+        started.set()
+        loop.run_forever()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert started.wait(10), "the simulator did not start"
+    try:
+        yield handle["sim"]
+    finally:
+        asyncio.run_coroutine_threadsafe(handle["sim"].close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def run_demo_traffic(base: str, rate_per_s: float, seconds: float, **options: Any) -> None:
+    """`thermostat demo`'s simulated clients (proxy/demo/traffic.py) against `base` for `seconds`."""
+    from proxy.demo import traffic
+
+    async def drive() -> None:
+        try:
+            await asyncio.wait_for(traffic.run(base, rate_per_s, **options), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    asyncio.run(drive())

@@ -77,8 +77,13 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT='collector:4318' (sets 'telemetry.otlp_endpoint')"),
         ({"telemetry": {"queue_size": 0}}, {}, "'telemetry.queue_size'"),
         # A quoted number is refused, not coerced (strict conversion).
-        ({"server": {"port": "8080"}}, {}, "invalid value for 'server.port': Expected `int`, got `str`"),
-        ({"storage": {"journal": "true"}}, {}, "invalid value for 'storage.journal': Expected `bool`, got `str`"),
+        # The key and the expected type, in the "(allowed: ...)" shape of every other error (issue 27).
+        ({"server": {"port": "8080"}}, {}, "invalid value for 'server.port': \"8080\" (allowed: an integer; in TOML a quoted value is a string)"),
+        ({"storage": {"journal": "true"}}, {}, "invalid value for 'storage.journal': \"true\" (allowed: true or false;"),
+        ({"server": {"port": 8.5}}, {}, "invalid value for 'server.port': 8.5 (allowed: an integer)"),
+        # A table's entry is named, not written `[...]`.
+        ({"caws": {"per_task_limits": {"code": 5, "chat": "5"}}}, {}, "invalid value for 'caws.per_task_limits.chat': \"5\" (allowed: an integer"),
+        ({"baseline": {"code": {"temperature": "0.5"}}}, {}, "invalid value for 'baseline.code.temperature': \"0.5\" (allowed: a number"),
         # A value set by an environment variable is reported under the variable's name.
         ({}, {"LLM_OPTIMIZATION_MODE": "turbo"}, "environment variable LLM_OPTIMIZATION_MODE='turbo' (sets 'optimization.mode')"),
         ({}, {"LLM_OPTIMIZATION_TRAFFIC_PERCENTAGE": "1.5"}, "LLM_OPTIMIZATION_TRAFFIC_PERCENTAGE='1.5' (sets 'optimization.traffic_percentage'): 1.5 (allowed"),

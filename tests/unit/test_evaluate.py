@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -116,7 +117,7 @@ def test_a_candidate_outside_the_logged_trust_region_gets_no_estimate(logged: tu
     assert task.task_type == "code" and task.candidate == [] and task.unsupported_mass is not None and task.unsupported_mass > 0.1
     assert task.refused is not None and "never logged" in task.refused
     text = ev.markdown(evaluation, [])
-    assert "| code | candidate | no estimate |" in text and "no estimate of the candidate" in text
+    assert task.unsupported and "| code | candidate | unsupported: no estimate |" in text and "the estimate is unsupported" in text
     assert task.holdout is not None  # the on-policy baseline needs no support
 
 
@@ -126,3 +127,19 @@ def test_evaluate_without_a_log_is_a_config_error(tmp_path: Path, capsys: pytest
     assert main(["evaluate", "--config", str(config), "--out", str(tmp_path / "out")]) == 2
     assert "no decision log at" in capsys.readouterr().err
     assert main(["evaluate", "--config", str(config), "--since", "soon", "--out", str(tmp_path / "out")]) == 2
+
+
+def test_an_empirical_bernstein_interval_over_the_whole_range_is_called_uninformative() -> None:
+    bounds = (-1.1, 1.0)
+    whole = ev.MethodEstimate(method="ips", value=0.5, ci_low=0.4, ci_high=0.6, eb_low=-1.1, eb_high=1.0, ess=100.0)
+    unbounded = msgspec.structs.replace(whole, eb_low=None, eb_high=None)
+    narrow = msgspec.structs.replace(whole, eb_low=0.2, eb_high=0.8)
+    assert not ev.informative(whole, bounds).eb_informative and not ev.informative(unbounded, bounds).eb_informative
+    assert ev.informative(narrow, bounds).eb_informative
+    task = ev.TaskEvaluation(task_type="code", optimised_rows=100, holdout_rows=20, logged_mean=0.5, holdout=None,
+                             candidate=[ev.informative(whole, bounds)], ess=100.0, max_weight=2.0, unsupported_mass=0.0,
+                             outside_logged_region=0)
+    evaluation = ev.Evaluation(candidate_policy="uniform", logging_policy="uniform", since=0.0, until=1.0, rows_read=120,
+                               tasks=[task], confidence=0.95, min_propensity=0.01, reward_range=bounds)
+    text = ev.markdown(evaluation, [])
+    assert "| code | IPS | 0.5000 | [0.4000, 0.6000] | uninformative |" in text and "[-1.1000, 1.0000]" not in text

@@ -82,6 +82,35 @@ def test_reward_by_hand() -> None:
     ) == pytest.approx(1.0 - 0.1 * 10)
 
 
+def test_cost_term_in_dollars_by_hand() -> None:
+    settings = RewardSettings()
+    # cost known on both sides: 1.0·0.8 − 0.1·(3/2) − 0.01·(0.003/0.002) = 0.8 − 0.15 − 0.015; the token counts no longer matter
+    assert compute_reward(
+        quality=0.8, latency_s=3.0, tokens=999, baseline_latency_s=2.0, baseline_tokens=200, settings=settings,
+        cost_usd=0.003, baseline_cost_usd=0.002,
+    ) == pytest.approx(0.635)
+    # a setting that halves the spend is valued by what it saves: −0.01·0.5 instead of −0.01·1
+    half = compute_reward(quality=1.0, latency_s=1.0, tokens=1, baseline_latency_s=1.0, baseline_tokens=1, settings=settings,
+                          cost_usd=0.001, baseline_cost_usd=0.002)
+    assert half == pytest.approx(1.0 - 0.1 - 0.005)
+    # no baseline cost yet (or no price for this request): the token term stands
+    assert compute_reward(quality=0.8, latency_s=3.0, tokens=300, baseline_latency_s=2.0, baseline_tokens=200, settings=settings,
+                          cost_usd=0.003, baseline_cost_usd=None) == pytest.approx(0.635)
+
+
+def test_baseline_cost_mean_needs_min_samples_priced() -> None:
+    costs = BaselineCosts(min_samples=2)
+    costs.observe("code", 1.0, 100, 0.002)
+    costs.observe("code", 1.0, 100, None)  # unpriced: counts for latency and tokens, not for the cost mean
+    assert costs.cost_usd("code") is None
+    costs.observe("code", 1.0, 100, 0.004)
+    assert costs.cost_usd("code") == pytest.approx(0.003)
+    assert costs.totals["code"] == [3.0, 3.0, 300.0, 2.0, pytest.approx(0.006)]
+    # the reward divides by that mean: 0.0015 / 0.003 = 0.5
+    r = costs.reward(task_type="code", quality=1.0, latency_s=1.0, tokens=10_000, settings=RewardSettings(), cost_usd=0.0015)
+    assert r == pytest.approx(1.0 - 0.1 - 0.01 * 0.5)
+
+
 def test_baseline_costs_running_means_and_merge() -> None:
     costs = BaselineCosts(min_samples=2)
     assert costs.latency_s("code") == 1.0 and costs.tokens("code") == 256.0  # defaults
@@ -110,4 +139,4 @@ def test_costs_load_changed_keeps_other_tasks_and_local_increments() -> None:
     costs.observe("code", 0.5, 7)
     costs.load_changed({"code": [3.0, 4.0, 50.0]})  # another replica added one observation
     assert costs.totals["chat"] == [1.0, 1.0, 10.0]
-    assert costs.totals["code"] == [4.0, 4.5, 57.0]
+    assert costs.totals["code"] == [4.0, 4.5, 57.0, 0.0, 0.0]  # shared before dollars (3 components) + a local increment (5)

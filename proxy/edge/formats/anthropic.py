@@ -69,6 +69,22 @@ def anthropic_error_type(status: int) -> str:
 class _Usage(msgspec.Struct):
     input_tokens: int | None = None
     output_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+
+
+def _absorb_usage(summary: ResponseSummary, usage: _Usage) -> None:
+    """Counts present in `usage` (a stream's `message_delta` repeats some, cumulatively). Anthropic's
+    `input_tokens` leaves the cache reads and writes out; they are billed at their own prices."""
+    summary.cache_apart = True
+    if usage.input_tokens is not None:
+        summary.prompt_tokens = usage.input_tokens
+    if usage.output_tokens is not None:
+        summary.completion_tokens = usage.output_tokens
+    if usage.cache_read_input_tokens is not None:
+        summary.cache_read_tokens = usage.cache_read_input_tokens
+    if usage.cache_creation_input_tokens is not None:
+        summary.cache_write_tokens = usage.cache_creation_input_tokens
 
 
 class _Block(msgspec.Struct):
@@ -141,6 +157,7 @@ class AnthropicStreamSummarizer(EventSummarizer[_Event]):
         elif kind == "message_start" and ev.message is not None and ev.message.usage is not None:
             summary.prompt_tokens = ev.message.usage.input_tokens
             summary.completion_tokens = ev.message.usage.output_tokens
+            _absorb_usage(summary, ev.message.usage)
         elif kind == "content_block_start" and ev.content_block is not None and ev.content_block.type == "tool_use":
             self._tool_blocks.add(ev.index)
             summary.tool_args.setdefault(ev.index, [])
@@ -148,8 +165,8 @@ class AnthropicStreamSummarizer(EventSummarizer[_Event]):
             if not summary.tool_args.get(ev.index):
                 summary.tool_args[ev.index] = ["{}"]  # a tool called without arguments streams no delta
         elif kind == "message_delta":
-            if ev.usage is not None and ev.usage.output_tokens is not None:
-                summary.completion_tokens = ev.usage.output_tokens  # cumulative
+            if ev.usage is not None:
+                _absorb_usage(summary, ev.usage)  # cumulative counts
             if ev.delta is not None and ev.delta.stop_reason is not None:
                 summary.finish_reason = _finish(ev.delta.stop_reason)
         elif kind == "error":
@@ -199,6 +216,7 @@ class AnthropicFormat:
         if message.usage is not None:
             summary.prompt_tokens = message.usage.input_tokens
             summary.completion_tokens = message.usage.output_tokens
+            _absorb_usage(summary, message.usage)
         summary.finish_reason = _finish(message.stop_reason)
         for index, block in enumerate(message.content or ()):
             if block.type == "text" and block.text:

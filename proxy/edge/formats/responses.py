@@ -27,9 +27,19 @@ _EFFORT_PATH = ("reasoning", "effort")
 _TOKENS = "max_output_tokens"
 
 
+class _InputDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _OutputDetails(msgspec.Struct):
+    reasoning_tokens: int | None = None
+
+
 class _Usage(msgspec.Struct):
     input_tokens: int = 0
     output_tokens: int = 0
+    input_tokens_details: _InputDetails | None = None
+    output_tokens_details: _OutputDetails | None = None
 
 
 class _Incomplete(msgspec.Struct):
@@ -84,9 +94,11 @@ def _finish(response: _Response) -> str | None:
 
 def _absorb_final(summary: ResponseSummary, response: _Response) -> None:
     """Usage, stop reason and error of a whole response object (not its text)."""
-    if response.usage is not None:
-        summary.prompt_tokens = response.usage.input_tokens
-        summary.completion_tokens = response.usage.output_tokens
+    usage = response.usage
+    if usage is not None:
+        details_in, details_out = usage.input_tokens_details, usage.output_tokens_details
+        summary.openai_usage(usage.input_tokens, usage.output_tokens, details_in.cached_tokens if details_in is not None else None,
+                             details_out.reasoning_tokens if details_out is not None else None)
     summary.finish_reason = _finish(response)
     if response.status == "failed" or response.error is not None:
         summary.error = True
