@@ -124,8 +124,8 @@ def start(port: int | None = None, *, n_ctx: int = 512, threads: int = 1, timeou
 # ----------------------------------------------------------------------------- the grader
 
 PRIMER = "The capital of Kenya is Nairobi.\nThe capital of Peru is Lima.\n"
-"""Two worked lines before each question: a base model then answers in the same form (96 % right
-when greedy) instead of rambling on ("The capital of France is the capital of France. It ..." , 46 %)."""
+"""Two worked lines before each question: a base model then answers in the same form ("Paris.")
+instead of rambling on ("The capital of France is the capital of France. It ...")."""
 
 FULL_DISTRIBUTION = {"top_p": 1.0, "top_k": 0, "min_p": 0.0}
 """Sampling from the whole distribution, as OpenAI's API does by default. llama.cpp's server
@@ -184,9 +184,8 @@ QUESTIONS: tuple[Question, ...] = (
     _q("Romeo and Juliet was written by William", "Shakespeare"),
     _q("The first man to walk on the moon was Neil", "Armstrong"),
 )
-"""Short factual completions for a base model. Measured with FULL_DISTRIBUTION on this server
-(2 seeds x 28 questions each): right 96 % of the time greedy, 88 % at temperature 0.8, 41 % at
-1.4, 14 % at 2.0; bench/real_model.py measures it again on every run."""
+"""Short factual completions for a base model; bench/real_model.py measures how often they are
+right at each temperature (bench/results/real_model.md)."""
 
 
 _WORD = re.compile(r"[A-Za-z]+")

@@ -173,7 +173,7 @@ def test_a_malformed_field_gets_the_servers_own_answer(llama: LocalModel, plain:
 
 # ----------------------------------------------------------------------------- a small learning run
 
-HOT = 1.4  # the client's temperature: on these questions the model is right 41 % of the time at 1.4, 96 % greedy
+HOT = 1.4  # the client's temperature: too hot for these questions (bench/results/real_model.md has accuracy by temperature)
 ROUNDS = 4  # passes over the questions through Thermostat; the last two are compared with the client's own setting
 
 
@@ -206,4 +206,4 @@ def test_tuned_traffic_learns_to_cool_down_and_beats_the_clients_own_setting(lla
     print(f"\nlearning run: {n} tuned + {len(own)} direct requests in {took:.0f} s; temperature sent, first half "
           f"{mean(sent[: n // 2]):.2f}, second {mean(sent[late]):.2f}; accuracy tuned {mean(right[late]):.2f} vs client's own {mean(own):.2f}")
     assert mean(sent[: n // 2]) < HOT and mean(sent[late]) <= HOT / 2  # it moved cooler, and stayed there
-    assert mean(right[late]) >= mean(own) + 0.2  # ~0.9 against ~0.4 measured: a margin of more than four standard errors
+    assert mean(right[late]) >= mean(own) + 0.2  # 0.98 against 0.48 in the run the README quotes: n = 54 each, a margin of ~0.5
