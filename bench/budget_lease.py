@@ -25,6 +25,8 @@ Needs Redis on 127.0.0.1:6379. Results: bench/results/budget-lease-<date>.md and
     .venv/bin/python -m bench.budget_lease            # ~40 s
     .venv/bin/python -m bench.budget_lease --seconds 1 --latencies-ms 0,150
     .venv/bin/python -m bench.budget_lease --bursty   # ~70 s
+    # before/after: run the same file in an old checkout with --bursty --json-only --label old > old.jsonl,
+    # then here with --bursty --before old.jsonl
 """
 
 from __future__ import annotations
@@ -236,9 +238,10 @@ if __name__ == "__main__":
     parser.add_argument("--bursty", action="store_true", help="the bursty-traffic scenarios instead of the latency table")
     parser.add_argument("--label", default="this", help="with --bursty: the name of the checkout measured (a table column)")
     parser.add_argument("--json-only", action="store_true", help="with --bursty: print the rows, write no result file")
+    parser.add_argument("--before", help="with --bursty: a file of rows printed by --json-only in another checkout, shown first")
     ns = parser.parse_args()
     if ns.bursty:
-        rows = []
+        rows = [json.loads(line) for line in Path(ns.before).read_text().splitlines() if line.strip()] if ns.before else []
         for scenario in BURSTY:
             row = {"code": ns.label, **asyncio.run(bursty(**scenario))}  # type: ignore[arg-type]
             print(json.dumps(row))

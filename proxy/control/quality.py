@@ -32,6 +32,7 @@ from proxy.config import JudgeSettings
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
 from proxy.control.errors import ERR
+from proxy.control.schemas import MetricComparison
 from proxy.control.views import MaxRows, TextFilter, WindowS, actor_of, window, write_audit
 from proxy.decision.feedback import SignalBook
 from proxy.decision.judge_trust import JudgeTrust
@@ -76,6 +77,9 @@ class QualityTaskOut(msgspec.Struct, frozen=True, kw_only=True):
     validation_failed: int
     validation_failure_rate: float | None
     validator_reasons: dict[str, int]  # the most frequent stored failure reasons in the window (at most TOP_REASONS)
+    # tuned vs holdout per signal kind in the window, each kind only against itself (reports.signal_comparisons):
+    # automatic always; judged, explicit quality and the pairwise win rate once they have signals
+    by_signal: list[MetricComparison] = []
 
 
 class QualityReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,7 +109,9 @@ def quality_report(rows: Sequence[DecisionRow], signals: SignalBook, judge: Judg
                    now: float, since: float, until: float, truncated: bool, trust: JudgeTrust | None = None) -> QualityReport:
     counts: dict[str, dict[str, int]] = {}
     reasons: dict[str, Counter[str]] = {}
-    for row in rows:
+    by_task: dict[str, list[DecisionRow]] = {}
+    for row in sorted(rows, key=lambda r: (r.timestamp, r.request_id)):  # the sequences read rows oldest first
+        by_task.setdefault(row.task_type, []).append(row)
         per = counts.setdefault(row.task_type, dict.fromkeys(SOURCES, 0))
         per[source_of(row)] += 1
         if row.validator_reason is not None:
@@ -132,6 +138,10 @@ def quality_report(rows: Sequence[DecisionRow], signals: SignalBook, judge: Judg
             ),
             validation_checked=checked, validation_failed=failed, validation_failure_rate=failed / checked if checked else None,
             validator_reasons=dict(sorted(reasons.get(task, Counter()).items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_REASONS]),
+            by_signal=cdata.signal_comparisons(
+                task, [r for r in by_task.get(task, []) if r.mode in cdata.OPTIMIZED_MODES],
+                [r for r in by_task.get(task, []) if r.mode == cdata.HOLDOUT_MODE],
+            ),
         ))
     return QualityReport(generated_at=now, since=since, until=until, truncated=truncated, tasks=out)
 

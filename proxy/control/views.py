@@ -149,12 +149,10 @@ def slo_status(deps: ControlDeps, now: float) -> SloStatus:
     monitor = deps.decider.conservative
     tasks = []
     if monitor is not None:
-        level = 1.0 - monitor.settings.alpha / 2.0  # the quality claim's share of α (guards/conservative.py)
         for v in monitor.verdicts():
-            diff = v.optimised_mean - v.holdout_mean if v.optimised_mean is not None and v.holdout_mean is not None else None
-            words = cdata.monitor_words(v.verdict, v.rolled_back)
-            summary = cdata.monitor_sentence(v.task_type, diff, *v.quality_difference, v.optimised_n + v.holdout_n, level, words)
-            tasks.append(TaskGuarantee(**msgspec.structs.asdict(v), quality_level=level, summary=summary))
+            head = next(k for k in v.signals if k.kind == v.quality_kind)
+            summary = cdata.monitor_summary(v)
+            tasks.append(TaskGuarantee(**msgspec.structs.asdict(v), quality_level=head.level, summary=summary))
     return SloStatus(compliant=report.compliant, window_s=report.window_s, min_samples=report.min_samples, breached=list(report.breached),
                      slos=slos, tasks=tasks)
 

@@ -89,7 +89,7 @@ def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path, mon
         reward_svg = re.search(r'<svg id="chart-reward".*?</svg>', html, re.S)
         assert reward_svg is not None and 'data-name="holdout"' in reward_svg.group(0) and 'data-name="optimized"' in reward_svg.group(0)
         for task in ("code", "summarise"):
-            assert re.search(rf'<tr data-task="{task}" data-metric="quality">', html), task
+            assert re.search(rf'<tr data-task="{task}" data-metric="quality_automatic">', html), task
         assert html.count('class="interval"') >= 2 * 3  # both tasks: quality, reward and tokens at least
         assert "95 % interval [" in html and "verdict" in html
         assert 'class="band"' in html and 'class="series client"' in html  # trust-region bands and the client's value
@@ -303,7 +303,8 @@ def test_dashboard_shows_a_simulated_run_with_judge_holdout_monitor_and_events(s
             assert cells[2] == m["summary"] and f"{100 * m['quality_level']:g} % interval [" in cells[2]
             lo, hi = m["quality_difference"]
             assert cells[5] == f"[{lo:+.2f}, {hi:+.2f}]"
-            assert cells[3].endswith(f"· {m['optimised_n']} req") and cells[4].endswith(f"· {m['holdout_n']} req")
+            assert cells[3].endswith(f"· {m['optimised_n']} signals") and cells[4].endswith(f"· {m['holdout_n']} signals")
+            assert cells[3].startswith(m["quality_kind"])
         assert rows["extraction"][1] == "rolled back" and "rolled back" in rows["extraction"][2]
         assert re.search(r'<svg[^>]*class="ci"', html)
 
@@ -353,7 +354,7 @@ def test_dashboard_shows_a_simulated_run_with_judge_holdout_monitor_and_events(s
         # Tuned vs holdout over the range, and the headline chart's holdout line.
         reward_svg = re.search(r'<svg id="chart-reward".*?</svg>', html, re.S)
         assert reward_svg is not None and 'data-name="holdout"' in reward_svg.group(0)
-        assert re.search(r'<tr data-task="code" data-metric="quality">', html) and html.count('class="interval"') >= 3 * 4
+        assert re.search(r'<tr data-task="code" data-metric="quality_automatic">', html) and html.count('class="interval"') >= 3 * 4
     finally:
         t.stop()
 
