@@ -25,7 +25,7 @@ def test_the_demo_serves_the_real_model_and_its_grader_posts_feedback(real_model
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
     )
     base = f"http://127.0.0.1:{port}"
-    auth = {"authorization": "Bearer e2e-demo-token"}
+    auth = {"authorization": "Bearer e2e-demo-token-0123456789"}
     try:
         wait_ready(f"{base}/health/readiness", proc, timeout=180)
         deadline = time.monotonic() + 180
