@@ -1,4 +1,14 @@
-"""CAWS token budget: reserve before forwarding, settle after, never overshoot.
+"""CAWS budget: reserve before forwarding, settle after, never overshoot.
+
+It counts tokens, or dollars under ``caws.unit = "usd"``: the store and the leases
+count whole units either way (tokens, or micro-dollars), so everything below holds
+for both; only what a request reserves and settles is computed differently
+(`BudgetGuard.amount`, `BudgetGuard.spent`): in dollars, the price of its prompt
+estimate at the model's input price plus its cap at the output price, then its real
+cost (`policies.pricing`). A model without a known price cannot be counted in
+dollars: under ``reject`` such a request is refused as unavailable (503), under
+``baseline`` it goes unbudgeted with the client's own parameters (reason
+``unpriced``).
 
 The budget (``caws.budget_limit`` tokens per UTC-aligned window of
 ``caws.window_s``, optionally also per task type via ``caws.per_task_limits``)
@@ -65,9 +75,10 @@ from typing import Any, Literal
 import msgspec
 
 from guards.lease import LeaseBook
-from guards.settings import CawsSettings
+from guards.settings import CawsSettings, budget_units
 from guards.state import BudgetKey, Candidate, Counters, InProcessStore, ReserveResult, StateStore
 from guards.waivers import Waiver, WaiverBook, extra_tokens, waiver_for
+from policies.pricing import Rates, reservation_usd, to_micro
 from policies.records import Arm
 
 _SLACK = 1e-9
@@ -80,6 +91,7 @@ Reason = Literal[
     "exhausted_baseline",  # nothing fit; baseline sent anyway (overrun counted)
     "exhausted_reject",  # nothing fit; on_exhausted="reject"
     "guard_unavailable",  # the store failed or timed out
+    "unpriced",  # unit "usd" and the model has no known price: it cannot be counted in dollars
     "disabled",  # caws.enabled = false
 ]
 
@@ -203,11 +215,11 @@ class BudgetGuard:
 
     def _budget_keys(self, window_start: int, task_type: str, waivers: Sequence[Waiver], now: float) -> list[BudgetKey]:
         s = self.settings
-        limit = s.budget_limit + extra_tokens(waivers, now)
+        limit = budget_units(s, s.budget_limit) + extra_tokens(waivers, now)
         keys = [BudgetKey(self._global_key(window_start), limit, _ceil_fraction(s.waiver_threshold, limit))]
         task_limit = s.per_task_limits.get(task_type)
         if task_limit is not None:
-            eff = task_limit + extra_tokens(waivers, now, task_type)
+            eff = budget_units(s, task_limit) + extra_tokens(waivers, now, task_type)
             keys.append(BudgetKey(self._task_key(window_start, task_type), eff, _ceil_fraction(s.waiver_threshold, eff)))
         return keys
 
@@ -280,41 +292,56 @@ class BudgetGuard:
         prompt_tokens: int,
         confidence: float | None,
         now: float,
+        rates: Rates | None = None,
     ) -> BudgetVerdict:
-        """Reserve tokens for this request and say which arm may be sent (see module docstring).
+        """Reserve budget for this request and say which arm may be sent (see module docstring).
 
         `allowed` comes from `trust_region.allowed_arms`; `chosen` indexes it (None for
         requests that are not optimised). The returned arm is always `allowed[chosen]`,
-        another member of `allowed`, or `baseline`.
+        another member of `allowed`, or `baseline`. `rates`: the model's prices (unit "usd").
         """
         s = self.settings
         chosen_arm = allowed[chosen] if chosen is not None else None
         if not s.enabled:
             return self._unguarded(chosen_arm, baseline, "disabled", guard_ok=True)
-        prompt = max(0, int(prompt_tokens))
+        if s.unit == "usd" and rates is None:
+            return self._unavailable(chosen_arm, baseline, "unpriced")
+        prompt = self.amount(max(0, int(prompt_tokens)), 0, rates)
         window = self.window_start(now)
         if self.leases is not None:
-            return await self._decide_leased(self.leases, chosen_arm, allowed, baseline, task_type, prompt, confidence, now)
+            return await self._decide_leased(self.leases, chosen_arm, allowed, baseline, task_type, prompt, confidence, now, rates)
         try:
             async with self._deadline():
                 waivers = await self._cached_waivers(now)
                 keys = self._budget_keys(window, task_type, waivers, now)
                 waiver = waiver_for(waivers, now, task_type)
                 confident = confidence is not None and confidence >= s.confidence_threshold
-                arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident)
+                arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident, rates)
                 result = await self.store.budget_reserve(keys, cands, now=now, expires_at=self._expires_at(window))
         except Exception:  # noqa: BLE001 - any store failure is a fail-safe, never a crashed request
             return self._unavailable(chosen_arm, baseline)
         return self._verdict(result, keys, arms, cands, chosen_arm, baseline, task_type, window, waiver, confident)
 
-    def _unavailable(self, chosen_arm: Arm | None, baseline: Arm) -> BudgetVerdict:
-        """No budget answer in time. Under ``reject`` that is a refusal: a hard cap never sends
-        a request it could not count. Under ``baseline``, the client's own traffic goes."""
+    def _unavailable(self, chosen_arm: Arm | None, baseline: Arm, reason: Reason = "guard_unavailable") -> BudgetVerdict:
+        """No budget answer in time (or no price to count in). Under ``reject`` that is a refusal: a
+        hard cap never sends a request it could not count. Under ``baseline``, the client's own traffic goes."""
         if self.settings.on_exhausted == "reject":
-            return BudgetVerdict(
-                action="reject", arm=baseline, reason="guard_unavailable", guard_ok=False, enforced=False
-            )
-        return self._unguarded(chosen_arm, baseline, "guard_unavailable", guard_ok=False)
+            return BudgetVerdict(action="reject", arm=baseline, reason=reason, guard_ok=False, enforced=False)
+        return self._unguarded(chosen_arm, baseline, reason, guard_ok=False)
+
+    def amount(self, prompt_tokens: int, max_tokens: int, rates: Rates | None) -> int:
+        """What a request with this prompt estimate and output cap reserves, in the budget's unit."""
+        if self.settings.unit == "tokens" or rates is None:
+            return prompt_tokens + max_tokens
+        return to_micro(reservation_usd(prompt_tokens, max_tokens, rates))
+
+    def spent(self, prompt_tokens: int | None, completion_tokens: int | None, cost_usd: float | None) -> int | None:
+        """What a finished request used, in the budget's unit; None when it cannot be told (no usage, or no price)."""
+        if self.settings.unit == "usd":
+            return None if cost_usd is None else to_micro(cost_usd)
+        if prompt_tokens is None and completion_tokens is None:
+            return None
+        return (prompt_tokens or 0) + (completion_tokens or 0)
 
     async def _decide_leased(
         self,
@@ -326,6 +353,7 @@ class BudgetGuard:
         prompt: int,
         confidence: float | None,
         now: float,
+        rates: Rates | None = None,
     ) -> BudgetVerdict:
         """`decide` from this replica's leases: no store round trip. A request that does not fit
         waits (at most ``store_timeout_s``) for the refill task's next answer."""
@@ -335,7 +363,7 @@ class BudgetGuard:
         keys = self._budget_keys(window, task_type, waivers, now)
         waiver = waiver_for(waivers, now, task_type)
         confident = confidence is not None and confidence >= s.confidence_threshold
-        arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident)
+        arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident, rates)
         expires_at = self._expires_at(window)
         result = book.reserve(keys, cands, now=now, expires_at=expires_at)
         if result is None and not book.exhausted(keys, now):
@@ -353,24 +381,25 @@ class BudgetGuard:
         return self._verdict(result, keys, arms, cands, chosen_arm, baseline, task_type, window, waiver, confident, leased=True)
 
     def _candidates(
-        self, chosen_arm: Arm | None, allowed: Sequence[Arm], baseline: Arm, prompt: int, costly_ok: bool
+        self, chosen_arm: Arm | None, allowed: Sequence[Arm], baseline: Arm, prompt: int, costly_ok: bool, rates: Rates | None = None
     ) -> tuple[list[Arm], list[Candidate]]:
+        """`prompt`: the prompt estimate, already in the budget's unit; each arm adds its cap's (`amount`)."""
         force_baseline = self.settings.on_exhausted == "baseline"
         arms: list[Arm] = []
         cands: list[Candidate] = []
         if chosen_arm is not None:
             arms.append(chosen_arm)
             costly = chosen_arm.max_tokens > baseline.max_tokens
-            cands.append(Candidate(prompt + chosen_arm.max_tokens, gated=costly and not costly_ok))
+            cands.append(Candidate(prompt + self.amount(0, chosen_arm.max_tokens, rates), gated=costly and not costly_ok))
             cheapest = min(
                 allowed,
                 key=lambda a: (a.max_tokens, abs(a.temperature - chosen_arm.temperature)),
             )
             if cheapest != chosen_arm and cheapest != baseline:
                 arms.append(cheapest)
-                cands.append(Candidate(prompt + cheapest.max_tokens, gated=cheapest.max_tokens > baseline.max_tokens))
+                cands.append(Candidate(prompt + self.amount(0, cheapest.max_tokens, rates), gated=cheapest.max_tokens > baseline.max_tokens))
         arms.append(baseline)
-        cands.append(Candidate(prompt + baseline.max_tokens, force=force_baseline))
+        cands.append(Candidate(prompt + self.amount(0, baseline.max_tokens, rates), force=force_baseline))
         return arms, cands
 
     def _verdict(
@@ -444,7 +473,7 @@ class BudgetGuard:
     # ---- after the response -----------------------------------------------------
 
     async def settle(self, reservation: Reservation | None, actual_tokens: int, now: float) -> bool:
-        """Turn the reservation into real usage (prompt + completion tokens); False if the store failed."""
+        """Turn the reservation into real usage (in the budget's unit, `spent`); False if the store failed."""
         if reservation is None:
             return True
         if reservation.leased and self.leases is not None:
@@ -464,7 +493,7 @@ class BudgetGuard:
         return True
 
     async def charge(self, task_type: str, tokens: int, now: float) -> bool:
-        """Count tokens already spent outside a client request (the judge's calls, task type `_judge`).
+        """Count what was already spent outside a client request (the judge's calls, task type `_judge`), in the budget's unit.
 
         Nothing was reserved for them, so this is a settle of an empty reservation: the spend
         shows in the window and in the task's line, and later admissions see it.
@@ -504,13 +533,13 @@ class BudgetGuard:
         tasks = sorted(s.per_task_limits)
         names = [self._global_key(window)] + [self._task_key(window, t) for t in tasks]
         counters = await self.store.budget_read(names, now=now)
-        effective = s.budget_limit + extra_tokens(active, now)
+        effective = budget_units(s, s.budget_limit) + extra_tokens(active, now)
         total: Counters = counters[0]
         lines: dict[str, BudgetLine] = {}
         for task, c in zip(tasks, counters[1:]):
-            eff = s.per_task_limits[task] + extra_tokens(active, now, task)
+            eff = budget_units(s, s.per_task_limits[task]) + extra_tokens(active, now, task)
             lines[task] = BudgetLine(
-                limit=s.per_task_limits[task],
+                limit=budget_units(s, s.per_task_limits[task]),
                 effective_limit=eff,
                 used=c.used,
                 reserved=c.reserved,
@@ -521,7 +550,7 @@ class BudgetGuard:
         return BudgetStatus(
             window_start=window,
             resets_at=window + s.window_s,
-            limit=s.budget_limit,
+            limit=budget_units(s, s.budget_limit),
             effective_limit=effective,
             used=total.used,
             reserved=total.reserved,
