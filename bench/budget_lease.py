@@ -11,10 +11,22 @@ of `--upstream-ms`, then the settle. Two modes over the same `BudgetGuard` code:
 
 Reports the decision's p50/p99/max and how many requests were admitted (a decision
 that exceeds ``store_timeout_s`` is refused under ``on_exhausted = "reject"``).
-Needs Redis on 127.0.0.1:6379. Results: bench/results/budget-lease-<date>.md and .json.
+
+Bursty traffic (issue 21), ``--bursty``: the replicas of the issue's reproduction, each a
+`BudgetGuard` with its own `LeaseBook`, `LeaseRefiller` and Redis connection, default lease
+timers, ``on_exhausted = "reject"``: one replica with a 5,000-token cap, 9 bursts of 15
+requests 4.5 s apart; three replicas with a 30,000 cap, 8 bursts of 80 (spread over the
+three) 3 s apart. Every request reserves 250 tokens and uses 123. Reports the tokens
+served against the cap, refusals, and what Redis counted once the replicas stopped.
+
+Needs Redis on 127.0.0.1:6379. Results: bench/results/budget-lease-<date>.md and .json
+(``--bursty``: budget-bursty-<date>.md and .json).
 
     .venv/bin/python -m bench.budget_lease            # ~40 s
     .venv/bin/python -m bench.budget_lease --seconds 1 --latencies-ms 0,150
+    .venv/bin/python -m bench.budget_lease --bursty   # ~70 s
+    # before/after: run the same file in an old checkout with --bursty --json-only --label old > old.jsonl,
+    # then here with --bursty --before old.jsonl
 """
 
 from __future__ import annotations
@@ -96,6 +108,82 @@ async def measure(url: str, *, leased: bool, seconds: float, concurrency: int, u
     }
 
 
+async def bursty(*, replicas: int, limit: int, bursts: int, per_burst: int, gap_s: float) -> dict[str, Any]:
+    """The issue's bursts: `per_burst` requests at once (round-robin over the replicas), then `gap_s` idle."""
+    settings = CawsSettings(budget_limit=limit, on_exhausted="reject", store_timeout_s=0.5)
+    prefix = f"bench:{uuid.uuid4().hex[:8]}:"
+    stores = [RedisStore("redis://127.0.0.1:6379/0", prefix=prefix, timeout_s=2.0) for _ in range(replicas)]
+    guards: list[BudgetGuard] = []
+    refillers: list[LeaseRefiller] = []
+    for store in stores:
+        book = LeaseBook(settings, holder=store.instance_id)
+        guard = BudgetGuard(settings, store, leases=book)
+        refiller = LeaseRefiller(guard, book, store, clock=time.time, call_timeout_s=settings.lease_ttl_s / 2)
+        refiller.start()
+        guards.append(guard)
+        refillers.append(refiller)
+    served = refused = 0
+
+    async def one(guard: BudgetGuard) -> None:
+        nonlocal served, refused
+        v = await guard.decide(allowed=[BASE], chosen=None, baseline=BASE, task_type="chat", prompt_tokens=50, confidence=None, now=time.time())
+        if v.action != "send":
+            refused += 1
+            return
+        await asyncio.sleep(0.05)  # the upstream
+        await guard.settle(v.reservation, USED, time.time())
+        served += USED
+
+    for b in range(bursts):
+        await asyncio.gather(*(one(guards[i % replicas]) for i in range(per_burst)))
+        if b < bursts - 1:
+            await asyncio.sleep(gap_s)
+    for refiller in refillers:
+        await refiller.stop()
+    key = f"{prefix}caws:{guards[0].window_start(time.time())}:all"
+    used, reserved = (int(v or 0) for v in await stores[0].redis.hmget(key, "used", "reserved"))
+    keys = [k async for k in stores[0].redis.scan_iter(match=prefix + "*")]
+    if keys:
+        await stores[0].redis.delete(*keys)
+    for store in stores:
+        await store.aclose()
+    return {
+        "replicas": replicas, "limit": limit, "bursts": bursts, "per_burst": per_burst, "gap_s": gap_s,
+        "asked": bursts * per_burst * USED, "served": served, "refused": refused,
+        "served_over_limit": round(served / limit, 3), "redis_used": used, "redis_reserved": reserved,
+    }
+
+
+BURSTY = (
+    {"replicas": 1, "limit": 5_000, "bursts": 9, "per_burst": 15, "gap_s": 4.5},
+    {"replicas": 3, "limit": 30_000, "bursts": 8, "per_burst": 80, "gap_s": 3.0},
+)
+USED = 123  # tokens a request actually uses (of the 250 it reserves)
+
+
+def write_bursty(rows: list[dict[str, Any]]) -> Path:
+    day = dt.date.today().isoformat()
+    out = ROOT / "bench" / "results" / f"budget-bursty-{day}"
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    lines = [
+        f"# Budget leases under bursty traffic ({day})",
+        "",
+        "`python -m bench.budget_lease --bursty`: default lease timers (`lease_horizon_s` 2, `lease_ttl_s` 10, "
+        "`lease_refill_s` 0.2), `on_exhausted = \"reject\"`, Redis direct; each request reserves 250 tokens and uses 123. "
+        "`code` is the checkout measured.",
+        "",
+        "| code | replicas | cap | bursts x requests, gap | asked | served | served / cap | refused | Redis used after stop |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.get('code', 'this')} | {r['replicas']} | {r['limit']:,} | {r['bursts']} x {r['per_burst']}, {r['gap_s']:g} s | "
+            f"{r['asked']:,} | {r['served']:,} | {r['served_over_limit']} | {r['refused']} | {r['redis_used']:,} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return out.with_suffix(".md")
+
+
 async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for latency in [float(x) for x in args.latencies_ms.split(",")]:
@@ -147,6 +235,19 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--upstream-ms", type=float, default=20.0)
     parser.add_argument("--latencies-ms", default="0,1,5,150")
+    parser.add_argument("--bursty", action="store_true", help="the bursty-traffic scenarios instead of the latency table")
+    parser.add_argument("--label", default="this", help="with --bursty: the name of the checkout measured (a table column)")
+    parser.add_argument("--json-only", action="store_true", help="with --bursty: print the rows, write no result file")
+    parser.add_argument("--before", help="with --bursty: a file of rows printed by --json-only in another checkout, shown first")
     ns = parser.parse_args()
-    result = asyncio.run(main(ns))
-    print(write(result, ns))
+    if ns.bursty:
+        rows = [json.loads(line) for line in Path(ns.before).read_text().splitlines() if line.strip()] if ns.before else []
+        for scenario in BURSTY:
+            row = {"code": ns.label, **asyncio.run(bursty(**scenario))}  # type: ignore[arg-type]
+            print(json.dumps(row))
+            rows.append(row)
+        if not ns.json_only:
+            print(write_bursty(rows))
+    else:
+        result = asyncio.run(main(ns))
+        print(write(result, ns))

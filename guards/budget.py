@@ -28,7 +28,11 @@ Rules, in order (``E`` = effective limit = limit + Σ active waivers' extra toke
 
 1. Reservation = ``prompt_tokens`` (the caller's conservative estimate; an
    underestimate shows up as real usage at settle time and is not capped) +
-   the arm's ``max_tokens``.
+   the arm's ``max_tokens``, at most one token more than the largest limit: a
+   client's max_tokens of 10**18 then still never fits (refused under ``reject``),
+   and under ``baseline`` it holds a bounded amount that its settle gives back
+   (unbounded, the Redis scripts could not do the arithmetic and the reservation
+   stayed for the rest of the window).
 2. Candidates, first that fits every key wins: the policy's chosen arm; else the
    cheapest allowed arm (fewest ``max_tokens``; ties: nearest temperature to the
    choice); else the baseline. ``chosen=None`` (non-optimised traffic) tries only
@@ -76,7 +80,7 @@ import msgspec
 
 from guards.lease import LeaseBook
 from guards.settings import CawsSettings, budget_units
-from guards.state import BudgetKey, Candidate, Counters, InProcessStore, ReserveResult, StateStore
+from guards.state import MAX_TOKENS, BudgetKey, Candidate, Counters, InProcessStore, ReserveResult, StateStore
 from guards.waivers import Waiver, WaiverBook, extra_tokens, waiver_for
 from policies.pricing import Rates, reservation_usd, to_micro
 from policies.records import Arm
@@ -215,11 +219,11 @@ class BudgetGuard:
 
     def _budget_keys(self, window_start: int, task_type: str, waivers: Sequence[Waiver], now: float) -> list[BudgetKey]:
         s = self.settings
-        limit = budget_units(s, s.budget_limit) + extra_tokens(waivers, now)
+        limit = min(MAX_TOKENS, budget_units(s, s.budget_limit) + extra_tokens(waivers, now))
         keys = [BudgetKey(self._global_key(window_start), limit, _ceil_fraction(s.waiver_threshold, limit))]
         task_limit = s.per_task_limits.get(task_type)
         if task_limit is not None:
-            eff = budget_units(s, task_limit) + extra_tokens(waivers, now, task_type)
+            eff = min(MAX_TOKENS, budget_units(s, task_limit) + extra_tokens(waivers, now, task_type))
             keys.append(BudgetKey(self._task_key(window_start, task_type), eff, _ceil_fraction(s.waiver_threshold, eff)))
         return keys
 
@@ -316,7 +320,7 @@ class BudgetGuard:
                 keys = self._budget_keys(window, task_type, waivers, now)
                 waiver = waiver_for(waivers, now, task_type)
                 confident = confidence is not None and confidence >= s.confidence_threshold
-                arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident, rates)
+                arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident, keys, rates)
                 result = await self.store.budget_reserve(keys, cands, now=now, expires_at=self._expires_at(window))
         except Exception:  # noqa: BLE001 - any store failure is a fail-safe, never a crashed request
             return self._unavailable(chosen_arm, baseline)
@@ -363,7 +367,7 @@ class BudgetGuard:
         keys = self._budget_keys(window, task_type, waivers, now)
         waiver = waiver_for(waivers, now, task_type)
         confident = confidence is not None and confidence >= s.confidence_threshold
-        arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident, rates)
+        arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident, keys, rates)
         expires_at = self._expires_at(window)
         result = book.reserve(keys, cands, now=now, expires_at=expires_at)
         if result is None and not book.exhausted(keys, now):
@@ -378,28 +382,42 @@ class BudgetGuard:
             if not book.exhausted(keys, now):
                 return self._unavailable(chosen_arm, baseline)
             result = book.reserve_exhausted(keys, cands, now=now, expires_at=expires_at)
+            if result.index is None and book.recovering(keys):
+                return self._unavailable(chosen_arm, baseline)  # the store is rebuilding lost state, not out of budget
         return self._verdict(result, keys, arms, cands, chosen_arm, baseline, task_type, window, waiver, confident, leased=True)
 
     def _candidates(
-        self, chosen_arm: Arm | None, allowed: Sequence[Arm], baseline: Arm, prompt: int, costly_ok: bool, rates: Rates | None = None
+        self,
+        chosen_arm: Arm | None,
+        allowed: Sequence[Arm],
+        baseline: Arm,
+        prompt: int,
+        costly_ok: bool,
+        keys: Sequence[BudgetKey],
+        rates: Rates | None = None,
     ) -> tuple[list[Arm], list[Candidate]]:
         """`prompt`: the prompt estimate, already in the budget's unit; each arm adds its cap's (`amount`)."""
         force_baseline = self.settings.on_exhausted == "baseline"
+        cap = max(k.limit for k in keys) + 1  # more than any key holds: never fits, yet bounded (rule 1)
+
+        def tokens(arm: Arm) -> int:
+            return min(cap, prompt + self.amount(0, arm.max_tokens, rates))
+
         arms: list[Arm] = []
         cands: list[Candidate] = []
         if chosen_arm is not None:
             arms.append(chosen_arm)
             costly = chosen_arm.max_tokens > baseline.max_tokens
-            cands.append(Candidate(prompt + self.amount(0, chosen_arm.max_tokens, rates), gated=costly and not costly_ok))
+            cands.append(Candidate(tokens(chosen_arm), gated=costly and not costly_ok))
             cheapest = min(
                 allowed,
                 key=lambda a: (a.max_tokens, abs(a.temperature - chosen_arm.temperature)),
             )
             if cheapest != chosen_arm and cheapest != baseline:
                 arms.append(cheapest)
-                cands.append(Candidate(prompt + self.amount(0, cheapest.max_tokens, rates), gated=cheapest.max_tokens > baseline.max_tokens))
+                cands.append(Candidate(tokens(cheapest), gated=cheapest.max_tokens > baseline.max_tokens))
         arms.append(baseline)
-        cands.append(Candidate(prompt + self.amount(0, baseline.max_tokens, rates), force=force_baseline))
+        cands.append(Candidate(tokens(baseline), force=force_baseline))
         return arms, cands
 
     def _verdict(
@@ -476,15 +494,16 @@ class BudgetGuard:
         """Turn the reservation into real usage (in the budget's unit, `spent`); False if the store failed."""
         if reservation is None:
             return True
+        actual = min(MAX_TOKENS, max(0, int(actual_tokens)))
         if reservation.leased and self.leases is not None:
-            self.leases.settle(reservation.keys, reservation.tokens, max(0, int(actual_tokens)))
+            self.leases.settle(reservation.keys, reservation.tokens, actual)
             return True
         try:
             async with self._deadline():
                 await self.store.budget_settle(
                     reservation.keys,
                     reservation.tokens,
-                    max(0, int(actual_tokens)),
+                    actual,
                     now=now,
                     expires_at=self._expires_at(reservation.window_start),
                 )

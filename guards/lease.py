@@ -26,13 +26,32 @@ the excess from ``free``, and the store adds it to ``used`` at the next report.
 Store calls (`StateStore.budget_lease`, a `LeaseCall`) are absolute and idempotent:
 they carry the cumulative usage settled here and the amount wanted afterwards, so a
 reply lost to a timeout or a killed connection is simply repeated by the next call.
+The cumulative figures are per (replica, key) for as long as the key lives: a lease
+that goes idle is handed back but its record is kept (`_idle`) until the key's window
+expires, so the next lease on that key continues the count the store compares with
+(before, a new lease counted from 0 and the store ignored its usage until it passed
+the old total). Every call carries a sequence number, strictly increasing per replica,
+so a call given up on that reaches the store after a newer one changes nothing (the
+amount it asked for is stale). A restarted replica is a new holder (a new id) with
+fresh counts; the old holder's lease is reclaimed at its expiry. If the store lost its
+state (a Redis flush), the calls say what this replica had seen and holds, and the
+store rebuilds from them (`guards.state`, "Lost state").
 
 Sizing (`plan`): the lease aims to keep ``free`` at the tokens asked for over the last
-``lease_horizon_s`` (an exponentially decayed sum), at least one request's worth; near
-the limit at most ``lease_share`` of what the others have left, so the last tokens are
-not stranded on one replica; nothing after ``lease_horizon_s`` without requests (an
-idle or past-window lease goes back). A grant smaller than the request that is waiting
-is not taken at all (``min_amount``), for the same reason.
+``lease_horizon_s`` (an exponentially decayed sum), at least the largest request it
+recently admitted; near the limit at most ``lease_share`` of what the others have left
+(or the one request that is waiting), so the last tokens are not stranded on one
+replica; nothing after ``lease_horizon_s`` without requests (an idle or past-window
+lease goes back). A grant smaller than the request that is waiting is not taken at all
+(``min_amount``), for the same reason. A request that is refused stops waiting: its
+size no longer holds back the top-ups the next, smaller requests need (before, one
+oversized refusal left every later request on that replica refused).
+
+A replica killed with -9 cannot report. Its lease stays counted as reserved until the
+store reclaims it (2 x ``lease_ttl_s`` after its last call); the reservations it had in
+flight at its last call are then counted as used. What stays uncounted is at most what
+it admitted after its last call (calls go out every ``lease_refill_s``, and never more
+than its lease), plus any usage above a request's reservation.
 
 Expiry: a lease admits requests until ``lease_ttl_s`` after the last call the store
 answered; the store reclaims an unrenewed lease after twice that, by which time this
@@ -53,9 +72,9 @@ from guards.state import BudgetKey, Candidate, Counters, LeaseCall, LeaseGrant, 
 
 class _Lease:
     __slots__ = (
-        "acked_overruns", "acked_used", "amount", "busy", "exhausted", "expires_at", "gate", "held", "key", "last_seen",
-        "limit", "need", "overruns_total", "reply_amount", "size", "spend", "spend_at", "store", "synced", "used_total",
-        "valid_until",
+        "acked_overruns", "acked_used", "amount", "asked", "busy", "expires_at", "gate", "held", "key", "last_seen", "limit",
+        "need", "overruns_total", "recovering", "replied", "reply_amount", "short_of", "size", "size_at", "spend",
+        "spend_at", "store", "synced", "used_total", "valid_until",
     )
 
     def __init__(self, key: BudgetKey, expires_at: float) -> None:
@@ -72,12 +91,16 @@ class _Lease:
         self.valid_until = -math.inf
         self.store = Counters()  # the key's counters in the last reply
         self.reply_amount = 0  # our amount in that reply
-        self.need = 0  # smallest candidate of the last request that did not fit
-        self.size = 0  # the largest request seen on this key
+        self.replied = False  # the store has answered for this key (it holds our record)
+        self.need = 0  # smallest candidate of the request waiting for a top-up (0: none)
+        self.asked = 0  # the need the call under way asks the store to cover
+        self.short_of = 0  # the need the last reply could not cover (0: it could, or was not asked)
+        self.recovering = False  # the last reply said the store is rebuilding lost state
+        self.size = 0.0  # the largest request admitted lately (decays like `spend`)
+        self.size_at = -math.inf
         self.spend = 0.0  # decayed tokens asked for
         self.spend_at = -math.inf
         self.last_seen = -math.inf
-        self.exhausted = False  # the last reply could not cover `need`
         self.busy = False  # a store call for this key is under way
         self.synced = True  # False after a call that got no answer (the store may hold more)
 
@@ -107,6 +130,10 @@ class LeaseBook:
         self.settings = settings
         self.holder = holder
         self._leases: dict[str, _Lease] = {}
+        # Idle leases: nothing held or owed, but the cumulative counts the store compares
+        # with must survive until the key's window expires.
+        self._idle: dict[str, _Lease] = {}
+        self._seq = 0
         self._changed = asyncio.Event()
         self.wakeup = asyncio.Event()  # set when a request found its lease short
 
@@ -115,17 +142,24 @@ class LeaseBook:
     def _lease(self, key: BudgetKey, now: float, expires_at: float) -> _Lease:
         lease = self._leases.get(key.key)
         if lease is None:
-            lease = self._leases[key.key] = _Lease(key, expires_at)
+            idle = self._idle.pop(key.key, None)
+            lease = self._leases[key.key] = idle if idle is not None else _Lease(key, expires_at)
         lease.limit, lease.gate = key.limit, key.gate
         lease.expires_at = max(lease.expires_at, expires_at)
         lease.last_seen = now
         return lease
 
+    def _decay(self, since: float, now: float) -> float:
+        return math.exp(-max(0.0, now - since) / self.settings.lease_horizon_s) if since > -math.inf else 0.0
+
     def _count_spend(self, lease: _Lease, tokens: int, now: float) -> None:
-        decay = math.exp(-max(0.0, now - lease.spend_at) / self.settings.lease_horizon_s) if lease.spend_at > -math.inf else 0.0
-        lease.spend = lease.spend * decay + tokens
+        lease.spend = lease.spend * self._decay(lease.spend_at, now) + tokens
         lease.spend_at = max(lease.spend_at, now)
-        lease.size = max(lease.size, tokens)
+
+    def _count_admitted(self, lease: _Lease, tokens: int, now: float) -> None:
+        """Only admitted requests set the size a lease keeps room for: a refused one will not come back."""
+        lease.size = max(lease.size * self._decay(lease.size_at, now), float(tokens))
+        lease.size_at = max(lease.size_at, now)
 
     def reserve(
         self, keys: Sequence[BudgetKey], candidates: Sequence[Candidate], *, now: float, expires_at: float, retry: bool = False
@@ -173,10 +207,14 @@ class LeaseBook:
                 lease.held += cand.tokens
                 if is_over:
                     lease.overruns_total += 1
-                lease.need = 0 if not is_over else lease.need
+                else:
+                    lease.need = 0
+                    self._count_admitted(lease, cand.tokens, now)
             after = tuple(lease.estimate() for lease in leases)
             return ReserveResult(index=index, before=before, after=after, overrun=any(over))
         if force:
+            for lease in leases:  # refused: this request no longer waits for a top-up
+                lease.need = 0
             return ReserveResult(index=None, before=before, after=before)
         smallest = min((c.tokens for c in eligible), default=0)
         for lease in leases:
@@ -189,9 +227,13 @@ class LeaseBook:
         """A key's store answered recently and could not cover the request that is waiting."""
         for key in keys:
             lease = self._leases.get(key.key)
-            if lease is not None and lease.exhausted and now < lease.valid_until and lease.free(now) < lease.need:
+            if lease is not None and 0 < lease.short_of <= lease.need and now < lease.valid_until and lease.free(now) < lease.need:
                 return True
         return False
+
+    def recovering(self, keys: Sequence[BudgetKey]) -> bool:
+        """A key's store is rebuilding lost state (it grants nothing new for a few seconds)."""
+        return any((lease := self._leases.get(key.key)) is not None and lease.recovering for key in keys)
 
     async def changed(self) -> None:
         """Wait for the next store reply (any key)."""
@@ -219,22 +261,25 @@ class LeaseBook:
         """How many free tokens this lease should hold after the next call."""
         if closing or now - lease.last_seen >= self.settings.lease_horizon_s:
             return 0
-        decay = math.exp(-max(0.0, now - lease.spend_at) / self.settings.lease_horizon_s)
-        floor = max(lease.need, lease.size)
-        want = max(math.ceil(lease.spend * decay), floor)
+        spend = math.ceil(lease.spend * self._decay(lease.spend_at, now))
+        size = math.ceil(lease.size * self._decay(lease.size_at, now))
+        want = max(spend, size, lease.need)
         others = lease.estimate()
         remaining = lease.limit - others.total
-        cap = max(floor, math.ceil(self.settings.lease_share * max(0, remaining)))
+        cap = max(lease.need, math.ceil(self.settings.lease_share * max(0, remaining)))
         return min(want, cap)
 
     def plan(self, now: float, closing: bool = False) -> list[LeaseCall]:
         """The calls the refill task should make now (one per key that needs one).
 
-        Drops leases that hold nothing and have nothing to report. Lowers ``amount``
-        for a lease that gives tokens back before the call goes out.
+        Moves leases that hold nothing and have nothing to report to `_idle` (dropped
+        for good once their key's window has expired). Lowers ``amount`` for a lease
+        that gives tokens back before the call goes out.
         """
         s = self.settings
         calls: list[LeaseCall] = []
+        for name in [n for n, lease in self._idle.items() if lease.expires_at <= now]:
+            del self._idle[name]
         for name, lease in list(self._leases.items()):
             if lease.busy:
                 continue
@@ -243,11 +288,15 @@ class LeaseBook:
             reported = lease.synced and lease.pending == 0 and lease.acked_overruns == lease.overruns_total
             if lease.amount == 0 and lease.held == 0 and target == 0 and reported:
                 del self._leases[name]
+                if lease.expires_at > now:
+                    self._idle[name] = lease
                 continue
             post = lease.amount - lease.pending  # what the store will hold once the report is in
             if target < post:
                 lease.amount = target + lease.pending
             lease.busy = True
+            lease.asked = 0 if closing else lease.need
+            self._seq += 1
             calls.append(
                 LeaseCall(
                     key=name,
@@ -256,10 +305,17 @@ class LeaseBook:
                     used_total=lease.used_total,
                     overruns_total=lease.overruns_total,
                     target=target,
-                    min_amount=0 if closing else lease.held + max(lease.need, lease.size),
+                    min_amount=0 if closing else lease.held + lease.need,
                     lease_expires_at=now + 2 * s.lease_ttl_s,
                     expires_at=lease.expires_at,
                     sent_at=now,
+                    seq=self._seq,
+                    held=lease.held,
+                    known=lease.replied,
+                    seen_used=lease.store.used,
+                    acked_used=lease.acked_used,
+                    claim=lease.amount,
+                    valid_s=s.lease_ttl_s,
                 )
             )
         return calls
@@ -271,14 +327,18 @@ class LeaseBook:
             return
         lease.busy = False
         lease.synced = True
+        lease.replied = True
+        lease.recovering = grant.rebuilding
         lease.acked_used = max(lease.acked_used, call.used_total)
         lease.acked_overruns = max(lease.acked_overruns, call.overruns_total)
         lease.amount = grant.amount
         lease.reply_amount = grant.amount
         lease.store = grant.counters
         lease.valid_until = call.sent_at + self.settings.lease_ttl_s
-        lease.exhausted = lease.need > 0 and lease.free(call.sent_at) < lease.need
-        if not lease.exhausted:
+        # Only a call that asked for the waiting request's tokens can say they are not there: the
+        # reply to a give-back planned just before the request came says nothing about it.
+        lease.short_of = lease.asked if lease.asked > 0 and lease.free(call.sent_at) < lease.asked else 0
+        if lease.need > 0 and lease.free(call.sent_at) >= lease.need:
             lease.need = 0
         self._changed.set()
         self._changed = asyncio.Event()

@@ -30,7 +30,13 @@ has lasted its minimum (``rollout.*_duration_hours``), no SLO breach was seen
 since the phase started, and, from canary on, optimised traffic is *surely* better
 than the always-on holdout: the anytime-valid lower bound of mean reward(optimised)
 − mean reward(holdout), over this phase's requests, is > 0, with at least
-``rollout.min_samples_for_promotion`` optimised rewards. ``general`` is final.
+``rollout.min_samples_for_promotion`` optimised rewards, on one signal kind, and no kind
+says it is surely below.  The rewards are compared like with like: one comparison per kind
+of `policies.signals.GUARDED_KINDS`, each reward recomputed with that kind's quality
+(automatic at completion for every request; judge score, pairwise verdict or explicit
+feedback later, for the requests that have one), never a mix in which unjudged requests
+count as automatically perfect.  Each kind gets α/4 (`PROMOTION_KIND_ALPHA`), so the
+chance of a promotion without a true improvement stays ≤ α.  ``general`` is final.
 `set_phase` changes phases by hand.
 
 Why anytime-valid.  `tick` checks promotion every second.  The old criterion, a
@@ -89,6 +95,7 @@ from guards.slo import SloMonitor
 from guards.state import StateStore
 from policies import sequences
 from policies.sequences import Comparison
+from policies.signals import GUARDED_KINDS
 
 Phase = Literal["shadow", "canary", "guarded", "general"]
 Trigger = Literal["slo", "manual", "disabled"]
@@ -96,7 +103,9 @@ EventKind = Literal["rollback", "resume", "promote", "set_phase", "disable", "en
 
 STATE_KEY = "rollout:state"
 PROMOTION_ALPHA = 0.05
-"""Total error of the promotion comparison (α/2 per stream): P(ever promoted without a true improvement) ≤ this."""
+"""Total error of the promotion comparisons: P(ever promoted without a true improvement) ≤ this."""
+PROMOTION_KIND_ALPHA = PROMOTION_ALPHA / len(GUARDED_KINDS)
+"""Each signal kind's comparison gets an equal share (α/2 of it per stream), so by the union bound the kinds together keep α."""
 OPTIMISED_MODES = frozenset({"optimized", "guard_fallback"})
 HOLDOUT_MODE = "holdout"
 MAX_EVENTS = 200  # kept in the state blob; the audit log holds the full history
@@ -180,9 +189,10 @@ class PromotionEvidence(msgspec.Struct, frozen=True):
     difference_upper: float  # U_opt − L_hold
     alpha: float
     since: float  # the phase start the comparison belongs to
+    signal_kind: str = "automatic"  # rewards recomputed with this kind's quality (policies.signals.GUARDED_KINDS)
 
 
-def promotion_evidence(c: Comparison, since: float) -> PromotionEvidence:
+def promotion_evidence(c: Comparison, since: float, kind: str = "automatic") -> PromotionEvidence:
     """The comparison's difference bounds and sample sizes (pure; `policies.sequences.difference_bounds`)."""
     low, high = sequences.difference_bounds(c)
 
@@ -198,7 +208,16 @@ def promotion_evidence(c: Comparison, since: float) -> PromotionEvidence:
         difference_upper=high,
         alpha=c.optimised.alpha + c.holdout.alpha,
         since=since,
+        signal_kind=kind,
     )
+
+
+def deciding_evidence(evidence: list[PromotionEvidence], min_samples: int) -> PromotionEvidence:
+    """The kind promotion decides on: the highest lower bound among kinds with enough rewards on both sides, else the fullest kind."""
+    ready = [e for e in evidence if e.optimised_n >= min_samples and e.holdout_n > 0]
+    if ready:
+        return max(ready, key=lambda e: e.difference_lower)
+    return max(evidence, key=lambda e: (e.optimised_n + e.holdout_n, e.signal_kind == "automatic"))
 
 
 def promotion_blockers(e: PromotionEvidence, min_samples: int) -> list[str]:
@@ -210,10 +229,19 @@ def promotion_blockers(e: PromotionEvidence, min_samples: int) -> list[str]:
         blockers.append(f"optimised rewards {e.optimised_n} < {min_samples}")
     if e.holdout_n and not e.difference_lower > 0.0:
         blockers.append(
-            f"not surely better than holdout: anytime-valid {1 - e.alpha:.0%} lower bound of the reward difference "
-            f"{e.difference_lower:.4g} <= 0"
+            f"not surely better than holdout: anytime-valid {1 - e.alpha:.2%} lower bound of the reward difference "
+            f"({e.signal_kind} signals) {e.difference_lower:.4g} <= 0"
         )
     return blockers
+
+
+def worse_blockers(evidence: list[PromotionEvidence]) -> list[str]:
+    """A kind on which optimised traffic is surely below holdout blocks promotion whatever another kind says."""
+    return [
+        f"surely worse than holdout on {e.signal_kind} signals: anytime-valid upper bound of the reward difference {e.difference_upper:.4g} < 0"
+        for e in evidence
+        if e.optimised_n and e.holdout_n and e.difference_upper < 0.0
+    ]
 
 
 class Effective(NamedTuple):
@@ -244,8 +272,8 @@ class RolloutController:
         self.monitor = monitor
         self.state = state
         self.reward_range = reward_range
-        sequences.new_comparison(PROMOTION_ALPHA, *reward_range)  # validates the range
-        self._comparison: Comparison | None = None
+        sequences.new_comparison(PROMOTION_KIND_ALPHA, *reward_range)  # validates the range
+        self._comparisons: dict[str, Comparison] = {}
         self._comparison_since: float | None = None
 
     @classmethod
@@ -319,31 +347,43 @@ class RolloutController:
         fraction = self.fraction(self.state.phase)
         return Effective(fraction > 0.0, fraction, self.state.phase, None)
 
-    def comparison(self) -> Comparison:
-        """This phase's optimised-vs-holdout reward comparison (a fresh one once the phase restarted)."""
-        if self._comparison is None or self._comparison_since != self.state.phase_started_at:
-            self._comparison = sequences.new_comparison(PROMOTION_ALPHA, *self.reward_range)
+    def comparison(self, kind: str = "automatic") -> Comparison:
+        """This phase's optimised-vs-holdout reward comparison on one signal kind (fresh ones once the phase restarted)."""
+        if self._comparison_since != self.state.phase_started_at:
+            self._comparisons = {}
             self._comparison_since = self.state.phase_started_at
-        return self._comparison
+        c = self._comparisons.get(kind)
+        if c is None:
+            c = self._comparisons[kind] = sequences.new_comparison(PROMOTION_KIND_ALPHA, *self.reward_range)
+        return c
 
-    def observe_reward(self, mode: str, reward: float | None) -> None:
-        """Fold one completed request's reward into the promotion comparison (other modes and None: ignored).
+    def observe_reward(self, mode: str, reward: float | None, kind: str = "automatic") -> None:
+        """Fold one request's reward, recomputed with one signal kind's quality, into that kind's comparison.
 
-        O(1) (a few running sums).  Rewards are clipped to `reward_range`, the bounds the
-        reward formula can produce, so a stray value cannot break the sequence.
+        The automatic reward comes at completion; judge scores, pairwise verdicts and explicit
+        feedback come later, once per request and kind. Other modes, unknown kinds and None are
+        ignored. O(1) (a few running sums).  Rewards are clipped to `reward_range`, the bounds
+        the reward formula can produce, so a stray value cannot break the sequence.
         """
-        if reward is None or not math.isfinite(reward):
+        if reward is None or not math.isfinite(reward) or kind not in GUARDED_KINDS:
             return
         optimised = mode in OPTIMISED_MODES
         if not optimised and mode != HOLDOUT_MODE:
             return
         low, high = self.reward_range
         r = min(high, max(low, reward))
-        c = self.comparison()
-        self._comparison = sequences.observe_optimised(c, r) if optimised else sequences.observe_holdout(c, r)
+        c = self.comparison(kind)
+        self._comparisons[kind] = sequences.observe_optimised(c, r) if optimised else sequences.observe_holdout(c, r)
 
-    def promotion_evidence(self) -> PromotionEvidence:
-        return promotion_evidence(self.comparison(), self.state.phase_started_at)
+    def promotion_evidences(self) -> list[PromotionEvidence]:
+        """Every kind's evidence in this phase, in `GUARDED_KINDS` order."""
+        return [promotion_evidence(self.comparison(kind), self.state.phase_started_at, kind) for kind in GUARDED_KINDS]
+
+    def promotion_evidence(self, kind: str | None = None) -> PromotionEvidence:
+        """One kind's evidence; by default the kind promotion decides on (`deciding_evidence`)."""
+        if kind is not None:
+            return promotion_evidence(self.comparison(kind), self.state.phase_started_at, kind)
+        return deciding_evidence(self.promotion_evidences(), self.settings.min_samples_for_promotion)
 
     def promotion_check(self, now: float, ope: OpeEvidence | None = None) -> PromotionCheck:
         """Whether the current phase may be promoted at `now`, and what blocks it.
@@ -364,7 +404,9 @@ class RolloutController:
         if st.last_breach_at is not None and st.last_breach_at >= st.phase_started_at:
             blockers.append("SLO breached during this phase")
         if st.phase != "shadow":
-            blockers += promotion_blockers(self.promotion_evidence(), s.min_samples_for_promotion)
+            evidence = self.promotion_evidences()
+            blockers += promotion_blockers(deciding_evidence(evidence, s.min_samples_for_promotion), s.min_samples_for_promotion)
+            blockers += worse_blockers(evidence)
         return PromotionCheck(not blockers, blockers)
 
     # ---- automatic transitions --------------------------------------------------
@@ -422,17 +464,19 @@ class RolloutController:
         nxt = higher(st.phase)
         assert nxt is not None
         evidence: dict[str, Any] = {"phase_started_at": st.phase_started_at, "phase_duration_s": now - st.phase_started_at}
+        kind = self.promotion_evidence().signal_kind
         if st.phase != "shadow":
             evidence["holdout_comparison"] = msgspec.to_builtins(self.promotion_evidence())
+            evidence["holdout_comparisons"] = [msgspec.to_builtins(e) for e in self.promotion_evidences() if e.optimised_n or e.holdout_n]
         if ope is not None:
             evidence.update(ope_lower_bound=ope.improvement_lower_bound, ope_samples=ope.samples, ope_estimator=ope.estimator)
         previous = st.phase
         st.phase = nxt
         st.phase_started_at = now
-        self._comparison = None
+        self._comparisons = {}
         reason = "minimum duration held without SLO breach"
         if previous != "shadow":
-            reason += "; optimised reward surely above holdout (anytime-valid)"
+            reason += f"; optimised reward surely above holdout on {kind} signals (anytime-valid)"
         return self._event(now, "promote", previous, nxt, reason, evidence, None)
 
     # ---- manual transitions -----------------------------------------------------
@@ -524,7 +568,7 @@ class RolloutController:
         previous = st.phase
         st.phase = phase
         st.phase_started_at = now
-        self._comparison = None
+        self._comparisons = {}
         return self._event(now, "set_phase", previous, phase, reason, evidence, actor)
 
     # ---- helpers ----------------------------------------------------------------
@@ -535,7 +579,7 @@ class RolloutController:
         target: Phase = rb.resume_phase or st.phase
         st.phase = target
         st.phase_started_at = at
-        self._comparison = None
+        self._comparisons = {}
         st.rollback = RollbackState()
         # The resumed phase is judged on its own traffic, not on what caused the rollback.
         self.monitor.discard_before(at)

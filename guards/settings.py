@@ -99,6 +99,9 @@ class SloSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # below holdout's, or optimised p99 latency more than this share above holdout's.
     max_quality_regression: float = 0.05
     max_latency_regression: float = 0.10
+    # ... or its mean cost per request (completion tokens) surely more than this share above
+    # holdout's while no quality signal shows a sure gain (the client never pays more for nothing).
+    max_cost_regression: float = 0.10
 
 
 class RolloutSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

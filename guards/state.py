@@ -30,13 +30,28 @@ Budget counters
 Leases
     `budget_lease` lets a replica hold part of a key's budget (`guards.lease`). A
     lease is counted in the key's ``reserved``; per holder the store keeps its
-    ``amount``, its cumulative reported usage and overruns, and an expiry. One atomic
-    call: (1) other holders' leases past their expiry go back (``reserved -=
-    amount``); (2) the usage reported since the last call (``used_total`` minus what
-    was recorded) moves into ``used`` and out of the holder's amount; overruns
-    likewise; (3) the amount moves towards ``target``: down at once, up by at most
-    what is left under the limit, and not at all if that would stay below
-    ``min_amount``. Reports are cumulative, so a repeated call changes nothing twice.
+    ``amount``, its cumulative reported usage and overruns, its expiry, the last call
+    sequence it applied and the reservations in flight at that call. One atomic call:
+    (1) other holders' leases past their expiry go back (``reserved -= amount``), except
+    the reservations they had in flight at their last call, which count as ``used``
+    (a replica killed with -9 leaves requests that may have been served; if the holder
+    comes back, the charge is taken back and its own report counts instead); (2) the
+    usage reported since the last call (``used_total`` minus what was recorded) moves
+    into ``used`` and out of the holder's amount; overruns likewise; (3) the amount
+    moves towards ``target``: down at once, up by at most what is left under the limit,
+    and not at all if that would stay below ``min_amount``. Reports are cumulative, so
+    a repeated call changes nothing twice; a call whose ``seq`` is not above the last
+    applied one (a call given up on that reached the store late) changes nothing at all.
+
+    Lost state: a call from a holder that has had a reply for this key (``known``) but
+    whose record is gone means the store lost it (Redis flushed or restarted without
+    persistence). The store then rebuilds, conservatively: the holder's acknowledged
+    usage and its current amount are taken back; usage the store had counted for
+    holders that have not reported since (``seen_used`` minus the reported holders'
+    acknowledged usage, the largest such figure any caller saw) stays counted; and no
+    holder is granted anything new for ``valid_s`` (a lease admits for that long after
+    its last answered call), by which time every replica that has not reported has
+    stopped admitting from its lease.
 
 Blobs, maps, counters
     `get`/`set` hold small JSON documents (rollout state); `map_*` hold records
@@ -61,6 +76,12 @@ from collections.abc import Callable, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 import msgspec
+
+# The largest token count the budget handles. Redis's Lua numbers are doubles and are
+# written back exactly only below about 1e16, so the guard clamps every reservation and
+# limit here (a client's max_tokens of 10**18 made the settle script fail, leaving the
+# reservation in place for the rest of the window).
+MAX_TOKENS = 10**15
 
 
 class BudgetKey(msgspec.Struct, frozen=True):
@@ -112,6 +133,13 @@ class LeaseCall(msgspec.Struct, frozen=True):
     lease_expires_at: float  # the store may reclaim the amount after this
     expires_at: float  # the budget key's own expiry (its window)
     sent_at: float  # `now` when the call was planned
+    seq: int = 0  # > 0: strictly increasing per holder; a call at or below the last applied one is stale
+    held: int = 0  # reservations in flight now: counted as used if the lease is reclaimed
+    known: bool = False  # the holder has had a reply for this key (its record must be in the store)
+    seen_used: int = 0  # the key's `used` in that last reply
+    acked_used: int = 0  # this holder's usage the store had counted in that reply
+    claim: int = 0  # the amount this holder admits from (taken back if the store lost it)
+    valid_s: float = 0.0  # how long the holder admits after an answered call (lease_ttl_s)
 
 
 class LeaseGrant(msgspec.Struct, frozen=True):
@@ -119,6 +147,7 @@ class LeaseGrant(msgspec.Struct, frozen=True):
 
     amount: int
     counters: Counters
+    rebuilding: bool = False  # the store lost its state and grants nothing new for now
 
 
 class StoreUnavailable(Exception):
@@ -190,17 +219,20 @@ class StateDump(msgspec.Struct, frozen=True):
     counters: dict[str, int] = {}
     maps: dict[str, dict[str, bytes]] = {}
 class _Holder:
-    __slots__ = ("amount", "expires_at", "overruns_total", "used_total")
+    __slots__ = ("amount", "charged", "expires_at", "held", "overruns_total", "seq", "used_total")
 
     def __init__(self) -> None:
         self.amount = 0
         self.used_total = 0
         self.overruns_total = 0
         self.expires_at = 0.0
+        self.seq = 0
+        self.held = 0  # reservations in flight at the holder's last call
+        self.charged = 0  # of those, counted as used when its lease was reclaimed
 
 
 class _Budget:
-    __slots__ = ("expires_at", "leases", "overruns", "reserved", "used")
+    __slots__ = ("expires_at", "ghost_max", "ghost_sum", "leases", "overruns", "rebuild_until", "reserved", "used")
 
     def __init__(self) -> None:
         self.used = 0
@@ -208,9 +240,38 @@ class _Budget:
         self.overruns = 0
         self.expires_at = 0.0
         self.leases: dict[str, _Holder] = {}
+        self.rebuild_until: float | None = None  # set once a known holder found its record gone
+        self.ghost_max = 0  # largest `used` a re-adopted holder had seen
+        self.ghost_sum = 0  # usage the re-adopted holders had acknowledged
 
     def snapshot(self) -> Counters:
         return Counters(self.used, self.reserved, self.overruns)
+
+    def reclaim(self, holder: str, now: float) -> None:
+        """Other holders' expired leases go back; what they had in flight counts as used."""
+        for name, other in self.leases.items():
+            if name != holder and other.amount > 0 and other.expires_at <= now:
+                charge = min(other.amount, other.held)
+                self.reserved = max(0, self.reserved - other.amount)
+                self.used += charge
+                other.charged += charge
+                other.amount = 0
+
+    def adopt(self, mine: _Holder, call: LeaseCall, now: float) -> None:
+        """A known holder's record is gone (the store lost its state): rebuild from its report."""
+        if self.rebuild_until is None:
+            self.rebuild_until = now + call.valid_s
+        before = max(0, self.ghost_max - self.ghost_sum)
+        self.ghost_max = max(self.ghost_max, call.seen_used)
+        self.ghost_sum += call.acked_used
+        self.used += call.acked_used + max(0, self.ghost_max - self.ghost_sum) - before
+        mine.used_total = call.acked_used
+        if now < self.rebuild_until:
+            mine.amount = min(call.claim, call.limit)
+            self.reserved += mine.amount
+
+    def rebuilding(self, now: float) -> bool:
+        return self.rebuild_until is not None and now < self.rebuild_until
 
 
 class InProcessStore:
@@ -356,12 +417,17 @@ class InProcessStore:
         async with self._lock:
             self._prune(now)
             budget = self._budget(call.key, now, call.expires_at)
-            leases = budget.leases
-            for holder, other in leases.items():
-                if holder != call.holder and other.amount > 0 and other.expires_at <= now:
-                    budget.reserved = max(0, budget.reserved - other.amount)
-                    other.amount = 0
-            mine = leases.setdefault(call.holder, _Holder())
+            budget.reclaim(call.holder, now)
+            mine = budget.leases.get(call.holder)
+            if mine is None:
+                mine = budget.leases[call.holder] = _Holder()
+                if call.known:
+                    budget.adopt(mine, call, now)
+            elif 0 < call.seq <= mine.seq:  # a call given up on that arrived late: changes nothing
+                return LeaseGrant(amount=mine.amount, counters=budget.snapshot(), rebuilding=budget.rebuilding(now))
+            if mine.charged:  # the holder is back: its own reports count instead of the charge
+                budget.used = max(0, budget.used - mine.charged)
+                mine.charged = 0
             used = max(0, call.used_total - mine.used_total)
             budget.used += used
             taken = min(mine.amount, used)
@@ -371,15 +437,18 @@ class InProcessStore:
             mine.used_total = max(mine.used_total, call.used_total)
             mine.overruns_total = max(mine.overruns_total, call.overruns_total)
             if call.target > mine.amount:
-                grant = min(call.target - mine.amount, max(0, call.limit - budget.used - budget.reserved))
-                if mine.amount + grant >= call.min_amount:
-                    mine.amount += grant
-                    budget.reserved += grant
+                if not budget.rebuilding(now):
+                    grant = min(call.target - mine.amount, max(0, call.limit - budget.used - budget.reserved))
+                    if mine.amount + grant >= call.min_amount:
+                        mine.amount += grant
+                        budget.reserved += grant
             elif call.target < mine.amount:
                 budget.reserved = max(0, budget.reserved - (mine.amount - call.target))
                 mine.amount = call.target
             mine.expires_at = call.lease_expires_at
-            return LeaseGrant(amount=mine.amount, counters=budget.snapshot())
+            mine.seq = max(mine.seq, call.seq)
+            mine.held = call.held
+            return LeaseGrant(amount=mine.amount, counters=budget.snapshot(), rebuilding=budget.rebuilding(now))
 
     async def get(self, key: str) -> bytes | None:
         return self._blobs.get(key)

@@ -20,6 +20,16 @@ SignalSource = Literal["automatic", "implicit", "judge", "judge_pairwise", "expl
 # an implicit mark only infers dissatisfaction; the automatic rules see the form only.
 PRIORITY: dict[str, int] = {"automatic": 0, "implicit": 1, "judge": 2, "judge_pairwise": 2, "explicit": 3}
 
+GUARDED_KINDS: tuple[str, ...] = ("automatic", "judge", "judge_pairwise", "explicit")
+"""Signal kinds the guards (conservative monitor, promotion) compare, each only with itself.
+
+`implicit` is left out: regeneration marks are one-sided (only failures are marked), so a
+stream of them has no mean to compare.
+"""
+
+WIN_RATE_KINDS = frozenset({"judge_pairwise"})
+"""Kinds whose values are a win rate against the baseline answer (0.5 = no difference), not a quality."""
+
 PAIRWISE_QUALITY: dict[str, float] = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 """A pairwise judgment as quality: the request's answer against a baseline answer to the same request.
 
@@ -37,6 +47,7 @@ class Signal(msgspec.Struct, frozen=True):
     source: SignalSource
     at: float = 0.0  # unix seconds; 0 when the producer has no clock to hand
     reason: str = ""
+    guards_only: bool = False  # for the guards' comparisons only, never the policy (proxy/decision/feedback.deliver_signal)
 
 
 def rank(source: str | None) -> int:

@@ -193,17 +193,22 @@ class Runtime:
         )
         if self.shared is not None:
             self.registry = self.shared.registry  # also writes decisions to Redis for feedback posted elsewhere
+        self.conservative_listener = ConservativeListener(
+            self.conservative, rollout=self.bandit, recorder=self.recorder, metrics=self.metrics, alerts=self.alerts,
+            state_store=self.state_store, policy=self.policy,
+        )
         # Per task type, whether the judge's scores may teach (length bias, disagreement); persisted.
         self.judge_trust = JudgeTrust(
             check_length=config.judge.length_bias_check, margin=config.judge.length_bias_margin, max_task_types=srv.max_task_types,
             recorder=self.recorder, alerts=self.alerts, metrics=self.metrics, state_store=self.state_store,
         )
         self.bandit.judge_muted = self.judge_trust.muted
-        # Later signals (explicit, judge, implicit) re-enter through the decision room with exactly these.
+        # Later signals (explicit, judge, implicit) re-enter through the decision room with exactly these;
+        # judge scores, pairwise verdicts and explicit feedback also reach the conservative monitor and promotion.
         self.feedback_services = FeedbackServices(
             registry=self.registry, recorder=self.recorder, log=self.sink, bandit=self.bandit, book=self.feedback,
             signals=self.signal_book, judge=config.judge, shared=self.shared, learns=self.decider is self.bandit,
-            trust=self.judge_trust,
+            trust=self.judge_trust, guards=self.conservative_listener,
         )
         seed = config.optimization.seed
         self.judge_charge = JudgeCharge(self.budget, self.prices, self.metrics, route=self._upstream_of)
@@ -214,13 +219,10 @@ class Runtime:
                 charge=self.judge_charge, rng=np.random.default_rng(None if seed is None else seed + 1),
                 metrics=JudgeMetrics(self.metrics.registry), alert=self.alerts.judge_alert,
                 baseline_request=BaselineRequest(self.bandit), send_baseline=named_upstream_transport(self.pool),
+                holdout_sample_rate=config.judge.holdout_rate(config.optimization.holdout_fraction),
             )
             if config.judge.enabled
             else None
-        )
-        self.conservative_listener = ConservativeListener(
-            self.conservative, rollout=self.bandit, recorder=self.recorder, metrics=self.metrics, alerts=self.alerts,
-            state_store=self.state_store, policy=self.policy,
         )
         self.answer_validator = AnswerValidator(self.validators, config.policy.quality, self.signal_book, self.metrics, self.bandit)
         self.answers = AnswerListener(

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import math
-
 from litestar import Controller, get
-from litestar.params import FromQuery
 
 from proxy.control.deps import Deps
 from proxy.control.schemas import AuditOut, AuditPage, DecisionPage
-from proxy.control.views import Limit, Offset, decision_out
-from proxy.edge.errors import ProxyError
+from proxy.control.views import Limit, Offset, TextFilter, UnixTime, decision_out
 
 
 class DecisionsController(Controller):
     path = "/"
 
     @get("/logs", summary="Recent logged decisions, newest first, paginated and filterable")
-    async def logs(self, deps: Deps, limit: Limit = 50, offset: Offset = 0, task_type: FromQuery[str | None] = None,
-                   mode: FromQuery[str | None] = None, since: FromQuery[float | None] = None,
-                   until: FromQuery[float | None] = None) -> DecisionPage:
-        for name, value in (("since", since), ("until", until)):
-            if value is not None and not math.isfinite(value):
-                raise ProxyError(400, f"'{name}' must be a finite number of unix seconds", "invalid_value", param=name)
+    async def logs(self, deps: Deps, limit: Limit = 50, offset: Offset = 0, task_type: TextFilter = None,
+                   mode: TextFilter = None, since: UnixTime = None,
+                   until: UnixTime = None) -> DecisionPage:
         store = deps.log_store
         rows = await store.fetch_decisions(since=since, until=until, task_type=task_type, mode=mode, limit=limit, offset=offset)
         total = await store.count_decisions(since=since, until=until, task_type=task_type, mode=mode)

@@ -11,14 +11,26 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, get
-from litestar.params import FromQuery, Parameter
+from litestar.params import Parameter
 
 from policies import ope
 from policies.effort import EFFORT_LEVELS
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
 from proxy.control.schemas import ConvergenceReport, Dashboard, MetricsReport, OpeOut, ParameterEvolution, PerformanceReport, TrustRegionOut
-from proxy.control.views import DAY, Bins, MaxRows, WindowS, caws_status, judge_spend, recent_events, slo_status, status_of, window
+from proxy.control.views import (
+    DAY,
+    Bins,
+    MaxRows,
+    TextFilter,
+    WindowS,
+    caws_status,
+    judge_spend,
+    recent_events,
+    slo_status,
+    status_of,
+    window,
+)
 
 
 class PerformanceController(Controller):
@@ -26,7 +38,7 @@ class PerformanceController(Controller):
 
     @get("/metrics", summary="Per task type, arm and traffic class: counts, reward CI, latency quantiles, tokens, quality")
     async def metrics(self, deps: Deps, window_s: WindowS = 3600.0, max_rows: MaxRows = 20_000,
-                      task_type: FromQuery[str | None] = None) -> MetricsReport:
+                      task_type: TextFilter = None) -> MetricsReport:
         _, since, until = window(window_s)
         rows, truncated = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
         return cdata.metrics_report(rows, since, until, truncated)
@@ -34,7 +46,7 @@ class PerformanceController(Controller):
     @get("/performance", summary="Per task type: optimised vs baseline traffic, the improvement of mean reward, and optimised vs holdout "
                                  "with anytime-valid intervals and verdict")
     async def performance(self, deps: Deps, window_s: WindowS = 3600.0, max_rows: MaxRows = 20_000,
-                          task_type: FromQuery[str | None] = None) -> PerformanceReport:
+                          task_type: TextFilter = None) -> PerformanceReport:
         _, since, until = window(window_s)
         rows, truncated = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
         report = cdata.performance_report(rows, since, until, truncated, cdata.reward_range(deps.config.policy.reward))

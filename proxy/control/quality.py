@@ -24,7 +24,7 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, Request, get, post
-from litestar.params import FromQuery, JSONBody
+from litestar.params import JSONBody
 
 from policies.agreement import agreement, judge_trusted
 from policies.judge_bias import LengthBias, concordance_bounds, slope
@@ -32,7 +32,8 @@ from proxy.config import JudgeSettings
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
 from proxy.control.errors import ERR
-from proxy.control.views import MaxRows, WindowS, actor_of, window, write_audit
+from proxy.control.schemas import MetricComparison
+from proxy.control.views import MaxRows, TextFilter, WindowS, actor_of, window, write_audit
 from proxy.decision.feedback import SignalBook
 from proxy.decision.judge_trust import JudgeTrust
 from proxy.edge.errors import ProxyError
@@ -76,6 +77,9 @@ class QualityTaskOut(msgspec.Struct, frozen=True, kw_only=True):
     validation_failed: int
     validation_failure_rate: float | None
     validator_reasons: dict[str, int]  # the most frequent stored failure reasons in the window (at most TOP_REASONS)
+    # tuned vs holdout per signal kind in the window, each kind only against itself (reports.signal_comparisons):
+    # automatic always; judged, explicit quality and the pairwise win rate once they have signals
+    by_signal: list[MetricComparison] = []
 
 
 class QualityReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,7 +109,9 @@ def quality_report(rows: Sequence[DecisionRow], signals: SignalBook, judge: Judg
                    now: float, since: float, until: float, truncated: bool, trust: JudgeTrust | None = None) -> QualityReport:
     counts: dict[str, dict[str, int]] = {}
     reasons: dict[str, Counter[str]] = {}
-    for row in rows:
+    by_task: dict[str, list[DecisionRow]] = {}
+    for row in sorted(rows, key=lambda r: (r.timestamp, r.request_id)):  # the sequences read rows oldest first
+        by_task.setdefault(row.task_type, []).append(row)
         per = counts.setdefault(row.task_type, dict.fromkeys(SOURCES, 0))
         per[source_of(row)] += 1
         if row.validator_reason is not None:
@@ -132,6 +138,10 @@ def quality_report(rows: Sequence[DecisionRow], signals: SignalBook, judge: Judg
             ),
             validation_checked=checked, validation_failed=failed, validation_failure_rate=failed / checked if checked else None,
             validator_reasons=dict(sorted(reasons.get(task, Counter()).items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_REASONS]),
+            by_signal=cdata.signal_comparisons(
+                task, [r for r in by_task.get(task, []) if r.mode in cdata.OPTIMIZED_MODES],
+                [r for r in by_task.get(task, []) if r.mode == cdata.HOLDOUT_MODE],
+            ),
         ))
     return QualityReport(generated_at=now, since=since, until=until, truncated=truncated, tasks=out)
 
@@ -166,7 +176,7 @@ class QualityController(Controller):
 
     @get("/quality", summary="Per task type: signals by source, judge agreement with explicit feedback, regeneration and validator failure rates")
     async def quality(self, deps: Deps, window_s: WindowS = 3600.0, max_rows: MaxRows = 20_000,
-                      task_type: FromQuery[str | None] = None) -> QualityReport:
+                      task_type: TextFilter = None) -> QualityReport:
         now, since, until = window(window_s)
         rows, truncated = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
         report = quality_report(rows, deps.signals, deps.config.judge, now, since, until, truncated, deps.learning.trust)

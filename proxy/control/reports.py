@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import numpy as np
 
+from guards.conservative import KindVerdict, TaskVerdict
 from guards.rollout import OpeEvidence, higher
 from policies import ope, sequences
 from policies.arms import arm_key
@@ -35,6 +36,7 @@ from policies.effort import rank as effort_rank
 from policies.records import Arm, Params
 from policies.reward import reward_bounds
 from policies.settings import RewardSettings
+from policies.signals import GUARDED_KINDS, WIN_RATE_KINDS
 from proxy.control.schemas import (
     ArmPosterior,
     ArmStats,
@@ -665,6 +667,8 @@ def _verdict(low: float | None, high: float | None, higher_is_better: bool) -> s
 def _sentence(task: str, label: str, diff: float | None, low: float | None, high: float | None, n: int, digits: int) -> str:
     if diff is None:
         return f"{task}: {label} not comparable yet (needs tuned and holdout requests), {n:,} requests"
+    if low is None and high is None:  # neither side bounded: an interval of [−∞, +∞] says only that
+        return f"{task}: {_signed(diff, digits)} {label}, not enough data for a {round(100 * (1 - ALPHA))} % interval, {n:,} requests"
     lo = _signed(low, digits) if low is not None else "−∞"
     hi = _signed(high, digits) if high is not None else "+∞"
     return f"{task}: {_signed(diff, digits)} {label}, {round(100 * (1 - ALPHA))} % interval [{lo}, {hi}], {n:,} requests"
@@ -683,6 +687,48 @@ def monitor_sentence(task: str, diff: float | None, low: float, high: float, n: 
     if diff is None:
         return f"{task}: quality not comparable yet (needs tuned and holdout requests), {n:,} requests; {words}"
     return f"{task}: {_signed(diff, 2)} quality, {100 * level:g} % interval [{_signed(low, 2)}, {_signed(high, 2)}], {n:,} requests; {words}"
+
+
+KIND_WORDS = {"automatic": "automatic quality", "judge": "judged quality", "explicit": "explicit quality",
+              "judge_pairwise": "pairwise win rate against the baseline answer"}
+
+
+def _kind_clause(k: KindVerdict) -> str:
+    """One kind of the monitor's comparison in words, with its interval and the signals behind it."""
+    level = f"{100 * k.level:g} % interval"
+    if k.reference is not None:
+        mean = "n/a" if k.optimised_mean is None else f"{k.optimised_mean:.2f}"
+        return (f"{KIND_WORDS.get(k.kind, k.kind)} {mean} (0.5 = no difference), {level} "
+                f"[{k.optimised_bounds[0]:.2f}, {k.optimised_bounds[1]:.2f}], {k.optimised_n:,} verdicts")
+    diff = k.optimised_mean - k.holdout_mean if k.optimised_mean is not None and k.holdout_mean is not None else None
+    if diff is None:
+        return f"{KIND_WORDS.get(k.kind, k.kind)} not comparable yet ({k.optimised_n:,} tuned, {k.holdout_n:,} holdout signals)"
+    lo, hi = k.difference
+    return (f"{_signed(diff, 2)} {KIND_WORDS.get(k.kind, k.kind)}, {level} [{_signed(lo, 2)}, {_signed(hi, 2)}], "
+            f"{k.optimised_n + k.holdout_n:,} signals ({k.optimised_n:,} tuned, {k.holdout_n:,} holdout)")
+
+
+def monitor_summary(v: TaskVerdict) -> str:
+    """The monitor's verdict in words: the headline kind first, then every other kind with signals, cost and re-learning.
+
+    e.g. "code: +0.12 judged quality, 98.75 % interval [+0.05, +0.19], 412 signals (380 tuned, 32 holdout); better;
+    also +0.00 automatic quality ...; completion_tokens per request 212 tuned vs 150 holdout".
+    """
+    words = monitor_words(v.verdict, v.rolled_back)
+    head = next(k for k in v.signals if k.kind == v.quality_kind)
+    parts = [f"{v.task_type}: {_kind_clause(head)}; {words}"]
+    others = [_kind_clause(k) + ("" if k.trusted else " (untrusted)") for k in v.signals
+              if k.kind != head.kind and (k.optimised_n or k.holdout_n)]
+    if others:
+        parts.append("also " + "; ".join(others))
+    c = v.cost
+    if c is not None and c.optimised_mean is not None and c.holdout_mean is not None:
+        ratio = f", tuned/holdout >= {c.ratio_lower:.2f}" if c.ratio_lower is not None else ""
+        parts.append(f"{c.unit} per request {c.optimised_mean:,.0f} tuned vs {c.holdout_mean:,.0f} holdout{ratio}"
+                     + ("; costlier" if c.verdict == "costlier" else ""))
+    if v.relearning_since is not None:
+        parts.append(f"re-learning since a change at {v.relearning_since:.0f}")
+    return "; ".join(parts)
 
 
 def _cs_metric(task: str, metric: str, unit: str, label: str, opt: list[float], hold: list[float], low: float, high: float,
@@ -718,13 +764,68 @@ def _p99_metric(task: str, opt: list[float], hold: list[float]) -> MetricCompari
                             summary=_sentence(task, "ms p99 latency", diff, d_low, d_high, n, 0))
 
 
+def signal_of(row: DecisionRow, kind: str) -> float | None:
+    """The row's quality from one signal kind, or None when that kind did not score it.
+
+    ``automatic`` is the completion rules' score (every request). A delayed kind is the log's
+    feedback when that kind holds it now (rows written before sources were stored were
+    explicit); a stronger kind hides a weaker one, so the judged stream is the requests whose
+    strongest signal is the judge's. Nothing unscored counts as 1.0.
+    """
+    if kind == "automatic":
+        return row.quality
+    if row.feedback_quality is None:
+        return None
+    return row.feedback_quality if (row.feedback_source or "explicit") == kind else None
+
+
+def _win_rate_metric(task: str, opt: list[float], hold: list[float]) -> MetricComparison:
+    """Pairwise verdicts: tuned's win rate against the baseline answer, its own interval, 0.5 = no difference."""
+    note = (f"anytime-valid {round(100 * (1 - ALPHA))} % confidence sequence (PrPl-EB, policies.sequences) of the tuned "
+            "requests' win rate against a baseline answer to the same request (win 1, tie 0.5, loss 0); difference = "
+            "win rate − 0.5, the baseline against itself; the holdout column is that check (expected 0.5)")
+    label = "win rate against the baseline answer"
+    if not opt:
+        return MetricComparison(metric="pairwise_win_rate", unit="win rate (0.5 = no difference)", optimized=None, holdout=_mean(hold),
+                                difference=None, ci_low=None, ci_high=None, optimized_n=0, holdout_n=len(hold), anytime_valid=True,
+                                interval=note, verdict="not yet known", summary=f"{task}: {label} not known yet (no tuned verdicts)")
+    lo, hi = sequences.bounds(sequences.observe_many(sequences.new_sequence(ALPHA), np.clip(opt, 0.0, 1.0)))
+    rate = float(np.mean(opt))
+    d_low, d_high = lo - 0.5, hi - 0.5
+    summary = (f"{task}: {label} {rate:.2f} (0.5 = no difference), {round(100 * (1 - ALPHA))} % interval [{lo:.2f}, {hi:.2f}], "
+               f"{len(opt):,} verdicts")
+    return MetricComparison(metric="pairwise_win_rate", unit="win rate (0.5 = no difference)", optimized=rate, holdout=_mean(hold),
+                            difference=rate - 0.5, ci_low=d_low, ci_high=d_high, optimized_n=len(opt), holdout_n=len(hold),
+                            anytime_valid=True, interval=note, verdict=_verdict(d_low, d_high, True), summary=summary)
+
+
+def signal_comparisons(task: str, opt: list[DecisionRow], hold: list[DecisionRow]) -> list[MetricComparison]:
+    """Tuned vs holdout per signal kind, like with like (`signal_of`); automatic always, the others once they have signals."""
+    out = []
+    for kind in GUARDED_KINDS:
+        o = [float(v) for v in (signal_of(r, kind) for r in opt) if v is not None and math.isfinite(v)]
+        h = [float(v) for v in (signal_of(r, kind) for r in hold) if v is not None and math.isfinite(v)]
+        if kind != "automatic" and not o and not h:
+            continue
+        if kind in WIN_RATE_KINDS:
+            out.append(_win_rate_metric(task, o, h))
+        else:
+            out.append(_cs_metric(task, f"quality_{kind}", "score in [0, 1]", KIND_WORDS[kind], o, h, 0.0, 1.0, True, 2,
+                                  extra=f"; only requests scored by this kind ({kind}), never a mix of kinds"))
+    return out
+
+
 def tuned_vs_holdout(rows: Iterable[DecisionRow], reward_low: float, reward_high: float) -> list[TaskComparison]:
     """Per task type: optimised traffic against the always-on holdout (mode ``holdout``), oldest row first.
 
     Holdout rows are randomised baseline traffic, so the difference needs no model or
     reweighting.  Rows of other baseline modes (off, shadow, rollback) are not a
-    randomised control and stay out.  The task's verdict is "rolled back" when its newest
-    row was served in mode ``rollback``; otherwise the reward verdict.
+    randomised control and stay out.  Quality is compared per signal kind
+    (`signal_comparisons`); the reward at completion (automatic quality) is its own metric.
+    The task's verdict is "rolled back" when its newest row was served in mode ``rollback``;
+    else "worse" when some kind is surely worse, "better" when one is surely better and none
+    worse, otherwise "not yet known". The headline is the first of explicit, judge, pairwise
+    and automatic with tuned and holdout signals.
     """
     by_task: dict[str, list[DecisionRow]] = defaultdict(list)
     for r in sorted(rows, key=lambda r: (r.timestamp, r.request_id)):  # a sequence depends on order: ties broken the same way every time
@@ -739,23 +840,25 @@ def tuned_vs_holdout(rows: Iterable[DecisionRow], reward_low: float, reward_high
             return [float(v) for v in (get(r) for r in rs) if v is not None and math.isfinite(v)]
 
         ok = lambda r: 200 <= r.status < 300  # noqa: E731
-        q_o, q_h = vals(opt, lambda r: r.effective_quality), vals(hold, lambda r: r.effective_quality)
-        r_o, r_h = vals(opt, lambda r: r.effective_reward), vals(hold, lambda r: r.effective_reward)
+        r_o, r_h = vals(opt, lambda r: r.reward), vals(hold, lambda r: r.reward)
         l_o = vals([r for r in opt if ok(r)], lambda r: r.latency_s * 1000.0)
         l_h = vals([r for r in hold if ok(r)], lambda r: r.latency_s * 1000.0)
         t_o, t_h = vals(opt, lambda r: r.completion_tokens), vals(hold, lambda r: r.completion_tokens)
         t_max = max(t_o + t_h, default=0.0)
+        kinds = signal_comparisons(task, opt, hold)
         metrics = [
-            _cs_metric(task, "quality", "score in [0, 1]", "quality", q_o, q_h, 0.0, 1.0, True, 2),
-            _cs_metric(task, "reward", "reward", "reward", r_o, r_h, reward_low, reward_high, True, 2),
+            *kinds,
+            _cs_metric(task, "reward", "reward at completion (automatic quality)", "reward", r_o, r_h, reward_low, reward_high, True, 2),
             _p99_metric(task, l_o, l_h),
             _cs_metric(task, "completion_tokens", "tokens", "completion tokens", t_o, t_h, 0.0, t_max, False, 0,
                        extra=" (the upper bound is the window's largest count, taken from the data)"),
         ]
         rolled = bool(task_rows) and task_rows[-1].mode == "rollback"
-        reward = metrics[1]
-        headline = metrics[0] if metrics[0].difference is not None else reward
-        verdict = "rolled back" if rolled else reward.verdict
+        by_metric = {m.metric: m for m in kinds}
+        order = ("quality_explicit", "quality_judge", "pairwise_win_rate", "quality_automatic")
+        headline = next((by_metric[k] for k in order if k in by_metric and by_metric[k].difference is not None), kinds[0])
+        verdicts = [m.verdict for m in kinds]
+        verdict = ("rolled back" if rolled else "worse" if "worse" in verdicts else "better" if "better" in verdicts else "not yet known")
         summary = headline.summary + ("; rolled back: this task now gets the baseline" if rolled else f"; verdict: {verdict}")
         out.append(TaskComparison(task_type=task, requests=len(task_rows), optimized_n=len(opt), holdout_n=len(hold), verdict=verdict,
                                   summary=summary, metrics=metrics))

@@ -81,7 +81,8 @@ class RolloutApiController(Controller):
                                                current=str(promotion.optimised_n), met=promotion.optimised_n >= s.min_samples_for_promotion))
             criteria.append(PromotionCriterion(
                 name="anytime_lower_bound",
-                required=f"> 0 (anytime-valid {1 - promotion.alpha:.0%} lower bound of mean reward optimised − holdout)",
+                required=(f"> 0 (anytime-valid {1 - promotion.alpha:.2%} lower bound of mean reward optimised − holdout, "
+                          f"{promotion.signal_kind} signals; each kind compared only with itself)"),
                 current=f"{lb:.6g}", met=promotion.holdout_n > 0 and lb > 0))
         return RolloutStatus(
             phase=st.phase, phase_started_at=st.phase_started_at, time_in_phase_s=in_phase, next_phase=cdata.next_phase(st.phase),

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from guards.conservative import CostVerdict, KindVerdict
 from guards.waivers import Waiver
 
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0)]
@@ -66,7 +67,7 @@ class OptimizationStatus(msgspec.Struct):
     mode: str  # configured mode
     phase: str  # current rollout phase
     effective_phase: str
-    traffic_percentage: float  # share of traffic optimised now (0..1)
+    traffic_percentage: float  # the rollout share optimised now (0..1), before the holdout is taken out
     phase_traffic_percentage: float  # share the phase optimises when not rolled back
     policy: str
     policy_version: str
@@ -74,6 +75,8 @@ class OptimizationStatus(msgspec.Struct):
     uptime_s: float
     decisions_in_registry: int
     judge_muted: dict[str, str] = {}  # task type -> why the judge's scores are muted there (length_bias, disagreement)
+    holdout_fraction: float = 0.0  # the always-on holdout, drawn before the rollout share (every phase)
+    optimised_share: float = 0.0  # the share of requests actually sent tuned parameters: traffic_percentage × (1 − holdout_fraction)
 
 
 # --------------------------------------------------------------------------- performance
@@ -190,8 +193,12 @@ class TaskGuarantee(msgspec.Struct):
     reason: str
     optimised_mean: float | None = None  # sample mean quality of each stream
     holdout_mean: float | None = None
-    quality_level: float | None = None  # coverage of quality_difference: 1 − α/2 (α is shared with the latency claim)
-    summary: str = ""  # the verdict in words: "code: +0.12 quality, 95 % interval [+0.05, +0.19], 3,412 requests; better"
+    quality_level: float | None = None  # coverage of quality_difference (that kind's share of α)
+    summary: str = ""  # the verdict in words: "code: +0.12 judge quality, 98.75 % interval [+0.05, +0.19], 3,412 signals; better"
+    quality_kind: str = "automatic"  # the signal kind the quality fields above describe (explicit, judge, else automatic)
+    signals: list[KindVerdict] = []  # every kind: tuned vs holdout, interval, number of signals behind it
+    cost: CostVerdict | None = None  # mean cost per request, tuned vs holdout (rolled back when costlier without a sure gain)
+    relearning_since: float | None = None  # a change was detected: tuned traffic is re-learning since then
 
 
 class SloStatus(msgspec.Struct):
@@ -222,6 +229,7 @@ class PromotionEvidenceOut(msgspec.Struct):
     difference_upper: float
     alpha: float
     since: float
+    signal_kind: str = "automatic"  # rewards recomputed with this signal kind's quality
 
 
 class PromotionCriterion(msgspec.Struct):
@@ -246,7 +254,7 @@ class EventOut(msgspec.Struct):
 
     id: str
     at: float
-    kind: str  # promote, rollback, resume, set_phase, disable, enable, breach (global); rollback, change_detected (per task)
+    kind: str  # promote, rollback, resume, set_phase, disable, enable, breach (global); rollback, change_detected, relearning_ended (per task)
     scope: str  # "global" or "task"
     task_type: str | None
     from_phase: str | None

@@ -53,6 +53,15 @@ Offset = Annotated[int, Parameter(ge=0, le=10_000_000, schema_extra={"minimum": 
 # Events are paged by reading offset + limit newest rows: the offset's bound bounds that read.
 EventLimit = Annotated[int, Parameter(ge=1, le=500)]
 EventOffset = Annotated[int, Parameter(ge=0, le=10_000, schema_extra={"minimum": 0})]
+# Query values the log is filtered by. A time must be a date the stores can hold (Python's
+# datetime ends in 9999; -1e308 or 1e20 used to reach PostgreSQL as an overflow, a 500), and a
+# text filter one PostgreSQL text can hold (no NUL); NaN fails the bounds too.
+_LAST_UNIX_SECOND = 253_402_300_799.0  # 9999-12-31T23:59:59Z
+# Litestar documents no bounds of an optional parameter: `schema_extra` puts them in the OpenAPI document.
+UnixTime = Annotated[float | None, Parameter(ge=0.0, le=_LAST_UNIX_SECOND, description="Unix seconds (0 to the end of year 9999)",
+                                             schema_extra={"minimum": 0, "maximum": _LAST_UNIX_SECOND})]
+TextFilter = Annotated[str | None, Parameter(max_length=256, pattern=r"^[^\x00]*$", description="At most 256 characters, no NUL",
+                                             schema_extra={"maxLength": 256, "pattern": r"^[^\x00]*$"})]
 
 
 
@@ -110,12 +119,14 @@ def status_of(deps: ControlDeps, now: float) -> OptimizationStatus:
     ro = deps.rollout
     eff = ro.effective(now)
     policy = deps.decider.policy
+    share = eff.fraction if eff.optimizing_allowed else 0.0
+    holdout = deps.config.optimization.holdout_fraction
     return OptimizationStatus(
         enabled=ro.enabled,
         mode=deps.config.optimization.mode,
         phase=ro.state.phase,
         effective_phase=eff.phase,
-        traffic_percentage=eff.fraction if eff.optimizing_allowed else 0.0,
+        traffic_percentage=share,
         phase_traffic_percentage=ro.fraction(ro.state.phase),
         policy=policy.name,
         policy_version=policy.version,
@@ -123,6 +134,8 @@ def status_of(deps: ControlDeps, now: float) -> OptimizationStatus:
         uptime_s=round(now - deps.started_at, 3),
         decisions_in_registry=len(deps.registry),
         judge_muted={task: m.reason for task, m in trust.state.mutes.items()} if (trust := deps.learning.trust) is not None else {},
+        holdout_fraction=holdout,
+        optimised_share=share * (1.0 - holdout),
     )
 
 
@@ -137,12 +150,10 @@ def slo_status(deps: ControlDeps, now: float) -> SloStatus:
     monitor = deps.decider.conservative
     tasks = []
     if monitor is not None:
-        level = 1.0 - monitor.settings.alpha / 2.0  # the quality claim's share of α (guards/conservative.py)
         for v in monitor.verdicts():
-            diff = v.optimised_mean - v.holdout_mean if v.optimised_mean is not None and v.holdout_mean is not None else None
-            words = cdata.monitor_words(v.verdict, v.rolled_back)
-            summary = cdata.monitor_sentence(v.task_type, diff, *v.quality_difference, v.optimised_n + v.holdout_n, level, words)
-            tasks.append(TaskGuarantee(**msgspec.structs.asdict(v), quality_level=level, summary=summary))
+            head = next(k for k in v.signals if k.kind == v.quality_kind)
+            summary = cdata.monitor_summary(v)
+            tasks.append(TaskGuarantee(**msgspec.structs.asdict(v), quality_level=head.level, summary=summary))
     return SloStatus(compliant=report.compliant, window_s=report.window_s, min_samples=report.min_samples, breached=list(report.breached),
                      slos=slos, tasks=tasks)
 

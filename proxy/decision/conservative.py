@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 
 import msgspec
 
@@ -36,7 +37,7 @@ def _log_save_failure(task: asyncio.Task[None]) -> None:
 class ConservativeListener:
     def __init__(
         self, monitor: ConservativeMonitor, *, rollout: RolloutSource, recorder: Recorder, metrics: Metrics,
-        alerts: AlertManager, state_store: StateStore, policy: Policy,
+        alerts: AlertManager, state_store: StateStore, policy: Policy, max_seen: int = 200_000,
     ) -> None:
         self.monitor = monitor
         self.policy = policy
@@ -46,6 +47,8 @@ class ConservativeListener:
         self.alerts = alerts
         self.state_store = state_store
         self._save: asyncio.Task[None] | None = None
+        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # (request id, kind) already counted
+        self.max_seen = max_seen
 
     async def load(self) -> None:
         try:
@@ -70,6 +73,28 @@ class ConservativeListener:
         if events:
             self.on_events(events)
 
+    def on_signal(
+        self, *, request_id: str, task_type: str, mode: str, kind: str, quality: float, reward: float | None, trusted: bool = True
+    ) -> None:
+        """A delayed signal (judge score, pairwise verdict, explicit score): its own kind's comparison, once per request.
+
+        Promotion gets the reward recomputed with it (`RolloutController.observe_reward(kind=)`),
+        the monitor its quality (`guards.conservative.observe_signal`). A second signal of the
+        same kind for the same request (a judge re-run, an explicit overwrite) is not a new
+        sample: the sequences cannot take the first one back, so it is ignored here.
+        """
+        key = (request_id, kind)
+        if key in self._seen:
+            return
+        self._seen[key] = None
+        while len(self._seen) > self.max_seen:
+            self._seen.popitem(last=False)
+        if not self.monitor.is_rolled_back(task_type):
+            self.rollout.rollout.observe_reward(mode, reward, kind=kind)
+        events = self.monitor.on_signal(task_type, mode, kind, quality, time.time(), trusted)
+        if events:
+            self.on_events(events)
+
     def on_events(self, events: list[MonitorEvent]) -> None:
         for event in events:
             reopened: dict[str, bool] = {}
@@ -88,6 +113,9 @@ class ConservativeListener:
                     reason=event.reason, evidence={**event.evidence, **reopened, "task_type": event.task_type}, actor="conservative",
                 )
             )
+            if event.kind == "relearning_ended":  # recorded for the reports; nothing to alert on
+                log.info("task type %r re-learnt after a change: %s", event.task_type, event.reason)
+                continue
             if event.kind == "rollback":
                 self.metrics.child(self.metrics.task_rollbacks, task).inc()
             else:

@@ -86,6 +86,21 @@ class DecisionLog(Protocol):
     ) -> list[DecisionRow]: ...
 
 
+class GuardSignals(Protocol):
+    """The guards' ear for delayed signals (`proxy.decision.conservative.ConservativeListener.on_signal`).
+
+    Every judge score, pairwise verdict and explicit score of a successful request reaches
+    it with its kind (`source`), the request's mode and task type, the quality and the reward
+    recomputed with it, whether or not it teaches the policy (an untrusted or explicitly
+    overridden judge score is still a judged observation of that request). The listener
+    counts each (request, kind) once.
+    """
+
+    def on_signal(
+        self, *, request_id: str, task_type: str, mode: str, kind: str, quality: float, reward: float | None, trusted: bool = True
+    ) -> None: ...
+
+
 class FeedbackConflict(Exception):
     pass
 
@@ -132,6 +147,20 @@ class FeedbackServices:
     shared: DecisionFinder | None = None
     learns: bool = True
     trust: JudgeTrust | None = None  # per-task judge mutes (length bias, disagreement)
+    guards: GuardSignals | None = None
+
+
+GUARD_SOURCES = frozenset({"judge", "judge_pairwise", "explicit"})
+"""Delayed signal kinds the guards compare (`policies.signals.GUARDED_KINDS` less the automatic one)."""
+
+
+def _to_guards(
+    fx: FeedbackServices, request_id: str, task_type: str, mode: str, kind: str, quality: float, reward: float | None,
+    ok: bool, trusted: bool = True,
+) -> None:
+    """Hand one delayed signal of a successful request to the guards (`GuardSignals`)."""
+    if fx.guards is not None and ok and kind in GUARD_SOURCES:
+        fx.guards.on_signal(request_id=request_id, task_type=task_type, mode=mode, kind=kind, quality=quality, reward=reward, trusted=trusted)
 
 
 def context_from_features(features: dict[str, Any]) -> RequestContext | None:
@@ -331,6 +360,7 @@ async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: st
     book.remember(rid, quality, new_reward)
     _pair_explicit(fx, rid, quality, row)
     _count_signal(fx, row.task_type, already or previous_signal is not None or _judged(fx, rid), learns(row.status, row.error_class))
+    _to_guards(fx, rid, row.task_type, row.mode, "explicit", quality, new_reward, learns(row.status, row.error_class))
     return FeedbackResult(
         request_id=rid, found_in="log", quality=quality, previous_quality=previous_quality, automatic_quality=row.quality,
         reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,
@@ -365,6 +395,7 @@ async def _with_outcome(
     book.remember(rid, quality, new_reward)
     _pair_explicit(fx, rid, quality, row)
     _count_signal(fx, decision.context.task_type, already or signalled, learns(outcome.status, outcome.error_class))
+    _to_guards(fx, rid, decision.context.task_type, decision.mode, "explicit", quality, new_reward, learns(outcome.status, outcome.error_class))
     return FeedbackResult(
         request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality, automatic_quality=automatic,
         reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,
@@ -392,6 +423,8 @@ def apply_pending_feedback(fx: FeedbackServices, decision: Decision, outcome: Ou
                       payload={"deferred": True}, received_at=time.time())
     )
     book.remember(decision.request_id, pending.quality, new_reward)
+    _to_guards(fx, decision.request_id, decision.context.task_type, decision.mode, "explicit", pending.quality, new_reward,
+               learns(outcome.status, outcome.error_class))
     outcome_copy = msgspec.structs.replace(outcome, quality=pending.quality, reward=new_reward, feedback=True)
     fx.registry.complete(decision, outcome_copy)
 
@@ -465,6 +498,12 @@ class SignalBook:
 async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None = None) -> str:
     """Entry point for judge scores and implicit marks (`policies.signals.Signal`); returns what happened.
 
+    Judge scores and pairwise verdicts of finished requests also reach the guards
+    (`FeedbackServices.guards`) first, for optimised and holdout requests alike. A signal
+    with `guards_only` (a holdout request judged beyond `[judge] sample_rate`, so the holdout
+    has as many judged requests as the tuned traffic) stops there ("guards_only"): teaching the
+    policy from it would give the baseline arm more judged rewards than the others.
+
     Results: "applied" (quality and reward replaced, the policy corrected once through
     `_apply`/`correct()`), "weaker" (explicit feedback, or a stronger signal, is already
     there), "not_found" (the decision left the registry), "in_flight" (no outcome yet),
@@ -484,7 +523,7 @@ async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None
     if signal.source == "explicit":
         return signals.count(signal.source, "explicit_not_here")
     explicit = rid in book.recorded or rid in book.pending
-    if explicit and signal.source != "judge":
+    if explicit and signal.source not in GUARD_SOURCES:
         return signals.count(signal.source, "weaker")
     item = fx.registry.get(rid, now)
     if item is None and fx.shared is not None:
@@ -492,16 +531,28 @@ async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None
     if item is None:
         return signals.count(signal.source, "not_found")
     decision, outcome = item
+    task_type = decision.context.task_type
+    q = min(1.0, max(0.0, float(signal.quality)))
+    trusted = True
     if signal.source == "judge":
         # Kept for agreement whatever happens next: the explicit score, if any, wins in the log.
-        task_type = decision.context.task_type
         explicit_quality = book.recorded[rid][0] if rid in book.recorded else (book.pending[rid].quality if rid in book.pending else None)
-        signals.judge_scored(rid, task_type, min(1.0, max(0.0, float(signal.quality))), explicit_quality)
-        trusted = judge_gate(fx, decision, outcome, min(1.0, max(0.0, float(signal.quality))))
+        signals.judge_scored(rid, task_type, q, explicit_quality)
+        trusted = judge_gate(fx, decision, outcome, q)
+    if outcome is not None and signal.source in GUARD_SOURCES:
+        # The guards see every judged request of both streams, whatever the policy does with the score next;
+        # a muted judge's kind is marked untrusted there (it neither rolls back nor excuses a cost regression).
+        _to_guards(fx, rid, task_type, decision.mode, signal.source, q, fx.bandit.reward_for(decision, outcome, q),
+                   learns(outcome.status, outcome.error_class), trusted)
+    if signal.guards_only:
+        return signals.count(signal.source, "guards_only")
+    if signal.source == "judge":
         if explicit:
             return signals.count(signal.source, "weaker")
         if not trusted:
             return signals.count(signal.source, "untrusted")
+    if explicit:
+        return signals.count(signal.source, "weaker")
     if outcome is None:
         return signals.count(signal.source, "in_flight")
     if outcome.feedback or not should_replace(signals.sources.get(rid), signal.source):

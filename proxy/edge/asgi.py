@@ -43,6 +43,7 @@ from proxy.edge.upstream import UPSTREAM_ERRORS, Upstream, UpstreamPool, Upstrea
 from proxy.observability.metrics import Metrics, observe_decision
 from proxy.observability.tracing import NullTracer, Tracer
 from proxy.observability.tracing import Timings as TraceTimings
+from proxy.store.base import storable
 from proxy.store.entries import LogEntry
 from proxy.store.recorder import Recorder
 
@@ -297,6 +298,8 @@ class ProxyEdge:
         limit = self.services.config.server.max_task_type_bytes
         if len(task_type) > limit:  # latin-1 decoded: one character per byte
             raise bad_request(f"the x-task-type header must be at most {limit} bytes", "invalid_task_type")
+        if not storable(task_type):
+            raise bad_request("the x-task-type header must not contain NUL", "invalid_task_type")
         return task_type
 
     async def _send_error(self, send: Send, status: int, body: bytes, request_id: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -318,6 +321,8 @@ class ProxyEdge:
         srv = svc.config.server
         if len(model.encode("utf-8", "surrogatepass")) > srv.max_model_bytes:
             raise bad_request(f"'model' must be at most {srv.max_model_bytes} bytes", "invalid_model", "model")
+        if not storable(model):
+            raise bad_request("'model' must not contain NUL or an unpaired surrogate", "invalid_model", "model")
         upstream = svc.pool.route_format(model, fmt.upstream_format)
         if upstream is None:
             raise ProxyError(404, f"no upstream of format '{fmt.upstream_format}' is configured for model '{model}'", "model_not_found")

@@ -3,7 +3,8 @@
 Flow (the lead wires the two ends; see `Judge.on_complete` and `deliver`):
 
     completion listener ─► Judge.on_complete(decision, outcome, answer, messages)
-        sample (injected numpy Generator, `[judge] sample_rate`) ─► bounded queue
+        sample (injected numpy Generator, `[judge] sample_rate`; holdout requests at
+        `JudgeSettings.holdout_rate`, the extra ones for the guards only) ─► bounded queue
         (overflow dropped and counted) ─► `max_concurrency` workers ─► transport
         (an ordinary chat completion to the upstream serving `[judge] model`)
         ─► parse ─► charge tokens to the budget under task type `_judge`
@@ -66,7 +67,7 @@ import logging
 import re
 import secrets
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -508,8 +509,13 @@ class Judge:
         wall_clock: Clock = time.time,
         baseline_request: BaselineRequest | None = None,
         send_baseline: SendBaseline | None = None,
+        holdout_sample_rate: float | None = None,
     ) -> None:
         self.settings = settings
+        # Holdout requests are judged at least as often as tuned ones (`JudgeSettings.holdout_rate`);
+        # those past `sample_rate` feed the guards only (`Signal.guards_only`).
+        self.holdout_sample_rate = max(settings.sample_rate, holdout_sample_rate if holdout_sample_rate is not None else settings.sample_rate)
+        self._guards_only: OrderedDict[str, None] = OrderedDict()
         self.baseline_request = baseline_request
         self.send_baseline = send_baseline
         self.transport = transport
@@ -538,10 +544,16 @@ class Judge:
             return False
         if not answer or not answer.strip() or not messages:
             return False
-        if self.rng.random() >= self.settings.sample_rate:
+        draw = self.rng.random()
+        rate = self.holdout_sample_rate if decision.mode == "holdout" else self.settings.sample_rate
+        if draw >= rate:
             self.counts["not_sampled"] += 1
             return False
         self.counts["sampled"] += 1
+        if draw >= self.settings.sample_rate:
+            self._guards_only[decision.request_id] = None
+            while len(self._guards_only) > 2 * self.settings.queue_size:
+                self._guards_only.popitem(last=False)
         pairwise, baseline_body = "", None
         if self.settings.mode == "pairwise":
             if decision.context.endpoint != "chat" or self.baseline_request is None or self.send_baseline is None:
@@ -635,6 +647,9 @@ class Judge:
                 log.warning("judge budget charge failed for %s", item.request_id)
 
     async def _deliver(self, signal: Signal) -> Signal | None:
+        if signal.request_id in self._guards_only:
+            del self._guards_only[signal.request_id]
+            signal = msgspec.structs.replace(signal, guards_only=True)
         try:
             delivered = await self.deliver(signal)
         except Exception:

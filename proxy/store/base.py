@@ -206,6 +206,19 @@ _json_decoder = msgspec.json.Decoder()
 JSON_COLUMNS = ("context_features", "chosen_params", "baseline_params", "policy_params", "guard_notes", "outcome")
 
 
+def storable(text: str) -> bool:
+    """Whether both decision logs can hold `text`: PostgreSQL text and JSONB refuse NUL, and a
+    lone surrogate (a JSON string may carry one, `"\\ud800"`) has no UTF-8 form for either store.
+    The edge refuses such client values so that no answered request loses its row."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def log_propensity(p: float | None) -> float | None:
     """ln p (−inf for p = 0) as stored in `log_propensity` columns."""
     if p is None:

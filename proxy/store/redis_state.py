@@ -178,53 +178,92 @@ return 1
 )
 
 # KEYS: budget key, its lease hash. ARGV: now, expires_at, holder, limit, used_total,
-# overruns_total, target, min_amount, lease_expires_at. The lease hash has four fields
-# per holder: <holder>:a (amount, counted in the key's `reserved`), :u and :o (cumulative
-# usage and overruns reported), :e (expiry). Returns {amount, used, reserved, overruns}.
+# overruns_total, target, min_amount, lease_expires_at, seq, held, known 0/1, seen_used,
+# acked_used, claim, valid_s. The lease hash has per holder <holder>:a (amount, counted in
+# the key's `reserved`), :u and :o (cumulative usage and overruns reported), :e (expiry),
+# :s (last call sequence applied), :h (reservations in flight at that call), :c (of
+# those, charged as used when its lease was reclaimed). The key's own fields `rb`, `gm`,
+# `gs` hold a rebuild after lost state (see guards/state.py): until when nothing new is
+# granted, the largest `used` a re-adopted holder had seen, their acknowledged usage.
+# Returns {amount, used, reserved, overruns, rebuilding 0/1}.
 _LEASE = (
     _LUA_COMMON
     + """
 local now = tonumber(ARGV[1])
 local k, lk, me = KEYS[1], KEYS[2], ARGV[3]
 if not live(k, now) then redis.call('DEL', lk) end
-local res = tonumber(redis.call('HGET', k, 'reserved')) or 0
+local kv = redis.call('HMGET', k, 'used', 'reserved', 'overruns', 'rb', 'gm', 'gs')
+local used, res, ovr = tonumber(kv[1]) or 0, tonumber(kv[2]) or 0, tonumber(kv[3]) or 0
+local rb, gm, gs = tonumber(kv[4]), tonumber(kv[5]) or 0, tonumber(kv[6]) or 0
 local flat = redis.call('HGETALL', lk)
+local rec = {}
+for i = 1, #flat, 2 do rec[flat[i]] = flat[i + 1] end
 for i = 1, #flat, 2 do
   local f = flat[i]
   if string.sub(f, -2) == ':a' then
     local h = string.sub(f, 1, -3)
     local amt = tonumber(flat[i + 1]) or 0
-    local exp = tonumber(redis.call('HGET', lk, h .. ':e')) or 0
+    local exp = tonumber(rec[h .. ':e']) or 0
     if h ~= me and amt > 0 and exp <= now then
+      local charge = math.min(amt, tonumber(rec[h .. ':h']) or 0)
       res = math.max(0, res - amt)
-      redis.call('HSET', lk, f, 0)
+      used = used + charge
+      redis.call('HSET', lk, f, 0, h .. ':c', (tonumber(rec[h .. ':c']) or 0) + charge)
     end
   end
 end
-local v = redis.call('HMGET', lk, me .. ':a', me .. ':u', me .. ':o')
-local a, u, o = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
-local used = tonumber(redis.call('HGET', k, 'used')) or 0
-local ovr = tonumber(redis.call('HGET', k, 'overruns')) or 0
 local limit, ut, ot = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local target, minimum = tonumber(ARGV[7]), tonumber(ARGV[8])
-local d = math.max(0, ut - u)
-used = used + d
-local taken = math.min(a, d)
-a = a - taken
-res = math.max(0, res - taken)
-ovr = ovr + math.max(0, ot - o)
-if target > a then
-  local grant = math.min(target - a, math.max(0, limit - used - res))
-  if a + grant >= minimum then a = a + grant; res = res + grant end
-elseif target < a then
-  res = math.max(0, res - (a - target))
-  a = target
+local seq, held, known = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12] == '1'
+local a, u, o, s, c = 0, 0, 0, 0, 0
+local stale = false
+if rec[me .. ':e'] == nil then
+  if known then
+    if not rb then
+      rb = now + tonumber(ARGV[16])
+      redis.call('HSET', k, 'rb', rb)
+    end
+    local before = math.max(0, gm - gs)
+    gm = math.max(gm, tonumber(ARGV[13]))
+    gs = gs + tonumber(ARGV[14])
+    used = used + tonumber(ARGV[14]) + math.max(0, gm - gs) - before
+    u = tonumber(ARGV[14])
+    if now < rb then
+      a = math.min(tonumber(ARGV[15]), limit)
+      res = res + a
+    end
+    redis.call('HSET', k, 'gm', gm, 'gs', gs)
+  end
+else
+  a, u, o = tonumber(rec[me .. ':a']) or 0, tonumber(rec[me .. ':u']) or 0, tonumber(rec[me .. ':o']) or 0
+  s, c = tonumber(rec[me .. ':s']) or 0, tonumber(rec[me .. ':c']) or 0
+  stale = seq > 0 and seq <= s
+end
+local rebuilding = rb ~= nil and now < rb
+if not stale then
+  if c > 0 then used = math.max(0, used - c); c = 0 end
+  local d = math.max(0, ut - u)
+  used = used + d
+  local taken = math.min(a, d)
+  a = a - taken
+  res = math.max(0, res - taken)
+  ovr = ovr + math.max(0, ot - o)
+  if target > a then
+    if not rebuilding then
+      local grant = math.min(target - a, math.max(0, limit - used - res))
+      if a + grant >= minimum then a = a + grant; res = res + grant end
+    end
+  elseif target < a then
+    res = math.max(0, res - (a - target))
+    a = target
+  end
+  redis.call('HSET', lk, me .. ':a', a, me .. ':u', math.max(u, ut), me .. ':o', math.max(o, ot), me .. ':e', ARGV[9],
+    me .. ':s', math.max(s, seq), me .. ':h', held, me .. ':c', c)
 end
 redis.call('HSET', k, 'used', used, 'reserved', res, 'overruns', ovr)
-redis.call('HSET', lk, me .. ':a', a, me .. ':u', math.max(u, ut), me .. ':o', math.max(o, ot), me .. ':e', ARGV[9])
 touch(k, now, ARGV[2])
 touch(lk, now, ARGV[2])
-return {a, used, res, ovr}
+return {a, used, res, ovr, rebuilding and 1 or 0}
 """
 )
 
@@ -350,11 +389,12 @@ class RedisStore:
     async def budget_lease(self, call: LeaseCall, *, now: float) -> LeaseGrant:
         args: list[Any] = [
             _num(now), _num(call.expires_at), call.holder, int(call.limit), int(call.used_total), int(call.overruns_total),
-            int(call.target), int(call.min_amount), _num(call.lease_expires_at),
+            int(call.target), int(call.min_amount), _num(call.lease_expires_at), int(call.seq), int(call.held),
+            1 if call.known else 0, int(call.seen_used), int(call.acked_used), int(call.claim), _num(call.valid_s),
         ]
         raw = await self._call(self._lease(keys=[self.k(call.key), self.k(call.key) + ":leases"], args=args))
-        amount, used, reserved, overruns = (int(v) for v in raw)
-        return LeaseGrant(amount=amount, counters=Counters(used, reserved, overruns))
+        amount, used, reserved, overruns, rebuilding = (int(v) for v in raw)
+        return LeaseGrant(amount=amount, counters=Counters(used, reserved, overruns), rebuilding=bool(rebuilding))
 
     # ---- blobs, counters, maps --------------------------------------------------
 

@@ -66,15 +66,30 @@ def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path, mon
         assert all(v > 0 for k, v in points.items() if k != "chart-effort"), points  # this traffic sends no effort
         assert points["chart-effort"] == 0 and "no data in the window yet" in html
         assert html.count('class="series"') >= 4  # reward + latency + two task types' parameter lines
-        assert "phase general" in html and "optimising 100.0 %" in html
+        assert "phase general" in html and "optimising 70.0 % · holdout 30.0 %" in html  # the true share: 30 % is holdout
+        assert '<option value="900" selected="">15 min</option>' in html  # a fresh run fits the default range
+        # The axis starts at the data, not an hour before it: the points spread over the chart, not into its right edge.
+        reward_points = [float(x) for x in re.findall(r'<circle cx="([\d.]+)"', re.search(r'<svg id="chart-reward".*?</svg>', html, re.S).group(0))]
+        assert reward_points and min(reward_points) < 450, reward_points  # an hour's axis put them at ~590
+        for chart in re.findall(r'<svg id="chart-[a-z-]+".*?</svg>', html, re.S):  # round values: 1, 2, 2.5 or 5 times 10^k apart
+            ticks = [float(v.replace(",", "")) for v in re.findall(r'class="ytick">([^<]+)<', chart)]
+            if len(ticks) < 2:
+                continue
+            step = ticks[1] - ticks[0]
+            assert all(abs((b - a) - step) <= 1e-6 * abs(step) + 1e-9 for a, b in zip(ticks, ticks[1:])), ticks
+            mantissa = step / 10 ** np.floor(np.log10(step))
+            assert min(abs(mantissa - m) for m in (1, 2, 2.5, 5, 10)) < 1e-6 and all(abs(v / step - round(v / step)) < 1e-6 for v in ticks), ticks
+        assert re.search(r'class="xtick">\d', html)
+        glance = {a["data-task"]: cells for a, cells in table(html, "glance")}
+        assert set(glance) == {"code", "summarise"} and "tokens per request" in glance["code"][3] and "$" not in glance["code"][3]  # unpriced
         # Every panel, the holdout (baseline) line of the headline chart, and the tuned-vs-holdout intervals.
         panels = set(re.findall(r'<section id="(panel-[a-z-]+)"', html))
-        assert panels == {"panel-comparison", "panel-spend", "panel-monitor", "panel-reward", "panel-latency", "panel-temperature", "panel-max-tokens", "panel-effort", "panel-signals",
+        assert panels == {"panel-glance", "panel-comparison", "panel-spend", "panel-monitor", "panel-reward", "panel-latency", "panel-temperature", "panel-max-tokens", "panel-effort", "panel-signals",
                           "panel-budget", "panel-events"}, panels
         reward_svg = re.search(r'<svg id="chart-reward".*?</svg>', html, re.S)
         assert reward_svg is not None and 'data-name="holdout"' in reward_svg.group(0) and 'data-name="optimized"' in reward_svg.group(0)
         for task in ("code", "summarise"):
-            assert re.search(rf'<tr data-task="{task}" data-metric="quality">', html), task
+            assert re.search(rf'<tr data-task="{task}" data-metric="quality_automatic">', html), task
         assert html.count('class="interval"') >= 2 * 3  # both tasks: quality, reward and tokens at least
         assert "95 % interval [" in html and "verdict" in html
         assert 'class="band"' in html and 'class="series client"' in html  # trust-region bands and the client's value
@@ -204,7 +219,9 @@ def test_dashboard_shows_a_simulated_run_with_judge_holdout_monitor_and_events(s
                       admin={"token_env": "THERMOSTAT_DASHBOARD_TEST_TOKEN"},
                       slo={"quality_min": 0.0, "min_samples": 10_000},  # the global SLO stays out: the per-task monitor acts
                       constraints={"max_extra_truncation": 1.0},  # lower caps offered at once, so the harmful policy can cut answers
-                      judge={"enabled": True, "model": "sim-judge", "sample_rate": 0.5, "max_concurrency": 4})
+                      judge={"enabled": True, "model": "sim-judge", "sample_rate": 0.5, "max_concurrency": 4},
+                      upstreams=[{"name": "sim", "base_url": simulator.url, "models": ["*"], "timeout_s": 2.0,  # priced: the glance shows dollars
+                                  "models_config": [{"pattern": "*", "input_price_per_mtok": 1.0, "output_price_per_mtok": 4.0}]}])
     rt = Runtime(cfg)
     rt.bandit.policy = HarmfulForExtraction.from_settings(thompson=cfg.policy.thompson, linucb=cfg.policy.linucb)
     t = start_thermostat(cfg, rt)
@@ -286,7 +303,8 @@ def test_dashboard_shows_a_simulated_run_with_judge_holdout_monitor_and_events(s
             assert cells[2] == m["summary"] and f"{100 * m['quality_level']:g} % interval [" in cells[2]
             lo, hi = m["quality_difference"]
             assert cells[5] == f"[{lo:+.2f}, {hi:+.2f}]"
-            assert cells[3].endswith(f"· {m['optimised_n']} req") and cells[4].endswith(f"· {m['holdout_n']} req")
+            assert cells[3].endswith(f"· {m['optimised_n']} signals") and cells[4].endswith(f"· {m['holdout_n']} signals")
+            assert cells[3].startswith(m["quality_kind"])
         assert rows["extraction"][1] == "rolled back" and "rolled back" in rows["extraction"][2]
         assert re.search(r'<svg[^>]*class="ci"', html)
 
@@ -312,9 +330,55 @@ def test_dashboard_shows_a_simulated_run_with_judge_holdout_monitor_and_events(s
         assert lo == pytest.approx(0.5) and hi == pytest.approx(0.9)
         assert band("chart-max-tokens", "code") == "400,800" and band("chart-max-tokens", "extraction") == "150,300"
 
+        # At a glance: per task, the verdict, by how much in quality and cost, on how many signals, from the same comparison.
+        payload = httpx.get(f"{t.base}/api/optimization/dashboard", headers=auth, timeout=30).json()
+        comparisons = {c["task_type"]: c for c in payload["comparisons"]}
+        priced = {p["task_type"]: p["cost"] for p in payload["performance"] if p.get("cost") and p["cost"]["saving_per_1k_usd"] is not None}
+        glance = {a["data-task"]: cells for a, cells in table(html, "glance")}
+        assert set(glance) == set(comparisons)
+        order = ("quality_explicit", "quality_judge", "pairwise_win_rate", "quality_automatic", "quality")
+        for task, c in comparisons.items():
+            cells = glance[task]
+            assert cells[1] == {"better": "better", "worse": "worse", "rolled back": "worse: rolled back"}.get(c["verdict"], "not yet known")
+            metrics = {m["metric"]: m for m in c["metrics"]}
+            q = next((metrics[k] for k in order if k in metrics and metrics[k]["difference"] is not None), None)
+            assert q is not None
+            assert cells[2].startswith(f"{q['difference']:+.2f} [{q['ci_low']:+.2f}, {q['ci_high']:+.2f}]"), (cells, q)
+            assert cells[4] == f"{q['optimized_n'] + q['holdout_n']:,} ({q['optimized_n']:,} tuned, {q['holdout_n']:,} holdout)"
+            k = metrics["completion_tokens"]
+            assert task in priced  # the simulator's model is priced here: dollars first (tuned − holdout = −saving), then tokens
+            assert cells[3].startswith(f"{-priced[task]['saving_per_1k_usd']:+.4f}".replace("+", "+$").replace("-", "-$")), cells[3]
+            assert f"per 1,000 requests; {k['difference']:+.0f} tokens per request" in cells[3]
+        assert glance["extraction"][1] == "worse: rolled back"
+
         # Tuned vs holdout over the range, and the headline chart's holdout line.
         reward_svg = re.search(r'<svg id="chart-reward".*?</svg>', html, re.S)
         assert reward_svg is not None and 'data-name="holdout"' in reward_svg.group(0)
-        assert re.search(r'<tr data-task="code" data-metric="quality">', html) and html.count('class="interval"') >= 3 * 4
+        assert re.search(r'<tr data-task="code" data-metric="quality_automatic">', html) and html.count('class="interval"') >= 3 * 4
+    finally:
+        t.stop()
+
+
+def test_open_intervals_are_not_drawn_as_dots_at_the_edge(upstream: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few requests: the p99 latency interval has open ends; the page says "not enough data" instead of a dot at the edge."""
+    chromium = _chromium()
+    monkeypatch.setenv("THERMOSTAT_DASHBOARD_TEST_TOKEN", "dashboard-token-0123456789")
+    cfg = make_config(upstream.url, tmp_path / "data", optimization={"mode": "general", "seed": 11, "holdout_fraction": 0.5},
+                      admin={"token_env": "THERMOSTAT_DASHBOARD_TEST_TOKEN"})
+    t = start_thermostat(cfg)
+    try:
+        drive(t, 12, "code", temperature=0.7, max_tokens=300)
+        t.flush()
+        latency = next(m for c in httpx.get(f"{t.base}/api/optimization/dashboard", timeout=30,
+                                            headers={"authorization": "Bearer dashboard-token-0123456789"}).json()["comparisons"]
+                       for m in c["metrics"] if m["metric"] == "latency_p99")
+        assert latency["difference"] is not None and latency["ci_low"] is None and latency["ci_high"] is None  # the case drawn here
+        dom = subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                              dashboard_url("127.0.0.1", t.port, "dashboard-token-0123456789")], capture_output=True, text=True, timeout=90)
+        html = dom.stdout
+        assert 'data-loaded="1"' in html, dom.stderr[-2000:]
+        row = re.search(r'<tr data-task="code" data-metric="latency_p99">.*?</tr>', html, re.S)
+        assert row is not None
+        assert "not enough data" in row.group(0) and "<circle" not in row.group(0) and "−∞" not in row.group(0)
     finally:
         t.stop()

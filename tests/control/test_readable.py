@@ -124,8 +124,9 @@ def test_performance_shows_optimised_vs_holdout_with_the_anytime_valid_interval(
     for task in body["tasks"]:
         versus = task["versus_holdout"]
         rows = [r for r in log if r.task_type == task["task_type"]]
-        opt = np.array([r.effective_reward for r in rows if r.mode in ("optimized", "guard_fallback") and r.effective_reward is not None])
-        hold = np.array([r.effective_reward for r in rows if r.mode == "holdout" and r.effective_reward is not None])
+        # the reward at completion (automatic quality): quality signals are compared per kind, never mixed
+        opt = np.array([r.reward for r in rows if r.mode in ("optimized", "guard_fallback") and r.reward is not None])
+        hold = np.array([r.reward for r in rows if r.mode == "holdout" and r.reward is not None])
         reward = next(m for m in versus["metrics"] if m["metric"] == "reward")
         assert (reward["optimized_n"], reward["holdout_n"]) == (len(opt), len(hold)) and reward["anytime_valid"] is True
         if not len(opt) or not len(hold):
@@ -136,12 +137,17 @@ def test_performance_shows_optimised_vs_holdout_with_the_anytime_valid_interval(
         assert reward["difference"] == pytest.approx(opt.mean() - hold.mean(), rel=1e-12)
         assert reward["ci_low"] == pytest.approx(lo_o[-1] - hi_h[-1], rel=1e-9) and reward["ci_high"] == pytest.approx(hi_o[-1] - lo_h[-1], rel=1e-9)
         expected = "better" if reward["ci_low"] > 0 else "worse" if reward["ci_high"] < 0 else "not yet known"
-        assert reward["verdict"] == expected and versus["verdict"] in (expected, "rolled back")
+        assert reward["verdict"] == expected
+        kinds = [m["verdict"] for m in versus["metrics"] if m["metric"].startswith("quality_") or m["metric"] == "pairwise_win_rate"]
+        task_verdict = "worse" if "worse" in kinds else "better" if "better" in kinds else "not yet known"
+        assert versus["verdict"] in (task_verdict, "rolled back")
     assert any(t["versus_holdout"]["holdout_n"] > 0 for t in body["tasks"])
 
 
 def test_slo_status_shows_each_tasks_quality_sequences(held: RunningThermostat) -> None:
-    """The conservative monitor's per-task intervals against the log's automatic quality: α/2 per claim, α/4 per stream."""
+    """The conservative monitor's per-task intervals against the log's automatic quality.
+
+    α/2 for latency; α/2 shared by the four quality kinds and cost (α/10 each), so α/20 per stream."""
     body = api(held, "GET", "/slo-status").json()
     log = _log_in_time_order(held)
     tasks = {t["task_type"]: t for t in body["tasks"]}
@@ -151,8 +157,9 @@ def test_slo_status_shows_each_tasks_quality_sequences(held: RunningThermostat) 
         opt = np.array([r.quality for r in rows if r.mode in ("optimized", "guard_fallback")])
         hold = np.array([r.quality for r in rows if r.mode == "holdout"])
         assert (t["optimised_n"], t["holdout_n"]) == (len(opt), len(hold))
-        lo_o, hi_o = sequences.bounds_path(opt, 0.0125)
-        lo_h, hi_h = sequences.bounds_path(hold, 0.0125)
+        assert t["quality_kind"] == "automatic"
+        lo_o, hi_o = sequences.bounds_path(opt, 0.0025)
+        lo_h, hi_h = sequences.bounds_path(hold, 0.0025)
         assert t["optimised_quality"] == pytest.approx([lo_o[-1], hi_o[-1]], rel=1e-9)
         assert t["holdout_quality"] == pytest.approx([lo_h[-1], hi_h[-1]], rel=1e-9)
         assert t["quality_difference"] == pytest.approx([lo_o[-1] - hi_h[-1], hi_o[-1] - lo_h[-1]], rel=1e-9)
@@ -161,16 +168,17 @@ def test_slo_status_shows_each_tasks_quality_sequences(held: RunningThermostat) 
 
 
 def test_rollout_status_reports_the_anytime_valid_promotion_comparison(held: RunningThermostat) -> None:
-    """Promotion's optimised-vs-holdout reward sequences (α/2 each) against the log's rewards; OPE is still reported beside it."""
+    """Promotion's optimised-vs-holdout automatic-reward sequences (α/4 per kind, α/8 per stream) against the log's rewards;
+    OPE is still reported beside it."""
     body = api(held, "GET", "/rollout-status").json()
     log = _log_in_time_order(held)
     low, high = reports.reward_range(held.runtime.config.policy.reward)
     opt = np.clip([r.reward for r in log if r.mode in ("optimized", "guard_fallback") and r.reward is not None], low, high)
     hold = np.clip([r.reward for r in log if r.mode == "holdout" and r.reward is not None], low, high)
     p = body["promotion"]
-    assert (p["optimised_n"], p["holdout_n"], p["alpha"]) == (len(opt), len(hold), 0.05)
-    lo_o, hi_o = sequences.bounds_path(opt, 0.025, low, high)
-    lo_h, hi_h = sequences.bounds_path(hold, 0.025, low, high)
+    assert (p["optimised_n"], p["holdout_n"], p["alpha"], p["signal_kind"]) == (len(opt), len(hold), 0.0125, "automatic")
+    lo_o, hi_o = sequences.bounds_path(opt, 0.00625, low, high)
+    lo_h, hi_h = sequences.bounds_path(hold, 0.00625, low, high)
     assert p["difference_lower"] == pytest.approx(lo_o[-1] - hi_h[-1], rel=1e-9)
     assert p["difference_upper"] == pytest.approx(hi_o[-1] - lo_h[-1], rel=1e-9)
     assert p["optimised_mean"] == pytest.approx(float(opt.mean()), rel=1e-9)

@@ -42,7 +42,7 @@ def test_quality_difference_uses_the_confidence_sequences() -> None:
     rows = [row(1, "optimized", quality=1.0), row(2, "holdout", quality=0.5), row(3, "optimized", quality=0.5), row(4, "guard_fallback", quality=1.0),
             row(5, "holdout", quality=0.5), row(6, "optimized", quality=0.5), row(7, "shadow", quality=0.0)]  # shadow: not a randomised control
     [code] = reports.tuned_vs_holdout(reversed(rows), -1.1, 1.0)  # the store hands rows newest first
-    q = next(m for m in code.metrics if m.metric == "quality")
+    q = next(m for m in code.metrics if m.metric == "quality_automatic")
     assert (q.optimized_n, q.holdout_n, code.requests) == (4, 2, 7)
     assert q.optimized == pytest.approx(0.75) and q.holdout == pytest.approx(0.5) and q.difference == pytest.approx(0.25)
     # Reference: the vectorised path of the same sequences, each stream at α/2, in time order.
@@ -50,7 +50,7 @@ def test_quality_difference_uses_the_confidence_sequences() -> None:
     lo_h, hi_h = sequences.bounds_path(np.array([0.5, 0.5]), alpha=0.025)
     assert q.ci_low == pytest.approx(lo_o[-1] - hi_h[-1]) and q.ci_high == pytest.approx(hi_o[-1] - lo_h[-1])
     assert q.anytime_valid and q.verdict == "not yet known" and code.verdict == "not yet known"
-    assert q.summary == f"code: +0.25 quality, 95 % interval [{q.ci_low:+.2f}, {q.ci_high:+.2f}], 6 requests"  # the compared ones
+    assert q.summary == f"code: +0.25 automatic quality, 95 % interval [{q.ci_low:+.2f}, {q.ci_high:+.2f}], 6 requests"  # the compared ones
 
 
 def test_a_clear_gain_is_called_better_and_a_rolled_back_task_says_so() -> None:
@@ -77,7 +77,7 @@ def test_p99_comparison_is_fixed_sample_and_open_ended_when_short() -> None:
     assert lat.unit == "ms" and not lat.anytime_valid
     assert lat.optimized == pytest.approx(float(np.quantile(np.arange(1, 11), 0.99))) and lat.holdout == pytest.approx(1.0)
     assert lat.ci_low is None and lat.ci_high is None and lat.verdict == "not yet known"  # 10 values bound no side of a p99
-    assert "[−∞, +∞]" in lat.summary
+    assert "not enough data for a 95 % interval" in lat.summary and "−∞" not in lat.summary
 
 
 def test_reward_range_of_the_default_settings() -> None:
@@ -115,3 +115,33 @@ def test_holdout_series_leaves_other_baseline_modes_out() -> None:
     [point] = reports.holdout_reward_series(rows, 0.0, 100.0, 1)
     assert (point.optimized, point.baseline, point.baseline_n) == (0.8, 0.4, 1)
     assert math.isclose(reports.reward_series(rows, 0.0, 100.0, 1)[0].baseline or 0.0, 0.4 / 3)
+
+
+def test_judged_quality_is_compared_only_among_judged_rows() -> None:
+    """Regression (issue 22): at sample_rate 0.1 versus_holdout showed +0.035 for a true +0.30, mixing unjudged rows as 1.0."""
+    rows = []
+    for i in range(2000):
+        mode = "holdout" if i % 2 else "optimized"
+        judged = i % 20 < 2  # a tenth of each stream
+        extra = {"feedback_quality": 0.9 if mode == "optimized" else 0.6, "feedback_source": "judge"} if judged else {}
+        rows.append(row(i, mode, quality=1.0, reward=0.9, **extra))
+    [code] = reports.tuned_vs_holdout(rows, -1.1, 1.0)
+    metrics = {m.metric: m for m in code.metrics}
+    judge = metrics["quality_judge"]
+    assert (judge.optimized_n, judge.holdout_n) == (100, 100) and judge.difference == pytest.approx(0.3)
+    assert judge.ci_low is not None and judge.ci_low > 0 and judge.verdict == "better" and code.verdict == "better"
+    assert metrics["quality_automatic"].difference == 0.0 and (metrics["quality_automatic"].optimized_n, metrics["quality_automatic"].holdout_n) == (1000, 1000)
+    assert code.summary.startswith("code: +0.30 judged quality")
+
+
+def test_pairwise_verdicts_are_a_win_rate_with_their_own_interval() -> None:
+    wins = [1.0, 1.0, 0.5, 0.0]  # 0.625
+    rows = [row(i, "optimized", quality=1.0, feedback_quality=wins[i % 4], feedback_source="judge_pairwise") for i in range(400)]
+    rows += [row(1000 + i, "holdout", quality=1.0, feedback_quality=[1.0, 0.0][i % 2], feedback_source="judge_pairwise") for i in range(100)]
+    [code] = reports.tuned_vs_holdout(rows, -1.1, 1.0)
+    m = next(m for m in code.metrics if m.metric == "pairwise_win_rate")
+    assert not any(x.metric == "quality_judge_pairwise" for x in code.metrics)  # never labelled a quality
+    lo, hi = sequences.bounds(sequences.observe_many(sequences.new_sequence(0.05), [wins[i % 4] for i in range(400)]))
+    assert m.optimized == pytest.approx(0.625) and m.holdout == pytest.approx(0.5) and m.difference == pytest.approx(0.125)
+    assert (m.ci_low, m.ci_high) == (pytest.approx(lo - 0.5), pytest.approx(hi - 0.5)) and m.verdict == "better"
+    assert "win rate against the baseline answer 0.62 (0.5 = no difference)" in m.summary

@@ -202,3 +202,32 @@ def test_baseline_mode_still_sends_and_counts_overruns(
         for t in replicas:
             t.stop()
         fwd.close()
+
+
+async def test_a_huge_max_tokens_reservation_is_bounded_and_released(redis_prefix: str) -> None:
+    """Leases off, on_exhausted="baseline": a client's max_tokens of 10**18 (or 2**62) is reserved as a
+    bounded amount and its settle gives it back (was: the settle script failed on the number and the
+    reservation stayed, so the budget read as exhausted for the rest of the window)."""
+    from guards.budget import BudgetGuard
+    from guards.settings import CawsSettings
+    from policies.records import Arm
+    from proxy.store.redis_state import RedisStore
+    from tests.shared.conftest import REDIS_URL
+
+    store = RedisStore(REDIS_URL, prefix=redis_prefix, timeout_s=2.0)
+    guard = BudgetGuard(CawsSettings(budget_limit=LIMIT, on_exhausted="baseline", lease_enabled=False, store_timeout_s=2.0), store)
+    try:
+        now = time.time()
+        for huge in (10**18, 2**62):
+            base = Arm(0.7, huge)
+            verdict = await guard.decide(allowed=[base], chosen=None, baseline=base, task_type="chat", prompt_tokens=20, confidence=None, now=now)
+            assert verdict.action == "send" and verdict.reservation is not None
+            assert verdict.reservation.tokens == LIMIT + 1  # more than fits (an overrun), but bounded
+            assert await guard.settle(verdict.reservation, 120, now)
+        status = await guard.status(now)
+        assert (status.used, status.reserved, status.overruns) == (240, 0, 2)
+        small = Arm(0.7, 100)
+        after = await guard.decide(allowed=[small], chosen=None, baseline=small, task_type="chat", prompt_tokens=20, confidence=None, now=now)
+        assert (after.action, after.overrun) == ("send", False)
+    finally:
+        await store.aclose()

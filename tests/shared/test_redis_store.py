@@ -192,3 +192,46 @@ async def test_budget_leases_grant_report_return_and_reclaim(store: StateStore) 
     assert await store.budget_read(["L"], now=51) == (Counters(280, 750, 1),)
     # the window key expires (on the caller's clock) with its leases
     assert await store.budget_lease(_lease("a", target=10), now=100) == LeaseGrant(10, Counters(0, 10, 0))
+
+
+async def test_a_late_call_given_up_on_changes_nothing(store: StateStore) -> None:
+    first = LeaseCall(key="L", holder="a", limit=1000, used_total=0, overruns_total=0, target=600, min_amount=0,
+                      lease_expires_at=50.0, expires_at=100.0, sent_at=0.0, seq=1)
+    second = LeaseCall(key="L", holder="a", limit=1000, used_total=100, overruns_total=0, target=0, min_amount=0,
+                       lease_expires_at=50.0, expires_at=100.0, sent_at=0.0, seq=2)
+    assert await store.budget_lease(second, now=1) == LeaseGrant(0, Counters(100, 0, 0))
+    # the first call, given up on, reaches the store after the second: it must not grant 600 again
+    assert await store.budget_lease(first, now=2) == LeaseGrant(0, Counters(100, 0, 0))
+    assert await store.budget_read(["L"], now=2) == (Counters(100, 0, 0),)
+
+
+async def test_a_reclaimed_lease_charges_what_was_in_flight_until_its_holder_reports(store: StateStore) -> None:
+    call = LeaseCall(key="L", holder="a", limit=1000, used_total=0, overruns_total=0, target=500, min_amount=0,
+                     lease_expires_at=10.0, expires_at=100.0, sent_at=0.0, seq=1, held=300)
+    assert await store.budget_lease(call, now=1) == LeaseGrant(500, Counters(0, 500, 0))
+    # a is killed with -9; b's call after a's lease expired reclaims it: the 300 in flight count as used
+    b = await store.budget_lease(_lease("b", target=100), now=10)
+    assert b == LeaseGrant(100, Counters(300, 100, 0))
+    # a was only cut off: it reports 250 actually used, which replaces the charge
+    back = LeaseCall(key="L", holder="a", limit=1000, used_total=250, overruns_total=0, target=0, min_amount=0,
+                     lease_expires_at=60.0, expires_at=100.0, sent_at=11.0, seq=2)
+    assert await store.budget_lease(back, now=11) == LeaseGrant(0, Counters(250, 100, 0))
+
+
+async def test_lost_state_is_rebuilt_from_the_reports_without_new_grants(store: StateStore) -> None:
+    """What a holder says after the store lost its state (Redis flush): its acknowledged usage,
+    the key's `used` it last saw (others' usage stays counted) and the amount it admits from."""
+    def call(holder: str, *, seq: int, used: int, target: int, seen: int, acked: int, claim: int) -> LeaseCall:
+        return LeaseCall(key="L", holder=holder, limit=1000, used_total=used, overruns_total=0, target=target, min_amount=0,
+                         lease_expires_at=60.0, expires_at=100.0, sent_at=0.0, seq=seq, known=True, seen_used=seen,
+                         acked_used=acked, claim=claim, valid_s=5.0)
+
+    # before the loss: a had 300 acknowledged, b 200, c (never back) 100; the key had used 600.
+    # a reports 50 more and holds 100: taken back; b's and c's 300 stay counted; nothing new for 5 s
+    a = await store.budget_lease(call("a", seq=7, used=350, target=300, seen=600, acked=300, claim=100), now=20)
+    assert a == LeaseGrant(50, Counters(650, 50, 0), rebuilding=True)
+    b = await store.budget_lease(call("b", seq=3, used=200, target=100, seen=580, acked=200, claim=80), now=21)
+    assert b == LeaseGrant(80, Counters(650, 130, 0), rebuilding=True)  # b's 200 now its own, not the ghost's
+    a = await store.budget_lease(call("a", seq=8, used=350, target=300, seen=650, acked=350, claim=50), now=25)
+    # rebuild over: grants again, what is left (1000 - 650 - 130 = 220), c's 100 still counted
+    assert a == LeaseGrant(270, Counters(650, 350, 0))

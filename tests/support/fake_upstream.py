@@ -46,6 +46,7 @@ class FakeUpstream:
     delay_s: float = 0.0
     models: tuple[str, ...] = ("echo-1",)
     models_status: int = 200
+    billed_tokens: int = 0  # total_tokens of every chat/completions answer it produced (its own usage count)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _runner: web.AppRunner | None = None
@@ -187,6 +188,7 @@ class FakeUpstream:
     def _usage(self, body: dict[str, Any], text: str) -> dict[str, Any]:
         prompt = len(json.dumps(body.get("messages", body.get("prompt", "")))) // 4 + 1
         completion = len(text.split())
+        self.billed_tokens += prompt + completion
         usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         if str(body.get("model", "")).startswith("cached-"):
             usage["prompt_tokens_details"] = {"cached_tokens": prompt // 2}

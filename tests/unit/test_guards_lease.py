@@ -151,6 +151,20 @@ async def test_an_unrenewed_lease_stops_admitting_and_the_store_reclaims_it_late
     assert await counters(store, T0 + 20) == Counters(0, 600, 0)
 
 
+def random_request(rng: random.Random, books: list[LeaseBook], in_flight: list[tuple[LeaseBook, int, int]], now: float, most: int) -> int:
+    """A request of 20..`most` tokens on a random book (actual usage 1..reserved), and maybe one in flight
+    finishing; returns the tokens that finishing one used."""
+    book = rng.choice(books)
+    tokens = rng.randint(20, most)
+    if book.reserve([KEY], [Candidate(tokens)], now=now, expires_at=EXP) is not None:
+        in_flight.append((book, tokens, rng.randint(1, tokens)))
+    if in_flight and rng.random() < 0.5:
+        owner, reserved, actual = in_flight.pop(rng.randrange(len(in_flight)))
+        owner.settle([KEY.key], reserved, actual)
+        return actual
+    return 0
+
+
 async def test_replicas_never_serve_more_than_the_limit_in_actual_tokens() -> None:
     """Three books on one store; random request sizes, actual <= reserved, lost replies, early
     settles; the store's used plus every lease's unreported usage never passes the limit."""
@@ -162,15 +176,7 @@ async def test_replicas_never_serve_more_than_the_limit_in_actual_tokens() -> No
     now = T0
     for step in range(3000):
         now += 0.01
-        book = rng.choice(books)
-        tokens = rng.randint(20, 200)
-        r = book.reserve([KEY], [Candidate(tokens)], now=now, expires_at=EXP)
-        if r is not None:
-            in_flight.append((book, tokens, rng.randint(1, tokens)))
-        if in_flight and rng.random() < 0.5:
-            owner, reserved, actual = in_flight.pop(rng.randrange(len(in_flight)))
-            owner.settle([KEY.key], reserved, actual)
-            served += actual
+        served += random_request(rng, books, in_flight, now, 200)
         if step % 7 == 0:
             await refill(rng.choice(books), store, now, lose=rng.random() < 0.2)
         c = await counters(store, now)
@@ -217,3 +223,129 @@ async def test_guard_with_leases_counts_overruns_under_baseline() -> None:
     await refill(book, store, T0 + 0.1)
     c = (await store.budget_read([key.key], now=T0 + 0.1))[0]
     assert (c.used, c.overruns) == (200, 1)  # overrun counted, as without leases
+
+
+# ---- issue 21: accounting across idle periods, oversized refusals, lost store state, killed replicas ----
+
+
+async def serve(book: LeaseBook, store: InProcessStore, tokens: int, actual: int, now: float) -> bool:
+    """One request through the book as the guard runs it: reserve, else one refill round and retry."""
+    r = book.reserve([KEY], [Candidate(tokens)], now=now, expires_at=EXP)
+    if r is None and not book.exhausted([KEY], now):
+        await refill(book, store, now)
+        r = book.reserve([KEY], [Candidate(tokens)], now=now, expires_at=EXP, retry=True)
+    if r is None or r.index is None:
+        book.reserve_exhausted([KEY], [Candidate(tokens)], now=now, expires_at=EXP)  # refused
+        return False
+    book.settle([KEY.key], tokens, actual)
+    return True
+
+
+async def test_usage_after_an_idle_gap_is_counted() -> None:
+    """A lease handed back after `lease_horizon_s` idle and taken again keeps counting (was: the new
+    lease counted from 0 and the store ignored it until it passed the old total: 3.3x the cap)."""
+    store, book = InProcessStore(), LeaseBook(settings(lease_horizon_s=2.0), "a")
+    now, served = T0, 0
+    for burst in range(6):
+        for _ in range(3):
+            served += 100 * await serve(book, store, 100, 100, now)
+            now += 0.01
+        await refill(book, store, now)  # reports the burst
+        now += 4.5  # idle for longer than the horizon: the lease goes back, the record is kept
+        await refill(book, store, now)
+        assert book.plan(now + 0.1) == [] and book.keys() == []  # nothing held or owed
+        assert (await counters(store, now)).used == served, burst
+    assert served == KEY.limit  # ten requests of 100 fit, the rest were refused
+    assert (await counters(store, now)) == Counters(KEY.limit, 0, 0)
+
+
+async def test_a_refused_oversized_request_does_not_stop_later_top_ups() -> None:
+    """One request too big for what is left is refused; the smaller ones after it are still served
+    until the budget is really spent (was: the lease kept its size and was never topped up again)."""
+    store, book = InProcessStore(), LeaseBook(settings(on_exhausted="reject"), "a")
+    now = T0
+    for _ in range(3):
+        assert await serve(book, store, 100, 100, now)
+        now += 0.05
+    assert not await serve(book, store, 900, 900, now)  # 300 used: 900 does not fit
+    served = 300
+    for _ in range(20):
+        now += 0.05
+        served += 100 * await serve(book, store, 100, 100, now)
+    await refill(book, store, now + 0.05)
+    assert served == KEY.limit
+    assert (await counters(store, now + 0.05)).used == KEY.limit
+
+
+async def test_a_killed_replicas_in_flight_reservations_are_counted_when_its_lease_is_reclaimed() -> None:
+    s = settings(lease_ttl_s=1.0)
+    store, a, b = InProcessStore(), LeaseBook(s, "a"), LeaseBook(s, "b")
+    for _ in range(3):
+        a.reserve([KEY], [Candidate(100)], now=T0, expires_at=EXP)
+    await refill(a, store, T0)
+    for _ in range(2):
+        assert a.reserve([KEY], [Candidate(100)], now=T0, expires_at=EXP, retry=True) is not None
+    await refill(a, store, T0 + 0.2)  # its last call: 200 in flight; then it is killed with -9
+    assert await serve(b, store, 100, 100, T0 + 1.0)
+    await refill(b, store, T0 + 2.2)  # a's lease expired (2 x ttl): its 200 in flight count as used
+    c = await counters(store, T0 + 2.2)
+    assert c.used == 200 + 100
+    assert c.reserved == b._leases[KEY.key].amount  # the rest of a's lease went back
+
+
+async def test_a_replica_that_comes_back_is_counted_once() -> None:
+    """The charge for a reclaimed lease is provisional: the holder's own report replaces it."""
+    s = settings(lease_ttl_s=1.0)
+    store, a, b = InProcessStore(), LeaseBook(s, "a"), LeaseBook(s, "b")
+    a.reserve([KEY], [Candidate(100)], now=T0, expires_at=EXP)
+    await refill(a, store, T0)
+    assert a.reserve([KEY], [Candidate(100)], now=T0, expires_at=EXP, retry=True) is not None
+    await refill(a, store, T0 + 0.1, lose=True)  # 100 in flight; the store hears, a does not; then a partition
+    assert await serve(b, store, 100, 100, T0 + 2.5)
+    await refill(b, store, T0 + 2.6)
+    assert (await counters(store, T0 + 2.6)).used == 100 + 100  # a's in-flight 100 charged, b's 100
+    a.settle([KEY.key], 100, 60)  # the request used 60
+    await refill(a, store, T0 + 3.0)
+    assert (await counters(store, T0 + 3.0)).used == 60 + 100  # a's own report replaces the charge
+
+
+async def test_lost_store_state_is_rebuilt_without_granting_past_the_limit() -> None:
+    """Three replicas; the store loses everything mid-window (a Redis flush). Random traffic with
+    lost replies and idle gaps: actual usage never passes the limit, and once every replica has
+    reported, the rebuilt store counts every token."""
+    rng = random.Random(11)
+    s = settings(lease_ttl_s=1.0, lease_horizon_s=0.5)
+    for flush_at in (400, 700, 900):
+        store = InProcessStore()
+        books = [LeaseBook(s, name) for name in "abc"]
+        served, now = 0, T0
+        in_flight: list[tuple[LeaseBook, int, int]] = []
+        for step in range(3000):
+            now += 0.01 if step % 500 else 1.5  # now and then an idle gap longer than every lease timer
+            if step == flush_at:
+                store = InProcessStore()  # everything lost, leases included
+            served += random_request(rng, books, in_flight, now, 120)
+            if step % 3 == 0:
+                await refill(rng.choice(books), store, now, lose=rng.random() < 0.1)
+            assert served <= KEY.limit, (flush_at, step)
+        for owner, reserved, actual in in_flight:
+            owner.settle([KEY.key], reserved, actual)
+            served += actual
+        assert served <= KEY.limit
+        for book in books:
+            await refill(book, store, now + 0.01, closing=True)
+        assert (await counters(store, now + 0.01)) == Counters(served, 0, 0)  # every token, counted once
+
+
+async def test_the_reply_to_a_give_back_does_not_refuse_a_request_that_came_meanwhile() -> None:
+    """Found with the traffic tests: a lease going idle sends a give-back; a request that arrives
+    before the reply must wait for a top-up, not be refused as if the store had said no."""
+    store, book = InProcessStore(), LeaseBook(settings(lease_horizon_s=0.3), "a")
+    assert await serve(book, store, 100, 100, T0)
+    (give_back,) = book.plan(T0 + 0.5)  # idle: everything goes back
+    assert give_back.target == 0
+    assert book.reserve([KEY], [Candidate(100)], now=T0 + 0.5, expires_at=EXP) is None  # arrives meanwhile
+    book.apply(give_back, await store.budget_lease(give_back, now=T0 + 0.5))
+    assert not book.exhausted([KEY], T0 + 0.5)  # keeps waiting: the next call asks for it
+    await refill(book, store, T0 + 0.5)
+    assert book.reserve([KEY], [Candidate(100)], now=T0 + 0.5, expires_at=EXP, retry=True) is not None

@@ -10,6 +10,7 @@ import pytest
 
 from guards.rollout import (
     PROMOTION_ALPHA,
+    PROMOTION_KIND_ALPHA,
     OpeEvidence,
     RolloutController,
     RolloutState,
@@ -126,7 +127,8 @@ def test_equal_streams_do_not_promote_and_the_blocker_shows_the_bound() -> None:
     feed(ctl, [0.0, 1.0] * 500, [0.0, 1.0] * 500)
     (blocker,) = ctl.promotion_check(48 * H).blockers
     e = ctl.promotion_evidence()
-    assert blocker == f"not surely better than holdout: anytime-valid 95% lower bound of the reward difference {e.difference_lower:.4g} <= 0"
+    assert blocker == (f"not surely better than holdout: anytime-valid 98.75% lower bound of the reward difference (automatic signals) "
+                       f"{e.difference_lower:.4g} <= 0")
     assert e.optimised_mean == e.holdout_mean == 0.5
 
 
@@ -136,14 +138,14 @@ def test_promotion_evidence_is_the_difference_of_the_two_sequences_bounds() -> N
     g = np.random.default_rng(3)
     opt, hold = g.uniform(-1.0, 1.0, 400), g.uniform(-1.5, 0.5, 150)
     feed(ctl, [*opt.tolist(), 5.0], hold.tolist())  # 5.0 is clipped to the top of the range
-    opt_low, opt_high = bounds_path(np.append(opt, 1.0), PROMOTION_ALPHA / 2, -2.0, 1.0)
-    hold_low, hold_high = bounds_path(hold, PROMOTION_ALPHA / 2, -2.0, 1.0)
+    opt_low, opt_high = bounds_path(np.append(opt, 1.0), PROMOTION_KIND_ALPHA / 2, -2.0, 1.0)
+    hold_low, hold_high = bounds_path(hold, PROMOTION_KIND_ALPHA / 2, -2.0, 1.0)
     e = ctl.promotion_evidence()
     assert e.difference_lower == pytest.approx(opt_low[-1] - hold_high[-1], abs=1e-12)
     assert e.difference_upper == pytest.approx(opt_high[-1] - hold_low[-1], abs=1e-12)
     assert e.optimised_mean == pytest.approx(float(np.mean(np.append(opt, 1.0))))
     assert e.holdout_mean == pytest.approx(float(np.mean(hold)))
-    assert (e.optimised_n, e.holdout_n, e.alpha) == (401, 150, 0.05)
+    assert (e.optimised_n, e.holdout_n, e.alpha) == (401, 150, PROMOTION_KIND_ALPHA)
 
 
 def _interleaved(g: np.random.Generator, steps: int, share: float, mean_opt: float, mean_hold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -156,8 +158,8 @@ def _first_promotion(is_opt: np.ndarray, opt: np.ndarray, hold: np.ndarray, min_
     """The first look (after each request) at which the promotion rule fires, or None."""
     if not opt.size or not hold.size:
         return None
-    opt_low = bounds_path(opt, PROMOTION_ALPHA / 2)[0]
-    hold_high = bounds_path(hold, PROMOTION_ALPHA / 2)[1]
+    opt_low = bounds_path(opt, PROMOTION_KIND_ALPHA / 2)[0]
+    hold_high = bounds_path(hold, PROMOTION_KIND_ALPHA / 2)[1]
     n_opt, n_hold = np.cumsum(is_opt), np.cumsum(~is_opt)
     ok = (n_opt >= min_samples) & (n_hold >= 1)
     lower = np.where(ok, opt_low[np.maximum(n_opt - 1, 0)] - hold_high[np.maximum(n_hold - 1, 0)], -np.inf)
@@ -405,3 +407,31 @@ def test_event_list_is_bounded() -> None:
     for i in range(300):
         ctl.set_phase("guarded" if i % 2 else "canary", float(i))
     assert len(ctl.state.events) == 200 and ctl.state.events[-1].at == 299.0
+
+
+def test_a_judged_gain_promotes_when_the_automatic_rewards_are_flat() -> None:
+    """Regression (issue 22): 0.96 vs 0.41 hidden quality never promoted: promotion read the automatic reward only."""
+    ctl = make("canary")
+    feed(ctl, [1.0] * 400, [1.0] * 100)  # automatic: every answer scores 1
+    assert ctl.promotion_check(48 * H).blockers[0].startswith("not surely better than holdout")
+    for _ in range(300):
+        ctl.observe_reward("optimized", 0.9, kind="judge")
+    for _ in range(100):
+        ctl.observe_reward("holdout", 0.4, kind="judge")
+    e = ctl.promotion_evidence()
+    assert e.signal_kind == "judge" and e.difference_lower > 0 and e.alpha == PROMOTION_KIND_ALPHA
+    assert ctl.promotion_check(48 * H).ready
+    (event,) = ctl.tick(48 * H, GOOD)
+    assert event.kind == "promote" and "judge signals" in event.reason
+    assert {c["signal_kind"] for c in event.evidence["holdout_comparisons"]} == {"automatic", "judge"}
+
+
+def test_a_kind_that_is_surely_worse_blocks_promotion() -> None:
+    ctl = make("canary")
+    feed(ctl, [0.9] * 400, [0.4] * 100)
+    for _ in range(200):
+        ctl.observe_reward("optimized", 0.1, kind="explicit")
+        ctl.observe_reward("holdout", 0.8, kind="explicit")
+    ctl.observe_reward("optimized", 1.0, kind="implicit")  # not a compared kind: ignored
+    blockers = ctl.promotion_check(48 * H).blockers
+    assert len(blockers) == 1 and blockers[0].startswith("surely worse than holdout on explicit signals")

@@ -15,6 +15,7 @@ from policies.records import Arm, RequestContext
 from policies.registry import make_policy
 from policies.thompson import ThompsonGaussianPolicy
 from proxy.config import Config, ConfigError
+from proxy.runtime import Runtime
 from tests.conftest import make_config
 
 CTX = RequestContext("code", "m", "chat", 120, 2, False, False, False, 0.7, 600, "up1")
@@ -213,9 +214,11 @@ def test_a_snapshot_restored_later_is_decayed_by_the_epochs_since(name: str) -> 
 
 
 def test_half_life_config_survives_the_json_trip_to_worker_processes(tmp_path: Path) -> None:
-    """`serve --workers` hands the config to each worker as JSON, which has no inf: unset means off."""
-    for section, want in (({}, None), ({"half_life_s": 86400.0}, 86400.0)):
+    """`serve --workers` hands the config to each worker as JSON, which has no inf: 0 means off; on by default (one day)."""
+    for section, want in (({}, 86400.0), ({"half_life_s": 3600.0}, 3600.0), ({"half_life_s": 0}, 0.0)):
         cfg = make_config("http://127.0.0.1:9/v1", tmp_path, policy=section)
         assert msgspec.json.decode(msgspec.json.encode(cfg), type=Config).policy.half_life_s == want
+    assert Runtime(make_config("http://127.0.0.1:9/v1", tmp_path, policy={"half_life_s": 0})).policy.discount.enabled is False  # type: ignore[attr-defined]
+    assert Runtime(make_config("http://127.0.0.1:9/v1", tmp_path)).policy.discount.half_life_s == 86400.0  # type: ignore[attr-defined]
     with pytest.raises(ConfigError):
-        make_config("http://127.0.0.1:9/v1", tmp_path, policy={"half_life_s": 0})
+        make_config("http://127.0.0.1:9/v1", tmp_path, policy={"half_life_s": -1})
