@@ -198,6 +198,7 @@ class BudgetGuard:
         self.waivers = WaiverBook(store)
         self._waiver_cache: tuple[Waiver, ...] = ()
         self._waiver_cache_at: float | None = None
+        self._seen_used: dict[str, int] = {}  # per key of the live windows: the `used` the store last answered
 
     # ---- windows and keys -------------------------------------------------------
 
@@ -321,10 +322,21 @@ class BudgetGuard:
                 waiver = waiver_for(waivers, now, task_type)
                 confident = confidence is not None and confidence >= s.confidence_threshold
                 arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident, keys, rates)
+                keys = [msgspec.structs.replace(k, floor=self._seen_used.get(k.key, 0)) for k in keys]
                 result = await self.store.budget_reserve(keys, cands, now=now, expires_at=self._expires_at(window))
         except Exception:  # noqa: BLE001 - any store failure is a fail-safe, never a crashed request
             return self._unavailable(chosen_arm, baseline)
+        self._saw(keys, result.after, window)
         return self._verdict(result, keys, arms, cands, chosen_arm, baseline, task_type, window, waiver, confident)
+
+    def _saw(self, keys: Sequence[BudgetKey], counters: Sequence[Counters], window: int) -> None:
+        """Remember each key's `used` as the store answered it: the floor of the next reserve
+        (a store that lost its state is then not believed to have a fresh window)."""
+        for k, c in zip(keys, counters):
+            self._seen_used[k.key] = max(self._seen_used.get(k.key, 0), c.used)
+        if len(self._seen_used) > 4 * (1 + len(self.settings.per_task_limits)):  # keys of windows long over
+            live = (f"caws:{window}:", f"caws:{window - self.settings.window_s}:")
+            self._seen_used = {k: v for k, v in self._seen_used.items() if k.startswith(live)}
 
     def _unavailable(self, chosen_arm: Arm | None, baseline: Arm, reason: Reason = "guard_unavailable") -> BudgetVerdict:
         """No budget answer in time (or no price to count in). Under ``reject`` that is a refusal: a
@@ -509,6 +521,8 @@ class BudgetGuard:
                 )
         except Exception:  # noqa: BLE001 - the outcome path must not crash; caller counts False
             return False
+        for key in reservation.keys:  # the store's `used` grew by at least this since we last saw it
+            self._seen_used[key] = self._seen_used.get(key, 0) + actual
         return True
 
     async def charge(self, task_type: str, tokens: int, now: float) -> bool:

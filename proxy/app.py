@@ -51,12 +51,17 @@ def build_litestar(rt: Runtime) -> Litestar:
          summary="Readiness (no auth): upstreams and the decision-log writer",
          responses={503: ResponseSpec(data_container=dict[str, Any], description="Not ready: status 'not_ready' and the checks")})
     def readiness() -> Response[dict[str, Any]]:
+        failing = rt.recorder.last_error
         checks = {
             "upstreams": bool(rt.pool.upstreams),
             "writer": rt.recorder.ready,
+            "log_writes": failing is None,  # answers would wait unlogged (e.g. a full disk)
         }
         ok = all(checks.values())
-        return Response({"status": "ok" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503)
+        body: dict[str, Any] = {"status": "ok" if ok else "not_ready", "checks": checks}
+        if failing is not None:
+            body["last_error"] = failing
+        return Response(body, status_code=200 if ok else 503)
 
     @get("/metrics", media_type=CONTENT_TYPE_LATEST, opt=PUBLIC, summary="Prometheus metrics (no auth)")
     async def metrics() -> Response[bytes]:

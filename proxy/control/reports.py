@@ -466,6 +466,7 @@ class OpeArrays:
         n = len(kept)
         self.n = n
         self.rewards = np.array([k[0].effective_reward for k in kept], dtype=np.float64)
+        self.logged_at = np.array([k[0].timestamp for k in kept], dtype=np.float64)  # the betting interval reads rows oldest first
         self.behaviour = np.array([math.exp(k[0].log_propensity) for k in kept], dtype=np.float64)
         self.target = np.zeros(n)
         self.baseline = np.zeros(n)
@@ -494,7 +495,7 @@ def _est(e: ope.Estimate | None) -> EstimateOut | None:
         return None
     return EstimateOut(
         estimator=e.estimator, value=e.value, ci_low=finite(e.ci_low), ci_high=finite(e.ci_high), eb_low=finite(e.eb_low),
-        eb_high=finite(e.eb_high), std_error=finite(e.std_error), n=e.n, ess=e.ess,
+        eb_high=finite(e.eb_high), std_error=finite(e.std_error), n=e.n, ess=e.ess, interval=e.interval,
     )
 
 
@@ -573,13 +574,14 @@ def _ope_all(
         ), arrays
     a = arrays
     try:
+        bounds = reward_bounds(decider.reward_settings)
         target = ope.evaluate(
             rewards=a.rewards, behaviour_propensity=a.behaviour, target_propensity=a.target, rng=np.random.default_rng(seed),
-            reward_hat_logged=a.q_logged, target_value_hat=a.v_target, n_bootstrap=n_bootstrap,
+            reward_hat_logged=a.q_logged, target_value_hat=a.v_target, n_bootstrap=n_bootstrap, reward_range=bounds, logged_at=a.logged_at,
         )
         baseline = ope.evaluate(
             rewards=a.rewards, behaviour_propensity=a.behaviour, target_propensity=a.baseline, rng=np.random.default_rng(seed),
-            reward_hat_logged=a.q_logged, target_value_hat=a.v_baseline, n_bootstrap=n_bootstrap,
+            reward_hat_logged=a.q_logged, target_value_hat=a.v_baseline, n_bootstrap=n_bootstrap, reward_range=bounds, logged_at=a.logged_at,
         )
     except ope.UnsupportedTarget as exc:
         return _unsupported(since, until, a, exc), a

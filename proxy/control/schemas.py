@@ -551,13 +551,16 @@ class RecordOutcomeResult(msgspec.Struct):
 class EstimateOut(msgspec.Struct):
     estimator: str
     value: float
-    ci_low: float | None  # studentised bootstrap; null: that side is unbounded (a resample pinned the value, or tiny ESS)
+    ci_low: float | None  # the interval `interval` names; null: that side is unbounded (a resample pinned the value, or tiny ESS)
     ci_high: float | None
     eb_low: float | None
     eb_high: float | None
     std_error: float | None
     n: int
     ess: float
+    # "betting" (IPS: valid under the adaptive logging of a learning policy), "studentised bootstrap ∪ betting"
+    # (SNIPS, DR), or "studentised bootstrap" (no reward range known); policies/ope.py
+    interval: str = "studentised bootstrap"
 
 
 class PolicyEstimates(msgspec.Struct):

@@ -56,6 +56,10 @@ BAD = [
     (HEAD + b',"temperature":0.5,"temp\\u0065rature":5}', "duplicate_key", "temperature"),
     (b'{"model":"echo-1","model":"other","messages":[]}', "duplicate_key", "model"),
     (b'{"model":"capped-1","messages":[],"max_tokens":1001}', "invalid_value", "max_tokens"),
+    # Inside the objects whose fields Thermostat reads (issue 21, item 10): compact, spaced and escaped.
+    (HEAD + b',"stream_options":{"include_usage":false,"include_usage":true}}', "duplicate_key", "stream_options.include_usage"),
+    (HEAD + b', "reasoning": {"effort": "low", "effort": "high"}}', "duplicate_key", "reasoning.effort"),
+    (HEAD + b',"output_config":{"effort":"low","\\u0065ffort":"max"}}', "duplicate_key", "output_config.effort"),
 ]
 
 
@@ -65,6 +69,15 @@ def test_hostile_body_is_a_400(hostile: RunningThermostat, upstream: FakeUpstrea
     err = error_of(post(hostile, raw), 400)
     assert (err["code"], err["param"], err["type"]) == (code, param, "invalid_request_error")
     assert len(upstream.received) == before  # nothing was forwarded
+
+
+def test_duplicate_inside_output_config_is_an_anthropic_400(hostile: RunningThermostat, upstream: FakeUpstream) -> None:
+    before = len(upstream.received)
+    raw = b'{"model":"claude-x","max_tokens":50,"messages":[],"output_config":{"effort":"low","effort":"max"}}'
+    r = post(hostile, raw, "/messages")
+    assert r.status_code == 400 and r.json()["type"] == "error", r.text
+    assert r.json()["error"]["type"] == "invalid_request_error" and "output_config.effort" in r.json()["error"]["message"]
+    assert len(upstream.received) == before
 
 
 def test_largest_int64_reaches_the_upstream_unchanged(hostile: RunningThermostat, upstream: FakeUpstream) -> None:

@@ -231,3 +231,32 @@ async def test_a_huge_max_tokens_reservation_is_bounded_and_released(redis_prefi
         assert (after.action, after.overrun) == ("send", False)
     finally:
         await store.aclose()
+
+
+async def test_without_leases_a_redis_flush_does_not_grant_the_window_again(redis_prefix: str, sync_redis: redis.Redis) -> None:
+    """Leases off: the guard remembers the `used` Redis last answered, so after a flush (or a
+    restart without persistence) the window's counters are not believed to start from zero."""
+    from guards.budget import BudgetGuard
+    from guards.settings import CawsSettings
+    from policies.records import Arm
+    from proxy.store.redis_state import RedisStore
+    from tests.shared.conftest import REDIS_URL
+
+    store = RedisStore(REDIS_URL, prefix=redis_prefix, timeout_s=2.0)
+    guard = BudgetGuard(CawsSettings(budget_limit=LIMIT, on_exhausted="reject", lease_enabled=False, store_timeout_s=2.0), store)
+    base = Arm(0.7, 500)
+    try:
+        now = time.time()
+        served = 0
+        for _ in range(5):  # 5 x 550 = 2,750 of 3,000
+            v = await guard.decide(allowed=[base], chosen=None, baseline=base, task_type="chat", prompt_tokens=50, confidence=None, now=now)
+            assert v.action == "send"
+            await guard.settle(v.reservation, 550, now)
+            served += 550
+        keys = list(sync_redis.scan_iter(match=f"{redis_prefix}*"))
+        sync_redis.delete(*keys)  # the flush
+        v = await guard.decide(allowed=[base], chosen=None, baseline=base, task_type="chat", prompt_tokens=50, confidence=None, now=now)
+        assert (v.action, v.reason) == ("reject", "exhausted_reject")  # 2,750 + 550 > 3,000 (was: sent, a fresh 3,000)
+        assert (await guard.status(now)).used == served
+    finally:
+        await store.aclose()
