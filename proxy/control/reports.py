@@ -718,7 +718,7 @@ def monitor_summary(v: TaskVerdict) -> str:
     """
     words = monitor_words(v.verdict, v.rolled_back)
     head = next(k for k in v.signals if k.kind == v.quality_kind)
-    parts = [f"{v.task_type}: {_kind_clause(head)}; {words}"]
+    parts = [f"{v.task_type}: {_kind_clause(head)}{'' if head.trusted else ' (untrusted: it neither rolls back nor excuses a cost)'}; {words}"]
     others = [_kind_clause(k) + ("" if k.trusted else " (untrusted)") for k in v.signals
               if k.kind != head.kind and (k.optimised_n or k.holdout_n)]
     if others:

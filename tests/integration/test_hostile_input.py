@@ -223,3 +223,31 @@ def test_connections_beyond_the_limit_get_503(upstream: FakeUpstream, tmp_path_f
         for s in held:
             s.close()
         t.stop()
+
+
+def test_one_client_cannot_hold_every_connection(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Idle sockets of one address stop at `max_connections_per_client`; another client is still served (issue 21, item 10).
+
+    Two client addresses on one machine: 127.0.0.2 (the one holding sockets) and 127.0.0.1.
+    """
+    cfg = make_config(
+        upstream.url, tmp_path_factory.mktemp("per-client"), optimization={"enabled": False},
+        server={"data_dir": str(tmp_path_factory.mktemp("per-client-data")), "header_timeout_s": 30.0, "max_connections": 24,
+                "max_connections_per_client": 8},
+    )
+    t = start_thermostat(cfg)
+    held = [socket.create_connection(("127.0.0.1", t.port), timeout=10, source_address=("127.0.0.2", 0)) for _ in range(30)]
+    try:
+        refused = [s for s in held[8:]]
+        for s in refused:  # answered at once, in the OpenAI shape, and closed
+            status, err = _status_and_error(_read_until_closed(s))
+            assert (status, err["code"]) == (503, "server_busy") and "max_connections_per_client" in err["message"]
+        r = httpx.post(f"{t.url}/chat/completions", json={"model": "echo-1", "messages": MESSAGES}, timeout=10)
+        assert r.status_code == 200, r.text
+        for s in held[:8]:  # the first eight are still open, waiting for their headers
+            s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            assert _read_until_closed(s).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in held:
+            s.close()
+        t.stop()
