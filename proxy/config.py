@@ -77,6 +77,10 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_connections: int = 2048
+    # Open connections one client address may hold (0 = no cap): beyond it a new connection gets
+    # the 503 at once, so one client's idle sockets cannot fill `max_connections` for everyone.
+    # Peers in `forwarded_allow_ips` (reverse proxies, which carry every client) are exempt.
+    max_connections_per_client: int = 256
     # Client-controlled keys are bounded (see proxy/runtime.py `KeyFolder`): distinct task
     # types and models per upstream past these caps share the bucket "other"; a longer
     # x-task-type header or model name gets a 400.
@@ -585,6 +589,8 @@ def _validate_ranges(cfg: Config) -> None:
     ):
         if number <= 0:
             raise bad(key, f"{number} (allowed: a positive number)")
+    if cfg.server.max_connections_per_client < 0:
+        raise bad("server.max_connections_per_client", f"{cfg.server.max_connections_per_client} (allowed: 0 = no cap, or a positive number)")
     for key, seconds in (
         ("storage.journal_fsync_interval_s", cfg.storage.journal_fsync_interval_s),
         ("storage.state_snapshot_interval_s", cfg.storage.state_snapshot_interval_s),

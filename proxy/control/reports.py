@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -718,7 +719,7 @@ def monitor_summary(v: TaskVerdict) -> str:
     """
     words = monitor_words(v.verdict, v.rolled_back)
     head = next(k for k in v.signals if k.kind == v.quality_kind)
-    parts = [f"{v.task_type}: {_kind_clause(head)}; {words}"]
+    parts = [f"{v.task_type}: {_kind_clause(head)}{'' if head.trusted else ' (untrusted: it neither rolls back nor excuses a cost)'}; {words}"]
     others = [_kind_clause(k) + ("" if k.trusted else " (untrusted)") for k in v.signals
               if k.kind != head.kind and (k.optimised_n or k.holdout_n)]
     if others:
@@ -729,7 +730,8 @@ def monitor_summary(v: TaskVerdict) -> str:
         parts.append(f"{c.unit} per request {c.optimised_mean:,.0f} tuned vs {c.holdout_mean:,.0f} holdout{ratio}"
                      + ("; costlier" if c.verdict == "costlier" else ""))
     if v.relearning_since is not None:
-        parts.append(f"re-learning since a change at {v.relearning_since:.0f}")
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(v.relearning_since))
+        parts.append(f"re-learning since a change detected at {since} (tuned traffic runs on statistics reopened then)")
     return "; ".join(parts)
 
 

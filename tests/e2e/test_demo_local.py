@@ -19,13 +19,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]  # a real model on 2 sh
 
 def test_the_demo_serves_the_real_model_and_its_grader_posts_feedback(real_model_installed: None, tmp_path: Path) -> None:
     port, model_port = free_port(), free_port()
-    env = {**os.environ, "THERMOSTAT_ADMIN_TOKEN": "e2e-demo-token", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "THERMOSTAT_ADMIN_TOKEN": "e2e-demo-token-0123456789", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "demo", "--model", "local", "--port", str(port), "--simulator-port", str(model_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
     )
     base = f"http://127.0.0.1:{port}"
-    auth = {"authorization": "Bearer e2e-demo-token"}
+    auth = {"authorization": "Bearer e2e-demo-token-0123456789"}
     try:
         wait_ready(f"{base}/health/readiness", proc, timeout=180)
         deadline = time.monotonic() + 180
