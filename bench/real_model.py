@@ -114,7 +114,11 @@ def main() -> None:
     ap.add_argument("--truth-reps", type=int, default=2, help="passes over the questions per temperature for the truth table")
     ap.add_argument("--window", type=int, default=50)
     ap.add_argument("--out", default="real_model")
+    ap.add_argument("--from-json", help="redraw the report and plot from this saved run instead of running")
     args = ap.parse_args()
+    if args.from_json:
+        write(json.loads(Path(args.from_json).read_text()), args.out)
+        return
     reason = local_model.missing()
     if reason is not None:
         sys.exit(reason)
@@ -152,6 +156,7 @@ def main() -> None:
             loop_s = time.time() - t0
             thermostat.flush()
             perf = http.get(f"{thermostat.base}/api/optimization/performance", timeout=60).json()
+            dashboard = http.get(f"{thermostat.base}/api/optimization/dashboard", timeout=60).json()
             arms = sorted({x["temperature"] for x in rows} | {args.temperature})
             t1 = time.time()
             table = truth(http, llama.url, arms, args.truth_reps)
@@ -159,24 +164,51 @@ def main() -> None:
     finally:
         thermostat.stop()
         llama.stop()
-    png = RESULTS / f"{args.out}.png"
-    plot(rows, png, args.temperature, args.window)
-    report = render(args, rows, perf, table, loop_s, truth_s, png.name)
-    (RESULTS / f"{args.out}.md").write_text(report)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "requests": rows, "performance": perf,
-                                                           "truth": {str(k): v for k, v in table.items()}}, indent=1))
+    saved = {"args": vars(args), "requests": rows, "performance": perf, "dashboard_comparisons": dashboard.get("comparisons"),
+             "truth": {str(k): v for k, v in table.items()}, "loop_s": loop_s, "truth_s": truth_s}
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(saved, indent=1))
+    write(saved, args.out)
+
+
+def write(saved: dict[str, Any], out: str) -> None:
+    """The report and the plot from a run's saved JSON (`--from-json` redraws them without re-running)."""
+    args = argparse.Namespace(**saved["args"])
+    png = RESULTS / f"{out}.png"
+    plot(saved["requests"], png, args.temperature, args.window)
+    table = {float(k): (v[0], int(v[1])) for k, v in saved["truth"].items()}
+    report = render(args, saved["requests"], saved, table, saved["loop_s"], saved["truth_s"], png.name)
+    (RESULTS / f"{out}.md").write_text(report)
     print(report)
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
 
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def render(args: argparse.Namespace, rows: list[dict[str, Any]], perf: dict[str, Any], table: dict[float, tuple[float, int]],
+QUALITY_ORDER = ("quality_explicit", "quality_judge", "pairwise_win_rate", "quality_automatic", "quality")
+"""The dashboard's headline quality: the strongest kind of signal with a comparison (dashboard.html `headlineQuality`)."""
+
+
+def comparison(saved: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The task's tuned-vs-holdout comparison as the dashboard reads it (`GET /dashboard` comparisons), else `performance`'s."""
+    for source, rows in (("GET /api/optimization/dashboard `comparisons`", saved.get("dashboard_comparisons") or []),
+                         ("GET /api/optimization/performance `versus_holdout`",
+                          [t.get("versus_holdout") or {} for t in saved["performance"]["tasks"]])):
+        found = next((c for c in rows if c.get("task_type") == TASK), None)
+        if found:
+            return found, source
+    return {}, "none"
+
+
+def render(args: argparse.Namespace, rows: list[dict[str, Any]], saved: dict[str, Any], table: dict[float, tuple[float, int]],
            loop_s: float, truth_s: float, png: str) -> str:
-    task = next((t for t in perf["tasks"] if t["task_type"] == TASK), None)
-    versus = (task or {}).get("versus_holdout") or {}
-    quality = next((m for m in versus.get("metrics", []) if m["metric"] == "quality"), {})
+    versus, source = comparison(saved)
+    metrics = {m["metric"]: m for m in versus.get("metrics", [])}
+    quality = next((metrics[k] for k in QUALITY_ORDER if k in metrics and metrics[k]["difference"] is not None), {})
     n = len(rows)
     half = [r for r in rows if r["i"] >= n // 2]
     lines = [
@@ -201,7 +233,9 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], perf: dict[str,
         lo, hi = wilson(acc * k, k)
         lines.append(f"| {t:g}{' (client)' if abs(t - args.temperature) < 1e-9 else ''} | {acc:.3f} | [{lo:.3f}, {hi:.3f}] | {k} |")
     lines += ["", "## Tuned vs holdout: the grader's count and Thermostat's API side by side", "",
-              "| traffic | requests (grader) | accuracy (grader) | 95 % Wilson | API `versus_holdout` quality | API n | mean temperature sent |",
+              f"Thermostat's numbers are its `{quality.get('metric')}` comparison, read from {source} (what the dashboard's "
+              "headline and comparison table show).", "",
+              "| traffic | requests (grader) | accuracy (grader) | 95 % Wilson | Thermostat's mean quality | Thermostat's n | mean temperature sent |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for mode, label, api, api_n in (("optimized", "tuned", quality.get("optimized"), quality.get("optimized_n")),
                                      ("holdout", "holdout", quality.get("holdout"), quality.get("holdout_n"))):
@@ -209,12 +243,12 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], perf: dict[str,
         k = sum(r["score"] for r in sel)
         lo, hi = wilson(k, len(sel))
         lines.append(f"| {label} | {len(sel)} | {_mean([r['score'] for r in sel]):.3f} | [{lo:.3f}, {hi:.3f}] | "
-                     f"{api if api is None else f'{api:.3f}'} | {api_n} | {_mean([r['temperature'] for r in sel]):.2f} |")
+                     f"{'n/a' if api is None else f'{api:.3f}'} | {api_n} | {_mean([r['temperature'] for r in sel]):.2f} |")
     lines += [
         "",
-        f"API difference tuned − holdout: {quality.get('difference')!s:.6} with its {quality.get('interval', '')} interval "
-        f"[{quality.get('ci_low')!s:.6}, {quality.get('ci_high')!s:.6}], verdict **{quality.get('verdict')}** "
-        f"(task verdict: {versus.get('verdict')}).",
+        f"Thermostat's difference tuned − holdout: {_num(quality.get('difference'))}, 95 % interval [{_num(quality.get('ci_low'))}, "
+        f"{_num(quality.get('ci_high'))}] ({quality.get('interval', '')}), verdict **{quality.get('verdict')}**; the task's "
+        f"verdict: **{versus.get('verdict')}** ({versus.get('summary')}).",
         "",
         "Second half only (after learning):",
         "",

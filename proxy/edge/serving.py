@@ -28,7 +28,8 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.config import ServerSettings
-from proxy.edge.errors import error_body
+from proxy.edge.errors import ProxyError, error_body
+from proxy.edge.formats import own_error
 
 PROTOCOL = "proxy.edge.serving:GuardedHttpToolsProtocol"
 # Request line + headers of one request. httptools sets no bound of its own, so within
@@ -84,26 +85,27 @@ class ClientCounts:
             self.open.pop(host, None)
 
 
-_BUSY_BODY = error_body("too many open connections; retry shortly", "server_error", "server_busy")
+_BUSY = ProxyError(503, "too many open connections; retry shortly", "server_busy", "server_error")
 _PER_CLIENT_BODY = error_body("too many open connections from this client address ([server] max_connections_per_client); "
                               "retry shortly", "server_error", "server_busy")
 
 
 async def _busy(scope: Any, receive: Any, send: Any) -> None:
-    """The answer beyond `max_connections` (uvicorn's own is text/plain)."""
+    """The answer beyond `max_connections` (uvicorn's own is text/plain), in the shape of the path's format."""
+    body = own_error(scope.get("path", ""), _BUSY)
     await send(
         {
             "type": "http.response.start",
             "status": 503,
             "headers": [
                 (b"content-type", b"application/json"),
-                (b"content-length", str(len(_BUSY_BODY)).encode()),
+                (b"content-length", str(len(body)).encode()),
                 (b"retry-after", b"1"),
                 (b"connection", b"close"),
             ],
         }
     )
-    await send({"type": "http.response.body", "body": _BUSY_BODY, "more_body": False})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -180,9 +182,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _count_header_bytes(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > MAX_HEADER_BYTES:
-            body = error_body(f"request line and headers exceed {MAX_HEADER_BYTES} bytes", "invalid_request_error", "headers_too_large")
+            body = self._own_error(431, f"request line and headers exceed {MAX_HEADER_BYTES} bytes", "headers_too_large")
             self._reject(431, b"Request Header Fields Too Large", body)
             raise httptools.HttpParserError("headers too large")  # stops the parser; see send_400_response
+
+    def _own_error(self, status: int, message: str, code: str) -> bytes:
+        """A refusal in the shape of the request path's format, as far as the path has arrived."""
+        url: bytes = getattr(self, "url", b"")  # uvicorn sets it when a request begins
+        path = url.partition(b"?")[0].decode("latin-1")
+        return own_error(path, ProxyError(status, message, code))
 
     def _reject(self, status: int, reason: bytes, body: bytes, extra: bytes = b"") -> None:
         """Answer and close. A client may still be sending: closing at once would reset the
@@ -227,7 +235,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # finish that answer, then close.
             self.cycle.keep_alive = False
             return
-        body = error_body(f"request headers not received within {self.header_timeout_s:g} s", "invalid_request_error", "request_timeout")
+        body = self._own_error(408, f"request headers not received within {self.header_timeout_s:g} s", "request_timeout")
         self._reject(408, b"Request Timeout", body)
 
     def _body_late(self) -> None:
@@ -240,7 +248,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # sends afterwards is dropped by uvicorn; the client gets the 408.
             cycle.disconnected = True
             cycle.message_event.set()
-            body = error_body(f"request body not received within {self.body_timeout_s:g} s", "invalid_request_error", "request_timeout")
+            body = self._own_error(408, f"request body not received within {self.body_timeout_s:g} s", "request_timeout")
             self._reject(408, b"Request Timeout", body)
         else:
             self.transport.close()

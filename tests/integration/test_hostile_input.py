@@ -251,3 +251,48 @@ def test_one_client_cannot_hold_every_connection(upstream: FakeUpstream, tmp_pat
         for s in held:
             s.close()
         t.stop()
+
+
+# ---- each /v1 endpoint's own errors in its own format's shape (issue 21, item 10) ------------------
+
+
+def test_thermostats_own_errors_on_messages_paths_are_anthropic_shaped(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Refusals made before the format is known (path, Host, protocol deadlines, a dead upstream of a
+    passed-through path) used to answer `/v1/messages...` in OpenAI's shape."""
+    ups = [
+        {"name": "an", "base_url": upstream.url, "format": "anthropic", "models": ["claude-*"], "timeout_s": 2.0, "connect_timeout_s": 1.0},
+        {"name": "gone", "base_url": "http://127.0.0.1:9/v1", "format": "anthropic", "models": ["dead-*"], "retries": 0, "connect_timeout_s": 1.0},
+        {"name": "oa", "base_url": upstream.url, "models": ["*"], "timeout_s": 2.0, "connect_timeout_s": 1.0},
+    ]
+    cfg = make_config(upstream.url, tmp_path_factory.mktemp("shapes"), upstreams=ups, optimization={"enabled": False},
+                      server={"data_dir": str(tmp_path_factory.mktemp("shapes-data")), "header_timeout_s": 0.5, "body_timeout_s": 0.5,
+                              "allowed_hosts": ["127.0.0.1"]})
+    t = start_thermostat(cfg)
+
+    def answer(raw: bytes) -> tuple[int, dict]:
+        s = _connect(t)
+        try:
+            s.sendall(raw)
+            head, _, body = _read_until_closed(s).partition(b"\r\n\r\n")
+            return int(head.split()[1]), json.loads(body)
+        finally:
+            s.close()
+
+    count = b'{"model":"dead-1","messages":[]}'
+    cases = {
+        "invalid_path": b"POST /v1/messages/..;/x HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+        "invalid_host": b"POST /v1/messages HTTP/1.1\r\nhost: evil.example\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+        "body_timeout": b"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 100\r\n\r\n{",
+        "headers_too_large": b"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\nx-a: " + b"a" * 70_000 + b"\r\n\r\n",
+        "dead_upstream": b"POST /v1/messages/count_tokens HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\nconnection: close\r\n\r\n" % len(count) + count,
+    }
+    try:
+        for name, raw in cases.items():
+            status, doc = answer(raw)
+            assert status >= 400 and doc.get("type") == "error", (name, status, doc)
+            assert set(doc["error"]) == {"type", "message"}, (name, doc)
+        status, doc = answer(b"POST /v1/chat/completions/..;/x HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+        assert status == 400 and doc["error"]["code"] == "invalid_path"  # OpenAI's paths keep OpenAI's shape
+    finally:
+        t.stop()
