@@ -29,7 +29,7 @@ def control_deps(rt: Runtime) -> ControlDeps:
         config=rt.config, auth=AdminAuth.from_settings(rt.config.admin, rt.config.server.allowed_hosts), decider=rt.bandit,
         budget=rt.budget, slo=rt.slo, log_store=rt.sink, recorder=rt.recorder, registry=rt.registry, state_store=rt.state_store,
         pool=rt.pool, build_context=rt.build_context, learning=rt.feedback_services, on_rollout_events=rt.on_rollout_events,
-        started_at=rt.started_at, feedback=rt.feedback, signals=rt.signal_book,
+        started_at=rt.started_at, feedback=rt.feedback, signals=rt.signal_book, judge_spend=rt.judge_charge if rt.judge is not None else None,
     )
 
 

@@ -341,7 +341,7 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
     "DATABASE_URL": (("storage", "database_url"), "str"),
     "REDIS_URL": (("storage", "redis_url"), "str"),
     "CAWS_ENABLED": (("caws", "enabled"), "bool"),
-    "CAWS_BUDGET_LIMIT": (("caws", "budget_limit"), "int"),
+    "CAWS_BUDGET_LIMIT": (("caws", "budget_limit"), "float"),
     "CAWS_WAIVER_THRESHOLD": (("caws", "waiver_threshold"), "float"),
     "BANDIT_POLICY": (("optimization", "policy"), "str"),
     "EXPLORATION_FACTOR": (("policy", "*", "exploration_factor"), "float"),
@@ -599,6 +599,12 @@ def _validate_ranges(cfg: Config) -> None:
             raise bad(key, f"{seconds} (allowed: > 0)")
     if cfg.judge.enabled and not cfg.judge.model.strip():
         raise bad("judge.model", "empty (allowed: a model name served by one of [[upstreams]])")
+    if not math.isfinite(cfg.caws.budget_limit) or not all(math.isfinite(v) and v > 0 for v in cfg.caws.per_task_limits.values()):
+        raise bad("caws.budget_limit", "limits must be finite and positive (caws.budget_limit, caws.per_task_limits)")
+    if cfg.caws.unit == "tokens":
+        for key, limit in (("caws.budget_limit", cfg.caws.budget_limit), *((f"caws.per_task_limits.{t}", v) for t, v in cfg.caws.per_task_limits.items())):
+            if limit != int(limit):
+                raise bad(key, f"{limit} (allowed: a whole number of tokens; dollars need caws.unit = \"usd\")")
     if cfg.caws.store_timeout_s <= 0:
         raise bad("caws.store_timeout_s", f"{cfg.caws.store_timeout_s} (allowed: > 0)")
     if cfg.caws.waiver_cache_s < 0:

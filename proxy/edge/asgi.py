@@ -144,7 +144,11 @@ def _budget_exceeded() -> ProxyError:
     return ProxyError(429, "the token budget for this window is exhausted (caws.on_exhausted = reject)", "budget_exceeded", "rate_limit_error")
 
 
-def _budget_unavailable() -> ProxyError:
+def _budget_unavailable(unpriced: bool = False) -> ProxyError:
+    if unpriced:
+        return ProxyError(503, "this model has no known price, so the dollar budget (caws.unit = usd, on_exhausted = reject) cannot count it; "
+                               "the operator sets input_price_per_mtok and output_price_per_mtok in its [[upstreams.models_config]]",
+                          "budget_unavailable", "server_error")
     return ProxyError(503, "the token budget could not be checked in time (caws.on_exhausted = reject); retry shortly",
                       "budget_unavailable", "server_error")
 
@@ -322,8 +326,8 @@ class ProxyEdge:
             decision: Decision = await svc.decider.decide(ctx, request_id=request_id, assignment_key=key)
         except BudgetExceeded:
             raise _budget_exceeded() from None
-        except BudgetUnavailable:
-            raise _budget_unavailable() from None
+        except BudgetUnavailable as exc:
+            raise _budget_unavailable(exc.unpriced) from None
         changed = fmt.patch(doc, decision.sent)
         if view.thinking_budget is not None and decision.sent.max_tokens is not None and doc.get("max_tokens") != decision.sent.max_tokens:
             # The Messages API refuses max_tokens at or below thinking.budget_tokens and the adapter raised it:
@@ -691,5 +695,5 @@ class ProxyEdge:
             return await self.services.decider.admit(task_type, prompt), True
         except BudgetExceeded:
             raise _budget_exceeded() from None
-        except BudgetUnavailable:
-            raise _budget_unavailable() from None
+        except BudgetUnavailable as exc:
+            raise _budget_unavailable(exc.unpriced) from None

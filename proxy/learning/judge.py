@@ -76,7 +76,7 @@ import secrets
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import httpx
 import msgspec
@@ -97,7 +97,20 @@ RESULTS = ("ok", "unparseable", "error", "timeout", "dropped", "skipped", "deliv
 
 Transport = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 Deliver = Callable[[Signal], Awaitable[str | None]]  # "untrusted" when the judge is muted for the task type
-Charge = Callable[[str, int], Awaitable[None]]
+class Spent(NamedTuple):
+    """What one call of the judge (or a pairwise baseline call) used, and whose model it was: the charge prices it."""
+
+    upstream: str | None  # None: the upstream the judge model is routed to
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+Charge = Callable[[str, Spent], Awaitable[None]]
 Alert = Callable[[str, str], None]
 BaselineRequest = Callable[[Decision, Any], dict[str, Any] | None]  # the body the baseline would have sent, or None
 SendBaseline = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]  # (upstream name, chat body) -> response JSON
@@ -639,13 +652,13 @@ class Judge:
         prompt_tokens, completion_tokens = _usage(doc)
         self.metrics.tokens.labels("prompt").inc(prompt_tokens)
         self.metrics.tokens.labels("completion").inc(completion_tokens)
-        await self._charge(item, prompt_tokens + completion_tokens)
+        await self._charge(item, Spent(None, self.settings.model, prompt_tokens, completion_tokens))
         return _reply_text(doc) or ""
 
-    async def _charge(self, item: JudgeItem, tokens: int) -> None:
-        if self.charge is not None and tokens > 0:
+    async def _charge(self, item: JudgeItem, spent: Spent) -> None:
+        if self.charge is not None and spent.tokens > 0:
             try:
-                await self.charge(JUDGE_TASK_TYPE, tokens)
+                await self.charge(JUDGE_TASK_TYPE, spent)
             except Exception:
                 log.warning("judge budget charge failed for %s", item.request_id)
 
@@ -698,7 +711,8 @@ class Judge:
             return None
         prompt_tokens, completion_tokens = _usage(doc)
         self.metrics.tokens.labels("baseline").inc(prompt_tokens + completion_tokens)
-        await self._charge(item, prompt_tokens + completion_tokens)
+        model = item.baseline_body.get("model") if isinstance(item.baseline_body, dict) else None
+        await self._charge(item, Spent(item.upstream, model if isinstance(model, str) else "", prompt_tokens, completion_tokens))
         baseline = _reply_text(doc)
         if not baseline or not baseline.strip():
             self._count("baseline_failed")

@@ -22,7 +22,7 @@ from proxy.config import JudgeSettings
 from proxy.decision.decider import TEMPERATURE_STATISTICS
 from proxy.demo.simulator import SimulatorTruth, TaskProfile
 from proxy.demo.simulator_server import PAIRWISE_TIE, SimulatorHandle, start_simulator
-from proxy.learning.judge import JUDGE_TASK_TYPE, Judge, extract_pair, http_transport, parse_preference, tuned_result
+from proxy.learning.judge import JUDGE_TASK_TYPE, Judge, Spent, extract_pair, http_transport, parse_preference, tuned_result
 from tests.conftest import make_config
 from tests.support.servers import start_thermostat
 
@@ -92,8 +92,8 @@ class Sink:
     async def deliver(self, signal: Signal) -> None:
         self.signals.append(signal)
 
-    async def charge(self, task_type: str, tokens: int) -> None:
-        self.charges.append((task_type, tokens))
+    async def charge(self, task_type: str, spent: Spent) -> None:
+        self.charges.append((task_type, spent.tokens))
 
 
 async def judge_all(url: str, sink: Sink, decisions: list[Decision], seed: int = 0) -> Judge:
