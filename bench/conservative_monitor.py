@@ -65,7 +65,7 @@ def main() -> None:
         "# Conservative monitor: rollbacks and change detection",
         "",
         f"`python bench/conservative_monitor.py --seeds {args.seeds} --steps {args.steps}`, {platform.python_version()}, "
-        f"{time.strftime('%Y-%m-%d')}. Defaults: α = {S.alpha} (split between quality and latency), max_quality_regression "
+        f"{time.strftime('%Y-%m-%d')}. Defaults: α = {S.alpha} (latency α/2; each of the four quality signal kinds and cost α/10), max_quality_regression "
         f"{S.max_quality_regression}, max_latency_regression {S.max_latency_regression}, latency warm-up {S.latency_warmup}.",
         "",
         "| scenario | rolled back | outcomes to rollback: median | p90 |",

@@ -17,7 +17,10 @@ scenario by one we control:
   otherwise the truthful preference; client settings best;
 * ``model-change``: truthful judge, client settings best until half-way, then the model
   changes silently under the same name (best temperature 0.5 → 1.0, answers 1.7× longer,
-  so the client's max_tokens cuts some of them).
+  so the client's max_tokens cuts some of them);
+* ``length-biased-pinned``, ``uncorrelated-pinned``: the same judges, with the learner replaced
+  by one misled all the way (always the hottest temperature and the most effort on offer:
+  worse and costlier than the client's settings), to time the guards' reaction.
 
 For each: the request at which a guard first reacted (rollback of the task, change detected,
 re-learning ended), hidden quality and completion tokens of tuned vs holdout (whole run and the
@@ -26,7 +29,7 @@ said at checkpoints (the dashboard shows the same payloads). Then the stationary
 defaults: judge calls per request (holdout judged at `holdout_sample_rate`), and the regret of
 `[policy] half_life_s = 86400` against no discounting on the second simulator (bench/learning).
 
-    .venv/bin/python bench/guards_signals.py [--requests 4000] [--seed 1]
+    .venv/bin/python bench/guards_signals.py [--requests 3000] [--pinned-requests 6000] [--seed 1]
 
 writes bench/results/guards_signals.md (a few minutes on two cores).
 """
@@ -93,21 +96,21 @@ def install_judge(sim: Any, kind: str) -> None:
     """Replace the simulator's judge (`_Simulator.judge_score` / `judge_preference`) by one of ours."""
     rng = sim.judge_rng
     if kind == "length-biased":
-        def score(body: dict[str, Any]) -> tuple[int, float | None]:
+        def score(body: dict[str, Any], *_: Any) -> tuple[int, float | None]:
             q, words = _words_of(sim, body)
             noisy = (0.5 if q is None else q) + LENGTH_BIAS * (words / DEFAULT_TASKS[TASK].length_median - 1.0) + 0.1 * float(rng.standard_normal())
             return int(round(1 + 9 * min(1.0, max(0.0, noisy)))), q
         sim.judge_score = score
     elif kind == "uncorrelated":
-        def random_score(body: dict[str, Any]) -> tuple[int, float | None]:
+        def random_score(body: dict[str, Any], *_: Any) -> tuple[int, float | None]:
             q, _ = _words_of(sim, body)
             return int(rng.integers(1, 11)), q
         sim.judge_score = random_score
     elif kind == "position-biased":
         truthful = sim.judge_preference
 
-        def preference(body: dict[str, Any]) -> tuple[str, float | None, float | None] | None:
-            got = truthful(body)
+        def preference(body: dict[str, Any], *args: Any) -> tuple[str, float | None, float | None] | None:
+            got = truthful(body, *args)
             if got is None:
                 return None
             return ("A" if rng.random() < 0.8 else got[0]), got[1], got[2]
@@ -149,7 +152,32 @@ class Simulator:
 # ----------------------------------------------------------------------------- one scenario
 
 
-def _proxy(sim_url: str, data_dir: Path, mode: str, seed: int) -> Any:
+def pinned_policy(settings: Any) -> Any:
+    """A learner misled all the way: always the hottest temperature and the most effort on offer."""
+    import numpy as np_
+
+    from policies.base import Choice
+    from policies.effort import EFFORT_LEVELS
+    from policies.thompson import ThompsonGaussianPolicy
+
+    class Hottest(ThompsonGaussianPolicy):
+        @staticmethod
+        def _best(arms: Any) -> int:
+            return max(range(len(arms)), key=lambda i: (arms[i].temperature or 0.0, EFFORT_LEVELS.index(arms[i].effort) if arms[i].effort in EFFORT_LEVELS else -1))
+
+        def propensities(self, ctx: Any, baseline: Any, arms: Any) -> Any:
+            p = np_.zeros(len(arms))
+            p[self._best(arms)] = 1.0
+            return p
+
+        def choose(self, ctx: Any, baseline: Any, arms: Any, rng: Any) -> Any:
+            return Choice(index=self._best(arms), propensity=1.0)
+
+    return Hottest.from_settings(thompson=settings.policy.thompson, linucb=settings.policy.linucb)
+
+
+def _proxy(sim_url: str, data_dir: Path, mode: str, seed: int, pinned: bool = False) -> Any:
+    from proxy.runtime import Runtime
     from tests.conftest import make_config
     from tests.support.servers import start_thermostat
 
@@ -162,7 +190,10 @@ def _proxy(sim_url: str, data_dir: Path, mode: str, seed: int) -> Any:
         rollout={"min_samples_for_promotion": 100},
         caws={"budget_limit": 10**10},  # the token budget would otherwise end tuning within the run (3,000-token prompts)
     )
-    return start_thermostat(cfg)
+    rt = Runtime(cfg)
+    if pinned:
+        rt.bandit.policy = pinned_policy(cfg)
+    return start_thermostat(cfg, rt)
 
 
 def _checkpoint(base: str, at: int) -> dict[str, Any]:
@@ -191,14 +222,16 @@ def _checkpoint(base: str, at: int) -> dict[str, Any]:
 
 
 def run_scenario(name: str, requests: int, seed: int, sim: Simulator, tmp: Path) -> dict[str, Any]:
-    judge_kind = {"truthful": "truthful", "model-change": "truthful"}.get(name, name)
+    pinned = name.endswith("-pinned")
+    base_name = name.removesuffix("-pinned")
+    judge_kind = {"truthful": "truthful", "model-change": "truthful"}.get(base_name, base_name)
     sim.sim.judge_score = type(sim.sim).judge_score.__get__(sim.sim)
     sim.sim.judge_preference = type(sim.sim).judge_preference.__get__(sim.sim)
     sim.sim.truth = truth()
     install_judge(sim.sim, judge_kind)
-    mode = "pairwise" if name == "position-biased" else "pointwise"
+    mode = "pairwise" if base_name == "position-biased" else "pointwise"
     client_t = 0.9 if name == "truthful" else 0.5
-    running = _proxy(sim.url, tmp / name, mode, seed)
+    running = _proxy(sim.url, tmp / name, mode, seed, pinned)
     change_at = requests // 2 if name == "model-change" else None
     rows: list[tuple[str, float, int, bool, str, float]] = []  # mode, hidden quality, completion tokens, truncated, params sent, time
     checkpoints: list[dict[str, Any]] = []
@@ -289,9 +322,11 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 def report(results: list[dict[str, Any]], cost: list[tuple[str, float, float]], args: argparse.Namespace, elapsed: float) -> str:
     lines = [
-        f"# Guards on every quality signal, through the real proxy ({args.requests:,} requests per scenario, seed {args.seed})",
+        f"# Guards on every quality signal, through the real proxy ({args.requests:,} requests per scenario, "
+        f"{args.pinned_requests:,} for the pinned ones, seed {args.seed})",
         "",
-        f"Command: `.venv/bin/python bench/guards_signals.py --requests {args.requests} --seed {args.seed}` ({elapsed:.0f} s on a shared 2-core machine).",
+        f"Command: `.venv/bin/python bench/guards_signals.py --requests {args.requests} --pinned-requests {args.pinned_requests} "
+        f"--seed {args.seed}` ({elapsed:.0f} s on a shared 2-core machine).",
         "",
         "Setup: task `summarise` of the bundled simulator with answers 1 + 0.5·t times longer at temperature t; effort is a knob "
         "(low / medium / high); client max_tokens 512, effort medium; 10 % holdout; judge `sample_rate` 0.2, holdout judged at the "
@@ -375,9 +410,11 @@ def report(results: list[dict[str, Any]], cost: list[tuple[str, float, float]], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--scenarios", default="truthful,length-biased,uncorrelated,position-biased,model-change")
+    parser.add_argument("--scenarios", default="truthful,length-biased,uncorrelated,position-biased,model-change,"
+                                                "length-biased-pinned,uncorrelated-pinned")
+    parser.add_argument("--pinned-requests", type=int, default=6000)
     parser.add_argument("--cost-requests", type=int, default=10_000)
     parser.add_argument("--cost-seeds", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS / "guards_signals.md"))
@@ -388,9 +425,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.scenarios.split(","):
             print(f"scenario {name} ...", flush=True)
-            results.append(run_scenario(name, args.requests, args.seed, sim, Path(tmp)))
+            n = args.pinned_requests if name.endswith("-pinned") else args.requests
+            results.append(run_scenario(name, n, args.seed, sim, Path(tmp)))
             print(f"  {results[-1]['elapsed_s']:.0f} s, rollback at {results[-1]['first_rollback']}, events {[e[0] for e in results[-1]['events']]}", flush=True)
-    Path(args.out).with_suffix(".json").write_text(msgspec.json.encode([{k: v for k, v in r.items()} for r in results]).decode())
+    raw = Path(tempfile.gettempdir()) / "guards_signals.json"  # every request's row, for a closer look (megabytes: not kept in the repo)
+    raw.write_text(msgspec.json.encode(results).decode())
     cost = stationary_cost(args.cost_seeds, args.cost_requests) if args.cost_requests else []
     text = report(results, cost, args, time.perf_counter() - started)
     Path(args.out).write_text(text)

@@ -1,4 +1,14 @@
-"""CAWS token budget: reserve before forwarding, settle after, never overshoot.
+"""CAWS budget: reserve before forwarding, settle after, never overshoot.
+
+It counts tokens, or dollars under ``caws.unit = "usd"``: the store and the leases
+count whole units either way (tokens, or micro-dollars), so everything below holds
+for both; only what a request reserves and settles is computed differently
+(`BudgetGuard.amount`, `BudgetGuard.spent`): in dollars, the price of its prompt
+estimate at the model's input price plus its cap at the output price, then its real
+cost (`policies.pricing`). A model without a known price cannot be counted in
+dollars: under ``reject`` such a request is refused as unavailable (503), under
+``baseline`` it goes unbudgeted with the client's own parameters (reason
+``unpriced``).
 
 The budget (``caws.budget_limit`` tokens per UTC-aligned window of
 ``caws.window_s``, optionally also per task type via ``caws.per_task_limits``)
@@ -69,9 +79,10 @@ from typing import Any, Literal
 import msgspec
 
 from guards.lease import LeaseBook
-from guards.settings import CawsSettings
+from guards.settings import CawsSettings, budget_units
 from guards.state import MAX_TOKENS, BudgetKey, Candidate, Counters, InProcessStore, ReserveResult, StateStore
 from guards.waivers import Waiver, WaiverBook, extra_tokens, waiver_for
+from policies.pricing import Rates, reservation_usd, to_micro
 from policies.records import Arm
 
 _SLACK = 1e-9
@@ -84,6 +95,7 @@ Reason = Literal[
     "exhausted_baseline",  # nothing fit; baseline sent anyway (overrun counted)
     "exhausted_reject",  # nothing fit; on_exhausted="reject"
     "guard_unavailable",  # the store failed or timed out
+    "unpriced",  # unit "usd" and the model has no known price: it cannot be counted in dollars
     "disabled",  # caws.enabled = false
 ]
 
@@ -186,6 +198,7 @@ class BudgetGuard:
         self.waivers = WaiverBook(store)
         self._waiver_cache: tuple[Waiver, ...] = ()
         self._waiver_cache_at: float | None = None
+        self._seen_used: dict[str, int] = {}  # per key of the live windows: the `used` the store last answered
 
     # ---- windows and keys -------------------------------------------------------
 
@@ -207,11 +220,11 @@ class BudgetGuard:
 
     def _budget_keys(self, window_start: int, task_type: str, waivers: Sequence[Waiver], now: float) -> list[BudgetKey]:
         s = self.settings
-        limit = min(MAX_TOKENS, s.budget_limit + extra_tokens(waivers, now))
+        limit = min(MAX_TOKENS, budget_units(s, s.budget_limit) + extra_tokens(waivers, now))
         keys = [BudgetKey(self._global_key(window_start), limit, _ceil_fraction(s.waiver_threshold, limit))]
         task_limit = s.per_task_limits.get(task_type)
         if task_limit is not None:
-            eff = min(MAX_TOKENS, task_limit + extra_tokens(waivers, now, task_type))
+            eff = min(MAX_TOKENS, budget_units(s, task_limit) + extra_tokens(waivers, now, task_type))
             keys.append(BudgetKey(self._task_key(window_start, task_type), eff, _ceil_fraction(s.waiver_threshold, eff)))
         return keys
 
@@ -284,41 +297,67 @@ class BudgetGuard:
         prompt_tokens: int,
         confidence: float | None,
         now: float,
+        rates: Rates | None = None,
     ) -> BudgetVerdict:
-        """Reserve tokens for this request and say which arm may be sent (see module docstring).
+        """Reserve budget for this request and say which arm may be sent (see module docstring).
 
         `allowed` comes from `trust_region.allowed_arms`; `chosen` indexes it (None for
         requests that are not optimised). The returned arm is always `allowed[chosen]`,
-        another member of `allowed`, or `baseline`.
+        another member of `allowed`, or `baseline`. `rates`: the model's prices (unit "usd").
         """
         s = self.settings
         chosen_arm = allowed[chosen] if chosen is not None else None
         if not s.enabled:
             return self._unguarded(chosen_arm, baseline, "disabled", guard_ok=True)
-        prompt = max(0, int(prompt_tokens))
+        if s.unit == "usd" and rates is None:
+            return self._unavailable(chosen_arm, baseline, "unpriced")
+        prompt = self.amount(max(0, int(prompt_tokens)), 0, rates)
         window = self.window_start(now)
         if self.leases is not None:
-            return await self._decide_leased(self.leases, chosen_arm, allowed, baseline, task_type, prompt, confidence, now)
+            return await self._decide_leased(self.leases, chosen_arm, allowed, baseline, task_type, prompt, confidence, now, rates)
         try:
             async with self._deadline():
                 waivers = await self._cached_waivers(now)
                 keys = self._budget_keys(window, task_type, waivers, now)
                 waiver = waiver_for(waivers, now, task_type)
                 confident = confidence is not None and confidence >= s.confidence_threshold
-                arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident, keys)
+                arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident, keys, rates)
+                keys = [msgspec.structs.replace(k, floor=self._seen_used.get(k.key, 0)) for k in keys]
                 result = await self.store.budget_reserve(keys, cands, now=now, expires_at=self._expires_at(window))
         except Exception:  # noqa: BLE001 - any store failure is a fail-safe, never a crashed request
             return self._unavailable(chosen_arm, baseline)
+        self._saw(keys, result.after, window)
         return self._verdict(result, keys, arms, cands, chosen_arm, baseline, task_type, window, waiver, confident)
 
-    def _unavailable(self, chosen_arm: Arm | None, baseline: Arm) -> BudgetVerdict:
-        """No budget answer in time. Under ``reject`` that is a refusal: a hard cap never sends
-        a request it could not count. Under ``baseline``, the client's own traffic goes."""
+    def _saw(self, keys: Sequence[BudgetKey], counters: Sequence[Counters], window: int) -> None:
+        """Remember each key's `used` as the store answered it: the floor of the next reserve
+        (a store that lost its state is then not believed to have a fresh window)."""
+        for k, c in zip(keys, counters):
+            self._seen_used[k.key] = max(self._seen_used.get(k.key, 0), c.used)
+        if len(self._seen_used) > 4 * (1 + len(self.settings.per_task_limits)):  # keys of windows long over
+            live = (f"caws:{window}:", f"caws:{window - self.settings.window_s}:")
+            self._seen_used = {k: v for k, v in self._seen_used.items() if k.startswith(live)}
+
+    def _unavailable(self, chosen_arm: Arm | None, baseline: Arm, reason: Reason = "guard_unavailable") -> BudgetVerdict:
+        """No budget answer in time (or no price to count in). Under ``reject`` that is a refusal: a
+        hard cap never sends a request it could not count. Under ``baseline``, the client's own traffic goes."""
         if self.settings.on_exhausted == "reject":
-            return BudgetVerdict(
-                action="reject", arm=baseline, reason="guard_unavailable", guard_ok=False, enforced=False
-            )
-        return self._unguarded(chosen_arm, baseline, "guard_unavailable", guard_ok=False)
+            return BudgetVerdict(action="reject", arm=baseline, reason=reason, guard_ok=False, enforced=False)
+        return self._unguarded(chosen_arm, baseline, reason, guard_ok=False)
+
+    def amount(self, prompt_tokens: int, max_tokens: int, rates: Rates | None) -> int:
+        """What a request with this prompt estimate and output cap reserves, in the budget's unit."""
+        if self.settings.unit == "tokens" or rates is None:
+            return prompt_tokens + max_tokens
+        return to_micro(reservation_usd(prompt_tokens, max_tokens, rates))
+
+    def spent(self, prompt_tokens: int | None, completion_tokens: int | None, cost_usd: float | None) -> int | None:
+        """What a finished request used, in the budget's unit; None when it cannot be told (no usage, or no price)."""
+        if self.settings.unit == "usd":
+            return None if cost_usd is None else to_micro(cost_usd)
+        if prompt_tokens is None and completion_tokens is None:
+            return None
+        return (prompt_tokens or 0) + (completion_tokens or 0)
 
     async def _decide_leased(
         self,
@@ -330,6 +369,7 @@ class BudgetGuard:
         prompt: int,
         confidence: float | None,
         now: float,
+        rates: Rates | None = None,
     ) -> BudgetVerdict:
         """`decide` from this replica's leases: no store round trip. A request that does not fit
         waits (at most ``store_timeout_s``) for the refill task's next answer."""
@@ -339,7 +379,7 @@ class BudgetGuard:
         keys = self._budget_keys(window, task_type, waivers, now)
         waiver = waiver_for(waivers, now, task_type)
         confident = confidence is not None and confidence >= s.confidence_threshold
-        arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident, keys)
+        arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident, keys, rates)
         expires_at = self._expires_at(window)
         result = book.reserve(keys, cands, now=now, expires_at=expires_at)
         if result is None and not book.exhausted(keys, now):
@@ -366,12 +406,14 @@ class BudgetGuard:
         prompt: int,
         costly_ok: bool,
         keys: Sequence[BudgetKey],
+        rates: Rates | None = None,
     ) -> tuple[list[Arm], list[Candidate]]:
+        """`prompt`: the prompt estimate, already in the budget's unit; each arm adds its cap's (`amount`)."""
         force_baseline = self.settings.on_exhausted == "baseline"
         cap = max(k.limit for k in keys) + 1  # more than any key holds: never fits, yet bounded (rule 1)
 
         def tokens(arm: Arm) -> int:
-            return min(cap, prompt + arm.max_tokens)
+            return min(cap, prompt + self.amount(0, arm.max_tokens, rates))
 
         arms: list[Arm] = []
         cands: list[Candidate] = []
@@ -461,7 +503,7 @@ class BudgetGuard:
     # ---- after the response -----------------------------------------------------
 
     async def settle(self, reservation: Reservation | None, actual_tokens: int, now: float) -> bool:
-        """Turn the reservation into real usage (prompt + completion tokens); False if the store failed."""
+        """Turn the reservation into real usage (in the budget's unit, `spent`); False if the store failed."""
         if reservation is None:
             return True
         actual = min(MAX_TOKENS, max(0, int(actual_tokens)))
@@ -479,10 +521,12 @@ class BudgetGuard:
                 )
         except Exception:  # noqa: BLE001 - the outcome path must not crash; caller counts False
             return False
+        for key in reservation.keys:  # the store's `used` grew by at least this since we last saw it
+            self._seen_used[key] = self._seen_used.get(key, 0) + actual
         return True
 
     async def charge(self, task_type: str, tokens: int, now: float) -> bool:
-        """Count tokens already spent outside a client request (the judge's calls, task type `_judge`).
+        """Count what was already spent outside a client request (the judge's calls, task type `_judge`), in the budget's unit.
 
         Nothing was reserved for them, so this is a settle of an empty reservation: the spend
         shows in the window and in the task's line, and later admissions see it.
@@ -522,13 +566,13 @@ class BudgetGuard:
         tasks = sorted(s.per_task_limits)
         names = [self._global_key(window)] + [self._task_key(window, t) for t in tasks]
         counters = await self.store.budget_read(names, now=now)
-        effective = s.budget_limit + extra_tokens(active, now)
+        effective = budget_units(s, s.budget_limit) + extra_tokens(active, now)
         total: Counters = counters[0]
         lines: dict[str, BudgetLine] = {}
         for task, c in zip(tasks, counters[1:]):
-            eff = s.per_task_limits[task] + extra_tokens(active, now, task)
+            eff = budget_units(s, s.per_task_limits[task]) + extra_tokens(active, now, task)
             lines[task] = BudgetLine(
-                limit=s.per_task_limits[task],
+                limit=budget_units(s, s.per_task_limits[task]),
                 effective_limit=eff,
                 used=c.used,
                 reserved=c.reserved,
@@ -539,7 +583,7 @@ class BudgetGuard:
         return BudgetStatus(
             window_start=window,
             resets_at=window + s.window_s,
-            limit=s.budget_limit,
+            limit=budget_units(s, s.budget_limit),
             effective_limit=effective,
             used=total.used,
             reserved=total.reserved,

@@ -460,7 +460,7 @@ def _verdict(key: str, t: TaskState, s: ConservativeSettings) -> TaskVerdict:
     if cost_breach:
         reasons.append(
             f"cost: optimised mean {cost.unit} per request >= {cost.optimised_bounds[0]:.1f} > (1 + {s.max_cost_regression:g}) x "
-            f"holdout's <= {cost.holdout_bounds[1]:.1f} with no quality kind surely better"
+            f"holdout's <= {cost.holdout_bounds[1]:.1f} with no trusted quality kind surely better"
         )
     opt_x, hold_x = sequences.bounds(t.latency.exceed.optimised), sequences.bounds(t.latency.exceed.holdout)
     if latency == "worse":

@@ -45,13 +45,17 @@ class BaselineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class CawsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enabled: bool = True
-    budget_limit: int = 1_000_000
+    # What the budget counts: "tokens" (prompt + completion, as the upstream reports them) or "usd"
+    # (US dollars at each model's price, policies/pricing.py). With "usd", budget_limit and
+    # per_task_limits are dollars per window, and the store counts micro-dollars (waivers' extra_tokens too).
+    unit: Literal["tokens", "usd"] = "tokens"
+    budget_limit: float = 1_000_000
     window_s: int = 86_400
     waiver_threshold: float = 0.8
     warning_threshold: float = 0.9
     on_exhausted: Literal["baseline", "reject"] = "baseline"
     confidence_threshold: float = 0.7
-    per_task_limits: dict[str, int] = {}
+    per_task_limits: dict[str, float] = {}
     # Budget calls on the request path give up after this long and fail safe
     # (verdict.guard_ok = False -> baseline under require_caws). Must be > 0.
     store_timeout_s: float = 0.1
@@ -70,6 +74,11 @@ class CawsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lease_share: float = 0.25
     lease_ttl_s: float = 10.0
     lease_refill_s: float = 0.2
+
+
+def budget_units(settings: CawsSettings, amount: float) -> int:
+    """A configured limit in the integer unit the store counts: tokens, or micro-dollars under `unit = "usd"`."""
+    return int(amount) if settings.unit == "tokens" else round(amount * 1_000_000)
 
 
 class SloSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -21,6 +21,10 @@ Budget counters
     before and after. Doing the choice inside the atomic step is what keeps 1,000
     concurrent requests from overshooting: no caller ever acts on a stale read.
 
+    A key's ``used`` is first raised to the caller's ``floor`` (the ``used`` it last
+    saw): within a window ``used`` only grows, so a lower figure means the store lost
+    its state (a Redis flush), and counting from zero would grant the window again.
+
     A candidate fits a key when ``used + reserved + tokens <= limit``. A *gated*
     candidate (one that would raise expected spend without a waiver) is refused on a
     key whose ``used + reserved >= gate``. A *forced* candidate is accepted even if
@@ -90,6 +94,9 @@ class BudgetKey(msgspec.Struct, frozen=True):
     key: str
     limit: int
     gate: int  # used + reserved at or above which gated candidates are refused
+    # The key's `used` the caller last saw. `used` never falls within a window, so a store whose
+    # `used` is below it has lost its state (Redis flushed) and `budget_reserve` raises it to this.
+    floor: int = 0
 
 
 class Candidate(msgspec.Struct, frozen=True):
@@ -372,6 +379,8 @@ class InProcessStore:
         async with self._lock:
             self._prune(now)
             budgets = [self._budget(k.key, now, expires_at) for k in keys]
+            for budget, k in zip(budgets, keys):
+                budget.used = max(budget.used, k.floor)
             before = tuple(b.snapshot() for b in budgets)
             gated_refused = any(b.used + b.reserved >= k.gate for b, k in zip(budgets, keys))
             for index, cand in enumerate(candidates):

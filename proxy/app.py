@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.config import Config
 from proxy.control import EXCEPTION_HANDLERS, AdminAuth, ControlDeps, StrictStructSchemaPlugin, build_control, document_errors, require_token_or_opt_in
-from proxy.edge.asgi import ProxyEdge
+from proxy.edge.asgi import Message, ProxyEdge, Receive, Scope, Send
 from proxy.observability.metrics import exposition, install_live_metrics, refresh_live
 from proxy.runtime import Runtime
 
@@ -29,7 +29,7 @@ def control_deps(rt: Runtime) -> ControlDeps:
         config=rt.config, auth=AdminAuth.from_settings(rt.config.admin, rt.config.server.allowed_hosts), decider=rt.bandit,
         budget=rt.budget, slo=rt.slo, log_store=rt.sink, recorder=rt.recorder, registry=rt.registry, state_store=rt.state_store,
         pool=rt.pool, build_context=rt.build_context, learning=rt.feedback_services, on_rollout_events=rt.on_rollout_events,
-        started_at=rt.started_at, feedback=rt.feedback, signals=rt.signal_book,
+        started_at=rt.started_at, feedback=rt.feedback, signals=rt.signal_book, judge_spend=rt.judge_charge if rt.judge is not None else None,
     )
 
 
@@ -51,12 +51,17 @@ def build_litestar(rt: Runtime) -> Litestar:
          summary="Readiness (no auth): upstreams and the decision-log writer",
          responses={503: ResponseSpec(data_container=dict[str, Any], description="Not ready: status 'not_ready' and the checks")})
     def readiness() -> Response[dict[str, Any]]:
+        failing = rt.recorder.last_error
         checks = {
             "upstreams": bool(rt.pool.upstreams),
             "writer": rt.recorder.ready,
+            "log_writes": failing is None,  # answers would wait unlogged (e.g. a full disk)
         }
         ok = all(checks.values())
-        return Response({"status": "ok" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503)
+        body: dict[str, Any] = {"status": "ok" if ok else "not_ready", "checks": checks}
+        if failing is not None:
+            body["last_error"] = failing
+        return Response(body, status_code=200 if ok else 503)
 
     @get("/metrics", media_type=CONTENT_TYPE_LATEST, opt=PUBLIC, summary="Prometheus metrics (no auth)")
     async def metrics() -> Response[bytes]:
@@ -97,9 +102,38 @@ def build_litestar(rt: Runtime) -> Litestar:
     )
 
 
+# On everything Litestar serves (the dashboard, the control API, its schema), errors included:
+# no page may frame them, where a click on the dashboard's buttons (rollback, promote, waivers)
+# could be hijacked, and no answer is sniffed into another content type.
+PAGE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+)
+
+
+def with_page_headers(app: Callable[..., Awaitable[None]]) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """`app` with `PAGE_HEADERS` on every HTTP response (at the ASGI level: Litestar's own
+    `response_headers` skip the answers of its exception handlers, such as a 401)."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *PAGE_HEADERS]
+            await send(message)
+
+        await app(scope, receive, send_with_headers)
+
+    return wrapped
+
+
 def create_app(config: Config, runtime: Runtime | None = None) -> ProxyEdge:
     # Here, not in the CLI, so every way of building the server (serve, workers, tests) obeys it.
     require_token_or_opt_in(config.admin)
     rt = runtime or Runtime(config)
-    app = ProxyEdge(rt.edge, build_litestar(rt))
+    app = ProxyEdge(rt.edge, with_page_headers(build_litestar(rt)))
     return app

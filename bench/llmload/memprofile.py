@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         time.sleep(1.0)
         cfg = build_config({
-            "server": {"data_dir": str(tmp), "max_connections": a.streams + 100},
+            "server": {"data_dir": str(tmp), "max_connections": a.streams + 100, "max_connections_per_client": a.streams + 100},
             "upstreams": [{"name": "fake", "base_url": f"http://127.0.0.1:{up_port}/v1", "models": ["*"], "max_connections": a.streams + 100}],
             "optimization": {"enabled": True, "mode": "general", "policy": "thompson_gaussian"},
             "admin": {"allow_unauthenticated": True},

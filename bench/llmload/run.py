@@ -476,7 +476,10 @@ def thermostat_limits(max_streams: int) -> tuple[str, str]:
     from proxy.config import ServerSettings, UpstreamSettings
 
     need = max_streams + 500
-    server = f"max_connections = {need}\n" if "max_connections" in {f.name for f in msgspec.structs.fields(ServerSettings)} else ""
+    fields = {f.name for f in msgspec.structs.fields(ServerSettings)}
+    server = f"max_connections = {need}\n" if "max_connections" in fields else ""
+    if "max_connections_per_client" in fields:  # the load generator is one client address
+        server += f"max_connections_per_client = {need}\n"
     upstream = f"max_connections = {need}\n" if "max_connections" in {f.name for f in msgspec.structs.fields(UpstreamSettings)} else ""
     return server, upstream
 

@@ -274,6 +274,12 @@ def build_targets(tmp: Path, args: argparse.Namespace, upstream_cmd: list[str] |
     targets.append(Target("floor", floor, f"http://127.0.0.1:{fport}", note="bench/overhead/floor.py: aiohttp server + aiohttp ClientSession"))
 
     (tmp / "thermostat-data").mkdir()
+    import msgspec
+
+    from proxy.config import ServerSettings
+
+    if "max_connections_per_client" not in server_toml and "max_connections_per_client" in {f.name for f in msgspec.structs.fields(ServerSettings)}:
+        server_toml += "max_connections_per_client = 0\n"  # the load generator is one client address
     cfg = tmp / "thermostat.toml"
     cfg.write_text(
         f"""[server]

@@ -66,9 +66,19 @@ def configured_token(token_env: str, environ: Mapping[str, str] | None = None) -
     return raw or None
 
 
+MIN_TOKEN_CHARS = 16
+"""Shortest admin token accepted: a short one is guessed long before the 401/403 counters tell."""
+
+
 def require_token_or_opt_in(admin: AdminSettings, environ: Mapping[str, str] | None = None) -> None:
-    """Refuse to build a server whose control API would be open to anything on this host."""
-    if configured_token(admin.token_env, environ) is None and not admin.allow_unauthenticated:
+    """Refuse to build a server whose control API would be open to anything on this host, or to a guessed token."""
+    token = configured_token(admin.token_env, environ)
+    if token is not None and len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"the admin token in ${admin.token_env} has {len(token)} characters; at least {MIN_TOKEN_CHARS} are required "
+            f"(e.g. `export {admin.token_env}=$(openssl rand -hex 24)`)"
+        )
+    if token is None and not admin.allow_unauthenticated:
         raise ConfigError(
             f"no admin token in ${admin.token_env}: set one (e.g. `export {admin.token_env}=$(openssl rand -hex 24)`), "
             "or set [admin] allow_unauthenticated = true to serve the control API to same-host clients without one"

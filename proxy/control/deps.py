@@ -28,6 +28,14 @@ from proxy.store.base import LogStore
 from proxy.store.recorder import Recorder
 
 
+class JudgeSpendSource(Protocol):
+    """What the judge's calls cost in this process (proxy.learning.listeners.JudgeCharge)."""
+
+    cost_usd: float
+    calls: int
+    unpriced: int
+
+
 class ContextBuilder(Protocol):
     """The runtime's `build_context` (task types and models folded past their caps)."""
 
@@ -54,6 +62,7 @@ class ControlDeps:
     started_at: float
     feedback: FeedbackBook = field(default_factory=FeedbackBook)
     signals: SignalBook = field(default_factory=SignalBook)  # judge/explicit pairs, validator counts
+    judge_spend: JudgeSpendSource | None = None  # the judge's calls, priced
 
     @property
     def rollout(self) -> RolloutController:

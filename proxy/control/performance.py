@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
+import msgspec
 from litestar import Controller, get
 from litestar.params import Parameter
 
@@ -17,7 +18,19 @@ from policies.effort import EFFORT_LEVELS
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
 from proxy.control.schemas import ConvergenceReport, Dashboard, MetricsReport, OpeOut, ParameterEvolution, PerformanceReport, TrustRegionOut
-from proxy.control.views import DAY, Bins, MaxRows, TextFilter, WindowS, caws_status, recent_events, slo_status, status_of, window
+from proxy.control.views import (
+    DAY,
+    Bins,
+    MaxRows,
+    TextFilter,
+    WindowS,
+    caws_status,
+    judge_spend,
+    recent_events,
+    slo_status,
+    status_of,
+    window,
+)
 
 
 class PerformanceController(Controller):
@@ -36,7 +49,8 @@ class PerformanceController(Controller):
                           task_type: TextFilter = None) -> PerformanceReport:
         _, since, until = window(window_s)
         rows, truncated = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
-        return cdata.performance_report(rows, since, until, truncated, cdata.reward_range(deps.config.policy.reward))
+        report = cdata.performance_report(rows, since, until, truncated, cdata.reward_range(deps.config.policy.reward))
+        return msgspec.structs.replace(report, judge=judge_spend(deps))
 
     @get("/convergence", summary="Per task type: the policy's probability of its own choice over time, and its current arm distribution")
     async def convergence(self, deps: Deps, window_s: WindowS = DAY, bins: Bins = 24, max_rows: MaxRows = 20_000) -> ConvergenceReport:
@@ -76,6 +90,7 @@ class PerformanceController(Controller):
                                         max_temperature=c.max_temperature, max_tokens=c.max_tokens,
                                         raise_client_max_tokens=c.raise_client_max_tokens),
             budget_burn_rate=cdata.burn_rate(budget.fill, budget.window_start, budget.window_s, now) if budget is not None else None,
+            judge_spend=judge_spend(deps),
         )
 
     @get("/ope", summary="IPS / SNIPS / DR estimates with CIs: current policy vs baseline on logged exploration data")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -466,6 +467,7 @@ class OpeArrays:
         n = len(kept)
         self.n = n
         self.rewards = np.array([k[0].effective_reward for k in kept], dtype=np.float64)
+        self.logged_at = np.array([k[0].timestamp for k in kept], dtype=np.float64)  # the betting interval reads rows oldest first
         self.behaviour = np.array([math.exp(k[0].log_propensity) for k in kept], dtype=np.float64)
         self.target = np.zeros(n)
         self.baseline = np.zeros(n)
@@ -494,7 +496,7 @@ def _est(e: ope.Estimate | None) -> EstimateOut | None:
         return None
     return EstimateOut(
         estimator=e.estimator, value=e.value, ci_low=finite(e.ci_low), ci_high=finite(e.ci_high), eb_low=finite(e.eb_low),
-        eb_high=finite(e.eb_high), std_error=finite(e.std_error), n=e.n, ess=e.ess,
+        eb_high=finite(e.eb_high), std_error=finite(e.std_error), n=e.n, ess=e.ess, interval=e.interval,
     )
 
 
@@ -573,13 +575,14 @@ def _ope_all(
         ), arrays
     a = arrays
     try:
+        bounds = reward_bounds(decider.reward_settings)
         target = ope.evaluate(
             rewards=a.rewards, behaviour_propensity=a.behaviour, target_propensity=a.target, rng=np.random.default_rng(seed),
-            reward_hat_logged=a.q_logged, target_value_hat=a.v_target, n_bootstrap=n_bootstrap,
+            reward_hat_logged=a.q_logged, target_value_hat=a.v_target, n_bootstrap=n_bootstrap, reward_range=bounds, logged_at=a.logged_at,
         )
         baseline = ope.evaluate(
             rewards=a.rewards, behaviour_propensity=a.behaviour, target_propensity=a.baseline, rng=np.random.default_rng(seed),
-            reward_hat_logged=a.q_logged, target_value_hat=a.v_baseline, n_bootstrap=n_bootstrap,
+            reward_hat_logged=a.q_logged, target_value_hat=a.v_baseline, n_bootstrap=n_bootstrap, reward_range=bounds, logged_at=a.logged_at,
         )
     except ope.UnsupportedTarget as exc:
         return _unsupported(since, until, a, exc), a
@@ -716,7 +719,7 @@ def monitor_summary(v: TaskVerdict) -> str:
     """
     words = monitor_words(v.verdict, v.rolled_back)
     head = next(k for k in v.signals if k.kind == v.quality_kind)
-    parts = [f"{v.task_type}: {_kind_clause(head)}; {words}"]
+    parts = [f"{v.task_type}: {_kind_clause(head)}{'' if head.trusted else ' (untrusted: it neither rolls back nor excuses a cost)'}; {words}"]
     others = [_kind_clause(k) + ("" if k.trusted else " (untrusted)") for k in v.signals
               if k.kind != head.kind and (k.optimised_n or k.holdout_n)]
     if others:
@@ -727,7 +730,8 @@ def monitor_summary(v: TaskVerdict) -> str:
         parts.append(f"{c.unit} per request {c.optimised_mean:,.0f} tuned vs {c.holdout_mean:,.0f} holdout{ratio}"
                      + ("; costlier" if c.verdict == "costlier" else ""))
     if v.relearning_since is not None:
-        parts.append(f"re-learning since a change at {v.relearning_since:.0f}")
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(v.relearning_since))
+        parts.append(f"re-learning since a change detected at {since} (tuned traffic runs on statistics reopened then)")
     return "; ".join(parts)
 
 

@@ -134,6 +134,16 @@ class TaskPerformance(msgspec.Struct):
     cost: CostComparison | None = None  # spend of tuned vs holdout traffic, and the saving per 1,000 requests
 
 
+class JudgeSpendOut(msgspec.Struct):
+    """What the judge's own calls cost (its scoring calls and pairwise baseline calls), in this process since it started."""
+
+    since: float  # process start, unix seconds
+    calls: int
+    cost_usd: float  # priced calls only
+    unpriced_calls: int  # calls whose model has no known price
+    note: str
+
+
 class MetricsReport(msgspec.Struct):
     since: float
     until: float
@@ -148,6 +158,7 @@ class PerformanceReport(msgspec.Struct):
     rows: int
     truncated: bool
     tasks: list[TaskPerformance]
+    judge: JudgeSpendOut | None = None  # the judge's calls, as what they cost (null: no judge)
 
 
 # --------------------------------------------------------------------------- SLO / rollout
@@ -369,6 +380,7 @@ class CawsStatus(msgspec.Struct):
     warning_threshold: float
     active_waivers: list[Waiver]
     tasks: list[BudgetLineOut]
+    unit: str = "tokens"  # what the amounts count: "tokens", or "micro_usd" under caws.unit = "usd" (docs/cost.md)
 
 
 class WaiverIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -539,13 +551,16 @@ class RecordOutcomeResult(msgspec.Struct):
 class EstimateOut(msgspec.Struct):
     estimator: str
     value: float
-    ci_low: float | None  # studentised bootstrap; null: that side is unbounded (a resample pinned the value, or tiny ESS)
+    ci_low: float | None  # the interval `interval` names; null: that side is unbounded (a resample pinned the value, or tiny ESS)
     ci_high: float | None
     eb_low: float | None
     eb_high: float | None
     std_error: float | None
     n: int
     ess: float
+    # "betting" (IPS: valid under the adaptive logging of a learning policy), "studentised bootstrap ∪ betting"
+    # (SNIPS, DR), or "studentised bootstrap" (no reward range known); policies/ope.py
+    interval: str = "studentised bootstrap"
 
 
 class PolicyEstimates(msgspec.Struct):
@@ -731,6 +746,7 @@ class Dashboard(msgspec.Struct):
     signal_sources: list[SignalSources] = []
     trust_region: TrustRegionOut | None = None
     budget_burn_rate: float | None = None  # share of the limit used / share of the window elapsed (1 = on pace to end at the limit)
+    judge_spend: JudgeSpendOut | None = None  # the judge's calls, as what they cost
 
 
 class MetricComparison(msgspec.Struct):

@@ -40,8 +40,9 @@ class StatusController(Controller):
         rec = deps.recorder
         q = rec.queue
         full = q.maxsize > 0 and q.qsize() >= q.maxsize
-        checks.append(HealthCheck(name="writer_queue", ok=bool(rec.ready) and not full,
-                                  detail=f"{q.qsize()}/{q.maxsize} queued, {rec.dropped} dropped"))
+        failing = f", last write failed: {rec.last_error}" if rec.last_error is not None else ""
+        checks.append(HealthCheck(name="writer_queue", ok=bool(rec.ready) and not full and rec.last_error is None,
+                                  detail=f"{q.qsize()}/{q.maxsize} queued, {rec.dropped} dropped{failing}"))
         ready = all(c.ok for c in checks)
         return Response(Readiness(ready=ready, checks=checks), status_code=200 if ready else 503)
 

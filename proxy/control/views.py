@@ -26,6 +26,7 @@ from proxy.control.schemas import (
     ContextIn,
     DecisionOut,
     EventOut,
+    JudgeSpendOut,
     OptimizationStatus,
     ParamsOut,
     RollbackStatus,
@@ -167,7 +168,19 @@ async def caws_status(deps: ControlDeps, now: float) -> CawsStatus:
         warning_threshold=s.warning_threshold, active_waivers=list(st.active_waivers),
         tasks=[BudgetLineOut(task_type=k, limit=v.limit, effective_limit=v.effective_limit, used=v.used, reserved=v.reserved,
                              overruns=v.overruns, fill=cdata.finite(v.fill)) for k, v in sorted(st.tasks.items())],
+        unit="tokens" if s.unit == "tokens" else "micro_usd",
     )
+
+
+JUDGE_SPEND_NOTE = ("this process since it started, not the report's window: judge calls are not decisions in the log; "
+                    "thermostat_cost_usd_total{task_type=\"_judge\", traffic=\"judge\"} sums them over replicas")
+
+
+def judge_spend(deps: ControlDeps) -> JudgeSpendOut | None:
+    j = deps.judge_spend
+    if j is None:
+        return None
+    return JudgeSpendOut(since=deps.started_at, calls=j.calls, cost_usd=j.cost_usd, unpriced_calls=j.unpriced, note=JUDGE_SPEND_NOTE)
 
 
 def waiver_out(w: Waiver, now: float) -> WaiverOut:

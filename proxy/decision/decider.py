@@ -24,6 +24,7 @@ from guards.trust_region import Freedom, ModelLimits, allowed_arms, enforce, max
 from policies.arms import candidate_arms
 from policies.base import Choice, Correction, Policy, apply_floor, sample_index
 from policies.context import context_fingerprint
+from policies.pricing import Rates
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.reward import BaselineCosts
 from policies.settings import ArmGridSettings, RewardSettings
@@ -38,7 +39,12 @@ class BudgetExceeded(Exception):
 
 
 class BudgetUnavailable(Exception):
-    """The budget could not be checked in time and `caws.on_exhausted = reject` (the edge answers 503)."""
+    """The budget could not be checked in time, or (`unpriced`) a dollar budget has no price for the
+    model, and `caws.on_exhausted = reject` (the edge answers 503)."""
+
+    def __init__(self, unpriced: bool = False) -> None:
+        super().__init__("unpriced" if unpriced else "unavailable")
+        self.unpriced = unpriced
 
 
 def refuse_if_rejected(verdict: BudgetVerdict) -> None:
@@ -212,6 +218,10 @@ def _never(_: str) -> bool:
     return False
 
 
+class RatesSource(Protocol):
+    def rates(self, upstream: str, model: str) -> Rates | None: ...
+
+
 class QualitySignals:
     """Per task type, the quality signals that can see temperature (explicit feedback so far).
 
@@ -286,6 +296,7 @@ class BanditDecider:
         holdout_fraction: float = 0.05,
         signals: QualitySignals | None = None,
         conservative: ConservativeMonitor | None = None,
+        prices: RatesSource | None = None,
     ) -> None:
         self.policy = policy
         self.budget = budget
@@ -307,6 +318,7 @@ class BanditDecider:
         self.signals = signals if signals is not None else QualitySignals()
         # Per task type: optimised vs holdout; a task it rolls back gets the baseline (mode "rollback").
         self.conservative = conservative
+        self.prices = prices  # a dollar budget reserves at the model's price (caws.unit = "usd")
         self.costs = BaselineCosts()
         self.truncation = TruncationGuard(constraints.max_extra_truncation)
         self.reservations: dict[str, Reservation] = {}
@@ -506,6 +518,7 @@ class BanditDecider:
             prompt_tokens=ctx.prompt_tokens_est,
             confidence=choice.propensity,
             now=now,
+            rates=self.rates_for(ctx),
         )
         notes.extend(verdict.notes)
         if verdict.reservation is not None:
@@ -588,6 +601,7 @@ class BanditDecider:
             prompt_tokens=ctx.prompt_tokens_est,
             confidence=choice.propensity,
             now=now,
+            rates=self.rates_for(ctx),
         )
         if verdict.reservation is not None:
             await self.budget.release(verdict.reservation, now)
@@ -611,6 +625,12 @@ class BanditDecider:
             decision=decision, reference=ref, allowed=tuple(allowed), pmf=tuple(float(p) for p in pmf), limits=limits,
             effective=eff, held_out=held_out, assigned=assigned, budget=verdict,
         )
+
+    def rates_for(self, ctx: RequestContext) -> Rates | None:
+        """The model's prices when the budget counts dollars (a cached look-up); None otherwise."""
+        if self.budget.settings.unit != "usd" or self.prices is None:
+            return None
+        return self.prices.rates(ctx.upstream, ctx.model)
 
     def reward_for(self, decision: Decision, outcome: Outcome, quality: float) -> float:
         tokens = (outcome.completion_tokens or 0)
@@ -670,11 +690,12 @@ class BanditDecider:
         reservation = self.reservations.pop(decision.request_id, None)
         if reservation is not None:
             try:
-                if outcome.prompt_tokens is not None or outcome.completion_tokens is not None:
-                    used = (outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0)
+                used = self.budget.spent(outcome.prompt_tokens, outcome.completion_tokens, outcome.cost_usd)
+                if used is not None:
                     await self.budget.settle(reservation, used, now)
-                elif outcome.error_class == "client_disconnected":
-                    await self.budget.settle(reservation, reservation.tokens, now)  # it may still have been generated
+                elif outcome.error_class == "client_disconnected" or outcome.prompt_tokens is not None or outcome.completion_tokens is not None:
+                    # it may still have been generated, or it was (usage without a price): the reservation is what it counts
+                    await self.budget.settle(reservation, reservation.tokens, now)
                 else:
                     await self.budget.release(reservation, now)
             except Exception:

@@ -587,6 +587,9 @@ async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None
 RETRACT_MAX_ROWS = 200_000
 """Logged decisions of one task type read back when its judge is muted (newest first)."""
 
+RETRACT_CHUNK = 128
+"""Rows taken back between two yields to the event loop (a correction is a few µs)."""
+
 
 async def retract_judge(fx: FeedbackServices, task_type: str, now: float | None = None) -> int:
     """Take back what a muted judge taught for `task_type`; returns how many judge scores left the statistics.
@@ -614,7 +617,9 @@ async def retract_judge(fx: FeedbackServices, task_type: str, now: float | None 
     rows = await fx.log.fetch_decisions(task_type=task_type, until=now + 1.0, limit=RETRACT_MAX_ROWS)
     taken = 0
     explicit: list[tuple[RequestContext, DecisionRow]] = []
-    for row in rows:
+    for i, row in enumerate(rows):
+        if i % RETRACT_CHUNK == RETRACT_CHUNK - 1:
+            await asyncio.sleep(0)  # the policy is changed on the loop, in slices well under a millisecond
         if not learns(row.status, row.error_class) or row.feedback_quality is None:
             continue
         ctx = context_from_features(row.context_features)
@@ -637,7 +642,9 @@ async def retract_judge(fx: FeedbackServices, task_type: str, now: float | None 
     policy: Any = fx.bandit.policy
     if callable(getattr(policy, "reopen", None)):
         policy.reopen(task_type + TEMPERATURE_STATISTICS)
-        for ctx, row in reversed(explicit):  # oldest first, as they were taught
+        for i, (ctx, row) in enumerate(reversed(explicit)):  # oldest first, as they were taught
+            if i % RETRACT_CHUNK == RETRACT_CHUNK - 1:
+                await asyncio.sleep(0)
             assert row.feedback_reward is not None
             fx.bandit.learn_signal(ctx, row.baseline_params, row.chosen_params, row.feedback_reward, None, logged_version=row.policy_version)
     else:

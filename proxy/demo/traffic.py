@@ -93,3 +93,33 @@ async def _one(client: httpx.AsyncClient, i: int, salt: float, feedback: Feedbac
                 await client.post("/v1/chat/completions", json=body, headers=request_headers)
     except httpx.HTTPError as exc:
         log.warning("demo traffic: %s", exc)
+
+
+LOCAL_TASK = "facts"
+LOCAL_TEMPERATURE = 1.4  # too hot for short factual answers: the effect `--model local` lets Thermostat find
+
+
+async def run_local(base_url: str, rate_per_s: float, *, admin_token: str | None = None, feedback: FeedbackSource = "explicit") -> None:
+    """`thermostat demo --model local`'s client: factual completions at too hot a temperature, graded.
+
+    Closed loop, at most `rate_per_s`: the one llama.cpp server answers one request at a time,
+    so an open loop would only queue. With ``explicit`` feedback the grader's score (1 right,
+    0 wrong; `local_model.grade`) is posted to `record-outcome`; with ``none`` nothing is.
+    """
+    from proxy.demo.local_model import ANSWER, FULL_DISTRIBUTION, MODEL_ALIAS, QUESTIONS, grade
+
+    headers = {"authorization": f"Bearer {admin_token}"} if admin_token else {}
+    loop = asyncio.get_running_loop()
+    async with httpx.AsyncClient(base_url=base_url, timeout=300, headers=headers) as client:
+        for i in itertools.count():
+            due = loop.time() + 1.0 / rate_per_s
+            q = QUESTIONS[i % len(QUESTIONS)]
+            body = {"model": MODEL_ALIAS, "prompt": q.prompt, "temperature": LOCAL_TEMPERATURE, **ANSWER, **FULL_DISTRIBUTION}
+            try:
+                r = await client.post("/v1/completions", json=body, headers={"x-task-type": LOCAL_TASK, "x-thermostat-key": f"user-{i % USERS}"})
+                if r.status_code == 200 and feedback == "explicit":
+                    score = grade(q, r.json()["choices"][0]["text"])
+                    await client.post("/api/optimization/record-outcome", json={"request_id": r.headers["x-request-id"], "outcome": {"quality": score}})
+            except httpx.HTTPError as exc:
+                log.warning("demo traffic: %s", exc)
+            await asyncio.sleep(max(0.0, due - loop.time()))

@@ -31,8 +31,8 @@ from proxy.decision.decider import BudgetExceeded, BudgetUnavailable, Decider
 from proxy.decision.feedback import FeedbackServices, apply_pending_feedback
 from proxy.decision.outcome import Pricer, Scorer, Timings, arm_label, complete
 from proxy.decision.registry import DecisionRegistry
-from proxy.edge.errors import ProxyError, bad_request, error_body
-from proxy.edge.formats import ANTHROPIC, FORMATS, WireFormat, adapter_for
+from proxy.edge.errors import ProxyError, bad_request
+from proxy.edge.formats import FORMATS, WireFormat, adapter_for, own_error, wire_of
 from proxy.edge.json_guard import INT64_MAX, MAX_JSON_DEPTH, duplicate_watched_key, first_out_of_range_int, too_deep
 from proxy.edge.models import ModelCatalog
 from proxy.edge.origins import host_name
@@ -144,7 +144,11 @@ def _budget_exceeded() -> ProxyError:
     return ProxyError(429, "the token budget for this window is exhausted (caws.on_exhausted = reject)", "budget_exceeded", "rate_limit_error")
 
 
-def _budget_unavailable() -> ProxyError:
+def _budget_unavailable(unpriced: bool = False) -> ProxyError:
+    if unpriced:
+        return ProxyError(503, "this model has no known price, so the dollar budget (caws.unit = usd, on_exhausted = reject) cannot count it; "
+                               "the operator sets input_price_per_mtok and output_price_per_mtok in its [[upstreams.models_config]]",
+                          "budget_unavailable", "server_error")
     return ProxyError(503, "the token budget could not be checked in time (caws.on_exhausted = reject); retry shortly",
                       "budget_unavailable", "server_error")
 
@@ -165,20 +169,6 @@ def check_token_limit(value: int, field: str, limit: int | None) -> None:
     bound = INT64_MAX if limit is None else limit
     if value > bound:
         raise bad_request(f"'{field}' must be at most {bound}, got {value}", "invalid_value", field)
-
-
-def _error_payload(fmt: WireFormat | None, exc: ProxyError) -> bytes:
-    """Thermostat's own error in the shape of the path's format. OpenAI formats keep the
-    `ProxyError`'s own type and `param` (richer than `error_body(status, ...)` can say);
-    Anthropic's shape makes its SDK raise the typed exception for the status."""
-    if fmt is None or fmt.upstream_format == "openai":
-        return exc.body()
-    return fmt.error_body(exc.status, exc.message, exc.code)
-
-
-def _wire_of(v1_path: str) -> str:
-    """The upstream format a passed-through path belongs to (`/messages/count_tokens` is Anthropic's)."""
-    return "anthropic" if v1_path == "/messages" or v1_path.startswith("/messages/") else "openai"
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -250,8 +240,8 @@ class ProxyEdge:
         if self.allowed_hosts and scope["type"] in ("http", "websocket") and host_name(_header(scope["headers"], b"host")) not in self.allowed_hosts:
             if scope["type"] == "http":
                 self.metrics.client_errors.labels("invalid_host").inc()
-                await self._send_error(send, 400, error_body("the Host header names no host in [server] allowed_hosts",
-                                                             "invalid_request_error", "invalid_host"), new_request_id())
+                refusal = bad_request("the Host header names no host in [server] allowed_hosts", "invalid_host")
+                await self._send_error(send, 400, own_error(scope["path"], refusal), new_request_id())
             return
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             await self._handle(scope, receive, send)
@@ -263,12 +253,9 @@ class ProxyEdge:
         request_id = new_request_id()
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         fmt: WireFormat | None = None
-        shape: WireFormat | None = None
         try:
             v1_path = confine_v1_path(scope.get("raw_path"), scope["path"])
             fmt = adapter_for(v1_path)
-            if fmt is None and _wire_of(v1_path) == "anthropic":
-                shape = ANTHROPIC  # `/v1/messages/*` passes through, but Thermostat's own errors there speak Anthropic
             body = await read_body(receive, headers, self.max_body)
             if fmt is not None and scope["method"] == "POST":
                 await self._completion(scope, receive, send, body, request_id, t0, v1_path, fmt)
@@ -284,7 +271,7 @@ class ProxyEdge:
                 await self._passthrough(scope, send, body, request_id, t0, v1_path)
         except ProxyError as exc:
             self.metrics.client_errors.labels(exc.code).inc()
-            await self._send_error(send, exc.status, _error_payload(fmt or shape, exc), request_id, [(b"allow", b"POST")] if exc.status == 405 else None)
+            await self._send_error(send, exc.status, own_error(scope["path"], exc, fmt), request_id, [(b"allow", b"POST")] if exc.status == 405 else None)
         except ClientGone:
             return
 
@@ -339,8 +326,8 @@ class ProxyEdge:
             decision: Decision = await svc.decider.decide(ctx, request_id=request_id, assignment_key=key)
         except BudgetExceeded:
             raise _budget_exceeded() from None
-        except BudgetUnavailable:
-            raise _budget_unavailable() from None
+        except BudgetUnavailable as exc:
+            raise _budget_unavailable(exc.unpriced) from None
         changed = fmt.patch(doc, decision.sent)
         if view.thinking_budget is not None and decision.sent.max_tokens is not None and doc.get("max_tokens") != decision.sent.max_tokens:
             # The Messages API refuses max_tokens at or below thinking.budget_tokens and the adapter raised it:
@@ -638,7 +625,7 @@ class ProxyEdge:
                 pass  # not Thermostat's to judge: the upstream answers it
         if model is None and v1_path.startswith("/models/") and v1_path.count("/") == 2 and len(v1_path) > len("/models/"):
             model = v1_path[len("/models/"):]  # `GET /v1/models/{id}` goes where that model is served
-        wire = _wire_of(v1_path)
+        wire = wire_of(v1_path)
         upstream = svc.pool.route_format(model, wire)
         if upstream is None:
             detail = f" for model '{model}'" if model else ""
@@ -660,7 +647,7 @@ class ProxyEdge:
                 self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
                 code = "upstream_timeout" if status == 504 else "upstream_unreachable"
                 exc_body = ProxyError(status, f"upstream '{upstream.name}' failed: {type(exc).__name__}", code, "upstream_error")
-                await self._send_error(send, status, _error_payload(ANTHROPIC if wire == "anthropic" else None, exc_body), request_id)
+                await self._send_error(send, status, own_error(scope["path"], exc_body), request_id)
                 return
             spent, complete = None, False  # until the answer is read whole, it may all have been spent
             try:
@@ -708,5 +695,5 @@ class ProxyEdge:
             return await self.services.decider.admit(task_type, prompt), True
         except BudgetExceeded:
             raise _budget_exceeded() from None
-        except BudgetUnavailable:
-            raise _budget_unavailable() from None
+        except BudgetUnavailable as exc:
+            raise _budget_unavailable(exc.unpriced) from None

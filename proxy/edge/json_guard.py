@@ -89,32 +89,54 @@ def first_out_of_range_int(doc: dict[str, Any]) -> str | None:
     return None
 
 
-def duplicate_watched_key(body: bytes, doc: dict[str, Any]) -> str | None:
-    """The first watched top-level key that occurs more than once in `body`, if any.
+# Objects whose fields Thermostat reads or writes (the effort, `include_usage`, the thinking
+# budget): a key repeated inside one is as ambiguous as a repeated top-level field.
+WATCHED_OBJECTS: tuple[str, ...] = ("output_config", "reasoning", "stream_options", "thinking")
 
-    Three steps, each only when the previous one cannot decide:
+
+def duplicate_watched_key(body: bytes, doc: dict[str, Any]) -> str | None:
+    """The first watched key that occurs more than once in `body`, if any: a top-level one
+    (`"temperature"`), or any key inside a watched object (`"output_config.effort"`).
+
+    Three steps for the top level, each only when the previous one cannot decide:
     1. Compact JSON (what the official SDKs send): if the top-level pairs msgspec kept
        account for every byte of the body, nothing was dropped, so nothing repeated.
     2. Every watched key present appears once as a quoted token in the raw bytes and
        nothing spells a key through escapes: no watched key repeats.
     3. The exact check parses the keys' order with the standard library (the body is
        already known to be valid JSON of bounded depth).
+    A watched object present is checked the same way on its own bytes (steps 1 and 3).
     """
-    if _accounts_for_every_byte(body):
-        return None
-    suspicious = _ASCII_ESCAPE.search(body) is not None
-    if not suspicious:
-        for key in WATCHED_KEYS:
-            if key in doc and body.count(_QUOTED[key]) > 1:
-                suspicious = True
-                break
-    if not suspicious:
-        return None
+    pairs = _top_level(body)
+    if not _accounts_for_every_byte(body, pairs):
+        suspicious = _ASCII_ESCAPE.search(body) is not None
+        if not suspicious:
+            for key in WATCHED_KEYS:
+                if key in doc and body.count(_QUOTED[key]) > 1:
+                    suspicious = True
+                    break
+        if suspicious:
+            top = _repeated(body, _QUOTED)
+            if top is not None:
+                return top
+    for name in WATCHED_OBJECTS:
+        raw = pairs.get(name)
+        if raw is not None and isinstance(doc.get(name), dict):
+            inner = bytes(raw)
+            if not _accounts_for_every_byte(inner, _top_level(inner)):
+                nested = _repeated(inner, None)
+                if nested is not None:
+                    return f"{name}.{nested}"
+    return None
+
+
+def _repeated(body: bytes, watched: dict[str, bytes] | None) -> str | None:
+    """The exact check: the first key of the outermost object seen twice (among `watched`, or any)."""
     # Numbers are irrelevant here; skipping their conversion also avoids int()'s digit limit.
-    pairs = json.loads(body, object_pairs_hook=_keys_only, parse_int=_zero, parse_float=_zero)
+    keys = json.loads(body, object_pairs_hook=_keys_only, parse_int=_zero, parse_float=_zero)
     seen: set[str] = set()
-    for key in pairs:
-        if key in seen and key in _QUOTED:
+    for key in keys:
+        if key in seen and (watched is None or key in watched):
             return str(key)
         seen.add(key)
     return None
@@ -123,13 +145,12 @@ def duplicate_watched_key(body: bytes, doc: dict[str, Any]) -> str | None:
 _top_level = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 
 
-def _accounts_for_every_byte(body: bytes) -> bool:
+def _accounts_for_every_byte(body: bytes, pairs: dict[str, msgspec.Raw]) -> bool:
     """`{` + pairs `"key":value` joined by `,` + `}` with no byte left over.
 
     A repeated key would leave its dropped pair's bytes unaccounted for; so does
     whitespace or an escaped key, which only sends the body to the next step.
     """
-    pairs = _top_level(body)
     used = 1  # `{` and `}`, minus the comma the last pair does not have
     for key, raw in pairs.items():
         used += len(key.encode()) + 4 + len(raw)  # quotes, colon, comma

@@ -285,13 +285,16 @@ def forward_headers(raw: Iterable[tuple[bytes, bytes]], upstream: Upstream) -> C
     """
     out: CIMultiDict[str] = CIMultiDict()
     replace_auth = upstream.credential is not None
-    replaced = upstream.credential[0].encode() if upstream.credential is not None else b""
+    # The operator's key replaces the client's Authorization and whichever header carries it
+    # (`x-api-key` for Anthropic), even with `forward_client_credentials`: that keeps only the
+    # others, or an Anthropic upstream would be sent the client's bearer next to the operator's key.
+    replaced = (b"authorization", upstream.credential[0].encode()) if upstream.credential is not None else ()
     drop_credentials = replace_auth and not upstream.settings.forward_client_credentials
     for name, value in raw:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname.startswith(b"x-thermostat-") or lname == b"x-task-type":
             continue
-        if replace_auth and lname == replaced:
+        if lname in replaced:
             continue
         if drop_credentials and lname in CLIENT_CREDENTIAL_HEADERS:
             continue

@@ -2,9 +2,10 @@
 
 Read before deploying a change.  Per task type, on the decision log:
 
-* **Candidate value** by IPS, SNIPS and DR (`policies.ope`), each with a studentised
-  bootstrap interval and an empirical-Bernstein interval, and the effective sample
-  size.  Only rows with mode ``optimized`` carry a behaviour propensity, so only they are
+* **Candidate value** by IPS, SNIPS and DR (`policies.ope`), each with an interval (IPS:
+  the betting interval, valid under the learning logger's adaptive logging; SNIPS and DR:
+  their studentised bootstrap interval united with it) and an empirical-Bernstein interval,
+  and the effective sample size.  Only rows with mode ``optimized`` carry a behaviour propensity, so only they are
   reweighted.
 * **Holdout baseline**: rows with mode ``holdout`` were served the baseline at random,
   so their mean reward is an on-policy estimate of the baseline, no reweighting needed
@@ -130,7 +131,7 @@ class TrustRegion:
 class MethodEstimate(msgspec.Struct, frozen=True):
     method: str
     value: float
-    ci_low: float  # studentised bootstrap (clipped to the reward range)
+    ci_low: float  # policies.ope.Estimate.ci_low: IPS betting, SNIPS/DR studentised bootstrap ∪ betting (clipped to the reward range)
     ci_high: float
     eb_low: float | None  # empirical Bernstein (None: unbounded)
     eb_high: float | None
@@ -372,7 +373,8 @@ def markdown(ev: Evaluation, plots: Sequence[str], plots_missing: str | None = N
         f"Candidate policy `{ev.candidate_policy}` on the log of `{ev.logging_policy}`, "
         f"{ev.rows_read} decisions from {_iso(ev.since)} to {_iso(ev.until)}.",
         "",
-        f"Intervals at {pct} %: *bootstrap* (studentised bootstrap-t, resampling rows) and *EB* (empirical Bernstein, valid given the "
+        f"Intervals at {pct} %: *bootstrap* (IPS: the betting interval, valid although the logging policy learnt as it logged; "
+        "SNIPS, DR: the studentised bootstrap-t united with it; policies/ope.py) and *EB* (empirical Bernstein, valid given the "
         f"propensity floor {ev.min_propensity if ev.min_propensity is not None else 'none'} and the reward range "
         f"[{ev.reward_range[0]:g}, {ev.reward_range[1]:g}]; – means no bound; *uninformative* means it spans that whole "
         "range, as it does when the weights may reach 1/floor: it says nothing about the value). ESS: the number of on-policy samples the "
@@ -474,7 +476,7 @@ def plot(ev: Evaluation, reps: dict[str, _Replay], series: dict[str, list[tuple[
         t = by_task.get(task)
         entries = ([t.holdout] if t and t.holdout else []) + (t.candidate if t else [])
         for y, e in enumerate(entries):
-            ax.errorbar([e.value], [y], xerr=[[e.value - e.ci_low], [e.ci_high - e.value]], fmt="o", capsize=4)
+            ax.errorbar([e.value], [y], xerr=[[max(0.0, e.value - e.ci_low)], [max(0.0, e.ci_high - e.value)]], fmt="o", capsize=4)
         ax.set_yticks(range(len(entries)), [e.method.upper() if e.method != "holdout" else "holdout" for e in entries])
         ax.set_title(f"{task}: estimated value with {round(ev.confidence * 100)} % bootstrap interval"
                      + ("" if not t or not t.refused else " (candidate refused: no support)"))

@@ -40,8 +40,15 @@ parameters (the injected `baseline_request` builds that body, `send_baseline` se
 the request's own upstream with the upstream's configured key: client keys are never kept
 after the request), after the client's answer, from the same queue; its tokens are charged
 to `_judge` like the judge's own. The two answers are shown in a random order (a coin from
-the judge's generator, so position bias cancels on average) and the judge names the better
-one or a tie. The preference becomes quality for the tuned request only
+the judge's generator) and the judge names the better one or a tie; then the same two answers
+are shown in the other order. A preference counts only when it survives the swap (the same
+winner both times, `swapped_result`); a judge that names a different winner in the two orders
+(position bias: LLM judges favour the first or the second answer) gives a tie. So position bias
+can neither make a win nor a loss, where one random order only cancelled it on average and left
+every verdict noisier. Each comparison costs two judge calls. Counted in `Judge.counts`:
+`swap_consistent` / `swap_inconsistent`, and `preferred_first` / `preferred_second` (the judge's
+position preference over all its non-tie verdicts: 50/50 for an unbiased judge, the measured bias
+otherwise). The preference becomes quality for the tuned request only
 (`policies.signals.PAIRWISE_QUALITY`: 1 win, 0.5 tie, 0 loss; source `judge_pairwise`); the
 baseline's second answer is no logged decision and teaches nothing, so the baseline arm's
 statistics only ever see its own requests. A sampled request that was itself sent with the
@@ -69,7 +76,7 @@ import secrets
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import httpx
 import msgspec
@@ -90,7 +97,20 @@ RESULTS = ("ok", "unparseable", "error", "timeout", "dropped", "skipped", "deliv
 
 Transport = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 Deliver = Callable[[Signal], Awaitable[str | None]]  # "untrusted" when the judge is muted for the task type
-Charge = Callable[[str, int], Awaitable[None]]
+class Spent(NamedTuple):
+    """What one call of the judge (or a pairwise baseline call) used, and whose model it was: the charge prices it."""
+
+    upstream: str | None  # None: the upstream the judge model is routed to
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+Charge = Callable[[str, Spent], Awaitable[None]]
 Alert = Callable[[str, str], None]
 BaselineRequest = Callable[[Decision, Any], dict[str, Any] | None]  # the body the baseline would have sent, or None
 SendBaseline = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]  # (upstream name, chat body) -> response JSON
@@ -299,6 +319,15 @@ def tuned_result(preference: str, tuned_first: bool) -> str:
     if preference == "tie":
         return "tie"
     return "win" if (preference == "A") == tuned_first else "loss"
+
+
+def swapped_result(one_order: str, other_order: str) -> str:
+    """The tuned answer's result over both presentation orders: a preference counts only when it survives the swap.
+
+    A judge that prefers whichever answer comes first (or second) names a different winner in the
+    two orders, and that pair is a tie: position bias cannot make a win or a loss.
+    """
+    return one_order if one_order == other_order else "tie"
 
 
 # --- circuit breaker ----------------------------------------------------------------------
@@ -623,13 +652,13 @@ class Judge:
         prompt_tokens, completion_tokens = _usage(doc)
         self.metrics.tokens.labels("prompt").inc(prompt_tokens)
         self.metrics.tokens.labels("completion").inc(completion_tokens)
-        await self._charge(item, prompt_tokens + completion_tokens)
+        await self._charge(item, Spent(None, self.settings.model, prompt_tokens, completion_tokens))
         return _reply_text(doc) or ""
 
-    async def _charge(self, item: JudgeItem, tokens: int) -> None:
-        if self.charge is not None and tokens > 0:
+    async def _charge(self, item: JudgeItem, spent: Spent) -> None:
+        if self.charge is not None and spent.tokens > 0:
             try:
-                await self.charge(JUDGE_TASK_TYPE, tokens)
+                await self.charge(JUDGE_TASK_TYPE, spent)
             except Exception:
                 log.warning("judge budget charge failed for %s", item.request_id)
 
@@ -682,26 +711,34 @@ class Judge:
             return None
         prompt_tokens, completion_tokens = _usage(doc)
         self.metrics.tokens.labels("baseline").inc(prompt_tokens + completion_tokens)
-        await self._charge(item, prompt_tokens + completion_tokens)
+        model = item.baseline_body.get("model") if isinstance(item.baseline_body, dict) else None
+        await self._charge(item, Spent(item.upstream, model if isinstance(model, str) else "", prompt_tokens, completion_tokens))
         baseline = _reply_text(doc)
         if not baseline or not baseline.strip():
             self._count("baseline_failed")
             return None
         baseline = baseline[: self.settings.max_answer_chars]
-        tuned_first = bool(self.rng.random() < 0.5)
-        a, b = (item.answer, baseline) if tuned_first else (baseline, item.answer)
-        self.counts["tuned_first" if tuned_first else "tuned_second"] += 1
+        tuned_first = bool(self.rng.random() < 0.5)  # which order goes first: a coin, so a failed second call is no bias
         rubric = self.rubric_for(item.task_type)
-        reply = await self._ask(item, build_pairwise_prompt(rubric, item, a, b, self.settings.max_input_chars))
-        if reply is None:
-            return None
-        parsed = self._read(reply, parse_preference)
-        if parsed is None:
-            return None
-        preference, reason = parsed
-        result = tuned_result(preference, tuned_first)
+        verdicts: list[tuple[str, str]] = []
+        for first in (tuned_first, not tuned_first):
+            a, b = (item.answer, baseline) if first else (baseline, item.answer)
+            reply = await self._ask(item, build_pairwise_prompt(rubric, item, a, b, self.settings.max_input_chars))
+            if reply is None:
+                return None
+            parsed = self._read(reply, parse_preference)
+            if parsed is None:
+                return None
+            preference, reason = parsed
+            if preference != "tie":
+                self.counts["preferred_first" if preference == "A" else "preferred_second"] += 1
+            verdicts.append((tuned_result(preference, first), reason))
+        result, reason = swapped_result(verdicts[0][0], verdicts[1][0]), verdicts[0][1]
+        self.counts["swap_consistent" if verdicts[0][0] == verdicts[1][0] else "swap_inconsistent"] += 1
         self.counts[result] += 1
+        said = f"{result} against the baseline in both orders" if verdicts[0][0] == verdicts[1][0] else (
+            f"tie: {verdicts[0][0]} in one order, {verdicts[1][0]} in the other")
         return await self._deliver(Signal(
             request_id=item.request_id, quality=PAIRWISE_QUALITY[result], source="judge_pairwise", at=self.wall_clock(),
-            reason=f"{result} against the baseline" + (f": {reason}" if reason else ""),
+            reason=said + (f": {reason}" if reason else ""),
         ))

@@ -9,20 +9,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from guards.budget import BudgetGuard
+from policies.pricing import TokenUsage
 from policies.records import Decision, Outcome
 from policies.settings import QualitySettings
 from policies.validators import SchemaValidators, validated_quality
 from proxy.decision.decider import BanditDecider
 from proxy.decision.feedback import FeedbackServices, SignalBook, deliver_signal
+from proxy.decision.outcome import Pricer
 from proxy.decision.regeneration import RegenerationBook, regeneration_signal
 from proxy.edge.formats import CHAT
 from proxy.edge.sse import ResponseSummary
-from proxy.learning.judge import Judge
+from proxy.learning.judge import JUDGE_TASK_TYPE, Judge, Spent
 from proxy.learning.validation import validate_answer
 from proxy.observability.metrics import Metrics
 
@@ -132,11 +135,38 @@ class BaselineRequest:
 
 
 class JudgeCharge:
-    """The judge's own tokens, counted against the CAWS budget of the task type they were spent for."""
+    """The judge's own calls: priced (the judge model's, or for a pairwise baseline call the request's
+    model's), counted in `thermostat_cost_usd_total{task_type="_judge", traffic="judge"}`, and charged
+    to the CAWS budget under task type `_judge` in the budget's unit (tokens, or micro-dollars)."""
 
-    def __init__(self, budget: BudgetGuard) -> None:
+    def __init__(self, budget: BudgetGuard, prices: Pricer | None = None, metrics: Metrics | None = None,
+                 route: Callable[[str], str | None] | None = None) -> None:
         self.budget = budget
+        self.prices = prices
+        self.metrics = metrics
+        self.route = route  # judge model -> the name of the upstream that serves it
+        self.cost_usd = 0.0  # what this process's judge calls cost (priced ones)
+        self.calls = 0
+        self.unpriced = 0
 
-    async def __call__(self, task_type: str, tokens: int) -> None:
-        if not await self.budget.charge(task_type, tokens, time.time()):
-            log.warning("judge tokens (%d) could not be counted against the budget", tokens)
+    async def __call__(self, task_type: str, spent: Spent) -> None:
+        upstream = spent.upstream or (self.route(spent.model) if self.route is not None else None)
+        usage = TokenUsage(input_tokens=spent.prompt_tokens, output_tokens=spent.completion_tokens)
+        cost = self.prices.cost(upstream, spent.model, usage) if self.prices is not None and upstream else None
+        self.calls += 1
+        if cost is not None:
+            self.cost_usd += cost
+        else:
+            self.unpriced += 1
+        m = self.metrics
+        if m is not None:
+            if cost is not None:
+                m.child(m.cost_usd, JUDGE_TASK_TYPE, "judge").inc(cost)
+            else:
+                m.child(m.unknown_price, upstream or "", m.model_label(spent.model)).inc()
+        units = self.budget.spent(spent.prompt_tokens, spent.completion_tokens, cost)
+        if units is None:
+            log.warning("the judge's call to %r has no price: the dollar budget cannot count it", spent.model[:120])
+            return
+        if not await self.budget.charge(task_type, units, time.time()):
+            log.warning("judge usage (%d %s) could not be counted against the budget", units, self.budget.settings.unit)

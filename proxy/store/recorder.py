@@ -60,6 +60,9 @@ class Recorder:
         self._writing = False
         self._gave_up = False
         self.ready = False
+        # The error of the last write when it failed, None once a write succeeds: readiness reports it
+        # (a full disk under SQLite, a spool that cannot be written), the entries wait in queue and journal.
+        self.last_error: str | None = None
 
     async def start(self) -> None:
         await self.sink.open()
@@ -134,14 +137,16 @@ class Recorder:
         while True:
             try:
                 await self.sink.write(batch)
+                self.last_error = None
                 self.written += len(batch)
                 if self.journal is not None:
                     await self._written_through(self.journal, len(batch))
                 if self._on_written is not None:
                     self._on_written(len(batch))
                 return
-            except Exception:
+            except Exception as exc:
                 self.write_failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("writing %d entries to %s failed; retrying in %.1fs", len(batch), self.sink.name, delay)
                 if self._stopping and delay > 2:
                     log.error("giving up on %d entries at shutdown%s", len(batch), " (kept in the journal)" if self.journal else "")

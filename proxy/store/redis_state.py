@@ -84,8 +84,9 @@ local function touch(k, now, exp_arg)
 end
 """
 
-# KEYS: budget keys. ARGV: now, expires_at, n_candidates, then per key (limit, gate),
-# then per candidate (tokens, gated 0/1, force 0/1).
+# KEYS: budget keys. ARGV: now, expires_at, n_candidates, then per key (limit, gate, floor),
+# then per candidate (tokens, gated 0/1, force 0/1). A key's `used` is first raised to its
+# floor (see guards/state.py).
 # Returns {index or -1, overrun 0/1, before (3 per key)..., after (3 per key)...}.
 _RESERVE = (
     _LUA_COMMON
@@ -98,12 +99,18 @@ local gated_refused = false
 local out = {-1, 0}
 for i = 1, n do
   used[i], res[i], ovr[i] = counters(KEYS[i], now)
-  limit[i] = tonumber(ARGV[3 + 2 * i - 1])
-  gate[i] = tonumber(ARGV[3 + 2 * i])
+  limit[i] = tonumber(ARGV[3 + 3 * i - 2])
+  gate[i] = tonumber(ARGV[3 + 3 * i - 1])
+  local floor = tonumber(ARGV[3 + 3 * i])
+  if used[i] < floor then
+    used[i] = floor
+    redis.call('HSET', KEYS[i], 'used', floor)
+    touch(KEYS[i], now, ARGV[2])
+  end
   if used[i] + res[i] >= gate[i] then gated_refused = true end
   out[#out + 1] = used[i]; out[#out + 1] = res[i]; out[#out + 1] = ovr[i]
 end
-local base = 3 + 2 * n
+local base = 3 + 3 * n
 for c = 0, m - 1 do
   local tokens = tonumber(ARGV[base + 3 * c + 1])
   local gated = ARGV[base + 3 * c + 2] == '1'
@@ -354,7 +361,7 @@ class RedisStore:
     ) -> ReserveResult:
         args: list[Any] = [_num(now), _num(expires_at), len(candidates)]
         for key in keys:
-            args += [int(key.limit), int(key.gate)]
+            args += [int(key.limit), int(key.gate), int(key.floor)]
         for cand in candidates:
             args += [int(cand.tokens), 1 if cand.gated else 0, 1 if cand.force else 0]
         raw = await self._call(self._reserve(keys=[self.k(key.key) for key in keys], args=args))

@@ -260,9 +260,12 @@ class SqliteSink:
                     conn.executemany(_INSERT_EVENT, event_rows)
                 conn.execute("COMMIT")
             except BaseException as exc:
-                conn.execute("ROLLBACK")
+                # Recorded first: on a full disk SQLite has already rolled back, and ROLLBACK itself raises.
                 self._last_error = f"{type(exc).__name__}: {exc}"
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
+            self._last_error = None
             self._rows_written += len(entries)
 
     async def append_audit(self, record: AuditRecord) -> None:

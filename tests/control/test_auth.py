@@ -150,8 +150,17 @@ def test_bodies_must_be_declared_json(method: str, headers: dict[str, str], ok: 
 def test_serving_without_a_token_needs_an_explicit_opt_in() -> None:
     with pytest.raises(ConfigError, match=r"no admin token in \$ADMIN_T: .*allow_unauthenticated = true"):
         require_token_or_opt_in(AdminSettings(token_env="ADMIN_T"), environ={"ADMIN_T": "  "})
-    require_token_or_opt_in(AdminSettings(token_env="ADMIN_T"), environ={"ADMIN_T": "secret"})
+    require_token_or_opt_in(AdminSettings(token_env="ADMIN_T"), environ={"ADMIN_T": "secret-0123456789"})
     require_token_or_opt_in(AdminSettings(token_env="ADMIN_T", allow_unauthenticated=True), environ={})
+
+
+@pytest.mark.parametrize("token", ["x", "secret", "fifteen-chars-x"])
+def test_a_short_admin_token_is_a_config_error(token: str) -> None:
+    """A one-character token used to be accepted (issue 21, item 10); opting out of auth does not excuse it."""
+    for admin in (AdminSettings(token_env="ADMIN_T"), AdminSettings(token_env="ADMIN_T", allow_unauthenticated=True)):
+        with pytest.raises(ConfigError, match=rf"admin token in \$ADMIN_T has {len(token)} characters; at least 16"):
+            require_token_or_opt_in(admin, environ={"ADMIN_T": token})
+    require_token_or_opt_in(AdminSettings(token_env="ADMIN_T"), environ={"ADMIN_T": token.ljust(16, "0")})
 
 
 def test_create_app_refuses_without_token(tmp_path: Path) -> None:

@@ -22,9 +22,9 @@ from proxy.cli import dashboard_url
 from proxy.demo.simulator_server import SimulatorHandle
 from proxy.runtime import Runtime
 from tests.conftest import IN_CI, make_config
-from tests.control.conftest import drive
+from tests.control.conftest import API, AUTH, drive
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.servers import simulator_in_thread, start_thermostat
+from tests.support.servers import RunningThermostat, simulator_in_thread, start_thermostat
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -382,3 +382,13 @@ def test_open_intervals_are_not_drawn_as_dots_at_the_edge(upstream: FakeUpstream
         assert "not enough data" in row.group(0) and "<circle" not in row.group(0) and "−∞" not in row.group(0)
     finally:
         t.stop()
+
+
+def test_no_page_may_frame_the_dashboard_or_the_api(ctl: RunningThermostat) -> None:
+    """Anti-framing and nosniff on the page and on the control API, refusals included (issue 21, item 10)."""
+    for path, headers in [("/dashboard", {}), (f"{API}/status", AUTH), (f"{API}/dashboard", {}), ("/health/readiness", {})]:
+        r = httpx.get(f"{ctl.base}{path}", headers=headers, timeout=10)
+        assert r.status_code in (200, 401), (path, r.status_code)
+        assert r.headers["x-frame-options"] == "DENY", path
+        assert r.headers["content-security-policy"] == "frame-ancestors 'none'", path
+        assert r.headers["x-content-type-options"] == "nosniff", path

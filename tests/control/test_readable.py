@@ -117,6 +117,7 @@ def _log_in_time_order(t: RunningThermostat) -> list:
 
 def test_performance_shows_optimised_vs_holdout_with_the_anytime_valid_interval(held: RunningThermostat) -> None:
     """Reference: each stream's PrPl-EB path (`bounds_path`, at α/2) over the log's rows in time order, by hand."""
+    held.flush()  # earlier tests' feedback is written first: report and reference read the same log
     body = api(held, "GET", "/performance").json()
     log = _log_in_time_order(held)
     low, high = reports.reward_range(held.runtime.config.policy.reward)

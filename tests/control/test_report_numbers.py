@@ -145,3 +145,20 @@ def test_pairwise_verdicts_are_a_win_rate_with_their_own_interval() -> None:
     assert m.optimized == pytest.approx(0.625) and m.holdout == pytest.approx(0.5) and m.difference == pytest.approx(0.125)
     assert (m.ci_low, m.ci_high) == (pytest.approx(lo - 0.5), pytest.approx(hi - 0.5)) and m.verdict == "better"
     assert "win rate against the baseline answer 0.62 (0.5 = no difference)" in m.summary
+
+
+def test_the_monitor_summary_names_every_kind_cost_trust_and_relearning() -> None:
+    from guards import conservative as cm
+
+    s = cm.ConservativeSettings()
+    state = cm.new_state()
+    for i in range(60):
+        for mode, q, tokens in (("holdout", 0.5, 100.0), ("optimized", 0.9, 120.0)):
+            state, _ = cm.observe(state, s, task="code", mode=mode, quality=1.0, latency_s=1.0, now=float(i), cost=tokens, length=tokens)
+            state, _ = cm.observe_signal(state, s, task="code", mode=mode, kind="judge", quality=q, now=float(i), trusted=False)
+    text = reports.monitor_summary(cm.verdict(state, s, "code"))
+    assert text.startswith("code: +0.40 judged quality, 99.5 % interval [") and "(untrusted: it neither rolls back nor excuses a cost)" in text
+    assert "also +0.00 automatic quality" in text and "completion_tokens per request 120 tuned vs 100 holdout" in text
+    changed = msgspec.structs.replace(state, tasks={"code": msgspec.structs.replace(state.tasks["code"], relearning_since=86400.0)})
+    assert reports.monitor_summary(cm.verdict(changed, s, "code")).endswith(
+        "re-learning since a change detected at 1970-01-02 00:00:00 UTC (tuned traffic runs on statistics reopened then)")

@@ -55,7 +55,7 @@ def test_no_upstream_and_optimisation_disabled(upstream: FakeUpstream, tmp_path:
     t = start_thermostat(make_config(upstream.url, tmp_path, upstreams=[], optimization={"enabled": False}))
     try:
         r = httpx.get(f"{t.base}/health/readiness", timeout=10)
-        assert r.status_code == 503 and r.json() == {"status": "not_ready", "checks": {"upstreams": False, "writer": True}}
+        assert r.status_code == 503 and r.json() == {"status": "not_ready", "checks": {"upstreams": False, "writer": True, "log_writes": True}}
         assert httpx.get(f"{t.base}{API}/health", timeout=10).status_code == 503
         assert assert_error_shape(httpx.post(f"{t.base}{API}/resume", json={}, timeout=10), 409)["code"] == "optimization_disabled"
     finally:

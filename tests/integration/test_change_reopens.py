@@ -104,6 +104,13 @@ def test_model_change_reopens_exploration_and_the_policy_moves_to_the_new_optimu
     events = proxy.call(rt.sink.fetch_events(limit=50))
     changes = [e for e in events if e.kind == "change_detected" and e.actor == "conservative"]
     assert changes and changes[0].evidence["task_type"] == "extraction" and changes[0].evidence["exploration_reopened"] is True
+    # which holdout stream moved (the answers grew and got cut), and the re-learning interval it opened, then closed
+    assert changes[0].evidence["stream"] in ("automatic", "length", "truncation")
+    assert changes[0].evidence["relearning_since"] == pytest.approx(changes[0].at)
+    ended = [e for e in events if e.kind == "relearning_ended" and e.actor == "conservative"]
+    assert len(ended) == 1 and ended[0].evidence["relearning_since"] == pytest.approx(changes[0].at) and ended[0].at >= changes[0].at
+    status = httpx.get(f"{proxy.base}/api/optimization/slo-status", timeout=10).json()
+    assert next(t for t in status["tasks"] if t["task_type"] == "extraction")["relearning_since"] is None  # closed
     text = httpx.get(f"{proxy.base}/metrics", timeout=10).text
     assert 'thermostat_task_baseline_changes_total{task="extraction"} 1.0' in text
     for _ in range(50):

@@ -6,6 +6,7 @@ without a price is null and counted, never guessed."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -155,3 +156,40 @@ def test_cost_counter_sums_to_the_logged_costs(priced: RunningThermostat) -> Non
     assert set(by_traffic) <= {"optimized", "holdout"} and len(by_traffic) == 2  # both arms of the comparison are there
     for traffic, total in by_traffic.items():
         assert counted[(("task_type", "sum"), ("traffic", traffic))] == pytest.approx(total, rel=1e-9)
+
+
+def test_the_judges_calls_are_priced_counted_and_charged_in_dollars(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The judge model on the fake upstream (its replies do not parse, and still cost): every call is priced at the
+    judge model's configured price, summed in thermostat_cost_usd_total{_judge, judge} and in /performance, and
+    charged to a dollar budget under task type `_judge` in micro-dollars."""
+    import json
+    import math
+
+    ups = [{"name": "oa", "base_url": upstream.url, "models": ["*"], "timeout_s": 2.0, "connect_timeout_s": 1.0,
+            "models_config": [{"pattern": "echo-1", **PRICES}, {"pattern": "judge-1", "input_price_per_mtok": 0.5, "output_price_per_mtok": 1.5}]}]
+    cfg = make_config(upstream.url, tmp_path_factory.mktemp("judge-cost"), upstreams=ups, optimization={"enabled": False},
+                      judge={"enabled": True, "model": "judge-1", "sample_rate": 1.0, "breaker_failures": 1000},
+                      caws={"unit": "usd", "budget_limit": 100.0, "per_task_limits": {"_judge": 10.0}})
+    t = start_thermostat(cfg)
+    try:
+        client = openai.OpenAI(base_url=t.url, api_key="k", max_retries=0)
+        for i in range(5):
+            client.chat.completions.create(model="echo-1", messages=[{"role": "user", "content": f"judge me {i}"}], extra_headers={"x-task-type": "qa"})
+        t.flush()
+        assert t.runtime.judge is not None
+        t.call(t.runtime.judge.drain(), timeout=30)
+        calls = [r.body for r in upstream.received if isinstance(r.body, dict) and r.body.get("model") == "judge-1"][-5:]
+        assert len(calls) == 5
+        costs = []
+        for body in calls:  # the fake's own count (tests/support/fake_upstream.py): prompt chars / 4 + 1, answer words up to max_tokens
+            prompt = len(json.dumps(body["messages"])) // 4 + 1
+            completion = min(len(FakeUpstream._text(body).split()), body["max_tokens"])
+            costs.append((prompt * 0.5 + completion * 1.5) / 1e6)
+        counted = _metric(t, "thermostat_cost_usd_total")[(("task_type", "_judge"), ("traffic", "judge"))]
+        assert counted == pytest.approx(sum(costs), rel=1e-9)
+        judge = httpx.get(f"{t.base}/api/optimization/performance", timeout=10).json()["judge"]
+        assert judge["calls"] == 5 and judge["unpriced_calls"] == 0 and judge["cost_usd"] == pytest.approx(sum(costs), rel=1e-9)
+        line = t.call(t.runtime.budget.status(time.time())).tasks["_judge"]
+        assert line.limit == 10_000_000 and line.used == sum(math.ceil(c * 1e6 - 1e-6) for c in costs)  # micro-dollars, each rounded up
+    finally:
+        t.stop()

@@ -25,10 +25,10 @@ def test_demo_traffic_posts_feedback_that_reaches_the_log(tmp_path) -> None:
              "optimization": {"mode": "general", "seed": 2}, "storage": {"flush_interval_s": 0.05}, "admin": {"token_env": TOKEN_ENV}},
             environ={},
         )
-        os.environ[TOKEN_ENV] = "demo-test-token"  # as `thermostat demo` does: a token, and its traffic sends it
+        os.environ[TOKEN_ENV] = "demo-test-token-0123456789"  # as `thermostat demo` does: a token, and its traffic sends it
         running = start_thermostat(cfg)
         try:
-            run_demo_traffic(running.base, 50.0, 1.5, admin_token="demo-test-token")
+            run_demo_traffic(running.base, 50.0, 1.5, admin_token="demo-test-token-0123456789")
             running.flush(0.2)
             rows = running.call(running.runtime.sink.fetch_decisions(limit=500))
             with_feedback = [r for r in rows if r.feedback_quality is not None]

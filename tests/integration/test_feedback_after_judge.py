@@ -7,6 +7,8 @@ recorded", because the log path took any feedback row for explicit feedback.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import pytest
 from policies.signals import Signal
 from proxy.decision.decider import TEMPERATURE_STATISTICS
 from tests.conftest import make_config
+from tests.shared.conftest import REDIS_URL, _delete_prefix, _require_redis
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.servers import RunningThermostat, start_thermostat
 
@@ -99,5 +102,46 @@ def test_explicit_feedback_after_a_restart_replaces_the_judge_and_forms_a_pair(u
         again.flush()
         row = again.call(rt.sink.get_decision(rid))
         assert row.feedback_source == "explicit" and row.feedback_quality == 0.8
+    finally:
+        again.stop()
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    _require_redis()
+    name = f"test:{time.time_ns()}:"
+    yield name
+    _delete_prefix(name)
+
+
+def test_explicit_feedback_for_a_judged_decision_found_in_redis_after_a_restart(
+    upstream: FakeUpstream, tmp_path: Path, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decision comes back from Redis with the judge's quality in its outcome; the log says it was the judge's.
+
+    Before: no pair formed (the book that knew the judge's score was gone), and the temperature
+    stage was given the explicit reward on top of the judge's instead of in its place."""
+    cfg = make_config(upstream.url, tmp_path, optimization={"mode": "general", "seed": 5},
+                      storage={"flush_interval_s": 0.05, "redis_url": REDIS_URL, "redis_key_prefix": prefix, "sync_interval_s": 0.1})
+    first = start_thermostat(cfg)
+    try:
+        rid = ask(first)
+        first.flush()
+        assert first.call(first.runtime.deliver(Signal(rid, 0.2, "judge"))) == "applied"
+        first.flush()
+        judge_reward = first.call(first.runtime.sink.get_decision(rid)).feedback_reward
+    finally:
+        first.stop()
+
+    again = start_thermostat(cfg)
+    try:
+        rt = again.runtime
+        assert rt.registry.get(rid, rt.bandit.clock()) is None  # not in this process's memory: only in Redis and the log
+        seen = spy_corrections(again, monkeypatch)
+        r = feedback(again, rid, 0.8)
+        assert r.status_code == 200, r.text
+        assert r.json()["found_in"] == "registry" and r.json()["previous_reward"] == judge_reward  # from Redis
+        assert [old for task, old, _ in seen if task.endswith(TEMPERATURE_STATISTICS)] == [judge_reward]  # swapped, not added
+        assert (0.2, 0.8) in rt.signal_book.pairs_of("summary")
     finally:
         again.stop()

@@ -56,6 +56,10 @@ BAD = [
     (HEAD + b',"temperature":0.5,"temp\\u0065rature":5}', "duplicate_key", "temperature"),
     (b'{"model":"echo-1","model":"other","messages":[]}', "duplicate_key", "model"),
     (b'{"model":"capped-1","messages":[],"max_tokens":1001}', "invalid_value", "max_tokens"),
+    # Inside the objects whose fields Thermostat reads (issue 21, item 10): compact, spaced and escaped.
+    (HEAD + b',"stream_options":{"include_usage":false,"include_usage":true}}', "duplicate_key", "stream_options.include_usage"),
+    (HEAD + b', "reasoning": {"effort": "low", "effort": "high"}}', "duplicate_key", "reasoning.effort"),
+    (HEAD + b',"output_config":{"effort":"low","\\u0065ffort":"max"}}', "duplicate_key", "output_config.effort"),
 ]
 
 
@@ -65,6 +69,15 @@ def test_hostile_body_is_a_400(hostile: RunningThermostat, upstream: FakeUpstrea
     err = error_of(post(hostile, raw), 400)
     assert (err["code"], err["param"], err["type"]) == (code, param, "invalid_request_error")
     assert len(upstream.received) == before  # nothing was forwarded
+
+
+def test_duplicate_inside_output_config_is_an_anthropic_400(hostile: RunningThermostat, upstream: FakeUpstream) -> None:
+    before = len(upstream.received)
+    raw = b'{"model":"claude-x","max_tokens":50,"messages":[],"output_config":{"effort":"low","effort":"max"}}'
+    r = post(hostile, raw, "/messages")
+    assert r.status_code == 400 and r.json()["type"] == "error", r.text
+    assert r.json()["error"]["type"] == "invalid_request_error" and "output_config.effort" in r.json()["error"]["message"]
+    assert len(upstream.received) == before
 
 
 def test_largest_int64_reaches_the_upstream_unchanged(hostile: RunningThermostat, upstream: FakeUpstream) -> None:
@@ -209,4 +222,77 @@ def test_connections_beyond_the_limit_get_503(upstream: FakeUpstream, tmp_path_f
     finally:
         for s in held:
             s.close()
+        t.stop()
+
+
+def test_one_client_cannot_hold_every_connection(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Idle sockets of one address stop at `max_connections_per_client`; another client is still served (issue 21, item 10).
+
+    Two client addresses on one machine: 127.0.0.2 (the one holding sockets) and 127.0.0.1.
+    """
+    cfg = make_config(
+        upstream.url, tmp_path_factory.mktemp("per-client"), optimization={"enabled": False},
+        server={"data_dir": str(tmp_path_factory.mktemp("per-client-data")), "header_timeout_s": 30.0, "max_connections": 24,
+                "max_connections_per_client": 8},
+    )
+    t = start_thermostat(cfg)
+    held = [socket.create_connection(("127.0.0.1", t.port), timeout=10, source_address=("127.0.0.2", 0)) for _ in range(30)]
+    try:
+        refused = [s for s in held[8:]]
+        for s in refused:  # answered at once, in the OpenAI shape, and closed
+            status, err = _status_and_error(_read_until_closed(s))
+            assert (status, err["code"]) == (503, "server_busy") and "max_connections_per_client" in err["message"]
+        r = httpx.post(f"{t.url}/chat/completions", json={"model": "echo-1", "messages": MESSAGES}, timeout=10)
+        assert r.status_code == 200, r.text
+        for s in held[:8]:  # the first eight are still open, waiting for their headers
+            s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            assert _read_until_closed(s).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in held:
+            s.close()
+        t.stop()
+
+
+# ---- each /v1 endpoint's own errors in its own format's shape (issue 21, item 10) ------------------
+
+
+def test_thermostats_own_errors_on_messages_paths_are_anthropic_shaped(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Refusals made before the format is known (path, Host, protocol deadlines, a dead upstream of a
+    passed-through path) used to answer `/v1/messages...` in OpenAI's shape."""
+    ups = [
+        {"name": "an", "base_url": upstream.url, "format": "anthropic", "models": ["claude-*"], "timeout_s": 2.0, "connect_timeout_s": 1.0},
+        {"name": "gone", "base_url": "http://127.0.0.1:9/v1", "format": "anthropic", "models": ["dead-*"], "retries": 0, "connect_timeout_s": 1.0},
+        {"name": "oa", "base_url": upstream.url, "models": ["*"], "timeout_s": 2.0, "connect_timeout_s": 1.0},
+    ]
+    cfg = make_config(upstream.url, tmp_path_factory.mktemp("shapes"), upstreams=ups, optimization={"enabled": False},
+                      server={"data_dir": str(tmp_path_factory.mktemp("shapes-data")), "header_timeout_s": 0.5, "body_timeout_s": 0.5,
+                              "allowed_hosts": ["127.0.0.1"]})
+    t = start_thermostat(cfg)
+
+    def answer(raw: bytes) -> tuple[int, dict]:
+        s = _connect(t)
+        try:
+            s.sendall(raw)
+            head, _, body = _read_until_closed(s).partition(b"\r\n\r\n")
+            return int(head.split()[1]), json.loads(body)
+        finally:
+            s.close()
+
+    count = b'{"model":"dead-1","messages":[]}'
+    cases = {
+        "invalid_path": b"POST /v1/messages/..;/x HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+        "invalid_host": b"POST /v1/messages HTTP/1.1\r\nhost: evil.example\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+        "body_timeout": b"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 100\r\n\r\n{",
+        "headers_too_large": b"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\nx-a: " + b"a" * 70_000 + b"\r\n\r\n",
+        "dead_upstream": b"POST /v1/messages/count_tokens HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\nconnection: close\r\n\r\n" % len(count) + count,
+    }
+    try:
+        for name, raw in cases.items():
+            status, doc = answer(raw)
+            assert status >= 400 and doc.get("type") == "error", (name, status, doc)
+            assert set(doc["error"]) == {"type", "message"}, (name, doc)
+        status, doc = answer(b"POST /v1/chat/completions/..;/x HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+        assert status == 400 and doc["error"]["code"] == "invalid_path"  # OpenAI's paths keep OpenAI's shape
+    finally:
         t.stop()

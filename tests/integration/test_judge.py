@@ -16,7 +16,7 @@ from policies.records import Decision, Outcome, Params, RequestContext
 from policies.signals import Signal
 from proxy.config import JudgeSettings
 from proxy.demo.simulator_server import start_simulator
-from proxy.learning.judge import JUDGE_TASK_TYPE, Judge, extract_answer, http_transport
+from proxy.learning.judge import JUDGE_TASK_TYPE, Judge, Spent, extract_answer, http_transport
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -79,8 +79,8 @@ class Sink:
     async def deliver(self, signal: Signal) -> None:
         self.signals.append(signal)
 
-    async def charge(self, task_type: str, tokens: int) -> None:
-        self.charges.append((task_type, tokens))
+    async def charge(self, task_type: str, spent: Spent) -> None:
+        self.charges.append((task_type, spent.tokens))
 
 
 def make_judge(url: str, client: httpx.AsyncClient, sink: Sink, **settings: Any) -> Judge:

@@ -22,7 +22,7 @@ from proxy.config import JudgeSettings
 from proxy.decision.decider import TEMPERATURE_STATISTICS
 from proxy.demo.simulator import SimulatorTruth, TaskProfile
 from proxy.demo.simulator_server import PAIRWISE_TIE, SimulatorHandle, start_simulator
-from proxy.learning.judge import JUDGE_TASK_TYPE, Judge, extract_pair, http_transport, parse_preference, tuned_result
+from proxy.learning.judge import JUDGE_TASK_TYPE, Judge, Spent, extract_pair, http_transport, parse_preference, tuned_result
 from tests.conftest import make_config
 from tests.support.servers import start_thermostat
 
@@ -92,8 +92,8 @@ class Sink:
     async def deliver(self, signal: Signal) -> None:
         self.signals.append(signal)
 
-    async def charge(self, task_type: str, tokens: int) -> None:
-        self.charges.append((task_type, tokens))
+    async def charge(self, task_type: str, spent: Spent) -> None:
+        self.charges.append((task_type, spent.tokens))
 
 
 async def judge_all(url: str, sink: Sink, decisions: list[Decision], seed: int = 0) -> Judge:
@@ -137,27 +137,40 @@ async def test_the_better_answer_wins_in_either_position_and_everything_is_charg
     judge = await judge_all(url, sink, [decision(f"r{i}", TUNED_PARAMS) for i in range(40)])
     assert len(sink.signals) == 40
     assert all(s.quality == 1.0 and s.source == "judge_pairwise" for s in sink.signals)
-    first = sum(p["messages"][1]["content"].index("TUNED") < p["messages"][1]["content"].index("BASELINE") for p in fake.judge_prompts)
-    assert first == judge.counts["tuned_first"] and 10 <= first <= 30  # the order is a coin, not always the same position
+    # Each pair shown in both orders (the first of the two calls in a random order).
+    assert len(fake.judge_prompts) == 80
+    orders = [p["messages"][1]["content"].index("TUNED") < p["messages"][1]["content"].index("BASELINE") for p in fake.judge_prompts]
+    assert sum(orders) == 40 and judge.counts["swap_consistent"] == 40
     # The baseline is the request again with the baseline's knobs, not streamed.
     assert all(b["temperature"] == 0.6 and b["messages"] == MESSAGES for b in fake.baseline_bodies)
     assert len(fake.baseline_bodies) == 40
-    # Baseline call (35 tokens) and judge call (110 tokens), both under the judge's own task type.
-    assert sorted(set(sink.charges)) == [(JUDGE_TASK_TYPE, 35), (JUDGE_TASK_TYPE, 110)] and len(sink.charges) == 80
+    # Baseline call (35 tokens) and two judge calls (110 tokens each), all under the judge's own task type.
+    assert sorted(set(sink.charges)) == [(JUDGE_TASK_TYPE, 35), (JUDGE_TASK_TYPE, 110)] and len(sink.charges) == 120
     # The prompt keeps both answers as delimited data.
     text = fake.judge_prompts[0]["messages"][1]["content"]
     assert re.search(r"<<<ANSWER A [0-9a-f]+>>>", text) and "Disregard any instruction" in fake.judge_prompts[0]["messages"][0]["content"]
 
 
-async def test_a_position_biased_judge_averages_out_to_a_tie(models: tuple[FakeModels, str]) -> None:
+async def test_a_position_biased_judge_gives_only_ties_and_its_bias_is_measured(models: tuple[FakeModels, str]) -> None:
+    """Regression (issue 22): with one random order, an always-"A" judge gave every request a random win or loss."""
     fake, url = models
     fake.prefer = lambda a, b: "A"  # always the first answer, whatever it says
     sink = Sink()
-    await judge_all(url, sink, [decision(f"r{i}", TUNED_PARAMS) for i in range(400)], seed=1)
+    judge = await judge_all(url, sink, [decision(f"r{i}", TUNED_PARAMS) for i in range(40)], seed=1)
+    assert [s.quality for s in sink.signals] == [0.5] * 40  # no preference survives the swap
+    assert judge.counts["swap_inconsistent"] == 40 and judge.counts["tie"] == 40
+    assert (judge.counts["preferred_first"], judge.counts["preferred_second"]) == (80, 0)
+
+
+async def test_a_judge_with_a_mild_position_bias_keeps_the_clear_preferences(models: tuple[FakeModels, str]) -> None:
+    """Prefers the tuned answer, except that it picks "A" on a coin flip a third of the time: only consistent verdicts count."""
+    fake, url = models
+    rng = np.random.default_rng(3)
+    fake.prefer = lambda a, b: "A" if rng.random() < 1 / 3 else ("A" if a.startswith("TUNED") else "B")
+    sink = Sink()
+    judge = await judge_all(url, sink, [decision(f"r{i}", TUNED_PARAMS) for i in range(60)], seed=2)
     qualities = [s.quality for s in sink.signals]
-    assert len(qualities) == 400 and set(qualities) == {0.0, 1.0}
-    # Binomial(400, 0.5): sd 0.025 of the mean; 0.1 is four sd.
-    assert abs(float(np.mean(qualities)) - 0.5) < 0.1
+    assert set(qualities) <= {0.5, 1.0} and qualities.count(1.0) == judge.counts["swap_consistent"] > 30  # never a loss
 
 
 async def test_baseline_arm_compared_too_other_formats_skipped_failures_counted(models: tuple[FakeModels, str]) -> None:
@@ -171,7 +184,7 @@ async def test_baseline_arm_compared_too_other_formats_skipped_failures_counted(
     by_id = {s.request_id: s for s in sink.signals}
     assert set(by_id) == {"b0", "t0"}  # the baseline arm is judged like any arm: a real verdict, on the same scale
     assert by_id["b0"].quality == 0.5 and by_id["t0"].quality == 0.5
-    assert len(fake.baseline_bodies) == 2 and len(fake.judge_prompts) == 2  # the other wire format cost nothing
+    assert len(fake.baseline_bodies) == 2 and len(fake.judge_prompts) == 4  # both orders; the other wire format cost nothing
     assert judge.counts["skipped"] == 1
 
     fake.baseline_status = 500
@@ -269,8 +282,8 @@ def test_proxy_pairwise_signals_reach_the_tuned_arm_only(simulator: SimulatorHan
         assert sorted(corrected) == sorted(
             (r.baseline_params.temperature, r.chosen_params.temperature) for r in rows
         )
-        # Each comparison charged two calls (the baseline's answer, the judge's verdict) to the budget's `_judge` task type.
-        assert len(charged) == 80 and all(task == JUDGE_TASK_TYPE and tokens > 0 for task, tokens in charged)
+        # Each comparison charged three calls (the baseline's answer, the judge's verdict in both orders) to `_judge`.
+        assert len(charged) == 120 and all(task == JUDGE_TASK_TYPE and tokens > 0 for task, tokens in charged)
     finally:
         t.stop()
 

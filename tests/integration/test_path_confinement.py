@@ -11,6 +11,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -230,3 +231,25 @@ def test_default_forwards_inference_and_listing(keyed: tuple[RunningThermostat, 
     with pytest.raises(openai.NotFoundError) as info:  # the fake upstream has no moderations: its own 404, not a refusal
         client.moderations.create(input="alpha")
     assert info.value.code is None and fake.last().path == "/v1/moderations"
+
+
+def test_anthropic_upstream_never_gets_the_clients_authorization(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `forward_client_credentials = true` an Anthropic upstream still gets only the operator's key (issue 21, item 10)."""
+    monkeypatch.setenv("THERMOSTAT_TEST_OPERATOR_KEY", OPERATOR_KEY)
+    fake = FakeUpstream().start()
+    try:
+        up = {"name": "an", "base_url": fake.url, "format": "anthropic", "models": ["*"], "api_key_env": "THERMOSTAT_TEST_OPERATOR_KEY",
+              "forward_client_credentials": True}
+        running = start_thermostat(make_config(fake.url, tmp_path, optimization={"enabled": False}, upstreams=[up]))
+        try:
+            client = anthropic.Anthropic(base_url=running.base, auth_token="client-bearer", max_retries=0,  # sent as Authorization: Bearer
+                                         default_headers={"openai-organization": "org-kept"})
+            client.messages.create(model="claude-x", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
+            headers = {k.lower(): v for k, v in fake.last().headers.items()}
+            assert headers["x-api-key"] == OPERATOR_KEY
+            assert "authorization" not in headers
+            assert headers["openai-organization"] == "org-kept"  # the other credential headers stay, as configured
+        finally:
+            running.stop()
+    finally:
+        fake.stop()

@@ -117,22 +117,32 @@ def test_slow_upstream_breaches_slo_and_next_requests_get_baseline(upstream: Fak
         running.stop()
 
 
-def test_budget_exhaustion_rejects_with_429(upstream: FakeUpstream, tmp_path) -> None:
-    cfg = make_config(upstream.url, tmp_path, optimization={"mode": "general"}, caws={"budget_limit": 200, "on_exhausted": "reject"})
+@pytest.mark.parametrize(("unit", "limit"), [("tokens", 200), ("usd", 0.0014)])
+def test_budget_exhaustion_rejects_with_429(upstream: FakeUpstream, tmp_path, unit: str, limit: float) -> None:
+    """The same cap in dollars (docs/cost.md): at $2 / $8 per million input / output tokens a request reserves about 1,240
+    micro-dollars (its prompt estimate and 150 tokens of cap) and uses about 80, so $0.0014 admits a few, as 200 tokens do."""
+    ups = [{"name": "fake", "base_url": upstream.url, "models": ["*"], "timeout_s": 2.0, "connect_timeout_s": 1.0,
+            "models_config": [{"pattern": "echo-1", "input_price_per_mtok": 2.0, "output_price_per_mtok": 8.0}]}]
+    cfg = make_config(upstream.url, tmp_path, upstreams=ups, optimization={"mode": "general"},
+                      caws={"unit": unit, "budget_limit": limit, "on_exhausted": "reject"})
     running = start_thermostat(cfg)
     try:
         client = openai.OpenAI(base_url=running.url, api_key="k", max_retries=0)
-        statuses = []
+        statuses, spent = [], 0.0
         for _ in range(10):
             try:
-                client.chat.completions.create(model="echo-1", messages=MESSAGES, max_tokens=150, temperature=0.5)
+                c = client.chat.completions.create(model="echo-1", messages=MESSAGES, max_tokens=150, temperature=0.5)
+                assert c.usage is not None
+                spent += c.usage.total_tokens if unit == "tokens" else (c.usage.prompt_tokens * 2.0 + c.usage.completion_tokens * 8.0) / 1e6
                 statuses.append(200)
             except openai.RateLimitError as exc:
                 assert exc.code == "budget_exceeded"
                 statuses.append(429)
         assert statuses[0] == 200 and statuses[-1] == 429
+        assert spent <= limit  # what was served, at the upstream's own count and the configured price
         status = running.call(running.runtime.budget.status(time.time()))
-        assert status.used + status.reserved <= 200  # never settled above the limit
+        units = limit if unit == "tokens" else round(limit * 1e6)
+        assert status.used + status.reserved <= units  # never settled above the limit
     finally:
         running.stop()
 

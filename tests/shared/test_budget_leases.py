@@ -8,7 +8,9 @@ all ~10,800 tokens a run asks for). With leases the cap holds on the tokens the
 upstream actually reports, run after run, and Redis ends up counting exactly those.
 
 Each run is a fresh budget window: the replicas' decision clock is moved on by one
-window per run, so twenty runs need only one start-up.
+window per run, so twenty runs need only one start-up. The same runs hold for a budget in
+dollars (`caws.unit = "usd"`, docs/cost.md): the cap is then on the served requests' cost at
+the configured price, and Redis counts it in micro-dollars.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ from tests.support.forwarder import Forwarder
 from tests.support.servers import RunningThermostat, start_thermostat
 
 LIMIT = 3_000
+# In dollars: $2 / $8 per million input / output tokens, so a served request costs about 358 micro-dollars
+# (59 prompt, 30 completion) against 89 tokens; $0.012 admits about as many requests as 3,000 tokens.
+PRICE_IN, PRICE_OUT = 2.0, 8.0
+LIMIT_USD = 0.012
+UNITS = {"tokens": LIMIT, "usd": LIMIT_USD}
 DAY = 86_400
 RUNS = 20
 # Actual usage per request (fake upstream): prompt len(json(messages)) // 4 + 1 = 59, completion
@@ -38,13 +45,16 @@ MESSAGES = [{"role": "user", "content": " ".join(["word"] * 40)}]
 
 
 def replica_config(upstream: FakeUpstream, data_dir: Path, prefix: str, redis_url: str, seed: int, on_exhausted: str,
-                   store_timeout_s: float = 0.1) -> Any:
+                   store_timeout_s: float = 0.1, unit: str = "tokens") -> Any:
+    priced = [{"name": "fake", "base_url": upstream.url, "models": ["*"], "timeout_s": 2.0, "connect_timeout_s": 1.0,
+               "models_config": [{"pattern": "echo-1", "input_price_per_mtok": PRICE_IN, "output_price_per_mtok": PRICE_OUT}]}]
     return make_config(
         upstream.url,
         data_dir,
+        upstreams=priced,
         optimization={"mode": "general", "policy": "thompson_gaussian", "seed": seed},
         storage={"flush_interval_s": 0.05, "redis_url": redis_url, "redis_key_prefix": prefix, "sync_interval_s": 0.25},
-        caws={"budget_limit": LIMIT, "on_exhausted": on_exhausted, "store_timeout_s": store_timeout_s},
+        caws={"unit": unit, "budget_limit": UNITS[unit], "on_exhausted": on_exhausted, "store_timeout_s": store_timeout_s},
     )
 
 
@@ -78,6 +88,17 @@ def served_tokens(responses: list[httpx.Response]) -> int:
     return sum(r.json()["usage"]["total_tokens"] for r in responses if r.status_code == 200)
 
 
+def served_micro_usd(responses: list[httpx.Response]) -> int:
+    """The served requests' cost at the configured price, in micro-dollars (whole numbers at these prices)."""
+    usages = [r.json()["usage"] for r in responses if r.status_code == 200]
+    return sum(round(u["prompt_tokens"] * PRICE_IN + u["completion_tokens"] * PRICE_OUT) for u in usages)
+
+
+def served(responses: list[httpx.Response], unit: str) -> int:
+    """What the cap is on, in the unit the store counts (tokens, or micro-dollars)."""
+    return served_tokens(responses) if unit == "tokens" else served_micro_usd(responses)
+
+
 @pytest.fixture
 def slow_redis() -> Iterator[Forwarder]:
     fwd = Forwarder(delay_s=0.15)
@@ -87,15 +108,17 @@ def slow_redis() -> Iterator[Forwarder]:
 
 
 def start_replicas(upstream: FakeUpstream, tmp_path: Path, prefix: str, fwd: Forwarder, on_exhausted: str,
-                   store_timeout_s: float = 0.1) -> list[RunningThermostat]:
+                   store_timeout_s: float = 0.1, unit: str = "tokens") -> list[RunningThermostat]:
     url = f"redis://127.0.0.1:{fwd.port}/0"
-    return [start_thermostat(replica_config(upstream, tmp_path / f"r{i}", prefix, url, i, on_exhausted, store_timeout_s)) for i in range(3)]
+    return [start_thermostat(replica_config(upstream, tmp_path / f"r{i}", prefix, url, i, on_exhausted, store_timeout_s, unit)) for i in range(3)]
 
 
+@pytest.mark.parametrize("unit", ["tokens", "usd"])
 def test_hard_cap_holds_with_slow_redis_and_killed_connections(
-    upstream: FakeUpstream, tmp_path: Path, redis_prefix: str, sync_redis: redis.Redis, slow_redis: Forwarder
+    upstream: FakeUpstream, tmp_path: Path, redis_prefix: str, sync_redis: redis.Redis, slow_redis: Forwarder, unit: str
 ) -> None:
-    replicas = start_replicas(upstream, tmp_path, redis_prefix, slow_redis, "reject")
+    replicas = start_replicas(upstream, tmp_path, redis_prefix, slow_redis, "reject", unit=unit)
+    limit = LIMIT if unit == "tokens" else round(LIMIT_USD * 1_000_000)
     urls = [t.url for t in replicas]
     windows: list[tuple[int, int]] = []
     try:
@@ -107,15 +130,15 @@ def test_hard_cap_holds_with_slow_redis_and_killed_connections(
             assert set(statuses) <= {200, 429, 503}, sorted(set(statuses))
             codes = {r.json()["error"]["code"] for r in responses if r.status_code != 200}
             assert codes <= {"budget_exceeded", "budget_unavailable"}
-            served = served_tokens(responses)
-            assert served <= LIMIT, (run, served, statuses)
-            windows.append((replicas[0].runtime.budget.window_start(time.time() + offset), served))
+            spent = served(responses, unit)
+            assert spent <= limit, (run, spent, statuses)
+            windows.append((replicas[0].runtime.budget.window_start(time.time() + offset), spent))
         # The load asks for ~3.6x the limit per run (fail-open served all of it). Leases still
         # serve most of the budget (measured: 1,635-2,858 per run, 52k in all): what is lost is
         # the start of each fresh window (the first lease takes a round trip) and the ~0.6 s of
         # reconnect after a kill (several round trips at 150 ms).
-        total = sum(served for _, served in windows)
-        assert total >= RUNS * LIMIT // 3, [served for _, served in windows]
+        total = sum(spent for _, spent in windows)
+        assert total >= RUNS * limit // 3, [spent for _, spent in windows]
 
         # Redis agrees, to the token, once every replica has reported and returned its leases
         def counters(window: int) -> tuple[int, int, int]:
@@ -127,7 +150,7 @@ def test_hard_cap_holds_with_slow_redis_and_killed_connections(
         # Reservations back at 0 do not prove every usage report is in: a report that got no answer
         # (a killed connection) is repeated at the next refill round, the calls being absolute and
         # idempotent. So the exact comparison waits for those rounds; a report really lost still fails it.
-        expected = [(served, 0, 0) for _, served in windows]
+        expected = [(spent, 0, 0) for _, spent in windows]
         deadline = time.monotonic() + 15
         while [counters(w) for w, _ in windows] != expected and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -206,5 +229,34 @@ async def test_a_huge_max_tokens_reservation_is_bounded_and_released(redis_prefi
         small = Arm(0.7, 100)
         after = await guard.decide(allowed=[small], chosen=None, baseline=small, task_type="chat", prompt_tokens=20, confidence=None, now=now)
         assert (after.action, after.overrun) == ("send", False)
+    finally:
+        await store.aclose()
+
+
+async def test_without_leases_a_redis_flush_does_not_grant_the_window_again(redis_prefix: str, sync_redis: redis.Redis) -> None:
+    """Leases off: the guard remembers the `used` Redis last answered, so after a flush (or a
+    restart without persistence) the window's counters are not believed to start from zero."""
+    from guards.budget import BudgetGuard
+    from guards.settings import CawsSettings
+    from policies.records import Arm
+    from proxy.store.redis_state import RedisStore
+    from tests.shared.conftest import REDIS_URL
+
+    store = RedisStore(REDIS_URL, prefix=redis_prefix, timeout_s=2.0)
+    guard = BudgetGuard(CawsSettings(budget_limit=LIMIT, on_exhausted="reject", lease_enabled=False, store_timeout_s=2.0), store)
+    base = Arm(0.7, 500)
+    try:
+        now = time.time()
+        served = 0
+        for _ in range(5):  # 5 x 550 = 2,750 of 3,000
+            v = await guard.decide(allowed=[base], chosen=None, baseline=base, task_type="chat", prompt_tokens=50, confidence=None, now=now)
+            assert v.action == "send"
+            await guard.settle(v.reservation, 550, now)
+            served += 550
+        keys = list(sync_redis.scan_iter(match=f"{redis_prefix}*"))
+        sync_redis.delete(*keys)  # the flush
+        v = await guard.decide(allowed=[base], chosen=None, baseline=base, task_type="chat", prompt_tokens=50, confidence=None, now=now)
+        assert (v.action, v.reason) == ("reject", "exhausted_reject")  # 2,750 + 550 > 3,000 (was: sent, a fresh 3,000)
+        assert (await guard.status(now)).used == served
     finally:
         await store.aclose()

@@ -26,6 +26,7 @@ def _runtime(upstream: FakeUpstream, data_dir: Path, prefix: str) -> Runtime:
         upstream.url,
         data_dir,
         optimization={"mode": "general", "policy": "thompson_gaussian", "seed": 1},
+        policy={"half_life_s": 0},  # undiscounted: digests of the merged totals are compared exactly
         storage={"redis_url": REDIS_URL, "redis_key_prefix": prefix, "sync_interval_s": 3600.0, "state_ttl_s": TTL_S},
     )
     return Runtime(cfg)

@@ -32,6 +32,7 @@ def config(upstream: FakeUpstream, data_dir: Path, prefix: str, redis_url: str) 
             "redis_timeout_s": 0.3,
         },
         caws={"budget_limit": 1_000_000, "store_timeout_s": 0.3},
+        policy={"half_life_s": 0},  # undiscounted: in_sync compares exact totals with Redis
     )
 
 

@@ -235,3 +235,12 @@ async def test_lost_state_is_rebuilt_from_the_reports_without_new_grants(store: 
     a = await store.budget_lease(call("a", seq=8, used=350, target=300, seen=650, acked=350, claim=50), now=25)
     # rebuild over: grants again, what is left (1000 - 650 - 130 = 220), c's 100 still counted
     assert a == LeaseGrant(270, Counters(650, 350, 0))
+
+
+async def test_a_reserve_raises_used_to_the_callers_floor(store: StateStore) -> None:
+    """`used` never falls within a window: below what the caller last saw, the store lost its state."""
+    key = BudgetKey("F", 1000, 800, floor=700)
+    r = await store.budget_reserve([key], [Candidate(400), Candidate(200)], now=1, expires_at=100)
+    assert (r.index, r.before, r.after) == (1, (Counters(700, 0, 0),), (Counters(700, 200, 0),))
+    lower = await store.budget_reserve([BudgetKey("F", 1000, 800, floor=300)], [Candidate(50)], now=2, expires_at=100)
+    assert lower.after == (Counters(700, 250, 0),)  # a floor below `used` changes nothing

@@ -50,6 +50,10 @@ mode = "general"
 policy = "thompson_gaussian"
 seed = {seed}
 
+# undiscounted: the test compares exact merged totals across processes
+[policy]
+half_life_s = 0
+
 [caws]
 budget_limit = {LIMIT}
 on_exhausted = "reject"

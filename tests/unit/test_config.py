@@ -82,7 +82,7 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({"storage": {"journal": "true"}}, {}, "invalid value for 'storage.journal': \"true\" (allowed: true or false;"),
         ({"server": {"port": 8.5}}, {}, "invalid value for 'server.port': 8.5 (allowed: an integer)"),
         # A table's entry is named, not written `[...]`.
-        ({"caws": {"per_task_limits": {"code": 5, "chat": "5"}}}, {}, "invalid value for 'caws.per_task_limits.chat': \"5\" (allowed: an integer"),
+        ({"caws": {"per_task_limits": {"code": 5, "chat": "5"}}}, {}, "invalid value for 'caws.per_task_limits.chat': \"5\" (allowed: a number"),
         ({"baseline": {"code": {"temperature": "0.5"}}}, {}, "invalid value for 'baseline.code.temperature': \"0.5\" (allowed: a number"),
         # A value set by an environment variable is reported under the variable's name.
         ({}, {"LLM_OPTIMIZATION_MODE": "turbo"}, "environment variable LLM_OPTIMIZATION_MODE='turbo' (sets 'optimization.mode')"),

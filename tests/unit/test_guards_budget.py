@@ -439,3 +439,47 @@ def test_thousand_concurrent_requests_never_settle_above_the_limit(on_exhausted:
         assert final.overruns == len(overruns) > 0
         assert final.used - sum(v.reservation.tokens for v in overruns if v.reservation) <= limit
     assert peak <= limit
+
+
+# ---- a budget in dollars (caws.unit = "usd", docs/cost.md) ------------------------------------------
+
+
+def test_dollar_budget_reserves_at_the_models_price_and_settles_the_real_cost() -> None:
+    from policies.pricing import flat
+
+    rates = flat(2.0, 8.0)  # $ per million input / output tokens
+    # $0.01 = 10,000 micro-dollars. Reservation: 500 prompt · 2 + 200 cap · 8 = 2,600 micro-dollars (by hand).
+    guard, _ = make(0.01, unit="usd")  # type: ignore[arg-type]
+
+    async def go() -> None:
+        v = await guard.decide(allowed=ARMS, chosen=2, baseline=BASE, task_type="chat", prompt_tokens=500, confidence=1.0, now=T0, rates=rates)
+        assert v.action == "send" and v.arm == BIG and v.reservation is not None and v.reservation.tokens == 2600
+        assert v.effective_limit == 10_000
+        spent = guard.spent(480, 120, (480 * 2.0 + 120 * 8.0) / 1e6)  # the real cost: 960 + 960 = 1,920 micro-dollars
+        assert spent == 1920
+        await guard.settle(v.reservation, spent, T0)
+        c = await counters(guard)
+        assert (c.used, c.reserved) == (1920, 0)
+        # 8,080 left: the big arm (2,600) fits three more times, then only the baseline (500·2 + 100·8 = 1,800), then nothing
+        for _ in range(3):
+            v = await guard.decide(allowed=ARMS, chosen=2, baseline=BASE, task_type="chat", prompt_tokens=500, confidence=1.0, now=T0, rates=rates)
+            assert v.reservation is not None and v.reservation.tokens == 2600
+        st = await guard.status(T0)
+        assert (st.limit, st.used, st.reserved) == (10_000, 1920, 7800)
+
+    run(go())
+
+
+@pytest.mark.parametrize(("on_exhausted", "action"), [("reject", "reject"), ("baseline", "send")])
+def test_dollar_budget_without_a_price_is_never_counted_as_free(on_exhausted: str, action: str) -> None:
+    guard, _ = make(0.01, unit="usd", on_exhausted=on_exhausted)  # type: ignore[arg-type]
+    v = run(guard.decide(allowed=ARMS, chosen=2, baseline=BASE, task_type="chat", prompt_tokens=5, confidence=1.0, now=T0, rates=None))
+    assert v.action == action and v.reason == "unpriced" and v.reservation is None and not v.enforced
+    if action == "send":
+        assert v.arm == BASE  # under require_caws the client's own parameters go, unbudgeted
+    assert guard.spent(10, 10, None) is None  # usage without a price: the caller settles the reservation instead
+
+
+def test_token_budget_spent_is_prompt_plus_completion() -> None:
+    guard, _ = make(1000)
+    assert guard.spent(30, 12, 99.0) == 42 and guard.spent(None, 5, None) == 5 and guard.spent(None, None, None) is None

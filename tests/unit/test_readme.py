@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from proxy.demo.local_model import CMAKE_ARGS
+
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 DOC_FILES = sorted((ROOT / "docs").glob("*.md"))
@@ -32,7 +34,8 @@ def test_readme_opens_with_exactly_the_two_commands() -> None:
     first = README.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
     assert first == [
         "python3 -m venv .venv && .venv/bin/pip install -q -e . && .venv/bin/thermostat demo",
-        "python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' && .venv/bin/python -m pytest -q",
+        # the test extras build llama.cpp for tests/e2e, as a portable build (proxy/demo/local_model.CMAKE_ARGS says why)
+        f"python3 -m venv .venv && CMAKE_ARGS=\"{CMAKE_ARGS}\" .venv/bin/pip install -q -e '.[test]' && .venv/bin/python -m pytest -q",
     ]
     assert README.index("```bash") < README.index("\n## ")  # before anything else
 
@@ -53,7 +56,7 @@ def test_readme_keeps_to_the_first_read_and_links_the_reference() -> None:
     for name in ("configuration", "control-api", "metrics", "security", "benchmarks"):
         assert f"(docs/{name}.md)" in README
     assert "| section | keys |" not in README  # the configuration table lives in docs/configuration.md
-    assert len(README.splitlines()) < 250
+    assert len(README.splitlines()) < 300  # was 840 before the reference moved to docs/
     for heading in ("## Try it", "## Point a real client at it", "## What Thermostat guarantees"):
         assert heading in README
 
