@@ -115,7 +115,7 @@ def test_dashboard_shows_spend_and_saving_against_the_holdout(upstream: FakeUpst
     ups = [{"name": "fake", "base_url": upstream.url, "models": ["*"], "timeout_s": 2.0, "connect_timeout_s": 1.0,
             "models_config": [{"pattern": "echo-1", "input_price_per_mtok": 2.5, "output_price_per_mtok": 10.0}]}]
     cfg = make_config(upstream.url, tmp_path / "data", upstreams=ups, optimization={"mode": "general", "seed": 11, "holdout_fraction": 0.4},
-                      admin={"token_env": "THERMOSTAT_DASHBOARD_TEST_TOKEN"})
+                      admin={"token_env": "THERMOSTAT_DASHBOARD_TEST_TOKEN"}, caws={"unit": "usd", "budget_limit": 5.0})
     t = start_thermostat(cfg)
     try:
         drive(t, 40, "code", temperature=0.7, max_tokens=300)
@@ -126,6 +126,7 @@ def test_dashboard_shows_spend_and_saving_against_the_holdout(upstream: FakeUpst
         dom = subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
                               dashboard_url("127.0.0.1", t.port, "dashboard-token-0123456789")], capture_output=True, text=True, timeout=90)
         assert 'data-loaded="1"' in dom.stdout, dom.stderr[-2000:]
+        assert "Dollar budget (current window, in micro-dollars)" in dom.stdout
         rows = {a["data-task"]: (a, cells) for a, cells in table(dom.stdout, "spend")}
         assert set(rows) == {"code", "summarise"}
         for task, (attrs, cells) in rows.items():
