@@ -77,8 +77,9 @@ def test_dashboard_renders_with_data(upstream: FakeUpstream, tmp_path: Path, mon
                 continue
             step = ticks[1] - ticks[0]
             assert all(abs((b - a) - step) <= 1e-6 * abs(step) + 1e-9 for a, b in zip(ticks, ticks[1:])), ticks
-            mantissa = step / 10 ** np.floor(np.log10(step))
-            assert min(abs(mantissa - m) for m in (1, 2, 2.5, 5, 10)) < 1e-6 and all(abs(v / step - round(v / step)) < 1e-6 for v in ticks), ticks
+            scale = 10 ** np.floor(np.log10(step))
+            nice = min((1, 2, 2.5, 5, 10), key=lambda m: abs(step / scale - m)) * scale  # the step without the labels' rounding
+            assert abs(step - nice) < 1e-6 * nice and all(abs(v / nice - round(v / nice)) < 1e-3 for v in ticks), ticks
         assert re.search(r'class="xtick">\d', html)
         glance = {a["data-task"]: cells for a, cells in table(html, "glance")}
         assert set(glance) == {"code", "summarise"} and "tokens per request" in glance["code"][3] and "$" not in glance["code"][3]  # unpriced
