@@ -70,9 +70,15 @@ class RunningThermostat:
             if settle is not None:
                 settle()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 60) -> None:
+        """Ask uvicorn to exit and wait for the lifespan's shutdown (journal closed, its lock released).
+
+        A test that restarts on the same data_dir must not start before this one let go of the
+        journal's lock: on a loaded 2-core machine shutdown has taken longer than 15 s."""
         self.server.should_exit = True
-        self.thread.join(15)
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            raise AssertionError(f"thermostat did not stop within {timeout_s} s")
 
 
 def start_thermostat(config: Config, runtime: Runtime | None = None) -> RunningThermostat:
