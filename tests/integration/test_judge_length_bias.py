@@ -10,7 +10,6 @@ at the client's while muted, further scores are "untrusted", and the mute surviv
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,9 +20,9 @@ import pytest
 
 from proxy.decision.decider import TEMPERATURE_STATISTICS
 from proxy.demo.simulator import SimulatorTruth, TaskProfile
-from proxy.demo.simulator_server import SimulatorHandle, start_simulator
+from proxy.demo.simulator_server import SimulatorHandle
 from tests.conftest import make_config
-from tests.support.servers import RunningThermostat, start_thermostat
+from tests.support.servers import RunningThermostat, simulator_in_thread, start_thermostat
 
 
 def messages(i: int) -> list[dict[str, str]]:
@@ -33,24 +32,10 @@ def messages(i: int) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def simulator() -> Iterator[SimulatorHandle]:
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    handle: dict[str, SimulatorHandle] = {}
     # Short answers whose length varies a lot within an arm (log-normal sigma 0.6), the client's temperature already best.
     truth = SimulatorTruth(tasks={"creative": TaskProfile(best_temperature=0.6, length_median=40, prompt_median=50, length_sigma=0.6)})
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        handle["sim"] = loop.run_until_complete(start_simulator("127.0.0.1", 0, seed=11, time_scale=0.0, truth=truth))
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    yield handle["sim"]
-    asyncio.run_coroutine_threadsafe(handle["sim"].close(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
+    with simulator_in_thread(seed=11, truth=truth) as sim:
+        yield sim
 
 
 def config(url: str, tmp_path: Any, model: str) -> Any:

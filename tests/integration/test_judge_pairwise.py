@@ -24,7 +24,7 @@ from proxy.demo.simulator import SimulatorTruth, TaskProfile
 from proxy.demo.simulator_server import PAIRWISE_TIE, SimulatorHandle, start_simulator
 from proxy.learning.judge import JUDGE_TASK_TYPE, Judge, Spent, extract_pair, http_transport, parse_preference, tuned_result
 from tests.conftest import make_config
-from tests.support.servers import start_thermostat
+from tests.support.servers import simulator_in_thread, start_thermostat
 
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 TUNED = "TUNED ANSWER: blue"
@@ -200,25 +200,9 @@ CREATIVE = [{"role": "system", "content": "You are a creative writer."}, {"role"
 
 @pytest.fixture(scope="module")
 def simulator() -> Iterator[SimulatorHandle]:
-    import threading
-
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    handle: dict[str, SimulatorHandle] = {}
     truth = SimulatorTruth(tasks={"creative": TaskProfile(best_temperature=1.0, length_median=40, prompt_median=50, length_sigma=0.1)})
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        handle["sim"] = loop.run_until_complete(start_simulator("127.0.0.1", 0, seed=4, time_scale=0.0, truth=truth))
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    yield handle["sim"]
-    asyncio.run_coroutine_threadsafe(handle["sim"].close(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
+    with simulator_in_thread(seed=4, truth=truth) as sim:
+        yield sim
 
 
 def test_proxy_pairwise_signals_reach_the_tuned_arm_only(simulator: SimulatorHandle, tmp_path: Any) -> None:
