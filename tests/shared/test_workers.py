@@ -26,8 +26,8 @@ def _sum(metrics: str, name: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", metrics, re.M))
 
 
-def test_two_workers_share_one_port_and_report_every_request(upstream: FakeUpstream, redis_prefix: str, tmp_path: Path) -> None:
-    port = free_port()
+def write_config(tmp_path: Path, upstream: FakeUpstream, redis_prefix: str, *, storage: str = "", extra: str = "") -> Path:
+    """A config on Redis with no `workers` key (the flag or "auto" decides)."""
     config = tmp_path / "config.toml"
     config.write_text(
         f"""
@@ -36,16 +36,24 @@ data_dir = "{tmp_path / 'data'}"
 [[upstreams]]
 name = "fake"
 base_url = "{upstream.url}"
+models = ["*"]
 [storage]
-redis_url = "redis://127.0.0.1:6379/0"
+redis_url = "{REDIS_URL}"
 redis_key_prefix = "{redis_prefix}"
 flush_interval_s = 0.05
+{storage}
 [optimization]
 mode = "general"
 [admin]
 allow_unauthenticated = true
-"""
+{extra}"""
     )
+    return config
+
+
+def test_two_workers_share_one_port_and_report_every_request(upstream: FakeUpstream, redis_prefix: str, tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path, upstream, redis_prefix)
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--port", str(port), "--workers", "2"],
@@ -124,22 +132,7 @@ def test_auto_runs_a_worker_per_core_and_the_budget_holds_across_them(
         pytest.skip("one usable core: auto runs a single worker")
     upstream = FakeUpstream().start()  # of its own, so its token count is this test's
     port = free_port()
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f"""
-[server]
-data_dir = "{tmp_path / 'data'}"
-[[upstreams]]
-name = "fake"
-base_url = "{upstream.url}"
-models = ["*"]
-[storage]
-redis_url = "{REDIS_URL}"
-redis_key_prefix = "{redis_prefix}"
-flush_interval_s = 0.05
-sync_interval_s = 0.25
-[optimization]
-mode = "general"
+    config = write_config(tmp_path, upstream, redis_prefix, storage="sync_interval_s = 0.25", extra=f"""
 [caws]
 budget_limit = {LIMIT}
 on_exhausted = "reject"
@@ -147,10 +140,7 @@ store_timeout_s = 1.0
 lease_horizon_s = 0.3
 lease_ttl_s = 0.5
 lease_refill_s = 0.05
-[admin]
-allow_unauthenticated = true
-"""
-    )
+""")
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
