@@ -41,8 +41,7 @@ from policies.settings import (
     RewardSettings,
     ThompsonSettings,
 )
-from proxy.edge.origins import normalize_origin, valid_host_entry
-from proxy.edge.paths import METHODS, parse_forward_path
+from proxy.common import METHODS, normalize_origin, parse_forward_path, table_providers, valid_host_entry
 
 ModeName = Literal["shadow", "canary", "guarded", "general"]
 TuneTemperature = Literal["auto", "always", "never"]
@@ -691,9 +690,7 @@ def _validate_ranges(cfg: Config) -> None:
                 raise bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: a glob over the path after /v1, starting with '/', "
                           f"optionally after one method: '/files*', 'GET /models/*'; methods: {', '.join(METHODS)})")
         if up.price_provider is not None:
-            from proxy.decision.prices import table_providers  # loads the price table: only when asked
-
-            providers = table_providers()
+            providers = table_providers()  # loads the price table: only when asked
             if up.price_provider not in providers:
                 raise bad(f"upstreams[{up.name}].price_provider", f"{up.price_provider!r} (allowed: {', '.join(providers)})")
         if up.max_response_bytes <= 0:

@@ -35,33 +35,43 @@ from policies.registry import make_policy
 from policies.reward import reward_bounds
 from policies.signals import Signal
 from policies.validators import SchemaValidators
+from proxy.common import load_table
 from proxy.config import Config, ModelSettings
-from proxy.decision.conservative import ConservativeListener
-from proxy.decision.decider import BanditDecider, Decider
-from proxy.decision.feedback import FeedbackBook, FeedbackServices, deliver_signal
-from proxy.decision.judge_trust import JudgeTrust
-from proxy.decision.lease_refill import LeaseRefiller
-from proxy.decision.prices import PriceBook, load_table
-from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook
-from proxy.decision.registry import DecisionRegistry
-from proxy.edge.asgi import EdgeServices
-from proxy.edge.read_watch import ReadWatch
-from proxy.edge.upstream import Transport, UpstreamPool
-from proxy.learning.judge import Judge, JudgeMetrics, named_upstream_transport, upstream_transport
-from proxy.learning.listeners import AnswerListener, AnswerValidator, BaselineRequest, JudgeCharge
-from proxy.learning.refresh import TableRefresher
-from proxy.learning.signal_sync import SignalSync, SyncedQualitySignals, SyncedSignalBook
-from proxy.learning.sync import SharedState
-from proxy.learning.ticker import PolicyEpochs, RolloutTicker
-from proxy.observability.alerts import AlertManager
-from proxy.observability.metrics import BoundedLabel, FoldedBuckets, LiveSources, Metrics, watch_loop_lag
-from proxy.observability.tracing import NullTracer, Tracer, make_tracer
-from proxy.store import EventRecord, make_log_store
-from proxy.store.journal import Journal
-from proxy.store.local_state import LocalState
-from proxy.store.recorder import Recorder
-from proxy.store.redis_state import RedisStore
-from proxy.store.retention import RetentionPruner
+from proxy.decision import (
+    BanditDecider,
+    ConservativeListener,
+    Decider,
+    DecisionRegistry,
+    FeedbackBook,
+    FeedbackServices,
+    JudgeTrust,
+    LeaseRefiller,
+    MemoryRegenerationBook,
+    PriceBook,
+    RedisRegenerationBook,
+    RegenerationBook,
+    deliver_signal,
+)
+from proxy.edge import CHAT, EdgeServices, ReadWatch, Transport, UpstreamPool
+from proxy.learning import (
+    AnswerListener,
+    AnswerValidator,
+    BaselineRequest,
+    Judge,
+    JudgeCharge,
+    JudgeMetrics,
+    PolicyEpochs,
+    RolloutTicker,
+    SharedState,
+    SignalSync,
+    SyncedQualitySignals,
+    SyncedSignalBook,
+    TableRefresher,
+    named_upstream_transport,
+    upstream_transport,
+)
+from proxy.observability import AlertManager, BoundedLabel, FoldedBuckets, LiveSources, Metrics, NullTracer, Tracer, make_tracer, watch_loop_lag
+from proxy.store import EventRecord, Journal, LocalState, Recorder, RedisStore, RetentionPruner, make_log_store
 
 log = logging.getLogger("thermostat")
 
@@ -218,7 +228,7 @@ class Runtime:
                 deliver=functools.partial(deliver_signal, self.feedback_services),
                 charge=self.judge_charge, rng=np.random.default_rng(None if seed is None else seed + 1),
                 metrics=JudgeMetrics(self.metrics.registry), alert=self.alerts.judge_alert,
-                baseline_request=BaselineRequest(self.bandit), send_baseline=named_upstream_transport(self.pool),
+                baseline_request=BaselineRequest(self.bandit, CHAT.patch), send_baseline=named_upstream_transport(self.pool),
                 holdout_sample_rate=config.judge.holdout_rate(config.optimization.holdout_fraction),
             )
             if config.judge.enabled

@@ -38,9 +38,7 @@ from proxy.decision.decider import TEMPERATURE_STATISTICS, BanditDecider
 from proxy.decision.judge_trust import JudgeTrust
 from proxy.decision.outcome import learns
 from proxy.decision.registry import DecisionRegistry
-from proxy.store.base import DecisionRow
-from proxy.store.entries import FeedbackEntry
-from proxy.store.recorder import Recorder
+from proxy.store import DecisionRow, FeedbackEntry, Recorder
 
 log = logging.getLogger("thermostat.judge")
 

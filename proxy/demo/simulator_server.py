@@ -61,7 +61,7 @@ from policies.records import Arm
 from policies.settings import ArmGridSettings
 from proxy.demo.simulator import SimOutcome, SimulatorTruth
 from proxy.demo.wire import anthropic_body, anthropic_error, anthropic_events, responses_body, responses_events
-from proxy.learning.judge import extract_answer, extract_pair
+from proxy.learning import extract_answer, extract_pair
 
 DEFAULT_MODELS: tuple[str, ...] = ("sim-1", "sim-1-mini")
 DEFAULT_MAX_TOKENS = 4096

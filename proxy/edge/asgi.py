@@ -26,26 +26,30 @@ import msgspec
 from guards.budget import Reservation
 from policies.context import context_features, estimate_prompt_tokens
 from policies.records import Decision, Outcome, RequestContext
+from proxy.common import COUNTED_POSTS, ProxyError, ResponseSummary, bad_request, confine_v1_path, host_name, spends_tokens
 from proxy.config import Config
-from proxy.decision.decider import BudgetExceeded, BudgetUnavailable, Decider
-from proxy.decision.feedback import FeedbackServices, apply_pending_feedback
-from proxy.decision.outcome import Pricer, Scorer, Timings, arm_label, complete
-from proxy.decision.registry import DecisionRegistry
-from proxy.edge.errors import ProxyError, bad_request
+from proxy.decision import (
+    BudgetExceeded,
+    BudgetUnavailable,
+    Decider,
+    DecisionRegistry,
+    FeedbackServices,
+    Pricer,
+    Scorer,
+    Timings,
+    apply_pending_feedback,
+    arm_label,
+    complete,
+)
 from proxy.edge.formats import FORMATS, WireFormat, adapter_for, own_error, wire_of
 from proxy.edge.json_guard import INT64_MAX, MAX_JSON_DEPTH, duplicate_watched_key, first_out_of_range_int, too_deep
 from proxy.edge.models import ModelCatalog
-from proxy.edge.origins import host_name
-from proxy.edge.paths import COUNTED_POSTS, confine_v1_path, spends_tokens
 from proxy.edge.read_watch import ReadWatch
-from proxy.edge.sse import ResponseSummary, StreamRelay
+from proxy.edge.sse import StreamRelay
 from proxy.edge.upstream import UPSTREAM_ERRORS, Upstream, UpstreamPool, UpstreamResponse, classify, forward_headers, response_headers
-from proxy.observability.metrics import Metrics, observe_decision
-from proxy.observability.tracing import NullTracer, Tracer
-from proxy.observability.tracing import Timings as TraceTimings
-from proxy.store.base import storable
-from proxy.store.entries import LogEntry
-from proxy.store.recorder import Recorder
+from proxy.observability import Metrics, NullTracer, Tracer, observe_decision
+from proxy.observability import Timings as TraceTimings
+from proxy.store import LogEntry, Recorder, storable
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -19,8 +19,9 @@ import openai
 import pytest
 
 from policies.signals import Signal
+from proxy.demo import start_simulator
 from proxy.demo.simulator import SimulatorTruth, TaskProfile
-from proxy.demo.simulator_server import SimulatorHandle, start_simulator
+from proxy.demo.simulator_server import SimulatorHandle
 from tests.conftest import make_config
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.servers import RunningThermostat, start_thermostat
