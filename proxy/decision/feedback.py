@@ -493,6 +493,21 @@ class SignalBook:
         return result
 
 
+@dataclass(frozen=True, slots=True)
+class SignalDelivery:
+    """Where a judge score (or a regeneration mark) enters the decision room: the judge holds one of these.
+
+    `await delivery(signal)` is `deliver_signal` over the process's `FeedbackServices`: it finds
+    the decision (registry, Redis, log), recomputes the reward with `BanditDecider.reward_for`
+    and swaps it into the policy with `correct()` (`_apply`). Built once by the composition root.
+    """
+
+    services: FeedbackServices
+
+    async def __call__(self, signal: Signal) -> str:
+        return await deliver_signal(self.services, signal)
+
+
 async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None = None) -> str:
     """Entry point for judge scores and implicit marks (`policies.signals.Signal`); returns what happened.
 

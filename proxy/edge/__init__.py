@@ -8,6 +8,7 @@ from __future__ import annotations
 from proxy.edge.asgi import EdgeServices, Message, ProxyEdge, Receive, Scope, Send
 from proxy.edge.formats import CHAT
 from proxy.edge.formats.anthropic import anthropic_error_type
+from proxy.edge.listeners import Finished, HandOverAnswer, Listener, LogOutcome, OnOutcome, RecordMetrics, RecordSpan
 from proxy.edge.read_watch import ReadWatch
 from proxy.edge.serving import ServingConfig
 from proxy.edge.sse import StreamRelay
@@ -17,10 +18,17 @@ __all__ = [
     "AiohttpTransport",
     "CHAT",
     "EdgeServices",
+    "Finished",
+    "HandOverAnswer",
+    "Listener",
+    "LogOutcome",
     "Message",
+    "OnOutcome",
     "ProxyEdge",
     "ReadWatch",
     "Receive",
+    "RecordMetrics",
+    "RecordSpan",
     "Scope",
     "Send",
     "ServingConfig",
