@@ -15,6 +15,7 @@ import math
 import secrets
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from policies.registry import make_policy
 from policies.reward import reward_bounds
 from policies.signals import Signal
 from policies.validators import SchemaValidators
-from proxy.common import load_table
+from proxy.common import load_table, stop_within
 from proxy.config import Config, ModelSettings
 from proxy.decision import (
     BanditDecider,
@@ -76,6 +77,7 @@ from proxy.store import EventRecord, Journal, LocalState, Recorder, RedisStore, 
 
 log = logging.getLogger("thermostat")
 
+STOP_STEP_S = 15.0  # the longest any one part may take to stop (see `Runtime.stop`); the recorder's own writes are bounded below it
 VERSION = "0.1.0"  # the service.version of exported spans (pyproject's version)
 
 
@@ -399,29 +401,36 @@ class Runtime:
         )
 
     async def stop(self) -> None:
-        await self.alerts.stop()
-        await self.ticker.stop()
-        await self.pruner.stop()
+        """Stop every part in order, each bounded by `STOP_STEP_S`: whatever hangs, the decision
+        log is flushed, the journal closed and its lock released (`proxy.common.stop_within`)."""
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("alerts", self.alerts.stop), ("rollout ticker", self.ticker.stop), ("pruner", self.pruner.stop),
+        ]
         if self._lag_watch is not None:
             self._lag_watch.cancel()
         if self.judge is not None:
-            await self.judge.stop()
-        await self.tracer.stop()
+            steps.append(("judge", self.judge.stop))
+        steps.append(("tracer", self.tracer.stop))
+        steps.append(("answer listener", self._stop_answers))
+        if self.refresher is not None:
+            steps.append(("table refresher", self.refresher.stop))
+        if self.lease_refiller is not None:
+            steps.append(("budget lease refiller", self.lease_refiller.stop))
+        if self.signal_sync is not None:
+            steps.append(("quality-signal sync", self.signal_sync.stop))
+        if self.shared is not None:
+            steps.append(("shared state (redis)", self.shared.stop))
+        steps.append(("decision log recorder", self.recorder.stop))
+        if self.local_state is not None:
+            steps.append(("local state", self.local_state.stop))
+        steps.append(("read watch", self.read_watch.stop))
+        steps.append(("upstream pool", self.pool.aclose))
+        for name, stop in steps:
+            await stop_within(name, stop, STOP_STEP_S, log)
+
+    async def _stop_answers(self) -> None:
         self.answers.stop()
         await self.judge_trust.flush()  # retractions and the last save of the mutes
-        if self.refresher is not None:
-            await self.refresher.stop()
-        if self.lease_refiller is not None:
-            await self.lease_refiller.stop()
-        if self.signal_sync is not None:
-            await self.signal_sync.stop()
-        if self.shared is not None:
-            await self.shared.stop()
-        await self.recorder.stop()
-        if self.local_state is not None:
-            await self.local_state.stop()
-        await self.read_watch.stop()
-        await self.pool.aclose()
 
     @property
     def ready(self) -> bool:

@@ -22,7 +22,7 @@ from proxy.common.paths import (
 )
 from proxy.common.price_table import genai_rates, load_table, table_price, table_providers
 from proxy.common.summary import TEXT_BLOCK, ResponseSummary, decode_chat_body, summarize_body
-from proxy.common.tasks import cancel_and_wait, every
+from proxy.common.tasks import cancel_and_wait, every, stop_within
 
 __all__ = [
     "COUNTED_POSTS",
@@ -49,6 +49,7 @@ __all__ = [
     "spends_tokens",
     "summarize_body",
     "split_host",
+    "stop_within",
     "table_price",
     "table_providers",
     "url_within_base",
