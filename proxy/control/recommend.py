@@ -25,7 +25,8 @@ from proxy.control.deps import Deps
 from proxy.control.errors import ERR
 from proxy.control.schemas import ArmProbability, ContextIn, GuardVerdict, Recommendation, RecommendIn, ShadowTestIn, ShadowTestResult
 from proxy.control.views import DAY, actor_of, context_of, params_out, write_audit
-from proxy.decision.decider import Explanation
+from proxy.decision import Explanation
+from proxy.learning import load_rows
 
 
 def guard_verdicts(deps: Deps, ex: Explanation, now: float) -> list[GuardVerdict]:
@@ -72,7 +73,7 @@ async def typical_context(deps: Deps, task_type: str, c: ContextIn) -> tuple[Con
     if not missing:
         return c, {}, []
     now = time.time()
-    rows, _ = await cdata.load_rows(deps.log_store, since=now - DAY, until=now + 1e-3, max_rows=TYPICAL_ROWS, task_type=task_type)
+    rows, _ = await load_rows(deps.log_store, since=now - DAY, until=now + 1e-3, max_rows=TYPICAL_ROWS, task_type=task_type)
     assumed: dict[str, Any] = {}
     for key in missing:
         values = [getattr(r.baseline_params, key) for r in rows if getattr(r.baseline_params, key) is not None]
@@ -129,15 +130,13 @@ class RecommendController(Controller):
     @post("/test-shadow", status_code=200, summary="Run one synthetic request through the decision path; nothing is sent or logged",
           responses={404: ERR})
     async def test_shadow(self, request: Request, deps: Deps, data: JSONBody[ShadowTestIn | None] = None) -> ShadowTestResult:
-        from proxy.edge.formats import CHAT  # the edge's own patching, imported late: the edge imports the control API
-
         body_in = data or ShadowTestIn()
         ctx, body = context_of(deps, body_in.task_type, body_in.context)
         rid = f"shadow-test-{uuid.uuid4()}"
         ex = await deps.decider.explain(ctx, request_id=rid, assignment_key=body_in.context.user or rid, rng=np.random.default_rng())
         decision = ex.decision
         out = copy.deepcopy(body)
-        CHAT.patch(out, decision.sent)
+        deps.patch_chat(out, decision.sent)
         await write_audit(deps, actor_of(request), "test_shadow", rid, None,
                           {"mode": decision.mode, "sent": msgspec.to_builtins(decision.sent)})
         return ShadowTestResult(

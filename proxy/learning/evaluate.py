@@ -62,9 +62,8 @@ from policies.context import context_bucket
 from policies.records import Arm, RequestContext
 from policies.registry import make_policy
 from proxy.config import Config, find_model_settings
-from proxy.decision.decider import BanditDecider
-from proxy.decision.feedback import context_from_features
-from proxy.store.base import DecisionRow, LogStore
+from proxy.decision import BanditDecider, context_from_features
+from proxy.store import DecisionRow, LogStore
 
 METHODS = ("ips", "snips", "dr")
 PLOTS_MISSING = ("No plots: matplotlib is not installed. `.venv/bin/pip install -e '.[plots]'` (or `pip install matplotlib`) "
@@ -530,10 +529,10 @@ async def run(
 def open_reader(config: Config) -> tuple[LogStore, str]:
     """The decision log `config` writes, opened for reading only (no spool: nothing is written)."""
     if config.storage.database_url:
-        from proxy.store.postgres import PostgresLogStore
+        from proxy.store import PostgresLogStore
 
         return PostgresLogStore(config.storage.database_url, min_size=1, max_size=1), "PostgreSQL"
-    from proxy.store.sqlite import SqliteSink
+    from proxy.store import SqliteSink
 
     path = Path(config.server.data_dir) / "decisions.sqlite3"
     if not path.exists():

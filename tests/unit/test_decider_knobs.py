@@ -16,7 +16,8 @@ from guards.trust_region import ModelLimits
 from policies.baseline import UniformPolicy
 from policies.records import RequestContext
 from policies.settings import ArmGridSettings, RewardSettings
-from proxy.decision.decider import BanditDecider, reference, reference_effort, tuned_params
+from proxy.decision import BanditDecider
+from proxy.decision.decider import reference, reference_effort, tuned_params
 
 C = ConstraintsSettings()
 EFFORTS = ("low", "medium", "high", "xhigh")

@@ -24,9 +24,8 @@ from policies.base import Choice
 from policies.baseline import UniformPolicy
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.settings import ArmGridSettings, QualitySettings, RewardSettings
-from proxy.decision.decider import BanditDecider, BudgetExceeded, Explanation
-from proxy.decision.outcome import Timings, arm_label, complete
-from proxy.edge.sse import summarize_body
+from proxy.common import summarize_body
+from proxy.decision import BanditDecider, BudgetExceeded, Explanation, Timings, arm_label, complete
 from tests.support.memory_transport import chat_json
 
 CTX = RequestContext("code", "m", "chat", 100, 1, False, False, False, 0.7, 600, "up")

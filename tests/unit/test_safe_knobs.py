@@ -24,7 +24,8 @@ from policies.baseline import BaselinePolicy, UniformPolicy
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.settings import ArmGridSettings, RewardSettings
 from proxy.config import ConfigError, build_config
-from proxy.decision.decider import HOLDOUT_SALT, BanditDecider, TuneMode
+from proxy.decision import BanditDecider
+from proxy.decision.decider import HOLDOUT_SALT, TuneMode
 
 C = ConstraintsSettings()  # ±0.2, ±500 and ±50 %, max_tokens 4096
 L = ModelLimits()
