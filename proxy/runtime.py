@@ -36,6 +36,7 @@ from policies.reward import reward_bounds
 from policies.signals import Signal
 from policies.validators import SchemaValidators
 from proxy.config import Config, ModelSettings
+from proxy.decision import model_limits
 from proxy.decision.conservative import ConservativeListener
 from proxy.decision.decider import BanditDecider, Decider
 from proxy.decision.feedback import FeedbackBook, FeedbackServices, deliver_signal
@@ -390,22 +391,7 @@ class Runtime:
         found = self._limits.get(key)
         if found is None:
             up = next((u for u in self.pool.upstreams if u.name == upstream), None)
-            ms = up.model_settings(model) if up is not None else None
-            found = (
-                ModelLimits(
-                    min_temperature=ms.min_temperature,
-                    max_temperature=ms.max_temperature,
-                    fixed_temperature=ms.fixed_temperature,
-                    max_tokens=ms.max_tokens_limit,
-                    default_temperature=ms.default_temperature,
-                    efforts=ms.efforts,
-                    accepts_temperature=ms.accepts_temperature,
-                )
-                if ms is not None
-                else ModelLimits()
-            )
-            if up is not None and up.format == "anthropic" and found.max_temperature > 1.0:
-                found = msgspec.structs.replace(found, max_temperature=1.0)  # the Messages API's range is 0-1
+            found = model_limits(up.model_settings(model), up.format) if up is not None else ModelLimits()
             if len(self._limits) < 4096:
                 self._limits[key] = found
         return found

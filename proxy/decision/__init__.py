@@ -5,6 +5,8 @@ signal re-enters here, whoever delivers it).
 
 from __future__ import annotations
 
+from policies.quality import learns
+from proxy.decision.arm_space import limits_for, model_limits
 from proxy.decision.conservative import ConservativeListener
 from proxy.decision.decider import BanditDecider, BudgetExceeded, BudgetUnavailable, Decider, Explanation
 from proxy.decision.feedback import (
@@ -15,7 +17,7 @@ from proxy.decision.feedback import (
     deliver_signal,
     record_outcome,
 )
-from proxy.decision.outcome import Timings, arm_label, complete, learns
+from proxy.decision.outcome import Timings, arm_label, complete
 from proxy.decision.registry import DecisionRegistry
 
 __all__ = [
@@ -35,5 +37,7 @@ __all__ = [
     "complete",
     "deliver_signal",
     "learns",
+    "limits_for",
+    "model_limits",
     "record_outcome",
 ]

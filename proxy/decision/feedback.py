@@ -31,12 +31,12 @@ from typing import Any, Protocol
 
 import msgspec
 
+from policies.quality import learns
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.signals import Signal
 from proxy.config import JudgeSettings
 from proxy.decision.decider import TEMPERATURE_STATISTICS, BanditDecider
 from proxy.decision.judge_trust import JudgeTrust
-from proxy.decision.outcome import learns
 from proxy.decision.registry import DecisionRegistry
 from proxy.store.base import DecisionRow
 from proxy.store.entries import FeedbackEntry

@@ -45,6 +45,7 @@ command-line tool, never on the proxy's event loop.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -54,14 +55,16 @@ from typing import Any, cast
 import msgspec
 import numpy as np
 
-from guards.trust_region import ModelLimits
 from policies import ope
 from policies.arms import arm_key
 from policies.base import Policy
 from policies.context import context_bucket
+from policies.quality import learns
 from policies.records import Arm, RequestContext
 from policies.registry import make_policy
-from proxy.config import Config, find_model_settings
+from policies.reward import reward_bounds
+from proxy.config import Config
+from proxy.decision import limits_for
 from proxy.decision.decider import BanditDecider
 from proxy.decision.feedback import context_from_features
 from proxy.store.base import DecisionRow, LogStore
@@ -88,9 +91,8 @@ def min_propensity(config: Config) -> float | None:
 
 
 def reward_range(config: Config) -> tuple[float, float]:
-    """Every reward lies here: quality in [0, 1] and both cost ratios capped at max_ratio (policies.reward)."""
-    r = config.policy.reward
-    return -(max(r.w_latency, 0.0) + max(r.w_tokens, 0.0)) * r.max_ratio, max(r.w_quality, 0.0)
+    """The bounds of every reward under `config` (`policies.reward.reward_bounds`, the one copy)."""
+    return reward_bounds(config.policy.reward)
 
 
 class TrustRegion:
@@ -102,20 +104,10 @@ class TrustRegion:
     """
 
     def __init__(self, config: Config, policy: Policy) -> None:
-        def limits_for(upstream: str, model: str) -> ModelLimits:
-            up = next((u for u in config.upstreams if u.name == upstream), None)
-            ms = find_model_settings(up, model) if up is not None else None
-            if ms is None:
-                return ModelLimits()
-            return ModelLimits(
-                min_temperature=ms.min_temperature, max_temperature=ms.max_temperature, fixed_temperature=ms.fixed_temperature,
-                max_tokens=ms.max_tokens_limit, default_temperature=ms.default_temperature,
-            )
-
         unused: Any = None
         self.decider = BanditDecider(
             policy=policy, budget=unused, rollout=unused, slo=unused, constraints=config.constraints, grid=config.policy.grid,
-            reward_settings=config.policy.reward, baseline_for=config.baseline_for, limits_for=limits_for,
+            reward_settings=config.policy.reward, baseline_for=config.baseline_for, limits_for=functools.partial(limits_for, config.upstreams),
             rng=np.random.default_rng(0), tune_temperature=config.optimization.tune_temperature,
             min_quality_signals=config.optimization.min_quality_signals, holdout_fraction=config.optimization.holdout_fraction,
         )
@@ -207,7 +199,7 @@ def replay(rows: Sequence[DecisionRow], candidate_config: Config, log_config: Co
     for r in sorted(rows, key=lambda row: row.timestamp):
         reward = r.effective_reward
         ctx = context_from_features(r.context_features)
-        if ctx is None or reward is None or not math.isfinite(reward) or not (200 <= r.status < 300) or r.error_class is not None:
+        if ctx is None or reward is None or not math.isfinite(reward) or not learns(r.status, r.error_class):
             continue
         series[r.task_type].append((r.timestamp, r.mode, reward))
         base = r.baseline_params.arm()

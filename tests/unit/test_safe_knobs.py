@@ -12,19 +12,17 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from guards.budget import BudgetGuard
-from guards.rollout import RolloutController, assign
-from guards.settings import MODE_TRAFFIC, MODES, BaselineSettings, CawsSettings, ConstraintsSettings, RolloutSettings, SloSettings
-from guards.slo import SloMonitor
-from guards.state import InProcessStore
+from guards.rollout import assign
+from guards.settings import MODE_TRAFFIC, MODES, BaselineSettings, ConstraintsSettings
 from guards.trust_region import FREE, Freedom, ModelLimits, allowed_arms, enforce, max_tokens_delta, within
 from policies.arms import candidate_arms
 from policies.base import Policy
-from policies.baseline import BaselinePolicy, UniformPolicy
+from policies.baseline import BaselinePolicy
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
-from policies.settings import ArmGridSettings, RewardSettings
+from policies.settings import ArmGridSettings
 from proxy.config import ConfigError, build_config
 from proxy.decision.decider import HOLDOUT_SALT, BanditDecider, TuneMode
+from tests.support.decider import build_decider
 
 C = ConstraintsSettings()  # ±0.2, ±500 and ±50 %, max_tokens 4096
 L = ModelLimits()
@@ -46,23 +44,8 @@ def decider(
     limits: ModelLimits = L,
     policy: Policy | None = None,
 ) -> BanditDecider:
-    slo = SloMonitor(SloSettings())
-    rollout = RolloutController.create(RolloutSettings(), SloSettings(), slo, now=0.0, phase=phase)  # type: ignore[arg-type]
-    return BanditDecider(
-        policy=policy or UniformPolicy(),
-        budget=BudgetGuard(CawsSettings(budget_limit=10**12), InProcessStore()),
-        rollout=rollout,
-        slo=slo,
-        constraints=constraints,
-        grid=ArmGridSettings(temperature_steps=5, max_tokens_steps=5),
-        reward_settings=RewardSettings(),
-        baseline_for=lambda task: stand_in,
-        limits_for=lambda upstream, model: limits,
-        rng=np.random.default_rng(0),
-        clock=lambda: 1000.0,
-        tune_temperature=tune,
-        min_quality_signals=min_signals,
-        holdout_fraction=holdout,
+    return build_decider(
+        policy, phase=phase, holdout=holdout, tune=tune, min_signals=min_signals, constraints=constraints, stand_in=stand_in, limits=limits,
     )
 
 
