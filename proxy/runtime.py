@@ -36,7 +36,7 @@ from policies.reward import reward_bounds
 from policies.signals import Signal
 from policies.validators import SchemaValidators
 from proxy.config import Config, ModelSettings
-from proxy.decision import model_limits
+from proxy.decision import ArmSettings, ArmSpace, DeciderSettings, DecisionGuards, model_limits
 from proxy.decision.conservative import ConservativeListener
 from proxy.decision.decider import BanditDecider, Decider
 from proxy.decision.feedback import FeedbackBook, FeedbackServices, deliver_signal
@@ -151,24 +151,12 @@ class Runtime:
         self.quality_signals = SyncedQualitySignals(max_task_types=srv.max_task_types)
         self.bandit: BanditDecider = BanditDecider(
             policy=self.policy,
-            budget=self.budget,
+            arms=ArmSpace(ArmSettings.from_config(config), baseline_for=config.baseline_for, limits_for=self.limits_for, signals=self.quality_signals),
+            guards=DecisionGuards(budget=self.budget, slo=self.slo, conservative=self.conservative, prices=self.prices),
             rollout=self._make_rollout(None),
-            slo=self.slo,
-            constraints=config.constraints,
-            grid=config.policy.grid,
-            reward_settings=config.policy.reward,
-            baseline_for=config.baseline_for,
-            limits_for=self.limits_for,
+            settings=DeciderSettings.from_config(config),
             rng=np.random.default_rng(config.optimization.seed),
-            require_caws=config.constraints.require_caws,
-            tick_interval_s=config.slo.check_interval_s,
             on_events=self.on_rollout_events,
-            tune_temperature=config.optimization.tune_temperature,
-            min_quality_signals=config.optimization.min_quality_signals,
-            holdout_fraction=config.optimization.holdout_fraction,
-            conservative=self.conservative,
-            signals=self.quality_signals,
-            prices=self.prices,
         )
         self.decider: Decider = decider or self.bandit
         self.validators = SchemaValidators()  # compiled schemas cached by hash

@@ -6,9 +6,17 @@ signal re-enters here, whoever delivers it).
 from __future__ import annotations
 
 from policies.quality import learns
-from proxy.decision.arm_space import limits_for, model_limits
+from proxy.decision.arm_space import ArmSettings, ArmSpace, QualitySignals, limits_for, model_limits
 from proxy.decision.conservative import ConservativeListener
-from proxy.decision.decider import BanditDecider, BudgetExceeded, BudgetUnavailable, Decider, Explanation
+from proxy.decision.decider import (
+    BanditDecider,
+    BudgetExceeded,
+    BudgetUnavailable,
+    Decider,
+    DeciderSettings,
+    DecisionGuards,
+    Explanation,
+)
 from proxy.decision.feedback import (
     ExplicitFeedback,
     FeedbackResult,
@@ -19,19 +27,26 @@ from proxy.decision.feedback import (
 )
 from proxy.decision.outcome import Timings, arm_label, complete
 from proxy.decision.registry import DecisionRegistry
+from proxy.decision.sampler import TwoStageSampler
 
 __all__ = [
+    "ArmSettings",
+    "ArmSpace",
     "BanditDecider",
     "BudgetExceeded",
     "BudgetUnavailable",
     "ConservativeListener",
     "Decider",
+    "DeciderSettings",
+    "DecisionGuards",
     "DecisionRegistry",
     "ExplicitFeedback",
     "Explanation",
     "FeedbackResult",
     "FeedbackServices",
+    "QualitySignals",
     "Timings",
+    "TwoStageSampler",
     "apply_pending_feedback",
     "arm_label",
     "complete",

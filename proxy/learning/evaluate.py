@@ -22,10 +22,10 @@ Read before deploying a change.  Per task type, on the decision log:
 How the candidate's probabilities are obtained.  The candidate policy (its name and
 settings from the candidate config, `policies.registry.make_policy`) is replayed through the
 log in time order: for each logged row it is first asked for its probabilities over
-the arms the candidate's trust region allows (`BanditDecider.allowed_for`, built from
+the arms the candidate's trust region allows (`ArmSpace.allowed_for`, built from
 the candidate config; the live decider's length check on lower caps, `candidates`, is
 not replayed, so the candidate is valued over its whole region), with the live decider's
-two-stage pmf (`BanditDecider.pmf`: the temperature from signal-only statistics, fed by
+two-stage pmf (`TwoStageSampler.pmf`: the temperature from signal-only statistics, fed by
 the rows with feedback), then it learns
 the logged reward of the logged arm, as the live decider does (`BanditDecider.observe`
 updates on every served request).  The target
@@ -50,7 +50,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import msgspec
 import numpy as np
@@ -64,8 +64,7 @@ from policies.records import Arm, RequestContext
 from policies.registry import make_policy
 from policies.reward import reward_bounds
 from proxy.config import Config
-from proxy.decision import limits_for
-from proxy.decision.decider import BanditDecider
+from proxy.decision import ArmSettings, ArmSpace, TwoStageSampler, limits_for
 from proxy.decision.feedback import context_from_features
 from proxy.store.base import DecisionRow, LogStore
 
@@ -96,28 +95,24 @@ def reward_range(config: Config) -> tuple[float, float]:
 
 
 class TrustRegion:
-    """The arms a configuration allows for a logged context: the live decider's own `allowed_for`.
+    """The arms a configuration allows for a logged context: the live decider's own arm space and sampler.
 
-    Only the trust-region part of `BanditDecider` is used (no budget, rollout or SLO);
-    temperature moves once the task has `min_quality_signals` explicit scores, counted
-    as the replay goes (`signal`), as it did live.
+    No budget, rollout or SLO; temperature moves once the task has `min_quality_signals`
+    explicit scores, counted as the replay goes (`signal`), as it did live.
     """
 
     def __init__(self, config: Config, policy: Policy) -> None:
-        unused: Any = None
-        self.decider = BanditDecider(
-            policy=policy, budget=unused, rollout=unused, slo=unused, constraints=config.constraints, grid=config.policy.grid,
-            reward_settings=config.policy.reward, baseline_for=config.baseline_for, limits_for=functools.partial(limits_for, config.upstreams),
-            rng=np.random.default_rng(0), tune_temperature=config.optimization.tune_temperature,
-            min_quality_signals=config.optimization.min_quality_signals, holdout_fraction=config.optimization.holdout_fraction,
+        self.arms = ArmSpace(
+            ArmSettings.from_config(config), baseline_for=config.baseline_for, limits_for=functools.partial(limits_for, config.upstreams),
         )
+        self.sampler = TwoStageSampler(policy)
 
     def allowed(self, ctx: RequestContext) -> tuple[Arm, list[Arm]]:
-        base, arms, _ = self.decider.allowed_for(ctx)
+        base, arms, _ = self.arms.allowed_for(ctx)
         return base, arms
 
     def signal(self, task_type: str) -> None:
-        self.decider.signals.add(task_type)
+        self.arms.signals.add(task_type)
 
 
 class MethodEstimate(msgspec.Struct, frozen=True):
@@ -210,7 +205,7 @@ def replay(rows: Sequence[DecisionRow], candidate_config: Config, log_config: Co
             rep = out[r.task_type]
             _, arms = target_region.allowed(ctx)
             _, logged_arms = logged_region.allowed(ctx)
-            probs = target_region.decider.pmf(ctx, base, arms)  # as the live decider plays: temperature stage first
+            probs = target_region.sampler.pmf(ctx, base, arms)  # as the live decider plays: temperature stage first
             keys = [arm_key(a) for a in arms]
             logged_keys = {arm_key(a) for a in logged_arms}
             rep.outside += arm_key(logged) not in logged_keys
@@ -229,7 +224,7 @@ def replay(rows: Sequence[DecisionRow], candidate_config: Config, log_config: Co
             target_region.signal(r.task_type)
             logged_region.signal(r.task_type)
             # A signal that sees temperature: the temperature-only statistics learn it too (BanditDecider.pmf).
-            target_region.decider.learn_signal(ctx, r.baseline_params, r.chosen_params, reward, None, logged_version=policy.version)
+            target_region.sampler.learn_signal(ctx, r.baseline_params, r.chosen_params, reward, None, logged_version=policy.version)
         policy.update(ctx, base, logged, reward)
     return out, series
 

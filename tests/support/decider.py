@@ -19,8 +19,9 @@ from guards.state import InProcessStore
 from guards.trust_region import ModelLimits
 from policies.base import Policy
 from policies.baseline import UniformPolicy
+from policies.records import Arm, RequestContext
 from policies.settings import ArmGridSettings, RewardSettings
-from proxy.decision.decider import BanditDecider, TuneMode
+from proxy.decision.decider import ArmSettings, ArmSpace, BanditDecider, DeciderSettings, DecisionGuards, TuneMode
 
 GRID = ArmGridSettings(temperature_steps=5, max_tokens_steps=5)
 NO_STAND_IN = BaselineSettings()
@@ -43,19 +44,23 @@ def build_decider(
     """A decider over one model with `limits` and one `[baseline]` stand-in for every task."""
     slo = SloMonitor(SloSettings())
     model = limits if limits is not None else ModelLimits()
+    arms = ArmSettings(constraints if constraints is not None else ConstraintsSettings(), grid, tune, min_signals)
     return BanditDecider(
         policy=policy if policy is not None else UniformPolicy(),
-        budget=BudgetGuard(caws or CawsSettings(budget_limit=10**12), InProcessStore()),
+        arms=ArmSpace(arms, baseline_for=lambda task: stand_in, limits_for=lambda upstream, model_name: model),
+        guards=DecisionGuards(budget=BudgetGuard(caws or CawsSettings(budget_limit=10**12), InProcessStore()), slo=slo),
         rollout=RolloutController.create(RolloutSettings(), SloSettings(), slo, now=0.0, phase=phase),  # type: ignore[arg-type]
-        slo=slo,
-        constraints=constraints if constraints is not None else ConstraintsSettings(),
-        grid=grid,
-        reward_settings=RewardSettings(),
-        baseline_for=lambda task: stand_in,
-        limits_for=lambda upstream, model_name: model,
+        settings=DeciderSettings(reward=RewardSettings(), holdout_fraction=holdout),
         rng=np.random.default_rng(0),
         clock=clock,
-        tune_temperature=tune,
-        min_quality_signals=min_signals,
-        holdout_fraction=holdout,
     )
+
+
+class RecordingUpdates:
+    """Mixin over a real policy: keeps the updates it receives (baseline, arm, reward) instead of learning them."""
+
+    def __init__(self) -> None:
+        self.updates: list[tuple[Arm, Arm, float]] = []
+
+    def update(self, ctx: RequestContext, baseline: Arm, arm: Arm, reward: float) -> None:
+        self.updates.append((baseline, arm, reward))

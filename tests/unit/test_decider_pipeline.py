@@ -22,21 +22,14 @@ from policies.settings import QualitySettings, RewardSettings
 from proxy.decision.decider import BanditDecider, BudgetExceeded, Explanation
 from proxy.decision.outcome import Timings, arm_label, complete
 from proxy.edge.sse import summarize_body
-from tests.support.decider import build_decider
+from tests.support.decider import RecordingUpdates, build_decider
 from tests.support.memory_transport import chat_json
 
 CTX = RequestContext("code", "m", "chat", 100, 1, False, False, False, 0.7, 600, "up")
 
 
-class RecordingPolicy(UniformPolicy):
-    def __init__(self) -> None:
-        self.updates: list[tuple[Arm, Arm, float]] = []
-
-    def update(self, ctx: RequestContext, baseline: Arm, arm: Arm, reward: float) -> None:
-        self.updates.append((baseline, arm, reward))
-
-    def choose(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator):  # type: ignore[no-untyped-def]
-        return super().choose(ctx, baseline, arms, rng)
+class RecordingPolicy(RecordingUpdates, UniformPolicy):
+    pass
 
 
 def make_decider(policy: UniformPolicy, caws: CawsSettings | None = None, phase: str = "general", holdout: float = 0.0) -> BanditDecider:

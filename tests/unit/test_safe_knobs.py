@@ -7,9 +7,7 @@ in-process store, real policies); only the clock and the generator are fixed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
-import numpy as np
 import pytest
 
 from guards.rollout import assign
@@ -22,7 +20,7 @@ from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.settings import ArmGridSettings
 from proxy.config import ConfigError, build_config
 from proxy.decision.decider import HOLDOUT_SALT, BanditDecider, TuneMode
-from tests.support.decider import build_decider
+from tests.support.decider import RecordingUpdates, build_decider
 
 C = ConstraintsSettings()  # ±0.2, ±500 and ±50 %, max_tokens 4096
 L = ModelLimits()
@@ -205,17 +203,8 @@ def test_holdout_is_independent_of_the_rollout_share() -> None:
     assert both < 40  # ≈ 0.25 % (10 keys) when independent; the same hash would put all ~200 in both
 
 
-class RecordingBaseline(BaselinePolicy):
+class RecordingBaseline(RecordingUpdates, BaselinePolicy):
     """The real baseline policy, keeping the updates it receives."""
-
-    def __init__(self) -> None:
-        self.updates: list[tuple[Arm, Arm, float]] = []
-
-    def update(self, ctx: RequestContext, baseline: Arm, arm: Arm, reward: float) -> None:
-        self.updates.append((baseline, arm, reward))
-
-    def choose(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator):  # type: ignore[no-untyped-def]
-        return super().choose(ctx, baseline, arms, rng)
 
 
 def test_holdout_outcomes_update_the_policy_as_the_baseline_arm() -> None:
