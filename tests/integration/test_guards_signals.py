@@ -10,8 +10,6 @@ temperature, 0.2), while the automatic score is 1 for both.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -28,6 +26,7 @@ from policies.thompson import ThompsonGaussianPolicy
 from proxy.learning.judge import extract_answer
 from proxy.runtime import Runtime
 from tests.conftest import make_config
+from tests.support.loop_thread import AppInThread, serve_app
 from tests.support.servers import RunningThermostat, free_port, start_thermostat
 
 CAP = 200  # the client's max_tokens: never binding here
@@ -58,9 +57,7 @@ class LengthWorld:
         self.judge_rule = judge_rule
         self.port = free_port()
         self.temperatures_seen: list[float] = []
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
+        self._server: AppInThread | None = None
 
     async def _handle(self, request: web.Request) -> web.Response:
         body: dict[str, Any] = await request.json()
@@ -83,25 +80,12 @@ class LengthWorld:
         })
 
     def start(self) -> LengthWorld:
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", self._handle)
-            self._runner = web.AppRunner(app, access_log=None)
-            loop.run_until_complete(self._runner.setup())
-            loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
-            self._ready.set()
-            loop.run_forever()
-
-        threading.Thread(target=run, daemon=True).start()
-        self._ready.wait(10)
+        self._server = serve_app(lambda app: app.router.add_post("/v1/chat/completions", self._handle), port=self.port)
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._server is not None:
+            self._server.stop()
 
 
 def _running(judge_rule: str, tmp: Any) -> tuple[LengthWorld, RunningThermostat]:

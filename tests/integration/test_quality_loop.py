@@ -9,8 +9,6 @@ hidden optimum (1.0) from the client's 0.6.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Iterator
 
@@ -20,10 +18,10 @@ import pytest
 
 from policies.signals import Signal
 from proxy.demo.simulator import SimulatorTruth, TaskProfile
-from proxy.demo.simulator_server import SimulatorHandle, start_simulator
+from proxy.demo.simulator_server import SimulatorHandle
 from tests.conftest import make_config
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.servers import RunningThermostat, start_thermostat
+from tests.support.servers import RunningThermostat, simulator_in_thread, start_thermostat
 
 CLIENT_T = 0.6
 CREATIVE = [{"role": "system", "content": "You are a creative writer."}, {"role": "user", "content": "A short poem about the sea."}]
@@ -31,24 +29,10 @@ CREATIVE = [{"role": "system", "content": "You are a creative writer."}, {"role"
 
 @pytest.fixture(scope="module")
 def simulator() -> Iterator[SimulatorHandle]:
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    handle: dict[str, SimulatorHandle] = {}
     # One task with a clear optimum far from the client's setting; short answers, so no arm truncates.
     truth = SimulatorTruth(tasks={"creative": TaskProfile(best_temperature=1.0, length_median=40, prompt_median=50, length_sigma=0.1)})
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        handle["sim"] = loop.run_until_complete(start_simulator("127.0.0.1", 0, seed=4, time_scale=0.0, truth=truth))
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    yield handle["sim"]
-    asyncio.run_coroutine_threadsafe(handle["sim"].close(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
+    with simulator_in_thread(seed=4, truth=truth) as sim:
+        yield sim
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import os
 import socket
 import struct
 import termios
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import make_config
+from tests.support.loop_thread import AppInThread, serve_app
 from tests.support.servers import RunningThermostat, start_thermostat
 
 CHUNK_PAD = 32 * 1024
@@ -55,8 +55,7 @@ class PaddedUpstream:
         self.transport: asyncio.Transport | None = None  # of the padded stream: its own write buffer is not Thermostat's
         self.finished = 0
         self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
+        self._server: AppInThread | None = None
 
     @property
     def url(self) -> str:
@@ -91,32 +90,13 @@ class PaddedUpstream:
         return resp
 
     def start(self) -> PaddedUpstream:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", self._handle)
-            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-            loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            loop.run_until_complete(site.start())
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            ready.set()
-            loop.run_forever()
-
-        threading.Thread(target=run, daemon=True).start()
-        ready.wait(10)
+        self._server = serve_app(lambda app: app.router.add_post("/v1/chat/completions", self._handle))
+        self.port = self._server.port
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._runner is not None:
-            try:
-                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-            finally:
-                self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._server is not None:
+            self._server.stop()
 
 
 @pytest.fixture()

@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from proxy.demo.wire import anthropic_body, anthropic_error, anthropic_events, prompt_text, responses_body, responses_events
+from tests.support.loop_thread import AppInThread, serve_app
 
 
 @dataclass
@@ -47,43 +47,20 @@ class FakeUpstream:
     models: tuple[str, ...] = ("echo-1",)
     models_status: int = 200
     billed_tokens: int = 0  # total_tokens of every chat/completions answer it produced (its own usage count)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
-    _runner: web.AppRunner | None = None
+    _server: AppInThread | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
 
     def start(self) -> FakeUpstream:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-            loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, self.host, self.port)
-            loop.run_until_complete(site.start())
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            ready.set()
-            loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        self._server = serve_app(lambda app: app.router.add_route("*", "/{tail:.*}", self._handle), self.host, self.port)
+        self.port = self._server.port
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._runner is not None:
-            fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
-            try:
-                fut.result(10)
-            finally:
-                self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._server is not None:
+            self._server.stop()
 
     def last(self) -> Received:
         return self.received[-1]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from proxy.cli import forwarding_options
 from proxy.config import Config
 from proxy.edge.serving import ServingConfig
 from proxy.runtime import Runtime
+from tests.support.loop_thread import started_in_thread
 
 
 def free_port() -> int:
@@ -84,7 +88,25 @@ class RunningThermostat:
             self.server.force_exit = True
             self.thread.join(timeout_s / 2)
         if self.thread.is_alive():
-            raise AssertionError(f"thermostat did not stop within {timeout_s} s")
+            raise AssertionError(f"thermostat did not stop within {timeout_s} s\n{self._stacks()}")
+
+    def _stacks(self) -> str:
+        """Where a stuck shutdown waits: the server thread's frame and every task of its loop."""
+        out = io.StringIO()
+        frame = sys._current_frames().get(self.thread.ident or -1)
+        if frame is not None:
+            out.write("server thread:\n" + "".join(traceback.format_stack(frame)))
+        loop = self.runtime._loop  # type: ignore[attr-defined]
+        for _ in range(3):  # the set may change while the loop thread runs
+            try:
+                tasks = list(asyncio.all_tasks(loop))
+                break
+            except RuntimeError:
+                tasks = []
+        for task in tasks:
+            out.write(f"\ntask {task.get_name()} {task.get_coro()!r}:\n")
+            task.print_stack(file=out)
+        return out.getvalue()
 
 
 def start_thermostat(config: Config, runtime: Runtime | None = None) -> RunningThermostat:
@@ -139,23 +161,9 @@ def simulator_in_thread(seed: int = 0, time_scale: float = 0.0, **options: Any) 
     """The bundled simulator (proxy/demo/simulator_server.py) on a loopback port, its own loop in a thread."""
     from proxy.demo.simulator_server import start_simulator
 
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    handle: dict[str, Any] = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        handle["sim"] = loop.run_until_complete(start_simulator("127.0.0.1", 0, seed=seed, time_scale=time_scale, **options))
-        started.set()
-        loop.run_forever()
-
-    threading.Thread(target=run, daemon=True).start()
-    assert started.wait(10), "the simulator did not start"
-    try:
-        yield handle["sim"]
-    finally:
-        asyncio.run_coroutine_threadsafe(handle["sim"].close(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
+    with started_in_thread(lambda: start_simulator("127.0.0.1", 0, seed=seed, time_scale=time_scale, **options),
+                           lambda sim: sim.close()) as sim:
+        yield sim
 
 
 def run_demo_traffic(base: str, rate_per_s: float, seconds: float, **options: Any) -> None:
