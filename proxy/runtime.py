@@ -37,6 +37,7 @@ from policies.signals import Signal
 from policies.validators import SchemaValidators
 from proxy.config import Config, ModelSettings
 from proxy.decision import ArmSettings, ArmSpace, DeciderSettings, DecisionGuards, model_limits
+from proxy.decision.arm_space import declared_stand_ins
 from proxy.decision.conservative import ConservativeListener
 from proxy.decision.decider import BanditDecider, Decider
 from proxy.decision.feedback import FeedbackBook, FeedbackServices, deliver_signal
@@ -122,6 +123,7 @@ class Runtime:
         self._models: dict[str, BoundedLabel] = {}
         self._fold_warned: set[str] = set()
         self._limits: dict[tuple[str, str], ModelLimits] = {}
+        self._stand_ins: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
         self._lag_watch: asyncio.Task[None] | None = None
         self.pruner = RetentionPruner(self.sink, st.retention_days)
 
@@ -151,7 +153,10 @@ class Runtime:
         self.quality_signals = SyncedQualitySignals(max_task_types=srv.max_task_types)
         self.bandit: BanditDecider = BanditDecider(
             policy=self.policy,
-            arms=ArmSpace(ArmSettings.from_config(config), baseline_for=config.baseline_for, limits_for=self.limits_for, signals=self.quality_signals),
+            arms=ArmSpace(
+                ArmSettings.from_config(config), baseline_for=config.baseline_for, limits_for=self.limits_for, signals=self.quality_signals,
+                stand_ins_for=self.stand_ins_for,
+            ),
             guards=DecisionGuards(budget=self.budget, slo=self.slo, conservative=self.conservative, prices=self.prices),
             rollout=self._make_rollout(None),
             settings=DeciderSettings.from_config(config),
@@ -382,6 +387,16 @@ class Runtime:
             found = model_limits(up.model_settings(model), up.format) if up is not None else ModelLimits()
             if len(self._limits) < 4096:
                 self._limits[key] = found
+        return found
+
+    def stand_ins_for(self, upstream: str, model: str) -> tuple[tuple[str, str], ...]:
+        """The declared stand-ins of `model` on `upstream`, each with its upstream (`declared_stand_ins`, cached)."""
+        key = (upstream, model)
+        found = self._stand_ins.get(key)
+        if found is None:
+            found = declared_stand_ins(self.config.upstreams, upstream, model)
+            if len(self._stand_ins) < 4096:
+                self._stand_ins[key] = found
         return found
 
     def on_rollout_events(self, events: list[RolloutEvent]) -> None:

@@ -329,6 +329,14 @@ class ProxyEdge:
         except BudgetUnavailable as exc:
             raise _budget_unavailable(exc.unpriced) from None
         changed = fmt.patch(doc, decision.sent)
+        if decision.sent.model is not None:
+            # A declared stand-in (the model as a knob): the body names it and goes to the upstream that serves it
+            # (validated at start-up); the answer's own `model` field then says who served it.
+            upstream = svc.pool.route_format(decision.sent.model, fmt.upstream_format) or upstream
+            if not upstream.paths.allows("POST", v1_path):
+                raise upstream.paths.refusal("POST", v1_path)
+            doc["model"] = decision.sent.model
+            changed = True
         if view.thinking_budget is not None and decision.sent.max_tokens is not None and doc.get("max_tokens") != decision.sent.max_tokens:
             # The Messages API refuses max_tokens at or below thinking.budget_tokens and the adapter raised it:
             # the log says what was sent, and a guard's swap (propensity 1) stays out of IPS/DR.
