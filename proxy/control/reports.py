@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ import numpy as np
 from guards.conservative import KindVerdict, TaskVerdict
 from guards.rollout import OpeEvidence, higher
 from policies import ope, sequences
-from policies.arms import arm_key
+from policies.arms import arm_key, arm_model_key
 from policies.base import HasPosterior
 from policies.context import context_bucket
 from policies.effort import EFFORT_LEVELS
@@ -257,6 +257,12 @@ def _signed_dollars(x: float) -> str:
     return ("−" if x < 0 else "+") + _dollars(x)
 
 
+def model_shares(rows: list[DecisionRow]) -> dict[str, float]:
+    """Share of `rows` served by each model (a stand-in sent, else the requested model), largest first."""
+    counts = Counter(r.chosen_params.model or r.model_name for r in rows)
+    return {m: n / len(rows) for m, n in counts.most_common()} if rows else {}
+
+
 def cost_comparison(task: str, rows: Iterable[DecisionRow]) -> CostComparison | None:
     """Tuned (optimised) vs holdout spend of one task type, and the saving per 1,000 requests with a Welch interval.
 
@@ -274,13 +280,17 @@ def cost_comparison(task: str, rows: Iterable[DecisionRow]) -> CostComparison | 
     low = diff.ci_low * 1000.0 if diff is not None and diff.ci_low is not None else None
     high = diff.ci_high * 1000.0 if diff is not None and diff.ci_high is not None else None
     n = len(opt) + len(hold)
+    models = model_shares(opt_all)
     if saving is None:
         summary = f"{task}: spend not comparable yet (needs priced tuned and holdout requests), {n:,} priced requests"
     else:
         words = f"saves {_dollars(saving)}" if saving >= 0 else f"costs {_dollars(saving)} more"
         span = f"[{_signed_dollars(low)}, {_signed_dollars(high)}]" if low is not None and high is not None else "[not yet known]"
         summary = f"{task}: {words} per 1,000 requests, {round(100 * (1 - ALPHA))} % interval {span}, {n:,} priced requests"
+    if any(r.chosen_params.model is not None for r in opt_all):
+        summary += "; tuned traffic by model: " + ", ".join(f"{m} {100 * share:.0f} %" for m, share in models.items())
     return CostComparison(
+        tuned_models=models,
         optimized_cost_usd=_mean(opt), holdout_cost_usd=_mean(hold), optimized_spend_usd=float(sum(opt)), holdout_spend_usd=float(sum(hold)),
         optimized_priced=len(opt), holdout_priced=len(hold), optimized_unpriced=len(opt_all) - len(opt),
         holdout_unpriced=len(hold_all) - len(hold), saving_per_1k_usd=saving, ci_low=low, ci_high=high, interval=COST_NOTE, summary=summary,
@@ -395,8 +405,8 @@ def convergence(decider: BanditDecider, rows: list[DecisionRow], since: float, u
         bucket, best, entropy, current = None, None, None, []
         ctx = context_from_features(latest[task].context_features)
         if ctx is not None:
-            ref, allowed, _ = decider.candidates(ctx)
-            base = ref.arm
+            options = decider.arms.options(ctx)  # stand-ins' arms included
+            base, allowed = options.reference.arm, options.allowed
             p = decider.pmf(ctx, base, allowed)
             bucket = context_bucket(ctx)
             best = float(p.max())
@@ -407,7 +417,7 @@ def convergence(decider: BanditDecider, rows: list[DecisionRow], since: float, u
                 post = policy.posterior(ctx, arm) if isinstance(policy, HasPosterior) else None
                 current.append(
                     ArmPosterior(
-                        temperature=arm.temperature, max_tokens=arm.max_tokens, probability=prob,
+                        temperature=arm.temperature, max_tokens=arm.max_tokens, probability=prob, model=arm.model,
                         posterior_mean=finite(post.mean) if post is not None else None,
                         posterior_sd=finite(post.sd) if post is not None else None,
                         n=post.n if post is not None else None,
@@ -421,6 +431,12 @@ def convergence(decider: BanditDecider, rows: list[DecisionRow], since: float, u
 
 
 _Scored = tuple[DecisionRow, Any, Arm, list[Arm], np.ndarray, Arm]
+
+
+def ope_label(arm: Arm) -> str:
+    """The reward model's key of an arm (the requested model's as before, a stand-in's with `#model`)."""
+    t, m = arm_key(arm)
+    return f"{t:g}|{m}" if arm.model is None else f"{t:g}|{m}#{arm.model}"
 
 
 def score_rows(decider: BanditDecider, rows: Sequence[DecisionRow]) -> tuple[list[_Scored], int]:
@@ -439,9 +455,9 @@ def score_rows(decider: BanditDecider, rows: Sequence[DecisionRow]) -> tuple[lis
         if ctx is None:
             skipped += 1
             continue
-        ref, allowed, _ = decider.candidates(ctx)
-        base = ref.arm
-        probs = decider.pmf(ctx, base, allowed)  # what the decider plays now (two stages, safe caps)
+        options = decider.arms.options(ctx)
+        base, allowed = options.reference.arm, options.allowed
+        probs = decider.pmf(ctx, base, allowed)  # what the decider plays now (model and temperature stages, safe caps, stand-ins)
         kept.append((r, ctx, r.chosen_params.arm(r.baseline_params), allowed, probs, base))
     return kept, skipped
 
@@ -473,11 +489,11 @@ class OpeArrays:
         self.baseline = np.zeros(n)
         keys = []
         for i, (_r, ctx, arm, allowed, probs, base) in enumerate(kept):
-            key = arm_key(arm)
-            idx = next((j for j, a in enumerate(allowed) if arm_key(a) == key), None)
+            key = arm_model_key(arm)
+            idx = next((j for j, a in enumerate(allowed) if arm_model_key(a) == key), None)
             self.target[i] = probs[idx] if idx is not None else 0.0
-            self.baseline[i] = 1.0 if key == arm_key(base) else 0.0
-            keys.append(f"{context_bucket(ctx)}|{key[0]:g}|{key[1]}")
+            self.baseline[i] = 1.0 if key == arm_model_key(base) else 0.0
+            keys.append(f"{context_bucket(ctx)}|{ope_label(arm)}")
         model = ope.TabularRewardModel(keys, self.rewards) if n else None
         self.q_logged = np.array([model.predict(k) for k in keys]) if model else np.zeros(0)
         self.v_target = np.zeros(n)
@@ -485,10 +501,9 @@ class OpeArrays:
         for i, (_r, ctx, _arm, allowed, probs, base) in enumerate(kept):
             assert model is not None
             bucket = context_bucket(ctx)
-            qs = np.array([model.predict(f"{bucket}|{arm_key(a)[0]:g}|{arm_key(a)[1]}") for a in allowed])
+            qs = np.array([model.predict(f"{bucket}|{ope_label(a)}") for a in allowed])
             self.v_target[i] = float(probs @ qs)
-            bk = arm_key(base)
-            self.v_baseline[i] = model.predict(f"{bucket}|{bk[0]:g}|{bk[1]}")
+            self.v_baseline[i] = model.predict(f"{bucket}|{ope_label(base)}")
 
 
 def _est(e: ope.Estimate | None) -> EstimateOut | None:

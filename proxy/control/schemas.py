@@ -124,6 +124,8 @@ class CostComparison(msgspec.Struct):
     ci_high: float | None
     interval: str  # how the interval was built
     summary: str  # in words: "code: saves $0.42 per 1,000 requests, 95 % interval [$0.10, $0.75], 1,234 priced requests"
+    # share of the window's tuned requests served by each model (a declared stand-in or the requested one); the holdout is always the requested model
+    tuned_models: dict[str, float] = {}
 
 
 class TaskPerformance(msgspec.Struct):
@@ -296,6 +298,7 @@ class ArmPosterior(msgspec.Struct):
     temperature: float
     max_tokens: int
     probability: float  # current probability the policy plays the arm (P(best) for Thompson)
+    model: str | None = None  # a declared stand-in's arm; None: the requested model's
     posterior_mean: float | None = None
     posterior_sd: float | None = None
     n: float | None = None
@@ -465,6 +468,7 @@ class RecommendIn(msgspec.Struct, forbid_unknown_fields=True):
 class ParamsOut(msgspec.Struct):
     temperature: float | None
     max_tokens: int | None
+    model: str | None = None  # a declared stand-in sent in place of the requested model (`substitutes`); None: the requested model
 
 
 class GuardVerdict(msgspec.Struct):
@@ -478,6 +482,7 @@ class ArmProbability(msgspec.Struct):
     temperature: float
     max_tokens: int
     probability: float
+    model: str | None = None  # a declared stand-in's arm; None: the requested model's
 
 
 class Recommendation(msgspec.Struct):

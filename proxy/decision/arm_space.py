@@ -276,10 +276,14 @@ class Options(NamedTuple):
 def fits(ctx: RequestContext, limits: ModelLimits) -> bool:
     """May a stand-in with `limits` serve this request at all? Its own limits must take what the client sent.
 
-    A temperature to a model that refuses one, a cap above its token limit, an effort level it does
-    not list: the stand-in is not offered (nothing the client sent is dropped or cut to make it fit).
+    A temperature to a model that refuses one or outside its range (or other than its fixed one), a cap
+    above its token limit, an effort level it does not list: the stand-in is not offered (nothing the
+    client sent is dropped, moved or cut to make it fit).
     """
-    if ctx.client_temperature is not None and not limits.accepts_temperature:
+    t = ctx.client_temperature
+    if t is not None and (not limits.accepts_temperature or not limits.min_temperature <= t <= limits.max_temperature):
+        return False
+    if t is not None and limits.fixed_temperature is not None and t != limits.fixed_temperature:
         return False
     if ctx.client_max_tokens is not None and limits.max_tokens is not None and ctx.client_max_tokens > limits.max_tokens:
         return False
@@ -364,16 +368,17 @@ class ArmSpace:
         ref, allowed, limits = self.reference_for(ctx)
         return ref, self.safe_caps(ctx, ref, allowed), limits
 
-    def options(self, ctx: RequestContext) -> Options:
+    def options(self, ctx: RequestContext, *, safe_caps: bool = True) -> Options:
         """`candidates` plus the declared stand-ins' arms (the model as a knob, `Arm.model`).
 
         Each stand-in that fits the request (`fits`) and is not shown worse for the task
         (`model_admitted`) gets its own baseline (the client's values within its own limits:
         temperature range or none, efforts, token limit) and its own trust region and safe caps
         around it. The holdout and all unoptimised traffic never see these arms: they get the
-        requested model's baseline (`proxy.decision.plan.settle`).
+        requested model's baseline (`proxy.decision.plan.settle`). `safe_caps=False`: the whole trust
+        region of each model, lower caps included (`allowed_for`; `thermostat evaluate`'s replay).
         """
-        ref, allowed, limits = self.candidates(ctx)
+        ref, allowed, limits = self.candidates(ctx) if safe_caps else self.reference_for(ctx)
         declared = self.stand_ins_for(ctx.upstream, ctx.model)
         if not declared:
             return Options(ref, allowed, limits, {})
@@ -389,7 +394,8 @@ class ArmSpace:
             s_ref = Reference(
                 msgspec.structs.replace(s_ref.arm, model=model), msgspec.structs.replace(s_ref.sent, model=model), s_ref.freedom,
             )
-            arms.extend(msgspec.structs.replace(a, model=model) for a in self.safe_caps(sctx, s_ref, s_allowed))
+            kept = self.safe_caps(sctx, s_ref, s_allowed) if safe_caps else s_allowed
+            arms.extend(msgspec.structs.replace(a, model=model) for a in kept)
             found[model] = StandIn(model, upstream, s_ref, s_limits)
         return Options(ref, arms, limits, found)
 

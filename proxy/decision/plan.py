@@ -175,6 +175,8 @@ class Planner:
         ref, allowed = options.reference, options.allowed
         share = Share.draw(eff, assignment_key, self.holdout_fraction, self.rolled_back(ctx.task_type))
         choice = self.sampler.choose(ctx, ref.arm, allowed, rng)
-        verdict = await self.desk.verdict(ctx, allowed, choice.index if share.optimised else None, ref.arm, choice.propensity, now)
+        verdict = await self.desk.verdict(
+            ctx, allowed, choice.index if share.optimised else None, ref.arm, choice.propensity, now, options.stand_ins,
+        )
         sending = settle(options, allowed[choice.index], choice, share, eff, verdict, self.arms.constraints, require_caws=self.require_caws)
         return Plan(ctx, now, options, eff, share, choice, verdict, sending)

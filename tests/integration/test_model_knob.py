@@ -56,6 +56,7 @@ def running(simulator: SimulatorHandle, tmp_path_factory: pytest.TempPathFactory
         optimization={"mode": "general", "seed": 5, "holdout_fraction": 0.1, "model_exploration_share": EXPLORE, "tune_temperature": "never"},
         policy={"grid": {"temperature_steps": 1, "max_tokens_steps": 1}},
         judge={"enabled": True, "model": "sim-judge", "sample_rate": 1.0, "max_concurrency": 4, "length_bias_check": False},
+        caws={"budget_limit": 10**12},  # the token budget stays out of the way
         # A wide margin keeps the test short: "no worse by more than 15 %" is shown after ~150 judged answers a side.
         slo={"max_quality_regression": 0.15},
     )

@@ -173,3 +173,26 @@ def test_signals_teach_the_model_stage_under_the_stand_in_s_own_keys() -> None:
     base = Params(temperature=0.7, max_tokens=600)
     d.learn_signal(ctx(), base, Params(temperature=0.7, max_tokens=600, model=SMALL), 0.5, None, logged_version="v")
     assert ("code~temperature", Arm(0.7, 600, model=SMALL)) in seen and ("code~model", Arm(0.7, 600, model=SMALL)) in seen
+
+
+def test_under_a_dollar_budget_a_cheaper_stand_in_is_the_cheaper_arm_at_the_waiver_threshold() -> None:
+    from guards.budget import BudgetGuard
+    from guards.settings import CawsSettings
+    from guards.state import InProcessStore
+
+    guard = BudgetGuard(CawsSettings(unit="usd", budget_limit=1.0, waiver_threshold=0.5), InProcessStore())
+    big, small = Rates(input=Price(10.0), output=Price(40.0)), Rates(input=Price(1.0), output=Price(4.0))
+    base = Arm(0.7, 600)
+    allowed = [base, Arm(0.7, 900), Arm(0.7, 600, model=SMALL), Arm(0.7, 900, model=SMALL)]
+
+    async def run() -> tuple[str, Arm]:
+        # fill past the waiver threshold with the baseline's own traffic
+        while not (await guard.decide(allowed=[base], chosen=None, baseline=base, task_type="t", prompt_tokens=100, confidence=None,
+                                      now=10.0, rates=big)).waiver_zone:
+            pass
+        v = await guard.decide(allowed=allowed, chosen=1, baseline=base, task_type="t", prompt_tokens=100, confidence=0.99, now=10.0,
+                               rates=big, model_rates={SMALL: small})
+        return v.reason, v.arm
+
+    reason, arm = asyncio.run(run())
+    assert reason == "cheaper_fit" and arm == Arm(0.7, 600, model=SMALL)  # not the baseline: the stand-in costs less
