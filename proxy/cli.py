@@ -7,6 +7,7 @@ import asyncio
 import errno
 import gc
 import logging
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -14,7 +15,16 @@ from typing import Any
 
 import msgspec
 
-from proxy.config import Config, ConfigError, ServerSettings, UpstreamSettings, load_config, mask_secrets
+from proxy.config import (
+    Config,
+    ConfigError,
+    ServerSettings,
+    UpstreamSettings,
+    load_config,
+    mask_secrets,
+    validate_workers,
+    worker_count,
+)
 
 log = logging.getLogger("thermostat")
 
@@ -108,14 +118,18 @@ def _serve(config: Config, host: str, port: int, workers: int = 1, *, sock: sock
         from proxy import workers as worker_mode
         from proxy.control.auth import require_token_or_opt_in
 
-        worker_mode.prepare(config, workers)
         require_token_or_opt_in(config.admin)  # each worker's create_app checks too; refuse before forking
+        metrics_dir = worker_mode.prepare(config, workers)
         print(f"thermostat listening on http://{host}:{port} with {workers} worker processes", flush=True)
         # uvicorn.run() without its Config: ServingConfig carries the connection limits.
         from uvicorn.supervisors import Multiprocess
 
         multi_config = ServingConfig("proxy.workers:app_from_env", server=config.server, factory=True, workers=workers, **common)
-        Multiprocess(multi_config, sockets=[sock]).run()
+        try:
+            Multiprocess(multi_config, sockets=[sock]).run()
+        finally:
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
         return
     server_config = ServingConfig(create_app(config), server=config.server, **common)
     server = Server(server_config)
@@ -127,13 +141,28 @@ def _serve(config: Config, host: str, port: int, workers: int = 1, *, sock: sock
     server.run(sockets=[sock])
 
 
+def _workers_flag(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither \"auto\" nor a whole number") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.workers import usable_cores
+
     config = _load(args.config)
     host = args.host or config.server.host
     port = args.port or config.server.port
-    if args.workers < 1:
-        raise ConfigError("--workers must be at least 1")
-    _serve(config, host, port, args.workers)
+    if args.workers is not None:  # the flag wins over [server] workers, under the same rule
+        config = msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, workers=args.workers))
+        validate_workers(config)
+    workers, advice = worker_count(config, usable_cores())
+    if advice:
+        log.info(advice)
+    _serve(config, host, port, workers)
     return 0
 
 
@@ -452,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="path to config.toml (default: ./config.toml if present)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (more than 1 needs storage.redis_url)")
+    serve.add_argument("--workers", type=_workers_flag, default=None,
+                       help="worker processes, or \"auto\" (default: [server] workers, \"auto\": one per core with storage.redis_url, else 1)")
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run the proxy in front of the bundled simulated LLM (or a real model on this CPU)")

@@ -92,6 +92,10 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allowed_hosts: tuple[str, ...] = ()
     # Peers whose X-Forwarded-For / X-Forwarded-Proto uvicorn believes; empty = nobody's.
     forwarded_allow_ips: tuple[str, ...] = ()
+    # Worker processes of `serve`: "auto" is one per usable core once storage.redis_url shares the
+    # budget, posterior and rollback switch between them, else 1 (see `worker_count`); a number > 1
+    # needs storage.redis_url. `serve --workers` overrides it.
+    workers: int | Literal["auto"] = "auto"
 
 
 class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -700,6 +704,36 @@ def _validate_ranges(cfg: Config) -> None:
             raise bad(f"upstreams[{up.name}].max_response_bytes", f"{up.max_response_bytes} (allowed: a positive number)")
 
 
+def validate_workers(cfg: Config) -> None:
+    """`server.workers` against the storage it needs (also run on `serve --workers`, which overrides it).
+
+    Without Redis the budget, the posterior and the rollback switch live in each process:
+    two workers would each spend the whole budget and a rollback would reach one of them.
+    """
+    workers = cfg.server.workers
+    if workers == "auto":
+        return
+    if workers < 1:
+        raise ConfigError(f"invalid value for 'server.workers': {workers} (allowed: \"auto\" or a whole number >= 1)", key="server.workers")
+    if workers > 1 and not cfg.storage.redis_url:
+        raise ConfigError(
+            f"invalid value for 'server.workers': {workers} needs storage.redis_url (REDIS_URL): the budget, the posterior and "
+            "the rollback switch must be shared between worker processes", key="server.workers")
+
+
+def worker_count(cfg: Config, cores: int) -> tuple[int, str]:
+    """How many worker processes `serve` runs on `cores` usable cores, and, when "auto" had to settle
+    for one of several cores, the start-up line that says why and how to get the rest ("" otherwise)."""
+    workers = cfg.server.workers
+    if workers != "auto":
+        return workers, ""
+    if cfg.storage.redis_url or cores <= 1:
+        return max(1, cores), ""
+    return 1, (f"1 worker process: [server] workers = \"auto\" runs one per core ({cores} here) only with storage.redis_url "
+               "(REDIS_URL) set, since without it the budget, the posterior and the rollback switch are per process; set REDIS_URL "
+               "to use every core (docs/deployment.md), or workers = 1 to say one is meant")
+
+
 def _warn_soft_problems(cfg: Config) -> None:
     """Log what is valid but probably not meant (start-up goes on)."""
     for up in cfg.upstreams:
@@ -732,6 +766,7 @@ def build_config(doc: dict[str, Any], environ: typing.Mapping[str, str] | None =
             detail = _type_mismatch(doc, path, message.split(" - at ")[0]) or f"{message.split(' - at ')[0]}{_allowed_values(path)}"
             raise ConfigError(f"invalid value for '{key}': {detail}", key=key) from None
         _validate_ranges(cfg)
+        validate_workers(cfg)
     except ConfigError as exc:
         source = applied.get(exc.key or "")
         if source is None:

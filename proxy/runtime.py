@@ -15,6 +15,7 @@ import math
 import secrets
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,11 @@ from proxy.store.local_state import LocalState
 from proxy.store.recorder import Recorder
 from proxy.store.redis_state import RedisStore
 from proxy.store.retention import RetentionPruner
+from proxy.tasks import stop_within
 
 log = logging.getLogger("thermostat")
 
+STOP_STEP_S = 15.0  # the longest any one part may take to stop (see `Runtime.stop`); the recorder's own writes are bounded below it
 VERSION = "0.1.0"  # the service.version of exported spans (pyproject's version)
 
 
@@ -306,29 +309,36 @@ class Runtime:
         )
 
     async def stop(self) -> None:
-        await self.alerts.stop()
-        await self.ticker.stop()
-        await self.pruner.stop()
+        """Stop every part in order, each bounded by `STOP_STEP_S`: whatever hangs, the decision
+        log is flushed, the journal closed and its lock released (`proxy.tasks.stop_within`)."""
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("alerts", self.alerts.stop), ("rollout ticker", self.ticker.stop), ("pruner", self.pruner.stop),
+        ]
         if self._lag_watch is not None:
             self._lag_watch.cancel()
         if self.judge is not None:
-            await self.judge.stop()
-        await self.tracer.stop()
+            steps.append(("judge", self.judge.stop))
+        steps.append(("tracer", self.tracer.stop))
+        steps.append(("answer listener", self._stop_answers))
+        if self.refresher is not None:
+            steps.append(("table refresher", self.refresher.stop))
+        if self.lease_refiller is not None:
+            steps.append(("budget lease refiller", self.lease_refiller.stop))
+        if self.signal_sync is not None:
+            steps.append(("quality-signal sync", self.signal_sync.stop))
+        if self.shared is not None:
+            steps.append(("shared state (redis)", self.shared.stop))
+        steps.append(("decision log recorder", self.recorder.stop))
+        if self.local_state is not None:
+            steps.append(("local state", self.local_state.stop))
+        steps.append(("read watch", self.read_watch.stop))
+        steps.append(("upstream pool", self.pool.aclose))
+        for name, stop in steps:
+            await stop_within(name, stop, STOP_STEP_S, log)
+
+    async def _stop_answers(self) -> None:
         self.answers.stop()
         await self.judge_trust.flush()  # retractions and the last save of the mutes
-        if self.refresher is not None:
-            await self.refresher.stop()
-        if self.lease_refiller is not None:
-            await self.lease_refiller.stop()
-        if self.signal_sync is not None:
-            await self.signal_sync.stop()
-        if self.shared is not None:
-            await self.shared.stop()
-        await self.recorder.stop()
-        if self.local_state is not None:
-            await self.local_state.stop()
-        await self.read_watch.stop()
-        await self.pool.aclose()
 
     @property
     def ready(self) -> bool:
