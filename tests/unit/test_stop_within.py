@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 import proxy.runtime
-from proxy.tasks import stop_within
+from proxy.common import stop_within
 from tests.conftest import make_config
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.servers import start_thermostat
