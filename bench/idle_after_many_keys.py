@@ -77,7 +77,7 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     exe = Path(sys.executable).with_name("thermostat")
     with open(tmp / "server.log", "wb") as log:
-        proc = subprocess.Popen([str(exe), "serve", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=log, env=env)
+        proc = subprocess.Popen([str(exe), "serve", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], stdout=log, stderr=log, env=env)
     client = redis.Redis.from_url(REDIS_URL)
     try:
         wait_ready(f"{base}/health", proc)

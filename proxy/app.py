@@ -15,8 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.config import Config
 from proxy.control import EXCEPTION_HANDLERS, AdminAuth, ControlDeps, StrictStructSchemaPlugin, build_control, document_errors, require_token_or_opt_in
-from proxy.edge.asgi import Message, ProxyEdge, Receive, Scope, Send
-from proxy.observability.metrics import exposition, install_live_metrics, refresh_live
+from proxy.edge import Message, ProxyEdge, Receive, Scope, Send
+from proxy.observability import exposition, install_live_metrics, refresh_live
 from proxy.runtime import Runtime
 
 DASHBOARD_HTML = Path(__file__).parent / "observability" / "dashboard.html"

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import gc
 import logging
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -14,7 +15,16 @@ from typing import Any
 
 import msgspec
 
-from proxy.config import Config, ConfigError, ServerSettings, UpstreamSettings, load_config, mask_secrets
+from proxy.config import (
+    Config,
+    ConfigError,
+    ServerSettings,
+    UpstreamSettings,
+    load_config,
+    mask_secrets,
+    validate_workers,
+    worker_count,
+)
 
 log = logging.getLogger("thermostat")
 
@@ -87,7 +97,7 @@ def _serve(config: Config, host: str, port: int, workers: int = 1, *, sock: sock
             self.should_exit = True
 
     from proxy.app import create_app
-    from proxy.edge.serving import ServingConfig
+    from proxy.edge import ServingConfig
 
     require_upstreams(config)
     if sock is None:
@@ -106,16 +116,20 @@ def _serve(config: Config, host: str, port: int, workers: int = 1, *, sock: sock
     )
     if workers > 1:
         from proxy import workers as worker_mode
-        from proxy.control.auth import require_token_or_opt_in
+        from proxy.control import require_token_or_opt_in
 
-        worker_mode.prepare(config, workers)
         require_token_or_opt_in(config.admin)  # each worker's create_app checks too; refuse before forking
+        metrics_dir = worker_mode.prepare(config, workers)
         print(f"thermostat listening on http://{host}:{port} with {workers} worker processes", flush=True)
         # uvicorn.run() without its Config: ServingConfig carries the connection limits.
         from uvicorn.supervisors import Multiprocess
 
         multi_config = ServingConfig("proxy.workers:app_from_env", server=config.server, factory=True, workers=workers, **common)
-        Multiprocess(multi_config, sockets=[sock]).run()
+        try:
+            Multiprocess(multi_config, sockets=[sock]).run()
+        finally:
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
         return
     server_config = ServingConfig(create_app(config), server=config.server, **common)
     server = Server(server_config)
@@ -127,13 +141,28 @@ def _serve(config: Config, host: str, port: int, workers: int = 1, *, sock: sock
     server.run(sockets=[sock])
 
 
+def _workers_flag(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither \"auto\" nor a whole number") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.workers import usable_cores
+
     config = _load(args.config)
     host = args.host or config.server.host
     port = args.port or config.server.port
-    if args.workers < 1:
-        raise ConfigError("--workers must be at least 1")
-    _serve(config, host, port, args.workers)
+    if args.workers is not None:  # the flag wins over [server] workers, under the same rule
+        config = msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, workers=args.workers))
+        validate_workers(config)
+    workers, advice = worker_count(config, usable_cores())
+    if advice:
+        log.info(advice)
+    _serve(config, host, port, workers)
     return 0
 
 
@@ -153,7 +182,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _demo_local(args)
     import threading
 
-    from proxy.demo.simulator_server import start_simulator
+    from proxy.demo import start_simulator
 
     args.feedback = args.feedback or "judge"
     config = _load(args.config)
@@ -255,8 +284,7 @@ def _demo_local(args: argparse.Namespace) -> int:
 
 def local_demo_config(config: Config, model_url: str, *, mode: str, holdout: float) -> Config:
     """What `thermostat demo --model local` runs: `config` in front of the local model server at `model_url`."""
-    from proxy.demo import local_model
-    from proxy.demo.traffic import LOCAL_TEMPERATURE
+    from proxy.demo import LOCAL_TEMPERATURE, local_model
 
     config = demo_config(config, model_url, mode=mode, holdout=holdout, feedback="explicit")
     upstream = UpstreamSettings(name="llama", base_url=model_url, models=("*",), timeout_s=300.0)  # a CPU model: seconds, not milliseconds
@@ -276,7 +304,7 @@ def demo_feedback_config(config: Config, feedback: str) -> Config:
     """`--feedback judge` turns the judge on against the simulator (`sim-judge`); other sources leave it as configured."""
     if feedback != "judge":
         return config
-    from proxy.demo.simulator_server import JUDGE_PREFIX
+    from proxy.demo import JUDGE_PREFIX
 
     judge = msgspec.structs.replace(config.judge, enabled=True, model=JUDGE_PREFIX,
                                     sample_rate=max(config.judge.sample_rate, DEMO_JUDGE_SAMPLE_RATE))
@@ -344,7 +372,7 @@ def _start_demo_traffic(base_url: str, rate: float, config: Config, feedback: st
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from proxy.demo.simulator_server import run as run_simulator
+    from proxy.demo import run_simulator
 
     sock = bind_port(args.host, args.port, "the simulated LLM", "--port")
     print(f"simulated OpenAI-compatible upstream on http://{args.host}:{args.port}/v1", flush=True)
@@ -366,7 +394,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not config.storage.database_url:
         print("no database_url configured: the embedded SQLite decision log creates its own schema; nothing to migrate")
         return 0
-    from proxy.store.migrations import migrate
+    from proxy.store import migrate
 
     applied = asyncio.run(migrate(config.storage.database_url))
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
@@ -375,12 +403,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 async def _prune(config: Config, older_than_s: float, batch_size: int) -> tuple[str, int, int]:
     if config.storage.database_url:
-        from proxy.store.postgres import PostgresLogStore
+        from proxy.store import PostgresLogStore
 
         store: object = PostgresLogStore(config.storage.database_url, min_size=1, max_size=1)
         where = "PostgreSQL"
     else:
-        from proxy.store.sqlite import SqliteSink
+        from proxy.store import SqliteSink
 
         store = SqliteSink(Path(config.server.data_dir) / "decisions.sqlite3")
         where = str(Path(config.server.data_dir) / "decisions.sqlite3")
@@ -415,7 +443,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Offline evaluation of a candidate config on the decision log (proxy/learning/evaluate.py)."""
     import time
 
-    from proxy.learning.evaluate import evaluate_command
+    from proxy.learning import evaluate_command
     from proxy.store import parse_duration
 
     candidate = load_config(args.config)
@@ -438,7 +466,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if task.unsupported:
             print(f"  {task.task_type}: unsupported (the log played {task.played_arms} of the candidate's {task.candidate_arms} arms): no estimate")
     if not any(report.parent.glob("*.png")):
-        from proxy.learning.evaluate import PLOTS_MISSING
+        from proxy.learning import PLOTS_MISSING
 
         print(f"  {PLOTS_MISSING}")
     return 0
@@ -452,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="path to config.toml (default: ./config.toml if present)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (more than 1 needs storage.redis_url)")
+    serve.add_argument("--workers", type=_workers_flag, default=None,
+                       help="worker processes, or \"auto\" (default: [server] workers, \"auto\": one per core with storage.redis_url, else 1)")
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run the proxy in front of the bundled simulated LLM (or a real model on this CPU)")

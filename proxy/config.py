@@ -41,8 +41,7 @@ from policies.settings import (
     RewardSettings,
     ThompsonSettings,
 )
-from proxy.edge.origins import normalize_origin, valid_host_entry
-from proxy.edge.paths import METHODS, parse_forward_path
+from proxy.common import METHODS, normalize_origin, parse_forward_path, table_providers, valid_host_entry
 
 ModeName = Literal["shadow", "canary", "guarded", "general"]
 TuneTemperature = Literal["auto", "always", "never"]
@@ -92,6 +91,10 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allowed_hosts: tuple[str, ...] = ()
     # Peers whose X-Forwarded-For / X-Forwarded-Proto uvicorn believes; empty = nobody's.
     forwarded_allow_ips: tuple[str, ...] = ()
+    # Worker processes of `serve`: "auto" is one per usable core once storage.redis_url shares the
+    # budget, posterior and rollback switch between them, else 1 (see `worker_count`); a number > 1
+    # needs storage.redis_url. `serve --workers` overrides it.
+    workers: int | Literal["auto"] = "auto"
 
 
 class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -542,15 +545,25 @@ def _flatten_union(tp: Any) -> list[Any]:
     return [tp]
 
 
-def _validate_ranges(cfg: Config) -> None:
-    def bad(key: str, msg: str) -> ConfigError:
-        return ConfigError(f"invalid value for '{key}': {msg}", key=key)
+def _bad(key: str, msg: str) -> ConfigError:
+    return ConfigError(f"invalid value for '{key}': {msg}", key=key)
 
+
+def _validate_ranges(cfg: Config) -> None:
+    """Every value in its allowed range, checked in a fixed order so that the first problem is the one reported."""
+    _check_fractions_and_counts(cfg)
+    _check_budget_and_guards(cfg)
+    _check_server_and_telemetry(cfg)
+    _check_upstreams(cfg)
+
+
+def _check_fractions_and_counts(cfg: Config) -> None:
+    """The policy name and the plain ranges: fractions in [0, 1], positive counts and durations."""
     if cfg.optimization.policy not in POLICIES:
-        raise bad("optimization.policy", f"{cfg.optimization.policy!r} (allowed: {', '.join(POLICIES)})")
+        raise _bad("optimization.policy", f"{cfg.optimization.policy!r} (allowed: {', '.join(POLICIES)})")
     tp = cfg.optimization.traffic_percentage
     if tp is not None and not 0.0 <= tp <= 1.0:
-        raise bad("optimization.traffic_percentage", f"{tp} (allowed: a fraction in [0, 1])")
+        raise _bad("optimization.traffic_percentage", f"{tp} (allowed: a fraction in [0, 1])")
     for key, value in (
         ("caws.waiver_threshold", cfg.caws.waiver_threshold),
         ("caws.warning_threshold", cfg.caws.warning_threshold),
@@ -564,9 +577,9 @@ def _validate_ranges(cfg: Config) -> None:
         ("policy.quality.schema_invalid_score", cfg.policy.quality.schema_invalid_score),
     ):
         if not 0.0 <= value <= 1.0:
-            raise bad(key, f"{value} (allowed: a fraction in [0, 1])")
+            raise _bad(key, f"{value} (allowed: a fraction in [0, 1])")
     if not 0.0 <= cfg.judge.length_bias_margin < 0.5:
-        raise bad("judge.length_bias_margin", f"{cfg.judge.length_bias_margin} (allowed: a number in [0, 0.5))")
+        raise _bad("judge.length_bias_margin", f"{cfg.judge.length_bias_margin} (allowed: a number in [0, 0.5))")
     for key, number in (
         ("caws.budget_limit", cfg.caws.budget_limit),
         ("caws.window_s", cfg.caws.window_s),
@@ -596,122 +609,162 @@ def _validate_ranges(cfg: Config) -> None:
         ("feedback.max_fingerprints", cfg.feedback.max_fingerprints),
     ):
         if number <= 0:
-            raise bad(key, f"{number} (allowed: a positive number)")
+            raise _bad(key, f"{number} (allowed: a positive number)")
     if cfg.server.max_connections_per_client < 0:
-        raise bad("server.max_connections_per_client", f"{cfg.server.max_connections_per_client} (allowed: 0 = no cap, or a positive number)")
+        raise _bad("server.max_connections_per_client", f"{cfg.server.max_connections_per_client} (allowed: 0 = no cap, or a positive number)")
     for key, seconds in (
         ("storage.journal_fsync_interval_s", cfg.storage.journal_fsync_interval_s),
         ("storage.state_snapshot_interval_s", cfg.storage.state_snapshot_interval_s),
     ):
         if seconds <= 0:
-            raise bad(key, f"{seconds} (allowed: > 0)")
+            raise _bad(key, f"{seconds} (allowed: > 0)")
+
+
+def _check_budget_and_guards(cfg: Config) -> None:
+    """The budget (limits, leases), the SLO and conservative guards, the judge, the trust region and the holdout."""
     if cfg.judge.enabled and not cfg.judge.model.strip():
-        raise bad("judge.model", "empty (allowed: a model name served by one of [[upstreams]])")
+        raise _bad("judge.model", "empty (allowed: a model name served by one of [[upstreams]])")
     if not math.isfinite(cfg.caws.budget_limit) or not all(math.isfinite(v) and v > 0 for v in cfg.caws.per_task_limits.values()):
-        raise bad("caws.budget_limit", "limits must be finite and positive (caws.budget_limit, caws.per_task_limits)")
+        raise _bad("caws.budget_limit", "limits must be finite and positive (caws.budget_limit, caws.per_task_limits)")
     if cfg.caws.unit == "tokens":
         for key, limit in (("caws.budget_limit", cfg.caws.budget_limit), *((f"caws.per_task_limits.{t}", v) for t, v in cfg.caws.per_task_limits.items())):
             if limit != int(limit):
-                raise bad(key, f"{limit} (allowed: a whole number of tokens; dollars need caws.unit = \"usd\")")
+                raise _bad(key, f"{limit} (allowed: a whole number of tokens; dollars need caws.unit = \"usd\")")
     if cfg.caws.store_timeout_s <= 0:
-        raise bad("caws.store_timeout_s", f"{cfg.caws.store_timeout_s} (allowed: > 0)")
+        raise _bad("caws.store_timeout_s", f"{cfg.caws.store_timeout_s} (allowed: > 0)")
     if cfg.caws.waiver_cache_s < 0:
-        raise bad("caws.waiver_cache_s", f"{cfg.caws.waiver_cache_s} (allowed: >= 0)")
+        raise _bad("caws.waiver_cache_s", f"{cfg.caws.waiver_cache_s} (allowed: >= 0)")
     for key, seconds in (
         ("caws.lease_horizon_s", cfg.caws.lease_horizon_s),
         ("caws.lease_ttl_s", cfg.caws.lease_ttl_s),
         ("caws.lease_refill_s", cfg.caws.lease_refill_s),
     ):
         if seconds <= 0:
-            raise bad(key, f"{seconds} (allowed: > 0)")
+            raise _bad(key, f"{seconds} (allowed: > 0)")
     if not 0.0 < cfg.caws.lease_share <= 1.0:
-        raise bad("caws.lease_share", f"{cfg.caws.lease_share} (allowed: a fraction in (0, 1])")
+        raise _bad("caws.lease_share", f"{cfg.caws.lease_share} (allowed: a fraction in (0, 1])")
     if cfg.caws.lease_refill_s >= cfg.caws.lease_ttl_s:
-        raise bad("caws.lease_refill_s", f"{cfg.caws.lease_refill_s} (allowed: < caws.lease_ttl_s)")
+        raise _bad("caws.lease_refill_s", f"{cfg.caws.lease_refill_s} (allowed: < caws.lease_ttl_s)")
     if cfg.slo.max_samples < cfg.slo.min_samples or cfg.slo.check_interval_s < 0:
-        raise bad("slo.max_samples", "must be >= slo.min_samples, and slo.check_interval_s >= 0")
+        raise _bad("slo.max_samples", "must be >= slo.min_samples, and slo.check_interval_s >= 0")
     for key, share in (("slo.max_quality_regression", cfg.slo.max_quality_regression), ("slo.max_latency_regression", cfg.slo.max_latency_regression)):
         if not 0.0 <= share < 1.0:
-            raise bad(key, f"{share} (allowed: a fraction in [0, 1))")
+            raise _bad(key, f"{share} (allowed: a fraction in [0, 1))")
     if not 0.0 <= cfg.slo.max_cost_regression < 10.0:
-        raise bad("slo.max_cost_regression", f"{cfg.slo.max_cost_regression} (allowed: a fraction in [0, 10))")
+        raise _bad("slo.max_cost_regression", f"{cfg.slo.max_cost_regression} (allowed: a fraction in [0, 10))")
     hsr = cfg.judge.holdout_sample_rate
     if hsr is not None and hsr < cfg.judge.sample_rate:
-        raise bad("judge.holdout_sample_rate", f"{hsr} (allowed: >= judge.sample_rate {cfg.judge.sample_rate}: holdout is judged at least as often)")
+        raise _bad("judge.holdout_sample_rate", f"{hsr} (allowed: >= judge.sample_rate {cfg.judge.sample_rate}: holdout is judged at least as often)")
     if cfg.constraints.max_delta_temperature < 0 or cfg.constraints.max_delta_max_tokens < 0:
-        raise bad("constraints.max_delta_*", "deltas must be >= 0")
+        raise _bad("constraints.max_delta_*", "deltas must be >= 0")
     if cfg.constraints.max_delta_effort_levels < 0:
-        raise bad("constraints.max_delta_effort_levels", f"{cfg.constraints.max_delta_effort_levels} (allowed: >= 0)")
+        raise _bad("constraints.max_delta_effort_levels", f"{cfg.constraints.max_delta_effort_levels} (allowed: >= 0)")
     for task, base in cfg.baseline.items():
         if base.effort is not None and base.effort not in EFFORT_LEVELS:
-            raise bad(f"baseline.{task}.effort", f"{base.effort!r} (allowed: {', '.join(EFFORT_LEVELS)})")
+            raise _bad(f"baseline.{task}.effort", f"{base.effort!r} (allowed: {', '.join(EFFORT_LEVELS)})")
     if not 0.0 <= cfg.constraints.max_relative_delta_max_tokens <= 1.0:
-        raise bad("constraints.max_relative_delta_max_tokens", f"{cfg.constraints.max_relative_delta_max_tokens} (allowed: a fraction in [0, 1])")
+        raise _bad("constraints.max_relative_delta_max_tokens", f"{cfg.constraints.max_relative_delta_max_tokens} (allowed: a fraction in [0, 1])")
     if not 0.0 <= cfg.constraints.max_extra_truncation <= 1.0:
-        raise bad("constraints.max_extra_truncation", f"{cfg.constraints.max_extra_truncation} (allowed: a fraction in [0, 1]; 1 switches the check off)")
+        raise _bad("constraints.max_extra_truncation", f"{cfg.constraints.max_extra_truncation} (allowed: a fraction in [0, 1]; 1 switches the check off)")
     if not 0.0 <= cfg.optimization.holdout_fraction < 1.0:
-        raise bad("optimization.holdout_fraction", f"{cfg.optimization.holdout_fraction} (allowed: a fraction in [0, 1))")
+        raise _bad("optimization.holdout_fraction", f"{cfg.optimization.holdout_fraction} (allowed: a fraction in [0, 1))")
     if not 0.0 <= cfg.optimization.model_exploration_share <= 0.5:
-        raise bad("optimization.model_exploration_share", f"{cfg.optimization.model_exploration_share} (allowed: a fraction in [0, 0.5])")
+        raise _bad("optimization.model_exploration_share", f"{cfg.optimization.model_exploration_share} (allowed: a fraction in [0, 0.5])")
     if cfg.optimization.min_quality_signals < 0:
-        raise bad("optimization.min_quality_signals", f"{cfg.optimization.min_quality_signals} (allowed: >= 0)")
+        raise _bad("optimization.min_quality_signals", f"{cfg.optimization.min_quality_signals} (allowed: >= 0)")
+
+
+def _check_server_and_telemetry(cfg: Config) -> None:
+    """Listening, the hosts and origins the forgery checks accept, proxies to believe, and span export."""
     if not 0 < cfg.server.port < 65536:
-        raise bad("server.port", f"{cfg.server.port} (allowed: 1-65535)")
+        raise _bad("server.port", f"{cfg.server.port} (allowed: 1-65535)")
     for host in cfg.server.allowed_hosts:
         if not valid_host_entry(host):
-            raise bad("server.allowed_hosts", f"{host!r} (allowed: host names or IP addresses without scheme or port)")
+            raise _bad("server.allowed_hosts", f"{host!r} (allowed: host names or IP addresses without scheme or port)")
     for peer in cfg.server.forwarded_allow_ips:
         try:
             ipaddress.ip_network(peer.strip(), strict=False)  # not "*": that would believe every client
         except ValueError:
-            raise bad("server.forwarded_allow_ips", f"{peer!r} (allowed: IP addresses or networks of your reverse proxies)") from None
+            raise _bad("server.forwarded_allow_ips", f"{peer!r} (allowed: IP addresses or networks of your reverse proxies)") from None
     for origin in cfg.admin.allowed_origins:
         if normalize_origin(origin) is None:
-            raise bad("admin.allowed_origins", f"{origin!r} (allowed: origins such as https://admin.example.com or http://127.0.0.1:3000)")
+            raise _bad("admin.allowed_origins", f"{origin!r} (allowed: origins such as https://admin.example.com or http://127.0.0.1:3000)")
     tel = cfg.telemetry
     if not tel.otlp_endpoint.startswith(("http://", "https://")):
-        raise bad("telemetry.otlp_endpoint", f"{tel.otlp_endpoint!r} (allowed: an http:// or https:// URL; spans go to <url>/v1/traces)")
+        raise _bad("telemetry.otlp_endpoint", f"{tel.otlp_endpoint!r} (allowed: an http:// or https:// URL; spans go to <url>/v1/traces)")
     for key, number in (("telemetry.queue_size", tel.queue_size), ("telemetry.batch_size", tel.batch_size),
                         ("telemetry.export_interval_s", tel.export_interval_s), ("telemetry.export_timeout_s", tel.export_timeout_s)):
         if number <= 0:
-            raise bad(key, f"{number} (allowed: a positive number)")
+            raise _bad(key, f"{number} (allowed: a positive number)")
     if not tel.service_name:
-        raise bad("telemetry.service_name", "'' (allowed: a non-empty name)")
+        raise _bad("telemetry.service_name", "'' (allowed: a non-empty name)")
+
+
+def _check_upstreams(cfg: Config) -> None:
+    """Each `[[upstreams]]`: URL, timeouts, per-model settings and prices, forward paths, price provider."""
     names = [u.name for u in cfg.upstreams]
     if len(set(names)) != len(names):
-        raise bad("upstreams.name", "upstream names must be unique")
+        raise _bad("upstreams.name", "upstream names must be unique")
     for up in cfg.upstreams:
         if not up.base_url.startswith(("http://", "https://")):
-            raise bad(f"upstreams[{up.name}].base_url", f"{up.base_url!r} (allowed: an http:// or https:// URL)")
+            raise _bad(f"upstreams[{up.name}].base_url", f"{up.base_url!r} (allowed: an http:// or https:// URL)")
         if up.timeout_s <= 0 or up.connect_timeout_s <= 0:
-            raise bad(f"upstreams[{up.name}].timeout_s", "timeouts must be > 0")
+            raise _bad(f"upstreams[{up.name}].timeout_s", "timeouts must be > 0")
         for ms in up.models_config:
             if ms.default_temperature is not None and not ms.min_temperature <= ms.default_temperature <= ms.max_temperature:
-                raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].default_temperature", f"{ms.default_temperature} (allowed: within min_temperature..max_temperature)")
+                raise _bad(f"upstreams[{up.name}].models_config[{ms.pattern}].default_temperature", f"{ms.default_temperature} (allowed: within min_temperature..max_temperature)")
             for field in ("input_price_per_mtok", "output_price_per_mtok", "cached_input_price_per_mtok"):
                 price = getattr(ms, field)
                 if price is not None and not (math.isfinite(price) and price >= 0):
-                    raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].{field}", f"{price} (allowed: US dollars per million tokens, >= 0)")
+                    raise _bad(f"upstreams[{up.name}].models_config[{ms.pattern}].{field}", f"{price} (allowed: US dollars per million tokens, >= 0)")
             for stand_in in ms.substitutes:
                 if not stand_in or serving_upstream(cfg.upstreams, stand_in, up.format) is None:
-                    raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].substitutes",
+                    raise _bad(f"upstreams[{up.name}].models_config[{ms.pattern}].substitutes",
                               f"{stand_in!r} (allowed: a model an upstream of format '{up.format}' serves: its `models` globs match it)")
             known = ANTHROPIC_EFFORTS if up.format == "anthropic" else EFFORT_LEVELS
             for level in ms.efforts:
                 if level not in known:
-                    raise bad(f"upstreams[{up.name}].models_config[{ms.pattern}].efforts", f"{level!r} (allowed: {', '.join(known)})")
+                    raise _bad(f"upstreams[{up.name}].models_config[{ms.pattern}].efforts", f"{level!r} (allowed: {', '.join(known)})")
         for glob in up.forward_paths:
             if parse_forward_path(glob) is None:
-                raise bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: a glob over the path after /v1, starting with '/', "
+                raise _bad(f"upstreams[{up.name}].forward_paths", f"{glob!r} (allowed: a glob over the path after /v1, starting with '/', "
                           f"optionally after one method: '/files*', 'GET /models/*'; methods: {', '.join(METHODS)})")
         if up.price_provider is not None:
-            from proxy.decision.prices import table_providers  # loads the price table: only when asked
-
-            providers = table_providers()
+            providers = table_providers()  # loads the price table: only when asked
             if up.price_provider not in providers:
-                raise bad(f"upstreams[{up.name}].price_provider", f"{up.price_provider!r} (allowed: {', '.join(providers)})")
+                raise _bad(f"upstreams[{up.name}].price_provider", f"{up.price_provider!r} (allowed: {', '.join(providers)})")
         if up.max_response_bytes <= 0:
-            raise bad(f"upstreams[{up.name}].max_response_bytes", f"{up.max_response_bytes} (allowed: a positive number)")
+            raise _bad(f"upstreams[{up.name}].max_response_bytes", f"{up.max_response_bytes} (allowed: a positive number)")
+
+
+def validate_workers(cfg: Config) -> None:
+    """`server.workers` against the storage it needs (also run on `serve --workers`, which overrides it).
+
+    Without Redis the budget, the posterior and the rollback switch live in each process:
+    two workers would each spend the whole budget and a rollback would reach one of them.
+    """
+    workers = cfg.server.workers
+    if workers == "auto":
+        return
+    if workers < 1:
+        raise ConfigError(f"invalid value for 'server.workers': {workers} (allowed: \"auto\" or a whole number >= 1)", key="server.workers")
+    if workers > 1 and not cfg.storage.redis_url:
+        raise ConfigError(
+            f"invalid value for 'server.workers': {workers} needs storage.redis_url (REDIS_URL): the budget, the posterior and "
+            "the rollback switch must be shared between worker processes", key="server.workers")
+
+
+def worker_count(cfg: Config, cores: int) -> tuple[int, str]:
+    """How many worker processes `serve` runs on `cores` usable cores, and, when "auto" had to settle
+    for one of several cores, the start-up line that says why and how to get the rest ("" otherwise)."""
+    workers = cfg.server.workers
+    if workers != "auto":
+        return workers, ""
+    if cfg.storage.redis_url or cores <= 1:
+        return max(1, cores), ""
+    return 1, (f"1 worker process: [server] workers = \"auto\" runs one per core ({cores} here) only with storage.redis_url "
+               "(REDIS_URL) set, since without it the budget, the posterior and the rollback switch are per process; set REDIS_URL "
+               "to use every core (docs/deployment.md), or workers = 1 to say one is meant")
 
 
 def _warn_soft_problems(cfg: Config) -> None:
@@ -746,6 +799,7 @@ def build_config(doc: dict[str, Any], environ: typing.Mapping[str, str] | None =
             detail = _type_mismatch(doc, path, message.split(" - at ")[0]) or f"{message.split(' - at ')[0]}{_allowed_values(path)}"
             raise ConfigError(f"invalid value for '{key}': {detail}", key=key) from None
         _validate_ranges(cfg)
+        validate_workers(cfg)
     except ConfigError as exc:
         source = applied.get(exc.key or "")
         if source is None:

@@ -15,6 +15,7 @@ import math
 import secrets
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,38 +36,54 @@ from policies.registry import make_policy
 from policies.reward import reward_bounds
 from policies.signals import Signal
 from policies.validators import SchemaValidators
+from proxy.common import load_table, stop_within
 from proxy.config import Config, ModelSettings
-from proxy.decision import ArmSettings, ArmSpace, DeciderSettings, DecisionGuards, model_limits
-from proxy.decision.arm_space import declared_stand_ins
-from proxy.decision.conservative import ConservativeListener
-from proxy.decision.decider import BanditDecider, Decider
-from proxy.decision.feedback import FeedbackBook, FeedbackServices, deliver_signal
-from proxy.decision.judge_trust import JudgeTrust
-from proxy.decision.lease_refill import LeaseRefiller
-from proxy.decision.prices import PriceBook, load_table
-from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook
-from proxy.decision.registry import DecisionRegistry
-from proxy.edge.asgi import EdgeServices
-from proxy.edge.read_watch import ReadWatch
-from proxy.edge.upstream import Transport, UpstreamPool
-from proxy.learning.judge import Judge, JudgeMetrics, named_upstream_transport, upstream_transport
-from proxy.learning.listeners import AnswerListener, AnswerValidator, BaselineRequest, JudgeCharge
-from proxy.learning.refresh import TableRefresher
-from proxy.learning.signal_sync import SignalSync, SyncedQualitySignals, SyncedSignalBook
-from proxy.learning.sync import SharedState
-from proxy.learning.ticker import PolicyEpochs, RolloutTicker
-from proxy.observability.alerts import AlertManager
-from proxy.observability.metrics import BoundedLabel, FoldedBuckets, LiveSources, Metrics, watch_loop_lag
-from proxy.observability.tracing import NullTracer, Tracer, make_tracer
-from proxy.store import EventRecord, make_log_store
-from proxy.store.journal import Journal
-from proxy.store.local_state import LocalState
-from proxy.store.recorder import Recorder
-from proxy.store.redis_state import RedisStore
-from proxy.store.retention import RetentionPruner
+from proxy.decision import (
+    ArmSettings,
+    ArmSpace,
+    BanditDecider,
+    ConservativeListener,
+    Decider,
+    DeciderSettings,
+    DecisionGuards,
+    DecisionRegistry,
+    FeedbackBook,
+    FeedbackServices,
+    JudgeTrust,
+    LeaseRefiller,
+    MemoryRegenerationBook,
+    PriceBook,
+    RedisRegenerationBook,
+    RegenerationBook,
+    SignalDelivery,
+    apply_pending_feedback,
+    declared_stand_ins,
+    model_limits,
+)
+from proxy.edge import CHAT, EdgeServices, HandOverAnswer, Listener, LogOutcome, OnOutcome, ReadWatch, RecordMetrics, RecordSpan, Transport, UpstreamPool
+from proxy.learning import (
+    AnswerListener,
+    AnswerValidator,
+    BaselineRequest,
+    Judge,
+    JudgeCharge,
+    JudgeMetrics,
+    PolicyEpochs,
+    RolloutTicker,
+    SharedState,
+    SignalSync,
+    SyncedQualitySignals,
+    SyncedSignalBook,
+    TableRefresher,
+    named_upstream_transport,
+    upstream_transport,
+)
+from proxy.observability import AlertManager, BoundedLabel, FoldedBuckets, LiveSources, Metrics, NullTracer, Tracer, make_tracer, watch_loop_lag
+from proxy.store import EventRecord, Journal, LocalState, Recorder, RedisStore, RetentionPruner, make_log_store
 
 log = logging.getLogger("thermostat")
 
+STOP_STEP_S = 15.0  # the longest any one part may take to stop (see `Runtime.stop`); the recorder's own writes are bounded below it
 VERSION = "0.1.0"  # the service.version of exported spans (pyproject's version)
 
 
@@ -76,7 +93,45 @@ def _log_save_failure(task: asyncio.Task[None]) -> None:
         log.warning("saving the rollout state failed: %s", task.exception())
 
 
+def outcome_listeners(
+    *,
+    decider: Decider,
+    conservative: ConservativeListener,
+    registry: DecisionRegistry,
+    feedback: FeedbackServices,
+    metrics: Metrics,
+    recorder: Recorder,
+    answers: AnswerListener,
+    tracer: Tracer | NullTracer,
+    capture_prompts: bool,
+) -> tuple[Listener, ...]:
+    """What the edge calls, in this order, once a decided request's Outcome is built (and its answer checked).
+
+    The order matters: the decider learns first (budget settle, SLO, policy update, rollout
+    tick), so the conservative monitor and the registry see the same outcome the policy did;
+    feedback that arrived while the answer streamed is applied only once the registry holds
+    the outcome; the log row and the judge come last, because nothing waits for them.
+    docs/architecture.md lists the same names in the same order (tests/unit/test_pipeline.py).
+    """
+    return (
+        OnOutcome("decider.observe", decider.observe),
+        OnOutcome("conservative.on_outcome", conservative.on_outcome),
+        OnOutcome("registry.complete", registry.complete),
+        OnOutcome("apply_pending_feedback", functools.partial(apply_pending_feedback, feedback)),
+        RecordMetrics(metrics),
+        LogOutcome(recorder),
+        HandOverAnswer(answers),
+        RecordSpan(tracer, capture_prompts),
+    )
+
+
 class Runtime:
+    """Every part of one Thermostat process, built once from `Config` by the `_build_*` steps below, in order.
+
+    Each step reads only what the earlier ones made; the edge's listeners are assembled by
+    `outcome_listeners` (the one place their order is declared).
+    """
+
     def __init__(
         self,
         config: Config,
@@ -88,19 +143,28 @@ class Runtime:
     ) -> None:
         self.config = config
         self.started_at = time.time()
+        self._build_storage(config, store, spool_dir, transport)
+        self._build_labels(config)
+        self._build_decider(config, decider)
+        self._build_feedback(config)
+        self._build_judge(config)
+        self._build_edge(config)
+        self._build_loops(config)
+
+    def _build_storage(self, config: Config, store: StateStore | None, spool_dir: Path | None, transport: Transport | None) -> None:
+        """Metrics, tracer, upstreams, the decision registry, the state store and the decision log with its recorder."""
         self.metrics = Metrics()
         # One span per proxied request (OTLP/HTTP); a NullTracer costs nothing when [telemetry] is off.
         self.tracer: Tracer | NullTracer = make_tracer(config.telemetry, version=VERSION, registry=self.metrics.registry)
         self.pool = UpstreamPool.from_settings(config.upstreams, transport)
         self.registry = DecisionRegistry()
-        redis = config.storage
+        st = config.storage
         self.state_store: StateStore = store or (
-            RedisStore(redis.redis_url, prefix=redis.redis_key_prefix, timeout_s=redis.redis_timeout_s) if redis.redis_url else InProcessStore()
+            RedisStore(st.redis_url, prefix=st.redis_key_prefix, timeout_s=st.redis_timeout_s) if st.redis_url else InProcessStore()
         )
         self.events: deque[RolloutEvent] = deque(maxlen=500)
         # SQLite under data_dir when no database_url, else PostgreSQL behind a local spool.
         self.sink = make_log_store(config, spool_dir)
-        st = config.storage
         # Per process like the spool (serve --workers N gives each worker its own spool_dir).
         journal = Journal(spool_dir or Path(config.server.data_dir) / "spool", fsync_interval_s=st.journal_fsync_interval_s) if st.journal else None
         self.recorder = Recorder(
@@ -112,8 +176,13 @@ class Runtime:
             on_written=self.metrics.written.inc,
             journal=journal,
         )
-        self.build_context = self._bounded_context
+        self.pruner = RetentionPruner(self.sink, st.retention_days)
+        self._lag_watch: asyncio.Task[None] | None = None
+
+    def _build_labels(self, config: Config) -> None:
+        """The caps on client-controlled keys, and the context builder that applies them."""
         srv = config.server
+        self.build_context = self._bounded_context
         # Everything keyed by a client-controlled value is capped: past the cap a new task type
         # or model shares the bucket "other" (policy keys, costs, baselines, metrics, logs).
         self.task_types = BoundedLabel(srv.max_task_types, on_fold=lambda value: self._folded("task_type", value))
@@ -124,9 +193,9 @@ class Runtime:
         self._fold_warned: set[str] = set()
         self._limits: dict[tuple[str, str], ModelLimits] = {}
         self._stand_ins: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
-        self._lag_watch: asyncio.Task[None] | None = None
-        self.pruner = RetentionPruner(self.sink, st.retention_days)
 
+    def _build_decider(self, config: Config, decider: Decider | None) -> None:
+        """The policy and the guards around it (SLO, budget and leases, conservative monitor), prices, and the decider."""
         self.policy = make_policy(
             config.optimization.policy, thompson=config.policy.thompson, linucb=config.policy.linucb,
             half_life_s=config.policy.half_life_s or math.inf,
@@ -148,9 +217,9 @@ class Runtime:
         )
         # Each model's price, looked up once (overrides over the genai-prices table); the table is loaded in start().
         self.prices = PriceBook(config.upstreams, self._model_settings)
-        self.conservative = ConservativeMonitor(ConservativeSettings.from_slo(config.slo, max_tasks=srv.max_task_types))
+        self.conservative = ConservativeMonitor(ConservativeSettings.from_slo(config.slo, max_tasks=config.server.max_task_types))
         # Counted per task type; persisted and shared by `self.signal_sync` (proxy/learning/signal_sync.py).
-        self.quality_signals = SyncedQualitySignals(max_task_types=srv.max_task_types)
+        self.quality_signals = SyncedQualitySignals(max_task_types=config.server.max_task_types)
         self.bandit: BanditDecider = BanditDecider(
             policy=self.policy,
             arms=ArmSpace(
@@ -164,18 +233,21 @@ class Runtime:
             on_events=self.on_rollout_events,
         )
         self.decider: Decider = decider or self.bandit
+
+    def _build_feedback(self, config: Config) -> None:
+        """The way back in for later signals: feedback book, regeneration book, replica sharing, alerts, judge trust."""
+        srv, fb = config.server, config.feedback
         self.validators = SchemaValidators()  # compiled schemas cached by hash
         # Signals that arrive after the outcome (explicit, judge, implicit) re-enter through proxy/decision/feedback.py.
         self.feedback = FeedbackBook()
         self.signal_book = SyncedSignalBook(max_task_types=srv.max_task_types)
-        fb = config.feedback
         memory_book = MemoryRegenerationBook(fb.regenerate_window_s, fb.max_fingerprints)
         self.regeneration: RegenerationBook = (
             RedisRegenerationBook(self.state_store, fb.regenerate_window_s, memory_book) if isinstance(self.state_store, RedisStore) else memory_book
         )
         # Replicas must agree on the digest to match each other's requests; alone, a process-random key
         # means a digest cannot be confirmed against guessed prompts.
-        self.regeneration_salt = redis.redis_key_prefix.encode() if isinstance(self.state_store, RedisStore) else secrets.token_bytes(32)
+        self.regeneration_salt = config.storage.redis_key_prefix.encode() if isinstance(self.state_store, RedisStore) else secrets.token_bytes(32)
         # Webhooks for the conditions of deploy/prometheus/alerts.yml; also carries the judge's and the monitor's alerts.
         self.alerts = AlertManager(config.alerts.webhook_urls, slo=self.slo, budget=self.budget, rollout=self.bandit)
         # Several replicas: posterior, rollout state and decisions shared through Redis (proxy/learning/sync.py).
@@ -204,15 +276,20 @@ class Runtime:
             signals=self.signal_book, judge=config.judge, shared=self.shared, learns=self.decider is self.bandit,
             trust=self.judge_trust, guards=self.conservative_listener,
         )
+        # The one door for judge scores and regeneration marks into the decision room.
+        self.signal_delivery = SignalDelivery(self.feedback_services)
+
+    def _build_judge(self, config: Config) -> None:
+        """The judge (when `[judge] enabled`) and the two listeners that read an answer: schema check, judge + regeneration."""
         seed = config.optimization.seed
         self.judge_charge = JudgeCharge(self.budget, self.prices, self.metrics, route=self._upstream_of)
         self.judge: Judge | None = (
             Judge(
                 config.judge, transport=upstream_transport(self.pool, config.judge.model),
-                deliver=functools.partial(deliver_signal, self.feedback_services),
+                deliver=self.signal_delivery,  # judge score -> proxy.decision.SignalDelivery -> reward_for -> correct()
                 charge=self.judge_charge, rng=np.random.default_rng(None if seed is None else seed + 1),
                 metrics=JudgeMetrics(self.metrics.registry), alert=self.alerts.judge_alert,
-                baseline_request=BaselineRequest(self.bandit), send_baseline=named_upstream_transport(self.pool),
+                baseline_request=BaselineRequest(self.bandit, CHAT.patch), send_baseline=named_upstream_transport(self.pool),
                 holdout_sample_rate=config.judge.holdout_rate(config.optimization.holdout_fraction),
             )
             if config.judge.enabled
@@ -220,16 +297,27 @@ class Runtime:
         )
         self.answer_validator = AnswerValidator(self.validators, config.policy.quality, self.signal_book, self.metrics, self.bandit)
         self.answers = AnswerListener(
-            self.judge, self.regeneration, salt=self.regeneration_salt, regenerated_quality=fb.regenerated_quality,
+            self.judge, self.regeneration, salt=self.regeneration_salt, regenerated_quality=config.feedback.regenerated_quality,
             feedback=self.feedback_services, metrics=self.metrics,
         )
+
+    def _build_edge(self, config: Config) -> None:
+        """What the `/v1/*` edge receives, with its listeners in their one order."""
         self.read_watch = ReadWatch()
+        self.listeners = outcome_listeners(
+            decider=self.decider, conservative=self.conservative_listener, registry=self.registry, feedback=self.feedback_services,
+            metrics=self.metrics, recorder=self.recorder, answers=self.answers, tracer=self.tracer,
+            capture_prompts=config.telemetry.capture_prompts,
+        )
         self.edge = EdgeServices(
             config=config, metrics=self.metrics, tracer=self.tracer, pool=self.pool, build_context=self.build_context,
-            decider=self.decider, scorer=self.bandit, registry=self.registry, recorder=self.recorder,
-            feedback=self.feedback_services, answer_check=self.answer_validator, conservative=self.conservative_listener,
-            answers=self.answers, read_watch=self.read_watch, prices=self.prices,
+            decider=self.decider, scorer=self.bandit, registry=self.registry, recorder=self.recorder, read_watch=self.read_watch,
+            answer_check=self.answer_validator, listeners=self.listeners, prices=self.prices,
         )
+
+    def _build_loops(self, config: Config) -> None:
+        """The background loops that are not built with their component: ticker, live gauges, local state, signal sync."""
+        st = config.storage
         self.folded_buckets = FoldedBuckets(self.policy, self.metrics)
         self.ticker = RolloutTicker(self.bandit, self.sink, each_tick=(self.folded_buckets, PolicyEpochs(self.policy)))
         self.live = LiveSources(slo=self.slo, rollout=self.bandit, budget=self.budget, log_store=self.sink, recorder=self.recorder)
@@ -311,29 +399,36 @@ class Runtime:
         )
 
     async def stop(self) -> None:
-        await self.alerts.stop()
-        await self.ticker.stop()
-        await self.pruner.stop()
+        """Stop every part in order, each bounded by `STOP_STEP_S`: whatever hangs, the decision
+        log is flushed, the journal closed and its lock released (`proxy.common.stop_within`)."""
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("alerts", self.alerts.stop), ("rollout ticker", self.ticker.stop), ("pruner", self.pruner.stop),
+        ]
         if self._lag_watch is not None:
             self._lag_watch.cancel()
         if self.judge is not None:
-            await self.judge.stop()
-        await self.tracer.stop()
+            steps.append(("judge", self.judge.stop))
+        steps.append(("tracer", self.tracer.stop))
+        steps.append(("answer listener", self._stop_answers))
+        if self.refresher is not None:
+            steps.append(("table refresher", self.refresher.stop))
+        if self.lease_refiller is not None:
+            steps.append(("budget lease refiller", self.lease_refiller.stop))
+        if self.signal_sync is not None:
+            steps.append(("quality-signal sync", self.signal_sync.stop))
+        if self.shared is not None:
+            steps.append(("shared state (redis)", self.shared.stop))
+        steps.append(("decision log recorder", self.recorder.stop))
+        if self.local_state is not None:
+            steps.append(("local state", self.local_state.stop))
+        steps.append(("read watch", self.read_watch.stop))
+        steps.append(("upstream pool", self.pool.aclose))
+        for name, stop in steps:
+            await stop_within(name, stop, STOP_STEP_S, log)
+
+    async def _stop_answers(self) -> None:
         self.answers.stop()
         await self.judge_trust.flush()  # retractions and the last save of the mutes
-        if self.refresher is not None:
-            await self.refresher.stop()
-        if self.lease_refiller is not None:
-            await self.lease_refiller.stop()
-        if self.signal_sync is not None:
-            await self.signal_sync.stop()
-        if self.shared is not None:
-            await self.shared.stop()
-        await self.recorder.stop()
-        if self.local_state is not None:
-            await self.local_state.stop()
-        await self.read_watch.stop()
-        await self.pool.aclose()
 
     @property
     def ready(self) -> bool:
@@ -414,5 +509,5 @@ class Runtime:
         task.add_done_callback(_log_save_failure)
 
     async def deliver(self, signal: Signal) -> str:
-        """A judge score or implicit mark for an earlier decision (proxy.decision.feedback.deliver_signal)."""
-        return await deliver_signal(self.feedback_services, signal)
+        """A judge score or implicit mark for an earlier decision, through the decision room's `SignalDelivery`."""
+        return await self.signal_delivery(signal)

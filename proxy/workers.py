@@ -9,12 +9,19 @@ claims a numbered slot with a file lock for its private PostgreSQL spool, so a
 restarted worker takes over (and replays) the spool of the one it replaces.
 Prometheus runs in multiprocess mode: `/metrics` on any worker reports every
 worker's counters and histograms.
+
+How many workers `serve` runs is `proxy.config.worker_count` (`[server] workers`,
+"auto" by default) over `usable_cores()`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
+import math
 import os
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,21 +30,63 @@ import msgspec
 from proxy.config import Config, ConfigError
 
 ENV_CONFIG = "THERMOSTAT_WORKER_CONFIG"
+ENV_SUPERVISOR = "THERMOSTAT_SUPERVISOR_PID"
 MAX_SLOTS = 256
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 _held_locks: list[int] = []  # file descriptors kept open for the life of the worker
 
 
-def prepare(config: Config, workers: int) -> None:
-    """In the parent, before uvicorn forks: validate, hand the config down, set up metrics."""
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """Cores this process may run on: its CPU affinity (taskset, cpusets), capped by a cgroup v2
+    CPU quota (a container's `--cpus`), which `os.cpu_count()` ignores; at most `MAX_SLOTS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return max(1, min(cores, MAX_SLOTS))
+
+
+def prepare(config: Config, workers: int) -> str | None:
+    """In the parent, before uvicorn forks: hand the config down, set up metrics.
+
+    Returns the Prometheus folder it created (the caller removes it after the run), or None
+    when PROMETHEUS_MULTIPROC_DIR was given. `proxy.config.validate_workers` has already
+    refused several workers without Redis.
+    """
     if workers > 1 and not config.storage.redis_url:
-        raise ConfigError(
-            "--workers > 1 needs storage.redis_url (REDIS_URL): the budget, the posterior and the rollback switch must be shared between worker processes"
-        )
+        raise ConfigError("server.workers > 1 needs storage.redis_url")  # validate_workers says why; this guards other callers
     os.environ[ENV_CONFIG] = msgspec.json.encode(config).decode()
+    os.environ[ENV_SUPERVISOR] = str(os.getpid())
+    created = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="thermostat-metrics-")
+        created = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="thermostat-metrics-")
     Path(config.server.data_dir, "workers").mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def die_with_supervisor() -> None:
+    """Have the kernel send this worker SIGTERM when its supervisor dies.
+
+    A supervisor killed with -9 cannot stop its workers, and an orphaned worker would go on
+    serving the port, holding a budget lease and a spool slot with nobody to restart or stop
+    it. SIGTERM, not SIGKILL: the worker still finishes its requests, flushes its log and
+    hands its lease back.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    supervisor = int(os.environ.get(ENV_SUPERVISOR, "0") or 0)
+    if supervisor and os.getppid() != supervisor:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def claim_slot(data_dir: Path) -> int:
@@ -63,6 +112,7 @@ def app_from_env() -> object:
     from proxy.app import create_app
     from proxy.runtime import Runtime
 
+    die_with_supervisor()
     config = msgspec.json.decode(os.environ[ENV_CONFIG], type=Config)
     data_dir = Path(config.server.data_dir)
     slot = claim_slot(data_dir)

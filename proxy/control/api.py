@@ -14,6 +14,7 @@ from litestar.di import Provide
 from litestar.handlers import HTTPRouteHandler
 from litestar.handlers.base import BaseRouteHandler
 
+from proxy.common import ProxyError
 from proxy.control.budget import BudgetController
 from proxy.control.compliance import ComplianceController
 from proxy.control.decisions import DecisionsController
@@ -26,7 +27,6 @@ from proxy.control.recommend import RecommendController
 from proxy.control.rollout import RolloutApiController
 from proxy.control.status import StatusController
 from proxy.control.views import PREFIX
-from proxy.edge.errors import ProxyError
 
 CONTROLLERS: tuple[type[Controller], ...] = (
     StatusController, PerformanceController, RolloutApiController, BudgetController, DecisionsController,

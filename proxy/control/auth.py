@@ -31,8 +31,8 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from proxy.common import host_name, normalize_origin, same_authority
 from proxy.config import AdminSettings, ConfigError
-from proxy.edge.origins import host_name, normalize_origin, same_authority
 
 log = logging.getLogger("thermostat.auth")
 

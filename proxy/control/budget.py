@@ -8,11 +8,11 @@ import time
 from litestar import Controller, Request, delete, get, post
 from litestar.params import FromPath, JSONBody
 
+from proxy.common import ProxyError
 from proxy.control.deps import Deps
 from proxy.control.errors import ERR
 from proxy.control.schemas import CawsStatus, WaiverIn, WaiverList, WaiverOut
 from proxy.control.views import actor_of, caws_status, waiver_out, write_audit
-from proxy.edge.errors import ProxyError
 
 
 class BudgetController(Controller):

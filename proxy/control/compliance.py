@@ -18,12 +18,12 @@ from litestar import Controller, Request, get
 from guards.settings import ConstraintsSettings
 from guards.trust_region import ModelLimits, within
 from proxy.config import AdminSettings
-from proxy.control import reports as cdata
 from proxy.control.auth import AdminAuth
 from proxy.control.deps import Deps
 from proxy.control.schemas import ComplianceCheck, ComplianceStatus, SecurityStatus
 from proxy.control.views import DAY, MaxRows, WindowS, actor_of, window
-from proxy.store.base import AuditRecord, DecisionRow, LogStore
+from proxy.learning import load_rows
+from proxy.store import AuditRecord, DecisionRow, LogStore
 
 ModelLimitsFor = Callable[[str, str], ModelLimits]
 StandInsFor = Callable[[str, str], tuple[tuple[str, str], ...]]
@@ -109,7 +109,7 @@ class ComplianceController(Controller):
         now, since, until = window(window_s)
         cfg = deps.config
         c = cfg.constraints
-        rows, truncated = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, mode="optimized")
+        rows, truncated = await load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, mode="optimized")
         checks = [trust_region_check(rows, c, deps.decider.limits_for, truncated, deps.decider.arms.stand_ins_for)]
         checks.append(ComplianceCheck(name="caws_enabled", ok=cfg.caws.enabled or not c.require_caws,
                                       detail=f"caws.enabled={cfg.caws.enabled}, constraints.require_caws={c.require_caws}"))

@@ -20,12 +20,9 @@ from guards.state import StateStore
 from policies.records import RequestContext
 from proxy.config import Config
 from proxy.control.auth import AdminAuth
-from proxy.decision.decider import BanditDecider
-from proxy.decision.feedback import FeedbackBook, FeedbackServices, SignalBook
-from proxy.decision.registry import DecisionRegistry
-from proxy.edge.upstream import UpstreamPool
-from proxy.store.base import LogStore
-from proxy.store.recorder import Recorder
+from proxy.decision import BanditDecider, DecisionRegistry, FeedbackBook, FeedbackServices, SignalBook
+from proxy.edge import UpstreamPool
+from proxy.store import LogStore, Recorder
 
 
 class JudgeSpendSource(Protocol):

@@ -22,10 +22,10 @@ from litestar.openapi.spec import Schema
 from litestar.typing import FieldDefinition
 
 from guards.state import StoreUnavailable as StateStoreUnavailable
+from proxy.common import ErrorEnvelope, ProxyError
 from proxy.control.auth import AuthError
 from proxy.control.schemas import ApiError, ApiErrorBody
-from proxy.edge.errors import ErrorEnvelope, ProxyError
-from proxy.store.base import StoreUnavailable as LogStoreUnavailable
+from proxy.store import StoreUnavailable as LogStoreUnavailable
 
 log = logging.getLogger("thermostat.control")
 

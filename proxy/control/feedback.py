@@ -6,12 +6,12 @@ import msgspec
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
+from proxy.common import ProxyError
 from proxy.control.deps import Deps
 from proxy.control.errors import ERR
 from proxy.control.schemas import RecordOutcomeIn, RecordOutcomeResult
 from proxy.control.views import actor_of, write_audit
-from proxy.decision.feedback import DecisionNotFound, ExplicitFeedback, FeedbackConflict, record_outcome
-from proxy.edge.errors import ProxyError
+from proxy.decision import DecisionNotFound, ExplicitFeedback, FeedbackConflict, record_outcome
 
 SIGNAL_NAMES = {"explicit": "earlier explicit feedback", "judge": "the judge's score", "implicit": "a regeneration mark"}
 """The log's `decision_feedback.source`, named for a person."""

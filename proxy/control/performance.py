@@ -31,6 +31,7 @@ from proxy.control.views import (
     status_of,
     window,
 )
+from proxy.learning import load_rows, score_rows_async
 
 
 class PerformanceController(Controller):
@@ -40,7 +41,7 @@ class PerformanceController(Controller):
     async def metrics(self, deps: Deps, window_s: WindowS = 3600.0, max_rows: MaxRows = 20_000,
                       task_type: TextFilter = None) -> MetricsReport:
         _, since, until = window(window_s)
-        rows, truncated = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
+        rows, truncated = await load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
         return cdata.metrics_report(rows, since, until, truncated)
 
     @get("/performance", summary="Per task type: optimised vs baseline traffic, the improvement of mean reward, and optimised vs holdout "
@@ -48,27 +49,27 @@ class PerformanceController(Controller):
     async def performance(self, deps: Deps, window_s: WindowS = 3600.0, max_rows: MaxRows = 20_000,
                           task_type: TextFilter = None) -> PerformanceReport:
         _, since, until = window(window_s)
-        rows, truncated = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
+        rows, truncated = await load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
         report = cdata.performance_report(rows, since, until, truncated, cdata.reward_range(deps.config.policy.reward))
         return msgspec.structs.replace(report, judge=judge_spend(deps))
 
     @get("/convergence", summary="Per task type: the policy's probability of its own choice over time, and its current arm distribution")
     async def convergence(self, deps: Deps, window_s: WindowS = DAY, bins: Bins = 24, max_rows: MaxRows = 20_000) -> ConvergenceReport:
         _, since, until = window(window_s)
-        rows, _ = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows)
+        rows, _ = await load_rows(deps.log_store, since=since, until=until, max_rows=max_rows)
         return cdata.convergence(deps.decider, rows, since, until, bins)
 
     @get("/parameter-evolution", summary="Chosen (policy) and sent temperature / max_tokens over time per task type")
     async def parameter_evolution(self, deps: Deps, window_s: WindowS = DAY, bins: Bins = 24,
                                   max_rows: MaxRows = 20_000) -> ParameterEvolution:
         _, since, until = window(window_s)
-        rows, _ = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows)
+        rows, _ = await load_rows(deps.log_store, since=since, until=until, max_rows=max_rows)
         return cdata.parameter_evolution(rows, since, until, bins)
 
     @get("/dashboard", summary="Everything the dashboard page draws, in one call")
     async def dashboard(self, deps: Deps, window_s: WindowS = 3600.0, bins: Bins = 30, max_rows: MaxRows = 20_000) -> Dashboard:
         now, since, until = window(window_s)
-        rows, _ = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows)
+        rows, _ = await load_rows(deps.log_store, since=since, until=until, max_rows=max_rows)
         budget, budget_error = None, None
         try:
             budget = await caws_status(deps, now)
@@ -98,8 +99,8 @@ class PerformanceController(Controller):
                   n_bootstrap: Annotated[int, Parameter(ge=10, le=5000)] = ope.REPORT_BOOTSTRAP_REPLICATES,
                   seed: Annotated[int, Parameter(ge=0, le=2**31, schema_extra={"minimum": 0})] = 0) -> OpeOut:
         _, since, until = window(window_s)
-        rows, _ = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, mode="optimized")
-        scored = await cdata.score_rows_async(deps.decider, rows)  # the live policy is asked on the loop, in slices
+        rows, _ = await load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, mode="optimized")
+        scored = await score_rows_async(deps.decider, rows)  # the live policy is asked on the loop, in slices
         # Bootstraps for the whole log and each task type: seconds of numpy, off the event loop.
         report, _ = await asyncio.to_thread(cdata.ope_report, deps.decider, rows, since, until, seed=seed, n_bootstrap=n_bootstrap, scored=scored)
         return report

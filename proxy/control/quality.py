@@ -28,16 +28,16 @@ from litestar.params import JSONBody
 
 from policies.agreement import agreement, judge_trusted
 from policies.judge_bias import LengthBias, concordance_bounds, slope
+from proxy.common import ProxyError
 from proxy.config import JudgeSettings
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
 from proxy.control.errors import ERR
 from proxy.control.schemas import MetricComparison
 from proxy.control.views import MaxRows, TextFilter, WindowS, actor_of, window, write_audit
-from proxy.decision.feedback import SignalBook
-from proxy.decision.judge_trust import JudgeTrust
-from proxy.edge.errors import ProxyError
-from proxy.store.base import DecisionRow
+from proxy.decision import JudgeTrust, SignalBook
+from proxy.learning import load_rows
+from proxy.store import DecisionRow
 
 SOURCES = ("explicit", "judge", "judge_pairwise", "implicit", "automatic", "none")
 TOP_REASONS = 10
@@ -178,7 +178,7 @@ class QualityController(Controller):
     async def quality(self, deps: Deps, window_s: WindowS = 3600.0, max_rows: MaxRows = 20_000,
                       task_type: TextFilter = None) -> QualityReport:
         now, since, until = window(window_s)
-        rows, truncated = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
+        rows, truncated = await load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, task_type=task_type)
         report = quality_report(rows, deps.signals, deps.config.judge, now, since, until, truncated, deps.learning.trust)
         if task_type is not None:
             report = msgspec.structs.replace(report, tasks=[t for t in report.tasks if t.task_type == task_type])

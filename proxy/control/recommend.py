@@ -25,7 +25,8 @@ from proxy.control.deps import Deps
 from proxy.control.errors import ERR
 from proxy.control.schemas import ArmProbability, ContextIn, GuardVerdict, Recommendation, RecommendIn, ShadowTestIn, ShadowTestResult
 from proxy.control.views import DAY, actor_of, context_of, params_out, write_audit
-from proxy.decision.decider import Explanation
+from proxy.decision import Explanation
+from proxy.learning import load_rows
 
 
 def guard_verdicts(deps: Deps, ex: Explanation, now: float) -> list[GuardVerdict]:
@@ -72,7 +73,7 @@ async def typical_context(deps: Deps, task_type: str, c: ContextIn) -> tuple[Con
     if not missing:
         return c, {}, []
     now = time.time()
-    rows, _ = await cdata.load_rows(deps.log_store, since=now - DAY, until=now + 1e-3, max_rows=TYPICAL_ROWS, task_type=task_type)
+    rows, _ = await load_rows(deps.log_store, since=now - DAY, until=now + 1e-3, max_rows=TYPICAL_ROWS, task_type=task_type)
     assumed: dict[str, Any] = {}
     for key in missing:
         values = [getattr(r.baseline_params, key) for r in rows if getattr(r.baseline_params, key) is not None]
@@ -129,7 +130,7 @@ class RecommendController(Controller):
     @post("/test-shadow", status_code=200, summary="Run one synthetic request through the decision path; nothing is sent or logged",
           responses={404: ERR})
     async def test_shadow(self, request: Request, deps: Deps, data: JSONBody[ShadowTestIn | None] = None) -> ShadowTestResult:
-        from proxy.edge.formats import CHAT  # the edge's own patching, imported late: the edge imports the control API
+        from proxy.edge import CHAT  # the edge's own patching, imported late: the edge imports the control API
 
         body_in = data or ShadowTestIn()
         ctx, body = context_of(deps, body_in.task_type, body_in.context)

@@ -16,7 +16,6 @@ Conventions (pinned by tests/control):
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections import Counter, defaultdict
@@ -29,12 +28,11 @@ import numpy as np
 from guards.conservative import KindVerdict, TaskVerdict
 from guards.rollout import OpeEvidence, higher
 from policies import ope, sequences
-from policies.arms import arm_key, arm_model_key
 from policies.base import HasPosterior
 from policies.context import context_bucket
 from policies.effort import EFFORT_LEVELS
 from policies.effort import rank as effort_rank
-from policies.records import Arm, Params
+from policies.records import Params
 from policies.reward import reward_bounds
 from policies.settings import RewardSettings
 from policies.signals import GUARDED_KINDS, WIN_RATE_KINDS
@@ -64,11 +62,12 @@ from proxy.control.schemas import (
     TaskEvolution,
     TaskPerformance,
 )
-from proxy.decision.feedback import context_from_features
-from proxy.store.base import DecisionRow, LogStore
+from proxy.decision import context_from_features
+from proxy.learning import OpeArrays, Scored, score_rows
+from proxy.store import DecisionRow
 
 if TYPE_CHECKING:
-    from proxy.decision.decider import BanditDecider
+    from proxy.decision import BanditDecider
 
 OPTIMIZED_MODES = frozenset({"optimized", "guard_fallback"})
 OPE_METHOD_NAME = (
@@ -133,21 +132,6 @@ def _mean(values: Sequence[float]) -> float | None:
 
 def arm_label(p: Params) -> str:
     return p.render() or "client"
-
-
-async def load_rows(
-    store: LogStore,
-    *,
-    since: float,
-    until: float,
-    max_rows: int,
-    task_type: str | None = None,
-    mode: str | None = None,
-) -> tuple[list[DecisionRow], bool]:
-    """Newest `max_rows` decisions in [since, until); True when the window held more."""
-    rows = await store.fetch_decisions(since=since, until=until, task_type=task_type, mode=mode, limit=max_rows + 1)
-    truncated = len(rows) > max_rows
-    return rows[:max_rows], truncated
 
 
 def _arm_stats(task: str, label: str, params: Params | None, traffic: str, rows: list[DecisionRow], base_rewards: list[float] | None) -> ArmStats:
@@ -430,82 +414,6 @@ def convergence(decider: BanditDecider, rows: list[DecisionRow], since: float, u
 # ----------------------------------------------------------------------------- OPE
 
 
-_Scored = tuple[DecisionRow, Any, Arm, list[Arm], np.ndarray, Arm]
-
-
-def ope_label(arm: Arm) -> str:
-    """The reward model's key of an arm (the requested model's as before, a stand-in's with `#model`)."""
-    t, m = arm_key(arm)
-    return f"{t:g}|{m}" if arm.model is None else f"{t:g}|{m}#{arm.model}"
-
-
-def score_rows(decider: BanditDecider, rows: Sequence[DecisionRow]) -> tuple[list[_Scored], int]:
-    """Rows usable for OPE with the current policy's propensities, and how many were skipped.
-
-    Asks the live policy, so it runs on the event loop (`score_rows_async` in slices).
-    """
-    skipped = 0
-    kept: list[_Scored] = []
-    for r in rows:
-        reward = r.effective_reward
-        if r.mode != "optimized" or reward is None or not math.isfinite(reward) or not math.isfinite(r.log_propensity):
-            skipped += 1
-            continue
-        ctx = context_from_features(r.context_features)
-        if ctx is None:
-            skipped += 1
-            continue
-        options = decider.arms.options(ctx)
-        base, allowed = options.reference.arm, options.allowed
-        probs = decider.pmf(ctx, base, allowed)  # what the decider plays now (model and temperature stages, safe caps, stand-ins)
-        kept.append((r, ctx, r.chosen_params.arm(r.baseline_params), allowed, probs, base))
-    return kept, skipped
-
-
-async def score_rows_async(decider: BanditDecider, rows: list[DecisionRow], slice_rows: int = 128) -> tuple[list[_Scored], int]:
-    """`score_rows` in slices with a yield between them, so requests are served meanwhile."""
-    kept: list[_Scored] = []
-    skipped = 0
-    for start in range(0, len(rows), slice_rows):
-        part, n = score_rows(decider, rows[start : start + slice_rows])
-        kept += part
-        skipped += n
-        await asyncio.sleep(0)
-    return kept, skipped
-
-
-class OpeArrays:
-    """Per logged optimized row: reward, behaviour/target/baseline propensities and DR terms."""
-
-    def __init__(self, decider: BanditDecider, rows: list[DecisionRow], scored: tuple[list[_Scored], int] | None = None) -> None:
-        """`scored` (from `score_rows`) skips querying the policy, so the rest may run in a thread."""
-        kept, self.skipped = scored if scored is not None else score_rows(decider, rows)
-        n = len(kept)
-        self.n = n
-        self.rewards = np.array([k[0].effective_reward for k in kept], dtype=np.float64)
-        self.logged_at = np.array([k[0].timestamp for k in kept], dtype=np.float64)  # the betting interval reads rows oldest first
-        self.behaviour = np.array([math.exp(k[0].log_propensity) for k in kept], dtype=np.float64)
-        self.target = np.zeros(n)
-        self.baseline = np.zeros(n)
-        keys = []
-        for i, (_r, ctx, arm, allowed, probs, base) in enumerate(kept):
-            key = arm_model_key(arm)
-            idx = next((j for j, a in enumerate(allowed) if arm_model_key(a) == key), None)
-            self.target[i] = probs[idx] if idx is not None else 0.0
-            self.baseline[i] = 1.0 if key == arm_model_key(base) else 0.0
-            keys.append(f"{context_bucket(ctx)}|{ope_label(arm)}")
-        model = ope.TabularRewardModel(keys, self.rewards) if n else None
-        self.q_logged = np.array([model.predict(k) for k in keys]) if model else np.zeros(0)
-        self.v_target = np.zeros(n)
-        self.v_baseline = np.zeros(n)
-        for i, (_r, ctx, _arm, allowed, probs, base) in enumerate(kept):
-            assert model is not None
-            bucket = context_bucket(ctx)
-            qs = np.array([model.predict(f"{bucket}|{ope_label(a)}") for a in allowed])
-            self.v_target[i] = float(probs @ qs)
-            self.v_baseline[i] = model.predict(f"{bucket}|{ope_label(base)}")
-
-
 def _est(e: ope.Estimate | None) -> EstimateOut | None:
     if e is None:
         return None
@@ -553,7 +461,7 @@ def _unsupported(since: float, until: float, arrays: OpeArrays, exc: ope.Unsuppo
 
 def ope_report(
     decider: BanditDecider, rows: list[DecisionRow], since: float, until: float, *, seed: int = 0, n_bootstrap: int = ope.REPORT_BOOTSTRAP_REPLICATES,
-    scored: tuple[list[_Scored], int] | None = None, per_task: bool = True,
+    scored: tuple[list[Scored], int] | None = None, per_task: bool = True,
 ) -> tuple[OpeOut, OpeArrays]:
     """The estimate over every task type, and (per_task) the same estimate restricted to each task type's rows."""
     if per_task and scored is None:
@@ -578,7 +486,7 @@ def ope_report(
 
 def _ope_all(
     decider: BanditDecider, rows: list[DecisionRow], since: float, until: float, *, seed: int, n_bootstrap: int,
-    scored: tuple[list[_Scored], int] | None,
+    scored: tuple[list[Scored], int] | None,
 ) -> tuple[OpeOut, OpeArrays]:
     arrays = OpeArrays(decider, rows, scored)
     if arrays.n < 2:

@@ -12,6 +12,7 @@ from litestar.params import JSONBody, Parameter
 
 from guards.rollout import RolloutEvent
 from policies import ope
+from proxy.common import ProxyError
 from proxy.control import reports as cdata
 from proxy.control.deps import Deps
 from proxy.control.errors import ERR
@@ -30,7 +31,7 @@ from proxy.control.views import (
     window,
     write_audit,
 )
-from proxy.edge.errors import ProxyError
+from proxy.learning import load_rows
 
 
 async def _transition(request: Request, deps: Deps, action: str,
@@ -58,7 +59,7 @@ class RolloutApiController(Controller):
         now, since, until = window(ope_window_s)
         ro = deps.rollout
         st = ro.state
-        rows, _ = await cdata.load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, mode="optimized")
+        rows, _ = await load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, mode="optimized")
         report, _ = cdata.ope_report(deps.decider, rows, since, until, n_bootstrap=ope.EVIDENCE_BOOTSTRAP_REPLICATES, per_task=False)
         evidence, evidence_out = cdata.ope_evidence(report)
         check = ro.promotion_check(now, evidence)

@@ -18,6 +18,7 @@ from litestar.params import Parameter
 from guards.rollout import RolloutEvent
 from guards.waivers import Waiver
 from policies.records import Arm, Params, RequestContext
+from proxy.common import ProxyError
 from proxy.control import reports as cdata
 from proxy.control.deps import ControlDeps
 from proxy.control.schemas import (
@@ -36,8 +37,7 @@ from proxy.control.schemas import (
     TaskGuarantee,
     WaiverOut,
 )
-from proxy.edge.errors import ProxyError
-from proxy.store.base import AuditRecord, DecisionRow, EventRecord
+from proxy.store import AuditRecord, DecisionRow, EventRecord
 
 log = logging.getLogger("thermostat.control")
 

@@ -19,10 +19,8 @@ from guards.state import StateStore, StoreUnavailable
 from policies.base import Adaptive, Policy
 from policies.records import Decision, Outcome
 from proxy.decision.decider import TEMPERATURE_STATISTICS
-from proxy.observability.alerts import Alert, AlertManager
-from proxy.observability.metrics import Metrics, RolloutSource
-from proxy.store.base import EventRecord
-from proxy.store.recorder import Recorder
+from proxy.observability import Alert, AlertManager, Metrics, RolloutSource
+from proxy.store import EventRecord, Recorder
 
 log = logging.getLogger("thermostat")
 

@@ -36,7 +36,6 @@ from policies.reward import BaselineCosts
 from policies.settings import RewardSettings
 from proxy.config import Config
 from proxy.decision.arm_space import (
-    NOMINAL_MAX_TOKENS,
     NOMINAL_TEMPERATURE,
     ArmSettings,
     ArmSpace,
@@ -48,15 +47,13 @@ from proxy.decision.arm_space import (
     tuned_params,
 )
 from proxy.decision.budget_desk import BudgetDesk, BudgetExceeded, BudgetUnavailable, RatesSource, refuse_if_rejected
-from proxy.decision.learner import Learner, is_upstream_failure
+from proxy.decision.learner import Learner
 from proxy.decision.model_stage import ModelEvidence, ModelStageSettings
-from proxy.decision.plan import HOLDOUT_SALT, Plan, Planner, unoptimised_mode
+from proxy.decision.plan import HOLDOUT_SALT, Plan, Planner
 from proxy.decision.sampler import TEMPERATURE_STATISTICS, TwoStageSampler, temperature_arm, temperature_context
 
 __all__ = [
     "HOLDOUT_SALT",
-    "NOMINAL_MAX_TOKENS",
-    "NOMINAL_TEMPERATURE",
     "TEMPERATURE_STATISTICS",
     "ArmSettings",
     "ArmSpace",
@@ -68,17 +65,12 @@ __all__ = [
     "DecisionGuards",
     "Explanation",
     "QualitySignals",
-    "RatesSource",
-    "Reference",
     "TuneMode",
-    "is_upstream_failure",
     "reference",
     "reference_effort",
-    "refuse_if_rejected",
     "temperature_arm",
     "temperature_context",
     "tuned_params",
-    "unoptimised_mode",
 ]
 
 

@@ -38,9 +38,7 @@ from proxy.config import JudgeSettings
 from proxy.decision.decider import TEMPERATURE_STATISTICS, BanditDecider
 from proxy.decision.judge_trust import JudgeTrust
 from proxy.decision.registry import DecisionRegistry
-from proxy.store.base import DecisionRow
-from proxy.store.entries import FeedbackEntry
-from proxy.store.recorder import Recorder
+from proxy.store import DecisionRow, FeedbackEntry, Recorder
 
 log = logging.getLogger("thermostat.judge")
 
@@ -475,6 +473,21 @@ class SignalBook:
     def count(self, source: str, result: str) -> str:
         self.results[(source, result)] = self.results.get((source, result), 0) + 1
         return result
+
+
+@dataclass(frozen=True, slots=True)
+class SignalDelivery:
+    """Where a judge score (or a regeneration mark) enters the decision room: the judge holds one of these.
+
+    `await delivery(signal)` is `deliver_signal` over the process's `FeedbackServices`: it finds
+    the decision (registry, Redis, log), recomputes the reward with `BanditDecider.reward_for`
+    and swaps it into the policy with `correct()` (`_apply`). Built once by the composition root.
+    """
+
+    services: FeedbackServices
+
+    async def __call__(self, signal: Signal) -> str:
+        return await deliver_signal(self.services, signal)
 
 
 async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None = None) -> str:

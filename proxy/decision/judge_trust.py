@@ -37,10 +37,8 @@ import msgspec
 
 from guards.state import StateStore, StoreUnavailable
 from policies.judge_bias import LengthBias, concordance_bounds, new_length_bias, observe_pair, rewards_length, slope
-from proxy.observability.alerts import Alert, AlertManager
-from proxy.observability.metrics import Metrics
-from proxy.store.base import EventRecord
-from proxy.store.recorder import Recorder
+from proxy.observability import Alert, AlertManager, Metrics
+from proxy.store import EventRecord, Recorder
 
 log = logging.getLogger("thermostat.judge")
 

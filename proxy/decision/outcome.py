@@ -19,7 +19,7 @@ from policies.settings import QualitySettings
 
 
 class Summary(Protocol):
-    """What `complete` reads from a response (proxy.edge.sse.ResponseSummary has it)."""
+    """What `complete` reads from a response (proxy.common.ResponseSummary has it)."""
 
     prompt_tokens: int | None
     completion_tokens: int | None

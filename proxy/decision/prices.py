@@ -1,7 +1,7 @@
 """Each model's prices, looked up once: the operator's overrides over the `genai-prices` table.
 
 `PriceBook.rates(upstream, model)` answers from a per-model cache, so the request path
-pays a dict lookup (bench/pricing_cost.py); the table itself (`genai_rates`, injected) is
+pays a dict lookup (bench/pricing_cost.py); the table itself (`proxy.common.price_table.genai_rates`, injected) is
 read the first time a model is seen, and again after `refresh_s` only for models whose
 table entry changes price over time (dated or time-of-day prices). The cost math is
 `policies.pricing` (pure).
@@ -28,10 +28,11 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from decimal import Decimal
-from typing import Any, Protocol
+from typing import Protocol
 
 from policies.pricing import Price, Rates, TokenUsage, cost_usd
+from proxy.common import genai_rates
+from proxy.common import load_table as load_table  # bench/pricing_cost.py reads it here
 
 log = logging.getLogger("thermostat.prices")
 
@@ -65,57 +66,6 @@ class PricedUpstream(Protocol):
     def base_url(self) -> str: ...
     @property
     def price_provider(self) -> str | None: ...
-
-
-def _price(value: Any) -> Price | None:
-    """A table price (Decimal or genai-prices `TieredPrices`) as a `Price`."""
-    if value is None:
-        return None
-    if isinstance(value, Decimal):
-        return Price(float(value))
-    base = getattr(value, "base", None)
-    tiers = getattr(value, "tiers", None)
-    if isinstance(base, Decimal) and tiers is not None:
-        return Price(float(base), tuple((int(t.start), float(t.price)) for t in tiers))
-    return None
-
-
-def genai_rates(model: str, *, provider_id: str | None, api_url: str | None, at: datetime) -> tuple[Rates, bool] | None:
-    """`genai-prices`' entry for `model` (its own provider and model matching), as `Rates`."""
-    from genai_prices import data_snapshot
-    from genai_prices.types import ModelPrice
-
-    snapshot = data_snapshot.get_snapshot()
-    try:
-        provider, info = snapshot.find_provider_model(model, None, provider_id, None if provider_id else api_url)
-    except LookupError:
-        return None
-    prices = info.get_prices(at)
-    price_in, price_out = _price(prices.input_mtok), _price(prices.output_mtok)
-    if price_in is None or price_out is None:
-        return None
-    rates = Rates(
-        input=price_in,
-        output=price_out,
-        cache_read=_price(prices.cache_read_mtok),
-        cache_write=_price(prices.cache_write_mtok),
-        source=f"table:{provider.id}/{info.id}",
-    )
-    return rates, not isinstance(info.prices, ModelPrice)
-
-
-def load_table() -> None:
-    """Read the bundled table now (~0.6 s, once per process), so no request waits for it."""
-    from genai_prices import data_snapshot
-
-    data_snapshot.get_snapshot()
-
-
-def table_providers() -> tuple[str, ...]:
-    """The provider ids the table knows (config validation of `price_provider`)."""
-    from genai_prices import data_snapshot
-
-    return tuple(p.id for p in data_snapshot.get_snapshot().providers)
 
 
 def _override(rates: Rates | None, ms: PricedModel | None) -> Rates | None:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import msgspec
 
 from policies.signals import Signal
-from proxy.store.redis_state import _UNAVAILABLE, RedisStore
+from proxy.store import REDIS_UNAVAILABLE, RedisStore
 
 _encoder = msgspec.json.Encoder(order="sorted")
 
@@ -98,7 +98,7 @@ class RedisRegenerationBook:
         ms = max(1, int(self.window_s * 1000))
         try:
             raw = await self.store.redis.set(self.store.k(f"regen:{fp}"), request_id, px=ms, get=True)
-        except _UNAVAILABLE:
+        except REDIS_UNAVAILABLE:
             self.failures += 1
             return await self.fallback.observe(fp, request_id, task_type, now)
         earlier = raw.decode() if isinstance(raw, bytes) else raw

@@ -18,8 +18,8 @@ from policies.records import Decision, Outcome, Params, RequestContext
 from policies.reward import compute_reward
 from proxy.config import Config
 from proxy.demo.simulator import SimulatorTruth
-from proxy.learning.evaluate import TrustRegion, make_candidate
-from proxy.store.entries import LogEntry
+from proxy.learning import TrustRegion, make_candidate
+from proxy.store import LogEntry
 
 
 def simulated_log(

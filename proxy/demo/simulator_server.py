@@ -61,7 +61,7 @@ from policies.records import Arm
 from policies.settings import ArmGridSettings
 from proxy.demo.simulator import SimOutcome, SimulatorTruth
 from proxy.demo.wire import anthropic_body, anthropic_error, anthropic_events, responses_body, responses_events
-from proxy.learning.judge import extract_answer, extract_pair
+from proxy.learning import extract_answer, extract_pair
 
 DEFAULT_MODELS: tuple[str, ...] = ("sim-1", "sim-1-mini")
 DEFAULT_MAX_TOKENS = 4096
@@ -204,6 +204,53 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> we
     return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": None}}, status=status)
 
 
+def _shape_problem(body: Any, *, chat: bool, fmt: str) -> str | None:
+    """What a real API would refuse in the request's shape (the simulator's 400 message), None when it is fine."""
+    if not isinstance(body, dict):
+        return "request body must be a JSON object"
+    if fmt == "responses" and body.get("input") is None:
+        return "'input' is required"
+    if chat and not isinstance(body.get("messages"), list):
+        return "'messages' is required"
+    if not chat and fmt == "openai" and body.get("prompt") is None:
+        return "'prompt' is required"
+    if fmt == "anthropic" and not isinstance(body.get("max_tokens"), int):
+        return "max_tokens: Field required"
+    return None
+
+
+def _openai_payload(*, chat: bool, ident: str, created: int, model: str, content: str, outcome: SimOutcome,
+                    usage: dict[str, int]) -> dict[str, Any]:
+    """A whole (not streamed) chat or legacy completion, shaped as OpenAI sends it."""
+    if chat:
+        payload = {
+            "id": ident,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": outcome.finish_reason,
+                }
+            ],
+            "usage": usage,
+            "system_fingerprint": "fp_thermostat_sim",
+        }
+    else:
+        payload = {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "text": content, "logprobs": None, "finish_reason": outcome.finish_reason}],
+            "usage": usage,
+        }
+    return payload
+
+
 class _Simulator:
     """Request handlers and their state (seeded RNG, faults, truth)."""
 
@@ -334,16 +381,9 @@ class _Simulator:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
             return error(400, "request body is not valid JSON")
-        if not isinstance(body, dict):
-            return error(400, "request body must be a JSON object")
-        if fmt == "responses" and body.get("input") is None:
-            return error(400, "'input' is required")
-        if chat and not isinstance(body.get("messages"), list):
-            return error(400, "'messages' is required")
-        if not chat and fmt == "openai" and body.get("prompt") is None:
-            return error(400, "'prompt' is required")
-        if anthropic and not isinstance(body.get("max_tokens"), int):
-            return error(400, "max_tokens: Field required")
+        problem = _shape_problem(body, chat=chat, fmt=fmt)
+        if problem is not None:
+            return error(400, problem)
         requested = body.get("model")
         model: str = requested if isinstance(requested, str) else DEFAULT_MODELS[0]
         if chat and model.startswith(JUDGE_PREFIX):
@@ -404,32 +444,7 @@ class _Simulator:
                 outcome=outcome, usage=usage if include_usage else None, headers=headers,
             )  # fmt: skip
         await self._sleep(outcome.latency_s * self.time_scale)
-        if chat:
-            payload = {
-                "id": ident,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content, "refusal": None},
-                        "logprobs": None,
-                        "finish_reason": outcome.finish_reason,
-                    }
-                ],
-                "usage": usage,
-                "system_fingerprint": "fp_thermostat_sim",
-            }
-        else:
-            payload = {
-                "id": ident,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "text": content, "logprobs": None, "finish_reason": outcome.finish_reason}],
-                "usage": usage,
-            }
+        payload = _openai_payload(chat=chat, ident=ident, created=created, model=model, content=content, outcome=outcome, usage=usage)
         return web.json_response(payload, headers=headers)
 
     async def _other_format(

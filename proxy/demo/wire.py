@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from proxy.edge.formats.anthropic import anthropic_error_type
+from proxy.edge import anthropic_error_type
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:

@@ -1,56 +1,41 @@
-"""The edge: ASGI entry for `/v1/*`, body checks, the upstream client and the SSE relay.
+"""The edge: ASGI entry for `/v1/*`, body checks, the wire-format adapters, the upstream client and the SSE relay.
 
-Other rooms import these names from here; the modules behind them are private. They
-load on first use (PEP 562): `proxy.config` validates origins with `proxy.edge.origins`,
-and an eager import of the ASGI app from here would pull the whole edge into config.
+Other rooms import these names from here; the modules behind them are private to the edge.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from proxy.edge.asgi import EdgeServices, ProxyEdge
-    from proxy.edge.errors import ProxyError, bad_request, error_body
-    from proxy.edge.sse import ResponseSummary, StreamRelay, summarize_body
-    from proxy.edge.upstream import AiohttpTransport, Transport, Upstream, UpstreamPool, UpstreamResponse
-
-_WHERE = {
-    "EdgeServices": "asgi",
-    "ProxyEdge": "asgi",
-    "ProxyError": "errors",
-    "bad_request": "errors",
-    "error_body": "errors",
-    "ResponseSummary": "sse",
-    "StreamRelay": "sse",
-    "summarize_body": "sse",
-    "AiohttpTransport": "upstream",
-    "Transport": "upstream",
-    "Upstream": "upstream",
-    "UpstreamPool": "upstream",
-    "UpstreamResponse": "upstream",
-}
+from proxy.edge.asgi import EdgeServices, Message, ProxyEdge, Receive, Scope, Send
+from proxy.edge.formats import CHAT
+from proxy.edge.formats.anthropic import anthropic_error_type
+from proxy.edge.listeners import Finished, HandOverAnswer, Listener, LogOutcome, OnOutcome, RecordMetrics, RecordSpan
+from proxy.edge.read_watch import ReadWatch
+from proxy.edge.serving import ServingConfig
+from proxy.edge.sse import StreamRelay
+from proxy.edge.upstream import AiohttpTransport, Transport, Upstream, UpstreamPool, UpstreamResponse
 
 __all__ = [
     "AiohttpTransport",
+    "CHAT",
     "EdgeServices",
+    "Finished",
+    "HandOverAnswer",
+    "Listener",
+    "LogOutcome",
+    "Message",
+    "OnOutcome",
     "ProxyEdge",
-    "ProxyError",
-    "ResponseSummary",
+    "ReadWatch",
+    "Receive",
+    "RecordMetrics",
+    "RecordSpan",
+    "Scope",
+    "Send",
+    "ServingConfig",
     "StreamRelay",
     "Transport",
     "Upstream",
     "UpstreamPool",
     "UpstreamResponse",
-    "bad_request",
-    "error_body",
-    "summarize_body",
+    "anthropic_error_type",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'proxy.edge' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"proxy.edge.{module}"), name)

@@ -12,40 +12,43 @@ safe only because bodies whose bytes could mean something other than the parsed 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
+from multidict import CIMultiDict
 
 from guards.budget import Reservation
-from policies.context import context_features, estimate_prompt_tokens
+from policies.context import estimate_prompt_tokens
 from policies.records import Decision, Outcome, RequestContext
+from proxy.common import COUNTED_POSTS, ProxyError, ResponseSummary, bad_request, confine_v1_path, host_name, spends_tokens
 from proxy.config import Config
-from proxy.decision.decider import BudgetExceeded, BudgetUnavailable, Decider
-from proxy.decision.feedback import FeedbackServices, apply_pending_feedback
-from proxy.decision.outcome import Pricer, Scorer, Timings, arm_label, complete
-from proxy.decision.registry import DecisionRegistry
-from proxy.edge.errors import ProxyError, bad_request
-from proxy.edge.formats import FORMATS, WireFormat, adapter_for, own_error, wire_of
+from proxy.decision import (
+    BudgetExceeded,
+    BudgetUnavailable,
+    Decider,
+    DecisionRegistry,
+    Pricer,
+    Scorer,
+    Timings,
+    complete,
+)
+from proxy.edge.formats import FORMATS, KnobView, WireFormat, adapter_for, own_error, wire_of
 from proxy.edge.json_guard import INT64_MAX, MAX_JSON_DEPTH, duplicate_watched_key, first_out_of_range_int, too_deep
+from proxy.edge.listeners import Finished, Listener
 from proxy.edge.models import ModelCatalog
-from proxy.edge.origins import host_name
-from proxy.edge.paths import COUNTED_POSTS, confine_v1_path, spends_tokens
 from proxy.edge.read_watch import ReadWatch
-from proxy.edge.sse import ResponseSummary, StreamRelay
+from proxy.edge.sse import StreamRelay
 from proxy.edge.upstream import UPSTREAM_ERRORS, Upstream, UpstreamPool, UpstreamResponse, classify, forward_headers, response_headers
-from proxy.observability.metrics import Metrics, observe_decision
-from proxy.observability.tracing import NullTracer, Tracer
-from proxy.observability.tracing import Timings as TraceTimings
-from proxy.store.base import storable
-from proxy.store.entries import LogEntry
-from proxy.store.recorder import Recorder
+from proxy.observability import Metrics, NullTracer, Tracer
+from proxy.store import Recorder, storable
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -190,16 +193,6 @@ class AnswerCheck(Protocol):
         ...
 
 
-class OutcomeListener(Protocol):
-    def on_outcome(self, decision: Decision, outcome: Outcome) -> None: ...
-
-
-class AnswerListener(Protocol):
-    def on_answer(self, decision: Decision, outcome: Outcome, answer: str, body: Any, key: str) -> None:
-        """Judge sample and regeneration check: the last listener, never waits."""
-        ...
-
-
 @dataclass(frozen=True, slots=True)
 class EdgeServices:
     """Everything the `/v1/*` edge touches, built once by the composition root (`proxy.runtime`)."""
@@ -213,13 +206,45 @@ class EdgeServices:
     scorer: Scorer  # the reward, computed once in `complete`
     registry: DecisionRegistry
     recorder: Recorder
-    feedback: FeedbackServices
     read_watch: ReadWatch  # upstream silence timeouts for relayed streams (proxy/edge/read_watch.py)
-    # The listeners after `decider.observe`, in the order the edge calls them (docs/architecture.md).
-    answer_check: AnswerCheck  # proxy.learning.listeners.AnswerValidator
-    conservative: OutcomeListener  # proxy.decision.conservative.ConservativeListener
-    answers: AnswerListener  # proxy.learning.listeners.AnswerListener
-    prices: Pricer | None = None  # each request's cost in dollars (proxy.decision.prices.PriceBook)
+    answer_check: AnswerCheck  # proxy.learning.AnswerValidator: may lower the automatic quality before any listener reads it
+    listeners: tuple[Listener, ...]  # called in this order once the outcome is built (proxy.runtime.outcome_listeners)
+    prices: Pricer | None = None  # each request's cost in dollars (proxy.decision.PriceBook)
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A decided request once read, validated and routed (`_admit`); nothing decided yet."""
+
+    doc: dict[str, Any]  # the parsed body; `_decide` patches the knobs into it
+    view: KnobView
+    upstream: Upstream
+    ctx: RequestContext
+    key: str  # the assignment key: x-thermostat-key, else `user`, else the request id
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """What `_prepare` made ready to send."""
+
+    body: bytes
+    strip_usage: bool  # Thermostat asked for the usage chunk, so it is removed again from the relayed stream
+    our_headers: list[tuple[bytes, bytes]]
+    url: str
+    headers: CIMultiDict[str]
+    traceparent: str | None
+    prompt: str | None
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened on the wire, filled in by `_exchange` as it goes (also when it is cut short) and read by `_finish`."""
+
+    overhead: float
+    summary: ResponseSummary = field(default_factory=ResponseSummary)
+    status: int = 0
+    error_class: str | None = None
+    ttft: float | None = None
 
 
 class ProxyEdge:
@@ -293,10 +318,25 @@ class ProxyEdge:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     # ---- decided path -------------------------------------------------------------
+    # One request, in named steps (after httpx's `send`): admit → decide → prepare → exchange
+    # (which ends at the upstream's one-method `Transport`) → finish (outcome, then the listeners).
 
     async def _completion(
         self, scope: Scope, receive: Receive, send: Send, body: bytes, request_id: str, t0: float, v1_path: str, fmt: WireFormat
     ) -> None:
+        req = self._admit(scope["headers"], body, request_id, v1_path, fmt)
+        decision, patched = await self._decide(req, request_id, fmt)
+        if decision.sent.model is not None:
+            req = self._served_by(req, decision.sent.model, v1_path, fmt)
+        out = self._prepare(scope, body, req, decision, patched, request_id, v1_path, fmt)
+        ex = Exchange(overhead=time.perf_counter() - t0)
+        try:
+            await self._exchange(receive, send, req, out, ex, t0, request_id, fmt)
+        finally:
+            await self._finish(decision, ex, t0, req, out, body=req.doc, key=req.key if req.key != request_id else "")
+
+    def _admit(self, headers: list[tuple[bytes, bytes]], body: bytes, request_id: str, v1_path: str, fmt: WireFormat) -> Admitted:
+        """Parse and validate the body, route it to its upstream, build the context: nothing is decided yet."""
         svc = self.services
         doc = parse_completion_body(body)
         view = fmt.parse(doc)
@@ -317,27 +357,35 @@ class ProxyEdge:
                 value = doc.get(name)
                 if isinstance(value, int) and not isinstance(value, bool):
                     check_token_limit(value, name, limits.max_tokens_limit if limits is not None else None)
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
         task_type = self._task_type(headers)
         ctx = svc.build_context(doc, task_type=task_type, endpoint=fmt.name, upstream=upstream.name, effort=view.effort)
         user = doc.get("user")
         key = _header(headers, b"x-thermostat-key") or (user if isinstance(user, str) and user else request_id)
+        return Admitted(doc, view, upstream, ctx, key)
+
+    def _served_by(self, req: Admitted, model: str, v1_path: str, fmt: WireFormat) -> Admitted:
+        """A stand-in goes to the upstream that serves it (validated at start-up: one of the same wire format);
+        the answer's own `model` field then says who served it."""
+        upstream = self.services.pool.route_format(model, fmt.upstream_format) or req.upstream
+        if not upstream.paths.allows("POST", v1_path):
+            raise upstream.paths.refusal("POST", v1_path)
+        return dataclasses.replace(req, upstream=upstream)
+
+    async def _decide(self, req: Admitted, request_id: str, fmt: WireFormat) -> tuple[Decision, bool]:
+        """The decider's choice, patched into the body (True if that changed it) and journaled before anything is forwarded."""
+        svc = self.services
         try:
-            decision: Decision = await svc.decider.decide(ctx, request_id=request_id, assignment_key=key)
+            decision: Decision = await svc.decider.decide(req.ctx, request_id=request_id, assignment_key=req.key)
         except BudgetExceeded:
             raise _budget_exceeded() from None
         except BudgetUnavailable as exc:
             raise _budget_unavailable(exc.unpriced) from None
-        changed = fmt.patch(doc, decision.sent)
-        if decision.sent.model is not None:
-            # A declared stand-in (the model as a knob): the body names it and goes to the upstream that serves it
-            # (validated at start-up); the answer's own `model` field then says who served it.
-            upstream = svc.pool.route_format(decision.sent.model, fmt.upstream_format) or upstream
-            if not upstream.paths.allows("POST", v1_path):
-                raise upstream.paths.refusal("POST", v1_path)
+        doc = req.doc
+        patched = fmt.patch(doc, decision.sent)
+        if decision.sent.model is not None:  # a declared stand-in (the model as a knob): the body names it
             doc["model"] = decision.sent.model
-            changed = True
-        if view.thinking_budget is not None and decision.sent.max_tokens is not None and doc.get("max_tokens") != decision.sent.max_tokens:
+            patched = True
+        if req.view.thinking_budget is not None and decision.sent.max_tokens is not None and doc.get("max_tokens") != decision.sent.max_tokens:
             # The Messages API refuses max_tokens at or below thinking.budget_tokens and the adapter raised it:
             # the log says what was sent, and a guard's swap (propensity 1) stays out of IPS/DR.
             decision.sent = msgspec.structs.replace(decision.sent, max_tokens=doc["max_tokens"])
@@ -346,94 +394,101 @@ class ProxyEdge:
             decision.guard_notes = (*decision.guard_notes, "thinking_budget_floor")
         svc.registry.register(decision)
         svc.recorder.note_decision(decision)  # journaled before forwarding: a crash cannot lose an answered request
+        return decision, patched
 
-        stream = view.stream
+    def _prepare(
+        self, scope: Scope, body: bytes, req: Admitted, decision: Decision, patched: bool, request_id: str, v1_path: str, fmt: WireFormat
+    ) -> Outgoing:
+        """The bytes, URL and headers to send: the client's own bytes when the decision changed nothing."""
+        svc = self.services
+        doc, changed = req.doc, patched
         strip_usage = False
-        if stream and fmt.stream_summarizer() is None:  # chat and completions: ask for the usage chunk
+        if req.view.stream and fmt.stream_summarizer() is None:  # chat and completions: ask for the usage chunk
             opts = doc.get("stream_options")
             # An invalid `stream_options` is left for the upstream to reject as it would have.
             if (opts is None or isinstance(opts, dict)) and not (opts and opts.get("include_usage") is True):
                 doc["stream_options"] = {**(opts or {}), "include_usage": True}
                 strip_usage = changed = True
         out_body = _encode(doc) if changed else body
-        prompt = None
-        if svc.config.server.store_prompts:
-            prompt = body.decode("utf-8", "replace")
-
+        prompt = body.decode("utf-8", "replace") if svc.config.server.store_prompts else None
         our_headers = [
             (b"x-request-id", request_id.encode()),
             (b"x-thermostat-params", decision.sent.render().encode()),
             (b"x-thermostat-mode", decision.mode.encode()),
         ]
-        url = upstream.url_for(v1_path, scope.get("query_string", b""))
-        fwd_headers = forward_headers(headers, upstream)
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        url = req.upstream.url_for(v1_path, scope.get("query_string", b""))
+        fwd_headers = forward_headers(headers, req.upstream)
         traceparent = _header(headers, b"traceparent") if svc.tracer.enabled else None
         if svc.tracer.enabled:  # our span becomes the upstream's parent
             outgoing = svc.tracer.outgoing_traceparent(traceparent, request_id)
             if outgoing is not None:
                 fwd_headers["traceparent"] = outgoing
-        t_forward = time.perf_counter()
-        summary = ResponseSummary()
-        status = 0
-        error_class: str | None = None
-        ttft: float | None = None
-        overhead = t_forward - t0
+        return Outgoing(out_body, strip_usage, our_headers, url, fwd_headers, traceparent, prompt)
+
+    async def _exchange(
+        self, receive: Receive, send: Send, req: Admitted, out: Outgoing, ex: Exchange, t0: float, request_id: str, fmt: WireFormat
+    ) -> None:
+        """Send through the upstream's transport and relay what comes back; `ex` keeps what happened, for `_finish`."""
+        upstream = req.upstream
         try:
-            try:
-                response = await upstream.send("POST", url, fwd_headers, out_body)
-            except UPSTREAM_ERRORS as exc:
-                error_class = classify(exc)
-                status = 504 if error_class == "timeout" else 502
-                self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
-                msg = f"upstream '{upstream.name}' {'timed out' if status == 504 else 'is unreachable'}: {type(exc).__name__}"
-                code = "upstream_timeout" if status == 504 else "upstream_unreachable"
-                await self._send_error(send, status, fmt.error_body(status, msg, code), request_id, our_headers[1:])
-                return
-            status = response.status
-            t_headers = time.perf_counter()
-            if stream and status == 200:
-                ttft, error_class, overhead = await self._relay_stream(
-                    receive, send, response, our_headers, strip_usage, summary, t0, t_headers, overhead, upstream, fmt
-                )
-            else:
-                cap = upstream.settings.max_response_bytes
-                try:
-                    chunks, complete = await read_capped(response, cap)
-                except UPSTREAM_ERRORS as exc:
-                    response.release()
-                    error_class = classify(exc)
-                    status = 504 if error_class == "timeout" else 502
-                    self.metrics.upstream_errors.labels(upstream.name, error_class).inc()
-                    await self._send_error(
-                        send, status, fmt.error_body(status, f"upstream '{upstream.name}' failed mid-response: {type(exc).__name__}",
-                                                     "upstream_timeout" if status == 504 else "upstream_error"), request_id, our_headers[1:]
-                    )
-                    return
-                if not complete:
-                    self.metrics.unsummarised.labels(upstream.name).inc()
-                    error_class = await self._relay_oversized(send, response, chunks, our_headers, overhead, upstream)
-                    if status != 200:
-                        summary.error = True
-                        error_class = error_class or f"http_{status}"
-                    return
-                response.release()
-                raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                t_body = time.perf_counter()
-                hdrs = response_headers(response.raw_headers)
-                hdrs.append((b"content-length", str(len(raw)).encode()))
-                hdrs.extend(our_headers)
-                overhead += time.perf_counter() - t_body
-                hdrs.append((b"x-thermostat-overhead-ms", f"{overhead * 1000:.3f}".encode()))
-                await send({"type": "http.response.start", "status": status, "headers": hdrs})
-                await send({"type": "http.response.body", "body": raw, "more_body": False})
-                if status == 200:
-                    summary = fmt.summarize_body(raw)
-                else:
-                    summary.error = True
-                    error_class = error_class or f"http_{status}"
-        finally:
-            await self._finish(decision, summary, status, error_class, t0, ttft, overhead, prompt, ctx,
-                               body=doc, key=key if key != request_id else "", traceparent=traceparent)
+            response = await upstream.send("POST", out.url, out.headers, out.body)
+        except UPSTREAM_ERRORS as exc:
+            ex.error_class = classify(exc)
+            ex.status = 504 if ex.error_class == "timeout" else 502
+            self.metrics.upstream_errors.labels(upstream.name, ex.error_class).inc()
+            msg = f"upstream '{upstream.name}' {'timed out' if ex.status == 504 else 'is unreachable'}: {type(exc).__name__}"
+            code = "upstream_timeout" if ex.status == 504 else "upstream_unreachable"
+            await self._send_error(send, ex.status, fmt.error_body(ex.status, msg, code), request_id, out.our_headers[1:])
+            return
+        ex.status = response.status
+        t_headers = time.perf_counter()
+        if req.view.stream and ex.status == 200:
+            ex.ttft, ex.error_class, ex.overhead = await self._relay_stream(
+                receive, send, response, out.our_headers, out.strip_usage, ex.summary, t0, t_headers, ex.overhead, upstream, fmt
+            )
+        else:
+            await self._relay_buffered(send, response, out, ex, request_id, upstream, fmt)
+
+    async def _relay_buffered(
+        self, send: Send, response: UpstreamResponse, out: Outgoing, ex: Exchange, request_id: str, upstream: Upstream, fmt: WireFormat
+    ) -> None:
+        """A whole (non-streamed, or failed) answer: read up to the cap, then sent in one piece; above the cap, relayed unread."""
+        cap = upstream.settings.max_response_bytes
+        try:
+            chunks, complete = await read_capped(response, cap)
+        except UPSTREAM_ERRORS as exc:
+            response.release()
+            ex.error_class = classify(exc)
+            ex.status = 504 if ex.error_class == "timeout" else 502
+            self.metrics.upstream_errors.labels(upstream.name, ex.error_class).inc()
+            await self._send_error(
+                send, ex.status, fmt.error_body(ex.status, f"upstream '{upstream.name}' failed mid-response: {type(exc).__name__}",
+                                                "upstream_timeout" if ex.status == 504 else "upstream_error"), request_id, out.our_headers[1:]
+            )
+            return
+        if not complete:
+            self.metrics.unsummarised.labels(upstream.name).inc()
+            ex.error_class = await self._relay_oversized(send, response, chunks, out.our_headers, ex.overhead, upstream)
+            if ex.status != 200:
+                ex.summary.error = True
+                ex.error_class = ex.error_class or f"http_{ex.status}"
+            return
+        response.release()
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        t_body = time.perf_counter()
+        hdrs = response_headers(response.raw_headers)
+        hdrs.append((b"content-length", str(len(raw)).encode()))
+        hdrs.extend(out.our_headers)
+        ex.overhead += time.perf_counter() - t_body
+        hdrs.append((b"x-thermostat-overhead-ms", f"{ex.overhead * 1000:.3f}".encode()))
+        await send({"type": "http.response.start", "status": ex.status, "headers": hdrs})
+        await send({"type": "http.response.body", "body": raw, "more_body": False})
+        if ex.status == 200:
+            ex.summary = fmt.summarize_body(raw)
+        else:
+            ex.summary.error = True
+            ex.error_class = ex.error_class or f"http_{ex.status}"
 
     async def _relay_oversized(
         self,
@@ -562,58 +617,25 @@ class ProxyEdge:
             else:
                 response.close()  # a stream cut short: close it so the upstream stops generating
 
-    async def _finish(
-        self,
-        decision: Decision,
-        summary: ResponseSummary,
-        status: int,
-        error_class: str | None,
-        t0: float,
-        ttft: float | None,
-        overhead: float,
-        prompt: str | None,
-        ctx: RequestContext,
-        *,
-        body: Any = None,
-        key: str = "",
-        traceparent: str | None = None,
-    ) -> None:
-        """Build the outcome, let the decider learn, queue the log entry. Never raises.
+    async def _finish(self, decision: Decision, ex: Exchange, t0: float, req: Admitted, out: Outgoing, *, body: Any = None, key: str = "") -> None:
+        """Build the one Outcome, let the answer check lower its quality, then call the listeners in order. Never raises.
 
-        `body` (the parsed request) and `key` (the client's assignment key, "" if none) feed the
-        judge and the regeneration check.
+        The listeners (`EdgeServices.listeners`) are assembled once by the composition root
+        (`proxy.runtime.outcome_listeners`); `body` (the parsed request) and `key` (the client's
+        assignment key, "" if none) feed the judge and the regeneration check.
         """
         svc = self.services
         try:
             latency = time.perf_counter() - t0
-            outcome = complete(decision, summary, status, error_class, Timings(latency, ttft),
+            outcome = complete(decision, ex.summary, ex.status, ex.error_class, Timings(latency, ex.ttft),
                                quality_settings=self.quality_settings, scorer=svc.scorer, prices=svc.prices)
-            outcome = await svc.answer_check.validated(decision, outcome, summary, body)  # json_schema / tool parameters
-            # The listeners, in order; each reads the finished Outcome.
-            await svc.decider.observe(decision, outcome)
-            svc.conservative.on_outcome(decision, outcome)
-            svc.registry.complete(decision, outcome)
-            apply_pending_feedback(svc.feedback, decision, outcome)
-            arm = arm_label(decision)
-            observe_decision(self.metrics, decision, outcome, arm)
-            svc.recorder.submit(LogEntry(decision=decision, outcome=outcome, context_features=context_features(ctx), prompt=prompt))
-            m = self.metrics
-            task = m.task_label(decision.context.task_type)
-            status_label = str(status) if status else "error"
-            m.child(m.requests, m.model_label(decision.context.model), task, decision.mode, arm, status_label).inc()
-            m.child(m.request_duration, task, decision.mode).observe(latency)
-            if ttft is not None:
-                m.child(m.ttft, task, decision.mode).observe(ttft)
-            m.overhead.observe(overhead)
-            if summary.prompt_tokens is not None:
-                m.child(m.tokens, task, "prompt").inc(summary.prompt_tokens)
-            if summary.completion_tokens is not None:
-                m.child(m.tokens, task, "completion").inc(summary.completion_tokens)
-            svc.answers.on_answer(decision, outcome, summary.content, body, key)  # judge sample, regeneration (last listener)
-            if svc.tracer.enabled:
-                end_ns = time.time_ns()
-                svc.tracer.record(decision, outcome, TraceTimings(end_ns - int(latency * 1e9), end_ns, overhead), traceparent,
-                                 prompt=prompt if svc.config.telemetry.capture_prompts else None)
+            outcome = await svc.answer_check.validated(decision, outcome, ex.summary, body)  # json_schema / tool parameters
+            done = Finished(decision, outcome, ex.summary, ex.status, latency, ex.ttft, ex.overhead, req.ctx, out.prompt, body, key,
+                            out.traceparent)
+            for listener in svc.listeners:
+                pending = listener(done)
+                if pending is not None:
+                    await pending
         except Exception:
             log.exception("recording the outcome of %s failed", decision.request_id)
 

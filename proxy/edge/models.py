@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from proxy.edge.errors import ProxyError
+from proxy.common import ProxyError
 from proxy.edge.upstream import UPSTREAM_ERRORS, Upstream, UpstreamPool, forward_headers
 
 log = logging.getLogger("thermostat.edge.models")

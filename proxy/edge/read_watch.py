@@ -20,7 +20,7 @@ from typing import Protocol
 
 import aiohttp
 
-from proxy.tasks import cancel_and_wait, every
+from proxy.common import cancel_and_wait, every
 
 
 class Expirable(Protocol):

@@ -27,8 +27,8 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from proxy.common import ProxyError, error_body
 from proxy.config import ServerSettings
-from proxy.edge.errors import ProxyError, error_body
 from proxy.edge.formats import own_error
 
 PROTOCOL = "proxy.edge.serving:GuardedHttpToolsProtocol"

@@ -29,9 +29,8 @@ import aiohttp
 from multidict import CIMultiDict
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
+from proxy.common import PathFilter, bad_request, url_within_base
 from proxy.config import ModelSettings, UpstreamSettings, find_model_settings
-from proxy.edge.errors import bad_request
-from proxy.edge.paths import PathFilter, url_within_base
 
 ErrorClass = Literal["timeout", "connect", "protocol"]
 

@@ -64,12 +64,17 @@ from policies.records import Arm, RequestContext
 from policies.registry import make_policy
 from policies.reward import reward_bounds
 from proxy.config import Config
-from proxy.decision import ArmSettings, ArmSpace, TwoStageSampler, limits_for
-from proxy.decision.arm_space import declared_stand_ins
-from proxy.decision.decider import DeciderSettings
-from proxy.decision.feedback import context_from_features
-from proxy.decision.model_stage import ModelEvidence
-from proxy.store.base import DecisionRow, LogStore
+from proxy.decision import (
+    ArmSettings,
+    ArmSpace,
+    DeciderSettings,
+    ModelEvidence,
+    TwoStageSampler,
+    context_from_features,
+    declared_stand_ins,
+    limits_for,
+)
+from proxy.store import DecisionRow, LogStore
 
 METHODS = ("ips", "snips", "dr")
 PLOTS_MISSING = ("No plots: matplotlib is not installed. `.venv/bin/pip install -e '.[plots]'` (or `pip install matplotlib`) "
@@ -527,10 +532,10 @@ async def run(
 def open_reader(config: Config) -> tuple[LogStore, str]:
     """The decision log `config` writes, opened for reading only (no spool: nothing is written)."""
     if config.storage.database_url:
-        from proxy.store.postgres import PostgresLogStore
+        from proxy.store import PostgresLogStore
 
         return PostgresLogStore(config.storage.database_url, min_size=1, max_size=1), "PostgreSQL"
-    from proxy.store.sqlite import SqliteSink
+    from proxy.store import SqliteSink
 
     path = Path(config.server.data_dir) / "decisions.sqlite3"
     if not path.exists():

@@ -19,10 +19,10 @@ import numpy as np
 
 from guards.rollout import OpeEvidence
 from policies import ope
-from proxy.control.reports import OpeArrays, load_rows, score_rows_async
+from proxy.learning.ope_rows import OpeArrays, load_rows, score_rows_async
 
 if TYPE_CHECKING:
-    from proxy.decision.decider import BanditDecider
+    from proxy.decision import BanditDecider
     from proxy.store import LogStore
 
 PROMOTION_ESTIMATOR = "snips"

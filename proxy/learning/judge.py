@@ -1,6 +1,6 @@
 """LLM-as-judge: a sample of completed requests is scored by a model, off the request path.
 
-Flow (the lead wires the two ends; see `Judge.on_complete` and `deliver`):
+Flow (the composition root, proxy/runtime.py, wires the two ends; see `Judge.on_complete` and `Deliver`):
 
     completion listener ─► Judge.on_complete(decision, outcome, answer, messages)
         sample (injected numpy Generator, `[judge] sample_rate`; holdout requests at
@@ -8,7 +8,12 @@ Flow (the lead wires the two ends; see `Judge.on_complete` and `deliver`):
         (overflow dropped and counted) ─► `max_concurrency` workers ─► transport
         (an ordinary chat completion to the upstream serving `[judge] model`)
         ─► parse ─► charge tokens to the budget under task type `_judge`
-        ─► deliver(Signal(request_id, (score - 1) / 9, "judge"))
+        ─► deliver(Signal(request_id, (score - 1) / 9, "judge"))   (`Judge._deliver`)
+
+Where the score then reaches the policy: `deliver` is the decision room's `SignalDelivery`
+(proxy/decision/feedback.py: `deliver_signal` finds the decision, gates an untrusted judge,
+and `_apply` swaps the reward), which recomputes the reward with `BanditDecider.reward_for`
+(proxy/decision/decider.py) and corrects the policy with `Policy.correct` (policies/base.py).
 
 Nothing here can delay, change or fail the client's request: `on_complete` only samples
 and does a `put_nowait`, and every failure after that is counted, never raised.
@@ -20,18 +25,6 @@ them. Only the judge's own reply is parsed, and the parser accepts a whole reply
 a JSON object with `score`, such an object inside a code fence, or a bare number; it does
 not hunt for "score: 10" in free text, so an answer that asks for a 10 gets one only if
 the judge itself says 10.
-
-Wiring (composition root; not done here while app/runtime/edge are being restructured):
-
-    judge = Judge(cfg.judge,
-                  transport=http_transport(client, upstream.base_url, api_key),   # pool.route(cfg.judge.model)
-                  deliver=lambda s: deliver_signal(rt, rt.control.feedback, signals, s),
-                  charge=<reserve + settle `tokens` on the CAWS budget under task type "_judge">,
-                  rng=np.random.default_rng(seed), metrics=JudgeMetrics(rt.metrics.registry),
-                  alert=<rt.alerts>)
-    judge.start() in the lifespan, `await judge.stop()` on shutdown;
-    after `decider.observe` (last listener): judge.on_complete(decision, outcome,
-        summary.content, body["messages"]) for chat requests.
 
 Pairwise mode (`[judge] mode = "pairwise"`). Pointwise scores of single answers are noisy;
 a judge asked which of two answers to the same request is better is more consistent. A
@@ -96,7 +89,9 @@ JUDGE_TASK_TYPE = "_judge"
 RESULTS = ("ok", "unparseable", "error", "timeout", "dropped", "skipped", "delivery_failed", "untrusted", "baseline_failed")
 
 Transport = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
-Deliver = Callable[[Signal], Awaitable[str | None]]  # "untrusted" when the judge is muted for the task type
+Deliver = Callable[[Signal], Awaitable[str | None]]
+"""Hands a judge's signal to the decision room: `proxy.decision.SignalDelivery` in a running process
+(tests pass their own). Returns what happened there; "untrusted" when the judge is muted for the task type."""
 class Spent(NamedTuple):
     """What one call of the judge (or a pairwise baseline call) used, and whose model it was: the charge prices it."""
 

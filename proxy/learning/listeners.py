@@ -10,24 +10,20 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
 from guards.budget import BudgetGuard
 from policies.pricing import TokenUsage
-from policies.records import Decision, Outcome
+from policies.records import Decision, Outcome, Params
 from policies.settings import QualitySettings
 from policies.validators import SchemaValidators, validated_quality
-from proxy.decision.decider import BanditDecider
-from proxy.decision.feedback import FeedbackServices, SignalBook, deliver_signal
-from proxy.decision.outcome import Pricer
-from proxy.decision.regeneration import RegenerationBook, regeneration_signal
-from proxy.edge.formats import CHAT
-from proxy.edge.sse import ResponseSummary
+from proxy.common import ResponseSummary
+from proxy.decision import BanditDecider, FeedbackServices, Pricer, RegenerationBook, SignalBook, deliver_signal, regeneration_signal
 from proxy.learning.judge import JUDGE_TASK_TYPE, Judge, Spent
 from proxy.learning.validation import validate_answer
-from proxy.observability.metrics import Metrics
+from proxy.observability import Metrics
 
 log = logging.getLogger("thermostat")
 
@@ -113,11 +109,18 @@ class AnswerListener:
             task.cancel()
 
 
+class KnobPatch(Protocol):
+    def __call__(self, doc: dict[str, Any], knobs: Params) -> bool:
+        """Write the knobs into a chat body under the chat format's field names; True if anything changed."""
+        ...
+
+
 class BaselineRequest:
     """The chat body the baseline would have sent for a decision (the pairwise judge's second answer)."""
 
-    def __init__(self, decider: BanditDecider) -> None:
+    def __init__(self, decider: BanditDecider, patch: KnobPatch) -> None:
         self.decider = decider
+        self.patch = patch  # the chat format's own patching (the edge's `CHAT.patch`, handed in by the runtime)
 
     def __call__(self, decision: Decision, body: Any) -> dict[str, Any] | None:
         """Not streamed, one choice. `body` went out with the tuned knobs patched in; the baseline's
@@ -130,7 +133,7 @@ class BaselineRequest:
         out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n")}
         if ref.sent.temperature is None:
             out.pop("temperature", None)
-        CHAT.patch(out, ref.sent)
+        self.patch(out, ref.sent)
         return out
 
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from typing import Protocol, runtime_checkable
 
-from proxy.tasks import cancel_and_wait, every
+from proxy.common import cancel_and_wait, every
 
 log = logging.getLogger("thermostat")
 

@@ -50,8 +50,7 @@ from collections import OrderedDict
 from typing import Any
 
 from guards.state import InProcessStore, StateStore, StoreUnavailable
-from proxy.decision.decider import QualitySignals
-from proxy.decision.feedback import SignalBook
+from proxy.decision import QualitySignals, SignalBook
 
 log = logging.getLogger("thermostat.signals")
 

@@ -93,8 +93,8 @@ from policies.base import RESERVED_PREFIX, Adaptive, Policy
 from policies.records import Decision, Outcome
 from policies.reward import BaselineCosts
 from proxy.config import StorageSettings
-from proxy.decision.registry import DecisionRegistry
-from proxy.store.redis_state import RedisStore
+from proxy.decision import DecisionRegistry
+from proxy.store import RedisStore
 
 log = logging.getLogger("thermostat.shared")
 

@@ -14,12 +14,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from policies.base import Adaptive
+from proxy.common import cancel_and_wait, every
 from proxy.learning.evidence import compute_ope_evidence
-from proxy.tasks import cancel_and_wait, every
 
 if TYPE_CHECKING:
-    from proxy.decision.decider import BanditDecider
-    from proxy.store.base import LogStore
+    from proxy.decision import BanditDecider
+    from proxy.store import LogStore
 
 log = logging.getLogger("thermostat")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.observability.alerts import AlertManager
+from proxy.observability.alerts import Alert, AlertManager
 from proxy.observability.metrics import (
     BoundedLabel,
     FoldedBuckets,
@@ -13,17 +13,25 @@ from proxy.observability.metrics import (
     install_live_metrics,
     observe_decision,
     refresh_live,
+    watch_loop_lag,
 )
+from proxy.observability.tracing import NullTracer, Timings, Tracer, make_tracer
 
 __all__ = [
+    "Alert",
     "AlertManager",
     "BoundedLabel",
     "FoldedBuckets",
     "LiveSources",
     "Metrics",
+    "NullTracer",
     "RolloutSource",
+    "Timings",
+    "Tracer",
     "exposition",
     "install_live_metrics",
+    "make_tracer",
     "observe_decision",
     "refresh_live",
+    "watch_loop_lag",
 ]

@@ -24,8 +24,7 @@ if TYPE_CHECKING:
     from guards.rollout import RolloutController
     from guards.slo import SloMonitor
     from policies.records import Decision, Outcome
-    from proxy.store.base import LogStore
-    from proxy.store.recorder import Recorder
+    from proxy.store import LogStore, Recorder
 
 log = logging.getLogger("thermostat")
 

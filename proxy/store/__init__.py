@@ -1,36 +1,56 @@
-"""Storage for the decision log: SQLite (embedded default) and PostgreSQL (behind a local spool).
+"""Storage: the decision log (SQLite, the embedded default, or PostgreSQL behind a local spool),
+its journal and recorder, the Redis and local state stores, retention.
 
-`make_log_store(config)` picks one from `storage.database_url`; both implement
-`proxy.store.base.LogStore`.
+`make_log_store(config)` picks a log store from `storage.database_url`; both implement
+`LogStore`. The PostgreSQL and SQLite classes and `migrate` load on first use (PEP 562):
+asyncpg is imported only by a process that uses PostgreSQL.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import Config
-from proxy.store.base import (
-    AuditRecord,
-    DecisionRow,
-    EventRecord,
-    LogStore,
-    Sink,
-    StoreRecord,
-    StoreStatus,
-    StoreUnavailable,
-)
+from proxy.store.base import AuditRecord, DecisionRow, EventRecord, LogStore, Sink, StoreRecord, StoreStatus, StoreUnavailable, storable
+from proxy.store.entries import FeedbackEntry, LogEntry
+from proxy.store.journal import Journal
+from proxy.store.local_state import LocalState
+from proxy.store.recorder import Recorder
+from proxy.store.redis_state import REDIS_UNAVAILABLE, RedisStore
+from proxy.store.retention import RetentionPruner
+
+if TYPE_CHECKING:
+    from proxy.store.migrations import migrate
+    from proxy.store.postgres import PostgresLogStore
+    from proxy.store.sqlite import SqliteSink
+
+_LAZY = {"migrate": "migrations", "PostgresLogStore": "postgres", "SqliteSink": "sqlite"}
 
 __all__ = [
     "AuditRecord",
     "DecisionRow",
     "EventRecord",
+    "FeedbackEntry",
+    "Journal",
+    "LocalState",
+    "LogEntry",
     "LogStore",
+    "PostgresLogStore",
+    "REDIS_UNAVAILABLE",
+    "Recorder",
+    "RedisStore",
+    "RetentionPruner",
     "Sink",
+    "SqliteSink",
     "StoreRecord",
     "StoreStatus",
     "StoreUnavailable",
     "make_log_store",
+    "migrate",
     "parse_duration",
+    "storable",
 ]
 
 
@@ -77,3 +97,10 @@ def parse_duration(text: str) -> float:
     if value < 0:
         raise ValueError(f"{text!r}: duration must be >= 0")
     return value
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'proxy.store' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"proxy.store.{module}"), name)

@@ -56,7 +56,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from guards.state import BudgetKey, Candidate, Counters, LeaseCall, LeaseGrant, ReserveResult, StoreUnavailable
 
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+"""What a Redis call raises when the server cannot be reached in time (the callers fail safe on it)."""
 
 # Shared Lua helpers: a key is live when its `exp` field is after `now`. A dead key is
 # deleted before it is written again, so a new window starts from zero. `touch` keeps
@@ -340,13 +341,13 @@ class RedisStore:
     async def ping(self) -> bool:
         try:
             return bool(await self.redis.ping())
-        except _UNAVAILABLE:
+        except REDIS_UNAVAILABLE:
             return False
 
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
-        except _UNAVAILABLE as exc:
+        except REDIS_UNAVAILABLE as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
 
     # ---- budget -----------------------------------------------------------------
@@ -415,7 +416,7 @@ class RedisStore:
                 pipe.set(self.k(key), value)
                 pipe.publish(self.changes_channel, f"{self.instance_id}\n{key}")
                 await pipe.execute()
-        except _UNAVAILABLE as exc:
+        except REDIS_UNAVAILABLE as exc:
             self.unsaved[key] = value
             raise StoreUnavailable(f"redis: {exc}") from exc
         self.unsaved.pop(key, None)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from proxy.common import cancel_and_wait, every
 from proxy.store.base import LogStore
-from proxy.tasks import cancel_and_wait, every
 
 log = logging.getLogger("thermostat")
 

@@ -9,7 +9,7 @@ import msgspec
 from aiohttp import web
 
 from guards.rollout import RolloutEvent
-from proxy.observability.alerts import Alert, AlertManager
+from proxy.observability import Alert, AlertManager
 
 
 class _Rt:

@@ -10,7 +10,8 @@ import pytest
 
 from proxy.app import create_app
 from proxy.config import AdminSettings, ConfigError, build_config
-from proxy.control.auth import AdminAuth, AuthError, require_token_or_opt_in, token_id
+from proxy.control import AdminAuth, require_token_or_opt_in
+from proxy.control.auth import AuthError, token_id
 from tests.control.conftest import API, AUTH, TOKEN, api, assert_error_shape
 from tests.support.servers import RunningThermostat
 

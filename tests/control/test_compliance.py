@@ -13,10 +13,10 @@ import numpy as np
 from guards.trust_region import ModelLimits
 from policies.context import build_context
 from proxy.config import AdminSettings
-from proxy.control.auth import AdminAuth
+from proxy.control import AdminAuth
 from proxy.control.compliance import admin_auth_check, trust_region_check
 from proxy.runtime import Runtime
-from proxy.store.base import DecisionRow
+from proxy.store import DecisionRow
 from tests.conftest import make_config
 from tests.control.conftest import API, TOKEN, api
 from tests.support.fake_upstream import FakeUpstream

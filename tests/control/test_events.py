@@ -31,7 +31,7 @@ def test_events_are_bounded_and_need_the_token(ctl: RunningThermostat) -> None:
 
 def test_a_monitor_event_is_scoped_to_its_task_type() -> None:
     from proxy.control.views import stored_event_out
-    from proxy.store.base import EventRecord
+    from proxy.store import EventRecord
 
     change = stored_event_out(EventRecord(at=5.0, kind="change_detected", from_phase="general", reason="holdout quality fell",
                                           evidence={"holdout_samples": 31, "task_type": "code"}, actor="conservative"))

@@ -12,7 +12,7 @@ import pytest
 from policies import sequences
 from policies.settings import RewardSettings
 from proxy.control import reports
-from proxy.store.base import DecisionRow
+from proxy.store import DecisionRow
 
 
 def row(t: float, mode: str, *, task: str = "code", quality: float | None = None, reward: float | None = None, latency_s: float = 0.1,

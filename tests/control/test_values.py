@@ -13,7 +13,7 @@ from policies.arms import arm_key
 from policies.context import context_bucket
 from policies.records import Arm, Params
 from policies.thompson import stat_key
-from proxy.decision.feedback import context_from_features
+from proxy.decision import context_from_features
 from tests.control.conftest import TOKEN, api, assert_error_shape
 from tests.support.servers import RunningThermostat
 

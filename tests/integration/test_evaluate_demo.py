@@ -15,7 +15,7 @@ from pathlib import Path
 
 from proxy.cli import demo_config
 from proxy.config import Config, build_config
-from proxy.learning.evaluate import PLOTS_MISSING
+from proxy.learning import PLOTS_MISSING
 from tests.support.servers import run_demo_traffic, simulator_in_thread, start_thermostat
 
 ROOT = Path(__file__).resolve().parents[2]

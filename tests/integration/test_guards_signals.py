@@ -23,7 +23,7 @@ from aiohttp import web
 from policies.base import Choice
 from policies.records import Arm, RequestContext
 from policies.thompson import ThompsonGaussianPolicy
-from proxy.learning.judge import extract_answer
+from proxy.learning import extract_answer
 from proxy.runtime import Runtime
 from tests.conftest import make_config
 from tests.support.loop_thread import AppInThread, serve_app

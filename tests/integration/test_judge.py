@@ -15,8 +15,9 @@ from aiohttp import web
 from policies.records import Decision, Outcome, Params, RequestContext
 from policies.signals import Signal
 from proxy.config import JudgeSettings
-from proxy.demo.simulator_server import start_simulator
-from proxy.learning.judge import JUDGE_TASK_TYPE, Judge, Spent, extract_answer, http_transport
+from proxy.demo import start_simulator
+from proxy.learning import Judge, extract_answer
+from proxy.learning.judge import JUDGE_TASK_TYPE, Spent, http_transport
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 

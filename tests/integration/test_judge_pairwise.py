@@ -20,9 +20,11 @@ from policies.records import Decision, Outcome, Params, RequestContext
 from policies.signals import Signal
 from proxy.config import JudgeSettings
 from proxy.decision.decider import TEMPERATURE_STATISTICS
+from proxy.demo import start_simulator
 from proxy.demo.simulator import SimulatorTruth, TaskProfile
-from proxy.demo.simulator_server import PAIRWISE_TIE, SimulatorHandle, start_simulator
-from proxy.learning.judge import JUDGE_TASK_TYPE, Judge, Spent, extract_pair, http_transport, parse_preference, tuned_result
+from proxy.demo.simulator_server import PAIRWISE_TIE, SimulatorHandle
+from proxy.learning import Judge, extract_pair
+from proxy.learning.judge import JUDGE_TASK_TYPE, Spent, http_transport, parse_preference, tuned_result
 from tests.conftest import make_config
 from tests.support.servers import simulator_in_thread, start_thermostat
 

@@ -19,7 +19,7 @@ from langchain_anthropic import ChatAnthropic
 from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_openai import ChatOpenAI
 
-from proxy.store.base import DecisionRow
+from proxy.store import DecisionRow
 from tests.conftest import make_config
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.servers import RunningThermostat, start_thermostat

@@ -16,8 +16,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.edge.errors import ProxyError
-from proxy.edge.paths import PathFilter, confine_v1_path, url_within_base
+from proxy.common import PathFilter, ProxyError, confine_v1_path, url_within_base
 from tests.conftest import make_config
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.servers import RunningThermostat, start_thermostat

@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from policies.signals import Signal
+from proxy.decision import SignalBook, deliver_signal
 from proxy.decision.decider import TEMPERATURE_STATISTICS
-from proxy.decision.feedback import SignalBook, deliver_signal
 from tests.conftest import make_config
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.servers import RunningThermostat, start_thermostat

@@ -135,8 +135,9 @@ def test_redis_counts_are_capped_by_the_task_type_cap(upstream: FakeUpstream, tm
 
 
 async def test_a_batch_retried_after_a_lost_reply_is_counted_once(prefix: str) -> None:
-    from proxy.learning.signal_sync import SignalSync, SyncedQualitySignals, SyncedSignalBook, _Batch
-    from proxy.store.redis_state import RedisStore
+    from proxy.learning import SignalSync, SyncedQualitySignals, SyncedSignalBook
+    from proxy.learning.signal_sync import _Batch
+    from proxy.store import RedisStore
 
     store = RedisStore(REDIS_URL, prefix=prefix)
     try:

@@ -23,16 +23,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from policies.records import Decision, Outcome, Params, RequestContext
 from proxy.config import TelemetrySettings, build_config
-from proxy.observability.tracing import (
-    NullTracer,
-    Timings,
-    Tracer,
-    child_span_id,
-    format_traceparent,
-    make_tracer,
-    outgoing_traceparent,
-    parse_traceparent,
-)
+from proxy.observability import NullTracer, Timings, Tracer, make_tracer
+from proxy.observability.tracing import child_span_id, format_traceparent, outgoing_traceparent, parse_traceparent
 from tests.conftest import make_config
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.servers import start_thermostat

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from policies.effort import steps
-from proxy.store.base import DecisionRow
+from proxy.store import DecisionRow
 from tests.conftest import make_config
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.servers import RunningThermostat, free_port, start_thermostat

@@ -14,9 +14,9 @@ import openai
 import pytest
 from aiohttp import web
 
-from proxy.demo.simulator_server import start_simulator
+from proxy.demo import start_simulator
+from proxy.edge import StreamRelay
 from proxy.edge.formats import ANTHROPIC, RESPONSES
-from proxy.edge.sse import StreamRelay
 from tests.support.fake_upstream import FakeUpstream
 
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from proxy.store.redis_state import RedisStore
+from proxy.store import RedisStore
 
 REDIS_URL = os.environ.get("THERMOSTAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 IN_CI = os.environ.get("CI", "").lower() == "true"

@@ -211,7 +211,7 @@ async def test_a_huge_max_tokens_reservation_is_bounded_and_released(redis_prefi
     from guards.budget import BudgetGuard
     from guards.settings import CawsSettings
     from policies.records import Arm
-    from proxy.store.redis_state import RedisStore
+    from proxy.store import RedisStore
     from tests.shared.conftest import REDIS_URL
 
     store = RedisStore(REDIS_URL, prefix=redis_prefix, timeout_s=2.0)
@@ -239,7 +239,7 @@ async def test_without_leases_a_redis_flush_does_not_grant_the_window_again(redi
     from guards.budget import BudgetGuard
     from guards.settings import CawsSettings
     from policies.records import Arm
-    from proxy.store.redis_state import RedisStore
+    from proxy.store import RedisStore
     from tests.shared.conftest import REDIS_URL
 
     store = RedisStore(REDIS_URL, prefix=redis_prefix, timeout_s=2.0)

@@ -209,7 +209,7 @@ allow_unauthenticated = true
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115
     exe = Path(sys.executable).with_name("thermostat")
-    proc = subprocess.Popen([str(exe), "serve", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port)],
+    proc = subprocess.Popen([str(exe), "serve", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=log, stderr=log, env=env)
     base = f"http://127.0.0.1:{port}"
     wait_ready(f"{base}/health", proc, timeout=60)

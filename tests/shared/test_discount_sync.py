@@ -13,7 +13,8 @@ import redis
 from policies.base import Discount
 from policies.records import Arm, RequestContext
 from policies.registry import make_policy
-from proxy.learning.sync import SharedState, from_hash
+from proxy.learning import SharedState
+from proxy.learning.sync import from_hash
 from proxy.runtime import Runtime
 from tests.conftest import make_config
 from tests.shared.conftest import REDIS_URL

@@ -63,7 +63,7 @@ budget_limit = 1000000000
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     exe = Path(sys.executable).with_name("thermostat")
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([str(exe), "serve", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=log, env=env)
+    proc = subprocess.Popen([str(exe), "serve", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], stdout=log, stderr=log, env=env)
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", proc)
         yield f"http://127.0.0.1:{port}", proc.pid

@@ -7,7 +7,8 @@ from pathlib import Path
 import redis
 
 from policies.records import Arm, RequestContext
-from proxy.learning.sync import SharedState, digest, from_hash
+from proxy.learning import SharedState
+from proxy.learning.sync import digest, from_hash
 from proxy.runtime import Runtime
 from tests.conftest import make_config
 from tests.shared.conftest import REDIS_URL

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from guards.state import BudgetKey, Candidate, Counters, InProcessStore, LeaseCall, LeaseGrant, StateStore, StoreUnavailable
-from proxy.store.redis_state import RedisStore
+from proxy.store import RedisStore
 from tests.shared.conftest import REDIS_URL
 
 

@@ -6,8 +6,9 @@ import asyncio
 
 import redis
 
-from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, fingerprint
-from proxy.store.redis_state import RedisStore
+from proxy.decision import MemoryRegenerationBook, RedisRegenerationBook
+from proxy.decision.regeneration import fingerprint
+from proxy.store import RedisStore
 
 MSGS = [{"role": "user", "content": "capital of France?"}]
 

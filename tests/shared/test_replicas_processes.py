@@ -78,7 +78,7 @@ def processes(upstream: FakeUpstream, tmp_path: Path, redis_prefix: str) -> list
         log = open(tmp_path / f"r{i}.log", "wb")  # noqa: SIM115
         procs.append(
             subprocess.Popen(
-                [str(exe), "serve", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=log, env=env
+                [str(exe), "serve", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], stdout=log, stderr=log, env=env
             )
         )
         bases.append(f"http://127.0.0.1:{port}")

@@ -7,7 +7,7 @@ import time
 import uuid
 
 from policies.records import Decision, Outcome, Params, RequestContext
-from proxy.store.entries import FeedbackEntry, LogEntry
+from proxy.store import FeedbackEntry, LogEntry
 
 
 def log_entry(

@@ -14,9 +14,8 @@ import pytest
 
 from policies.records import Params
 from proxy.config import build_config
-from proxy.store import AuditRecord, EventRecord, LogStore, make_log_store
+from proxy.store import AuditRecord, EventRecord, LogStore, SqliteSink, make_log_store
 from proxy.store.spool import SpoolingStore
-from proxy.store.sqlite import SqliteSink
 from tests.storage.factory import feedback, log_entry
 
 DAY = 86400.0

@@ -8,7 +8,8 @@ import asyncpg
 import pytest
 
 from proxy.cli import main
-from proxy.store.migrations import load_migrations, migrate
+from proxy.store import migrate
+from proxy.store.migrations import load_migrations
 
 pytestmark = pytest.mark.postgres
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.store.migrations import migrate
-from proxy.store.sqlite import SqliteSink
+from proxy.store import SqliteSink, migrate
 
 pytestmark = pytest.mark.postgres
 

@@ -10,9 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.store.base import StoreUnavailable
-from proxy.store.postgres import PostgresLogStore
-from proxy.store.recorder import Recorder
+from proxy.store import PostgresLogStore, Recorder, StoreUnavailable
 from proxy.store.spool import Spool, SpoolingStore
 from tests.storage.factory import TcpProxy, feedback, log_entry
 
@@ -256,7 +254,7 @@ def test_prune_cli(pg_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[st
         await s.write([log_entry(created_at=now - 100 * 86400 - i) for i in range(12)] + [log_entry(created_at=now - 5)])
         await s.close()
 
-    from proxy.store.sqlite import SqliteSink
+    from proxy.store import SqliteSink
 
     for url in (pg_dsn, ""):
         data = tmp_path / ("pg" if url else "lite")

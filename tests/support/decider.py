@@ -21,8 +21,8 @@ from policies.base import Policy
 from policies.baseline import UniformPolicy
 from policies.records import Arm, RequestContext
 from policies.settings import ArmGridSettings, RewardSettings
-from proxy.decision.decider import ArmSettings, ArmSpace, BanditDecider, DeciderSettings, DecisionGuards, RatesSource, TuneMode
-from proxy.decision.model_stage import ModelStageSettings
+from proxy.decision import ArmSettings, ArmSpace, BanditDecider, DeciderSettings, DecisionGuards, ModelStageSettings
+from proxy.decision.decider import RatesSource, TuneMode
 
 GRID = ArmGridSettings(temperature_steps=5, max_tokens_steps=5)
 NO_STAND_IN = BaselineSettings()

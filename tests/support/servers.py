@@ -22,7 +22,7 @@ import uvicorn
 from proxy.app import create_app
 from proxy.cli import forwarding_options
 from proxy.config import Config
-from proxy.edge.serving import ServingConfig
+from proxy.edge import ServingConfig
 from proxy.runtime import Runtime
 from tests.support.loop_thread import started_in_thread
 
@@ -159,7 +159,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 40) -> 
 @contextmanager
 def simulator_in_thread(seed: int = 0, time_scale: float = 0.0, **options: Any) -> Iterator[Any]:
     """The bundled simulator (proxy/demo/simulator_server.py) on a loopback port, its own loop in a thread."""
-    from proxy.demo.simulator_server import start_simulator
+    from proxy.demo import start_simulator
 
     with started_in_thread(lambda: start_simulator("127.0.0.1", 0, seed=seed, time_scale=time_scale, **options),
                            lambda sim: sim.close()) as sim:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from policies.agreement import agreement, average_ranks, judge_trusted, spearman
-from proxy.decision.feedback import SignalBook
+from proxy.decision import SignalBook
 
 
 def test_average_ranks_share_ties() -> None:

@@ -7,7 +7,7 @@ import pytest
 from policies.records import Params
 from policies.registry import POLICIES
 from proxy.config import ConfigError, build_config, load_config, mask_secrets
-from proxy.edge.formats import CHAT
+from proxy.edge import CHAT
 
 
 def test_defaults_match_deployment_guide() -> None:

@@ -9,7 +9,8 @@ from guards.settings import BaselineSettings, ConstraintsSettings
 from guards.trust_region import ModelLimits
 from policies.records import RequestContext
 from policies.settings import ArmGridSettings
-from proxy.decision.decider import BanditDecider, reference, reference_effort, tuned_params
+from proxy.decision import BanditDecider
+from proxy.decision.decider import reference, reference_effort, tuned_params
 from tests.support.decider import build_decider
 
 C = ConstraintsSettings()

@@ -19,9 +19,8 @@ from policies.base import Choice
 from policies.baseline import UniformPolicy
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.settings import QualitySettings, RewardSettings
-from proxy.decision.decider import BanditDecider, BudgetExceeded, Explanation
-from proxy.decision.outcome import Timings, arm_label, complete
-from proxy.edge.sse import summarize_body
+from proxy.common import summarize_body
+from proxy.decision import BanditDecider, BudgetExceeded, Explanation, Timings, arm_label, complete
 from tests.support.decider import RecordingUpdates, build_decider
 from tests.support.memory_transport import chat_json
 

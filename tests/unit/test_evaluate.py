@@ -16,7 +16,7 @@ from proxy.config import Config, build_config
 from proxy.demo.simlog import simulated_log
 from proxy.demo.simulator import SimulatorTruth
 from proxy.learning import evaluate as ev
-from proxy.store.sqlite import SqliteSink
+from proxy.store import SqliteSink
 
 N_REQUESTS = 3000
 LOGGING = {"optimization": {"policy": "thompson_gaussian", "tune_temperature": "always"}, "policy": {"thompson": {"min_propensity": 0.01}}}

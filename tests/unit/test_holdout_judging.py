@@ -10,7 +10,7 @@ import pytest
 from policies.records import Decision, Outcome, Params, RequestContext
 from policies.signals import Signal
 from proxy.config import ConfigError, JudgeSettings, build_config
-from proxy.learning.judge import Judge
+from proxy.learning import Judge
 
 
 def _decision(rid: str, mode: str) -> Decision:

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.store.entries import FeedbackEntry, LogEntry
-from proxy.store.journal import INTERRUPTED, Journal, PendingDecision, replay_records
-from proxy.store.recorder import Recorder
+from proxy.store import FeedbackEntry, Journal, LogEntry, Recorder
+from proxy.store.journal import INTERRUPTED, PendingDecision, replay_records
 from tests.unit.test_recorder import MemorySink, entry
 
 _KILLED_WRITER = """

@@ -7,8 +7,8 @@ import json
 import msgspec
 import pytest
 
+from proxy.edge import StreamRelay
 from proxy.edge.json_guard import MAX_JSON_DEPTH, duplicate_watched_key, first_out_of_range_int, too_deep
-from proxy.edge.sse import StreamRelay
 
 
 def nested(levels: int) -> bytes:

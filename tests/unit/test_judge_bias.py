@@ -11,7 +11,7 @@ import pytest
 from guards.state import InProcessStore
 from policies.judge_bias import concordance_bounds, new_length_bias, observe_pair, rewards_length, slope
 from policies.sequences import bounds_path
-from proxy.decision.judge_trust import JudgeTrust
+from proxy.decision import JudgeTrust
 
 
 def test_pairs_by_hand() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.learning.judge import Breaker, JudgeItem, build_prompt, conversation_of, extract_answer, parse_score
+from proxy.learning import extract_answer
+from proxy.learning.judge import Breaker, JudgeItem, build_prompt, conversation_of, parse_score
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from guards.trust_region import ModelLimits
 from policies.records import RequestContext
 from proxy.config import Config, build_config
 from proxy.decision import limits_for, model_limits
-from proxy.learning.evaluate import TrustRegion, make_candidate
+from proxy.learning import TrustRegion, make_candidate
 from proxy.runtime import Runtime
 
 EFFORTS = ["low", "medium", "high"]

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from guards.state import BudgetKey, Candidate, InProcessStore
-from proxy.store.local_state import LocalState
+from proxy.store import LocalState
 
 NOW = 1_000.0
 KEYS = [BudgetKey("caws:0:all", limit=1_000, gate=800)]

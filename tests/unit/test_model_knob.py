@@ -17,9 +17,7 @@ from policies.records import Arm, Params, RequestContext
 from policies.settings import ArmGridSettings
 from policies.thompson import stat_key
 from proxy.config import ConfigError, build_config, serving_upstream
-from proxy.decision.arm_space import declared_stand_ins
-from proxy.decision.decider import BanditDecider
-from proxy.decision.model_stage import ModelEvidence, ModelStageSettings
+from proxy.decision import BanditDecider, ModelEvidence, ModelStageSettings, declared_stand_ins
 from tests.support.decider import build_decider
 
 BIG, SMALL = "big", "small"

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from proxy.common import ProxyError
 from proxy.config import build_config
-from proxy.edge.errors import ProxyError
+from proxy.edge import Upstream, UpstreamPool
 from proxy.edge.models import ModelCatalog, credential_key
-from proxy.edge.upstream import Upstream, UpstreamPool, forward_headers
+from proxy.edge.upstream import forward_headers
 from tests.support.fake_upstream import FakeUpstream
 
 

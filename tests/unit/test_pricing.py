@@ -13,11 +13,12 @@ import pytest
 from genai_prices import Usage, calc_price
 
 from policies.pricing import Price, Rates, TokenUsage, cost_usd, flat, reservation_usd, to_micro
+from proxy.common import summarize_body
 from proxy.config import build_config, find_model_settings
-from proxy.decision.prices import PriceBook, genai_rates
+from proxy.decision import PriceBook
+from proxy.decision.prices import genai_rates
 from proxy.edge.formats.anthropic import AnthropicFormat
 from proxy.edge.formats.responses import ResponsesFormat
-from proxy.edge.sse import summarize_body
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from proxy.edge.read_watch import ReadWatch
+from proxy.edge import ReadWatch
 
 
 class Body:

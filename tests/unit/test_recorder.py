@@ -4,9 +4,9 @@ import asyncio
 from collections.abc import Sequence
 
 from policies.records import Decision, Outcome, Params, RequestContext
-from proxy.decision.registry import DecisionRegistry
-from proxy.store.entries import Entry, LogEntry
-from proxy.store.recorder import Recorder
+from proxy.decision import DecisionRegistry
+from proxy.store import LogEntry, Recorder
+from proxy.store.entries import Entry
 
 CTX = RequestContext("default", "m", "chat", 10, 1, False, False, False, None, None)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from policies.signals import Signal
-from proxy.decision.regeneration import MemoryRegenerationBook, assignment_key, fingerprint, regeneration_signal
+from proxy.decision import MemoryRegenerationBook, regeneration_signal
+from proxy.decision.regeneration import assignment_key, fingerprint
 
 MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "capital of France?"}]
 

@@ -19,7 +19,8 @@ from policies.baseline import BaselinePolicy
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.settings import ArmGridSettings
 from proxy.config import ConfigError, build_config
-from proxy.decision.decider import HOLDOUT_SALT, BanditDecider, TuneMode
+from proxy.decision import BanditDecider
+from proxy.decision.decider import HOLDOUT_SALT, TuneMode
 from tests.support.decider import RecordingUpdates, build_decider
 
 C = ConstraintsSettings()  # ±0.2, ±500 and ±50 %, max_tokens 4096

@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from policies.records import Arm
+from proxy.demo import start_simulator
 from proxy.demo.simulator import SimulatorTruth
-from proxy.demo.simulator_server import start_simulator
 
 CODE = {"x-task-type": "code"}
 

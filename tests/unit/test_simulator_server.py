@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.demo.simulator_server import start_simulator
+from proxy.demo import start_simulator
 
 
 @pytest.mark.asyncio

@@ -7,7 +7,8 @@ import json
 
 import msgspec
 
-from proxy.edge.sse import StreamRelay, summarize_body
+from proxy.common import summarize_body
+from proxy.edge import StreamRelay
 from tests.support.memory_transport import chat_json, chat_sse
 
 
@@ -147,7 +148,7 @@ def test_the_fast_paths_split_and_read_events_as_the_plain_rules_do() -> None:
 
 
 def test_answer_text_is_kept_in_blocks_not_one_object_per_piece() -> None:
-    from proxy.edge.sse import TEXT_BLOCK, ResponseSummary
+    from proxy.common import TEXT_BLOCK, ResponseSummary
 
     summary = ResponseSummary()
     pieces = [f"t{i} " for i in range(1000)]

@@ -6,7 +6,7 @@ import asyncio
 
 from policies.registry import make_policy
 from policies.settings import LinUCBSettings, ThompsonSettings
-from proxy.learning.refresh import TableRefresher
+from proxy.learning import TableRefresher
 
 
 class Stale:

@@ -15,7 +15,8 @@ from guards.settings import ConstraintsSettings
 from policies.records import Decision, Outcome, Params
 from policies.settings import ThompsonSettings
 from policies.thompson import ThompsonGaussianPolicy
-from proxy.decision.decider import BanditDecider, temperature_arm, temperature_context
+from proxy.decision import BanditDecider
+from proxy.decision.decider import temperature_arm, temperature_context
 from tests.unit.test_safe_knobs import ctx, decider
 
 OFF = ConstraintsSettings(max_extra_truncation=1.0)  # every cap admitted: the temperature stage alone is under test

@@ -14,10 +14,10 @@ import msgspec
 import pytest
 
 from policies.records import Params
+from proxy.common import ProxyError
 from proxy.demo.wire import anthropic_body, anthropic_events, responses_body, responses_events, sse
-from proxy.edge.errors import ProxyError
-from proxy.edge.formats import ANTHROPIC, CHAT, COMPLETIONS, FORMATS, RESPONSES, adapter_for
-from proxy.edge.sse import StreamRelay
+from proxy.edge import CHAT, StreamRelay
+from proxy.edge.formats import ANTHROPIC, COMPLETIONS, FORMATS, RESPONSES, adapter_for
 
 
 def _relay(events: list[bytes], relay: StreamRelay, split: int = 7) -> tuple[bytes, list[bool]]:

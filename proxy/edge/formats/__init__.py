@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.edge.errors import ProxyError
+from proxy.common import ProxyError
 from proxy.edge.formats.anthropic import AnthropicFormat
 from proxy.edge.formats.base import KnobView, WireFormat
 from proxy.edge.formats.chat import ChatFormat, CompletionsFormat

@@ -22,7 +22,7 @@ import msgspec
 
 from policies.effort import ANTHROPIC_EFFORTS
 from policies.records import Params
-from proxy.edge.errors import bad_request
+from proxy.common import ResponseSummary, bad_request
 from proxy.edge.formats.base import (
     EventSummarizer,
     KnobView,
@@ -34,7 +34,6 @@ from proxy.edge.formats.base import (
     read_knobs,
     read_positive_int,
 )
-from proxy.edge.sse import ResponseSummary
 
 _EFFORT_PATH = ("output_config", "effort")
 

@@ -23,8 +23,8 @@ from typing import Any, Generic, Protocol, TypeVar
 import msgspec
 
 from policies.records import Params
-from proxy.edge.errors import bad_request
-from proxy.edge.sse import ResponseSummary, StreamSummarizer, event_data
+from proxy.common import ResponseSummary, bad_request
+from proxy.edge.sse import StreamSummarizer, event_data
 
 E = TypeVar("E")
 

@@ -1,6 +1,6 @@
 """OpenAI chat completions (`POST /v1/chat/completions`) and legacy completions (`POST /v1/completions`).
 
-Field names and response shapes are the ones the edge has always read (proxy/edge/sse.py
+Field names and response shapes are the ones the edge has always read (proxy/common/summary.py
 summarises them, including the usage chunk Thermostat may ask for and strip again), so
 these adapters only gather what the edge did inline: validation, the knob view and the
 patch. Chat carries `reasoning_effort`; legacy completions has no effort.
@@ -12,9 +12,9 @@ from typing import Any
 
 from policies.effort import OPENAI_EFFORTS
 from policies.records import Params
-from proxy.edge import errors
+from proxy.common import ResponseSummary, error_body, summarize_body
 from proxy.edge.formats.base import KnobView, patch_knobs, read_knobs, read_positive_int
-from proxy.edge.sse import ResponseSummary, StreamSummarizer, summarize_body
+from proxy.edge.sse import StreamSummarizer
 
 _TOKEN_FIELDS = ("max_completion_tokens", "max_tokens")
 _EFFORT_PATH = ("reasoning_effort",)
@@ -69,7 +69,7 @@ class ChatFormat:
         return None  # StreamRelay's own chat-chunk reading, with usage stripping
 
     def error_body(self, status: int, message: str, code: str) -> bytes:
-        return errors.error_body(message, openai_error_type(status), code)
+        return error_body(message, openai_error_type(status), code)
 
 
 class CompletionsFormat(ChatFormat):

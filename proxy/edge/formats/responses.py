@@ -18,10 +18,9 @@ import msgspec
 
 from policies.effort import OPENAI_EFFORTS
 from policies.records import Params
-from proxy.edge import errors
+from proxy.common import ResponseSummary, error_body
 from proxy.edge.formats.base import EventSummarizer, KnobView, patch_knobs, read_knobs, read_positive_int
 from proxy.edge.formats.chat import openai_error_type
-from proxy.edge.sse import ResponseSummary
 
 _EFFORT_PATH = ("reasoning", "effort")
 _TOKENS = "max_output_tokens"
@@ -169,4 +168,4 @@ class ResponsesFormat:
         return ResponsesStreamSummarizer(summary)
 
     def error_body(self, status: int, message: str, code: str) -> bytes:
-        return errors.error_body(message, openai_error_type(status), code)
+        return error_body(message, openai_error_type(status), code)

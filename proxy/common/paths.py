@@ -15,7 +15,7 @@ import fnmatch
 import posixpath
 import re
 
-from proxy.edge.errors import ProxyError, bad_request
+from proxy.common.errors import ProxyError, bad_request
 
 # Percent-escapes that change a path's segment structure after decoding ('/', '\\'),
 # or re-encode an escape ('%25' -> a second decoding pass somewhere downstream).
