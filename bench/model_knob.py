@@ -105,7 +105,7 @@ def report(rows: list[tuple[int, str, str, str, float, float]], changed: dict[st
         f"{seconds:.0f} s. Hidden truth: sim-1-mini's quality shift per task "
         + ", ".join(f"{t} {DEFAULT_MODEL_PROFILES[MINI].quality_shift.get(t, 0.0):+.2f}" for t in TASKS)
         + "; sim-1-mini costs a tenth of sim-1.", "",
-        "| task | requests | tuned: sim-1-mini share | tuned hidden quality | holdout hidden quality | tuned $ per 1,000 | holdout $ per 1,000 | saving |",
+        "| task | window (requests of all tasks) | tuned: sim-1-mini share | tuned hidden quality | holdout hidden quality | tuned $ per 1,000 | holdout $ per 1,000 | saving |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     size = requests // WINDOWS
@@ -121,7 +121,7 @@ def report(rows: list[tuple[int, str, str, str, float, float]], changed: dict[st
             c_t, c_h = 1000 * sum(r[5] for r in tuned) / len(tuned), 1000 * sum(r[5] for r in hold) / len(hold)
             lines.append(f"| {task} | {w * size:,}-{(w + 1) * size:,} | {100 * share:.0f} % | {q_t:.3f} | {q_h:.3f} | ${c_t:.3f} | ${c_h:.3f} "
                          f"| {100 * (1 - c_t / c_h):.0f} % |")
-    lines += ["", "| task | stand-in shown no worse after | shown worse after | holdout served by |", "|---|---:|---:|---|"]
+    lines += ["", "| task | stand-in shown no worse by request (all tasks) | shown worse by request | holdout served by |", "|---|---:|---:|---|"]
     for task in TASKS:
         seen = changed.get(task, {})
         served = sorted({r[3] for r in rows if r[1] == task and r[2] == "holdout"})

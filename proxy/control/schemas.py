@@ -465,7 +465,7 @@ class RecommendIn(msgspec.Struct, forbid_unknown_fields=True):
     context: ContextIn = msgspec.field(default_factory=ContextIn)
 
 
-class ParamsOut(msgspec.Struct):
+class ParamsOut(msgspec.Struct, omit_defaults=True):
     temperature: float | None
     max_tokens: int | None
     model: str | None = None  # a declared stand-in sent in place of the requested model (`substitutes`); None: the requested model
@@ -478,7 +478,7 @@ class GuardVerdict(msgspec.Struct):
     detail: dict[str, Any] = {}
 
 
-class ArmProbability(msgspec.Struct):
+class ArmProbability(msgspec.Struct, omit_defaults=True):
     temperature: float
     max_tokens: int
     probability: float
