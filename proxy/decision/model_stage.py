@@ -75,6 +75,7 @@ class ModelEvidence:
         self._streams: dict[tuple[str, str, str], sequences.MeanSequence] = {}
         self._tasks: set[str] = set()
         self._status: dict[tuple[str, str], ModelStatus] = {}
+        self._stand_ins: dict[str, set[str]] = {}  # task -> stand-ins seen with a signal
         # (ctx, stand-in) -> is it cheaper than the requested model; set by the decider (prices)
         self.cheaper: Callable[[RequestContext, str], bool] = lambda _ctx, _model: False
 
@@ -91,11 +92,10 @@ class ModelEvidence:
         if seq is None:
             seq = sequences.new_sequence(self._alpha / 2.0)
         self._streams[key] = sequences.observe(seq, quality)
-        if model is None:
-            for t, m in [k for k in self._status if k[0] == task_type]:
-                self._status[(t, m)] = self._judge(t, m)
-        else:
-            self._status[(task_type, model)] = self._judge(task_type, model)
+        if model is not None:
+            self._stand_ins.setdefault(task_type, set()).add(model)
+        for m in self._stand_ins.get(task_type, ()) if model is None else (model,):
+            self._status[(task_type, m)] = self._judge(task_type, m)
 
     def comparison(self, task_type: str, model: str, kind: str) -> sequences.Comparison:
         """The stand-in (`optimised`) against the requested model (`holdout`) on one kind."""
