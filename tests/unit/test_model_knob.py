@@ -194,3 +194,24 @@ def test_under_a_dollar_budget_a_cheaper_stand_in_is_the_cheaper_arm_at_the_waiv
 
     reason, arm = asyncio.run(run())
     assert reason == "cheaper_fit" and arm == Arm(0.7, 600, model=SMALL)  # not the baseline: the stand-in costs less
+
+
+def test_the_pairwise_judge_s_baseline_answer_comes_from_the_requested_model() -> None:
+    from proxy.edge import CHAT
+    from proxy.learning import BaselineRequest
+
+    d = decider()
+    make = BaselineRequest(d, CHAT.patch)
+    c = ctx()
+
+    async def stand_in_decision() -> object:
+        for i in range(400):
+            decision = await d.decide(c, request_id=f"r{i}", assignment_key=f"k{i}")
+            if decision.sent.model == SMALL:
+                return decision
+        raise AssertionError("no stand-in drawn")
+
+    decision = asyncio.run(stand_in_decision())
+    sent_body = {"model": SMALL, "messages": [{"role": "user", "content": "hi"}], "temperature": 0.7, "max_tokens": 600}
+    body = make(decision, sent_body)  # type: ignore[arg-type]
+    assert body is not None and body["model"] == BIG and body["temperature"] == 0.7 and body["max_tokens"] == 600
