@@ -215,3 +215,25 @@ def test_the_pairwise_judge_s_baseline_answer_comes_from_the_requested_model() -
     sent_body = {"model": SMALL, "messages": [{"role": "user", "content": "hi"}], "temperature": 0.7, "max_tokens": 600}
     body = make(decision, sent_body)  # type: ignore[arg-type]
     assert body is not None and body["model"] == BIG and body["temperature"] == 0.7 and body["max_tokens"] == 600
+
+
+def test_thompson_plays_the_pmf_it_logs_with_stand_ins_and_temperatures() -> None:
+    from policies.thompson import ThompsonGaussianPolicy
+
+    d = build_decider(
+        ThompsonGaussianPolicy(), grid=ArmGridSettings(temperature_steps=3, max_tokens_steps=3), tune="always",
+        substitutes=SUBS, prices=Prices({BIG: 10.0, SMALL: 1.0}), models=ModelStageSettings(exploration_share=EPS),
+    )
+    c = ctx()
+    options = d.arms.options(c)
+    rng = np.random.default_rng(2)
+    for arm in options.allowed:  # some statistics, so the tables are not uniform
+        d.policy.update(c, options.reference.arm, arm, float(rng.normal(0.5, 0.1)))
+        d.learn_signal(c, Params(0.7, 600), Params(arm.temperature, arm.max_tokens, model=arm.model), float(rng.normal(0.5, 0.1)), None,
+                       logged_version=d.policy.version)
+    pmf = d.pmf(c, options.reference.arm, options.allowed)
+    assert pmf.sum() == pytest.approx(1.0) and (pmf > 0).all()
+    assert pmf[[a.model == SMALL for a in options.allowed]].sum() == pytest.approx(EPS)
+    for _ in range(300):
+        choice = d.choose(c, options.reference.arm, options.allowed, rng)
+        assert choice.propensity == pytest.approx(pmf[choice.index], rel=1e-9)
