@@ -434,6 +434,7 @@ class ProxyEdge:
         try:
             response = await upstream.send("POST", out.url, out.headers, out.body)
         except UPSTREAM_ERRORS as exc:
+            self.services.recorder.commit()
             ex.error_class = classify(exc)
             ex.status = 504 if ex.error_class == "timeout" else 502
             self.metrics.upstream_errors.labels(upstream.name, ex.error_class).inc()
@@ -441,6 +442,9 @@ class ProxyEdge:
             code = "upstream_timeout" if ex.status == 504 else "upstream_unreachable"
             await self._send_error(send, ex.status, fmt.error_body(ex.status, msg, code), request_id, out.our_headers[1:])
             return
+        # The decision's journal frame is group-committed: written by now (the reply needed an I/O callback, which runs
+        # after the commit), so this only covers a transport that answered without one. Free when nothing is buffered.
+        self.services.recorder.commit()
         ex.status = response.status
         t_headers = time.perf_counter()
         if req.view.stream and ex.status == 200:

@@ -8,6 +8,23 @@ as one frame (the spool's format, ``[u32 length][u32 crc32][msgpack]``) with a p
 cache keeps it when the process dies. A background thread fsyncs dirty segments every
 `fsync_interval_s` for power loss; nothing on the request path waits for a disk.
 
+Group commit: the request path uses `add`, which encodes the frame straight into a
+buffer; the first `add` of an event-loop iteration schedules `commit` with
+`loop.call_soon`, so every frame added in one iteration goes out in one `os.write` at
+the start of the next, before any I/O callback of that iteration runs. A frame added
+before a request is forwarded is therefore on disk before its answer can be relayed:
+the answer needs the upstream's reply, which only an I/O callback of a later iteration
+delivers (and the edge calls `commit` once more before relaying, which costs nothing
+when the buffer is empty). `append` writes at once (tests, and anything not on the
+request path).
+
+One record per request: the decision is journaled once, before forwarding
+(`PendingDecision`); the frame after the request carries only what the decision does
+not (`Completion`: outcome, context features, prompt), and replay joins the two into
+the `LogEntry` (a completion whose decision is in a segment that was already released
+cannot happen: the recorder journals a full `LogEntry` when the segment changed in
+between).
+
 Segments: the journal is a series of files ``journal.<n>.log`` in one folder, one
 folder per process (the spool's folder, so `serve --workers N` slots apply). Once the
 active segment passes `segment_bytes` it is sealed with the number of records the
@@ -25,10 +42,12 @@ so the log must hold it, but its result is unknown.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
 import threading
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +57,7 @@ import msgspec
 from policies.records import Decision, Outcome
 from proxy.store.base import StoreRecord
 from proxy.store.entries import LogEntry
-from proxy.store.spool import frame, read_frames
+from proxy.store.spool import _HEADER, frame, read_frames
 
 log = logging.getLogger("thermostat.store.journal")
 
@@ -51,19 +70,40 @@ class PendingDecision(msgspec.Struct, tag="pending"):
     decision: Decision
 
 
-JournalRecord = StoreRecord | PendingDecision
+class Completion(msgspec.Struct, tag="completion"):
+    """What a finished request adds to its `PendingDecision` (journaled earlier): together, one `LogEntry`."""
+
+    request_id: str
+    outcome: Outcome
+    context_features: dict[str, object] = {}
+    prompt: str | None = None
+
+
+JournalRecord = StoreRecord | PendingDecision | Completion
 
 
 def replay_records(records: Sequence[JournalRecord]) -> list[StoreRecord]:
     """Journal contents -> what the log store must receive, in journal order.
 
-    A pending decision without its entry becomes an interrupted outcome; a request id
-    logged twice (it cannot be, but a replay must never duplicate) keeps the first.
+    A completion is joined with its pending decision into a `LogEntry`; a pending decision
+    without either becomes an interrupted outcome; a request id logged twice (it cannot be,
+    but a replay must never duplicate) keeps the first.
     """
-    finished = {r.decision.request_id for r in records if isinstance(r, LogEntry)}
+    decisions = {r.decision.request_id: r.decision for r in records if isinstance(r, PendingDecision)}
+    joined: list[StoreRecord | PendingDecision] = []
+    for r in records:
+        if not isinstance(r, Completion):
+            joined.append(r)
+            continue
+        decision = decisions.get(r.request_id)
+        if decision is None:  # its decision frame was lost (cannot happen, see the module docstring): nothing to log it with
+            log.warning("journal: the outcome of %s has no decision frame; skipped", r.request_id)
+            continue
+        joined.append(LogEntry(decision=decision, outcome=r.outcome, context_features=r.context_features, prompt=r.prompt))
+    finished = {r.decision.request_id for r in joined if isinstance(r, LogEntry)}
     seen: set[str] = set()
     out: list[StoreRecord] = []
-    for r in records:
+    for r in joined:
         if isinstance(r, PendingDecision):
             rid = r.decision.request_id
             if rid in finished or rid in seen:
@@ -101,7 +141,8 @@ class Journal:
         self.name = name  # segments <name>.<n>.log, lock <name>.lock
         self.fsync_interval_s = fsync_interval_s
         self.segment_bytes = segment_bytes
-        self._encode = msgspec.msgpack.Encoder().encode
+        self._encoder = msgspec.msgpack.Encoder()
+        self._encode = self._encoder.encode
         self._decode = msgspec.msgpack.Decoder(record_type).decode
         self._lock = threading.Lock()
         self._lock_fd = -1
@@ -114,7 +155,11 @@ class Journal:
         self._to_sync: list[int] = []  # sealed descriptors: fsync, then close
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._buffer = bytearray()  # frames added this loop iteration (group commit)
+        self._buffered = 0
+        self._scheduled = False
         self.appended = 0
+        self.commits = 0  # os.write calls of the group commit
         self.fsyncs = 0
         self.failures = 0
 
@@ -174,6 +219,7 @@ class Journal:
         """Stop the fsync thread; `clean` (everything written) deletes every segment. Blocking."""
         if self._lock_fd < 0:
             return  # never opened (or already closed): the folder may belong to another process
+        self.commit()
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -199,18 +245,52 @@ class Journal:
     # --- the request path --------------------------------------------------------------
 
     def append(self, record: Any) -> None:
-        """One frame, one `os.write` (microseconds; no fsync here)."""
-        data = frame(self._encode(record))
+        """One frame, one `os.write` now (microseconds; no fsync here), after whatever `add` buffered."""
+        self.commit()
+        self._write(frame(self._encode(record)), 1)
+
+    def add(self, record: Any) -> None:
+        """One frame into the group-commit buffer, written with the rest of this loop iteration's (see the module docstring)."""
+        buf = self._buffer
+        start = len(buf)
+        self._encoder.encode_into(record, buf, start + _HEADER.size)
+        _HEADER.pack_into(buf, start, len(buf) - start - _HEADER.size, zlib.crc32(memoryview(buf)[start + _HEADER.size :]))
+        self._buffered += 1
+        if not self._scheduled:
+            try:
+                asyncio.get_running_loop().call_soon(self.commit)
+            except RuntimeError:  # no loop (a tool, a test): nothing groups the writes
+                self.commit()
+                return
+            self._scheduled = True
+
+    def commit(self) -> None:
+        """Write what `add` buffered, in one `os.write`; nothing to do when the buffer is empty."""
+        self._scheduled = False
+        if not self._buffered:
+            return
+        data, n = bytes(self._buffer), self._buffered
+        self._buffer.clear()
+        self._buffered = 0
+        self.commits += 1
+        self._write(data, n)
+
+    def _write(self, data: bytes, n: int) -> None:
         try:
             os.write(self._fd, data)
-        except OSError as exc:  # disk full, closed: the queue still carries the record
+        except OSError as exc:  # disk full, closed: the queue still carries the records
             self.failures += 1
             if self.failures == 1 or self.failures % 10_000 == 0:
                 log.error("journal append failed (%d so far): %s", self.failures, exc)
             return
         self._size += len(data)
         self._dirty = True
-        self.appended += 1
+        self.appended += n
+
+    @property
+    def segment(self) -> int:
+        """The active segment's number: frames added now land in it (`seal` starts the next)."""
+        return self._seq
 
     def maybe_seal(self, queued: int) -> None:
         """Start a new segment once the active one is large; `queued` = records the recorder has queued so far."""
@@ -221,6 +301,7 @@ class Journal:
         """Close the active segment under `mark` (`release(n)` deletes it once `n >= mark`) and start a new one."""
         if self._fd < 0:
             return
+        self.commit()  # what was added before the seal belongs to the sealed segment
         sealed = self.folder / f"{self.name}.{self._seq:010d}.log"
         new_fd = self._new_segment()
         with self._lock:

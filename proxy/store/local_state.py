@@ -9,8 +9,8 @@ reset the budget to zero used. `LocalState` keeps them in ``data_dir/state/``:
   the policy's and the baseline costs' statistics), rewritten in one transaction every
   `interval_s` when something changed, and at shutdown. Written in a thread.
 * ``state.<n>.log``: every change of the `InProcessStore` between snapshots, appended
-  by the crash journal (`proxy.store.journal.Journal`: one `os.write`, fsync in the
-  background). Changes carry new values, not deltas, so `load()` replays the journal
+  by the crash journal (`proxy.store.journal.Journal`: group-committed, one `os.write`
+  per loop iteration, fsync in the background). Changes carry new values, not deltas, so `load()` replays the journal
   over the snapshot in order and lands on the exact state at the moment of a
   `kill -9`. A snapshot seals the active segment first and deletes the sealed ones
   once its transaction has committed.
@@ -124,7 +124,7 @@ class LocalState:
         # Write what was restored, so the replayed segments can go.
         await self.snapshot(force=True)
         await asyncio.to_thread(self.journal.replayed)
-        self.store.on_change = self.journal.append
+        self.store.on_change = self.journal.add  # group-committed: one os.write per loop iteration
         self._task = asyncio.create_task(self._snapshot_forever(), name="thermostat-local-state")
 
     # --- snapshots -------------------------------------------------------------------------

@@ -7,10 +7,14 @@ batches of `batch_size` or whatever arrived within `flush_interval_s`; a failing
 write is retried with backoff while new entries keep queueing. `stop()` drains
 everything that is queued.
 
-With a `Journal` (proxy/store/journal.py), each entry is appended to it before it is
-queued, and `note_decision` journals a decision before its request is forwarded, so
-a killed process loses nothing it answered: `start()` replays what the previous run
-left before the writer starts.
+With a `Journal` (proxy/store/journal.py), `note_decision` journals a decision before
+its request is forwarded and `submit` journals each entry as it is queued, so a killed
+process loses nothing it answered: `start()` replays what the previous run left before
+the writer starts. A request's two frames are group-committed (`Journal.add`: one
+`os.write` per loop iteration for every request of that iteration), and the second one
+carries only the outcome (`Completion`), so the decision is encoded once; other records
+(feedback, events) are appended at once, since whoever acknowledges them does so right
+after `submit` returns.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from collections.abc import Callable
 from policies.records import Decision
 from proxy.store.base import Sink
 from proxy.store.base import StoreRecord as Entry
-from proxy.store.journal import Journal, PendingDecision, delete, replay_records
+from proxy.store.entries import LogEntry
+from proxy.store.journal import Completion, Journal, PendingDecision, delete, replay_records
 
 log = logging.getLogger("thermostat.recorder")
 
@@ -57,6 +62,11 @@ class Recorder:
         self._stopping = False
         self._last_drop_log = 0.0
         self._batch: list[Entry] = []  # taken off the queue by the writer task, not yet written
+        self._full = asyncio.Event()  # batch_size entries are queued: the writer stops waiting for more
+        self._filling = False  # the writer is waiting for a batch to fill
+        # Requests whose decision was journaled and whose entry is still to come -> the segment it went into.
+        self._inflight: dict[str, int] = {}
+        self.max_inflight = 100_000
         self._writing = False
         self._gave_up = False
         self.ready = False
@@ -88,15 +98,34 @@ class Recorder:
 
     def note_decision(self, decision: Decision) -> None:
         """Journal a decision before its request is forwarded (the outcome follows through `submit`)."""
+        journal = self.journal
+        if journal is not None:
+            journal.add(PendingDecision(decision))
+            inflight = self._inflight
+            inflight[decision.request_id] = journal.segment
+            if len(inflight) > self.max_inflight:  # a request that never finished (its entry was never submitted)
+                del inflight[next(iter(inflight))]
+
+    def commit(self) -> None:
+        """Write what this loop iteration journaled now (the edge calls it before relaying an answer)."""
         if self.journal is not None:
-            self.journal.append(PendingDecision(decision))
+            self.journal.commit()
 
     def submit(self, entry: Entry) -> bool:
         try:
             self.queue.put_nowait(entry)
-            if self.journal is not None:
-                self.journal.append(entry)
+            journal = self.journal
+            if journal is not None:
+                if isinstance(entry, LogEntry):
+                    if self._inflight.pop(entry.decision.request_id, None) == journal.segment:
+                        journal.add(Completion(entry.decision.request_id, entry.outcome, entry.context_features, entry.prompt))
+                    else:  # no decision frame in the active segment (sealed since, or never noted): the whole entry
+                        journal.add(entry)
+                else:
+                    journal.append(entry)
                 self._queued += 1
+            if self._filling and self.queue.qsize() + len(self._batch) >= self.batch_size:
+                self._full.set()
             return True
         except asyncio.QueueFull:
             self.dropped += 1
@@ -111,24 +140,25 @@ class Recorder:
     async def _next_batch(self) -> list[Entry]:
         """Collect up to batch_size entries or what arrives within flush_interval_s.
 
-        Entries taken off the queue live in `self._batch` until written, so a
-        cancellation at shutdown cannot lose them.
+        One timed wait per batch (woken early by `submit` once batch_size are queued), not
+        one per entry. Entries taken off the queue live in `self._batch` until written, so
+        a cancellation at shutdown cannot lose them.
         """
         batch = self._batch
         batch.append(await self.queue.get())
-        deadline = time.monotonic() + self.flush_interval_s
+        if not self._stopping and len(batch) + self.queue.qsize() < self.batch_size:
+            self._full.clear()
+            self._filling = True
+            try:
+                await asyncio.wait_for(self._full.wait(), self.flush_interval_s)
+            except TimeoutError:
+                pass
+            finally:
+                self._filling = False
         while len(batch) < self.batch_size:
             try:
                 batch.append(self.queue.get_nowait())
-                continue
             except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._stopping:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except TimeoutError:
                 break
         return batch
 
@@ -157,6 +187,7 @@ class Recorder:
 
     async def _written_through(self, journal: Journal, n: int) -> None:
         self._done += n
+        journal.commit()  # the active segment's size counts what this iteration added
         journal.maybe_seal(self._queued)
         done = journal.release(self._done)
         if done:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,58 @@ async def test_unwritten_entries_stay_in_the_journal_at_shutdown(tmp_path: Path)
     again = Journal(tmp_path)
     assert [r.decision.request_id for r in again.open() if isinstance(r, LogEntry)] == ["r1"]
     again.close(clean=False)
+
+
+async def test_one_loop_iterations_frames_go_out_in_one_write(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    try:
+        for i in range(5):
+            journal.add(PendingDecision(entry(i).decision))
+        assert journal.commits == 0 and journal.appended == 0  # buffered until the iteration ends
+        await asyncio.sleep(0)
+        assert journal.commits == 1 and journal.appended == 5
+        journal.add(entry(9))
+        journal.append(entry(10))  # an immediate append writes what was buffered first, in order
+        assert journal.appended == 7
+    finally:
+        journal.close(clean=False)
+    again = Journal(tmp_path)
+    got = again.open()
+    again.close(clean=True)
+    assert [type(r).__name__ for r in got] == ["PendingDecision"] * 5 + ["LogEntry", "LogEntry"]
+    assert [r.decision.request_id for r in got[5:]] == ["r9", "r10"]  # type: ignore[union-attr]
+
+
+async def test_a_request_is_journaled_as_its_decision_then_only_its_outcome(tmp_path: Path) -> None:
+    """Record once: the decision frame before forwarding, a `Completion` after; replay joins them into the LogEntry."""
+    journal = Journal(tmp_path)
+    journal.open()
+    rec = Recorder(MemorySink(), journal=journal)  # not started: only the journal is looked at
+    for i in range(3):
+        rec.note_decision(entry(i).decision)
+    rec.commit()
+    rec.submit(entry(0))
+    rec.submit(entry(1))  # r2 never finishes
+    rec.commit()
+    got = journal._read_segment(next(tmp_path.glob("journal.*.log")))
+    assert [type(r).__name__ for r in got] == ["PendingDecision"] * 3 + ["Completion", "Completion"]
+    out = replay_records(got)
+    assert [r.decision.request_id for r in out] == ["r2", "r0", "r1"]  # type: ignore[union-attr]
+    assert out[1] == entry(0) and out[2] == entry(1)
+    assert out[0].outcome.error_class == INTERRUPTED  # type: ignore[union-attr]
+    journal.close(clean=False)
+
+
+async def test_an_outcome_after_a_seal_carries_its_decision(tmp_path: Path) -> None:
+    """The decision frame went into a segment that may be released before the outcome is written: the whole entry instead."""
+    journal = Journal(tmp_path)
+    journal.open()
+    rec = Recorder(MemorySink(), journal=journal)
+    rec.note_decision(entry(1).decision)
+    journal.seal(0)
+    rec.submit(entry(1))
+    rec.commit()
+    active = sorted(tmp_path.glob("journal.*.log"))[-1]
+    assert [type(r).__name__ for r in journal._read_segment(active)] == ["LogEntry"]
+    journal.close(clean=True)
