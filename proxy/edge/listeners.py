@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
+
 from policies.context import context_features
 from policies.records import Decision, Outcome, RequestContext
 from proxy.common import ResponseSummary
@@ -24,8 +26,7 @@ from proxy.observability import Timings as TraceTimings
 from proxy.store import LogEntry, Recorder
 
 
-@dataclass(frozen=True, slots=True)
-class Finished:
+class Finished(msgspec.Struct, frozen=True):
     """One decided request after its answer was relayed (or failed): everything a listener reads."""
 
     decision: Decision
