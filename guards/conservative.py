@@ -101,6 +101,7 @@ import numpy as np
 
 from guards.settings import SloSettings
 from policies import sequences
+from policies.quality import learns
 from policies.sequences import Comparison
 from policies.signals import GUARDED_KINDS, WIN_RATE_KINDS
 
@@ -667,7 +668,7 @@ class ConservativeMonitor:
 
     def on_outcome(self, decision: Any, outcome: Any, now: float) -> list[MonitorEvent]:
         """`decision` a policies.records.Decision, `outcome` its policies.records.Outcome."""
-        ok = 200 <= outcome.status < 300 and outcome.error_class is None
+        ok = learns(outcome.status, outcome.error_class)
         tokens = float(outcome.completion_tokens) if ok and outcome.completion_tokens is not None else None
         self.state, events = observe(
             self.state,
