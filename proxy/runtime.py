@@ -48,6 +48,7 @@ from proxy.decision import (
     JudgeTrust,
     LeaseRefiller,
     MemoryRegenerationBook,
+    OutcomeBatch,
     PriceBook,
     RedisRegenerationBook,
     RegenerationBook,
@@ -261,9 +262,11 @@ class Runtime:
         )
         if self.shared is not None:
             self.registry = self.shared.registry  # also writes decisions to Redis for feedback posted elsewhere
+        # The learners that need not run per request run per batch of finished requests (proxy/decision/batch.py).
+        self.learning = OutcomeBatch()
         self.conservative_listener = ConservativeListener(
             self.conservative, rollout=self.bandit, recorder=self.recorder, metrics=self.metrics, alerts=self.alerts,
-            state_store=self.state_store, policy=self.policy,
+            state_store=self.state_store, policy=self.policy, batch=self.learning,
         )
         # Per task type, whether the judge's scores may teach (length bias, disagreement); persisted.
         self.judge_trust = JudgeTrust(
@@ -403,6 +406,7 @@ class Runtime:
     async def stop(self) -> None:
         """Stop every part in order, each bounded by `STOP_STEP_S`: whatever hangs, the decision
         log is flushed, the journal closed and its lock released (`proxy.common.stop_within`)."""
+        self.learning.drain()  # what the last requests taught, before anything that stores it stops
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("alerts", self.alerts.stop), ("rollout ticker", self.ticker.stop), ("pruner", self.pruner.stop),
         ]

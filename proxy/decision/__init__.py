@@ -5,6 +5,7 @@ signal re-enters here, whoever delivers it).
 
 from __future__ import annotations
 
+from proxy.decision.batch import OutcomeBatch
 from proxy.decision.conservative import ConservativeListener
 from proxy.decision.decider import BanditDecider, BudgetExceeded, BudgetUnavailable, Decider, Explanation, QualitySignals
 from proxy.decision.feedback import (
@@ -45,6 +46,7 @@ __all__ = [
     "JudgeTrust",
     "LeaseRefiller",
     "MemoryRegenerationBook",
+    "OutcomeBatch",
     "PriceBook",
     "Pricer",
     "QualitySignals",
