@@ -235,6 +235,8 @@ class Runtime:
             signals=self.quality_signals,
             prices=self.prices,
         )
+        # What a finished request teaches the policy and the length evidence is learnt per batch (proxy/decision/batch.py).
+        self.bandit.learn_in_batches(OutcomeBatch())
         self.decider: Decider = decider or self.bandit
 
     def _build_feedback(self, config: Config) -> None:
@@ -262,11 +264,9 @@ class Runtime:
         )
         if self.shared is not None:
             self.registry = self.shared.registry  # also writes decisions to Redis for feedback posted elsewhere
-        # The learners that need not run per request run per batch of finished requests (proxy/decision/batch.py).
-        self.learning = OutcomeBatch()
         self.conservative_listener = ConservativeListener(
             self.conservative, rollout=self.bandit, recorder=self.recorder, metrics=self.metrics, alerts=self.alerts,
-            state_store=self.state_store, policy=self.policy, batch=self.learning,
+            state_store=self.state_store, policy=self.policy, batch=OutcomeBatch(),  # folded per batch of finished requests
         )
         # Per task type, whether the judge's scores may teach (length bias, disagreement); persisted.
         self.judge_trust = JudgeTrust(
@@ -406,7 +406,7 @@ class Runtime:
     async def stop(self) -> None:
         """Stop every part in order, each bounded by `STOP_STEP_S`: whatever hangs, the decision
         log is flushed, the journal closed and its lock released (`proxy.common.stop_within`)."""
-        self.learning.drain()  # what the last requests taught, before anything that stores it stops
+        self.drain_learning()  # what the last requests taught, before anything that stores it stops
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("alerts", self.alerts.stop), ("rollout ticker", self.ticker.stop), ("pruner", self.pruner.stop),
         ]
@@ -431,6 +431,12 @@ class Runtime:
         steps.append(("upstream pool", self.pool.aclose))
         for name, stop in steps:
             await stop_within(name, stop, STOP_STEP_S, log)
+
+    def drain_learning(self) -> None:
+        """Run the batch steps (policy and length evidence, conservative monitor) on every finished request queued now."""
+        self.bandit.drain_learning()
+        if self.conservative_listener.batch is not None:
+            self.conservative_listener.batch.drain()
 
     async def _stop_answers(self) -> None:
         self.answers.stop()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple, Protocol
 
 import msgspec
@@ -28,6 +28,7 @@ from policies.pricing import Rates
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.reward import BaselineCosts
 from policies.settings import ArmGridSettings, RewardSettings
+from proxy.decision.batch import OutcomeBatch
 
 
 class BudgetExceeded(Exception):
@@ -327,6 +328,8 @@ class BanditDecider:
         self.ope_evidence: OpeEvidence | None = None  # refreshed off the hot path by the runtime
         # Task type -> is the judge muted there (`proxy.decision.judge_trust.JudgeTrust.muted`); set by the runtime.
         self.judge_muted: Callable[[str], bool] = _never
+        # Policy updates and length evidence per batch of finished requests (`learn_in_batches`); None: per request.
+        self.learning: OutcomeBatch | None = None
 
     @property
     def policy_name(self) -> str:
@@ -705,16 +708,40 @@ class BanditDecider:
         if outcome.error_class != "client_disconnected" and (failed or 200 <= outcome.status < 300):
             self.slo.observe(now, optimized=optimised, latency_s=outcome.latency_s, error=failed, quality=outcome.quality)
         if 200 <= outcome.status < 300 and outcome.error_class is None:
-            self.observe_length(decision, outcome)
-        if outcome.reward is not None and 200 <= outcome.status < 300 and outcome.error_class is None:
-            base = decision.baseline
-            self.policy.update(
-                decision.context,
-                base.arm(),
-                decision.sent.arm(base),
-                outcome.reward,
-            )
+            if self.learning is not None:
+                self.learning.add(decision, outcome)
+            else:
+                self.learn(((decision, outcome),))
         self.maybe_tick(now)
+
+    def learn_in_batches(self, batch: OutcomeBatch) -> None:
+        """From now on `observe` queues what a request teaches (policy update, length evidence) for `learn` on `batch`."""
+        self.learning = batch
+        batch.steps.append(self.learn)
+
+    def drain_learning(self) -> None:
+        """Learn what is queued now: before a correction swaps a reward the policy must already hold."""
+        if self.learning is not None:
+            self.learning.drain()
+
+    def learn(self, finished: Sequence[tuple[Decision, Outcome]]) -> None:
+        """The batch step of answered requests: length evidence (one numpy pass per key), then the policy's updates, in order."""
+        lengths: dict[TruncationKey, tuple[list[int], list[int], list[bool]]] = {}
+        for decision, outcome in finished:
+            sent, base = decision.sent, decision.baseline
+            if sent.max_tokens is not None and outcome.completion_tokens is not None:
+                key = self.truncation_key(decision.context, sent.arm(base).temperature, base.arm())
+                caps, tokens, cuts = lengths.setdefault(key, ([], [], []))
+                caps.append(int(sent.max_tokens))
+                tokens.append(int(outcome.completion_tokens))
+                cuts.append(outcome.finish_reason == "length")
+        for key, (caps, tokens, cuts) in lengths.items():
+            self.truncation.observe_many(key, caps, tokens, cuts)
+        update = self.policy.update
+        for decision, outcome in finished:
+            if outcome.reward is not None:
+                base = decision.baseline
+                update(decision.context, base.arm(), decision.sent.arm(base), outcome.reward)
 
     def observe_length(self, decision: Decision, outcome: Outcome) -> None:
         """A finished answer's length under the cap it was sent with: evidence for `candidates`' lower caps."""

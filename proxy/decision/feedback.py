@@ -260,6 +260,7 @@ def _apply(fx: FeedbackServices, ctx: RequestContext, base: Arm, arm: Arm, old: 
     """Fold the corrected reward into the policy without double counting."""
     if not fx.learns:
         return False, "the active decider does not learn (passthrough)"
+    fx.bandit.drain_learning()  # the automatic reward being replaced must be in the statistics first
     policy = fx.bandit.policy
     if old is None:
         policy.update(ctx, base, arm, new)
@@ -287,6 +288,7 @@ def _teach_temperature(
     earlier signal of the same request is in them (`previous`).
     """
     if fx.learns:
+        fx.bandit.drain_learning()
         fx.bandit.learn_signal(ctx, baseline, sent, new, previous, logged_version=logged_version)
 
 

@@ -62,7 +62,7 @@ class RunningThermostat:
 
     async def _drain_learning(self) -> None:
         """Run the batch step on what is queued (proxy/decision/batch.py: otherwise within 50 ms)."""
-        self.runtime.learning.drain()
+        self.runtime.drain_learning()
 
     async def _settle_policy(self) -> None:
         """Rebuild every stale posterior table now, until the policy's version holds still.

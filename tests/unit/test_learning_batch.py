@@ -83,3 +83,21 @@ async def test_a_batch_runs_when_full_when_old_enough_or_when_drained() -> None:
     batch.drain()
     assert seen == [3, 1, 1] and len(batch) == 0
     assert batch.outcomes == 5 and batch.max_size == 3 and batch.max_age_s < 0.5
+
+
+def test_length_evidence_of_a_batch_equals_one_answer_at_a_time() -> None:
+    from guards.truncation import TruncationGuard
+
+    key = ("up", "m", "code", 0.7, 1024)
+    one, many = TruncationGuard(0.05), TruncationGuard(0.05)
+    for guard in (one, many):
+        for lower in (128, 256, 512):
+            guard.admits(key, lower)  # tracked from the first ask
+    rng = np.random.default_rng(5)
+    answers = [(int(rng.choice([256, 1024])), int(rng.integers(20, 1100)), bool(rng.random() < 0.2)) for _ in range(300)]
+    for sent, tokens, cut in answers:
+        one.observe(key, sent, tokens, cut)
+    for start in range(0, len(answers), 41):
+        chunk = answers[start : start + 41]
+        many.observe_many(key, [a[0] for a in chunk], [a[1] for a in chunk], [a[2] for a in chunk])
+    assert one.evidence(key) == many.evidence(key)
