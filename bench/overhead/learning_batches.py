@@ -1,6 +1,7 @@
-"""How stale the learnt tables get when learning runs in batches (proxy/decision/batch.py), under closed-loop load.
+"""How stale the learnt tables get when learning runs in batches (proxy/decision/batch.py), and the CPU per request.
 
     .venv/bin/python -m bench.overhead.learning_batches --requests 20000 --concurrency 50 --upstream-ms 5
+    .venv/bin/python -m bench.overhead.learning_batches --ref 77d9b62     # the same on another commit (no batches before)
 
 The whole edge runs in this process (one ASGI call per request, no socket) in front of an
 in-memory upstream that answers after `--upstream-ms`; `--concurrency` clients keep
@@ -8,6 +9,9 @@ requests in flight. Reported per batch (the decider's: policy updates and length
 evidence; the conservative monitor's): how many ran, their mean and largest size, and the
 longest any outcome waited for its batch, which is how far behind the tables the decision
 path reads can be (plus, for the policy's propensity tables, the refresher's 50 ms).
+The CPU per request is this process's user + system time over the window (socket and HTTP
+parsing excluded, the journal's writes included, unlike callgrind's user-space count), so
+it moves with the machine's load: compare commits side by side (`--ref`, run alternately).
 Appends a row to bench/results/learning-batches-<date>.md.
 """
 
@@ -18,17 +22,19 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from multidict import CIMultiDict
 
-from bench.overhead.run import RESULTS
+from bench.overhead.run import RESULTS, ROOT
 from proxy.app import create_app
 from proxy.config import build_config
-from proxy.decision import OutcomeBatch
 from proxy.runtime import Runtime
 from tests.support.memory_transport import CannedResponse, MemoryTransport, chat_json
 
@@ -36,8 +42,8 @@ HEADER = ("# Learning in batches: batch sizes and staleness under closed-loop lo
           "Command: `.venv/bin/python -m bench.overhead.learning_batches --requests N --concurrency C --upstream-ms U` "
           "(the edge in-process, an in-memory upstream answering after U ms). Max wait: the longest an outcome waited "
           "for its batch (bound: 50 ms or 512 outcomes, plus loop lag).\n\n"
-          "| when (UTC) | commit | requests | concurrency | upstream ms | req/s | batch | batches | mean size | max size | max wait ms | load average |\n"
-          "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n")
+          "| when (UTC) | commit | requests | concurrency | upstream ms | req/s | CPU µs / request | batch | batches | mean size | max size | max wait ms | load average |\n"
+          "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n")
 
 
 class SlowTransport(MemoryTransport):
@@ -96,8 +102,9 @@ async def run(a: argparse.Namespace) -> list[str]:
     try:
         for _ in range(200):
             await one(app)
-        batches: dict[str, OutcomeBatch] = {"decider": rt.bandit.learning or OutcomeBatch(),
-                                             "conservative": rt.conservative_listener.batch or OutcomeBatch()}
+        # Before batches existed (--ref of an older commit) there is nothing to report but the CPU.
+        found = {"decider": getattr(rt.bandit, "learning", None), "conservative": getattr(rt.conservative_listener, "batch", None)}
+        batches = {name: b for name, b in found.items() if b is not None}
         for b in batches.values():
             b.drain()
             b.batches = b.outcomes = b.max_size = 0
@@ -110,18 +117,21 @@ async def run(a: argparse.Namespace) -> list[str]:
                 left -= 1
                 await one(app)
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client() for _ in range(a.concurrency)))
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         await rt.stop()
-    rev = os.popen("git rev-parse --short HEAD").read().strip()
+    rev = a.ref or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    head = (f"| {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} | {rev} | {a.requests} | {a.concurrency} | {a.upstream_ms:g} | "
+            f"{a.requests / seconds:,.0f} | {cpu / a.requests * 1e6:.0f} |")
+    if not batches:
+        return [f"{head} none | | | | | {load} |"]
     rows = []
     for name, b in batches.items():
         mean = b.outcomes / b.batches if b.batches else 0.0
-        rows.append(f"| {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} | {rev} | {a.requests} | {a.concurrency} | {a.upstream_ms:g} | "
-                    f"{a.requests / seconds:,.0f} | {name} | {b.batches} | {mean:.1f} | {b.max_size} | {b.max_age_s * 1000:.1f} | {load} |")
+        rows.append(f"{head} {name} | {b.batches} | {mean:.1f} | {b.max_size} | {b.max_age_s * 1000:.1f} | {load} |")
     return rows
 
 
@@ -130,10 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=20_000)
     p.add_argument("--concurrency", type=int, default=50)
     p.add_argument("--upstream-ms", type=float, default=5.0)
+    p.add_argument("--ref", default="", help="a commit to measure instead of this checkout (a temporary git worktree)")
+    p.add_argument("--out", default="", help="the results file (default bench/results/learning-batches-<date>.md)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # run for --ref, inside its worktree
     a = p.parse_args(argv)
+    path = Path(a.out) if a.out else RESULTS / f"learning-batches-{dt.date.today().isoformat()}.md"
+    if a.ref and not a.child:
+        src = Path(tempfile.mkdtemp(prefix="thermostat-batches-src-")) / "src"
+        subprocess.run(["git", "worktree", "add", "--detach", str(src), a.ref], cwd=ROOT, check=True, capture_output=True)
+        try:
+            args = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--out" and x != a.out]
+            env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{ROOT}"}
+            # This file, run with the other commit's packages first (its bench and tests folders, too).
+            return subprocess.run([sys.executable, __file__, *args, "--out", str(path), "--child"], cwd=src, env=env).returncode
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(src)], cwd=ROOT, capture_output=True)
     logging.disable(logging.WARNING)
     rows = asyncio.run(run(a))
-    path = RESULTS / f"learning-batches-{dt.date.today().isoformat()}.md"
     if not path.exists():
         path.write_text(HEADER)
     with path.open("a") as fh:
