@@ -736,7 +736,10 @@ class BanditDecider:
                 tokens.append(int(outcome.completion_tokens))
                 cuts.append(outcome.finish_reason == "length")
         for key, (caps, tokens, cuts) in lengths.items():
-            self.truncation.observe_many(key, caps, tokens, cuts)
+            if len(caps) == 1:  # a quiet moment: the scalar path is cheaper than numpy's set-up
+                self.truncation.observe(key, caps[0], tokens[0], cuts[0])
+            else:
+                self.truncation.observe_many(key, caps, tokens, cuts)
         update = self.policy.update
         for decision, outcome in finished:
             if outcome.reward is not None:
