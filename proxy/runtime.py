@@ -424,6 +424,7 @@ class Runtime:
             steps.append(("quality-signal sync", self.signal_sync.stop))
         if self.shared is not None:
             steps.append(("shared state (redis)", self.shared.stop))
+        steps.append(("learning batches", self._drain_learning))  # requests that finished during the stops above
         steps.append(("decision log recorder", self.recorder.stop))
         if self.local_state is not None:
             steps.append(("local state", self.local_state.stop))
@@ -437,6 +438,9 @@ class Runtime:
         self.bandit.drain_learning()
         if self.conservative_listener.batch is not None:
             self.conservative_listener.batch.drain()
+
+    async def _drain_learning(self) -> None:
+        self.drain_learning()
 
     async def _stop_answers(self) -> None:
         self.answers.stop()
