@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.config import Config
 from proxy.control import EXCEPTION_HANDLERS, AdminAuth, ControlDeps, StrictStructSchemaPlugin, build_control, document_errors, require_token_or_opt_in
-from proxy.edge import Message, ProxyEdge, Receive, Scope, Send
+from proxy.edge import CHAT, Message, ProxyEdge, Receive, Scope, Send
 from proxy.observability import exposition, install_live_metrics, refresh_live
 from proxy.runtime import Runtime
 
@@ -29,6 +29,7 @@ def control_deps(rt: Runtime) -> ControlDeps:
         config=rt.config, auth=AdminAuth.from_settings(rt.config.admin, rt.config.server.allowed_hosts), decider=rt.bandit,
         budget=rt.budget, slo=rt.slo, log_store=rt.sink, recorder=rt.recorder, registry=rt.registry, state_store=rt.state_store,
         pool=rt.pool, build_context=rt.build_context, learning=rt.feedback_services, on_rollout_events=rt.on_rollout_events,
+        patch_chat=CHAT.patch,
         started_at=rt.started_at, feedback=rt.feedback, signals=rt.signal_book, judge_spend=rt.judge_charge if rt.judge is not None else None,
     )
 

@@ -96,10 +96,12 @@ def _serve(config: Config, host: str, port: int, workers: int = 1, *, sock: sock
                 self.force_exit = True
             self.should_exit = True
 
+    from proxy.allocator import return_large_blocks
     from proxy.app import create_app
     from proxy.edge import ServingConfig
 
     require_upstreams(config)
+    return_large_blocks()  # before anything large is allocated; each worker does the same in its own process
     if sock is None:
         sock = bind_port(host, port, "thermostat", PORT_FLAGS)
     # Measured choices (bench/README.md): uvloop + httptools, no access log on the hot path.

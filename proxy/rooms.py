@@ -1,7 +1,7 @@
 """The rooms of the code base, lowest first: the one place their order is declared.
 
 A module may import from a room in a lower layer, never from a higher one nor from a
-peer in its own layer; inside a room imports are free. A package room under `proxy/` is
+peer in its own layer (nor across the pairs in `APART`); inside a room imports are free. A package room under `proxy/` is
 entered only through the names its `__init__.py` lists in `__all__`; `policies` and
 `guards` are entered through their modules, and the one-module rooms (`proxy.config`,
 `proxy.runtime`, ...) through the module itself. No room imports another's private
@@ -27,6 +27,11 @@ ROOM_ORDER: tuple[tuple[str, ...], ...] = (
     ("proxy.cli",),
 )
 """Layers, lowest first; rooms in one layer do not import each other."""
+
+APART: frozenset[tuple[str, str]] = frozenset({
+    ("proxy.control", "proxy.edge"),  # the control API gets what it needs of the edge from the composition root (ControlDeps)
+})
+"""(importer, imported) pairs that the layers would allow but that stay apart."""
 
 MODULE_SURFACE = frozenset({"policies", "guards"})
 """Rooms entered through their modules (pure code with no `__init__` surface)."""

@@ -7,7 +7,7 @@ around its own services instead of a whole runtime.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,7 +21,7 @@ from policies.records import RequestContext
 from proxy.config import Config
 from proxy.control.auth import AdminAuth
 from proxy.decision import BanditDecider, DecisionRegistry, FeedbackBook, FeedbackServices, SignalBook
-from proxy.edge import UpstreamPool
+from proxy.learning import KnobPatch
 from proxy.store import LogStore, Recorder
 
 
@@ -31,6 +31,20 @@ class JudgeSpendSource(Protocol):
     cost_usd: float
     calls: int
     unpriced: int
+
+
+class RoutedUpstream(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class Upstreams(Protocol):
+    """What the control API reads of the edge's `UpstreamPool`: the configured upstreams, and which one serves a model."""
+
+    @property
+    def upstreams(self) -> Sequence[object]: ...
+
+    def route(self, model: str | None) -> RoutedUpstream | None: ...
 
 
 class ContextBuilder(Protocol):
@@ -52,10 +66,11 @@ class ControlDeps:
     recorder: Recorder
     registry: DecisionRegistry
     state_store: StateStore
-    pool: UpstreamPool
+    pool: Upstreams  # the edge's UpstreamPool
     build_context: ContextBuilder
     learning: FeedbackServices  # explicit feedback re-enters the decision room here, as every later signal does
     on_rollout_events: Callable[[list[RolloutEvent]], None]
+    patch_chat: KnobPatch  # the edge's chat adapter patch (CHAT.patch): what a shadow test would send
     started_at: float
     feedback: FeedbackBook = field(default_factory=FeedbackBook)
     signals: SignalBook = field(default_factory=SignalBook)  # judge/explicit pairs, validator counts

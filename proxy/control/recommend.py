@@ -130,15 +130,13 @@ class RecommendController(Controller):
     @post("/test-shadow", status_code=200, summary="Run one synthetic request through the decision path; nothing is sent or logged",
           responses={404: ERR})
     async def test_shadow(self, request: Request, deps: Deps, data: JSONBody[ShadowTestIn | None] = None) -> ShadowTestResult:
-        from proxy.edge import CHAT  # the edge's own patching, imported late: the edge imports the control API
-
         body_in = data or ShadowTestIn()
         ctx, body = context_of(deps, body_in.task_type, body_in.context)
         rid = f"shadow-test-{uuid.uuid4()}"
         ex = await deps.decider.explain(ctx, request_id=rid, assignment_key=body_in.context.user or rid, rng=np.random.default_rng())
         decision = ex.decision
         out = copy.deepcopy(body)
-        CHAT.patch(out, decision.sent)
+        deps.patch_chat(out, decision.sent)
         await write_audit(deps, actor_of(request), "test_shadow", rid, None,
                           {"mode": decision.mode, "sent": msgspec.to_builtins(decision.sent)})
         return ShadowTestResult(

@@ -34,10 +34,16 @@ def _log_save_failure(task: asyncio.Task[None]) -> None:
         log.warning("saving the conservative monitor's state failed: %s", task.exception())
 
 
+# (request id, signal kind) pairs already counted by the monitor, so a repeated signal is not
+# counted twice (oldest forgotten first; ~200 bytes each).
+MAX_SEEN_SIGNALS = 200_000
+
+
 class ConservativeListener:
     def __init__(
         self, monitor: ConservativeMonitor, *, rollout: RolloutSource, recorder: Recorder, metrics: Metrics,
-        alerts: AlertManager, state_store: StateStore, policy: Policy, max_seen: int = 200_000, batch: OutcomeBatch | None = None,
+        alerts: AlertManager, state_store: StateStore, policy: Policy, max_seen: int = MAX_SEEN_SIGNALS,
+        batch: OutcomeBatch | None = None,
     ) -> None:
         self.monitor = monitor
         self.policy = policy

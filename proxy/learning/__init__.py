@@ -9,7 +9,7 @@ from __future__ import annotations
 from proxy.learning.evaluate import PLOTS_MISSING, TrustRegion, evaluate_command, make_candidate
 from proxy.learning.evidence import compute_ope_evidence, evidence_from_arrays
 from proxy.learning.judge import Judge, JudgeMetrics, extract_answer, extract_pair, named_upstream_transport, upstream_transport
-from proxy.learning.listeners import AnswerListener, AnswerValidator, BaselineRequest, JudgeCharge
+from proxy.learning.listeners import AnswerListener, AnswerValidator, BaselineRequest, JudgeCharge, KnobPatch
 from proxy.learning.ope_rows import OpeArrays, Scored, load_rows, score_rows, score_rows_async
 from proxy.learning.refresh import TableRefresher
 from proxy.learning.signal_sync import SignalSync, SyncedQualitySignals, SyncedSignalBook
@@ -23,6 +23,7 @@ __all__ = [
     "Judge",
     "JudgeCharge",
     "JudgeMetrics",
+    "KnobPatch",
     "OpeArrays",
     "PLOTS_MISSING",
     "PolicyEpochs",

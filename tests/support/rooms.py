@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.rooms import MODULE_SURFACE, layer_of, room_of
+from proxy.rooms import APART, MODULE_SURFACE, layer_of, room_of
 
 ROOT = Path(__file__).resolve().parents[2]
 CODE = ("proxy", "policies", "guards")
@@ -75,6 +75,8 @@ def against_order(imp: Import) -> str | None:
     src, dst = room_of(imp.source), room_of(imp.target)
     if src is None or dst is None or src == dst:
         return None
+    if (src, dst) in APART:
+        return f"{imp.file}:{imp.line}: {src} imports {imp.target} ({src} and {dst} stay apart, proxy/rooms.py APART)"
     if layer_of(dst) < layer_of(src):
         return None
     return f"{imp.file}:{imp.line}: {src} imports {imp.target} ({dst} is {'a peer' if layer_of(dst) == layer_of(src) else 'higher'})"

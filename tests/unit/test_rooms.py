@@ -55,6 +55,7 @@ def test_the_checks_catch_what_they_are_for() -> None:
     assert against_order(Import("proxy/config.py", 1, "proxy.config", "proxy.edge", "ProxyEdge"))
     assert against_order(Import("proxy/learning/x.py", 1, "proxy.learning.x", "proxy.edge", "CHAT"))
     assert against_order(Import("proxy/edge/asgi.py", 1, "proxy.edge.asgi", "proxy.decision", "complete")) is None
+    assert against_order(Import("proxy/control/x.py", 1, "proxy.control.x", "proxy.edge", "CHAT"))  # apart, though higher
     assert past_surface(Import("proxy/edge/asgi.py", 1, "proxy.edge.asgi", "proxy.decision.outcome", "complete"))
     assert past_surface(Import("proxy/edge/asgi.py", 1, "proxy.edge.asgi", "proxy.decision", "no_such_name"))
     assert past_surface(Import("proxy/decision/x.py", 1, "proxy.decision.x", "proxy.store", "_private"))
