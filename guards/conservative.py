@@ -102,6 +102,7 @@ import numpy as np
 
 from guards.settings import SloSettings
 from policies import sequences
+from policies.quality import learns
 from policies.sequences import Comparison
 from policies.signals import GUARDED_KINDS, WIN_RATE_KINDS
 
@@ -580,7 +581,7 @@ class Observation(NamedTuple):
 
 def observation(decision: Any, outcome: Any) -> Observation:
     """A policies.records.Decision and its Outcome as the monitor reads them."""
-    ok = 200 <= outcome.status < 300 and outcome.error_class is None
+    ok = learns(outcome.status, outcome.error_class)
     tokens = float(outcome.completion_tokens) if ok and outcome.completion_tokens is not None else None
     return Observation(
         task=decision.context.task_type,

@@ -39,9 +39,13 @@ from policies.validators import SchemaValidators
 from proxy.common import load_table, stop_within
 from proxy.config import Config, ModelSettings
 from proxy.decision import (
+    ArmSettings,
+    ArmSpace,
     BanditDecider,
     ConservativeListener,
     Decider,
+    DeciderSettings,
+    DecisionGuards,
     DecisionRegistry,
     FeedbackBook,
     FeedbackServices,
@@ -54,6 +58,7 @@ from proxy.decision import (
     RegenerationBook,
     SignalDelivery,
     apply_pending_feedback,
+    model_limits,
 )
 from proxy.edge import CHAT, EdgeServices, HandOverAnswer, Listener, LogOutcome, OnOutcome, ReadWatch, RecordMetrics, RecordSpan, Transport, UpstreamPool
 from proxy.learning import (
@@ -216,24 +221,12 @@ class Runtime:
         self.quality_signals = SyncedQualitySignals(max_task_types=config.server.max_task_types)
         self.bandit: BanditDecider = BanditDecider(
             policy=self.policy,
-            budget=self.budget,
+            arms=ArmSpace(ArmSettings.from_config(config), baseline_for=config.baseline_for, limits_for=self.limits_for, signals=self.quality_signals),
+            guards=DecisionGuards(budget=self.budget, slo=self.slo, conservative=self.conservative, prices=self.prices),
             rollout=self._make_rollout(None),
-            slo=self.slo,
-            constraints=config.constraints,
-            grid=config.policy.grid,
-            reward_settings=config.policy.reward,
-            baseline_for=config.baseline_for,
-            limits_for=self.limits_for,
+            settings=DeciderSettings.from_config(config),
             rng=np.random.default_rng(config.optimization.seed),
-            require_caws=config.constraints.require_caws,
-            tick_interval_s=config.slo.check_interval_s,
             on_events=self.on_rollout_events,
-            tune_temperature=config.optimization.tune_temperature,
-            min_quality_signals=config.optimization.min_quality_signals,
-            holdout_fraction=config.optimization.holdout_fraction,
-            conservative=self.conservative,
-            signals=self.quality_signals,
-            prices=self.prices,
         )
         # What a finished request teaches the policy and the length evidence is learnt per batch (proxy/decision/batch.py).
         self.bandit.learn_in_batches(OutcomeBatch())
@@ -495,22 +488,7 @@ class Runtime:
         found = self._limits.get(key)
         if found is None:
             up = next((u for u in self.pool.upstreams if u.name == upstream), None)
-            ms = up.model_settings(model) if up is not None else None
-            found = (
-                ModelLimits(
-                    min_temperature=ms.min_temperature,
-                    max_temperature=ms.max_temperature,
-                    fixed_temperature=ms.fixed_temperature,
-                    max_tokens=ms.max_tokens_limit,
-                    default_temperature=ms.default_temperature,
-                    efforts=ms.efforts,
-                    accepts_temperature=ms.accepts_temperature,
-                )
-                if ms is not None
-                else ModelLimits()
-            )
-            if up is not None and up.format == "anthropic" and found.max_temperature > 1.0:
-                found = msgspec.structs.replace(found, max_temperature=1.0)  # the Messages API's range is 0-1
+            found = model_limits(up.model_settings(model), up.format) if up is not None else ModelLimits()
             if len(self._limits) < 4096:
                 self._limits[key] = found
         return found

@@ -14,6 +14,7 @@ import msgspec
 
 from guards.conservative import CostVerdict, KindVerdict
 from guards.waivers import Waiver
+from proxy.decision import FeedbackResult
 
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0)]
 Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
@@ -531,17 +532,9 @@ class RecordOutcomeIn(msgspec.Struct, forbid_unknown_fields=True):
     overwrite: bool = False
 
 
-class RecordOutcomeResult(msgspec.Struct):
-    request_id: str
-    found_in: str  # "registry" or "log"
-    quality: float
-    previous_quality: float | None
-    automatic_quality: float | None
-    reward: float | None  # recomputed with the given quality (None while the request is still in flight)
-    previous_reward: float | None
-    policy_updated: bool
-    policy_update: str  # what happened to the policy statistics, and why
-    overwritten: bool
+class RecordOutcomeResult(FeedbackResult, frozen=True):
+    """The decision room's `FeedbackResult` (one definition of its fields), and what it replaced, in words."""
+
     replaced: str = ""  # what this feedback replaced, in words (automatic score, judge, earlier feedback)
 
 

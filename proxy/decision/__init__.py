@@ -5,9 +5,19 @@ signal re-enters here, whoever delivers it).
 
 from __future__ import annotations
 
+from policies.quality import learns
+from proxy.decision.arm_space import ArmSettings, ArmSpace, QualitySignals, limits_for, model_limits
 from proxy.decision.batch import OutcomeBatch
 from proxy.decision.conservative import ConservativeListener
-from proxy.decision.decider import BanditDecider, BudgetExceeded, BudgetUnavailable, Decider, Explanation, QualitySignals
+from proxy.decision.decider import (
+    BanditDecider,
+    BudgetExceeded,
+    BudgetUnavailable,
+    Decider,
+    DeciderSettings,
+    DecisionGuards,
+    Explanation,
+)
 from proxy.decision.feedback import (
     DecisionNotFound,
     ExplicitFeedback,
@@ -24,17 +34,22 @@ from proxy.decision.feedback import (
 )
 from proxy.decision.judge_trust import JudgeTrust
 from proxy.decision.lease_refill import LeaseRefiller
-from proxy.decision.outcome import Pricer, Scorer, Timings, arm_label, complete, learns
+from proxy.decision.outcome import Pricer, Scorer, Timings, arm_label, complete
 from proxy.decision.prices import PriceBook
 from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook, regeneration_signal
 from proxy.decision.registry import DecisionRegistry
+from proxy.decision.sampler import TwoStageSampler
 
 __all__ = [
+    "ArmSettings",
+    "ArmSpace",
     "BanditDecider",
     "BudgetExceeded",
     "BudgetUnavailable",
     "ConservativeListener",
     "Decider",
+    "DeciderSettings",
+    "DecisionGuards",
     "DecisionNotFound",
     "DecisionRegistry",
     "Explanation",
@@ -56,12 +71,15 @@ __all__ = [
     "SignalBook",
     "SignalDelivery",
     "Timings",
+    "TwoStageSampler",
     "apply_pending_feedback",
     "arm_label",
     "complete",
     "context_from_features",
     "deliver_signal",
     "learns",
+    "limits_for",
+    "model_limits",
     "record_outcome",
     "regeneration_signal",
 ]

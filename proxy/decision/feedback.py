@@ -31,12 +31,12 @@ from typing import Any, Protocol
 
 import msgspec
 
+from policies.quality import learns
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.signals import Signal
 from proxy.config import JudgeSettings
 from proxy.decision.decider import TEMPERATURE_STATISTICS, BanditDecider
 from proxy.decision.judge_trust import JudgeTrust
-from proxy.decision.outcome import learns
 from proxy.decision.registry import DecisionRegistry
 from proxy.store import DecisionRow, FeedbackEntry, Recorder
 
@@ -252,38 +252,16 @@ def _judged(fx: FeedbackServices, request_id: str) -> bool:
 
 def _reward(fx: FeedbackServices, task_type: str, quality: float, latency_s: float, completion_tokens: int | None,
             cost_usd: float | None = None) -> float:
-    bandit = fx.bandit
-    return bandit.costs.reward(
-        task_type=task_type,
-        quality=quality,
-        latency_s=latency_s,
-        tokens=completion_tokens or 0,
-        settings=bandit.reward_settings,
-        cost_usd=cost_usd,
-    )
+    """A logged request's reward with a new quality: the decider's one reward computation (`Learner.reward`)."""
+    return fx.bandit.learner.reward(task_type, quality, latency_s, completion_tokens, cost_usd)
 
 
 def _apply(fx: FeedbackServices, ctx: RequestContext, base: Arm, arm: Arm, old: float | None, new: float, logged_version: str) -> tuple[bool, str]:
-    """Fold the corrected reward into the policy without double counting."""
+    """Fold the corrected reward into the policy without double counting (`BanditDecider.correct`)."""
     if not fx.learns:
         return False, "the active decider does not learn (passthrough)"
     fx.bandit.drain_learning()  # the automatic reward being replaced must be in the statistics first
-    policy = fx.bandit.policy
-    if old is None:
-        policy.update(ctx, base, arm, new)
-        return True, "no automatic reward had been applied: corrected reward added with update()"
-    correct = getattr(policy, "correct", None)
-    if callable(correct):
-        done = correct(ctx, base, arm, old, new, logged_version=logged_version)
-        if done == "updated":
-            return True, "the policy statistics never held the automatic reward: corrected reward added with update()"
-        if done == "skipped":
-            return False, f"decision logged under policy version {logged_version!r}; the current statistics never held its reward"
-        return True, f"automatic reward {old:.6g} replaced by {new:.6g} with correct()"
-    return False, (
-        f"policy '{policy.name}' has no correct(ctx, baseline, arm, old_reward, new_reward); "
-        "its statistics keep the automatic reward (adding the new one would count the request twice)"
-    )
+    return fx.bandit.correct(ctx, base, arm, old, new, logged_version)
 
 
 def _teach_temperature(
