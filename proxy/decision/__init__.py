@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from policies.quality import learns
 from proxy.decision.arm_space import ArmSettings, ArmSpace, QualitySignals, limits_for, model_limits
+from proxy.decision.batch import OutcomeBatch
 from proxy.decision.conservative import ConservativeListener
 from proxy.decision.decider import (
     BanditDecider,
@@ -60,6 +61,7 @@ __all__ = [
     "JudgeTrust",
     "LeaseRefiller",
     "MemoryRegenerationBook",
+    "OutcomeBatch",
     "PriceBook",
     "Pricer",
     "QualitySignals",

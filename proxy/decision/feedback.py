@@ -260,6 +260,7 @@ def _apply(fx: FeedbackServices, ctx: RequestContext, base: Arm, arm: Arm, old: 
     """Fold the corrected reward into the policy without double counting (`BanditDecider.correct`)."""
     if not fx.learns:
         return False, "the active decider does not learn (passthrough)"
+    fx.bandit.drain_learning()  # the automatic reward being replaced must be in the statistics first
     return fx.bandit.correct(ctx, base, arm, old, new, logged_version)
 
 
@@ -272,6 +273,7 @@ def _teach_temperature(
     earlier signal of the same request is in them (`previous`).
     """
     if fx.learns:
+        fx.bandit.drain_learning()
         fx.bandit.learn_signal(ctx, baseline, sent, new, previous, logged_version=logged_version)
 
 
