@@ -111,7 +111,7 @@ def outcome_listeners(
     tick), so the conservative monitor and the registry see the same outcome the policy did;
     feedback that arrived while the answer streamed is applied only once the registry holds
     the outcome; the log row and the judge come last, because nothing waits for them.
-    docs/architecture.md lists the same names in the same order (tests/unit/test_pipeline.py).
+    docs/architecture.md lists the same names in the same order (tests/edge/test_pipeline.py).
     """
     return (
         OnOutcome("decider.observe", decider.observe),

@@ -3,7 +3,7 @@
 In the spirit of httpx's `event_hooks`, the listeners are a plain ordered list, and the
 edge calls them one after another (`ProxyEdge._finish`). The list is assembled once, by the
 composition root (`proxy.runtime.outcome_listeners`), so the order is declared in one place
-and pinned by a test (`tests/unit/test_pipeline.py`, which also reads docs/architecture.md).
+and pinned by a test (`tests/edge/test_pipeline.py`, which also reads docs/architecture.md).
 Each listener has a `name` (what the test and the docs call it) and is called with the
 `Finished` record; an async listener returns an awaitable, which the edge awaits before the next.
 """
