@@ -96,10 +96,12 @@ def _serve(config: Config, host: str, port: int, workers: int = 1, *, sock: sock
                 self.force_exit = True
             self.should_exit = True
 
+    from proxy.allocator import return_large_blocks
     from proxy.app import create_app
     from proxy.edge import ServingConfig
 
     require_upstreams(config)
+    return_large_blocks()  # before anything large is allocated; each worker does the same in its own process
     if sock is None:
         sock = bind_port(host, port, "thermostat", PORT_FLAGS)
     # Measured choices (bench/README.md): uvloop + httptools, no access log on the hot path.
@@ -159,6 +161,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers is not None:  # the flag wins over [server] workers, under the same rule
         config = msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, workers=args.workers))
         validate_workers(config)
+    from proxy.control import require_token_or_opt_in
+
+    require_upstreams(config)
+    require_token_or_opt_in(config.admin)  # a refused start prints its one line, never advice before it
     workers, advice = worker_count(config, usable_cores())
     if advice:
         log.info(advice)

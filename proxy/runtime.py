@@ -52,6 +52,7 @@ from proxy.decision import (
     JudgeTrust,
     LeaseRefiller,
     MemoryRegenerationBook,
+    OutcomeBatch,
     PriceBook,
     RedisRegenerationBook,
     RegenerationBook,
@@ -111,7 +112,7 @@ def outcome_listeners(
     tick), so the conservative monitor and the registry see the same outcome the policy did;
     feedback that arrived while the answer streamed is applied only once the registry holds
     the outcome; the log row and the judge come last, because nothing waits for them.
-    docs/architecture.md lists the same names in the same order (tests/unit/test_pipeline.py).
+    docs/architecture.md lists the same names in the same order (tests/edge/test_pipeline.py).
     """
     return (
         OnOutcome("decider.observe", decider.observe),
@@ -232,6 +233,8 @@ class Runtime:
             rng=np.random.default_rng(config.optimization.seed),
             on_events=self.on_rollout_events,
         )
+        # What a finished request teaches the policy and the length evidence is learnt per batch (proxy/decision/batch.py).
+        self.bandit.learn_in_batches(OutcomeBatch())
         self.decider: Decider = decider or self.bandit
 
     def _build_feedback(self, config: Config) -> None:
@@ -261,7 +264,7 @@ class Runtime:
             self.registry = self.shared.registry  # also writes decisions to Redis for feedback posted elsewhere
         self.conservative_listener = ConservativeListener(
             self.conservative, rollout=self.bandit, recorder=self.recorder, metrics=self.metrics, alerts=self.alerts,
-            state_store=self.state_store, policy=self.policy,
+            state_store=self.state_store, policy=self.policy, batch=OutcomeBatch(),  # folded per batch of finished requests
         )
         # Per task type, whether the judge's scores may teach (length bias, disagreement); persisted.
         self.judge_trust = JudgeTrust(
@@ -401,6 +404,7 @@ class Runtime:
     async def stop(self) -> None:
         """Stop every part in order, each bounded by `STOP_STEP_S`: whatever hangs, the decision
         log is flushed, the journal closed and its lock released (`proxy.common.stop_within`)."""
+        self.drain_learning()  # what the last requests taught, before anything that stores it stops
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("alerts", self.alerts.stop), ("rollout ticker", self.ticker.stop), ("pruner", self.pruner.stop),
         ]
@@ -418,6 +422,7 @@ class Runtime:
             steps.append(("quality-signal sync", self.signal_sync.stop))
         if self.shared is not None:
             steps.append(("shared state (redis)", self.shared.stop))
+        steps.append(("learning batches", self._drain_learning))  # requests that finished during the stops above
         steps.append(("decision log recorder", self.recorder.stop))
         if self.local_state is not None:
             steps.append(("local state", self.local_state.stop))
@@ -425,6 +430,15 @@ class Runtime:
         steps.append(("upstream pool", self.pool.aclose))
         for name, stop in steps:
             await stop_within(name, stop, STOP_STEP_S, log)
+
+    def drain_learning(self) -> None:
+        """Run the batch steps (policy and length evidence, conservative monitor) on every finished request queued now."""
+        self.bandit.drain_learning()
+        if self.conservative_listener.batch is not None:
+            self.conservative_listener.batch.drain()
+
+    async def _drain_learning(self) -> None:
+        self.drain_learning()
 
     async def _stop_answers(self) -> None:
         self.answers.stop()

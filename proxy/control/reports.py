@@ -32,6 +32,7 @@ from policies.base import HasPosterior
 from policies.context import context_bucket
 from policies.effort import EFFORT_LEVELS
 from policies.effort import rank as effort_rank
+from policies.quality import learns
 from policies.records import Params
 from policies.reward import reward_bounds
 from policies.settings import RewardSettings
@@ -147,7 +148,7 @@ def _arm_stats(task: str, label: str, params: Params | None, traffic: str, rows:
         max_tokens=params.max_tokens if params is not None else None,
         traffic=traffic,
         requests=len(rows),
-        errors=sum(1 for r in rows if not (200 <= r.status < 300) or r.error_class is not None),
+        errors=sum(1 for r in rows if not learns(r.status, r.error_class)),
         reward=mean_interval(rewards),
         quality_mean=_mean(quality),
         latency_p50_s=quantile(latency, 0.5),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from policies.quality import learns
 from proxy.decision.arm_space import ArmSettings, ArmSpace, QualitySignals, declared_stand_ins, limits_for, model_limits
+from proxy.decision.batch import OutcomeBatch
 from proxy.decision.conservative import ConservativeListener
 from proxy.decision.decider import (
     BanditDecider,
@@ -63,6 +64,7 @@ __all__ = [
     "ModelEvidence",
     "ModelStageSettings",
     "MemoryRegenerationBook",
+    "OutcomeBatch",
     "PriceBook",
     "Pricer",
     "QualitySignals",

@@ -46,6 +46,7 @@ from proxy.decision.arm_space import (
     reference_effort,
     tuned_params,
 )
+from proxy.decision.batch import OutcomeBatch
 from proxy.decision.budget_desk import BudgetDesk, BudgetExceeded, BudgetUnavailable, RatesSource, refuse_if_rejected
 from proxy.decision.learner import Learner
 from proxy.decision.model_stage import ModelEvidence, ModelStageSettings
@@ -256,6 +257,18 @@ class BanditDecider:
 
     def reward_for(self, decision: Decision, outcome: Outcome, quality: float) -> float:
         return self.learner.reward_for(decision, outcome, quality)
+
+    def learn_in_batches(self, batch: OutcomeBatch) -> None:
+        """Policy updates and length evidence per batch of finished requests (`Learner.learn_in_batches`)."""
+        self.learner.learn_in_batches(batch)
+
+    @property
+    def learning(self) -> OutcomeBatch | None:
+        return self.learner.learning
+
+    def drain_learning(self) -> None:
+        """Learn what the batch holds now (`Learner.drain`)."""
+        self.learner.drain()
 
     def correct(self, ctx: RequestContext, base: Arm, arm: Arm, old: float | None, new: float, logged_version: str) -> tuple[bool, str]:
         """A later signal's reward in place of the earlier one (`Learner.correct`)."""

@@ -107,6 +107,13 @@ class DecisionNotFound(Exception):
     pass
 
 
+# Per-request signal bookkeeping in this process (each map at most this many request ids, oldest
+# dropped first; a few hundred bytes an entry): explicit feedback recorded and waiting for its
+# outcome (`FeedbackBook`), each signal's source and the judge's scores (`SignalBook`).
+MAX_SIGNAL_ENTRIES = 100_000
+MAX_JUDGE_PAIRS = 1_000  # (judge, explicit) pairs kept per task type for the agreement check
+
+
 class _Pending(msgspec.Struct):
     quality: float
     overwrite: bool
@@ -115,7 +122,7 @@ class _Pending(msgspec.Struct):
 class FeedbackBook:
     """Explicit feedback recorded by this process (bounded), and feedback for requests in flight."""
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    def __init__(self, max_entries: int = MAX_SIGNAL_ENTRIES) -> None:
         self.max_entries = max_entries
         self.recorded: OrderedDict[str, tuple[float, float | None]] = OrderedDict()  # id -> (quality, reward)
         self.pending: OrderedDict[str, _Pending] = OrderedDict()
@@ -256,6 +263,7 @@ def _apply(fx: FeedbackServices, ctx: RequestContext, base: Arm, arm: Arm, old: 
     """Fold the corrected reward into the policy without double counting (`BanditDecider.correct`)."""
     if not fx.learns:
         return False, "the active decider does not learn (passthrough)"
+    fx.bandit.drain_learning()  # the automatic reward being replaced must be in the statistics first
     return fx.bandit.correct(ctx, base, arm, old, new, logged_version)
 
 
@@ -268,6 +276,7 @@ def _teach_temperature(
     earlier signal of the same request is in them (`previous`).
     """
     if fx.learns:
+        fx.bandit.drain_learning()
         fx.bandit.learn_signal(ctx, baseline, sent, new, previous, logged_version=logged_version)
 
 
@@ -426,7 +435,7 @@ class SignalBook:
     Validator checks and failures per task type are counted here too, for the quality report.
     """
 
-    def __init__(self, max_entries: int = 100_000, max_pairs: int = 1000) -> None:
+    def __init__(self, max_entries: int = MAX_SIGNAL_ENTRIES, max_pairs: int = MAX_JUDGE_PAIRS) -> None:
         self.max_entries = max_entries
         self.max_pairs = max_pairs
         self.sources: OrderedDict[str, str] = OrderedDict()

@@ -45,6 +45,9 @@ log = logging.getLogger("thermostat.judge")
 TRUST_KEY = "judge:trust"
 ACTOR = "judge"
 MuteReason = Literal["length_bias", "disagreement"]
+# Judged answers waiting for a second one of the same (task type, arm): keyed by the arm, not the
+# request, so the task-type cap bounds it long before this does.
+MAX_WAITING_PAIRS = 50_000
 
 
 class Mute(msgspec.Struct, frozen=True):
@@ -73,7 +76,7 @@ class JudgeTrust:
 
     def __init__(
         self, *, check_length: bool = True, margin: float = 0.1, alpha: float = 0.05, max_task_types: int = 4096,
-        max_waiting: int = 50_000, recorder: Recorder | None = None, alerts: AlertManager | None = None,
+        max_waiting: int = MAX_WAITING_PAIRS, recorder: Recorder | None = None, alerts: AlertManager | None = None,
         metrics: Metrics | None = None, state_store: StateStore | None = None,
     ) -> None:
         self.check_length = check_length

@@ -4,18 +4,26 @@ One reward computation (`Learner.reward`: the baseline costs normalise it, unopt
 traffic teaches them first), the first update from a request's own Outcome (`observe`), and
 the swap of a reward a later signal replaces (`correct`), so a request counts once. Which
 requests teach at all is `policies.quality.learns`, the one copy of that rule.
+
+With a batch (`learn_in_batches`, proxy/decision/batch.py) the length evidence and the
+policy's updates run per batch of answered requests (`learn`), the SLO's samples still per
+request; a correction drains the batch first, so the reward it replaces is in the statistics.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from guards.rollout import OPTIMISED_MODES
 from guards.slo import SloMonitor
+from guards.truncation import TruncationKey
 from policies.base import Policy
 from policies.quality import learns
 from policies.records import Arm, Decision, Outcome, RequestContext
 from policies.reward import BaselineCosts
 from policies.settings import RewardSettings
 from proxy.decision.arm_space import ArmSpace
+from proxy.decision.batch import OutcomeBatch
 
 # Errors that count against the SLO: the upstream failed, not the client.
 UPSTREAM_FAILURES = frozenset({"timeout", "connect", "protocol", "upstream_stream_error"})
@@ -34,6 +42,7 @@ class Learner:
         self.slo = slo
         self.reward_settings = reward_settings
         self.costs = BaselineCosts()
+        self.learning: OutcomeBatch | None = None  # None: each request is learnt from at once
 
     def reward(self, task_type: str, quality: float, latency_s: float, completion_tokens: int | None, cost_usd: float | None = None) -> float:
         """The one reward computation (`policies.reward`), normalised by the task's baseline costs."""
@@ -69,10 +78,43 @@ class Learner:
             self.slo.observe(now, optimized=optimised, latency_s=outcome.latency_s, error=failed, quality=outcome.quality)
         if not learns(outcome.status, outcome.error_class):
             return
-        self.arms.record_length(decision.context, decision.baseline, decision.sent, outcome.completion_tokens, outcome.finish_reason)
-        if outcome.reward is not None:
-            base = decision.baseline
-            self.policy.update(decision.context, base.arm(), decision.sent.arm(base), outcome.reward)
+        if self.learning is not None:
+            self.learning.add(decision, outcome)
+        else:
+            self.learn(((decision, outcome),))
+
+    def learn_in_batches(self, batch: OutcomeBatch) -> None:
+        """From now on `observe` queues what an answered request teaches for `learn` on `batch`."""
+        self.learning = batch
+        batch.steps.append(self.learn)
+
+    def drain(self) -> None:
+        """Learn what is queued now (before a correction swaps a reward the policy must already hold)."""
+        if self.learning is not None:
+            self.learning.drain()
+
+    def learn(self, finished: Sequence[tuple[Decision, Outcome]]) -> None:
+        """Answered requests' length evidence (one numpy pass per key), then the policy's updates, in order."""
+        arms = self.arms
+        lengths: dict[TruncationKey, tuple[list[int], list[int], list[bool]]] = {}
+        for decision, outcome in finished:
+            sent, base = decision.sent, decision.baseline
+            if sent.max_tokens is not None and outcome.completion_tokens is not None:
+                key = arms.truncation_key(decision.context, sent.arm(base).temperature, base.arm())
+                caps, tokens, cuts = lengths.setdefault(key, ([], [], []))
+                caps.append(int(sent.max_tokens))
+                tokens.append(int(outcome.completion_tokens))
+                cuts.append(outcome.finish_reason == "length")
+        for key, (caps, tokens, cuts) in lengths.items():
+            if len(caps) == 1:  # a quiet moment: the scalar path is cheaper than numpy's set-up
+                arms.truncation.observe(key, caps[0], tokens[0], cuts[0])
+            else:
+                arms.truncation.observe_many(key, caps, tokens, cuts)
+        update = self.policy.update
+        for decision, outcome in finished:
+            if outcome.reward is not None:
+                base = decision.baseline
+                update(decision.context, base.arm(), decision.sent.arm(base), outcome.reward)
 
     def correct(self, ctx: RequestContext, base: Arm, arm: Arm, old: float | None, new: float, logged_version: str) -> tuple[bool, str]:
         """Fold a later signal's reward into the policy without double counting: whether it changed, and why."""

@@ -12,6 +12,10 @@ import msgspec
 
 from policies.records import Decision, Outcome
 
+# Decisions this process keeps for delayed feedback (about 1 KB each with their key, so ~20 MB full;
+# bench/memory_plateau.py). Older ones are found in the decision log, or in Redis across replicas.
+MAX_REGISTERED = 20_000
+
 
 class _Registered(msgspec.Struct, array_like=True):
     decision: Decision
@@ -32,7 +36,7 @@ class DecisionRegistry:
     the decision log, and the shared-state store extends the reach across replicas.
     """
 
-    def __init__(self, max_entries: int = 20_000, ttl_s: float = 86_400.0) -> None:
+    def __init__(self, max_entries: int = MAX_REGISTERED, ttl_s: float = 86_400.0) -> None:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
         self._items: OrderedDict[str, bytes] = OrderedDict()

@@ -19,7 +19,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
@@ -212,8 +212,7 @@ class EdgeServices:
     prices: Pricer | None = None  # each request's cost in dollars (proxy.decision.PriceBook)
 
 
-@dataclass(frozen=True, slots=True)
-class Admitted:
+class Admitted(msgspec.Struct, frozen=True):
     """A decided request once read, validated and routed (`_admit`); nothing decided yet."""
 
     doc: dict[str, Any]  # the parsed body; `_decide` patches the knobs into it
@@ -223,8 +222,7 @@ class Admitted:
     key: str  # the assignment key: x-thermostat-key, else `user`, else the request id
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
+class Outgoing(msgspec.Struct, frozen=True):
     """What `_prepare` made ready to send."""
 
     body: bytes
@@ -236,12 +234,11 @@ class Outgoing:
     prompt: str | None
 
 
-@dataclass(slots=True)
-class Exchange:
+class Exchange(msgspec.Struct):
     """What happened on the wire, filled in by `_exchange` as it goes (also when it is cut short) and read by `_finish`."""
 
     overhead: float
-    summary: ResponseSummary = field(default_factory=ResponseSummary)
+    summary: ResponseSummary = msgspec.field(default_factory=ResponseSummary)
     status: int = 0
     error_class: str | None = None
     ttft: float | None = None

@@ -34,6 +34,10 @@ from proxy.config import ModelSettings, UpstreamSettings, find_model_settings
 
 ErrorClass = Literal["timeout", "connect", "protocol"]
 
+# Model names remembered per upstream (settings) and per pool (route, format): a client can send any
+# name, so past this many the lookup is made again instead of remembered.
+MAX_CACHED_NAMES = 4096
+
 # aiohttp would otherwise add its own User-Agent, Accept and Content-Type to requests
 # whose client did not send them: a proxy forwards what it got.
 _SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Content-Type", "Accept-Encoding"})
@@ -151,7 +155,7 @@ class Upstream:
             return self._model_cache[model]
         except KeyError:
             found = find_model_settings(self.settings, model)
-            if len(self._model_cache) < 4096:
+            if len(self._model_cache) < MAX_CACHED_NAMES:
                 self._model_cache[model] = found
             return found
 
@@ -212,7 +216,7 @@ class UpstreamPool:
             return self._route_cache[model]
         except KeyError:
             found = next((u for u in self.upstreams if u.matches(model)), self.default)
-            if len(self._route_cache) < 4096:
+            if len(self._route_cache) < MAX_CACHED_NAMES:
                 self._route_cache[model] = found
             return found
 
@@ -227,7 +231,7 @@ class UpstreamPool:
             found = next((u for u in same if model is not None and u.matches(model)), None)
             if found is None:
                 found = next((u for u in same if u.is_default), None)
-            if len(self._format_cache) < 4096:
+            if len(self._format_cache) < MAX_CACHED_NAMES:
                 self._format_cache[key] = found
             return found
 

@@ -1,6 +1,6 @@
 """The decider's parts on their own: the plan's pure steps, the budget desk, the learner, the one-copy rules.
 
-`tests/unit/test_decider_pipeline.py` drives them together through `decide` / `observe`;
+`tests/decision/test_decider_pipeline.py` drives them together through `decide` / `observe`;
 here each is pinned by hand-worked cases.
 """
 

@@ -32,7 +32,7 @@ class RecordingPolicy(RecordingUpdates, UniformPolicy):
 
 
 def make_decider(policy: UniformPolicy, caws: CawsSettings | None = None, phase: str = "general", holdout: float = 0.0) -> BanditDecider:
-    # The pipeline's order is under test, not the length check on lower caps (tests/unit/test_truncation.py):
+    # The pipeline's order is under test, not the length check on lower caps (tests/guards/test_truncation.py):
     # every cap of the region is offered, as if the answers had already shown them safe.
     return build_decider(policy, caws=caws, phase=phase, holdout=holdout, constraints=ConstraintsSettings(max_extra_truncation=1.0))
 

@@ -69,7 +69,7 @@ def test_the_flag_overrides_the_file_under_the_same_rule(tmp_path: Path) -> None
 @pytest.mark.skipif(usable_cores() < 2, reason="one usable core: auto has nothing more to offer")
 def test_auto_without_redis_says_at_start_up_why_it_runs_one_worker(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
-    config.write_text('[[upstreams]]\nname = "u"\nbase_url = "http://127.0.0.1:9/v1"\n')
+    config.write_text('[[upstreams]]\nname = "u"\nbase_url = "http://127.0.0.1:9/v1"\n[admin]\nallow_unauthenticated = true\n')
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "THERMOSTAT_ADMIN_TOKEN")}
     with socket.socket() as holder:  # a busy port: start-up stops right after the worker count
         holder.bind(("127.0.0.1", 0))
