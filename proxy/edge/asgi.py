@@ -12,7 +12,6 @@ safe only because bodies whose bytes could mean something other than the parsed 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import re
@@ -366,7 +365,7 @@ class ProxyEdge:
         upstream = self.services.pool.route_format(model, fmt.upstream_format) or req.upstream
         if not upstream.paths.allows("POST", v1_path):
             raise upstream.paths.refusal("POST", v1_path)
-        return dataclasses.replace(req, upstream=upstream)
+        return msgspec.structs.replace(req, upstream=upstream)
 
     async def _decide(self, req: Admitted, request_id: str, fmt: WireFormat) -> tuple[Decision, bool]:
         """The decider's choice, patched into the body (True if that changed it) and journaled before anything is forwarded."""
