@@ -216,14 +216,17 @@ class Recorder:
         after an implicit mark) must reach the log after the earlier one, and two writes in
         flight at once could land in either order."""
         async with self._write_lock:
-            if self._batch:
-                held, self._batch = self._batch, []
-                await self._write(held)
-            while not self.queue.empty():
+            # Until both are empty: while a write is awaited, the writer (waiting for the lock) may move
+            # what was queued into `self._batch`, and returning then would leave it unwritten.
+            while self._batch or not self.queue.empty():
+                if self._batch:
+                    held, self._batch = self._batch, []
+                    await self._write(held)
                 batch: list[Entry] = []
                 while len(batch) < self.batch_size and not self.queue.empty():
                     batch.append(self.queue.get_nowait())
-                await self._write(batch)
+                if batch:
+                    await self._write(batch)
 
     async def stop(self) -> None:
         self._stopping = True
