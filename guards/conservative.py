@@ -94,13 +94,15 @@ task types past the cap are folded into ``other``.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 import numpy as np
 
 from guards.settings import SloSettings
 from policies import sequences
+from policies.quality import learns
 from policies.sequences import Comparison
 from policies.signals import GUARDED_KINDS, WIN_RATE_KINDS
 
@@ -561,7 +563,41 @@ def observe(
     t = state.tasks.get(key) or _new_task(s)
     if t.rolled_back_at is not None:
         return state, []
+    t, events = _fold_outcome(key, t, s, Observation(task, mode, quality, latency_s, cost, truncated, length), holdout, now)
+    return _settle(state, key, t, s, now, events)
+
+
+class Observation(NamedTuple):
+    """One completed request as `observe` takes it (its keyword arguments, `now` aside)."""
+
+    task: str
+    mode: str
+    quality: float | None
+    latency_s: float | None
+    cost: float | None = None
+    truncated: bool | None = None
+    length: float | None = None
+
+
+def observation(decision: Any, outcome: Any) -> Observation:
+    """A policies.records.Decision and its Outcome as the monitor reads them."""
+    ok = learns(outcome.status, outcome.error_class)
+    tokens = float(outcome.completion_tokens) if ok and outcome.completion_tokens is not None else None
+    return Observation(
+        task=decision.context.task_type,
+        mode=decision.mode,
+        quality=outcome.quality,
+        latency_s=outcome.latency_s if ok else None,
+        cost=tokens,  # the cost unit today; dollars per request take this place once known
+        truncated=(outcome.finish_reason == "length") if ok and outcome.finish_reason is not None else None,
+        length=tokens,
+    )
+
+
+def _fold_outcome(key: str, t: TaskState, s: ConservativeSettings, o: Observation, holdout: bool, now: float) -> tuple[TaskState, list[MonitorEvent]]:
+    """`observe` without the settling: the request's samples folded into its task's sequences."""
     events: list[MonitorEvent] = []
+    length, truncated, quality, latency_s, cost = o.length, o.truncated, o.quality, o.latency_s, o.cost
     if holdout:
         for stream, x in (("length", length), ("truncation", None if truncated is None else float(truncated))):
             if x is not None and math.isfinite(x) and x >= 0:
@@ -576,7 +612,34 @@ def observe(
         t = msgspec.structs.replace(t, latency=_observe_latency(t.latency, holdout, latency_s, s))
     if cost is not None and math.isfinite(cost) and cost >= 0:
         t = msgspec.structs.replace(t, cost=_observe_cost(t.cost, holdout, cost, s))
-    return _settle(state, key, t, s, now, events)
+    return t, events
+
+
+def observe_many(state: MonitorState, s: ConservativeSettings, batch: Iterable[Observation], now: float) -> tuple[MonitorState, list[MonitorEvent]]:
+    """`observe` for a batch: every request folded in, in order, then each task it touched settled once.
+
+    The comparisons are confidence sequences, valid at any stopping time, so looking for a
+    breach after the batch rather than after each request keeps their guarantee; a rollback
+    comes at most one batch later (proxy/decision/batch.py bounds a batch's size and age).
+    """
+    tasks = dict(state.tasks)
+    touched: dict[str, None] = {}
+    events: list[MonitorEvent] = []
+    for o in batch:
+        holdout = o.mode in HOLDOUT_MODES
+        if not holdout and o.mode not in OPTIMISED_MODES:
+            continue
+        key = o.task if o.task in tasks or len(tasks) < s.max_tasks - 1 else OTHER_TASK  # `task_key`
+        t = tasks.get(key) or _new_task(s)
+        if t.rolled_back_at is not None:
+            continue
+        tasks[key], more = _fold_outcome(key, t, s, o, holdout, now)
+        touched[key] = None
+        events += more
+    state = MonitorState(tasks=tasks)
+    for key in touched:
+        state, events = _settle(state, key, state.tasks[key], s, now, events)
+    return state, events
 
 
 def _fold_quality(
@@ -667,20 +730,16 @@ class ConservativeMonitor:
 
     def on_outcome(self, decision: Any, outcome: Any, now: float) -> list[MonitorEvent]:
         """`decision` a policies.records.Decision, `outcome` its policies.records.Outcome."""
-        ok = 200 <= outcome.status < 300 and outcome.error_class is None
-        tokens = float(outcome.completion_tokens) if ok and outcome.completion_tokens is not None else None
+        o = observation(decision, outcome)
         self.state, events = observe(
-            self.state,
-            self.settings,
-            task=decision.context.task_type,
-            mode=decision.mode,
-            quality=outcome.quality,
-            latency_s=outcome.latency_s if ok else None,
-            now=now,
-            cost=tokens,  # the cost unit today; dollars per request take this place once known
-            length=tokens,
-            truncated=(outcome.finish_reason == "length") if ok and outcome.finish_reason is not None else None,
+            self.state, self.settings, task=o.task, mode=o.mode, quality=o.quality, latency_s=o.latency_s, now=now,
+            cost=o.cost, truncated=o.truncated, length=o.length,
         )
+        return events
+
+    def on_outcomes(self, finished: Iterable[tuple[Any, Any]], now: float) -> list[MonitorEvent]:
+        """`on_outcome` for a batch of (decision, outcome): each task settled once (`observe_many`)."""
+        self.state, events = observe_many(self.state, self.settings, [observation(d, o) for d, o in finished], now)
         return events
 
     def on_signal(self, task_type: str, mode: str, kind: str, quality: float, now: float, trusted: bool = True) -> list[MonitorEvent]:

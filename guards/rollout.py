@@ -47,7 +47,7 @@ alarms for a naive interval re-checked at every step).  The promotion evidence i
 instead `policies.sequences.Comparison` (PrPl-EB confidence sequences at α/2 per stream,
 α = `PROMOTION_ALPHA`), which holds at every look at once: under no true improvement
 the chance that a phase is *ever* promoted on this criterion is ≤ α, however often it
-is checked (tests/unit/test_guards_rollout.py simulates it).  Holdout requests are the
+is checked (tests/guards/test_guards_rollout.py simulates it).  Holdout requests are the
 on-policy baseline (random assignment keys served the baseline), so the comparison
 needs no model and no reweighting.  The comparison restarts whenever the phase (re)starts
 (promotion, `set_phase`, resume): each promotion is judged on its own phase's traffic.

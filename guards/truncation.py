@@ -46,6 +46,7 @@ past the bound is never tracked, so its lower caps stay closed (the safe side).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -165,6 +166,20 @@ class TruncationGuard:
         base = key[4]
         bad = np.fromiter((extra_cut(lower, base, sent_cap, tokens, cut) for lower in state.caps), dtype=bool, count=len(state.caps))
         wealth_step(state.log_wealth, state.log_weights, self._q, self.delta, bad, self._factors)
+
+    def observe_many(self, key: TruncationKey, sent_caps: Sequence[int], tokens: Sequence[int], cuts: Sequence[bool]) -> None:
+        """`observe` for several answers of one key, in order: every indicator at once (one numpy pass), then a wealth step each."""
+        state = self.keys.get(key)
+        if state is None or not state.caps or self.off or self.delta <= 0.0:
+            return
+        base = key[4]
+        lower = np.asarray(state.caps)
+        sent = np.asarray(sent_caps)[:, None]
+        n = np.asarray(tokens)[:, None]
+        # `extra_cut` for every (answer, cap): a cut answer counts against every lower cap when it was cut below the baseline's.
+        bad = np.where(np.asarray(cuts, dtype=bool)[:, None], sent < base, (lower < n) & (n <= base))
+        for row in bad:
+            wealth_step(state.log_wealth, state.log_weights, self._q, self.delta, row, self._factors)
 
     def evidence(self, key: TruncationKey) -> dict[int, float]:
         """Per tracked lower cap, the test's wealth M_n (admitted at >= 1/ALPHA): for the control API and tests."""

@@ -89,6 +89,18 @@ def auto_quality(
     return min(1.0, max(0.0, score))
 
 
+def learns(status: int, error_class: str | None) -> bool:
+    """Does this request teach the policy? A 2xx that was not cut off or broken.
+
+    The one copy of the rule: every other outcome is kept out of the policy's statistics
+    (`BanditDecider.observe`, every later signal in `proxy.decision.feedback`, the offline
+    replay), out of the conservative monitor's latency and cost streams, and away from the
+    judge and the regeneration check. A client's own 4xx is also kept out of quality
+    comparisons: it gets no quality at all (`client_error`).
+    """
+    return 200 <= status < 300 and error_class is None
+
+
 def client_error(status: int, sent: Params, baseline: Params) -> bool:
     """A 4xx the client's own request earned, which says nothing about the parameters sent.
 

@@ -67,8 +67,17 @@ def compute_reward(
 
 
 def reward_bounds(settings: RewardSettings) -> tuple[float, float]:
-    """The bounds `compute_reward` can produce: quality term minus the two capped cost ratios (confidence sequences need them)."""
-    return -(settings.w_latency + settings.w_tokens) * settings.max_ratio, settings.w_quality
+    """The bounds `compute_reward` can produce; the one copy (confidence sequences, OPE intervals and
+    `thermostat evaluate` need them).
+
+    Quality lies in [0, 1] and each cost ratio in [0, max_ratio], so each term spans
+    [min(0, w·end), max(0, w·end)]: a weight of either sign gives exact bounds. With the usual
+    non-negative weights this is [−(w_latency + w_tokens)·max_ratio, w_quality].
+    """
+    w_q, w_l, w_t, cap = settings.w_quality, settings.w_latency, settings.w_tokens, settings.max_ratio
+    low = min(w_q, 0.0) - (max(w_l, 0.0) + max(w_t, 0.0)) * cap
+    high = max(w_q, 0.0) + (max(-w_l, 0.0) + max(-w_t, 0.0)) * cap
+    return low, high
 
 
 class BaselineCosts(msgspec.Struct):

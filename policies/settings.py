@@ -34,7 +34,7 @@ class ThompsonSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     share K·min_propensity is mixed in), so a converged bucket still logs support for
     every arm and importance weights stay <= 1/min_propensity.  The price is that share
     of traffic: with the 25-arm grid, 0.01 sends 25 % uniformly and the simulator
-    (tests/unit/test_policies_learning.py) drops to 82-85 % of the optimum; 0.002 sends
+    (tests/policies/test_policies_learning.py) drops to 82-85 % of the optimum; 0.002 sends
     5 % and keeps >= 90.7 % in 4 of 4 seeds (0.004: 88-92 %), the same floor as LinUCB.
     """
 

@@ -163,6 +163,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers is not None:  # the flag wins over [server] workers, under the same rule
         config = msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, workers=args.workers))
         validate_workers(config)
+    from proxy.control import require_token_or_opt_in
+
+    require_upstreams(config)
+    require_token_or_opt_in(config.admin)  # a refused start prints its one line, never advice before it
     workers, advice = worker_count(config, usable_cores())
     _serve(config, host, port, workers, advice=advice)
     return 0

@@ -5,7 +5,7 @@ peer in its own layer (nor across the pairs in `APART`); inside a room imports a
 entered only through the names its `__init__.py` lists in `__all__`; `policies` and
 `guards` are entered through their modules, and the one-module rooms (`proxy.config`,
 `proxy.runtime`, ...) through the module itself. No room imports another's private
-(`_`-prefixed) names. `tests/unit/test_rooms.py` enforces all of it over `proxy/`,
+(`_`-prefixed) names. `tests/app/test_rooms.py` enforces all of it over `proxy/`,
 `policies/` and `guards/`.
 """
 

@@ -39,20 +39,27 @@ from policies.validators import SchemaValidators
 from proxy.common import load_table, stop_within
 from proxy.config import Config, ModelSettings
 from proxy.decision import (
+    ArmSettings,
+    ArmSpace,
     BanditDecider,
     ConservativeListener,
     Decider,
+    DeciderSettings,
+    DecisionGuards,
     DecisionRegistry,
     FeedbackBook,
     FeedbackServices,
     JudgeTrust,
     LeaseRefiller,
     MemoryRegenerationBook,
+    OutcomeBatch,
     PriceBook,
     RedisRegenerationBook,
     RegenerationBook,
     SignalDelivery,
     apply_pending_feedback,
+    declared_stand_ins,
+    model_limits,
 )
 from proxy.edge import CHAT, EdgeServices, HandOverAnswer, Listener, LogOutcome, OnOutcome, ReadWatch, RecordMetrics, RecordSpan, Transport, UpstreamPool
 from proxy.learning import (
@@ -105,7 +112,7 @@ def outcome_listeners(
     tick), so the conservative monitor and the registry see the same outcome the policy did;
     feedback that arrived while the answer streamed is applied only once the registry holds
     the outcome; the log row and the judge come last, because nothing waits for them.
-    docs/architecture.md lists the same names in the same order (tests/unit/test_pipeline.py).
+    docs/architecture.md lists the same names in the same order (tests/edge/test_pipeline.py).
     """
     return (
         OnOutcome("decider.observe", decider.observe),
@@ -186,6 +193,7 @@ class Runtime:
         self._models: dict[str, BoundedLabel] = {}
         self._fold_warned: set[str] = set()
         self._limits: dict[tuple[str, str], ModelLimits] = {}
+        self._stand_ins: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
 
     def _build_decider(self, config: Config, decider: Decider | None) -> None:
         """The policy and the guards around it (SLO, budget and leases, conservative monitor), prices, and the decider."""
@@ -215,25 +223,18 @@ class Runtime:
         self.quality_signals = SyncedQualitySignals(max_task_types=config.server.max_task_types)
         self.bandit: BanditDecider = BanditDecider(
             policy=self.policy,
-            budget=self.budget,
+            arms=ArmSpace(
+                ArmSettings.from_config(config), baseline_for=config.baseline_for, limits_for=self.limits_for, signals=self.quality_signals,
+                stand_ins_for=self.stand_ins_for,
+            ),
+            guards=DecisionGuards(budget=self.budget, slo=self.slo, conservative=self.conservative, prices=self.prices),
             rollout=self._make_rollout(None),
-            slo=self.slo,
-            constraints=config.constraints,
-            grid=config.policy.grid,
-            reward_settings=config.policy.reward,
-            baseline_for=config.baseline_for,
-            limits_for=self.limits_for,
+            settings=DeciderSettings.from_config(config),
             rng=np.random.default_rng(config.optimization.seed),
-            require_caws=config.constraints.require_caws,
-            tick_interval_s=config.slo.check_interval_s,
             on_events=self.on_rollout_events,
-            tune_temperature=config.optimization.tune_temperature,
-            min_quality_signals=config.optimization.min_quality_signals,
-            holdout_fraction=config.optimization.holdout_fraction,
-            conservative=self.conservative,
-            signals=self.quality_signals,
-            prices=self.prices,
         )
+        # What a finished request teaches the policy and the length evidence is learnt per batch (proxy/decision/batch.py).
+        self.bandit.learn_in_batches(OutcomeBatch())
         self.decider: Decider = decider or self.bandit
 
     def _build_feedback(self, config: Config) -> None:
@@ -263,7 +264,7 @@ class Runtime:
             self.registry = self.shared.registry  # also writes decisions to Redis for feedback posted elsewhere
         self.conservative_listener = ConservativeListener(
             self.conservative, rollout=self.bandit, recorder=self.recorder, metrics=self.metrics, alerts=self.alerts,
-            state_store=self.state_store, policy=self.policy,
+            state_store=self.state_store, policy=self.policy, batch=OutcomeBatch(),  # folded per batch of finished requests
         )
         # Per task type, whether the judge's scores may teach (length bias, disagreement); persisted.
         self.judge_trust = JudgeTrust(
@@ -403,6 +404,7 @@ class Runtime:
     async def stop(self) -> None:
         """Stop every part in order, each bounded by `STOP_STEP_S`: whatever hangs, the decision
         log is flushed, the journal closed and its lock released (`proxy.common.stop_within`)."""
+        self.drain_learning()  # what the last requests taught, before anything that stores it stops
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("alerts", self.alerts.stop), ("rollout ticker", self.ticker.stop), ("pruner", self.pruner.stop),
         ]
@@ -420,6 +422,7 @@ class Runtime:
             steps.append(("quality-signal sync", self.signal_sync.stop))
         if self.shared is not None:
             steps.append(("shared state (redis)", self.shared.stop))
+        steps.append(("learning batches", self._drain_learning))  # requests that finished during the stops above
         steps.append(("decision log recorder", self.recorder.stop))
         if self.local_state is not None:
             steps.append(("local state", self.local_state.stop))
@@ -427,6 +430,15 @@ class Runtime:
         steps.append(("upstream pool", self.pool.aclose))
         for name, stop in steps:
             await stop_within(name, stop, STOP_STEP_S, log)
+
+    def drain_learning(self) -> None:
+        """Run the batch steps (policy and length evidence, conservative monitor) on every finished request queued now."""
+        self.bandit.drain_learning()
+        if self.conservative_listener.batch is not None:
+            self.conservative_listener.batch.drain()
+
+    async def _drain_learning(self) -> None:
+        self.drain_learning()
 
     async def _stop_answers(self) -> None:
         self.answers.stop()
@@ -481,24 +493,19 @@ class Runtime:
         found = self._limits.get(key)
         if found is None:
             up = next((u for u in self.pool.upstreams if u.name == upstream), None)
-            ms = up.model_settings(model) if up is not None else None
-            found = (
-                ModelLimits(
-                    min_temperature=ms.min_temperature,
-                    max_temperature=ms.max_temperature,
-                    fixed_temperature=ms.fixed_temperature,
-                    max_tokens=ms.max_tokens_limit,
-                    default_temperature=ms.default_temperature,
-                    efforts=ms.efforts,
-                    accepts_temperature=ms.accepts_temperature,
-                )
-                if ms is not None
-                else ModelLimits()
-            )
-            if up is not None and up.format == "anthropic" and found.max_temperature > 1.0:
-                found = msgspec.structs.replace(found, max_temperature=1.0)  # the Messages API's range is 0-1
+            found = model_limits(up.model_settings(model), up.format) if up is not None else ModelLimits()
             if len(self._limits) < 4096:
                 self._limits[key] = found
+        return found
+
+    def stand_ins_for(self, upstream: str, model: str) -> tuple[tuple[str, str], ...]:
+        """The declared stand-ins of `model` on `upstream`, each with its upstream (`declared_stand_ins`, cached)."""
+        key = (upstream, model)
+        found = self._stand_ins.get(key)
+        if found is None:
+            found = declared_stand_ins(self.config.upstreams, upstream, model)
+            if len(self._stand_ins) < 4096:
+                self._stand_ins[key] = found
         return found
 
     def on_rollout_events(self, events: list[RolloutEvent]) -> None:

@@ -44,7 +44,7 @@ from policies.quality import auto_quality
 from policies.records import Outcome, Params, RequestContext
 from policies.settings import ArmGridSettings, QualitySettings, RewardSettings
 from policies.signals import judge_quality
-from proxy.decision.decider import BanditDecider, tuned_params
+from proxy.decision.decider import ArmSettings, ArmSpace, BanditDecider, DeciderSettings, DecisionGuards, tuned_params
 
 PROVIDER_DEFAULT_TEMPERATURE = 1.0
 """What the upstream does with an omitted temperature (OpenAI's default)."""
@@ -150,19 +150,15 @@ def make_decider(policy: Policy, *, holdout: float = 0.05, tune: str = "auto", m
     rollout = RolloutController.create(RolloutSettings(), SloSettings(), slo, now=0.0, phase="general")
     return BanditDecider(
         policy=policy,
-        budget=BudgetGuard(CawsSettings(budget_limit=10**15), InProcessStore()),
+        arms=ArmSpace(
+            ArmSettings(ConstraintsSettings(), ArmGridSettings(), tune, min_signals),  # type: ignore[arg-type]
+            baseline_for=lambda task: BaselineSettings(), limits_for=lambda upstream, model: ModelLimits(),
+        ),
+        guards=DecisionGuards(budget=BudgetGuard(CawsSettings(budget_limit=10**15), InProcessStore()), slo=slo),
         rollout=rollout,
-        slo=slo,
-        constraints=ConstraintsSettings(),
-        grid=ArmGridSettings(),
-        reward_settings=RewardSettings(),
-        baseline_for=lambda task: BaselineSettings(),
-        limits_for=lambda upstream, model: ModelLimits(),
+        settings=DeciderSettings(reward=RewardSettings(), holdout_fraction=holdout),
         rng=np.random.default_rng([seed, 1]),
         clock=lambda: 1000.0,
-        tune_temperature=tune,  # type: ignore[arg-type]
-        min_quality_signals=min_signals,
-        holdout_fraction=holdout,
     )
 
 

@@ -215,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             if w is None:
                 return 1
             windows.append(w)
+            # The window's periodic work grows with its wall time, which a loaded machine stretches: also shown without it.
+            busy = (w.instructions - w.idle_rate * w.seconds) / w.requests
             write_row(f"| {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} | {target} | {w.rev} | {a.label} | {a.requests} | "
-                      f"{a.concurrency} | {chunks if a.per_chunk else '8 (half streamed)'} | {w.per_request / 1e6:.3f} | {load} |")
+                      f"{a.concurrency} | {chunks if a.per_chunk else '8 (half streamed)'} | {w.per_request / 1e6:.3f} "
+                      f"({busy / 1e6:.3f} without idle work, {w.seconds:.0f} s window) | {load} |")
         if len(windows) == 2:
             slope, base = per_chunk(windows[0], windows[1])
             idle = sum(w.idle_rate for w in windows) / len(windows)

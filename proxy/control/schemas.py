@@ -14,6 +14,7 @@ import msgspec
 
 from guards.conservative import CostVerdict, KindVerdict
 from guards.waivers import Waiver
+from proxy.decision import FeedbackResult
 
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0)]
 Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
@@ -123,6 +124,8 @@ class CostComparison(msgspec.Struct):
     ci_high: float | None
     interval: str  # how the interval was built
     summary: str  # in words: "code: saves $0.42 per 1,000 requests, 95 % interval [$0.10, $0.75], 1,234 priced requests"
+    # share of the window's tuned requests served by each model (a declared stand-in or the requested one); the holdout is always the requested model
+    tuned_models: dict[str, float] = {}
 
 
 class TaskPerformance(msgspec.Struct):
@@ -295,6 +298,7 @@ class ArmPosterior(msgspec.Struct):
     temperature: float
     max_tokens: int
     probability: float  # current probability the policy plays the arm (P(best) for Thompson)
+    model: str | None = None  # a declared stand-in's arm; None: the requested model's
     posterior_mean: float | None = None
     posterior_sd: float | None = None
     n: float | None = None
@@ -461,9 +465,10 @@ class RecommendIn(msgspec.Struct, forbid_unknown_fields=True):
     context: ContextIn = msgspec.field(default_factory=ContextIn)
 
 
-class ParamsOut(msgspec.Struct):
+class ParamsOut(msgspec.Struct, omit_defaults=True):
     temperature: float | None
     max_tokens: int | None
+    model: str | None = None  # a declared stand-in sent in place of the requested model (`substitutes`); None: the requested model
 
 
 class GuardVerdict(msgspec.Struct):
@@ -473,10 +478,11 @@ class GuardVerdict(msgspec.Struct):
     detail: dict[str, Any] = {}
 
 
-class ArmProbability(msgspec.Struct):
+class ArmProbability(msgspec.Struct, omit_defaults=True):
     temperature: float
     max_tokens: int
     probability: float
+    model: str | None = None  # a declared stand-in's arm; None: the requested model's
 
 
 class Recommendation(msgspec.Struct):
@@ -531,17 +537,9 @@ class RecordOutcomeIn(msgspec.Struct, forbid_unknown_fields=True):
     overwrite: bool = False
 
 
-class RecordOutcomeResult(msgspec.Struct):
-    request_id: str
-    found_in: str  # "registry" or "log"
-    quality: float
-    previous_quality: float | None
-    automatic_quality: float | None
-    reward: float | None  # recomputed with the given quality (None while the request is still in flight)
-    previous_reward: float | None
-    policy_updated: bool
-    policy_update: str  # what happened to the policy statistics, and why
-    overwritten: bool
+class RecordOutcomeResult(FeedbackResult, frozen=True):
+    """The decision room's `FeedbackResult` (one definition of its fields), and what it replaced, in words."""
+
     replaced: str = ""  # what this feedback replaced, in words (automatic score, judge, earlier feedback)
 
 

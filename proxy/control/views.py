@@ -189,7 +189,7 @@ def waiver_out(w: Waiver, now: float) -> WaiverOut:
 
 
 def params_out(p: Params | Arm) -> ParamsOut:
-    return ParamsOut(temperature=p.temperature, max_tokens=p.max_tokens)
+    return ParamsOut(temperature=p.temperature, max_tokens=p.max_tokens, model=p.model)
 
 
 def decision_out(r: DecisionRow) -> DecisionOut:

@@ -5,8 +5,19 @@ signal re-enters here, whoever delivers it).
 
 from __future__ import annotations
 
+from policies.quality import learns
+from proxy.decision.arm_space import ArmSettings, ArmSpace, QualitySignals, declared_stand_ins, limits_for, model_limits
+from proxy.decision.batch import OutcomeBatch
 from proxy.decision.conservative import ConservativeListener
-from proxy.decision.decider import BanditDecider, BudgetExceeded, BudgetUnavailable, Decider, Explanation, QualitySignals
+from proxy.decision.decider import (
+    BanditDecider,
+    BudgetExceeded,
+    BudgetUnavailable,
+    Decider,
+    DeciderSettings,
+    DecisionGuards,
+    Explanation,
+)
 from proxy.decision.feedback import (
     DecisionNotFound,
     ExplicitFeedback,
@@ -23,17 +34,23 @@ from proxy.decision.feedback import (
 )
 from proxy.decision.judge_trust import JudgeTrust
 from proxy.decision.lease_refill import LeaseRefiller
-from proxy.decision.outcome import Pricer, Scorer, Timings, arm_label, complete, learns
+from proxy.decision.model_stage import ModelEvidence, ModelStageSettings
+from proxy.decision.outcome import Pricer, Scorer, Timings, arm_label, complete
 from proxy.decision.prices import PriceBook
 from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook, regeneration_signal
 from proxy.decision.registry import DecisionRegistry
+from proxy.decision.sampler import TwoStageSampler
 
 __all__ = [
+    "ArmSettings",
+    "ArmSpace",
     "BanditDecider",
     "BudgetExceeded",
     "BudgetUnavailable",
     "ConservativeListener",
     "Decider",
+    "DeciderSettings",
+    "DecisionGuards",
     "DecisionNotFound",
     "DecisionRegistry",
     "Explanation",
@@ -44,7 +61,10 @@ __all__ = [
     "FeedbackServices",
     "JudgeTrust",
     "LeaseRefiller",
+    "ModelEvidence",
+    "ModelStageSettings",
     "MemoryRegenerationBook",
+    "OutcomeBatch",
     "PriceBook",
     "Pricer",
     "QualitySignals",
@@ -54,12 +74,16 @@ __all__ = [
     "SignalBook",
     "SignalDelivery",
     "Timings",
+    "TwoStageSampler",
     "apply_pending_feedback",
     "arm_label",
     "complete",
     "context_from_features",
+    "declared_stand_ins",
     "deliver_signal",
     "learns",
+    "limits_for",
+    "model_limits",
     "record_outcome",
     "regeneration_signal",
 ]

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import msgspec
 
@@ -18,6 +19,7 @@ from guards.conservative import ConservativeMonitor, MonitorEvent, MonitorState
 from guards.state import StateStore, StoreUnavailable
 from policies.base import Adaptive, Policy
 from policies.records import Decision, Outcome
+from proxy.decision.batch import Finished, OutcomeBatch
 from proxy.decision.decider import TEMPERATURE_STATISTICS
 from proxy.observability import Alert, AlertManager, Metrics, RolloutSource
 from proxy.store import EventRecord, Recorder
@@ -41,6 +43,7 @@ class ConservativeListener:
     def __init__(
         self, monitor: ConservativeMonitor, *, rollout: RolloutSource, recorder: Recorder, metrics: Metrics,
         alerts: AlertManager, state_store: StateStore, policy: Policy, max_seen: int = MAX_SEEN_SIGNALS,
+        batch: OutcomeBatch | None = None,
     ) -> None:
         self.monitor = monitor
         self.policy = policy
@@ -52,6 +55,10 @@ class ConservativeListener:
         self._save: asyncio.Task[None] | None = None
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # (request id, kind) already counted
         self.max_seen = max_seen
+        # Outcomes are folded in batches (proxy/decision/batch.py); without one, each at once.
+        self.batch = batch
+        if batch is not None:
+            batch.steps.append(self.on_outcomes)
 
     async def load(self) -> None:
         try:
@@ -67,12 +74,21 @@ class ConservativeListener:
             log.warning("stored conservative-monitor state ignored: %s", exc)
 
     def on_outcome(self, decision: Decision, outcome: Outcome) -> None:
-        """Completion listener after the decider's: events recorded, counted, alerted."""
+        """Completion listener after the decider's: queued for the next batch (or folded at once without one)."""
+        if self.batch is not None:
+            self.batch.add(decision, outcome)
+        else:
+            self.on_outcomes(((decision, outcome),))
+
+    def on_outcomes(self, finished: Sequence[Finished]) -> None:
+        """The batch step: promotion's comparison fed, the monitor's fold and breach check; events recorded, counted, alerted."""
         # Promotion's optimised-vs-holdout comparison. A task type the monitor rolled back has no optimised
         # traffic left; its holdout rewards stay out too, so both streams keep the same task mix.
-        if not self.monitor.is_rolled_back(decision.context.task_type):
-            self.rollout.rollout.observe_reward(decision.mode, outcome.reward)
-        events = self.monitor.on_outcome(decision, outcome, time.time())
+        rollout, monitor = self.rollout.rollout, self.monitor
+        for decision, outcome in finished:
+            if not monitor.is_rolled_back(decision.context.task_type):
+                rollout.observe_reward(decision.mode, outcome.reward)
+        events = monitor.on_outcomes(finished, time.time())
         if events:
             self.on_events(events)
 
@@ -86,6 +102,8 @@ class ConservativeListener:
         same kind for the same request (a judge re-run, an explicit overwrite) is not a new
         sample: the sequences cannot take the first one back, so it is ignored here.
         """
+        if self.batch is not None:
+            self.batch.drain()  # the request's own outcome is folded before its signal
         key = (request_id, kind)
         if key in self._seen:
             return

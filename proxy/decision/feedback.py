@@ -31,12 +31,12 @@ from typing import Any, Protocol
 
 import msgspec
 
+from policies.quality import learns
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.signals import Signal
 from proxy.config import JudgeSettings
 from proxy.decision.decider import TEMPERATURE_STATISTICS, BanditDecider
 from proxy.decision.judge_trust import JudgeTrust
-from proxy.decision.outcome import learns
 from proxy.decision.registry import DecisionRegistry
 from proxy.store import DecisionRow, FeedbackEntry, Recorder
 
@@ -161,9 +161,12 @@ GUARD_SOURCES = frozenset({"judge", "judge_pairwise", "explicit"})
 
 def _to_guards(
     fx: FeedbackServices, request_id: str, task_type: str, mode: str, kind: str, quality: float, reward: float | None,
-    ok: bool, trusted: bool = True,
+    ok: bool, trusted: bool = True, *, model: str | None = None,
 ) -> None:
-    """Hand one delayed signal of a successful request to the guards (`GuardSignals`)."""
+    """Hand one delayed signal of a successful request to the guards (`GuardSignals`) and to the model stage's
+    evidence (`proxy.decision.model_stage.ModelEvidence`: `model` is the stand-in that served it, None the requested model)."""
+    if ok and fx.learns:
+        fx.bandit.models.observe(task_type, model, kind, quality, trusted=trusted)
     if fx.guards is not None and ok and kind in GUARD_SOURCES:
         fx.guards.on_signal(request_id=request_id, task_type=task_type, mode=mode, kind=kind, quality=quality, reward=reward, trusted=trusted)
 
@@ -252,37 +255,16 @@ def _judged(fx: FeedbackServices, request_id: str) -> bool:
 
 def _reward(fx: FeedbackServices, task_type: str, quality: float, latency_s: float, completion_tokens: int | None,
             cost_usd: float | None = None) -> float:
-    bandit = fx.bandit
-    return bandit.costs.reward(
-        task_type=task_type,
-        quality=quality,
-        latency_s=latency_s,
-        tokens=completion_tokens or 0,
-        settings=bandit.reward_settings,
-        cost_usd=cost_usd,
-    )
+    """A logged request's reward with a new quality: the decider's one reward computation (`Learner.reward`)."""
+    return fx.bandit.learner.reward(task_type, quality, latency_s, completion_tokens, cost_usd)
 
 
 def _apply(fx: FeedbackServices, ctx: RequestContext, base: Arm, arm: Arm, old: float | None, new: float, logged_version: str) -> tuple[bool, str]:
-    """Fold the corrected reward into the policy without double counting."""
+    """Fold the corrected reward into the policy without double counting (`BanditDecider.correct`)."""
     if not fx.learns:
         return False, "the active decider does not learn (passthrough)"
-    policy = fx.bandit.policy
-    if old is None:
-        policy.update(ctx, base, arm, new)
-        return True, "no automatic reward had been applied: corrected reward added with update()"
-    correct = getattr(policy, "correct", None)
-    if callable(correct):
-        done = correct(ctx, base, arm, old, new, logged_version=logged_version)
-        if done == "updated":
-            return True, "the policy statistics never held the automatic reward: corrected reward added with update()"
-        if done == "skipped":
-            return False, f"decision logged under policy version {logged_version!r}; the current statistics never held its reward"
-        return True, f"automatic reward {old:.6g} replaced by {new:.6g} with correct()"
-    return False, (
-        f"policy '{policy.name}' has no correct(ctx, baseline, arm, old_reward, new_reward); "
-        "its statistics keep the automatic reward (adding the new one would count the request twice)"
-    )
+    fx.bandit.drain_learning()  # the automatic reward being replaced must be in the statistics first
+    return fx.bandit.correct(ctx, base, arm, old, new, logged_version)
 
 
 def _teach_temperature(
@@ -294,6 +276,7 @@ def _teach_temperature(
     earlier signal of the same request is in them (`previous`).
     """
     if fx.learns:
+        fx.bandit.drain_learning()
         fx.bandit.learn_signal(ctx, baseline, sent, new, previous, logged_version=logged_version)
 
 
@@ -365,7 +348,7 @@ async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: st
     book.remember(rid, quality, new_reward)
     _pair_explicit(fx, rid, quality, row)
     _count_signal(fx, row.task_type, already or previous_signal is not None or _judged(fx, rid), learns(row.status, row.error_class))
-    _to_guards(fx, rid, row.task_type, row.mode, "explicit", quality, new_reward, learns(row.status, row.error_class))
+    _to_guards(fx, rid, row.task_type, row.mode, "explicit", quality, new_reward, learns(row.status, row.error_class), model=row.chosen_params.model)
     return FeedbackResult(
         request_id=rid, found_in="log", quality=quality, previous_quality=previous_quality, automatic_quality=row.quality,
         reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,
@@ -400,7 +383,8 @@ async def _with_outcome(
     book.remember(rid, quality, new_reward)
     _pair_explicit(fx, rid, quality, row)
     _count_signal(fx, decision.context.task_type, already or signalled, learns(outcome.status, outcome.error_class))
-    _to_guards(fx, rid, decision.context.task_type, decision.mode, "explicit", quality, new_reward, learns(outcome.status, outcome.error_class))
+    _to_guards(fx, rid, decision.context.task_type, decision.mode, "explicit", quality, new_reward, learns(outcome.status, outcome.error_class),
+               model=decision.sent.model)
     return FeedbackResult(
         request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality, automatic_quality=automatic,
         reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,
@@ -429,7 +413,7 @@ def apply_pending_feedback(fx: FeedbackServices, decision: Decision, outcome: Ou
     )
     book.remember(decision.request_id, pending.quality, new_reward)
     _to_guards(fx, decision.request_id, decision.context.task_type, decision.mode, "explicit", pending.quality, new_reward,
-               learns(outcome.status, outcome.error_class))
+               learns(outcome.status, outcome.error_class), model=decision.sent.model)
     outcome_copy = msgspec.structs.replace(outcome, quality=pending.quality, reward=new_reward, feedback=True)
     fx.registry.complete(decision, outcome_copy)
 
@@ -563,7 +547,7 @@ async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None
         # The guards see every judged request of both streams, whatever the policy does with the score next;
         # a muted judge's kind is marked untrusted there (it neither rolls back nor excuses a cost regression).
         _to_guards(fx, rid, task_type, decision.mode, signal.source, q, fx.bandit.reward_for(decision, outcome, q),
-                   learns(outcome.status, outcome.error_class), trusted)
+                   learns(outcome.status, outcome.error_class), trusted, model=decision.sent.model)
     if signal.guards_only:
         return signals.count(signal.source, "guards_only")
     if signal.source == "judge":

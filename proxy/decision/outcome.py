@@ -54,22 +54,12 @@ class Scorer(Protocol):
     ) -> float | None: ...
 
 
-def learns(status: int, error_class: str | None) -> bool:
-    """Does this request teach the policy? A 2xx that was not cut off or broken.
-
-    Every other outcome is kept out of the policy's statistics (here, in `BanditDecider.observe`
-    and in every later signal, `proxy.decision.feedback`). A client's own 4xx is also kept out
-    of quality comparisons: `complete` gives it no quality (`judged`).
-    """
-    return 200 <= status < 300 and error_class is None
-
-
 def judged(decision: Decision, status: int) -> bool:
     """Is this request's outcome a verdict on the parameters sent? Not when the client's body earned a 4xx.
 
     Such a request keeps its row in the decision log and its count in the error metrics,
     but has no quality and no reward, so the arm drawn, the task's quality (conservative
-    monitor, SLO, reports) and the quality-signal counts never see it (`policies.quality.client_error`).
+    monitor, SLO, reports) and the quality-signal counts never see it (`policies.quality.client_error`; which outcomes teach at all: `policies.quality.learns`).
     """
     return not client_error(status, decision.sent, decision.baseline)
 
@@ -86,8 +76,7 @@ def complete(
     prices: Pricer | None = None,
 ) -> Outcome:
     """The one Outcome of a request: its cost, automatic quality, then the reward from them (no quality or reward for a client's own 4xx)."""
-    ctx = decision.context
-    cost = prices.cost(ctx.upstream, ctx.model, summary.usage()) if prices is not None else None
+    cost = prices.cost(*decision.served_by, summary.usage()) if prices is not None else None  # a stand-in at its own price
     quality = auto_quality(
         status=status if error_class is None else 599,
         content=summary.content,

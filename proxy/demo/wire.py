@@ -4,7 +4,7 @@ Shared by the simulator (proxy/demo/simulator_server.py) and the tests' fake ups
 (tests/support/fake_upstream.py) so both speak the formats the same way; the shapes
 follow the installed SDKs' types (openai `types/responses/response_stream_event.py`,
 anthropic `types/raw_message_stream_event.py`) and are checked against those SDKs in
-tests/unit/test_wire_formats.py.
+tests/edge/test_wire_formats.py.
 """
 
 from __future__ import annotations

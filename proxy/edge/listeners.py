@@ -3,7 +3,7 @@
 In the spirit of httpx's `event_hooks`, the listeners are a plain ordered list, and the
 edge calls them one after another (`ProxyEdge._finish`). The list is assembled once, by the
 composition root (`proxy.runtime.outcome_listeners`), so the order is declared in one place
-and pinned by a test (`tests/unit/test_pipeline.py`, which also reads docs/architecture.md).
+and pinned by a test (`tests/edge/test_pipeline.py`, which also reads docs/architecture.md).
 Each listener has a `name` (what the test and the docs call it) and is called with the
 `Finished` record; an async listener returns an awaitable, which the edge awaits before the next.
 """
@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
+
 from policies.context import context_features
 from policies.records import Decision, Outcome, RequestContext
 from proxy.common import ResponseSummary
@@ -24,8 +26,7 @@ from proxy.observability import Timings as TraceTimings
 from proxy.store import LogEntry, Recorder
 
 
-@dataclass(frozen=True, slots=True)
-class Finished:
+class Finished(msgspec.Struct, frozen=True):
     """One decided request after its answer was relayed (or failed): everything a listener reads."""
 
     decision: Decision

@@ -22,10 +22,10 @@ Read before deploying a change.  Per task type, on the decision log:
 How the candidate's probabilities are obtained.  The candidate policy (its name and
 settings from the candidate config, `policies.registry.make_policy`) is replayed through the
 log in time order: for each logged row it is first asked for its probabilities over
-the arms the candidate's trust region allows (`BanditDecider.allowed_for`, built from
+the arms the candidate's trust region allows (`ArmSpace.allowed_for`, built from
 the candidate config; the live decider's length check on lower caps, `candidates`, is
 not replayed, so the candidate is valued over its whole region), with the live decider's
-two-stage pmf (`BanditDecider.pmf`: the temperature from signal-only statistics, fed by
+two-stage pmf (`TwoStageSampler.pmf`: the temperature from signal-only statistics, fed by
 the rows with feedback), then it learns
 the logged reward of the logged arm, as the live decider does (`BanditDecider.observe`
 updates on every served request).  The target
@@ -45,24 +45,35 @@ command-line tool, never on the proxy's event loop.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import msgspec
 import numpy as np
 
-from guards.trust_region import ModelLimits
 from policies import ope
-from policies.arms import arm_key
+from policies.arms import arm_key, arm_model_key
 from policies.base import Policy
 from policies.context import context_bucket
+from policies.quality import learns
 from policies.records import Arm, RequestContext
 from policies.registry import make_policy
-from proxy.config import Config, find_model_settings
-from proxy.decision import BanditDecider, context_from_features
+from policies.reward import reward_bounds
+from proxy.config import Config
+from proxy.decision import (
+    ArmSettings,
+    ArmSpace,
+    DeciderSettings,
+    ModelEvidence,
+    TwoStageSampler,
+    context_from_features,
+    declared_stand_ins,
+    limits_for,
+)
 from proxy.store import DecisionRow, LogStore
 
 METHODS = ("ips", "snips", "dr")
@@ -87,44 +98,34 @@ def min_propensity(config: Config) -> float | None:
 
 
 def reward_range(config: Config) -> tuple[float, float]:
-    """Every reward lies here: quality in [0, 1] and both cost ratios capped at max_ratio (policies.reward)."""
-    r = config.policy.reward
-    return -(max(r.w_latency, 0.0) + max(r.w_tokens, 0.0)) * r.max_ratio, max(r.w_quality, 0.0)
+    """The bounds of every reward under `config` (`policies.reward.reward_bounds`, the one copy)."""
+    return reward_bounds(config.policy.reward)
 
 
 class TrustRegion:
-    """The arms a configuration allows for a logged context: the live decider's own `allowed_for`.
+    """The arms a configuration allows for a logged context: the live decider's own arm space and sampler.
 
-    Only the trust-region part of `BanditDecider` is used (no budget, rollout or SLO);
-    temperature moves once the task has `min_quality_signals` explicit scores, counted
-    as the replay goes (`signal`), as it did live.
+    No budget, rollout or SLO; temperature moves once the task has `min_quality_signals`
+    explicit scores, counted as the replay goes (`signal`), as it did live.
     """
 
     def __init__(self, config: Config, policy: Policy) -> None:
-        def limits_for(upstream: str, model: str) -> ModelLimits:
-            up = next((u for u in config.upstreams if u.name == upstream), None)
-            ms = find_model_settings(up, model) if up is not None else None
-            if ms is None:
-                return ModelLimits()
-            return ModelLimits(
-                min_temperature=ms.min_temperature, max_temperature=ms.max_temperature, fixed_temperature=ms.fixed_temperature,
-                max_tokens=ms.max_tokens_limit, default_temperature=ms.default_temperature,
-            )
-
-        unused: Any = None
-        self.decider = BanditDecider(
-            policy=policy, budget=unused, rollout=unused, slo=unused, constraints=config.constraints, grid=config.policy.grid,
-            reward_settings=config.policy.reward, baseline_for=config.baseline_for, limits_for=limits_for,
-            rng=np.random.default_rng(0), tune_temperature=config.optimization.tune_temperature,
-            min_quality_signals=config.optimization.min_quality_signals, holdout_fraction=config.optimization.holdout_fraction,
+        self.arms = ArmSpace(
+            ArmSettings.from_config(config), baseline_for=config.baseline_for, limits_for=functools.partial(limits_for, config.upstreams),
+            stand_ins_for=functools.partial(declared_stand_ins, config.upstreams),
         )
+        models = ModelEvidence(DeciderSettings.from_config(config).models)
+        self.arms.model_admitted = models.admits
+        self.sampler = TwoStageSampler(policy, models)
+        self.sampler.has_stand_ins = self.arms.stand_ins_for
 
     def allowed(self, ctx: RequestContext) -> tuple[Arm, list[Arm]]:
-        base, arms, _ = self.decider.allowed_for(ctx)
-        return base, arms
+        """The baseline and the trust region's arms (`allowed_for`), the declared stand-ins' included."""
+        options = self.arms.options(ctx, safe_caps=False)
+        return options.reference.arm, options.allowed
 
     def signal(self, task_type: str) -> None:
-        self.decider.signals.add(task_type)
+        self.arms.signals.add(task_type)
 
 
 class MethodEstimate(msgspec.Struct, frozen=True):
@@ -185,12 +186,12 @@ class _Replay(msgspec.Struct):
 
 def _key(bucket: str, arm: Arm) -> str:
     t, m = arm_key(arm)
-    return f"{bucket}|{t:g}|{m}"
+    return f"{bucket}|{t:g}|{m}" if arm.model is None else f"{bucket}|{t:g}|{m}#{arm.model}"
 
 
 def _move(base: Arm, arm: Arm) -> str:
     """An arm as played from a baseline: the support unit (the candidate's arms are built per baseline)."""
-    return f"{arm_key(base)}>{arm_key(arm)}"
+    return f"{arm_key(base)}>{arm_key(arm)}" if arm.model is None else f"{arm_key(base)}>{arm_key(arm)}#{arm.model}"
 
 
 def replay(rows: Sequence[DecisionRow], candidate_config: Config, log_config: Config) -> tuple[dict[str, _Replay], dict[str, list[tuple[float, str, float]]]]:
@@ -206,7 +207,7 @@ def replay(rows: Sequence[DecisionRow], candidate_config: Config, log_config: Co
     for r in sorted(rows, key=lambda row: row.timestamp):
         reward = r.effective_reward
         ctx = context_from_features(r.context_features)
-        if ctx is None or reward is None or not math.isfinite(reward) or not (200 <= r.status < 300) or r.error_class is not None:
+        if ctx is None or reward is None or not math.isfinite(reward) or not learns(r.status, r.error_class):
             continue
         series[r.task_type].append((r.timestamp, r.mode, reward))
         base = r.baseline_params.arm()
@@ -217,11 +218,11 @@ def replay(rows: Sequence[DecisionRow], candidate_config: Config, log_config: Co
             rep = out[r.task_type]
             _, arms = target_region.allowed(ctx)
             _, logged_arms = logged_region.allowed(ctx)
-            probs = target_region.decider.pmf(ctx, base, arms)  # as the live decider plays: temperature stage first
-            keys = [arm_key(a) for a in arms]
-            logged_keys = {arm_key(a) for a in logged_arms}
-            rep.outside += arm_key(logged) not in logged_keys
-            idx = keys.index(arm_key(logged)) if arm_key(logged) in keys else None
+            probs = target_region.sampler.pmf(ctx, base, arms)  # as the live decider plays: temperature stage first
+            keys = [arm_model_key(a) for a in arms]
+            logged_keys = {arm_model_key(a) for a in logged_arms}
+            rep.outside += arm_model_key(logged) not in logged_keys
+            idx = keys.index(arm_model_key(logged)) if arm_model_key(logged) in keys else None
             bucket = context_bucket(ctx)
             rep.rewards.append(reward)
             rep.behaviour.append(math.exp(r.log_propensity))
@@ -236,7 +237,9 @@ def replay(rows: Sequence[DecisionRow], candidate_config: Config, log_config: Co
             target_region.signal(r.task_type)
             logged_region.signal(r.task_type)
             # A signal that sees temperature: the temperature-only statistics learn it too (BanditDecider.pmf).
-            target_region.decider.learn_signal(ctx, r.baseline_params, r.chosen_params, reward, None, logged_version=policy.version)
+            target_region.sampler.learn_signal(ctx, r.baseline_params, r.chosen_params, reward, None, logged_version=policy.version)
+            for region in (target_region, logged_region):  # the model stage's evidence, as live (judge and explicit scores)
+                region.sampler.models.observe(r.task_type, r.chosen_params.model, r.feedback_source or "explicit", r.feedback_quality)
         policy.update(ctx, base, logged, reward)
     return out, series
 

@@ -78,6 +78,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram as PromHistogram
 
+from policies.quality import learns
 from policies.records import Decision, Outcome
 from policies.signals import PAIRWISE_QUALITY, Signal, judge_quality
 from proxy.config import JudgeSettings
@@ -551,7 +552,7 @@ class Judge:
         baseline parameters. Only successful answers with text are candidates; holdout traffic is included so
         the judge compares optimised and holdout alike. Returns whether the request was queued.
         """
-        if not self.settings.enabled or not 200 <= outcome.status < 300 or outcome.error_class is not None:
+        if not self.settings.enabled or not learns(outcome.status, outcome.error_class):
             return False
         if not answer or not answer.strip() or not messages:
             return False

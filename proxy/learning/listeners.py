@@ -16,6 +16,7 @@ import msgspec
 
 from guards.budget import BudgetGuard
 from policies.pricing import TokenUsage
+from policies.quality import learns
 from policies.records import Decision, Outcome, Params
 from policies.settings import QualitySettings
 from policies.validators import SchemaValidators, validated_quality
@@ -87,7 +88,7 @@ class AnswerListener:
         if self.judge is not None:
             self.judge.on_complete(decision, outcome, answer, messages, body)
         # Without a client key, identical messages from different clients would look like retries.
-        if key and 200 <= outcome.status < 300 and outcome.error_class is None:
+        if key and learns(outcome.status, outcome.error_class):
             task = asyncio.get_running_loop().create_task(self._regenerated(messages, key, decision))
             self.background.add(task)
             task.add_done_callback(self.background.discard)
@@ -131,6 +132,8 @@ class BaselineRequest:
             return None
         ref, _, _ = self.decider.reference_for(decision.context)
         out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n")}
+        if decision.sent.model is not None:
+            out["model"] = decision.context.model  # the baseline is the requested model, never a stand-in
         if ref.sent.temperature is None:
             out.pop("temperature", None)
         self.patch(out, ref.sent)

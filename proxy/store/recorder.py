@@ -68,6 +68,7 @@ class Recorder:
         self._inflight: dict[str, int] = {}
         self.max_inflight = 100_000
         self._writing = False
+        self._write_lock = asyncio.Lock()  # one write at a time, in queue order (`flush`)
         self._gave_up = False
         self.ready = False
         # The error of the last write when it failed, None once a write succeeds: readiness reports it
@@ -144,9 +145,9 @@ class Recorder:
         one per entry. Entries taken off the queue live in `self._batch` until written, so
         a cancellation at shutdown cannot lose them.
         """
-        batch = self._batch
-        batch.append(await self.queue.get())
-        if not self._stopping and len(batch) + self.queue.qsize() < self.batch_size:
+        first = await self.queue.get()
+        self._batch.append(first)  # read `self._batch` after the wait: `flush` may have taken the old list meanwhile
+        if not self._stopping and len(self._batch) + self.queue.qsize() < self.batch_size:
             self._full.clear()
             self._filling = True
             try:
@@ -155,6 +156,7 @@ class Recorder:
                 pass
             finally:
                 self._filling = False
+        batch = self._batch
         while len(batch) < self.batch_size:
             try:
                 batch.append(self.queue.get_nowait())
@@ -195,26 +197,36 @@ class Recorder:
 
     async def _run(self) -> None:
         while True:
-            batch = await self._next_batch()
-            self._writing = True
-            try:
-                await self._write(batch)
-                self._batch = []
-            finally:
-                self._writing = False
+            await self._next_batch()
+            async with self._write_lock:
+                batch = self._batch
+                if not batch:
+                    continue  # `flush` wrote it while the writer waited for the lock
+                self._writing = True
+                try:
+                    await self._write(batch)
+                    self._batch = []
+                finally:
+                    self._writing = False
 
     async def flush(self) -> None:
-        """Write everything queued now, including the batch the writer is assembling."""
-        while self._writing and self._task is not None and not self._task.done():
-            await asyncio.sleep(0.005)
-        if self._batch and not self._writing:
-            held, self._batch = self._batch, []
-            await self._write(held)
-        while not self.queue.empty():
-            batch: list[Entry] = []
-            while len(batch) < self.batch_size and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            await self._write(batch)
+        """Write everything queued now, including the batch the writer is assembling.
+
+        Writes never overlap (`_write_lock`): a later record of a request (the judge's score
+        after an implicit mark) must reach the log after the earlier one, and two writes in
+        flight at once could land in either order."""
+        async with self._write_lock:
+            # Until both are empty: while a write is awaited, the writer (waiting for the lock) may move
+            # what was queued into `self._batch`, and returning then would leave it unwritten.
+            while self._batch or not self.queue.empty():
+                if self._batch:
+                    held, self._batch = self._batch, []
+                    await self._write(held)
+                batch: list[Entry] = []
+                while len(batch) < self.batch_size and not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                if batch:
+                    await self._write(batch)
 
     async def stop(self) -> None:
         self._stopping = True

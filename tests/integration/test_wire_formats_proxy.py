@@ -38,7 +38,7 @@ def _two_formats(upstream: FakeUpstream) -> list[dict[str, Any]]:
 
 
 def _start(upstream: FakeUpstream, data_dir: Path, optimization: dict[str, Any]) -> RunningThermostat:
-    # The wire path of tuned knobs is under test, not the length check on lower caps (tests/unit/test_truncation.py,
+    # The wire path of tuned knobs is under test, not the length check on lower caps (tests/guards/test_truncation.py,
     # tests/integration/test_truncation_proxy.py): every cap of the region is offered from the first request.
     cfg = make_config(upstream.url, data_dir, optimization=optimization, upstreams=_two_formats(upstream),
                       constraints={"max_extra_truncation": 1.0})

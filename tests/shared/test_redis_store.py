@@ -1,4 +1,4 @@
-"""RedisStore against the in-process store's contract (same scenarios as tests/unit/test_guards_state.py).
+"""RedisStore against the in-process store's contract (same scenarios as tests/guards/test_guards_state.py).
 
 Every scenario runs against both implementations, so the Redis version is held to
 exactly the semantics the guards were written for.

@@ -1,6 +1,6 @@
 """Reading the code base's imports against its room order (`proxy/rooms.py`), without importing it.
 
-Used by `tests/unit/test_rooms.py`; `python -m tests.support.rooms` prints the findings.
+Used by `tests/app/test_rooms.py`; `python -m tests.support.rooms` prints the findings.
 """
 
 from __future__ import annotations

@@ -56,8 +56,13 @@ class RunningThermostat:
     def flush(self, settle_s: float = 0.05) -> None:
         """Wait for responses' bookkeeping (it runs just after the last byte), then write."""
         time.sleep(settle_s)
+        self.call(self._drain_learning())
         self.call(self.runtime.recorder.flush())
         self.call(self._settle_policy())
+
+    async def _drain_learning(self) -> None:
+        """Run the batch step on what is queued (proxy/decision/batch.py: otherwise within 50 ms)."""
+        self.runtime.drain_learning()
 
     async def _settle_policy(self) -> None:
         """Rebuild every stale posterior table now, until the policy's version holds still.

@@ -1,6 +1,6 @@
 """Temperature is compared only on signals that can see it (BanditDecider.pmf / choose / learn_signal).
 
-The decider is built from its real parts (tests/unit/test_safe_knobs.py `decider`) with the
+The decider is built from its real parts (tests/decision/test_safe_knobs.py `decider`) with the
 real Thompson policy.
 """
 
@@ -17,7 +17,7 @@ from policies.settings import ThompsonSettings
 from policies.thompson import ThompsonGaussianPolicy
 from proxy.decision import BanditDecider
 from proxy.decision.decider import temperature_arm, temperature_context
-from tests.unit.test_safe_knobs import ctx, decider
+from tests.decision.test_safe_knobs import ctx, decider
 
 OFF = ConstraintsSettings(max_extra_truncation=1.0)  # every cap admitted: the temperature stage alone is under test
 

@@ -5,19 +5,13 @@ Pure: the reference and the allowed arms are computed from hand-built contexts a
 
 from __future__ import annotations
 
-import numpy as np
-
-from guards.budget import BudgetGuard
-from guards.rollout import RolloutController
-from guards.settings import BaselineSettings, CawsSettings, ConstraintsSettings, RolloutSettings, SloSettings
-from guards.slo import SloMonitor
-from guards.state import InProcessStore
+from guards.settings import BaselineSettings, ConstraintsSettings
 from guards.trust_region import ModelLimits
-from policies.baseline import UniformPolicy
 from policies.records import RequestContext
-from policies.settings import ArmGridSettings, RewardSettings
+from policies.settings import ArmGridSettings
 from proxy.decision import BanditDecider
 from proxy.decision.decider import reference, reference_effort, tuned_params
+from tests.support.decider import build_decider
 
 C = ConstraintsSettings()
 EFFORTS = ("low", "medium", "high", "xhigh")
@@ -28,15 +22,9 @@ def ctx(endpoint: str = "chat", temperature: float | None = 0.7, effort: str | N
 
 
 def decider(limits: ModelLimits, stand_in: BaselineSettings | None = None) -> BanditDecider:
-    stand_in = stand_in or BaselineSettings()
-    slo = SloMonitor(SloSettings())
-    return BanditDecider(
-        policy=UniformPolicy(),
-        budget=BudgetGuard(CawsSettings(budget_limit=10**12), InProcessStore()),
-        rollout=RolloutController.create(RolloutSettings(), SloSettings(), slo, now=0.0, phase="general"),  # type: ignore[arg-type]
-        slo=slo, constraints=C, grid=ArmGridSettings(temperature_steps=3, max_tokens_steps=3), reward_settings=RewardSettings(),
-        baseline_for=lambda task: stand_in, limits_for=lambda upstream, model: limits, rng=np.random.default_rng(0),
-        clock=lambda: 1000.0, holdout_fraction=0.0, tune_temperature="always",
+    return build_decider(
+        constraints=C, grid=ArmGridSettings(temperature_steps=3, max_tokens_steps=3), stand_in=stand_in or BaselineSettings(),
+        limits=limits, tune="always",
     )
 
 

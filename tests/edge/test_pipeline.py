@@ -19,8 +19,8 @@ import pytest
 from proxy.app import create_app
 from proxy.edge import Finished, Listener
 from proxy.runtime import Runtime
+from tests.edge.test_upstream_transport import config
 from tests.support.memory_transport import CannedResponse, MemoryTransport, chat_json
-from tests.unit.test_upstream_transport import config
 
 ORDER = [
     "decider.observe",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from proxy.store.journal import JournalRecord, PendingDecision
-from tests.unit.test_recorder import entry
+from tests.storage.test_recorder import entry
 
 
 def records() -> list[JournalRecord]:

@@ -7,25 +7,21 @@ in-process store, real policies); only the clock and the generator are fixed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
-import numpy as np
 import pytest
 
-from guards.budget import BudgetGuard
-from guards.rollout import RolloutController, assign
-from guards.settings import MODE_TRAFFIC, MODES, BaselineSettings, CawsSettings, ConstraintsSettings, RolloutSettings, SloSettings
-from guards.slo import SloMonitor
-from guards.state import InProcessStore
+from guards.rollout import assign
+from guards.settings import MODE_TRAFFIC, MODES, BaselineSettings, ConstraintsSettings
 from guards.trust_region import FREE, Freedom, ModelLimits, allowed_arms, enforce, max_tokens_delta, within
 from policies.arms import candidate_arms
 from policies.base import Policy
-from policies.baseline import BaselinePolicy, UniformPolicy
+from policies.baseline import BaselinePolicy
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
-from policies.settings import ArmGridSettings, RewardSettings
+from policies.settings import ArmGridSettings
 from proxy.config import ConfigError, build_config
 from proxy.decision import BanditDecider
 from proxy.decision.decider import HOLDOUT_SALT, TuneMode
+from tests.support.decider import RecordingUpdates, build_decider
 
 C = ConstraintsSettings()  # ±0.2, ±500 and ±50 %, max_tokens 4096
 L = ModelLimits()
@@ -47,23 +43,8 @@ def decider(
     limits: ModelLimits = L,
     policy: Policy | None = None,
 ) -> BanditDecider:
-    slo = SloMonitor(SloSettings())
-    rollout = RolloutController.create(RolloutSettings(), SloSettings(), slo, now=0.0, phase=phase)  # type: ignore[arg-type]
-    return BanditDecider(
-        policy=policy or UniformPolicy(),
-        budget=BudgetGuard(CawsSettings(budget_limit=10**12), InProcessStore()),
-        rollout=rollout,
-        slo=slo,
-        constraints=constraints,
-        grid=ArmGridSettings(temperature_steps=5, max_tokens_steps=5),
-        reward_settings=RewardSettings(),
-        baseline_for=lambda task: stand_in,
-        limits_for=lambda upstream, model: limits,
-        rng=np.random.default_rng(0),
-        clock=lambda: 1000.0,
-        tune_temperature=tune,
-        min_quality_signals=min_signals,
-        holdout_fraction=holdout,
+    return build_decider(
+        policy, phase=phase, holdout=holdout, tune=tune, min_signals=min_signals, constraints=constraints, stand_in=stand_in, limits=limits,
     )
 
 
@@ -223,17 +204,8 @@ def test_holdout_is_independent_of_the_rollout_share() -> None:
     assert both < 40  # ≈ 0.25 % (10 keys) when independent; the same hash would put all ~200 in both
 
 
-class RecordingBaseline(BaselinePolicy):
+class RecordingBaseline(RecordingUpdates, BaselinePolicy):
     """The real baseline policy, keeping the updates it receives."""
-
-    def __init__(self) -> None:
-        self.updates: list[tuple[Arm, Arm, float]] = []
-
-    def update(self, ctx: RequestContext, baseline: Arm, arm: Arm, reward: float) -> None:
-        self.updates.append((baseline, arm, reward))
-
-    def choose(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator):  # type: ignore[no-untyped-def]
-        return super().choose(ctx, baseline, arms, rng)
 
 
 def test_holdout_outcomes_update_the_policy_as_the_baseline_arm() -> None:

@@ -14,52 +14,27 @@ import msgspec
 import numpy as np
 import pytest
 
-from guards.budget import BudgetGuard
-from guards.rollout import RolloutController
-from guards.settings import BaselineSettings, CawsSettings, ConstraintsSettings, RolloutSettings, SloSettings
-from guards.slo import SloMonitor
-from guards.state import InProcessStore
-from guards.trust_region import ModelLimits
+from guards.settings import CawsSettings, ConstraintsSettings
 from policies.base import Choice
 from policies.baseline import UniformPolicy
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
-from policies.settings import ArmGridSettings, QualitySettings, RewardSettings
+from policies.settings import QualitySettings, RewardSettings
 from proxy.common import summarize_body
 from proxy.decision import BanditDecider, BudgetExceeded, Explanation, Timings, arm_label, complete
+from tests.support.decider import RecordingUpdates, build_decider
 from tests.support.memory_transport import chat_json
 
 CTX = RequestContext("code", "m", "chat", 100, 1, False, False, False, 0.7, 600, "up")
 
 
-class RecordingPolicy(UniformPolicy):
-    def __init__(self) -> None:
-        self.updates: list[tuple[Arm, Arm, float]] = []
-
-    def update(self, ctx: RequestContext, baseline: Arm, arm: Arm, reward: float) -> None:
-        self.updates.append((baseline, arm, reward))
-
-    def choose(self, ctx: RequestContext, baseline: Arm, arms: Sequence[Arm], rng: np.random.Generator):  # type: ignore[no-untyped-def]
-        return super().choose(ctx, baseline, arms, rng)
+class RecordingPolicy(RecordingUpdates, UniformPolicy):
+    pass
 
 
 def make_decider(policy: UniformPolicy, caws: CawsSettings | None = None, phase: str = "general", holdout: float = 0.0) -> BanditDecider:
-    slo = SloMonitor(SloSettings())
-    return BanditDecider(
-        policy=policy,
-        budget=BudgetGuard(caws or CawsSettings(budget_limit=10**12), InProcessStore()),
-        rollout=RolloutController.create(RolloutSettings(), SloSettings(), slo, now=0.0, phase=phase),  # type: ignore[arg-type]
-        slo=slo,
-        # The pipeline's order is under test, not the length check on lower caps (tests/unit/test_truncation.py):
-        # every cap of the region is offered, as if the answers had already shown them safe.
-        constraints=ConstraintsSettings(max_extra_truncation=1.0),
-        grid=ArmGridSettings(temperature_steps=5, max_tokens_steps=5),
-        reward_settings=RewardSettings(),
-        baseline_for=lambda task: BaselineSettings(),
-        limits_for=lambda upstream, model: ModelLimits(),
-        rng=np.random.default_rng(0),
-        clock=lambda: 1000.0,
-        holdout_fraction=holdout,
-    )
+    # The pipeline's order is under test, not the length check on lower caps (tests/guards/test_truncation.py):
+    # every cap of the region is offered, as if the answers had already shown them safe.
+    return build_decider(policy, caws=caws, phase=phase, holdout=holdout, constraints=ConstraintsSettings(max_extra_truncation=1.0))
 
 
 def run(decider: BanditDecider, status: int = 200, error_class: str | None = None) -> tuple[Decision, Outcome]:

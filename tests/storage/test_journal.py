@@ -11,12 +11,12 @@ import pytest
 
 from proxy.store import FeedbackEntry, Journal, LogEntry, Recorder
 from proxy.store.journal import INTERRUPTED, PendingDecision, replay_records
-from tests.unit.test_recorder import MemorySink, entry
+from tests.storage.test_recorder import MemorySink, entry
 
 _KILLED_WRITER = """
 import os, signal, sys
 from proxy.store.journal import Journal, PendingDecision
-from tests.unit.journal_support import records
+from tests.storage.journal_support import records
 j = Journal(sys.argv[1], fsync_interval_s=3600)
 j.open()
 for r in records():
