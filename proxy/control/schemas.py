@@ -204,6 +204,25 @@ class TaskGuarantee(msgspec.Struct):
     relearning_since: float | None = None  # a change was detected: tuned traffic is re-learning since then
 
 
+class StandInKind(msgspec.Struct):
+    """One signal kind's comparison of a stand-in model with the requested model (anytime-valid bounds of each mean)."""
+
+    kind: str  # judge | explicit
+    stand_in_n: int
+    requested_n: int
+    stand_in_bounds: tuple[float, float]
+    requested_bounds: tuple[float, float]
+
+
+class StandInEvidence(msgspec.Struct):
+    """A declared stand-in for one task type (proxy/decision/model_stage.py): exploring, proven (no worse) or worse."""
+
+    task_type: str
+    model: str
+    status: str
+    kinds: list[StandInKind]
+
+
 class SloStatus(msgspec.Struct):
     compliant: bool
     window_s: float
@@ -211,6 +230,7 @@ class SloStatus(msgspec.Struct):
     breached: list[str]
     slos: list[SloEntry]
     tasks: list[TaskGuarantee] = []
+    stand_ins: list[StandInEvidence] = []  # the model as a knob: each stand-in's evidence per task type
 
 
 class OpeEvidenceOut(msgspec.Struct):

@@ -119,16 +119,16 @@ class ModelEvidence:
         return self.status(task_type, model) != "worse"
 
     def report(self) -> list[dict[str, object]]:
-        """Per task and stand-in: its status and, per kind, both means' bounds and signal counts (`slo-status`, tests)."""
+        """Per task and stand-in: its status and, per kind, both means' anytime-valid bounds and signal counts (`GET slo-status`)."""
         out: list[dict[str, object]] = []
         for (task, model), status in sorted(self._status.items()):
-            kinds = {}
+            kinds = []
             for kind in MODEL_KINDS:
                 c = self.comparison(task, model, kind)
-                kinds[kind] = {
-                    "stand_in_n": c.optimised.n, "requested_n": c.holdout.n,
+                kinds.append({
+                    "kind": kind, "stand_in_n": c.optimised.n, "requested_n": c.holdout.n,
                     "stand_in_bounds": sequences.bounds(c.optimised), "requested_bounds": sequences.bounds(c.holdout),
-                }
+                })
             out.append({"task_type": task, "model": model, "status": status, "kinds": kinds})
         return out
 

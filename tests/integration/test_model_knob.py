@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 
@@ -97,6 +98,9 @@ def test_a_cheaper_stand_in_carries_the_task_it_is_as_good_at_and_is_kept_off_th
             running.call(rt.judge.drain(), timeout=30)  # learning per request, not per second
     assert models.status("summarise", MINI) == "proven", models.report()
     assert models.status("code", MINI) == "worse" or rt.conservative.is_rolled_back("code"), models.report()
+    shown = {(e["task_type"], e["model"]): e for e in httpx.get(f"{running.base}/api/optimization/slo-status", timeout=10).json()["stand_ins"]}
+    assert shown[("summarise", MINI)]["status"] == "proven"
+    assert {k["kind"] for k in shown[("summarise", MINI)]["kinds"]} == {"judge", "explicit"}
     for task, rows in served.items():
         assert {m for mode, m, _ in rows if mode != "optimized"} <= {BIG}, task  # holdout, rollback: the requested model
         assert any(mode == "holdout" for mode, _, _ in rows)
