@@ -38,6 +38,8 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+from tests.support.servers import wait_ready
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
@@ -192,22 +194,6 @@ class Load:
                 print(f"request error: {exc!r}", file=sys.stderr, flush=True)
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready within {timeout} s")
-
-
 def site(frame: tracemalloc.Frame) -> str:
     name = frame.filename
     name = name.split("/site-packages/")[-1] if "/site-packages/" in name else os.path.relpath(name, ROOT)
@@ -295,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         th = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(tmp / "thermostat.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
         procs.append(th)
         base = f"http://127.0.0.1:{port}"
-        wait_http(f"http://127.0.0.1:{sim_port}/v1/models", sim)
-        wait_http(f"{base}/health/readiness", th, timeout=600 if a.tracemalloc else 90)  # tracemalloc slows start-up many times
+        wait_ready(f"http://127.0.0.1:{sim_port}/v1/models", sim)
+        wait_ready(f"{base}/health/readiness", th, timeout=600 if a.tracemalloc else 90)  # tracemalloc slows start-up many times
         time.sleep(2.0)
         idle_kb = rss_kb(th.pid)
         started_at = dt.datetime.now(dt.UTC)
