@@ -73,7 +73,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -298,12 +298,15 @@ class BudgetGuard:
         confidence: float | None,
         now: float,
         rates: Rates | None = None,
+        model_rates: Mapping[str, Rates] | None = None,
     ) -> BudgetVerdict:
         """Reserve budget for this request and say which arm may be sent (see module docstring).
 
         `allowed` comes from `trust_region.allowed_arms`; `chosen` indexes it (None for
         requests that are not optimised). The returned arm is always `allowed[chosen]`,
-        another member of `allowed`, or `baseline`. `rates`: the model's prices (unit "usd").
+        another member of `allowed`, or `baseline`. `rates`: the model's prices (unit "usd");
+        `model_rates`: a stand-in's own (`Arm.model`), so under a dollar budget a cheaper
+        stand-in is the cheaper arm offered when the chosen one needs a waiver or does not fit.
         """
         s = self.settings
         chosen_arm = allowed[chosen] if chosen is not None else None
@@ -314,14 +317,18 @@ class BudgetGuard:
         prompt = self.amount(max(0, int(prompt_tokens)), 0, rates)
         window = self.window_start(now)
         if self.leases is not None:
-            return await self._decide_leased(self.leases, chosen_arm, allowed, baseline, task_type, prompt, confidence, now, rates)
+            return await self._decide_leased(
+                self.leases, chosen_arm, allowed, baseline, task_type, prompt, confidence, now, rates, model_rates,
+            )
         try:
             async with self._deadline():
                 waivers = await self._cached_waivers(now)
                 keys = self._budget_keys(window, task_type, waivers, now)
                 waiver = waiver_for(waivers, now, task_type)
                 confident = confidence is not None and confidence >= s.confidence_threshold
-                arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident, keys, rates)
+                arms, cands = self._candidates(
+                    chosen_arm, allowed, baseline, prompt, waiver is not None and confident, keys, rates, model_rates,
+                )
                 keys = [msgspec.structs.replace(k, floor=self._seen_used.get(k.key, 0)) for k in keys]
                 result = await self.store.budget_reserve(keys, cands, now=now, expires_at=self._expires_at(window))
         except Exception:  # noqa: BLE001 - any store failure is a fail-safe, never a crashed request
@@ -370,6 +377,7 @@ class BudgetGuard:
         confidence: float | None,
         now: float,
         rates: Rates | None = None,
+        model_rates: Mapping[str, Rates] | None = None,
     ) -> BudgetVerdict:
         """`decide` from this replica's leases: no store round trip. A request that does not fit
         waits (at most ``store_timeout_s``) for the refill task's next answer."""
@@ -379,7 +387,7 @@ class BudgetGuard:
         keys = self._budget_keys(window, task_type, waivers, now)
         waiver = waiver_for(waivers, now, task_type)
         confident = confidence is not None and confidence >= s.confidence_threshold
-        arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident, keys, rates)
+        arms, cands = self._candidates(chosen_arm, allowed, baseline, prompt, waiver is not None and confident, keys, rates, model_rates)
         expires_at = self._expires_at(window)
         result = book.reserve(keys, cands, now=now, expires_at=expires_at)
         if result is None and not book.exhausted(keys, now):
@@ -407,27 +415,33 @@ class BudgetGuard:
         costly_ok: bool,
         keys: Sequence[BudgetKey],
         rates: Rates | None = None,
+        model_rates: Mapping[str, Rates] | None = None,
     ) -> tuple[list[Arm], list[Candidate]]:
-        """`prompt`: the prompt estimate, already in the budget's unit; each arm adds its cap's (`amount`)."""
+        """`prompt`: the prompt estimate, already in the budget's unit; each arm adds its cap's (`amount`),
+        at its own model's prices (`model_rates`, a stand-in without a price: the requested model's)."""
         force_baseline = self.settings.on_exhausted == "baseline"
         cap = max(k.limit for k in keys) + 1  # more than any key holds: never fits, yet bounded (rule 1)
 
+        def output(arm: Arm) -> int:
+            own = model_rates.get(arm.model) if model_rates is not None and arm.model is not None else None
+            return self.amount(0, arm.max_tokens, own or rates)
+
         def tokens(arm: Arm) -> int:
-            return min(cap, prompt + self.amount(0, arm.max_tokens, rates))
+            return min(cap, prompt + output(arm))
 
         arms: list[Arm] = []
         cands: list[Candidate] = []
         if chosen_arm is not None:
             arms.append(chosen_arm)
-            costly = chosen_arm.max_tokens > baseline.max_tokens
-            cands.append(Candidate(tokens(chosen_arm), gated=costly and not costly_ok))
+            base_cost = output(baseline)
+            cands.append(Candidate(tokens(chosen_arm), gated=output(chosen_arm) > base_cost and not costly_ok))
             cheapest = min(
                 allowed,
-                key=lambda a: (a.max_tokens, abs(a.temperature - chosen_arm.temperature)),
+                key=lambda a: (output(a), abs(a.temperature - chosen_arm.temperature)),
             )
             if cheapest != chosen_arm and cheapest != baseline:
                 arms.append(cheapest)
-                cands.append(Candidate(tokens(cheapest), gated=cheapest.max_tokens > baseline.max_tokens))
+                cands.append(Candidate(tokens(cheapest), gated=output(cheapest) > base_cost))
         arms.append(baseline)
         cands.append(Candidate(tokens(baseline), force=force_baseline))
         return arms, cands

@@ -35,6 +35,11 @@ def arm_key(arm: Arm) -> tuple[float, int]:
     return (round(arm.temperature, 3) + 0.0, int(arm.max_tokens))
 
 
+def arm_model_key(arm: Arm) -> tuple[float, int, str | None]:
+    """`arm_key` plus the model: a declared stand-in's arm (`Arm.model`) is another arm for OPE and replay."""
+    return (*arm_key(arm), arm.model)
+
+
 def arm_identity(arm: Arm) -> tuple[float, int, str | None]:
     """`arm_key` plus the effort: what tells two arms apart once effort is a knob."""
     return (*arm_key(arm), arm.effort)

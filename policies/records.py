@@ -13,12 +13,15 @@ class Arm(msgspec.Struct, frozen=True, omit_defaults=True):
     """A concrete candidate of sampling parameters.
 
     `effort` is the reasoning effort level (policies/effort.py), None when the request
-    has no effort knob; arms without one compare, hash and encode as before.
+    has no effort knob; arms without one compare, hash and encode as before. `model` is a
+    declared stand-in (`[[upstreams.models_config]] substitutes`) the arm is served by, None
+    for the requested model, so arms of the requested model also stay as they were.
     """
 
     temperature: float
     max_tokens: int
     effort: str | None = None
+    model: str | None = None
 
 
 class Params(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -27,17 +30,20 @@ class Params(msgspec.Struct, frozen=True, omit_defaults=True):
     temperature: float | None = None
     max_tokens: int | None = None
     effort: str | None = None
+    model: str | None = None  # a declared stand-in sent in place of the requested model; None: the requested model
 
     def arm(self, fallback: Params | None = None) -> Arm:
-        """The concrete arm these parameters serve; `fallback` (the baseline) fills fields not sent."""
+        """The concrete arm these parameters serve; `fallback` (the baseline) fills fields not sent.
+
+        The model is never filled in: a baseline is always the requested model."""
         t = self.temperature if self.temperature is not None or fallback is None else fallback.temperature
         m = self.max_tokens if self.max_tokens is not None or fallback is None else fallback.max_tokens
         e = self.effort if self.effort is not None or fallback is None else fallback.effort
-        return Arm(temperature=float(t or 0.0), max_tokens=int(m or 1), effort=e)
+        return Arm(temperature=float(t or 0.0), max_tokens=int(m or 1), effort=e, model=self.model)
 
     def render(self) -> str:
-        """The `x-thermostat-params` header value, e.g. `temperature=0.5; max_tokens=700`."""
-        parts = []
+        """The `x-thermostat-params` header value, e.g. `temperature=0.5; max_tokens=700` (`model=...` first for a stand-in)."""
+        parts = [f"model={self.model}"] if self.model is not None else []
         if self.temperature is not None:
             parts.append(f"temperature={self.temperature:g}")
         if self.max_tokens is not None:
@@ -82,6 +88,14 @@ class Decision(msgspec.Struct):
     arm_index: int | None = None
     guard_notes: tuple[str, ...] = ()
     budget_reserved: int = 0  # tokens reserved by the budget guard, settled on outcome
+    served_upstream: str = ""  # the upstream of a stand-in (`sent.model`); "": the context's upstream
+
+    @property
+    def served_by(self) -> tuple[str, str]:
+        """(upstream, model) that served the request: the stand-in sent, else the requested model."""
+        if self.sent.model is None:
+            return self.context.upstream, self.context.model
+        return self.served_upstream or self.context.upstream, self.sent.model
 
 
 class Outcome(msgspec.Struct, frozen=True):

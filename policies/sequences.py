@@ -221,3 +221,17 @@ def verdict(c: Comparison, margin: float = 0.05) -> Verdict:
         if opt_high < (1.0 - margin) * hold_low:
             return "worse"
     return "unknown"
+
+
+def non_inferior(c: Comparison, margin: float = 0.05) -> bool:
+    """True once `optimised` is surely no worse than (1 − margin)·holdout mean: L_opt > (1 − margin)·U_hold.
+
+    The mirror image of `verdict`'s "worse" (same sequences, same α), so a stand-in model is let
+    past its exploration share (`proxy.decision.model_stage`) only on the evidence that would
+    otherwise have kept it off.
+    """
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be in [0, 1), got {margin!r}")
+    if not (c.optimised.n and c.holdout.n):
+        return False
+    return bounds(c.optimised)[0] > (1.0 - margin) * bounds(c.holdout)[1]

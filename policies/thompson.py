@@ -115,10 +115,14 @@ class _Table(msgspec.Struct):
 
 def stat_key(bucket: str, arm: Arm) -> str:
     """Flat string key of one (bucket, absolute arm): `<bucket>|T<temperature>|M<max_tokens>`,
-    with `@<effort>` appended when the arm has an effort level (no `|`, so `bucket_of` holds)."""
+    with `@<effort>` appended when the arm has an effort level and `#<model>` when it is served by a
+    stand-in (`Arm.model`), so the requested model's keys are unchanged (`bucket_of` holds as long as
+    a model name has no `|`; one that has gets it replaced)."""
     temperature, max_tokens = arm_key(arm)
     key = f"{bucket}|T{temperature:g}|M{max_tokens}"
-    return key if arm.effort is None else f"{key}@{arm.effort}"
+    if arm.effort is not None:
+        key = f"{key}@{arm.effort}"
+    return key if arm.model is None else f"{key}#{arm.model.replace('|', '/')}"
 
 
 def bucket_of(key: str) -> str:

@@ -80,7 +80,7 @@ def bind_port(host: str, port: int, role: str, flag: str) -> socket.socket:
     return sock
 
 
-def _serve(config: Config, host: str, port: int, workers: int = 1, *, sock: socket.socket | None = None) -> None:
+def _serve(config: Config, host: str, port: int, workers: int = 1, *, sock: socket.socket | None = None, advice: str = "") -> None:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -98,9 +98,13 @@ def _serve(config: Config, host: str, port: int, workers: int = 1, *, sock: sock
 
     from proxy.allocator import return_large_blocks
     from proxy.app import create_app
+    from proxy.control import require_token_or_opt_in
     from proxy.edge import ServingConfig
 
     require_upstreams(config)
+    require_token_or_opt_in(config.admin)  # create_app (each worker's too) checks again; a refusal comes first and alone
+    if advice:
+        log.info(advice)
     return_large_blocks()  # before anything large is allocated; each worker does the same in its own process
     if sock is None:
         sock = bind_port(host, port, "thermostat", PORT_FLAGS)
@@ -118,9 +122,7 @@ def _serve(config: Config, host: str, port: int, workers: int = 1, *, sock: sock
     )
     if workers > 1:
         from proxy import workers as worker_mode
-        from proxy.control import require_token_or_opt_in
 
-        require_token_or_opt_in(config.admin)  # each worker's create_app checks too; refuse before forking
         metrics_dir = worker_mode.prepare(config, workers)
         print(f"thermostat listening on http://{host}:{port} with {workers} worker processes", flush=True)
         # uvicorn.run() without its Config: ServingConfig carries the connection limits.
@@ -166,9 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     require_upstreams(config)
     require_token_or_opt_in(config.admin)  # a refused start prints its one line, never advice before it
     workers, advice = worker_count(config, usable_cores())
-    if advice:
-        log.info(advice)
-    _serve(config, host, port, workers)
+    _serve(config, host, port, workers, advice=advice)
     return 0
 
 

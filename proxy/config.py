@@ -118,6 +118,11 @@ class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     input_price_per_mtok: float | None = None
     output_price_per_mtok: float | None = None
     cached_input_price_per_mtok: float | None = None
+    # Declared stand-ins: models that may serve a request for a model matching `pattern`
+    # (issue 28, the model as a knob). Each must be served by an upstream of this upstream's
+    # wire format (`serving_upstream`, checked at start-up); nothing undeclared is ever
+    # substituted, and the stand-in's own `models_config` limits apply to what it is sent.
+    substitutes: tuple[str, ...] = ()
 
 
 # What a client of a model API needs (after `/v1`, each for one method): inference and the
@@ -212,6 +217,9 @@ class OptimizationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
     min_quality_signals: int = 50
     # Share of assignment keys served the baseline (mode "holdout") in every phase, general included.
     holdout_fraction: float = 0.05
+    # Share of a task's tuned traffic each declared stand-in model (`substitutes`) may carry before
+    # its judged quality is shown, anytime-valid, no worse than the requested model's (proxy/decision/model_stage.py).
+    model_exploration_share: float = 0.05
 
     @property
     def traffic_fraction(self) -> float:
@@ -660,6 +668,8 @@ def _check_budget_and_guards(cfg: Config) -> None:
         raise _bad("constraints.max_extra_truncation", f"{cfg.constraints.max_extra_truncation} (allowed: a fraction in [0, 1]; 1 switches the check off)")
     if not 0.0 <= cfg.optimization.holdout_fraction < 1.0:
         raise _bad("optimization.holdout_fraction", f"{cfg.optimization.holdout_fraction} (allowed: a fraction in [0, 1))")
+    if not 0.0 <= cfg.optimization.model_exploration_share <= 0.5:
+        raise _bad("optimization.model_exploration_share", f"{cfg.optimization.model_exploration_share} (allowed: a fraction in [0, 0.5])")
     if cfg.optimization.min_quality_signals < 0:
         raise _bad("optimization.min_quality_signals", f"{cfg.optimization.min_quality_signals} (allowed: >= 0)")
 
@@ -707,6 +717,10 @@ def _check_upstreams(cfg: Config) -> None:
                 price = getattr(ms, field)
                 if price is not None and not (math.isfinite(price) and price >= 0):
                     raise _bad(f"upstreams[{up.name}].models_config[{ms.pattern}].{field}", f"{price} (allowed: US dollars per million tokens, >= 0)")
+            for stand_in in ms.substitutes:
+                if not stand_in or serving_upstream(cfg.upstreams, stand_in, up.format) is None:
+                    raise _bad(f"upstreams[{up.name}].models_config[{ms.pattern}].substitutes",
+                              f"{stand_in!r} (allowed: a model an upstream of format '{up.format}' serves: its `models` globs match it)")
             known = ANTHROPIC_EFFORTS if up.format == "anthropic" else EFFORT_LEVELS
             for level in ms.efforts:
                 if level not in known:
@@ -826,6 +840,14 @@ def mask_secrets(value: Any, key: str = "") -> Any:
             user = creds.split(":", 1)[0]
             return f"{scheme}://{user}:***@{host}" if ":" in creds else value
     return value
+
+
+def serving_upstream(upstreams: typing.Sequence[UpstreamSettings], model: str, wire: str) -> UpstreamSettings | None:
+    """The upstream of wire format `wire` a body for `model` goes to: the first whose `models` globs
+    match, else one of that format with `*` (the edge's `UpstreamPool.route_format`, over settings)."""
+    same = [u for u in upstreams if u.format == wire]
+    found = next((u for u in same if any(p != "*" and fnmatch.fnmatchcase(model, p) for p in u.models)), None)
+    return found if found is not None else next((u for u in same if "*" in u.models), None)
 
 
 def find_model_settings(upstream: UpstreamSettings, model: str) -> ModelSettings | None:

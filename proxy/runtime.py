@@ -58,6 +58,7 @@ from proxy.decision import (
     RegenerationBook,
     SignalDelivery,
     apply_pending_feedback,
+    declared_stand_ins,
     model_limits,
 )
 from proxy.edge import CHAT, EdgeServices, HandOverAnswer, Listener, LogOutcome, OnOutcome, ReadWatch, RecordMetrics, RecordSpan, Transport, UpstreamPool
@@ -192,6 +193,7 @@ class Runtime:
         self._models: dict[str, BoundedLabel] = {}
         self._fold_warned: set[str] = set()
         self._limits: dict[tuple[str, str], ModelLimits] = {}
+        self._stand_ins: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
 
     def _build_decider(self, config: Config, decider: Decider | None) -> None:
         """The policy and the guards around it (SLO, budget and leases, conservative monitor), prices, and the decider."""
@@ -221,7 +223,10 @@ class Runtime:
         self.quality_signals = SyncedQualitySignals(max_task_types=config.server.max_task_types)
         self.bandit: BanditDecider = BanditDecider(
             policy=self.policy,
-            arms=ArmSpace(ArmSettings.from_config(config), baseline_for=config.baseline_for, limits_for=self.limits_for, signals=self.quality_signals),
+            arms=ArmSpace(
+                ArmSettings.from_config(config), baseline_for=config.baseline_for, limits_for=self.limits_for, signals=self.quality_signals,
+                stand_ins_for=self.stand_ins_for,
+            ),
             guards=DecisionGuards(budget=self.budget, slo=self.slo, conservative=self.conservative, prices=self.prices),
             rollout=self._make_rollout(None),
             settings=DeciderSettings.from_config(config),
@@ -491,6 +496,16 @@ class Runtime:
             found = model_limits(up.model_settings(model), up.format) if up is not None else ModelLimits()
             if len(self._limits) < 4096:
                 self._limits[key] = found
+        return found
+
+    def stand_ins_for(self, upstream: str, model: str) -> tuple[tuple[str, str], ...]:
+        """The declared stand-ins of `model` on `upstream`, each with its upstream (`declared_stand_ins`, cached)."""
+        key = (upstream, model)
+        found = self._stand_ins.get(key)
+        if found is None:
+            found = declared_stand_ins(self.config.upstreams, upstream, model)
+            if len(self._stand_ins) < 4096:
+                self._stand_ins[key] = found
         return found
 
     def on_rollout_events(self, events: list[RolloutEvent]) -> None:

@@ -12,6 +12,7 @@ import secrets
 import time
 from collections.abc import Callable
 
+import msgspec
 from litestar import Controller, Request, get
 
 from guards.settings import ConstraintsSettings
@@ -25,19 +26,29 @@ from proxy.learning import load_rows
 from proxy.store import AuditRecord, DecisionRow, LogStore
 
 ModelLimitsFor = Callable[[str, str], ModelLimits]
+StandInsFor = Callable[[str, str], tuple[tuple[str, str], ...]]
 
 
 def trust_region_check(rows: list[DecisionRow], constraints: ConstraintsSettings,
-                       limits_for: ModelLimitsFor, truncated: bool) -> ComplianceCheck:
+                       limits_for: ModelLimitsFor, truncated: bool, stand_ins_for: StandInsFor | None = None) -> ComplianceCheck:
     """Sent arms re-checked against the baseline with `guards.trust_region.within` (the test `enforce` applies).
 
-    Sending the baseline itself is always allowed, whatever the model's limits say of it.
+    Sending the baseline itself is always allowed, whatever the model's limits say of it. A stand-in
+    sent (`chosen_params.model`) must be one declared for the requested model (`stand_ins_for`), and
+    its arm is checked within that stand-in's own limits; an undeclared one counts as outside.
     """
     outside = 0
     for r in rows:
         base = r.baseline_params.arm()
         sent = r.chosen_params.arm(r.baseline_params)
-        if sent != base and not within(sent, base, constraints, limits_for(r.upstream, r.model_name)):
+        upstream, model = r.upstream, r.model_name
+        if sent.model is not None:
+            served = next((u for m, u in (stand_ins_for(r.upstream, r.model_name) if stand_ins_for else ()) if m == sent.model), None)
+            if served is None:
+                outside += 1
+                continue
+            upstream, model, sent = served, sent.model, msgspec.structs.replace(sent, model=None)
+        if sent != base and not within(sent, base, constraints, limits_for(upstream, model)):
             outside += 1
     return ComplianceCheck(name="trust_region", ok=outside == 0,
                            detail=f"{outside} of {len(rows)} optimized decisions outside ±{constraints.max_delta_temperature:g} temperature / "
@@ -99,7 +110,7 @@ class ComplianceController(Controller):
         cfg = deps.config
         c = cfg.constraints
         rows, truncated = await load_rows(deps.log_store, since=since, until=until, max_rows=max_rows, mode="optimized")
-        checks = [trust_region_check(rows, c, deps.decider.limits_for, truncated)]
+        checks = [trust_region_check(rows, c, deps.decider.limits_for, truncated, deps.decider.arms.stand_ins_for)]
         checks.append(ComplianceCheck(name="caws_enabled", ok=cfg.caws.enabled or not c.require_caws,
                                       detail=f"caws.enabled={cfg.caws.enabled}, constraints.require_caws={c.require_caws}"))
         try:

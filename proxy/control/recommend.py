@@ -123,7 +123,7 @@ class RecommendController(Controller):
             task_type=ctx.task_type, bucket=context_bucket(ctx), policy=policy.name, policy_version=policy.version,
             recommended=params_out(d.policy_choice), propensity=d.policy_propensity, would_send=params_out(d.sent), would_mode=d.mode,
             baseline=params_out(base),
-            arms=[ArmProbability(temperature=a.temperature, max_tokens=a.max_tokens, probability=p) for a, p in zip(ex.allowed, ex.pmf)],
+            arms=[ArmProbability(temperature=a.temperature, max_tokens=a.max_tokens, probability=p, model=a.model) for a, p in zip(ex.allowed, ex.pmf)],
             guards=guard_verdicts(deps, ex, time.time()), assumed=assumed, learned=learned, notes=notes,
         )
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -242,6 +242,12 @@ def _signed_dollars(x: float) -> str:
     return ("−" if x < 0 else "+") + _dollars(x)
 
 
+def model_shares(rows: list[DecisionRow]) -> dict[str, float]:
+    """Share of `rows` served by each model (a stand-in sent, else the requested model), largest first."""
+    counts = Counter(r.chosen_params.model or r.model_name for r in rows)
+    return {m: n / len(rows) for m, n in counts.most_common()} if rows else {}
+
+
 def cost_comparison(task: str, rows: Iterable[DecisionRow]) -> CostComparison | None:
     """Tuned (optimised) vs holdout spend of one task type, and the saving per 1,000 requests with a Welch interval.
 
@@ -259,13 +265,17 @@ def cost_comparison(task: str, rows: Iterable[DecisionRow]) -> CostComparison | 
     low = diff.ci_low * 1000.0 if diff is not None and diff.ci_low is not None else None
     high = diff.ci_high * 1000.0 if diff is not None and diff.ci_high is not None else None
     n = len(opt) + len(hold)
+    models = model_shares(opt_all)
     if saving is None:
         summary = f"{task}: spend not comparable yet (needs priced tuned and holdout requests), {n:,} priced requests"
     else:
         words = f"saves {_dollars(saving)}" if saving >= 0 else f"costs {_dollars(saving)} more"
         span = f"[{_signed_dollars(low)}, {_signed_dollars(high)}]" if low is not None and high is not None else "[not yet known]"
         summary = f"{task}: {words} per 1,000 requests, {round(100 * (1 - ALPHA))} % interval {span}, {n:,} priced requests"
+    if any(r.chosen_params.model is not None for r in opt_all):
+        summary += "; tuned traffic by model: " + ", ".join(f"{m} {100 * share:.0f} %" for m, share in models.items())
     return CostComparison(
+        tuned_models=models,
         optimized_cost_usd=_mean(opt), holdout_cost_usd=_mean(hold), optimized_spend_usd=float(sum(opt)), holdout_spend_usd=float(sum(hold)),
         optimized_priced=len(opt), holdout_priced=len(hold), optimized_unpriced=len(opt_all) - len(opt),
         holdout_unpriced=len(hold_all) - len(hold), saving_per_1k_usd=saving, ci_low=low, ci_high=high, interval=COST_NOTE, summary=summary,
@@ -380,8 +390,8 @@ def convergence(decider: BanditDecider, rows: list[DecisionRow], since: float, u
         bucket, best, entropy, current = None, None, None, []
         ctx = context_from_features(latest[task].context_features)
         if ctx is not None:
-            ref, allowed, _ = decider.candidates(ctx)
-            base = ref.arm
+            options = decider.arms.options(ctx)  # stand-ins' arms included
+            base, allowed = options.reference.arm, options.allowed
             p = decider.pmf(ctx, base, allowed)
             bucket = context_bucket(ctx)
             best = float(p.max())
@@ -392,7 +402,7 @@ def convergence(decider: BanditDecider, rows: list[DecisionRow], since: float, u
                 post = policy.posterior(ctx, arm) if isinstance(policy, HasPosterior) else None
                 current.append(
                     ArmPosterior(
-                        temperature=arm.temperature, max_tokens=arm.max_tokens, probability=prob,
+                        temperature=arm.temperature, max_tokens=arm.max_tokens, probability=prob, model=arm.model,
                         posterior_mean=finite(post.mean) if post is not None else None,
                         posterior_sd=finite(post.sd) if post is not None else None,
                         n=post.n if post is not None else None,

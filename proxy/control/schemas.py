@@ -124,6 +124,8 @@ class CostComparison(msgspec.Struct):
     ci_high: float | None
     interval: str  # how the interval was built
     summary: str  # in words: "code: saves $0.42 per 1,000 requests, 95 % interval [$0.10, $0.75], 1,234 priced requests"
+    # share of the window's tuned requests served by each model (a declared stand-in or the requested one); the holdout is always the requested model
+    tuned_models: dict[str, float] = {}
 
 
 class TaskPerformance(msgspec.Struct):
@@ -202,6 +204,25 @@ class TaskGuarantee(msgspec.Struct):
     relearning_since: float | None = None  # a change was detected: tuned traffic is re-learning since then
 
 
+class StandInKind(msgspec.Struct):
+    """One signal kind's comparison of a stand-in model with the requested model (anytime-valid bounds of each mean)."""
+
+    kind: str  # judge | explicit
+    stand_in_n: int
+    requested_n: int
+    stand_in_bounds: tuple[float, float]
+    requested_bounds: tuple[float, float]
+
+
+class StandInEvidence(msgspec.Struct):
+    """A declared stand-in for one task type (proxy/decision/model_stage.py): exploring, proven (no worse) or worse."""
+
+    task_type: str
+    model: str
+    status: str
+    kinds: list[StandInKind]
+
+
 class SloStatus(msgspec.Struct):
     compliant: bool
     window_s: float
@@ -209,6 +230,7 @@ class SloStatus(msgspec.Struct):
     breached: list[str]
     slos: list[SloEntry]
     tasks: list[TaskGuarantee] = []
+    stand_ins: list[StandInEvidence] = []  # the model as a knob: each stand-in's evidence per task type
 
 
 class OpeEvidenceOut(msgspec.Struct):
@@ -296,6 +318,7 @@ class ArmPosterior(msgspec.Struct):
     temperature: float
     max_tokens: int
     probability: float  # current probability the policy plays the arm (P(best) for Thompson)
+    model: str | None = None  # a declared stand-in's arm; None: the requested model's
     posterior_mean: float | None = None
     posterior_sd: float | None = None
     n: float | None = None
@@ -462,9 +485,10 @@ class RecommendIn(msgspec.Struct, forbid_unknown_fields=True):
     context: ContextIn = msgspec.field(default_factory=ContextIn)
 
 
-class ParamsOut(msgspec.Struct):
+class ParamsOut(msgspec.Struct, omit_defaults=True):
     temperature: float | None
     max_tokens: int | None
+    model: str | None = None  # a declared stand-in sent in place of the requested model (`substitutes`); None: the requested model
 
 
 class GuardVerdict(msgspec.Struct):
@@ -474,10 +498,11 @@ class GuardVerdict(msgspec.Struct):
     detail: dict[str, Any] = {}
 
 
-class ArmProbability(msgspec.Struct):
+class ArmProbability(msgspec.Struct, omit_defaults=True):
     temperature: float
     max_tokens: int
     probability: float
+    model: str | None = None  # a declared stand-in's arm; None: the requested model's
 
 
 class Recommendation(msgspec.Struct):

@@ -34,6 +34,7 @@ from proxy.control.schemas import (
     RolloutEventOut,
     SloEntry,
     SloStatus,
+    StandInEvidence,
     TaskGuarantee,
     WaiverOut,
 )
@@ -154,8 +155,9 @@ def slo_status(deps: ControlDeps, now: float) -> SloStatus:
             head = next(k for k in v.signals if k.kind == v.quality_kind)
             summary = cdata.monitor_summary(v)
             tasks.append(TaskGuarantee(**msgspec.structs.asdict(v), quality_level=head.level, summary=summary))
+    stand_ins = msgspec.convert(deps.decider.models.report(), list[StandInEvidence])
     return SloStatus(compliant=report.compliant, window_s=report.window_s, min_samples=report.min_samples, breached=list(report.breached),
-                     slos=slos, tasks=tasks)
+                     slos=slos, tasks=tasks, stand_ins=stand_ins)
 
 
 async def caws_status(deps: ControlDeps, now: float) -> CawsStatus:
@@ -189,7 +191,7 @@ def waiver_out(w: Waiver, now: float) -> WaiverOut:
 
 
 def params_out(p: Params | Arm) -> ParamsOut:
-    return ParamsOut(temperature=p.temperature, max_tokens=p.max_tokens)
+    return ParamsOut(temperature=p.temperature, max_tokens=p.max_tokens, model=p.model)
 
 
 def decision_out(r: DecisionRow) -> DecisionOut:

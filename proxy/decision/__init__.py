@@ -6,7 +6,7 @@ signal re-enters here, whoever delivers it).
 from __future__ import annotations
 
 from policies.quality import learns
-from proxy.decision.arm_space import ArmSettings, ArmSpace, QualitySignals, limits_for, model_limits
+from proxy.decision.arm_space import ArmSettings, ArmSpace, QualitySignals, declared_stand_ins, limits_for, model_limits
 from proxy.decision.batch import OutcomeBatch
 from proxy.decision.conservative import ConservativeListener
 from proxy.decision.decider import (
@@ -34,6 +34,7 @@ from proxy.decision.feedback import (
 )
 from proxy.decision.judge_trust import JudgeTrust
 from proxy.decision.lease_refill import LeaseRefiller
+from proxy.decision.model_stage import ModelEvidence, ModelStageSettings
 from proxy.decision.outcome import Pricer, Scorer, Timings, arm_label, complete
 from proxy.decision.prices import PriceBook
 from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook, regeneration_signal
@@ -60,6 +61,8 @@ __all__ = [
     "FeedbackServices",
     "JudgeTrust",
     "LeaseRefiller",
+    "ModelEvidence",
+    "ModelStageSettings",
     "MemoryRegenerationBook",
     "OutcomeBatch",
     "PriceBook",
@@ -76,6 +79,7 @@ __all__ = [
     "arm_label",
     "complete",
     "context_from_features",
+    "declared_stand_ins",
     "deliver_signal",
     "learns",
     "limits_for",

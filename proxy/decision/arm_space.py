@@ -20,7 +20,7 @@ from guards.trust_region import Freedom, ModelLimits, allowed_arms, max_tokens_d
 from policies.arms import candidate_arms
 from policies.records import Arm, Params, RequestContext
 from policies.settings import ArmGridSettings
-from proxy.config import Config, ModelSettings, UpstreamSettings, find_model_settings
+from proxy.config import Config, ModelSettings, UpstreamSettings, find_model_settings, serving_upstream
 
 ANTHROPIC_MAX_TEMPERATURE = 1.0
 """The Messages API's temperature range is 0-1, whatever a model's settings say."""
@@ -58,6 +58,24 @@ def limits_for(upstreams: Sequence[UpstreamSettings], upstream: str, model: str)
     if up is None:
         return ModelLimits()
     return model_limits(find_model_settings(up, model), up.format)
+
+
+def declared_stand_ins(upstreams: Sequence[UpstreamSettings], upstream: str, model: str) -> tuple[tuple[str, str], ...]:
+    """The stand-ins declared for `model` on `upstream` (`substitutes`), each with the upstream that serves it.
+
+    Only an upstream of the same wire format (`serving_upstream`, the edge's routing rule) may
+    serve one; the requested model itself is never its own stand-in. Nothing undeclared is ever offered.
+    """
+    up = next((u for u in upstreams if u.name == upstream), None)
+    settings = find_model_settings(up, model) if up is not None else None
+    if up is None or settings is None:
+        return ()
+    out: list[tuple[str, str]] = []
+    for stand_in in settings.substitutes:
+        served = serving_upstream(upstreams, stand_in, up.format)
+        if served is not None and stand_in != model and all(stand_in != m for m, _ in out):
+            out.append((stand_in, served.name))
+    return tuple(out)
 
 
 NOMINAL_TEMPERATURE = 1.0
@@ -165,7 +183,7 @@ def tuned_params(arm: Arm, ref: Reference) -> Params:
         temperature = None
     max_tokens = arm.max_tokens if ref.sent.max_tokens is not None else None
     effort = arm.effort if ref.sent.effort is not None else None
-    return Params(temperature=temperature, max_tokens=max_tokens, effort=effort)
+    return Params(temperature=temperature, max_tokens=max_tokens, effort=effort, model=arm.model)
 
 
 def grid_arms(base: Arm, freedom: Freedom, limits: ModelLimits, constraints: ConstraintsSettings, grid: ArmGridSettings) -> list[Arm]:
@@ -222,6 +240,56 @@ def _never(_: str) -> bool:
     return False
 
 
+def _no_stand_ins(_upstream: str, _model: str) -> tuple[tuple[str, str], ...]:
+    return ()
+
+
+def _all_admitted(_task: str, _model: str) -> bool:
+    return True
+
+
+class StandIn(NamedTuple):
+    """One declared stand-in as a request may be sent to it: its upstream, its own baseline and limits."""
+
+    model: str
+    upstream: str
+    reference: Reference  # the request's baseline on the stand-in (its `arm` and `sent` carry the model)
+    limits: ModelLimits
+
+
+class Options(NamedTuple):
+    """`ArmSpace.options`: the requested model's baseline, every candidate arm, and each stand-in's own baseline."""
+
+    reference: Reference
+    allowed: list[Arm]  # the requested model's arms first, then each stand-in's (`Arm.model` set)
+    limits: ModelLimits
+    stand_ins: dict[str, StandIn]
+
+    def for_model(self, model: str | None) -> tuple[Reference, ModelLimits]:
+        """The baseline and limits an arm of `model` is checked against (`enforce`) and sent with (`tuned_params`)."""
+        if model is None or model not in self.stand_ins:
+            return self.reference, self.limits
+        s = self.stand_ins[model]
+        return s.reference, s.limits
+
+
+def fits(ctx: RequestContext, limits: ModelLimits) -> bool:
+    """May a stand-in with `limits` serve this request at all? Its own limits must take what the client sent.
+
+    A temperature to a model that refuses one or outside its range (or other than its fixed one), a cap
+    above its token limit, an effort level it does not list: the stand-in is not offered (nothing the
+    client sent is dropped, moved or cut to make it fit).
+    """
+    t = ctx.client_temperature
+    if t is not None and (not limits.accepts_temperature or not limits.min_temperature <= t <= limits.max_temperature):
+        return False
+    if t is not None and limits.fixed_temperature is not None and t != limits.fixed_temperature:
+        return False
+    if ctx.client_max_tokens is not None and limits.max_tokens is not None and ctx.client_max_tokens > limits.max_tokens:
+        return False
+    return not (ctx.client_effort is not None and limits.efforts and ctx.client_effort not in limits.efforts)
+
+
 class ArmSpace:
     """The arms one request may be sent with, and the evidence that widens them.
 
@@ -239,8 +307,12 @@ class ArmSpace:
         baseline_for: Callable[[str], BaselineSettings],
         limits_for: Callable[[str, str], ModelLimits],
         signals: QualitySignals | None = None,
+        stand_ins_for: Callable[[str, str], tuple[tuple[str, str], ...]] = _no_stand_ins,
     ) -> None:
         self.settings = settings
+        self.stand_ins_for = stand_ins_for  # (upstream, model) -> declared (stand-in, its upstream), `declared_stand_ins`
+        # (task type, stand-in) -> may it be offered (not yet shown worse; `proxy.decision.model_stage.ModelEvidence.admits`).
+        self.model_admitted: Callable[[str, str], bool] = _all_admitted
         self.constraints = settings.constraints
         self.baseline_for = baseline_for
         self.limits_for = limits_for
@@ -294,9 +366,44 @@ class ArmSpace:
         baseline cap does, at that arm's temperature. These are the arms `decide` plays from.
         """
         ref, allowed, limits = self.reference_for(ctx)
+        return ref, self.safe_caps(ctx, ref, allowed), limits
+
+    def options(self, ctx: RequestContext, *, safe_caps: bool = True) -> Options:
+        """`candidates` plus the declared stand-ins' arms (the model as a knob, `Arm.model`).
+
+        Each stand-in that fits the request (`fits`) and is not shown worse for the task
+        (`model_admitted`) gets its own baseline (the client's values within its own limits:
+        temperature range or none, efforts, token limit) and its own trust region and safe caps
+        around it. The holdout and all unoptimised traffic never see these arms: they get the
+        requested model's baseline (`proxy.decision.plan.settle`). `safe_caps=False`: the whole trust
+        region of each model, lower caps included (`allowed_for`; `thermostat evaluate`'s replay).
+        """
+        ref, allowed, limits = self.candidates(ctx) if safe_caps else self.reference_for(ctx)
+        declared = self.stand_ins_for(ctx.upstream, ctx.model)
+        if not declared:
+            return Options(ref, allowed, limits, {})
+        arms = list(allowed)
+        found: dict[str, StandIn] = {}
+        for model, upstream in declared:
+            if not self.model_admitted(ctx.task_type, model):
+                continue
+            sctx = msgspec.structs.replace(ctx, model=model, upstream=upstream)
+            s_ref, s_allowed, s_limits = self.reference_for(sctx)
+            if not fits(ctx, s_limits):
+                continue
+            s_ref = Reference(
+                msgspec.structs.replace(s_ref.arm, model=model), msgspec.structs.replace(s_ref.sent, model=model), s_ref.freedom,
+            )
+            kept = self.safe_caps(sctx, s_ref, s_allowed) if safe_caps else s_allowed
+            arms.extend(msgspec.structs.replace(a, model=model) for a in kept)
+            found[model] = StandIn(model, upstream, s_ref, s_limits)
+        return Options(ref, arms, limits, found)
+
+    def safe_caps(self, ctx: RequestContext, ref: Reference, allowed: list[Arm]) -> list[Arm]:
+        """`allowed` less the lower caps not yet shown safe for `ctx`'s model and task (`candidates`)."""
         base = ref.arm
         if not ref.freedom.max_tokens or self.truncation.off:
-            return ref, allowed, limits
+            return allowed
         keys: dict[float, TruncationKey] = {}
         kept = []
         for a in allowed:
@@ -311,14 +418,14 @@ class ArmSpace:
         # above `[constraints] max_tokens` (4,097..4,596 with the defaults) leaves only lower caps,
         # and until one is shown safe nothing may be tuned: the request goes as the client sent it
         # (the trust region's own "[baseline] if nothing else fits", applied after this filter).
-        return ref, kept or [base], limits
+        return kept or [base]
 
     def record_length(self, ctx: RequestContext, baseline: Params, sent: Params, completion_tokens: int | None, finish_reason: str | None) -> None:
         """A finished answer's length under the cap it was sent with: evidence for `candidates`' lower caps.
 
         From the logged fields, so `thermostat evaluate` can replay it too.
         """
-        if sent.max_tokens is None or completion_tokens is None:
-            return
+        if sent.max_tokens is None or completion_tokens is None or sent.model is not None:
+            return  # a stand-in's lengths are not the requested model's evidence (its own caps stay at its baseline)
         key = self.truncation_key(ctx, sent.arm(baseline).temperature, baseline.arm())
         self.truncation.observe(key, int(sent.max_tokens), int(completion_tokens), finish_reason == "length")

@@ -9,11 +9,13 @@ admits passed-through requests (embeddings) the same way.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Protocol
 
 from guards.budget import BudgetGuard, BudgetVerdict, Reservation
 from policies.pricing import Rates
 from policies.records import Arm, Decision, Outcome, RequestContext
+from proxy.decision.arm_space import StandIn
 
 dlog = logging.getLogger("thermostat.decider")
 
@@ -59,8 +61,16 @@ class BudgetDesk:
             return None
         return self.prices.rates(ctx.upstream, ctx.model)
 
+    def stand_in_rates(self, stand_ins: Mapping[str, StandIn]) -> dict[str, Rates] | None:
+        """Each offered stand-in's prices when the budget counts dollars (its arms are reserved and compared at them)."""
+        if not stand_ins or self.guard.settings.unit != "usd" or self.prices is None:
+            return None
+        found = {m: self.prices.rates(s.upstream, m) for m, s in stand_ins.items()}
+        return {m: r for m, r in found.items() if r is not None}
+
     async def verdict(
-        self, ctx: RequestContext, allowed: list[Arm], chosen: int | None, base: Arm, confidence: float, now: float
+        self, ctx: RequestContext, allowed: list[Arm], chosen: int | None, base: Arm, confidence: float, now: float,
+        stand_ins: Mapping[str, StandIn] | None = None,
     ) -> BudgetVerdict:
         """Reserve for what would be sent (`chosen`, else the baseline), maybe a cheaper arm, maybe a refusal."""
         return await self.guard.decide(
@@ -72,6 +82,7 @@ class BudgetDesk:
             confidence=confidence,
             now=now,
             rates=self.rates_for(ctx),
+            model_rates=self.stand_in_rates(stand_ins) if stand_ins else None,
         )
 
     def hold(self, request_id: str, verdict: BudgetVerdict) -> int:

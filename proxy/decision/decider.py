@@ -49,6 +49,7 @@ from proxy.decision.arm_space import (
 from proxy.decision.batch import OutcomeBatch
 from proxy.decision.budget_desk import BudgetDesk, BudgetExceeded, BudgetUnavailable, RatesSource, refuse_if_rejected
 from proxy.decision.learner import Learner
+from proxy.decision.model_stage import ModelEvidence, ModelStageSettings
 from proxy.decision.plan import HOLDOUT_SALT, Plan, Planner
 from proxy.decision.sampler import TEMPERATURE_STATISTICS, TwoStageSampler, temperature_arm, temperature_context
 
@@ -123,10 +124,14 @@ class DeciderSettings(msgspec.Struct, frozen=True):
     holdout_fraction: float = 0.05
     require_caws: bool = True
     tick_interval_s: float = 0.25
+    models: ModelStageSettings = ModelStageSettings()  # the model as a knob (`proxy.decision.model_stage`)
 
     @classmethod
     def from_config(cls, config: Config) -> DeciderSettings:
-        return cls(config.policy.reward, config.optimization.holdout_fraction, config.constraints.require_caws, config.slo.check_interval_s)
+        models = ModelStageSettings(config.optimization.model_exploration_share, config.slo.max_quality_regression)
+        return cls(
+            config.policy.reward, config.optimization.holdout_fraction, config.constraints.require_caws, config.slo.check_interval_s, models,
+        )
 
 
 class BanditDecider:
@@ -153,7 +158,11 @@ class BanditDecider:
         on_events: Callable[[list[RolloutEvent]], None] | None = None,
     ) -> None:
         self.arms = arms
-        self.sampler = TwoStageSampler(policy)
+        self.models = ModelEvidence(settings.models)
+        self.models.cheaper = self.stand_in_cheaper
+        arms.model_admitted = self.models.admits
+        self.sampler = TwoStageSampler(policy, self.models)
+        self.sampler.has_stand_ins = arms.stand_ins_for
         self.desk = BudgetDesk(guards.budget, guards.prices)
         self.learner = Learner(policy, arms, guards.slo, settings.reward)
         self.planner = Planner(
@@ -211,6 +220,17 @@ class BanditDecider:
             allowed=tuple(plan.allowed), pmf=tuple(float(p) for p in pmf), limits=plan.limits, effective=plan.effective,
             held_out=plan.share.held_out, assigned=plan.share.assigned, budget=plan.verdict,
         )
+
+    def stand_in_cheaper(self, ctx: RequestContext, model: str) -> bool:
+        """Is the stand-in's price (input + output per million tokens) below the requested model's? False without prices."""
+        prices = self.guards.prices
+        upstream = next((u for m, u in self.arms.stand_ins_for(ctx.upstream, ctx.model) if m == model), None)
+        if prices is None or upstream is None:
+            return False
+        mine, theirs = prices.rates(ctx.upstream, ctx.model), prices.rates(upstream, model)
+        if mine is None or theirs is None:
+            return False
+        return theirs.input.base + theirs.output.base < mine.input.base + mine.output.base
 
     def task_rolled_back(self, task_type: str) -> bool:
         conservative = self.guards.conservative

@@ -161,9 +161,12 @@ GUARD_SOURCES = frozenset({"judge", "judge_pairwise", "explicit"})
 
 def _to_guards(
     fx: FeedbackServices, request_id: str, task_type: str, mode: str, kind: str, quality: float, reward: float | None,
-    ok: bool, trusted: bool = True,
+    ok: bool, trusted: bool = True, *, model: str | None = None,
 ) -> None:
-    """Hand one delayed signal of a successful request to the guards (`GuardSignals`)."""
+    """Hand one delayed signal of a successful request to the guards (`GuardSignals`) and to the model stage's
+    evidence (`proxy.decision.model_stage.ModelEvidence`: `model` is the stand-in that served it, None the requested model)."""
+    if ok and fx.learns:
+        fx.bandit.models.observe(task_type, model, kind, quality, trusted=trusted)
     if fx.guards is not None and ok and kind in GUARD_SOURCES:
         fx.guards.on_signal(request_id=request_id, task_type=task_type, mode=mode, kind=kind, quality=quality, reward=reward, trusted=trusted)
 
@@ -345,7 +348,7 @@ async def record_outcome(fx: FeedbackServices, body: ExplicitFeedback, actor: st
     book.remember(rid, quality, new_reward)
     _pair_explicit(fx, rid, quality, row)
     _count_signal(fx, row.task_type, already or previous_signal is not None or _judged(fx, rid), learns(row.status, row.error_class))
-    _to_guards(fx, rid, row.task_type, row.mode, "explicit", quality, new_reward, learns(row.status, row.error_class))
+    _to_guards(fx, rid, row.task_type, row.mode, "explicit", quality, new_reward, learns(row.status, row.error_class), model=row.chosen_params.model)
     return FeedbackResult(
         request_id=rid, found_in="log", quality=quality, previous_quality=previous_quality, automatic_quality=row.quality,
         reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,
@@ -380,7 +383,8 @@ async def _with_outcome(
     book.remember(rid, quality, new_reward)
     _pair_explicit(fx, rid, quality, row)
     _count_signal(fx, decision.context.task_type, already or signalled, learns(outcome.status, outcome.error_class))
-    _to_guards(fx, rid, decision.context.task_type, decision.mode, "explicit", quality, new_reward, learns(outcome.status, outcome.error_class))
+    _to_guards(fx, rid, decision.context.task_type, decision.mode, "explicit", quality, new_reward, learns(outcome.status, outcome.error_class),
+               model=decision.sent.model)
     return FeedbackResult(
         request_id=rid, found_in="registry", quality=quality, previous_quality=previous_quality, automatic_quality=automatic,
         reward=new_reward, previous_reward=old_reward, policy_updated=updated, policy_update=note, overwritten=already,
@@ -409,7 +413,7 @@ def apply_pending_feedback(fx: FeedbackServices, decision: Decision, outcome: Ou
     )
     book.remember(decision.request_id, pending.quality, new_reward)
     _to_guards(fx, decision.request_id, decision.context.task_type, decision.mode, "explicit", pending.quality, new_reward,
-               learns(outcome.status, outcome.error_class))
+               learns(outcome.status, outcome.error_class), model=decision.sent.model)
     outcome_copy = msgspec.structs.replace(outcome, quality=pending.quality, reward=new_reward, feedback=True)
     fx.registry.complete(decision, outcome_copy)
 
@@ -543,7 +547,7 @@ async def deliver_signal(fx: FeedbackServices, signal: Signal, now: float | None
         # The guards see every judged request of both streams, whatever the policy does with the score next;
         # a muted judge's kind is marked untrusted there (it neither rolls back nor excuses a cost regression).
         _to_guards(fx, rid, task_type, decision.mode, signal.source, q, fx.bandit.reward_for(decision, outcome, q),
-                   learns(outcome.status, outcome.error_class), trusted)
+                   learns(outcome.status, outcome.error_class), trusted, model=decision.sent.model)
     if signal.guards_only:
         return signals.count(signal.source, "guards_only")
     if signal.source == "judge":

@@ -76,8 +76,7 @@ def complete(
     prices: Pricer | None = None,
 ) -> Outcome:
     """The one Outcome of a request: its cost, automatic quality, then the reward from them (no quality or reward for a client's own 4xx)."""
-    ctx = decision.context
-    cost = prices.cost(ctx.upstream, ctx.model, summary.usage()) if prices is not None else None
+    cost = prices.cost(*decision.served_by, summary.usage()) if prices is not None else None  # a stand-in at its own price
     quality = auto_quality(
         status=status if error_class is None else 599,
         content=summary.content,

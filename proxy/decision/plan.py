@@ -20,7 +20,7 @@ from guards.trust_region import ModelLimits, enforce
 from policies.base import Choice
 from policies.context import context_fingerprint
 from policies.records import Arm, Decision, Params, RequestContext
-from proxy.decision.arm_space import ArmSpace, Reference, tuned_params
+from proxy.decision.arm_space import ArmSpace, Options, Reference, tuned_params
 from proxy.decision.budget_desk import BudgetDesk
 from proxy.decision.sampler import Sampler
 
@@ -75,16 +75,18 @@ class Sending(NamedTuple):
 
 
 def settle(
-    ref: Reference, policy_arm: Arm, choice: Choice, share: Share, eff: Effective, verdict: BudgetVerdict,
-    constraints: ConstraintsSettings, limits: ModelLimits, *, require_caws: bool,
+    options: Options, policy_arm: Arm, choice: Choice, share: Share, eff: Effective, verdict: BudgetVerdict,
+    constraints: ConstraintsSettings, *, require_caws: bool,
 ) -> Sending:
     """What is sent after the budget's verdict, with the propensity it is logged with and the mode.
 
     A guard that swapped the policy's arm makes the row "guard_fallback" with propensity 1 (left
     out of IPS/DR); so does a budget guard that could not answer under `require_caws`, which keeps
-    the holdout a random sample. Unoptimised traffic gets the baseline (the policy's choice is
-    still logged). `enforce` has the last word. A refusal is mode "rejected" (`decide` raises).
+    the holdout a random sample. Unoptimised traffic gets the baseline, always the requested model
+    (the policy's choice is still logged). `enforce` has the last word, against the baseline and
+    limits of the arm's own model (a stand-in's). A refusal is mode "rejected" (`decide` raises).
     """
+    ref = options.reference
     notes = list(verdict.notes)
     caws_down = share.optimised and not verdict.guard_ok and require_caws
     if caws_down:
@@ -92,10 +94,11 @@ def settle(
     if verdict.action == "reject":
         return Sending(ref.sent, 1.0, "rejected", tuple(notes))
     if share.optimised and not caws_down:
-        sent_arm = enforce(verdict.arm, ref.arm, constraints, limits, ref.freedom)
+        model_ref, model_limits = options.for_model(verdict.arm.model if verdict.arm is not None else None)
+        sent_arm = enforce(verdict.arm, model_ref.arm, constraints, model_limits, model_ref.freedom)
         exact = sent_arm == policy_arm
         mode, propensity = ("optimized", choice.propensity) if exact else ("guard_fallback", 1.0)
-        return Sending(tuned_params(sent_arm, ref), propensity, mode, tuple(notes))
+        return Sending(tuned_params(sent_arm, model_ref), propensity, mode, tuple(notes))
     if caws_down:
         return Sending(ref.sent, 1.0, "guard_fallback", tuple(notes))
     return Sending(ref.sent, 1.0, unoptimised_mode(eff, share.held_out, share.task_rolled_back), tuple(notes))
@@ -106,14 +109,24 @@ class Plan(NamedTuple):
 
     ctx: RequestContext
     now: float
-    reference: Reference
-    allowed: list[Arm]  # the arm space's candidates, in the policy's order
-    limits: ModelLimits
+    options: Options  # the arm space's candidates (stand-ins' arms included), in the policy's order
     effective: Effective  # the rollout state it was decided under
     share: Share
     choice: Choice
     verdict: BudgetVerdict
     sending: Sending
+
+    @property
+    def reference(self) -> Reference:
+        return self.options.reference
+
+    @property
+    def allowed(self) -> list[Arm]:
+        return self.options.allowed
+
+    @property
+    def limits(self) -> ModelLimits:
+        return self.options.limits
 
     @property
     def policy_arm(self) -> Arm:
@@ -133,11 +146,12 @@ class Plan(NamedTuple):
             policy_version=policy_version,
             mode=out.mode,
             created_at=self.now,
-            policy_choice=Params(temperature=arm.temperature, max_tokens=arm.max_tokens, effort=arm.effort),
+            policy_choice=Params(temperature=arm.temperature, max_tokens=arm.max_tokens, effort=arm.effort, model=arm.model),
             policy_propensity=self.choice.propensity,
             arm_index=self.choice.index,
             guard_notes=out.notes,
             budget_reserved=budget_reserved,
+            served_upstream=self.options.stand_ins[out.sent.model].upstream if out.sent.model is not None else "",
         )
 
 
@@ -157,9 +171,12 @@ class Planner:
 
     async def plan(self, ctx: RequestContext, eff: Effective, now: float, *, assignment_key: str | None, rng: np.random.Generator) -> Plan:
         """The plan for `ctx` under the rollout state `eff`; the budget's verdict holds a reservation, if any."""
-        ref, allowed, limits = self.arms.candidates(ctx)
+        options = self.arms.options(ctx)
+        ref, allowed = options.reference, options.allowed
         share = Share.draw(eff, assignment_key, self.holdout_fraction, self.rolled_back(ctx.task_type))
         choice = self.sampler.choose(ctx, ref.arm, allowed, rng)
-        verdict = await self.desk.verdict(ctx, allowed, choice.index if share.optimised else None, ref.arm, choice.propensity, now)
-        sending = settle(ref, allowed[choice.index], choice, share, eff, verdict, self.arms.constraints, limits, require_caws=self.require_caws)
-        return Plan(ctx, now, ref, allowed, limits, eff, share, choice, verdict, sending)
+        verdict = await self.desk.verdict(
+            ctx, allowed, choice.index if share.optimised else None, ref.arm, choice.propensity, now, options.stand_ins,
+        )
+        sending = settle(options, allowed[choice.index], choice, share, eff, verdict, self.arms.constraints, require_caws=self.require_caws)
+        return Plan(ctx, now, options, eff, share, choice, verdict, sending)

@@ -21,6 +21,11 @@ Ground truth per task type (`TaskProfile`):
   (none = 0): hard tasks (large effort_gain) gain most, each step half as much as the
   last, and an answer cut by max_tokens loses what the effort bought.
 
+* Models (`ModelProfile`, by the request's `model`): a model adds its own `quality_shift[task]`
+  to q (the model as a knob, issue 28). By default "sim-1" is the reference and "sim-1-mini",
+  priced at a tenth, is as good on summarise and default and clearly worse on code (−0.35)
+  and creative (−0.25); an unknown model behaves like the reference.
+
 `expected_reward` integrates all of that exactly (quantile grid over n, closed-form mean
 of the clipped normal), so `optimum` gives the true best arm and regret can be computed
 without sampling noise.  Rewards use fixed normalisers: the expected latency and tokens
@@ -77,10 +82,25 @@ DEFAULT_TASKS: dict[str, TaskProfile] = {
 BASE_EFFORT = "medium"  # what a request without an effort gets: the profiles above are measured there
 
 
+class ModelProfile(msgspec.Struct, frozen=True):
+    """One simulated model: its quality relative to the reference per task, and its price (US dollars per million tokens)."""
+
+    quality_shift: dict[str, float] = msgspec.field(default_factory=dict)
+    input_price_per_mtok: float = 2.0
+    output_price_per_mtok: float = 8.0
+
+
+DEFAULT_MODEL_PROFILES: dict[str, ModelProfile] = {
+    "sim-1": ModelProfile(),
+    "sim-1-mini": ModelProfile(quality_shift={"code": -0.35, "creative": -0.25}, input_price_per_mtok=0.2, output_price_per_mtok=0.8),
+}
+
+
 class SimulatorTruth(msgspec.Struct, frozen=True):
     """The whole ground truth: task profiles and the latency model."""
 
     tasks: dict[str, TaskProfile] = msgspec.field(default_factory=lambda: dict(DEFAULT_TASKS))
+    models: dict[str, ModelProfile] = msgspec.field(default_factory=lambda: dict(DEFAULT_MODEL_PROFILES))
     ttft_base_s: float = 0.15
     ttft_per_prompt_token_s: float = 0.00005
     per_token_s: float = 0.01
@@ -97,6 +117,13 @@ class SimulatorTruth(msgspec.Struct, frozen=True):
         p = self.profile(task_type)
         bump = math.exp(-0.5 * ((temperature - p.best_temperature) / p.width) ** 2)
         return p.floor_quality + (p.peak_quality - p.floor_quality) * bump
+
+    def model_shift(self, task_type: str, model: str | None) -> float:
+        """Quality `model` adds (or loses) on the task against the reference model (0 for an unknown model)."""
+        profile = self.models.get(model) if model is not None else None
+        if profile is None:
+            return 0.0
+        return profile.quality_shift.get(task_type if task_type in self.tasks else "default", 0.0)  # an unknown task is "default"
 
     def effort_steps(self, effort: str | None) -> int:
         """Signed steps from the base effort (0 when absent); ValueError for an unknown level."""
@@ -142,12 +169,12 @@ class SimulatorTruth(msgspec.Struct, frozen=True):
         latency_z: float,
     ) -> SimOutcome:
         """Outcome of one request given its pre-drawn randomness (standard-normal scores);
-        `natural_tokens` is the length at the base effort, `arm.effort` stretches it."""
+        `natural_tokens` is the length at the base effort, `arm.effort` stretches it, `arm.model` shifts quality."""
         p = self.profile(task_type)
         natural_tokens = self.effort_length(natural_tokens, arm.effort)
         truncated = arm.max_tokens < natural_tokens
         tokens = min(arm.max_tokens, natural_tokens)
-        q = min(1.0, max(0.0, self.mean_quality(task_type, arm.temperature) + self.effort_quality(task_type, arm.effort)))
+        q = self.arm_quality(task_type, arm)
         if truncated:
             q *= self.truncation_keep * arm.max_tokens / natural_tokens
         quality = min(1.0, max(0.0, q + p.quality_noise * quality_z))
@@ -173,12 +200,17 @@ class SimulatorTruth(msgspec.Struct, frozen=True):
         p = self.profile(task_type)
         n = np.maximum(1.0, np.round(self._length_grid(task_type) * self.effort_token_growth ** self.effort_steps(arm.effort)))
         tokens = np.minimum(float(arm.max_tokens), n)
-        q0 = min(1.0, max(0.0, self.mean_quality(task_type, arm.temperature) + self.effort_quality(task_type, arm.effort)))
+        q0 = self.arm_quality(task_type, arm)
         q = q0 * np.where(arm.max_tokens < n, self.truncation_keep * arm.max_tokens / n, 1.0)
         quality = float(np.mean(_clipped_normal_mean(q, p.quality_noise)))
         mean_tokens = float(np.mean(tokens))
         latency = self.ttft_mean_s(self.mean_prompt_tokens(task_type)) + self.per_token_s * mean_tokens
         return quality, latency, mean_tokens
+
+    def arm_quality(self, task_type: str, arm: Arm) -> float:
+        """q of an uncut answer: temperature bump, effort and model, clipped to [0, 1]."""
+        q = self.mean_quality(task_type, arm.temperature) + self.effort_quality(task_type, arm.effort) + self.model_shift(task_type, arm.model)
+        return min(1.0, max(0.0, q))
 
     def normalisers(self, task_type: str, baseline: Arm) -> tuple[float, float]:
         """(baseline latency, baseline tokens): expected costs of the baseline arm."""

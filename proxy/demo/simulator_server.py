@@ -409,7 +409,7 @@ class _Simulator:
         quality_z, latency_z = self.rng.standard_normal(2)
         outcome = self.truth.respond(
             task,
-            Arm(temperature=temperature, max_tokens=max_tokens, effort=effort),
+            Arm(temperature=temperature, max_tokens=max_tokens, effort=effort, model=model),
             natural_tokens=base_natural,
             prompt_tokens=prompt_tokens,
             quality_z=float(quality_z),

@@ -322,6 +322,8 @@ class ProxyEdge:
     ) -> None:
         req = self._admit(scope["headers"], body, request_id, v1_path, fmt)
         decision, patched = await self._decide(req, request_id, fmt)
+        if decision.sent.model is not None:
+            req = self._served_by(req, decision.sent.model, v1_path, fmt)
         out = self._prepare(scope, body, req, decision, patched, request_id, v1_path, fmt)
         ex = Exchange(overhead=time.perf_counter() - t0)
         try:
@@ -357,6 +359,14 @@ class ProxyEdge:
         key = _header(headers, b"x-thermostat-key") or (user if isinstance(user, str) and user else request_id)
         return Admitted(doc, view, upstream, ctx, key)
 
+    def _served_by(self, req: Admitted, model: str, v1_path: str, fmt: WireFormat) -> Admitted:
+        """A stand-in goes to the upstream that serves it (validated at start-up: one of the same wire format);
+        the answer's own `model` field then says who served it."""
+        upstream = self.services.pool.route_format(model, fmt.upstream_format) or req.upstream
+        if not upstream.paths.allows("POST", v1_path):
+            raise upstream.paths.refusal("POST", v1_path)
+        return msgspec.structs.replace(req, upstream=upstream)
+
     async def _decide(self, req: Admitted, request_id: str, fmt: WireFormat) -> tuple[Decision, bool]:
         """The decider's choice, patched into the body (True if that changed it) and journaled before anything is forwarded."""
         svc = self.services
@@ -368,6 +378,9 @@ class ProxyEdge:
             raise _budget_unavailable(exc.unpriced) from None
         doc = req.doc
         patched = fmt.patch(doc, decision.sent)
+        if decision.sent.model is not None:  # a declared stand-in (the model as a knob): the body names it
+            doc["model"] = decision.sent.model
+            patched = True
         if req.view.thinking_budget is not None and decision.sent.max_tokens is not None and doc.get("max_tokens") != decision.sent.max_tokens:
             # The Messages API refuses max_tokens at or below thinking.budget_tokens and the adapter raised it:
             # the log says what was sent, and a guard's swap (propensity 1) stays out of IPS/DR.

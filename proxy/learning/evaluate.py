@@ -56,7 +56,7 @@ import msgspec
 import numpy as np
 
 from policies import ope
-from policies.arms import arm_key
+from policies.arms import arm_key, arm_model_key
 from policies.base import Policy
 from policies.context import context_bucket
 from policies.quality import learns
@@ -64,7 +64,16 @@ from policies.records import Arm, RequestContext
 from policies.registry import make_policy
 from policies.reward import reward_bounds
 from proxy.config import Config
-from proxy.decision import ArmSettings, ArmSpace, TwoStageSampler, context_from_features, limits_for
+from proxy.decision import (
+    ArmSettings,
+    ArmSpace,
+    DeciderSettings,
+    ModelEvidence,
+    TwoStageSampler,
+    context_from_features,
+    declared_stand_ins,
+    limits_for,
+)
 from proxy.store import DecisionRow, LogStore
 
 METHODS = ("ips", "snips", "dr")
@@ -103,12 +112,17 @@ class TrustRegion:
     def __init__(self, config: Config, policy: Policy) -> None:
         self.arms = ArmSpace(
             ArmSettings.from_config(config), baseline_for=config.baseline_for, limits_for=functools.partial(limits_for, config.upstreams),
+            stand_ins_for=functools.partial(declared_stand_ins, config.upstreams),
         )
-        self.sampler = TwoStageSampler(policy)
+        models = ModelEvidence(DeciderSettings.from_config(config).models)
+        self.arms.model_admitted = models.admits
+        self.sampler = TwoStageSampler(policy, models)
+        self.sampler.has_stand_ins = self.arms.stand_ins_for
 
     def allowed(self, ctx: RequestContext) -> tuple[Arm, list[Arm]]:
-        base, arms, _ = self.arms.allowed_for(ctx)
-        return base, arms
+        """The baseline and the trust region's arms (`allowed_for`), the declared stand-ins' included."""
+        options = self.arms.options(ctx, safe_caps=False)
+        return options.reference.arm, options.allowed
 
     def signal(self, task_type: str) -> None:
         self.arms.signals.add(task_type)
@@ -172,12 +186,12 @@ class _Replay(msgspec.Struct):
 
 def _key(bucket: str, arm: Arm) -> str:
     t, m = arm_key(arm)
-    return f"{bucket}|{t:g}|{m}"
+    return f"{bucket}|{t:g}|{m}" if arm.model is None else f"{bucket}|{t:g}|{m}#{arm.model}"
 
 
 def _move(base: Arm, arm: Arm) -> str:
     """An arm as played from a baseline: the support unit (the candidate's arms are built per baseline)."""
-    return f"{arm_key(base)}>{arm_key(arm)}"
+    return f"{arm_key(base)}>{arm_key(arm)}" if arm.model is None else f"{arm_key(base)}>{arm_key(arm)}#{arm.model}"
 
 
 def replay(rows: Sequence[DecisionRow], candidate_config: Config, log_config: Config) -> tuple[dict[str, _Replay], dict[str, list[tuple[float, str, float]]]]:
@@ -205,10 +219,10 @@ def replay(rows: Sequence[DecisionRow], candidate_config: Config, log_config: Co
             _, arms = target_region.allowed(ctx)
             _, logged_arms = logged_region.allowed(ctx)
             probs = target_region.sampler.pmf(ctx, base, arms)  # as the live decider plays: temperature stage first
-            keys = [arm_key(a) for a in arms]
-            logged_keys = {arm_key(a) for a in logged_arms}
-            rep.outside += arm_key(logged) not in logged_keys
-            idx = keys.index(arm_key(logged)) if arm_key(logged) in keys else None
+            keys = [arm_model_key(a) for a in arms]
+            logged_keys = {arm_model_key(a) for a in logged_arms}
+            rep.outside += arm_model_key(logged) not in logged_keys
+            idx = keys.index(arm_model_key(logged)) if arm_model_key(logged) in keys else None
             bucket = context_bucket(ctx)
             rep.rewards.append(reward)
             rep.behaviour.append(math.exp(r.log_propensity))
@@ -224,6 +238,8 @@ def replay(rows: Sequence[DecisionRow], candidate_config: Config, log_config: Co
             logged_region.signal(r.task_type)
             # A signal that sees temperature: the temperature-only statistics learn it too (BanditDecider.pmf).
             target_region.sampler.learn_signal(ctx, r.baseline_params, r.chosen_params, reward, None, logged_version=policy.version)
+            for region in (target_region, logged_region):  # the model stage's evidence, as live (judge and explicit scores)
+                region.sampler.models.observe(r.task_type, r.chosen_params.model, r.feedback_source or "explicit", r.feedback_quality)
         policy.update(ctx, base, logged, reward)
     return out, series
 

@@ -132,6 +132,8 @@ class BaselineRequest:
             return None
         ref, _, _ = self.decider.reference_for(decision.context)
         out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n")}
+        if decision.sent.model is not None:
+            out["model"] = decision.context.model  # the baseline is the requested model, never a stand-in
         if ref.sent.temperature is None:
             out.pop("temperature", None)
         self.patch(out, ref.sent)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from policies import ope
-from policies.arms import arm_key
+from policies.arms import arm_key, arm_model_key
 from policies.context import context_bucket
 from policies.records import Arm
 from proxy.decision import BanditDecider, context_from_features
@@ -40,6 +40,12 @@ async def load_rows(
 Scored = tuple[DecisionRow, Any, Arm, list[Arm], np.ndarray, Arm]
 
 
+def ope_label(arm: Arm) -> str:
+    """The reward model's key of an arm (the requested model's as before, a stand-in's with `#model`)."""
+    t, m = arm_key(arm)
+    return f"{t:g}|{m}" if arm.model is None else f"{t:g}|{m}#{arm.model}"
+
+
 def score_rows(decider: BanditDecider, rows: Sequence[DecisionRow]) -> tuple[list[Scored], int]:
     """Rows usable for OPE with the current policy's propensities, and how many were skipped.
 
@@ -56,9 +62,9 @@ def score_rows(decider: BanditDecider, rows: Sequence[DecisionRow]) -> tuple[lis
         if ctx is None:
             skipped += 1
             continue
-        ref, allowed, _ = decider.candidates(ctx)
-        base = ref.arm
-        probs = decider.pmf(ctx, base, allowed)  # what the decider plays now (two stages, safe caps)
+        options = decider.arms.options(ctx)
+        base, allowed = options.reference.arm, options.allowed
+        probs = decider.pmf(ctx, base, allowed)  # what the decider plays now (model and temperature stages, safe caps, stand-ins)
         kept.append((r, ctx, r.chosen_params.arm(r.baseline_params), allowed, probs, base))
     return kept, skipped
 
@@ -90,11 +96,11 @@ class OpeArrays:
         self.baseline = np.zeros(n)
         keys = []
         for i, (_r, ctx, arm, allowed, probs, base) in enumerate(kept):
-            key = arm_key(arm)
-            idx = next((j for j, a in enumerate(allowed) if arm_key(a) == key), None)
+            key = arm_model_key(arm)
+            idx = next((j for j, a in enumerate(allowed) if arm_model_key(a) == key), None)
             self.target[i] = probs[idx] if idx is not None else 0.0
-            self.baseline[i] = 1.0 if key == arm_key(base) else 0.0
-            keys.append(f"{context_bucket(ctx)}|{key[0]:g}|{key[1]}")
+            self.baseline[i] = 1.0 if key == arm_model_key(base) else 0.0
+            keys.append(f"{context_bucket(ctx)}|{ope_label(arm)}")
         model = ope.TabularRewardModel(keys, self.rewards) if n else None
         self.q_logged = np.array([model.predict(k) for k in keys]) if model else np.zeros(0)
         self.v_target = np.zeros(n)
@@ -102,7 +108,6 @@ class OpeArrays:
         for i, (_r, ctx, _arm, allowed, probs, base) in enumerate(kept):
             assert model is not None
             bucket = context_bucket(ctx)
-            qs = np.array([model.predict(f"{bucket}|{arm_key(a)[0]:g}|{arm_key(a)[1]}") for a in allowed])
+            qs = np.array([model.predict(f"{bucket}|{ope_label(a)}") for a in allowed])
             self.v_target[i] = float(probs @ qs)
-            bk = arm_key(base)
-            self.v_baseline[i] = model.predict(f"{bucket}|{bk[0]:g}|{bk[1]}")
+            self.v_baseline[i] = model.predict(f"{bucket}|{ope_label(base)}")

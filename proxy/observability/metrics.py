@@ -145,6 +145,12 @@ class Metrics:
         self.cost_usd = Counter(
             "thermostat_cost_usd", "US dollars spent on upstream calls, at the model's configured or table price", ["task_type", "traffic"], registry=r,
         )
+        # The model as a knob: which model served each finished request (a declared stand-in or the requested one);
+        # a task's traffic share per model is this over its sum across models.
+        self.served_model = Counter(
+            "thermostat_model_requests", "Finished requests by the model that served them, per task type and traffic",
+            ["task_type", "model", "traffic"], registry=r,
+        )
         self.unknown_price = Counter(
             "thermostat_unknown_price_requests",
             "Requests with reported usage whose model has no known price (cost_usd null, never guessed)", ["upstream", "model"], registry=r,
@@ -200,10 +206,13 @@ def cost_traffic(mode: str) -> str:
 def observe_decision(m: Metrics, decision: Decision, outcome: Outcome, arm: str) -> None:
     """Call from the edge once per finished request (after `decider.observe`)."""
     task = m.task_label(decision.context.task_type)
+    traffic = cost_traffic(decision.mode)
+    upstream, model = decision.served_by
+    m.child(m.served_model, task, m.model_label(model), traffic).inc()
     if outcome.cost_usd is not None:
-        m.child(m.cost_usd, task, cost_traffic(decision.mode)).inc(outcome.cost_usd)
+        m.child(m.cost_usd, task, traffic).inc(outcome.cost_usd)
     elif outcome.prompt_tokens is not None or outcome.completion_tokens is not None:
-        m.child(m.unknown_price, decision.context.upstream, m.model_label(decision.context.model)).inc()
+        m.child(m.unknown_price, upstream, m.model_label(model)).inc()
     m.child(m.decisions, task, decision.mode, arm).inc()
     for guard, reason in guard_interventions(decision.mode, decision.guard_notes):
         m.child(m.guard_interventions, guard, m.guard_reason_label(reason)).inc()

@@ -138,13 +138,18 @@ def test_dashboard_shows_spend_and_saving_against_the_holdout(upstream: FakeUpst
                 assert float(attrs[f"data-{key}"] or "nan") == cost[field], (task, key)
             assert cells[1] == f"${cost['optimized_cost_usd']:.6f} · {cost['optimized_priced']} req"
             assert cells[2] == f"${cost['holdout_cost_usd']:.6f} · {cost['holdout_priced']} req"
-            assert cells[4].startswith(f"{cost['saving_per_1k_usd']:+.4f} [{cost['ci_low']:+.4f}, {cost['ci_high']:+.4f}]")
+            assert cells[4].startswith(f"{signed(cost['saving_per_1k_usd'])} [{signed(cost['ci_low'])}, {signed(cost['ci_high'])}]")
             assert cells[5] == cost["summary"] and "per 1,000 requests" in cost["summary"]
         # the logged costs behind the panel: the same rows' cost_usd, summed
         logged = httpx.get(f"{t.base}/api/optimization/logs", params={"limit": 500, "task_type": "code"}, headers=auth, timeout=10).json()["items"]
         assert sum(r["cost_usd"] for r in logged if r["mode"] == "holdout") == pytest.approx(api["code"]["holdout_spend_usd"], rel=1e-12)
     finally:
         t.stop()
+
+
+def signed(v: float, digits: int = 4) -> str:
+    """The dashboard's `signed`: a value that rounds to zero is "+0.0000", never "-0.0000"."""
+    return f"{(round(v, digits) or 0.0):+.{digits}f}"
 
 
 class _Cells(HTMLParser):

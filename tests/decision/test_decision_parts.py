@@ -22,7 +22,7 @@ from policies.quality import learns
 from policies.records import Arm, Decision, Outcome, Params, RequestContext
 from policies.reward import compute_reward, reward_bounds
 from policies.settings import RewardSettings
-from proxy.decision.arm_space import reference
+from proxy.decision.arm_space import Options, reference
 from proxy.decision.budget_desk import BudgetDesk
 from proxy.decision.plan import HOLDOUT_SALT, Share, settle
 from tests.support.decider import RecordingUpdates, build_decider
@@ -62,17 +62,18 @@ def test_settle_names_every_mode() -> None:
     on = Share(False, True, False, True)
     off = Share(True, False, False, False)
     c, lim = ConstraintsSettings(), ModelLimits()
-    sent = settle(ref, OTHER, choice, on, GENERAL, verdict(), c, lim, require_caws=True)
+    opts = Options(ref, [ref.arm], lim, {})  # no stand-ins: every arm is checked against the requested model's baseline
+    sent = settle(opts, OTHER, choice, on, GENERAL, verdict(), c, require_caws=True)
     assert (sent.mode, sent.propensity, sent.sent.temperature, sent.sent.max_tokens) == ("optimized", 0.25, 0.8, 500)
-    swapped = settle(ref, OTHER, choice, on, GENERAL, verdict(BASE, reason="cheaper_fit"), c, lim, require_caws=True)
+    swapped = settle(opts, OTHER, choice, on, GENERAL, verdict(BASE, reason="cheaper_fit"), c, require_caws=True)
     assert (swapped.mode, swapped.propensity) == ("guard_fallback", 1.0)
-    down = settle(ref, OTHER, choice, on, GENERAL, verdict(guard_ok=False, reason="guard_unavailable"), c, lim, require_caws=True)
+    down = settle(opts, OTHER, choice, on, GENERAL, verdict(guard_ok=False, reason="guard_unavailable"), c, require_caws=True)
     assert (down.mode, down.sent, down.notes) == ("guard_fallback", ref.sent, ("budget:guard_unavailable", "require_caws:budget_guard_unavailable"))
-    assert settle(ref, OTHER, choice, on, GENERAL, verdict(guard_ok=False), c, lim, require_caws=False).mode == "optimized"
-    assert settle(ref, OTHER, choice, off, GENERAL, verdict(), c, lim, require_caws=True).mode == "holdout"
-    rejected = settle(ref, OTHER, choice, on, GENERAL, verdict(BASE, action="reject", reason="exhausted_reject"), c, lim, require_caws=True)
+    assert settle(opts, OTHER, choice, on, GENERAL, verdict(guard_ok=False), c, require_caws=False).mode == "optimized"
+    assert settle(opts, OTHER, choice, off, GENERAL, verdict(), c, require_caws=True).mode == "holdout"
+    rejected = settle(opts, OTHER, choice, on, GENERAL, verdict(BASE, action="reject", reason="exhausted_reject"), c, require_caws=True)
     assert (rejected.mode, rejected.sent, rejected.propensity) == ("rejected", ref.sent, 1.0)
-    far = settle(ref, Arm(1.5, 4000), choice, on, GENERAL, verdict(Arm(1.5, 4000)), c, lim, require_caws=True)
+    far = settle(opts, Arm(1.5, 4000), choice, on, GENERAL, verdict(Arm(1.5, 4000)), c, require_caws=True)
     assert (far.mode, far.sent) == ("guard_fallback", ref.sent)  # `enforce` has the last word: outside the region, the baseline
 
 
