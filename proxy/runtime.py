@@ -52,6 +52,7 @@ from proxy.decision import (
     JudgeTrust,
     LeaseRefiller,
     MemoryRegenerationBook,
+    ModelEvidenceKeeper,
     OutcomeBatch,
     PriceBook,
     RedisRegenerationBook,
@@ -272,6 +273,8 @@ class Runtime:
             recorder=self.recorder, alerts=self.alerts, metrics=self.metrics, state_store=self.state_store,
         )
         self.bandit.judge_muted = self.judge_trust.muted
+        # The model stage's evidence (stand-in vs requested model, per task type); persisted like the monitor's state.
+        self.model_evidence = ModelEvidenceKeeper(self.bandit.models, self.state_store)
         # Later signals (explicit, judge, implicit) re-enter through the decision room with exactly these;
         # judge scores, pairwise verdicts and explicit feedback also reach the conservative monitor and promotion.
         self.feedback_services = FeedbackServices(
@@ -379,6 +382,7 @@ class Runtime:
             self.bandit.rollout = self._make_rollout(stored)
         await self.conservative_listener.load()
         await self.judge_trust.load()
+        await self.model_evidence.load()
         if self.signal_sync is not None:
             await self.signal_sync.start()
         if self.shared is not None:
@@ -443,6 +447,7 @@ class Runtime:
     async def _stop_answers(self) -> None:
         self.answers.stop()
         await self.judge_trust.flush()  # retractions and the last save of the mutes
+        await self.model_evidence.flush()
 
     @property
     def ready(self) -> bool:

@@ -34,7 +34,7 @@ from proxy.decision.feedback import (
 )
 from proxy.decision.judge_trust import JudgeTrust
 from proxy.decision.lease_refill import LeaseRefiller
-from proxy.decision.model_stage import ModelEvidence, ModelStageSettings
+from proxy.decision.model_stage import ModelEvidence, ModelEvidenceKeeper, ModelStageSettings
 from proxy.decision.outcome import Pricer, Scorer, Timings, arm_label, complete
 from proxy.decision.prices import PriceBook
 from proxy.decision.regeneration import MemoryRegenerationBook, RedisRegenerationBook, RegenerationBook, regeneration_signal
@@ -62,6 +62,7 @@ __all__ = [
     "JudgeTrust",
     "LeaseRefiller",
     "ModelEvidence",
+    "ModelEvidenceKeeper",
     "ModelStageSettings",
     "MemoryRegenerationBook",
     "OutcomeBatch",

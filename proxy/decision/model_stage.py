@@ -22,20 +22,30 @@ inflates nothing:
 - *worse* once a kind shows it surely more than that margin worse (`sequences.verdict`):
   it is offered no more for the task (`ModelEvidence.admits`).
 
-The evidence is kept per process and starts afresh after a restart (a stand-in then
-explores again: the safe direction). The per-task rollback, the cost guard and promotion
+The evidence survives a restart: `ModelEvidenceKeeper` saves the whole of it as one blob
+in the state store (the embedded store under `data_dir`, or Redis) after each change, one
+save in flight, and loads it at start-up, as the conservative monitor does with its state;
+a stand-in shown worse stays off, a proven one keeps its place. The per-task rollback, the cost guard and promotion
 see tuned traffic, stand-ins included, exactly as for the other knobs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from typing import Literal
 
 import msgspec
 
+from guards.state import StateStore, StoreUnavailable
 from policies import sequences
 from policies.records import Arm, RequestContext
+
+log = logging.getLogger("thermostat")
+
+MODEL_EVIDENCE_KEY = "model:evidence"
+"""State-store key of the saved evidence (`ModelEvidenceKeeper`)."""
 
 MODEL_STATISTICS = "~model"
 """Suffix of the task type under which the policy keeps its model-stage statistics (signal rewards only)."""
@@ -64,6 +74,12 @@ class ModelStageSettings(msgspec.Struct, frozen=True):
     alpha: float = 0.05
 
 
+class ModelEvidenceState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What is saved: every stream's sequence as (task type, stand-in or "" for the requested model, kind, sequence)."""
+
+    streams: list[tuple[str, str, str, sequences.MeanSequence]] = []
+
+
 class ModelEvidence:
     """Per task type, each stand-in's quality signals against the requested model's (module docstring)."""
 
@@ -78,6 +94,7 @@ class ModelEvidence:
         self._stand_ins: dict[str, set[str]] = {}  # task -> stand-ins seen with a signal
         # (ctx, stand-in) -> is it cheaper than the requested model; set by the decider (prices)
         self.cheaper: Callable[[RequestContext, str], bool] = lambda _ctx, _model: False
+        self.on_change: Callable[[], None] | None = None  # the keeper's save (`ModelEvidenceKeeper`)
 
     def observe(self, task_type: str, model: str | None, kind: str, quality: float, *, trusted: bool = True) -> None:
         """One delayed signal of a request served by `model` (None: the requested model)."""
@@ -96,6 +113,25 @@ class ModelEvidence:
             self._stand_ins.setdefault(task_type, set()).add(model)
         for m in self._stand_ins.get(task_type, ()) if model is None else (model,):
             self._status[(task_type, m)] = self._judge(task_type, m)
+        if self.on_change is not None:
+            self.on_change()
+
+    def snapshot(self) -> ModelEvidenceState:
+        return ModelEvidenceState(streams=[(task, model, kind, seq) for (task, model, kind), seq in self._streams.items()])
+
+    def restore(self, state: ModelEvidenceState) -> None:
+        """Take a saved state in place of this one; the statuses are judged again from its sequences."""
+        self._streams, self._tasks, self._stand_ins, self._status = {}, set(), {}, {}
+        for task, model, kind, seq in state.streams:
+            if task not in self._tasks and len(self._tasks) >= self.max_task_types:
+                continue
+            self._tasks.add(task)
+            self._streams[(task, model, kind)] = seq
+            if model:
+                self._stand_ins.setdefault(task, set()).add(model)
+        for task, models in self._stand_ins.items():
+            for m in models:
+                self._status[(task, m)] = self._judge(task, m)
 
     def comparison(self, task_type: str, model: str, kind: str) -> sequences.Comparison:
         """The stand-in (`optimised`) against the requested model (`holdout`) on one kind."""
@@ -161,3 +197,57 @@ class ModelEvidence:
             for j, p in zip(rest, propensities(rest), strict=True):
                 out[j] += mass * float(p)
         return out
+
+
+class ModelEvidenceKeeper:
+    """Saves `ModelEvidence` to the state store after each change and loads it at start-up.
+
+    One save in flight at a time, and one more if anything changed meanwhile: the blob is
+    the whole state, so the last save carries every earlier change."""
+
+    def __init__(self, evidence: ModelEvidence, state_store: StateStore) -> None:
+        self.evidence = evidence
+        self.state_store = state_store
+        self._save: asyncio.Task[None] | None = None
+        self._dirty = False
+        evidence.on_change = self._changed
+
+    async def load(self) -> None:
+        try:
+            raw = await self.state_store.get(MODEL_EVIDENCE_KEY)
+        except StoreUnavailable:
+            log.warning("state store unreachable at start-up; the model stage's evidence starts empty (stand-ins explore again)")
+            return
+        if raw is None:
+            return
+        try:
+            self.evidence.restore(msgspec.json.decode(raw, type=ModelEvidenceState))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # an older layout: start over rather than fail start-up
+            log.warning("stored model-stage evidence ignored: %s", exc)
+
+    def _changed(self) -> None:
+        if self._save is not None and not self._save.done():
+            self._dirty = True
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # offline (`thermostat evaluate`): nothing to save to
+            return
+        self._dirty = False
+        self._save = loop.create_task(self._write())
+
+    async def _write(self) -> None:
+        while True:
+            try:
+                await self.state_store.set(MODEL_EVIDENCE_KEY, msgspec.json.encode(self.evidence.snapshot()))
+            except Exception as exc:  # noqa: BLE001 - the next change saves again
+                log.warning("saving the model stage's evidence failed: %s", exc)
+                return
+            if not self._dirty:
+                return
+            self._dirty = False
+
+    async def flush(self) -> None:
+        """Wait for the save in flight (shutdown, tests)."""
+        if self._save is not None:
+            await asyncio.gather(self._save, return_exceptions=True)
