@@ -552,8 +552,10 @@ class ProxyEdge:
         body = upstream.hand_over_read_timeout(response) if read_watch.running else None
         silence = read_watch.track(body, upstream.settings.timeout_s) if body is not None else None
 
+        delivered = False  # the [DONE] event has been handed to the client
+
         async def pump() -> None:
-            nonlocal ttft
+            nonlocal ttft, delivered
             async for chunk in response.content.iter_any():
                 out = relay.feed(chunk)
                 if ttft is None and relay.first_token:
@@ -561,11 +563,13 @@ class ProxyEdge:
                 if silence is None:
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
+                        delivered = relay.saw_done
                     continue
                 silence.mark = read_watch.ticks
                 if out:
                     silence.sending = True  # a slow client is backpressure, not upstream silence
                     await send({"type": "http.response.body", "body": out, "more_body": True})
+                    delivered = relay.saw_done
                     silence.sending = False
                     silence.mark = read_watch.ticks
             rest = relay.flush()
@@ -585,7 +589,9 @@ class ProxyEdge:
             done, _ = await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
             if watch_task in done:
                 pump_task.cancel()
-                error_class = "client_disconnected"
+                # A client that read the whole stream ([DONE] relayed, usage before it) may close before the
+                # last empty body message goes out: that answer was delivered, not cut off.
+                error_class = None if delivered else "client_disconnected"
                 try:
                     await pump_task
                 except (asyncio.CancelledError, Exception):
