@@ -168,6 +168,13 @@ def test_a_judged_gain_is_seen_by_slo_status_versus_holdout_and_promotion(truthf
     assert metrics["quality_judge"]["difference"] == pytest.approx(truth, abs=1e-9)  # not diluted by unjudged rows
     assert metrics["quality_automatic"]["difference"] == 0.0 and row["versus_holdout"]["verdict"] == "better"
 
+    quality = httpx.get(f"{t.base}/api/optimization/quality", timeout=10).json()  # /quality: the same per-kind comparison
+    (qrow,) = [x for x in quality["tasks"] if x["task_type"] == "qa"]
+    by_kind = {m["metric"]: m for m in qrow["by_signal"]}
+    assert by_kind["quality_judge"]["difference"] == pytest.approx(truth, abs=1e-9) and by_kind["quality_judge"]["verdict"] == "better"
+    assert by_kind["quality_judge"]["optimized_n"] == len(judged["optimized"])  # judged rows only, never an unscored 1.0
+    assert by_kind["quality_automatic"]["difference"] == 0.0
+
     rollout = httpx.get(f"{t.base}/api/optimization/rollout-status", timeout=10).json()
     promotion = rollout["promotion"]
     assert promotion["signal_kind"] == "judge" and promotion["difference_lower"] > 0
