@@ -18,6 +18,8 @@ scenario by one we control:
 * ``model-change``: truthful judge, client settings best until half-way, then the model
   changes silently under the same name (best temperature 0.5 → 1.0, answers 1.7× longer,
   so the client's max_tokens cuts some of them);
+* ``temperature-change``: as ``model-change``, but only the best temperature moves (0.5 → 1.0):
+  answer lengths and truncation stay as they were, so only judged holdout quality can show it;
 * ``length-biased-pinned``, ``uncorrelated-pinned``: the same judges, with the learner replaced
   by one misled all the way (always the hottest temperature and the most effort on offer:
   worse and costlier than the client's settings), to time the guards' reaction.
@@ -60,6 +62,8 @@ from proxy.demo.simulator import DEFAULT_TASKS, SimOutcome, SimulatorTruth  # no
 RESULTS = ROOT / "bench" / "results"
 TASK = "summarise"
 HEAT_LENGTH = 0.5
+SCENARIOS = ("truthful,length-biased,uncorrelated,position-biased,model-change,temperature-change,"
+             "length-biased-pinned,uncorrelated-pinned")
 LENGTH_BIAS = 2.0  # the length-biased judge: + this × (words / the task's median length − 1), before clipping to [0, 1]
 
 
@@ -73,9 +77,14 @@ class HotterLonger(SimulatorTruth, frozen=True):
         return super().respond(task_type, arm, natural_tokens=longer, prompt_tokens=prompt_tokens, quality_z=quality_z, latency_z=latency_z)
 
 
-def truth(changed: bool = False) -> HotterLonger:
+def truth(changed: str = "") -> HotterLonger:
+    """The simulator's truth; `changed` "model": best temperature 1.0 and answers 1.7x longer; "temperature": best 1.0 only."""
     base = DEFAULT_TASKS[TASK]
-    profile = msgspec.structs.replace(base, best_temperature=1.0, length_median=base.length_median * 1.7) if changed else base
+    profile = base
+    if changed == "model":
+        profile = msgspec.structs.replace(base, best_temperature=1.0, length_median=base.length_median * 1.7)
+    elif changed == "temperature":
+        profile = msgspec.structs.replace(base, best_temperature=1.0)
     return HotterLonger(tasks={**DEFAULT_TASKS, TASK: profile})
 
 
@@ -224,7 +233,7 @@ def _checkpoint(base: str, at: int) -> dict[str, Any]:
 def run_scenario(name: str, requests: int, seed: int, sim: Simulator, tmp: Path) -> dict[str, Any]:
     pinned = name.endswith("-pinned")
     base_name = name.removesuffix("-pinned")
-    judge_kind = {"truthful": "truthful", "model-change": "truthful"}.get(base_name, base_name)
+    judge_kind = {"truthful": "truthful", "model-change": "truthful", "temperature-change": "truthful"}.get(base_name, base_name)
     sim.sim.judge_score = type(sim.sim).judge_score.__get__(sim.sim)
     sim.sim.judge_preference = type(sim.sim).judge_preference.__get__(sim.sim)
     sim.sim.truth = truth()
@@ -232,7 +241,8 @@ def run_scenario(name: str, requests: int, seed: int, sim: Simulator, tmp: Path)
     mode = "pairwise" if base_name == "position-biased" else "pointwise"
     client_t = 0.9 if name == "truthful" else 0.5
     running = _proxy(sim.url, tmp / name, mode, seed, pinned)
-    change_at = requests // 2 if name == "model-change" else None
+    change = {"model-change": "model", "temperature-change": "temperature"}.get(name, "")
+    change_at = requests // 2 if change else None
     rows: list[tuple[str, float, int, bool, str, float]] = []  # mode, hidden quality, completion tokens, truncated, params sent, time
     checkpoints: list[dict[str, Any]] = []
     first_rollback: int | None = None
@@ -241,7 +251,7 @@ def run_scenario(name: str, requests: int, seed: int, sim: Simulator, tmp: Path)
         with httpx.Client(timeout=30) as client:
             for i in range(requests):
                 if change_at is not None and i == change_at:
-                    sim.sim.truth = truth(changed=True)
+                    sim.sim.truth = truth(changed=change)
                 body = {"model": "sim-1", "messages": [{"role": "system", "content": "Summarise the text."}, {"role": "user", "content": f"text {seed}-{i}"}],
                         "temperature": client_t, "max_tokens": 512, "reasoning_effort": "medium"}
                 r = client.post(f"{running.url}/chat/completions", json=body, headers={"x-task-type": TASK, "x-thermostat-key": f"user-{i}"})
@@ -263,8 +273,9 @@ def run_scenario(name: str, requests: int, seed: int, sim: Simulator, tmp: Path)
     finally:
         running.stop()
     elapsed = time.perf_counter() - started
-    monitor_events = [(e.kind, e.at, e.evidence.get("stream"), e.reason) for e in sorted(events, key=lambda e: e.at)
-                      if e.actor == "conservative"]
+    # the conservative monitor's events and the judge's mutes (actor "judge": a mute is a guard's reaction too)
+    monitor_events = [(e.kind, e.at, e.evidence.get("stream") or e.evidence.get("reason"), e.reason) for e in sorted(events, key=lambda e: e.at)
+                      if e.actor in ("conservative", "judge")]
     return {"name": name, "rows": rows, "checkpoints": checkpoints, "first_rollback": first_rollback, "events": monitor_events,
             "judge_calls": judge_calls, "guards_only": guards_only, "elapsed_s": elapsed, "change_at": change_at, "requests": requests}
 
@@ -321,12 +332,14 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 
 def report(results: list[dict[str, Any]], cost: list[tuple[str, float, float]], args: argparse.Namespace, elapsed: float) -> str:
+    subset = "" if args.scenarios == SCENARIOS else f" --scenarios {args.scenarios}"
+    subset += "" if args.cost_requests == 10_000 else f" --cost-requests {args.cost_requests}"
     lines = [
         f"# Guards on every quality signal, through the real proxy ({args.requests:,} requests per scenario, "
         f"{args.pinned_requests:,} for the pinned ones, seed {args.seed})",
         "",
         f"Command: `.venv/bin/python bench/guards_signals.py --requests {args.requests} --pinned-requests {args.pinned_requests} "
-        f"--seed {args.seed}` ({elapsed:.0f} s on a shared 2-core machine).",
+        f"--seed {args.seed}{subset}` ({elapsed:.0f} s on a shared 2-core machine).",
         "",
         "Setup: task `summarise` of the bundled simulator with answers 1 + 0.5·t times longer at temperature t; effort is a knob "
         "(low / medium / high); client max_tokens 512, effort medium; 10 % holdout; judge `sample_rate` 0.2, holdout judged at the "
@@ -355,6 +368,10 @@ def report(results: list[dict[str, Any]], cost: list[tuple[str, float, float]], 
                 reactions.append(f"re-learning ended at {index:,}")
             elif kind == "rollback":
                 reactions.append(f"rollback event at {index:,}")
+            elif kind == "judge_muted":
+                reactions.append(f"judge muted ({stream}) at {index:,}")
+            elif kind == "judge_unmuted":
+                reactions.append(f"judge unmuted at {index:,}")
         if r["change_at"] is not None:
             reactions.append(f"(model changed at {r['change_at']:,})")
         def cell(d: dict[str, tuple[float, float, float, int]], k: str) -> str:
@@ -393,7 +410,9 @@ def report(results: list[dict[str, Any]], cost: list[tuple[str, float, float]], 
             lines.append(f"| {c['at']:,} | {c['slo_verdict']}{' (re-learning)' if c['relearning'] else ''} | {head} | {cost_c} | {versus} | {promo} |")
         lines += ["", f"Last slo-status summary: {r['checkpoints'][-1]['summary']}", ""]
         if r["events"]:
-            lines += ["Monitor events: " + "; ".join(f"{k}" + (f" ({s})" if s else "") + f": {reason}" for k, _, s, reason in r["events"]), ""]
+            lines += ["Monitor and judge events: " + "; ".join(f"{k}" + (f" ({s})" if s else "") + f": {reason}" for k, _, s, reason in r["events"]), ""]
+    if not cost and not any(r["name"] == "truthful" for r in results):
+        return "\n".join(lines) + "\n"  # a subset of the scenarios (--scenarios ... --cost-requests 0)
     lines += ["## Stationary cost of the new defaults", "",
               "Judge calls per request (the truthful run): "
               + ", ".join(f"{r['name']} {r['judge_calls'] / r['requests']:.3f} ({r['guards_only']:,} of them for the guards only)" for r in results if r["name"] == "truthful")
@@ -412,8 +431,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--scenarios", default="truthful,length-biased,uncorrelated,position-biased,model-change,"
-                                                "length-biased-pinned,uncorrelated-pinned")
+    parser.add_argument("--scenarios", default=SCENARIOS)
     parser.add_argument("--pinned-requests", type=int, default=6000)
     parser.add_argument("--cost-requests", type=int, default=10_000)
     parser.add_argument("--cost-seeds", type=int, default=3)
