@@ -479,7 +479,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="thermostat", description="Self-tuning reverse proxy for OpenAI-compatible LLM APIs")
+    parser = argparse.ArgumentParser(prog="thermostat", description="Self-tuning reverse proxy for LLM APIs in the OpenAI and Anthropic formats")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy")

@@ -43,11 +43,14 @@ MAX_IN_FLIGHT = 256  # past this many unanswered requests the demo skips a beat 
 
 async def run(
     base_url: str, rate_per_s: float, *, admin_token: str | None = None, seed: int = 0, feedback: FeedbackSource = "explicit",
+    requests: int | None = None,
 ) -> None:
     """Send `rate_per_s` requests a second until cancelled, with the chosen feedback (module docstring).
 
     Open loop: request i leaves at start + i / rate whatever earlier answers are doing, as
     independent users do; waiting for each answer before sleeping sent ~3.5 of 5 a second.
+    With `requests`, send that many, then wait for every answer and its feedback and return
+    (cancelled, the requests still in flight are dropped with their feedback, as when the demo stops).
     """
     rng = random.Random(seed)
     headers = {"authorization": f"Bearer {admin_token}"} if admin_token else {}
@@ -57,13 +60,14 @@ async def run(
     async with httpx.AsyncClient(base_url=base_url, timeout=30, headers=headers, limits=limits) as client:
         try:
             due = loop.time()
-            for i in itertools.count():
+            for i in itertools.count() if requests is None else range(requests):
                 if len(in_flight) < MAX_IN_FLIGHT:
                     task = asyncio.create_task(_one(client, i, rng.random(), feedback))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
                 due += 1.0 / rate_per_s
                 await asyncio.sleep(max(0.0, due - loop.time()))
+            await asyncio.gather(*in_flight)
         finally:
             for task in list(in_flight):
                 task.cancel()

@@ -6,6 +6,7 @@ Mistakes found by hand (issue 27) are pinned here so they do not come back.
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,15 @@ def test_readme_keeps_to_the_first_read_and_links_the_reference() -> None:
 def test_mistakes_found_by_hand_stay_fixed(wrong: str) -> None:
     for doc in (ROOT / "README.md", *DOC_FILES):
         assert wrong not in doc.read_text(), f"{doc.name}: {wrong}"
+
+
+def test_the_package_and_the_command_line_name_both_formats() -> None:
+    """What `pip show thermostat` and `thermostat --help` say: the Anthropic format is served too."""
+    from proxy.cli import build_parser
+
+    description = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["description"]
+    for text in (description, build_parser().description or ""):
+        assert "OpenAI-compatible" not in text and "Anthropic" in text, text
 
 
 def test_the_anthropic_snippet_passes_an_api_key() -> None:

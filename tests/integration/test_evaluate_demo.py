@@ -9,6 +9,7 @@ printing an importance-weighted number ten times below the holdout's.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,8 +71,8 @@ def test_evaluate_on_a_fresh_demo_log_without_matplotlib(tmp_path: Path) -> None
         assert f"| {task} | IPS |" not in report and f"| {task} | holdout |" in report
         assert f"**{task}**: the estimate is unsupported" in report
         assert f"{task}: unsupported" in done.stdout
-    played = [int(x) for x in __import__("re").findall(r"played (\d+) of the 25 arms", report)]
-    assert len(played) == 3 and all(p <= 10 for p in played), played
+    played = [(int(p), int(k)) for p, k in re.findall(r"played (\d+) of the (\d+) arms", report)]
+    assert len(played) == 3 and all(p <= 10 and k == 25 for p, k in played), (played, report)  # 5 of 25 in the runs seen
 
     # A candidate confined to what the demo played (the client's own cap, temperature held) is supported.
     out = tmp_path / "confined"

@@ -172,7 +172,7 @@ def simulator_in_thread(seed: int = 0, time_scale: float = 0.0, **options: Any) 
 
 
 def run_demo_traffic(base: str, rate_per_s: float, seconds: float, **options: Any) -> None:
-    """`thermostat demo`'s simulated clients (proxy/demo/traffic.py) against `base` for `seconds`."""
+    """`thermostat demo`'s simulated clients (proxy/demo/traffic.py) against `base` for `seconds` (with `requests=`: until that many are answered, `seconds` at most)."""
     from proxy.demo import traffic
 
     async def drive() -> None:
