@@ -13,7 +13,7 @@ its last call) so that idle gaps longer than every one of them take a second or 
 - a Redis flush mid-window: was up to +4,809 over a 30,000 cap;
 - a replica killed with -9 while holding a lease: its in-flight usage was never counted.
 
-The first three also run on a budget in dollars (`caws.unit = "usd"`, issue 25): the same
+Each also runs on a budget in dollars (`caws.unit = "usd"`, issue 25): the same
 traffic, the cap then on what the upstream produced at the configured price, which Redis
 counts in micro-dollars.
 """
@@ -50,6 +50,7 @@ PRICE_IN, PRICE_OUT = 2.0, 8.0
 LIMIT_USD = 0.012
 CAP = {"tokens": LIMIT, "usd": 12_000}  # the cap in the unit Redis counts (tokens, micro-dollars)
 PER_REQUEST = {"tokens": 89, "usd": 358}  # one served request of `burst`, in that unit
+RESERVATION = {"tokens": 104, "usd": 388}  # what it reserves: the prompt estimate (74) plus its cap (30)
 GAP_S = 1.5  # longer than the horizon, the ttl and the store's reclaim (2 x ttl)
 
 
@@ -210,7 +211,8 @@ def test_a_redis_flush_mid_window_does_not_overspend(
     assert all(spent >= CAP[unit] // 3 for spent in runs), runs  # conservative, not shut (measured: 2,937 tokens in each run)
 
 
-def serve_process(tmp_path: Path, name: str, upstream: FakeUpstream, prefix: str, limit: int) -> tuple[subprocess.Popen[bytes], str]:
+def serve_process(tmp_path: Path, name: str, upstream: FakeUpstream, prefix: str, limit: float,
+                  unit: str = "tokens") -> tuple[subprocess.Popen[bytes], str]:
     cfg = tmp_path / f"{name}.toml"
     timers = "\n".join(f"{k} = {v}" for k, v in TIMERS.items())
     cfg.write_text(
@@ -224,6 +226,11 @@ base_url = "{upstream.url}"
 models = ["*"]
 timeout_s = 10.0
 
+[[upstreams.models_config]]
+pattern = "*"
+input_price_per_mtok = {PRICE_IN}
+output_price_per_mtok = {PRICE_OUT}
+
 [storage]
 redis_url = "{REDIS_URL}"
 redis_key_prefix = "{prefix}"
@@ -233,6 +240,7 @@ flush_interval_s = 0.05
 enabled = false
 
 [caws]
+unit = "{unit}"
 budget_limit = {limit}
 on_exhausted = "reject"
 store_timeout_s = 1.0
@@ -265,15 +273,18 @@ async def cut_off(url: str, n: int) -> list[Any]:
         return list(await asyncio.gather(*(client.post(f"{url}/chat/completions", json=body) for _ in range(n)), return_exceptions=True))
 
 
+@pytest.mark.parametrize("unit", ["tokens", "usd"])
 @pytest.mark.parametrize("n", [1, 3])
 def test_a_replica_killed_while_holding_a_lease_is_counted(
-    n: int, own_upstream: FakeUpstream, tmp_path: Path, redis_prefix: str, sync_redis: redis.Redis
+    n: int, unit: str, own_upstream: FakeUpstream, tmp_path: Path, redis_prefix: str, sync_redis: redis.Redis
 ) -> None:
     """Requests in flight on a replica killed with -9 are still produced (and billed) by the upstream.
     Once its lease is reclaimed their reservations count as used, so Redis never counts less than
     the upstream produced (was: 984 and 1,107 tokens never counted). With one replica, a restarted
-    one (a new lease holder) plays the survivor."""
-    started = [serve_process(tmp_path, f"r{i}", own_upstream, redis_prefix, 10_000) for i in range(n)]
+    one (a new lease holder) plays the survivor. In dollars the cap is $0.04 (about as many requests as
+    10,000 tokens)."""
+    limit = 10_000 if unit == "tokens" else 0.04
+    started = [serve_process(tmp_path, f"r{i}", own_upstream, redis_prefix, limit, unit) for i in range(n)]
     procs = [p for p, _ in started]
     (victim, victim_url), survivors = started[0], [f"{base}/v1" for _, base in started[1:]]
     try:
@@ -289,7 +300,7 @@ def test_a_replica_killed_while_holding_a_lease_is_counted(
         with_victim.run_until_complete(in_flight)  # connections reset by the kill
         with_victim.close()
         if not survivors:
-            proc, base = serve_process(tmp_path, "restarted", own_upstream, redis_prefix, 10_000)
+            proc, base = serve_process(tmp_path, "restarted", own_upstream, redis_prefix, limit, unit)
             procs.append(proc)
             survivors = [f"{base}/v1"]
         wait_for(lambda: own_upstream.billed_tokens == sum(r.json()["usage"]["total_tokens"] for r in warm) + 8 * 89, 10)
@@ -297,7 +308,7 @@ def test_a_replica_killed_while_holding_a_lease_is_counted(
         for _ in range(4):  # traffic on the survivors past the victim's lease expiry (1 s after its last call)
             later += asyncio.run(burst(survivors, 2))
             time.sleep(0.5)
-        # (a loaded machine can stretch a top-up past store_timeout_s: a 503, never a 429 with 10,000 left)
+        # (a loaded machine can stretch a top-up past store_timeout_s: a 503, never a 429 with most of the cap left)
         check_statuses(later)
         assert 429 not in [r.status_code for r in later] and any(r.status_code == 200 for r in later)
     finally:
@@ -309,7 +320,8 @@ def test_a_replica_killed_while_holding_a_lease_is_counted(
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
-    billed = own_upstream.billed_tokens
+    billed_here = billed(own_upstream, unit)
     used = redis_used(sync_redis, redis_prefix)
-    assert used >= billed, (used, billed)  # nothing the upstream produced goes uncounted
-    assert used - billed <= 8 * (104 - 89), (used, billed)  # the charge is the 8 reservations (74 + 30), not the lease
+    assert used >= billed_here, (used, billed_here)  # nothing the upstream produced goes uncounted
+    # the charge is the 8 reservations (74 + 30 tokens, or 74 · 2 + 30 · 8 = 388 micro-dollars), not the lease
+    assert used - billed_here <= 8 * (RESERVATION[unit] - PER_REQUEST[unit]), (used, billed_here)
