@@ -483,3 +483,53 @@ def test_dollar_budget_without_a_price_is_never_counted_as_free(on_exhausted: st
 def test_token_budget_spent_is_prompt_plus_completion() -> None:
     guard, _ = make(1000)
     assert guard.spent(30, 12, 99.0) == 42 and guard.spent(None, 5, None) == 5 and guard.spent(None, None, None) is None
+
+
+def test_dollar_budget_zones_waivers_and_reject_work_as_for_tokens() -> None:
+    """The 80 % waiver zone, the 90 % warning, a waiver and `reject` at 100 % on a dollar budget (issue 25,
+    item 3). At $0 / $1 per million input / output tokens an arm's reservation is its cap in micro-dollars, so the
+    figures are the token tests' above: $0.001 = 1,000 micro-dollars."""
+    from policies.pricing import flat
+
+    one = flat(0.0, 1.0)  # 1 micro-dollar per output token
+
+    async def spend(guard: BudgetGuard, micro: int, task: str = "chat") -> None:
+        v = await guard.decide(allowed=[Arm(0.7, micro)], chosen=None, baseline=Arm(0.7, micro), task_type=task, prompt_tokens=0,
+                               confidence=None, now=T0, rates=one)
+        assert v.reservation is not None and v.reservation.tokens == micro
+        await guard.settle(v.reservation, guard.spent(0, micro, micro / 1e6), T0)  # type: ignore[arg-type]
+
+    async def choose(guard: BudgetGuard, chosen: Arm, task: str = "chat", conf: float | None = 1.0) -> BudgetVerdict:
+        return await guard.decide(allowed=ARMS, chosen=ARMS.index(chosen), baseline=BASE, task_type=task, prompt_tokens=0,
+                                  confidence=conf, now=T0, rates=one)
+
+    async def go() -> None:
+        guard, _ = make(0.001, unit="usd", on_exhausted="reject")  # type: ignore[arg-type]
+        await spend(guard, 799)
+        below = await choose(guard, BIG)
+        assert (below.arm, below.reason, below.waiver_zone) == (BIG, "chosen", False)
+        await guard.release(below.reservation, T0)
+        await spend(guard, 1)  # 800 of 1,000 micro-dollars: the waiver zone
+        at = await choose(guard, BIG)
+        assert at.waiver_zone and at.refused == "waiver_required" and (at.arm, at.reason) == (SMALL, "cheaper_fit")
+        await guard.release(at.reservation, T0)
+        warned = await choose(guard, BASE)  # 800 + 100 = 900: the warning
+        assert warned.warning and not warned.exhausted and warned.fill == pytest.approx(0.9) and "budget:warning" in warned.notes
+        await guard.release(warned.reservation, T0)
+        # a waiver's extra counts micro-dollars here: 100 more makes the limit 1,100 and the gate 880, unlocked for "code"
+        await guard.create_waiver(task_type="code", extra_tokens=100, reason="launch", approver="alice", expires_at=T0 + 3600, now=T0)
+        await spend(guard, 80)  # 880
+        waived = await choose(guard, BIG, task="code")
+        assert (waived.arm, waived.reason, waived.waiver_id, waived.effective_limit) == (BIG, "chosen", "WV-0001", 1100)
+        await guard.release(waived.reservation, T0)
+        other = await choose(guard, BIG, task="chat")
+        assert other.refused == "waiver_required"  # the waiver is for "code" only
+        await guard.release(other.reservation, T0)
+        await spend(guard, 220)  # 1,100: the limit with the waiver's extra, spent
+        full = await choose(guard, SMALL)
+        assert (full.action, full.reason, full.reservation) == ("reject", "exhausted_reject", None)
+        assert await counters(guard) == Counters(used=1100)
+        status = await guard.status(T0)
+        assert (status.used, status.exhausted, status.warning) == (1100, True, True), status
+
+    run(go())

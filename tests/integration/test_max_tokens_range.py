@@ -5,7 +5,8 @@ A client cap between `[constraints] max_tokens` + 1 and that + `max_delta_max_to
 offered only lower caps (the client's own is above what Thermostat may choose), the
 truncation check withheld those until answers show them safe, and the policy raised,
 a text/plain 500. Driven through the real app by the official SDKs, over the whole
-valid range by hypothesis, plus every value of the band around the ceiling that failed.
+valid range by hypothesis, plus every value of the band around the ceiling that failed, in each
+rollout mode (shadow, canary, guarded, general) and with optimization off.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ ENDPOINTS = ("chat", "completions", "responses", "messages")
 # The defaults under test: ceiling 4,096, band 500, truncation check on.
 MODES = {
     "general": {"mode": "general", "holdout_fraction": 0.3, "seed": 5},
+    "canary": {"mode": "canary", "seed": 5},
+    "guarded": {"mode": "guarded", "seed": 5},
     "shadow": {"mode": "shadow"},
     "off": {"enabled": False},
 }

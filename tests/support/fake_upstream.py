@@ -47,6 +47,8 @@ class FakeUpstream:
     models: tuple[str, ...] = ("echo-1",)
     models_status: int = 200
     billed_tokens: int = 0  # total_tokens of every chat/completions answer it produced (its own usage count)
+    billed_prompt_tokens: int = 0  # the same count split, for pricing what it produced (a dollar budget)
+    billed_completion_tokens: int = 0
     _server: AppInThread | None = None
 
     @property
@@ -166,6 +168,8 @@ class FakeUpstream:
         prompt = len(json.dumps(body.get("messages", body.get("prompt", "")))) // 4 + 1
         completion = len(text.split())
         self.billed_tokens += prompt + completion
+        self.billed_prompt_tokens += prompt
+        self.billed_completion_tokens += completion
         usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         if str(body.get("model", "")).startswith("cached-"):
             usage["prompt_tokens_details"] = {"cached_tokens": prompt // 2}
