@@ -67,7 +67,12 @@ def room_of(filename: str, function: str) -> str:
     return "stdlib " + Path(filename).stem
 
 
-async def profile(variant: str, requests: int, concurrency: int) -> tuple[collections.Counter[str], float, float]:
+# The edge's pipeline steps (proxy/edge/asgi.py), whose inclusive time splits a request into
+# before forwarding (admit, decide, prepare), on the wire (exchange: send and relay) and after (finish).
+STEPS = ("_admit", "_decide", "_prepare", "_exchange", "_finish")
+
+
+async def profile(variant: str, requests: int, concurrency: int) -> tuple[collections.Counter[str], float, float, dict[str, float]]:
     os.environ.setdefault("BENCH_UPSTREAM_KEY", "sk-bench")
     raw: dict[str, Any] = {
         "server": {"data_dir": tempfile.mkdtemp(prefix="thermostat-attribution-")},
@@ -104,9 +109,12 @@ async def profile(variant: str, requests: int, concurrency: int) -> tuple[collec
         await rt.stop()
     stats: dict[Any, Any] = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     groups: collections.Counter[str] = collections.Counter()
-    for (filename, _line, function), (_cc, _nc, tottime, _ct, _callers) in stats.items():
+    steps: dict[str, float] = {}
+    for (filename, _line, function), (_cc, _nc, tottime, cumtime, _callers) in stats.items():
         groups[room_of(filename, function)] += tottime
-    return groups, cpu_plain, sum(groups.values())
+        if function in STEPS and filename.endswith("asgi.py"):
+            steps[function] = steps.get(function, 0.0) + cumtime
+    return groups, cpu_plain, sum(groups.values()), steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=20)
     a = p.parse_args(argv)
     logging.disable(logging.WARNING)
-    groups, cpu_plain, profiled = asyncio.run(profile(a.variant, a.requests, a.concurrency))
+    groups, cpu_plain, profiled, steps = asyncio.run(profile(a.variant, a.requests, a.concurrency))
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [f"\n## {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {rev}, variant `{a.variant}`\n",
@@ -129,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {seconds / profiled * 100:.1f} % | `{name}` |")
     rest = profiled - sum(s for _, s in groups.most_common(a.top))
     lines.append(f"| {rest / profiled * 100:.1f} % | everything else ({max(0, len(groups) - a.top)} more) |")
+    lines += ["", "Inclusive time of the edge's steps, as a share of all profiled time (the rest: the server loop, "
+              "the client harness, background batches and writers):", "", "| step | share |", "|---|---:|"]
+    lines += [f"| `{name}` | {steps.get(name, 0.0) / profiled * 100:.1f} % |" for name in STEPS]
     path = RESULTS / f"cpu-attribution-{dt.date.today().isoformat()}.md"
     if not path.exists():
         path.write_text("# Where a request's CPU goes, by room (cProfile self time, in-process)\n\n"
