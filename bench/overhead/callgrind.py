@@ -11,6 +11,12 @@ request count (whatever the loop does meanwhile, periodic work included, is char
 requests, as on a busy server). `--ref` runs the same server code from a temporary
 `git worktree` of that commit (PYTHONPATH first, so the editable install is shadowed).
 Appends a row to bench/results/callgrind-<date>.md.
+
+    .venv/bin/python -m bench.overhead.callgrind --requests 400 --variants full,no-journal,no-budget,no-optimization,bare
+
+`--variants` measures the same build with parts switched off in its config (`VARIANTS`), one
+window each: the difference to `full` is what that part costs per request, measured rather
+than read off a profiler (whose own overhead is largest on the many small calls of the hot path).
 """
 
 from __future__ import annotations
@@ -63,6 +69,27 @@ def wait_http(url: str, timeout: float) -> None:
     raise SystemExit(f"{url} did not answer within {timeout:.0f} s")
 
 
+# Config variants for `--variants`: what each switches off, as TOML appended to the bench's config.
+# `bare` is everything a config can switch off at once: what remains is the edge itself
+# (parse, route, relay), the decision log's row and the metrics, which no setting removes.
+VARIANTS: dict[str, str] = {
+    "full": "",
+    "no-journal": "[storage]\njournal = false\n",
+    "no-state": "[storage]\nstate_persist = false\n",
+    "no-budget": "[caws]\nenabled = false\n",
+    "no-optimization": "[optimization]\nenabled = false\n",
+    "bare": "[storage]\njournal = false\nstate_persist = false\n[caws]\nenabled = false\n[optimization]\nenabled = false\n",
+}
+
+
+def thermostat_toml(data_dir: Path, up_port: int, variant: str = "full") -> str:
+    """The bench's config; a variant's sections replace the defaults' (one [optimization] table either way)."""
+    extra = VARIANTS[variant]
+    optimization = "" if "[optimization]" in extra else '[optimization]\nenabled = true\nmode = "general"\npolicy = "thompson_gaussian"\n'
+    return (f'[server]\ndata_dir = "{data_dir}"\n[[upstreams]]\nname = "fake"\nbase_url = "http://127.0.0.1:{up_port}/v1"\n'
+            f'models = ["*"]\n{optimization}[admin]\nallow_unauthenticated = true\n{extra}')
+
+
 @dataclass(frozen=True)
 class Window:
     """One callgrind window: its instructions over the requests it counted."""
@@ -86,7 +113,7 @@ class Window:
         return self.instructions / self.requests
 
 
-def measure(a: argparse.Namespace, target: str, chunks: int, stream_only: bool) -> Window | None:
+def measure(a: argparse.Namespace, target: str, chunks: int, stream_only: bool, variant: str = "full") -> Window | None:
     """Start the fake upstream and `target` under callgrind, count the window of `a.requests`."""
     tmp = Path(tempfile.mkdtemp(prefix="thermostat-callgrind-"))
     env = dict(os.environ)
@@ -110,9 +137,7 @@ def measure(a: argparse.Namespace, target: str, chunks: int, stream_only: bool) 
         ready = f"http://127.0.0.1:{port}/health"  # forwarded to the fake upstream's own /health
     else:
         cfg = tmp / "thermostat.toml"
-        cfg.write_text(f'[server]\ndata_dir = "{tmp / "data"}"\n[[upstreams]]\nname = "fake"\nbase_url = "http://127.0.0.1:{up_port}/v1"\n'
-                       'models = ["*"]\n[optimization]\nenabled = true\nmode = "general"\npolicy = "thompson_gaussian"\n'
-                       "[admin]\nallow_unauthenticated = true\n")
+        cfg.write_text(thermostat_toml(tmp / "data", up_port, variant))
         cmd = [PY, "-m", "proxy.cli", "serve", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port)]
         ready = f"http://127.0.0.1:{port}/health/liveness"
     server = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *cmd],
@@ -203,11 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-chunk", default="", help="A,B: streamed requests only, at A then B chunks each; reports the slope")
     p.add_argument("--keep", action="store_true", help="keep the callgrind files (for callgrind_annotate)")
     p.add_argument("--idle-s", type=float, default=10.0, help="seconds of no load counted first, for the idle rate")
+    p.add_argument("--variants", default="", help=f"thermostat only, one window per config variant: {', '.join(VARIANTS)}")
     p.add_argument("--chunk-delay-ms", type=float, default=1.0,
                    help="gap between upstream chunks; with --per-chunk make it long enough that chunks are not coalesced")
     a = p.parse_args(argv)
     counts = [int(x) for x in a.per_chunk.split(",")] if a.per_chunk else [8]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    if a.variants:
+        return run_variants(a, [v.strip() for v in a.variants.split(",")], load)
     for target in a.targets.split(","):
         windows = []
         for chunks in counts:
@@ -225,6 +253,25 @@ def main(argv: list[str] | None = None) -> int:
             idle = sum(w.idle_rate for w in windows) / len(windows)
             write_row(f"| | {target} | {windows[0].rev} | {a.label} | per chunk: **{slope / 1e3:.1f} k** instructions; "
                       f"per request apart from chunks: **{base / 1e6:.3f} M**; idle: {idle / 1e6:.2f} M/s, taken out | | | | |")
+    return 0
+
+
+def run_variants(a: argparse.Namespace, variants: list[str], load: str) -> int:
+    """One window per config variant; each row also says how far it is below `full` (when `full` ran first)."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    base: float | None = None
+    for variant in variants:
+        w = measure(a, "thermostat", 8, stream_only=False, variant=variant)
+        if w is None:
+            return 1
+        busy = (w.instructions - w.idle_rate * w.seconds) / w.requests
+        if variant == "full":
+            base = busy
+        saved = f"; {(base - busy) / 1e6:.3f} M less than full" if base is not None and variant != "full" else ""
+        write_row(f"| {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} | thermostat | {w.rev} | variant {variant} {a.label} | {a.requests} | "
+                  f"{a.concurrency} | 8 (half streamed) | {w.per_request / 1e6:.3f} ({busy / 1e6:.3f} without idle work{saved}) | {load} |")
     return 0
 
 
