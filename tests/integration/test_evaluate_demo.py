@@ -72,7 +72,9 @@ def test_evaluate_on_a_fresh_demo_log_without_matplotlib(tmp_path: Path) -> None
         assert f"**{task}**: the estimate is unsupported" in report
         assert f"{task}: unsupported" in done.stdout
     played = [(int(p), int(k)) for p, k in re.findall(r"played (\d+) of the (\d+) arms", report)]
-    assert len(played) == 3 and all(p <= 10 and k == 25 for p, k in played), (played, report)  # 5 of 25 in the runs seen
+    # How many arms the candidate chooses among depends on the rows logged (5 of 25 on an idle machine, 1 of 5 when a
+    # loaded one let the demo send fewer): what matters is that the support check sees arms the behaviour never played.
+    assert len(played) == 3 and all(0 < p < k <= 25 for p, k in played), (played, report)
 
     # A candidate confined to what the demo played (the client's own cap, temperature held) is supported.
     out = tmp_path / "confined"
