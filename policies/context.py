@@ -266,9 +266,21 @@ def stable_hash64(text: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+# bucket -> its fingerprint: a pure function, computed once per bucket (one per decision otherwise).
+# Bounded: past the cap, new buckets are hashed each time and not kept.
+_FINGERPRINTS: dict[str, int] = {}
+_MAX_FINGERPRINTS = 4096
+
+
 def context_fingerprint(ctx: RequestContext) -> int:
     """Stable signed 64-bit id of the discrete part of the context (its bucket)."""
-    return stable_hash64(context_bucket(ctx))
+    bucket = context_bucket(ctx)
+    found = _FINGERPRINTS.get(bucket)
+    if found is None:
+        found = stable_hash64(bucket)
+        if len(_FINGERPRINTS) < _MAX_FINGERPRINTS and len(bucket) <= 512:
+            _FINGERPRINTS[bucket] = found
+    return found
 
 
 def _log_scaled(value: float, cap: float) -> float:
