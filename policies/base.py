@@ -289,12 +289,21 @@ class ReopenCounts:
     _revision: int
     _decay_epoch: int
     _reopens: dict[str, float]
+    # The last version string and every input it was formatted from: read once per decision, while the
+    # inputs change only with an update or a load, so most reads format nothing.
+    _version_memo: tuple[tuple[str, str, int, int, int], str] | None = None
 
     @property
     def version(self) -> str:
         """`<name>[.<lineage>][~r<reopens>]-<revision>[e<epoch>]` (`format_version`)."""
-        reopened = int(round(sum(self._reopens.values())))
-        return format_version(self.name, self.lineage, self._revision, epoch=self._decay_epoch, reopened=reopened)
+        reopened = int(round(sum(self._reopens.values()))) if self._reopens else 0
+        key = (self.name, self.lineage, self._revision, self._decay_epoch, reopened)
+        memo = self._version_memo
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        version = format_version(self.name, self.lineage, self._revision, epoch=self._decay_epoch, reopened=reopened)
+        self._version_memo = (key, version)
+        return version
 
     @property
     def decay_epoch(self) -> int:

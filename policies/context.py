@@ -72,7 +72,7 @@ def _text_chars(value: Any) -> tuple[int, int]:
         for part in value:
             if isinstance(part, str):
                 chars += len(part)
-            elif isinstance(part, Mapping):
+            elif type(part) is dict or isinstance(part, Mapping):  # decoded JSON: a dict, without the ABC check
                 kind = part.get("type")
                 if kind in ("image_url", "input_image", "image"):
                     images += 1
@@ -107,16 +107,22 @@ def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
     elif isinstance(given, str):
         tokens += _chars_to_tokens(len(given))
     for key in ("system", "instructions"):
-        chars, _ = _text_chars(body.get(key))
-        tokens += _chars_to_tokens(chars)
+        value = body.get(key)
+        if value is not None:  # None counts 0 characters
+            chars, _ = _text_chars(value)
+            tokens += _chars_to_tokens(chars)
     if isinstance(messages, list):
         tokens += REPLY_PRIMING
         for message in messages:
             tokens += PER_MESSAGE_OVERHEAD
-            if not isinstance(message, Mapping):
+            if type(message) is not dict and not isinstance(message, Mapping):  # a dict skips the ABC check
                 tokens += _chars_to_tokens(len(_json_text(message)))
                 continue
-            chars, images = _text_chars(message.get("content"))
+            content = message.get("content")
+            if type(content) is str:  # the common shape, as `_text_chars` counts it
+                chars, images = len(content), 0
+            else:
+                chars, images = _text_chars(content)
             name = message.get("name")
             if isinstance(name, str):
                 chars += len(name)
@@ -163,6 +169,8 @@ def _token_cap(body: Mapping[str, Any]) -> int | None:
 
 def _number(value: Any) -> float | None:
     """A finite JSON number as float, else None (bools are not numbers here)."""
+    if type(value) is float:  # the common case, as below
+        return value if math.isfinite(value) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     as_float = float(value)
@@ -179,7 +187,7 @@ def build_context(body: Mapping[str, Any], *, task_type: str, endpoint: str, ups
     of the bucket key; `effort` is the client's reasoning effort as the format's adapter
     read it (proxy/edge/formats), None when the request carries none.
     """
-    if not isinstance(body, Mapping):
+    if type(body) is not dict and not isinstance(body, Mapping):  # a dict skips the ABC check
         body = {}
     model = body.get("model")
     messages = body.get("messages")
@@ -190,9 +198,9 @@ def build_context(body: Mapping[str, Any], *, task_type: str, endpoint: str, ups
     # Responses: `text.format`; Anthropic: `output_config.format`.
     for outer in ("text", "output_config"):
         nested = body.get(outer)
-        if response_format is None and isinstance(nested, Mapping):
+        if response_format is None and nested is not None and isinstance(nested, Mapping):
             response_format = nested.get("format")
-    json_mode = isinstance(response_format, Mapping) and response_format.get("type") in (
+    json_mode = response_format is not None and isinstance(response_format, Mapping) and response_format.get("type") in (
         "json_object",
         "json_schema",
     )
@@ -242,7 +250,14 @@ def context_bucket(ctx: RequestContext) -> str:
     change which (temperature, max_tokens) is best, and every extra dimension
     splits the data a tabular posterior learns from.
     """
-    return f"{ctx.task_type}|{model_group(ctx)}|{ctx.endpoint}|p{prompt_bin(ctx.prompt_tokens_est)}|j{int(ctx.json_mode)}|t{int(ctx.has_tools)}"
+    upstream = ctx.upstream
+    group = f"{ctx.model}@{upstream}" if upstream else ctx.model  # `model_group`, inlined: this runs several times a request
+    if "|" in group:
+        group = group.replace("|", "/")
+    tokens = ctx.prompt_tokens_est
+    if tokens < PROMPT_BIN_EDGES[0]:  # `prompt_bin`'s first bin, where nearly every prompt falls
+        return f"{ctx.task_type}|{group}|{ctx.endpoint}|p0|j{int(ctx.json_mode)}|t{int(ctx.has_tools)}"
+    return f"{ctx.task_type}|{group}|{ctx.endpoint}|p{prompt_bin(tokens)}|j{int(ctx.json_mode)}|t{int(ctx.has_tools)}"
 
 
 def stable_hash64(text: str) -> int:
@@ -251,9 +266,21 @@ def stable_hash64(text: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+# bucket -> its fingerprint: a pure function, computed once per bucket (one per decision otherwise).
+# Bounded: past the cap, new buckets are hashed each time and not kept.
+_FINGERPRINTS: dict[str, int] = {}
+_MAX_FINGERPRINTS = 4096
+
+
 def context_fingerprint(ctx: RequestContext) -> int:
     """Stable signed 64-bit id of the discrete part of the context (its bucket)."""
-    return stable_hash64(context_bucket(ctx))
+    bucket = context_bucket(ctx)
+    found = _FINGERPRINTS.get(bucket)
+    if found is None:
+        found = stable_hash64(bucket)
+        if len(_FINGERPRINTS) < _MAX_FINGERPRINTS and len(bucket) <= 512:
+            _FINGERPRINTS[bucket] = found
+    return found
 
 
 def _log_scaled(value: float, cap: float) -> float:

@@ -379,7 +379,7 @@ class ThompsonGaussianPolicy(ReopenCounts):
     def _bucket(self, ctx: RequestContext) -> str:
         """The context's bucket, or `OTHER_BUCKET` once `max_buckets` buckets have statistics."""
         bucket = context_bucket(ctx)
-        gen = self._generation(ctx.task_type)
+        gen = self._generation(ctx.task_type) if self._reopens else 0  # no task reopened: generation 0
         if gen or "#" in ctx.task_type:
             bucket = _task_part(ctx.task_type, gen) + bucket[len(ctx.task_type):]
         if bucket in self._pooled or len(self._pooled) < self.settings.max_buckets:

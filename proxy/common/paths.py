@@ -23,11 +23,31 @@ _STRUCTURAL_ESCAPES = re.compile(rb"%(2f|5c|25)", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
+# Paths already confined (the answer is a pure function of the two): a handful of endpoints
+# carry nearly all traffic. Bounded in entries and in their size: once full, or for a long
+# path, the checks simply run each time.
+_CONFINED: dict[tuple[bytes | None, str], str] = {}
+_MAX_CONFINED = 1024
+_MAX_CONFINED_CHARS = 256
+
+
 def confine_v1_path(raw_path: bytes | None, path: str) -> str:
     """The path after `/v1` if it is safe to append to an upstream's base URL, else a 400.
 
     `path` is the ASGI decoded path (starting with `/v1/`); `raw_path` the bytes as sent.
+    A path accepted once is remembered (`_CONFINED`); a refused one is checked every time.
     """
+    key = (raw_path, path)
+    found = _CONFINED.get(key)
+    if found is None:
+        found = _confine(raw_path, path)
+        if len(_CONFINED) < _MAX_CONFINED and len(path) <= _MAX_CONFINED_CHARS and (raw_path is None or len(raw_path) <= _MAX_CONFINED_CHARS):
+            _CONFINED[key] = found
+    return found
+
+
+def _confine(raw_path: bytes | None, path: str) -> str:
+    """`confine_v1_path`'s checks, uncached."""
     if raw_path is not None and (_STRUCTURAL_ESCAPES.search(raw_path) or b"\\" in raw_path):
         raise bad_request("the request path contains an encoded '/', '\\\\' or '%', which Thermostat does not forward", "invalid_path")
     if _CONTROL.search(path):

@@ -406,12 +406,14 @@ class ArmSpace:
             return allowed
         keys: dict[float, TruncationKey] = {}
         kept = []
+        admits = self.truncation.admits
+        base_cap = base.max_tokens
         for a in allowed:
-            if a.max_tokens < base.max_tokens:
+            if a.max_tokens < base_cap:
                 key = keys.get(a.temperature)
                 if key is None:
                     key = keys[a.temperature] = self.truncation_key(ctx, a.temperature, base)
-                if not self.truncation.admits(key, a.max_tokens):
+                if not admits(key, a.max_tokens):
                     continue
             kept.append(a)
         # The trust region offers the baseline only if it could choose it itself: a client cap

@@ -199,7 +199,8 @@ class BanditDecider:
         plan = await self.plan(ctx, assignment_key=assignment_key, rng=self.rng)
         reserved = self.desk.hold(request_id, plan.verdict)
         refuse_if_rejected(plan.verdict)
-        return plan.decision(request_id, self.policy.name, self.policy.version, reserved)
+        policy = self.sampler.policy  # `self.policy`, read once
+        return plan.decision(request_id, policy.name, policy.version, reserved)
 
     async def explain(
         self, ctx: RequestContext, *, request_id: str, assignment_key: str | None, rng: np.random.Generator

@@ -134,7 +134,8 @@ class Plan(NamedTuple):
 
     def decision(self, request_id: str, policy_name: str, policy_version: str, budget_reserved: int) -> Decision:
         """The record `decide` returns and `explain` shows: one construction, so the two cannot drift apart."""
-        base, arm, out = self.reference.arm, self.policy_arm, self.sending
+        options, choice, out = self.options, self.choice, self.sending
+        base, arm = options.reference.arm, options.allowed[choice.index]  # `reference.arm`, `policy_arm`
         return Decision(
             request_id=request_id,
             context=self.ctx,
@@ -147,11 +148,11 @@ class Plan(NamedTuple):
             mode=out.mode,
             created_at=self.now,
             policy_choice=Params(temperature=arm.temperature, max_tokens=arm.max_tokens, effort=arm.effort, model=arm.model),
-            policy_propensity=self.choice.propensity,
-            arm_index=self.choice.index,
+            policy_propensity=choice.propensity,
+            arm_index=choice.index,
             guard_notes=out.notes,
             budget_reserved=budget_reserved,
-            served_upstream=self.options.stand_ins[out.sent.model].upstream if out.sent.model is not None else "",
+            served_upstream=options.stand_ins[out.sent.model].upstream if out.sent.model is not None else "",
         )
 
 

@@ -45,6 +45,28 @@ def model_groups(allowed: list[Arm]) -> dict[str | None, list[int]]:
     return groups
 
 
+def _one_model(allowed: list[Arm]) -> bool:
+    """Do all of `allowed` share one model (`len(model_groups(allowed)) <= 1`), without building the groups?"""
+    if not allowed:
+        return True
+    first = allowed[0].model
+    for a in allowed:
+        if a.model is not first and a.model != first:  # a dict key's test: identity, then equality
+            return False
+    return True
+
+
+def _one_temperature(allowed: list[Arm]) -> bool:
+    """Do all of `allowed` share one temperature (`len(dict.fromkeys(temperatures)) <= 1`), without building the dict?"""
+    if not allowed:
+        return True
+    first = allowed[0].temperature
+    for a in allowed:
+        if a.temperature is not first and a.temperature != first:  # a dict key's test: identity, then equality
+            return False
+    return True
+
+
 def _no_stand_ins(_upstream: str, _model: str) -> bool:
     return False
 
@@ -131,9 +153,9 @@ class TwoStageSampler:
 
     def choose(self, ctx: RequestContext, base: Arm, allowed: list[Arm], rng: np.random.Generator) -> Choice:
         """A draw from `pmf` with its exact propensity: the model first (when stand-ins are offered), then `choose_within`."""
-        groups = model_groups(allowed)
-        if len(groups) <= 1:
+        if _one_model(allowed):  # the common case, decided without building the groups
             return self.choose_within(ctx, base, allowed, rng)
+        groups = model_groups(allowed)
         models = list(groups)
         p_m = self.model_pmf(ctx, base, models)
         j = sample_index(p_m, rng)
@@ -150,9 +172,9 @@ class TwoStageSampler:
         arms, so a decision costs two table look-ups however many temperatures there are.
         With probability K·floor a uniformly random allowed arm, as `apply_floor` mixes it.
         """
-        temps = list(dict.fromkeys(a.temperature for a in allowed))
-        if len(temps) <= 1:
+        if _one_temperature(allowed):  # the common case, decided without building the list
             return self.policy.choose(ctx, base, allowed, rng)
+        temps = list(dict.fromkeys(a.temperature for a in allowed))
         k, floor = len(allowed), self.propensity_floor()
         explore = k * floor
         u = rng.random()

@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -72,7 +71,9 @@ def new_request_id() -> str:
     ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
     value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 62 & 0xFFF) << 64 | 0b10 << 62 | (rand & (1 << 62) - 1)
-    return str(uuid.UUID(int=value))
+    # `str(uuid.UUID(int=value))`, formatted directly (the value is 128 bits by construction).
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class ClientGone(Exception):
@@ -338,7 +339,7 @@ class ProxyEdge:
         view = fmt.parse(doc)
         model = view.model
         srv = svc.config.server
-        if len(model.encode("utf-8", "surrogatepass")) > srv.max_model_bytes:
+        if (len(model) if model.isascii() else len(model.encode("utf-8", "surrogatepass"))) > srv.max_model_bytes:
             raise bad_request(f"'model' must be at most {srv.max_model_bytes} bytes", "invalid_model", "model")
         if not storable(model):
             raise bad_request("'model' must not contain NUL or an unpaired surrogate", "invalid_model", "model")

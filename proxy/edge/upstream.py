@@ -146,6 +146,10 @@ class Upstream:
             self.credential = ("x-api-key", api_key) if settings.format == "anthropic" else ("authorization", f"Bearer {api_key}")
         self.transport: Transport = transport if transport is not None else AiohttpTransport(settings)
         self._model_cache: dict[str, ModelSettings | None] = {}
+        # `url_for` per path: the base URL is fixed, so whether a path stays under it is too (bounded like the names).
+        self._urls: dict[str, str] = {}
+        # The client header names `forward_headers` never forwards to this upstream: fixed by its settings and key.
+        self.dropped_headers: frozenset[bytes] = _dropped_headers(self.credential, settings.forward_client_credentials)
 
     def matches(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self._patterns)
@@ -161,9 +165,13 @@ class Upstream:
 
     def url_for(self, v1_path: str, query: bytes) -> str:
         """`v1_path` is the client's path without the leading `/v1`, already confined by the edge."""
-        if not url_within_base(self.base_url, v1_path):
-            raise bad_request("the request path leaves the upstream's API", "invalid_path")
-        url = self.base_url + v1_path
+        url = self._urls.get(v1_path)
+        if url is None:
+            if not url_within_base(self.base_url, v1_path):
+                raise bad_request("the request path leaves the upstream's API", "invalid_path")
+            url = self.base_url + v1_path
+            if len(self._urls) < MAX_CACHED_NAMES and len(v1_path) <= 256:  # bounded in entries and their size
+                self._urls[v1_path] = url
         return url + "?" + query.decode("latin-1") if query else url
 
     async def _request(self, method: str, url: str, headers: CIMultiDict[str], body: bytes | None) -> UpstreamResponse:
@@ -279,27 +287,35 @@ HOP_BY_HOP = frozenset(
 CLIENT_CREDENTIAL_HEADERS = frozenset({b"authorization", b"api-key", b"x-api-key", b"openai-organization", b"openai-project"})
 
 
+def _dropped_headers(credential: tuple[str, str] | None, forward_client_credentials: bool) -> frozenset[bytes]:
+    """The client header names (lower-case) `forward_headers` drops for an upstream with this key and setting.
+
+    Hop-by-hop headers and `x-task-type`; with the operator's key, the client's Authorization and
+    whichever header carries that key (`x-api-key` for Anthropic), even with `forward_client_credentials`:
+    that keeps only the others, or an Anthropic upstream would be sent the client's bearer next to the
+    operator's key; without `forward_client_credentials`, the client's other credential headers too.
+    """
+    dropped = set(HOP_BY_HOP) | {b"x-task-type"}
+    if credential is not None:
+        dropped |= {b"authorization", credential[0].encode()}
+        if not forward_client_credentials:
+            dropped |= CLIENT_CREDENTIAL_HEADERS
+    return frozenset(dropped)
+
+
 def forward_headers(raw: Iterable[tuple[bytes, bytes]], upstream: Upstream) -> CIMultiDict[str]:
     """Client headers minus hop-by-hop and Thermostat's own `x-thermostat-*`/`x-task-type`.
 
     `accept-encoding: identity` is asked so the response can be read for usage while
     being relayed byte for byte. When the operator's key replaces Authorization, the
-    client's other credential headers go too, unless `forward_client_credentials`.
+    client's other credential headers go too, unless `forward_client_credentials`
+    (`_dropped_headers`, computed once per upstream: one set lookup per header here).
     """
     out: CIMultiDict[str] = CIMultiDict()
-    replace_auth = upstream.credential is not None
-    # The operator's key replaces the client's Authorization and whichever header carries it
-    # (`x-api-key` for Anthropic), even with `forward_client_credentials`: that keeps only the
-    # others, or an Anthropic upstream would be sent the client's bearer next to the operator's key.
-    replaced = (b"authorization", upstream.credential[0].encode()) if upstream.credential is not None else ()
-    drop_credentials = replace_auth and not upstream.settings.forward_client_credentials
+    dropped = upstream.dropped_headers
     for name, value in raw:
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname.startswith(b"x-thermostat-") or lname == b"x-task-type":
-            continue
-        if lname in replaced:
-            continue
-        if drop_credentials and lname in CLIENT_CREDENTIAL_HEADERS:
+        if lname in dropped or lname.startswith(b"x-thermostat-"):
             continue
         out.add(lname.decode("latin-1"), value.decode("latin-1"))
     if upstream.credential is not None:

@@ -79,3 +79,19 @@ def test_new_wire_format_knobs_are_watched_for_duplicates() -> None:
                  b'{"model":"m","reasoning":{"effort":"low"}, "reasoning":{"effort":"high"}}'):
         doc = msgspec.json.decode(body)
         assert duplicate_watched_key(body, doc) in ("max_output_tokens", "output_config", "reasoning")
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (b'{"model":"m","temperature":5,"temperature":0.5}', "temperature"),  # compact: re-encoding drops the first
+        (b'{"model":"m","stream_options":{"include_usage":true,"include_usage":false}}', "stream_options.include_usage"),
+        (b'{"model":"m","messages":[{"role":"user","content":"a","content":"b"}]}', None),  # not a watched object
+        (b'{"model":"m","messages":[{"role":"user","content":"Hi."}],"temperature":0.7,"stream_options":{"include_usage":true}}', None),
+        (b'{"model":"m","big":[123456789012345678901234567890],"stream":true}', None),
+        (b'{"model":"m","t":1e-05,"temperature":1,"temperature":2}', "temperature"),  # spelled unlike msgspec's encoding
+    ],
+)
+def test_compact_bodies_same_verdict_as_the_exact_check(raw: bytes, expected: str | None) -> None:
+    """Step 0 (a compact body that re-encodes to itself) never hides a repeat the later steps find."""
+    assert duplicate_watched_key(raw, msgspec.json.decode(raw)) == expected

@@ -59,7 +59,11 @@ class ChatFormat:
         )
 
     def patch(self, doc: dict[str, Any], knobs: Params) -> bool:
-        field = next((name for name in _TOKEN_FIELDS if doc.get(name) is not None), "max_tokens")
+        field = "max_tokens"  # the first of the client's fields present, else this one
+        for name in _TOKEN_FIELDS:
+            if doc.get(name) is not None:
+                field = name
+                break
         return patch_knobs(doc, knobs, tokens_field=field, effort_path=self.effort_path)
 
     def summarize_body(self, raw: bytes) -> ResponseSummary:
