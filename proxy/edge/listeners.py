@@ -21,9 +21,9 @@ from policies.context import context_features
 from policies.records import Decision, Outcome, RequestContext
 from proxy.common import ResponseSummary
 from proxy.decision import arm_label
-from proxy.observability import Metrics, NullTracer, Tracer, observe_decision
+from proxy.observability import Metrics, NullTracer, Tracer
 from proxy.observability import Timings as TraceTimings
-from proxy.observability.metrics import NEGATIVE_INC
+from proxy.observability.metrics import NEGATIVE_INC, decision_series
 from proxy.store import LogEntry, Recorder
 
 
@@ -74,9 +74,8 @@ class RecordMetrics:
     def __call__(self, done: Finished) -> None:
         m, decision = self.metrics, done.decision
         arm = arm_label(decision)
-        observe_decision(m, decision, done.outcome, arm)
+        task = decision_series(m, decision, done.outcome, arm)  # `observe_decision`, and the task's label
         mode = decision.mode
-        task = m.task_label(decision.context.task_type)
         status_label = str(done.status) if done.status else "error"
         m.counter(m.requests, m.model_label(decision.context.model), task, mode, arm, status_label).inc(1)
         m.histogram(m.request_duration, task, mode).observe(done.latency)

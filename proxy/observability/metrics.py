@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import logging
 import math
 import os
@@ -287,8 +288,20 @@ def cost_traffic(mode: str) -> str:
     return "holdout" if mode == "holdout" else "baseline"
 
 
+@functools.lru_cache(maxsize=1024)
+def _interventions(mode: str, guard_notes: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """`guard_interventions`, cached: a pure function of its arguments, and the same few (mode, notes) recur on
+    every request (notes with an id, a waiver's, are bounded by `maxsize` like any other)."""
+    return tuple(guard_interventions(mode, guard_notes))
+
+
 def observe_decision(m: Metrics, decision: Decision, outcome: Outcome, arm: str) -> None:
-    """Call from the edge once per finished request (after `decider.observe`).
+    """Call from the edge once per finished request (after `decider.observe`)."""
+    decision_series(m, decision, outcome, arm)
+
+
+def decision_series(m: Metrics, decision: Decision, outcome: Outcome, arm: str) -> str:
+    """`observe_decision`, returning the task's label (`RecordMetrics` labels its own series with it).
 
     Through the fast handles (`Metrics.counter`, `Metrics.histogram`): the same series, the
     same amounts in the same order, and the same ValueError for a negative count.
@@ -306,8 +319,9 @@ def observe_decision(m: Metrics, decision: Decision, outcome: Outcome, arm: str)
     elif outcome.prompt_tokens is not None or outcome.completion_tokens is not None:
         m.counter(m.unknown_price, upstream, m.model_label(model)).inc(1)
     m.counter(m.decisions, task, mode, arm).inc(1)
-    if decision.guard_notes or mode in _MODE_INTERVENTIONS:  # nothing to count otherwise (`guard_interventions`)
-        for guard, reason in guard_interventions(mode, decision.guard_notes):
+    notes = decision.guard_notes
+    if notes or mode in _MODE_INTERVENTIONS:  # nothing to count otherwise (`guard_interventions`)
+        for guard, reason in _interventions(mode, notes) if type(notes) is tuple else guard_interventions(mode, notes):
             m.counter(m.guard_interventions, guard, m.guard_reason_label(reason)).inc(1)
     reward = outcome.reward
     if reward is not None and math.isfinite(reward):
@@ -315,6 +329,7 @@ def observe_decision(m: Metrics, decision: Decision, outcome: Outcome, arm: str)
     quality = outcome.quality
     if quality is not None and math.isfinite(quality):
         m.histogram(m.quality, task, mode).observe(quality)
+    return task
 
 
 class RolloutSource(Protocol):
