@@ -207,8 +207,10 @@ class SloMonitor:
 
     def _prune(self, traffic: _Traffic, now: float) -> None:
         cutoff = now - self.settings.window_s
-        for window in traffic.windows():
-            window.drop_until(cutoff, inclusive=True)
+        for window in (traffic.latency_ms, traffic.quality, traffic.errors):
+            items = window.items
+            if items and items[0][0] <= cutoff:  # usually nothing is due: skip the call (`drop_until` checks the same)
+                window.drop_until(cutoff, inclusive=True)
 
     def _traffic_report(self, name: str, traffic: _Traffic, now: float) -> TrafficReport:
         self._prune(traffic, now)

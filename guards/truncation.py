@@ -98,21 +98,32 @@ def wealth_step(log_wealth: np.ndarray, log_weights: np.ndarray, q: np.ndarray, 
 
 
 class _KeyState:
-    """The tracked lower caps of one key and their test states (rows)."""
+    """The tracked lower caps of one key and their test states (rows).
 
-    __slots__ = ("caps", "index", "log_wealth", "log_weights")
+    `admitted` is `log_wealth >= LOG_ADMIT` per row as Python bools, refreshed whenever the
+    wealth changes (`track`, `refresh`): `admits` runs for several caps on every request,
+    and reading a numpy scalar and comparing it cost more than the list lookup.
+    """
+
+    __slots__ = ("admitted", "caps", "index", "log_wealth", "log_weights")
 
     def __init__(self) -> None:
         self.caps: list[int] = []
         self.index: dict[int, int] = {}
         self.log_wealth = np.zeros(0)
         self.log_weights = np.zeros((0, COMPONENTS))
+        self.admitted: list[bool] = []
+
+    def refresh(self) -> None:
+        """`admitted` from the wealth as it is now (after each change of `log_wealth`)."""
+        self.admitted = (self.log_wealth >= LOG_ADMIT).tolist()
 
     def track(self, lower: int) -> int:
         row = len(self.caps)
         self.caps.append(lower)
         self.index[lower] = row
         self.log_wealth = np.append(self.log_wealth, 0.0)
+        self.refresh()
         self.log_weights = np.vstack([self.log_weights, np.full((1, COMPONENTS), -math.log(COMPONENTS))])
         return row
 
@@ -141,7 +152,7 @@ class TruncationGuard:
 
     def admits(self, key: TruncationKey, lower: int) -> bool:
         """May a cap of `lower` be sent where the baseline cap is key[4]? Starts tracking it if new."""
-        if self.off or lower >= key[4]:
+        if self.delta >= 1.0 or lower >= key[4]:  # `off`, without the property's call
             return True
         if self.delta <= 0.0:
             return False
@@ -156,7 +167,7 @@ class TruncationGuard:
                 return False
             state.track(lower)
             return False
-        return bool(state.log_wealth[row] >= LOG_ADMIT)
+        return state.admitted[row]  # `log_wealth[row] >= LOG_ADMIT` (`_KeyState.refresh`)
 
     def observe(self, key: TruncationKey, sent_cap: int, tokens: int, cut: bool) -> None:
         """One finished answer of `key`: `tokens` generated under the cap `sent_cap`, `cut` if it hit it."""
@@ -165,7 +176,10 @@ class TruncationGuard:
             return
         base = key[4]
         bad = np.fromiter((extra_cut(lower, base, sent_cap, tokens, cut) for lower in state.caps), dtype=bool, count=len(state.caps))
-        wealth_step(state.log_wealth, state.log_weights, self._q, self.delta, bad, self._factors)
+        try:
+            wealth_step(state.log_wealth, state.log_weights, self._q, self.delta, bad, self._factors)
+        finally:
+            state.refresh()
 
     def observe_many(self, key: TruncationKey, sent_caps: Sequence[int], tokens: Sequence[int], cuts: Sequence[bool]) -> None:
         """`observe` for several answers of one key, in order: every indicator at once (one numpy pass), then a wealth step each."""
@@ -178,8 +192,11 @@ class TruncationGuard:
         n = np.asarray(tokens)[:, None]
         # `extra_cut` for every (answer, cap): a cut answer counts against every lower cap when it was cut below the baseline's.
         bad = np.where(np.asarray(cuts, dtype=bool)[:, None], sent < base, (lower < n) & (n <= base))
-        for row in bad:
-            wealth_step(state.log_wealth, state.log_weights, self._q, self.delta, row, self._factors)
+        try:
+            for row in bad:
+                wealth_step(state.log_wealth, state.log_weights, self._q, self.delta, row, self._factors)
+        finally:
+            state.refresh()
 
     def evidence(self, key: TruncationKey) -> dict[int, float]:
         """Per tracked lower cap, the test's wealth M_n (admitted at >= 1/ALPHA): for the control API and tests."""

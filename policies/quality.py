@@ -58,7 +58,12 @@ def _parses_as_object(text: str) -> bool:
 def is_refusal(content: str, settings: QualitySettings) -> bool:
     """Whether the opening of `content` contains one of the configured refusal phrases."""
     opening = content[: settings.refusal_window_chars].lower().replace("\u2019", "'")
-    return any(phrase in opening for phrase in settings.refusal_phrases)
+    # A plain loop, not `any()` over a generator: this runs on every answer, and the generator's
+    # set-up and one resume per phrase cost more than the substring tests themselves.
+    for phrase in settings.refusal_phrases:
+        if phrase in opening:
+            return True
+    return False
 
 
 def auto_quality(

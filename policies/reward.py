@@ -94,17 +94,21 @@ class BaselineCosts(msgspec.Struct):
         if not math.isfinite(latency_s) or latency_s < 0:
             return
         priced = cost_usd is not None and math.isfinite(cost_usd) and cost_usd >= 0
+        added = float(max(0, tokens))  # the same value for the four vectors: computed once
+        cost = float(cost_usd) if priced else 0.0  # type: ignore[arg-type]
         for store in (self.totals, self.pending):
             for key in (task_type, POOLED):
-                stats = store.setdefault(key, [0.0] * _WIDTH)
-                if len(stats) < _WIDTH:
+                stats = store.get(key)
+                if stats is None:
+                    stats = store[key] = [0.0] * _WIDTH
+                elif len(stats) < _WIDTH:
                     stats.extend([0.0] * (_WIDTH - len(stats)))
                 stats[0] += 1.0
                 stats[1] += latency_s
-                stats[2] += float(max(0, tokens))
+                stats[2] += added
                 if priced:
                     stats[3] += 1.0
-                    stats[4] += float(cost_usd)  # type: ignore[arg-type]
+                    stats[4] += cost
 
     def _stats(self, task_type: str) -> list[float] | None:
         for key in (task_type, POOLED):
@@ -162,12 +166,13 @@ class BaselineCosts(msgspec.Struct):
         self, *, task_type: str, quality: float, latency_s: float, tokens: int, settings: RewardSettings, cost_usd: float | None = None
     ) -> float:
         """`compute_reward` with this task's normalisers (the cost term when `cost_usd` and the baseline's mean cost are known)."""
+        stats = self._stats(task_type)  # what `latency_s` and `tokens` read, looked up once
         return compute_reward(
             quality=quality,
             latency_s=latency_s,
             tokens=tokens,
-            baseline_latency_s=self.latency_s(task_type),
-            baseline_tokens=self.tokens(task_type),
+            baseline_latency_s=stats[1] / stats[0] if stats else self.default_latency_s,
+            baseline_tokens=stats[2] / stats[0] if stats else self.default_tokens,
             settings=settings,
             cost_usd=cost_usd,
             baseline_cost_usd=self.cost_usd(task_type) if cost_usd is not None else None,

@@ -72,7 +72,7 @@ class Learner:
 
     def observe(self, decision: Decision, outcome: Outcome, now: float) -> None:
         """Feed the SLO monitor, the length evidence, and the policy with the Outcome's reward."""
-        failed = is_upstream_failure(outcome)
+        failed = outcome.status >= 500 or outcome.error_class in UPSTREAM_FAILURES  # `is_upstream_failure`, inlined: every request
         if outcome.error_class != "client_disconnected" and (failed or 200 <= outcome.status < 300):
             optimised = decision.mode in OPTIMISED_MODES
             self.slo.observe(now, optimized=optimised, latency_s=outcome.latency_s, error=failed, quality=outcome.quality)

@@ -21,8 +21,9 @@ from policies.context import context_features
 from policies.records import Decision, Outcome, RequestContext
 from proxy.common import ResponseSummary
 from proxy.decision import arm_label
-from proxy.observability import Metrics, NullTracer, Tracer, observe_decision
+from proxy.observability import Metrics, NullTracer, Tracer
 from proxy.observability import Timings as TraceTimings
+from proxy.observability.metrics import NEGATIVE_INC, decision_series
 from proxy.store import LogEntry, Recorder
 
 
@@ -73,19 +74,24 @@ class RecordMetrics:
     def __call__(self, done: Finished) -> None:
         m, decision = self.metrics, done.decision
         arm = arm_label(decision)
-        observe_decision(m, decision, done.outcome, arm)
-        task = m.task_label(decision.context.task_type)
+        task = decision_series(m, decision, done.outcome, arm)  # `observe_decision`, and the task's label
+        mode = decision.mode
         status_label = str(done.status) if done.status else "error"
-        m.child(m.requests, m.model_label(decision.context.model), task, decision.mode, arm, status_label).inc()
-        m.child(m.request_duration, task, decision.mode).observe(done.latency)
+        m.counter(m.requests, m.model_label(decision.context.model), task, mode, arm, status_label).inc(1)
+        m.histogram(m.request_duration, task, mode).observe(done.latency)
         if done.ttft is not None:
-            m.child(m.ttft, task, decision.mode).observe(done.ttft)
-        m.overhead.observe(done.overhead)
+            m.histogram(m.ttft, task, mode).observe(done.ttft)
+        m.overhead_handle.observe(done.overhead)
         summary = done.summary
-        if summary.prompt_tokens is not None:
-            m.child(m.tokens, task, "prompt").inc(summary.prompt_tokens)
-        if summary.completion_tokens is not None:
-            m.child(m.tokens, task, "completion").inc(summary.completion_tokens)
+        prompt_tokens, completion_tokens = summary.prompt_tokens, summary.completion_tokens
+        if prompt_tokens is not None:
+            if prompt_tokens < 0:
+                raise ValueError(NEGATIVE_INC)
+            m.counter(m.tokens, task, "prompt").inc(prompt_tokens)
+        if completion_tokens is not None:
+            if completion_tokens < 0:
+                raise ValueError(NEGATIVE_INC)
+            m.counter(m.tokens, task, "completion").inc(completion_tokens)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,8 @@ values collapse to "other", so a client cannot blow up cardinality.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import functools
 import logging
 import math
 import os
@@ -64,6 +66,65 @@ class BoundedLabel:
         return "other"
 
 
+class Adds(Protocol):
+    """What `Metrics.counter` hands out: `.inc(amount)`, amount >= 0 (the caller checks a variable amount)."""
+
+    def inc(self, amount: float) -> None: ...
+
+
+class Observes(Protocol):
+    """What `Metrics.histogram` hands out: `.observe(amount)`."""
+
+    def observe(self, amount: float) -> None: ...
+
+
+class _FastHistogram:
+    """`Histogram.observe` of one labelled child, without the per-call work that is the same every time.
+
+    prometheus_client's `observe` checks that the child has its labels (a child always has)
+    and walks the bucket bounds one Python comparison at a time; this adds to the same value
+    holders in the same order: the sum, then the first bucket whose bound is >= amount
+    (`bisect_left` on the same sorted bounds, which end in +Inf), and no bucket for NaN
+    (where every `amount <= bound` is false). tests/edge/test_metrics_fast_path.py compares
+    the exposition with the public API's.
+    """
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._sum = child._sum
+        self._bounds = tuple(child._upper_bounds)
+        self._buckets = tuple(child._buckets)
+
+    def observe(self, amount: float) -> None:
+        self._sum.inc(amount)
+        if amount == amount:  # not NaN
+            self._buckets[bisect.bisect_left(self._bounds, amount)].inc(1)
+
+
+def _counter_handle(child: Any) -> Adds:
+    """A counter child's value holder when it has the layout `Counter.inc` adds to (else the child itself).
+
+    `Counter.inc(amount)` checks the labels (a child always has them) and the sign, then
+    adds to `child._value`; calling the holder skips two Python calls per increment. The
+    caller keeps the sign check for amounts that are not constant.
+    """
+    value: Adds = getattr(child, "_value", None) or child
+    return value if callable(getattr(value, "inc", None)) else child  # type: ignore[no-any-return]
+
+
+def _histogram_handle(child: Any) -> Observes:
+    """`_FastHistogram` over a histogram child with the layout `Histogram.observe` uses (else the child itself)."""
+    bounds, buckets, total = getattr(child, "_upper_bounds", None), getattr(child, "_buckets", None), getattr(child, "_sum", None)
+    if isinstance(bounds, list | tuple) and isinstance(buckets, list) and len(bounds) == len(buckets) and callable(getattr(total, "inc", None)):
+        return _FastHistogram(child)
+    return child  # type: ignore[no-any-return]
+
+
+NEGATIVE_INC = "Counters can only be incremented by non-negative amounts."
+"""The error `Counter.inc` raises for a negative amount; the fast handles' callers raise the same."""
+
+
 class Metrics:
     def child(self, metric: Any, *values: str) -> Any:
         """`metric.labels(*values)`, cached: label values are bounded, and labels() costs µs per call."""
@@ -72,6 +133,23 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*values)
         return found
+
+    def counter(self, metric: Counter, *values: str) -> Adds:
+        """The labelled child's fast increment handle (`_counter_handle`), cached like `child`; the child is
+        created on first use only, as with `child`, so no series appears before it is counted."""
+        key = (metric, values)
+        found = self._fast.get(key)
+        if found is None:
+            found = self._fast[key] = _counter_handle(self.child(metric, *values))
+        return found  # type: ignore[no-any-return]
+
+    def histogram(self, metric: Histogram, *values: str) -> Observes:
+        """The labelled child's fast observe handle (`_histogram_handle`), cached like `child`."""
+        key = (metric, values)
+        found = self._fast.get(key)
+        if found is None:
+            found = self._fast[key] = _histogram_handle(self.child(metric, *values))
+        return found  # type: ignore[no-any-return]
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -108,6 +186,9 @@ class Metrics:
         self.feedback = Counter("thermostat_feedback", "Explicit feedback recorded through the control API", ["result"], registry=r)
         self.live: LiveCollector | None = None
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # Fast handles of the per-request series (`counter`, `histogram`): bounded like `_children`, whose children they wrap.
+        self._fast: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self.overhead_handle = _histogram_handle(self.overhead)  # `overhead` has no labels: one handle
         self.client_errors = Counter(
             "thermostat_rejected_requests", "Requests Thermostat answered itself with an error", ["code"], registry=r
         )
@@ -196,6 +277,10 @@ def guard_interventions(mode: str, guard_notes: tuple[str, ...] | list[str]) -> 
     return out
 
 
+_MODE_INTERVENTIONS = frozenset({"rollback", "off", "guard_fallback"})
+"""The modes `guard_interventions` counts even without guard notes."""
+
+
 def cost_traffic(mode: str) -> str:
     """The `traffic` label of `thermostat_cost_usd_total` for a decision's mode."""
     if mode in ("optimized", "guard_fallback"):
@@ -203,23 +288,48 @@ def cost_traffic(mode: str) -> str:
     return "holdout" if mode == "holdout" else "baseline"
 
 
+@functools.lru_cache(maxsize=1024)
+def _interventions(mode: str, guard_notes: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """`guard_interventions`, cached: a pure function of its arguments, and the same few (mode, notes) recur on
+    every request (notes with an id, a waiver's, are bounded by `maxsize` like any other)."""
+    return tuple(guard_interventions(mode, guard_notes))
+
+
 def observe_decision(m: Metrics, decision: Decision, outcome: Outcome, arm: str) -> None:
     """Call from the edge once per finished request (after `decider.observe`)."""
+    decision_series(m, decision, outcome, arm)
+
+
+def decision_series(m: Metrics, decision: Decision, outcome: Outcome, arm: str) -> str:
+    """`observe_decision`, returning the task's label (`RecordMetrics` labels its own series with it).
+
+    Through the fast handles (`Metrics.counter`, `Metrics.histogram`): the same series, the
+    same amounts in the same order, and the same ValueError for a negative count.
+    """
     task = m.task_label(decision.context.task_type)
-    traffic = cost_traffic(decision.mode)
+    mode = decision.mode
+    traffic = cost_traffic(mode)
     upstream, model = decision.served_by
-    m.child(m.served_model, task, m.model_label(model), traffic).inc()
-    if outcome.cost_usd is not None:
-        m.child(m.cost_usd, task, traffic).inc(outcome.cost_usd)
+    m.counter(m.served_model, task, m.model_label(model), traffic).inc(1)
+    cost = outcome.cost_usd
+    if cost is not None:
+        if cost < 0:
+            raise ValueError(NEGATIVE_INC)
+        m.counter(m.cost_usd, task, traffic).inc(cost)
     elif outcome.prompt_tokens is not None or outcome.completion_tokens is not None:
-        m.child(m.unknown_price, upstream, m.model_label(model)).inc()
-    m.child(m.decisions, task, decision.mode, arm).inc()
-    for guard, reason in guard_interventions(decision.mode, decision.guard_notes):
-        m.child(m.guard_interventions, guard, m.guard_reason_label(reason)).inc()
-    if outcome.reward is not None and math.isfinite(outcome.reward):
-        m.child(m.reward, task, decision.mode).observe(outcome.reward)
-    if outcome.quality is not None and math.isfinite(outcome.quality):
-        m.child(m.quality, task, decision.mode).observe(outcome.quality)
+        m.counter(m.unknown_price, upstream, m.model_label(model)).inc(1)
+    m.counter(m.decisions, task, mode, arm).inc(1)
+    notes = decision.guard_notes
+    if notes or mode in _MODE_INTERVENTIONS:  # nothing to count otherwise (`guard_interventions`)
+        for guard, reason in _interventions(mode, notes) if type(notes) is tuple else guard_interventions(mode, notes):
+            m.counter(m.guard_interventions, guard, m.guard_reason_label(reason)).inc(1)
+    reward = outcome.reward
+    if reward is not None and math.isfinite(reward):
+        m.histogram(m.reward, task, mode).observe(reward)
+    quality = outcome.quality
+    if quality is not None and math.isfinite(quality):
+        m.histogram(m.quality, task, mode).observe(quality)
+    return task
 
 
 class RolloutSource(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -111,3 +112,23 @@ def test_guard_switches() -> None:
     assert not never.admits(KEY, 49)
     with pytest.raises(ValueError):
         TruncationGuard(-0.1)
+
+
+def test_admits_reads_the_wealth_as_it_is_now() -> None:
+    """`admits` reads a list kept in step with the wealth (`_KeyState.refresh`): it answers what the wealth says, after every kind of update."""
+    rng = random.Random(5)
+    guard = TruncationGuard(0.05)
+    key = ("up", "m", "task", 0.7, 400)
+    for cap in (50, 100, 200, 300):
+        assert guard.admits(key, cap) is False  # tracked from now on
+    for step in range(3000):
+        if step % 3:
+            tokens = rng.randint(1, 60)
+            guard.observe(key, 400, tokens, False)
+        else:
+            n = rng.randint(1, 20)
+            guard.observe_many(key, [400] * n, [rng.randint(1, 60) for _ in range(n)], [False] * n)
+        state = guard.keys[key]
+        for row, cap in enumerate(state.caps):
+            assert guard.admits(key, cap) is bool(state.log_wealth[row] >= LOG_ADMIT)
+    assert guard.admits(key, 100) and not guard.admits(key, 50)  # both outcomes were exercised
