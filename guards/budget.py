@@ -247,11 +247,12 @@ class BudgetGuard:
 
     def window_start(self, now: float) -> int:
         """Start of the UTC-aligned window containing `now` (epoch multiples of window_s)."""
-        return int(math.floor(now / self.settings.window_s) * self.settings.window_s)
+        window_s = self._settings.window_s
+        return int(math.floor(now / window_s) * window_s)
 
     def _expires_at(self, window_start: int) -> float:
         # Two windows: late responses still settle into the window they reserved in.
-        return float(window_start + 2 * self.settings.window_s)
+        return float(window_start + 2 * self._settings.window_s)
 
     @staticmethod
     def _global_key(window_start: int) -> str:
@@ -368,7 +369,7 @@ class BudgetGuard:
         `model_rates`: a stand-in's own (`Arm.model`), so under a dollar budget a cheaper
         stand-in is the cheaper arm offered when the chosen one needs a waiver or does not fit.
         """
-        s = self.settings
+        s = self._settings
         chosen_arm = allowed[chosen] if chosen is not None else None
         if not s.enabled:
             return self._unguarded(chosen_arm, baseline, "disabled", guard_ok=True)
@@ -434,13 +435,13 @@ class BudgetGuard:
 
     def amount(self, prompt_tokens: int, max_tokens: int, rates: Rates | None) -> int:
         """What a request with this prompt estimate and output cap reserves, in the budget's unit."""
-        if self.settings.unit == "tokens" or rates is None:
+        if self._tokens_unit or rates is None:
             return prompt_tokens + max_tokens
         return to_micro(reservation_usd(prompt_tokens, max_tokens, rates))
 
     def spent(self, prompt_tokens: int | None, completion_tokens: int | None, cost_usd: float | None) -> int | None:
         """What a finished request used, in the budget's unit; None when it cannot be told (no usage, or no price)."""
-        if self.settings.unit == "usd":
+        if self._settings.unit == "usd":
             return None if cost_usd is None else to_micro(cost_usd)
         if prompt_tokens is None and completion_tokens is None:
             return None
@@ -461,7 +462,7 @@ class BudgetGuard:
     ) -> BudgetVerdict:
         """`decide` from this replica's leases: no store round trip. A request that does not fit
         waits (at most ``store_timeout_s``) for the refill task's next answer."""
-        s = self.settings
+        s = self._settings
         window = self.window_start(now)
         waivers = self._waiver_cache  # refreshed by the background task
         keys = self._budget_keys(window, task_type, waivers, now)
