@@ -74,7 +74,7 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
@@ -187,7 +187,7 @@ class BudgetGuard:
     def __init__(
         self, settings: CawsSettings, store: StateStore, *, require_caws: bool = True, leases: LeaseBook | None = None
     ) -> None:
-        self.settings = settings
+        self.settings = settings  # a property: setting it rebuilds the tables derived from it
         self.store = store
         # The in-process store never suspends (its lock is never held across an await), so the
         # store timeout would only arm and cancel a timer twice per request (~2 % of the request's
@@ -200,15 +200,59 @@ class BudgetGuard:
         self._waiver_cache_at: float | None = None
         self._seen_used: dict[str, int] = {}  # per key of the live windows: the `used` the store last answered
 
+    @property
+    def settings(self) -> CawsSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: CawsSettings) -> None:
+        """Per request, everything that depends on the settings alone was recomputed: the limits in the
+        store's unit, their gates and warning levels, the `_seen_used` bound. Settings are frozen, so the
+        tables change only here (and the key names only with the window, `_names`)."""
+        self._settings = settings
+        self._tokens_unit = settings.unit == "tokens"
+        self._limit_units = budget_units(settings, settings.budget_limit)
+        self._task_units = {t: budget_units(settings, v) for t, v in settings.per_task_limits.items()}
+        self._seen_bound = 4 * (1 + len(settings.per_task_limits))
+        self._warn_at: dict[int, int] = {}  # limit -> smallest fill that warns (bounded: `_warning_level`)
+        # Without active waivers (the common case) a key's limit and gate are these, for every request.
+        plain = min(MAX_TOKENS, self._limit_units)
+        self._plain_global = (plain, _ceil_fraction(settings.waiver_threshold, plain))
+        self._plain_task = {
+            t: (eff, _ceil_fraction(settings.waiver_threshold, eff))
+            for t, eff in ((t, min(MAX_TOKENS, u)) for t, u in self._task_units.items())
+        }
+        self._names_window: int | None = None
+        self._names_global = ""
+        self._names_task: dict[str, str] = {}
+
+    def _warning_level(self, limit: int) -> int:
+        """`_ceil_fraction(warning_threshold, limit)`, remembered per limit (a handful: the configured
+        limits, plus waivers'; cleared past 64 entries, so bounded)."""
+        level = self._warn_at.get(limit)
+        if level is None:
+            if len(self._warn_at) >= 64:
+                self._warn_at.clear()
+            level = self._warn_at[limit] = _ceil_fraction(self._settings.warning_threshold, limit)
+        return level
+
+    def _names(self, window_start: int) -> None:
+        """The key names of `window_start`'s window (`_global_key`, `_task_key` of each configured task
+        type), rebuilt when the window moves: the f-strings once per window, not per request."""
+        self._names_window = window_start
+        self._names_global = self._global_key(window_start)
+        self._names_task = {t: self._task_key(window_start, t) for t in self._task_units}
+
     # ---- windows and keys -------------------------------------------------------
 
     def window_start(self, now: float) -> int:
         """Start of the UTC-aligned window containing `now` (epoch multiples of window_s)."""
-        return int(math.floor(now / self.settings.window_s) * self.settings.window_s)
+        window_s = self._settings.window_s
+        return int(math.floor(now / window_s) * window_s)
 
     def _expires_at(self, window_start: int) -> float:
         # Two windows: late responses still settle into the window they reserved in.
-        return float(window_start + 2 * self.settings.window_s)
+        return float(window_start + 2 * self._settings.window_s)
 
     @staticmethod
     def _global_key(window_start: int) -> str:
@@ -218,23 +262,40 @@ class BudgetGuard:
     def _task_key(window_start: int, task_type: str) -> str:
         return f"caws:{window_start}:task:{task_type}"
 
-    def _budget_keys(self, window_start: int, task_type: str, waivers: Sequence[Waiver], now: float) -> list[BudgetKey]:
-        s = self.settings
-        limit = min(MAX_TOKENS, budget_units(s, s.budget_limit) + extra_tokens(waivers, now))
-        keys = [BudgetKey(self._global_key(window_start), limit, _ceil_fraction(s.waiver_threshold, limit))]
-        task_limit = s.per_task_limits.get(task_type)
-        if task_limit is not None:
-            eff = min(MAX_TOKENS, budget_units(s, task_limit) + extra_tokens(waivers, now, task_type))
-            keys.append(BudgetKey(self._task_key(window_start, task_type), eff, _ceil_fraction(s.waiver_threshold, eff)))
+    def _budget_keys(
+        self, window_start: int, task_type: str, waivers: Sequence[Waiver], now: float, floors: Mapping[str, int] | None = None,
+    ) -> list[BudgetKey]:
+        """The keys to check (global, then the task type's if it has a limit), each with its effective limit and gate;
+        `floors` given: each key's floor is the `used` last seen of it (`_seen_used`)."""
+        if window_start != self._names_window:
+            self._names(window_start)
+        name = self._names_global
+        task_name = self._names_task.get(task_type)
+        if waivers:
+            s = self._settings
+            limit = min(MAX_TOKENS, self._limit_units + extra_tokens(waivers, now))
+            gate = _ceil_fraction(s.waiver_threshold, limit)
+        else:
+            limit, gate = self._plain_global
+        keys = [BudgetKey(name, limit, gate, floors.get(name, 0) if floors is not None else 0)]
+        if task_name is not None:
+            if waivers:
+                eff = min(MAX_TOKENS, self._task_units[task_type] + extra_tokens(waivers, now, task_type))
+                task_gate = _ceil_fraction(self._settings.waiver_threshold, eff)
+            else:
+                eff, task_gate = self._plain_task[task_type]
+            keys.append(BudgetKey(task_name, eff, task_gate, floors.get(task_name, 0) if floors is not None else 0))
         return keys
 
     # ---- waivers ----------------------------------------------------------------
 
     def _waivers_stale(self, now: float) -> bool:
         at = self._waiver_cache_at
-        return at is None or now < at or now - at >= self.settings.waiver_cache_s
+        return at is None or now < at or now - at >= self._settings.waiver_cache_s
 
     async def _cached_waivers(self, now: float) -> tuple[Waiver, ...]:
+        """The waiver list, re-read when the copy is stale (`decide` checks staleness itself first,
+        so a fresh copy costs no coroutine)."""
         if self._waivers_stale(now):
             self._waiver_cache = tuple(await self.waivers.list())
             self._waiver_cache_at = now
@@ -308,7 +369,7 @@ class BudgetGuard:
         `model_rates`: a stand-in's own (`Arm.model`), so under a dollar budget a cheaper
         stand-in is the cheaper arm offered when the chosen one needs a waiver or does not fit.
         """
-        s = self.settings
+        s = self._settings
         chosen_arm = allowed[chosen] if chosen is not None else None
         if not s.enabled:
             return self._unguarded(chosen_arm, baseline, "disabled", guard_ok=True)
@@ -320,29 +381,49 @@ class BudgetGuard:
             return await self._decide_leased(
                 self.leases, chosen_arm, allowed, baseline, task_type, prompt, confidence, now, rates, model_rates,
             )
-        try:
-            async with self._deadline():
-                waivers = await self._cached_waivers(now)
-                keys = self._budget_keys(window, task_type, waivers, now)
-                waiver = waiver_for(waivers, now, task_type)
-                confident = confidence is not None and confidence >= s.confidence_threshold
+        confident = confidence is not None and confidence >= s.confidence_threshold
+        if not self._bounded:
+            # The in-process store: no deadline to arm (it never waits), and the reservation is its
+            # synchronous step (`InProcessStore.reserve_now`, what its `budget_reserve` runs), so no
+            # coroutine per store call either. A fresh waiver copy is read without one too.
+            try:
+                at = self._waiver_cache_at
+                if at is None or now < at or now - at >= s.waiver_cache_s:
+                    waivers = await self._cached_waivers(now)
+                else:
+                    waivers = self._waiver_cache
+                keys = self._budget_keys(window, task_type, waivers, now, self._seen_used)
+                waiver = waiver_for(waivers, now, task_type) if waivers else None
                 arms, cands = self._candidates(
                     chosen_arm, allowed, baseline, prompt, waiver is not None and confident, keys, rates, model_rates,
                 )
-                keys = [msgspec.structs.replace(k, floor=self._seen_used.get(k.key, 0)) for k in keys]
-                result = await self.store.budget_reserve(keys, cands, now=now, expires_at=self._expires_at(window))
-        except Exception:  # noqa: BLE001 - any store failure is a fail-safe, never a crashed request
-            return self._unavailable(chosen_arm, baseline)
+                result = self.store.reserve_now(keys, cands, now, self._expires_at(window))  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - any store failure is a fail-safe, never a crashed request
+                return self._unavailable(chosen_arm, baseline)
+        else:
+            try:
+                async with asyncio.timeout(s.store_timeout_s):
+                    waivers = await self._cached_waivers(now)
+                    keys = self._budget_keys(window, task_type, waivers, now, self._seen_used)
+                    waiver = waiver_for(waivers, now, task_type) if waivers else None
+                    arms, cands = self._candidates(
+                        chosen_arm, allowed, baseline, prompt, waiver is not None and confident, keys, rates, model_rates,
+                    )
+                    result = await self.store.budget_reserve(keys, cands, now=now, expires_at=self._expires_at(window))
+            except Exception:  # noqa: BLE001 - any store failure is a fail-safe, never a crashed request
+                return self._unavailable(chosen_arm, baseline)
         self._saw(keys, result.after, window)
         return self._verdict(result, keys, arms, cands, chosen_arm, baseline, task_type, window, waiver, confident)
 
     def _saw(self, keys: Sequence[BudgetKey], counters: Sequence[Counters], window: int) -> None:
         """Remember each key's `used` as the store answered it: the floor of the next reserve
         (a store that lost its state is then not believed to have a fresh window)."""
+        seen = self._seen_used
         for k, c in zip(keys, counters):
-            self._seen_used[k.key] = max(self._seen_used.get(k.key, 0), c.used)
-        if len(self._seen_used) > 4 * (1 + len(self.settings.per_task_limits)):  # keys of windows long over
-            live = (f"caws:{window}:", f"caws:{window - self.settings.window_s}:")
+            last, used = seen.get(k.key, 0), c.used
+            seen[k.key] = used if used > last else last  # max(last, used)
+        if len(seen) > self._seen_bound:  # keys of windows long over
+            live = (f"caws:{window}:", f"caws:{window - self._settings.window_s}:")
             self._seen_used = {k: v for k, v in self._seen_used.items() if k.startswith(live)}
 
     def _unavailable(self, chosen_arm: Arm | None, baseline: Arm, reason: Reason = "guard_unavailable") -> BudgetVerdict:
@@ -354,13 +435,13 @@ class BudgetGuard:
 
     def amount(self, prompt_tokens: int, max_tokens: int, rates: Rates | None) -> int:
         """What a request with this prompt estimate and output cap reserves, in the budget's unit."""
-        if self.settings.unit == "tokens" or rates is None:
+        if self._tokens_unit or rates is None:
             return prompt_tokens + max_tokens
         return to_micro(reservation_usd(prompt_tokens, max_tokens, rates))
 
     def spent(self, prompt_tokens: int | None, completion_tokens: int | None, cost_usd: float | None) -> int | None:
         """What a finished request used, in the budget's unit; None when it cannot be told (no usage, or no price)."""
-        if self.settings.unit == "usd":
+        if self._settings.unit == "usd":
             return None if cost_usd is None else to_micro(cost_usd)
         if prompt_tokens is None and completion_tokens is None:
             return None
@@ -381,7 +462,7 @@ class BudgetGuard:
     ) -> BudgetVerdict:
         """`decide` from this replica's leases: no store round trip. A request that does not fit
         waits (at most ``store_timeout_s``) for the refill task's next answer."""
-        s = self.settings
+        s = self._settings
         window = self.window_start(now)
         waivers = self._waiver_cache  # refreshed by the background task
         keys = self._budget_keys(window, task_type, waivers, now)
@@ -419,8 +500,32 @@ class BudgetGuard:
     ) -> tuple[list[Arm], list[Candidate]]:
         """`prompt`: the prompt estimate, already in the budget's unit; each arm adds its cap's (`amount`),
         at its own model's prices (`model_rates`, a stand-in without a price: the requested model's)."""
-        force_baseline = self.settings.on_exhausted == "baseline"
-        cap = max(k.limit for k in keys) + 1  # more than any key holds: never fits, yet bounded (rule 1)
+        force_baseline = self._settings.on_exhausted == "baseline"
+        cap = (keys[0].limit if len(keys) == 1 else max(k.limit for k in keys)) + 1  # more than any key holds: never fits, yet bounded (rule 1)
+        arms: list[Arm] = []
+        cands: list[Candidate] = []
+        if self._tokens_unit:
+            # Tokens: an arm's output amount is its max_tokens (`amount(0, max_tokens, any rates)`), so the
+            # closures of the general case below reduce to these comparisons, in the same order.
+            if chosen_arm is not None:
+                arms.append(chosen_arm)
+                base_cost = baseline.max_tokens
+                out = chosen_arm.max_tokens
+                cands.append(Candidate(min(cap, prompt + out), gated=out > base_cost and not costly_ok))
+                # min(allowed, key=(max_tokens, |Δ temperature|)): the first arm with the smallest key
+                temperature = chosen_arm.temperature
+                cheapest = allowed[0]
+                best_out, best_gap = cheapest.max_tokens, abs(cheapest.temperature - temperature)
+                for a in allowed:
+                    out = a.max_tokens
+                    if out < best_out or (out == best_out and abs(a.temperature - temperature) < best_gap):
+                        cheapest, best_out, best_gap = a, out, abs(a.temperature - temperature)
+                if cheapest != chosen_arm and cheapest != baseline:
+                    arms.append(cheapest)
+                    cands.append(Candidate(min(cap, prompt + best_out), gated=best_out > base_cost))
+            arms.append(baseline)
+            cands.append(Candidate(min(cap, prompt + baseline.max_tokens), force=force_baseline))
+            return arms, cands
 
         def output(arm: Arm) -> int:
             own = model_rates.get(arm.model) if model_rates is not None and arm.model is not None else None
@@ -429,8 +534,6 @@ class BudgetGuard:
         def tokens(arm: Arm) -> int:
             return min(cap, prompt + output(arm))
 
-        arms: list[Arm] = []
-        cands: list[Candidate] = []
         if chosen_arm is not None:
             arms.append(chosen_arm)
             base_cost = output(baseline)
@@ -460,29 +563,40 @@ class BudgetGuard:
         confident: bool,
         leased: bool = False,
     ) -> BudgetVerdict:
-        s = self.settings
-        zone = any(c.total >= k.gate for c, k in zip(result.before, keys))
-        fill = max(c.total / k.limit if k.limit > 0 else math.inf for c, k in zip(result.after, keys))
-        warning = any(c.total >= _ceil_fraction(s.warning_threshold, k.limit) for c, k in zip(result.after, keys))
-        full = any(c.total >= k.limit for c, k in zip(result.after, keys))
+        # One pass per counter tuple instead of four generators: the same results (`fill` is the first
+        # largest ratio, as `max` keeps it).
+        zone = False
+        for c, k in zip(result.before, keys):
+            if c.used + c.reserved >= k.gate:
+                zone = True
+                break
+        fill: float | None = None
+        warning = full = False
+        for c, k in zip(result.after, keys):
+            total, limit = c.used + c.reserved, k.limit
+            ratio = total / limit if limit > 0 else math.inf
+            if fill is None or ratio > fill:
+                fill = ratio
+            if total >= self._warning_level(limit):
+                warning = True
+            if total >= limit:
+                full = True
+        if fill is None:
+            fill = max(())  # no counters: raises as `max` over nothing always did
         refused: Refusal | None = None
         if chosen_arm is not None and result.index != 0:
             if cands[0].gated and zone:
                 refused = "waiver_required" if waiver is None else "confidence_low"
             else:
                 refused = "does_not_fit"
-        common: dict[str, Any] = {
-            "fill": fill,
-            "warning": warning,
-            "waiver_zone": zone,
-            "effective_limit": keys[0].limit,
-            "refused": refused,
-        }
         if result.index is None:
-            return BudgetVerdict(action="reject", arm=baseline, reason="exhausted_reject", exhausted=True, **common)
+            return BudgetVerdict(
+                action="reject", arm=baseline, reason="exhausted_reject", exhausted=True,
+                fill=fill, warning=warning, waiver_zone=zone, effective_limit=keys[0].limit, refused=refused,
+            )
         arm = arms[result.index]
         reservation = Reservation(
-            keys=tuple(k.key for k in keys),
+            keys=tuple([k.key for k in keys]),
             tokens=cands[result.index].tokens,
             window_start=window,
             task_type=task_type,
@@ -511,7 +625,11 @@ class BudgetGuard:
             exhausted=full or result.overrun,
             overrun=result.overrun,
             waiver_id=used_waiver,
-            **common,
+            fill=fill,
+            warning=warning,
+            waiver_zone=zone,
+            effective_limit=keys[0].limit,
+            refused=refused,
         )
 
     # ---- after the response -----------------------------------------------------
@@ -525,18 +643,24 @@ class BudgetGuard:
             self.leases.settle(reservation.keys, reservation.tokens, actual)
             return True
         try:
-            async with self._deadline():
-                await self.store.budget_settle(
-                    reservation.keys,
-                    reservation.tokens,
-                    actual,
-                    now=now,
-                    expires_at=self._expires_at(reservation.window_start),
+            if not self._bounded:  # the in-process store's synchronous step, as in `decide`
+                self.store.settle_now(  # type: ignore[attr-defined]
+                    reservation.keys, reservation.tokens, actual, now, self._expires_at(reservation.window_start),
                 )
+            else:
+                async with asyncio.timeout(self._settings.store_timeout_s):
+                    await self.store.budget_settle(
+                        reservation.keys,
+                        reservation.tokens,
+                        actual,
+                        now=now,
+                        expires_at=self._expires_at(reservation.window_start),
+                    )
         except Exception:  # noqa: BLE001 - the outcome path must not crash; caller counts False
             return False
+        seen = self._seen_used
         for key in reservation.keys:  # the store's `used` grew by at least this since we last saw it
-            self._seen_used[key] = self._seen_used.get(key, 0) + actual
+            seen[key] = seen.get(key, 0) + actual
         return True
 
     async def charge(self, task_type: str, tokens: int, now: float) -> bool:

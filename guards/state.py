@@ -377,34 +377,63 @@ class InProcessStore:
         expires_at: float,
     ) -> ReserveResult:
         async with self._lock:
+            return self.reserve_now(keys, candidates, now, expires_at)
+
+    def reserve_now(self, keys: Sequence[BudgetKey], candidates: Sequence[Candidate], now: float, expires_at: float) -> ReserveResult:
+        """`budget_reserve` as the synchronous step it is (`guards.budget` calls it directly on this class).
+
+        Atomic without the lock: no method here holds the lock across an await, so the lock is never
+        held while another coroutine runs, and a step that does not await cannot be interleaved.
+        """
+        if now >= self._next_prune:
             self._prune(now)
-            budgets = [self._budget(k.key, now, expires_at) for k in keys]
-            for budget, k in zip(budgets, keys):
-                budget.used = max(budget.used, k.floor)
-            before = tuple(b.snapshot() for b in budgets)
-            gated_refused = any(b.used + b.reserved >= k.gate for b, k in zip(budgets, keys))
-            for index, cand in enumerate(candidates):
-                if cand.gated and gated_refused:
-                    continue
-                over = [b.used + b.reserved + cand.tokens > k.limit for b, k in zip(budgets, keys)]
-                if any(over) and not cand.force:
-                    continue
-                for budget, is_over in zip(budgets, over):
-                    budget.reserved += cand.tokens
-                    if is_over:
-                        budget.overruns += 1
-                self._changed_budgets([k.key for k in keys])
-                after = tuple(b.snapshot() for b in budgets)
-                return ReserveResult(index=index, before=before, after=after, overrun=any(over))
-            return ReserveResult(index=None, before=before, after=before)
+        budgets = [self._budget(k.key, now, expires_at) for k in keys]
+        for budget, k in zip(budgets, keys):
+            if k.floor > budget.used:
+                budget.used = k.floor
+        before = tuple([Counters(b.used, b.reserved, b.overruns) for b in budgets])
+        gated_refused = False
+        for budget, k in zip(budgets, keys):
+            if budget.used + budget.reserved >= k.gate:
+                gated_refused = True
+                break
+        for index, cand in enumerate(candidates):
+            if cand.gated and gated_refused:
+                continue
+            tokens = cand.tokens
+            over = [b.used + b.reserved + tokens > k.limit for b, k in zip(budgets, keys)]
+            overrun = True in over
+            if overrun and not cand.force:
+                continue
+            for budget, is_over in zip(budgets, over):
+                budget.reserved += tokens
+                if is_over:
+                    budget.overruns += 1
+            self._changed_budget_list(budgets, keys)
+            after = tuple([Counters(b.used, b.reserved, b.overruns) for b in budgets])
+            return ReserveResult(index=index, before=before, after=after, overrun=overrun)
+        return ReserveResult(index=None, before=before, after=before)
+
+    def _changed_budget_list(self, budgets: Sequence[_Budget], keys: Sequence[BudgetKey]) -> None:
+        """`_changed_budgets` for budgets at hand (the same changes, no second look-up of each key)."""
+        self.version += 1
+        on_change = self.on_change
+        if on_change is None:
+            return
+        for b, k in zip(budgets, keys):
+            on_change(StateChange("budget", k.key, counters=(b.used, b.reserved, b.overruns), expires_at=b.expires_at))
 
     async def budget_settle(self, keys: Sequence[str], reserved: int, actual: int, *, now: float, expires_at: float) -> None:
         async with self._lock:
-            for key in keys:
-                budget = self._budget(key, now, expires_at)
-                budget.reserved = max(0, budget.reserved - reserved)
-                budget.used += actual
-            self._changed_budgets(keys)
+            self.settle_now(keys, reserved, actual, now, expires_at)
+
+    def settle_now(self, keys: Sequence[str], reserved: int, actual: int, now: float, expires_at: float) -> None:
+        """`budget_settle` as its synchronous step (atomic without the lock, as `reserve_now` says)."""
+        for key in keys:
+            budget = self._budget(key, now, expires_at)
+            budget.reserved = max(0, budget.reserved - reserved)
+            budget.used += actual
+        self._changed_budgets(keys)
 
     async def budget_release(self, keys: Sequence[str], reserved: int, *, now: float) -> None:
         async with self._lock:
