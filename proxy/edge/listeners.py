@@ -21,9 +21,8 @@ from policies.context import context_features
 from policies.records import Decision, Outcome, RequestContext
 from proxy.common import ResponseSummary
 from proxy.decision import arm_label
-from proxy.observability import Metrics, NullTracer, Tracer
+from proxy.observability import NEGATIVE_INC, Metrics, NullTracer, Tracer, decision_series
 from proxy.observability import Timings as TraceTimings
-from proxy.observability.metrics import NEGATIVE_INC, decision_series
 from proxy.store import LogEntry, Recorder
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from proxy.observability.alerts import Alert, AlertManager
 from proxy.observability.metrics import (
+    NEGATIVE_INC,
     BoundedLabel,
     FoldedBuckets,
     LiveSources,
     Metrics,
     RolloutSource,
+    decision_series,
     exposition,
     install_live_metrics,
     observe_decision,
@@ -18,6 +20,7 @@ from proxy.observability.metrics import (
 from proxy.observability.tracing import NullTracer, Timings, Tracer, make_tracer
 
 __all__ = [
+    "NEGATIVE_INC",
     "Alert",
     "AlertManager",
     "BoundedLabel",
@@ -28,6 +31,7 @@ __all__ = [
     "RolloutSource",
     "Timings",
     "Tracer",
+    "decision_series",
     "exposition",
     "install_live_metrics",
     "make_tracer",

@@ -14,8 +14,9 @@ from prometheus_client import generate_latest
 from policies.records import Decision, Outcome, Params, RequestContext
 from proxy.common import ResponseSummary
 from proxy.decision import arm_label
-from proxy.edge.listeners import Finished, RecordMetrics
-from proxy.observability.metrics import LATENCY_BUCKETS, Metrics, _FastHistogram, cost_traffic, guard_interventions
+from proxy.edge import Finished, RecordMetrics
+from proxy.observability import Metrics
+from proxy.observability.metrics import LATENCY_BUCKETS, _FastHistogram, cost_traffic, guard_interventions
 
 AMOUNTS = (0.0, -0.0, 0.004, 0.005, 0.0051, 0.01, 1.0, 2.5, 119.9, 120.0, 121.0, math.inf, math.nan, -3.0, 7)
 
