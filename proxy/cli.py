@@ -96,7 +96,7 @@ def _serve(config: Config, host: str, port: int, workers: int = 1, *, sock: sock
                 self.force_exit = True
             self.should_exit = True
 
-    from proxy.allocator import return_large_blocks
+    from proxy.allocator import limit_arenas, return_large_blocks
     from proxy.app import create_app
     from proxy.control import require_token_or_opt_in
     from proxy.edge import ServingConfig
@@ -106,6 +106,7 @@ def _serve(config: Config, host: str, port: int, workers: int = 1, *, sock: sock
     if advice:
         log.info(advice)
     return_large_blocks()  # before anything large is allocated; each worker does the same in its own process
+    limit_arenas()  # before the writer, fsync and executor threads start
     if sock is None:
         sock = bind_port(host, port, "thermostat", PORT_FLAGS)
     # Measured choices (bench/README.md): uvloop + httptools, no access log on the hot path.

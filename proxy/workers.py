@@ -109,12 +109,13 @@ def app_from_env() -> object:
     """uvicorn factory, called in each worker process."""
     import gc
 
-    from proxy.allocator import return_large_blocks
+    from proxy.allocator import limit_arenas, return_large_blocks
     from proxy.app import create_app
     from proxy.runtime import Runtime
 
     die_with_supervisor()
     return_large_blocks()
+    limit_arenas()
     config = msgspec.json.decode(os.environ[ENV_CONFIG], type=Config)
     data_dir = Path(config.server.data_dir)
     slot = claim_slot(data_dir)

@@ -63,3 +63,55 @@ def test_an_operators_own_tunable_is_left_alone(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert return_large_blocks() is False
+
+
+ARENAS_PROBE = r"""
+import ctypes, sys, tempfile, threading
+if sys.argv[1] == "limited":
+    from proxy.allocator import limit_arenas
+    assert limit_arenas()
+held = []
+together = threading.Barrier(8)
+def work():
+    together.wait()  # all eight alive at once: a thread that exited would hand its arena to the next one
+    held.append([bytearray(2000) for _ in range(200)])  # above pymalloc's 512 bytes: glibc's malloc, in this thread's arena
+    together.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+with tempfile.NamedTemporaryFile("r", suffix=".xml") as out:
+    fp = libc.fopen(out.name.encode(), b"w")
+    libc.malloc_info(0, ctypes.c_void_p(fp))
+    libc.fclose(ctypes.c_void_p(fp))
+    print(out.read().count("<heap nr="))
+"""
+
+
+def _arenas(mode: str) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | {"PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", ARENAS_PROBE, mode], capture_output=True, text=True, timeout=60, env=env, check=True)
+    return int(out.stdout.strip())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_threads_share_at_most_two_arenas() -> None:
+    """malloc_info lists one heap per arena: eight allocating threads make more without the cap, two with it."""
+    from proxy.allocator import ARENA_MAX
+
+    limited = _arenas("limited")
+    assert limited <= ARENA_MAX, limited
+    default = _arenas("default")
+    if default <= ARENA_MAX:
+        pytest.skip(f"this libc made only {default} arena(s) for eight threads: nothing to compare")
+    assert limited < default
+
+
+def test_an_operators_own_arena_setting_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.allocator import limit_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_arenas() is False
