@@ -19,7 +19,7 @@ thread frees stays in its arena for that thread's next allocations. A server pro
 handful of threads (the SQLite writer, the journal's fsync, the `asyncio.to_thread` pool),
 each of which ends up holding its own slack. Limiting them to `ARENA_MAX` (2: the event
 loop's and one shared by the others, the setting glibc's manual suggests for servers) kept
-RSS 43-50 MB lower at the same load over 20 minutes (bench/memory_plateau.py, 100 requests/s:
+RSS 39-54 MB lower at the same load over 20 minutes (bench/memory_plateau.py, 100 requests/s:
 `-arena2-20min.md` against the 30-minute run of the same day). The threads that share an arena do little
 allocation, so the arena lock costs nothing measurable on the request path. An operator's
 `MALLOC_ARENA_MAX` wins.
