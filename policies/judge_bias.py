@@ -49,6 +49,11 @@ class LengthBias(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ties: int = 0  # pairs with equal lengths or equal scores (no sign, not in the sequence)
     sxy: float = 0.0  # Σ Δlog2(length) · Δquality
     sxx: float = 0.0  # Σ Δlog2(length)²
+    # The running intersection of the sequence's bounds: the tightest seen so far. A confidence sequence
+    # covers at every n at once, so the intersection covers too (same α), and it never loosens: a judge
+    # flagged once stays above the line in every report, instead of drifting below it by chance.
+    low: float = 0.0
+    high: float = 1.0
 
 
 def new_length_bias(alpha: float = 0.05) -> LengthBias:
@@ -65,12 +70,17 @@ def observe_pair(state: LengthBias, length_a: int, quality_a: float, length_b: i
     if dx == 0.0 or dy == 0.0:
         return msgspec.structs.replace(state, pairs=state.pairs + 1, ties=state.ties + 1, sxy=sxy, sxx=sxx)
     concordant = 1.0 if (dx > 0) == (dy > 0) else 0.0
-    return msgspec.structs.replace(state, concordance=observe(state.concordance, concordant), pairs=state.pairs + 1, sxy=sxy, sxx=sxx)
+    sequence = observe(state.concordance, concordant)
+    now_low, now_high = bounds(sequence)
+    low, high = max(state.low, now_low), min(state.high, now_high)
+    if low > high:  # disjoint (probability ≤ α): the latest bounds, rather than an empty interval
+        low, high = now_low, now_high
+    return msgspec.structs.replace(state, concordance=sequence, pairs=state.pairs + 1, sxy=sxy, sxx=sxx, low=low, high=high)
 
 
 def concordance_bounds(state: LengthBias) -> tuple[float, float]:
-    """Anytime-valid (1 − α) bounds of P(Δ score has the sign of Δ length), over the untied pairs."""
-    return bounds(state.concordance)
+    """Anytime-valid (1 − α) bounds of P(Δ score has the sign of Δ length), over the untied pairs: the running intersection."""
+    return state.low, state.high
 
 
 def slope(state: LengthBias) -> float | None:

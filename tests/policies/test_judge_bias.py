@@ -43,6 +43,24 @@ def test_a_judge_that_always_prefers_the_longer_answer_is_flagged_and_a_coin_is_
     assert not rewards_length(c, 0.1)
 
 
+def test_reported_bounds_are_the_running_intersection_of_the_sequence() -> None:
+    """What the report shows and the mute reads: the tightest bounds so far, never loosening (a judge flagged once
+    is not shown below the line later by chance), equal to the running max / min of the sequence's own path."""
+    rng = np.random.default_rng(5)
+    s = new_length_bias()
+    xs: list[float] = []
+    lows: list[float] = []
+    for _ in range(400):
+        longer_better = bool(rng.random() < 0.7)
+        s = observe_pair(s, 200, 0.8 if longer_better else 0.2, 100, 0.5)
+        xs.append(1.0 if longer_better else 0.0)
+        lows.append(concordance_bounds(s)[0])
+    lower, upper = bounds_path(np.array(xs), alpha=0.05)
+    assert concordance_bounds(s) == pytest.approx((float(np.maximum.accumulate(lower)[-1]), float(np.minimum.accumulate(upper)[-1])))
+    assert all(b >= a for a, b in zip(lows, lows[1:], strict=False))
+    assert lower[-1] < lows[-1] or lower[-1] == pytest.approx(lows[-1])
+
+
 def test_false_mute_rate_at_the_margin_over_many_seeds_checked_after_every_pair() -> None:
     """At the worst null (P(concordant) exactly 0.5 + margin) the check, run after every one of 3,000 pairs, flags
     at most α of the seeds (it uses the lower side of a two-sided 95 % sequence: ~α/2 expected)."""
