@@ -29,6 +29,9 @@ def drive(t: RunningThermostat, n: int, task_type: str, **body: object) -> list[
     return ids
 
 
+SCENARIO_LATENCY_SLO_MS = 60_000
+
+
 def start_scenario(upstream: FakeUpstream, data_dir: Path) -> RunningThermostat:
     """A token-protected Thermostat with 40 "code" and 20 "chat" requests logged (the token must be in the env)."""
     cfg = make_config(
@@ -36,7 +39,9 @@ def start_scenario(upstream: FakeUpstream, data_dir: Path) -> RunningThermostat:
         data_dir,
         optimization={"mode": "general", "seed": 7, "holdout_fraction": 0.0},  # every row optimised: values pinned to the log
         admin={"token_env": TOKEN_ENV},
-        slo={"min_samples": 5, "check_interval_s": 0},
+        # a latency SLO far above what a loaded test machine can take: a breach would roll the scenario back
+        # mid-test and change what the read-only tests read (the latency SLO has its own tests)
+        slo={"min_samples": 5, "check_interval_s": 0, "latency_p99_ms": SCENARIO_LATENCY_SLO_MS},
     )
     running = start_thermostat(cfg)
     running.ids = {  # type: ignore[attr-defined]

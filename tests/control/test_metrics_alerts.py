@@ -13,6 +13,7 @@ import yaml
 
 from proxy.observability.metrics import guard_interventions
 from tests.conftest import IN_CI
+from tests.control.conftest import SCENARIO_LATENCY_SLO_MS
 from tests.support.servers import RunningThermostat
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +85,7 @@ def test_live_gauges_match_state(ctl: RunningThermostat) -> None:
     text = httpx.get(f"{ctl.base}/metrics").text
     rt = ctl.runtime
     assert 'thermostat_rollout_phase{phase="general"} 1.0' in text
-    assert 'thermostat_slo_threshold{slo="latency_p99_ms"} 500.0' in text
+    assert f'thermostat_slo_threshold{{slo="latency_p99_ms"}} {float(SCENARIO_LATENCY_SLO_MS)}' in text
     import time
 
     status = ctl.call(rt.budget.status(time.time()))

@@ -14,7 +14,7 @@ from policies.context import context_bucket
 from policies.records import Arm, Params
 from policies.thompson import stat_key
 from proxy.decision import context_from_features
-from tests.control.conftest import TOKEN, api, assert_error_shape
+from tests.control.conftest import SCENARIO_LATENCY_SLO_MS, TOKEN, api, assert_error_shape
 from tests.support.servers import RunningThermostat
 
 Z = 1.959963984540054
@@ -69,7 +69,7 @@ def test_slo_status_matches_numpy(ctl: RunningThermostat) -> None:
     entries = {(s["name"], s["traffic"]): s for s in body["slos"]}
     lat_ms = np.array([r.latency_s * 1000 for r in rows(ctl)])
     p99 = entries[("latency_p99_ms", "optimized")]
-    assert p99["samples"] == 60 and p99["threshold"] == 500.0
+    assert p99["samples"] == 60 and p99["threshold"] == SCENARIO_LATENCY_SLO_MS
     assert math.isclose(p99["value"], float(np.quantile(lat_ms, 0.99)), rel_tol=1e-9)
     q = entries[("quality_min", "optimized")]
     assert math.isclose(q["value"], float(np.mean([r.quality for r in rows(ctl)])), rel_tol=1e-9)
@@ -247,7 +247,7 @@ def test_other_status_pages(own_ctl: RunningThermostat) -> None:
     assert ro["phase"] == "general" and ro["next_phase"] is None and ro["blockers"] == ["general is the final phase"]
     dash = api(own_ctl, "GET", "/dashboard", params={"window_s": 600, "bins": 10}).json()
     assert len(dash["reward_series"]) == 10 and sum(p["optimized_n"] for p in dash["reward_series"]) >= 60
-    assert dash["budget"]["used"] > 0 and dash["slo_latency_p99_ms"] == 500.0
+    assert dash["budget"]["used"] > 0 and dash["slo_latency_p99_ms"] == SCENARIO_LATENCY_SLO_MS
 
 
 def test_unused_params_helper() -> None:
