@@ -60,7 +60,8 @@ def running(simulator: SimulatorHandle, tmp_path_factory: pytest.TempPathFactory
         caws={"budget_limit": 10**12},  # the token budget stays out of the way
         # A wide margin keeps the test short: "no worse by more than 15 %" is shown after ~150 judged answers a side.
         # The latency SLO far above a loaded test machine's: a latency rollback would stop the tuning under test.
-        slo={"max_quality_regression": 0.15, "latency_p99_ms": 60_000},
+        # Latency is not under test: neither the SLO nor the per-task latency comparison may act on a loaded machine's.
+        slo={"max_quality_regression": 0.15, "latency_p99_ms": 60_000, "max_latency_regression": 0.99},
     )
     t = start_thermostat(cfg)
     yield t
@@ -86,7 +87,8 @@ def test_a_cheaper_stand_in_carries_the_task_it_is_as_good_at_and_is_kept_off_th
     }
     served: dict[str, list[tuple[str, str, str]]] = {"summarise": [], "code": []}
     models = rt.bandit.models
-    deadline = time.monotonic() + 120  # ~12 s on an idle machine; the bound is for a loaded one
+    start = time.monotonic()
+    deadline = start + 300  # 16 batches, ~9 s on an idle machine; the bound is for a loaded one
     late = 0  # batches after the stand-in was shown no worse on summarise
     with ThreadPoolExecutor(4) as pool:
         for batch in range(40):
@@ -97,7 +99,8 @@ def test_a_cheaper_stand_in_carries_the_task_it_is_as_good_at_and_is_kept_off_th
             for (task, _), got in zip(jobs, pool.map(lambda job: _ask(clients[job[0]], *job), jobs), strict=True):
                 served[task].append(got)
             running.call(rt.judge.drain(), timeout=30)  # learning per request, not per second
-    assert models.status("summarise", MINI) == "proven", models.report()
+    where = f"after {len(served['summarise']) // 40} batches, {time.monotonic() - start:.0f} s, rolled back: {rt.conservative.is_rolled_back('summarise')}"
+    assert models.status("summarise", MINI) == "proven", (where, models.report())
     assert models.status("code", MINI) == "worse" or rt.conservative.is_rolled_back("code"), models.report()
     shown = {(e["task_type"], e["model"]): e for e in httpx.get(f"{running.base}/api/optimization/slo-status", timeout=10).json()["stand_ins"]}
     assert shown[("summarise", MINI)]["status"] == "proven"
