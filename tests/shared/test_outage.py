@@ -56,19 +56,19 @@ def test_redis_cut_mid_load_then_restored(upstream: FakeUpstream, tmp_path: Path
     try:
         first = asyncio.run(drive([t.url], 30, concurrency=10))
         assert [r.status_code for r in first] == [200] * 30
-        wait_for(lambda: in_sync(t, sync_redis, 30), 5, step=0.05)
+        wait_for(lambda: in_sync(t, sync_redis, 30), 30, step=0.05)
 
         fwd.cut()  # Redis gone: every connection dropped, the port refuses
         during = asyncio.run(drive([t.url], 60, concurrency=10))
         assert [r.status_code for r in during] == [200] * 60  # no 500, no hang
         assert {r.headers.get("x-thermostat-mode") for r in during} <= {"optimized", "guard_fallback", "rollback", "holdout"}
-        wait_for(lambda: not t.runtime.shared.connected, 3)  # type: ignore[union-attr]
-        wait_for(lambda: sum(v[0] for v in t.runtime.policy.snapshot().values()) == 90, 3)  # kept learning locally
+        wait_for(lambda: not t.runtime.shared.connected, 30)  # type: ignore[union-attr]
+        wait_for(lambda: sum(v[0] for v in t.runtime.policy.snapshot().values()) == 90, 30)  # kept learning locally
 
         fwd.start()  # back: pending increments pushed once, state resynced, decisions written
-        wait_for(lambda: in_sync(t, sync_redis, 90), 10, step=0.05)
+        wait_for(lambda: in_sync(t, sync_redis, 90), 30, step=0.05)
         rid = during[-1].headers["x-request-id"]
-        wait_for(lambda: sync_redis.exists(f"{redis_prefix}decision:{rid}") == 1, 5)
+        wait_for(lambda: sync_redis.exists(f"{redis_prefix}decision:{rid}") == 1, 30)
         after = asyncio.run(drive([t.url], 10))
         assert [r.status_code for r in after] == [200] * 10
         # The budget guard reserves the policy's choice again. Read it off an optimised request: one of the
