@@ -70,17 +70,22 @@ def observe_pair(state: LengthBias, length_a: int, quality_a: float, length_b: i
     if dx == 0.0 or dy == 0.0:
         return msgspec.structs.replace(state, pairs=state.pairs + 1, ties=state.ties + 1, sxy=sxy, sxx=sxx)
     concordant = 1.0 if (dx > 0) == (dy > 0) else 0.0
-    sequence = observe(state.concordance, concordant)
-    now_low, now_high = bounds(sequence)
-    low, high = max(state.low, now_low), min(state.high, now_high)
-    if low > high:  # disjoint (probability ≤ α): the latest bounds, rather than an empty interval
-        low, high = now_low, now_high
-    return msgspec.structs.replace(state, concordance=sequence, pairs=state.pairs + 1, sxy=sxy, sxx=sxx, low=low, high=high)
+    moved = msgspec.structs.replace(state, concordance=observe(state.concordance, concordant), pairs=state.pairs + 1, sxy=sxy, sxx=sxx)
+    low, high = concordance_bounds(moved)
+    return msgspec.structs.replace(moved, low=low, high=high)
 
 
 def concordance_bounds(state: LengthBias) -> tuple[float, float]:
-    """Anytime-valid (1 − α) bounds of P(Δ score has the sign of Δ length), over the untied pairs: the running intersection."""
-    return state.low, state.high
+    """Anytime-valid (1 − α) bounds of P(Δ score has the sign of Δ length), over the untied pairs: the running intersection.
+
+    Intersected with the sequence's bounds now as well, so a state saved before the running bounds were kept
+    reads right at once after an upgrade.
+    """
+    now_low, now_high = bounds(state.concordance)
+    low, high = max(state.low, now_low), min(state.high, now_high)
+    if low > high:  # disjoint (probability ≤ α): the latest bounds, rather than an empty interval
+        return now_low, now_high
+    return low, high
 
 
 def slope(state: LengthBias) -> float | None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import math
 
+import msgspec
 import numpy as np
 import pytest
 
 from guards.state import InProcessStore
-from policies.judge_bias import concordance_bounds, new_length_bias, observe_pair, rewards_length, slope
-from policies.sequences import bounds_path
+from policies.judge_bias import LengthBias, concordance_bounds, new_length_bias, observe_pair, rewards_length, slope
+from policies.sequences import bounds, bounds_path
 from proxy.decision import JudgeTrust
 
 
@@ -59,6 +60,9 @@ def test_reported_bounds_are_the_running_intersection_of_the_sequence() -> None:
     assert concordance_bounds(s) == pytest.approx((float(np.maximum.accumulate(lower)[-1]), float(np.minimum.accumulate(upper)[-1])))
     assert all(b >= a for a, b in zip(lows, lows[1:], strict=False))
     assert lower[-1] < lows[-1] or lower[-1] == pytest.approx(lows[-1])
+    # A state saved before the running bounds were kept (no low / high) reads as the sequence's bounds now.
+    old = msgspec.json.decode(msgspec.json.encode({"concordance": msgspec.to_builtins(s.concordance), "pairs": s.pairs}), type=LengthBias)
+    assert concordance_bounds(old) == bounds(s.concordance)
 
 
 def test_false_mute_rate_at_the_margin_over_many_seeds_checked_after_every_pair() -> None:
