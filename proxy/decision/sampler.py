@@ -45,24 +45,14 @@ def model_groups(allowed: list[Arm]) -> dict[str | None, list[int]]:
     return groups
 
 
-def _one_model(allowed: list[Arm]) -> bool:
-    """Do all of `allowed` share one model (`len(model_groups(allowed)) <= 1`), without building the groups?"""
+def _all_share(allowed: list[Arm], field: str) -> bool:
+    """Do all of `allowed` share one value of `field` (one group by it), without building the groups?"""
     if not allowed:
         return True
-    first = allowed[0].model
+    first = getattr(allowed[0], field)
     for a in allowed:
-        if a.model is not first and a.model != first:  # a dict key's test: identity, then equality
-            return False
-    return True
-
-
-def _one_temperature(allowed: list[Arm]) -> bool:
-    """Do all of `allowed` share one temperature (`len(dict.fromkeys(temperatures)) <= 1`), without building the dict?"""
-    if not allowed:
-        return True
-    first = allowed[0].temperature
-    for a in allowed:
-        if a.temperature is not first and a.temperature != first:  # a dict key's test: identity, then equality
+        value = getattr(a, field)
+        if value is not first and value != first:  # a dict key's test: identity, then equality
             return False
     return True
 
@@ -153,7 +143,7 @@ class TwoStageSampler:
 
     def choose(self, ctx: RequestContext, base: Arm, allowed: list[Arm], rng: np.random.Generator) -> Choice:
         """A draw from `pmf` with its exact propensity: the model first (when stand-ins are offered), then `choose_within`."""
-        if _one_model(allowed):  # the common case, decided without building the groups
+        if _all_share(allowed, "model"):  # the common case, decided without building the groups
             return self.choose_within(ctx, base, allowed, rng)
         groups = model_groups(allowed)
         models = list(groups)
@@ -172,7 +162,7 @@ class TwoStageSampler:
         arms, so a decision costs two table look-ups however many temperatures there are.
         With probability K·floor a uniformly random allowed arm, as `apply_floor` mixes it.
         """
-        if _one_temperature(allowed):  # the common case, decided without building the list
+        if _all_share(allowed, "temperature"):  # the common case, decided without building the list
             return self.policy.choose(ctx, base, allowed, rng)
         temps = list(dict.fromkeys(a.temperature for a in allowed))
         k, floor = len(allowed), self.propensity_floor()
