@@ -18,6 +18,7 @@ import msgspec
 from proxy.config import (
     Config,
     ConfigError,
+    ModelSettings,
     ServerSettings,
     UpstreamSettings,
     load_config,
@@ -232,9 +233,14 @@ DEMO_HOLDOUT = 0.3  # production's default is 0.05; the demo's verdicts need hol
 
 def demo_config(config: Config, simulator_url: str, *, mode: str, holdout: float, feedback: str) -> Config:
     """What `thermostat demo` runs: `config` in front of the simulator at `simulator_url` (tests build the same)."""
-    demo_upstream = UpstreamSettings(name="simulator", base_url=simulator_url, models=("*",))
+    from proxy.demo.simulator import DEFAULT_MODEL_PROFILES
+
+    # The simulated models' own prices, so the demo reports each request's cost in dollars, as production does.
+    prices = tuple(ModelSettings(pattern=name, input_price_per_mtok=p.input_price_per_mtok, output_price_per_mtok=p.output_price_per_mtok)
+                   for name, p in DEFAULT_MODEL_PROFILES.items())
+    demo_upstream = UpstreamSettings(name="simulator", base_url=simulator_url, models=("*",), models_config=prices)
     # The simulator speaks Anthropic Messages too, so the anthropic SDK can be pointed at the demo.
-    demo_anthropic = UpstreamSettings(name="simulator-anthropic", base_url=simulator_url, models=("*",), format="anthropic")
+    demo_anthropic = UpstreamSettings(name="simulator-anthropic", base_url=simulator_url, models=("*",), format="anthropic", models_config=prices)
     # A larger holdout than production's 5 % (DEMO_HOLDOUT): at 5 requests/s a 5 % share gives each
     # task ~20 holdout answers in 7 minutes, too few for any verdict.
     optimization = msgspec.structs.replace(config.optimization, mode=mode, traffic_percentage=None, holdout_fraction=holdout)
