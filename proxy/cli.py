@@ -233,7 +233,7 @@ DEMO_HOLDOUT = 0.3  # production's default is 0.05; the demo's verdicts need hol
 
 def demo_config(config: Config, simulator_url: str, *, mode: str, holdout: float, feedback: str) -> Config:
     """What `thermostat demo` runs: `config` in front of the simulator at `simulator_url` (tests build the same)."""
-    from proxy.demo.simulator import DEFAULT_MODEL_PROFILES
+    from proxy.demo import DEFAULT_MODEL_PROFILES
 
     # The simulated models' own prices, so the demo reports each request's cost in dollars, as production does.
     prices = tuple(ModelSettings(pattern=name, input_price_per_mtok=p.input_price_per_mtok, output_price_per_mtok=p.output_price_per_mtok)

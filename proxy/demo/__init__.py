@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from proxy.demo import local_model, traffic
+    from proxy.demo.simulator import DEFAULT_MODEL_PROFILES
     from proxy.demo.simulator_server import JUDGE_PREFIX, start_simulator
     from proxy.demo.simulator_server import run as run_simulator
     from proxy.demo.traffic import LOCAL_TEMPERATURE
 
 _WHERE = {
+    "DEFAULT_MODEL_PROFILES": ("simulator", "DEFAULT_MODEL_PROFILES"),
     "JUDGE_PREFIX": ("simulator_server", "JUDGE_PREFIX"),
     "LOCAL_TEMPERATURE": ("traffic", "LOCAL_TEMPERATURE"),
     "run_simulator": ("simulator_server", "run"),
@@ -23,7 +25,7 @@ _WHERE = {
 }
 _MODULES = frozenset({"local_model", "traffic"})
 
-__all__ = ["JUDGE_PREFIX", "LOCAL_TEMPERATURE", "local_model", "run_simulator", "start_simulator", "traffic"]
+__all__ = ["DEFAULT_MODEL_PROFILES", "JUDGE_PREFIX", "LOCAL_TEMPERATURE", "local_model", "run_simulator", "start_simulator", "traffic"]
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@ import pytest
 
 from proxy.cli import demo_config
 from proxy.config import build_config
-from proxy.demo.simulator import DEFAULT_MODEL_PROFILES
+from proxy.demo import DEFAULT_MODEL_PROFILES
 from tests.support.servers import simulator_in_thread, start_thermostat
 
 
