@@ -33,6 +33,8 @@ def config(upstream: FakeUpstream, data_dir: Path, prefix: str, redis_url: str) 
         },
         caws={"budget_limit": 1_000_000, "store_timeout_s": 0.3},
         policy={"half_life_s": 0},  # undiscounted: in_sync compares exact totals with Redis
+        # requests slowed by the outage on a loaded machine must not trip the latency SLO: the test reads optimised answers after it
+        slo={"latency_p99_ms": 60_000},
     )
 
 
